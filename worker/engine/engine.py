@@ -1,0 +1,259 @@
+"""The engine: rows in, pixels out. It knows nothing of jobs, queues or storage.
+
+    engine = Engine(model.load("tiny"), sizes=[(1024, 1024)], batch_rows=4)
+    engine.compile()                              # every configured shape, at start
+    out = engine.generate([Row("a cat", seed=1)], height=1024, width=1024)
+    out.images  # (1, 1024, 1024, 3) uint8
+
+What recompiles: only a new (batch_rows, height, width), a new model, dtype or device set. Prompts, seeds,
+guidance, steps, schedulers and size conditioning are inputs of the one executable per shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from worker.engine import program, schedule
+from worker.engine.model import Model
+from worker.engine.schedule import MAX_STEPS, Scheduler
+
+log = logging.getLogger(__name__)
+MAX_TOKENS = 77  # both SDXL tokenizers' model_max_length
+MAX_SEED = 2**32 - 1
+
+
+class EngineInputError(ValueError):
+    """Bad input for the engine; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image to make. Sizes in pixels; None means SDXL's default (the output size, no crop)."""
+
+    prompt: str
+    negative_prompt: str = ""  # empty: zero embeddings, as SDXL does without a negative prompt
+    seed: int = 0
+    guidance_scale: float = 5.0  # <= 1 turns classifier-free guidance off, as in diffusers
+    steps: int = 20
+    scheduler: str = Scheduler.euler
+    original_size: tuple[int, int] | None = None  # (height, width) conditioning
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+
+
+@dataclass
+class Output:
+    images: np.ndarray  # (n, H, W, 3) uint8, or float32 in [0, 1] for output="float32"
+    truncated: list[bool]  # per row: prompt or negative prompt was cut to 77 tokens
+    finite: list[bool]  # per row: False when the model produced NaN/inf (the image is not usable)
+
+
+@dataclass
+class Pending:
+    """A dispatched batch: device arrays still being computed (JAX dispatch is asynchronous)."""
+
+    images: Any
+    finite: Any
+    rows: int
+    truncated: list[bool]
+    dispatched_at: float = field(default_factory=time.perf_counter)
+
+    def fetch(self) -> Output:
+        images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
+        return Output(images, self.truncated, [bool(f) for f in np.asarray(self.finite)[: self.rows]])
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Model,
+        sizes: Sequence[tuple[int, int]],
+        batch_rows: int,
+        devices: Sequence[Any] | None = None,
+    ):
+        devices = list(devices or jax.local_devices())
+        if batch_rows < 1 or batch_rows % len(devices):
+            raise EngineInputError(
+                "batch_rows", f"must be a positive multiple of the device count {len(devices)}, got {batch_rows}"
+            )
+        factor = model.vae_scale_factor * 2 ** (len(model.unet.block_out_channels) - 1)
+        for h, w in sizes:
+            if h % factor or w % factor:
+                raise EngineInputError("sizes", f"{h}x{w}: height and width must be multiples of {factor}")
+        self.model = model
+        self.sizes = [tuple(s) for s in sizes]
+        self.batch_rows = batch_rows
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.rows_sharding, self.replicated = program.shardings(self.mesh)
+        # Weights go to every device once, replicated: P() over the data axis.
+        self.params = jax.device_put(model.params, self.replicated)
+        self._executables: dict[tuple[int, int, int, str], Any] = {}
+        self._noise: dict[tuple[int, int, int], Any] = {}
+        self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
+        self.compile_s: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ compiling
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.model.vae_scale_factor
+        return (self.model.latent_channels, height // f, width // f)
+
+    def _abstract_args(self, rows: int, height: int, width: int) -> list[jax.ShapeDtypeStruct]:
+        r, s = self.rows_sharding, self.replicated
+        spec = jax.ShapeDtypeStruct
+        return [
+            jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.params),
+            spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
+            spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
+            spec((rows,), jnp.bool_, sharding=r),  # neg_zero
+            spec((rows, *self._latent_shape(height, width)), jnp.float32, sharding=r),  # noise
+            spec((rows, len(program.SCALARS)), jnp.float32, sharding=r),
+            spec((rows, 6), jnp.float32, sharding=r),  # time_ids
+            spec((rows, len(program.TABLES), MAX_STEPS), jnp.float32, sharding=r),
+            spec((), jnp.int32, sharding=s),  # num_steps
+        ]
+
+    def executable(self, height: int, width: int, output: str = "uint8") -> Any:
+        """The compiled program for (batch_rows, height, width, output); compiled on first use."""
+        key = (self.batch_rows, height, width, output)
+        if key not in self._executables:
+            # Recompiles: a new key above, or a new model/dtype/device set (a new Engine). Nothing else.
+            jitted = jax.jit(
+                program.build(self.model, output),
+                out_shardings=(self.rows_sharding, self.rows_sharding),
+            )
+            t0 = time.perf_counter()
+            lowered = jitted.lower(*self._abstract_args(self.batch_rows, height, width))
+            t1 = time.perf_counter()
+            self._executables[key] = lowered.compile()
+            t2 = time.perf_counter()
+            name = f"{self.batch_rows}x{height}x{width}/{output}"
+            self.compile_s[name] = t2 - t0
+            log.info("compiled %s: trace+lower %.2f s, compile %.2f s", name, t1 - t0, t2 - t1)
+        return self._executables[key]
+
+    def _noise_executable(self, height: int, width: int) -> Any:
+        key = (self.batch_rows, height, width)
+        if key not in self._noise:
+            # Recompiles on a new (batch_rows, height, width) only; seeds are inputs.
+            fn = jax.jit(program.noise_fn(self._latent_shape(height, width)), out_shardings=self.rows_sharding)
+            arg = jax.ShapeDtypeStruct((self.batch_rows,), jnp.uint32, sharding=self.rows_sharding)
+            self._noise[key] = fn.lower(arg).compile()
+        return self._noise[key]
+
+    def compile(self) -> dict[str, float]:
+        """Compile every configured size; returns seconds per program (a warm persistent cache makes it short)."""
+        for h, w in self.sizes:
+            self._noise_executable(h, w)
+            self.executable(h, w)
+        return dict(self.compile_s)
+
+    # ------------------------------------------------------------------ inputs
+
+    def validate(self, row: Row, height: int, width: int) -> None:
+        if (height, width) not in self.sizes:
+            served = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+            raise EngineInputError("size", f"{height}x{width} is not served; served sizes: {served}")
+        if row.scheduler not in set(Scheduler):
+            raise EngineInputError("scheduler", f"{row.scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}")
+        if not 1 <= row.steps <= MAX_STEPS:
+            raise EngineInputError("steps", f"must be between 1 and {MAX_STEPS}, got {row.steps}")
+        if not math.isfinite(row.guidance_scale):
+            raise EngineInputError("guidance_scale", f"must be a finite number, got {row.guidance_scale}")
+        if not 0 <= row.seed <= MAX_SEED:
+            raise EngineInputError("seed", f"must be between 0 and {MAX_SEED}, got {row.seed}")
+
+    def _schedule(self, scheduler: str, steps: int) -> schedule.Schedule:
+        key = (scheduler, steps)
+        if key not in self._schedules:  # a few hundred microseconds each; cached for the hot path
+            self._schedules[key] = schedule.build(self.model.noise, Scheduler(scheduler), steps)
+        return self._schedules[key]
+
+    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        ids, cut = [], []
+        for text in texts:
+            pair = [
+                tok(text, padding="max_length", max_length=MAX_TOKENS, truncation=True).input_ids
+                for tok in (self.model.tokenizer, self.model.tokenizer_2)
+            ]
+            ids.append(pair)
+            cut.append(len(self.model.tokenizer(text).input_ids) > MAX_TOKENS)
+        return np.asarray(ids, dtype=np.int32), cut
+
+    def _host_inputs(self, rows: Sequence[Row], height: int, width: int) -> tuple[list[np.ndarray], list[bool]]:
+        if not 1 <= len(rows) <= self.batch_rows:
+            raise EngineInputError("rows", f"between 1 and {self.batch_rows} rows per call, got {len(rows)}")
+        for row in rows:
+            self.validate(row, height, width)
+        # Pad short batches with copies of the last row; their outputs are sliced off in Pending.fetch.
+        padded = list(rows) + [rows[-1]] * (self.batch_rows - len(rows))
+        ids, cut_pos = self._tokenize([r.prompt for r in padded])
+        neg_ids, cut_neg = self._tokenize([r.negative_prompt for r in padded])
+        scheds = [self._schedule(r.scheduler, r.steps) for r in padded]
+        tables = np.stack(
+            [np.stack([getattr(s, name) for name in program.TABLES]) for s in scheds]
+        ).astype(np.float32)
+        scalars = np.array(
+            [[r.guidance_scale, s.init_scale, s.out_scale] for r, s in zip(padded, scheds, strict=True)],
+            dtype=np.float32,
+        )
+        time_ids = np.array(
+            [
+                [*(r.original_size or (height, width)), *r.crop_top_left, *(r.target_size or (height, width))]
+                for r in padded
+            ],
+            dtype=np.float32,
+        )
+        neg_zero = np.array([r.negative_prompt == "" for r in padded])
+        num_steps = np.int32(max(r.steps for r in padded))
+        truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
+        return [ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps], truncated
+
+    # ------------------------------------------------------------------ running
+
+    def dispatch(
+        self,
+        rows: Sequence[Row],
+        height: int,
+        width: int,
+        latents: np.ndarray | None = None,
+        output: str = "uint8",
+    ) -> Pending:
+        """Start a batch on the devices and return at once. latents: explicit unit noise per row
+        (n, C, h, w) instead of each row's seed (for parity checks with other implementations)."""
+        (ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps), truncated = self._host_inputs(
+            rows, height, width
+        )
+        r = self.rows_sharding
+        if latents is None:
+            seeds = np.array([row.seed for row in rows] + [rows[-1].seed] * (self.batch_rows - len(rows)), np.uint32)
+            noise = self._noise_executable(height, width)(jax.device_put(seeds, r))
+        else:
+            latents = np.asarray(latents, np.float32)
+            want = (len(rows), *self._latent_shape(height, width))
+            if latents.shape != want:
+                raise EngineInputError("latents", f"expected shape {want}, got {latents.shape}")
+            pad = np.repeat(latents[-1:], self.batch_rows - len(rows), axis=0)
+            noise = jax.device_put(np.concatenate([latents, pad]), r)
+        args = [jax.device_put(a, r) for a in (ids, neg_ids, neg_zero)]
+        args += [noise] + [jax.device_put(a, r) for a in (scalars, time_ids, tables)]
+        args.append(jax.device_put(num_steps, self.replicated))
+        images, finite = self.executable(height, width, output)(self.params, *args)
+        return Pending(images, finite, len(rows), truncated)
+
+    def generate(self, rows: Sequence[Row], height: int, width: int, **kwargs: Any) -> Output:
+        return self.dispatch(rows, height, width, **kwargs).fetch()

@@ -1,0 +1,218 @@
+"""`tiny`: an SDXL-shaped model with random weights, built offline and deterministically from configs.
+
+Same topology as SDXL base 1.0 (two CLIP text encoders, the second with a projection for the pooled
+embedding; text-time conditioning; DownBlock2D + two CrossAttnDownBlock2D with 1/1/2 transformer layers;
+the cross-attention mid block; a 4-level VAE, so images are 8x the latent size), with small widths.
+Its images are noise: it exists so the whole service runs and is tested without downloading 7 GB.
+
+The folder is written in diffusers format with PyTorch-layout safetensors (what real checkpoints ship),
+so every start of the tiny model also goes through the safetensors -> Flax conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from worker.engine import convert
+
+VERSION = 1  # bump when the configs or the seed change: a stale folder is rebuilt
+SEED = 0
+
+UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 2,
+    "attention_head_dim": [2, 4, 4],
+    "transformer_layers_per_block": [1, 1, 2],
+    "cross_attention_dim": 64,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # pooled text (32) + 6 size ids x 8
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_num_groups": 32,
+}
+VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 128,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+# SDXL base 1.0's scheduler config, verbatim in the fields that matter.
+SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.39.0",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def default_dir() -> Path:
+    base = os.environ.get("SDXL_TINY_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "sdxl-service" / f"tiny-v{VERSION}"
+
+
+def _vocab() -> dict[str, int]:
+    # CLIP's byte-level alphabet, each byte alone and as a word end, and no merges: every character is a
+    # token, so a prompt of more than 75 characters shows truncation without a 49k-entry vocabulary.
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}  # <|endoftext|> is the highest id, as in CLIP
+
+
+def _text_config(vocab_size: int, act: str) -> dict[str, Any]:
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": act,  # CLIP-L uses quick_gelu, OpenCLIP bigG gelu
+        "projection_dim": 32,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": 1,
+    }
+
+
+def _write_tokenizer(folder: Path, pad_token: str) -> None:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok.save_pretrained(folder)
+
+
+def build_params() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Random float32 Flax parameters and the text encoder configs, the same on every machine."""
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+
+    vocab_size = len(_vocab())
+    te_configs = {
+        "text_encoder": _text_config(vocab_size, "quick_gelu"),
+        "text_encoder_2": _text_config(vocab_size, "gelu") | {"architectures": ["CLIPTextModelWithProjection"]},
+    }
+    key = jax.random.PRNGKey(SEED)
+    unet = FlaxUNet2DConditionModel.from_config({k: v for k, v in UNET.items() if k != "_class_name"})
+    vae = FlaxAutoencoderKL.from_config({k: v for k, v in VAE.items() if k != "_class_name"})
+    te1 = FlaxCLIPTextModel(CLIPTextConfig(**te_configs["text_encoder"]), _do_init=False)
+    te2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**te_configs["text_encoder_2"]), _do_init=False)
+    shapes = {
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": te1.params_shape_tree,
+        "text_encoder_2": te2.params_shape_tree,
+    }
+    # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
+    # (about 40 s on a CPU). Each leaf's generator is seeded by its path, so order never matters.
+    flat = {}
+    for path, shape in convert.flatten(shapes).items():
+        rng = np.random.default_rng([SEED, zlib.crc32("/".join(path).encode())])
+        dims = tuple(shape.shape)
+        if path[-1] == "kernel":  # variance-preserving, so activations neither vanish nor saturate
+            value = rng.standard_normal(dims) / np.sqrt(np.prod(dims[:-1]))
+        elif path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(dims)
+        elif path[-1] == "embedding":
+            value = 0.5 * rng.standard_normal(dims)
+        else:
+            value = 0.05 * rng.standard_normal(dims)
+        flat[path] = value.astype(np.float32)
+    params = convert.unflatten(flat)
+    return params, te_configs
+
+
+def write(folder: Path, fmt: str = "safetensors") -> None:
+    """Write the tiny model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack)."""
+    from flax import serialization
+    from safetensors.numpy import save_file
+
+    params, te_configs = build_params()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    _write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    _write_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+    for part, config in (("unet", UNET), ("vae", VAE)):
+        (folder / part).mkdir(exist_ok=True)
+        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+        if fmt == "flax":
+            (folder / part / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
+        else:
+            save_file(convert.flax_to_pt(params[part], "diffusers"), folder / part / "diffusion_pytorch_model.safetensors")
+    for part, config in te_configs.items():
+        (folder / part).mkdir(exist_ok=True)
+        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+        if fmt == "flax":
+            (folder / part / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
+        else:
+            save_file(convert.flax_to_pt(params[part], "transformers"), folder / part / "model.safetensors")
+
+
+def ensure(folder: Path) -> None:
+    """Build the folder on first use. Written to a temporary name and renamed, so a crash leaves no half model."""
+    if (folder / "model_index.json").exists():
+        return
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    write(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
