@@ -1,6 +1,6 @@
 """Make the parity fixtures from PyTorch diffusers (needs torch; CI does not run this, it reads the output).
 
-    python -m worker.engine.tiny_folder /tmp/tiny       # or any tiny folder the engine wrote
+    python -c 'from pathlib import Path; from worker.engine import tiny; tiny.write(Path("/tmp/tiny"))'
     pip install torch==2.13.0 diffusers==0.39.0 transformers==4.57.1
     python tests/worker/engine/make_reference.py /tmp/tiny tests/worker/engine/fixtures/reference.npz
 
@@ -12,8 +12,10 @@ safetensors use PyTorch's parameter names (diffusers warns on missing or unexpec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +37,14 @@ def scheduler_for(name: str, config: dict) -> object:
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+
+
+def weights_digest(folder: str) -> str:
+    """The same digest as tests/worker/engine/conftest.py: a fixture made from other weights is refused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*/*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def check_names(folder: str) -> None:
@@ -88,6 +98,7 @@ def main(folder: str, out: str) -> None:
                 arrays[f"table/{sched}/{steps}/sigmas"] = s.sigmas.numpy().astype(np.float64)
             arrays[f"table/{sched}/{steps}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     np.savez_compressed(out, **arrays)
 
 

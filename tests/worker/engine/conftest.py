@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.engine import model
+from worker.engine.engine import Engine
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SIZES = [(64, 64), (64, 96)]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir: Path) -> dict[str, Any]:
+    """PyTorch diffusers' outputs on the tiny model (made by make_reference.py from these very weights)."""
+    data = np.load(FIXTURES / "reference.npz")
+    digest = hashlib.sha256()
+    for path in sorted(tiny_dir.glob("*/*.safetensors")):
+        digest.update(path.read_bytes())
+    made_from = bytes(data["weights_sha256"]).decode()
+    assert made_from == digest.hexdigest(), "reference.npz was made from other tiny weights: rerun make_reference.py"
+    return {"meta": json.loads(bytes(data["meta"]).decode()), **{k: data[k] for k in data.files if k not in ("meta", "weights_sha256")}}
+
+
+@pytest.fixture(scope="session")
+def tiny32(tiny_dir: Path) -> model.Model:
+    return model.load_folder(tiny_dir, np.float32, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def engine32(tiny32: model.Model) -> Engine:
+    """float32 weights, 4-row batches, the two test sizes."""
+    return Engine(tiny32, SIZES, batch_rows=4)

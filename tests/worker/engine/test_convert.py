@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from worker.engine import convert, tiny
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tiny.build_params()[0]
+
+
+@pytest.mark.parametrize("part,style", [("unet", "diffusers"), ("vae", "diffusers"),
+                                        ("text_encoder", "transformers"), ("text_encoder_2", "transformers")])
+def test_round_trip_is_exact(params, part, style):
+    flat = convert.flatten(params[part])
+    state = convert.flax_to_pt(params[part], style)
+    back = convert.flatten(convert.pt_to_flax(state, flat, part))
+    assert back.keys() == flat.keys()
+    for k in flat:
+        np.testing.assert_array_equal(back[k], flat[k])
+
+
+def test_pytorch_names(params):
+    state = convert.flax_to_pt(params["vae"], "diffusers")
+    # PyTorch names for the renamed pieces: list items, VAE attention, conv layout (O, I, kh, kw)
+    assert "decoder.mid_block.attentions.0.to_q.weight" in state
+    assert "decoder.mid_block.attentions.0.to_out.0.bias" in state
+    assert state["encoder.conv_in.weight"].shape == (32, 3, 3, 3)
+    te = convert.flax_to_pt(params["text_encoder"], "transformers")
+    assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in te
+
+
+def test_mismatched_checkpoint_names_what_is_wrong(params):
+    flat = convert.flatten(params["unet"])
+    state = convert.flax_to_pt(params["unet"], "diffusers")
+    state.pop("conv_in.weight")
+    state["not.a.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"1 missing .*conv_in.kernel.*1 unexpected .*not.a.weight"):
+        convert.pt_to_flax(state, flat, "unet")

@@ -1,0 +1,60 @@
+"""Several devices and the persistent compile cache: each needs a fresh JAX process (XLA_FLAGS and the cache
+directory are read once at start), so these run the engine in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = """
+import json, sys, numpy as np
+from worker.engine import cache, compile_log, model
+from worker.engine.engine import Engine, Row
+args = json.loads(sys.argv[1])
+if args.get("cache"):
+    cache.enable(args["cache"])
+counter = compile_log.install()
+import jax
+m = model.load_folder(args["tiny"], np.float32)
+engine = Engine(m, [(64, 64)], batch_rows=4)
+engine.compile()
+rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
+        Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
+out = engine.generate(rows, 64, 64)
+np.save(args["out"], out.images)
+print(json.dumps({"devices": jax.device_count(), "compiles": counter.compiles, "cache_hits": counter.cache_hits}))
+"""
+
+
+def _run(tmp_path: Path, tiny_dir: Path, devices: int, name: str, cache: Path | None = None) -> tuple[dict, np.ndarray]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = tmp_path / f"{name}.npy"
+    args = {"tiny": str(tiny_dir), "out": str(out), "cache": str(cache) if cache else None}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_four_devices_give_the_same_images_as_one(tmp_path, tiny_dir):
+    one, img1 = _run(tmp_path, tiny_dir, 1, "one")
+    four, img4 = _run(tmp_path, tiny_dir, 4, "four")
+    assert (one["devices"], four["devices"]) == (1, 4)
+    assert img1.shape == img4.shape == (3, 64, 64, 3)
+    assert np.abs(img1.astype(int) - img4.astype(int)).max() <= 1
+
+
+def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
+    cache = tmp_path / "cache"
+    cold, img_cold = _run(tmp_path, tiny_dir, 1, "cold", cache)
+    assert cold["cache_hits"] == 0 and cold["compiles"] > 0
+    assert any(cache.rglob("*")), "nothing was written to the cache"
+    warm, img_warm = _run(tmp_path, tiny_dir, 1, "warm", cache)
+    # Every program the cold start compiled now comes from the cache.
+    assert warm["cache_hits"] >= 2
+    assert warm["compiles"] == 0
+    np.testing.assert_array_equal(img_cold, img_warm)

@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+from worker.engine import schedule
+from worker.engine.schedule import MAX_STEPS, NoiseConfig, Scheduler
+
+STEPS = (1, 4, 20, 37, 150)
+
+
+@pytest.mark.parametrize("scheduler", list(Scheduler))
+@pytest.mark.parametrize("steps", STEPS)
+def test_tables_match_diffusers_pytorch(reference, scheduler, steps):
+    table = schedule.build(NoiseConfig(), scheduler, steps)
+    prefix = f"table/{scheduler.value}/{steps}"
+    np.testing.assert_array_equal(table.timesteps[:steps], reference[f"{prefix}/timesteps"])
+    if f"{prefix}/sigmas" in reference:  # DDIM keeps no sigmas table
+        np.testing.assert_allclose(table.sigmas[:steps], reference[f"{prefix}/sigmas"][:steps], rtol=1e-5)  # float32 cumprod order
+    if scheduler is Scheduler.euler:  # the only one whose initial sample is scaled in diffusers' own space
+        assert table.init_scale == pytest.approx(float(reference[f"{prefix}/init_noise_sigma"]), rel=1e-6)
+
+
+def test_padding_steps_are_identity():
+    table = schedule.build(NoiseConfig(), Scheduler.dpmpp_2m_karras, 10)
+    assert table.a.shape == (MAX_STEPS,)
+    assert (table.a[10:] == 1).all() and (table.b[10:] == 0).all() and (table.c[10:] == 0).all()
+    # DPM++ 2M: first and last steps first order, the rest use the previous estimate
+    assert table.c[0] == 0 and table.c[9] == 0 and (table.c[1:9] != 0).all()
+
+
+@pytest.mark.parametrize("steps", [0, MAX_STEPS + 1, -3])
+def test_steps_out_of_range(steps):
+    with pytest.raises(ValueError, match="steps must be between 1 and 150"):
+        schedule.build(NoiseConfig(), Scheduler.euler, steps)
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseConfig.from_diffusers({"prediction_type": "v_prediction"})
