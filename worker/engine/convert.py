@@ -42,9 +42,9 @@ def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> FlatTree:
     out: FlatTree = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(flatten(value, prefix + (key,)))
+            out.update(flatten(value, (*prefix, key)))
         else:
-            out[prefix + (key,)] = value
+            out[(*prefix, key)] = value
     return out
 
 
@@ -75,7 +75,7 @@ def _candidate_paths(pt_key: str) -> list[tuple[str, ...]]:
     last = diffusers_style[-1]
     back = _VAE_ATTENTION_BACK.get("to_out.0" if last == "to_out_0" else last)
     if back:
-        found.insert(0, tuple(diffusers_style[:-1]) + (back,))
+        found.insert(0, (*tuple(diffusers_style[:-1]), back))
     return found
 
 
@@ -87,13 +87,13 @@ def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str) -> 
         module, leaf = pt_key.rsplit(".", 1)
         placed = False
         for path in _candidate_paths(module):
-            if leaf == "bias" and path + ("bias",) in target:
-                options = [(path + ("bias",), tensor)]
+            if leaf == "bias" and (*path, "bias") in target:
+                options = [((*path, "bias"), tensor)]
             elif leaf in ("weight", "gamma"):
                 options = [
-                    (path + ("kernel",), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
-                    (path + ("scale",), tensor),
-                    (path + ("embedding",), tensor),
+                    ((*path, "kernel"), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
+                    ((*path, "scale"), tensor),
+                    ((*path, "embedding"), tensor),
                 ]
             else:
                 options = []
@@ -124,7 +124,7 @@ def flax_to_pt(params: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
         *module, leaf = path
         if style == "diffusers":
             if module and module[-1] in _VAE_ATTENTION:
-                module = module[:-1] + [_VAE_ATTENTION[module[-1]]]
+                module = [*module[:-1], _VAE_ATTENTION[module[-1]]]
             name = ".".join(re.sub(rf"^({lists})_(\d+)$", r"\1.\2", m) for m in module)
         else:
             name = ".".join(module)

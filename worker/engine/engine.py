@@ -169,7 +169,9 @@ class Engine:
             served = ", ".join(f"{h}x{w}" for h, w in self.sizes)
             raise EngineInputError("size", f"{height}x{width} is not served; served sizes: {served}")
         if row.scheduler not in set(Scheduler):
-            raise EngineInputError("scheduler", f"{row.scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}")
+            raise EngineInputError(
+                "scheduler", f"{row.scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}"
+            )
         if not 1 <= row.steps <= MAX_STEPS:
             raise EngineInputError("steps", f"must be between 1 and {MAX_STEPS}, got {row.steps}")
         if not math.isfinite(row.guidance_scale):
@@ -204,9 +206,7 @@ class Engine:
         ids, cut_pos = self._tokenize([r.prompt for r in padded])
         neg_ids, cut_neg = self._tokenize([r.negative_prompt for r in padded])
         scheds = [self._schedule(r.scheduler, r.steps) for r in padded]
-        tables = np.stack(
-            [np.stack([getattr(s, name) for name in program.TABLES]) for s in scheds]
-        ).astype(np.float32)
+        tables = np.stack([np.stack([getattr(s, name) for name in program.TABLES]) for s in scheds]).astype(np.float32)
         scalars = np.array(
             [[r.guidance_scale, s.init_scale, s.out_scale] for r, s in zip(padded, scheds, strict=True)],
             dtype=np.float32,

@@ -149,12 +149,20 @@ def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = 
     )
     params = {
         "unet": _load_params(
-            root / "unet", "diffusion_flax_model.msgpack", "diffusion_pytorch_model",
-            jax.eval_shape(unet.init_weights, key), "diffusers", dtype,
+            root / "unet",
+            "diffusion_flax_model.msgpack",
+            "diffusion_pytorch_model",
+            jax.eval_shape(unet.init_weights, key),
+            "diffusers",
+            dtype,
         ),
         "vae": _load_params(
-            root / "vae", "diffusion_flax_model.msgpack", "diffusion_pytorch_model",
-            jax.eval_shape(vae.init_weights, key), "diffusers", dtype,
+            root / "vae",
+            "diffusion_flax_model.msgpack",
+            "diffusion_pytorch_model",
+            jax.eval_shape(vae.init_weights, key),
+            "diffusers",
+            dtype,
         ),
         "text_encoder": _load_params(
             root / "text_encoder", "flax_model.msgpack", "model", te1.params_shape_tree, "transformers", dtype

@@ -131,7 +131,9 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(_vocab()))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
     tok.save_pretrained(folder)
 
 
@@ -193,7 +195,9 @@ def write(folder: Path, fmt: str = "safetensors") -> None:
         if fmt == "flax":
             (folder / part / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
         else:
-            save_file(convert.flax_to_pt(params[part], "diffusers"), folder / part / "diffusion_pytorch_model.safetensors")
+            save_file(
+                convert.flax_to_pt(params[part], "diffusers"), folder / part / "diffusion_pytorch_model.safetensors"
+            )
     for part, config in te_configs.items():
         (folder / part).mkdir(exist_ok=True)
         (folder / part / "config.json").write_text(json.dumps(config, indent=2))

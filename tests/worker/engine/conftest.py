@@ -24,7 +24,10 @@ def reference(tiny_dir: Path) -> dict[str, Any]:
         digest.update(path.read_bytes())
     made_from = bytes(data["weights_sha256"]).decode()
     assert made_from == digest.hexdigest(), "reference.npz was made from other tiny weights: rerun make_reference.py"
-    return {"meta": json.loads(bytes(data["meta"]).decode()), **{k: data[k] for k in data.files if k not in ("meta", "weights_sha256")}}
+    return {
+        "meta": json.loads(bytes(data["meta"]).decode()),
+        **{k: data[k] for k in data.files if k not in ("meta", "weights_sha256")},
+    }
 
 
 @pytest.fixture(scope="session")

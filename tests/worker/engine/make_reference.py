@@ -26,7 +26,17 @@ CASES = [
     ("euler_wide", "euler", "a photo of an astronaut riding a horse", "blurry, low quality", 7.5, 8, 64, 96, 1),
     ("euler_noneg", "euler", "a watercolor fox in the snow", None, 5.0, 6, 64, 64, 2),
     ("ddim_wide", "ddim", "a photo of an astronaut riding a horse", "blurry, low quality", 7.5, 8, 64, 96, 1),
-    ("dpmpp_wide", "dpmpp_2m_karras", "a photo of an astronaut riding a horse", "blurry, low quality", 7.5, 8, 64, 96, 1),
+    (
+        "dpmpp_wide",
+        "dpmpp_2m_karras",
+        "a photo of an astronaut riding a horse",
+        "blurry, low quality",
+        7.5,
+        8,
+        64,
+        96,
+        1,
+    ),
 ]
 TABLE_STEPS = (1, 4, 20, 37, 150)
 
@@ -85,8 +95,16 @@ def main(folder: str, out: str) -> None:
         arrays[f"{name}/latents"] = latents
         arrays[f"{name}/image"] = image.astype(np.float32)
         meta.append(
-            {"name": name, "scheduler": sched, "prompt": prompt, "negative_prompt": neg or "",
-             "guidance_scale": guidance, "steps": steps, "height": h, "width": w}
+            {
+                "name": name,
+                "scheduler": sched,
+                "prompt": prompt,
+                "negative_prompt": neg or "",
+                "guidance_scale": guidance,
+                "steps": steps,
+                "height": h,
+                "width": w,
+            }
         )
         print(name, image.shape, float(image.mean()), float(image.std()))
     for sched in ("euler", "ddim", "dpmpp_2m_karras"):

@@ -9,8 +9,10 @@ def params():
     return tiny.build_params()[0]
 
 
-@pytest.mark.parametrize("part,style", [("unet", "diffusers"), ("vae", "diffusers"),
-                                        ("text_encoder", "transformers"), ("text_encoder_2", "transformers")])
+@pytest.mark.parametrize(
+    "part,style",
+    [("unet", "diffusers"), ("vae", "diffusers"), ("text_encoder", "transformers"), ("text_encoder_2", "transformers")],
+)
 def test_round_trip_is_exact(params, part, style):
     flat = convert.flatten(params[part])
     state = convert.flax_to_pt(params[part], style)

@@ -15,7 +15,10 @@ PARITY_TOL = 1e-4
 
 def _reference_row(case, scheduler):
     return Row(
-        case["prompt"], case["negative_prompt"], guidance_scale=case["guidance_scale"], steps=case["steps"],
+        case["prompt"],
+        case["negative_prompt"],
+        guidance_scale=case["guidance_scale"],
+        steps=case["steps"],
         scheduler=scheduler,
     )
 
@@ -53,7 +56,9 @@ def test_batch_invariance_with_other_jobs_and_padding(engine32):
 
 
 def test_seed_decides_the_image(engine32):
-    a, b, c = engine32.generate([Row("x", seed=1, steps=2), Row("x", seed=2, steps=2), Row("x", seed=1, steps=2)], 64, 64).images
+    a, b, c = engine32.generate(
+        [Row("x", seed=1, steps=2), Row("x", seed=2, steps=2), Row("x", seed=1, steps=2)], 64, 64
+    ).images
     assert np.array_equal(a, c) and not np.array_equal(a, b)
 
 
@@ -64,7 +69,8 @@ def test_no_recompiles_for_new_prompts_seeds_steps_guidance_schedulers(engine32)
     for i, sched in enumerate(Scheduler):
         engine32.generate(
             [Row(f"prompt {i}", f"neg {i}", seed=100 + i, guidance_scale=2.0 + i, steps=2 + i, scheduler=sched)],
-            64, 64,
+            64,
+            64,
         )
     assert counter.requests == before
 

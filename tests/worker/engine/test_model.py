@@ -45,7 +45,7 @@ def test_hub_id_offline_names_the_id_and_the_cache(monkeypatch, tmp_path):
 
 
 def test_not_a_model(tmp_path):
-    with pytest.raises(model.ModelError, match="no model_index.json"):
+    with pytest.raises(model.ModelError, match=r"no model_index\.json"):
         model.load_folder(tmp_path)
     with pytest.raises(model.ModelError, match="neither 'tiny', an existing folder, nor a hub id"):
         model.load("no-such-thing")
@@ -56,5 +56,5 @@ def test_missing_weights_are_named(tmp_path, tiny_dir):
 
     shutil.copytree(tiny_dir, tmp_path / "m")
     (tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(model.ModelError, match="no weights in .*vae"):
+    with pytest.raises(model.ModelError, match=r"no weights in .*vae"):
         model.load_folder(tmp_path / "m")

@@ -14,7 +14,9 @@ def test_tables_match_diffusers_pytorch(reference, scheduler, steps):
     prefix = f"table/{scheduler.value}/{steps}"
     np.testing.assert_array_equal(table.timesteps[:steps], reference[f"{prefix}/timesteps"])
     if f"{prefix}/sigmas" in reference:  # DDIM keeps no sigmas table
-        np.testing.assert_allclose(table.sigmas[:steps], reference[f"{prefix}/sigmas"][:steps], rtol=1e-5)  # float32 cumprod order
+        np.testing.assert_allclose(
+            table.sigmas[:steps], reference[f"{prefix}/sigmas"][:steps], rtol=1e-5
+        )  # float32 cumprod order
     if scheduler is Scheduler.euler:  # the only one whose initial sample is scaled in diffusers' own space
         assert table.init_scale == pytest.approx(float(reference[f"{prefix}/init_noise_sigma"]), rel=1e-6)
 

@@ -1,0 +1,57 @@
+"""The submit API. It never imports JAX or the worker: jobs reach workers through Redis and Celery.
+
+uvicorn api.main:app
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from api import errors
+from api.deps import Services
+from api.routes import files, jobs, system
+from common.job_store import JobStore
+from common.queue import make_celery
+from common.settings import Settings, get_settings
+from common.storage import from_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Short timeouts: a dead Redis must give a quick 503, not a hung request.
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        app.state.services = Services(
+            settings=settings,
+            redis=client,
+            store=JobStore(client, settings.key_prefix, settings.job_ttl_s),
+            storage=from_settings(settings),  # fails here, at start, when the signing secret is missing
+            celery=make_celery(settings),
+        )
+        yield
+        client.close()
+
+    app = FastAPI(
+        title="SDXL job service",
+        version="0.1.0",
+        description="Submit text-to-image jobs, poll them, fetch images by signed URL.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(system.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn api.main:app` builds the app on first access, so importing this module reads no settings.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

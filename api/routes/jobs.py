@@ -1,0 +1,118 @@
+"""Jobs: submit, poll, cancel, list."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+
+from api.deps import Services, ServicesDep
+from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
+from common.job_store import IdempotencyConflict
+from common.jobs import MAX_SEED, Job, JobRequest, JobStatus, check_limits
+from common.queue import TASK_GENERATE
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def to_public(job: Job, services: Services, request: Request) -> JobPublic:
+    s = services.settings
+    images = (
+        [
+            ImagePublic(
+                url=services.storage.url(i.key, s.url_expiry_s),
+                seed=i.seed,
+                width=i.width,
+                height=i.height,
+                sha256=i.sha256,
+            )
+            for i in job.images
+        ]
+        if job.status == JobStatus.succeeded
+        else []
+    )
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        status_url=str(request.url_for("get_job", job_id=job.id)),
+        request=job.request,
+        queue_position=services.store.queue_position(job.id) if job.status == JobStatus.queued else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        images=images,
+        truncated=job.truncated,
+        attempts=job.attempts,
+    )
+
+
+@router.post("", status_code=202, response_model=JobPublic, responses={409: {}, 422: {}, 503: {}})
+def create_job(
+    body: JobRequest,
+    services: ServicesDep,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Submit a text-to-image job; answers once it is stored and queued."""
+    s = services.settings
+    check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if body.seed is None:  # random, but always returned so the image can be made again
+        body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
+    try:
+        job_id, created = services.store.create(body, idempotency_key, fingerprint)
+    except IdempotencyConflict as exc:
+        raise HTTPException(
+            409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
+        ) from exc
+    if created:
+        try:
+            services.celery.send_task(TASK_GENERATE, args=[job_id], queue=s.queue_name)
+        except Exception as exc:
+            services.store.fail(job_id, "could not be queued", allowed_from=[JobStatus.queued])
+            raise HTTPException(
+                503, "the queue is unreachable; the job was not queued, retry later", headers={"Retry-After": "5"}
+            ) from exc
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    job = services.store.get(job_id)
+    assert job is not None
+    return to_public(job, services, request)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={404: {}})
+def get_job(job_id: str, services: ServicesDep, request: Request) -> JobPublic:
+    """A job's status, and its images (with freshly signed URLs) once it has succeeded."""
+    job = services.store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (unknown, or its record expired)")
+    return to_public(job, services, request)
+
+
+@router.post("/{job_id}/cancel", response_model=CancelPublic, responses={404: {}, 409: {}})
+def cancel_job(job_id: str, services: ServicesDep) -> CancelPublic:
+    """Cancel a job: a queued job never runs; a running job's results are discarded."""
+    changed, before = services.store.transition(job_id, JobStatus.canceled, [JobStatus.queued, JobStatus.running])
+    if before is None:
+        raise HTTPException(404, f"no job {job_id} (unknown, or its record expired)")
+    if not changed:
+        raise HTTPException(409, f"job {job_id} has already ended ({before.value}); nothing to cancel")
+    outcome = "never_ran" if before == JobStatus.queued else "results_discarded"
+    return CancelPublic(id=job_id, status=JobStatus.canceled, outcome=outcome)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    services: ServicesDep,
+    request: Request,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobsPublic:
+    """Recent jobs, newest first."""
+    jobs, total = services.store.recent(offset, limit)
+    return JobsPublic(jobs=[to_public(j, services, request) for j in jobs], total=total, offset=offset, limit=limit)

@@ -1,0 +1,54 @@
+"""What is served, and whether the service is alive and ready."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import ServicesDep
+from api.schemas import ModelPublic
+from common.jobs import OutputFormat, Scheduler
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/v1/models", response_model=ModelPublic)
+def models(services: ServicesDep) -> ModelPublic:
+    """The served model, sizes, schedulers and limits."""
+    s = services.settings
+    return ModelPublic(
+        model=s.model,
+        sizes=[{"width": w, "height": h} for h, w in s.served_sizes],
+        schedulers=[x.value for x in Scheduler],
+        output_formats=[x.value for x in OutputFormat],
+        limits={
+            "max_steps": s.max_steps,
+            "max_images_per_job": min(s.max_images_per_job, s.batch_rows),
+            "max_prompt_chars": s.max_prompt_chars,
+            "max_prompt_tokens": 77,
+            "url_expiry_s": s.url_expiry_s,
+            "job_ttl_s": s.job_ttl_s,
+        },
+    )
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, bool]:
+    """The API process is up."""
+    return {"ok": True}
+
+
+@router.get("/readyz")
+def readyz(services: ServicesDep) -> JSONResponse:
+    """Ready when Redis answers and at least one worker has sent a heartbeat in the last 15 s."""
+    problems = []
+    workers = 0
+    try:
+        services.redis.ping()
+        workers = sum(1 for _ in services.redis.scan_iter(match=services.store.key("worker", "*"), count=100))
+        if not workers:
+            problems.append("no live worker")
+    except Exception as exc:
+        problems.append(f"redis unreachable: {type(exc).__name__}")
+    body = {"ready": not problems, "workers": workers, "problems": problems}
+    return JSONResponse(status_code=503 if problems else 200, content=body)

@@ -1,0 +1,200 @@
+"""Job records in Redis: one hash per job, status changes as atomic compare-and-set scripts.
+
+Keys (prefix P = settings.key_prefix):
+    P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
+    P:queued         sorted set of queued job ids by submit order: queue position = rank
+    P:recent         sorted set of job ids by creation time: GET /v1/jobs pages through it
+    P:idem:<key>     the job id and body hash behind an Idempotency-Key
+    P:seq            submit counter
+A record expires `job_ttl_s` after its last change; the sets are trimmed of expired ids as they are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from common.jobs import TERMINAL, TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
+
+# KEYS: job hash, queued set. ARGV: id, new status, now, ttl, fields JSON, allowed current statuses...
+# Returns "OK:<previous status>", or the current status when the change is not allowed, or "" when there is no such job.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return '' end
+local allowed = false
+for i = 6, #ARGV do if ARGV[i] == current then allowed = true end end
+if not allowed then return current end
+local new = ARGV[2]
+redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
+if new == 'running' then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+elseif new == 'queued' then
+  redis.call('HDEL', KEYS[1], 'started_at')
+else
+  redis.call('HSET', KEYS[1], new == 'canceled' and 'canceled_at' or 'finished_at', ARGV[3])
+  if new == 'canceled' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
+end
+local fields = cjson.decode(ARGV[5])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+if new == 'queued' then
+  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 'OK:' .. current
+"""
+
+# KEYS: idempotency key (or ""), job hash, queued set, recent set, seq. ARGV: id, body hash, ttl, now, request JSON.
+# Returns {"new", id} or {"existing", id, body hash}.
+_CREATE = """
+if KEYS[1] ~= '' then
+  local seen = redis.call('HGET', KEYS[1], 'job')
+  if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
+  redis.call('HSET', KEYS[1], 'job', ARGV[1], 'body', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+local seq = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
+           'updated_at', ARGV[4], 'attempts', 0, 'seq', seq)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+return {'new', ARGV[1]}
+"""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another request body."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600):
+        self.r = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # ------------------------------------------------------------------ writing
+
+    def create(
+        self, request: JobRequest, idempotency_key: str | None = None, fingerprint: str | None = None
+    ) -> tuple[str, bool]:
+        """Store a new queued job; returns (id, created). With an idempotency key seen before and the same
+        fingerprint (the client's body, before defaults such as a random seed are filled in), returns the
+        earlier job (created=False); with another fingerprint raises IdempotencyConflict."""
+        body = request.model_dump_json()
+        body_hash = fingerprint or hashlib.sha256(body.encode()).hexdigest()
+        job_id = uuid.uuid4().hex
+        idem = self.key("idem", hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else ""
+        answer = self._create(
+            keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent"), self.key("seq")],
+            args=[job_id, body_hash, self.ttl_s, time.time(), body],
+        )
+        kind, found = answer[0].decode(), answer[1].decode()
+        if kind == "new":
+            return found, True
+        if answer[2].decode() != body_hash:
+            raise IdempotencyConflict(found)
+        return found, False
+
+    def transition(
+        self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus] | None = None, **fields: Any
+    ) -> tuple[bool, JobStatus | None]:
+        """Atomically move a job to `to` if its status is one of `allowed_from` (default: every status that
+        may legally precede `to`). Returns (changed, status before the call; None if no such job)."""
+        if allowed_from is None:
+            allowed_from = [s for s, nexts in TRANSITIONS.items() if to in nexts]
+        allowed = [s for s in allowed_from if to in TRANSITIONS[s]]  # never an illegal edge
+        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        answer = self._transition(
+            keys=[self.key("job", job_id), self.key("queued")],
+            args=[job_id, to.value, time.time(), self.ttl_s, json.dumps(encoded), *[s.value for s in allowed]],
+        ).decode()
+        if answer == "":
+            return False, None
+        if answer.startswith("OK:"):
+            return True, JobStatus(answer[3:])
+        return False, JobStatus(answer)
+
+    def succeed(self, job_id: str, images: list[ImageRecord], truncated: bool) -> bool:
+        """running -> succeeded with the images; False when the job is no longer running (canceled)."""
+        ok, _ = self.transition(
+            job_id,
+            JobStatus.succeeded,
+            [JobStatus.running],
+            images=[i.model_dump() for i in images],
+            truncated=truncated,
+        )
+        return ok
+
+    def fail(self, job_id: str, error: str, allowed_from: Iterable[JobStatus] = (JobStatus.running,)) -> bool:
+        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, error=error)
+        return ok
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self.r.hgetall(self.key("job", job_id))
+        if not raw:
+            return None
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+
+        def num(name: str) -> float | None:
+            return float(d[name]) if name in d else None
+
+        return Job(
+            id=d["id"],
+            status=JobStatus(d["status"]),
+            request=JobRequest.model_validate_json(d["request"]),
+            created_at=float(d["created_at"]),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            canceled_at=num("canceled_at"),
+            error=d.get("error"),
+            images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
+            truncated=json.loads(d.get("truncated", "false")),
+            attempts=int(d.get("attempts", 0)),
+        )
+
+    def status(self, job_id: str) -> JobStatus | None:
+        value = self.r.hget(self.key("job", job_id), "status")
+        return JobStatus(value.decode()) if value else None
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start, None when not queued."""
+        rank = self.r.zrank(self.key("queued"), job_id)
+        return None if rank is None else rank + 1
+
+    def queued_count(self) -> int:
+        return int(self.r.zcard(self.key("queued")))
+
+    def recent(self, offset: int, limit: int) -> tuple[list[Job], int]:
+        """Newest first; also returns the total. Ids whose record expired are dropped from the index."""
+        ids = [i.decode() for i in self.r.zrevrange(self.key("recent"), offset, offset + limit - 1)]
+        jobs, gone = [], []
+        for job_id in ids:
+            job = self.get(job_id)
+            (jobs if job else gone).append(job or job_id)
+        if gone:
+            self.r.zrem(self.key("recent"), *gone)
+        return jobs, int(self.r.zcard(self.key("recent")))
+
+    def is_terminal(self, job_id: str) -> bool:
+        status = self.status(job_id)
+        return status is None or status in TERMINAL

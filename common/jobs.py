@@ -1,0 +1,118 @@
+"""The job: what a client asks for, its status, and what comes back. Shared by the API and the worker."""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+from pydantic import BaseModel, Field, field_validator
+
+MAX_SEED = 2**32 - 1
+
+
+class JobStatus(StrEnum):
+    queued = "queued"  # stored and on the queue; no worker has started it
+    running = "running"  # in a device batch
+    succeeded = "succeeded"  # images uploaded and recorded
+    failed = "failed"  # ended with an error; `error` says why
+    canceled = "canceled"  # stopped by the client; a running job's results were discarded
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+# Which status may follow which. running -> queued is a requeue (a worker gave the job back).
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.canceled, JobStatus.failed}),
+    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.queued}),
+    JobStatus.succeeded: frozenset(),
+    JobStatus.failed: frozenset(),
+    JobStatus.canceled: frozenset(),
+}
+
+
+class Scheduler(StrEnum):
+    euler = "euler"
+    dpmpp_2m_karras = "dpmpp_2m_karras"
+    ddim = "ddim"
+
+
+class OutputFormat(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+class JobRequest(BaseModel):
+    """A text-to-image job. Limits that depend on the deployment (sizes, steps, images) are checked by
+    `check_limits` against the settings."""
+
+    model_config = {"extra": "forbid"}
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    negative_prompt: str = Field("", description="What to avoid; empty means none.")
+    width: int = Field(1024, description="Pixels; one of the served sizes (GET /v1/models).")
+    height: int = Field(1024, description="Pixels; one of the served sizes (GET /v1/models).")
+    steps: int = Field(20, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance; <= 1 turns it off.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; image i uses seed + i.")
+    num_images: int = Field(1, ge=1, description="Images from this prompt, seeds seed..seed+n-1.")
+    scheduler: Scheduler = Scheduler.euler
+    output_format: OutputFormat = OutputFormat.png
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class LimitError(ValueError):
+    """A request outside this deployment's limits; `field` names what to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_limits(
+    request: JobRequest, sizes: list[tuple[int, int]], max_steps: int, max_images: int, max_prompt_chars: int
+) -> None:
+    if (request.height, request.width) not in sizes:
+        served = ", ".join(f"{w}x{h} (width x height)" for h, w in sizes)
+        field = "height" if any(w == request.width for _, w in sizes) else "width"
+        raise LimitError(field, f"{request.width}x{request.height} is not served; choose one of: {served}")
+    if request.steps > max_steps:
+        raise LimitError("steps", f"at most {max_steps} here, got {request.steps}")
+    if request.num_images > max_images:
+        raise LimitError("num_images", f"at most {max_images} per job, got {request.num_images}")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(request, name)) > max_prompt_chars:
+            raise LimitError(name, f"at most {max_prompt_chars} characters")
+    if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
+        raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
+
+
+class ImageRecord(BaseModel):
+    """One produced image, as stored in the job record (the URL is signed at each read)."""
+
+    key: str
+    seed: int
+    width: int
+    height: int
+    sha256: str
+
+
+class Job(BaseModel):
+    """A job record as kept in Redis."""
+
+    id: str
+    status: JobStatus
+    request: JobRequest  # with `seed` filled in
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    canceled_at: float | None = None
+    error: str | None = None
+    images: list[ImageRecord] = []
+    truncated: bool = False  # the prompt or negative prompt was cut to the tokenizer's 77 tokens
+    attempts: int = 0

@@ -1,0 +1,37 @@
+"""The Celery application both sides share: the API sends `sdxl.generate` by name, the worker runs it.
+
+Delivery settings, and why:
+- acks_late: a message is acknowledged only after its job's result is recorded, so a worker that dies
+  mid-batch leaves its messages unacknowledged and they are delivered again.
+- prefetch multiplier 1: a worker reserves `concurrency` messages, no more: jobs wait in Redis where
+  another worker can take them, not in a busy worker's buffer.
+- visibility_timeout: how long Redis waits before redelivering an unacknowledged message. It must exceed
+  the longest time a message can be held (buffering + one batch + upload), or a live worker's jobs are
+  delivered twice; it also bounds how long a crashed worker's jobs wait.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from common.settings import Settings
+
+TASK_GENERATE = "sdxl.generate"
+VISIBILITY_TIMEOUT_S = 600
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("sdxl", broker=settings.redis_url)
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,  # results live in the job store, not in Celery's backend
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        worker_hijack_root_logger=False,
+    )
+    return app

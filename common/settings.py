@@ -1,0 +1,86 @@
+"""One settings object per process, read from SDXL_* environment variables (or a .env file) once at start.
+
+Every field is documented in the README's configuration table; tests/test_settings_docs.py keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Size = tuple[int, int]  # (height, width) in pixels
+
+
+def parse_sizes(text: str) -> list[Size]:
+    """'1024x1024,832x1216' -> [(1024, 1024), (832, 1216)]: height x width."""
+    sizes = []
+    for part in text.split(","):
+        h, _, w = part.strip().lower().partition("x")
+        if not (h.isdigit() and w.isdigit()):
+            raise ValueError(f"size {part!r} is not HEIGHTxWIDTH, e.g. 1024x1024")
+        sizes.append((int(h), int(w)))
+    return sizes
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDXL_", env_file=".env", extra="ignore")
+
+    # --- queue and job records
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "sdxl"
+    key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
+    job_ttl_s: int = Field(7 * 24 * 3600, gt=0)  # how long finished job records (and idempotency keys) live
+    # --- model and batching (worker)
+    model: str = "tiny"  # 'tiny', a diffusers folder, or a hub id
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    sizes: str = "1024x1024"  # served HEIGHTxWIDTH list; each is compiled at worker start
+    batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
+    batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
+    compile_cache_dir: str = "~/.cache/sdxl-service/xla"
+    # --- request limits (API)
+    max_steps: int = Field(150, ge=1, le=150)
+    default_steps: int = 20
+    default_guidance_scale: float = 5.0
+    max_images_per_job: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    # --- storage
+    storage: Literal["local", "s3"] = "local"
+    local_storage_dir: str = "var/images"
+    public_base_url: str = "http://127.0.0.1:8000"  # where the API is reached: local-storage URLs point here
+    url_signing_secret: SecretStr | None = None  # HMAC key for local-storage URLs; required with storage=local
+    url_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)  # S3 SigV4 allows 7 days at most
+    s3_bucket: str = "sdxl-images"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None  # MinIO, SeaweedFS, https://storage.googleapis.com for GCS
+    s3_public_endpoint_url: str | None = None  # sign URLs for this host when clients reach S3 elsewhere
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None  # None: boto3's usual chain (env, profile, instance role)
+    s3_secret_access_key: SecretStr | None = None
+    upload_threads: int = Field(8, ge=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, value: str) -> str:
+        parse_sizes(value)
+        return value
+
+    @property
+    def served_sizes(self) -> list[Size]:
+        return parse_sizes(self.sizes)
+
+    def signing_key(self) -> bytes:
+        if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:
+            raise ValueError(
+                "SDXL_URL_SIGNING_SECRET must be set (16+ characters) to sign local-storage URLs, "
+                "e.g. SDXL_URL_SIGNING_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return self.url_signing_secret.get_secret_value().encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

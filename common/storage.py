@@ -1,0 +1,114 @@
+"""Where images go, behind one interface: a local folder (the default) or S3 through boto3.
+
+Both hand out signed, expiring GET URLs. Local URLs point at the API's /v1/files route and carry an
+HMAC-SHA256 of the key and expiry; S3 URLs are SigV4 presigned URLs checked by the S3 server itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode
+
+from common.settings import Settings
+
+
+class SignatureError(Exception):
+    """A local-storage URL whose signature is wrong or whose expiry has passed."""
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def url(self, key: str, expires_s: int) -> str: ...
+
+
+def _safe_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad storage key {key!r}")
+    return key
+
+
+class LocalStorage:
+    def __init__(self, root: str | Path, base_url: str, secret: bytes):
+        self.root = Path(root).resolve()
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+
+    def path(self, key: str) -> Path:
+        return self.root / _safe_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # readers never see half a file; a rewrite of the same key is atomic
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def _signature(self, key: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url(self, key: str, expires_s: int) -> str:
+        expires = int(time.time()) + expires_s
+        query = urlencode({"expires": expires, "signature": self._signature(key, expires)})
+        return f"{self.base_url}/v1/files/{quote(_safe_key(key))}?{query}"
+
+    def verify(self, key: str, expires: int, signature: str) -> Path:
+        """The file behind a signed URL; SignatureError when tampered with or expired."""
+        if not hmac.compare_digest(self._signature(key, expires), signature):
+            raise SignatureError("signature does not match")
+        if expires < time.time():
+            raise SignatureError("URL has expired")
+        return self.path(key)
+
+
+class S3Storage:
+    def __init__(self, settings: Settings):
+        import boto3
+        from botocore.config import Config
+
+        secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+        # Path-style addressing works with every S3-compatible server; SigV4 is required for presigning.
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 3})
+        common = {
+            "region_name": settings.s3_region,
+            "aws_access_key_id": settings.s3_access_key_id,
+            "aws_secret_access_key": secret,
+            "config": config,
+        }
+        self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, **common)
+        # The host is part of the signature: sign for the endpoint clients will use.
+        public = settings.s3_public_endpoint_url
+        self.signer = boto3.client("s3", endpoint_url=public, **common) if public else self.client
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.s3_prefix.strip("/")
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{_safe_key(key)}" if self.prefix else _safe_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    def url(self, key: str, expires_s: int) -> str:
+        return self.signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s
+        )
+
+
+def from_settings(settings: Settings, need_signing: bool = True) -> Storage:
+    """The configured backend. The worker only writes, so it needs no URL-signing secret."""
+    if settings.storage == "s3":
+        return S3Storage(settings)
+    secret = settings.signing_key() if need_signing else b""
+    return LocalStorage(settings.local_storage_dir, settings.public_base_url, secret)

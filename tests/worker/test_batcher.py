@@ -1,0 +1,61 @@
+import pytest
+
+from worker.batcher import Batcher, Item, pack
+
+
+def item(job: str, rows: int = 1, t: float = 0.0, shape=(64, 64)) -> Item:
+    return Item(job, shape, rows, t)
+
+
+def test_full_batches_flush_at_once_without_padding():
+    b = Batcher(batch_rows=4, timeout_s=10)
+    for i in range(8):
+        b.add(item(f"j{i}"))
+    due = b.take_due(now_s=0.1)
+    assert [[i.job_id for i in x.items] for x in due] == [["j0", "j1", "j2", "j3"], ["j4", "j5", "j6", "j7"]]
+    assert [x.padding for x in due] == [0, 0]
+    assert b.next_deadline_s() is None
+
+
+def test_short_batch_waits_for_the_timeout_then_pads():
+    b = Batcher(batch_rows=4, timeout_s=2)
+    for i in range(3):
+        b.add(item(f"j{i}", t=1.0 + i * 0.1))
+    assert b.take_due(now_s=2.9) == []
+    assert b.next_deadline_s() == pytest.approx(3.0)
+    (batch,) = b.take_due(now_s=3.0)
+    assert batch.rows == 3 and batch.padding == 1
+
+
+def test_shapes_never_share_a_batch():
+    b = Batcher(batch_rows=4, timeout_s=0)
+    b.add(item("a", shape=(64, 64)))
+    b.add(item("b", shape=(64, 96)))
+    b.add(item("c", shape=(64, 64)))
+    due = b.take_due(now_s=1)
+    assert sorted(tuple(i.job_id for i in x.items) for x in due) == [("a", "c"), ("b",)]
+
+
+def test_multi_image_jobs_take_rows_and_are_never_split():
+    taken, rest = pack([item("a", 3), item("b", 2), item("c", 1)], batch_rows=4)
+    assert [i.job_id for i in taken] == ["a", "c"] and [i.job_id for i in rest] == ["b"]
+    b = Batcher(batch_rows=4, timeout_s=5)
+    b.add(item("a", 3))
+    b.add(item("b", 2))
+    b.add(item("c", 1))
+    (batch,) = b.take_due(now_s=0)  # a + c fill a batch; b waits for company or its timeout
+    assert [i.job_id for i in batch.items] == ["a", "c"]
+    assert b.waiting_rows == 2
+
+
+def test_a_job_larger_than_a_batch_is_refused():
+    with pytest.raises(ValueError, match="1..4 rows"):
+        Batcher(batch_rows=4, timeout_s=1).add(item("big", 5))
+
+
+def test_remove_and_drain():
+    b = Batcher(batch_rows=4, timeout_s=1)
+    b.add(item("a"))
+    b.add(item("b"))
+    assert b.remove("a").job_id == "a" and b.remove("zz") is None
+    assert [i.job_id for i in b.drain()] == ["b"] and b.waiting_rows == 0

@@ -1,0 +1,103 @@
+"""Gathering jobs into fixed-size device batches. Plain logic, no threads, no Redis: time is passed in.
+
+A job asking for n images takes n rows and is never split across batches. Jobs are grouped by compiled
+shape (height, width); within a group they are packed first-fit in arrival order. A group's batch is
+flushed when it is full, or when the group's oldest job has waited `timeout_s`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Item:
+    job_id: str
+    shape: Hashable  # jobs only share a batch with jobs of the same compiled shape
+    rows: int
+    arrived_s: float
+    payload: Any = None
+
+
+@dataclass
+class Batch:
+    shape: Hashable
+    items: list[Item]
+    batch_rows: int
+
+    @property
+    def rows(self) -> int:
+        return sum(i.rows for i in self.items)
+
+    @property
+    def padding(self) -> int:
+        return self.batch_rows - self.rows
+
+
+def pack(items: list[Item], batch_rows: int) -> tuple[list[Item], list[Item]]:
+    """First-fit in arrival order: (the items of one batch, the rest, order kept)."""
+    taken, rest, used = [], [], 0
+    for item in items:
+        if used + item.rows <= batch_rows:
+            taken.append(item)
+            used += item.rows
+        else:
+            rest.append(item)
+    return taken, rest
+
+
+@dataclass
+class Batcher:
+    batch_rows: int
+    timeout_s: float
+    groups: dict[Hashable, list[Item]] = field(default_factory=dict)
+
+    def add(self, item: Item) -> None:
+        if not 1 <= item.rows <= self.batch_rows:
+            raise ValueError(f"a job takes 1..{self.batch_rows} rows, got {item.rows}")
+        self.groups.setdefault(item.shape, []).append(item)
+
+    def remove(self, job_id: str) -> Item | None:
+        for items in self.groups.values():
+            for item in items:
+                if item.job_id == job_id:
+                    items.remove(item)
+                    return item
+        return None
+
+    def take_due(self, now_s: float) -> list[Batch]:
+        """Every batch that should run now: full ones, then those whose oldest job timed out."""
+        due: list[Batch] = []
+        for shape in list(self.groups):
+            items = self.groups[shape]
+            while items:
+                taken, rest = pack(items, self.batch_rows)
+                full = sum(i.rows for i in taken) == self.batch_rows
+                timed_out = now_s - items[0].arrived_s >= self.timeout_s
+                if not (full or timed_out):
+                    break
+                due.append(Batch(shape, taken, self.batch_rows))
+                items = rest
+            if items:
+                self.groups[shape] = items
+            else:
+                del self.groups[shape]
+        return due
+
+    def next_deadline_s(self) -> float | None:
+        """When the oldest waiting job times out, or None when nothing waits."""
+        if not self.groups:
+            return None
+        return min(items[0].arrived_s for items in self.groups.values()) + self.timeout_s
+
+    def drain(self) -> list[Item]:
+        """Everything still waiting (for a shutdown that gives jobs back)."""
+        items = [i for group in self.groups.values() for i in group]
+        self.groups.clear()
+        return items
+
+    @property
+    def waiting_rows(self) -> int:
+        return sum(i.rows for group in self.groups.values() for i in group)

@@ -1,0 +1,271 @@
+"""The worker's device loop: jobs in from Celery threads, device batches out, results recorded.
+
+    Celery thread ── submit(job_id) ──> inbox ──> [device thread] Batcher -> Engine.dispatch
+                                                        │ (JAX dispatch is asynchronous)
+                                                        v
+                                     [finisher thread] fetch -> encode/upload (pool) -> record -> futures
+
+The device thread only gathers and dispatches, so the next batch is queued on the device while the
+previous one's images are copied off, encoded and uploaded. A Celery task waits on its job's future and
+returns (so its message is acknowledged) only after the job's result is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from common.job_store import JobStore
+from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
+from common.storage import Storage
+from worker import images
+from worker.batcher import Batch, Batcher, Item
+from worker.engine.engine import Engine, EngineInputError, Pending, Row
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 5.0
+MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
+
+
+@dataclass
+class Started:
+    """A dispatched batch on its way to the finisher."""
+
+    batch: Batch
+    jobs: list[Job]
+    pending: Pending
+    dispatched_s: float
+
+
+def rows_for(job: Job) -> list[Row]:
+    r = job.request
+    assert r.seed is not None  # the API fills it in
+    return [
+        Row(r.prompt, r.negative_prompt, r.seed + i, r.guidance_scale, r.steps, r.scheduler.value)
+        for i in range(r.num_images)
+    ]
+
+
+def image_key(job_id: str, index: int, fmt: str) -> str:
+    # Deterministic: a job that runs twice (redelivery) overwrites the same objects.
+    return f"images/{job_id}/{index}.{images.EXTENSIONS[fmt]}"
+
+
+class DeviceLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        store: JobStore,
+        storage: Storage,
+        batch_timeout_s: float,
+        upload_threads: int = 8,
+        worker_name: str | None = None,
+    ):
+        self.engine = engine
+        self.store = store
+        self.storage = storage
+        self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
+        self.inbox: queue.Queue[tuple[str, Future[str]]] = queue.Queue()
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
+        self.uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
+        self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
+        self.name = worker_name or f"{socket.gethostname()}-{id(self):x}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device", daemon=True)
+        self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
+
+    # ------------------------------------------------------------------ called from Celery threads
+
+    def submit(self, job_id: str) -> Future[str]:
+        """Queue a job for the device; the future resolves to its final status once recorded."""
+        future: Future[str] = Future()
+        self.inbox.put((job_id, future))
+        return future
+
+    def start(self) -> None:
+        self._heartbeat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.finisher.shutdown(wait=True)
+        self.uploads.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ the device thread
+
+    def _run(self) -> None:
+        next_beat = time.monotonic() + HEARTBEAT_S
+        while not self._stop.is_set():
+            deadline = self.batcher.next_deadline_s()
+            wait = HEARTBEAT_S if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._admit(*self.inbox.get(timeout=min(wait, HEARTBEAT_S)))
+                while True:  # take everything that has arrived, so a burst fills one batch
+                    self._admit(*self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for batch in self.batcher.take_due(time.monotonic()):
+                self._start(batch)
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + HEARTBEAT_S
+
+    def _admit(self, job_id: str, future: Future[str]) -> None:
+        job = self.store.get(job_id)
+        if job is None:
+            future.set_result("missing")  # expired or never stored: nothing to do
+            return
+        if job.status in TERMINAL:
+            future.set_result(job.status.value)  # canceled while queued, or a redelivery of a finished job
+            return
+        shape = (job.request.height, job.request.width)
+        self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future)))
+
+    def _start(self, batch: Batch) -> None:
+        jobs: list[Job] = []
+        for item in batch.items:
+            job, future = item.payload
+            # queued -> running; a redelivered job (running after a worker died) keeps running here.
+            ok, before = self.store.transition(job.id, JobStatus.running, [JobStatus.queued, JobStatus.running])
+            if ok:
+                jobs.append(job)
+            else:  # canceled (or otherwise ended) before it ran: it never runs
+                future.set_result(before.value if before else "missing")
+        if not jobs:
+            return
+        height, width = batch.shape
+        rows = [row for job in jobs for row in rows_for(job)]
+        self.in_flight.acquire()
+        try:
+            pending = self.engine.dispatch(rows, height, width)
+        except EngineInputError as exc:
+            self.in_flight.release()
+            self._fail_all(jobs, batch, f"invalid for this worker: {exc}")
+            return
+        except Exception as exc:
+            self.in_flight.release()
+            log.exception("dispatch failed")
+            self._fail_all(jobs, batch, f"engine error: {type(exc).__name__}: {exc}")
+            return
+        started = Started(batch, jobs, pending, time.monotonic())
+        self.finisher.submit(self._finish, started)
+
+    # ------------------------------------------------------------------ the finisher thread
+
+    def _finish(self, started: Started) -> None:
+        batch, jobs = started.batch, started.jobs
+        try:
+            out = started.pending.fetch()  # waits for the device
+            done_s = time.monotonic()
+            device_s = done_s - max(started.dispatched_s, self._device_free_s)
+            self._device_free_s = done_s
+            self._record_batch(batch, jobs, started.dispatched_s, device_s)
+            row = 0
+            uploads: list[tuple[Job, list[Future[ImageRecord]]]] = []
+            for job in jobs:
+                n = job.request.num_images
+                if not all(out.finite[row : row + n]):
+                    self.store.fail(job.id, "the model produced non-finite values (NaN or inf) for this job")
+                    uploads.append((job, []))
+                else:
+                    futures = [self.uploads.submit(self._upload, job, i, out.images[row + i]) for i in range(n)]
+                    uploads.append((job, futures))
+                row += n
+            truncated = dict(zip([j.id for j in jobs], self._truncated(jobs, out.truncated), strict=True))
+            for job, futures in uploads:
+                if futures:
+                    self._record(job, futures, truncated[job.id])
+        except Exception as exc:
+            log.exception("finishing a batch failed")
+            self._fail_all(jobs, batch, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.in_flight.release()
+            for item in batch.items:
+                _, future = item.payload
+                if not future.done():
+                    future.set_result(str(self.store.status(item.job_id) or "missing"))
+
+    @staticmethod
+    def _truncated(jobs: list[Job], per_row: list[bool]) -> list[bool]:
+        flags, row = [], 0
+        for job in jobs:
+            flags.append(any(per_row[row : row + job.request.num_images]))
+            row += job.request.num_images
+        return flags
+
+    def _upload(self, job: Job, index: int, pixels: Any) -> ImageRecord:
+        r = job.request
+        fmt = r.output_format.value
+        params = {
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "seed": r.seed + index,
+            "steps": r.steps,
+            "guidance_scale": r.guidance_scale,
+            "scheduler": r.scheduler.value,
+            "width": r.width,
+            "height": r.height,
+            "model": self.engine.model.name,
+            "job_id": job.id,
+            "index": index,
+        }
+        data = images.encode(pixels, fmt, params)
+        key = image_key(job.id, index, fmt)
+        self.storage.put(key, data, images.CONTENT_TYPES[fmt])
+        return ImageRecord(
+            key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest()
+        )
+
+    def _record(self, job: Job, futures: list[Future[ImageRecord]], truncated: bool) -> None:
+        try:
+            records = [f.result() for f in futures]
+        except Exception as exc:
+            self.store.fail(job.id, f"upload failed: {type(exc).__name__}: {exc}")
+            return
+        if not self.store.succeed(job.id, records, truncated):
+            # Canceled while running: the results are discarded, as the cancel answer promised.
+            for record in records:
+                self.storage.delete(record.key)
+
+    def _fail_all(self, jobs: list[Job], batch: Batch, error: str) -> None:
+        for job in jobs:
+            self.store.fail(job.id, error)
+
+    # ------------------------------------------------------------------ observability
+
+    def _record_batch(self, batch: Batch, jobs: list[Job], dispatched_s: float, device_s: float) -> None:
+        """One line per engine run in P:batches (newest first, last 10,000): tests and benches read it."""
+        entry = {
+            "worker": self.name,
+            "height": batch.shape[0],
+            "width": batch.shape[1],
+            "jobs": [j.id for j in jobs],
+            "rows": sum(j.request.num_images for j in jobs),
+            "padding": self.engine.batch_rows - sum(j.request.num_images for j in jobs),
+            "device_s": round(device_s, 6),
+            "at": time.time(),
+        }
+        key = self.store.key("batches")
+        pipe = self.store.r.pipeline()
+        pipe.lpush(key, json.dumps(entry))
+        pipe.ltrim(key, 0, 9999)
+        pipe.execute()
+
+    def _heartbeat(self) -> None:
+        info = {
+            "model": self.engine.model.name,
+            "sizes": self.engine.sizes,
+            "batch_rows": self.engine.batch_rows,
+            "devices": self.engine.mesh.devices.size,
+            "at": time.time(),
+        }
+        self.store.r.set(self.store.key("worker", self.name), json.dumps(info), ex=int(3 * HEARTBEAT_S))

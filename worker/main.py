@@ -1,0 +1,87 @@
+"""Start a worker: load the model and compile every served shape in this process, then consume jobs.
+
+    python -m worker
+
+Celery runs with its threads pool: there is no fork, so JAX lives in the one process that uses it.
+Concurrency (how many jobs one worker holds at once) is two batches' worth, so the next batch gathers
+while the current one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from common.job_store import JobStore
+from common.settings import Settings, get_settings
+from common.storage import from_settings
+
+log = logging.getLogger("worker")
+
+
+def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
+    import jax.numpy as jnp
+
+    from worker.engine import cache, model
+    from worker.engine.engine import Engine
+
+    t0 = time.perf_counter()
+    folder = cache.enable(settings.compile_cache_dir)
+    m = model.load(settings.model, jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32)
+    t1 = time.perf_counter()
+    engine = Engine(m, settings.served_sizes, settings.batch_rows)
+    compile_s = engine.compile()
+    t2 = time.perf_counter()
+    log.info(
+        "engine ready: model %s, %d devices, sizes %s, batch %d; load %.1f s, compile %.1f s (%s); cache %s",
+        m.name,
+        engine.mesh.devices.size,
+        settings.sizes,
+        settings.batch_rows,
+        t1 - t0,
+        t2 - t1,
+        ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
+        folder,
+    )
+    return engine
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    import redis
+
+    from worker import tasks
+    from worker.device_loop import DeviceLoop
+
+    engine = build_engine(settings)
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
+    name = f"{socket.gethostname()}-{int(time.time())}"
+    loop = DeviceLoop(
+        engine,
+        store,
+        from_settings(settings, need_signing=False),
+        settings.batch_timeout_s,
+        settings.upload_threads,
+        worker_name=name,
+    )
+    loop.start()
+    tasks.bind(loop)
+    tasks.app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={2 * settings.batch_rows}",
+            f"--queues={settings.queue_name}",
+            f"--hostname=sdxl@{name}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    loop.stop()
+
+
+if __name__ == "__main__":
+    main()

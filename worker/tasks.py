@@ -1,0 +1,25 @@
+"""The Celery task: thin on purpose. The device loop does the work; the task waits for its job's result so
+that the message is acknowledged (acks_late) only once the result is recorded."""
+
+from __future__ import annotations
+
+from common.queue import TASK_GENERATE, make_celery
+from common.settings import get_settings
+from worker.device_loop import DeviceLoop
+
+app = make_celery(get_settings())
+_loop: DeviceLoop | None = None
+
+
+def bind(loop: DeviceLoop) -> None:
+    """Called once by worker.main after the engine is compiled, before Celery consumes anything."""
+    global _loop
+    _loop = loop
+
+
+@app.task(name=TASK_GENERATE)
+def generate(job_id: str) -> str:
+    """Run one job; returns its final status."""
+    if _loop is None:
+        raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
+    return _loop.submit(job_id).result()
