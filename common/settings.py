@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)  # how long finished job records (and idempotency keys) live
     # --- model and batching (worker)
     model: str = "tiny"  # 'tiny', a diffusers folder, or a hub id
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     sizes: str = "1024x1024"  # served HEIGHTxWIDTH list; each is compiled at worker start
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long

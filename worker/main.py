@@ -20,21 +20,28 @@ from common.storage import from_settings
 log = logging.getLogger("worker")
 
 
-def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
+def model_dtype(name: str):  # -> a jnp dtype
+    import jax
     import jax.numpy as jnp
 
+    if name == "auto":
+        name = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
     from worker.engine import cache, model
     from worker.engine.engine import Engine
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir)
-    m = model.load(settings.model, jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32)
+    m = model.load(settings.model, model_dtype(settings.dtype))
     t1 = time.perf_counter()
     engine = Engine(m, settings.served_sizes, settings.batch_rows)
     compile_s = engine.compile()
     t2 = time.perf_counter()
     log.info(
-        "engine ready: model %s, %d devices, sizes %s, batch %d; load %.1f s, compile %.1f s (%s); cache %s",
+        "engine ready: model %s (%s), %d devices, sizes %s, batch %d; load %.1f s, compile %.1f s (%s); cache %s",
         m.name,
         engine.mesh.devices.size,
         settings.sizes,

@@ -1,0 +1,150 @@
+"""The API against a real Redis, with no worker: submit, read, list, cancel, idempotency, bad input."""
+
+import pytest
+
+from common.storage import LocalStorage
+
+GOOD = {"prompt": "a cat in a hat", "width": 1024, "height": 1024}
+
+
+def test_submit_answers_202_with_job_and_status_url(client):
+    r = client.post("/v1/jobs", json=GOOD)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["queue_position"] >= 1
+    assert job["status_url"] == f"http://testserver/v1/jobs/{job['id']}"
+    assert 0 <= job["request"]["seed"] < 2**32  # random when absent, always returned
+    assert job["request"]["steps"] == 20 and job["request"]["scheduler"] == "euler"
+    got = client.get(f"/v1/jobs/{job['id']}").json()
+    assert got["id"] == job["id"] and got["status"] == "queued" and got["images"] == []
+
+
+def test_the_job_is_on_the_celery_queue(client, settings):
+    import json
+
+    import redis
+
+    job = client.post("/v1/jobs", json=GOOD).json()
+    r = redis.Redis.from_url(settings.redis_url)
+    messages = [json.loads(m) for m in r.lrange(settings.queue_name, 0, -1)]
+    assert any(m["headers"]["task"] == "sdxl.generate" and job["id"] in m["headers"]["argsrepr"] for m in messages)
+
+
+def test_queue_position_counts_jobs_ahead(client):
+    ids = [client.post("/v1/jobs", json=GOOD).json()["id"] for _ in range(3)]
+    assert [client.get(f"/v1/jobs/{i}").json()["queue_position"] for i in ids] == [1, 2, 3]
+
+
+def test_cancel_queued_job(client):
+    job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.json() == {"id": job_id, "status": "canceled", "outcome": "never_ran"}
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and "already ended (canceled)" in again.json()["detail"]
+    assert client.get(f"/v1/jobs/{job_id}").json()["queue_position"] is None
+
+
+def test_unknown_job_is_404(client):
+    assert client.get("/v1/jobs/nope").status_code == 404
+    assert client.post("/v1/jobs/nope/cancel").status_code == 404
+
+
+def test_idempotency_key(client):
+    h = {"Idempotency-Key": "order-42"}
+    first = client.post("/v1/jobs", json=GOOD, headers=h)
+    second = client.post("/v1/jobs", json=GOOD, headers=h)
+    assert first.status_code == 202 and second.status_code == 200
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert first.json()["id"] == second.json()["id"]
+    assert first.json()["request"]["seed"] == second.json()["request"]["seed"]
+    other = client.post("/v1/jobs", json={**GOOD, "prompt": "a dog"}, headers=h)
+    assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+
+
+def test_list_is_paginated_newest_first(client):
+    ids = [client.post("/v1/jobs", json=GOOD).json()["id"] for _ in range(3)]
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    assert [j["id"] for j in client.get("/v1/jobs", params={"offset": 2}).json()["jobs"]] == [ids[0]]
+    assert client.get("/v1/jobs", params={"limit": 1000}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "body,field,hint",
+    [
+        ({"width": 1024, "height": 1024}, "prompt", "Field required"),
+        ({**GOOD, "prompt": ""}, "prompt", "at least 1 character"),
+        ({**GOOD, "width": 512, "height": 512}, "width", "choose one of: 1024x1024"),
+        ({**GOOD, "width": 96, "height": 1024}, "height", "choose one of"),
+        ({**GOOD, "steps": 0}, "steps", "greater than or equal to 1"),
+        ({**GOOD, "steps": 151}, "steps", "less than or equal to 150"),
+        ({**GOOD, "guidance_scale": "NaN"}, "guidance_scale", "finite"),
+        ({**GOOD, "guidance_scale": -1}, "guidance_scale", "greater than or equal to 0"),
+        ({**GOOD, "seed": -1}, "seed", "greater than or equal to 0"),
+        ({**GOOD, "seed": 2**32}, "seed", "less than or equal to 4294967295"),
+        ({**GOOD, "num_images": 0}, "num_images", "greater than or equal to 1"),
+        ({**GOOD, "num_images": 5}, "num_images", "at most 4 per job"),
+        ({**GOOD, "scheduler": "heun"}, "scheduler", "'euler', 'dpmpp_2m_karras' or 'ddim'"),
+        ({**GOOD, "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
+        ({**GOOD, "prompt": "x" * 2001}, "prompt", "at most 2000 characters"),
+        ({**GOOD, "colour": "red"}, "colour", "Extra inputs are not permitted"),
+        ({**GOOD, "steps": "many"}, "steps", "valid integer"),
+    ],
+)
+def test_bad_requests_name_the_field(client, body, field, hint):
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    payload = r.json()
+    assert any(f["field"] == field for f in payload["fields"]), payload
+    assert hint in payload["error"] and field in payload["error"]
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+
+
+def test_models_and_health(client):
+    m = client.get("/v1/models").json()
+    assert {"width": 96, "height": 64} in m["sizes"] and m["schedulers"] == ["euler", "dpmpp_2m_karras", "ddim"]
+    assert m["limits"]["max_steps"] == 150
+    assert client.get("/healthz").json() == {"ok": True}
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "no live worker" in ready.json()["problems"]
+
+
+def test_readyz_sees_a_worker_heartbeat(client, settings):
+    import redis
+
+    redis.Redis.from_url(settings.redis_url).set(f"{settings.key_prefix}:worker:w1", "{}", ex=15)
+    assert client.get("/readyz").json() == {"ready": True, "workers": 1, "problems": []}
+
+
+def test_local_files_need_a_valid_signature(client, settings):
+    storage = LocalStorage(settings.local_storage_dir, "http://testserver", settings.signing_key())
+    storage.put("images/x/0.png", b"\x89PNG...", "image/png")
+    url = storage.url("images/x/0.png", 60)
+    ok = client.get(url)
+    assert ok.status_code == 200 and ok.content == b"\x89PNG..." and ok.headers["content-type"] == "image/png"
+    assert client.get(url.replace("signature=", "signature=0")).status_code == 403
+    assert client.get(url.replace("0.png", "1.png")).status_code == 403
+    expired = storage.url("images/x/0.png", -5)
+    r = client.get(expired)
+    assert r.status_code == 403 and "expired" in r.json()["detail"]
+
+
+def test_openapi_documents_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models", "/readyz"} <= set(spec["paths"])
+
+
+def test_redis_down_is_503_with_retry_after(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(down)) as c:
+        r = c.post("/v1/jobs", json=GOOD)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert "unreachable" in r.json()["error"]
