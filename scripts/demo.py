@@ -106,8 +106,9 @@ def main() -> None:
         if env["SDXL_MODEL"] == "tiny":
             print("(the tiny model has random weights: its images are noise. README: 'Serving real SDXL weights')")
         if not args.once:
-            print(f"\nThe stack keeps running; try:\n  curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json'"
-                  f" -d '{{\"prompt\": \"a red fox\"}}'\nCtrl-C stops it.")  # fmt: skip
+            body = '{"prompt": "a fox"}'
+            example = f"curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json' -d '{body}'"
+            print(f"\nThe stack keeps running; try:\n  {example}\nCtrl-C stops it.")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         for proc in procs.values():

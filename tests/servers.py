@@ -55,9 +55,8 @@ class SeaweedS3:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.endpoint, timeout=1).status_code in (200, 403):
-                    if self._bucket_ready():
-                        return
+                if httpx.get(self.endpoint, timeout=1).status_code in (200, 403) and self._bucket_ready():
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)

@@ -49,7 +49,7 @@ def test_multi_image_jobs_take_rows_and_are_never_split():
 
 
 def test_a_job_larger_than_a_batch_is_refused():
-    with pytest.raises(ValueError, match="1..4 rows"):
+    with pytest.raises(ValueError, match=r"1\.\.4 rows"):
         Batcher(batch_rows=4, timeout_s=1).add(item("big", 5))
 
 
