@@ -44,8 +44,6 @@ class Settings(BaseSettings):
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
     # --- request limits (API)
     max_steps: int = Field(150, ge=1, le=150)
-    default_steps: int = 20
-    default_guidance_scale: float = 5.0
     max_images_per_job: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     # --- storage

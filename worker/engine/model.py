@@ -117,7 +117,7 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
 
 
-def _load_params(folder: Path, flax_name: str, st_stem: str, shapes: Any, style: str, dtype: Any) -> Any:
+def _load_params(folder: Path, flax_name: str, st_stem: str, shapes: Any, dtype: Any) -> Any:
     kind, payload = _read_weights(folder, flax_name, st_stem)
     target = convert.flatten(shapes)
     if kind == "flax":
@@ -132,48 +132,32 @@ def _load_params(folder: Path, flax_name: str, st_stem: str, shapes: Any, style:
     return _cast(params, dtype)
 
 
-def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = None) -> Model:
-    root = Path(path)
+def _check_folder(root: Path) -> None:
     if not (root / "model_index.json").exists():
         raise ModelError(f"{root} is not a diffusers SDXL folder (no model_index.json)")
     for part in (*COMPONENTS, "tokenizer", "tokenizer_2", "scheduler"):
         if not (root / part).is_dir():
             raise ModelError(f"{root} has no {part}/ folder; an SDXL model needs {part}")
-    key = jax.random.PRNGKey(0)
 
+
+def _assemble(root: Path, name: str, dtype: Any, weights: Any) -> Model:
+    """Build the modules from root's configs; weights(modules, shapes) returns the parameter tree."""
+    key = jax.random.PRNGKey(0)
     unet = FlaxUNet2DConditionModel.from_config(FlaxUNet2DConditionModel.load_config(root / "unet"), dtype=dtype)
     vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(root / "vae"), dtype=dtype)
     te1 = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"), dtype=dtype, _do_init=False)
     te2 = FlaxCLIPTextModelWithProjection(
         CLIPTextConfig.from_pretrained(root / "text_encoder_2"), dtype=dtype, _do_init=False
     )
-    params = {
-        "unet": _load_params(
-            root / "unet",
-            "diffusion_flax_model.msgpack",
-            "diffusion_pytorch_model",
-            jax.eval_shape(unet.init_weights, key),
-            "diffusers",
-            dtype,
-        ),
-        "vae": _load_params(
-            root / "vae",
-            "diffusion_flax_model.msgpack",
-            "diffusion_pytorch_model",
-            jax.eval_shape(vae.init_weights, key),
-            "diffusers",
-            dtype,
-        ),
-        "text_encoder": _load_params(
-            root / "text_encoder", "flax_model.msgpack", "model", te1.params_shape_tree, "transformers", dtype
-        ),
-        "text_encoder_2": _load_params(
-            root / "text_encoder_2", "flax_model.msgpack", "model", te2.params_shape_tree, "transformers", dtype
-        ),
+    shapes = {  # shapes only (jax.eval_shape): no random init is ever materialised
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": te1.params_shape_tree,
+        "text_encoder_2": te2.params_shape_tree,
     }
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     return Model(
-        name=name or str(root),
+        name=name,
         unet=unet,
         vae=vae,
         text_encoder=te1,
@@ -181,9 +165,36 @@ def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = 
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
         noise=NoiseConfig.from_diffusers(scheduler_config),
-        params=params,
+        params=weights(shapes),
         dtype=dtype,
     )
+
+
+def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = None) -> Model:
+    root = Path(path)
+    _check_folder(root)
+    files = {  # component: (Flax file, safetensors stem)
+        "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
+        "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
+        "text_encoder": ("flax_model.msgpack", "model"),
+        "text_encoder_2": ("flax_model.msgpack", "model"),
+    }
+
+    def weights(shapes: dict[str, Any]) -> dict[str, Any]:
+        return {part: _load_params(root / part, *files[part], shapes[part], dtype) for part in COMPONENTS}
+
+    return _assemble(root, name or str(root), dtype, weights)
+
+
+def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
+    """A random model of a preset size (tiny, mid, sdxl) built in memory: for benchmarks, no files."""
+    import tempfile
+
+    from worker.engine import tiny
+
+    root = Path(tempfile.mkdtemp(prefix=f"sdxl-{preset}-"))
+    tiny.write_configs(root, preset)
+    return _assemble(root, f"random-{preset}", dtype, lambda _: tiny.build_params(preset, dtype))
 
 
 def fetch_hub(repo_id: str, cache_dir: str | None = None) -> Path:

@@ -91,9 +91,50 @@ MODEL_INDEX = {
 }
 
 
-def default_dir() -> Path:
-    base = os.environ.get("SDXL_TINY_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "sdxl-service" / f"tiny-v{VERSION}"
+# Bigger random models for benchmarks, same code path. "sdxl" is SDXL base 1.0's architecture exactly
+# (2.57 B UNet parameters), except the text encoders' vocabulary, which is this file's small one: the
+# embedding lookup costs the same whatever the vocabulary size.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {"unet": {}, "vae": {}, "text": {}, "text_2": {}},
+    "mid": {
+        "unet": {"block_out_channels": [128, 256, 512], "attention_head_dim": [2, 4, 8],
+                 "transformer_layers_per_block": [1, 2, 2], "cross_attention_dim": 512,
+                 "addition_time_embed_dim": 64, "projection_class_embeddings_input_dim": 256 + 6 * 64},
+        "vae": {"block_out_channels": [64, 128, 256, 256]},
+        "text": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "projection_dim": 256},
+        "text_2": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "projection_dim": 256},
+    },
+    "sdxl": {
+        "unet": {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                 "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
+                 "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+                 "sample_size": 128},
+        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024},
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                   "num_attention_heads": 20, "projection_dim": 1280},
+    },
+}  # fmt: skip
+
+
+def configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
+    """The four component configs of a preset (diffusers / transformers config.json contents)."""
+    p = PRESETS[preset]
+    vocab_size = len(_vocab())
+    return {
+        "unet": UNET | p["unet"],
+        "vae": VAE | p["vae"],
+        "text_encoder": _text_config(vocab_size, "quick_gelu") | p["text"],
+        "text_encoder_2": _text_config(vocab_size, "gelu")
+        | {"architectures": ["CLIPTextModelWithProjection"]}
+        | p["text_2"],
+    }
+
+
+def default_dir(preset: str = "tiny") -> Path:
+    base = os.environ.get("SDXL_TINY_DIR") if preset == "tiny" else None
+    return Path(base) if base else Path.home() / ".cache" / "sdxl-service" / f"{preset}-v{VERSION}"
 
 
 def _vocab() -> dict[str, int]:
@@ -137,19 +178,16 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     tok.save_pretrained(folder)
 
 
-def build_params() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Random float32 Flax parameters and the text encoder configs, the same on every machine."""
+def build_params(preset: str = "tiny", dtype: Any = np.float32) -> dict[str, Any]:
+    """Random Flax parameters for a preset, the same on every machine."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
-    vocab_size = len(_vocab())
-    te_configs = {
-        "text_encoder": _text_config(vocab_size, "quick_gelu"),
-        "text_encoder_2": _text_config(vocab_size, "gelu") | {"architectures": ["CLIPTextModelWithProjection"]},
-    }
+    cfg = configs(preset)
+    te_configs = {k: cfg[k] for k in ("text_encoder", "text_encoder_2")}
     key = jax.random.PRNGKey(SEED)
-    unet = FlaxUNet2DConditionModel.from_config({k: v for k, v in UNET.items() if k != "_class_name"})
-    vae = FlaxAutoencoderKL.from_config({k: v for k, v in VAE.items() if k != "_class_name"})
+    unet = FlaxUNet2DConditionModel.from_config({k: v for k, v in cfg["unet"].items() if k != "_class_name"})
+    vae = FlaxAutoencoderKL.from_config({k: v for k, v in cfg["vae"].items() if k != "_class_name"})
     te1 = FlaxCLIPTextModel(CLIPTextConfig(**te_configs["text_encoder"]), _do_init=False)
     te2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**te_configs["text_encoder_2"]), _do_init=False)
     shapes = {
@@ -172,35 +210,38 @@ def build_params() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             value = 0.5 * rng.standard_normal(dims)
         else:
             value = 0.05 * rng.standard_normal(dims)
-        flat[path] = value.astype(np.float32)
-    params = convert.unflatten(flat)
-    return params, te_configs
+        flat[path] = value.astype(np.float32).astype(dtype)
+    return convert.unflatten(flat)
 
 
-def write(folder: Path, fmt: str = "safetensors") -> None:
-    """Write the tiny model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack)."""
-    from flax import serialization
-    from safetensors.numpy import save_file
-
-    params, te_configs = build_params()
+def write_configs(folder: Path, preset: str = "tiny") -> None:
+    """Everything of a diffusers folder but the weights."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     _write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     _write_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
-    for part, config in (("unet", UNET), ("vae", VAE)):
+    for part, config in configs(preset).items():
         (folder / part).mkdir(exist_ok=True)
         (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write(folder: Path, fmt: str = "safetensors", preset: str = "tiny") -> None:
+    """Write a random model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack)."""
+    from flax import serialization
+    from safetensors.numpy import save_file
+
+    params = build_params(preset)
+    write_configs(folder, preset)
+    for part in ("unet", "vae"):
         if fmt == "flax":
             (folder / part / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
         else:
             save_file(
                 convert.flax_to_pt(params[part], "diffusers"), folder / part / "diffusion_pytorch_model.safetensors"
             )
-    for part, config in te_configs.items():
-        (folder / part).mkdir(exist_ok=True)
-        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+    for part in ("text_encoder", "text_encoder_2"):
         if fmt == "flax":
             (folder / part / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
         else:

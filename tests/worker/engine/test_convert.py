@@ -6,7 +6,7 @@ from worker.engine import convert, tiny
 
 @pytest.fixture(scope="module")
 def params():
-    return tiny.build_params()[0]
+    return tiny.build_params()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,216 @@
+"""Engine benchmark: our compiled program against the reference's path, side by side, in one process.
+
+    python bench/engine.py --preset tiny --size 512x512 --batch 4 --steps 20
+    python bench/engine.py --preset sdxl --size 1024x1024 --batch 4 --peak-tflops 989   # an accelerator
+
+Method (docs/benchmarks.md):
+- Both paths run the same model object (random weights of a preset; `sdxl` is the full SDXL architecture),
+  the same dtype, device(s), batch, size and steps (Euler). The reference path is the blog's: diffusers'
+  FlaxStableDiffusionXLPipeline with replicated parameters, `jit=True` (pmap over the devices).
+- Each path is compiled and run once untimed; then rounds alternate ours / reference so both see the same
+  machine noise; the median of each is reported, and the ratio reference / ours (> 1: ours is faster).
+- Start-up: two fresh processes build the engine with a new persistent compile cache: the first compiles
+  (cold), the second reads the cache (warm). Times are from process start to "ready".
+- FLOPs per image from XLA's cost analysis of the UNet (x steps), the text encoders and the VAE decode,
+  each lowered alone (a while loop's trip count is not in XLA's count); the achieved fraction of a peak
+  you give with --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _dtype(name: str):  # noqa: ANN202
+    from worker.main import model_dtype
+
+    return model_dtype(name)
+
+
+def start_only(args: argparse.Namespace) -> None:
+    """Child process: time from start to a compiled engine, with the given compile cache."""
+    t0 = time.perf_counter()
+    from worker.engine import cache, compile_log, model
+    from worker.engine.engine import Engine
+
+    cache.enable(args.cache_dir)
+    counter = compile_log.install()
+    m = model.from_preset(args.preset, _dtype(args.dtype))
+    h, w = args.hw
+    Engine(m, [(h, w)], args.batch).compile()
+    print(json.dumps({"ready_s": time.perf_counter() - t0, "xla_compiles": counter.compiles}))
+
+
+def measure_start(args: argparse.Namespace) -> dict[str, float]:
+    cache_dir = tempfile.mkdtemp(prefix="bench-xla-")
+    out = {}
+    for label in ("cold", "warm"):
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--start-only", "--cache-dir", cache_dir, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{label}_start_s"] = time.perf_counter() - t0
+        out[f"{label}_ready_in_process_s"] = child["ready_s"]
+        out[f"{label}_xla_compiles"] = child["xla_compiles"]
+    out["warm_over_cold"] = out["warm_start_s"] / out["cold_start_s"]
+    return out
+
+
+def flops_per_image(engine, steps: int) -> float:  # noqa: ANN001
+    import jax
+    import jax.numpy as jnp
+
+    m, b = engine.model, engine.batch_rows
+    h, w = engine.sizes[0]
+    c, lh, lw = engine._latent_shape(h, w)
+    ctx_dim = m.unet.cross_attention_dim
+    pooled = m.text_encoder_2.config.projection_dim
+    p = engine.params
+
+    def unet(x, t, ctx, te, ti):  # noqa: ANN001, ANN202
+        return m.unet.apply({"params": p["unet"]}, x, t, ctx, added_cond_kwargs={"text_embeds": te, "time_ids": ti})
+
+    spec = jax.ShapeDtypeStruct
+    u = jax.jit(unet).lower(
+        spec((2 * b, c, lh, lw), m.dtype), spec((2 * b,), jnp.float32), spec((2 * b, 77, ctx_dim), m.dtype),
+        spec((2 * b, pooled), m.dtype), spec((2 * b, 6), m.dtype),
+    )  # fmt: skip
+    vae = jax.jit(lambda z: m.vae.apply({"params": p["vae"]}, z, method=m.vae.decode)).lower(
+        spec((b, c, lh, lw), m.dtype)
+    )
+    ids = spec((2 * b, 77), jnp.int32)
+    te = jax.jit(
+        lambda i: (
+            m.text_encoder(i, params=p["text_encoder"]).last_hidden_state,
+            m.text_encoder_2(i, params=p["text_encoder_2"]).text_embeds,
+        )
+    ).lower(ids)
+    cost = lambda lowered: float(lowered.cost_analysis()["flops"])  # noqa: E731
+    return (steps * cost(u) + cost(vae) + cost(te)) / b
+
+
+def reference_pipeline(m, steps: int, batch: int, h: int, w: int):  # noqa: ANN001, ANN201
+    """The blog's path: FlaxStableDiffusionXLPipeline, params replicated per device, pmap via jit=True."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from diffusers import FlaxEulerDiscreteScheduler, FlaxStableDiffusionXLPipeline
+
+    from worker.engine import tiny
+
+    n = jax.local_device_count()
+    config = {k: v for k, v in tiny.SCHEDULER.items() if not k.startswith("_")}
+    scheduler = FlaxEulerDiscreteScheduler.from_config(config)
+    pipe = FlaxStableDiffusionXLPipeline(
+        text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, vae=m.vae, tokenizer=m.tokenizer,
+        tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=scheduler, dtype=m.dtype,
+    )  # fmt: skip
+    params = dict(m.params)
+    params["scheduler"] = scheduler.create_state()
+    # flax.jax_utils.replicate used device_put_replicated, gone in JAX 0.10: stack a copy per device.
+    replicated = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), params)
+    prompts = [f"a photo of thing number {i}" for i in range(batch)]
+    ids = pipe.prepare_inputs(prompts).reshape(n, batch // n, 2, 77)
+    neg = pipe.prepare_inputs(["blurry"] * batch).reshape(n, batch // n, 2, 77)
+    rng = jax.random.split(jax.random.PRNGKey(0), n)
+
+    def run():  # noqa: ANN202
+        out = pipe(ids, replicated, rng, num_inference_steps=steps, guidance_scale=5.0, height=h, width=w,
+                   neg_prompt_ids=neg, jit=True).images  # fmt: skip
+        return np.asarray(jnp.asarray(out))
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "mid", "sdxl"])
+    parser.add_argument("--size", default="512x512", help="HEIGHTxWIDTH")
+    parser.add_argument("--batch", type=int, default=4, help="images per call (rows)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the fraction")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    h, _, w = args.size.partition("x")
+    args.hw = (int(h), int(w))
+    if args.start_only:
+        return start_only(args)
+
+    import jax
+    import numpy as np
+
+    from worker.engine import model
+    from worker.engine.engine import Engine, Row
+
+    result: dict[str, object] = {
+        "preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps,
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+    }  # fmt: skip
+    if not args.no_start:
+        result.update(measure_start(args))
+    m = model.from_preset(args.preset, _dtype(args.dtype))
+    result["dtype"] = m.dtype.__name__ if hasattr(m.dtype, "__name__") else str(m.dtype)
+    engine = Engine(m, [args.hw], args.batch)
+    t0 = time.perf_counter()
+    engine.compile()
+    result["ours_compile_s"] = time.perf_counter() - t0
+    rows = [Row(f"a photo of thing number {i}", "blurry", seed=i, steps=args.steps) for i in range(args.batch)]
+    ours = lambda: engine.generate(rows, *args.hw)  # noqa: E731
+    ours()
+    runners = {"ours": ours}
+    if not args.no_reference:
+        ref = reference_pipeline(m, args.steps, args.batch, *args.hw)
+        t0 = time.perf_counter()
+        ref()
+        result["reference_compile_and_first_run_s"] = time.perf_counter() - t0
+        runners["reference"] = ref
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[f"{name}_batch_s"] = med
+        result[f"{name}_s_per_image"] = med / args.batch
+        result[f"{name}_images_per_s"] = args.batch / med
+    if "reference" in times:
+        result["speedup_vs_reference"] = result["reference_batch_s"] / result["ours_batch_s"]
+    flops = flops_per_image(engine, args.steps)
+    result["tflop_per_image"] = flops / 1e12
+    result["achieved_tflops"] = flops * result["ours_images_per_s"] / 1e12
+    if args.peak_tflops:
+        result["fraction_of_peak"] = result["achieved_tflops"] / args.peak_tflops
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_device_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    np.asarray(0)
+
+
+if __name__ == "__main__":
+    main()
