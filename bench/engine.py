@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _dtype(name: str):  # noqa: ANN202
+def _dtype(name: str):
     from worker.main import model_dtype
 
     return model_dtype(name)
@@ -69,7 +69,7 @@ def measure_start(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
-def flops_per_image(engine, steps: int) -> float:  # noqa: ANN001
+def flops_per_image(engine, steps: int) -> float:
     import jax
     import jax.numpy as jnp
 
@@ -80,7 +80,7 @@ def flops_per_image(engine, steps: int) -> float:  # noqa: ANN001
     pooled = m.text_encoder_2.config.projection_dim
     p = engine.params
 
-    def unet(x, t, ctx, te, ti):  # noqa: ANN001, ANN202
+    def unet(x, t, ctx, te, ti):
         return m.unet.apply({"params": p["unet"]}, x, t, ctx, added_cond_kwargs={"text_embeds": te, "time_ids": ti})
 
     spec = jax.ShapeDtypeStruct
@@ -102,7 +102,7 @@ def flops_per_image(engine, steps: int) -> float:  # noqa: ANN001
     return (steps * cost(u) + cost(vae) + cost(te)) / b
 
 
-def reference_pipeline(m, steps: int, batch: int, h: int, w: int):  # noqa: ANN001, ANN201
+def reference_pipeline(m, steps: int, batch: int, h: int, w: int):
     """The blog's path: FlaxStableDiffusionXLPipeline, params replicated per device, pmap via jit=True."""
     import jax
     import jax.numpy as jnp
@@ -127,7 +127,7 @@ def reference_pipeline(m, steps: int, batch: int, h: int, w: int):  # noqa: ANN0
     neg = pipe.prepare_inputs(["blurry"] * batch).reshape(n, batch // n, 2, 77)
     rng = jax.random.split(jax.random.PRNGKey(0), n)
 
-    def run():  # noqa: ANN202
+    def run():
         out = pipe(ids, replicated, rng, num_inference_steps=steps, guidance_scale=5.0, height=h, width=w,
                    neg_prompt_ids=neg, jit=True).images  # fmt: skip
         return np.asarray(jnp.asarray(out))

@@ -18,10 +18,13 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
-# Which status may follow which. running -> queued is a requeue (a worker gave the job back).
+# Which status may follow which. running -> queued is a requeue (a worker gave the job back); running ->
+# running is a new attempt (the message came back after a worker died mid-batch; attempts counts them).
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.queued: frozenset({JobStatus.running, JobStatus.canceled, JobStatus.failed}),
-    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.queued}),
+    JobStatus.running: frozenset(
+        {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.queued}
+    ),
     JobStatus.succeeded: frozenset(),
     JobStatus.failed: frozenset(),
     JobStatus.canceled: frozenset(),

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)  # how long finished job records (and idempotency keys) live
     # --- model and batching (worker)
-    model: str = "tiny"  # 'tiny', a diffusers folder, or a hub id
+    model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
+    standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     sizes: str = "1024x1024"  # served HEIGHTxWIDTH list; each is compiled at worker start

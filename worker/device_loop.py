@@ -28,7 +28,7 @@ from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
 from common.storage import Storage
 from worker import images
 from worker.batcher import Batch, Batcher, Item
-from worker.engine.engine import Engine, EngineInputError, Pending, Row
+from worker.engine.engine import Engine, Pending, Row
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
@@ -73,7 +73,7 @@ class DeviceLoop:
         self.store = store
         self.storage = storage
         self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
-        self.inbox: queue.Queue[tuple[str, Future[str]]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, Future[str]] | None] = queue.Queue()
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self.uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
         self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
@@ -96,6 +96,7 @@ class DeviceLoop:
 
     def stop(self) -> None:
         self._stop.set()
+        self.inbox.put(None)  # wake the device thread now rather than at its next heartbeat
         self._thread.join(timeout=30)
         self.finisher.shutdown(wait=True)
         self.uploads.shutdown(wait=True)
@@ -108,9 +109,10 @@ class DeviceLoop:
             deadline = self.batcher.next_deadline_s()
             wait = HEARTBEAT_S if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                self._admit(*self.inbox.get(timeout=min(wait, HEARTBEAT_S)))
-                while True:  # take everything that has arrived, so a burst fills one batch
-                    self._admit(*self.inbox.get_nowait())
+                entry = self.inbox.get(timeout=min(wait, HEARTBEAT_S))
+                while entry is not None:  # take everything that has arrived, so a burst fills one batch
+                    self._admit(*entry)
+                    entry = self.inbox.get_nowait()
             except queue.Empty:
                 pass
             for batch in self.batcher.take_due(time.monotonic()):
@@ -142,57 +144,74 @@ class DeviceLoop:
                 future.set_result(before.value if before else "missing")
         if not jobs:
             return
-        height, width = batch.shape
-        rows = [row for job in jobs for row in rows_for(job)]
         self.in_flight.acquire()
         try:
-            pending = self.engine.dispatch(rows, height, width)
-        except EngineInputError as exc:
-            self.in_flight.release()
-            self._fail_all(jobs, batch, f"invalid for this worker: {exc}")
-            return
-        except Exception as exc:
-            self.in_flight.release()
+            pending = self._dispatch(batch, jobs)
+        except Exception as exc:  # raised while tracing or validating: nothing reached the device
             log.exception("dispatch failed")
-            self._fail_all(jobs, batch, f"engine error: {type(exc).__name__}: {exc}")
+            try:
+                self._isolate(batch, jobs, exc)
+            finally:
+                self.in_flight.release()
+                self._resolve(batch)
             return
-        started = Started(batch, jobs, pending, time.monotonic())
-        self.finisher.submit(self._finish, started)
+        self.finisher.submit(self._finish, Started(batch, jobs, pending, time.monotonic()))
+
+    def _dispatch(self, batch: Batch, jobs: list[Job]) -> Pending:
+        height, width = batch.shape
+        return self.engine.dispatch([row for job in jobs for row in rows_for(job)], height, width)
 
     # ------------------------------------------------------------------ the finisher thread
 
     def _finish(self, started: Started) -> None:
-        batch, jobs = started.batch, started.jobs
         try:
-            out = started.pending.fetch()  # waits for the device
-            done_s = time.monotonic()
-            device_s = done_s - max(started.dispatched_s, self._device_free_s)
-            self._device_free_s = done_s
-            self._record_batch(batch, jobs, started.dispatched_s, device_s)
-            row = 0
-            uploads: list[tuple[Job, list[Future[ImageRecord]]]] = []
-            for job in jobs:
-                n = job.request.num_images
-                if not all(out.finite[row : row + n]):
-                    self.store.fail(job.id, "the model produced non-finite values (NaN or inf) for this job")
-                    uploads.append((job, []))
-                else:
-                    futures = [self.uploads.submit(self._upload, job, i, out.images[row + i]) for i in range(n)]
-                    uploads.append((job, futures))
-                row += n
-            truncated = dict(zip([j.id for j in jobs], self._truncated(jobs, out.truncated), strict=True))
-            for job, futures in uploads:
-                if futures:
-                    self._record(job, futures, truncated[job.id])
+            self._complete(started)
         except Exception as exc:
-            log.exception("finishing a batch failed")
-            self._fail_all(jobs, batch, f"{type(exc).__name__}: {exc}")
+            log.exception("a batch failed")
+            self._isolate(started.batch, started.jobs, exc)
         finally:
             self.in_flight.release()
-            for item in batch.items:
-                _, future = item.payload
-                if not future.done():
-                    future.set_result(str(self.store.status(item.job_id) or "missing"))
+            self._resolve(started.batch)
+
+    def _isolate(self, batch: Batch, jobs: list[Job], exc: Exception) -> None:
+        """A batch that raised: run each job alone, so a poison job fails by itself and the rest succeed."""
+        if len(jobs) == 1:
+            self.store.fail(jobs[0].id, f"engine error: {type(exc).__name__}: {exc}")
+            return
+        for job in jobs:
+            alone = Batch(batch.shape, [i for i in batch.items if i.job_id == job.id], batch.batch_rows)
+            try:
+                self._complete(Started(alone, [job], self._dispatch(alone, [job]), time.monotonic()))
+            except Exception as err:
+                self.store.fail(job.id, f"engine error: {type(err).__name__}: {err}")
+
+    def _resolve(self, batch: Batch) -> None:
+        """Every waiting Celery task gets its answer, whatever happened: none is left hanging."""
+        for item in batch.items:
+            _, future = item.payload
+            if not future.done():
+                future.set_result(str(self.store.status(item.job_id) or "missing"))
+
+    def _complete(self, started: Started) -> None:
+        batch, jobs = started.batch, started.jobs
+        out = started.pending.fetch()  # waits for the device; raises if the program failed there
+        done_s = time.monotonic()
+        device_s = done_s - max(started.dispatched_s, self._device_free_s)
+        self._device_free_s = done_s
+        self._record_batch(batch, jobs, device_s)
+        uploads: list[tuple[Job, list[Future[ImageRecord]]]] = []
+        row = 0
+        for job in jobs:
+            n = job.request.num_images
+            if all(out.finite[row : row + n]):
+                pixels = out.images[row : row + n]
+                uploads.append((job, [self.uploads.submit(self._upload, job, i, pixels[i]) for i in range(n)]))
+            else:
+                self.store.fail(job.id, "the model produced non-finite values (NaN or inf) for this job")
+            row += n
+        truncated = dict(zip([j.id for j in jobs], self._truncated(jobs, out.truncated), strict=True))
+        for job, futures in uploads:
+            self._record(job, futures, truncated[job.id])
 
     @staticmethod
     def _truncated(jobs: list[Job], per_row: list[bool]) -> list[bool]:
@@ -231,18 +250,15 @@ class DeviceLoop:
         except Exception as exc:
             self.store.fail(job.id, f"upload failed: {type(exc).__name__}: {exc}")
             return
-        if not self.store.succeed(job.id, records, truncated):
-            # Canceled while running: the results are discarded, as the cancel answer promised.
+        if not self.store.succeed(job.id, records, truncated) and self.store.status(job.id) == JobStatus.canceled:
+            # Canceled while running: the results are discarded, as the cancel answer promised. (If another
+            # run of the same job succeeded first, the objects under these keys are its results: keep them.)
             for record in records:
                 self.storage.delete(record.key)
 
-    def _fail_all(self, jobs: list[Job], batch: Batch, error: str) -> None:
-        for job in jobs:
-            self.store.fail(job.id, error)
-
     # ------------------------------------------------------------------ observability
 
-    def _record_batch(self, batch: Batch, jobs: list[Job], dispatched_s: float, device_s: float) -> None:
+    def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float) -> None:
         """One line per engine run in P:batches (newest first, last 10,000): tests and benches read it."""
         entry = {
             "worker": self.name,

@@ -30,6 +30,11 @@ def model_dtype(name: str):  # -> a jnp dtype
 
 
 def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
+    if settings.model == "standin":
+        from worker.engine.standin import StandInEngine
+
+        log.warning("model=standin: a fixed-duration stand-in for queue benchmarks, not a model")
+        return StandInEngine(settings.served_sizes, settings.batch_rows, settings.standin_batch_s)
     from worker.engine import cache, model
     from worker.engine.engine import Engine
 

@@ -51,6 +51,15 @@ def test_illegal_edge_is_refused_even_if_asked(store):
     assert store.transition(job_id, JobStatus.succeeded, [JobStatus.queued]) == (False, JobStatus.queued)
 
 
+def test_a_redelivered_running_job_starts_a_new_attempt(store):
+    job_id, _ = store.create(req())
+    store.transition(job_id, JobStatus.running)
+    assert store.transition(job_id, JobStatus.running, [JobStatus.queued, JobStatus.running]) == (
+        True, JobStatus.running
+    )  # fmt: skip
+    assert store.get(job_id).attempts == 2
+
+
 def test_unknown_job(store):
     assert store.transition("nope", JobStatus.canceled) == (False, None)
     assert store.get("nope") is None

@@ -1,0 +1,197 @@
+"""Service benchmark: the real stack (API over HTTP, Redis, a Celery worker process, an S3 server) measured
+against its own engine alone, in one run.
+
+    python bench/service.py --engine standin --size 1024x1024 --batch 4 --batch-s 2.33 --jobs 48
+    python bench/service.py --engine tiny --size 256x256 --batch 4 --steps 4 --jobs 24
+
+Method (docs/benchmarks.md):
+- Servers: an embedded Valkey, SeaweedFS (`weed mini`), the API under uvicorn, one `python -m worker`.
+- Engine alone: the same engine class, in this process, runs back-to-back full batches (dispatch the next
+  before fetching the previous, as the worker does); images/s over the last N-1 batches.
+- Saturation: N submitter threads post one-image PNG jobs as fast as the API answers until `--jobs` are
+  in; throughput = images / (last finished_at - first started_at), from the job records' timestamps.
+  Device busy fraction and batch fill from the worker's batch log over the same window.
+- Low load: one job at a time, each submitted after the previous finished: latency = finished_at -
+  created_at (server clocks, no polling error). A lone job waits `batch_timeout_s` for company.
+- Redis commands per job: INFO commandstats over the saturation phase / jobs (API, worker, Celery all in).
+- The stand-in engine (SDXL_MODEL=standin) is about the queue, not the model: it holds a simulated device
+  for --batch-s per batch and returns real images, so encoding and upload are real work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import redis_server  # noqa: E402
+from tests.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def engine_alone(args: argparse.Namespace, batches: int) -> float:
+    """Images/s of the engine by itself, pipelined like the worker (2 batches in flight)."""
+    from worker.engine.engine import Row
+
+    if args.engine == "standin":
+        from worker.engine.standin import StandInEngine
+
+        engine = StandInEngine([args.hw], args.batch, args.batch_s)
+    else:
+        import jax.numpy as jnp
+
+        from worker.engine import model
+        from worker.engine.engine import Engine
+
+        engine = Engine(model.load("tiny", jnp.float32), [args.hw], args.batch)
+        engine.compile()
+    rows = [Row(f"prompt {i}", seed=i, steps=args.steps) for i in range(args.batch)]
+    engine.generate(rows, *args.hw)  # warm
+    pending = engine.dispatch(rows, *args.hw)
+    pending.fetch()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        nxt = engine.dispatch(rows, *args.hw)
+        nxt.fetch()
+    return batches * args.batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["standin", "tiny"], default="standin")
+    p.add_argument("--size", default="1024x1024")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch-s", type=float, default=2.33, help="stand-in device seconds per batch")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-timeout-s", type=float, default=0.5)
+    p.add_argument("--jobs", type=int, default=48, help="jobs in the saturation phase")
+    p.add_argument("--submitters", type=int, default=8)
+    p.add_argument("--low-load-jobs", type=int, default=6)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    h, _, w = args.size.partition("x")
+    args.hw = (int(h), int(w))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    valkey = redis_server.start_embedded(tmp / "valkey")
+    redis_url = f"redis://127.0.0.1:{valkey.port}/0"
+    s3 = SeaweedS3(tmp / "s3")
+    s3.start()
+    api_port = free_port()
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_SIZES": args.size,
+        "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
+        "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(tmp / "xla"),
+        "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **s3.env(),
+    }  # fmt: skip
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(api_port), "--log-level", "warning"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = WorkerProcess(env, tmp / "worker.log")
+    result: dict[str, object] = {"engine": args.engine, "size": args.size, "batch": args.batch}
+    try:
+        worker.start(redis_url, "sdxl")
+        base = f"http://127.0.0.1:{api_port}"
+        client = httpx.Client(base_url=base, timeout=30)
+        r = redis.Redis.from_url(redis_url)
+        body = {"prompt": "a lighthouse", "width": args.hw[1], "height": args.hw[0], "steps": args.steps}
+
+        def wait(ids: list[str]) -> list[dict]:
+            jobs = []
+            for job_id in ids:
+                while True:
+                    job = client.get(f"/v1/jobs/{job_id}").json()
+                    if job["status"] in ("succeeded", "failed", "canceled"):
+                        jobs.append(job)
+                        break
+                    time.sleep(0.05)
+            return jobs
+
+        wait([client.post("/v1/jobs", json=body).json()["id"]])  # warm the whole path
+
+        # ---- low load: one job at a time
+        low = []
+        for _ in range(args.low_load_jobs):
+            (job,) = wait([client.post("/v1/jobs", json=body).json()["id"]])
+            low.append(job["finished_at"] - job["created_at"])
+
+        # ---- saturation
+        r.config_resetstat()
+        ids: list[str] = []
+        lock = threading.Lock()
+        submit_s: list[float] = []
+
+        def submitter(n: int) -> None:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    job_id = c.post("/v1/jobs", json=body).json()["id"]
+                    with lock:
+                        ids.append(job_id)
+                        submit_s.append(time.perf_counter() - t0)
+
+        per = [args.jobs // args.submitters + (i < args.jobs % args.submitters) for i in range(args.submitters)]
+        threads = [threading.Thread(target=submitter, args=(n,)) for n in per]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        jobs = wait(ids)
+        stats = r.info("commandstats")
+        commands = sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
+        assert all(j["status"] == "succeeded" for j in jobs), [j for j in jobs if j["status"] != "succeeded"][:1]
+        first, last = min(j["started_at"] for j in jobs), max(j["finished_at"] for j in jobs)
+        images = sum(len(j["images"]) for j in jobs)
+        batches = [json.loads(x) for x in r.lrange("sdxl:batches", 0, -1)]
+        window = [b for b in batches if set(b["jobs"]) & set(ids)]
+        sat_latency = [j["finished_at"] - j["created_at"] for j in jobs]
+        result.update(
+            service_images_per_s=images / (last - first),
+            device_busy_fraction=sum(b["device_s"] for b in window) / (last - first),
+            batch_fill=sum(b["rows"] for b in window) / (len(window) * args.batch),
+            batches=len(window),
+            saturation_p50_s=percentile(sat_latency, 50),
+            saturation_p95_s=percentile(sat_latency, 95),
+            saturation_p99_s=percentile(sat_latency, 99),
+            submit_p99_ms=percentile(submit_s, 99) * 1000,
+            low_load_p50_s=percentile(low, 50),
+            low_load_p95_s=percentile(low, 95),
+            low_load_p99_s=percentile(low, 99),
+            redis_commands_per_job=commands / len(jobs),
+        )
+    finally:
+        worker.stop()
+        api.terminate()
+        s3.stop()
+        valkey.stop()
+    alone = engine_alone(args, batches=max(3, args.jobs // args.batch // 2))
+    result["engine_alone_images_per_s"] = alone
+    result["service_over_engine"] = result["service_images_per_s"] / alone
+    device_batch_s = args.batch_s if args.engine == "standin" else args.batch / alone
+    result["low_load_p50_target_s"] = device_batch_s + args.batch_timeout_s + 0.1
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The device loop against a real Redis and a real local store. The engine here is the fixed-duration
+stand-in, rigged to fail on purpose: these tests are about the loop (isolation, recording, cancel,
+redelivery), not the model; the real engine runs in tests/test_end_to_end.py."""
+
+from __future__ import annotations
+
+import redis
+import pytest
+
+from common.job_store import JobStore
+from common.jobs import JobRequest, JobStatus
+from common.storage import LocalStorage
+from worker.device_loop import DeviceLoop
+from worker.engine.standin import StandInEngine, StandInPending
+
+
+class RiggedEngine(StandInEngine):
+    """Raises for a batch holding a row with prompt 'poison'; reports non-finite output for 'nan' rows."""
+
+    def dispatch(self, rows, height, width, **kw):  # noqa: ANN001, ANN201
+        if any(r.prompt == "poison" for r in rows):
+            raise FloatingPointError("poison row")
+        pending = super().dispatch(rows, height, width, **kw)
+        nan_rows = [r.prompt == "nan" for r in rows]
+
+        class Pending(StandInPending):
+            def fetch(self):  # noqa: ANN202
+                out = super().fetch()
+                out.finite = [not bad for bad in nan_rows]
+                return out
+
+        return Pending(pending.images, pending.rows, pending.done_at)
+
+
+@pytest.fixture
+def loop(redis_url, key_prefix, tmp_path):
+    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    device_loop = DeviceLoop(RiggedEngine([(64, 64)], 4, 0.05), store, storage, batch_timeout_s=0.2)
+    device_loop.start()
+    yield device_loop
+    device_loop.stop()
+
+
+def make(loop: DeviceLoop, prompt: str, n: int = 1) -> str:
+    return loop.store.create(JobRequest(prompt=prompt, width=64, height=64, seed=5, num_images=n))[0]
+
+
+def run(loop: DeviceLoop, ids: list[str]) -> list[str]:
+    futures = [loop.submit(i) for i in ids]
+    return [f.result(timeout=30) for f in futures]
+
+
+def test_a_poison_job_fails_alone(loop):
+    ids = [make(loop, "fine"), make(loop, "poison"), make(loop, "also fine", 2)]
+    assert run(loop, ids) == ["succeeded", "failed", "succeeded"]
+    poisoned = loop.store.get(ids[1])
+    assert "FloatingPointError: poison row" in poisoned.error
+    assert all((loop.storage.root / i.key).is_file() for i in loop.store.get(ids[2]).images)
+
+
+def test_non_finite_output_fails_only_its_job(loop):
+    ids = [make(loop, "fine"), make(loop, "nan"), make(loop, "fine too")]
+    assert run(loop, ids) == ["succeeded", "failed", "succeeded"]
+    assert "non-finite" in loop.store.get(ids[1]).error
+    assert not (loop.storage.root / "images" / ids[1]).exists()
+
+
+def test_canceled_before_the_batch_never_runs(loop):
+    job_id = make(loop, "fine")
+    loop.store.transition(job_id, JobStatus.canceled)
+    assert run(loop, [job_id]) == ["canceled"]
+    assert loop.store.get(job_id).attempts == 0
+
+
+def test_a_redelivered_running_job_runs_again(loop):
+    job_id = make(loop, "fine")
+    loop.store.transition(job_id, JobStatus.running)  # as if a worker died mid-batch
+    assert run(loop, [job_id]) == ["succeeded"]
+    job = loop.store.get(job_id)
+    assert job.attempts == 2 and len(job.images) == 1
+
+
+def test_a_finished_job_delivered_again_is_not_run_again(loop):
+    job_id = make(loop, "fine")
+    assert run(loop, [job_id]) == ["succeeded"]
+    images = loop.store.get(job_id).images
+    assert run(loop, [job_id]) == ["succeeded"]
+    job = loop.store.get(job_id)
+    assert job.attempts == 1 and job.images == images
+    assert all((loop.storage.root / i.key).is_file() for i in images)

@@ -1,0 +1,74 @@
+"""A stand-in engine for benchmarks of the queue, not of the model: `SDXL_MODEL=standin`.
+
+It holds a simulated device for `batch_s` per batch (batches queue behind each other, as on a real chip,
+and dispatch returns at once, as JAX's does) and returns real images of the requested size: smooth
+colour fields with grain, so PNG encoding and upload cost at least what they cost for real SDXL output
+(2.2 MB and ~0.19 s to encode per 1024x1024 PNG here; real SDXL PNGs are usually smaller).
+The reference's v5e-4 figure, 2.33 s for 4 images, is the default.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+from worker.engine.engine import EngineInputError, Output, Row
+
+
+def _picture(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (height // 64 + 2, width // 64 + 2, 3))
+    ys = np.linspace(0, coarse.shape[0] - 1.001, height)
+    xs = np.linspace(0, coarse.shape[1] - 1.001, width)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    c = coarse
+    smooth = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
+              + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)  # fmt: skip
+    grain = rng.normal(0, 6, (height, width, 3))
+    return np.clip(smooth + grain, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class StandInPending:
+    images: np.ndarray
+    rows: int
+    done_at: float
+
+    def fetch(self) -> Output:
+        time.sleep(max(0.0, self.done_at - time.monotonic()))
+        return Output(self.images[: self.rows].copy(), [False] * self.rows, [True] * self.rows)
+
+
+class StandInEngine:
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_rows: int, batch_s: float):
+        self.sizes = [tuple(s) for s in sizes]
+        self.batch_rows = batch_rows
+        self.batch_s = batch_s
+        self.model = SimpleNamespace(name=f"standin-{batch_s}s")
+        self.mesh = SimpleNamespace(devices=np.zeros(1))
+        self._pictures = {(h, w): np.stack([_picture(h, w, i) for i in range(batch_rows)]) for h, w in self.sizes}
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+        self.compile_s: dict[str, float] = {}
+
+    def compile(self) -> dict[str, float]:
+        return {}
+
+    def dispatch(self, rows: Sequence[Row], height: int, width: int, **_: object) -> StandInPending:
+        if (height, width) not in self.sizes:
+            raise EngineInputError("size", f"{height}x{width} is not served")
+        if not 1 <= len(rows) <= self.batch_rows:
+            raise EngineInputError("rows", f"between 1 and {self.batch_rows} rows per call, got {len(rows)}")
+        with self._lock:  # one device: a batch starts when the previous one is done
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + self.batch_s
+        return StandInPending(self._pictures[(height, width)], len(rows), self._free_at)
+
+    def generate(self, rows: Sequence[Row], height: int, width: int) -> Output:
+        return self.dispatch(rows, height, width).fetch()
