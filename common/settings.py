@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Size = tuple[int, int]  # (height, width) in pixels
@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "sdxl"
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
-    job_ttl_s: int = Field(7 * 24 * 3600, gt=0)  # how long finished job records (and idempotency keys) live
+    job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    # After this long unacknowledged, Redis gives a message to another worker: it bounds how long a dead
+    # worker's jobs wait, and must exceed the longest a live worker holds one (common/queue.py).
+    visibility_timeout_s: int = Field(300, ge=5)  # how long finished job records (and idempotency keys) live
     # --- model and batching (worker)
     model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
@@ -67,6 +70,18 @@ class Settings(BaseSettings):
     def _sizes(cls, value: str) -> str:
         parse_sizes(value)
         return value
+
+    @model_validator(mode="after")
+    def _visibility_exceeds_holding(self) -> Settings:
+        # A worker holds a message for up to batch_timeout_s, plus up to two batches on the device, plus
+        # uploads; a shorter visibility timeout makes Redis hand live jobs to a second worker.
+        if self.visibility_timeout_s < 2 * self.batch_timeout_s + 5:
+            raise ValueError(
+                f"SDXL_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be at least "
+                f"2 x SDXL_BATCH_TIMEOUT_S + 5 = {2 * self.batch_timeout_s + 5:g}, and more than the longest a "
+                "worker holds a job (batch timeout + two batches on the device + upload)"
+            )
+        return self
 
     @property
     def served_sizes(self) -> list[Size]:

@@ -32,6 +32,7 @@ from worker.engine.engine import Engine, Pending, Row
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
+REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it ran: back to the queue
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
 
 
@@ -79,6 +80,7 @@ class DeviceLoop:
         self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
         self.name = worker_name or f"{socket.gethostname()}-{id(self):x}"
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="device", daemon=True)
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
 
@@ -93,6 +95,11 @@ class DeviceLoop:
     def start(self) -> None:
         self._heartbeat()
         self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: jobs not yet on the device go back to the queue; batches in flight finish and record."""
+        self._draining.set()
+        self.inbox.put(None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,6 +122,10 @@ class DeviceLoop:
                     entry = self.inbox.get_nowait()
             except queue.Empty:
                 pass
+            if self._draining.is_set():
+                for item in self.batcher.drain():
+                    item.payload[1].set_result(REQUEUE)
+                continue
             for batch in self.batcher.take_due(time.monotonic()):
                 self._start(batch)
             if time.monotonic() >= next_beat:
@@ -122,6 +133,9 @@ class DeviceLoop:
                 next_beat = time.monotonic() + HEARTBEAT_S
 
     def _admit(self, job_id: str, future: Future[str]) -> None:
+        if self._draining.is_set():
+            future.set_result(REQUEUE)
+            return
         job = self.store.get(job_id)
         if job is None:
             future.set_result("missing")  # expired or never stored: nothing to do

@@ -80,6 +80,12 @@ def main() -> None:
     )
     loop.start()
     tasks.bind(loop)
+
+    from celery.signals import worker_shutting_down
+
+    # Celery's warm shutdown (SIGTERM) stops consuming and waits for running tasks; buffered jobs are told
+    # to go back to the queue so it does not wait for them, only for the batches already on the device.
+    worker_shutting_down.connect(lambda **_: loop.begin_shutdown(), weak=False)
     tasks.app.worker_main(
         [
             "worker",

@@ -3,9 +3,11 @@ that the message is acknowledged (acks_late) only once the result is recorded.""
 
 from __future__ import annotations
 
+from celery.exceptions import Reject
+
 from common.queue import TASK_GENERATE, make_celery
 from common.settings import get_settings
-from worker.device_loop import DeviceLoop
+from worker.device_loop import REQUEUE, DeviceLoop
 
 app = make_celery(get_settings())
 _loop: DeviceLoop | None = None
@@ -22,4 +24,7 @@ def generate(job_id: str) -> str:
     """Run one job; returns its final status."""
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
-    return _loop.submit(job_id).result()
+    status = _loop.submit(job_id).result()
+    if status == REQUEUE:  # shutting down before the job reached the device: another worker takes it
+        raise Reject("worker shutting down", requeue=True)
+    return status

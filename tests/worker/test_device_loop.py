@@ -4,8 +4,8 @@ redelivery), not the model; the real engine runs in tests/test_end_to_end.py."""
 
 from __future__ import annotations
 
-import redis
 import pytest
+import redis
 
 from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
@@ -17,14 +17,14 @@ from worker.engine.standin import StandInEngine, StandInPending
 class RiggedEngine(StandInEngine):
     """Raises for a batch holding a row with prompt 'poison'; reports non-finite output for 'nan' rows."""
 
-    def dispatch(self, rows, height, width, **kw):  # noqa: ANN001, ANN201
+    def dispatch(self, rows, height, width, **kw):
         if any(r.prompt == "poison" for r in rows):
             raise FloatingPointError("poison row")
         pending = super().dispatch(rows, height, width, **kw)
         nan_rows = [r.prompt == "nan" for r in rows]
 
         class Pending(StandInPending):
-            def fetch(self):  # noqa: ANN202
+            def fetch(self):
                 out = super().fetch()
                 out.finite = [not bad for bad in nan_rows]
                 return out

@@ -1,0 +1,89 @@
+"""SIGTERM and SIGKILL on a real worker process. The worker runs the fixed-duration stand-in engine: these
+tests are about delivery (Celery, Redis, the device loop), not the model."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from common.settings import Settings
+from tests.servers import WorkerProcess
+
+BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture
+def stack(redis_url, tmp_path, request):
+    prefix = f"sd{uuid.uuid4().hex[:8]}"
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
+        **request.param,
+    }  # fmt: skip
+    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    workers: list[WorkerProcess] = []
+
+    def start_worker() -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log")
+        w.start(redis_url, prefix, timeout_s=120)
+        workers.append(w)
+        return w
+
+    with TestClient(create_app(settings)) as client:
+        yield client, start_worker
+    for w in workers:
+        w.stop(signal.SIGKILL)
+
+
+def statuses(client, ids):
+    return [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]
+
+
+def wait_for(predicate, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stack", [{"SDXL_BATCH_TIMEOUT_S": "15"}], indirect=True)
+def test_sigterm_finishes_the_batch_in_flight_and_requeues_the_rest(stack):
+    client, start_worker = stack
+    worker = start_worker()
+    running = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(4)]  # a full batch: on the device
+    wait_for(lambda: statuses(client, running) == ["running"] * 4)
+    buffered = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(2)]  # waits for company (15 s)
+    time.sleep(1)
+    t0 = time.monotonic()
+    assert worker.stop(signal.SIGTERM, timeout_s=60) == 0
+    assert time.monotonic() - t0 < 10  # did not wait out the 15 s batch timeout
+    assert statuses(client, running) == ["succeeded"] * 4  # the batch in flight finished and was recorded
+    assert statuses(client, buffered) == ["queued"] * 2  # given back, not lost, not failed
+    start_worker()
+    wait_for(lambda: statuses(client, buffered) == ["succeeded"] * 2, timeout_s=90)
+
+
+# A short visibility timeout, so the test need not wait 5 minutes; it still exceeds what a live worker
+# holds a job here (1 s batch timeout + two 3 s batches), as the settings demand.
+@pytest.mark.parametrize("stack", [{"SDXL_BATCH_TIMEOUT_S": "1", "SDXL_VISIBILITY_TIMEOUT_S": "10"}], indirect=True)
+def test_sigkill_mid_batch_loses_no_job(stack):
+    client, start_worker = stack
+    doomed = start_worker()
+    ids = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(4)]
+    wait_for(lambda: statuses(client, ids) == ["running"] * 4)
+    doomed.stop(signal.SIGKILL)  # mid-batch: nothing recorded, nothing acknowledged
+    t0 = time.monotonic()
+    start_worker()
+    # Redelivered after the visibility timeout (10 s here, + up to 5 s for kombu's sweep) and run again:
+    # each job ends once, on attempt 2.
+    wait_for(lambda: statuses(client, ids) == ["succeeded"] * 4, timeout_s=120)
+    recovered_s = time.monotonic() - t0
+    jobs = [client.get(f"/v1/jobs/{i}").json() for i in ids]
+    assert all(j["attempts"] == 2 and len(j["images"]) == 1 for j in jobs)
+    assert recovered_s < 60, recovered_s
