@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None  # None: boto3's usual chain (env, profile, instance role)
     s3_secret_access_key: SecretStr | None = None
     upload_threads: int = Field(8, ge=1)
+    upload_attempts: int = Field(5, ge=1)  # per image, with exponential backoff from upload_backoff_s
+    upload_backoff_s: float = Field(0.5, gt=0)  # 0.5, 1, 2, 4 s: an outage of ~7 s is ridden out
+    max_attempts: int = Field(3, ge=1)  # runs of one job (redeliveries, storage outages) before it fails
 
     @field_validator("sizes")
     @classmethod

@@ -69,6 +69,9 @@ class DeviceLoop:
         batch_timeout_s: float,
         upload_threads: int = 8,
         worker_name: str | None = None,
+        upload_attempts: int = 5,
+        upload_backoff_s: float = 0.5,
+        max_attempts: int = 3,
     ):
         self.engine = engine
         self.store = store
@@ -83,6 +86,10 @@ class DeviceLoop:
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="device", daemon=True)
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
+        self.upload_attempts = upload_attempts
+        self.upload_backoff_s = upload_backoff_s
+        self.max_attempts = max_attempts
+        self._verdicts: dict[str, str] = {}  # job id -> REQUEUE, for jobs given back after a failed upload
 
     # ------------------------------------------------------------------ called from Celery threads
 
@@ -142,6 +149,13 @@ class DeviceLoop:
             return
         if job.status in TERMINAL:
             future.set_result(job.status.value)  # canceled while queued, or a redelivery of a finished job
+            return
+        if job.attempts >= self.max_attempts:  # it keeps coming back: a worker died on it each time
+            self.store.fail(
+                job.id, f"gave up after {job.attempts} attempts (the worker running it stopped each time)",
+                allowed_from=[JobStatus.queued, JobStatus.running],
+            )  # fmt: skip
+            future.set_result(JobStatus.failed.value)
             return
         shape = (job.request.height, job.request.width)
         self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future)))
@@ -204,7 +218,8 @@ class DeviceLoop:
         for item in batch.items:
             _, future = item.payload
             if not future.done():
-                future.set_result(str(self.store.status(item.job_id) or "missing"))
+                verdict = self._verdicts.pop(item.job_id, None)
+                future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
 
     def _complete(self, started: Started) -> None:
         batch, jobs = started.batch, started.jobs
@@ -253,16 +268,35 @@ class DeviceLoop:
         }
         data = images.encode(pixels, fmt, params)
         key = image_key(job.id, index, fmt)
-        self.storage.put(key, data, images.CONTENT_TYPES[fmt])
+        self._put(key, data, images.CONTENT_TYPES[fmt])
         return ImageRecord(
             key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest()
         )
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload with exponential backoff: a storage blip costs seconds, not the job."""
+        for attempt in range(self.upload_attempts):
+            try:
+                self.storage.put(key, data, content_type)
+                return
+            except Exception:
+                if attempt == self.upload_attempts - 1:
+                    raise
+                log.warning("upload of %s failed (try %d), retrying", key, attempt + 1, exc_info=True)
+                time.sleep(self.upload_backoff_s * 2**attempt)
 
     def _record(self, job: Job, futures: list[Future[ImageRecord]], truncated: bool) -> None:
         try:
             records = [f.result() for f in futures]
         except Exception as exc:
-            self.store.fail(job.id, f"upload failed: {type(exc).__name__}: {exc}")
+            error = f"upload failed: {type(exc).__name__}: {exc}"
+            attempts = (self.store.get(job.id) or job).attempts
+            if attempts < self.max_attempts and self.store.transition(job.id, JobStatus.queued, [JobStatus.running])[0]:
+                # Back to the queue (the Celery message is rejected with requeue): it runs again later.
+                log.warning("job %s requeued after attempt %d: %s", job.id, attempts, error)
+                self._verdicts[job.id] = REQUEUE
+            else:
+                self.store.fail(job.id, f"{error} (attempt {attempts} of {self.max_attempts})")
             return
         if not self.store.succeed(job.id, records, truncated) and self.store.status(job.id) == JobStatus.canceled:
             # Canceled while running: the results are discarded, as the cancel answer promised. (If another

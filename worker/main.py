@@ -77,6 +77,9 @@ def main() -> None:
         settings.batch_timeout_s,
         settings.upload_threads,
         worker_name=name,
+        upload_attempts=settings.upload_attempts,
+        upload_backoff_s=settings.upload_backoff_s,
+        max_attempts=settings.max_attempts,
     )
     loop.start()
     tasks.bind(loop)
