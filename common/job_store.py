@@ -3,6 +3,7 @@
 Keys (prefix P = settings.key_prefix):
     P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
     P:queued         sorted set of queued job ids by submit order: queue position = rank
+    P:running        sorted set of running job ids by deadline: the stuck-job sweep reads it
     P:recent         sorted set of job ids by creation time: GET /v1/jobs pages through it
     P:idem:<key>     the job id and body hash behind an Idempotency-Key
     P:seq            submit counter
@@ -22,13 +23,14 @@ import redis
 
 from common.jobs import TERMINAL, TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
 
-# KEYS: job hash, queued set. ARGV: id, new status, now, ttl, fields JSON, allowed current statuses...
+# KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
+# allowed current statuses...
 # Returns "OK:<previous status>", or the current status when the change is not allowed, or "" when there is no such job.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return '' end
 local allowed = false
-for i = 6, #ARGV do if ARGV[i] == current then allowed = true end end
+for i = 7, #ARGV do if ARGV[i] == current then allowed = true end end
 if not allowed then return current end
 local new = ARGV[2]
 redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
@@ -47,6 +49,11 @@ if new == 'queued' then
   redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
+end
+if new == 'running' then
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'OK:' .. current
@@ -80,10 +87,13 @@ class IdempotencyConflict(Exception):
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600):
+    def __init__(
+        self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600, running_deadline_s: float = 900
+    ):
         self.r = client
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self.running_deadline_s = running_deadline_s
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
 
@@ -122,9 +132,11 @@ class JobStore:
             allowed_from = [s for s, nexts in TRANSITIONS.items() if to in nexts]
         allowed = [s for s in allowed_from if to in TRANSITIONS[s]]  # never an illegal edge
         encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        now = time.time()
         answer = self._transition(
-            keys=[self.key("job", job_id), self.key("queued")],
-            args=[job_id, to.value, time.time(), self.ttl_s, json.dumps(encoded), *[s.value for s in allowed]],
+            keys=[self.key("job", job_id), self.key("queued"), self.key("running")],
+            args=[job_id, to.value, now, self.ttl_s, json.dumps(encoded), now + self.running_deadline_s]
+            + [s.value for s in allowed],
         ).decode()
         if answer == "":
             return False, None
@@ -194,6 +206,11 @@ class JobStore:
         if gone:
             self.r.zrem(self.key("recent"), *gone)
         return jobs, int(self.r.zcard(self.key("recent")))
+
+    def overdue(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Running jobs past their deadline (started + running_deadline_s)."""
+        found = self.r.zrangebyscore(self.key("running"), "-inf", now or time.time(), start=0, num=limit)
+        return [i.decode() for i in found]
 
     def is_terminal(self, job_id: str) -> bool:
         status = self.status(job_id)

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # After this long unacknowledged, Redis gives a message to another worker: it bounds how long a dead
     # worker's jobs wait, and must exceed the longest a live worker holds one (common/queue.py).
-    visibility_timeout_s: int = Field(300, ge=5)  # how long finished job records (and idempotency keys) live
+    visibility_timeout_s: int = Field(300, ge=5)
+    # A job still running this long after it started is stuck: the sweep requeues or fails it. Longer than
+    # the visibility timeout, so Celery's own redelivery of a dead worker's jobs comes first.
+    running_deadline_s: int = Field(900, ge=10)  # how long finished job records (and idempotency keys) live
     # --- model and batching (worker)
     model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
@@ -84,6 +87,8 @@ class Settings(BaseSettings):
                 f"2 x SDXL_BATCH_TIMEOUT_S + 5 = {2 * self.batch_timeout_s + 5:g}, and more than the longest a "
                 "worker holds a job (batch timeout + two batches on the device + upload)"
             )
+        if self.running_deadline_s <= self.visibility_timeout_s:
+            raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
         return self
 
     @property

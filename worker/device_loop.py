@@ -19,6 +19,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
 from common.storage import Storage
-from worker import images
+from worker import images, sweeper
 from worker.batcher import Batch, Batcher, Item
 from worker.engine.engine import Engine, Pending, Row
 
@@ -72,6 +73,7 @@ class DeviceLoop:
         upload_attempts: int = 5,
         upload_backoff_s: float = 0.5,
         max_attempts: int = 3,
+        enqueue: Callable[[str], None] | None = None,
     ):
         self.engine = engine
         self.store = store
@@ -89,6 +91,7 @@ class DeviceLoop:
         self.upload_attempts = upload_attempts
         self.upload_backoff_s = upload_backoff_s
         self.max_attempts = max_attempts
+        self.enqueue = enqueue  # sends a job's message again (the stuck-job sweep); None: no sweeping
         self._verdicts: dict[str, str] = {}  # job id -> REQUEUE, for jobs given back after a failed upload
 
     # ------------------------------------------------------------------ called from Celery threads
@@ -137,6 +140,7 @@ class DeviceLoop:
                 self._start(batch)
             if time.monotonic() >= next_beat:
                 self._heartbeat()
+                self._sweep()
                 next_beat = time.monotonic() + HEARTBEAT_S
 
     def _admit(self, job_id: str, future: Future[str]) -> None:
@@ -323,6 +327,15 @@ class DeviceLoop:
         pipe.lpush(key, json.dumps(entry))
         pipe.ltrim(key, 0, 9999)
         pipe.execute()
+
+    def _sweep(self) -> None:
+        """At most one sweep per heartbeat period across all workers (a Redis lock that expires)."""
+        if self.enqueue is None or not self.store.r.set(self.store.key("sweep-lock"), self.name, nx=True, ex=5):
+            return
+        try:
+            sweeper.sweep(self.store, self.max_attempts, self.enqueue)
+        except Exception:
+            log.exception("stuck-job sweep failed")
 
     def _heartbeat(self) -> None:
         info = {

@@ -14,6 +14,7 @@ import socket
 import time
 
 from common.job_store import JobStore
+from common.queue import TASK_GENERATE
 from common.settings import Settings, get_settings
 from common.storage import from_settings
 
@@ -68,7 +69,9 @@ def main() -> None:
     from worker.device_loop import DeviceLoop
 
     engine = build_engine(settings)
-    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s)
+    store = JobStore(
+        redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
+    )
     name = f"{socket.gethostname()}-{int(time.time())}"
     loop = DeviceLoop(
         engine,
@@ -80,6 +83,7 @@ def main() -> None:
         upload_attempts=settings.upload_attempts,
         upload_backoff_s=settings.upload_backoff_s,
         max_attempts=settings.max_attempts,
+        enqueue=lambda job_id: tasks.app.send_task(TASK_GENERATE, args=[job_id], queue=settings.queue_name),
     )
     loop.start()
     tasks.bind(loop)

@@ -1,0 +1,56 @@
+"""Redis restarts, for real: an embedded Valkey with an append-only file, stopped and started again on the
+same port and data. Accepted jobs survive; a running worker reconnects. The worker runs the stand-in engine
+(this is about the broker and the job store, not the model)."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from common import redis_server
+from common.settings import Settings
+from tests.servers import WorkerProcess, free_port
+
+BODY = {"prompt": "a barn", "width": 64, "height": 64, "steps": 2}
+
+
+def wait_for(predicate, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_accepted_jobs_survive_a_redis_restart(tmp_path):
+    port, data = free_port(), tmp_path / "valkey"
+    server = redis_server.start_embedded(data, port)
+    url = f"redis://127.0.0.1:{port}/0"
+    prefix = f"rr{uuid.uuid4().hex[:8]}"
+    env = {
+        "SDXL_REDIS_URL": url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q", "SDXL_MODEL": "standin",
+        "SDXL_STANDIN_BATCH_S": "0.5", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4", "SDXL_BATCH_TIMEOUT_S": "0.5",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
+    }  # fmt: skip
+    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        with TestClient(create_app(settings)) as client:
+            status = lambda ids: [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]  # noqa: E731
+            accepted = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(3)]  # no worker yet
+            server.stop()
+            assert client.post("/v1/jobs", json=BODY).status_code == 503  # down: refused, not lost
+            server = redis_server.start_embedded(data, port)
+            assert status(accepted) == ["queued"] * 3  # records and queue came back from the AOF
+            worker.start(url, prefix, timeout_s=120)
+            wait_for(lambda: status(accepted) == ["succeeded"] * 3)
+            server.stop()  # again, under a running worker
+            server = redis_server.start_embedded(data, port)
+            later = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(2)]
+            wait_for(lambda: status(later) == ["succeeded"] * 2)  # the worker reconnected by itself
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
