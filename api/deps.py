@@ -8,8 +8,10 @@ from typing import Annotated
 
 import redis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
+from common import rate_limit
+from common.api_keys import ApiKeyStore
 from common.job_store import JobStore
 from common.settings import Settings
 from common.storage import Storage
@@ -22,6 +24,7 @@ class Services:
     store: JobStore
     storage: Storage
     celery: Celery
+    keys: ApiKeyStore
 
 
 def get_services(request: Request) -> Services:
@@ -29,3 +32,35 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    key_id: str
+
+
+def authenticate(request: Request, services: ServicesDep) -> Caller:
+    """The caller's tenant from `Authorization: Bearer <key>`, after the per-key rate limit."""
+    if not services.settings.auth_required:
+        return Caller(tenant="", key_id="")
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not key:
+        raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>`", headers=challenge)
+    record = services.keys.verify(key.strip())
+    if record is None:
+        raise HTTPException(401, "unknown or revoked API key", headers=challenge)
+    wait_s = rate_limit.hit(
+        services.redis, services.store.key("rate", record.key_id), services.settings.rate_limit_per_min
+    )
+    if wait_s is not None:
+        raise HTTPException(
+            429,
+            f"rate limit: {services.settings.rate_limit_per_min} requests per minute per key; retry in {wait_s} s",
+            headers={"Retry-After": str(wait_s)},
+        )
+    return Caller(tenant=record.tenant, key_id=record.key_id)
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]

@@ -13,7 +13,9 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import Services
+from api.limits import BodyLimit
 from api.routes import files, jobs, system
+from common.api_keys import ApiKeyStore
 from common.job_store import JobStore
 from common.queue import make_celery
 from common.settings import Settings, get_settings
@@ -33,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=JobStore(client, settings.key_prefix, settings.job_ttl_s),
             storage=from_settings(settings),  # fails here, at start, when the signing secret is missing
             celery=make_celery(settings),
+            keys=ApiKeyStore(client, settings.key_prefix),
         )
         yield
         client.close()
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(system.router)

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import redis_server  # noqa: E402
+from common.api_keys import ApiKeyStore  # noqa: E402
 from tests.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
 
 
@@ -109,8 +110,10 @@ def main() -> None:
     try:
         worker.start(redis_url, "sdxl")
         base = f"http://127.0.0.1:{api_port}"
-        client = httpx.Client(base_url=base, timeout=30)
         r = redis.Redis.from_url(redis_url)
+        _, key = ApiKeyStore(r, "sdxl").create("bench")
+        auth = {"Authorization": f"Bearer {key}"}
+        client = httpx.Client(base_url=base, timeout=30, headers=auth)
         body = {"prompt": "a lighthouse", "width": args.hw[1], "height": args.hw[0], "steps": args.steps}
 
         def wait(ids: list[str]) -> list[dict]:
@@ -139,7 +142,7 @@ def main() -> None:
         submit_s: list[float] = []
 
         def submitter(n: int) -> None:
-            with httpx.Client(base_url=base, timeout=30) as c:
+            with httpx.Client(base_url=base, timeout=30, headers=auth) as c:
                 for _ in range(n):
                     t0 = time.perf_counter()
                     job_id = c.post("/v1/jobs", json=body).json()["id"]

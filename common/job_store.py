@@ -4,8 +4,9 @@ Keys (prefix P = settings.key_prefix):
     P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
     P:queued         sorted set of queued job ids by submit order: queue position = rank
     P:running        sorted set of running job ids by deadline: the stuck-job sweep reads it
-    P:recent         sorted set of job ids by creation time: GET /v1/jobs pages through it
-    P:idem:<key>     the job id and body hash behind an Idempotency-Key
+    P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
+    P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
+    P:idem:<tenant>:<key>     the job id and body hash behind a tenant's Idempotency-Key
     P:seq            submit counter
 A record expires `job_ttl_s` after its last change; the sets are trimmed of expired ids as they are read.
 """
@@ -24,13 +25,13 @@ import redis
 from common.jobs import TERMINAL, TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
 
 # KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
-# allowed current statuses...
+# key prefix, allowed current statuses...
 # Returns "OK:<previous status>", or the current status when the change is not allowed, or "" when there is no such job.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return '' end
 local allowed = false
-for i = 7, #ARGV do if ARGV[i] == current then allowed = true end end
+for i = 8, #ARGV do if ARGV[i] == current then allowed = true end end
 if not allowed then return current end
 local new = ARGV[2]
 redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
@@ -45,10 +46,13 @@ else
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+local tenant_queued = ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
 if new == 'queued' then
   redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', tenant_queued, ARGV[1])
 end
 if new == 'running' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -59,7 +63,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'OK:' .. current
 """
 
-# KEYS: idempotency key (or ""), job hash, queued set, recent set, seq. ARGV: id, body hash, ttl, now, request JSON.
+# KEYS: idempotency key (or ""), job hash, queued set, tenant's recent set, seq, tenant's queued set.
+# ARGV: id, body hash, ttl, now, request JSON, tenant.
 # Returns {"new", id} or {"existing", id, body hash}.
 _CREATE = """
 if KEYS[1] ~= '' then
@@ -70,10 +75,11 @@ if KEYS[1] ~= '' then
 end
 local seq = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
-           'updated_at', ARGV[4], 'attempts', 0, 'seq', seq)
+           'updated_at', ARGV[4], 'attempts', 0, 'seq', seq, 'tenant', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[6], seq, ARGV[1])
 return {'new', ARGV[1]}
 """
 
@@ -103,7 +109,11 @@ class JobStore:
     # ------------------------------------------------------------------ writing
 
     def create(
-        self, request: JobRequest, idempotency_key: str | None = None, fingerprint: str | None = None
+        self,
+        request: JobRequest,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        tenant: str = "",
     ) -> tuple[str, bool]:
         """Store a new queued job; returns (id, created). With an idempotency key seen before and the same
         fingerprint (the client's body, before defaults such as a random seed are filled in), returns the
@@ -111,11 +121,14 @@ class JobStore:
         body = request.model_dump_json()
         body_hash = fingerprint or hashlib.sha256(body.encode()).hexdigest()
         job_id = uuid.uuid4().hex
-        idem = self.key("idem", hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else ""
+        idem = ""
+        if idempotency_key:
+            idem = self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
         answer = self._create(
-            keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent"), self.key("seq")],
-            args=[job_id, body_hash, self.ttl_s, time.time(), body],
-        )
+            keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent", tenant), self.key("seq"),
+                  self.key("tenant-queued", tenant)],
+            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant],
+        )  # fmt: skip
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True
@@ -135,7 +148,7 @@ class JobStore:
         now = time.time()
         answer = self._transition(
             keys=[self.key("job", job_id), self.key("queued"), self.key("running")],
-            args=[job_id, to.value, now, self.ttl_s, json.dumps(encoded), now + self.running_deadline_s]
+            args=[job_id, to.value, now, self.ttl_s, json.dumps(encoded), now + self.running_deadline_s, self.prefix]
             + [s.value for s in allowed],
         ).decode()
         if answer == "":
@@ -172,6 +185,7 @@ class JobStore:
 
         return Job(
             id=d["id"],
+            tenant=d.get("tenant", ""),
             status=JobStatus(d["status"]),
             request=JobRequest.model_validate_json(d["request"]),
             created_at=float(d["created_at"]),
@@ -193,19 +207,22 @@ class JobStore:
         rank = self.r.zrank(self.key("queued"), job_id)
         return None if rank is None else rank + 1
 
-    def queued_count(self) -> int:
-        return int(self.r.zcard(self.key("queued")))
+    def queued_count(self, tenant: str | None = None) -> int:
+        """Queued jobs, all or one tenant's."""
+        key = self.key("queued") if tenant is None else self.key("tenant-queued", tenant)
+        return int(self.r.zcard(key))
 
-    def recent(self, offset: int, limit: int) -> tuple[list[Job], int]:
-        """Newest first; also returns the total. Ids whose record expired are dropped from the index."""
-        ids = [i.decode() for i in self.r.zrevrange(self.key("recent"), offset, offset + limit - 1)]
+    def recent(self, offset: int, limit: int, tenant: str = "") -> tuple[list[Job], int]:
+        """A tenant's jobs, newest first; also returns the total. Expired ids are dropped from the index."""
+        index = self.key("recent", tenant)
+        ids = [i.decode() for i in self.r.zrevrange(index, offset, offset + limit - 1)]
         jobs, gone = [], []
         for job_id in ids:
             job = self.get(job_id)
             (jobs if job else gone).append(job or job_id)
         if gone:
-            self.r.zrem(self.key("recent"), *gone)
-        return jobs, int(self.r.zcard(self.key("recent")))
+            self.r.zrem(index, *gone)
+        return jobs, int(self.r.zcard(index))
 
     def overdue(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Running jobs past their deadline (started + running_deadline_s)."""

@@ -61,6 +61,9 @@ class JobRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="Images from this prompt, seeds seed..seed+n-1.")
     scheduler: Scheduler = Scheduler.euler
     output_format: OutputFormat = OutputFormat.png
+    webhook_url: str | None = Field(
+        None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
+    )
 
 
 class LimitError(ValueError):
@@ -103,6 +106,7 @@ class Job(BaseModel):
     """A job record as kept in Redis."""
 
     id: str
+    tenant: str = ""  # the tenant of the API key that submitted it
     status: JobStatus
     request: JobRequest  # with `seed` filled in
     created_at: float

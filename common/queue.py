@@ -17,6 +17,7 @@ from celery import Celery
 from common.settings import Settings
 
 TASK_GENERATE = "sdxl.generate"
+TASK_WEBHOOK = "sdxl.webhook"
 RESTORE_INTERVAL_S = 5
 
 

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
+    # --- access (API)
+    auth_required: bool = True  # every /v1/jobs call needs `Authorization: Bearer <key>` (python -m api.keys)
+    rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After
+    max_queued_per_tenant: int = Field(1000, ge=1)  # a tenant's queued jobs; more: 429 + Retry-After
+    max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies: 413
+    # --- webhooks
+    webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
+    webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)
+    webhook_attempts: int = Field(6, ge=1)  # deliveries tried, backoff 2, 4, 8, 16, 32 s between them
+    webhook_timeout_s: float = Field(10, gt=0)
     # --- request limits (API)
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)

@@ -34,6 +34,20 @@ def _secret() -> str:
     return path.read_text().strip()
 
 
+def _api_key(redis_url: str) -> str:
+    """The demo tenant's API key: made once and kept in var/ (mode 0600), as a user would keep theirs."""
+    path = VAR / "demo-api-key"
+    if not path.exists():
+        import redis
+
+        from common.api_keys import ApiKeyStore
+
+        _, key = ApiKeyStore(redis.Redis.from_url(redis_url)).create("demo", "scripts/run.sh")
+        path.write_text(key)
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def _wait_ready(base: str, procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -90,12 +104,14 @@ def main() -> None:
         print(f"ready in {time.monotonic() - t0:.1f} s")
         h, _, w = env["SDXL_SIZES"].split(",")[0].partition("x")
         body = {"prompt": args.prompt, "num_images": args.images, "width": int(w), "height": int(h)}
-        job = httpx.post(f"{base}/v1/jobs", json=body, timeout=10).json()
+        key = _api_key(url)
+        auth = {"Authorization": f"Bearer {key}"}
+        job = httpx.post(f"{base}/v1/jobs", json=body, timeout=10, headers=auth).json()
         print(f"submitted job {job['id']} (seed {job['request']['seed']}); waiting ...")
         t0 = time.monotonic()
         while job["status"] not in ("succeeded", "failed", "canceled"):
             time.sleep(0.25)
-            job = httpx.get(job["status_url"], timeout=10).json()
+            job = httpx.get(job["status_url"], timeout=10, headers=auth).json()
         print(f"job {job['status']} after {time.monotonic() - t0:.1f} s")
         if job["status"] != "succeeded":
             raise SystemExit(f"error: {job.get('error')}")
@@ -106,8 +122,11 @@ def main() -> None:
         if env["SDXL_MODEL"] == "tiny":
             print("(the tiny model has random weights: its images are noise. README: 'Serving real SDXL weights')")
         if not args.once:
-            body = '{"prompt": "a fox"}'
-            example = f"curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json' -d '{body}'"
+            body = '{"prompt": "a fox", "width": 512, "height": 512}'
+            example = (
+                f"curl -s -X POST {base}/v1/jobs -H 'Authorization: Bearer {key}' "
+                f"-H 'Content-Type: application/json' -d '{body}'"
+            )
             print(f"\nThe stack keeps running; try:\n  {example}\nCtrl-C stops it.")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

@@ -129,3 +129,12 @@ class WorkerProcess:
                 self.proc.kill()
                 return self.proc.wait()
         return self.proc.returncode if self.proc else None
+
+
+def authorize(client, settings, tenant: str = "test") -> str:
+    """Create an API key for `tenant` and send it on every request of this client; returns the key."""
+    from common.api_keys import ApiKeyStore
+
+    _, key = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix).create(tenant, "tests")
+    client.headers["Authorization"] = f"Bearer {key}"
+    return key

@@ -17,7 +17,7 @@ from PIL import Image
 from api.main import create_app
 from common.settings import Settings
 from common.storage import S3Storage
-from tests.servers import WorkerProcess
+from tests.servers import WorkerProcess, authorize
 from worker import images
 
 BATCH_TIMEOUT_S = 2.0
@@ -43,6 +43,7 @@ def service(redis_url, s3, tiny_dir, tmp_path_factory):
     worker.start(redis_url, prefix)
     settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items() if k != "SDXL_TINY_DIR"})
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         yield client, settings, worker
     worker.stop()
 
@@ -173,6 +174,7 @@ def test_signed_urls_refuse_tampering_and_expiry(service):
     assert httpx.get(url.replace("Signature=", "Signature=f")).status_code == 403
     short = settings.model_copy(update={"url_expiry_s": 1})
     with TestClient(create_app(short)) as c:
+        c.headers["Authorization"] = client.headers["Authorization"]
         expiring = c.get(f"/v1/jobs/{job['id']}").json()["images"][0]["url"]
     time.sleep(2.5)
     assert httpx.get(expiring).status_code == 403

@@ -74,6 +74,7 @@ class DeviceLoop:
         upload_backoff_s: float = 0.5,
         max_attempts: int = 3,
         enqueue: Callable[[str], None] | None = None,
+        notify: Callable[[str], None] | None = None,
     ):
         self.engine = engine
         self.store = store
@@ -92,6 +93,7 @@ class DeviceLoop:
         self.upload_backoff_s = upload_backoff_s
         self.max_attempts = max_attempts
         self.enqueue = enqueue  # sends a job's message again (the stuck-job sweep); None: no sweeping
+        self.notify = notify  # queues the webhook of a job that has ended
         self._verdicts: dict[str, str] = {}  # job id -> REQUEUE, for jobs given back after a failed upload
 
     # ------------------------------------------------------------------ called from Celery threads
@@ -160,6 +162,8 @@ class DeviceLoop:
                 allowed_from=[JobStatus.queued, JobStatus.running],
             )  # fmt: skip
             future.set_result(JobStatus.failed.value)
+            if self.notify and job.request.webhook_url:
+                self.notify(job.id)
             return
         shape = (job.request.height, job.request.width)
         self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future)))
@@ -224,6 +228,9 @@ class DeviceLoop:
             if not future.done():
                 verdict = self._verdicts.pop(item.job_id, None)
                 future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
+            job = item.payload[0]
+            if self.notify and job.request.webhook_url and future.result() in TERMINAL:
+                self.notify(item.job_id)
 
     def _complete(self, started: Started) -> None:
         batch, jobs = started.batch, started.jobs

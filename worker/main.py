@@ -14,7 +14,7 @@ import socket
 import time
 
 from common.job_store import JobStore
-from common.queue import TASK_GENERATE
+from common.queue import TASK_GENERATE, TASK_WEBHOOK
 from common.settings import Settings, get_settings
 from common.storage import from_settings
 
@@ -84,6 +84,7 @@ def main() -> None:
         upload_backoff_s=settings.upload_backoff_s,
         max_attempts=settings.max_attempts,
         enqueue=lambda job_id: tasks.app.send_task(TASK_GENERATE, args=[job_id], queue=settings.queue_name),
+        notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
     )
     loop.start()
     tasks.bind(loop)

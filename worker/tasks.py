@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from celery.exceptions import Reject
 
-from common.queue import TASK_GENERATE, make_celery
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, make_celery
 from common.settings import get_settings
+from worker import webhook
 from worker.device_loop import REQUEUE, DeviceLoop
 
 app = make_celery(get_settings())
@@ -28,3 +29,16 @@ def generate(job_id: str) -> str:
     if status == REQUEUE:  # shutting down before the job reached the device: another worker takes it
         raise Reject("worker shutting down", requeue=True)
     return status
+
+
+@app.task(name=TASK_WEBHOOK)
+def deliver_webhook(job_id: str, attempt: int = 1) -> bool:
+    """One delivery try; on failure the next is queued with exponential backoff (2, 4, 8 ... s)."""
+    if _loop is None:
+        raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
+    settings = get_settings()
+    if webhook.deliver(settings, _loop.store, job_id):
+        return True
+    if attempt < settings.webhook_attempts:
+        app.send_task(TASK_WEBHOOK, args=[job_id, attempt + 1], countdown=2**attempt, queue=settings.queue_name)
+    return False

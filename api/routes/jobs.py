@@ -8,11 +8,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 
-from api.deps import Services, ServicesDep
+from api.deps import CallerDep, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
+from common import webhooks
 from common.job_store import IdempotencyConflict
-from common.jobs import MAX_SEED, Job, JobRequest, JobStatus, check_limits
-from common.queue import TASK_GENERATE
+from common.jobs import MAX_SEED, Job, JobRequest, JobStatus, LimitError, check_limits
+from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -49,10 +50,11 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
     )
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses={409: {}, 422: {}, 503: {}})
+@router.post("", status_code=202, response_model=JobPublic, responses={401: {}, 409: {}, 422: {}, 429: {}, 503: {}})
 def create_job(
     body: JobRequest,
     services: ServicesDep,
+    caller: CallerDep,
     request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -60,11 +62,24 @@ def create_job(
     """Submit a text-to-image job; answers once it is stored and queued."""
     s = services.settings
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
+    if body.webhook_url is not None:
+        if s.webhook_secret is None:
+            raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")
+        try:
+            webhooks.check_url(body.webhook_url, s.webhook_allow_private)
+        except webhooks.WebhookError as exc:
+            raise LimitError("webhook_url", str(exc)) from exc
+    if services.store.queued_count(caller.tenant) >= s.max_queued_per_tenant:
+        raise HTTPException(
+            429,
+            f"this tenant already has {s.max_queued_per_tenant} queued jobs (the limit); retry when some have run",
+            headers={"Retry-After": "10"},
+        )
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
     try:
-        job_id, created = services.store.create(body, idempotency_key, fingerprint)
+        job_id, created = services.store.create(body, idempotency_key, fingerprint, tenant=caller.tenant)
     except IdempotencyConflict as exc:
         raise HTTPException(
             409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
@@ -86,33 +101,43 @@ def create_job(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {}})
-def get_job(job_id: str, services: ServicesDep, request: Request) -> JobPublic:
+def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobPublic:
     """A job's status, and its images (with freshly signed URLs) once it has succeeded."""
+    return to_public(owned(job_id, services, caller), services, request)
+
+
+def owned(job_id: str, services: Services, caller: CallerDep) -> Job:
+    """The caller's job; another tenant's job is as absent as an unknown one (404, never 403)."""
     job = services.store.get(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id} (unknown, or its record expired)")
-    return to_public(job, services, request)
+    if job is None or job.tenant != caller.tenant:
+        raise HTTPException(404, f"no job {job_id} (unknown, another tenant's, or its record expired)")
+    return job
 
 
 @router.post("/{job_id}/cancel", response_model=CancelPublic, responses={404: {}, 409: {}})
-def cancel_job(job_id: str, services: ServicesDep) -> CancelPublic:
+def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep) -> CancelPublic:
     """Cancel a job: a queued job never runs; a running job's results are discarded."""
+    owned(job_id, services, caller)
     changed, before = services.store.transition(job_id, JobStatus.canceled, [JobStatus.queued, JobStatus.running])
     if before is None:
         raise HTTPException(404, f"no job {job_id} (unknown, or its record expired)")
     if not changed:
         raise HTTPException(409, f"job {job_id} has already ended ({before.value}); nothing to cancel")
     outcome = "never_ran" if before == JobStatus.queued else "results_discarded"
+    if before == JobStatus.queued and services.store.get(job_id).request.webhook_url:
+        # no worker will see this job again: the API queues its webhook (a running job's worker does)
+        services.celery.send_task(TASK_WEBHOOK, args=[job_id], queue=services.settings.queue_name)
     return CancelPublic(id=job_id, status=JobStatus.canceled, outcome=outcome)
 
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
     services: ServicesDep,
+    caller: CallerDep,
     request: Request,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobsPublic:
     """Recent jobs, newest first."""
-    jobs, total = services.store.recent(offset, limit)
+    jobs, total = services.store.recent(offset, limit, tenant=caller.tenant)
     return JobsPublic(jobs=[to_public(j, services, request) for j in jobs], total=total, offset=offset, limit=limit)

@@ -145,6 +145,135 @@ def test_redis_down_is_503_with_retry_after(settings):
 
     down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(down)) as c:
-        r = c.post("/v1/jobs", json=GOOD)
+        r = c.post("/v1/jobs", json=GOOD, headers={"Authorization": "Bearer sdxl_any_key"})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert "unreachable" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- access
+
+
+def test_no_key_or_a_bad_key_is_401(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/v1/jobs", json=GOOD)
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"]
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        bad = c.get("/v1/jobs", headers={"Authorization": "Bearer sdxl_nope_nope"})
+        assert bad.status_code == 401 and "unknown or revoked" in bad.json()["detail"]
+        assert c.get("/healthz").status_code == 200 and c.get("/v1/models").status_code == 200  # public
+
+
+def test_revoked_key_is_refused(client, settings):
+    import redis
+
+    from common.api_keys import ApiKeyStore
+
+    keys = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    key_id = client.headers["Authorization"].split("_")[1]
+    assert client.get("/v1/jobs").status_code == 200
+    assert keys.revoke(key_id)
+    assert client.get("/v1/jobs").status_code == 401
+
+
+def test_keys_are_stored_hashed(client, settings):
+    import redis
+
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    r = redis.Redis.from_url(settings.redis_url)
+    for name in r.scan_iter(match=f"{settings.key_prefix}:*"):
+        if r.type(name) == b"hash":
+            assert key.encode() not in b"".join(k + v for k, v in r.hgetall(name).items())
+
+
+def test_another_tenants_job_is_404_everywhere(client, settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.servers import authorize
+
+    mine = client.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "same"}).json()["id"]
+    with TestClient(create_app(settings)) as other:
+        authorize(other, settings, tenant="other")
+        assert other.get(f"/v1/jobs/{mine}").status_code == 404
+        assert other.post(f"/v1/jobs/{mine}/cancel").status_code == 404
+        assert other.get("/v1/jobs").json()["total"] == 0
+        theirs = other.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "same"}).json()["id"]
+        assert theirs != mine  # idempotency keys are per tenant
+    assert client.get(f"/v1/jobs/{mine}").json()["status"] == "queued"  # untouched
+
+
+def test_rate_limit_is_429_with_retry_after(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.servers import authorize
+
+    with TestClient(create_app(settings.model_copy(update={"rate_limit_per_min": 3}))) as c:
+        authorize(c, settings)
+        codes = [c.get("/v1/jobs").status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        r = c.get("/v1/jobs")
+        assert 1 <= int(r.headers["Retry-After"]) <= 61 and "3 requests per minute" in r.json()["detail"]
+
+
+def test_queued_cap_is_429(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.servers import authorize
+
+    with TestClient(create_app(settings.model_copy(update={"max_queued_per_tenant": 2}))) as c:
+        authorize(c, settings)
+        assert [c.post("/v1/jobs", json=GOOD).status_code for _ in range(3)] == [202, 202, 429]
+        first = c.get("/v1/jobs").json()["jobs"][-1]["id"]
+        c.post(f"/v1/jobs/{first}/cancel")  # one fewer queued: room again
+        r = c.post("/v1/jobs", json=GOOD)
+        assert r.status_code == 202
+
+
+def test_oversized_body_is_413(client):
+    r = client.post("/v1/jobs", content=b'{"prompt": "' + b"x" * 70_000 + b'"}',
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"]
+
+
+def test_keys_command(settings, monkeypatch, capsys):
+    from api import keys
+
+    monkeypatch.setenv("SDXL_REDIS_URL", settings.redis_url)
+    monkeypatch.setenv("SDXL_KEY_PREFIX", settings.key_prefix)
+    from common.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert keys.main(["create", "--tenant", "acme", "--name", "ci"]) == 0
+        key = capsys.readouterr().out.strip()
+        assert key.startswith("sdxl_")
+        assert keys.main(["list"]) == 0
+        listed = capsys.readouterr().out
+        assert "acme\tactive\tci" in listed and key not in listed
+        key_id = key.split("_")[1]
+        assert keys.main(["revoke", key_id]) == 0 and keys.main(["revoke", "nope"]) == 1
+        assert keys.main(["create", "--tenant", "bad tenant!"]) == 2
+    finally:
+        get_settings.cache_clear()
+
+
+def test_webhook_url_is_checked_at_submit(client, settings):
+    r = client.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"})
+    assert r.status_code == 422 and "webhooks are not configured" in r.json()["error"]
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.servers import authorize
+
+    with TestClient(create_app(settings.model_copy(update={"webhook_secret": "whsec_" + "A" * 32}))) as c:
+        authorize(c, settings)
+        bad = c.post("/v1/jobs", json={**GOOD, "webhook_url": "http://169.254.169.254/latest"})
+        assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "webhook_url"
+        assert "non-public address" in bad.json()["error"]
+        assert c.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202

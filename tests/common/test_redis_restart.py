@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common import redis_server
 from common.settings import Settings
-from tests.servers import WorkerProcess, free_port
+from tests.servers import WorkerProcess, authorize, free_port
 
 BODY = {"prompt": "a barn", "width": 64, "height": 64, "steps": 2}
 
@@ -39,6 +39,7 @@ def test_accepted_jobs_survive_a_redis_restart(tmp_path):
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:
+            authorize(client, settings)
             status = lambda ids: [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]  # noqa: E731
             accepted = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(3)]  # no worker yet
             server.stop()

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common.settings import Settings
-from tests.servers import WorkerProcess
+from tests.servers import WorkerProcess, authorize
 
 BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
 
@@ -36,6 +36,7 @@ def stack(redis_url, tmp_path, request):
         return w
 
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         yield client, start_worker
     for w in workers:
         w.stop(signal.SIGKILL)

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common.settings import Settings
-from tests.servers import SeaweedS3, WorkerProcess
+from tests.servers import SeaweedS3, WorkerProcess, authorize
 
 BODY = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
 
@@ -31,6 +31,7 @@ def stack(redis_url, tmp_path, request):
     worker.start(redis_url, prefix, timeout_s=120)
     settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
     with TestClient(create_app(settings)) as client:
+        authorize(client, settings)
         yield client, s3, worker
     worker.stop(signal.SIGKILL)
     s3.stop()
