@@ -63,7 +63,8 @@ class LocalStorage:
 
     def verify(self, key: str, expires: int, signature: str) -> Path:
         """The file behind a signed URL; SignatureError when tampered with or expired."""
-        if not hmac.compare_digest(self._signature(key, expires), signature):
+        # bytes: compare_digest refuses non-ASCII str (a fuzzer found the 500 this used to be)
+        if not hmac.compare_digest(self._signature(key, expires).encode(), signature.encode()):
             raise SignatureError("signature does not match")
         if expires < time.time():
             raise SignatureError("URL has expired")

@@ -20,6 +20,8 @@ def test_local_put_and_verify(tmp_path):
         store.verify("images/j/1.png", int(query["expires"]), query["signature"])  # another key
     with pytest.raises(SignatureError, match="does not match"):
         store.verify("images/j/0.png", int(query["expires"]) + 1, query["signature"])  # a later expiry
+    with pytest.raises(SignatureError, match="does not match"):
+        store.verify("images/j/0.png", int(query["expires"]), "é" * 64)  # non-ASCII: refused, not a crash
     expired = int(time.time()) - 1
     with pytest.raises(SignatureError, match="expired"):
         store.verify("images/j/0.png", expired, store._signature("images/j/0.png", expired))

@@ -26,14 +26,14 @@ class Receiver(BaseHTTPRequestHandler):
     got: list[tuple[dict[str, str], bytes, int]] = []
     fail_first = 2
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         code = 500 if len(Receiver.got) < Receiver.fail_first else 200
         Receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, body, code))
         self.send_response(code)
         self.end_headers()
 
-    def log_message(self, *args):  # noqa: ANN002
+    def log_message(self, *args):
         pass
 
 
