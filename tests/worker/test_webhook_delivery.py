@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,7 +24,7 @@ BODY = {"prompt": "a bell", "width": 64, "height": 64, "steps": 2}
 
 
 class Receiver(BaseHTTPRequestHandler):
-    got: list[tuple[dict[str, str], bytes, int]] = []
+    got: ClassVar[list[tuple[dict[str, str], bytes, int]]] = []  # what the receiver saw, in order
     fail_first = 2
 
     def do_POST(self):
