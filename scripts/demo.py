@@ -42,7 +42,8 @@ def _api_key(redis_url: str) -> str:
 
         from common.api_keys import ApiKeyStore
 
-        _, key = ApiKeyStore(redis.Redis.from_url(redis_url)).create("demo", "scripts/run.sh")
+        prefix = os.environ.get("SDXL_KEY_PREFIX", "sdxl")
+        _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("demo", "scripts/run.sh")
         path.write_text(key)
         path.chmod(0o600)
     return path.read_text().strip()
