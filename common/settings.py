@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
+    # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only)
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
     # --- access (API)
     auth_required: bool = True  # every /v1/jobs call needs `Authorization: Bearer <key>` (python -m api.keys)
     rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After

@@ -43,7 +43,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
     folder = cache.enable(settings.compile_cache_dir)
     m = model.load(settings.model, model_dtype(settings.dtype))
     t1 = time.perf_counter()
-    engine = Engine(m, settings.served_sizes, settings.batch_rows)
+    engine = Engine(m, settings.served_sizes, settings.batch_rows, attention=settings.attention)
     compile_s = engine.compile()
     t2 = time.perf_counter()
     log.info(

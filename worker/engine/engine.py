@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from worker.engine import attention as attention_impl
 from worker.engine import program, schedule
 from worker.engine.model import Model
 from worker.engine.schedule import MAX_STEPS, Scheduler
@@ -84,6 +85,7 @@ class Engine:
         sizes: Sequence[tuple[int, int]],
         batch_rows: int,
         devices: Sequence[Any] | None = None,
+        attention: str = "einsum",
     ):
         devices = list(devices or jax.local_devices())
         if batch_rows < 1 or batch_rows % len(devices):
@@ -94,6 +96,9 @@ class Engine:
         for h, w in sizes:
             if h % factor or w % factor:
                 raise EngineInputError("sizes", f"{h}x{w}: height and width must be multiples of {factor}")
+        if attention not in attention_impl.IMPLEMENTATIONS:
+            raise EngineInputError("attention", f"one of {attention_impl.IMPLEMENTATIONS}, got {attention!r}")
+        self.attention = attention
         self.model = model
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
@@ -131,13 +136,14 @@ class Engine:
         """The compiled program for (batch_rows, height, width, output); compiled on first use."""
         key = (self.batch_rows, height, width, output)
         if key not in self._executables:
-            # Recompiles: a new key above, or a new model/dtype/device set (a new Engine). Nothing else.
+            # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
             jitted = jax.jit(
                 program.build(self.model, output),
                 out_shardings=(self.rows_sharding, self.rows_sharding),
             )
             t0 = time.perf_counter()
-            lowered = jitted.lower(*self._abstract_args(self.batch_rows, height, width))
+            with attention_impl.implementation(self.attention):  # traced here: the choice is baked in
+                lowered = jitted.lower(*self._abstract_args(self.batch_rows, height, width))
             t1 = time.perf_counter()
             self._executables[key] = lowered.compile()
             t2 = time.perf_counter()

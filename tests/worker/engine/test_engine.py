@@ -112,3 +112,19 @@ def test_batch_rows_must_fit_the_devices(tiny32):
         Engine(tiny32, [(64, 64)], batch_rows=0)
     with pytest.raises(EngineInputError, match="multiples of 32"):
         Engine(tiny32, [(64, 72)], batch_rows=1)
+
+
+def test_dot_product_attention_matches_pytorch_too(tiny32, reference):
+    """The xla implementation of jax.nn.dot_product_attention (the cudnn one needs an NVIDIA GPU)."""
+    from worker.engine.engine import Engine
+
+    engine = Engine(tiny32, [(64, 96)], batch_rows=1, attention="xla")
+    case = next(c for c in reference["meta"] if c["name"] == "euler_wide")
+    assert _run_case(engine, reference, case, "euler") < PARITY_TOL
+
+
+def test_unknown_attention_is_refused(tiny32):
+    from worker.engine.engine import Engine
+
+    with pytest.raises(EngineInputError, match="attention"):
+        Engine(tiny32, [(64, 64)], batch_rows=1, attention="flash")
