@@ -138,3 +138,32 @@ def authorize(client, settings, tenant: str = "test") -> str:
     _, key = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix).create(tenant, "tests")
     client.headers["Authorization"] = f"Bearer {key}"
     return key
+
+
+def wait_for(predicate, timeout_s: float = 90, every_s: float = 0.1) -> None:
+    """Poll until predicate() is true; fail the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s"
+        time.sleep(every_s)
+
+
+def standin_env(redis_url: str, tmp_path: Path, tag: str, **overrides: str) -> tuple[str, dict[str, str]]:
+    """(key prefix, SDXL_* environment) for a worker running the stand-in engine in its own namespace:
+    for tests about delivery, retries and access, not about the model."""
+    import uuid
+
+    prefix = f"{tag}{uuid.uuid4().hex[:8]}"
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
+        **overrides,
+    }  # fmt: skip
+    return prefix, env
+
+
+def settings_from(env: dict[str, str]):
+    from common.settings import Settings
+
+    return Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items() if k != "SDXL_TINY_DIR"})

@@ -5,37 +5,22 @@ same port and data. Accepted jobs survive; a running worker reconnects. The work
 from __future__ import annotations
 
 import signal
-import time
-import uuid
 
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common import redis_server
-from common.settings import Settings
-from tests.servers import WorkerProcess, authorize, free_port
+from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a barn", "width": 64, "height": 64, "steps": 2}
-
-
-def wait_for(predicate, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_accepted_jobs_survive_a_redis_restart(tmp_path):
     port, data = free_port(), tmp_path / "valkey"
     server = redis_server.start_embedded(data, port)
     url = f"redis://127.0.0.1:{port}/0"
-    prefix = f"rr{uuid.uuid4().hex[:8]}"
-    env = {
-        "SDXL_REDIS_URL": url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q", "SDXL_MODEL": "standin",
-        "SDXL_STANDIN_BATCH_S": "0.5", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4", "SDXL_BATCH_TIMEOUT_S": "0.5",
-        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
-    }  # fmt: skip
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    prefix, env = standin_env(url, tmp_path, "rr", SDXL_STANDIN_BATCH_S="0.5", SDXL_BATCH_TIMEOUT_S="0.5")
+    settings = settings_from(env)
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:

@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from common.settings import Settings
-from tests.servers import WorkerProcess, authorize
+from tests.servers import WorkerProcess, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
 
 
 @pytest.fixture
 def stack(redis_url, tmp_path, request):
-    prefix = f"sd{uuid.uuid4().hex[:8]}"
-    env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
-        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
-        **request.param,
-    }  # fmt: skip
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    prefix, env = standin_env(redis_url, tmp_path, "sd", **request.param)
+    settings = settings_from(env)
     workers: list[WorkerProcess] = []
 
     def start_worker() -> WorkerProcess:
@@ -44,13 +36,6 @@ def stack(redis_url, tmp_path, request):
 
 def statuses(client, ids):
     return [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]
-
-
-def wait_for(predicate, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("stack", [{"SDXL_BATCH_TIMEOUT_S": "15"}], indirect=True)

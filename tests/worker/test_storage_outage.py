@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from common.settings import Settings
-from tests.servers import SeaweedS3, WorkerProcess, authorize
+from tests.servers import SeaweedS3, WorkerProcess, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
 
@@ -21,15 +19,12 @@ BODY = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
 def stack(redis_url, tmp_path, request):
     s3 = SeaweedS3(tmp_path / "s3", bucket="outage")
     s3.start()
-    prefix = f"so{uuid.uuid4().hex[:8]}"
-    env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "2", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
-        "SDXL_BATCH_TIMEOUT_S": "1", **s3.env(), **request.param,
-    }  # fmt: skip
+    prefix, env = standin_env(
+        redis_url, tmp_path, "so", SDXL_STANDIN_BATCH_S="2", SDXL_BATCH_TIMEOUT_S="1", **s3.env(), **request.param
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start(redis_url, prefix, timeout_s=120)
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    settings = settings_from(env)
     with TestClient(create_app(settings)) as client:
         authorize(client, settings)
         yield client, s3, worker
@@ -39,13 +34,6 @@ def stack(redis_url, tmp_path, request):
 
 def jobs(client, ids):
     return [client.get(f"/v1/jobs/{i}").json() for i in ids]
-
-
-def wait_for(predicate, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("stack", [{"SDXL_UPLOAD_ATTEMPTS": "6", "SDXL_UPLOAD_BACKOFF_S": "0.5"}], indirect=True)

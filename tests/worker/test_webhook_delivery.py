@@ -7,7 +7,6 @@ import json
 import signal
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
@@ -16,8 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common import webhooks
-from common.settings import Settings
-from tests.servers import WorkerProcess, authorize, free_port
+from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtMDEyMzQ1Njc4OQ=="
 BODY = {"prompt": "a bell", "width": 64, "height": 64, "steps": 2}
@@ -43,28 +41,18 @@ def stack(redis_url, tmp_path):
     server = HTTPServer(("127.0.0.1", free_port()), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Receiver.got = []
-    prefix = f"wh{uuid.uuid4().hex[:8]}"
-    env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.2", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
-        "SDXL_BATCH_TIMEOUT_S": "0.2", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
-        "SDXL_URL_SIGNING_SECRET": "x" * 32, "SDXL_WEBHOOK_SECRET": SECRET, "SDXL_WEBHOOK_ALLOW_PRIVATE": "true",
-    }  # fmt: skip
+    prefix, env = standin_env(
+        redis_url, tmp_path, "wh", SDXL_STANDIN_BATCH_S="0.2", SDXL_BATCH_TIMEOUT_S="0.2",
+        SDXL_WEBHOOK_SECRET=SECRET, SDXL_WEBHOOK_ALLOW_PRIVATE="true",
+    )  # fmt: skip
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start(redis_url, prefix, timeout_s=120)
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()})
+    settings = settings_from(env)
     with TestClient(create_app(settings)) as client:
         authorize(client, settings)
         yield client, f"http://127.0.0.1:{server.server_port}/hook"
     worker.stop(signal.SIGKILL)
     server.shutdown()
-
-
-def wait_for(predicate, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_succeeded_job_is_delivered_signed_after_retries(stack):
