@@ -47,17 +47,3 @@ def test_s3_presigned_urls_are_checked_by_the_server(s3):
     assert httpx.get(short).status_code == 403  # expired
     store.delete("images/t/0.png")
     assert httpx.get(store.url("images/t/0.png", 60)).status_code == 404
-
-
-def test_settings_require_a_real_signing_secret():
-    with pytest.raises(ValueError, match="SDXL_URL_SIGNING_SECRET"):
-        Settings(url_signing_secret=None).signing_key()
-    with pytest.raises(ValueError, match="SDXL_URL_SIGNING_SECRET"):
-        Settings(url_signing_secret="short").signing_key()
-
-
-def test_settings_refuse_a_visibility_timeout_shorter_than_a_job_is_held():
-    import pydantic
-
-    with pytest.raises(pydantic.ValidationError, match="SDXL_VISIBILITY_TIMEOUT_S"):
-        Settings(batch_timeout_s=10, visibility_timeout_s=20)
