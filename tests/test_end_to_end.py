@@ -192,3 +192,10 @@ def test_idempotent_resubmit_returns_the_same_job(service):
 def test_readyz_with_a_live_worker(service):
     client, _, _ = service
     assert client.get("/readyz").json()["ready"] is True
+
+
+def test_worker_logs_its_start_without_errors(service):
+    _, _, worker = service
+    log = worker.log_tail(200_000)
+    assert "engine ready: model tiny (float32), 1 devices, sizes 64x64,64x96, batch 4" in log
+    assert "Logging error" not in log and "Traceback" not in log

@@ -31,6 +31,8 @@ def model_dtype(name: str):  # -> a jnp dtype
 
 
 def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
+    import numpy as np
+
     if settings.model == "standin":
         from worker.engine.standin import StandInEngine
 
@@ -43,12 +45,15 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
     folder = cache.enable(settings.compile_cache_dir)
     m = model.load(settings.model, model_dtype(settings.dtype))
     t1 = time.perf_counter()
-    engine = Engine(m, settings.served_sizes, settings.batch_rows, attention=settings.attention)
+    engine = Engine(
+        m, settings.served_sizes, settings.batch_rows, attention=settings.attention, aot_dir=folder / "executables"
+    )
     compile_s = engine.compile()
     t2 = time.perf_counter()
     log.info(
         "engine ready: model %s (%s), %d devices, sizes %s, batch %d; load %.1f s, compile %.1f s (%s); cache %s",
         m.name,
+        np.dtype(m.dtype).name,
         engine.mesh.devices.size,
         settings.sizes,
         settings.batch_rows,

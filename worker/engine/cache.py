@@ -1,10 +1,12 @@
 """The persistent XLA compilation cache, one folder per (chip kind, device count, JAX version).
 
 JAX's own cache keys already include these, so the split is for people: a folder can be shipped to (or
-baked into) a new host of the same kind, and a stale one deleted by name. Tracing and lowering are not
-cached (a few seconds for SDXL); the XLA compile, the minutes, is.
+baked into) a new host of the same kind, and a stale one deleted by name. JAX's cache skips the XLA
+compile (the minutes) but not tracing and lowering; the engine also keeps whole serialized executables in
+`<folder>/executables/` (engine._aot_path), which skip those too.
 
-Anyone who can write this folder can run code in the worker: keep it private (mode 0700).
+Anyone who can write this folder can run code in the worker (both caches hold executables, and the
+serialized ones are pickles): keep it private (mode 0700).
 """
 
 from __future__ import annotations

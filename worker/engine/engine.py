@@ -11,11 +11,16 @@ guidance, steps, schedulers and size conditioning are inputs of the one executab
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -86,6 +91,7 @@ class Engine:
         batch_rows: int,
         devices: Sequence[Any] | None = None,
         attention: str = "einsum",
+        aot_dir: str | Path | None = None,
     ):
         devices = list(devices or jax.local_devices())
         if batch_rows < 1 or batch_rows % len(devices):
@@ -110,6 +116,9 @@ class Engine:
         self._noise: dict[tuple[int, int, int], Any] = {}
         self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
         self.compile_s: dict[str, float] = {}
+        # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
+        self.aot_dir = Path(aot_dir) if aot_dir else None
+        self.aot_loaded = 0
 
     # ------------------------------------------------------------------ compiling
 
@@ -132,6 +141,48 @@ class Engine:
             spec((), jnp.int32, sharding=s),  # num_steps
         ]
 
+    def _aot_path(self, kind: str, height: int, width: int) -> Path | None:
+        """Where this program's serialized executable lives. The name covers everything the executable
+        depends on except what the folder already does (chip kind, device count, JAX version, cache.key):
+        the engine's own source, library versions, model configs and dtype, shape, attention."""
+        if self.aot_dir is None:
+            return None
+        import diffusers
+        import transformers
+
+        digest = hashlib.sha256()
+        for source in sorted(Path(__file__).parent.glob("*.py")):
+            digest.update(source.read_bytes())
+        m = self.model
+        # Canonical JSON: configs carry private fields built from sets, whose order changes per process.
+        public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+        identity = (
+            diffusers.__version__, transformers.__version__, public(m.unet.config), public(m.vae.config),
+            public(m.text_encoder.config.to_dict()), public(m.text_encoder_2.config.to_dict()),
+            str(m.dtype), self.attention, [str(d) for d in self.mesh.devices.flat],
+        )  # fmt: skip
+        digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
+        return self.aot_dir / f"{kind}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
+
+    def _load_or_compile(self, path: Path | None, lower: Any) -> Any:
+        from jax.experimental import serialize_executable
+
+        if path is not None and path.exists():
+            try:
+                blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+                loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+                self.aot_loaded += 1
+                return loaded
+            except Exception:  # stale or unreadable: compile as if it were not there
+                log.warning("could not load %s; compiling instead", path, exc_info=True)
+        compiled = lower().compile()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(pickle.dumps(serialize_executable.serialize(compiled)))
+            os.replace(tmp, path)
+        return compiled
+
     def executable(self, height: int, width: int, output: str = "uint8") -> Any:
         """The compiled program for (batch_rows, height, width, output); compiled on first use."""
         key = (self.batch_rows, height, width, output)
@@ -142,14 +193,17 @@ class Engine:
                 out_shardings=(self.rows_sharding, self.rows_sharding),
             )
             t0 = time.perf_counter()
-            with attention_impl.implementation(self.attention):  # traced here: the choice is baked in
-                lowered = jitted.lower(*self._abstract_args(self.batch_rows, height, width))
-            t1 = time.perf_counter()
-            self._executables[key] = lowered.compile()
-            t2 = time.perf_counter()
+
+            def lower() -> Any:
+                with attention_impl.implementation(self.attention):  # traced here: the choice is baked in
+                    return jitted.lower(*self._abstract_args(self.batch_rows, height, width))
+
+            loaded_before = self.aot_loaded
+            self._executables[key] = self._load_or_compile(self._aot_path(f"generate-{output}", height, width), lower)
             name = f"{self.batch_rows}x{height}x{width}/{output}"
-            self.compile_s[name] = t2 - t0
-            log.info("compiled %s: trace+lower %.2f s, compile %.2f s", name, t1 - t0, t2 - t1)
+            self.compile_s[name] = time.perf_counter() - t0
+            how = "loaded the serialized executable" if self.aot_loaded > loaded_before else "traced and compiled"
+            log.info("%s %s in %.2f s", how, name, self.compile_s[name])
         return self._executables[key]
 
     def _noise_executable(self, height: int, width: int) -> Any:
@@ -158,7 +212,7 @@ class Engine:
             # Recompiles on a new (batch_rows, height, width) only; seeds are inputs.
             fn = jax.jit(program.noise_fn(self._latent_shape(height, width)), out_shardings=self.rows_sharding)
             arg = jax.ShapeDtypeStruct((self.batch_rows,), jnp.uint32, sharding=self.rows_sharding)
-            self._noise[key] = fn.lower(arg).compile()
+            self._noise[key] = self._load_or_compile(self._aot_path("noise", height, width), lambda: fn.lower(arg))
         return self._noise[key]
 
     def compile(self) -> dict[str, float]:

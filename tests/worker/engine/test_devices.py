@@ -14,18 +14,20 @@ import json, sys, numpy as np
 from worker.engine import cache, compile_log, model
 from worker.engine.engine import Engine, Row
 args = json.loads(sys.argv[1])
+aot = None
 if args.get("cache"):
-    cache.enable(args["cache"])
+    aot = cache.enable(args["cache"]) / "executables"
 counter = compile_log.install()
 import jax
 m = model.load_folder(args["tiny"], np.float32)
-engine = Engine(m, [(64, 64)], batch_rows=4)
+engine = Engine(m, [(64, 64)], batch_rows=4, aot_dir=aot)
 engine.compile()
 rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
         Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
 out = engine.generate(rows, 64, 64)
 np.save(args["out"], out.images)
-print(json.dumps({"devices": jax.device_count(), "compiles": counter.compiles, "cache_hits": counter.cache_hits}))
+print(json.dumps({"devices": jax.device_count(), "compiles": counter.compiles, "cache_hits": counter.cache_hits,
+                  "requests": counter.requests, "aot_loaded": engine.aot_loaded}))
 """
 
 
@@ -53,8 +55,18 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     cold, img_cold = _run(tmp_path, tiny_dir, 1, "cold", cache)
     assert cold["cache_hits"] == 0 and cold["compiles"] > 0
     assert any(cache.rglob("*")), "nothing was written to the cache"
+    assert cold["aot_loaded"] == 0 and list((cache).rglob("executables/*.bin"))
     warm, img_warm = _run(tmp_path, tiny_dir, 1, "warm", cache)
-    # Every program the cold start compiled now comes from the cache.
-    assert warm["cache_hits"] >= 2
-    assert warm["compiles"] == 0
+    # Both programs come back whole (no tracing, no compiling); anything small left hits JAX's cache.
+    assert warm["aot_loaded"] == 2
+    assert warm["compiles"] == 0 and warm["requests"] < cold["requests"]
     np.testing.assert_array_equal(img_cold, img_warm)
+
+
+def test_a_stale_serialized_executable_is_recompiled_not_trusted(tmp_path, tiny_dir):
+    cache = tmp_path / "cache"
+    _run(tmp_path, tiny_dir, 1, "first", cache)
+    for path in cache.rglob("executables/*.bin"):
+        path.write_bytes(b"not a pickle")
+    again, _ = _run(tmp_path, tiny_dir, 1, "again", cache)
+    assert again["aot_loaded"] == 0  # unreadable: compiled (from JAX's cache), not crashed
