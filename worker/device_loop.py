@@ -180,7 +180,10 @@ class DeviceLoop:
                 future.set_result(before.value if before else "missing")
         if not jobs:
             return
-        self.in_flight.acquire()
+        # Wait for a free slot (the batch before last to finish), heartbeating meanwhile: a batch may run
+        # longer than the heartbeat's 15 s life, and a busy worker must not look dead to /readyz or probes.
+        while not self.in_flight.acquire(timeout=HEARTBEAT_S):
+            self._heartbeat()
         try:
             pending = self._dispatch(batch, jobs)
         except Exception as exc:  # raised while tracing or validating: nothing reached the device
@@ -224,11 +227,11 @@ class DeviceLoop:
     def _resolve(self, batch: Batch) -> None:
         """Every waiting Celery task gets its answer, whatever happened: none is left hanging."""
         for item in batch.items:
-            _, future = item.payload
-            if not future.done():
-                verdict = self._verdicts.pop(item.job_id, None)
-                future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
-            job = item.payload[0]
+            job, future = item.payload
+            if future.done():  # answered before the run (canceled while queued): not this run's to notify
+                continue
+            verdict = self._verdicts.pop(item.job_id, None)
+            future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
             if self.notify and job.request.webhook_url and future.result() in TERMINAL:
                 self.notify(item.job_id)
 
@@ -352,4 +355,4 @@ class DeviceLoop:
             "devices": self.engine.mesh.devices.size,
             "at": time.time(),
         }
-        self.store.r.set(self.store.key("worker", self.name), json.dumps(info), ex=int(3 * HEARTBEAT_S))
+        self.store.r.set(self.store.key("worker", self.name), json.dumps(info), px=int(3000 * HEARTBEAT_S))

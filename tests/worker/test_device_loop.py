@@ -4,6 +4,8 @@ redelivery), not the model; the real engine runs in tests/test_end_to_end.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -89,3 +91,23 @@ def test_a_finished_job_delivered_again_is_not_run_again(loop):
     job = loop.store.get(job_id)
     assert job.attempts == 1 and job.images == images
     assert all((loop.storage.root / i.key).is_file() for i in images)
+
+
+def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix, tmp_path, monkeypatch):
+    import worker.device_loop as device_loop
+
+    monkeypatch.setattr(device_loop, "HEARTBEAT_S", 0.2)  # heartbeat key lives 0.6 s; a batch takes 2 s
+    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+    loop = DeviceLoop(RiggedEngine([(64, 64)], 1, 2.0), store, LocalStorage(tmp_path, "http://x", b"k" * 32), 0.05)
+    loop.start()
+    try:
+        futures = [loop.submit(make(loop, f"job {i}")) for i in range(3)]  # 3 one-row batches: 2 in flight
+        seen_dead = False
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and not all(f.done() for f in futures):
+            seen_dead |= not any(store.r.scan_iter(match=f"{key_prefix}:worker:*"))
+            time.sleep(0.05)
+        assert [f.result(timeout=10) for f in futures] == ["succeeded"] * 3
+        assert not seen_dead
+    finally:
+        loop.stop()
