@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from common.jobs import TERMINAL, TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
+from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
 
 # KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
 # key prefix, allowed current statuses...
@@ -229,6 +229,3 @@ class JobStore:
         found = self.r.zrangebyscore(self.key("running"), "-inf", now or time.time(), start=0, num=limit)
         return [i.decode() for i in found]
 
-    def is_terminal(self, job_id: str) -> bool:
-        status = self.status(job_id)
-        return status is None or status in TERMINAL

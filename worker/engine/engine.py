@@ -19,7 +19,7 @@ import os
 import pickle
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,6 @@ class Pending:
     finite: Any
     rows: int
     truncated: list[bool]
-    dispatched_at: float = field(default_factory=time.perf_counter)
 
     def fetch(self) -> Output:
         images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
