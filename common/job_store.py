@@ -136,6 +136,18 @@ class JobStore:
             raise IdempotencyConflict(found)
         return found, False
 
+    def replayed(self, tenant: str, idempotency_key: str, fingerprint: str) -> str | None:
+        """The job an Idempotency-Key already made with this same body, if any (IdempotencyConflict if it
+        was made with another body). Lets the API answer a replay before any limit that would refuse it."""
+        seen = self.r.hmget(
+            self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest()), "job", "body"
+        )
+        if seen[0] is None:
+            return None
+        if seen[1].decode() != fingerprint:
+            raise IdempotencyConflict(seen[0].decode())
+        return seen[0].decode()
+
     def transition(
         self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus] | None = None, **fields: Any
     ) -> tuple[bool, JobStatus | None]:
@@ -228,4 +240,3 @@ class JobStore:
         """Running jobs past their deadline (started + running_deadline_s)."""
         found = self.r.zrangebyscore(self.key("running"), "-inf", now or time.time(), start=0, num=limit)
         return [i.decode() for i in found]
-

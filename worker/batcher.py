@@ -59,7 +59,6 @@ class Batcher:
             raise ValueError(f"a job takes 1..{self.batch_rows} rows, got {item.rows}")
         self.groups.setdefault(item.shape, []).append(item)
 
-
     def take_due(self, now_s: float) -> list[Batch]:
         """Every batch that should run now: full ones, then those whose oldest job timed out."""
         due: list[Batch] = []

@@ -69,17 +69,21 @@ def create_job(
             webhooks.check_url(body.webhook_url, s.webhook_allow_private)
         except webhooks.WebhookError as exc:
             raise LimitError("webhook_url", str(exc)) from exc
-    if services.store.queued_count(caller.tenant) >= s.max_queued_per_tenant:
-        raise HTTPException(
-            429,
-            f"this tenant already has {s.max_queued_per_tenant} queued jobs (the limit); retry when some have run",
-            headers={"Retry-After": "10"},
-        )
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    if body.seed is None:  # random, but always returned so the image can be made again
-        body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
     try:
-        job_id, created = services.store.create(body, idempotency_key, fingerprint, tenant=caller.tenant)
+        job_id = services.store.replayed(caller.tenant, idempotency_key, fingerprint) if idempotency_key else None
+        created = False
+        if job_id is None:  # a replay is answered whatever the limits; only new work counts against them
+            if services.store.queued_count(caller.tenant) >= s.max_queued_per_tenant:
+                raise HTTPException(
+                    429,
+                    f"this tenant already has {s.max_queued_per_tenant} queued jobs (the limit); "
+                    "retry when some have run",
+                    headers={"Retry-After": "10"},
+                )
+            if body.seed is None:  # random, but always returned so the image can be made again
+                body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
+            job_id, created = services.store.create(body, idempotency_key, fingerprint, tenant=caller.tenant)
     except IdempotencyConflict as exc:
         raise HTTPException(
             409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"

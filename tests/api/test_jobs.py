@@ -229,8 +229,15 @@ def test_queued_cap_is_429(settings):
     with TestClient(create_app(settings.model_copy(update={"max_queued_per_tenant": 2}))) as c:
         authorize(c, settings)
         assert [c.post("/v1/jobs", json=GOOD).status_code for _ in range(3)] == [202, 202, 429]
+        replay = c.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "k"})
+        assert replay.status_code == 429  # new work at the cap
         first = c.get("/v1/jobs").json()["jobs"][-1]["id"]
         c.post(f"/v1/jobs/{first}/cancel")  # one fewer queued: room again
+        made = c.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "k"})
+        assert made.status_code == 202  # now at the cap again
+        again = c.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "k"})
+        assert again.status_code == 200 and again.json()["id"] == made.json()["id"]  # a replay is still answered
+        c.post(f"/v1/jobs/{made.json()['id']}/cancel")
         r = c.post("/v1/jobs", json=GOOD)
         assert r.status_code == 202
 
