@@ -51,8 +51,3 @@ class ModelPublic(BaseModel):
     schedulers: list[str]
     output_formats: list[str]
     limits: dict[str, int | float]
-
-
-class ErrorPublic(BaseModel):
-    error: str
-    fields: list[dict[str, str]] = []

@@ -86,7 +86,7 @@ def main() -> None:
     from worker.engine import model
     from worker.engine.engine import Engine, Row
 
-    dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    dtype = model.resolve_dtype("auto")
     result.update(device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
                   jax=jax.__version__, dtype=jnp.dtype(dtype).name)  # fmt: skip
     t0 = time.perf_counter()

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _dtype(name: str):
-    from worker.main import model_dtype
+    from worker.engine.model import resolve_dtype
 
-    return model_dtype(name)
+    return resolve_dtype(name)
 
 
 def start_only(args: argparse.Namespace) -> None:

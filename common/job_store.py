@@ -123,7 +123,7 @@ class JobStore:
         job_id = uuid.uuid4().hex
         idem = ""
         if idempotency_key:
-            idem = self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
+            idem = self._idem_key(tenant, idempotency_key)
         answer = self._create(
             keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent", tenant), self.key("seq"),
                   self.key("tenant-queued", tenant)],
@@ -136,12 +136,13 @@ class JobStore:
             raise IdempotencyConflict(found)
         return found, False
 
+    def _idem_key(self, tenant: str, idempotency_key: str) -> str:
+        return self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
+
     def replayed(self, tenant: str, idempotency_key: str, fingerprint: str) -> str | None:
         """The job an Idempotency-Key already made with this same body, if any (IdempotencyConflict if it
         was made with another body). Lets the API answer a replay before any limit that would refuse it."""
-        seen = self.r.hmget(
-            self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest()), "job", "body"
-        )
+        seen = self.r.hmget(self._idem_key(tenant, idempotency_key), "job", "body")
         if seen[0] is None:
             return None
         if seen[1].decode() != fingerprint:

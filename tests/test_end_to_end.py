@@ -17,7 +17,7 @@ from PIL import Image
 from api.main import create_app
 from common.settings import Settings
 from common.storage import S3Storage
-from tests.servers import WorkerProcess, authorize
+from tests.servers import WorkerProcess, authorize, settings_from
 from worker import images
 
 BATCH_TIMEOUT_S = 2.0
@@ -41,7 +41,7 @@ def service(redis_url, s3, tiny_dir, tmp_path_factory):
     }
     worker = WorkerProcess(env, tmp_path_factory.mktemp("worker") / "worker.log")
     worker.start(redis_url, prefix)
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items() if k != "SDXL_TINY_DIR"})
+    settings = settings_from(env)
     with TestClient(create_app(settings)) as client:
         authorize(client, settings)
         yield client, settings, worker

@@ -21,15 +21,6 @@ from common.storage import from_settings
 log = logging.getLogger("worker")
 
 
-def model_dtype(name: str):  # -> a jnp dtype
-    import jax
-    import jax.numpy as jnp
-
-    if name == "auto":
-        name = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
     import numpy as np
 
@@ -43,7 +34,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir)
-    m = model.load(settings.model, model_dtype(settings.dtype))
+    m = model.load(settings.model, model.resolve_dtype(settings.dtype))
     t1 = time.perf_counter()
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention, aot_dir=folder / "executables"

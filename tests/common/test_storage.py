@@ -5,8 +5,8 @@ import time
 import httpx
 import pytest
 
-from common.settings import Settings
 from common.storage import LocalStorage, S3Storage, SignatureError
+from tests.servers import settings_from
 
 
 def test_local_put_and_verify(tmp_path):
@@ -34,7 +34,7 @@ def test_local_refuses_keys_outside_the_root(tmp_path, key):
 
 
 def test_s3_presigned_urls_are_checked_by_the_server(s3):
-    settings = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in s3.env().items()})
+    settings = settings_from(s3.env())
     store = S3Storage(settings)
     store.put("images/t/0.png", b"png-bytes", "image/png")
     url = store.url("images/t/0.png", 60)

@@ -11,6 +11,7 @@ guidance, steps, schedulers and size conditioning are inputs of the one executab
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -118,6 +119,7 @@ class Engine:
         # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
         self.aot_dir = Path(aot_dir) if aot_dir else None
         self.aot_loaded = 0
+        self._tokens = functools.lru_cache(maxsize=4096)(self._tokenize_one)
 
     # ------------------------------------------------------------------ compiling
 
@@ -244,16 +246,18 @@ class Engine:
             self._schedules[key] = schedule.build(self.model.noise, Scheduler(scheduler), steps)
         return self._schedules[key]
 
+    def _tokenize_one(self, text: str) -> tuple[tuple[tuple[int, ...], ...], bool]:
+        """(ids for both tokenizers, was it cut). Cached in __init__: negative prompts and padded rows repeat
+        in nearly every batch, and each text takes three tokenizer passes."""
+        pair = tuple(
+            tuple(tok(text, padding="max_length", max_length=MAX_TOKENS, truncation=True).input_ids)
+            for tok in (self.model.tokenizer, self.model.tokenizer_2)
+        )
+        return pair, len(self.model.tokenizer(text).input_ids) > MAX_TOKENS
+
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        ids, cut = [], []
-        for text in texts:
-            pair = [
-                tok(text, padding="max_length", max_length=MAX_TOKENS, truncation=True).input_ids
-                for tok in (self.model.tokenizer, self.model.tokenizer_2)
-            ]
-            ids.append(pair)
-            cut.append(len(self.model.tokenizer(text).input_ids) > MAX_TOKENS)
-        return np.asarray(ids, dtype=np.int32), cut
+        done = [self._tokens(text) for text in texts]
+        return np.asarray([ids for ids, _ in done], dtype=np.int32), [cut for _, cut in done]
 
     def _host_inputs(self, rows: Sequence[Row], height: int, width: int) -> tuple[list[np.ndarray], list[bool]]:
         if not 1 <= len(rows) <= self.batch_rows:

@@ -197,6 +197,13 @@ def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
     return _assemble(root, f"random-{preset}", dtype, lambda _: tiny.build_params(preset, dtype))
 
 
+def resolve_dtype(name: str) -> Any:
+    """'auto' -> bfloat16 on TPUs and GPUs, float32 on CPUs (XLA emulates bfloat16 there, ~2x slower)."""
+    if name == "auto":
+        name = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
+
+
 def fetch_hub(repo_id: str, cache_dir: str | None = None) -> Path:
     """Download (or find in the cache) the files an SDXL repo needs. Raises ModelError when it cannot."""
     from huggingface_hub import constants, snapshot_download
