@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request
 
 from common import rate_limit
 from common.api_keys import ApiKeyStore
+from common.dataset_store import DatasetStore
 from common.job_store import JobStore
 from common.settings import Settings
 from common.storage import Storage
@@ -25,6 +26,7 @@ class Services:
     storage: Storage
     celery: Celery
     keys: ApiKeyStore
+    datasets: DatasetStore
 
 
 def get_services(request: Request) -> Services:

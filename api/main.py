@@ -14,8 +14,9 @@ from fastapi import FastAPI
 from api import errors
 from api.deps import Services
 from api.limits import BodyLimit
-from api.routes import files, jobs, system
+from api.routes import datasets, files, jobs, system
 from common.api_keys import ApiKeyStore
+from common.dataset_store import DatasetStore
 from common.job_store import JobStore
 from common.queue import make_celery
 from common.settings import Settings, get_settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             storage=from_settings(settings),  # fails here, at start, when the signing secret is missing
             celery=make_celery(settings),
             keys=ApiKeyStore(client, settings.key_prefix),
+            datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
         )
         yield
         client.close()
@@ -43,12 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="SDXL job service",
         version="0.1.0",
-        description="Submit text-to-image jobs, poll them, fetch images by signed URL.",
+        description="Text-to-image jobs (submit, poll, fetch by signed URL) and whole data sets from JSONL.",
         lifespan=lifespan,
     )
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
     app.include_router(jobs.router)
+    app.include_router(datasets.router)
     app.include_router(files.router)
     app.include_router(system.router)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from common.datasets import DatasetOptions, DatasetStatus
 from common.jobs import JobRequest, JobStatus
 
 
@@ -51,3 +52,73 @@ class ModelPublic(BaseModel):
     schedulers: list[str]
     output_formats: list[str]
     limits: dict[str, int | float]
+
+
+class LineErrorPublic(BaseModel):
+    line: int  # 1-based line number in the input file
+    field: str
+    message: str
+
+
+class DatasetCounts(BaseModel):
+    total: int  # valid lines, one image each
+    queued: int  # not started yet (waiting to be fed, or on the bulk queue)
+    running: int  # on a worker
+    succeeded: int
+    failed: int
+    canceled: int
+    skipped: int  # invalid lines left out (on_invalid=skip)
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    status: DatasetStatus
+    status_url: str
+    files_url: str
+    seed: int  # the run seed: lines without a seed derive theirs from it and their id
+    options: DatasetOptions
+    counts: DatasetCounts
+    images_per_s: float | None = None  # over the last ~5 minutes
+    eta_s: float | None = None
+    shards: int = 0  # WebDataset shards written so far
+    output_prefix: str  # object-store prefix of everything this run writes
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    invalid_lines: list[LineErrorPublic] = []  # the first 100 lines left out (on_invalid=skip)
+
+
+class DatasetsPublic(BaseModel):
+    datasets: list[DatasetPublic]
+    total: int
+    offset: int
+    limit: int
+
+
+class DatasetFilesPublic(BaseModel):
+    """Signed URLs (they expire after `url_expiry_s`; ask again for fresh ones)."""
+
+    shards: list[str]  # WebDataset tars, in order; more appear while the run goes on
+    manifest_parts: list[str]  # JSONL per shard, same order
+    manifest_jsonl: str | None = None  # the whole manifest, once the run has finished
+    manifest_parquet: str | None = None
+    failures: str | None = None  # failures.jsonl, once finished
+    invalid: str | None = None  # lines left out at submit (on_invalid=skip)
+
+
+class FailurePublic(BaseModel):
+    line: int
+    id: str
+    error: str
+
+
+class DatasetFailuresPublic(BaseModel):
+    failures: list[FailurePublic]
+    total: int
+    offset: int
+    limit: int
+
+
+class RetryPublic(BaseModel):
+    retried: int  # failed lines sent back to be generated again
+    dataset: DatasetPublic

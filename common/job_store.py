@@ -3,6 +3,7 @@
 Keys (prefix P = settings.key_prefix):
     P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
     P:queued         sorted set of queued job ids by submit order: queue position = rank
+    P:queued-bulk    the same for data set lines (lane "bulk"), which never count against a tenant's cap
     P:running        sorted set of running job ids by deadline: the stuck-job sweep reads it
     P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
@@ -46,13 +47,16 @@ else
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-local tenant_queued = ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
+local queued, tenant_queued = KEYS[2], ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
+if redis.call('HGET', KEYS[1], 'lane') == 'bulk' then
+  queued, tenant_queued = ARGV[7] .. ':queued-bulk', nil
+end
 if new == 'queued' then
-  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
-  redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  redis.call('ZADD', queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  if tenant_queued then redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1]) end
 else
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', tenant_queued, ARGV[1])
+  redis.call('ZREM', queued, ARGV[1])
+  if tenant_queued then redis.call('ZREM', tenant_queued, ARGV[1]) end
 end
 if new == 'running' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -83,6 +87,19 @@ redis.call('ZADD', KEYS[6], seq, ARGV[1])
 return {'new', ARGV[1]}
 """
 
+# KEYS: job hash, bulk queued set, seq. ARGV: id, ttl, now, request JSON, tenant, output key, dataset JSON.
+# A data set line's job, under an id the feeder derives from the run and line: 0 if it exists already.
+_CREATE_BULK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[4], 'created_at', ARGV[3],
+           'updated_at', ARGV[3], 'attempts', 0, 'seq', seq, 'tenant', ARGV[5], 'lane', 'bulk',
+           'output_key', ARGV[6], 'dataset', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+return 1
+"""
+
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with another request body."""
@@ -102,6 +119,7 @@ class JobStore:
         self.running_deadline_s = running_deadline_s
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
+        self._create_bulk = client.register_script(_CREATE_BULK)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -135,6 +153,17 @@ class JobStore:
         if answer[2].decode() != body_hash:
             raise IdempotencyConflict(found)
         return found, False
+
+    def create_bulk(
+        self, job_id: str, request: JobRequest, tenant: str, output_key: str, dataset: dict[str, Any]
+    ) -> bool:
+        """Store a data set line's job under a derived id unless it exists; True when created. Bulk jobs stay
+        out of the tenant's job list and queued cap: the feeder bounds them, and reaps their records."""
+        created = self._create_bulk(
+            keys=[self.key("job", job_id), self.key("queued-bulk"), self.key("seq")],
+            args=[job_id, self.ttl_s, time.time(), request.model_dump_json(), tenant, output_key, json.dumps(dataset)],
+        )
+        return bool(created)
 
     def _idem_key(self, tenant: str, idempotency_key: str) -> str:
         return self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
@@ -209,6 +238,9 @@ class JobStore:
             images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
             truncated=json.loads(d.get("truncated", "false")),
             attempts=int(d.get("attempts", 0)),
+            lane=d.get("lane", ""),
+            output_key=d.get("output_key"),
+            dataset=json.loads(d["dataset"]) if "dataset" in d else None,
         )
 
     def status(self, job_id: str) -> JobStatus | None:

@@ -117,3 +117,6 @@ class Job(BaseModel):
     images: list[ImageRecord] = []
     truncated: bool = False  # the prompt or negative prompt was cut to the tokenizer's 77 tokens
     attempts: int = 0
+    lane: str = ""  # "" interactive, "bulk" a data set line (goes after interactive jobs)
+    output_key: str | None = None  # where a data set line's image goes (else images/<id>/<index>.<ext>)
+    dataset: dict | None = None  # a data set line's run, index and id

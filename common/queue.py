@@ -5,6 +5,8 @@ Delivery settings, and why:
   mid-batch leaves its messages unacknowledged and they are delivered again.
 - prefetch multiplier 1: a worker reserves `concurrency` messages, no more: jobs wait in Redis where
   another worker can take them, not in a busy worker's buffer.
+- queue order "priority": interactive jobs (`queue_name`) are always taken before data set lines
+  (`bulk_queue_name`) when both wait.
 - visibility_timeout: how long Redis waits before redelivering an unacknowledged message. It must exceed
   the longest time a message can be held (buffering + one batch + upload), or a live worker's jobs are
   delivered twice; it also bounds how long a crashed worker's jobs wait (plus RESTORE_INTERVAL_S).
@@ -38,6 +40,9 @@ def make_celery(settings: Settings) -> Celery:
             # every 5 s bounds crash recovery at about visibility_timeout_s + 5 s. One cheap Redis call.
             "unacked_restore_interval": RESTORE_INTERVAL_S,
             "unacked_restore_throttle": 1,
+            # A worker consuming several queues asks Redis for them in the order given (interactive, then
+            # bulk) every time; kombu's default rotates the order, which would let bulk lines go first.
+            "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
     )

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
 
     # --- queue and job records
     redis_url: str = "redis://127.0.0.1:6379/0"
-    queue_name: str = "sdxl"
+    queue_name: str = "sdxl"  # interactive jobs
+    bulk_queue_name: str = "sdxl-bulk"  # data set lines: consumed after the interactive queue is empty
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # After this long unacknowledged, Redis gives a message to another worker: it bounds how long a dead
@@ -51,6 +52,14 @@ class Settings(BaseSettings):
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
     # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only)
     attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    # both: interactive first, data set lines in idle capacity; interactive/bulk: a pool for one kind only
+    worker_lanes: Literal["both", "interactive", "bulk"] = "both"
+    # --- data sets (bulk)
+    dataset_feeder: bool = True  # this worker may feed data set runs (one feeder per run, by Redis lock)
+    dataset_feed_depth: int = Field(256, ge=1)  # a run's lines on the queue or a device at once: Redis stays bounded
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # a data set upload's size limit (413 above it)
+    max_dataset_lines: int = Field(10_000_000, ge=1)
+    dataset_input_prefix: str = "inputs/"  # `input_key` must start with this (keeps other objects unreadable)
     # --- access (API)
     auth_required: bool = True  # every /v1/jobs call needs `Authorization: Bearer <key>` (python -m api.keys)
     rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After
@@ -102,6 +111,13 @@ class Settings(BaseSettings):
         if self.running_deadline_s <= self.visibility_timeout_s:
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
         return self
+
+    @property
+    def worker_queues(self) -> list[str]:
+        """The queues a worker consumes, in priority order."""
+        lanes = {"both": [self.queue_name, self.bulk_queue_name], "interactive": [self.queue_name],
+                 "bulk": [self.bulk_queue_name]}  # fmt: skip
+        return lanes[self.worker_lanes]
 
     @property
     def served_sizes(self) -> list[Size]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
 
 from common.settings import Settings
@@ -23,6 +24,8 @@ class SignatureError(Exception):
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> None: ...  # streamed, for large inputs
+    def get(self, key: str) -> bytes: ...  # raises KeyError when there is no such object
     def delete(self, key: str) -> None: ...
     def url(self, key: str, expires_s: int) -> str: ...
 
@@ -49,6 +52,20 @@ class LocalStorage:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # readers never see half a file; a rewrite of the same key is atomic
+
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as out:
+            shutil.copyfileobj(file, out, 1 << 20)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise KeyError(key) from exc
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -97,6 +114,15 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, ContentType=content_type)
+
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> None:
+        self.client.upload_fileobj(file, self.bucket, self._full(key), ExtraArgs={"ContentType": content_type})
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey as exc:
+            raise KeyError(key) from exc
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))

@@ -1,8 +1,9 @@
 """Gathering jobs into fixed-size device batches. Plain logic, no threads, no Redis: time is passed in.
 
 A job asking for n images takes n rows and is never split across batches. Jobs are grouped by compiled
-shape (height, width); within a group they are packed first-fit in arrival order. A group's batch is
-flushed when it is full, or when the group's oldest job has waited `timeout_s`.
+shape (height, width); within a group they are packed first-fit, interactive jobs before data set lines
+(priority 0 before 1), each in arrival order. A group's batch is flushed when it is full, or when the
+group's oldest job has waited `timeout_s`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Item:
     rows: int
     arrived_s: float
     payload: Any = None
+    priority: int = 0  # 0 interactive, 1 bulk: lower goes first
 
 
 @dataclass
@@ -37,14 +39,15 @@ class Batch:
 
 
 def pack(items: list[Item], batch_rows: int) -> tuple[list[Item], list[Item]]:
-    """First-fit in arrival order: (the items of one batch, the rest, order kept)."""
+    """First-fit by priority, then arrival order: (the items of one batch, the rest in arrival order)."""
     taken, rest, used = [], [], 0
-    for item in items:
+    for item in sorted(items, key=lambda i: i.priority):  # stable: arrival order within a priority
         if used + item.rows <= batch_rows:
             taken.append(item)
             used += item.rows
         else:
             rest.append(item)
+    rest.sort(key=lambda i: i.arrived_s)  # the group's oldest first: its timeout is the group's
     return taken, rest
 
 

@@ -56,9 +56,12 @@ def rows_for(job: Job) -> list[Row]:
     ]
 
 
-def image_key(job_id: str, index: int, fmt: str) -> str:
-    # Deterministic: a job that runs twice (redelivery) overwrites the same objects.
-    return f"images/{job_id}/{index}.{images.EXTENSIONS[fmt]}"
+def image_key(job: Job, index: int, fmt: str) -> str:
+    # Deterministic: a job that runs twice (redelivery) overwrites the same objects. A data set line (one
+    # image) goes where its run's layout says.
+    if job.output_key is not None:
+        return job.output_key
+    return f"images/{job.id}/{index}.{images.EXTENSIONS[fmt]}"
 
 
 class DeviceLoop:
@@ -73,7 +76,7 @@ class DeviceLoop:
         upload_attempts: int = 5,
         upload_backoff_s: float = 0.5,
         max_attempts: int = 3,
-        enqueue: Callable[[str], None] | None = None,
+        enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,
     ):
         self.engine = engine
@@ -166,7 +169,8 @@ class DeviceLoop:
                 self.notify(job.id)
             return
         shape = (job.request.height, job.request.width)
-        self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future)))
+        priority = 1 if job.lane == "bulk" else 0
+        self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future), priority))
 
     def _start(self, batch: Batch) -> None:
         jobs: list[Job] = []
@@ -281,7 +285,7 @@ class DeviceLoop:
             "index": index,
         }
         data = images.encode(pixels, fmt, params)
-        key = image_key(job.id, index, fmt)
+        key = image_key(job, index, fmt)
         self._put(key, data, images.CONTENT_TYPES[fmt])
         return ImageRecord(
             key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest()

@@ -69,6 +69,11 @@ def main() -> None:
         redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
     )
     name = f"{socket.gethostname()}-{int(time.time())}"
+
+    def send(job_id: str, lane: str = "") -> None:
+        queue = settings.bulk_queue_name if lane == "bulk" else settings.queue_name
+        tasks.app.send_task(TASK_GENERATE, args=[job_id], queue=queue)
+
     loop = DeviceLoop(
         engine,
         store,
@@ -79,23 +84,42 @@ def main() -> None:
         upload_attempts=settings.upload_attempts,
         upload_backoff_s=settings.upload_backoff_s,
         max_attempts=settings.max_attempts,
-        enqueue=lambda job_id: tasks.app.send_task(TASK_GENERATE, args=[job_id], queue=settings.queue_name),
+        enqueue=lambda job: send(job.id, job.lane),
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
     )
     loop.start()
     tasks.bind(loop)
+    feeder = None
+    if settings.dataset_feeder:
+        from common.dataset_store import DatasetStore
+        from worker.feeder import Feeder
+
+        feeder = Feeder(
+            DatasetStore(store.r, settings.key_prefix, settings.job_ttl_s),
+            store,
+            loop.storage,
+            lambda job_id: send(job_id, "bulk"),
+            owner=name,
+            depth=settings.dataset_feed_depth,
+        )
+        feeder.start()
 
     from celery.signals import worker_shutting_down
 
     # Celery's warm shutdown (SIGTERM) stops consuming and waits for running tasks; buffered jobs are told
     # to go back to the queue so it does not wait for them, only for the batches already on the device.
-    worker_shutting_down.connect(lambda **_: loop.begin_shutdown(), weak=False)
+    def shutting_down(**_: object) -> None:
+        if feeder is not None:
+            feeder.stop()  # hands its runs to another worker now, not after the lock expires
+        loop.begin_shutdown()
+
+    worker_shutting_down.connect(shutting_down, weak=False)
     tasks.app.worker_main(
         [
             "worker",
             "--pool=threads",
             f"--concurrency={2 * settings.batch_rows}",
-            f"--queues={settings.queue_name}",
+            f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
             f"--hostname=sdxl@{name}",
             "--loglevel=INFO",
             "--without-gossip",

@@ -12,13 +12,14 @@ import logging
 from collections.abc import Callable
 
 from common.job_store import JobStore
-from common.jobs import JobStatus
+from common.jobs import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
 
-def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[str], None], now: float | None = None) -> dict:
-    """One pass; returns {"requeued": [...], "failed": [...]}."""
+def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], now: float | None = None) -> dict:
+    """One pass; returns {"requeued": [...], "failed": [...]}. `enqueue` sends a job's message again (to its
+    lane's queue)."""
     done: dict[str, list[str]] = {"requeued": [], "failed": []}
     for job_id in store.overdue(now):
         job = store.get(job_id)
@@ -27,7 +28,7 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[str], None], no
             continue
         if job.attempts < max_attempts:
             if store.transition(job_id, JobStatus.queued, [JobStatus.running])[0]:
-                enqueue(job_id)
+                enqueue(job)
                 done["requeued"].append(job_id)
         elif store.fail(job_id, f"stuck: still running {store.running_deadline_s:.0f} s after it started, "
                                 f"after {job.attempts} attempts"):  # fmt: skip

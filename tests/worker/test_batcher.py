@@ -58,3 +58,15 @@ def test_drain_gives_back_everything_waiting():
     b.add(item("a"))
     b.add(item("b", shape=(64, 96)))
     assert sorted(i.job_id for i in b.drain()) == ["a", "b"] and b.waiting_rows == 0
+
+
+def test_interactive_jobs_are_packed_before_bulk_lines():
+    b = Batcher(batch_rows=4, timeout_s=10)
+    for i in range(6):
+        b.add(Item(f"bulk{i}", "s", 1, arrived_s=i, priority=1))
+    b.add(Item("urgent", "s", 2, arrived_s=10, priority=0))
+    b.add(Item("bulk6", "s", 1, arrived_s=11, priority=1))
+    first, second = b.take_due(now_s=10.5)  # two full batches
+    assert [i.job_id for i in first.items] == ["urgent", "bulk0", "bulk1"]  # then bulk lines fill it, oldest first
+    assert [i.job_id for i in second.items] == ["bulk2", "bulk3", "bulk4", "bulk5"]
+    assert [i.job_id for i in b.drain()] == ["bulk6"]

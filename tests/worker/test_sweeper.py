@@ -27,10 +27,11 @@ def test_overdue_jobs_are_requeued_with_a_fresh_message(store):
     store.r.zadd(store.key("running"), {fresh: time.time() + 60})  # this one is not overdue
     time.sleep(0.3)
     sent = []
-    assert sweep(store, max_attempts=3, enqueue=sent.append) == {"requeued": [stuck], "failed": []}
+    enqueue = lambda job: sent.append(job.id)  # noqa: E731
+    assert sweep(store, max_attempts=3, enqueue=enqueue) == {"requeued": [stuck], "failed": []}
     assert sent == [stuck] and store.status(stuck) == JobStatus.queued and store.status(fresh) == JobStatus.running
     assert store.queue_position(stuck) == 1
-    assert sweep(store, max_attempts=3, enqueue=sent.append) == {"requeued": [], "failed": []}  # idempotent
+    assert sweep(store, max_attempts=3, enqueue=enqueue) == {"requeued": [], "failed": []}  # idempotent
 
 
 def test_out_of_attempts_fails_with_the_reason(store):

@@ -1,0 +1,110 @@
+"""Taking in a data set's JSONL: validate every line, store the valid ones as normalized chunks, create the run.
+
+Plain code over a binary stream (an upload spooled to disk, or an object read from storage); the route only
+parses the request. Nothing runs until the whole file has been read: with on_invalid=reject one bad line
+refuses the file and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from common.dataset_store import DatasetStore
+from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
+from common.jobs import MAX_SEED
+from common.settings import Settings
+from common.storage import Storage
+
+REPORTED_ERRORS = 100  # bad lines listed in an answer; all of them go to input/invalid.jsonl (skip mode)
+
+
+class InputInvalid(Exception):
+    """The file cannot run: bad lines under on_invalid=reject, no valid line at all, or too many lines."""
+
+    def __init__(self, message: str, errors: list[LineError], invalid: int, status: int = 422):
+        super().__init__(message)
+        self.errors = errors
+        self.invalid = invalid
+        self.status = status
+
+
+@dataclass
+class Ingested:
+    run_id: str
+    seed: int
+    total: int
+    invalid: int
+    errors: list[LineError]  # the first REPORTED_ERRORS
+
+
+def ingest(
+    stream: Iterable[bytes], options: DatasetOptions, settings: Settings, storage: Storage, run_id: str | None = None
+) -> Ingested:
+    run_id = run_id or uuid.uuid4().hex
+    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    layout = Layout(run_id)
+    limits = Limits(settings.served_sizes, settings.max_steps, settings.max_prompt_chars)
+    validator = Validator(options, seed, limits)
+    rejecting = options.on_invalid == "reject"
+    errors: list[LineError] = []
+    invalid_lines: list[bytes] = []
+    chunk: list[str] = []
+    written = total = invalid = 0
+    for number, raw in lines_of(stream):
+        if number > settings.max_dataset_lines:
+            _discard(storage, layout, written)
+            raise InputInvalid(f"more than {settings.max_dataset_lines} lines; split the file", errors, invalid, 413)
+        result = validator.check(number, raw)
+        if result is None:
+            continue
+        if isinstance(result, LineError):
+            invalid += 1
+            if len(errors) < REPORTED_ERRORS:
+                errors.append(result)
+            if not rejecting:
+                invalid_lines.append(_json_line(result))
+            continue
+        total += 1
+        if rejecting and invalid:
+            continue  # the file is refused: keep checking (to report every bad line), store nothing more
+        chunk.append(result.to_json())
+        if len(chunk) == CHUNK_LINES:
+            storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
+            written, chunk = written + 1, []
+    if rejecting and invalid:
+        _discard(storage, layout, written)
+        raise InputInvalid(
+            f"{invalid} of {invalid + total} lines are invalid and nothing was stored; fix them, or send "
+            "on_invalid=skip to run the valid lines and leave these out",
+            errors,
+            invalid,
+        )
+    if total == 0:
+        _discard(storage, layout, written)
+        raise InputInvalid("the file has no valid line to run", errors, invalid)
+    if chunk:
+        storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
+    if invalid_lines:
+        storage.put(layout.invalid, b"".join(invalid_lines), "application/x-ndjson")
+    return Ingested(run_id, seed, total, invalid, errors)
+
+
+def create_run(datasets: DatasetStore, ingested: Ingested, options: DatasetOptions, tenant: str, source: str) -> None:
+    datasets.create(
+        ingested.run_id, tenant, options, ingested.seed, ingested.total, ingested.invalid,
+        source=source, invalid=[e.as_dict() for e in ingested.errors],
+    )  # fmt: skip
+
+
+def _json_line(error: LineError) -> bytes:
+    import json
+
+    return json.dumps(error.as_dict()).encode() + b"\n"
+
+
+def _discard(storage: Storage, layout: Layout, chunks: int) -> None:
+    for i in range(chunks):
+        storage.delete(layout.chunk(i))

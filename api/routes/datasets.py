@@ -1,0 +1,312 @@
+"""Data sets: a JSONL of prompts in, a finished image data set out (images, manifest, WebDataset shards).
+
+POST takes either an upload (multipart/form-data: `input` the JSONL file, `options` a JSON object) or a
+JSON body naming an object already in storage (`input_key`). Every line is validated before the run exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.dataset_ingest import InputInvalid, create_run, ingest
+from api.deps import CallerDep, Services, ServicesDep
+from api.schemas import (
+    DatasetCounts,
+    DatasetFailuresPublic,
+    DatasetFilesPublic,
+    DatasetPublic,
+    DatasetsPublic,
+    FailurePublic,
+    LineErrorPublic,
+    RetryPublic,
+)
+from common.dataset_store import DatasetRun
+from common.datasets import FINISHED, DatasetOptions, DatasetStatus, Layout
+from common.jobs import JobStatus
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["input"],
+                "properties": {
+                    "input": {"type": "string", "format": "binary", "description": "The JSONL, one line per image."},
+                    "options": {"type": "string", "description": "DatasetOptions as JSON (without input_key)."},
+                },
+            }
+        },
+        "application/json": {"schema": {"$ref": "#/components/schemas/DatasetOptions"}},
+    },
+}
+
+
+def _error(status: int, message: str, field: str = "body", **extra: Any) -> JSONResponse:
+    content = {"error": message, "fields": [{"field": field, "message": message}], **extra}
+    return JSONResponse(status_code=status, content=content)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=DatasetPublic,
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses={401: {}, 409: {}, 413: {}, 415: {}, 422: {}, 429: {}},
+)
+async def create_dataset(
+    request: Request,
+    services: ServicesDep,
+    caller: CallerDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Any:
+    """Validate a JSONL of prompts and start generating it; answers with the run once it is stored."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    upload: UploadFile | None = None
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=2)
+        part = form.get("input")
+        if not isinstance(part, UploadFile):
+            return _error(422, "multipart upload needs a file part named `input` (the JSONL)", "input")
+        upload = part
+        raw_options = form.get("options") or "{}"
+        if not isinstance(raw_options, str):
+            return _error(422, "`options` must be a JSON object in a text part", "options")
+    elif content_type == "application/json":
+        raw_options = (await request.body()).decode("utf-8", errors="replace")
+    else:
+        return _error(415, "send multipart/form-data (parts `input` and `options`) or application/json with input_key")
+    try:
+        options = DatasetOptions.model_validate_json(raw_options)
+    except ValidationError as exc:
+        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "options", "message": e["msg"]} for e in exc.errors()]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return JSONResponse(status_code=422, content={"error": f"invalid options: {summary}", "fields": fields})
+    if upload is not None and options.input_key is not None:
+        return _error(422, "send either an upload or input_key, not both", "input_key")
+    if upload is None and options.input_key is None:
+        return _error(422, "input_key is required with a JSON body (or upload the file as multipart)", "input_key")
+    tenant = caller.tenant
+    return await run_in_threadpool(_create, services, tenant, options, upload, idempotency_key, request, response)
+
+
+def _create(
+    services: Services,
+    tenant: str,
+    options: DatasetOptions,
+    upload: UploadFile | None,
+    idempotency_key: str | None,
+    request: Request,
+    response: Response,
+) -> Any:
+    s = services.settings
+    if upload is not None:
+        stream: BinaryIO = upload.file
+        source = f"upload:{upload.filename or 'input.jsonl'}"
+    else:
+        key = options.input_key or ""
+        if not key.startswith(s.dataset_input_prefix) or ".." in key.split("/"):
+            return _error(422, f"input_key must be under {s.dataset_input_prefix!r}", "input_key")
+        try:
+            data = services.storage.get(key)
+        except (KeyError, ValueError):
+            return _error(422, f"no object at input_key {key!r}", "input_key")
+        if len(data) > s.max_dataset_bytes:
+            return _error(413, f"the input is larger than {s.max_dataset_bytes} bytes; split it", "input_key")
+        stream, source = io.BytesIO(data), f"object:{key}"
+    fingerprint = _fingerprint(stream, options)
+    key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+    if key_hash:
+        found = services.datasets.r.get(f"{s.key_prefix}:dataset-idem:{tenant}:{key_hash}")
+        if found:
+            return _replay(services, tenant, key_hash, json.loads(found), fingerprint, request, response)
+    try:
+        ingested = ingest(stream, options, s, services.storage)
+    except InputInvalid as exc:
+        return _error(
+            exc.status, str(exc), "input", invalid_lines=exc.invalid,
+            lines=[e.as_dict() for e in exc.errors],
+        )  # fmt: skip
+    if upload is not None:
+        stream.seek(0)
+        services.storage.put_file(Layout(ingested.run_id).original, stream, "application/x-ndjson")
+    if key_hash:
+        run_id, seen = services.datasets.claim_idempotency(tenant, key_hash, ingested.run_id, fingerprint)
+        if run_id != ingested.run_id:  # a concurrent request with the same key won: answer with its run
+            return _replay(services, tenant, key_hash, [run_id, seen], fingerprint, request, response)
+    create_run(services.datasets, ingested, options, tenant, source)
+    run = services.datasets.get(ingested.run_id)
+    assert run is not None
+    return to_public(run, services, request)
+
+
+def _fingerprint(stream: BinaryIO, options: DatasetOptions) -> str:
+    digest = hashlib.sha256(options.model_dump_json().encode())
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+    stream.seek(0)
+    return digest.hexdigest()
+
+
+def _replay(
+    services: Services, tenant: str, key_hash: str, found: list[str], fingerprint: str, request: Request,
+    response: Response,
+) -> Any:  # fmt: skip
+    run_id, seen = found
+    if seen != fingerprint:
+        raise HTTPException(409, f"Idempotency-Key was already used for data set {run_id} with other input or options")
+    run = services.datasets.get(run_id)
+    if run is None:  # the key outlived its run (both expire after job_ttl_s; the run can go first by a moment)
+        services.datasets.release_idempotency(tenant, key_hash)
+        raise HTTPException(409, f"Idempotency-Key was used for data set {run_id}, which has expired; use a new key")
+    response.status_code = 200
+    response.headers["Idempotent-Replayed"] = "true"
+    return to_public(run, services, request)
+
+
+def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetPublic:
+    queued, running = _live_counts(run, services)
+    ended = run.succeeded + run.failed + run.canceled
+    rate = None if run.status in FINISHED else services.datasets.rate(run.id, run.succeeded)
+    remaining = run.total - ended
+    return DatasetPublic(
+        id=run.id,
+        status=run.status,
+        status_url=str(request.url_for("get_dataset", run_id=run.id)),
+        files_url=str(request.url_for("dataset_files", run_id=run.id)),
+        seed=run.seed,
+        options=run.options,
+        counts=DatasetCounts(
+            total=run.total,
+            queued=queued,
+            running=running,
+            succeeded=run.succeeded,
+            failed=run.failed,
+            canceled=run.canceled,
+            skipped=run.skipped,
+        ),
+        images_per_s=round(rate, 3) if rate is not None else None,
+        eta_s=round(remaining / rate, 1) if rate and remaining > 0 else None,
+        shards=run.shards,
+        output_prefix=Layout(run.id).prefix,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        invalid_lines=[LineErrorPublic(**e) for e in run.extra.get("invalid", [])],
+    )
+
+
+def _live_counts(run: DatasetRun, services: Services) -> tuple[int, int]:
+    """(queued, running): lines not yet fed count as queued; fed lines as their job says."""
+    inflight = services.datasets.inflight(run.id)
+    pipe = services.redis.pipeline(transaction=False)
+    for job_id in inflight.values():
+        pipe.hget(services.store.key("job", job_id), "status")
+    statuses = pipe.execute() if inflight else []
+    queued_fed = sum(1 for st in statuses if st == JobStatus.queued.value.encode())
+    not_fed = 0 if run.status in FINISHED else (run.total - run.cursor) + services.datasets.retry_pending(run.id)
+    return not_fed + queued_fed, len(statuses) - queued_fed
+
+
+def owned(run_id: str, services: Services, caller: CallerDep) -> DatasetRun:
+    run = services.datasets.get(run_id)
+    if run is None or run.tenant != caller.tenant:
+        raise HTTPException(404, f"no data set {run_id} (unknown, another tenant's, or its record expired)")
+    return run
+
+
+@router.get("/{run_id}", response_model=DatasetPublic, responses={404: {}})
+def get_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> DatasetPublic:
+    """Progress: counts by state, images per second, ETA, shards written."""
+    return to_public(owned(run_id, services, caller), services, request)
+
+
+@router.get("/{run_id}/files", response_model=DatasetFilesPublic, responses={404: {}})
+def dataset_files(run_id: str, services: ServicesDep, caller: CallerDep) -> DatasetFilesPublic:
+    """Signed URLs of the shards and manifest parts written so far, and of the whole manifest once finished."""
+    run = owned(run_id, services, caller)
+    layout, expiry = Layout(run.id), services.settings.url_expiry_s
+
+    def url(key: str) -> str:
+        return services.storage.url(key, expiry)
+
+    finished = run.status in FINISHED
+    return DatasetFilesPublic(
+        shards=[url(layout.shard(i)) for i in range(run.shards)],
+        manifest_parts=[url(layout.manifest_part(i, "jsonl")) for i in range(run.shards)],
+        manifest_jsonl=url(layout.manifest("jsonl")) if finished else None,
+        manifest_parquet=url(layout.manifest("parquet")) if finished else None,
+        failures=url(layout.failures) if finished else None,
+        invalid=url(layout.invalid) if run.skipped else None,
+    )
+
+
+@router.get("/{run_id}/failures", response_model=DatasetFailuresPublic, responses={404: {}})
+def dataset_failures(
+    run_id: str,
+    services: ServicesDep,
+    caller: CallerDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DatasetFailuresPublic:
+    """Lines that failed, with the reason, in line order."""
+    owned(run_id, services, caller)
+    failures = services.datasets.failures(run_id)
+    page = [FailurePublic(**f) for f in failures[offset : offset + limit]]
+    return DatasetFailuresPublic(failures=page, total=len(failures), offset=offset, limit=limit)
+
+
+@router.post("/{run_id}/cancel", response_model=DatasetPublic, responses={404: {}, 409: {}})
+def cancel_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> DatasetPublic:
+    """Stop feeding: lines not started never run, lines on a device finish; everything finished is kept and
+    the run ends with its manifest and shards."""
+    owned(run_id, services, caller)
+    before = services.datasets.cancel(run_id)
+    if before is None:
+        raise HTTPException(404, f"no data set {run_id}")
+    if before != DatasetStatus.running:
+        raise HTTPException(409, f"data set {run_id} is {before.value}; nothing to cancel")
+    run = services.datasets.get(run_id)
+    assert run is not None
+    return to_public(run, services, request)
+
+
+@router.post("/{run_id}/retry", response_model=RetryPublic, responses={404: {}, 409: {}})
+def retry_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> RetryPublic:
+    """Generate the failed lines again (same seeds); the run goes back to running and finishes again."""
+    owned(run_id, services, caller)
+    count = services.datasets.retry(run_id)
+    if count == -2:
+        raise HTTPException(409, f"data set {run_id} is being canceled; retry once it has ended")
+    if count <= 0:
+        raise HTTPException(409, f"data set {run_id} has no failed lines to retry")
+    run = services.datasets.get(run_id)
+    assert run is not None
+    return RetryPublic(retried=count, dataset=to_public(run, services, request))
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    services: ServicesDep,
+    caller: CallerDep,
+    request: Request,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> DatasetsPublic:
+    """Recent data set runs, newest first."""
+    runs, total = services.datasets.recent(caller.tenant, offset, limit)
+    return DatasetsPublic(
+        datasets=[to_public(r, services, request) for r in runs], total=total, offset=offset, limit=limit
+    )

@@ -1,0 +1,1 @@
+"""Clients of the HTTP API. They import nothing from api/, worker/ or JAX: only HTTP."""

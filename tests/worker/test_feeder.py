@@ -1,0 +1,174 @@
+"""The feeder against a real Redis, a real device loop and local storage. The engine is the stand-in, rigged
+to fail on prompt 'poison' (from test_device_loop): these tests are about feeding, reaping, shards, failures,
+retry and restarts, not the model or Celery delivery (tests/test_datasets.py runs the whole service)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+
+import pytest
+import pyarrow.parquet as pq
+import redis
+
+from api.dataset_ingest import create_run, ingest
+from common.dataset_store import DatasetStore
+from common.datasets import DatasetOptions, DatasetStatus, Layout
+from common.job_store import JobStore
+from common.jobs import JobStatus
+from common.settings import Settings
+from common.storage import LocalStorage
+from tests.servers import wait_for
+from tests.worker.test_device_loop import RiggedEngine
+from worker.device_loop import DeviceLoop
+from worker.feeder import Feeder
+
+
+class Rig:
+    def __init__(self, redis_url: str, prefix: str, tmp_path, depth: int, batch_s: float = 0.02):
+        client = redis.Redis.from_url(redis_url)
+        self.store = JobStore(client, prefix, ttl_s=600)
+        self.datasets = DatasetStore(client, prefix, ttl_s=600)
+        self.storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+        self.engine = RiggedEngine([(64, 64)], 4, batch_s)
+        self.loop = DeviceLoop(self.engine, self.store, self.storage, batch_timeout_s=0.05)
+        self.settings = Settings(redis_url=redis_url, key_prefix=prefix, sizes="64x64", url_signing_secret="s" * 32)
+        self.sent: list[str] = []
+        self.max_inflight = 0
+        self.feeder = self.make_feeder(depth)
+
+    def make_feeder(self, depth: int, owner: str = "w1") -> Feeder:
+        def send(job_id: str) -> None:  # stands in for the bulk queue: straight into the device loop
+            self.sent.append(job_id)
+            self.loop.submit(job_id)
+
+        return Feeder(self.datasets, self.store, self.storage, send, owner=owner, depth=depth, interval_s=0.02)
+
+    def submit(self, lines: list[dict], **options) -> str:
+        opts = DatasetOptions(defaults={"width": 64, "height": 64, "steps": 2}, **options)
+        text = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        ingested = ingest(io.BytesIO(text), opts, self.settings, self.storage)
+        create_run(self.datasets, ingested, opts, "tenant", "test")
+        return ingested.run_id
+
+    def run_until(self, run_id: str, statuses: set[DatasetStatus], timeout_s: float = 60) -> None:
+        def done() -> bool:
+            self.feeder.step_all()
+            self.max_inflight = max(self.max_inflight, len(self.datasets.inflight(run_id)))
+            return self.datasets.get(run_id).status in statuses
+
+        wait_for(done, timeout_s, every_s=0.02)
+
+
+@pytest.fixture
+def rig(redis_url, key_prefix, tmp_path):
+    rig = Rig(redis_url, key_prefix, tmp_path, depth=6)
+    rig.loop.start()
+    yield rig
+    rig.loop.stop()
+
+
+def lines(n: int, poison: set[int] = frozenset()) -> list[dict]:
+    return [{"id": f"l{i:03d}", "prompt": "poison" if i in poison else f"picture {i}"} for i in range(n)]
+
+
+def test_a_run_is_fed_in_bounded_depth_and_written_as_shards(rig):
+    run_id = rig.submit(lines(30), shard_size=8, seed=3)
+    rig.run_until(run_id, {DatasetStatus.completed})
+    run = rig.datasets.get(run_id)
+    assert (run.total, run.succeeded, run.failed, run.shards, run.sharded) == (30, 30, 0, 4, 30)
+    assert 0 < rig.max_inflight <= 6  # never more than `depth` lines on the queue or a device
+    assert len(rig.sent) == 30 and len(set(rig.sent)) == 30
+    layout = Layout(run_id)
+    with tarfile.open(rig.storage.path(layout.shard(3))) as tar:
+        assert len(tar.getnames()) == 2 * 6  # the last shard holds the 6 left over: image + json each
+    manifest = [json.loads(x) for x in rig.storage.get(layout.manifest("jsonl")).splitlines()]
+    assert sorted(m["id"] for m in manifest) == [f"l{i:03d}" for i in range(30)]
+    assert all(rig.storage.path(m["key"]).is_file() and m["key"].startswith(layout.prefix + "/images/") for m in manifest)
+    assert pq.read_table(rig.storage.path(layout.manifest("parquet"))).num_rows == 30
+    assert rig.storage.get(layout.failures) == b""
+    # Redis keeps nothing per line once a run is done: no job records, no in-flight entries, no rows waiting.
+    assert not list(rig.store.r.scan_iter(match=rig.store.key("job", "*")))
+    assert rig.datasets.inflight(run_id) == {} and rig.datasets.done_count(run_id) == 0
+    assert run_id not in rig.datasets.active()
+
+
+def test_failed_lines_are_listed_with_reasons_and_can_be_retried(rig):
+    run_id = rig.submit(lines(10, poison={2, 7}), shard_size=4)
+    rig.run_until(run_id, {DatasetStatus.completed})
+    run = rig.datasets.get(run_id)
+    assert (run.succeeded, run.failed) == (8, 2)
+    failures = rig.datasets.failures(run_id)
+    assert [(f["line"], f["id"]) for f in failures] == [(3, "l002"), (8, "l007")]
+    assert all("FloatingPointError: poison row" in f["error"] for f in failures)
+    assert [json.loads(x)["id"] for x in rig.storage.get(Layout(run_id).failures).splitlines()] == ["l002", "l007"]
+
+    rig.engine.dispatch = lambda rows, h, w, **kw: RiggedEngine.__mro__[1].dispatch(rig.engine, rows, h, w)  # cured
+    assert rig.datasets.retry(run_id) == 2
+    assert rig.datasets.get(run_id).status == DatasetStatus.running and run_id in rig.datasets.active()
+    rig.run_until(run_id, {DatasetStatus.completed})
+    run = rig.datasets.get(run_id)
+    assert (run.succeeded, run.failed, run.retries) == (10, 0, 1)
+    manifest = [json.loads(x) for x in rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()]
+    assert sorted(m["id"] for m in manifest) == [f"l{i:03d}" for i in range(10)]  # each line exactly once
+    assert rig.datasets.retry(run_id) == 0  # nothing left to retry
+
+
+def test_cancel_stops_feeding_and_keeps_what_finished(redis_url, key_prefix, tmp_path):
+    rig = Rig(redis_url, key_prefix, tmp_path, depth=4, batch_s=0.3)
+    rig.loop.start()
+    try:
+        run_id = rig.submit(lines(40), shard_size=5)
+        rig.run_until(run_id, {DatasetStatus.running}, 5)
+        wait_for(lambda: (rig.feeder.step_all(), rig.datasets.get(run_id).succeeded >= 6)[1], 30, 0.02)
+        assert rig.datasets.cancel(run_id) == DatasetStatus.running
+        rig.run_until(run_id, {DatasetStatus.canceled})
+        run = rig.datasets.get(run_id)
+        assert run.succeeded >= 6 and run.succeeded + run.canceled == 40 and run.failed == 0
+        assert len(rig.sent) < 40  # feeding stopped
+        manifest = [json.loads(x) for x in rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()]
+        assert len(manifest) == run.succeeded and all(rig.storage.path(m["key"]).is_file() for m in manifest)
+        assert rig.datasets.cancel(run_id) == DatasetStatus.canceled  # already over: nothing changes
+    finally:
+        rig.loop.stop()
+
+
+def test_a_feeder_that_died_mid_feed_is_replaced_without_losing_or_doubling_lines(rig):
+    run_id = rig.submit(lines(12), shard_size=5)
+    dead = rig.make_feeder(depth=6, owner="dead")
+    dead.send = lambda job_id: None  # it created jobs, then died before their messages went out
+    assert rig.datasets.lock(run_id, "dead", ttl_s=0.2)
+    dead.step(run_id)
+    created = list(rig.store.r.scan_iter(match=rig.store.key("job", "*")))
+    assert len(created) == 6 and rig.datasets.get(run_id).cursor == 6
+    # A crash between creating a line's job and recording it as fed: the same line is found, not doubled.
+    run = rig.datasets.get(run_id)
+    job_id = f"{run_id}-6-0"
+    line = rig.feeder._line(run_id, 6)
+    info = {"run": run_id, "index": 6, "id": line.id, "line": line.line}
+    rig.store.create_bulk(job_id, line.request, "tenant", Layout(run_id).image(line.id, "png"), info)
+    time.sleep(0.3)  # the dead feeder's lock expires; ours takes over
+    # The stuck sweep would resend the first six after the visibility timeout; here we resend them as Celery would.
+    for key in created:
+        rig.loop.submit(key.decode().rsplit(":", 1)[1])
+    rig.run_until(run_id, {DatasetStatus.completed})
+    run = rig.datasets.get(run_id)
+    assert (run.total, run.succeeded, run.failed) == (12, 12, 0)
+    assert job_id in rig.sent  # re-sent because it was still queued
+    manifest = [json.loads(x)["id"] for x in rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()]
+    assert sorted(manifest) == [f"l{i:03d}" for i in range(12)]
+
+
+def test_the_line_of_a_job_is_recorded_once_even_if_two_feeders_reap_it(rig):
+    run_id = rig.submit(lines(3))
+    rig.feeder.step(run_id)
+    wait_for(lambda: all(rig.store.status(j) == JobStatus.succeeded for j in rig.datasets.inflight(run_id).values()))
+    other = rig.make_feeder(depth=6, owner="w2")
+    index, job_id = next(iter(rig.datasets.inflight(run_id).items()))
+    key = rig.store.key("job", job_id)
+    assert rig.datasets.reap(run_id, index, key, "succeeded", {"id": "x"})
+    assert not rig.datasets.reap(run_id, index, key, "succeeded", {"id": "x"})
+    other._reap(rig.datasets.get(run_id))
+    assert rig.datasets.get(run_id).succeeded == 3 and rig.datasets.done_count(run_id) == 3

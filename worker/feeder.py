@@ -1,0 +1,228 @@
+"""The data set feeder: keeps each run's lines flowing onto the bulk queue, a bounded number at a time.
+
+A thread in every worker; for each active run, whichever worker holds the run's Redis lock does one step:
+
+    reap     lines whose jobs ended: the image's manifest row joins the run's `done` list, a failure its
+             `failed` hash; the job record is deleted (Redis holds only lines in flight)
+    feed     top up to `depth` lines in flight: read the line from its input chunk, create its job under an
+             id derived from the run and line (create-if-absent), send it to the bulk queue
+    shard    every `shard_size` finished rows: a WebDataset tar and manifest parts written to storage
+    finish   every line ended: the last shard, the whole manifest (JSONL, Parquet) and failures.jsonl
+
+Restarts are safe at every point: a line's job id is derived, so re-feeding after a crash finds the job
+(re-sending its message if it was still queued); progress is compare-and-set in Redis (common/dataset_store);
+a shard is rewritten byte for byte from the same rows if its commit was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from common.dataset_store import DatasetRun, DatasetStore
+from common.datasets import CHUNK_LINES, DatasetStatus, Layout, Line, manifest_row
+from common.job_store import JobStore
+from common.jobs import TERMINAL, JobRequest, JobStatus
+from common.storage import Storage
+from worker import images, shards
+
+log = logging.getLogger(__name__)
+
+
+class Feeder:
+    def __init__(
+        self,
+        datasets: DatasetStore,
+        store: JobStore,
+        storage: Storage,
+        send: Callable[[str], None],
+        owner: str,
+        depth: int = 256,
+        interval_s: float = 0.5,
+        lock_ttl_s: float = 15.0,
+    ):
+        self.datasets = datasets
+        self.store = store
+        self.storage = storage
+        self.send = send  # puts a job id on the bulk queue
+        self.owner = owner
+        self.depth = depth
+        self.interval_s = interval_s
+        self.lock_ttl_s = lock_ttl_s  # a dead feeder's runs are taken over after this long
+        self._chunks: dict[str, tuple[int, list[Line]]] = {}  # run -> (chunk index, its lines): one chunk each
+        self._owned: set[str] = set()
+        self._fetch = ThreadPoolExecutor(8, thread_name_prefix="shard-fetch")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and hand the runs back at once (another worker need not wait for the locks to expire)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for run_id in self._owned:
+            self.datasets.unlock(run_id, self.owner)
+        self._fetch.shutdown(wait=False)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step_all()
+            except Exception:  # Redis away for a moment: try again next tick
+                log.exception("feeder step failed")
+            self._stop.wait(self.interval_s)
+
+    def step_all(self) -> None:
+        for run_id in self.datasets.active():
+            if self._stop.is_set():
+                return
+            if not self.datasets.lock(run_id, self.owner, self.lock_ttl_s):
+                self._owned.discard(run_id)
+                continue
+            self._owned.add(run_id)
+            try:
+                self.step(run_id)
+            except Exception:
+                log.exception("feeding data set %s failed; retrying next tick", run_id)
+
+    # ------------------------------------------------------------------ one step of one run
+
+    def step(self, run_id: str) -> None:
+        run = self.datasets.get(run_id)
+        if run is None or run.status in (DatasetStatus.completed, DatasetStatus.canceled):
+            self.datasets.r.lrem(self.datasets.active_key, 0, run_id)  # expired, or finished by another feeder
+            self._chunks.pop(run_id, None)
+            return
+        self._reap(run)
+        run = self.datasets.get(run_id)
+        assert run is not None
+        if run.status == DatasetStatus.running:
+            self._feed(run)
+        else:
+            self._wind_down(run)
+        self._write_shards(run_id, final=False)
+        self.datasets.sample_rate(run_id, run.succeeded)
+        self._finish_if_done(run_id)
+
+    def _reap(self, run: DatasetRun) -> None:
+        inflight = self.datasets.inflight(run.id)
+        if not inflight:
+            return
+        pipe = self.store.r.pipeline(transaction=False)
+        for job_id in inflight.values():
+            pipe.hmget(self.store.key("job", job_id), "status", "images", "error", "request", "dataset")
+        for (index, job_id), (status, image_list, error, request, dataset) in zip(
+            inflight.items(), pipe.execute(), strict=True
+        ):
+            job_key = self.store.key("job", job_id)
+            if status is None:  # cannot happen while the feeder reaps within the job TTL; never hang on it
+                line = self._line(run.id, index)
+                failure = {"line": line.line, "id": line.id, "error": "the job record was lost"}
+                self.datasets.reap(run.id, index, job_key, "failed", failure)
+                continue
+            status = JobStatus(status.decode())
+            if status not in TERMINAL:
+                continue
+            info = json.loads(dataset)
+            if status == JobStatus.succeeded:
+                image = json.loads(image_list)[0]
+                line = Line(info["line"], info["id"], JobRequest.model_validate_json(request))
+                row = manifest_row(line, image["key"], image["sha256"])
+                self.datasets.reap(run.id, index, job_key, "succeeded", row)
+            elif status == JobStatus.failed:
+                failure = {"line": info["line"], "id": info["id"], "error": (error or b"").decode()}
+                self.datasets.reap(run.id, index, job_key, "failed", failure)
+            else:
+                self.datasets.reap(run.id, index, job_key, "canceled", None)
+
+    def _feed(self, run: DatasetRun) -> None:
+        room = self.depth - len(self.datasets.inflight(run.id))
+        layout = Layout(run.id)
+        extension = images.EXTENSIONS[run.options.defaults.output_format.value]
+        cursor = run.cursor
+        for _ in range(max(0, room)):
+            retry = self.datasets.next_retry(run.id)
+            if retry is not None:
+                index, source = retry, "retry"
+            elif cursor < run.total:
+                index, source = cursor, "cursor"
+            else:
+                return
+            line = self._line(run.id, index)
+            job_id = f"{run.id}-{index}-{run.retries}"
+            dataset = {"run": run.id, "index": index, "id": line.id, "line": line.line}
+            key = layout.image(line.id, extension)
+            created = self.store.create_bulk(job_id, line.request, run.tenant, key, dataset)
+            # Not created: fed before a crash, maybe without its message; a second message is harmless.
+            if created or self.store.status(job_id) == JobStatus.queued:
+                self.send(job_id)
+            if not self.datasets.mark_fed(run.id, index, job_id, source):
+                return  # another feeder moved on meanwhile (its lock had expired under us): stop this step
+            if source == "cursor":
+                cursor += 1
+
+    def _wind_down(self, run: DatasetRun) -> None:
+        """Canceling: queued lines are canceled (a worker drops them), running ones finish and are kept."""
+        inflight = self.datasets.inflight(run.id)
+        for job_id in inflight.values():
+            self.store.transition(job_id, JobStatus.canceled, [JobStatus.queued])
+        if not inflight and (run.cursor < run.total or self.datasets.retry_pending(run.id)):
+            self.datasets.skip_rest(run.id, run.cursor, run.total)
+
+    def _line(self, run_id: str, index: int) -> Line:
+        chunk = index // CHUNK_LINES
+        cached = self._chunks.get(run_id)
+        if cached is None or cached[0] != chunk:
+            text = self.storage.get(Layout(run_id).chunk(chunk))
+            cached = (chunk, [Line.from_json(t) for t in text.splitlines() if t.strip()])
+            self._chunks[run_id] = cached
+        return cached[1][index % CHUNK_LINES]
+
+    # ------------------------------------------------------------------ outputs
+
+    def _write_shards(self, run_id: str, final: bool) -> None:
+        while True:
+            run = self.datasets.get(run_id)
+            assert run is not None
+            size = run.options.shard_size
+            waiting = self.datasets.done_count(run_id)
+            if waiting == 0 or (waiting < size and not final):
+                return
+            self.datasets.lock(run_id, self.owner, self.lock_ttl_s)  # a shard takes seconds: keep the lock
+            rows = self.datasets.done_rows(run_id, size)
+            layout = Layout(run_id)
+            data = dict(zip([r["key"] for r in rows], self._fetch.map(self.storage.get, [r["key"] for r in rows]),
+                            strict=True))  # fmt: skip
+            self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data), "application/x-tar")
+            self.storage.put(layout.manifest_part(run.shards, "jsonl"), shards.jsonl(rows), "application/x-ndjson")
+            self.storage.put(layout.manifest_part(run.shards, "parquet"), shards.parquet(rows),
+                             "application/vnd.apache.parquet")  # fmt: skip
+            if not self.datasets.commit_shard(run_id, run.shards, len(rows)):
+                return  # another feeder wrote this shard (same rows, same bytes)
+            log.info("data set %s: shard %d written (%d images)", run_id, run.shards, len(rows))
+
+    def _finish_if_done(self, run_id: str) -> None:
+        run = self.datasets.get(run_id)
+        assert run is not None
+        if self.datasets.inflight(run_id) or self.datasets.retry_pending(run_id) or run.cursor < run.total:
+            return
+        self._write_shards(run_id, final=True)
+        run = self.datasets.get(run_id)
+        assert run is not None
+        layout = Layout(run_id)
+        parts = [self.storage.get(layout.manifest_part(i, "jsonl")) for i in range(run.shards)]
+        self.storage.put(layout.manifest("jsonl"), b"".join(parts), "application/x-ndjson")
+        parquets = [self.storage.get(layout.manifest_part(i, "parquet")) for i in range(run.shards)]
+        self.storage.put(layout.manifest("parquet"), shards.concat_parquet(parquets), "application/vnd.apache.parquet")
+        self.storage.put(layout.failures, shards.jsonl(self.datasets.failures(run_id)), "application/x-ndjson")
+        status = DatasetStatus.canceled if run.status == DatasetStatus.canceling else DatasetStatus.completed
+        if not self.datasets.finish(run_id, run.status, status):
+            return  # a retry came in meanwhile: the run goes on (and finishes again later)
+        self._chunks.pop(run_id, None)
+        log.info("data set %s %s: %d succeeded, %d failed, %d canceled, %d shards", run_id, status.value,
+                 run.succeeded, run.failed, run.canceled, run.shards)  # fmt: skip
