@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 FINISHED = ("completed", "canceled")
+FINAL_FILES = {"manifest_jsonl": "manifest.jsonl", "manifest_parquet": "manifest.parquet", "failures": "failures.jsonl"}
 
 
 class Refused(Exception):
@@ -88,9 +89,9 @@ class DatasetRunner:
         files = r.json()
         wanted = {f"shards/shard-{i:06d}.tar": url for i, url in enumerate(files["shards"])}
         if finished:
-            for name in ("manifest_jsonl", "manifest_parquet", "failures"):
-                if files.get(name):
-                    wanted[name.replace("_", ".")] = files[name]
+            for field, name in FINAL_FILES.items():
+                if files.get(field):
+                    wanted[name] = files[field]
         if files.get("invalid"):
             wanted["invalid.jsonl"] = files["invalid"]
         fetched = 0
@@ -134,7 +135,7 @@ class DatasetRunner:
 
 def finished_file_may_change(name: str) -> bool:
     # The manifest and failures are rewritten when failed lines are retried; shards never change.
-    return name in ("manifest.jsonl", "manifest.parquet", "failures")
+    return name in FINAL_FILES.values()
 
 
 class _bar:

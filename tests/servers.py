@@ -167,3 +167,41 @@ def settings_from(env: dict[str, str]):
     from common.settings import Settings
 
     return Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items() if k != "SDXL_TINY_DIR"})
+
+
+class ApiProcess:
+    """`uvicorn api.main:app` as its own process, for clients that speak HTTP (the data set CLI, load)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.env = {**os.environ, **env, "SDXL_PUBLIC_BASE_URL": self.url}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port), "--log-level", "warning"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"API not up after {timeout_s} s: {self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -258,7 +258,7 @@ def dataset_failures(
     run_id: str,
     services: ServicesDep,
     caller: CallerDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DatasetFailuresPublic:
     """Lines that failed, with the reason, in line order."""
@@ -302,7 +302,7 @@ def list_datasets(
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> DatasetsPublic:
     """Recent data set runs, newest first."""

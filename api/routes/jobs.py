@@ -139,7 +139,7 @@ def list_jobs(
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobsPublic:
     """Recent jobs, newest first."""

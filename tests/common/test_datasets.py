@@ -30,9 +30,8 @@ def test_seeds_come_from_the_run_seed_and_the_id_not_the_position():
     moved = b.check(900, '{"id": "x", "prompt": "another prompt"}')
     assert first.request.seed == moved.request.seed == derive_seed(7, "x")
     assert a.check(2, '{"id": "y", "prompt": "p"}').request.seed != first.request.seed
-    assert Validator(DatasetOptions(), run_seed=8, limits=LIMITS).check(1, '{"id": "x", "prompt": "p"}').request.seed != (
-        first.request.seed
-    )
+    other_run = Validator(DatasetOptions(), run_seed=8, limits=LIMITS)
+    assert other_run.check(1, '{"id": "x", "prompt": "p"}').request.seed != first.request.seed
     assert a.check(3, '{"id": "z", "prompt": "p", "seed": 12}').request.seed == 12  # a given seed is kept
     assert 0 <= derive_seed(2**32 - 1, "any") <= 2**32 - 1
 

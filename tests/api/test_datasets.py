@@ -1,0 +1,136 @@
+"""The data set API against a real Redis and local storage, with no worker: submit (upload or object key),
+bad lines, idempotency, status, cancel, files, tenants. Generation runs in tests/test_datasets.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.datasets import Layout, derive_seed
+from tests.servers import authorize
+
+GOOD = [{"id": f"p{i}", "prompt": f"a picture of {i}"} for i in range(5)]
+OPTIONS = {"defaults": {"width": 96, "height": 64, "steps": 4}, "seed": 11, "shard_size": 2}
+
+
+def jsonl(lines) -> bytes:
+    return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
+
+
+def upload(client, lines, options=OPTIONS, **kw):
+    files = {"input": ("prompts.jsonl", jsonl(lines), "application/x-ndjson")}
+    return client.post("/v1/datasets", files=files, data={"options": json.dumps(options)}, **kw)
+
+
+def stored(client, settings, run_id: str) -> list[dict]:
+    storage = client.app.state.services.storage
+    return [json.loads(x) for x in storage.get(Layout(run_id).chunk(0)).splitlines()]
+
+
+def test_upload_is_validated_stored_and_answered_with_the_run(client, settings):
+    r = upload(client, GOOD)
+    assert r.status_code == 202, r.text
+    run = r.json()
+    assert run["status"] == "running" and run["seed"] == 11
+    assert run["counts"] == {"total": 5, "queued": 5, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0,
+                             "skipped": 0}  # fmt: skip
+    assert run["status_url"].endswith(f"/v1/datasets/{run['id']}") and run["output_prefix"] == f"datasets/{run['id']}"
+    lines = stored(client, settings, run["id"])
+    assert [x["line"] for x in lines] == [1, 2, 3, 4, 5]
+    assert lines[0]["request"]["seed"] == derive_seed(11, "p0") and lines[0]["request"]["width"] == 96
+    original = client.app.state.services.storage.get(Layout(run["id"]).original)
+    assert original == jsonl(GOOD)  # the input as sent is kept beside the normalized chunks
+    assert client.get(f"/v1/datasets/{run['id']}").json()["counts"]["total"] == 5
+
+
+def test_bad_lines_are_reported_by_number_and_nothing_is_stored(client, settings):
+    lines = [GOOD[0], "{oops", {"id": "p1", "prompt": "x", "steps": 999}, GOOD[1], {"id": "p0", "prompt": "dup"}]
+    r = upload(client, lines)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["invalid_lines"] == 3 and "on_invalid=skip" in body["error"]
+    assert [(e["line"], e["field"]) for e in body["lines"]] == [(2, "line"), (3, "steps"), (5, "id")]
+    assert "first used on line 1" in body["lines"][2]["message"]
+    assert client.get("/v1/datasets").json()["total"] == 0
+    assert not (client.app.state.services.storage.root / "datasets").exists()
+
+
+def test_skip_runs_the_valid_lines_and_lists_the_rest(client, settings):
+    r = upload(client, [*GOOD, {"id": "bad", "prompt": "x", "width": 7}], options={**OPTIONS, "on_invalid": "skip"})
+    assert r.status_code == 202, r.text
+    run = r.json()
+    assert run["counts"]["total"] == 5 and run["counts"]["skipped"] == 1
+    assert run["invalid_lines"] == [{"line": 6, "field": "width", "message": run["invalid_lines"][0]["message"]}]
+    files = client.get(f"/v1/datasets/{run['id']}/files").json()
+    assert files["invalid"] and files["shards"] == [] and files["manifest_jsonl"] is None
+
+
+def test_nothing_valid_is_refused(client):
+    r = upload(client, ["{}", ""], options={"on_invalid": "skip"})
+    assert r.status_code == 422 and "no valid line" in r.json()["error"]
+    assert upload(client, []).status_code == 422
+
+
+def test_input_from_an_object_key(client, settings):
+    storage = client.app.state.services.storage
+    storage.put("inputs/team/prompts.jsonl", jsonl(GOOD), "application/x-ndjson")
+    r = client.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/team/prompts.jsonl"})
+    assert r.status_code == 202, r.text
+    assert r.json()["counts"]["total"] == 5
+    missing = client.post("/v1/datasets", json={"input_key": "inputs/none.jsonl"})
+    assert missing.status_code == 422 and "no object at input_key" in missing.json()["error"]
+    outside = client.post("/v1/datasets", json={"input_key": "images/x/0.png"})
+    assert outside.status_code == 422 and "must be under 'inputs/'" in outside.json()["error"]
+    assert client.post("/v1/datasets", json={}).json()["fields"][0]["field"] == "input_key"
+
+
+@pytest.mark.parametrize(
+    "options,field",
+    [({"shard_size": 0}, "shard_size"), ({"on_invalid": "ignore"}, "on_invalid"), ({"defaults": {"steps": 0}},
+     "defaults.steps"), ({"colour": 1}, "colour")],
+)  # fmt: skip
+def test_bad_options_name_the_field(client, options, field):
+    r = upload(client, GOOD, options=options)
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == field, r.text
+
+
+def test_other_content_types_are_refused_with_a_hint(client):
+    r = client.post("/v1/datasets", content=jsonl(GOOD), headers={"content-type": "application/x-ndjson"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+
+
+def test_idempotent_submit(client):
+    h = {"Idempotency-Key": "set-1"}
+    first, second = upload(client, GOOD, headers=h), upload(client, GOOD, headers=h)
+    assert first.status_code == 202 and second.status_code == 200 and first.json()["id"] == second.json()["id"]
+    assert client.get("/v1/datasets").json()["total"] == 1
+    other = upload(client, GOOD[:2], headers=h)
+    assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+
+
+def test_cancel_retry_and_failures(client):
+    run_id = upload(client, GOOD).json()["id"]
+    assert client.post(f"/v1/datasets/{run_id}/retry").status_code == 409  # nothing failed
+    r = client.post(f"/v1/datasets/{run_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceling"
+    assert client.post(f"/v1/datasets/{run_id}/cancel").status_code == 409
+    assert client.get(f"/v1/datasets/{run_id}/failures").json() == {"failures": [], "total": 0, "offset": 0,
+                                                                       "limit": 100}  # fmt: skip
+
+
+def test_another_tenants_run_is_not_found(client, settings):
+    run_id = upload(client, GOOD).json()["id"]
+    authorize(client, settings, tenant="someone-else")
+    for path in ("", "/files", "/failures"):
+        assert client.get(f"/v1/datasets/{run_id}{path}").status_code == 404
+    assert client.post(f"/v1/datasets/{run_id}/cancel").status_code == 404
+    assert client.get("/v1/datasets").json()["total"] == 0
+
+
+def test_upload_size_has_its_own_limit(client, settings):
+    big = jsonl([{"id": f"p{i}", "prompt": "x" * 50} for i in range(2000)])  # ~150 kB: over the job body limit
+    assert len(big) > settings.max_body_bytes
+    files = {"input": ("p.jsonl", big, "application/x-ndjson")}
+    assert client.post("/v1/datasets", files=files, data={"options": json.dumps(OPTIONS)}).status_code == 202
+    assert client.post("/v1/jobs", content=big, headers={"content-type": "application/json"}).status_code == 413

@@ -1,0 +1,267 @@
+"""Data sets through the whole service: the HTTP API, Redis, Celery, real `python -m worker` processes, storage.
+
+- 200 lines with the tiny JAX engine, S3 storage (SeaweedFS), driven by the CLI (interrupted and resumed),
+  read back with webdataset, Hugging Face datasets and pyarrow;
+- priority, resume after SIGKILL and cancel with the fixed-duration stand-in engine: those tests are about
+  delivery and ordering, not the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.main import create_app
+from common.api_keys import ApiKeyStore
+from common.datasets import derive_seed
+from tests.servers import REPO, ApiProcess, WorkerProcess, authorize, settings_from, standin_env, wait_for
+from worker import images
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+
+# ---------------------------------------------------------------------- the tiny engine, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
+    prefix = f"ds{uuid.uuid4().hex[:8]}"
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_DTYPE": "float32", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "8", "SDXL_BATCH_TIMEOUT_S": "0.5",
+        "SDXL_DATASET_FEED_DEPTH": "32", "SDXL_URL_SIGNING_SECRET": "u" * 32,
+        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"), **s3.env(),
+    }  # fmt: skip
+    logs = tmp_path_factory.mktemp("ds-logs")
+    worker = WorkerProcess(env, logs / "worker.log")
+    worker.start(redis_url, prefix)
+    api = ApiProcess(env, logs / "api.log")
+    api.start()
+    _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("data-team")
+    yield api, key, env
+    api.stop()
+    worker.stop()
+
+
+def cli(api: ApiProcess, key: str, jsonl_path, out, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "client.dataset", str(jsonl_path), "--out", str(out), "--api", api.url,
+            "--key", key, "--poll-s", "0.3", *extra]  # fmt: skip
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
+    import webdataset as wds
+
+    api, key, _ = tiny_stack
+    lines = [{"id": f"img-{i:03d}", "prompt": f"a watercolour of a lighthouse, variant {i}"} for i in range(200)]
+    lines[5].update(seed=42, steps=3, scheduler="ddim", guidance_scale=1.0)  # a line's own parameters win
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(jsonl(lines))
+    out = tmp_path / "out"
+    options = ["--defaults", '{"width": 64, "height": 64, "steps": 2}', "--seed", "7", "--shard-size", "64"]
+
+    # Interrupted once a shard is down, then the same command again: it resumes the same run.
+    first = cli(api, key, source, out, *options)
+    wait_for(lambda: any((out / "shards").glob("*.tar")) or first.poll() is not None, 300, 0.2)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(30) == 130, first.stdout.read()
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    second = cli(api, key, source, out, *options)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output
+    assert "completed: 200 images, 0 failed" in output
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}) as c:
+        listing = c.get("/v1/datasets").json()
+    assert listing["total"] == 1 and listing["datasets"][0]["id"] == run_id  # resumed, not resubmitted
+    status = json.loads((out / "status.json").read_text())
+    assert status["counts"] == {"total": 200, "queued": 0, "running": 0, "succeeded": 200, "failed": 0, "canceled": 0,
+                                "skipped": 0}  # fmt: skip
+
+    # Shards: 64 + 64 + 64 + 8 images, read back by webdataset.
+    tars = sorted((out / "shards").glob("shard-*.tar"))
+    assert [t.name for t in tars] == [f"shard-{i:06d}.tar" for i in range(4)]
+    samples = list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode("pil"))
+    assert len(samples) == 200 and {s["__key__"] for s in samples} == {x["id"] for x in lines}
+    assert all(s["png"].size == (64, 64) for s in samples)
+
+    # The manifest (JSONL and Parquet) agrees with the shards, seeds and parameters.
+    manifest = {m["id"]: m for m in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert len(manifest) == 200
+    assert manifest["img-005"]["seed"] == 42 and manifest["img-005"]["scheduler"] == "ddim"
+    assert manifest["img-006"]["seed"] == derive_seed(7, "img-006") and manifest["img-006"]["steps"] == 2
+    raw = {s["__key__"]: s for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False)}
+    for line_id in ("img-000", "img-005", "img-199"):
+        png = raw[line_id]["png"]
+        assert hashlib.sha256(png).hexdigest() == manifest[line_id]["sha256"]
+        params = images.read_parameters(png)  # the parameters travel inside each PNG too
+        assert params["seed"] == manifest[line_id]["seed"] and params["prompt"] == manifest[line_id]["prompt"]
+        assert json.loads(raw[line_id]["json"]) == manifest[line_id]
+
+    # Hugging Face datasets loads both the shards and the Parquet manifest.
+    from datasets import load_dataset
+
+    shards = load_dataset("webdataset", data_files={"train": [str(t) for t in tars]}, split="train")
+    assert shards.num_rows == 200 and set(shards.column_names) >= {"__key__", "png", "json"}
+    table = load_dataset("parquet", data_files=str(out / "manifest.parquet"), split="train")
+    assert table.num_rows == 200 and set(table["id"]) == set(manifest)
+    assert (out / "failures.jsonl").read_text() == ""
+
+    # Reproducible: the same lines and run seed in a new run give the same pictures.
+    again = tmp_path / "again.jsonl"
+    again.write_bytes(jsonl([x for x in lines if x["id"] in ("img-005", "img-006", "img-100")]))
+    rerun = cli(api, key, again, tmp_path / "out2", *options)
+    assert rerun.wait(300) == 0, rerun.stdout.read()
+    rerun_samples = {s["__key__"]: s for s in wds.WebDataset(
+        [str(t) for t in sorted((tmp_path / "out2" / "shards").glob("*.tar"))], shardshuffle=False)}  # fmt: skip
+    assert sorted(rerun_samples) == ["img-005", "img-006", "img-100"]
+    for line_id, sample in rerun_samples.items():
+        a = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(raw[line_id]["png"])), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, line_id  # same seed, same image (other batch neighbours: <= 1/255)
+
+
+def test_the_cli_prints_bad_lines_and_stores_nothing(tiny_stack, tmp_path):
+    api, key, _ = tiny_stack
+    source = tmp_path / "bad.jsonl"
+    source.write_bytes(jsonl([{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": "x", "steps": 0}]))
+    proc = cli(api, key, source, tmp_path / "out", "--defaults", '{"width": 64, "height": 64}', "--no-progress")
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2 and "line 2: steps: Input should be greater than or equal to 1" in output, output
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+# ---------------------------------------------------------------------- the stand-in engine: delivery
+
+
+@pytest.fixture
+def standin_stack(redis_url, tmp_path, request):
+    overrides = {"SDXL_STANDIN_BATCH_S": "0.5", "SDXL_BATCH_TIMEOUT_S": "0.3", "SDXL_DATASET_FEED_DEPTH": "40",
+                 **getattr(request, "param", {})}  # fmt: skip
+    prefix, env = standin_env(redis_url, tmp_path, "dsb", SDXL_BULK_QUEUE_NAME=f"{uuid.uuid4().hex[:6]}-bulk",
+                              **overrides)  # fmt: skip
+    settings = settings_from(env)
+    workers: list[WorkerProcess] = []
+
+    def start_worker() -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log")
+        w.start(redis_url, prefix, timeout_s=120)
+        workers.append(w)
+        return w
+
+    def make_client() -> TestClient:
+        client = TestClient(create_app(settings))
+        client.__enter__()
+        authorize(client, settings, tenant="bulk")
+        return client
+
+    clients: list[TestClient] = []
+
+    def client() -> TestClient:
+        clients.append(make_client())
+        return clients[-1]
+
+    yield client, start_worker, settings
+    for c in clients:
+        c.__exit__(None, None, None)
+    for w in workers:
+        w.stop(signal.SIGKILL)
+
+
+def submit(client, n: int, **options) -> str:
+    lines = [{"id": f"l{i:03d}", "prompt": f"p{i}"} for i in range(n)]
+    opts = {"defaults": {"width": 64, "height": 64, "steps": 2}, **options}
+    r = client.post("/v1/datasets", files={"input": ("x.jsonl", jsonl(lines))}, data={"options": json.dumps(opts)})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def counts(client, run_id: str) -> dict:
+    return client.get(f"/v1/datasets/{run_id}").json()["counts"]
+
+
+def test_interactive_jobs_go_before_waiting_bulk_lines(standin_stack):
+    client_of, start_worker, _ = standin_stack
+    start_worker()
+    client = client_of()
+    run_id = submit(client, 40, shard_size=10)  # 40 lines = 10 batches of 4; depth 40: all on the bulk queue
+    wait_for(lambda: counts(client, run_id)["succeeded"] >= 4, 60)
+    before = counts(client, run_id)
+    waiting = before["total"] - before["succeeded"] - before["running"]
+    ids = []
+    for i in range(4):
+        r = client.post("/v1/jobs", json={"prompt": f"urgent {i}", "width": 64, "height": 64, "steps": 2})
+        assert r.status_code == 202
+        ids.append(r.json()["id"])
+    wait_for(lambda: all(client.get(f"/v1/jobs/{i}").json()["status"] == "succeeded" for i in ids), 60, 0.05)
+    after = counts(client, run_id)
+    bulk_meanwhile = after["succeeded"] - before["succeeded"]
+    # FIFO would put ~`waiting` bulk lines (>= 24) first; with priority only the batches already held by the
+    # worker (two batches of 4, one on the device and one queued behind it) finish before the interactive ones.
+    assert waiting >= 24, before
+    assert bulk_meanwhile <= 12, (before, after)
+    wait_for(lambda: client.get(f"/v1/datasets/{run_id}").json()["status"] == "completed", 120)  # bulk resumes
+
+
+@pytest.mark.parametrize("standin_stack", [{"SDXL_VISIBILITY_TIMEOUT_S": "10"}], indirect=True)
+def test_a_run_survives_a_killed_worker_and_a_restarted_api_without_redoing_finished_lines(standin_stack):
+    client_of, start_worker, settings = standin_stack
+    first = start_worker()
+    client = client_of()
+    run_id = submit(client, 60, shard_size=10)
+    wait_for(lambda: counts(client, run_id)["succeeded"] >= 12, 60)
+    first.stop(signal.SIGKILL)  # mid-run: batches on the device, lines queued, a feeder holding the run's lock
+    r = redis.Redis.from_url(settings.redis_url)
+    logged = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
+    ran_before = {j for e in logged for j in e["jobs"]}
+    # Finished lines are reaped: their job records are gone (or say succeeded, waiting for the next reap).
+    finished_before = {
+        j for j in ran_before if r.hget(f"{settings.key_prefix}:job:{j}", "status") in (None, b"succeeded")
+    }
+    assert len(finished_before) >= 12
+
+    client = client_of()  # a new API process's view: the run lives in Redis and storage, not in the API
+    start_worker()
+    wait_for(lambda: client.get(f"/v1/datasets/{run_id}").json()["status"] == "completed", 180)
+    run = client.get(f"/v1/datasets/{run_id}").json()
+    assert run["counts"]["succeeded"] == 60 and run["counts"]["failed"] == 0
+    logged_after = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
+    ran_after = [j for e in logged_after if e["worker"] != logged[0]["worker"] for j in e["jobs"]]
+    assert not finished_before & set(ran_after), "a line that had finished ran again"
+    files = client.get(f"/v1/datasets/{run_id}/files").json()
+    manifest = [json.loads(x) for x in client.get(files["manifest_jsonl"]).text.splitlines()]
+    assert sorted(m["id"] for m in manifest) == [f"l{i:03d}" for i in range(60)]  # each line exactly once
+    assert len(files["shards"]) == 6
+
+
+def test_cancel_keeps_the_finished_images(standin_stack):
+    client_of, start_worker, _ = standin_stack
+    start_worker()
+    client = client_of()
+    run_id = submit(client, 60, shard_size=5)
+    wait_for(lambda: counts(client, run_id)["succeeded"] >= 8, 60)
+    assert client.post(f"/v1/datasets/{run_id}/cancel").json()["status"] == "canceling"
+    wait_for(lambda: client.get(f"/v1/datasets/{run_id}").json()["status"] == "canceled", 60)
+    run = client.get(f"/v1/datasets/{run_id}").json()
+    c = run["counts"]
+    assert c["succeeded"] >= 8 and c["succeeded"] + c["canceled"] == 60 and c["canceled"] > 0, c
+    files = client.get(f"/v1/datasets/{run_id}/files").json()
+    manifest = [json.loads(x) for x in client.get(files["manifest_jsonl"]).text.splitlines()]
+    assert len(manifest) == c["succeeded"]
+    png = client.get(client.app.state.services.storage.url(manifest[0]["key"], 60)).content
+    assert hashlib.sha256(png).hexdigest() == manifest[0]["sha256"]
+    assert sum(1 for _ in files["shards"]) == -(-c["succeeded"] // 5)
