@@ -184,6 +184,11 @@ class DatasetStore:
         found = json.loads(self.r.get(k) or json.dumps([run_id, fingerprint]))
         return found[0], found[1]
 
+    def idempotent_run(self, tenant: str, key_hash: str) -> tuple[str, str] | None:
+        """(run id, fingerprint) an Idempotency-Key made, if any."""
+        found = self.r.get(f"{self.prefix}:dataset-idem:{tenant}:{key_hash}")
+        return tuple(json.loads(found)) if found else None  # type: ignore[return-value]
+
     def release_idempotency(self, tenant: str, key_hash: str) -> None:
         self.r.delete(f"{self.prefix}:dataset-idem:{tenant}:{key_hash}")
 

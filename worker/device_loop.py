@@ -34,6 +34,7 @@ from worker.engine.engine import Engine, Pending, Row
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
 REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it ran: back to the queue
+BATCH_LOG_LINES = 1000
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
 
 
@@ -325,7 +326,8 @@ class DeviceLoop:
     # ------------------------------------------------------------------ observability
 
     def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float) -> None:
-        """One line per engine run in P:batches (newest first, last 10,000): tests and benches read it."""
+        """One line per engine run in P:batches (newest first, the last 1,000): tests and benches read it. It
+        is capped low because each line lists its job ids: with 32-row batches that is ~1.5 kB a line."""
         entry = {
             "worker": self.name,
             "height": batch.shape[0],
@@ -339,7 +341,7 @@ class DeviceLoop:
         key = self.store.key("batches")
         pipe = self.store.r.pipeline()
         pipe.lpush(key, json.dumps(entry))
-        pipe.ltrim(key, 0, 9999)
+        pipe.ltrim(key, 0, BATCH_LOG_LINES - 1)
         pipe.execute()
 
     def _sweep(self) -> None:

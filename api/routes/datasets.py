@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -129,9 +128,9 @@ def _create(
     fingerprint = _fingerprint(stream, options)
     key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     if key_hash:
-        found = services.datasets.r.get(f"{s.key_prefix}:dataset-idem:{tenant}:{key_hash}")
+        found = services.datasets.idempotent_run(tenant, key_hash)
         if found:
-            return _replay(services, tenant, key_hash, json.loads(found), fingerprint, request, response)
+            return _replay(services, tenant, key_hash, found, fingerprint, request, response)
     try:
         ingested = ingest(stream, options, s, services.storage)
     except InputInvalid as exc:
@@ -145,7 +144,7 @@ def _create(
     if key_hash:
         run_id, seen = services.datasets.claim_idempotency(tenant, key_hash, ingested.run_id, fingerprint)
         if run_id != ingested.run_id:  # a concurrent request with the same key won: answer with its run
-            return _replay(services, tenant, key_hash, [run_id, seen], fingerprint, request, response)
+            return _replay(services, tenant, key_hash, (run_id, seen), fingerprint, request, response)
     create_run(services.datasets, ingested, options, tenant, source)
     run = services.datasets.get(ingested.run_id)
     assert run is not None

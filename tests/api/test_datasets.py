@@ -134,3 +134,16 @@ def test_upload_size_has_its_own_limit(client, settings):
     files = {"input": ("p.jsonl", big, "application/x-ndjson")}
     assert client.post("/v1/datasets", files=files, data={"options": json.dumps(OPTIONS)}).status_code == 202
     assert client.post("/v1/jobs", content=big, headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_an_upload_over_the_data_set_limit_is_413(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    small = settings.model_copy(update={"max_dataset_bytes": 4096})
+    with TestClient(create_app(small)) as c:
+        authorize(c, small)
+        r = upload(c, [{"id": f"p{i}", "prompt": "x" * 100} for i in range(100)])
+        assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["error"]
+        assert c.get("/v1/datasets").json()["total"] == 0

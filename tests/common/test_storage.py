@@ -47,3 +47,16 @@ def test_s3_presigned_urls_are_checked_by_the_server(s3):
     assert httpx.get(short).status_code == 403  # expired
     store.delete("images/t/0.png")
     assert httpx.get(store.url("images/t/0.png", 60)).status_code == 404
+
+
+def test_get_and_streamed_put_on_both_backends(tmp_path, s3):
+    import io
+
+    for store in (LocalStorage(tmp_path, "http://api", b"k" * 32), S3Storage(settings_from(s3.env()))):
+        store.put_file("datasets/r/input/original.jsonl", io.BytesIO(b'{"id": 1}\n' * 1000), "application/x-ndjson")
+        assert store.get("datasets/r/input/original.jsonl") == b'{"id": 1}\n' * 1000
+        with pytest.raises(KeyError):
+            store.get("datasets/r/none.jsonl")
+        store.delete("datasets/r/input/original.jsonl")
+        with pytest.raises(KeyError):
+            store.get("datasets/r/input/original.jsonl")

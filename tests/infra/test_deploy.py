@@ -85,7 +85,8 @@ def test_autoscalers_point_at_real_deployments_and_queues():
             continue
         target = deployments[doc["spec"]["scaleTargetRef"]["name"]]
         container = target["spec"]["template"]["spec"]["containers"][0]
-        queue = {e["name"]: e.get("value") for e in container["env"]}["SDXL_QUEUE_NAME"]
-        assert doc["spec"]["triggers"][0]["metadata"]["listName"] == queue
+        env = {e["name"]: e.get("value") for e in container["env"] if e.get("value") is not None}
+        consumed = Settings(**{k.removeprefix("SDXL_").lower(): v for k, v in env.items()}).worker_queues
+        assert doc["spec"]["triggers"][0]["metadata"]["listName"] in consumed
         # a worker must be allowed to finish its batch on scale-in
         assert target["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 300
