@@ -78,7 +78,7 @@ class DatasetPublic(BaseModel):
     seed: int  # the run seed: lines without a seed derive theirs from it and their id
     options: DatasetOptions
     counts: DatasetCounts
-    images_per_s: float | None = None  # over the last ~5 minutes
+    images_per_s: float | None = None  # over the last ~5 minutes; once finished, the whole run's average
     eta_s: float | None = None
     shards: int = 0  # WebDataset shards written so far
     output_prefix: str  # object-store prefix of everything this run writes

@@ -91,6 +91,7 @@ def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["counts"] == {"total": 200, "queued": 0, "running": 0, "succeeded": 200, "failed": 0, "canceled": 0,
                                 "skipped": 0}  # fmt: skip
+    assert status["images_per_s"] > 0 and status["eta_s"] is None and status["finished_at"] >= status["started_at"]
 
     # Shards: 64 + 64 + 64 + 8 images, read back by webdataset.
     tars = sorted((out / "shards").glob("shard-*.tar"))

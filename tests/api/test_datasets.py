@@ -119,6 +119,22 @@ def test_cancel_retry_and_failures(client):
                                                                        "limit": 100}  # fmt: skip
 
 
+def test_failed_lines_are_listed_and_retried_over_http(client):
+    run_id = upload(client, GOOD).json()["id"]
+    datasets = client.app.state.services.datasets
+    # What the feeder records when a line's job fails (tests/worker/test_feeder.py runs the real thing).
+    for index in (3, 1):
+        datasets.r.hset(datasets.key(run_id, "inflight"), index, f"job{index}")
+        datasets.reap(run_id, index, "none", "failed", {"line": index + 1, "id": f"p{index}", "error": "engine error"})
+    page = client.get(f"/v1/datasets/{run_id}/failures", params={"limit": 1}).json()
+    assert page["total"] == 2 and page["failures"] == [{"line": 2, "id": "p1", "error": "engine error"}]
+    assert client.get(f"/v1/datasets/{run_id}").json()["counts"]["failed"] == 2
+    r = client.post(f"/v1/datasets/{run_id}/retry")
+    assert r.status_code == 200 and r.json()["retried"] == 2
+    assert r.json()["dataset"]["counts"]["failed"] == 0 and datasets.retry_pending(run_id) == 2
+    assert client.get(f"/v1/datasets/{run_id}/failures").json()["total"] == 0
+
+
 def test_another_tenants_run_is_not_found(client, settings):
     run_id = upload(client, GOOD).json()["id"]
     authorize(client, settings, tenant="someone-else")
