@@ -34,7 +34,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir)
-    m = model.load(settings.model, model.resolve_dtype(settings.dtype))
+    m = model.load(settings.model, model.resolve_dtype(settings.dtype), shape_cache=folder / "shapes")
     t1 = time.perf_counter()
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention, aot_dir=folder / "executables"

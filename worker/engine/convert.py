@@ -14,8 +14,10 @@ Naming rules (diffusers and transformers, 0.39 / 4.57):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -79,8 +81,9 @@ def _candidate_paths(pt_key: str) -> list[tuple[str, ...]]:
     return found
 
 
-def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str) -> dict[str, Any]:
-    """Convert a PyTorch-layout state dict into the Flax tree whose leaves' shapes `target` gives."""
+def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str, dtype: Any = None) -> dict[str, Any]:
+    """Convert a PyTorch-layout state dict into the Flax tree whose leaves' shapes `target` gives, cast to
+    `dtype` (default: as stored)."""
     out: FlatTree = {}
     unexpected: list[str] = []
     for pt_key, tensor in state.items():
@@ -99,7 +102,7 @@ def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str) -> 
                 options = []
             for flax_key, value in options:
                 if flax_key in target and tuple(target[flax_key].shape) == value.shape:
-                    out[flax_key] = np.ascontiguousarray(value)
+                    out[flax_key] = value  # a view: laid out and cast below, in one copy
                     placed = True
                     break
             if placed:
@@ -112,7 +115,11 @@ def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str) -> 
             f"{what}: the checkpoint does not match the model config: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    return unflatten(out)
+    # Transposing to Flax's layout and casting is one copy per tensor; numpy releases the GIL while copying,
+    # so threads spread it over the host's cores (gigabytes for SDXL: most of a warm start's model load).
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        laid_out = pool.map(lambda v: np.ascontiguousarray(v, dtype=dtype or v.dtype), out.values())
+        return unflatten(dict(zip(out.keys(), laid_out, strict=True)))
 
 
 def flax_to_pt(params: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:

@@ -6,9 +6,11 @@ Everything here runs on the host; `Model.params` are numpy/jax arrays not yet pl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,8 @@ def _read_weights(folder: Path, flax_name: str, st_stem: str) -> tuple[str, dict
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), tree)
+    # copy=False: weights already in the serving dtype (float32 on a CPU) are not copied a second time
+    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), tree)
 
 
 def _load_params(folder: Path, flax_name: str, st_stem: str, shapes: Any, dtype: Any) -> Any:
@@ -127,7 +130,7 @@ def _load_params(folder: Path, flax_name: str, st_stem: str, shapes: Any, dtype:
         if missing or len(got) != len(target):
             raise ModelError(f"{folder}: Flax weights do not match the config ({len(missing)} missing)")
     else:
-        params = convert.pt_to_flax(payload, target, str(folder))
+        params = convert.pt_to_flax(payload, target, str(folder), dtype)
     # Weights in bfloat16 (or float32): halves memory and HBM traffic; the scheduler maths stays float32.
     return _cast(params, dtype)
 
@@ -140,7 +143,31 @@ def _check_folder(root: Path) -> None:
             raise ModelError(f"{root} has no {part}/ folder; an SDXL model needs {part}")
 
 
-def _assemble(root: Path, name: str, dtype: Any, weights: Any) -> Model:
+def _shapes(kind: str, config: Any, trace: Callable[[], Any], cache: Path | None) -> Any:
+    """A module's parameter shapes. jax.eval_shape traces the module's init to get them, which takes seconds
+    for a UNet (2 s for the `mid` preset on a CPU, most of a warm start's model load); with `cache` they are
+    kept as JSON keyed by the config and library versions, so a warm start reads them instead."""
+    if cache is None:
+        return trace()
+    import diffusers
+
+    key = json.dumps([kind, dict(config), diffusers.__version__, jax.__version__], sort_keys=True, default=str)
+    path = cache / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    if path.exists():
+        flat = json.loads(path.read_text())
+        return convert.unflatten(
+            {tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for k, (s, d) in flat.items()}
+        )
+    tree = trace()
+    flat = {"/".join(k): [list(v.shape), str(v.dtype)] for k, v in convert.flatten(tree).items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(flat))
+    os.replace(tmp, path)
+    return tree
+
+
+def _assemble(root: Path, name: str, dtype: Any, weights: Any, shape_cache: Path | None = None) -> Model:
     """Build the modules from root's configs; weights(modules, shapes) returns the parameter tree."""
     key = jax.random.PRNGKey(0)
     unet = FlaxUNet2DConditionModel.from_config(FlaxUNet2DConditionModel.load_config(root / "unet"), dtype=dtype)
@@ -150,8 +177,8 @@ def _assemble(root: Path, name: str, dtype: Any, weights: Any) -> Model:
         CLIPTextConfig.from_pretrained(root / "text_encoder_2"), dtype=dtype, _do_init=False
     )
     shapes = {  # shapes only (jax.eval_shape): no random init is ever materialised
-        "unet": jax.eval_shape(unet.init_weights, key),
-        "vae": jax.eval_shape(vae.init_weights, key),
+        "unet": _shapes("unet", unet.config, lambda: jax.eval_shape(unet.init_weights, key), shape_cache),
+        "vae": _shapes("vae", vae.config, lambda: jax.eval_shape(vae.init_weights, key), shape_cache),
         "text_encoder": te1.params_shape_tree,
         "text_encoder_2": te2.params_shape_tree,
     }
@@ -170,7 +197,9 @@ def _assemble(root: Path, name: str, dtype: Any, weights: Any) -> Model:
     )
 
 
-def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = None) -> Model:
+def load_folder(
+    path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = None, shape_cache: Path | None = None
+) -> Model:
     root = Path(path)
     _check_folder(root)
     files = {  # component: (Flax file, safetensors stem)
@@ -183,7 +212,7 @@ def load_folder(path: str | Path, dtype: Any = jnp.bfloat16, name: str | None = 
     def weights(shapes: dict[str, Any]) -> dict[str, Any]:
         return {part: _load_params(root / part, *files[part], shapes[part], dtype) for part in COMPONENTS}
 
-    return _assemble(root, name or str(root), dtype, weights)
+    return _assemble(root, name or str(root), dtype, weights, shape_cache)
 
 
 def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
@@ -219,16 +248,19 @@ def fetch_hub(repo_id: str, cache_dir: str | None = None) -> Path:
         ) from exc
 
 
-def load(spec: str, dtype: Any = jnp.bfloat16, tiny_dir: str | Path | None = None) -> Model:
-    """`tiny`, a local folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0."""
+def load(
+    spec: str, dtype: Any = jnp.bfloat16, tiny_dir: str | Path | None = None, shape_cache: Path | None = None
+) -> Model:
+    """`tiny`, a local folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`:
+    a folder where parameter shapes are kept between starts (the worker uses its compile cache)."""
     if spec == "tiny":
         from worker.engine import tiny
 
         folder = Path(tiny_dir or tiny.default_dir())
         tiny.ensure(folder)
-        return load_folder(folder, dtype, name="tiny")
+        return load_folder(folder, dtype, name="tiny", shape_cache=shape_cache)
     if Path(spec).exists():
-        return load_folder(spec, dtype)
+        return load_folder(spec, dtype, shape_cache=shape_cache)
     if spec.count("/") != 1:
         raise ModelError(f"model {spec!r} is neither 'tiny', an existing folder, nor a hub id like owner/name")
-    return load_folder(fetch_hub(spec), dtype, name=spec)
+    return load_folder(fetch_hub(spec), dtype, name=spec, shape_cache=shape_cache)

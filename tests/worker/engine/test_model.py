@@ -58,3 +58,17 @@ def test_missing_weights_are_named(tmp_path, tiny_dir):
     (tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(model.ModelError, match=r"no weights in .*vae"):
         model.load_folder(tmp_path / "m")
+
+
+def test_parameter_shapes_are_cached_between_starts(tiny_dir, tmp_path, monkeypatch):
+    first = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == ["unet", "vae"]
+    def traced(*_, **__):
+        pytest.fail("the UNet or VAE init was traced again")
+
+    monkeypatch.setattr(model.FlaxUNet2DConditionModel, "init_weights", traced)
+    monkeypatch.setattr(model.FlaxAutoencoderKL, "init_weights", traced)
+    second = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)  # shapes from the cache, no tracing
+    a, b = convert.flatten(first.params), convert.flatten(second.params)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.asarray(v).dtype == np.float32 and np.asarray(v).flags.c_contiguous for v in b.values())
