@@ -142,18 +142,16 @@ class _bar:
     """A tqdm progress bar when asked for (and installed), else nothing."""
 
     def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.tqdm = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.tqdm = tqdm(unit="img", dynamic_ncols=True)
-            except ImportError:
-                pass
 
     def update(self, done: int, total: int, rate: float | None, eta_s: float | None, failed: int) -> None:
-        if self.tqdm is None:
+        if not self.enabled:
             return
+        if self.tqdm is None:  # made at the first status, when the total is known
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=total, unit="img", dynamic_ncols=True)
         self.tqdm.total = total
         self.tqdm.n = done
         self.tqdm.set_postfix_str(

@@ -118,8 +118,8 @@ def main() -> None:
             raise SystemExit(f"error: {job.get('error')}")
         folder = Path(env["SDXL_LOCAL_STORAGE_DIR"])
         for image in job["images"]:
-            key = httpx.URL(image["url"]).path.removeprefix("/v1/files/")
-            print(f"  {folder / key}\n    {image['url']}")
+            object_key = httpx.URL(image["url"]).path.removeprefix("/v1/files/")  # not `key`: that is the API key
+            print(f"  {folder / object_key}\n    {image['url']}")
         if env["SDXL_MODEL"] == "tiny":
             print("(the tiny model has random weights: its images are noise. README: 'Serving real SDXL weights')")
         if not args.once:
@@ -128,7 +128,15 @@ def main() -> None:
                 f"curl -s -X POST {base}/v1/jobs -H 'Authorization: Bearer {key}' "
                 f"-H 'Content-Type: application/json' -d '{body}'"
             )
-            print(f"\nThe stack keeps running; try:\n  {example}\nCtrl-C stops it.")
+            dataset = (
+                f"{sys.executable} -m client.dataset prompts.jsonl --out my-set --api {base} --key {key} "
+                """--defaults '{"width": 512, "height": 512}'"""
+            )
+            print(f"\nThe stack keeps running; try:\n  {example}\nor a data set (README: Data sets):\n  {dataset}")
+            print("Ctrl-C stops it.")
+            # Blocked first, so that sigwait takes them: unblocked, SIGTERM would end this process at once and
+            # leave the API and worker running without it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         for proc in procs.values():

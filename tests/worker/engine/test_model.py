@@ -63,6 +63,7 @@ def test_missing_weights_are_named(tmp_path, tiny_dir):
 def test_parameter_shapes_are_cached_between_starts(tiny_dir, tmp_path, monkeypatch):
     first = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)
     assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == ["unet", "vae"]
+
     def traced(*_, **__):
         pytest.fail("the UNet or VAE init was traced again")
 
