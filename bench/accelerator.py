@@ -9,6 +9,12 @@ path (diffusers' FlaxStableDiffusionXLPipeline, replicated params, jit=True), an
 StableDiffusionXLPipeline (eager; torch.compile if time is left). Each measurement: compile/warm-up once,
 then the median of --rounds calls. Seconds per image, images/s, fraction of the peak you pass (bf16 dense),
 peak device memory. Results are written to --out after every step, so a run cut short still reports.
+
+Memory per batch size comes from XLA's analysis of each compiled program (arguments: weights and inputs;
+temporaries; outputs), which is exact for the program and independent of what ran before (the process-wide
+`peak_bytes_in_use` only ever grows). The largest batch that fits is extrapolated from those figures
+(temporaries grow linearly with the batch) against the device's `bytes_limit`, then, when time is left,
+compiled and run once at that size to check it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,36 @@ def jax_peak_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
+def program_memory(engine, hw: tuple[int, int]) -> dict[str, float]:
+    """XLA's memory analysis of the compiled generate program for engine.batch_rows rows, in GiB."""
+    stats = engine.executable(*hw).memory_analysis()
+    if stats is None:
+        return {}
+    gib = {
+        "arguments_gib": stats.argument_size_in_bytes / 2**30,
+        "temporaries_gib": stats.temp_size_in_bytes / 2**30,
+        "outputs_gib": stats.output_size_in_bytes / 2**30,
+    }
+    gib["program_total_gib"] = sum(gib.values())
+    return gib
+
+
+def largest_batch(points: list[tuple[int, dict[str, float]]], limit_gib: float, devices: int) -> dict | None:
+    """Extrapolate arguments + temporaries + outputs linearly in the batch (least squares over the measured
+    batches) and return the largest multiple of `devices` under `limit_gib`, with the fit."""
+    if len(points) < 2 or not limit_gib:
+        return None
+    xs = [b for b, _ in points]
+    ys = [m["program_total_gib"] for _, m in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    base = mean_y - slope * mean_x
+    if slope <= 0:
+        return None
+    batch = int((limit_gib * 0.95 - base) / slope) // devices * devices  # 5% headroom for the allocator
+    return {"batch": batch, "gib_per_row": slope, "fixed_gib": base, "limit_gib": limit_gib, "headroom": 0.05}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sdxl", choices=["tiny", "mid", "sdxl"])
@@ -55,7 +91,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the chip (H100: 989)")
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new measurements after this")
-    p.add_argument("--skip", default="", help="comma list of: reference,torch,cudnn,torch_compile")
+    p.add_argument("--skip", default="", help="comma list of: reference,torch,cudnn,torch_compile,verify_largest")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     start = time.perf_counter()
@@ -94,6 +130,7 @@ def main() -> None:
     result["build_weights_s"] = time.perf_counter() - t0
     save()
     flops = None
+    memory_points: list[tuple[int, dict[str, float]]] = []
     attentions = ["einsum"] + ([] if "cudnn" in skip or result["platform"] != "gpu" else ["cudnn"])
     for attention in attentions:
         for batch in batches:
@@ -108,11 +145,30 @@ def main() -> None:
                     result["tflop_per_image"] = flops / 1e12
                 rows = [Row(f"a photo of thing number {i}", "blurry", seed=i, steps=args.steps) for i in range(batch)]
                 first, med = timed(lambda: engine.generate(rows, *hw), args.rounds)  # noqa: B023
-                record(f"ours/{attention}", batch, first, med, flops, peak_memory_gib=jax_peak_gib())
+                memory = program_memory(engine, hw)
+                if memory and attention == "einsum":
+                    memory_points.append((batch, memory))
+                record(f"ours/{attention}", batch, first, med, flops, peak_memory_gib=jax_peak_gib(), **memory)
             except Exception as exc:
                 result["errors"].append(f"ours/{attention} batch {batch}: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
                 save()
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30
+    estimate = largest_batch(memory_points, limit, jax.device_count())
+    result["largest_batch_estimate"] = estimate
+    save()
+    if estimate and estimate["batch"] > max(batches) and left() and "verify_largest" not in skip:
+        try:  # check the estimate: compile and run once at that size
+            engine = Engine(m, [hw], estimate["batch"])
+            rows = [Row(f"thing {i}", "", seed=i, steps=args.steps) for i in range(estimate["batch"])]
+            first, med = timed(lambda: engine.generate(rows, *hw), 1)
+            record("ours/einsum/largest", estimate["batch"], first, med, flops, peak_memory_gib=jax_peak_gib(),
+                   **program_memory(engine, hw))  # fmt: skip
+            del engine
+        except Exception as exc:
+            result["errors"].append(f"largest batch {estimate['batch']}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            save()
     if "reference" not in skip:
         from engine import reference_pipeline  # bench/engine.py
 
