@@ -205,3 +205,21 @@ class ApiProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class WorkerPool:
+    """Worker processes of one namespace started on demand (numbered logs); all SIGKILLed at close."""
+
+    def __init__(self, env: dict[str, str], redis_url: str, prefix: str, log_dir: Path):
+        self.env, self.redis_url, self.prefix, self.log_dir = env, redis_url, prefix, log_dir
+        self.workers: list[WorkerProcess] = []
+
+    def start(self) -> WorkerProcess:
+        worker = WorkerProcess(self.env, self.log_dir / f"worker{len(self.workers)}.log")
+        worker.start(self.redis_url, self.prefix, timeout_s=120)
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(signal.SIGKILL)

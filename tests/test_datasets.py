@@ -26,7 +26,7 @@ from PIL import Image
 from api.main import create_app
 from common.api_keys import ApiKeyStore
 from common.datasets import derive_seed
-from tests.servers import REPO, ApiProcess, WorkerProcess, authorize, settings_from, standin_env, wait_for
+from tests.servers import REPO, ApiProcess, WorkerPool, WorkerProcess, authorize, settings_from, standin_env, wait_for
 from worker import images
 
 
@@ -156,13 +156,7 @@ def standin_stack(redis_url, tmp_path, request):
     prefix, env = standin_env(redis_url, tmp_path, "dsb", SDXL_BULK_QUEUE_NAME=f"{uuid.uuid4().hex[:6]}-bulk",
                               **overrides)  # fmt: skip
     settings = settings_from(env)
-    workers: list[WorkerProcess] = []
-
-    def start_worker() -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log")
-        w.start(redis_url, prefix, timeout_s=120)
-        workers.append(w)
-        return w
+    pool = WorkerPool(env, redis_url, prefix, tmp_path)
 
     def make_client() -> TestClient:
         client = TestClient(create_app(settings))
@@ -176,11 +170,10 @@ def standin_stack(redis_url, tmp_path, request):
         clients.append(make_client())
         return clients[-1]
 
-    yield client, start_worker, settings
+    yield client, pool.start, settings
     for c in clients:
         c.__exit__(None, None, None)
-    for w in workers:
-        w.stop(signal.SIGKILL)
+    pool.close()
 
 
 def submit(client, n: int, **options) -> str:

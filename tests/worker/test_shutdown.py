@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.servers import WorkerProcess, authorize, settings_from, standin_env, wait_for
+from tests.servers import WorkerPool, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
 
@@ -19,19 +19,11 @@ BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
 def stack(redis_url, tmp_path, request):
     prefix, env = standin_env(redis_url, tmp_path, "sd", **request.param)
     settings = settings_from(env)
-    workers: list[WorkerProcess] = []
-
-    def start_worker() -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker{len(workers)}.log")
-        w.start(redis_url, prefix, timeout_s=120)
-        workers.append(w)
-        return w
-
+    pool = WorkerPool(env, redis_url, prefix, tmp_path)
     with TestClient(create_app(settings)) as client:
         authorize(client, settings)
-        yield client, start_worker
-    for w in workers:
-        w.stop(signal.SIGKILL)
+        yield client, pool.start
+    pool.close()
 
 
 def statuses(client, ids):
