@@ -7,6 +7,7 @@ refuses the file and nothing is stored.
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from collections.abc import Iterable
@@ -100,8 +101,6 @@ def create_run(datasets: DatasetStore, ingested: Ingested, options: DatasetOptio
 
 
 def _json_line(error: LineError) -> bytes:
-    import json
-
     return json.dumps(error.as_dict()).encode() + b"\n"
 
 

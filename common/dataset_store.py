@@ -308,9 +308,6 @@ class DatasetStore:
     def commit_shard(self, run_id: str, shard: int, rows: int) -> bool:
         return bool(self._shard(keys=[self.key(run_id), self.key(run_id, "done")], args=[shard, rows]))
 
-    def add_canceled(self, run_id: str, count: int) -> None:
-        self.r.hincrby(self.key(run_id), "canceled", count)
-
     def skip_rest(self, run_id: str, cursor: int, total: int) -> int:
         """On cancel: lines never fed (and retries never re-fed) count as canceled; returns how many."""
         with self.r.pipeline() as pipe:
@@ -320,7 +317,7 @@ class DatasetStore:
             _, retry, _ = pipe.execute()
         count = (total - cursor) + len(retry)
         if count:
-            self.add_canceled(run_id, count)
+            self.r.hincrby(self.key(run_id), "canceled", count)
         return count
 
     def sample_rate(self, run_id: str, succeeded: int, now: float | None = None) -> None:

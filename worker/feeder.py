@@ -145,9 +145,11 @@ class Feeder:
         layout = Layout(run.id)
         extension = images.EXTENSIONS[run.options.defaults.output_format.value]
         cursor = run.cursor
+        retry_waiting = self.datasets.retry_pending(run.id)  # usually 0: then no per-line look at the list
         for _ in range(max(0, room)):
-            retry = self.datasets.next_retry(run.id)
+            retry = self.datasets.next_retry(run.id) if retry_waiting else None
             if retry is not None:
+                retry_waiting -= 1
                 index, source = retry, "retry"
             elif cursor < run.total:
                 index, source = cursor, "cursor"

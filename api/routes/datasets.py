@@ -177,13 +177,12 @@ def _replay(
 
 def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetPublic:
     queued, running = _live_counts(run, services)
-    ended = run.succeeded + run.failed + run.canceled
     if run.status in FINISHED:  # the whole run's average
         elapsed = (run.finished_at or 0) - (run.started_at or run.created_at)
         rate = run.succeeded / elapsed if elapsed > 0 else None
     else:  # over the last ~5 minutes
         rate = services.datasets.rate(run.id, run.succeeded)
-    remaining = run.total - ended
+    remaining = run.total - run.ended
     return DatasetPublic(
         id=run.id,
         status=run.status,
