@@ -3,7 +3,7 @@
 Keys (prefix P = settings.key_prefix):
     P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
     P:queued         sorted set of queued job ids by submit order: queue position = rank
-    P:queued-bulk    the same for data set lines (lane "bulk"), which never count against a tenant's cap
+                     (data set lines, lane "bulk", are in neither queued set: their feeder tracks them)
     P:running        sorted set of running job ids by deadline: the stuck-job sweep reads it
     P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
@@ -47,16 +47,15 @@ else
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-local queued, tenant_queued = KEYS[2], ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
-if redis.call('HGET', KEYS[1], 'lane') == 'bulk' then
-  queued, tenant_queued = ARGV[7] .. ':queued-bulk', nil
-end
-if new == 'queued' then
-  redis.call('ZADD', queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
-  if tenant_queued then redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1]) end
+local tenant_queued = ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
+local bulk = redis.call('HGET', KEYS[1], 'lane') == 'bulk'  -- in no queued set: its feeder tracks it
+if bulk then
+elseif new == 'queued' then
+  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
 else
-  redis.call('ZREM', queued, ARGV[1])
-  if tenant_queued then redis.call('ZREM', tenant_queued, ARGV[1]) end
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', tenant_queued, ARGV[1])
 end
 if new == 'running' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -87,16 +86,15 @@ redis.call('ZADD', KEYS[6], seq, ARGV[1])
 return {'new', ARGV[1]}
 """
 
-# KEYS: job hash, bulk queued set, seq. ARGV: id, ttl, now, request JSON, tenant, output key, dataset JSON.
+# KEYS: job hash. ARGV: id, ttl, now, request JSON, tenant, output key, dataset JSON.
 # A data set line's job, under an id the feeder derives from the run and line: 0 if it exists already.
+# No seq and no queued sets: queue positions are for interactive jobs.
 _CREATE_BULK = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[4], 'created_at', ARGV[3],
-           'updated_at', ARGV[3], 'attempts', 0, 'seq', seq, 'tenant', ARGV[5], 'lane', 'bulk',
+           'updated_at', ARGV[3], 'attempts', 0, 'tenant', ARGV[5], 'lane', 'bulk',
            'output_key', ARGV[6], 'dataset', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
 return 1
 """
 
@@ -160,7 +158,7 @@ class JobStore:
         """Store a data set line's job under a derived id unless it exists; True when created. Bulk jobs stay
         out of the tenant's job list and queued cap: the feeder bounds them, and reaps their records."""
         created = self._create_bulk(
-            keys=[self.key("job", job_id), self.key("queued-bulk"), self.key("seq")],
+            keys=[self.key("job", job_id)],
             args=[job_id, self.ttl_s, time.time(), request.model_dump_json(), tenant, output_key, json.dumps(dataset)],
         )
         return bool(created)

@@ -94,3 +94,16 @@ def test_recent_is_newest_first_and_paginated(store):
     assert total == 5 and [j.id for j in page] == ids[::-1][:2]
     page, _ = store.recent(4, 2)
     assert [j.id for j in page] == [ids[0]]
+
+
+def test_a_bulk_line_is_created_once_and_stays_out_of_queues_and_caps(store):
+    info = {"run": "r", "index": 0, "id": "a", "line": 1}
+    assert store.create_bulk("r-0-0", req(seed=1), "acme", "datasets/r/images/a.png", info)
+    assert not store.create_bulk("r-0-0", req(seed=2), "acme", "elsewhere", info)  # derived id: found, unchanged
+    job = store.get("r-0-0")
+    assert (job.lane, job.output_key, job.dataset, job.request.seed) == ("bulk", "datasets/r/images/a.png", info, 1)
+    assert store.queued_count() == 0 and store.queued_count("acme") == 0 and store.queue_position("r-0-0") is None
+    assert store.transition("r-0-0", JobStatus.running)[0] and store.queued_count("acme") == 0
+    assert store.transition("r-0-0", JobStatus.queued)[0] and store.queued_count("acme") == 0  # a requeue too
+    assert store.transition("r-0-0", JobStatus.running)[0] and store.succeed("r-0-0", [], False)
+    assert store.recent(0, 10, tenant="acme")[1] == 0  # not in the tenant's job list
