@@ -98,10 +98,10 @@ def test_recent_is_newest_first_and_paginated(store):
 
 def test_a_bulk_line_is_created_once_and_stays_out_of_queues_and_caps(store):
     info = {"run": "r", "index": 0, "id": "a", "line": 1}
-    assert store.create_bulk("r-0-0", req(seed=1), "acme", "datasets/r/images/a.png", info)
-    assert not store.create_bulk("r-0-0", req(seed=2), "acme", "elsewhere", info)  # derived id: found, unchanged
+    assert store.create_bulk("r-0-0", req(), "acme", "datasets/r/images/a.png", info)
+    assert not store.create_bulk("r-0-0", req(steps=3), "acme", "elsewhere", info)  # derived id: found, unchanged
     job = store.get("r-0-0")
-    assert (job.lane, job.output_key, job.dataset, job.request.seed) == ("bulk", "datasets/r/images/a.png", info, 1)
+    assert (job.lane, job.output_key, job.dataset, job.request.steps) == ("bulk", "datasets/r/images/a.png", info, 20)
     assert store.queued_count() == 0 and store.queued_count("acme") == 0 and store.queue_position("r-0-0") is None
     assert store.transition("r-0-0", JobStatus.running)[0] and store.queued_count("acme") == 0
     assert store.transition("r-0-0", JobStatus.queued)[0] and store.queued_count("acme") == 0  # a requeue too
