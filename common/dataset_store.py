@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from common.datasets import DatasetOptions, DatasetStatus
+from common.job_store import page
 
 RATE_SAMPLE_S = 5.0  # one images/s sample per 5 s, the last 60 kept: the rate is over the last ~5 minutes
 RATE_SAMPLES = 60
@@ -220,15 +221,7 @@ class DatasetStore:
         return count
 
     def recent(self, tenant: str, offset: int, limit: int) -> tuple[list[DatasetRun], int]:
-        index = f"{self.prefix}:datasets:recent:{tenant}"
-        ids = [i.decode() for i in self.r.zrevrange(index, offset, offset + limit - 1)]
-        runs, gone = [], []
-        for run_id in ids:
-            run = self.get(run_id)
-            (runs if run else gone).append(run or run_id)
-        if gone:
-            self.r.zrem(index, *gone)
-        return runs, int(self.r.zcard(index))
+        return page(self.r, f"{self.prefix}:datasets:recent:{tenant}", offset, limit, self.get)
 
     # ------------------------------------------------------------------ reading
 

@@ -18,12 +18,14 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import redis
 
 from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
+
+T = TypeVar("T")
 
 # KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
 # key prefix, allowed current statuses...
@@ -215,31 +217,21 @@ class JobStore:
     # ------------------------------------------------------------------ reading
 
     def get(self, job_id: str) -> Job | None:
-        raw = self.r.hgetall(self.key("job", job_id))
-        if not raw:
-            return None
-        d = {k.decode(): v.decode() for k, v in raw.items()}
+        return _parse(self.r.hgetall(self.key("job", job_id)))
 
-        def num(name: str) -> float | None:
-            return float(d[name]) if name in d else None
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Several records in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.key("job", job_id))
+        return [_parse(raw) for raw in pipe.execute()] if job_ids else []
 
-        return Job(
-            id=d["id"],
-            tenant=d.get("tenant", ""),
-            status=JobStatus(d["status"]),
-            request=JobRequest.model_validate_json(d["request"]),
-            created_at=float(d["created_at"]),
-            started_at=num("started_at"),
-            finished_at=num("finished_at"),
-            canceled_at=num("canceled_at"),
-            error=d.get("error"),
-            images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
-            truncated=json.loads(d.get("truncated", "false")),
-            attempts=int(d.get("attempts", 0)),
-            lane=d.get("lane", ""),
-            output_key=d.get("output_key"),
-            dataset=json.loads(d["dataset"]) if "dataset" in d else None,
-        )
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """Several statuses in one round trip (None: no such record)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.key("job", job_id), "status")
+        return [JobStatus(v.decode()) if v else None for v in pipe.execute()] if job_ids else []
 
     def status(self, job_id: str) -> JobStatus | None:
         value = self.r.hget(self.key("job", job_id), "status")
@@ -257,17 +249,52 @@ class JobStore:
 
     def recent(self, offset: int, limit: int, tenant: str = "") -> tuple[list[Job], int]:
         """A tenant's jobs, newest first; also returns the total. Expired ids are dropped from the index."""
-        index = self.key("recent", tenant)
-        ids = [i.decode() for i in self.r.zrevrange(index, offset, offset + limit - 1)]
-        jobs, gone = [], []
-        for job_id in ids:
-            job = self.get(job_id)
-            (jobs if job else gone).append(job or job_id)
-        if gone:
-            self.r.zrem(index, *gone)
-        return jobs, int(self.r.zcard(index))
+        return page(self.r, self.key("recent", tenant), offset, limit, self.get)
 
     def overdue(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Running jobs past their deadline (started + running_deadline_s)."""
         found = self.r.zrangebyscore(self.key("running"), "-inf", now or time.time(), start=0, num=limit)
         return [i.decode() for i in found]
+
+
+def _parse(raw: dict[bytes, bytes]) -> Job | None:
+    if not raw:
+        return None
+    d = {k.decode(): v.decode() for k, v in raw.items()}
+
+    def num(name: str) -> float | None:
+        return float(d[name]) if name in d else None
+
+    return Job(
+        id=d["id"],
+        tenant=d.get("tenant", ""),
+        status=JobStatus(d["status"]),
+        request=JobRequest.model_validate_json(d["request"]),
+        created_at=float(d["created_at"]),
+        started_at=num("started_at"),
+        finished_at=num("finished_at"),
+        canceled_at=num("canceled_at"),
+        error=d.get("error"),
+        images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
+        truncated=json.loads(d.get("truncated", "false")),
+        attempts=int(d.get("attempts", 0)),
+        lane=d.get("lane", ""),
+        output_key=d.get("output_key"),
+        dataset=json.loads(d["dataset"]) if "dataset" in d else None,
+    )
+
+
+def page(r: redis.Redis, index: str, offset: int, limit: int, get: Callable[[str], T | None]) -> tuple[list[T], int]:
+    """A page of a time-scored index of records, newest first, and the index's size. Ids whose records have
+    expired are dropped from the index as they are met."""
+    ids = [i.decode() for i in r.zrevrange(index, offset, offset + limit - 1)]
+    found, gone = [], []
+    for record_id in ids:
+        record = get(record_id)
+        if record is None:
+            gone.append(record_id)
+        else:
+            found.append(record)
+    if gone:
+        r.zrem(index, *gone)
+    return found, int(r.zcard(index))

@@ -5,10 +5,7 @@ about the queue, not the model. Every job must succeed exactly once."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,35 +14,28 @@ import httpx
 import redis
 
 from common.api_keys import ApiKeyStore
-from tests.servers import REPO, WorkerProcess, free_port
+from tests.servers import ApiProcess, WorkerProcess
 
 JOBS, CLIENTS = 5000, 50
 
 
 def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path):
     prefix = f"ld{uuid.uuid4().hex[:8]}"
-    port = free_port()
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
         "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.001", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "16",
         "SDXL_BATCH_TIMEOUT_S": "0.05", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
-        "SDXL_URL_SIGNING_SECRET": "x" * 32, "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "SDXL_URL_SIGNING_SECRET": "x" * 32,
         "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "100000",
     }  # fmt: skip
     r = redis.Redis.from_url(redis_url)
     _, key = ApiKeyStore(r, prefix).create("load")
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO,
-        env={**os.environ, **env},
-    )
+    api = ApiProcess(env, tmp_path / "api.log")  # it sets SDXL_PUBLIC_BASE_URL to its own address
+    api.start()
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         worker.start(redis_url, prefix, timeout_s=120)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{base}/healthz").status_code != 200:
-            assert time.monotonic() < deadline
+        base = api.url
         ids: list[str] = []
         latencies: list[float] = []
         errors: list[str] = []
@@ -105,5 +95,4 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
         print("\nload:", json.dumps({k: round(v, 1) for k, v in report.items()}))
     finally:
         worker.stop(signal.SIGKILL)
-        api.terminate()
-        api.wait(timeout=30)
+        api.stop()

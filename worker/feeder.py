@@ -16,7 +16,6 @@ a shard is rewritten byte for byte from the same rows if its commit was lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from common.dataset_store import DatasetRun, DatasetStore
 from common.datasets import CHUNK_LINES, DatasetStatus, Layout, Line, manifest_row
 from common.job_store import JobStore
-from common.jobs import TERMINAL, JobRequest, JobStatus
+from common.jobs import TERMINAL, JobStatus
 from common.storage import Storage
 from worker import images, shards
 
@@ -111,31 +110,22 @@ class Feeder:
 
     def _reap(self, run: DatasetRun) -> None:
         inflight = self.datasets.inflight(run.id)
-        if not inflight:
-            return
-        pipe = self.store.r.pipeline(transaction=False)
-        for job_id in inflight.values():
-            pipe.hmget(self.store.key("job", job_id), "status", "images", "error", "request", "dataset")
-        for (index, job_id), (status, image_list, error, request, dataset) in zip(
-            inflight.items(), pipe.execute(), strict=True
-        ):
+        statuses = self.store.statuses(list(inflight.values()))  # one round trip for every line in flight
+        ended = [(i, j) for (i, j), st in zip(inflight.items(), statuses, strict=True) if st is None or st in TERMINAL]
+        for (index, job_id), job in zip(ended, self.store.get_many([j for _, j in ended]), strict=True):
             job_key = self.store.key("job", job_id)
-            if status is None:  # cannot happen while the feeder reaps within the job TTL; never hang on it
+            if job is None:  # cannot happen while the feeder reaps within the job TTL; never hang on it
                 line = self._line(run.id, index)
                 failure = {"line": line.line, "id": line.id, "error": "the job record was lost"}
                 self.datasets.reap(run.id, index, job_key, "failed", failure)
                 continue
-            status = JobStatus(status.decode())
-            if status not in TERMINAL:
-                continue
-            info = json.loads(dataset)
-            if status == JobStatus.succeeded:
-                image = json.loads(image_list)[0]
-                line = Line(info["line"], info["id"], JobRequest.model_validate_json(request))
-                row = manifest_row(line, image["key"], image["sha256"])
+            info = job.dataset or {}
+            if job.status == JobStatus.succeeded:
+                image = job.images[0]
+                row = manifest_row(Line(info["line"], info["id"], job.request), image.key, image.sha256)
                 self.datasets.reap(run.id, index, job_key, "succeeded", row)
-            elif status == JobStatus.failed:
-                failure = {"line": info["line"], "id": info["id"], "error": (error or b"").decode()}
+            elif job.status == JobStatus.failed:
+                failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}
                 self.datasets.reap(run.id, index, job_key, "failed", failure)
             else:
                 self.datasets.reap(run.id, index, job_key, "canceled", None)

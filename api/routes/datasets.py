@@ -212,12 +212,8 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
 
 def _live_counts(run: DatasetRun, services: Services) -> tuple[int, int]:
     """(queued, running): lines not yet fed count as queued; fed lines as their job says."""
-    inflight = services.datasets.inflight(run.id)
-    pipe = services.redis.pipeline(transaction=False)
-    for job_id in inflight.values():
-        pipe.hget(services.store.key("job", job_id), "status")
-    statuses = pipe.execute() if inflight else []
-    queued_fed = sum(1 for st in statuses if st == JobStatus.queued.value.encode())
+    statuses = services.store.statuses(list(services.datasets.inflight(run.id).values()))
+    queued_fed = statuses.count(JobStatus.queued)
     not_fed = 0 if run.status in FINISHED else (run.total - run.cursor) + services.datasets.retry_pending(run.id)
     return not_fed + queued_fed, len(statuses) - queued_fed
 
