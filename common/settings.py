@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     running_deadline_s: int = Field(900, ge=10)  # how long finished job records (and idempotency keys) live
     # --- model and batching (worker)
     model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
+    # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
+    model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 
@@ -197,5 +198,6 @@ def test_readyz_with_a_live_worker(service):
 def test_worker_logs_its_start_without_errors(service):
     _, _, worker = service
     log = worker.log_tail(200_000)
-    assert "engine ready: model tiny (float32), 1 devices, sizes 64x64,64x96, batch 4" in log
+    assert re.search(r"engine ready in [\d.]+ s: model tiny \(float32\), 1 devices, sizes 64x64,64x96, batch 4;", log)
+    assert re.search(r"then weights [\d.]+ s and programs [\d.]+ s side by side", log)
     assert "Logging error" not in log and "Traceback" not in log

@@ -21,3 +21,11 @@ def test_sizes_are_height_x_width():
     assert parse_sizes("1024x1024, 832x1216") == [(1024, 1024), (832, 1216)]
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         parse_sizes("1024")
+
+
+def test_model_variant_is_a_plain_name():
+    import pydantic
+
+    assert Settings(model_variant="fp16").model_variant == "fp16"
+    with pytest.raises(pydantic.ValidationError, match="model_variant"):
+        Settings(model_variant="../fp16")

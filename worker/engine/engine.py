@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
 from worker.engine import program, schedule
-from worker.engine.model import Model
+from worker.engine.model import Model, public_config
 from worker.engine.schedule import MAX_STEPS, Scheduler
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,10 @@ class Engine:
         self.batch_rows = batch_rows
         self.mesh = Mesh(np.array(devices), ("data",))
         self.rows_sharding, self.replicated = program.shardings(self.mesh)
-        # Weights go to every device once, replicated: P() over the data axis.
-        self.params = jax.device_put(model.params, self.replicated)
+        # Weights go to every device once, replicated: P() over the data axis. A model still reading its
+        # weights (model.load(background=True)) is placed by compile(), after the programs: the two overlap.
+        self.params = None if model.pending else jax.device_put(model.params, self.replicated)
+        self.weights_wait_s = 0.0  # how long compile() then waited for the weights
         self._executables: dict[tuple[int, int, int, str], Any] = {}
         self._noise: dict[tuple[int, int, int], Any] = {}
         self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
@@ -131,7 +133,7 @@ class Engine:
         r, s = self.rows_sharding, self.replicated
         spec = jax.ShapeDtypeStruct
         return [
-            jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.params),
+            jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.model.params),
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
@@ -155,8 +157,7 @@ class Engine:
         for source in sorted(Path(__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
         m = self.model
-        # Canonical JSON: configs carry private fields built from sets, whose order changes per process.
-        public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+        public = public_config
         identity = (
             diffusers.__version__, transformers.__version__, public(m.unet.config), public(m.vae.config),
             public(m.text_encoder.config.to_dict()), public(m.text_encoder_2.config.to_dict()),
@@ -217,11 +218,20 @@ class Engine:
         return self._noise[key]
 
     def compile(self) -> dict[str, float]:
-        """Compile every configured size; returns seconds per program (a warm persistent cache makes it short)."""
+        """Compile every configured size, then place the weights if they were still being read; returns
+        seconds per program (a warm persistent cache makes it short)."""
         for h, w in self.sizes:
             self._noise_executable(h, w)
             self.executable(h, w)
+        self._place()
         return dict(self.compile_s)
+
+    def _place(self) -> None:
+        if self.params is None:
+            t0 = time.perf_counter()
+            params = self.model.wait()
+            self.weights_wait_s = time.perf_counter() - t0
+            self.params = jax.device_put(params, self.replicated)
 
     # ------------------------------------------------------------------ inputs
 
@@ -315,6 +325,7 @@ class Engine:
         args = [jax.device_put(a, r) for a in (ids, neg_ids, neg_zero)]
         args += [noise] + [jax.device_put(a, r) for a in (scalars, time_ids, tables)]
         args.append(jax.device_put(num_steps, self.replicated))
+        self._place()
         images, finite = self.executable(height, width, output)(self.params, *args)
         return Pending(images, finite, len(rows), truncated)
 

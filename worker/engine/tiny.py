@@ -24,6 +24,7 @@ from worker.engine import convert
 
 VERSION = 1  # bump when the configs or the seed change: a stale folder is rebuilt
 SEED = 0
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the components with weights
 
 UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -178,26 +179,28 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     tok.save_pretrained(folder)
 
 
-def build_params(preset: str = "tiny", dtype: Any = np.float32) -> dict[str, Any]:
-    """Random Flax parameters for a preset, the same on every machine."""
+def build_params(preset: str = "tiny", dtype: Any = np.float32, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Random Flax parameters for a preset (all four components, or `parts`), the same on every machine."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
     cfg = configs(preset)
-    te_configs = {k: cfg[k] for k in ("text_encoder", "text_encoder_2")}
     key = jax.random.PRNGKey(SEED)
-    unet = FlaxUNet2DConditionModel.from_config({k: v for k, v in cfg["unet"].items() if k != "_class_name"})
-    vae = FlaxAutoencoderKL.from_config({k: v for k, v in cfg["vae"].items() if k != "_class_name"})
-    te1 = FlaxCLIPTextModel(CLIPTextConfig(**te_configs["text_encoder"]), _do_init=False)
-    te2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**te_configs["text_encoder_2"]), _do_init=False)
-    shapes = {
-        "unet": jax.eval_shape(unet.init_weights, key),
-        "vae": jax.eval_shape(vae.init_weights, key),
-        "text_encoder": te1.params_shape_tree,
-        "text_encoder_2": te2.params_shape_tree,
+    model_config = {k: {name: v for name, v in cfg[k].items() if name != "_class_name"} for k in ("unet", "vae")}
+
+    def text_shapes(cls: Any, part: str) -> Any:
+        return cls(CLIPTextConfig(**cfg[part]), _do_init=False).params_shape_tree
+
+    shape_of = {  # each traced only when asked for: the full UNet's takes seconds
+        "unet": lambda: jax.eval_shape(FlaxUNet2DConditionModel.from_config(model_config["unet"]).init_weights, key),
+        "vae": lambda: jax.eval_shape(FlaxAutoencoderKL.from_config(model_config["vae"]).init_weights, key),
+        "text_encoder": lambda: text_shapes(FlaxCLIPTextModel, "text_encoder"),
+        "text_encoder_2": lambda: text_shapes(FlaxCLIPTextModelWithProjection, "text_encoder_2"),
     }
+    shapes = {part: shape_of[part]() for part in parts}
     # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
-    # (about 40 s on a CPU). Each leaf's generator is seeded by its path, so order never matters.
+    # (about 40 s on a CPU). Each leaf's generator is seeded by its path (component included), so neither
+    # the order nor which components are built together changes a value.
     flat = {}
     for path, shape in convert.flatten(shapes).items():
         rng = np.random.default_rng([SEED, zlib.crc32("/".join(path).encode())])
@@ -227,25 +230,27 @@ def write_configs(folder: Path, preset: str = "tiny") -> None:
         (folder / part / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write(folder: Path, fmt: str = "safetensors", preset: str = "tiny") -> None:
-    """Write a random model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack)."""
+def write(
+    folder: Path, fmt: str = "safetensors", preset: str = "tiny", dtype: Any = np.float32, variant: str = ""
+) -> None:
+    """Write a random model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack).
+    `dtype` is the stored precision and `variant` names the files as the hub's variants do ("fp16":
+    model.fp16.safetensors). One component at a time, so the full `sdxl` preset needs one component's memory."""
     from flax import serialization
     from safetensors.numpy import save_file
 
-    params = build_params(preset)
     write_configs(folder, preset)
-    for part in ("unet", "vae"):
+    for part in PARTS:
+        params = build_params(preset, dtype, parts=(part,))[part]
+        diffusers_style = part in ("unet", "vae")
         if fmt == "flax":
-            (folder / part / "diffusion_flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
+            name = "diffusion_flax_model.msgpack" if diffusers_style else "flax_model.msgpack"
+            (folder / part / name).write_bytes(serialization.msgpack_serialize(params))
         else:
-            save_file(
-                convert.flax_to_pt(params[part], "diffusers"), folder / part / "diffusion_pytorch_model.safetensors"
-            )
-    for part in ("text_encoder", "text_encoder_2"):
-        if fmt == "flax":
-            (folder / part / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params[part]))
-        else:
-            save_file(convert.flax_to_pt(params[part], "transformers"), folder / part / "model.safetensors")
+            stem = "diffusion_pytorch_model" if diffusers_style else "model"
+            state = convert.flax_to_pt(params, "diffusers" if diffusers_style else "transformers")
+            del params
+            save_file(state, folder / part / f"{stem}{'.' + variant if variant else ''}.safetensors")
 
 
 def ensure(folder: Path) -> None:

@@ -39,3 +39,22 @@ def test_mismatched_checkpoint_names_what_is_wrong(params):
     state["not.a.weight"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match=r"1 missing .*conv_in.kernel.*1 unexpected .*not.a.weight"):
         convert.pt_to_flax(state, flat, "unet")
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((300, 257), (1, 0)), ((1, 1), (1, 0)), ((129, 3, 3, 130), (2, 3, 1, 0)), ((40, 7, 1, 1), (2, 3, 1, 0)),
+     ((5, 6), (0, 1)), ((17,), (0,))],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_tiled_layout_copy_equals_numpy_copy(shape, axes, dtype):
+    """The tile-by-tile copy (sizes that are not multiples of the tile, conv taps, views already contiguous)."""
+    import ml_dtypes
+
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    source = np.random.default_rng(0).standard_normal(shape).astype(np.float16)
+    view = source.transpose(axes)
+    got = convert.contiguous(view, dtype)
+    assert got.flags.c_contiguous and got.dtype == dtype and got.shape == view.shape
+    np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(view, dtype=dtype).view(np.uint8))
+    assert not np.shares_memory(got, source)
