@@ -267,6 +267,7 @@ def _assemble(
         return {part: params[part] for part in COMPONENTS}, time.perf_counter() - t0
 
     pending = pool.submit(read_all) if background else None
+    done = None if background else read_all()  # either way the UNet's copy overlaps the text encoders' tracing
     te1, te2 = pending_text.result()
     all_shapes = shapes | {"text_encoder": te1.params_shape_tree, "text_encoder_2": te2.params_shape_tree}
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -284,8 +285,8 @@ def _assemble(
         dtype=dtype,
         pending=pending,
     )
-    if pending is None:
-        model.params, model.weights_s = read_all()
+    if done is not None:
+        model.params, model.weights_s = done
     pool.shutdown(wait=False)  # a background read goes on; its thread ends with it
     return model
 
