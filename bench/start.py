@@ -44,9 +44,7 @@ def model_spec(name: str) -> tuple[str, str]:
     folder = tiny.default_dir(name)
     if not (folder / "model_index.json").exists():
         print(f"writing the {name} preset to {folder} (once) ...", flush=True)
-        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        tiny.write(tmp, preset=name, dtype=np.float16 if variant else np.float32, variant=variant)
-        tmp.rename(folder)
+    tiny.ensure(folder, preset=name, dtype=np.float16 if variant else np.float32, variant=variant)
     return str(folder), variant
 
 

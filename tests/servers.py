@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -52,15 +53,12 @@ class SeaweedS3:
                 *[f"-{k}={v}" for k, v in ports.items()]]  # fmt: skip
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.endpoint, timeout=1).status_code in (200, 403) and self._bucket_ready():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"SeaweedFS did not start; see {self.folder / 'weed.log'}")
+
+        def up() -> bool:
+            return httpx.get(self.endpoint, timeout=1).status_code in (200, 403) and self._bucket_ready()
+
+        if not http_ready(up, timeout_s=60, every_s=0.3):
+            raise RuntimeError(f"SeaweedFS did not start; see {self.folder / 'weed.log'}")
 
     def _bucket_ready(self) -> bool:
         import boto3
@@ -140,6 +138,20 @@ def authorize(client, settings, tenant: str = "test") -> str:
     return key
 
 
+def http_ready(check: Callable[[], bool], timeout_s: float, every_s: float) -> bool:
+    """Poll a server's readiness check until it holds (True) or timeout_s passes (False); connection errors
+    while it starts count as not ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(every_s)
+    return False
+
+
 def wait_for(predicate, timeout_s: float = 90, every_s: float = 0.1) -> None:
     """Poll until predicate() is true; fail the test after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -188,15 +200,8 @@ class ApiProcess:
             [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port), "--log-level", "warning"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"API not up after {timeout_s} s: {self.log_path.read_text(errors='replace')[-2000:]}")
+        if not http_ready(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout_s, 0.2):
+            raise RuntimeError(f"API not up after {timeout_s} s: {self.log_path.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

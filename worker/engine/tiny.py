@@ -253,12 +253,13 @@ def write(
             save_file(state, folder / part / f"{stem}{'.' + variant if variant else ''}.safetensors")
 
 
-def ensure(folder: Path) -> None:
-    """Build the folder on first use. Written to a temporary name and renamed, so a crash leaves no half model."""
+def ensure(folder: Path, preset: str = "tiny", dtype: Any = np.float32, variant: str = "") -> None:
+    """Build the folder on first use (see write for the options). Written to a temporary name and renamed, so
+    a crash leaves no half model."""
     if (folder / "model_index.json").exists():
         return
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    write(tmp)
+    write(tmp, preset=preset, dtype=dtype, variant=variant)
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)
