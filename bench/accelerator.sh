@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator benchmark in two steps (docs/benchmarks.md):
 #   bench/accelerator.sh prepare     here: download the wheels the GPU machine lacks into .wheels/ (ignored)
-#   bench/accelerator.sh run         there (carry .wheels): install them, run bench/accelerator.py into $OUT
+#   bench/accelerator.sh run         there (carry .wheels): install them, run bench/accelerator.py into $OUT:
+#                                    the JAX part (440 s at most), then the PyTorch part (110 s at most)
 # The lent GPU machines have Python 3.12, jax with CUDA, flax and torch, but transformers 5 (no Flax
 # classes) and no diffusers, and no network: diffusers 0.39 and transformers 4.57 travel as wheels.
 set -euo pipefail
@@ -14,9 +15,28 @@ case "${1:-}" in
       --platform manylinux2014_x86_64 tokenizers==0.22.2 safetensors==0.8.0
     ls -la .wheels ;;
   run)
-    python -m pip install --quiet --no-deps --no-index .wheels/*.whl
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || true
-    python bench/accelerator.py --peak-tflops "${PEAK_TFLOPS:-989}" --out "$OUT/accelerator.json" \
-      "${@:2}" 2>&1 | tee "$OUT/accelerator.log" ;;
+    # Beside the machine's own packages and first on the path (its transformers 5 has no Flax classes).
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    # The whole card for the largest-batch figure (JAX takes 75% by default); the torch part runs after.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+    out="${OUT:-bench/results}"
+    mkdir -p "$out"
+    {
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+      python3 -c 'import sys, jax, jaxlib, flax, diffusers, transformers, torch, numpy
+print(sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__,
+      "diffusers", diffusers.__version__, "transformers", transformers.__version__, "torch", torch.__version__,
+      "numpy", numpy.__version__, jax.devices())'
+      nproc
+    } > "$out/env.txt" 2>&1 || true
+    cat "$out/env.txt"
+    quiet() { grep --line-buffered -v "classes are deprecated"; }
+    timeout "${JAX_LIMIT_S:-440}" python3 bench/accelerator.py --part jax --peak-tflops "${PEAK_TFLOPS:-989}" \
+      --budget-s "${JAX_BUDGET_S:-410}" --out "$out/accelerator.json" "${@:2}" 2>&1 | quiet | tee "$out/jax.log" || true
+    tflop=$(python3 -c "import json; print(json.load(open('$out/accelerator.json')).get('tflop_per_image') or '')" || true)
+    timeout "${TORCH_LIMIT_S:-110}" python3 bench/accelerator.py --part torch --peak-tflops "${PEAK_TFLOPS:-989}" \
+      --budget-s "${TORCH_BUDGET_S:-100}" "${@:2}" --batches 1,4,8 --rounds 2 ${tflop:+--tflop-per-image "$tflop"} \
+      --out "$out/torch.json" 2>&1 | quiet | tee "$out/torch.log" || true ;;
   *) echo "usage: $0 prepare|run [bench/accelerator.py options]" >&2; exit 2 ;;
 esac

@@ -123,8 +123,12 @@ def reference_pipeline(m, steps: int, batch: int, h: int, w: int):
     )  # fmt: skip
     params = dict(m.params)
     params["scheduler"] = scheduler.create_state()
-    # flax.jax_utils.replicate used device_put_replicated, gone in JAX 0.10: stack a copy per device.
-    replicated = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), params)
+    # flax.jax_utils.replicate used device_put_replicated, gone in JAX 0.10: stack a copy per device on the
+    # host and hand the slices to the devices once (an identity pmap), as the blog's replicate did; host
+    # arrays passed to the pipeline would be copied to the devices again on every call.
+    stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), params)
+    replicated = jax.pmap(lambda tree: tree)(stacked)
+    del stacked
     prompts = [f"a photo of thing number {i}" for i in range(batch)]
     ids = pipe.prepare_inputs(prompts).reshape(n, batch // n, 2, 77)
     neg = pipe.prepare_inputs(["blurry"] * batch).reshape(n, batch // n, 2, 77)

@@ -37,9 +37,17 @@ def implementation(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+# cuDNN's fused attention takes head dims up to 128 (256 on Hopper and later). The UNet's heads are 64
+# wide; the VAE's single 512-wide head is not, and falls back to XLA's kernel instead of failing the trace.
+CUDNN_MAX_HEAD_DIM = 128
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """(B, T, N, H) layout, as jax.nn.dot_product_attention wants it."""
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=_current.get())
+    name = _current.get()
+    if name == "cudnn" and q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+        name = "xla"
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=name)
 
 
 def _unet_attention(self: Any, hidden_states: jax.Array, context: jax.Array | None = None, deterministic=True):
