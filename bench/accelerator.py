@@ -15,7 +15,8 @@ Order, because a lease is short (JAX process):
  1. the main batch with the first attention, compiled alone with an empty compile cache (the worker's
     cache: JAX's persistent cache plus serialized executables): a cold engine start is the imports, the
     weights and that compile; then timed;
- 2. a second process starts the same engine from that cache (the warm start; `--part warm-start`);
+ 2. then, once that process has ended and let go of the device's memory, a new one starts the same engine
+    from that cache (the warm start: `--part warm-start`, run by bench/accelerator.sh);
  3. the other batches, the other attention and the reference at the main batch, compiled side by side on
     threads (XLA compiles off the GIL; the host has cores to spare), then each timed alone;
  4. while time is left, one at a time: the largest batch, the reference and the other attention at the
@@ -44,7 +45,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -173,8 +173,10 @@ def largest_batch(points: list[tuple[int, dict[str, float]]], limit_gib: float, 
     base = mean_y - slope * mean_x
     if slope <= 0:
         return None
-    batch = int((limit_gib * 0.95 - base) / slope) // devices * devices  # 5% headroom for the allocator
-    return {"batch": batch, "gib_per_row": slope, "fixed_gib": base, "limit_gib": limit_gib, "headroom": 0.05}
+    # 10% headroom: the temporaries are one contiguous block that must fit beside everything else the
+    # process holds (5% was too little on an H200: the check at 78 rows asked for 119.4 GiB at once and failed)
+    batch = int((limit_gib * 0.90 - base) / slope) // devices * devices
+    return {"batch": batch, "gib_per_row": slope, "fixed_gib": base, "limit_gib": limit_gib, "headroom": 0.10}
 
 
 def peak_gib() -> float | None:
@@ -214,10 +216,14 @@ def rows_for(batch: int, steps: int) -> list[Any]:
 
 
 def run_warm_start(args: argparse.Namespace, report: Report) -> None:
-    """--part warm-start: a new process starts the engine from the cache the cold start wrote."""
-    attention, batch = args.attentions[0], args.batches[0]
-    engine, start = engine_start(args, args.cache_dir, attention, batch)
+    """--part warm-start: a new process starts the engine from the cache the cold start wrote, and the result
+    goes into the JAX part's report (--out) as warm_start and warm_over_cold."""
+    merged = report.data
+    attention, batch = merged["attentions"][0], merged["batches"][0]
+    engine, start = engine_start(args, Path(merged["cache_dir"]), attention, batch)
     report.data["warm_start"] = start
+    report.data["warm_over_cold"] = start["ready_s"] / merged["cold_start"]["ready_s"]
+    report.data["warm_over_cold_programs"] = start["programs_s"] / merged["cold_start"]["programs_s"]
     report.save()
     first, med = timed(lambda: engine.generate(rows_for(batch, args.steps), *args.hw), 1)
     report.data["warm_start"].update(first_call_s=first, batch_s=med)
@@ -261,23 +267,10 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
     except Exception as exc:
         report.error(f"ours/{primary} batch {main_batch}", exc)
 
-    # 2. the warm start, in a process of its own
-    if report.left(60):
-        warm_out = args.out.with_name(args.out.stem + "-warm.json")
-        cmd = [sys.executable, __file__, "--part", "warm-start", "--cache-dir", str(cache_root),
-               "--preset", args.preset, "--size", args.size, "--steps", str(args.steps),
-               "--batches", str(main_batch), "--attentions", primary, "--out", str(warm_out)]  # fmt: skip
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, check=False)
-        wall = time.perf_counter() - t0
-        if warm_out.exists():
-            warm = json.loads(warm_out.read_text()).get("warm_start", {})
-            report.data["warm_start"] = {**warm, "process_wall_s": wall, "returncode": done.returncode}
-            if warm.get("ready_s"):
-                report.data["warm_over_cold"] = warm["ready_s"] / cold["ready_s"]
-        else:
-            report.data["errors"].append(f"warm start: exit {done.returncode}, no result")
-        report.save()
+    # 2. the warm start: bench/accelerator.sh runs `--part warm-start` on this cache once this process has
+    # ended (JAX holds most of the device's memory until then)
+    report.data["cache_dir"] = str(cache_root)
+    report.save()
 
     # 3. the other batches, the reference and the other attention at the main batch: compiled side by side
     # (as many compiles as threads take about as long as two alone, by the CPU check), then each timed alone
@@ -323,7 +316,8 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
 
     # 4. the flop count, then while time is left: the rest, one program at a time, and the largest batch
     try:
-        report.set_flops(flops_per_image(engine, args.steps) / 1e12)
+        flops = flops_per_image(m, args.hw, main_batch, args.steps)
+        report.set_flops(flops / 1e12 if flops else args.tflop_per_image)
     except Exception as exc:
         report.error("flop count", exc)
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30
@@ -374,16 +368,19 @@ def run_torch(args: argparse.Namespace, report: Report) -> None:
     cfg = tiny.configs(args.preset)
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     t0 = time.perf_counter()
-    with torch.device(device):
-        pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**strip(cfg["vae"])),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-            unet=UNet2DConditionModel(**strip(cfg["unet"])),
-            scheduler=EulerDiscreteScheduler.from_config(strip(tiny.SCHEDULER)),
-        )
+    with torch.device(device):  # the networks' random init on the GPU; the scheduler stays on the host
+        modules = {
+            "vae": AutoencoderKL(**strip(cfg["vae"])),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+            "unet": UNet2DConditionModel(**strip(cfg["unet"])),
+        }
+    pipe = StableDiffusionXLPipeline(
+        **modules,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_config(strip(tiny.SCHEDULER)),
+    )
     pipe = pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     report.data["build_s"] = time.perf_counter() - t0
@@ -436,6 +433,8 @@ def main() -> None:
     xla_env = {k: v for k, v in os.environ.items() if k.startswith("XLA")}
     report = Report(args.out, args.budget_s, args.peak_tflops, part=args.part, preset=args.preset, size=args.size,
                     steps=args.steps, rounds=args.rounds, env=xla_env)  # fmt: skip
+    if args.part == "warm-start":  # read before anything is written back: a failure leaves the file alone
+        report.data = json.loads(args.out.read_text())
     try:
         if args.part == "torch":
             run_torch(args, report)
@@ -451,7 +450,7 @@ def main() -> None:
         report.error(args.part, exc)
         raise
     finally:
-        report.data["total_s"] = time.perf_counter() - T0
+        report.data["warm_start_total_s" if args.part == "warm-start" else "total_s"] = time.perf_counter() - T0
         report.save()
 
 

@@ -2,7 +2,8 @@
 # The accelerator benchmark in two steps (docs/benchmarks.md):
 #   bench/accelerator.sh prepare     here: download the wheels the GPU machine lacks into .wheels/ (ignored)
 #   bench/accelerator.sh run         there (carry .wheels): install them, run bench/accelerator.py into $OUT:
-#                                    the JAX part (440 s at most), then the PyTorch part (110 s at most)
+#                                    the JAX part (440 s at most), the warm start from the cache it wrote
+#                                    (90 s), then the PyTorch part (110 s at most)
 # The lent GPU machines have Python 3.12, jax with CUDA, flax and torch, but transformers 5 (no Flax
 # classes) and no diffusers, and no network: diffusers 0.39 and transformers 4.57 travel as wheels.
 set -euo pipefail
@@ -34,6 +35,8 @@ print(sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib.__version
     quiet() { grep --line-buffered -v "classes are deprecated"; }
     timeout "${JAX_LIMIT_S:-440}" python3 bench/accelerator.py --part jax --peak-tflops "${PEAK_TFLOPS:-989}" \
       --budget-s "${JAX_BUDGET_S:-410}" --out "$out/accelerator.json" "${@:2}" 2>&1 | quiet | tee "$out/jax.log" || true
+    timeout "${WARM_LIMIT_S:-90}" python3 bench/accelerator.py --part warm-start "${@:2}" \
+      --out "$out/accelerator.json" 2>&1 | quiet | tee "$out/warm.log" || true
     tflop=$(python3 -c "import json; print(json.load(open('$out/accelerator.json')).get('tflop_per_image') or '')" || true)
     timeout "${TORCH_LIMIT_S:-110}" python3 bench/accelerator.py --part torch --peak-tflops "${PEAK_TFLOPS:-989}" \
       --budget-s "${TORCH_BUDGET_S:-100}" "${@:2}" --batches 1,4,8 --rounds 2 ${tflop:+--tflop-per-image "$tflop"} \

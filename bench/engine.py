@@ -72,37 +72,43 @@ def measure_start(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
-def flops_per_image(engine, steps: int) -> float:
+def flops_per_image(m, hw: tuple[int, int], batch: int, steps: int) -> float | None:
+    """XLA's FLOP count for one image: `steps` UNet calls on the guided pair, the VAE decode, both text
+    encoders (for prompt and negative). Only shapes are used (weights as abstract arguments, never
+    constants), so `m.params` may be ShapeDtypeStructs. None where the backend counts only after compiling
+    (JAX 0.11's CUDA backend): the count is the same on any backend, so take it from a CPU run."""
     import jax
     import jax.numpy as jnp
 
-    m, b = engine.model, engine.batch_rows
-    h, w = engine.sizes[0]
-    c, lh, lw = engine._latent_shape(h, w)
+    b = batch
+    f = m.vae_scale_factor
+    c, lh, lw = m.latent_channels, hw[0] // f, hw[1] // f
     ctx_dim = m.unet.cross_attention_dim
     pooled = m.text_encoder_2.config.projection_dim
-    p = engine.params
-
-    def unet(x, t, ctx, te, ti):
-        return m.unet.apply({"params": p["unet"]}, x, t, ctx, added_cond_kwargs={"text_embeds": te, "time_ids": ti})
-
     spec = jax.ShapeDtypeStruct
+    params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), m.params)
+
+    def unet(p, x, t, ctx, te, ti):
+        return m.unet.apply({"params": p}, x, t, ctx, added_cond_kwargs={"text_embeds": te, "time_ids": ti})
+
     u = jax.jit(unet).lower(
-        spec((2 * b, c, lh, lw), m.dtype), spec((2 * b,), jnp.float32), spec((2 * b, 77, ctx_dim), m.dtype),
-        spec((2 * b, pooled), m.dtype), spec((2 * b, 6), m.dtype),
+        params["unet"], spec((2 * b, c, lh, lw), m.dtype), spec((2 * b,), jnp.float32),
+        spec((2 * b, 77, ctx_dim), m.dtype), spec((2 * b, pooled), m.dtype), spec((2 * b, 6), m.dtype),
     )  # fmt: skip
-    vae = jax.jit(lambda z: m.vae.apply({"params": p["vae"]}, z, method=m.vae.decode)).lower(
-        spec((b, c, lh, lw), m.dtype)
+    vae = jax.jit(lambda p, z: m.vae.apply({"params": p}, z, method=m.vae.decode)).lower(
+        params["vae"], spec((b, c, lh, lw), m.dtype)
     )
-    ids = spec((2 * b, 77), jnp.int32)
     te = jax.jit(
-        lambda i: (
-            m.text_encoder(i, params=p["text_encoder"]).last_hidden_state,
-            m.text_encoder_2(i, params=p["text_encoder_2"]).text_embeds,
+        lambda p1, p2, i: (
+            m.text_encoder(i, params=p1).last_hidden_state,
+            m.text_encoder_2(i, params=p2).text_embeds,
         )
-    ).lower(ids)
-    cost = lambda lowered: float(lowered.cost_analysis()["flops"])  # noqa: E731
-    return (steps * cost(u) + cost(vae) + cost(te)) / b
+    ).lower(params["text_encoder"], params["text_encoder_2"], spec((2 * b, 77), jnp.int32))
+    costs = [lowered.cost_analysis() for lowered in (u, vae, te)]
+    if any(cost is None or "flops" not in cost for cost in costs):
+        return None
+    unet_flops, vae_flops, te_flops = (float(cost["flops"]) for cost in costs)
+    return (steps * unet_flops + vae_flops + te_flops) / b
 
 
 def reference_pipeline(m, steps: int, batch: int, h: int, w: int):
@@ -203,11 +209,12 @@ def main() -> None:
         result[f"{name}_images_per_s"] = args.batch / med
     if "reference" in times:
         result["speedup_vs_reference"] = result["reference_batch_s"] / result["ours_batch_s"]
-    flops = flops_per_image(engine, args.steps)
-    result["tflop_per_image"] = flops / 1e12
-    result["achieved_tflops"] = flops * result["ours_images_per_s"] / 1e12
-    if args.peak_tflops:
-        result["fraction_of_peak"] = result["achieved_tflops"] / args.peak_tflops
+    flops = flops_per_image(m, args.hw, args.batch, args.steps)
+    if flops:
+        result["tflop_per_image"] = flops / 1e12
+        result["achieved_tflops"] = flops * result["ours_images_per_s"] / 1e12
+        if args.peak_tflops:
+            result["fraction_of_peak"] = result["achieved_tflops"] / args.peak_tflops
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_device_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
