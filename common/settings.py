@@ -52,8 +52,10 @@ class Settings(BaseSettings):
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
-    # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only)
-    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
+    # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only);
+    # auto: cudnn on a one-GPU NVIDIA host (1.40x the einsum form for SDXL on an H200, docs/benchmarks.md),
+    # else einsum
+    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
     # both: interactive first, data set lines in idle capacity; interactive/bulk: a pool for one kind only
     worker_lanes: Literal["both", "interactive", "bulk"] = "both"
     # --- data sets (bulk)

@@ -102,8 +102,9 @@ class Engine:
         for h, w in sizes:
             if h % factor or w % factor:
                 raise EngineInputError("sizes", f"{h}x{w}: height and width must be multiples of {factor}")
+        attention = attention_impl.resolve(attention, devices[0].platform, len(devices))
         if attention not in attention_impl.IMPLEMENTATIONS:
-            raise EngineInputError("attention", f"one of {attention_impl.IMPLEMENTATIONS}, got {attention!r}")
+            raise EngineInputError("attention", f"auto or one of {attention_impl.IMPLEMENTATIONS}, got {attention!r}")
         self.attention = attention
         self.model = model
         self.sizes = [tuple(s) for s in sizes]

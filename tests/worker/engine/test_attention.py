@@ -31,3 +31,17 @@ def test_a_narrow_head_still_asks_for_cudnn():
     q, k, v = _qkv(64)
     with attention.implementation("cudnn"), pytest.raises(Exception):  # noqa: B017
         attention._attend(q, k, v, 0.1)
+
+
+def test_auto_is_cudnn_on_one_nvidia_gpu_only():
+    assert attention.resolve("auto", "gpu", 1) == "cudnn"
+    assert attention.resolve("auto", "gpu", 8) == "einsum"  # the compile cache caveat: not measured there
+    assert attention.resolve("auto", "tpu", 4) == "einsum"
+    assert attention.resolve("auto", "cpu", 1) == "einsum"
+    assert attention.resolve("xla", "gpu", 1) == "xla"  # a name given is kept
+
+
+def test_an_engine_built_with_auto_on_this_cpu_traces_einsum(tiny32):
+    from worker.engine.engine import Engine
+
+    assert Engine(tiny32, [(64, 64)], batch_rows=1, attention="auto").attention == "einsum"
