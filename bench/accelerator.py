@@ -30,8 +30,8 @@ temporaries; outputs), which is exact for the program and independent of what ra
 from those figures (temporaries grow linearly with the batch) against the device's `bytes_limit`, then, when
 time is left, compiled and run once to check it.
 
-Weights are drawn at random on every host core (bench-only random_model), not with tiny.build_params,
-which draws float64 on one core for reproducible tests (minutes for SDXL's 3.5 B values).
+Weights: tiny.random_leaf's values drawn in float32 on every host core (random_model), not through
+tiny.build_params, which draws float64 on one core for the tests' values (minutes for SDXL's 3.5 B).
 """
 
 from __future__ import annotations
@@ -42,13 +42,11 @@ T0 = time.perf_counter()  # before the heavy imports: a start's import time coun
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
-import zlib  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -95,28 +93,29 @@ class Report:
         row = {"path": path, "batch": batch, "first_call_s": first_s, "batch_s": batch_s,
                "s_per_image": batch_s / batch, "images_per_s": batch / batch_s, **extra}  # fmt: skip
         self.data["rows"].append(row)
-        self.set_flops(self.data.get("tflop_per_image"))
+        self._fraction(row)
         print(json.dumps(row), flush=True)
         self.save()
 
     def set_flops(self, tflop_per_image: float | None) -> None:
         """The model's TFLOP per image (XLA's count), and with it every row's fraction of the peak."""
-        if not tflop_per_image:
-            return
-        self.data["tflop_per_image"] = tflop_per_image
-        for row in self.data["rows"]:
-            if self.peak_tflops:
-                row["fraction_of_peak"] = tflop_per_image * row["images_per_s"] / self.peak_tflops
-        self.save()
+        if tflop_per_image:
+            self.data["tflop_per_image"] = tflop_per_image
+            for row in self.data["rows"]:
+                self._fraction(row)
+            self.save()
+
+    def _fraction(self, row: dict[str, Any]) -> None:
+        if self.data.get("tflop_per_image") and self.peak_tflops:
+            row["fraction_of_peak"] = self.data["tflop_per_image"] * row["images_per_s"] / self.peak_tflops
 
 
 # ---------------------------------------------------------------------------------------------- JAX
 
 
 def random_model(preset: str, dtype: Any) -> Any:
-    """The preset's modules (model._assemble, as for a folder) with random weights: variance-preserving
-    kernels, norms' scales near 1, as tiny.build_params draws them, but in float32 and on every core (a
-    generator per leaf, seeded by its path; numpy fills off the GIL), then put on the default device."""
+    """The preset's modules (model._assemble, as for a folder) with tiny.random_leaf's random weights, drawn
+    in float32 on every core (numpy fills off the GIL), then put on the default device."""
     import jax
     import numpy as np
 
@@ -126,23 +125,12 @@ def random_model(preset: str, dtype: Any) -> Any:
     tiny.write_configs(root, preset)
     host_dtype = np.dtype(dtype)
 
-    def draw(item: tuple[tuple[str, ...], Any]) -> np.ndarray:
-        path, shape = item
-        dims = tuple(shape.shape)
-        x = np.random.default_rng([tiny.SEED, zlib.crc32("/".join(path).encode())]).standard_normal(dims, np.float32)
-        if path[-1] == "kernel":
-            x *= 1 / math.sqrt(math.prod(dims[:-1]))
-        elif path[-1] == "scale":
-            x = 1 + 0.1 * x
-        else:
-            x *= 0.5 if path[-1] == "embedding" else 0.05
-        return x.astype(host_dtype)
-
     def weights(part: str, shapes: Any) -> Any:
         items = list(convert.flatten({part: shapes}).items())
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            arrays = list(pool.map(draw, items))
-        return jax.device_put(convert.unflatten({path[1:]: a for (path, _), a in zip(items, arrays, strict=True)}))
+            arrays = pool.map(lambda i: tiny.random_leaf(i[0], tuple(i[1].shape), np.float32).astype(host_dtype), items)
+            flat = {path[1:]: a for (path, _), a in zip(items, arrays, strict=True)}
+        return jax.device_put(convert.unflatten(flat))
 
     return model._assemble(root, f"random-{preset}", dtype, weights)
 
