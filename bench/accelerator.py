@@ -12,11 +12,14 @@ StableDiffusionXLPipeline (eager; torch.compile with --torch-compile). Results a
 every step, so a run cut short still reports.
 
 Order, because a lease is short (JAX process):
- 1. the main batch with the first attention, compiled alone with an empty compile cache (the worker's
-    cache: JAX's persistent cache plus serialized executables): a cold engine start is the imports, the
-    weights and that compile; then timed;
+ 0. the model folder is written (random fp16 safetensors; not part of any start);
+ 1. the main batch with the first attention, started as the worker starts with an empty cache (JAX's
+    persistent cache, serialized executables, converted weights): a cold engine start is the imports and
+    the device client, then the weights converted on a thread while that program compiles, then the
+    weights placed; then timed;
  2. then, once that process has ended and let go of the device's memory, a new one starts the same engine
-    from that cache (the warm start: `--part warm-start`, run by bench/accelerator.sh);
+    from that cache (the warm start: `--part warm-start`, run by bench/accelerator.sh): executables loaded,
+    converted weights mapped;
  3. the other batches, the other attention and the reference at the main batch, compiled side by side on
     threads (XLA compiles off the GIL; the host has cores to spare), then each timed alone;
  4. while time is left, one at a time: the largest batch, the reference and the other attention at the
@@ -30,8 +33,10 @@ temporaries; outputs), which is exact for the program and independent of what ra
 from those figures (temporaries grow linearly with the batch) against the device's `bytes_limit`, then, when
 time is left, compiled and run once to check it.
 
-Weights: tiny.random_leaf's values drawn in float32 on every host core (random_model), not through
-tiny.build_params, which draws float64 on one core for the tests' values (minutes for SDXL's 3.5 B).
+Weights: the preset is first written as a diffusers folder of fp16 safetensors (model_folder: tiny.random_leaf's
+values drawn in float32 on every host core; not part of any start), and each start loads it as the worker
+does: converted on a thread while the programs compile, the converted copy kept in the cache; the warm start
+maps that copy.
 """
 
 from __future__ import annotations
@@ -113,26 +118,18 @@ class Report:
 # ---------------------------------------------------------------------------------------------- JAX
 
 
-def random_model(preset: str, dtype: Any) -> Any:
-    """The preset's modules (model._assemble, as for a folder) with tiny.random_leaf's random weights, drawn
-    in float32 on every core (numpy fills off the GIL), then put on the default device."""
-    import jax
+def model_folder(preset: str) -> tuple[Path, float]:
+    """The preset written as a diffusers folder of fp16 safetensors in PyTorch's layout, the way SDXL base's
+    fp16 variant is downloaded, with tiny.random_leaf's values drawn in float32 on every core; and the
+    seconds it took, which belong to no start (a real host downloads the folder once)."""
     import numpy as np
 
-    from worker.engine import convert, model, tiny
+    from worker.engine import tiny
 
-    root = Path(tempfile.mkdtemp(prefix=f"sdxl-{preset}-"))
-    tiny.write_configs(root, preset)
-    host_dtype = np.dtype(dtype)
-
-    def weights(part: str, shapes: Any) -> Any:
-        items = list(convert.flatten({part: shapes}).items())
-        with ThreadPoolExecutor(os.cpu_count()) as pool:
-            arrays = pool.map(lambda i: tiny.random_leaf(i[0], tuple(i[1].shape), np.float32).astype(host_dtype), items)
-            flat = {path[1:]: a for (path, _), a in zip(items, arrays, strict=True)}
-        return jax.device_put(convert.unflatten(flat))
-
-    return model._assemble(root, f"random-{preset}", dtype, weights)
+    folder = Path(tempfile.mkdtemp(prefix=f"sdxl-{preset}-")) / "model"
+    t0 = time.perf_counter()
+    tiny.write(folder, preset=preset, dtype=np.float16, variant="fp16", precision=np.float32, threads=os.cpu_count())
+    return folder, time.perf_counter() - t0
 
 
 def program_memory(engine: Any, hw: tuple[int, int]) -> dict[str, float]:
@@ -175,25 +172,27 @@ def peak_gib() -> float | None:
 
 
 def engine_start(args: argparse.Namespace, cache_root: Path, attention: str, batch: int) -> tuple[Any, dict]:
-    """What a worker does before it serves: imports (already done by the caller, timed from T0), random
-    weights, the programs from the compile cache at cache_root (compiled and written there when empty)."""
-    import jax
-
+    """What `python -m worker` does before it serves (worker/main.py build_engine): imports and the device
+    client (timed by the caller from T0), then the model folder loaded with its weights read on a thread
+    (converted, or mapped from the converted copy in the cache) while the programs compile (or load from the
+    cache), then the weights placed on the device."""
     from worker.engine import cache, model
     from worker.engine.engine import Engine
 
     import_s = time.perf_counter() - T0
+    t0 = time.perf_counter()
     folder = cache.enable(cache_root)
-    t0 = time.perf_counter()
-    m = random_model(args.preset, model.resolve_dtype("auto"))
-    jax.block_until_ready(m.params)
-    model_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    m = model.load(str(args.model_dir), model.resolve_dtype("auto"), shape_cache=folder / "shapes",
+                   variant="fp16", background=True, weight_cache_dir=folder / "weights")  # fmt: skip
+    modules_s = time.perf_counter() - t0
     engine = Engine(m, [args.hw], batch, attention=attention, aot_dir=folder / "executables")
     engine.compile()
-    programs_s = time.perf_counter() - t0
-    start = {"import_s": import_s, "weights_s": model_s, "programs_s": programs_s,
-             "ready_s": import_s + model_s + programs_s, "executables_loaded": engine.aot_loaded}  # fmt: skip
+    engine_s = time.perf_counter() - t0
+    start = {"import_s": import_s, "backend_init_s": args.backend_init_s, "modules_s": modules_s,
+             "weights_s": m.weights_s, "weights_from": m.weight_sources, "programs_s": sum(engine.compile_s.values()),
+             "weights_wait_s": engine.weights_wait_s, "place_s": engine.place_s, "engine_s": engine_s,
+             "ready_s": import_s + engine_s, "executables_loaded": engine.aot_loaded}  # fmt: skip
+    print("engine start", json.dumps(start), flush=True)
     return engine, start
 
 
@@ -208,6 +207,7 @@ def run_warm_start(args: argparse.Namespace, report: Report) -> None:
     goes into the JAX part's report (--out) as warm_start and warm_over_cold."""
     merged = report.data
     attention, batch = merged["attentions"][0], merged["batches"][0]
+    args.model_dir = Path(merged["model_dir"])
     engine, start = engine_start(args, Path(merged["cache_dir"]), attention, batch)
     report.data["warm_start"] = start
     report.data["warm_over_cold"] = start["ready_s"] / merged["cold_start"]["ready_s"]
@@ -231,6 +231,8 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
     primary, rest = args.attentions[0], args.attentions[1:]
     cache_root = Path(tempfile.mkdtemp(prefix="sdxl-cache-"))
     memory: list[tuple[int, dict[str, float]]] = []
+    args.model_dir, report.data["model_folder_write_s"] = model_folder(args.preset)
+    report.data["model_dir"] = str(args.model_dir)
 
     def measure(name: str, eng: Any, batch: int) -> None:
         rows = rows_for(batch, args.steps)
@@ -256,7 +258,12 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
         report.error(f"ours/{primary} batch {main_batch}", exc)
 
     # 2. the warm start: bench/accelerator.sh runs `--part warm-start` on this cache once this process has
-    # ended (JAX holds most of the device's memory until then)
+    # ended (JAX holds most of the device's memory until then); the converted weights must be written first
+    t0 = time.perf_counter()
+    from worker.engine import weight_cache
+
+    weight_cache.flush(timeout_s=120)
+    report.data["weight_cache_flush_wait_s"] = time.perf_counter() - t0
     report.data["cache_dir"] = str(cache_root)
     report.save()
 
@@ -429,8 +436,10 @@ def main() -> None:
             return
         import jax
 
+        t0 = time.perf_counter()
+        gpu = jax.devices()[0].platform == "gpu"  # the device client starts here: part of every start
+        args.backend_init_s = time.perf_counter() - t0
         if args.attentions == "auto":
-            gpu = jax.devices()[0].platform == "gpu"
             args.attentions = "cudnn,einsum" if gpu else "einsum"
         args.attentions = args.attentions.split(",")
         (run_warm_start if args.part == "warm-start" else run_jax)(args, report)

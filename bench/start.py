@@ -2,12 +2,19 @@
 
     python bench/start.py --model tiny --size 512x512 --batch 4
     python bench/start.py --model mid --size 256x256 --batch 4      # writes the mid preset as a folder once
-    python bench/start.py --model sdxl --size 1024x1024 --batch 4 --dtype bfloat16   # full SDXL, 6.3 GB fp16
+    python bench/start.py --model sdxl --size 1024x1024 --batch 4 --dtype bfloat16 --rounds 2   # full SDXL
 
 Method (docs/benchmarks.md): the real `python -m worker` process, a fresh embedded Valkey, local storage.
-Time from process start to ready (Celery's "ready." line and the worker's heartbeat in Redis), the first with
-a new `SDXL_COMPILE_CACHE_DIR`, the second with the same folder; the worker's own log line gives the seconds of
-building the modules, then of reading the weights and of compiling (or loading) the programs, which overlap.
+Time from process start to ready (Celery's "ready." line and the worker's heartbeat in Redis), four starts:
+- cold: a new `SDXL_COMPILE_CACHE_DIR` (kept running until its converted weights are written);
+- warm: the same folder (executables and converted weights from it), every file in the page cache, as for a
+  restart on the same host;
+- warm from disk: the same, with the model's and the cache's files evicted from the page cache first, as
+  after a reboot (posix_fadvise; the disk's speed then bounds the weights);
+- warm, converting: `SDXL_WEIGHT_CACHE=false`, the checkpoint in the page cache: executables from the cache,
+  weights converted as before the weight cache existed.
+The worker's own log line gives the seconds of building the modules, then of reading the weights and of
+compiling (or loading) the programs, which overlap.
 `--model mid` writes the `mid` preset (SDXL's topology at about a third of its widths, random weights) as a
 diffusers folder of safetensors once, and the worker loads it like any folder: the load and the compile are
 the real ones for a model of that size. `--model sdxl` is SDXL base's
@@ -20,6 +27,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -48,19 +57,48 @@ def model_spec(name: str) -> tuple[str, str]:
     return str(folder), variant
 
 
-def start_once(env: dict[str, str], url: str, log: Path) -> dict[str, float]:
+def start_once(env: dict[str, str], url: str, log: Path, cache: Path | None = None) -> dict[str, float]:
+    """One worker start; with `cache`, wait for its converted weights to be written before stopping it."""
     worker = WorkerProcess(env, log)
     t0 = time.perf_counter()
     worker.start(url, "sdxl", timeout_s=1800)
     wall = time.perf_counter() - t0
+    after_ready_s = wait_for_weight_cache(cache) if cache else 0.0
     worker.stop()
     line = re.search(
-        r"engine ready in ([\d.]+) s: .*; modules ([\d.]+) s, then weights ([\d.]+) s and programs ([\d.]+) s "
-        r"side by side .*, waited ([\d.]+) s for the weights",
+        r"engine ready in ([\d.]+) s: .*; modules ([\d.]+) s, then weights ([\d.]+) s \((.*?)\), placed in "
+        r"([\d.]+) s, and programs ([\d.]+) s side by side .*, then waited ([\d.]+) s for the weights",
         log.read_text(),
     )
-    names = ("engine_s", "modules_s", "weights_s", "programs_s", "weights_wait_s")
-    return {"ready_s": round(wall, 2), **{k: float(line[i + 1]) if line else -1.0 for i, k in enumerate(names)}}
+    names = ("engine_s", "modules_s", "weights_s", "weights_from", "place_s", "programs_s", "weights_wait_s")
+    if not line:
+        return {"ready_s": round(wall, 2), **dict.fromkeys(names, -1.0)}  # the log line changed: say so
+    fields = {k: line[i + 1] if k == "weights_from" else float(line[i + 1]) for i, k in enumerate(names)}
+    return {"ready_s": round(wall, 2), **fields, "weight_cache_written_after_ready_s": round(after_ready_s, 2)}
+
+
+def page_cache(paths: list[Path], resident: bool) -> None:
+    """Put the files in the page cache (read them through) or evict them (posix_fadvise DONTNEED, which needs
+    no privileges for pages nobody maps): a restart finds them cached, the first start after a reboot not."""
+    for path in paths:
+        with open(path, "rb") as f:
+            if resident:
+                while f.read(64 << 20):
+                    pass
+            else:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def wait_for_weight_cache(folder: Path, timeout_s: float = 600) -> float:
+    """Seconds until the cold start's background write of the converted weights is done (4 files, no
+    temporary one): a worker that keeps running finishes it, one stopped at once would not."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        files = list(folder.rglob("weights/*"))
+        if len(files) == 4 and not any(".tmp" in f.name for f in files):
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    raise TimeoutError(f"the converted weights were not written to {folder} in {timeout_s} s")
 
 
 def main() -> None:
@@ -69,29 +107,46 @@ def main() -> None:
     p.add_argument("--size", default="512x512")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--rounds", type=int, default=1, help="each round: a cold start, then the three warm ones")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     spec, variant = model_spec(args.model)
+    runs: dict[str, list[dict]] = {"cold": [], "warm": [], "warm_disk": [], "warm_converting": []}
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
         work = Path(tmp)
         server = redis_server.start_embedded(work / "valkey")
         url = f"redis://127.0.0.1:{server.port}/0"
-        env = {
-            "SDXL_REDIS_URL": url, "SDXL_MODEL": spec, "SDXL_MODEL_VARIANT": variant, "SDXL_SIZES": args.size,
-            "SDXL_BATCH_ROWS": str(args.batch), "SDXL_DTYPE": args.dtype, "SDXL_COMPILE_CACHE_DIR": str(work / "cache"),
-            "SDXL_LOCAL_STORAGE_DIR": str(work / "images"), "SDXL_DATASET_FEEDER": "false",
-        }  # fmt: skip
+        source = [f for f in Path(spec).rglob("*") if f.suffix in (".safetensors", ".msgpack")]
         try:
-            cold = start_once(env, url, work / "cold.log")
-            print("cold", cold, flush=True)
-            warm = start_once(env, url, work / "warm.log")
-            print("warm", warm, flush=True)
+            for r in range(args.rounds):
+                cache = work / f"cache-{r}"
+                env = {
+                    "SDXL_REDIS_URL": url, "SDXL_MODEL": spec, "SDXL_MODEL_VARIANT": variant, "SDXL_SIZES": args.size,
+                    "SDXL_BATCH_ROWS": str(args.batch), "SDXL_DTYPE": args.dtype, "SDXL_COMPILE_CACHE_DIR": str(cache),
+                    "SDXL_LOCAL_STORAGE_DIR": str(work / "images"), "SDXL_DATASET_FEEDER": "false",
+                }  # fmt: skip
+                page_cache(source, resident=True)
+                runs["cold"].append(start_once(env, url, work / f"cold-{r}.log", cache=cache))
+                converted = list(cache.rglob("weights/*"))
+                weights_gb = sum(f.stat().st_size for f in converted) / 1e9
+                page_cache(source + converted, resident=True)
+                runs["warm"].append(start_once(env, url, work / f"warm-{r}.log"))
+                page_cache(source + converted, resident=False)
+                runs["warm_disk"].append(start_once(env, url, work / f"warm-disk-{r}.log"))
+                page_cache(source, resident=True)
+                off = env | {"SDXL_WEIGHT_CACHE": "false"}
+                runs["warm_converting"].append(start_once(off, url, work / f"warm-converting-{r}.log"))
+                for name, results in runs.items():
+                    print(f"round {r} {name}: {results[-1]}", flush=True)
+                shutil.rmtree(cache)
         finally:
             server.stop()
+    ready = {name: statistics.median(x["ready_s"] for x in results) for name, results in runs.items()}
+    ratios = {f"{k}_over_cold": round(v / ready["cold"], 3) for k, v in ready.items() if k != "cold"}
     result = {"machine": f"{os.cpu_count()} cores", "model": args.model, "size": args.size, "batch": args.batch,
-              "dtype": args.dtype, "cold": cold, "warm": warm,
-              "warm_over_cold": round(warm["ready_s"] / cold["ready_s"], 3)}  # fmt: skip
-    print(json.dumps(result, indent=2))
+              "dtype": args.dtype, "rounds": args.rounds, "median_ready_s": ready, **ratios,
+              "weight_cache_gb": round(weights_gb, 2), "starts": runs}  # fmt: skip
+    print(json.dumps({k: v for k, v in result.items() if k != "starts"}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
+    # keep each model's weights converted to Flax's layout and the serving dtype in <compile cache>/weights, so
+    # a restart maps them instead of converting (SDXL: the weights' share of a warm start; about the size of
+    # the fp16 checkpoint on disk)
+    weight_cache: bool = True
     # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only);
     # auto: cudnn on a one-GPU NVIDIA host (1.40x the einsum form for SDXL on an H200, docs/benchmarks.md),
     # else einsum

@@ -199,5 +199,6 @@ def test_worker_logs_its_start_without_errors(service):
     _, _, worker = service
     log = worker.log_tail(200_000)
     assert re.search(r"engine ready in [\d.]+ s: model tiny \(float32\), 1 devices, sizes 64x64,64x96, batch 4;", log)
-    assert re.search(r"then weights [\d.]+ s and programs [\d.]+ s side by side", log)
+    weights = r"then weights [\d.]+ s \(unet (checkpoint|converted cache), .*\), placed in [\d.]+ s"
+    assert re.search(weights + r", and programs [\d.]+ s side by side .*, then waited [\d.]+ s for the weights", log)
     assert "Logging error" not in log and "Traceback" not in log

@@ -42,6 +42,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         shape_cache=folder / "shapes",
         variant=settings.model_variant,
         background=True,
+        weight_cache_dir=folder / "weights" if settings.weight_cache else None,
     )
     t1 = time.perf_counter()
     engine = Engine(
@@ -51,7 +52,8 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
     t2 = time.perf_counter()
     log.info(
         "engine ready in %.1f s: model %s (%s), %d devices, sizes %s, batch %d; modules %.1f s, then weights "
-        "%.1f s and programs %.1f s side by side (%s), waited %.1f s for the weights; cache %s",
+        "%.1f s (%s), placed in %.1f s, and programs %.1f s side by side (%s), then waited %.1f s for the weights; "
+        "cache %s",
         t2 - t0,
         m.name,
         np.dtype(m.dtype).name,
@@ -60,6 +62,8 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         settings.batch_rows,
         t1 - t0,
         m.weights_s,
+        ", ".join(f"{part} {source}" for part, source in m.weight_sources.items()),
+        engine.place_s,
         sum(compile_s.values()),
         ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
         engine.weights_wait_s,

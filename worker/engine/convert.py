@@ -155,5 +155,7 @@ def flax_to_pt(params: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
             name = ".".join(module)
         if leaf == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-        out[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = np.ascontiguousarray(value)
-    return out
+        out[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = value  # a view, laid out below
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # as in pt_to_flax: the copies in threads
+        laid_out = pool.map(lambda v: contiguous(v, v.dtype), out.values())
+        return dict(zip(out.keys(), laid_out, strict=True))

@@ -20,6 +20,7 @@ import os
 import pickle
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,16 @@ class Engine:
         self.mesh = Mesh(np.array(devices), ("data",))
         self.rows_sharding, self.replicated = program.shardings(self.mesh)
         # Weights go to every device once, replicated: P() over the data axis. A model still reading its
-        # weights (model.load(background=True)) is placed by compile(), after the programs: the two overlap.
-        self.params = None if model.pending else jax.device_put(model.params, self.replicated)
-        self.weights_wait_s = 0.0  # how long compile() then waited for the weights
+        # weights (model.load(background=True)) is placed by a thread as soon as they are read, while the
+        # programs compile or load; compile() waits for it at the end.
+        self.params = None
+        self._placing: Future[tuple[Any, float]] | None = None
+        if model.pending:
+            self._placing = ThreadPoolExecutor(1, thread_name_prefix="place-weights").submit(self._read_and_place)
+        else:
+            self.params = jax.device_put(model.params, self.replicated)
+        self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
+        self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
         self._executables: dict[tuple[int, int, int, str], Any] = {}
         self._noise: dict[tuple[int, int, int], Any] = {}
         self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
@@ -227,12 +235,19 @@ class Engine:
         self._place()
         return dict(self.compile_s)
 
+    def _read_and_place(self) -> tuple[Any, float]:
+        params = self.model.wait()  # a failed read raises here, and from compile()
+        t0 = time.perf_counter()
+        # Ready means on the devices: wait for the copies (mapped weights may still be coming off the disk).
+        placed = jax.block_until_ready(jax.device_put(params, self.replicated))
+        return placed, time.perf_counter() - t0
+
     def _place(self) -> None:
-        if self.params is None:
+        if self.params is None and self._placing is not None:
             t0 = time.perf_counter()
-            params = self.model.wait()
+            self.params, self.place_s = self._placing.result()
             self.weights_wait_s = time.perf_counter() - t0
-            self.params = jax.device_put(params, self.replicated)
+            self._placing = None
 
     # ------------------------------------------------------------------ inputs
 

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from worker.engine import convert, tensor_file
+from worker.engine import convert, tensor_file, weight_cache
 from worker.engine.schedule import NoiseConfig
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,9 @@ class Model:
     dtype: Any
     pending: Future[tuple[dict[str, Any], float]] | None = None  # (weights, seconds to read them)
     weights_s: float = 0.0  # how long reading the weights took
+    # per component, where its weights came from: "checkpoint" (read and converted), "converted cache"
+    # (weight_cache: mapped, nothing converted) or "random"; filled in as they are read
+    weight_sources: dict[str, str] = field(default_factory=dict)
 
     def wait(self) -> dict[str, Any]:
         """The weights, once read; a failed background read raises its error here."""
@@ -179,8 +182,18 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), tree)
 
 
-def _load_params(folder: Path, located: tuple[str, list[Path]], shapes: Any, dtype: Any) -> Any:
+def _load_params(
+    folder: Path, located: tuple[str, list[Path]], shapes: Any, dtype: Any, converted: Path | None = None
+) -> tuple[Any, str]:
+    """(parameters in `dtype`, where they came from). converted: weight_cache's folder; a hit there maps the
+    converted file and reads nothing of the checkpoint, a miss converts and writes it in the background."""
     kind, files = located
+    if converted is not None:
+        expected = weight_cache.identity(files, dtype, shapes)
+        cached_path = weight_cache.path_for(converted, folder.name, files)
+        cached = weight_cache.load(cached_path, expected, shapes, dtype)
+        if cached is not None:
+            return cached, "converted cache"
     payload = _read_weights(kind, files)
     target = convert.flatten(shapes)
     if kind == "flax":
@@ -192,7 +205,10 @@ def _load_params(folder: Path, located: tuple[str, list[Path]], shapes: Any, dty
     else:
         params = convert.pt_to_flax(payload, target, str(folder), dtype)
     # Weights in bfloat16 (or float32): halves memory and HBM traffic; the scheduler maths stays float32.
-    return _cast(params, dtype)
+    params = _cast(params, dtype)
+    if converted is not None:
+        weight_cache.save_in_background(cached_path, expected, params)
+    return params, "checkpoint"
 
 
 def _check_folder(root: Path) -> None:
@@ -234,10 +250,17 @@ def _shapes(kind: str, config: Any, trace: Callable[[], Any], cache: Path | None
 
 
 def _assemble(
-    root: Path, name: str, dtype: Any, weights: Any, shape_cache: Path | None = None, background: bool = False
+    root: Path,
+    name: str,
+    dtype: Any,
+    weights: Any,
+    shape_cache: Path | None = None,
+    background: bool = False,
+    weight_sources: dict[str, str] | None = None,
 ) -> Model:
     """Build the modules from root's configs; weights(component, shapes) returns that component's parameters.
-    background: return once the modules and shapes are known, with the weights still being read (Model.wait)."""
+    background: return once the modules and shapes are known, with the weights still being read (Model.wait).
+    weight_sources: the dict `weights` fills in (Model.weight_sources)."""
     key = jax.random.PRNGKey(0)
 
     def text_encoders() -> tuple[FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection]:
@@ -284,6 +307,7 @@ def _assemble(
         params=jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), all_shapes),
         dtype=dtype,
         pending=pending,
+        weight_sources=weight_sources if weight_sources is not None else {},
     )
     if done is not None:
         model.params, model.weights_s = done
@@ -298,17 +322,21 @@ def load_folder(
     shape_cache: Path | None = None,
     variant: str = "",
     background: bool = False,
+    weight_cache_dir: Path | None = None,
 ) -> Model:
     """A diffusers SDXL folder. background: return once the modules are built, with the weights still being
-    read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once."""
+    read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once.
+    weight_cache_dir: where converted weights are kept between starts (weight_cache); None converts each time."""
     root = Path(path)
     _check_folder(root)
     located = {part: _locate_weights(root / part, *names, variant) for part, names in _WEIGHT_FILES.items()}
+    sources: dict[str, str] = {}
 
     def weights(part: str, shapes: Any) -> Any:
-        return _load_params(root / part, located[part], shapes, dtype)
+        params, sources[part] = _load_params(root / part, located[part], shapes, dtype, weight_cache_dir)
+        return params
 
-    return _assemble(root, name or str(root), dtype, weights, shape_cache, background)
+    return _assemble(root, name or str(root), dtype, weights, shape_cache, background, sources)
 
 
 def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
@@ -323,7 +351,7 @@ def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
     def weights(part: str, _shapes: Any) -> Any:
         return tiny.build_params(preset, dtype, parts=(part,))[part]
 
-    return _assemble(root, f"random-{preset}", dtype, weights)
+    return _assemble(root, f"random-{preset}", dtype, weights, weight_sources=dict.fromkeys(COMPONENTS, "random"))
 
 
 def resolve_dtype(name: str) -> Any:
@@ -355,12 +383,13 @@ def load(
     shape_cache: Path | None = None,
     variant: str = "",
     background: bool = False,
+    weight_cache_dir: Path | None = None,
 ) -> Model:
     """`tiny`, a local folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`:
     a folder where parameter shapes are kept between starts (the worker uses its compile cache). `variant`:
     the weight files' variant ("fp16": half of SDXL base's download; served in `dtype` either way).
-    `background`: see load_folder."""
-    options = {"shape_cache": shape_cache, "background": background}
+    `background`, `weight_cache_dir`: see load_folder."""
+    options = {"shape_cache": shape_cache, "background": background, "weight_cache_dir": weight_cache_dir}
     if spec == "tiny":
         from worker.engine import tiny
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,16 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     tok.save_pretrained(folder)
 
 
-def build_params(preset: str = "tiny", dtype: Any = np.float32, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
-    """Random Flax parameters for a preset (all four components, or `parts`), the same on every machine."""
+def build_params(
+    preset: str = "tiny",
+    dtype: Any = np.float32,
+    parts: tuple[str, ...] = PARTS,
+    precision: Any = np.float64,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Random Flax parameters for a preset (all four components, or `parts`), the same on every machine.
+    precision, threads: random_leaf's draw, and how many leaves are drawn at once (numpy fills off the GIL);
+    float32 on every core is what a benchmark of the full SDXL wants, float64 the values the tests expect."""
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
@@ -201,10 +210,10 @@ def build_params(preset: str = "tiny", dtype: Any = np.float32, parts: tuple[str
     # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
     # (about 40 s on a CPU). Each leaf's generator is seeded by its path (component included), so neither
     # the order nor which components are built together changes a value.
-    flat = {
-        path: random_leaf(path, tuple(shape.shape)).astype(dtype) for path, shape in convert.flatten(shapes).items()
-    }
-    return convert.unflatten(flat)
+    items = list(convert.flatten(shapes).items())
+    with ThreadPoolExecutor(threads) as pool:
+        values = pool.map(lambda item: random_leaf(item[0], tuple(item[1].shape), precision).astype(dtype), items)
+        return convert.unflatten(dict(zip((path for path, _ in items), values, strict=True)))
 
 
 def random_leaf(path: tuple[str, ...], dims: tuple[int, ...], precision: Any = np.float64) -> np.ndarray:
@@ -234,17 +243,24 @@ def write_configs(folder: Path, preset: str = "tiny") -> None:
 
 
 def write(
-    folder: Path, fmt: str = "safetensors", preset: str = "tiny", dtype: Any = np.float32, variant: str = ""
+    folder: Path,
+    fmt: str = "safetensors",
+    preset: str = "tiny",
+    dtype: Any = np.float32,
+    variant: str = "",
+    precision: Any = np.float64,
+    threads: int = 1,
 ) -> None:
     """Write a random model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack).
     `dtype` is the stored precision and `variant` names the files as the hub's variants do ("fp16":
-    model.fp16.safetensors). One component at a time, so the full `sdxl` preset needs one component's memory."""
+    model.fp16.safetensors); precision, threads: see build_params. One component at a time, so the full
+    `sdxl` preset needs one component's memory."""
     from flax import serialization
     from safetensors.numpy import save_file
 
     write_configs(folder, preset)
     for part in PARTS:
-        params = build_params(preset, dtype, parts=(part,))[part]
+        params = build_params(preset, dtype, parts=(part,), precision=precision, threads=threads)[part]
         diffusers_style = part in ("unet", "vae")
         if fmt == "flax":
             name = "diffusion_flax_model.msgpack" if diffusers_style else "flax_model.msgpack"

@@ -11,23 +11,25 @@ import numpy as np
 
 SCRIPT = """
 import json, sys, numpy as np
-from worker.engine import cache, compile_log, model
+from worker.engine import cache, compile_log, model, weight_cache
 from worker.engine.engine import Engine, Row
 args = json.loads(sys.argv[1])
-aot = None
+aot = converted = None
 if args.get("cache"):
-    aot = cache.enable(args["cache"]) / "executables"
+    folder = cache.enable(args["cache"])
+    aot, converted = folder / "executables", folder / "weights"
 counter = compile_log.install()
 import jax
-m = model.load_folder(args["tiny"], np.float32)
+m = model.load_folder(args["tiny"], np.float32, weight_cache_dir=converted)
 engine = Engine(m, [(64, 64)], batch_rows=4, aot_dir=aot)
 engine.compile()
 rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
         Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
 out = engine.generate(rows, 64, 64)
 np.save(args["out"], out.images)
+weight_cache.flush()
 print(json.dumps({"devices": jax.device_count(), "compiles": counter.compiles, "cache_hits": counter.cache_hits,
-                  "requests": counter.requests, "aot_loaded": engine.aot_loaded}))
+                  "requests": counter.requests, "aot_loaded": engine.aot_loaded, "weights": m.weight_sources}))
 """
 
 
@@ -57,7 +59,10 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     assert any(cache.rglob("*")), "nothing was written to the cache"
     assert cold["aot_loaded"] == 0 and list((cache).rglob("executables/*.bin"))
     warm, img_warm = _run(tmp_path, tiny_dir, 1, "warm", cache)
-    # Both programs come back whole (no tracing, no compiling); anything small left hits JAX's cache.
+    # Both programs come back whole (no tracing, no compiling); anything small left hits JAX's cache. The
+    # weights are mapped from the converted copy the cold start wrote, not converted again.
+    assert set(cold["weights"].values()) == {"checkpoint"}
+    assert set(warm["weights"].values()) == {"converted cache"} and len(warm["weights"]) == 4
     assert warm["aot_loaded"] == 2
     assert warm["compiles"] == 0 and warm["requests"] < cold["requests"]
     np.testing.assert_array_equal(img_cold, img_warm)

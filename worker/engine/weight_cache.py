@@ -1,0 +1,118 @@
+"""Converted weights kept between starts: each component's parameters in Flax's layout and the serving dtype,
+one safetensors file per component, so a restart maps them instead of converting the checkpoint again.
+
+Converting SDXL's fp16 checkpoint (3.2 B elements transposed and cast to bfloat16) is most of a warm start
+when the programs come from the executable cache. The converted file is read as views on a memory map
+(tensor_file.read): nothing is copied on the host, and placing the arrays on the devices is the one copy.
+
+One file per (component, source folder), so a model costs one converted copy on disk, about the size of
+its fp16 files for a bfloat16 server (`SDXL_WEIGHT_CACHE=false` turns it off). The file's metadata holds
+the identity it was made from: the source files' paths, sizes and modification times, the dtype, the
+parameter shapes and the converter's source. A changed checkpoint, dtype or converter misses and is
+converted and written again over the old file. A copy of the model folder that keeps modification times
+(`cp -p`, rsync -a, an image layer) still hits; touching a file misses, which is the safe side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.engine import convert, tensor_file
+
+log = logging.getLogger(__name__)
+FORMAT = "sdxl-service/converted-weights/1"
+STALE_TMP_S = 600  # a temporary file this old is no other process's write in progress (5 GB takes seconds)
+_SOURCES = ("convert.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
+
+
+def identity(files: list[Path], dtype: Any, shapes: Any) -> str:
+    """What the converted weights depend on, as a digest. Statting the files is the only I/O."""
+    digest = hashlib.sha256(FORMAT.encode())
+    here = Path(__file__).parent
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    stats = []
+    for path in files:
+        st = path.stat()
+        stats.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    flat = {"/".join(k): [list(v.shape)] for k, v in convert.flatten(shapes).items()}
+    digest.update(json.dumps([stats, np.dtype(dtype).name, flat], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def path_for(folder: Path, part: str, files: list[Path]) -> Path:
+    """The one file for this component of this model folder."""
+    source = hashlib.sha256(str(files[0].parent.resolve()).encode()).hexdigest()[:16]
+    return folder / f"{part}-{source}.safetensors"
+
+
+def load(path: Path, expected: str, shapes: Any, dtype: Any) -> dict[str, Any] | None:
+    """The converted tree as read-only views on the file, or None when the file is missing, was made from
+    something else, or cannot be read (the caller converts again and rewrites it)."""
+    if not path.exists():
+        return None
+    try:
+        tensors, metadata = tensor_file.read_with_metadata(path)
+    except (OSError, tensor_file.TensorFileError) as exc:
+        log.warning("converted weights %s are unreadable (%s); converting again", path, exc)
+        return None
+    if metadata.get("identity") != expected:
+        log.info("converted weights %s were made from another checkpoint, dtype or converter; converting", path)
+        return None
+    flat: convert.FlatTree = {}
+    for key, shape in convert.flatten(shapes).items():
+        array = tensors.get("/".join(key))
+        if array is None or array.shape != tuple(shape.shape) or array.dtype != np.dtype(dtype):
+            log.warning("converted weights %s do not match the model at %s; converting again", path, "/".join(key))
+            return None
+        flat[key] = array
+    return convert.unflatten(flat)
+
+
+def save(path: Path, expected: str, tree: Any) -> None:
+    """Write the converted tree under a temporary name and rename it, so a reader sees all of it or none.
+    Failures (a full disk) are logged, never raised: the cache only saves time."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a process that died while writing
+            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                stale.unlink(missing_ok=True)
+        arrays = {"/".join(k): np.asarray(v) for k, v in convert.flatten(tree).items()}
+        tensor_file.write(tmp, arrays, {"format": FORMAT, "identity": expected})
+        os.replace(tmp, path)
+    except Exception as exc:
+        with contextlib.suppress(OSError):  # the folder itself is unusable: nothing was written
+            tmp.unlink(missing_ok=True)
+        log.warning("could not keep converted weights in %s (%s); the next start converts again", path, exc)
+
+
+_writes: list[threading.Thread] = []
+
+
+def save_in_background(path: Path, expected: str, tree: Any) -> None:
+    """save() on a thread: writing gigabytes need not delay the first batch. A daemon thread, so a process
+    that exits meanwhile leaves only a temporary file (removed by a later save); flush() waits for it."""
+    thread = threading.Thread(target=save, args=(path, expected, tree), name="weight-cache", daemon=True)
+    thread.start()
+    _writes.append(thread)
+
+
+def flush(timeout_s: float | None = None) -> bool:
+    """Wait for this process's background writes; True when none is left running."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for thread in list(_writes):
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not thread.is_alive():
+            _writes.remove(thread)
+    return not _writes
