@@ -118,7 +118,9 @@ class Engine:
         self.params = None
         self._placing: Future[tuple[Any, float]] | None = None
         if model.pending:
-            self._placing = ThreadPoolExecutor(1, thread_name_prefix="place-weights").submit(self._read_and_place)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="place-weights")
+            self._placing = pool.submit(self._read_and_place)
+            pool.shutdown(wait=False)  # its one thread ends with the placement
         else:
             self.params = jax.device_put(model.params, self.replicated)
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from worker.engine import convert, tensor_file
 
 log = logging.getLogger(__name__)
 FORMAT = "sdxl-service/converted-weights/1"
+MIN_FREE_BYTES = 2 * 10**9  # a write that would leave less free is skipped: the cache only saves time
 STALE_TMP_S = 600  # a temporary file this old is no other process's write in progress (5 GB takes seconds)
 _SOURCES = ("convert.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
 
@@ -89,6 +91,12 @@ def save(path: Path, expected: str, tree: Any) -> None:
             if time.time() - stale.stat().st_mtime > STALE_TMP_S:
                 stale.unlink(missing_ok=True)
         arrays = {"/".join(k): np.asarray(v) for k, v in convert.flatten(tree).items()}
+        size = sum(a.nbytes for a in arrays.values())
+        free = shutil.disk_usage(path.parent).free
+        if free - size < MIN_FREE_BYTES:  # the disk may also hold Redis' append-only file or the images
+            log.warning("not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
+                        path, size / 1e9, (free - size) / 1e9)  # fmt: skip
+            return
         tensor_file.write(tmp, arrays, {"format": FORMAT, "identity": expected})
         os.replace(tmp, path)
     except Exception as exc:

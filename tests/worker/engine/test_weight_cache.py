@@ -101,3 +101,14 @@ def test_a_dead_writers_temporary_file_is_removed(folder, tmp_path):
     unet.unlink()  # the next load writes this component again, and sweeps the leftover meanwhile
     _load(folder, cache)
     assert not stale.exists() and unet.exists()
+
+
+def test_a_nearly_full_disk_is_left_alone(folder, tmp_path, monkeypatch, caplog):
+    """The cache's disk may also hold Redis' append-only file: a write that would leave under
+    MIN_FREE_BYTES free is skipped (the next start converts again), never attempted."""
+    monkeypatch.setattr(weight_cache, "MIN_FREE_BYTES", 10**18)
+    cache = tmp_path / "weights"
+    with caplog.at_level(logging.WARNING, logger="worker.engine.weight_cache"):
+        m = _load(folder, cache)
+    assert m.weight_sources == dict.fromkeys(PARTS, "checkpoint")
+    assert "GB free of the disk" in caplog.text and not list(cache.glob("*"))
