@@ -9,8 +9,9 @@ One file per (component, source folder), so a model costs one converted copy on 
 its fp16 files for a bfloat16 server (`SDXL_WEIGHT_CACHE=false` turns it off). The file's metadata holds
 the identity it was made from: the source files' paths, sizes and modification times, the dtype, the
 parameter shapes and the converter's source. A changed checkpoint, dtype or converter misses and is
-converted and written again over the old file. A copy of the model folder that keeps modification times
-(`cp -p`, rsync -a, an image layer) still hits; touching a file misses, which is the safe side.
+converted and written again over the old file. The same folder seen from another host (same path, sizes
+and modification times: a shared volume, an image layer, `rsync -a` to the same place) still hits; touching
+or moving a file misses, which is the safe side.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _SOURCES = ("convert.py", "tensor_file.py", "weight_cache.py")  # the code that 
 
 
 def identity(files: list[Path], dtype: Any, shapes: Any) -> str:
-    """What the converted weights depend on, as a digest. Statting the files is the only I/O."""
+    """What the converted weights depend on, as a digest: the checkpoint files are only statted, not read."""
     digest = hashlib.sha256(FORMAT.encode())
     here = Path(__file__).parent
     for name in _SOURCES:
