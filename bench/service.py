@@ -3,6 +3,8 @@ against its own engine alone, in one run.
 
     python bench/service.py --engine standin --size 1024x1024 --batch 4 --batch-s 2.33 --jobs 48
     python bench/service.py --engine tiny --size 256x256 --batch 4 --steps 4 --jobs 24
+    python bench/service.py --engine /path/to/sdxl --variant fp16 --size 1024x1024 --steps 20 --jobs 32 \
+        --cache-dir /path/to/warm/cache       # an accelerator: the real SDXL architecture, started warm
 
 Method (docs/benchmarks.md):
 - Servers: an embedded Valkey, SeaweedFS (`weed mini`), the API under uvicorn, one `python -m worker`.
@@ -57,13 +59,14 @@ def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
         from worker.engine.standin import StandInEngine
 
         engine = StandInEngine([args.hw], args.batch, args.batch_s)
-    else:
-        import jax.numpy as jnp
-
-        from worker.engine import model
+    else:  # as the worker builds it (worker/main.py): same dtype, attention, and the worker's compile cache
+        from worker.engine import cache, model
         from worker.engine.engine import Engine
 
-        engine = Engine(model.load("tiny", jnp.float32), [args.hw], args.batch)
+        folder = cache.enable(args.cache_dir)
+        m = model.load(args.engine, model.resolve_dtype("auto"), shape_cache=folder / "shapes",
+                       variant=args.variant, weight_cache_dir=folder / "weights")  # fmt: skip
+        engine = Engine(m, [args.hw], args.batch, attention="auto", aot_dir=folder / "executables")
         engine.compile()
     rows = [Row(f"prompt {i}", seed=i, steps=args.steps) for i in range(args.batch)]
     engine.generate(rows, *args.hw)  # warm
@@ -84,7 +87,9 @@ def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=["standin", "tiny"], default="standin")
+    p.add_argument("--engine", default="standin", help="standin, tiny, or a diffusers model folder")
+    p.add_argument("--variant", default="", help="the folder's weight files' variant (fp16), as SDXL_MODEL_VARIANT")
+    p.add_argument("--cache-dir", type=Path, default=None, help="a compile cache to start from (default: a new one)")
     p.add_argument("--size", default="1024x1024")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--batch-s", type=float, default=2.33, help="stand-in device seconds per batch")
@@ -98,16 +103,20 @@ def main() -> None:
     h, _, w = args.size.partition("x")
     args.hw = (int(h), int(w))
 
+    if args.engine not in ("standin", "tiny") and not Path(args.engine).is_dir():
+        p.error(f"--engine {args.engine!r}: neither standin, tiny, nor a model folder")
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    args.cache_dir = args.cache_dir or tmp / "xla"  # the worker's; the engine-alone run then starts warm
     valkey = redis_server.start_embedded(tmp / "valkey")
     redis_url = f"redis://127.0.0.1:{valkey.port}/0"
     s3 = SeaweedS3(tmp / "s3")
     s3.start()
     api_port = free_port()
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_SIZES": args.size,
+        "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_MODEL_VARIANT": args.variant,
+        "SDXL_SIZES": args.size,
         "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
-        "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(tmp / "xla"),
+        "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(args.cache_dir),
         "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **s3.env(),
         # this measures throughput, not the abuse limits: the poller below makes ~20 requests a second
         "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "1000000",
