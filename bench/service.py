@@ -7,7 +7,8 @@ against its own engine alone, in one run.
         --cache-dir /path/to/warm/cache       # an accelerator: the real SDXL architecture, started warm
 
 Method (docs/benchmarks.md):
-- Servers: an embedded Valkey, SeaweedFS (`weed mini`), the API under uvicorn, one `python -m worker`.
+- Servers: an embedded Valkey, SeaweedFS (`weed mini`; or a local folder behind the API's signed URLs with
+  `--storage local`), the API under uvicorn, one `python -m worker` (any model: --engine).
 - Engine alone: the same engine class, in this process, runs back-to-back full batches (dispatch the next
   before fetching the previous, as the worker does); images/s over the last N-1 batches.
 - Saturation: N submitter threads post one-image PNG jobs as fast as the API answers until `--jobs` are
