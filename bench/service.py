@@ -54,21 +54,14 @@ def percentile(values: list[float], q: float) -> float:
 def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
     """(images/s of the engine by itself, pipelined like the worker with 2 batches in flight; seconds for
     one batch alone, which is what a lone job waits for)."""
+    from common.settings import Settings
     from worker.engine.engine import Row
+    from worker.main import build_engine
 
-    if args.engine == "standin":
-        from worker.engine.standin import StandInEngine
-
-        engine = StandInEngine([args.hw], args.batch, args.batch_s)
-    else:  # as the worker builds it (worker/main.py): same dtype, attention, and the worker's compile cache
-        from worker.engine import cache, model
-        from worker.engine.engine import Engine
-
-        folder = cache.enable(args.cache_dir)
-        m = model.load(args.engine, model.resolve_dtype("auto"), shape_cache=folder / "shapes",
-                       variant=args.variant, weight_cache_dir=folder / "weights")  # fmt: skip
-        engine = Engine(m, [args.hw], args.batch, attention="auto", aot_dir=folder / "executables")
-        engine.compile()
+    # the worker's own start (dtype and attention auto, its compile cache), in this process
+    engine = build_engine(Settings(model=args.engine, model_variant=args.variant, sizes=args.size,
+                                   batch_rows=args.batch, standin_batch_s=args.batch_s,
+                                   compile_cache_dir=str(args.cache_dir)))  # fmt: skip
     rows = [Row(f"prompt {i}", seed=i, steps=args.steps) for i in range(args.batch)]
     engine.generate(rows, *args.hw)  # warm
     alone = []

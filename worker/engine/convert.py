@@ -115,11 +115,16 @@ def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str, dty
             f"{what}: the checkpoint does not match the model config: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    # Transposing to Flax's layout and casting is one copy per tensor; numpy releases the GIL while copying,
-    # so threads spread it over the host's cores (gigabytes for SDXL: most of a warm start's model load).
+    return unflatten(lay_out(out, dtype))
+
+
+def lay_out(views: Mapping[Any, np.ndarray], dtype: Any = None) -> dict[Any, np.ndarray]:
+    """Each view copied C-contiguous (contiguous) and cast to `dtype` (default: its own). One copy per tensor;
+    numpy releases the GIL while copying, so threads spread it over the host's cores (gigabytes for SDXL:
+    most of a converting start's model load)."""
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        laid_out = pool.map(lambda v: contiguous(v, dtype or v.dtype), out.values())
-        return unflatten(dict(zip(out.keys(), laid_out, strict=True)))
+        laid_out = pool.map(lambda v: contiguous(v, dtype or v.dtype), views.values())
+        return dict(zip(views.keys(), laid_out, strict=True))
 
 
 TILE = 128  # elements: a 128x128 tile of either side stays in a core's L2 while it is transposed
@@ -156,6 +161,4 @@ def flax_to_pt(params: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
         if leaf == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
         out[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = value  # a view, laid out below
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # as in pt_to_flax: the copies in threads
-        laid_out = pool.map(lambda v: contiguous(v, v.dtype), out.values())
-        return dict(zip(out.keys(), laid_out, strict=True))
+    return lay_out(out)

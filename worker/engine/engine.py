@@ -245,7 +245,7 @@ class Engine:
         return placed, time.perf_counter() - t0
 
     def _place(self) -> None:
-        if self.params is None and self._placing is not None:
+        if self._placing is not None:
             t0 = time.perf_counter()
             self.params, self.place_s = self._placing.result()
             self.weights_wait_s = time.perf_counter() - t0

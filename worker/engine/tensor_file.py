@@ -1,4 +1,4 @@
-"""Reading .safetensors files as numpy views on a memory map of the file, and writing them.
+"""Reading .safetensors files as numpy views on a memory map of the file.
 
 `safetensors.numpy.load_file` copies every tensor out of the file into new arrays, and the conversion to
 Flax's layout then copies each again: for SDXL's UNet that is 5 GB (fp16) read, held and copied twice. Here
@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
-from collections.abc import Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -29,7 +27,6 @@ DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }  # fmt: skip
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
-_NAMES = {np.dtype(t): name for name, t in DTYPES.items()}
 
 
 class TensorFileError(ValueError):
@@ -84,28 +81,3 @@ def read_with_metadata(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str
             )
         tensors[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=base + begin).reshape(shape)
     return tensors, metadata
-
-
-def write(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """A safetensors file any reader accepts (the safetensors package, read() here), written in place and
-    synced: a caller that needs it whole or not at all writes a temporary name and renames it. The header is
-    padded to 8 bytes, so each tensor starts aligned to its item size when all share one dtype."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, array in tensors.items():
-        dtype = np.dtype(array.dtype)
-        if dtype not in _NAMES:
-            raise TensorFileError(f"{path}: tensor {name!r} is {dtype}, which safetensors cannot store")
-        end = offset + array.nbytes
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, end]}
-        offset = end
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in tensors.values():
-            # the bytes in C order through a uint8 view: memoryview cannot export ml_dtypes' bfloat16
-            f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-        f.flush()
-        os.fsync(f.fileno())

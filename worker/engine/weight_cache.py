@@ -17,6 +17,7 @@ or moving a file misses, which is the safe side.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from worker.engine import convert, tensor_file
 
@@ -38,12 +40,18 @@ STALE_TMP_S = 600  # a temporary file this old is no other process's write in pr
 _SOURCES = ("convert.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
 
 
+@functools.cache
+def _code_digest() -> str:
+    """The converter's source, read once per process (identity runs for each component)."""
+    digest = hashlib.sha256(FORMAT.encode())
+    for name in _SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def identity(files: list[Path], dtype: Any, shapes: Any) -> str:
     """What the converted weights depend on, as a digest: the checkpoint files are only statted, not read."""
-    digest = hashlib.sha256(FORMAT.encode())
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        digest.update((here / name).read_bytes())
+    digest = hashlib.sha256(_code_digest().encode())
     stats = []
     for path in files:
         st = path.stat()
@@ -91,14 +99,17 @@ def save(path: Path, expected: str, tree: Any) -> None:
         for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a process that died while writing
             if time.time() - stale.stat().st_mtime > STALE_TMP_S:
                 stale.unlink(missing_ok=True)
-        arrays = {"/".join(k): np.asarray(v) for k, v in convert.flatten(tree).items()}
+        arrays = {"/".join(k): np.ascontiguousarray(v) for k, v in convert.flatten(tree).items()}
         size = sum(a.nbytes for a in arrays.values())
         free = shutil.disk_usage(path.parent).free
         if free - size < MIN_FREE_BYTES:  # the disk may also hold Redis' append-only file or the images
             log.warning("not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
                         path, size / 1e9, (free - size) / 1e9)  # fmt: skip
             return
-        tensor_file.write(tmp, arrays, {"format": FORMAT, "identity": expected})
+        # safetensors writes straight from the arrays' memory (no copy of gigabytes), bfloat16 included
+        save_file(arrays, tmp, metadata={"format": FORMAT, "identity": expected})
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as exc:
         with contextlib.suppress(OSError):  # the folder itself is unusable: nothing was written
