@@ -69,12 +69,19 @@ return 'OK:' .. current
 """
 
 # KEYS: idempotency key (or ""), job hash, queued set, tenant's recent set, seq, tenant's queued set.
-# ARGV: id, body hash, ttl, now, request JSON, tenant.
-# Returns {"new", id} or {"existing", id, body hash}.
+# ARGV: id, body hash, ttl, now, request JSON, tenant, the tenant's queued cap (0: none).
+# Returns {"new", id}, {"existing", id, body hash} or {"full", count}. A replay is answered before the cap:
+# only new work counts against it. The cap is checked here, not by the caller, so that concurrent submits
+# cannot all pass a count taken before any of them was stored.
 _CREATE = """
+local seen = KEYS[1] ~= '' and redis.call('HGET', KEYS[1], 'job')
+if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
+local cap = tonumber(ARGV[7])
+if cap > 0 then
+  local count = redis.call('ZCARD', KEYS[6])
+  if count >= cap then return {'full', tostring(count)} end
+end
 if KEYS[1] ~= '' then
-  local seen = redis.call('HGET', KEYS[1], 'job')
-  if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
   redis.call('HSET', KEYS[1], 'job', ARGV[1], 'body', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
@@ -99,6 +106,14 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[4
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+class QueueFull(Exception):
+    """The tenant already has its cap of queued jobs; nothing was stored."""
+
+    def __init__(self, queued: int):
+        super().__init__(queued)
+        self.queued = queued
 
 
 class IdempotencyConflict(Exception):
@@ -132,10 +147,12 @@ class JobStore:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         tenant: str = "",
+        max_queued: int = 0,
     ) -> tuple[str, bool]:
         """Store a new queued job; returns (id, created). With an idempotency key seen before and the same
         fingerprint (the client's body, before defaults such as a random seed are filled in), returns the
-        earlier job (created=False); with another fingerprint raises IdempotencyConflict."""
+        earlier job (created=False); with another fingerprint raises IdempotencyConflict. With `max_queued`
+        (> 0) and that many of the tenant's jobs queued already, raises QueueFull and stores nothing."""
         body = request.model_dump_json()
         body_hash = fingerprint or hashlib.sha256(body.encode()).hexdigest()
         job_id = uuid.uuid4().hex
@@ -145,11 +162,13 @@ class JobStore:
         answer = self._create(
             keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent", tenant), self.key("seq"),
                   self.key("tenant-queued", tenant)],
-            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant],
+            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
         )  # fmt: skip
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True
+        if kind == "full":
+            raise QueueFull(int(found))
         if answer[2].decode() != body_hash:
             raise IdempotencyConflict(found)
         return found, False
@@ -167,16 +186,6 @@ class JobStore:
 
     def _idem_key(self, tenant: str, idempotency_key: str) -> str:
         return self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
-
-    def replayed(self, tenant: str, idempotency_key: str, fingerprint: str) -> str | None:
-        """The job an Idempotency-Key already made with this same body, if any (IdempotencyConflict if it
-        was made with another body). Lets the API answer a replay before any limit that would refuse it."""
-        seen = self.r.hmget(self._idem_key(tenant, idempotency_key), "job", "body")
-        if seen[0] is None:
-            return None
-        if seen[1].decode() != fingerprint:
-            raise IdempotencyConflict(seen[0].decode())
-        return seen[0].decode()
 
     def transition(
         self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus] | None = None, **fields: Any

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from api.deps import CallerDep, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
-from common.job_store import IdempotencyConflict
+from common.job_store import IdempotencyConflict, QueueFull
 from common.jobs import MAX_SEED, Job, JobRequest, JobStatus, LimitError, check_limits
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
@@ -69,24 +69,24 @@ def create_job(
             webhooks.check_url(body.webhook_url, s.webhook_allow_private)
         except webhooks.WebhookError as exc:
             raise LimitError("webhook_url", str(exc)) from exc
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
+    if body.seed is None:  # random, but always returned so the image can be made again
+        body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
     try:
-        job_id = services.store.replayed(caller.tenant, idempotency_key, fingerprint) if idempotency_key else None
-        created = False
-        if job_id is None:  # a replay is answered whatever the limits; only new work counts against them
-            if services.store.queued_count(caller.tenant) >= s.max_queued_per_tenant:
-                raise HTTPException(
-                    429,
-                    f"this tenant already has {s.max_queued_per_tenant} queued jobs (the limit); "
-                    "retry when some have run",
-                    headers={"Retry-After": "10"},
-                )
-            if body.seed is None:  # random, but always returned so the image can be made again
-                body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
-            job_id, created = services.store.create(body, idempotency_key, fingerprint, tenant=caller.tenant)
+        # a replay is answered whatever the limits; only new work counts against the queued cap
+        job_id, created = services.store.create(
+            body, idempotency_key, fingerprint, tenant=caller.tenant, max_queued=s.max_queued_per_tenant
+        )
     except IdempotencyConflict as exc:
         raise HTTPException(
             409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
+        ) from exc
+    except QueueFull as exc:
+        raise HTTPException(
+            429,
+            f"this tenant already has {exc.queued} queued jobs (the limit is {s.max_queued_per_tenant}); "
+            "retry when some have run",
+            headers={"Retry-After": "10"},
         ) from exc
     if created:
         try:

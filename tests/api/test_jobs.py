@@ -228,7 +228,10 @@ def test_queued_cap_is_429(settings):
 
     with TestClient(create_app(settings.model_copy(update={"max_queued_per_tenant": 2}))) as c:
         authorize(c, settings)
-        assert [c.post("/v1/jobs", json=GOOD).status_code for _ in range(3)] == [202, 202, 429]
+        answers = [c.post("/v1/jobs", json=GOOD) for _ in range(3)]
+        assert [r.status_code for r in answers] == [202, 202, 429]
+        assert "already has 2 queued jobs" in answers[2].json()["detail"] and answers[2].headers["Retry-After"]
+        assert c.get("/v1/jobs").json()["total"] == 2  # the refused job was not stored
         replay = c.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "k"})
         assert replay.status_code == 429  # new work at the cap
         first = c.get("/v1/jobs").json()["jobs"][-1]["id"]

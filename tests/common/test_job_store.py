@@ -1,11 +1,12 @@
 """The Redis job store against a real Redis."""
 
+import threading
 import time
 
 import pytest
 import redis
 
-from common.job_store import IdempotencyConflict, JobStore
+from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus
 
 
@@ -23,6 +24,35 @@ def test_create_and_read(store):
     job = store.get(job_id)
     assert created and job.status == JobStatus.queued and job.request.steps == 7
     assert job.created_at <= time.time() and job.started_at is None and job.attempts == 0
+
+
+def test_the_queued_cap_holds_under_concurrent_submits(store):
+    # The cap is counted and the job stored in one script: 16 submits racing for 5 places get exactly 5,
+    # where a count taken before the insert would let every thread that counted 4 through.
+    barrier = threading.Barrier(16)
+    outcomes: list[str] = []
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        try:
+            store.create(req(), tenant="race", max_queued=5)
+            outcomes.append("created")
+        except QueueFull as exc:
+            assert exc.queued == 5
+            outcomes.append("full")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("created") == 5 and outcomes.count("full") == 11
+    assert store.queued_count("race") == 5 and store.recent(0, 100, tenant="race")[1] == 5  # nothing half-made
+    store.create(req(), tenant="other", max_queued=5)  # another tenant's cap is its own
+    store.transition(store.recent(0, 1, tenant="race")[0][0].id, JobStatus.running)
+    store.create(req(), tenant="race", max_queued=5)  # a job that started frees its place
+    with pytest.raises(QueueFull):
+        store.create(req(), tenant="race", max_queued=5)
 
 
 def test_legal_path_records_timestamps_and_attempts(store):
