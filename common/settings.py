@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     dataset_feed_depth: int = Field(256, ge=1)  # a run's lines on the queue or a device at once: Redis stays bounded
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # a data set upload's size limit (413 above it)
     max_dataset_lines: int = Field(10_000_000, ge=1)
-    dataset_input_prefix: str = "inputs/"  # `input_key` must start with this (keeps other objects unreadable)
+    # `input_key` must start with this + "<tenant>/": other objects, and other tenants' inputs, stay unreadable
+    dataset_input_prefix: str = "inputs/"
     # --- access (API)
     auth_required: bool = True  # every /v1/jobs call needs `Authorization: Bearer <key>` (python -m api.keys)
     rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After

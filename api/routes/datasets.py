@@ -116,8 +116,11 @@ def _create(
         source = f"upload:{upload.filename or 'input.jsonl'}"
     else:
         key = options.input_key or ""
-        if not key.startswith(s.dataset_input_prefix) or ".." in key.split("/"):
-            return _error(422, f"input_key must be under {s.dataset_input_prefix!r}", "input_key")
+        # Each tenant reads only its own folder: the manifest a run writes holds every prompt of its input,
+        # so reading another tenant's file would be reading their prompts. Without auth there is one tenant.
+        prefix = f"{s.dataset_input_prefix}{tenant}/" if tenant else s.dataset_input_prefix
+        if not key.startswith(prefix) or ".." in key.split("/"):
+            return _error(422, f"input_key must be under {prefix!r} (this tenant's input folder)", "input_key")
         try:
             data = services.storage.get(key)
         except (KeyError, ValueError):

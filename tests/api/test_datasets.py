@@ -74,15 +74,40 @@ def test_nothing_valid_is_refused(client):
 
 def test_input_from_an_object_key(client, settings):
     storage = client.app.state.services.storage
-    storage.put("inputs/team/prompts.jsonl", jsonl(GOOD), "application/x-ndjson")
-    r = client.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/team/prompts.jsonl"})
+    storage.put("inputs/test/team/prompts.jsonl", jsonl(GOOD), "application/x-ndjson")  # tenant "test"'s folder
+    r = client.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/test/team/prompts.jsonl"})
     assert r.status_code == 202, r.text
     assert r.json()["counts"]["total"] == 5
-    missing = client.post("/v1/datasets", json={"input_key": "inputs/none.jsonl"})
+    missing = client.post("/v1/datasets", json={"input_key": "inputs/test/none.jsonl"})
     assert missing.status_code == 422 and "no object at input_key" in missing.json()["error"]
     outside = client.post("/v1/datasets", json={"input_key": "images/x/0.png"})
-    assert outside.status_code == 422 and "must be under 'inputs/'" in outside.json()["error"]
+    assert outside.status_code == 422 and "must be under 'inputs/test/'" in outside.json()["error"]
+    climbing = client.post("/v1/datasets", json={"input_key": "inputs/test/../other/prompts.jsonl"})
+    assert climbing.status_code == 422 and "must be under" in climbing.json()["error"]
     assert client.post("/v1/datasets", json={}).json()["fields"][0]["field"] == "input_key"
+
+
+def test_input_key_reads_only_the_tenants_own_folder(client, settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.servers import authorize
+
+    # the manifest of a run holds its input's prompts: reading another tenant's input would leak them
+    storage = client.app.state.services.storage
+    storage.put("inputs/test/secret.jsonl", jsonl(GOOD), "application/x-ndjson")
+    storage.put("inputs/testing/theirs.jsonl", jsonl(GOOD), "application/x-ndjson")
+    with TestClient(create_app(settings)) as other:
+        authorize(other, settings, tenant="testing")  # a tenant whose name starts with the first one's
+        r = other.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/test/secret.jsonl"})
+        assert r.status_code == 422 and "must be under 'inputs/testing/'" in r.json()["error"]
+        own = other.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/testing/theirs.jsonl"})
+        assert own.status_code == 202, own.text
+    r = client.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/testing/theirs.jsonl"})
+    assert r.status_code == 422 and "must be under 'inputs/test/'" in r.json()["error"]
+    with TestClient(create_app(settings.model_copy(update={"auth_required": False}))) as single:
+        # without API keys there is one tenant, and the whole prefix is its folder
+        assert single.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/test/secret.jsonl"}).status_code == 202
 
 
 @pytest.mark.parametrize(
