@@ -94,6 +94,8 @@ class Engine:
         attention: str = "einsum",
         aot_dir: str | Path | None = None,
     ):
+        if model.weights_dropped:
+            raise EngineInputError("model", "its host weights were dropped once placed (drop_host_weights); reload it")
         devices = list(devices or jax.local_devices())
         if batch_rows < 1 or batch_rows % len(devices):
             raise EngineInputError(

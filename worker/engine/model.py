@@ -112,6 +112,7 @@ class Model:
     # per component, where its weights came from: "checkpoint" (read and converted), "converted cache"
     # (weight_cache: mapped, nothing converted) or "random"; filled in as they are read
     weight_sources: dict[str, str] = field(default_factory=dict)
+    weights_dropped: bool = False  # drop_host_weights() was called: only the shapes are left
 
     def wait(self) -> dict[str, Any]:
         """The weights, once read; a failed background read raises its error here."""
@@ -119,6 +120,15 @@ class Model:
             self.params, self.weights_s = self.pending.result()
             self.pending = None
         return self.params
+
+    def drop_host_weights(self) -> None:
+        """Keep only the weights' shapes, which is all that tracing a program needs, once an engine holds them
+        on its devices. On an accelerator the host copy is otherwise kept for nothing: for SDXL in bf16 that is
+        6.7 GB of converted arrays after a cold start (a warm start's are mapped pages of the weight cache,
+        which this unmaps). No further Engine can be built from this model."""
+        params = self.wait()
+        self.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        self.weights_dropped = True
 
     @property
     def vae_scale_factor(self) -> int:

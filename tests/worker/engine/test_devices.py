@@ -1,5 +1,5 @@
-"""Several devices and the persistent compile cache: each needs a fresh JAX process (XLA_FLAGS and the cache
-directory are read once at start), so these run the engine in subprocesses."""
+"""Several devices, the persistent compile cache and the worker's own engine start: each needs a fresh JAX
+process (XLA_FLAGS and the cache directory are read once at start), so these run the engine in subprocesses."""
 
 import json
 import os
@@ -33,12 +33,36 @@ print(json.dumps({"devices": jax.device_count(), "compiles": counter.compiles, "
 """
 
 
-def _run(tmp_path: Path, tiny_dir: Path, devices: int, name: str, cache: Path | None = None) -> tuple[dict, np.ndarray]:
+# The engine as `python -m worker` builds it (worker.main.build_engine), on the same rows as SCRIPT.
+WORKER_SCRIPT = """
+import json, sys, jax, numpy as np
+from common.settings import Settings
+from worker.engine.engine import Engine, EngineInputError, Row
+from worker.main import build_engine
+args = json.loads(sys.argv[1])
+engine = build_engine(Settings(model=args["tiny"], sizes="64x64", batch_rows=4, compile_cache_dir=args["cache"]))
+leaves = jax.tree_util.tree_leaves(engine.model.params)
+rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
+        Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
+np.save(args["out"], engine.generate(rows, 64, 64).images)
+try:
+    Engine(engine.model, [(64, 64)], batch_rows=4)
+    refused = ""
+except EngineInputError as exc:
+    refused = str(exc)
+print(json.dumps({"leaves": len(leaves), "host_arrays": sum(not isinstance(x, jax.ShapeDtypeStruct) for x in leaves),
+                  "refused": refused}))
+"""
+
+
+def _run(
+    tmp_path: Path, tiny_dir: Path, devices: int, name: str, cache: Path | None = None, script: str = SCRIPT
+) -> tuple[dict, np.ndarray]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     out = tmp_path / f"{name}.npy"
     args = {"tiny": str(tiny_dir), "out": str(out), "cache": str(cache) if cache else None}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(args)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(out)
@@ -75,3 +99,14 @@ def test_a_stale_serialized_executable_is_recompiled_not_trusted(tmp_path, tiny_
         path.write_bytes(b"not a pickle")
     again, _ = _run(tmp_path, tiny_dir, 1, "again", cache)
     assert again["aot_loaded"] == 0  # unreadable: compiled (from JAX's cache), not crashed
+
+
+def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
+    # Once placed, the worker drops its host copy of the weights (6.7 GB for SDXL on an accelerator host);
+    # its images are still those of an engine that kept them, and the model cannot make a second engine.
+    cache = tmp_path / "cache"
+    _, kept = _run(tmp_path, tiny_dir, 1, "kept", cache)
+    worker, dropped = _run(tmp_path, tiny_dir, 1, "dropped", cache, script=WORKER_SCRIPT)
+    assert worker["leaves"] > 100 and worker["host_arrays"] == 0
+    assert "host weights were dropped" in worker["refused"]
+    np.testing.assert_array_equal(kept, dropped)
