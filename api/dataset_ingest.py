@@ -93,11 +93,22 @@ def ingest(
     return Ingested(run_id, seed, total, invalid, errors)
 
 
-def create_run(datasets: DatasetStore, ingested: Ingested, options: DatasetOptions, tenant: str, source: str) -> None:
+def create_run(
+    datasets: DatasetStore, ingested: Ingested, options: DatasetOptions, tenant: str, source: str, max_active: int = 0
+) -> None:
+    """The run's record (raises TooManyRuns, storing nothing, when the tenant has max_active runs already)."""
     datasets.create(
-        ingested.run_id, tenant, options, ingested.seed, ingested.total, ingested.invalid,
+        ingested.run_id, tenant, options, ingested.seed, ingested.total, ingested.invalid, max_active,
         source=source, invalid=[e.as_dict() for e in ingested.errors],
     )  # fmt: skip
+
+
+def discard(storage: Storage, ingested: Ingested) -> None:
+    """Remove what ingest (and the route, for an upload) stored, for a run that was refused after all."""
+    layout = Layout(ingested.run_id)
+    _discard(storage, layout, -(-ingested.total // CHUNK_LINES))
+    for key in (layout.invalid, layout.original):
+        storage.delete(key)
 
 
 def _json_line(error: LineError) -> bytes:

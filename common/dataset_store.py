@@ -72,13 +72,44 @@ redis.call('HINCRBY', KEYS[1], 'sharded', tonumber(ARGV[2]))
 return 1
 """
 
-# KEYS: run hash, failed hash, retry list, active list. ARGV: run id. Failed lines go back to be fed.
-_RETRY = """
+# A tenant's runs in the active list (ARGV-free: the caller passes the list and the run-hash key prefix).
+# O(active runs), which the per-tenant cap keeps small.
+_ACTIVE_RUNS = """
+local function active_runs(active_key, run_prefix, tenant)
+  local n = 0
+  for _, id in ipairs(redis.call('LRANGE', active_key, 0, -1)) do
+    if redis.call('HGET', run_prefix .. id, 'tenant') == tenant then n = n + 1 end
+  end
+  return n
+end
+"""
+
+# KEYS: run hash, tenant's recent set, active list. ARGV: run id, now, tenant, the tenant's cap of active runs
+# (0: none), run-hash key prefix, then the run's fields as name, value pairs.
+# Returns the tenant's active runs before the call, negated when the cap refused this one (nothing stored).
+_CREATE = _ACTIVE_RUNS + """
+local before = active_runs(KEYS[3], ARGV[5], ARGV[3])
+local cap = tonumber(ARGV[4])
+if cap > 0 and before >= cap then return -before end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+return before
+"""
+
+# KEYS: run hash, failed hash, retry list, active list. ARGV: run id, the tenant's cap of active runs (0: none),
+# run-hash key prefix. Failed lines go back to be fed; a run that had ended becomes active again, which the
+# cap counts (-3: refused).
+_RETRY = _ACTIVE_RUNS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'canceling' then return -2 end
 local indices = redis.call('HKEYS', KEYS[2])
 if #indices == 0 then return 0 end
+local cap = tonumber(ARGV[2])
+if status ~= 'running' and cap > 0 then
+  if active_runs(KEYS[4], ARGV[3], redis.call('HGET', KEYS[1], 'tenant')) >= cap then return -3 end
+end
 table.sort(indices, function(a, b) return tonumber(a) < tonumber(b) end)
 for _, i in ipairs(indices) do redis.call('RPUSH', KEYS[3], i) end
 redis.call('DEL', KEYS[2])
@@ -109,6 +140,14 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+
+
+class TooManyRuns(Exception):
+    """The tenant already has its cap of active runs; nothing was stored."""
+
+    def __init__(self, active: int):
+        super().__init__(active)
+        self.active = active
 
 
 COUNTERS = ("total", "skipped", "cursor", "succeeded", "failed", "canceled", "shards", "sharded", "retries")
@@ -151,6 +190,7 @@ class DatasetStore:
         self._retry = client.register_script(_RETRY)
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
+        self._create = client.register_script(_CREATE)
 
     def key(self, run_id: str, part: str = "") -> str:
         return f"{self.prefix}:dataset:{run_id}" + (f":{part}" if part else "")
@@ -162,8 +202,19 @@ class DatasetStore:
     # ------------------------------------------------------------------ the API's side
 
     def create(
-        self, run_id: str, tenant: str, options: DatasetOptions, seed: int, total: int, skipped: int, **extra: Any
+        self,
+        run_id: str,
+        tenant: str,
+        options: DatasetOptions,
+        seed: int,
+        total: int,
+        skipped: int,
+        max_active: int = 0,
+        **extra: Any,
     ) -> None:
+        """Store a new running run. With `max_active` (> 0) and that many of the tenant's runs active already,
+        raises TooManyRuns and stores nothing: counted and stored in one script, so concurrent creates
+        cannot all pass."""
         now = time.time()
         fields = {
             "id": run_id, "tenant": tenant, "status": DatasetStatus.running.value,
@@ -171,11 +222,18 @@ class DatasetStore:
             "succeeded": 0, "failed": 0, "canceled": 0, "shards": 0, "sharded": 0, "retries": 0,
             "created_at": now, "extra": json.dumps(extra),
         }  # fmt: skip
-        pipe = self.r.pipeline()
-        pipe.hset(self.key(run_id), mapping=fields)
-        pipe.zadd(f"{self.prefix}:datasets:recent:{tenant}", {run_id: now})
-        pipe.rpush(self.active_key, run_id)
-        pipe.execute()
+        keys = [self.key(run_id), f"{self.prefix}:datasets:recent:{tenant}", self.active_key]
+        pairs = [str(v) for kv in fields.items() for v in kv]
+        before = int(self._create(keys=keys, args=[run_id, now, tenant, max_active, self.key(""), *pairs]))
+        if before < 0:
+            raise TooManyRuns(-before)
+
+    def active_count(self, tenant: str) -> int:
+        """The tenant's runs that are being fed (running, canceling, or retried)."""
+        pipe = self.r.pipeline(transaction=False)
+        for run_id in self.active():
+            pipe.hget(self.key(run_id), "tenant")
+        return sum(t is not None and t.decode() == tenant for t in pipe.execute())
 
     def claim_idempotency(self, tenant: str, key_hash: str, run_id: str, fingerprint: str) -> tuple[str, str]:
         """(run id, fingerprint) stored under the key: ours if it was free, else the earlier run's."""
@@ -212,10 +270,11 @@ class DatasetStore:
                 except redis.WatchError:
                     continue
 
-    def retry(self, run_id: str) -> int:
-        """Failed lines go back to be fed; returns how many (-1: no such run, -2: the run is being canceled)."""
+    def retry(self, run_id: str, max_active: int = 0) -> int:
+        """Failed lines go back to be fed; returns how many (-1: no such run, -2: the run is being canceled,
+        -3: it had ended and its tenant already has `max_active` active runs)."""
         keys = [self.key(run_id), self.key(run_id, "failed"), self.key(run_id, "retry"), self.active_key]
-        count = int(self._retry(keys=keys, args=[run_id]))
+        count = int(self._retry(keys=keys, args=[run_id, max_active, self.key("")]))
         if count > 0:
             self.r.persist(self.key(run_id))  # it had been given its expiry when it finished
         return count

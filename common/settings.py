@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # --- data sets (bulk)
     dataset_feeder: bool = True  # this worker may feed data set runs (one feeder per run, by Redis lock)
     dataset_feed_depth: int = Field(256, ge=1)  # a run's lines on the queue or a device at once: Redis stays bounded
+    # a tenant's runs being fed at once; more: 429. Each holds up to dataset_feed_depth lines in flight.
+    max_active_datasets_per_tenant: int = Field(4, ge=1)
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # a data set upload's size limit (413 above it)
     max_dataset_lines: int = Field(10_000_000, ge=1)
     # `input_key` must start with this + "<tenant>/": other objects, and other tenants' inputs, stay unreadable

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.dataset_ingest import InputInvalid, create_run, ingest
+from api.dataset_ingest import InputInvalid, create_run, discard, ingest
 from api.deps import CallerDep, Services, ServicesDep
 from api.schemas import (
     DatasetCounts,
@@ -28,7 +28,7 @@ from api.schemas import (
     LineErrorPublic,
     RetryPublic,
 )
-from common.dataset_store import DatasetRun
+from common.dataset_store import DatasetRun, TooManyRuns
 from common.datasets import FINISHED, DatasetOptions, DatasetStatus, Layout
 from common.jobs import JobStatus
 
@@ -134,6 +134,11 @@ def _create(
         found = services.datasets.idempotent_run(tenant, key_hash)
         if found:
             return _replay(services, tenant, key_hash, found, fingerprint, request, response)
+    # Checked here so that a tenant at its cap is refused before a large file is read, and again, atomically,
+    # when the run is stored (concurrent uploads).
+    active = services.datasets.active_count(tenant)
+    if active >= s.max_active_datasets_per_tenant:
+        return _too_many_runs(active, s.max_active_datasets_per_tenant)
     try:
         ingested = ingest(stream, options, s, services.storage)
     except InputInvalid as exc:
@@ -148,10 +153,26 @@ def _create(
         run_id, seen = services.datasets.claim_idempotency(tenant, key_hash, ingested.run_id, fingerprint)
         if run_id != ingested.run_id:  # a concurrent request with the same key won: answer with its run
             return _replay(services, tenant, key_hash, (run_id, seen), fingerprint, request, response)
-    create_run(services.datasets, ingested, options, tenant, source)
+    try:
+        create_run(services.datasets, ingested, options, tenant, source, s.max_active_datasets_per_tenant)
+    except TooManyRuns as exc:
+        discard(services.storage, ingested)
+        if key_hash:
+            services.datasets.release_idempotency(tenant, key_hash)
+        return _too_many_runs(exc.active, s.max_active_datasets_per_tenant)
     run = services.datasets.get(ingested.run_id)
     assert run is not None
     return to_public(run, services, request)
+
+
+def _too_many_runs(active: int, cap: int) -> JSONResponse:
+    message = (
+        f"this tenant already has {active} data set runs in progress (the limit is {cap}); "
+        "retry when one has finished, or cancel one"
+    )
+    response = _error(429, message)
+    response.headers["Retry-After"] = "60"
+    return response
 
 
 def _fingerprint(stream: BinaryIO, options: DatasetOptions) -> str:
@@ -284,13 +305,20 @@ def cancel_dataset(run_id: str, services: ServicesDep, caller: CallerDep, reques
     return to_public(run, services, request)
 
 
-@router.post("/{run_id}/retry", response_model=RetryPublic, responses={404: {}, 409: {}})
+@router.post("/{run_id}/retry", response_model=RetryPublic, responses={404: {}, 409: {}, 429: {}})
 def retry_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> RetryPublic:
     """Generate the failed lines again (same seeds); the run goes back to running and finishes again."""
     owned(run_id, services, caller)
-    count = services.datasets.retry(run_id)
+    cap = services.settings.max_active_datasets_per_tenant
+    count = services.datasets.retry(run_id, max_active=cap)
     if count == -2:
         raise HTTPException(409, f"data set {run_id} is being canceled; retry once it has ended")
+    if count == -3:
+        raise HTTPException(
+            429,
+            f"this tenant already has {cap} data set runs in progress (the limit); retry when one has finished",
+            headers={"Retry-After": "60"},
+        )
     if count <= 0:
         raise HTTPException(409, f"data set {run_id} has no failed lines to retry")
     run = services.datasets.get(run_id)

@@ -3,11 +3,13 @@ bad lines, idempotency, status, cancel, files, tenants. Generation runs in tests
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
-from common.datasets import Layout, derive_seed
+from common.datasets import DatasetStatus, Layout, derive_seed
 from tests.servers import authorize
 
 GOOD = [{"id": f"p{i}", "prompt": f"a picture of {i}"} for i in range(5)]
@@ -158,6 +160,40 @@ def test_failed_lines_are_listed_and_retried_over_http(client):
     assert r.status_code == 200 and r.json()["retried"] == 2
     assert r.json()["dataset"]["counts"]["failed"] == 0 and datasets.retry_pending(run_id) == 2
     assert client.get(f"/v1/datasets/{run_id}/failures").json()["total"] == 0
+
+
+def test_a_tenant_has_at_most_its_cap_of_runs_in_progress(settings, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"max_active_datasets_per_tenant": 2}))) as c:
+        authorize(c, settings)
+        assert [upload(c, GOOD).status_code for _ in range(2)] == [202, 202]
+        refused = upload(c, GOOD)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+        assert "already has 2 data set runs in progress (the limit is 2)" in refused.json()["error"]
+        assert c.get("/v1/datasets").json()["total"] == 2
+        runs = settings.local_storage_dir + "/datasets"
+        assert len(list(Path(runs).iterdir())) == 2  # refused before its file was read: nothing stored
+        # Two uploads that both pass the first count: the second is refused when the run is stored, and what
+        # its ingest wrote is removed, its Idempotency-Key freed.
+        datasets = c.app.state.services.datasets
+        monkeypatch.setattr(datasets, "active_count", lambda tenant: 0)
+        late = upload(c, GOOD, headers={"Idempotency-Key": "late"})
+        assert late.status_code == 429 and "in progress" in late.json()["error"]
+        accepted = {r["id"] for r in c.get("/v1/datasets").json()["datasets"]}
+        assert {p.relative_to(runs).parts[0] for p in Path(runs).rglob("*") if p.is_file()} == accepted
+        assert datasets.idempotent_run("test", hashlib.sha256(b"late").hexdigest()) is None
+        other = TestClient(c.app)
+        authorize(other, settings, tenant="other")  # another tenant's cap is its own
+        assert upload(other, GOOD).status_code == 202
+        monkeypatch.undo()
+        first = c.get("/v1/datasets").json()["datasets"][-1]["id"]
+        c.post(f"/v1/datasets/{first}/cancel")
+        assert upload(c, GOOD).status_code == 429  # canceling still holds its place until the run winds down
+        assert datasets.finish(first, DatasetStatus.canceling, DatasetStatus.canceled)
+        assert upload(c, GOOD).status_code == 202  # room again
 
 
 def test_another_tenants_run_is_not_found(client, settings):
