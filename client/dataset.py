@@ -65,10 +65,15 @@ class DatasetRunner:
                 headers={"Idempotency-Key": f"cli-{fp}"},
                 timeout=max(600.0, self.http.timeout.read or 0),  # a large file is validated before the answer
             )
-        if r.status_code in (413, 415, 422):
-            body = r.json()
+        if 400 <= r.status_code < 500:  # the server says what to fix: bad lines, a bad key, a limit (429)
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
             lines = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in body.get("lines", []))
-            raise Refused(f"{body.get('error', r.text)}{lines}")
+            message = body.get("error") or body.get("detail") or r.text
+            retry = f" (the server says retry in {r.headers['Retry-After']} s)" if "Retry-After" in r.headers else ""
+            raise Refused(f"{r.status_code}: {message}{retry}{lines}")
         r.raise_for_status()
         run_id = r.json()["id"]
         self.out.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,8 @@ redis.call('HINCRBY', KEYS[1], 'sharded', tonumber(ARGV[2]))
 return 1
 """
 
-# A tenant's runs in the active list (ARGV-free: the caller passes the list and the run-hash key prefix).
-# O(active runs), which the per-tenant cap keeps small.
+# A tenant's runs in the active list, for the scripts that apply the per-tenant cap (registered in front of
+# them). O(active runs), which that cap keeps small.
 _ACTIVE_RUNS = """
 local function active_runs(active_key, run_prefix, tenant)
   local n = 0
@@ -87,7 +87,7 @@ end
 # KEYS: run hash, tenant's recent set, active list. ARGV: run id, now, tenant, the tenant's cap of active runs
 # (0: none), run-hash key prefix, then the run's fields as name, value pairs.
 # Returns the tenant's active runs before the call, negated when the cap refused this one (nothing stored).
-_CREATE = _ACTIVE_RUNS + """
+_CREATE = """
 local before = active_runs(KEYS[3], ARGV[5], ARGV[3])
 local cap = tonumber(ARGV[4])
 if cap > 0 and before >= cap then return -before end
@@ -100,7 +100,7 @@ return before
 # KEYS: run hash, failed hash, retry list, active list. ARGV: run id, the tenant's cap of active runs (0: none),
 # run-hash key prefix. Failed lines go back to be fed; a run that had ended becomes active again, which the
 # cap counts (-3: refused).
-_RETRY = _ACTIVE_RUNS + """
+_RETRY = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'canceling' then return -2 end
@@ -187,10 +187,10 @@ class DatasetStore:
         self._feed = client.register_script(_FEED)
         self._reap = client.register_script(_REAP)
         self._shard = client.register_script(_SHARD)
-        self._retry = client.register_script(_RETRY)
+        self._retry = client.register_script(_ACTIVE_RUNS + _RETRY)
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
-        self._create = client.register_script(_CREATE)
+        self._create = client.register_script(_ACTIVE_RUNS + _CREATE)
 
     def key(self, run_id: str, part: str = "") -> str:
         return f"{self.prefix}:dataset:{run_id}" + (f":{part}" if part else "")
