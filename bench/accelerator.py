@@ -466,6 +466,8 @@ def main() -> None:
         if args.part == "service":
             run_service(args, report)
             return
+        # As worker/main.py does: diffusers and transformers would import the host's PyTorch (seconds of a start)
+        sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
         import jax
 
         t0 = time.perf_counter()

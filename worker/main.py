@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 
 from common.job_store import JobStore
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 from common.settings import Settings, get_settings
 from common.storage import from_settings
+
+# The engine never uses PyTorch, but diffusers imports it at its own import whenever it is installed (a bare
+# try-import in diffusers/utils/distributed_utils.py), and then transformers does too: with a CUDA torch
+# present, as on most GPU hosts, that was 2.5-4 s of every start on a 2-core CPU (docs/benchmarks.md).
+# Marked absent here, before build_engine imports either, both take their no-torch paths.
+sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("worker")
 
