@@ -30,6 +30,8 @@ def runner_on(app_client: TestClient, out) -> DatasetRunner:
     return runner
 
 
+# the CLI gives its upload a long timeout; starlette's in-process client warns that it cannot apply one
+@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 def test_a_limit_or_a_bad_key_is_said_plainly(settings, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "a cat"}) + "\n")
