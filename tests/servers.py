@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -19,6 +20,27 @@ import redis
 
 S3_KEY, S3_SECRET = "test-access-key", "test-secret-key-0123456789"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def at_once(count: int, call: Callable[[int], object]) -> list[object]:
+    """call(0) .. call(count - 1) on `count` threads released together (a barrier): each one's return value,
+    or the exception it raised. For races against a real Redis."""
+    barrier = threading.Barrier(count)
+    outcomes: list[object] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = call(i)
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
 
 
 def free_port() -> int:

@@ -3,13 +3,12 @@ is in tests/worker/test_feeder.py)."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import redis
 
 from common.dataset_store import DatasetStore, TooManyRuns
 from common.datasets import DatasetOptions, DatasetStatus
+from tests.servers import at_once
 
 
 @pytest.fixture
@@ -23,21 +22,8 @@ def create(datasets: DatasetStore, run_id: str, tenant: str = "acme", max_active
 
 def test_the_active_cap_holds_under_concurrent_creates(datasets):
     # Counted and stored in one script: 12 creates racing for 3 places get exactly 3.
-    barrier = threading.Barrier(12)
-    refused: list[int] = []
-
-    def submit(i: int) -> None:
-        barrier.wait()
-        try:
-            create(datasets, f"run-{i}", max_active=3)
-        except TooManyRuns as exc:
-            refused.append(exc.active)
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(12, lambda i: create(datasets, f"run-{i}", max_active=3))
+    refused = [o.active for o in outcomes if isinstance(o, TooManyRuns)]
     assert refused == [3] * 9
     made = [i for i in range(12) if datasets.get(f"run-{i}") is not None]
     assert len(made) == 3 and datasets.active_count("acme") == 3

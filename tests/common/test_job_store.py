@@ -1,6 +1,5 @@
 """The Redis job store against a real Redis."""
 
-import threading
 import time
 
 import pytest
@@ -8,6 +7,7 @@ import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus
+from tests.servers import at_once
 
 
 @pytest.fixture
@@ -29,24 +29,10 @@ def test_create_and_read(store):
 def test_the_queued_cap_holds_under_concurrent_submits(store):
     # The cap is counted and the job stored in one script: 16 submits racing for 5 places get exactly 5,
     # where a count taken before the insert would let every thread that counted 4 through.
-    barrier = threading.Barrier(16)
-    outcomes: list[str] = []
-
-    def submit(i: int) -> None:
-        barrier.wait()
-        try:
-            store.create(req(), tenant="race", max_queued=5)
-            outcomes.append("created")
-        except QueueFull as exc:
-            assert exc.queued == 5
-            outcomes.append("full")
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert outcomes.count("created") == 5 and outcomes.count("full") == 11
+    outcomes = at_once(16, lambda i: store.create(req(), tenant="race", max_queued=5))
+    full = [o for o in outcomes if isinstance(o, QueueFull)]
+    assert sum(isinstance(o, tuple) for o in outcomes) == 5 and len(full) == 11
+    assert {e.queued for e in full} == {5}
     assert store.queued_count("race") == 5 and store.recent(0, 100, tenant="race")[1] == 5  # nothing half-made
     store.create(req(), tenant="other", max_queued=5)  # another tenant's cap is its own
     store.transition(store.recent(0, 1, tenant="race")[0][0].id, JobStatus.running)
