@@ -91,7 +91,7 @@ _CREATE = """
 local before = active_runs(KEYS[3], ARGV[5], ARGV[3])
 local cap = tonumber(ARGV[4])
 if cap > 0 and before >= cap then return -before end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
 return before

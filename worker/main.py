@@ -21,7 +21,7 @@ from common.storage import from_settings
 
 # The engine never uses PyTorch, but diffusers imports it at its own import whenever it is installed (a bare
 # try-import in diffusers/utils/distributed_utils.py), and then transformers does too: with a CUDA torch
-# present, as on most GPU hosts, that was 2.5-4 s of every start on a 2-core CPU (docs/benchmarks.md).
+# present, as on most GPU hosts, that is 3.5 s of imports in every start on a 2-core CPU (bench/imports.py).
 # Marked absent here, before build_engine imports either, both take their no-torch paths.
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
