@@ -174,7 +174,7 @@ class Engine:
         identity = (
             diffusers.__version__, transformers.__version__, public(m.unet.config), public(m.vae.config),
             public(m.text_encoder.config.to_dict()), public(m.text_encoder_2.config.to_dict()),
-            str(m.dtype), self.attention, [str(d) for d in self.mesh.devices.flat],
+            np.dtype(m.dtype).name, self.attention, [str(d) for d in self.mesh.devices.flat],
         )  # fmt: skip
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
         return self.aot_dir / f"{kind}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"

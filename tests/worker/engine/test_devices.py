@@ -51,7 +51,7 @@ try:
 except EngineInputError as exc:
     refused = str(exc)
 print(json.dumps({"leaves": len(leaves), "host_arrays": sum(not isinstance(x, jax.ShapeDtypeStruct) for x in leaves),
-                  "refused": refused}))
+                  "refused": refused, "aot_loaded": engine.aot_loaded}))
 """
 
 
@@ -109,4 +109,6 @@ def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
     worker, dropped = _run(tmp_path, tiny_dir, 1, "dropped", cache, script=WORKER_SCRIPT)
     assert worker["leaves"] > 100 and worker["host_arrays"] == 0
     assert "host weights were dropped" in worker["refused"]
+    # the same executables: the dtype names them, however it was spelled (np.float32 there, jnp.float32 here)
+    assert worker["aot_loaded"] == 2
     np.testing.assert_array_equal(kept, dropped)
