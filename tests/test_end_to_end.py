@@ -18,7 +18,8 @@ from PIL import Image
 from api.main import create_app
 from common.settings import Settings
 from common.storage import S3Storage
-from tests.servers import WorkerProcess, authorize, settings_from
+from tests.api.test_metrics import samples
+from tests.servers import WorkerProcess, authorize, settings_from, wait_for
 from worker import images
 
 BATCH_TIMEOUT_S = 2.0
@@ -193,6 +194,26 @@ def test_idempotent_resubmit_returns_the_same_job(service):
 def test_readyz_with_a_live_worker(service):
     client, _, _ = service
     assert client.get("/readyz").json()["ready"] is True
+
+
+def test_metrics_count_what_the_worker_ran(service):
+    client, settings, _ = service
+    # The tests above ran their batches on this one worker; its heartbeat (every 5 s) carries the counts.
+    r = redis.Redis.from_url(settings.redis_url)
+    logged = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
+    (name,) = {e["worker"] for e in logged}
+    want = {"batches": len(logged), "rows": sum(e["rows"] for e in logged),
+            "padding_rows": sum(e["padding"] for e in logged)}  # fmt: skip
+    label = f'{{worker="{name}"}}'
+
+    def counted() -> dict[str, float]:
+        got = samples(client.get("/metrics").text)
+        return {k: got.get(f"sdxl_worker_{k}_total{label}") for k in want}
+
+    wait_for(lambda: counted() == want, timeout_s=20)
+    got = samples(client.get("/metrics").text)
+    assert got["sdxl_workers"] == 1 and got[f'sdxl_worker_jobs_total{{worker="{name}",outcome="succeeded"}}'] > 0
+    assert got[f"sdxl_worker_device_seconds_total{label}"] > 0
 
 
 def test_worker_logs_its_start_without_errors(service):

@@ -27,6 +27,8 @@ from typing import Any
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
 from common.storage import Storage
+from common.worker_status import WorkerCounters, WorkerStatus
+from common.worker_status import key as status_key
 from worker import images, sweeper
 from worker.batcher import Batch, Batcher, Item
 from worker.engine.engine import Engine, Pending, Row
@@ -93,6 +95,9 @@ class DeviceLoop:
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="device", daemon=True)
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
+        self.started_at = time.time()
+        self.counters = WorkerCounters()  # sent with every heartbeat (common/worker_status.py, /metrics)
+        self._counting = threading.Lock()  # the finisher and the device thread both add to them
         self.upload_attempts = upload_attempts
         self.upload_backoff_s = upload_backoff_s
         self.max_attempts = max_attempts
@@ -237,6 +242,10 @@ class DeviceLoop:
                 continue
             verdict = self._verdicts.pop(item.job_id, None)
             future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
+            outcome = "requeued" if future.result() == REQUEUE else future.result()
+            if outcome in self.counters.jobs:
+                with self._counting:
+                    self.counters.jobs[outcome] += 1
             if self.notify and job.request.webhook_url and future.result() in TERMINAL:
                 self.notify(item.job_id)
 
@@ -338,6 +347,11 @@ class DeviceLoop:
             "device_s": round(device_s, 6),
             "at": time.time(),
         }
+        with self._counting:
+            self.counters.batches += 1
+            self.counters.rows += entry["rows"]
+            self.counters.padding_rows += entry["padding"]
+            self.counters.device_s += device_s
         key = self.store.key("batches")
         pipe = self.store.r.pipeline()
         pipe.lpush(key, json.dumps(entry))
@@ -354,11 +368,10 @@ class DeviceLoop:
             log.exception("stuck-job sweep failed")
 
     def _heartbeat(self) -> None:
-        info = {
-            "model": self.engine.model.name,
-            "sizes": self.engine.sizes,
-            "batch_rows": self.engine.batch_rows,
-            "devices": self.engine.mesh.devices.size,
-            "at": time.time(),
-        }
-        self.store.r.set(self.store.key("worker", self.name), json.dumps(info), px=int(3000 * HEARTBEAT_S))
+        with self._counting:
+            counters = WorkerCounters(**{**vars(self.counters), "jobs": dict(self.counters.jobs)})
+        status = WorkerStatus(
+            name=self.name, model=self.engine.model.name, sizes=self.engine.sizes, batch_rows=self.engine.batch_rows,
+            devices=self.engine.mesh.devices.size, started_at=self.started_at, at=time.time(), counters=counters,
+        )  # fmt: skip
+        self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(3000 * HEARTBEAT_S))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from api import metrics
 from api.deps import ServicesDep
 from api.schemas import ModelPublic
 from common.jobs import OutputFormat, Scheduler
@@ -52,3 +53,9 @@ def readyz(services: ServicesDep) -> JSONResponse:
         problems.append(f"redis unreachable: {type(exc).__name__}")
     body = {"ready": not problems, "workers": workers, "problems": problems}
     return JSONResponse(status_code=503 if problems else 200, content=body)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {metrics.CONTENT_TYPE: {}}}})
+def prometheus_metrics(services: ServicesDep) -> Response:
+    """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
+    return Response(metrics.render(services.store, services.datasets), media_type=metrics.CONTENT_TYPE)

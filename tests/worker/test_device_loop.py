@@ -4,6 +4,7 @@ redelivery), not the model; the real engine runs in tests/test_end_to_end.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -12,6 +13,8 @@ import redis
 from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
 from common.storage import LocalStorage
+from common.worker_status import WorkerStatus
+from common.worker_status import key as status_key
 from worker.device_loop import DeviceLoop
 from worker.engine.standin import StandInEngine, StandInPending
 
@@ -111,3 +114,20 @@ def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix
         assert not seen_dead
     finally:
         loop.stop()
+
+
+def test_the_heartbeat_carries_the_workers_counters(loop):
+    ids = [make(loop, "fine"), make(loop, "poison"), make(loop, "also fine", 2)]
+    assert run(loop, ids) == ["succeeded", "failed", "succeeded"]
+    loop._heartbeat()
+    status = WorkerStatus.from_json(loop.store.r.get(status_key(loop.store.prefix, loop.name)))
+    c = status.counters
+    # the batch of 4 rows raised, then each job ran alone (one row padded to 4, the poison one raised alone,
+    # two rows padded to 4): the log of engine runs and the counters say the same
+    logged = map(json.loads, loop.store.r.lrange(loop.store.key("batches"), 0, -1))
+    runs = [e for e in logged if set(e["jobs"]) & set(ids)]
+    assert c.batches == len(runs) == 2 and c.rows == 3 and c.padding_rows == 5
+    assert c.device_s == pytest.approx(sum(e["device_s"] for e in runs), abs=1e-3) and c.device_s >= 0.1
+    assert c.jobs == {"succeeded": 2, "failed": 1, "canceled": 0, "requeued": 0}
+    assert status.name == loop.name and status.batch_rows == 4 and status.sizes == [(64, 64)]
+    assert status.started_at <= status.at

@@ -1,0 +1,64 @@
+"""What a worker tells the rest of the service about itself: one record in Redis, P:worker:<name>, rewritten
+at every heartbeat and expiring soon after the worker stops. /readyz counts them; /metrics reads them.
+
+The counters run from the worker's start and only grow (Prometheus counters): a rate over them gives the
+device's busy fraction (device_s per second), the batch fill (rows / (rows + padding_rows)) and throughput.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+OUTCOMES = ("succeeded", "failed", "canceled", "requeued")  # how a job this worker held ended here
+
+
+@dataclass
+class WorkerCounters:
+    batches: int = 0  # engine runs
+    rows: int = 0  # images made for jobs
+    padding_rows: int = 0  # rows run only to fill a fixed-size batch
+    device_s: float = 0.0  # seconds the device spent on those batches (overlapping dispatches counted once)
+    jobs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+
+@dataclass
+class WorkerStatus:
+    name: str
+    model: str
+    sizes: list[tuple[int, int]]
+    batch_rows: int
+    devices: int
+    started_at: float
+    at: float  # when this record was written
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> WorkerStatus:
+        data: dict[str, Any] = json.loads(raw)
+        counters = data.pop("counters", {})
+        data["sizes"] = [tuple(s) for s in data.get("sizes", [])]
+        return cls(**data, counters=WorkerCounters(**counters))
+
+
+def key(prefix: str, name: str) -> str:
+    return f"{prefix}:worker:{name}"
+
+
+def live(client: redis.Redis, prefix: str) -> Iterator[WorkerStatus]:
+    """The records of the workers whose heartbeat has not expired; one that is unreadable is skipped."""
+    names = list(client.scan_iter(match=key(prefix, "*"), count=100))
+    for raw in client.mget(names) if names else []:
+        if raw is None:  # expired between the scan and the read
+            continue
+        try:
+            yield WorkerStatus.from_json(raw)
+        except (ValueError, TypeError):
+            continue
