@@ -7,8 +7,13 @@ where it stopped: the run id is kept in <out>/run.json, the submit carries an Id
 the input and options (so a crash right after submitting cannot start a second run), and shards already
 downloaded are not fetched again. The service keeps generating while this command is not running.
 
+While it runs, a service that does not answer (a restart, Redis away: connection errors, 502/503/504) or a
+rate limit (429) costs a pause, not the run: it waits (the answer's Retry-After, else backing off from
+--poll-s to a minute) for up to --patience-s in a row, saying so, then gives up with exit status 3.
+
 Exit status: 0 every line succeeded; 1 the run ended with failed or canceled lines (see failures.jsonl);
-2 the input was refused (the bad lines are printed); 130 interrupted (run it again to resume).
+2 the input was refused (the bad lines are printed); 3 the service did not answer for --patience-s (run it
+again to resume); 130 interrupted (run it again to resume).
 """
 
 from __future__ import annotations
@@ -28,8 +33,15 @@ FINISHED = ("completed", "canceled")
 FINAL_FILES = {"manifest_jsonl": "manifest.jsonl", "manifest_parquet": "manifest.parquet", "failures": "failures.jsonl"}
 
 
+TRANSIENT = (429, 502, 503, 504)  # answers worth waiting out; any other error is final
+
+
 class Refused(Exception):
     """The service refused the input; the message lists what to fix."""
+
+
+class Unreachable(Exception):
+    """The service did not answer (or kept answering 429/5xx) for the whole patience."""
 
 
 def fingerprint(path: Path, options: dict[str, Any]) -> str:
@@ -41,11 +53,43 @@ def fingerprint(path: Path, options: dict[str, Any]) -> str:
 
 
 class DatasetRunner:
-    def __init__(self, api: str, key: str | None, out: Path, poll_s: float = 2.0, timeout_s: float = 60):
+    def __init__(
+        self, api: str, key: str | None, out: Path, poll_s: float = 2.0, timeout_s: float = 60, patience_s: float = 600
+    ):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=api.rstrip("/"), headers=headers, timeout=timeout_s)
         self.out = out
         self.poll_s = poll_s
+        self.patience_s = patience_s
+
+    def _patiently(self, what: str, call: Any) -> Any:
+        """call() until it does not fail transiently: connection errors and TRANSIENT answers are waited out
+        (Retry-After when given, else a backoff from poll_s to 60 s) for up to patience_s in a row."""
+        give_up = time.monotonic() + self.patience_s
+        backoff_s = self.poll_s
+        while True:
+            try:
+                return call()
+            except httpx.TransportError as exc:
+                why, wait_s = type(exc).__name__, backoff_s
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code not in TRANSIENT:
+                    raise
+                why = str(exc.response.status_code)
+                wait_s = float(exc.response.headers.get("Retry-After") or backoff_s)
+            if time.monotonic() + wait_s > give_up:
+                raise Unreachable(f"{what}: no answer for {self.patience_s:.0f} s (last: {why})")
+            print(f"{what}: {why}; trying again in {wait_s:.0f} s", file=sys.stderr)
+            time.sleep(wait_s)
+            backoff_s = min(backoff_s * 2, 60.0)
+
+    def _get_json(self, path: str) -> Any:
+        def get() -> Any:
+            r = self.http.get(path)
+            r.raise_for_status()
+            return r.json()
+
+        return self._patiently(f"GET {path}", get)
 
     # ------------------------------------------------------------------ steps
 
@@ -57,14 +101,21 @@ class DatasetRunner:
             if state["fingerprint"] != fp:
                 raise Refused(f"{self.out} holds run {state['run_id']} of another input or options; use another --out")
             return state["run_id"]
-        with jsonl.open("rb") as f:
-            r = self.http.post(
-                "/v1/datasets",
-                files={"input": (jsonl.name, f, "application/x-ndjson")},
-                data={"options": json.dumps(options)},
-                headers={"Idempotency-Key": f"cli-{fp}"},
-                timeout=max(600.0, self.http.timeout.read or 0),  # a large file is validated before the answer
-            )
+
+        def post() -> httpx.Response:  # safe to send again: the Idempotency-Key makes at most one run
+            with jsonl.open("rb") as f:
+                r = self.http.post(
+                    "/v1/datasets",
+                    files={"input": (jsonl.name, f, "application/x-ndjson")},
+                    data={"options": json.dumps(options)},
+                    headers={"Idempotency-Key": f"cli-{fp}"},
+                    timeout=max(600.0, self.http.timeout.read or 0),  # a large file is validated before the answer
+                )
+            if r.status_code >= 500:
+                r.raise_for_status()  # 502/503/504 are waited out; a 429 here is a limit to report (below)
+            return r
+
+        r = self._patiently("submitting", post)
         if 400 <= r.status_code < 500:  # the server says what to fix: bad lines, a bad key, a limit (429)
             try:
                 body = r.json()
@@ -83,15 +134,11 @@ class DatasetRunner:
         return run_id
 
     def status(self, run_id: str) -> dict[str, Any]:
-        r = self.http.get(f"/v1/datasets/{run_id}")
-        r.raise_for_status()
-        return r.json()
+        return self._get_json(f"/v1/datasets/{run_id}")
 
     def download_new(self, run_id: str, finished: bool) -> int:
         """Fetch shards (and, once finished, the manifest and failures) not yet here; returns files fetched."""
-        r = self.http.get(f"/v1/datasets/{run_id}/files")
-        r.raise_for_status()
-        files = r.json()
+        files = self._get_json(f"/v1/datasets/{run_id}/files")
         wanted = {f"shards/shard-{i:06d}.tar": url for i, url in enumerate(files["shards"])}
         if finished:
             for field, name in FINAL_FILES.items():
@@ -106,10 +153,14 @@ class DatasetRunner:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             part = target.with_name(target.name + ".part")
-            with httpx.stream("GET", url, timeout=self.http.timeout) as response, part.open("wb") as f:
-                response.raise_for_status()
-                for block in response.iter_bytes(1 << 20):
-                    f.write(block)
+
+            def download(url: str = url, part: Path = part) -> None:
+                with httpx.stream("GET", url, timeout=self.http.timeout) as response, part.open("wb") as f:
+                    response.raise_for_status()
+                    for block in response.iter_bytes(1 << 20):
+                        f.write(block)
+
+            self._patiently(f"downloading {name}", download)
             os.replace(part, target)  # a file is either whole or absent: an interrupted download is redone
             fetched += 1
         return fetched
@@ -180,6 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--on-invalid", choices=["reject", "skip"], default="reject")
     p.add_argument("--shard-size", type=int, default=1000, help="images per WebDataset shard")
     p.add_argument("--poll-s", type=float, default=2.0)
+    p.add_argument("--patience-s", type=float, default=600, help="how long to wait out a service that does not answer")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -193,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.seed is not None:
         options["seed"] = args.seed
-    runner = DatasetRunner(args.api, args.key, args.out, args.poll_s)
+    runner = DatasetRunner(args.api, args.key, args.out, args.poll_s, patience_s=args.patience_s)
     try:
         return runner.run(args.jsonl, options, progress=not args.no_progress)
     except Refused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
+    except Unreachable as exc:
+        print(f"{exc}; run the same command again to resume", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -4,15 +4,20 @@ The whole CLI, with a worker, runs in tests/test_datasets.py."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from client.dataset import DatasetRunner, Refused
+from client.dataset import DatasetRunner, Refused, Unreachable
+from common import redis_server
 from common.settings import Settings
-from tests.servers import authorize
+from tests.servers import authorize, free_port
 
+# the CLI gives its requests timeouts; starlette's in-process client warns that it cannot apply them
+pytestmark = pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 OPTIONS = {"defaults": {"width": 64, "height": 64, "steps": 2}}
 
 
@@ -30,8 +35,6 @@ def runner_on(app_client: TestClient, out) -> DatasetRunner:
     return runner
 
 
-# the CLI gives its upload a long timeout; starlette's in-process client warns that it cannot apply one
-@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 def test_a_limit_or_a_bad_key_is_said_plainly(settings, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "a cat"}) + "\n")
@@ -48,3 +51,40 @@ def test_a_limit_or_a_bad_key_is_said_plainly(settings, tmp_path):
         assert str(refused.value).startswith("429: this tenant already has 1 data set runs in progress")
         assert "retry in 60 s" in str(refused.value)
         assert not (tmp_path / "out2" / "run.json").exists()  # nothing to resume: the next try submits again
+
+
+def test_a_service_outage_during_a_run_is_waited_out(tmp_path, capsys):
+    # A real restart: the API's own Valkey stops (the API answers 503 + Retry-After) and comes back on the
+    # same port and data; the CLI's status poll waits it out. With too little patience it gives up, exit 3.
+    port, data = free_port(), tmp_path / "valkey"
+    server = redis_server.start_embedded(data, port)
+    prefix = f"cli{port}"
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=prefix, queue_name=f"{prefix}-q", sizes="64x64",
+        local_storage_dir=str(tmp_path / "images"), url_signing_secret="s" * 32,
+    )  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "a cat"}) + "\n")
+    try:
+        with TestClient(create_app(settings)) as c:
+            authorize(c, settings)
+            runner = runner_on(c, tmp_path / "out")
+            runner.poll_s = 0.2
+            run_id = runner.submit_or_resume(prompts, OPTIONS)
+            server.stop()
+            runner.patience_s = 1  # the API asks for 5 s: more than that
+            with pytest.raises(Unreachable, match="no answer for 1 s"):
+                runner.status(run_id)
+            runner.patience_s = 60
+            restarted: list = []
+            restart = threading.Timer(2.0, lambda: restarted.append(redis_server.start_embedded(data, port)))
+            restart.start()
+            t0 = time.monotonic()
+            st = runner.status(run_id)  # waits while Redis is away, then answers
+            restart.join()
+            server = restarted[0]
+            assert st["id"] == run_id and st["status"] == "running" and time.monotonic() - t0 >= 2
+            said = capsys.readouterr().err
+            assert f"GET /v1/datasets/{run_id}: 503; trying again in 5 s" in said
+    finally:
+        server.stop()
