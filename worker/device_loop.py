@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common.job_store import JobStore
@@ -369,7 +369,7 @@ class DeviceLoop:
 
     def _heartbeat(self) -> None:
         with self._counting:
-            counters = WorkerCounters(**{**vars(self.counters), "jobs": dict(self.counters.jobs)})
+            counters = replace(self.counters, jobs=dict(self.counters.jobs))  # a copy, read whole
         status = WorkerStatus(
             name=self.name, model=self.engine.model.name, sizes=self.engine.sizes, batch_rows=self.engine.batch_rows,
             devices=self.engine.mesh.devices.size, started_at=self.started_at, at=time.time(), counters=counters,
