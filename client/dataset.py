@@ -24,8 +24,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -33,6 +34,7 @@ FINISHED = ("completed", "canceled")
 FINAL_FILES = {"manifest_jsonl": "manifest.jsonl", "manifest_parquet": "manifest.parquet", "failures": "failures.jsonl"}
 
 
+T = TypeVar("T")
 TRANSIENT = (429, 502, 503, 504)  # answers worth waiting out; any other error is final
 
 
@@ -62,7 +64,7 @@ class DatasetRunner:
         self.poll_s = poll_s
         self.patience_s = patience_s
 
-    def _patiently(self, what: str, call: Any) -> Any:
+    def _patiently(self, what: str, call: Callable[[], T]) -> T:
         """call() until it does not fail transiently: connection errors and TRANSIENT answers are waited out
         (Retry-After when given, else a backoff from poll_s to 60 s) for up to patience_s in a row."""
         give_up = time.monotonic() + self.patience_s

@@ -191,6 +191,7 @@ class DatasetStore:
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
         self._create = client.register_script(_ACTIVE_RUNS + _CREATE)
+        self._active_count = client.register_script(_ACTIVE_RUNS + "return active_runs(KEYS[1], ARGV[1], ARGV[2])")
 
     def key(self, run_id: str, part: str = "") -> str:
         return f"{self.prefix}:dataset:{run_id}" + (f":{part}" if part else "")
@@ -229,11 +230,8 @@ class DatasetStore:
             raise TooManyRuns(-before)
 
     def active_count(self, tenant: str) -> int:
-        """The tenant's runs that are being fed (running, canceling, or retried)."""
-        pipe = self.r.pipeline(transaction=False)
-        for run_id in self.active():
-            pipe.hget(self.key(run_id), "tenant")
-        return sum(t is not None and t.decode() == tenant for t in pipe.execute())
+        """The tenant's runs that are being fed (running, canceling, or retried), counted as the caps count."""
+        return int(self._active_count(keys=[self.active_key], args=[self.key(""), tenant]))
 
     def claim_idempotency(self, tenant: str, key_hash: str, run_id: str, fingerprint: str) -> tuple[str, str]:
         """(run id, fingerprint) stored under the key: ours if it was free, else the earlier run's."""

@@ -10,13 +10,14 @@ import sys
 
 import redis
 
+from common import worker_status
 from common.settings import get_settings
 
 
 def main() -> int:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
-    pattern = f"{settings.key_prefix}:worker:{socket.gethostname()}-*"
+    pattern = worker_status.key(settings.key_prefix, f"{socket.gethostname()}-*")
     try:
         alive = any(True for _ in client.scan_iter(match=pattern, count=100))
     except redis.exceptions.RedisError as exc:

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from api import metrics
 from api.deps import ServicesDep
 from api.schemas import ModelPublic
+from common import worker_status
 from common.jobs import OutputFormat, Scheduler
 
 router = APIRouter(tags=["system"])
@@ -46,7 +47,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
     workers = 0
     try:
         services.redis.ping()
-        workers = sum(1 for _ in services.redis.scan_iter(match=services.store.key("worker", "*"), count=100))
+        pattern = worker_status.key(services.store.prefix, "*")
+        workers = sum(1 for _ in services.redis.scan_iter(match=pattern, count=100))
         if not workers:
             problems.append("no live worker")
     except Exception as exc:
