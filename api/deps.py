@@ -1,5 +1,5 @@
-"""Dependencies: one settings object, one Redis client, one store, one storage and one Celery producer per
-process, built at start-up (api.main.lifespan) and handed to handlers."""
+"""Dependencies: one settings object, one Redis client, one store, one storage, one Celery producer and one
+job-event subscription per process, built at start-up (api.main.lifespan) and handed to handlers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import redis
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
+from api.job_events import JobEvents
 from common import rate_limit
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
@@ -27,6 +28,7 @@ class Services:
     celery: Celery
     keys: ApiKeyStore
     datasets: DatasetStore
+    events: JobEvents  # wakes requests that wait for a job to end
 
 
 def get_services(request: Request) -> Services:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.deps import Services
+from api.job_events import JobEvents
 from api.limits import BodyLimit
 from api.routes import datasets, files, jobs, system
 from common.api_keys import ApiKeyStore
@@ -30,16 +31,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Short timeouts: a dead Redis must give a quick 503, not a hung request.
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
+        events = JobEvents(settings.redis_url, store.ended_channel)
+        events.start()  # connects in the background: an API started before Redis still starts
         app.state.services = Services(
             settings=settings,
             redis=client,
-            store=JobStore(client, settings.key_prefix, settings.job_ttl_s),
+            store=store,
             storage=from_settings(settings),  # fails here, at start, when the signing secret is missing
             celery=make_celery(settings),
             keys=ApiKeyStore(client, settings.key_prefix),
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
+            events=events,
         )
         yield
+        await events.stop()
         client.close()
 
     app = FastAPI(

@@ -16,6 +16,11 @@ Method (docs/benchmarks.md):
   Device busy fraction and batch fill from the worker's batch log over the same window.
 - Low load: one job at a time, each submitted after the previous finished: latency = finished_at -
   created_at (server clocks, no polling error). A lone job waits `batch_timeout_s` for company.
+- What a client sees at low load, two ways alternating job by job: submit, then poll every --poll-s until
+  the job has ended (the first poll at a random point of the first interval, as a real client's polls fall
+  anywhere in a job's run); or submit with `Prefer: wait=55` (one request, answered when the job ends). Client
+  latency = from sending the submit to holding the ended job's URLs; overhead = that minus the server's
+  finished_at - created_at for the same job.
 - Redis commands per job: INFO commandstats over the saturation phase / jobs (API with auth, Celery,
   worker), minus the benchmark's own waiting; a client's status polls come on top (~5 commands each).
 - The stand-in engine (SDXL_MODEL=standin) is about the queue, not the model: it holds a simulated device
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -91,7 +97,8 @@ def main() -> None:
     p.add_argument("--batch-timeout-s", type=float, default=0.5)
     p.add_argument("--jobs", type=int, default=48, help="jobs in the saturation phase")
     p.add_argument("--submitters", type=int, default=8)
-    p.add_argument("--low-load-jobs", type=int, default=6)
+    p.add_argument("--low-load-jobs", type=int, default=8, help="per client kind (polling, waiting)")
+    p.add_argument("--poll-s", type=float, default=1.0, help="the polling client's interval")
     p.add_argument("--storage", choices=["s3", "local"], default="s3", help="s3: a SeaweedFS server (default)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -151,13 +158,41 @@ def main() -> None:
                     time.sleep(0.05)
             return jobs
 
-        wait([client.post("/v1/jobs", json=body).json()["id"]])  # warm the whole path
+        phase = random.Random(0)
 
-        # ---- low load: one job at a time
-        low = []
-        for _ in range(args.low_load_jobs):
-            (job,) = wait([client.post("/v1/jobs", json=body).json()["id"]])
-            low.append(job["finished_at"] - job["created_at"])
+        def polled() -> dict:
+            job = client.post("/v1/jobs", json=body).json()
+            # A real client's polls fall at any point of a job's run (its wait in the queue varies); here every
+            # job takes the same time, so the first poll comes at a random point of the first interval.
+            time.sleep(phase.uniform(0, args.poll_s))
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+            while job["status"] not in ("succeeded", "failed", "canceled"):
+                time.sleep(args.poll_s)
+                job = client.get(f"/v1/jobs/{job['id']}").json()
+            return job
+
+        def waited() -> dict:
+            job = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=55"}, timeout=70).json()
+            while job["status"] not in ("succeeded", "failed", "canceled"):  # only if 55 s were not enough
+                job = client.get(f"/v1/jobs/{job['id']}", params={"wait_s": 55}, timeout=70).json()
+            return job
+
+        wait([client.post("/v1/jobs", json=body).json()["id"]])  # warm the whole path
+        waited()
+
+        # ---- low load: one job at a time, a polling client and a waiting client by turns
+        low: list[float] = []
+        seen: dict[str, list[float]] = {"poll": [], "wait": []}
+        overhead: dict[str, list[float]] = {"poll": [], "wait": []}
+        for i in range(args.low_load_jobs):
+            for mode, run in (("poll", polled), ("wait", waited))[:: 1 if i % 2 == 0 else -1]:
+                t0 = time.perf_counter()
+                job = run()
+                client_s = time.perf_counter() - t0
+                assert job["status"] == "succeeded", job
+                low.append(job["finished_at"] - job["created_at"])
+                seen[mode].append(client_s)
+                overhead[mode].append(client_s - low[-1])
 
         # ---- saturation
         r.config_resetstat()
@@ -193,7 +228,11 @@ def main() -> None:
                 break
             time.sleep(1)
         stats = r.info("commandstats")
-        commands = sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_")) - own - 1  # - INFO
+        calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k.startswith("cmdstat_")}
+        calls["hget"] -= own
+        for name in [n for n in calls if n.startswith(("config", "info"))]:  # the bench's own RESETSTAT, INFO
+            del calls[name]
+        commands = sum(calls.values())
         jobs = wait(ids)  # now read the records through the API
         assert all(j["status"] == "succeeded" for j in jobs), [j for j in jobs if j["status"] != "succeeded"][:1]
         first, last = min(j["started_at"] for j in jobs), max(j["finished_at"] for j in jobs)
@@ -213,7 +252,16 @@ def main() -> None:
             low_load_p50_s=percentile(low, 50),
             low_load_p95_s=percentile(low, 95),
             low_load_p99_s=percentile(low, 99),
+            poll_s=args.poll_s,
+            client_polling_p50_s=percentile(seen["poll"], 50),
+            client_waiting_p50_s=percentile(seen["wait"], 50),
+            client_waiting_over_polling=percentile(seen["wait"], 50) / percentile(seen["poll"], 50),
+            client_polling_overhead_p50_s=percentile(overhead["poll"], 50),
+            client_waiting_overhead_p50_s=percentile(overhead["wait"], 50),
             redis_commands_per_job=commands / len(jobs),
+            redis_commands_per_job_by_name={
+                name: round(n / len(jobs), 2) for name, n in sorted(calls.items(), key=lambda c: -c[1]) if n
+            },
         )
     finally:
         worker.stop()

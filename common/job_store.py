@@ -9,6 +9,8 @@ Keys (prefix P = settings.key_prefix):
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
     P:idem:<tenant>:<key>     the job id and body hash behind a tenant's Idempotency-Key
     P:seq            submit counter
+    P:ended          pub/sub channel: the id of each interactive job as it reaches a final status (the API's
+                     `Prefer: wait` and `?wait_s=` listen to it; api/job_events.py)
 A record expires `job_ttl_s` after its last change; the sets are trimmed of expired ids as they are read.
 """
 
@@ -65,6 +67,9 @@ else
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if not bulk and (new == 'succeeded' or new == 'failed' or new == 'canceled') then
+  redis.call('PUBLISH', ARGV[7] .. ':ended', ARGV[1])  -- after the record is final: a woken reader sees it
+end
 return 'OK:' .. current
 """
 
@@ -138,6 +143,12 @@ class JobStore:
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    @property
+    def ended_channel(self) -> str:
+        """The pub/sub channel that carries each interactive job's id once it has ended (the transition script
+        publishes it in the same atomic step as the final status)."""
+        return self.key("ended")
 
     # ------------------------------------------------------------------ writing
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After
     max_queued_per_tenant: int = Field(1000, ge=1)  # a tenant's queued jobs; more: 429 + Retry-After
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies: 413
+    # the longest a request may wait for its job to end (`Prefer: wait=N`, `?wait_s=N`); keep it under the
+    # idle timeout of any proxy in front of the API (often 60 s)
+    max_wait_s: float = Field(55, ge=0, le=600)
     # --- webhooks
     webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
     webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)

@@ -110,9 +110,8 @@ def main() -> None:
         job = httpx.post(f"{base}/v1/jobs", json=body, timeout=10, headers=auth).json()
         print(f"submitted job {job['id']} (seed {job['request']['seed']}); waiting ...")
         t0 = time.monotonic()
-        while job["status"] not in ("succeeded", "failed", "canceled"):
-            time.sleep(0.25)
-            job = httpx.get(job["status_url"], timeout=10, headers=auth).json()
+        while job["status"] not in ("succeeded", "failed", "canceled"):  # long polls: answered when it ends
+            job = httpx.get(job["status_url"], params={"wait_s": 50}, timeout=70, headers=auth).json()
         print(f"job {job['status']} after {time.monotonic() - t0:.1f} s")
         if job["status"] != "succeeded":
             raise SystemExit(f"error: {job.get('error')}")

@@ -88,6 +88,18 @@ def test_submit_poll_download(service):
     assert job["started_at"] >= job["created_at"] and job["finished_at"] >= job["started_at"]
 
 
+def test_submit_with_prefer_wait_answers_with_the_images(service):
+    client, _, _ = service
+    body = {"prompt": "a red bicycle", "width": 64, "height": 64, "steps": 3, "seed": 7}
+    r = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=55"})
+    assert r.status_code == 200 and r.headers["Preference-Applied"] == "wait=55", r.text
+    job = r.json()
+    assert job["status"] == "succeeded" and job["images"][0]["seed"] == 7  # one request, no polling
+    assert httpx.get(job["images"][0]["url"]).status_code == 200
+    again = client.get(f"/v1/jobs/{job['id']}", params={"wait_s": 30}).json()  # an ended job: answered at once
+    assert again["status"] == "succeeded" and again["images"][0]["sha256"] == job["images"][0]["sha256"]
+
+
 @pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_other_formats(service, fmt, pil):
     client, _, _ = service

@@ -1,18 +1,20 @@
-"""Jobs: submit, poll, cancel, list."""
+"""Jobs: submit, poll (or wait for the end), cancel, list."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
 from common.job_store import IdempotencyConflict, QueueFull
-from common.jobs import MAX_SEED, Job, JobRequest, JobStatus, LimitError, check_limits
+from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -51,15 +53,36 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
 
 
 @router.post("", status_code=202, response_model=JobPublic, responses={401: {}, 409: {}, 422: {}, 429: {}, 503: {}})
-def create_job(
+async def create_job(
     body: JobRequest,
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[  # declared for the OpenAPI page; read below as a list, since the header may repeat
+        str | None,
+        Header(description="`wait=N`: answer once the job has ended or after N seconds (RFC 7240)"),
+    ] = None,
 ) -> JobPublic:
-    """Submit a text-to-image job; answers once it is stored and queued."""
+    """Submit a text-to-image job; answers once it is stored and queued, or with `Prefer: wait=N` once it
+    has ended (200) or N seconds have passed (202)."""
+    wait_s = preferred_wait_s(request.headers.getlist("prefer"), services.settings.max_wait_s)
+    job_id, created = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
+    # no wait: one read, as a plain submit
+    job = await services.events.until_ended(job_id, wait_s or 0, lambda: run_in_threadpool(read, job_id, services))
+    if wait_s is not None:
+        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    if not created or job.status in TERMINAL:
+        response.status_code = 200
+    return await run_in_threadpool(to_public, job, services, request)
+
+
+def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: str | None) -> tuple[str, bool]:
+    """Check, store and queue a job: (its id, whether it is new). A replayed Idempotency-Key gives the
+    earlier job's id."""
     s = services.settings
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.webhook_url is not None:
@@ -75,7 +98,7 @@ def create_job(
     try:
         # a replay is answered whatever the limits; only new work counts against the queued cap
         job_id, created = services.store.create(
-            body, idempotency_key, fingerprint, tenant=caller.tenant, max_queued=s.max_queued_per_tenant
+            body, idempotency_key, fingerprint, tenant=tenant, max_queued=s.max_queued_per_tenant
         )
     except IdempotencyConflict as exc:
         raise HTTPException(
@@ -96,18 +119,56 @@ def create_job(
             raise HTTPException(
                 503, "the queue is unreachable; the job was not queued, retry later", headers={"Retry-After": "5"}
             ) from exc
-    else:
-        response.status_code = 200
-        response.headers["Idempotent-Replayed"] = "true"
+    return job_id, created
+
+
+def preferred_wait_s(prefer_headers: list[str], max_wait_s: float) -> float | None:
+    """Seconds from an RFC 7240 `Prefer: wait=N` (a bare `wait`: the most allowed), capped at `max_wait_s`;
+    None when no wait is asked for. Other preferences are ignored, as the RFC asks."""
+    for header in prefer_headers:
+        for preference in header.split(","):
+            name, has_value, value = preference.split(";")[0].strip().partition("=")
+            if name.strip().lower() != "wait":
+                continue
+            value = value.strip().strip('"')
+            if not has_value:
+                return max_wait_s
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and seconds >= 0):
+                example = f"e.g. `Prefer: wait=30` (at most {max_wait_s:g})"
+                raise LimitError("Prefer", f"wait={value!r} is not a number of seconds; {example}")
+            return min(seconds, max_wait_s)
+    return None
+
+
+def read(job_id: str, services: Services) -> Job:
     job = services.store.get(job_id)
-    assert job is not None
-    return to_public(job, services, request)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (its record expired)")
+    return job
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses={404: {}})
-def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobPublic:
-    """A job's status, and its images (with freshly signed URLs) once it has succeeded."""
-    return to_public(owned(job_id, services, caller), services, request)
+@router.get("/{job_id}", response_model=JobPublic, responses={404: {}, 422: {}})
+async def get_job(
+    job_id: str,
+    services: ServicesDep,
+    caller: CallerDep,
+    request: Request,
+    wait_s: Annotated[
+        float, Query(ge=0, allow_inf_nan=False, description="Answer once the job has ended or after this long.")
+    ] = 0,
+) -> JobPublic:
+    """A job's status, and its images (with freshly signed URLs) once it has succeeded; with `wait_s`, once
+    it has ended or `wait_s` has passed (a long poll: one request instead of many)."""
+    max_wait_s = services.settings.max_wait_s
+    if wait_s > max_wait_s:
+        raise LimitError("wait_s", f"at most {max_wait_s:g} s on this deployment (SDXL_MAX_WAIT_S), got {wait_s:g}")
+    # wait_s 0: one read, as a plain poll
+    job = await services.events.until_ended(job_id, wait_s, lambda: run_in_threadpool(owned, job_id, services, caller))
+    return await run_in_threadpool(to_public, job, services, request)
 
 
 def owned(job_id: str, services: Services, caller: CallerDep) -> Job:

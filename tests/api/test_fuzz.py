@@ -20,6 +20,7 @@ def test_no_route_answers_5xx(redis_url):
     settings = Settings(
         redis_url=redis_url, key_prefix=prefix, queue_name=f"{prefix}-q", sizes="1024x1024,64x96",
         url_signing_secret="f" * 32, rate_limit_per_min=100_000, max_queued_per_tenant=100_000,
+        max_wait_s=0.05,  # generated waits (`?wait_s=`, `Prefer: wait=`) are exercised, but stay short
     )  # fmt: skip
     _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("fuzz")
     app = create_app(settings)

@@ -1,6 +1,6 @@
 """Redis restarts, for real: an embedded Valkey with an append-only file, stopped and started again on the
-same port and data. Accepted jobs survive; a running worker reconnects. The worker runs the stand-in engine
-(this is about the broker and the job store, not the model)."""
+same port and data. Accepted jobs survive; a running worker, and the API's job-event subscription,
+reconnect. The worker runs the stand-in engine (this is about the broker and the job store, not the model)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def test_accepted_jobs_survive_a_redis_restart(tmp_path):
             server = redis_server.start_embedded(data, port)
             later = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(2)]
             wait_for(lambda: status(later) == ["succeeded"] * 2)  # the worker reconnected by itself
+            waited = client.post("/v1/jobs", json=BODY, headers={"Prefer": "wait=30"})
+            assert waited.json()["status"] == "succeeded"  # the API's job-event subscription did too
     finally:
         worker.stop(signal.SIGKILL)
         server.stop()

@@ -1,0 +1,123 @@
+"""Waiting for a job to end without polling: one Redis subscription per API process.
+
+The job store publishes each interactive job's id on `P:ended` in the same script that writes its final
+status (common/job_store.py). This keeps one pub/sub connection per API process and wakes the requests
+waiting on that id (`Prefer: wait=N` on submit, `?wait_s=N` on a poll): a client hears of the end one round
+trip after it happened instead of up to a poll interval later, and a waiting request costs Redis one read
+when it starts and one when it is woken, not one per poll.
+
+No end is missed: a waiter registers before it reads the job, and every waiter is woken to read again each
+time the subscription is (re)established, so an end published while the connection was down is seen then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+import redis
+import redis.asyncio as aioredis
+
+from common.jobs import TERMINAL, Job
+
+log = logging.getLogger(__name__)
+LISTEN_SLICE_S = 1.0  # how often the listener looks up from the socket (to ping when idle)
+IDLE_PING_S = 15.0  # a silent subscription is pinged after this long; no answer in as long again: reconnect
+FIRST_BACKOFF_S = 0.1  # before the first reconnect; doubles while Redis stays unreachable
+MAX_BACKOFF_S = 5.0
+
+
+class JobEvents:
+    def __init__(self, redis_url: str, channel: str):
+        self.redis_url = redis_url
+        self.channel = channel
+        self.client_name = f"api-events:{channel}"  # how the connection shows in CLIENT LIST
+        self.subscribed = False  # True while the subscription is live (tests read it)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen(), name="job-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def until_ended(self, job_id: str, timeout_s: float, read: Callable[[], Awaitable[Job]]) -> Job:
+        """The job as `read` returns it, once it has ended or `timeout_s` has passed, whichever is first.
+        `read` is called at once (timeout 0: only then), after every wake-up, and once more at the deadline:
+        the answer is always fresh."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                event.clear()  # before the read: an end published after it sets the event again
+                job = await read()
+                remaining = deadline - loop.time()
+                if job.status in TERMINAL or remaining <= 0:
+                    return job
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            waiting = self._waiters.get(job_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._waiters[job_id]
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting now."""
+        return sum(len(events) for events in self._waiters.values())
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff_s = FIRST_BACKOFF_S
+        while True:
+            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2, client_name=self.client_name)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                heard_s, pinged = loop.time(), False
+                while True:
+                    message = await pubsub.get_message(timeout=LISTEN_SLICE_S)
+                    now = loop.time()
+                    if message is None:
+                        if now - heard_s > 2 * IDLE_PING_S:
+                            raise redis.ConnectionError(f"no answer to a ping in {IDLE_PING_S:g} s")
+                        if now - heard_s > IDLE_PING_S and not pinged:
+                            await pubsub.ping()
+                            pinged = True
+                        continue
+                    heard_s, pinged = now, False
+                    if message["type"] == "subscribe":  # also after redis-py reconnected by itself
+                        self.subscribed, backoff_s = True, FIRST_BACKOFF_S
+                        self._wake_all()  # anything that ended while we were not listening is read again
+                    elif message["type"] == "message":
+                        self._wake(message["data"].decode())
+            except (redis.RedisError, OSError) as exc:
+                log.warning("job events: subscription lost (%s); reconnecting in %.1f s", exc, backoff_s)
+            finally:
+                self.subscribed = False
+                with suppress(Exception):
+                    await pubsub.aclose()
+                with suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
