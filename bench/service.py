@@ -15,7 +15,9 @@ Method (docs/benchmarks.md):
   in; throughput = images / (last finished_at - first started_at), from the job records' timestamps.
   Device busy fraction and batch fill from the worker's batch log over the same window.
 - Low load: one job at a time, each submitted after the previous finished: latency = finished_at -
-  created_at (server clocks, no polling error). A lone job waits `batch_timeout_s` for company.
+  created_at (server clocks, no polling error). A lone job waits `batch_timeout_s` for company. Its phases
+  (medians): created -> running (delivery, admission, the batch timeout), running -> device done (dispatch
+  and the device; the batch log's `at`), device done -> succeeded (copy off, encode, upload, record).
 - What a client sees at low load, two ways alternating job by job: submit, then poll every --poll-s until
   the job has ended (the first poll at a random point of the first interval, as a real client's polls fall
   anywhere in a job's run); or submit with `Prefer: wait=55` (one request, answered when the job ends). Client
@@ -182,6 +184,7 @@ def main() -> None:
 
         # ---- low load: one job at a time, a polling client and a waiting client by turns
         low: list[float] = []
+        low_jobs: list[dict] = []
         seen: dict[str, list[float]] = {"poll": [], "wait": []}
         overhead: dict[str, list[float]] = {"poll": [], "wait": []}
         for i in range(args.low_load_jobs):
@@ -191,6 +194,7 @@ def main() -> None:
                 client_s = time.perf_counter() - t0
                 assert job["status"] == "succeeded", job
                 low.append(job["finished_at"] - job["created_at"])
+                low_jobs.append(job)
                 seen[mode].append(client_s)
                 overhead[mode].append(client_s - low[-1])
 
@@ -238,6 +242,14 @@ def main() -> None:
         first, last = min(j["started_at"] for j in jobs), max(j["finished_at"] for j in jobs)
         images = sum(len(j["images"]) for j in jobs)
         batches = [json.loads(x) for x in r.lrange("sdxl:batches", 0, -1)]
+        # Where a lone job's time goes, from its record and its batch's log line (`at`: when the device was done)
+        batch_of = {job_id: b for b in batches for job_id in b["jobs"]}
+        phases = {"to_running": [], "running_to_device_done": [], "device_done_to_succeeded": []}
+        for job in low_jobs:
+            b = batch_of[job["id"]]
+            phases["to_running"].append(job["started_at"] - job["created_at"])
+            phases["running_to_device_done"].append(b["at"] - job["started_at"])
+            phases["device_done_to_succeeded"].append(job["finished_at"] - b["at"])
         window = [b for b in batches if set(b["jobs"]) & set(ids)]
         sat_latency = [j["finished_at"] - j["created_at"] for j in jobs]
         result.update(
@@ -252,6 +264,7 @@ def main() -> None:
             low_load_p50_s=percentile(low, 50),
             low_load_p95_s=percentile(low, 95),
             low_load_p99_s=percentile(low, 99),
+            **{f"low_load_{name}_p50_s": percentile(values, 50) for name, values in phases.items()},
             poll_s=args.poll_s,
             client_polling_p50_s=percentile(seen["poll"], 50),
             client_waiting_p50_s=percentile(seen["wait"], 50),

@@ -1,10 +1,10 @@
 """Encoding images for upload: PNG (with the generation parameters in a text chunk), JPEG or WebP.
 
 PNG is written here rather than by Pillow: every row gets the "Up" filter (a vectorised numpy
-subtraction) and the rows are deflated in parallel slices, joined by full flushes into one valid zlib
-stream. At 1024x1024 that is ~60 ms against Pillow's ~210 ms at its fastest level, for the same size on
-the benchmark images (Pillow picks a filter per row, which can make real photographs ~10% smaller). The
-encoder sits on every job's latency path and on the host's CPU budget, so the trade is worth it.
+subtraction) and the rows are deflated in parallel slices by ISA-L (Intel's deflate, the `isal` wheel),
+joined by full flushes into one valid zlib stream. Pillow picks a filter per row, which can make real
+photographs ~10% smaller, but the encoder sits on every job's latency path and on the host's CPU budget:
+bench/images.py measures it against Pillow and against the same encoder with zlib (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+from isal import isal_zlib
 from PIL import Image
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARAMETERS_KEY = "sdxl-parameters"  # PNG iTXt key holding the JSON that reproduces the image
-PNG_SLICES = 4  # deflate slices per image, compressed in parallel (zlib releases the GIL)
-PNG_LEVEL = 3  # zlib level: 1-3 are the fast strategy; 3 was fastest and smallest on 1024x1024 here
+PNG_SLICES = 4  # deflate slices per image, compressed in parallel (ISA-L and zlib release the GIL)
+PNG_LEVEL = 1  # ISA-L's levels are 0-3; on 1024x1024 here 1 was the fastest, and within 0.1% of the smallest
 _deflaters = ThreadPoolExecutor(PNG_SLICES, thread_name_prefix="deflate")
 
 
@@ -31,8 +33,11 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(pixels: np.ndarray, text: dict[str, str]) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes, 8-bit RGB, with each text entry as a UTF-8 iTXt chunk."""
+def encode_png(
+    pixels: np.ndarray, text: dict[str, str], codec: ModuleType = isal_zlib, level: int = PNG_LEVEL
+) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes, 8-bit RGB, with each text entry as a UTF-8 iTXt chunk. `codec`: a module
+    with zlib's compressobj and adler32 (bench/images.py passes zlib itself, to compare)."""
     h, w, _ = pixels.shape
     rows = np.ascontiguousarray(pixels).reshape(h, w * 3)
     filtered = np.empty((h, w * 3 + 1), np.uint8)  # one filter-type byte, then the row
@@ -44,11 +49,12 @@ def encode_png(pixels: np.ndarray, text: dict[str, str]) -> bytes:
     cuts = [round(i * h / PNG_SLICES) * (w * 3 + 1) for i in range(PNG_SLICES + 1)]
 
     def deflate(i: int) -> bytes:
-        z = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, -15)  # raw deflate: the zlib wrapper is added once
+        z = codec.compressobj(level, codec.DEFLATED, -15)  # raw deflate: the zlib wrapper is added once
         last = i == PNG_SLICES - 1
-        return z.compress(raw[cuts[i] : cuts[i + 1]]) + z.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+        return z.compress(raw[cuts[i] : cuts[i + 1]]) + z.flush(codec.Z_FINISH if last else codec.Z_FULL_FLUSH)
 
-    stream = b"\x78\x01" + b"".join(_deflaters.map(deflate, range(PNG_SLICES))) + struct.pack(">I", zlib.adler32(raw))
+    body = b"".join(_deflaters.map(deflate, range(PNG_SLICES)))
+    stream = b"\x78\x01" + body + struct.pack(">I", codec.adler32(raw))
     chunks = [_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))]
     for key, value in text.items():  # iTXt: keyword, no compression, no language, UTF-8 text
         chunks.append(_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode()))

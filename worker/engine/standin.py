@@ -3,7 +3,7 @@
 It holds a simulated device for `batch_s` per batch (batches queue behind each other, as on a real chip,
 and dispatch returns at once, as JAX's does) and returns real images of the requested size: smooth
 colour fields with grain, so PNG encoding and upload cost at least what they cost for real SDXL output
-(2.2 MB and ~0.19 s to encode per 1024x1024 PNG here; real SDXL PNGs are usually smaller).
+(2.1 MB per 1024x1024 PNG, 20 ms to encode here: bench/images.py; real SDXL PNGs are usually smaller).
 The reference's v5e-4 figure, 2.33 s for 4 images, is the default.
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 from worker.engine.engine import EngineInputError, Output, Row
 
 
-def _picture(height: int, width: int, seed: int) -> np.ndarray:
+def picture(height: int, width: int, seed: int, grain: float = 6.0) -> np.ndarray:
+    """A smooth colour field plus Gaussian grain of `grain` levels (0: none); bench/images.py uses both."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (height // 64 + 2, width // 64 + 2, 3))
     ys = np.linspace(0, coarse.shape[0] - 1.001, height)
@@ -30,8 +31,8 @@ def _picture(height: int, width: int, seed: int) -> np.ndarray:
     c = coarse
     smooth = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
               + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)  # fmt: skip
-    grain = rng.normal(0, 6, (height, width, 3))
-    return np.clip(smooth + grain, 0, 255).astype(np.uint8)
+    noise = rng.normal(0, grain, (height, width, 3)) if grain else 0.0
+    return np.clip(smooth + noise, 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class StandInEngine:
         self.batch_s = batch_s
         self.model = SimpleNamespace(name=f"standin-{batch_s}s")
         self.mesh = SimpleNamespace(devices=np.zeros(1))
-        self._pictures = {(h, w): np.stack([_picture(h, w, i) for i in range(batch_rows)]) for h, w in self.sizes}
+        self._pictures = {(h, w): np.stack([picture(h, w, i) for i in range(batch_rows)]) for h, w in self.sizes}
         self._free_at = 0.0
         self._lock = threading.Lock()
         self.compile_s: dict[str, float] = {}
