@@ -33,7 +33,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
         events = JobEvents(settings.redis_url, store.ended_channel)
-        events.start()  # connects in the background: an API started before Redis still starts
         app.state.services = Services(
             settings=settings,
             redis=client,
@@ -44,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             events=events,
         )
+        events.start()  # connects in the background: an API started before Redis still starts
         yield
         await events.stop()
         client.close()

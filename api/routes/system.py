@@ -30,6 +30,7 @@ def models(services: ServicesDep) -> ModelPublic:
             "max_prompt_tokens": 77,
             "url_expiry_s": s.url_expiry_s,
             "job_ttl_s": s.job_ttl_s,
+            "max_wait_s": s.max_wait_s,  # the longest `Prefer: wait=N` / `?wait_s=N` honoured
         },
     )
 

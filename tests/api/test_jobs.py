@@ -107,7 +107,7 @@ def test_malformed_json_is_422(client):
 def test_models_and_health(client):
     m = client.get("/v1/models").json()
     assert {"width": 96, "height": 64} in m["sizes"] and m["schedulers"] == ["euler", "dpmpp_2m_karras", "ddim"]
-    assert m["limits"]["max_steps"] == 150
+    assert m["limits"]["max_steps"] == 150 and m["limits"]["max_wait_s"] == 55
     assert client.get("/healthz").json() == {"ok": True}
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "no live worker" in ready.json()["problems"]
