@@ -75,7 +75,7 @@ async def create_job(
         response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    if not created or job.status in TERMINAL:
+    if not created or (wait_s is not None and job.status in TERMINAL):  # without a wait: 202, however fast
         response.status_code = 200
     return await run_in_threadpool(to_public, job, services, request)
 
