@@ -356,10 +356,11 @@ def run_service(args: argparse.Namespace, report: Report) -> None:
 
     data = report.data
     out = args.out.with_name("service.json")
+    # --low-load-jobs counts per client kind (polling, waiting): 3 makes the 6 lone jobs this part ran before
     cmd = [sys.executable, str(ROOT / "bench" / "service.py"), "--engine", data["model_dir"], "--variant", "fp16",
            "--cache-dir", data["cache_dir"], "--storage", args.service_storage, "--size", data["size"],
            "--batch", str(data["batches"][0]), "--steps", str(data["steps"]), "--jobs", str(args.service_jobs),
-           "--low-load-jobs", "5", "--json", str(out)]  # fmt: skip
+           "--low-load-jobs", "3", "--json", str(out)]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print("\n".join(line for line in proc.stdout.splitlines() if "classes are deprecated" not in line), flush=True)
