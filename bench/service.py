@@ -53,6 +53,8 @@ from common import redis_server  # noqa: E402
 from common.api_keys import ApiKeyStore  # noqa: E402
 from tests.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
 
+ENDED = ("succeeded", "failed", "canceled")
+
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
@@ -154,7 +156,7 @@ def main() -> None:
                     if response.status_code != 200:
                         raise RuntimeError(f"GET job {job_id}: {response.status_code} {response.text[:200]}")
                     job = response.json()
-                    if job["status"] in ("succeeded", "failed", "canceled"):
+                    if job["status"] in ENDED:
                         jobs.append(job)
                         break
                     time.sleep(0.05)
@@ -168,14 +170,14 @@ def main() -> None:
             # job takes the same time, so the first poll comes at a random point of the first interval.
             time.sleep(phase.uniform(0, args.poll_s))
             job = client.get(f"/v1/jobs/{job['id']}").json()
-            while job["status"] not in ("succeeded", "failed", "canceled"):
+            while job["status"] not in ENDED:
                 time.sleep(args.poll_s)
                 job = client.get(f"/v1/jobs/{job['id']}").json()
             return job
 
         def waited() -> dict:
             job = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=55"}, timeout=70).json()
-            while job["status"] not in ("succeeded", "failed", "canceled"):  # only if 55 s were not enough
+            while job["status"] not in ENDED:  # only if 55 s were not enough
                 job = client.get(f"/v1/jobs/{job['id']}", params={"wait_s": 55}, timeout=70).json()
             return job
 

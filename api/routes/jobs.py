@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
@@ -70,7 +71,8 @@ async def create_job(
     wait_s = preferred_wait_s(request.headers.getlist("prefer"), services.settings.max_wait_s)
     job_id, created = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
     # no wait: one read, as a plain submit
-    job = await services.events.until_ended(job_id, wait_s or 0, lambda: run_in_threadpool(read, job_id, services))
+    read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
+    job = await services.events.until_ended(job_id, wait_s or 0, read)
     if wait_s is not None:
         response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     if not created:
@@ -144,13 +146,6 @@ def preferred_wait_s(prefer_headers: list[str], max_wait_s: float) -> float | No
     return None
 
 
-def read(job_id: str, services: Services) -> Job:
-    job = services.store.get(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id} (its record expired)")
-    return job
-
-
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {}, 422: {}})
 async def get_job(
     job_id: str,
@@ -167,7 +162,8 @@ async def get_job(
     if wait_s > max_wait_s:
         raise LimitError("wait_s", f"at most {max_wait_s:g} s on this deployment (SDXL_MAX_WAIT_S), got {wait_s:g}")
     # wait_s 0: one read, as a plain poll
-    job = await services.events.until_ended(job_id, wait_s, lambda: run_in_threadpool(owned, job_id, services, caller))
+    read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
+    job = await services.events.until_ended(job_id, wait_s, read)
     return await run_in_threadpool(to_public, job, services, request)
 
 
