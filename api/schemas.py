@@ -25,6 +25,8 @@ class JobPublic(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    # once ended: when this record and its images are deleted (finished_at + the service's job_ttl_s)
+    expires_at: float | None = None
     error: str | None = None
     images: list[ImagePublic] = []
     truncated: bool = False  # the prompt or negative prompt was longer than 77 tokens and was cut

@@ -34,13 +34,15 @@ class Settings(BaseSettings):
     queue_name: str = "sdxl"  # interactive jobs
     bulk_queue_name: str = "sdxl-bulk"  # data set lines: consumed after the interactive queue is empty
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
+    # how long a job's record (and idempotency key) lives after its last change; an ended job's images are
+    # deleted when its record goes (worker/image_retention.py)
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     # After this long unacknowledged, Redis gives a message to another worker: it bounds how long a dead
     # worker's jobs wait, and must exceed the longest a live worker holds one (common/queue.py).
     visibility_timeout_s: int = Field(300, ge=5)
     # A job still running this long after it started is stuck: the sweep requeues or fails it. Longer than
     # the visibility timeout, so Celery's own redelivery of a dead worker's jobs comes first.
-    running_deadline_s: int = Field(900, ge=10)  # how long finished job records (and idempotency keys) live
+    running_deadline_s: int = Field(900, ge=10)
     # --- model and batching (worker)
     model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
@@ -105,6 +107,9 @@ class Settings(BaseSettings):
     upload_attempts: int = Field(5, ge=1)  # per image, with exponential backoff from upload_backoff_s
     upload_backoff_s: float = Field(0.5, gt=0)  # 0.5, 1, 2, 4 s: an outage of ~7 s is ridden out
     max_attempts: int = Field(3, ge=1)  # runs of one job (redeliveries, storage outages) before it fails
+    # one worker of the fleet deletes the images of expired jobs this often; 0: never (keep them, or leave it
+    # to a bucket lifecycle rule)
+    image_sweep_interval_s: int = Field(3600, ge=0)
 
     @field_validator("sizes")
     @classmethod

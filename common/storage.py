@@ -6,11 +6,14 @@ HMAC-SHA256 of the key and expiry; S3 URLs are SigV4 presigned URLs checked by t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode
@@ -28,6 +31,11 @@ class Storage(Protocol):
     def get(self, key: str) -> bytes: ...  # raises KeyError when there is no such object
     def delete(self, key: str) -> None: ...
     def url(self, key: str, expires_s: int) -> str: ...
+    # Listing and bulk deletes, for the image sweep (worker/image_retention.py). A prefix is a folder: "images"
+    def folders(self, prefix: str) -> list[str]: ...  # names of the folders directly under prefix, sorted
+    def keys(self, prefix: str) -> Iterator[str]: ...  # every key under prefix, in pages as the backend lists
+    def delete_many(self, keys: Iterable[str]) -> None: ...  # missing keys are no error
+    def prune(self, prefix: str) -> None: ...  # drop the folder prefix, and its empty folders, if it holds nothing
 
 
 def _safe_key(key: str) -> str:
@@ -70,6 +78,37 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
+    def folders(self, prefix: str) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(self.path(prefix)) if e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        top = self.path(prefix)
+        for folder, _, files in os.walk(top):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            yield from (f"{rel}/{name}" for name in sorted(files))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete, then drop the folders left empty (a job's, then its day's), as S3 has no folders to leave."""
+        parents = set()
+        for key in keys:
+            path = self.path(key)
+            path.unlink(missing_ok=True)
+            parents.add(path.parent)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            while parent != self.root:
+                try:
+                    parent.rmdir()  # only when empty; a put racing this retries (worker/device_loop.py)
+                except OSError:
+                    break
+                parent = parent.parent
+
+    def prune(self, prefix: str) -> None:
+        with contextlib.suppress(OSError):  # gone already, or not empty
+            self.path(prefix).rmdir()
+
     def _signature(self, key: str, expires: int) -> str:
         return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
@@ -108,6 +147,7 @@ class S3Storage:
         self.signer = boto3.client("s3", endpoint_url=public, **common) if public else self.client
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix.strip("/")
+        self.page_keys = 1000  # keys per list page and per delete request: S3's maximum for both
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{_safe_key(key)}" if self.prefix else _safe_key(key)
@@ -126,6 +166,46 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    def folders(self, prefix: str) -> list[str]:
+        start = self._full(prefix) + "/"
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start, Delimiter="/"
+        ):
+            names += [p["Prefix"][len(start) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._full(prefix) + "/", PaginationConfig={"PageSize": self.page_keys}
+        ):
+            yield from (o["Key"][skip:] for o in page.get("Contents", []))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        pending = (self._full(k) for k in keys)
+        while batch := list(itertools.islice(pending, self.page_keys)):
+            self._delete_objects(batch)
+
+    def prune(self, prefix: str) -> None:
+        # S3 has no folders, but filer-backed servers (SeaweedFS) keep each emptied folder, listed as a prefix,
+        # until its marker is deleted (a folder's before its parent's; they ignore the marker of one that still
+        # holds objects). S3 itself lists no empty prefix, and deleting a missing key is no error.
+        markers = [self._full(f"{prefix}/{name}") + "/" for name in self.folders(prefix)]  # one level down
+        for start in range(0, len(markers), self.page_keys):
+            self._delete_objects(markers[start : start + self.page_keys])
+        self._delete_objects([self._full(prefix) + "/"])
+
+    def _delete_objects(self, full_keys: list[str]) -> None:
+        """One DeleteObjects request: up to 1,000 keys (S3's limit; GCS's XML API has it too)."""
+        answer = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True}
+        )
+        if errors := answer.get("Errors"):
+            e = errors[0]
+            raise RuntimeError(f"{len(errors)} of {len(full_keys)} deletes failed, e.g. {e.get('Key')}: "
+                               f"{e.get('Code')} {e.get('Message')}")  # fmt: skip
 
     def url(self, key: str, expires_s: int) -> str:
         return self.signer.generate_presigned_url(

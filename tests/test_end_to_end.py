@@ -21,6 +21,7 @@ from common.storage import S3Storage
 from tests.api.test_metrics import samples
 from tests.servers import WorkerProcess, authorize, settings_from, wait_for
 from worker import images
+from worker.image_retention import hour
 
 BATCH_TIMEOUT_S = 2.0
 
@@ -39,7 +40,9 @@ def service(redis_url, s3, tiny_dir, tmp_path_factory):
         "SDXL_BATCH_ROWS": "4",
         "SDXL_BATCH_TIMEOUT_S": str(BATCH_TIMEOUT_S),
         "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+        "SDXL_IMAGE_SWEEP_INTERVAL_S": "1",
         **s3.env(),
+        "SDXL_S3_PREFIX": prefix,  # this module's objects alone: the image sweep lists them
     }
     worker = WorkerProcess(env, tmp_path_factory.mktemp("worker") / "worker.log")
     worker.start(redis_url, prefix)
@@ -73,12 +76,14 @@ def batches_of(settings: Settings, job_ids: set[str]) -> list[dict]:
 
 
 def test_submit_poll_download(service):
-    client, _, _ = service
+    client, settings, _ = service
     job_id = submit(client, width=96, height=64, num_images=2, seed=1234, prompt="a lighthouse", steps=4)
     job = wait(client, job_id)
     assert job["status"] == "succeeded", job
     assert [i["seed"] for i in job["images"]] == [1234, 1235]
-    for image in job["images"]:
+    assert job["expires_at"] == job["finished_at"] + settings.job_ttl_s  # the record and images go then
+    for index, image in enumerate(job["images"]):
+        assert f"/images/{hour(job['created_at'])}/{job_id}/{index}.png?" in image["url"]
         r = httpx.get(image["url"])
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         with Image.open(io.BytesIO(r.content)) as im:
@@ -166,7 +171,19 @@ def test_cancel_while_running_discards_results(service):
     # the objects the worker uploaded were deleted again
     s3 = S3Storage(settings)
     for i in range(4):
-        assert httpx.get(s3.url(f"images/{job_id}/{i}.png", 60)).status_code == 404
+        assert httpx.get(s3.url(f"images/{hour(job['created_at'])}/{job_id}/{i}.png", 60)).status_code == 404
+
+
+def test_the_worker_deletes_the_images_of_expired_jobs(service):
+    client, settings, _ = service
+    live = wait(client, submit(client))
+    s3 = S3Storage(settings)
+    old = hour(time.time() - 2 * settings.job_ttl_s)  # an hour whose records have all expired
+    expired = [f"images/{old}/{uuid.uuid4().hex}/{i}.png" for i in range(3)]  # no record: long gone
+    for key in expired:
+        s3.put(key, b"png", "image/png")
+    wait_for(lambda: not [k for k in s3.keys("images") if k in expired], timeout_s=30)  # swept every 1 s
+    assert httpx.get(live["images"][0]["url"]).status_code == 200  # a live job's image stays
 
 
 def wait_batch(settings: Settings, job_id: str, timeout_s: float = 120) -> dict:

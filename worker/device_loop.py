@@ -32,6 +32,7 @@ from common.worker_status import key as status_key
 from worker import images, sweeper
 from worker.batcher import Batch, Batcher, Item
 from worker.engine.engine import Engine, Pending, Row
+from worker.image_retention import image_key
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
@@ -57,14 +58,6 @@ def rows_for(job: Job) -> list[Row]:
         Row(r.prompt, r.negative_prompt, r.seed + i, r.guidance_scale, r.steps, r.scheduler.value)
         for i in range(r.num_images)
     ]
-
-
-def image_key(job: Job, index: int, fmt: str) -> str:
-    # Deterministic: a job that runs twice (redelivery) overwrites the same objects. A data set line (one
-    # image) goes where its run's layout says.
-    if job.output_key is not None:
-        return job.output_key
-    return f"images/{job.id}/{index}.{images.EXTENSIONS[fmt]}"
 
 
 class DeviceLoop:

@@ -114,6 +114,12 @@ def main() -> None:
     )
     loop.start()
     tasks.bind(loop)
+    image_sweeper = None
+    if settings.image_sweep_interval_s:
+        from worker.image_retention import ImageSweeper
+
+        image_sweeper = ImageSweeper(loop.storage, store, owner=name, interval_s=settings.image_sweep_interval_s)
+        image_sweeper.start()
     feeder = None
     if settings.dataset_feeder:
         from common.dataset_store import DatasetStore
@@ -152,6 +158,8 @@ def main() -> None:
         ]
     )
     loop.stop()
+    if image_sweeper is not None:
+        image_sweeper.stop()
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        expires_at=job.finished_at + s.job_ttl_s if job.finished_at is not None else None,
         error=job.error,
         images=images,
         truncated=job.truncated,

@@ -17,6 +17,7 @@ def test_submit_answers_202_with_job_and_status_url(client):
     assert job["request"]["steps"] == 20 and job["request"]["scheduler"] == "euler"
     got = client.get(f"/v1/jobs/{job['id']}").json()
     assert got["id"] == job["id"] and got["status"] == "queued" and got["images"] == []
+    assert got["expires_at"] is None  # not known until it ends
 
 
 def test_the_job_is_on_the_celery_queue(client, settings):
@@ -35,13 +36,16 @@ def test_queue_position_counts_jobs_ahead(client):
     assert [client.get(f"/v1/jobs/{i}").json()["queue_position"] for i in ids] == [1, 2, 3]
 
 
-def test_cancel_queued_job(client):
+def test_cancel_queued_job(client, settings):
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
     r = client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json() == {"id": job_id, "status": "canceled", "outcome": "never_ran"}
     again = client.post(f"/v1/jobs/{job_id}/cancel")
     assert again.status_code == 409 and "already ended (canceled)" in again.json()["detail"]
-    assert client.get(f"/v1/jobs/{job_id}").json()["queue_position"] is None
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["queue_position"] is None and job["expires_at"] == job["finished_at"] + settings.job_ttl_s
+    ttl_s = client.app.state.services.store.r.ttl(f"{settings.key_prefix}:job:{job_id}")
+    assert settings.job_ttl_s - 5 <= ttl_s <= settings.job_ttl_s  # expires_at is when Redis drops the record
 
 
 def test_unknown_job_is_404(client):
