@@ -34,7 +34,9 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[s
     return lines
 
 
-def render(store: JobStore, datasets: DatasetStore) -> str:
+def render(store: JobStore, datasets: DatasetStore, waiting_requests: int = 0) -> str:
+    """`waiting_requests`: this API process's requests waiting for a job to end (the one per-process gauge;
+    Prometheus scrapes each API pod)."""
     r = store.r
     workers = sorted(worker_status.live(r, store.prefix), key=lambda w: w.name)
     pipe = r.pipeline(transaction=False)
@@ -50,6 +52,8 @@ def render(store: JobStore, datasets: DatasetStore) -> str:
     lines += _family("sdxl_jobs_queued", "gauge", "Interactive jobs waiting to run (all tenants).", [({}, queued)])
     lines += _family("sdxl_jobs_running", "gauge", "Jobs on a worker now, data set lines included.", [({}, running)])
     lines += _family("sdxl_datasets_active", "gauge", "Data set runs being fed.", [({}, active_runs)])
+    lines += _family("sdxl_api_waiting_requests", "gauge", "Requests this API process holds until a job ends.",
+                     [({}, waiting_requests)])  # fmt: skip
     lines += _family("sdxl_workers", "gauge", "Workers whose heartbeat is live.", [({}, len(workers))])
     lines += _family("sdxl_worker_devices", "gauge", "Chips a worker drives.", per_worker(lambda w: w.devices))
     lines += _family("sdxl_worker_batch_rows", "gauge", "Rows in a worker's fixed-size device batch.",

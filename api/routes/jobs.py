@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import math
 import secrets
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -66,14 +69,16 @@ async def create_job(
         str | None,
         Header(description="`wait=N`: answer once the job has ended or after N seconds (RFC 7240)"),
     ] = None,
-) -> JobPublic:
+) -> JobPublic | Response:
     """Submit a text-to-image job; answers once it is stored and queued, or with `Prefer: wait=N` once it
     has ended (200) or N seconds have passed (202)."""
     wait_s = preferred_wait_s(request.headers.getlist("prefer"), services.settings.max_wait_s)
     job_id, created = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
     # no wait: one read, as a plain submit
     read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
-    job = await services.events.until_ended(job_id, wait_s or 0, read)
+    job = await until_ended(services, request, job_id, wait_s or 0, read)
+    if job is None:  # nobody to answer; the access log shows 499, nginx's code for a client that left first
+        return Response(status_code=499)
     if wait_s is not None:
         response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     if not created:
@@ -156,7 +161,7 @@ async def get_job(
     wait_s: Annotated[
         float, Query(ge=0, allow_inf_nan=False, description="Answer once the job has ended or after this long.")
     ] = 0,
-) -> JobPublic:
+) -> JobPublic | Response:
     """A job's status, and its images (with freshly signed URLs) once it has succeeded; with `wait_s`, once
     it has ended or `wait_s` has passed (a long poll: one request instead of many)."""
     max_wait_s = services.settings.max_wait_s
@@ -164,8 +169,37 @@ async def get_job(
         raise LimitError("wait_s", f"at most {max_wait_s:g} s on this deployment (SDXL_MAX_WAIT_S), got {wait_s:g}")
     # wait_s 0: one read, as a plain poll
     read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
-    job = await services.events.until_ended(job_id, wait_s, read)
+    job = await until_ended(services, request, job_id, wait_s, read)
+    if job is None:  # nobody to answer; the access log shows 499, nginx's code for a client that left first
+        return Response(status_code=499)
     return await run_in_threadpool(to_public, job, services, request)
+
+
+async def until_ended(
+    services: Services, request: Request, job_id: str, wait_s: float, read: Callable[[], Awaitable[Job]]
+) -> Job | None:
+    """The job once it has ended or wait_s has passed (api/job_events.py), or None as soon as the client
+    closes the connection: a dropped long poll stops waiting at once instead of at its deadline."""
+    if not wait_s:
+        return await services.events.until_ended(job_id, 0, read)
+    waiting = asyncio.ensure_future(services.events.until_ended(job_id, wait_s, read))
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gone, waiting):
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+    return None if waiting.cancelled() else waiting.result()
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has closed the connection (ASGI `http.disconnect`). The body has been read by
+    the time a handler runs, so these messages are nobody else's."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def owned(job_id: str, services: Services, caller: CallerDep) -> Job:

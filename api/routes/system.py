@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from api import metrics
 from api.deps import ServicesDep
@@ -59,6 +60,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {metrics.CONTENT_TYPE: {}}}})
-def prometheus_metrics(services: ServicesDep) -> Response:
+async def prometheus_metrics(services: ServicesDep) -> Response:
     """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
-    return Response(metrics.render(services.store, services.datasets), media_type=metrics.CONTENT_TYPE)
+    waiting = services.events.waiting  # read here, on the event loop that changes it
+    text = await run_in_threadpool(metrics.render, services.store, services.datasets, waiting)
+    return Response(text, media_type=metrics.CONTENT_TYPE)
