@@ -87,6 +87,9 @@ class DatasetPublic(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    # once finished: when this record goes (finished_at + job_ttl_s), and with it this status and the signed
+    # URLs of GET .../files; the files themselves stay in storage
+    expires_at: float | None = None
     invalid_lines: list[LineErrorPublic] = []  # the first 100 lines left out (on_invalid=skip)
 
 

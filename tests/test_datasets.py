@@ -74,7 +74,7 @@ def cli(api: ApiProcess, key: str, jsonl_path, out, *extra: str) -> subprocess.P
 def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
     import webdataset as wds
 
-    api, key, _ = tiny_stack
+    api, key, env = tiny_stack
     lines = [{"id": f"img-{i:03d}", "prompt": f"a watercolour of a lighthouse, variant {i}"} for i in range(200)]
     lines[5].update(seed=42, steps=3, scheduler="ddim", guidance_scale=1.0)  # a line's own parameters win
     source = tmp_path / "prompts.jsonl"
@@ -99,6 +99,7 @@ def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
     assert status["counts"] == {"total": 200, "queued": 0, "running": 0, "succeeded": 200, "failed": 0, "canceled": 0,
                                 "skipped": 0}  # fmt: skip
     assert status["images_per_s"] > 0 and status["eta_s"] is None and status["finished_at"] >= status["started_at"]
+    assert status["expires_at"] == status["finished_at"] + settings_from(env).job_ttl_s
 
     # Shards: 64 + 64 + 64 + 8 images, read back by webdataset.
     tars = sorted((out / "shards").glob("shard-*.tar"))

@@ -230,6 +230,7 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
         created_at=run.created_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
+        expires_at=run.finished_at + services.settings.job_ttl_s if run.finished_at is not None else None,
         invalid_lines=[LineErrorPublic(**e) for e in run.extra.get("invalid", [])],
     )
 
