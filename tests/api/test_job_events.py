@@ -185,81 +185,79 @@ def test_an_end_while_the_subscription_is_down_is_not_missed(client, settings, m
     assert out["answer"].json()["status"] == "succeeded" and out["s"] < 20
 
 
-def test_sigterm_lets_waiting_requests_answer(redis_url, tmp_path):
-    """Under uvicorn, as deployed: a SIGTERM stops new requests but a waiting one still gets its answer (the
-    deployments give the API a stop grace period above SDXL_MAX_WAIT_S for this)."""
+@pytest.fixture
+def served(redis_url, tmp_path):
+    """The API under uvicorn, as deployed (no worker): (the process, an authorized client, settings, its key)."""
     import httpx
 
     from tests.servers import ApiProcess, settings_from, standin_env
 
-    _, env = standin_env(redis_url, tmp_path, "sig", SDXL_SIZES="64x96")
+    _, env = standin_env(redis_url, tmp_path, "uv", SDXL_SIZES="64x96")
     settings = settings_from(env)
     api = ApiProcess(env, tmp_path / "api.log")
     api.start()
     try:
-        client = httpx.Client(base_url=api.url, timeout=30)
-        authorize(client, settings)
-        job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
-        thread, out = in_thread(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait_s": 10}))
-        time.sleep(1)  # the request is in, and waiting
-        api.proc.terminate()
-        time.sleep(0.5)
-        assert api.proc.poll() is None  # still up for the waiting request
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{api.url}/healthz", timeout=2)  # but taking no new ones
-        succeed(store_for(settings), job_id)
-        thread.join(timeout=30)
-        assert out["answer"].status_code == 200 and out["answer"].json()["status"] == "succeeded"
-        assert api.proc.wait(timeout=10) == -signal.SIGTERM  # then it ends (uvicorn re-raises the signal)
+        with httpx.Client(base_url=api.url, timeout=30) as client:
+            key = authorize(client, settings)
+            yield api, client, settings, key
     finally:
         api.stop()
 
 
-def test_a_wait_stops_when_its_client_leaves(redis_url, tmp_path):
-    """Under uvicorn: a client that closes the connection mid-wait frees its wait at once, not at its deadline,
-    on a poll and on a submit (the job itself stays queued); /metrics counts the waiting requests."""
+def test_sigterm_lets_waiting_requests_answer(served):
+    """A SIGTERM stops new requests but a waiting one still gets its answer (the deployments give the API a
+    stop grace period above SDXL_MAX_WAIT_S for this)."""
+    import httpx
+
+    api, client, settings, _ = served
+    job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
+    thread, out = in_thread(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait_s": 10}))
+    time.sleep(1)  # the request is in, and waiting
+    api.proc.terminate()
+    time.sleep(0.5)
+    assert api.proc.poll() is None  # still up for the waiting request
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{api.url}/healthz", timeout=2)  # but taking no new ones
+    succeed(store_for(settings), job_id)
+    thread.join(timeout=30)
+    assert out["answer"].status_code == 200 and out["answer"].json()["status"] == "succeeded"
+    assert api.proc.wait(timeout=10) == -signal.SIGTERM  # then it ends (uvicorn re-raises the signal)
+
+
+def test_a_wait_stops_when_its_client_leaves(served):
+    """A client that closes the connection mid-wait frees its wait at once, not at its deadline, on a poll
+    and on a submit (the job itself stays queued); /metrics counts the waiting requests."""
     import json
     import socket
 
-    import httpx
-
     from tests.api.test_metrics import samples
-    from tests.servers import ApiProcess, settings_from, standin_env
 
-    _, env = standin_env(redis_url, tmp_path, "gone", SDXL_SIZES="64x96")
-    settings = settings_from(env)
-    api = ApiProcess(env, tmp_path / "api.log")
-    api.start()
-    try:
-        client = httpx.Client(base_url=api.url, timeout=30)
-        key = authorize(client, settings)
-        job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
-        body = json.dumps(GOOD)
-        head = f"Host: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-        requests = [
-            f"GET /v1/jobs/{job_id}?wait_s=50 HTTP/1.1\r\n{head}\r\n",
-            f"POST /v1/jobs HTTP/1.1\r\n{head}Prefer: wait=50\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}",
-        ]
+    api, client, settings, key = served
+    job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
+    body = json.dumps(GOOD)
+    head = f"Host: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+    requests = [
+        f"GET /v1/jobs/{job_id}?wait_s=50 HTTP/1.1\r\n{head}\r\n",
+        f"POST /v1/jobs HTTP/1.1\r\n{head}Prefer: wait=50\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}",
+    ]
 
-        def waiting() -> float:
-            return samples(client.get("/metrics").text)["sdxl_api_waiting_requests"]
+    def waiting() -> float:
+        return samples(client.get("/metrics").text)["sdxl_api_waiting_requests"]
 
-        for raw in requests:
-            sock = socket.create_connection(("127.0.0.1", api.port))
-            sock.sendall(raw.encode())
-            wait_for(lambda: waiting() == 1, timeout_s=10)
-            sock.close()
-            t0 = time.monotonic()
-            wait_for(lambda: waiting() == 0, timeout_s=10)
-            assert time.monotonic() - t0 < 5  # the wait asked for 50 s
-        statuses = [j["status"] for j in client.get("/v1/jobs").json()["jobs"]]
-        assert statuses == ["queued", "queued"]  # leaving a wait cancels nothing
-        # a client that stays is answered as before
-        thread, out = in_thread(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait_s": 20}))
+    for raw in requests:
+        sock = socket.create_connection(("127.0.0.1", api.port))
+        sock.sendall(raw.encode())
         wait_for(lambda: waiting() == 1, timeout_s=10)
-        succeed(store_for(settings), job_id)
-        thread.join(timeout=30)
-        assert out["answer"].json()["status"] == "succeeded" and waiting() == 0
-    finally:
-        api.stop()
+        sock.close()
+        t0 = time.monotonic()
+        wait_for(lambda: waiting() == 0, timeout_s=10)
+        assert time.monotonic() - t0 < 5  # the wait asked for 50 s
+    statuses = [j["status"] for j in client.get("/v1/jobs").json()["jobs"]]
+    assert statuses == ["queued", "queued"]  # leaving a wait cancels nothing
+    # a client that stays is answered as before
+    thread, out = in_thread(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait_s": 20}))
+    wait_for(lambda: waiting() == 1, timeout_s=10)
+    succeed(store_for(settings), job_id)
+    thread.join(timeout=30)
+    assert out["answer"].json()["status"] == "succeeded" and waiting() == 0
