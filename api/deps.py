@@ -8,7 +8,7 @@ from typing import Annotated
 
 import redis
 from celery import Celery
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 
 from api.job_events import JobEvents
 from common import rate_limit
@@ -68,3 +68,6 @@ def authenticate(request: Request, services: ServicesDep) -> Caller:
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
+
+# A list's offset: bounded, so it stays inside Redis' integer range (a fuzzer found the 500 an unbounded one gave)
+OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000_000)]

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.dataset_ingest import InputInvalid, create_run, discard, ingest
-from api.deps import CallerDep, Services, ServicesDep
+from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import (
     DatasetCounts,
     DatasetFailuresPublic,
@@ -281,7 +281,7 @@ def dataset_failures(
     run_id: str,
     services: ServicesDep,
     caller: CallerDep,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: OffsetQuery = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DatasetFailuresPublic:
     """Lines that failed, with the reason, in line order."""
@@ -332,7 +332,7 @@ def list_datasets(
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: OffsetQuery = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> DatasetsPublic:
     """Recent data set runs, newest first."""

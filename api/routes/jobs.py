@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep, Services, ServicesDep
+from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
 from common.job_store import IdempotencyConflict, QueueFull
@@ -231,7 +231,7 @@ def list_jobs(
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
-    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+    offset: OffsetQuery = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobsPublic:
     """Recent jobs, newest first."""
