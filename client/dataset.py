@@ -232,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="run seed (lines without a seed derive theirs from it and their id)")
     p.add_argument("--on-invalid", choices=["reject", "skip"], default="reject")
     p.add_argument("--shard-size", type=int, default=1000, help="images per WebDataset shard")
+    p.add_argument(
+        "--loose-images", action="store_true",
+        help="also keep each image as its own object in the service's storage (this command downloads the shards, "
+        "so by default the service keeps images only in them: once, not twice)",
+    )  # fmt: skip
     p.add_argument("--poll-s", type=float, default=2.0)
     p.add_argument("--patience-s", type=float, default=600, help="how long to wait out a service that does not answer")
     p.add_argument("--no-progress", action="store_true")
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": json.loads(args.defaults),
         "on_invalid": args.on_invalid,
         "shard_size": args.shard_size,
+        "loose_images": args.loose_images,
     }
     if args.seed is not None:
         options["seed"] = args.seed

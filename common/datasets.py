@@ -63,6 +63,11 @@ class DatasetOptions(BaseModel):
         "reject", description="reject: any bad line refuses the whole file; skip: bad lines are left out and listed."
     )
     shard_size: int = Field(1000, ge=1, le=100_000, description="Images per WebDataset tar shard.")
+    loose_images: bool = Field(
+        True,
+        description="Keep each image as its own object beside the shards (manifest `key`); false: only in the "
+        "shards, stored once instead of twice (each image is deleted once its shard is written; `key` is null).",
+    )
     input_key: str | None = Field(
         None, max_length=1024, description="Object-store key of the JSONL (instead of an upload)."
     )
@@ -188,8 +193,12 @@ class Layout:
     def invalid(self) -> str:
         return f"{self.prefix}/input/invalid.jsonl"
 
+    @property
+    def images(self) -> str:
+        return f"{self.prefix}/images"
+
     def image(self, line_id: str, extension: str) -> str:
-        return f"{self.prefix}/images/{line_id}.{extension}"
+        return f"{self.images}/{line_id}.{extension}"
 
     def shard(self, index: int) -> str:
         return f"{self.prefix}/shards/shard-{index:06d}.tar"
@@ -207,7 +216,7 @@ class Layout:
 
 MANIFEST_COLUMNS = (
     "id", "line", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler",
-    "key", "sha256",
+    "key", "sha256", "shard",
 )  # fmt: skip
 
 

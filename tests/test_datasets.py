@@ -25,7 +25,8 @@ from PIL import Image
 
 from api.main import create_app
 from common.api_keys import ApiKeyStore
-from common.datasets import derive_seed
+from common.datasets import Layout, derive_seed
+from common.storage import S3Storage
 from tests.servers import REPO, ApiProcess, WorkerPool, WorkerProcess, authorize, settings_from, standin_env, wait_for
 from worker import images
 
@@ -111,6 +112,10 @@ def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
     # The manifest (JSONL and Parquet) agrees with the shards, seeds and parameters.
     manifest = {m["id"]: m for m in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert len(manifest) == 200
+    # the command downloads the shards, so the service kept no loose copy of any image (loose_images false)
+    assert all(m["key"] is None and m["shard"].endswith(".tar") for m in manifest.values())
+    storage = S3Storage(settings_from(env))
+    assert list(storage.keys(Layout(run_id).images)) == [] and len(list(storage.keys(f"datasets/{run_id}/shards"))) == 4
     assert manifest["img-005"]["seed"] == 42 and manifest["img-005"]["scheduler"] == "ddim"
     assert manifest["img-006"]["seed"] == derive_seed(7, "img-006") and manifest["img-006"]["steps"] == 2
     raw = {s["__key__"]: s for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False)}

@@ -186,16 +186,22 @@ class Feeder:
             if waiting == 0 or (waiting < size and not final):
                 return
             self.datasets.lock(run_id, self.owner, self.lock_ttl_s)  # a shard takes seconds: keep the lock
-            rows = self.datasets.done_rows(run_id, size)
+            done = self.datasets.done_rows(run_id, size)
             layout = Layout(run_id)
-            data = dict(zip([r["key"] for r in rows], self._fetch.map(self.storage.get, [r["key"] for r in rows]),
-                            strict=True))  # fmt: skip
-            self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data), "application/x-tar")
+            loose = [r["key"] for r in done]  # where each line's image was written
+            data = list(self._fetch.map(self.storage.get, loose))
+            # The rows as the manifest gives them: the same on a rewrite after a crash, so the bytes are too
+            keep = run.options.loose_images
+            rows = [{**r, "key": r["key"] if keep else None, "shard": layout.shard(run.shards)} for r in done]
+            extension = images.EXTENSIONS[run.options.defaults.output_format.value]
+            self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data, extension), "application/x-tar")
             self.storage.put(layout.manifest_part(run.shards, "jsonl"), shards.jsonl(rows), "application/x-ndjson")
             self.storage.put(layout.manifest_part(run.shards, "parquet"), shards.parquet(rows),
                              "application/vnd.apache.parquet")  # fmt: skip
             if not self.datasets.commit_shard(run_id, run.shards, len(rows)):
                 return  # another feeder wrote this shard (same rows, same bytes)
+            if not keep:  # only once the shard is committed: a rewrite after a crash still finds them
+                self.storage.delete_many(loose)
             log.info("data set %s: shard %d written (%d images)", run_id, run.shards, len(rows))
 
     def _finish_if_done(self, run_id: str) -> None:
@@ -212,6 +218,8 @@ class Feeder:
         parquets = [self.storage.get(layout.manifest_part(i, "parquet")) for i in range(run.shards)]
         self.storage.put(layout.manifest("parquet"), shards.concat_parquet(parquets), "application/vnd.apache.parquet")
         self.storage.put(layout.failures, shards.jsonl(self.datasets.failures(run_id)), "application/x-ndjson")
+        if not run.options.loose_images:  # any a crash left between a shard's commit and their delete
+            self.storage.delete_many(list(self.storage.keys(layout.images)))
         status = DatasetStatus.canceled if run.status == DatasetStatus.canceling else DatasetStatus.completed
         if not self.datasets.finish(run_id, run.status, status):
             return  # a retry came in meanwhile: the run goes on (and finishes again later)

@@ -10,19 +10,18 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from common.datasets import MANIFEST_COLUMNS
 
 
-def tar_shard(rows: Iterable[Mapping[str, Any]], images: Mapping[str, bytes]) -> bytes:
-    """One tar: for each row, its image (looked up by the row's key) and its manifest row as JSON."""
+def tar_shard(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], extension: str) -> bytes:
+    """One tar: for each row, its image (`images`, in the rows' order) and its manifest row as JSON."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for row in rows:
-            extension = row["key"].rsplit(".", 1)[-1]
-            _add(tar, f"{row['id']}.{extension}", images[row["key"]])
+        for row, image in zip(rows, images, strict=True):
+            _add(tar, f"{row['id']}.{extension}", image)
             _add(tar, f"{row['id']}.json", json.dumps(row, ensure_ascii=False).encode())
     return buffer.getvalue()
 

@@ -88,12 +88,43 @@ def test_a_run_is_fed_in_bounded_depth_and_written_as_shards(rig):
     assert sorted(m["id"] for m in manifest) == [f"l{i:03d}" for i in range(30)]
     assert all(rig.storage.path(m["key"]).is_file() for m in manifest)
     assert all(m["key"].startswith(layout.prefix + "/images/") for m in manifest)
+    assert {m["shard"] for m in manifest} == {layout.shard(i) for i in range(4)}
     assert pq.read_table(rig.storage.path(layout.manifest("parquet"))).num_rows == 30
     assert rig.storage.get(layout.failures) == b""
     # Redis keeps nothing per line once a run is done: no job records, no in-flight entries, no rows waiting.
     assert not list(rig.store.r.scan_iter(match=rig.store.key("job", "*")))
     assert rig.datasets.inflight(run_id) == {} and rig.datasets.done_count(run_id) == 0
     assert run_id not in rig.datasets.active()
+
+
+def test_without_loose_images_each_image_lives_only_in_its_shard(rig):
+    import hashlib
+
+    deletes = []
+    real_delete_many = rig.storage.delete_many
+
+    def delete_many(keys):  # the first shard's delete "crashes" after its commit: the run's end cleans up
+        deletes.append(list(keys))
+        if len(deletes) == 1:
+            raise OSError("the feeder died here")
+        real_delete_many(deletes[-1])
+
+    rig.storage.delete_many = delete_many
+    run_id = rig.submit(lines(20), shard_size=8, loose_images=False)
+    rig.run_until(run_id, {DatasetStatus.completed})
+    run = rig.datasets.get(run_id)
+    assert (run.succeeded, run.shards) == (20, 3)
+    layout = Layout(run_id)
+    assert list(rig.storage.keys(layout.images)) == []  # none left, the "crashed" shard's included
+    assert len(deletes[0]) == 8 and len(deletes) >= 3
+    manifest = [json.loads(x) for x in rig.storage.get(layout.manifest("jsonl")).splitlines()]
+    assert all(m["key"] is None for m in manifest) and len(manifest) == 20
+    for m in manifest:  # every image is in the shard its row names, with the bytes its sha256 says
+        with tarfile.open(rig.storage.path(m["shard"])) as tar:
+            png = tar.extractfile(f"{m['id']}.png").read()
+            assert hashlib.sha256(png).hexdigest() == m["sha256"] and png.startswith(b"\x89PNG")
+            assert json.loads(tar.extractfile(f"{m['id']}.json").read()) == m
+    assert pq.read_table(rig.storage.path(layout.manifest("parquet"))).column("key").null_count == 20
 
 
 def test_failed_lines_are_listed_with_reasons_and_can_be_retried(rig):

@@ -16,7 +16,7 @@ def rows(n: int) -> list[dict]:
     return [
         {"id": f"img-{i}", "line": i + 1, "prompt": f"prompt {i} ✓", "negative_prompt": "", "seed": 1000 + i,
          "width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0, "scheduler": "euler",
-         "key": f"datasets/r/images/img-{i}.png", "sha256": "ab" * 32}
+         "key": f"datasets/r/images/img-{i}.png", "sha256": "ab" * 32, "shard": "datasets/r/shards/shard-000000.tar"}
         for i in range(n)
     ]  # fmt: skip
 
@@ -25,9 +25,9 @@ def test_a_tar_shard_is_read_back_by_webdataset(tmp_path):
     import webdataset as wds
 
     data = rows(3)
-    images = {r["key"]: f"png bytes {i}".encode() for i, r in enumerate(data)}
+    images = [f"png bytes {i}".encode() for i in range(3)]
     path = tmp_path / "shard-000000.tar"
-    path.write_bytes(shards.tar_shard(data, images))
+    path.write_bytes(shards.tar_shard(data, images, "png"))
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["img-0", "img-1", "img-2"]
     assert [s["png"] for s in samples] == [b"png bytes 0", b"png bytes 1", b"png bytes 2"]
@@ -36,10 +36,11 @@ def test_a_tar_shard_is_read_back_by_webdataset(tmp_path):
 
 def test_the_same_rows_give_the_same_bytes():
     data = rows(2)
-    images = {r["key"]: b"x" for r in data}
-    assert shards.tar_shard(data, images) == shards.tar_shard(data, images)  # a rewrite after a crash is identical
-    with tarfile.open(fileobj=io.BytesIO(shards.tar_shard(data, images))) as tar:
-        assert tar.getnames() == ["img-0.png", "img-0.json", "img-1.png", "img-1.json"]
+    images = [b"x", b"y"]
+    once = shards.tar_shard(data, images, "webp")
+    assert once == shards.tar_shard(data, images, "webp")  # a rewrite after a crash is identical
+    with tarfile.open(fileobj=io.BytesIO(once)) as tar:
+        assert tar.getnames() == ["img-0.webp", "img-0.json", "img-1.webp", "img-1.json"]
 
 
 def test_parquet_parts_and_their_concatenation():
