@@ -91,7 +91,7 @@ class LocalStorage:
             yield from (f"{rel}/{name}" for name in sorted(files))
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        """Delete, then drop the folders left empty (a job's, then its day's), as S3 has no folders to leave."""
+        """Delete, then drop the folders left empty (a job's, then its hour's), as S3 has no folders to leave."""
         parents = set()
         for key in keys:
             path = self.path(key)
@@ -184,28 +184,26 @@ class S3Storage:
             yield from (o["Key"][skip:] for o in page.get("Contents", []))
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        pending = (self._full(k) for k in keys)
-        while batch := list(itertools.islice(pending, self.page_keys)):
-            self._delete_objects(batch)
+        self._delete_objects(self._full(k) for k in keys)
 
     def prune(self, prefix: str) -> None:
         # S3 has no folders, but filer-backed servers (SeaweedFS) keep each emptied folder, listed as a prefix,
         # until its marker is deleted (a folder's before its parent's; they ignore the marker of one that still
         # holds objects). S3 itself lists no empty prefix, and deleting a missing key is no error.
         markers = [self._full(f"{prefix}/{name}") + "/" for name in self.folders(prefix)]  # one level down
-        for start in range(0, len(markers), self.page_keys):
-            self._delete_objects(markers[start : start + self.page_keys])
-        self._delete_objects([self._full(prefix) + "/"])
+        self._delete_objects([*markers, self._full(prefix) + "/"])  # in order: the parent's marker last
 
-    def _delete_objects(self, full_keys: list[str]) -> None:
-        """One DeleteObjects request: up to 1,000 keys (S3's limit; GCS's XML API has it too)."""
-        answer = self.client.delete_objects(
-            Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in full_keys], "Quiet": True}
-        )
-        if errors := answer.get("Errors"):
-            e = errors[0]
-            raise RuntimeError(f"{len(errors)} of {len(full_keys)} deletes failed, e.g. {e.get('Key')}: "
-                               f"{e.get('Code')} {e.get('Message')}")  # fmt: skip
+    def _delete_objects(self, full_keys: Iterable[str]) -> None:
+        """DeleteObjects, up to 1,000 keys a request (S3's limit; GCS's XML API has it too), in order."""
+        pending = iter(full_keys)
+        while batch := list(itertools.islice(pending, self.page_keys)):
+            answer = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            if errors := answer.get("Errors"):
+                e = errors[0]
+                raise RuntimeError(f"{len(errors)} of {len(batch)} deletes failed, e.g. {e.get('Key')}: "
+                                   f"{e.get('Code')} {e.get('Message')}")  # fmt: skip
 
     def url(self, key: str, expires_s: int) -> str:
         return self.signer.generate_presigned_url(
