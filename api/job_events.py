@@ -21,6 +21,7 @@ import redis
 import redis.asyncio as aioredis
 
 from common.jobs import TERMINAL, Job
+from common.outage import Outage
 
 log = logging.getLogger(__name__)
 LISTEN_SLICE_S = 1.0  # how often the listener looks up from the socket (to ping when idle)
@@ -37,6 +38,7 @@ class JobEvents:
         self.subscribed = False  # True while the subscription is live (tests read it)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        self.outage = Outage("API job events: Redis", logger=log)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._listen(), name="job-events")
@@ -108,11 +110,12 @@ class JobEvents:
                     heard_s, pinged = now, False
                     if message["type"] == "subscribe":  # also after redis-py reconnected by itself
                         self.subscribed, backoff_s = True, FIRST_BACKOFF_S
+                        self.outage.ok()
                         self._wake_all()  # anything that ended while we were not listening is read again
                     elif message["type"] == "message":
                         self._wake(message["data"].decode())
             except (redis.RedisError, OSError) as exc:
-                log.warning("job events: subscription lost (%s); reconnecting in %.1f s", exc, backoff_s)
+                self.outage.failed(exc)  # one line an outage (and one when it ends), not one per try
             finally:
                 self.subscribed = False
                 with suppress(Exception):

@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from api import errors
 from api.deps import Services
@@ -30,7 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Short timeouts: a dead Redis must give a quick 503, not a hung request.
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        # A broken connection (Redis restarted since it was pooled) is tried again on a fresh one, twice, within
+        # ~0.1 s: the first request after an outage must not be a 503. Timeouts are not retried: they would
+        # hold a request 5 s more each.
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2), retry_on_error=[redis.exceptions.ConnectionError],
+        )  # fmt: skip
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
         events = JobEvents(settings.redis_url, store.ended_channel)
         app.state.services = Services(
@@ -55,6 +63,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = errors.problem_openapi(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # the documented way to extend FastAPI's schema
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
     app.include_router(jobs.router)

@@ -81,7 +81,8 @@ class DatasetPublic(BaseModel):
     options: DatasetOptions
     counts: DatasetCounts
     images_per_s: float | None = None  # over the last ~5 minutes; once finished, the whole run's average
-    eta_s: float | None = None
+    eta_s: float | None = None  # lines left / images_per_s; null while unknown, or while stalled
+    stalled_s: float | None = None  # no line has finished for this long (a recovery, an outage): no ETA meanwhile
     shards: int = 0  # WebDataset shards written so far
     output_prefix: str  # object-store prefix of everything this run writes
     created_at: float

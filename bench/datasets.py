@@ -85,7 +85,7 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
     url = f"redis://127.0.0.1:{server.port}/0"
     env = {
         "SDXL_REDIS_URL": url, "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": str(args.batch_s),
-        "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": "0.05",
+        "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": "0.05",
         "SDXL_DATASET_FEED_DEPTH": str(args.depth), "SDXL_LOCAL_STORAGE_DIR": str(work / f"storage-{n}"),
         "SDXL_URL_SIGNING_SECRET": "b" * 32, "SDXL_RATE_LIMIT_PER_MIN": "100000",
     }  # fmt: skip

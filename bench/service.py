@@ -69,7 +69,7 @@ def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
     from worker.main import build_engine
 
     # the worker's own start (dtype and attention auto, its compile cache), in this process
-    engine = build_engine(Settings(model=args.engine, model_variant=args.variant, sizes=args.size,
+    engine = build_engine(Settings(model=args.engine, model_variant=args.variant, image_sizes=args.size,
                                    batch_rows=args.batch, standin_batch_s=args.batch_s,
                                    compile_cache_dir=str(args.cache_dir)))  # fmt: skip
     rows = [Row(f"prompt {i}", seed=i, steps=args.steps) for i in range(args.batch)]
@@ -125,7 +125,7 @@ def main() -> None:
     api_port = free_port()
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_MODEL_VARIANT": args.variant,
-        "SDXL_SIZES": args.size,
+        "SDXL_IMAGE_SIZES": args.size,
         "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
         "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(args.cache_dir),
         "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **storage_env,

@@ -121,7 +121,8 @@ def main() -> None:
             for r in range(args.rounds):
                 cache = work / f"cache-{r}"
                 env = {
-                    "SDXL_REDIS_URL": url, "SDXL_MODEL": spec, "SDXL_MODEL_VARIANT": variant, "SDXL_SIZES": args.size,
+                    "SDXL_REDIS_URL": url, "SDXL_MODEL": spec, "SDXL_MODEL_VARIANT": variant,
+                    "SDXL_IMAGE_SIZES": args.size,
                     "SDXL_BATCH_ROWS": str(args.batch), "SDXL_DTYPE": args.dtype, "SDXL_COMPILE_CACHE_DIR": str(cache),
                     "SDXL_LOCAL_STORAGE_DIR": str(work / "images"), "SDXL_DATASET_FEEDER": "false",
                 }  # fmt: skip

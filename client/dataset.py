@@ -124,7 +124,7 @@ class DatasetRunner:
             except ValueError:
                 body = {}
             lines = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in body.get("lines", []))
-            message = body.get("error") or body.get("detail") or r.text
+            message = body.get("detail") or r.text  # RFC 9457 problem details (api/errors.py)
             retry = f" (the server says retry in {r.headers['Retry-After']} s)" if "Retry-After" in r.headers else ""
             raise Refused(f"{r.status_code}: {message}{retry}{lines}")
         r.raise_for_status()
@@ -213,7 +213,8 @@ class _bar:
         self.tqdm.total = total
         self.tqdm.n = done
         self.tqdm.set_postfix_str(
-            f"{rate or 0:.2f} img/s (service), eta {eta_s or 0:.0f} s, failed {failed}", refresh=False
+            f"{rate or 0:.2f} img/s (service), eta {'?' if eta_s is None else f'{eta_s:.0f} s'}, failed {failed}",
+            refresh=False,
         )
         self.tqdm.refresh()
 

@@ -323,6 +323,17 @@ class DatasetStore:
         elapsed = (now or time.time()) - t0
         return (succeeded - done0) / elapsed if elapsed >= 1 else None
 
+    def idle_s(self, run_id: str, succeeded: int, now: float | None = None) -> float:
+        """How long no line has succeeded, at the samples' 5 s resolution: 0 while the count still moves."""
+        now = now or time.time()
+        since = now
+        for raw in self.r.lrange(self.key(run_id, "rate"), 0, -1):  # newest first
+            t, done = (float(x) for x in raw.decode().split(":"))
+            if done != succeeded:
+                break
+            since = t
+        return now - since
+
     # ------------------------------------------------------------------ the feeder's side
 
     def active(self) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from common.jobs import MAX_SEED, JobRequest, LimitError, OutputFormat, Scheduler, check_limits
+from common.jobs import MAX_SEED, JobRequest, LimitError, OutputFormat, Scheduler, check_limits, with_size
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # safe as an object key and as a WebDataset sample key
 LINE_FIELDS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
@@ -42,8 +42,8 @@ class DatasetDefaults(BaseModel):
     model_config = {"extra": "forbid"}
 
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # absent (here and on the line): the deployment's first served size
+    height: int | None = None
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(5.0, ge=0, le=50, allow_inf_nan=False)
     scheduler: Scheduler = Scheduler.euler
@@ -152,7 +152,7 @@ class Validator:
         if fields.get("seed") is None:
             fields["seed"] = derive_seed(self.run_seed, line_id)
         try:
-            request = JobRequest(**fields, output_format=self.output_format)
+            request = with_size(JobRequest(**fields, output_format=self.output_format), self.limits.sizes)
             check_limits(request, self.limits.sizes, self.limits.max_steps, 1, self.limits.max_prompt_chars)
         except ValidationError as exc:
             first = exc.errors()[0]

@@ -8,6 +8,12 @@ Keys (prefix P = settings.key_prefix):
     P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
     P:idem:<tenant>:<key>     the job id and body hash behind a tenant's Idempotency-Key
+    P:outbox         sorted set of created jobs whose Celery message the API has not confirmed sent, by
+                     creation time: the record and this entry are written by one script, and a worker's sweep
+                     sends the message of any entry older than OUTBOX_GRACE_S (the API died, or Redis went
+                     away, between the two). So a stored job always gets its message.
+    P:held:<worker>  set of job ids a worker has taken off the queue and not yet answered: when the worker's
+                     heartbeat lapses, the sweep sends them again at once (worker/sweeper.py)
     P:seq            submit counter
     P:ended          pub/sub channel: the id of each interactive job as it reaches a final status (the API's
                      `Prefer: wait` and `?wait_s=` listen to it; api/job_events.py)
@@ -28,6 +34,7 @@ import redis
 from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
 
 T = TypeVar("T")
+OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
 # KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
 # key prefix, allowed current statuses...
@@ -73,7 +80,7 @@ end
 return 'OK:' .. current
 """
 
-# KEYS: idempotency key (or ""), job hash, queued set, tenant's recent set, seq, tenant's queued set.
+# KEYS: idempotency key (or ""), job hash, queued set, tenant's recent set, seq, tenant's queued set, outbox.
 # ARGV: id, body hash, ttl, now, request JSON, tenant, the tenant's queued cap (0: none).
 # Returns {"new", id}, {"existing", id, body hash} or {"full", count}. A replay is answered before the cap:
 # only new work counts against it. The cap is checked here, not by the caller, so that concurrent submits
@@ -97,6 +104,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
+redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
 return {'new', ARGV[1]}
 """
 
@@ -172,7 +180,7 @@ class JobStore:
             idem = self._idem_key(tenant, idempotency_key)
         answer = self._create(
             keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent", tenant), self.key("seq"),
-                  self.key("tenant-queued", tenant)],
+                  self.key("tenant-queued", tenant), self.key("outbox")],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
         )  # fmt: skip
         kind, found = answer[0].decode(), answer[1].decode()
@@ -194,6 +202,39 @@ class JobStore:
             args=[job_id, self.ttl_s, time.time(), request.model_dump_json(), tenant, output_key, json.dumps(dataset)],
         )
         return bool(created)
+
+    def sent(self, job_id: str) -> None:
+        """The job's message is on the queue: its outbox entry goes (see P:outbox)."""
+        self.r.zrem(self.key("outbox"), job_id)
+
+    def unsent(self, older_than_s: float = OUTBOX_GRACE_S, limit: int = 100) -> list[str]:
+        """Jobs created more than `older_than_s` ago whose message the API never confirmed sent."""
+        found = self.r.zrangebyscore(self.key("outbox"), "-inf", time.time() - older_than_s, start=0, num=limit)
+        return [i.decode() for i in found]
+
+    def held_key(self, worker: str) -> str:
+        return self.key("held", worker)
+
+    def hold(self, worker: str, job_id: str) -> Job | None:
+        """Read a job a worker has just received, and note that this worker holds it (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.key("job", job_id))
+        pipe.sadd(self.held_key(worker), job_id)
+        raw, _ = pipe.execute()
+        return _parse(raw)
+
+    def release(self, worker: str, job_ids: list[str]) -> None:
+        """The worker has answered these jobs' messages (or given them back)."""
+        if job_ids:
+            self.r.srem(self.held_key(worker), *job_ids)
+
+    def reissue(self, job: Job) -> Job | None:
+        """Back to queued (from queued or running) with the next generation, for a new message: the job's
+        worker died holding it. None when the job has moved on meanwhile (ended, or its generation changed)."""
+        ok, _ = self.transition(
+            job.id, JobStatus.queued, [JobStatus.queued, JobStatus.running], generation=str(job.generation + 1)
+        )
+        return job.model_copy(update={"generation": job.generation + 1}) if ok else None
 
     def _idem_key(self, tenant: str, idempotency_key: str) -> str:
         return self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
@@ -298,6 +339,7 @@ def _parse(raw: dict[bytes, bytes]) -> Job | None:
         images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
         truncated=json.loads(d.get("truncated", "false")),
         attempts=int(d.get("attempts", 0)),
+        generation=int(d.get("generation", 0)),
         lane=d.get("lane", ""),
         output_key=d.get("output_key"),
         dataset=json.loads(d["dataset"]) if "dataset" in d else None,

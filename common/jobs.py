@@ -19,9 +19,10 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
 # Which status may follow which. running -> queued is a requeue (a worker gave the job back); running ->
-# running is a new attempt (the message came back after a worker died mid-batch; attempts counts them).
+# running is a new attempt (the message came back after a worker died mid-batch; attempts counts them);
+# queued -> queued is a re-issue (the worker holding its message died before running it: a new message).
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.canceled, JobStatus.failed}),
+    JobStatus.queued: frozenset({JobStatus.queued, JobStatus.running, JobStatus.canceled, JobStatus.failed}),
     JobStatus.running: frozenset(
         {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.queued}
     ),
@@ -51,8 +52,12 @@ class JobRequest(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     negative_prompt: str = Field("", description="What to avoid; empty means none.")
-    width: int = Field(1024, description="Pixels; one of the served sizes (GET /v1/models).")
-    height: int = Field(1024, description="Pixels; one of the served sizes (GET /v1/models).")
+    width: int | None = Field(
+        None, description="Pixels; one of the served sizes (GET /v1/models). Absent: the first served size."
+    )
+    height: int | None = Field(
+        None, description="Pixels; one of the served sizes (GET /v1/models). Absent: the first served size."
+    )
     steps: int = Field(20, ge=1, le=150, description="Denoising steps.")
     guidance_scale: float = Field(
         5.0, ge=0, le=50, allow_inf_nan=False, description="Classifier-free guidance; <= 1 turns it off."
@@ -74,9 +79,24 @@ class LimitError(ValueError):
         self.field = field
 
 
+def with_size(request: JobRequest, sizes: list[tuple[int, int]]) -> JobRequest:
+    """The request with width and height filled in where absent: the first served size, or with only one of
+    them given, the first served size that has it. `sizes` are (height, width) pairs, the default first."""
+    if request.width is not None and request.height is not None:
+        return request
+    for h, w in sizes:
+        if request.width in (None, w) and request.height in (None, h):
+            return request.model_copy(update={"width": w, "height": h})
+    given, value = ("width", request.width) if request.width is not None else ("height", request.height)
+    served = ", ".join(f"{w}x{h}" for h, w in sizes)
+    raise LimitError(given, f"no served size has {given} {value}; served (width x height): {served}")
+
+
 def check_limits(
     request: JobRequest, sizes: list[tuple[int, int]], max_steps: int, max_images: int, max_prompt_chars: int
 ) -> None:
+    if request.width is None or request.height is None:
+        request = with_size(request, sizes)
     if (request.height, request.width) not in sizes:
         served = ", ".join(f"{w}x{h} (width x height)" for h, w in sizes)
         field = "height" if any(w == request.width for _, w in sizes) else "width"
@@ -117,6 +137,9 @@ class Job(BaseModel):
     images: list[ImageRecord] = []
     truncated: bool = False  # the prompt or negative prompt was cut to the tokenizer's 77 tokens
     attempts: int = 0
+    # bumped each time the job's message is sent again because its worker died: a worker drops a message
+    # older than the record's generation (the dead worker's own message, redelivered late)
+    generation: int = 0
     lane: str = ""  # "" interactive, "bulk" a data set line (goes after interactive jobs)
     output_key: str | None = None  # where a data set line's image goes (else images/<id>/<index>.<ext>)
     dataset: dict | None = None  # a data set line's run, index and id

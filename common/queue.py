@@ -7,6 +7,8 @@ Delivery settings, and why:
   another worker can take them, not in a busy worker's buffer.
 - queue order "priority": interactive jobs (`queue_name`) are always taken before data set lines
   (`bulk_queue_name`) when both wait.
+- transport: kombu's Redis transport without its restore of unacknowledged messages at a channel's close,
+  which stopped Celery for good at a busy worker's Redis outage (common/broker.py).
 - visibility_timeout: how long Redis waits before redelivering an unacknowledged message. It must exceed
   the longest time a message can be held (buffering + one batch + upload), or a live worker's jobs are
   delivered twice; it also bounds how long a crashed worker's jobs wait (plus RESTORE_INTERVAL_S).
@@ -26,6 +28,7 @@ RESTORE_INTERVAL_S = 5
 def make_celery(settings: Settings) -> Celery:
     app = Celery("sdxl", broker=settings.redis_url)
     app.conf.update(
+        broker_transport="common.broker:Transport",
         task_default_queue=settings.queue_name,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -45,5 +48,9 @@ def make_celery(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
+        # On a lost broker connection, tasks in progress keep waiting for their jobs (the device loop rides out
+        # the outage and records them; common/outage.py) instead of being cancelled; their messages are
+        # acknowledged, or redelivered and dropped as ended. Said explicitly: Celery 6 changes the default.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app

@@ -12,16 +12,17 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Size = tuple[int, int]  # (height, width) in pixels
+Size = tuple[int, int]  # (height, width) in pixels: the engine's (array) order, inside the code only
 
 
 def parse_sizes(text: str) -> list[Size]:
-    """'1024x1024,832x1216' -> [(1024, 1024), (832, 1216)]: height x width."""
+    """'1024x1024,1216x832' -> [(1024, 1024), (832, 1216)]: the text is WIDTHxHEIGHT, as OpenAI's `size`
+    and every peer write it; the result is (height, width) pairs."""
     sizes = []
     for part in text.split(","):
-        h, _, w = part.strip().lower().partition("x")
-        if not (h.isdigit() and w.isdigit()):
-            raise ValueError(f"size {part!r} is not HEIGHTxWIDTH, e.g. 1024x1024")
+        w, _, h = part.strip().lower().partition("x")
+        if not (h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            raise ValueError(f"size {part!r} is not WIDTHxHEIGHT, e.g. 1216x832 (landscape)")
         sizes.append((int(h), int(w)))
     return sizes
 
@@ -50,10 +51,21 @@ class Settings(BaseSettings):
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    sizes: str = "1024x1024"  # served HEIGHTxWIDTH list; each is compiled at worker start
+    # served sizes, WIDTHxHEIGHT, comma-separated; each is compiled at worker start. The first is what a job
+    # that names no size gets.
+    image_sizes: str = "1024x1024"
+    # the old name, HEIGHTxWIDTH: refused (a value such as 832x1216 cannot say which order it meant)
+    sizes: str | None = Field(None, exclude=True)
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
+    # JAX's own compilation cache (executables JAX loads unchecked); '': inside compile_cache_dir. Set it to
+    # the host's own disk when compile_cache_dir is shared between machines (worker/engine/cache.py)
+    xla_cache_dir: str = ""
+    # seals the serialized executables in compile_cache_dir (HMAC-SHA256): a file without this key's seal is
+    # never unpickled. Unset: a key made once per host in ~/.config/sdxl-service/. A fleet that shares the
+    # cache sets one key everywhere (a Secret), so each pod loads what another compiled.
+    cache_signing_key: SecretStr | None = Field(None, min_length=16)
     # keep each model's weights converted to Flax's layout and the serving dtype in <compile cache>/weights, so
     # a restart maps them instead of converting (SDXL: the weights' share of a warm start; about the size of
     # the fp16 checkpoint on disk)
@@ -75,7 +87,9 @@ class Settings(BaseSettings):
     dataset_input_prefix: str = "inputs/"
     # --- access (API)
     auth_required: bool = True  # every /v1/jobs call needs `Authorization: Bearer <key>` (python -m api.keys)
-    rate_limit_per_min: int = Field(600, ge=1)  # requests per API key per minute; more: 429 + Retry-After
+    rate_limit_per_min: int = Field(600, ge=1)  # writes (POST...) per API key per minute; more: 429 + Retry-After
+    # reads (GET: polls, lists, waits) per API key per minute, counted apart from writes; more: 429
+    read_rate_limit_per_min: int = Field(6000, ge=1)
     max_queued_per_tenant: int = Field(1000, ge=1)  # a tenant's queued jobs; more: 429 + Retry-After
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies: 413
     # the longest a request may wait for its job to end (`Prefer: wait=N`, `?wait_s=N`); keep it under the
@@ -104,18 +118,34 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None  # None: boto3's usual chain (env, profile, instance role)
     s3_secret_access_key: SecretStr | None = None
     upload_threads: int = Field(8, ge=1)
-    upload_attempts: int = Field(5, ge=1)  # per image, with exponential backoff from upload_backoff_s
-    upload_backoff_s: float = Field(0.5, gt=0)  # 0.5, 1, 2, 4 s: an outage of ~7 s is ridden out
+    # per image and run, with exponential backoff from upload_backoff_s up to upload_backoff_max_s: 0.5, 1, 2,
+    # 4, then 8 s six times: a storage outage of ~60 s is ridden out in one run; after that the job goes back
+    # to the queue (a new run) until max_attempts
+    upload_attempts: int = Field(11, ge=1)
+    upload_backoff_s: float = Field(0.5, gt=0)
+    upload_backoff_max_s: float = Field(8.0, gt=0)
     max_attempts: int = Field(3, ge=1)  # runs of one job (redeliveries, storage outages) before it fails
     # one worker of the fleet deletes the images of expired jobs this often; 0: never (keep them, or leave it
     # to a bucket lifecycle rule)
     image_sweep_interval_s: int = Field(3600, ge=0)
 
-    @field_validator("sizes")
+    @field_validator("image_sizes")
     @classmethod
     def _sizes(cls, value: str) -> str:
         parse_sizes(value)
         return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _old_sizes(cls, value: str | None) -> None:
+        if value is not None:
+            swapped = ",".join("x".join(reversed(p.strip().split("x"))) for p in value.split(","))
+            raise ValueError(
+                f"SDXL_SIZES is no longer read: it was HEIGHTxWIDTH, and sizes are now written WIDTHxHEIGHT in "
+                f"SDXL_IMAGE_SIZES. What SDXL_SIZES={value} meant is SDXL_IMAGE_SIZES={swapped}; set that and unset "
+                "SDXL_SIZES"
+            )
+        return None
 
     @model_validator(mode="after")
     def _visibility_exceeds_holding(self) -> Settings:
@@ -140,7 +170,8 @@ class Settings(BaseSettings):
 
     @property
     def served_sizes(self) -> list[Size]:
-        return parse_sizes(self.sizes)
+        """(height, width) pairs; the first is the default."""
+        return parse_sizes(self.image_sizes)
 
     def signing_key(self) -> bytes:
         if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:

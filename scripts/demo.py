@@ -75,8 +75,8 @@ def main() -> None:
     env = dict(os.environ)
     env.setdefault("SDXL_MODEL", "tiny")
     # 512x512 by default: on a laptop CPU the tiny model makes 4 images in ~20 s at 512x512, but ~5 min at
-    # 1024x1024 (attention over 4096 latent tokens). On an accelerator set SDXL_SIZES=1024x1024.
-    env.setdefault("SDXL_SIZES", "512x512")
+    # 1024x1024 (attention over 4096 latent tokens). On an accelerator set SDXL_IMAGE_SIZES=1024x1024.
+    env.setdefault("SDXL_IMAGE_SIZES", "512x512")
     env.setdefault("SDXL_STORAGE", "local")
     env.setdefault("SDXL_LOCAL_STORAGE_DIR", str(VAR / "images"))
     env.setdefault("SDXL_URL_SIGNING_SECRET", _secret())
@@ -103,7 +103,7 @@ def main() -> None:
         t0 = time.monotonic()
         _wait_ready(base, procs, args.ready_timeout_s)
         print(f"ready in {time.monotonic() - t0:.1f} s")
-        h, _, w = env["SDXL_SIZES"].split(",")[0].partition("x")
+        w, _, h = env["SDXL_IMAGE_SIZES"].split(",")[0].partition("x")
         body = {"prompt": args.prompt, "num_images": args.images, "width": int(w), "height": int(h)}
         key = _api_key(url)
         auth = {"Authorization": f"Bearer {key}"}

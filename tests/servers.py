@@ -190,7 +190,7 @@ def standin_env(redis_url: str, tmp_path: Path, tag: str, **overrides: str) -> t
     prefix = f"{tag}{uuid.uuid4().hex[:8]}"
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
+        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
         "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
         **overrides,
     }  # fmt: skip

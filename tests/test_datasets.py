@@ -44,7 +44,7 @@ def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
         "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
-        "SDXL_DTYPE": "float32", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "8", "SDXL_BATCH_TIMEOUT_S": "0.5",
+        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "8", "SDXL_BATCH_TIMEOUT_S": "0.5",
         "SDXL_DATASET_FEED_DEPTH": "32", "SDXL_URL_SIGNING_SECRET": "u" * 32,
         "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"), **s3.env(),
     }  # fmt: skip

@@ -23,7 +23,7 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
     prefix = f"ld{uuid.uuid4().hex[:8]}"
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.001", "SDXL_SIZES": "64x64", "SDXL_BATCH_ROWS": "16",
+        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.001", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "16",
         "SDXL_BATCH_TIMEOUT_S": "0.05", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
         "SDXL_URL_SIGNING_SECRET": "x" * 32,
         "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "100000",

@@ -21,11 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
+from common.outage import REDIS_DOWN, Outage, die, supervised
 from common.storage import Storage
 from common.worker_status import WorkerCounters, WorkerStatus
 from common.worker_status import key as status_key
@@ -37,8 +39,12 @@ from worker.image_retention import image_key
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
 REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it ran: back to the queue
+STALE = "stale"  # a message superseded by a newer one for the same job (its worker died; the sweep re-sent it)
 BATCH_LOG_LINES = 1000
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
+# A worker whose heartbeat has been gone this long is dead (the heartbeat key lives 3 periods): the sweep
+# sends its held jobs again at once instead of waiting for Celery's visibility timeout.
+DEAD_AFTER_S = 3 * HEARTBEAT_S
 
 
 @dataclass
@@ -72,6 +78,7 @@ class DeviceLoop:
         upload_attempts: int = 5,
         upload_backoff_s: float = 0.5,
         max_attempts: int = 3,
+        upload_backoff_max_s: float = 8.0,
         enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,
     ):
@@ -79,35 +86,43 @@ class DeviceLoop:
         self.store = store
         self.storage = storage
         self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
-        self.inbox: queue.Queue[tuple[str, Future[str]] | None] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, int | None, Future[str]] | None] = queue.Queue()
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self.uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="upload")
         self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
         self.name = worker_name or f"{socket.gethostname()}-{id(self):x}"
         self._stop = threading.Event()
         self._draining = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="device", daemon=True)
+        self._thread = supervised(self._run, "device")  # if it dies, the process exits: never a silent worker
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
         self.started_at = time.time()
         self.counters = WorkerCounters()  # sent with every heartbeat (common/worker_status.py, /metrics)
         self._counting = threading.Lock()  # the finisher and the device thread both add to them
         self.upload_attempts = upload_attempts
         self.upload_backoff_s = upload_backoff_s
+        self.upload_backoff_max_s = upload_backoff_max_s
+        self.storage_outage = Outage("uploads: storage")  # one warning an outage, not one a retry
         self.max_attempts = max_attempts
         self.enqueue = enqueue  # sends a job's message again (the stuck-job sweep); None: no sweeping
         self.notify = notify  # queues the webhook of a job that has ended
         self._verdicts: dict[str, str] = {}  # job id -> REQUEUE, for jobs given back after a failed upload
+        self.redis = Outage("device loop: Redis")  # shared by the device and finisher threads
+        # Since when this worker has seen Redis answer without a break (monotonic): the sweep declares other
+        # workers dead by their missing heartbeat only after it has itself been able to see them for a while.
+        self._redis_ok_since: float | None = time.monotonic()
 
     # ------------------------------------------------------------------ called from Celery threads
 
-    def submit(self, job_id: str) -> Future[str]:
-        """Queue a job for the device; the future resolves to its final status once recorded."""
+    def submit(self, job_id: str, generation: int | None = None) -> Future[str]:
+        """Queue a job for the device; the future resolves to its final status once recorded. `generation`
+        is the message's: a message older than the job's current one (re-sent after its worker died) is
+        answered STALE and never runs; None (a data set feeder's message) is taken as current."""
         future: Future[str] = Future()
-        self.inbox.put((job_id, future))
+        self.inbox.put((job_id, generation, future))
         return future
 
     def start(self) -> None:
-        self._heartbeat()
+        self._beat()
         self._thread.start()
 
     def begin_shutdown(self) -> None:
@@ -121,6 +136,12 @@ class DeviceLoop:
         self._thread.join(timeout=30)
         self.finisher.shutdown(wait=True)
         self.uploads.shutdown(wait=True)
+        with suppress(*REDIS_DOWN):  # a clean exit: nothing is held, and /readyz need not wait for the heartbeat
+            self.store.r.delete(status_key(self.store.prefix, self.name), self.store.held_key(self.name))
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A job-store call that waits out a Redis outage (the work cannot go on without it, and will after)."""
+        return self.redis.call(fn, *args, stop=self._stop, **kwargs)
 
     # ------------------------------------------------------------------ the device thread
 
@@ -137,35 +158,43 @@ class DeviceLoop:
             except queue.Empty:
                 pass
             if self._draining.is_set():
-                for item in self.batcher.drain():
+                drained = self.batcher.drain()
+                if drained:
+                    self._call(self.store.release, self.name, [item.job_id for item in drained])
+                for item in drained:
                     item.payload[1].set_result(REQUEUE)
                 continue
             for batch in self.batcher.take_due(time.monotonic()):
                 self._start(batch)
             if time.monotonic() >= next_beat:
-                self._heartbeat()
-                self._sweep()
+                if self._beat():
+                    self._sweep()
                 next_beat = time.monotonic() + HEARTBEAT_S
 
-    def _admit(self, job_id: str, future: Future[str]) -> None:
+    def _admit(self, job_id: str, generation: int | None, future: Future[str]) -> None:
         if self._draining.is_set():
             future.set_result(REQUEUE)
             return
-        job = self.store.get(job_id)
+        job = self._call(self.store.hold, self.name, job_id)  # read it, and say that this worker holds it
         if job is None:
+            self._call(self.store.release, self.name, [job_id])
             future.set_result("missing")  # expired or never stored: nothing to do
             return
-        if job.status in TERMINAL:
-            future.set_result(job.status.value)  # canceled while queued, or a redelivery of a finished job
+        if job.status in TERMINAL or (generation is not None and generation < job.generation):
+            # canceled while queued, a redelivery of a finished job, or a message superseded by a newer one
+            self._call(self.store.release, self.name, [job_id])
+            future.set_result(job.status.value if job.status in TERMINAL else STALE)
             return
         if job.attempts >= self.max_attempts:  # it keeps coming back: a worker died on it each time
-            self.store.fail(
+            self._call(
+                self.store.fail,
                 job.id, f"gave up after {job.attempts} attempts (the worker running it stopped each time)",
                 allowed_from=[JobStatus.queued, JobStatus.running],
             )  # fmt: skip
+            self._call(self.store.release, self.name, [job_id])
             future.set_result(JobStatus.failed.value)
             if self.notify and job.request.webhook_url:
-                self.notify(job.id)
+                self._call(self.notify, job.id)
             return
         shape = (job.request.height, job.request.width)
         priority = 1 if job.lane == "bulk" else 0
@@ -176,17 +205,21 @@ class DeviceLoop:
         for item in batch.items:
             job, future = item.payload
             # queued -> running; a redelivered job (running after a worker died) keeps running here.
-            ok, before = self.store.transition(job.id, JobStatus.running, [JobStatus.queued, JobStatus.running])
+            ok, before = self._call(
+                self.store.transition, job.id, JobStatus.running, [JobStatus.queued, JobStatus.running],
+                worker=self.name,
+            )  # fmt: skip
             if ok:
                 jobs.append(job)
             else:  # canceled (or otherwise ended) before it ran: it never runs
+                self._call(self.store.release, self.name, [job.id])
                 future.set_result(before.value if before else "missing")
         if not jobs:
             return
         # Wait for a free slot (the batch before last to finish), heartbeating meanwhile: a batch may run
         # longer than the heartbeat's 15 s life, and a busy worker must not look dead to /readyz or probes.
         while not self.in_flight.acquire(timeout=HEARTBEAT_S):
-            self._heartbeat()
+            self._beat()
         try:
             pending = self._dispatch(batch, jobs)
         except Exception as exc:  # raised while tracing or validating: nothing reached the device
@@ -207,40 +240,48 @@ class DeviceLoop:
 
     def _finish(self, started: Started) -> None:
         try:
-            self._complete(started)
-        except Exception as exc:
-            log.exception("a batch failed")
-            self._isolate(started.batch, started.jobs, exc)
-        finally:
-            self.in_flight.release()
-            self._resolve(started.batch)
+            try:
+                self._complete(started)
+            except Exception as exc:
+                log.exception("a batch failed")
+                self._isolate(started.batch, started.jobs, exc)
+            finally:
+                self.in_flight.release()
+                self._resolve(started.batch)
+        except BaseException as exc:  # the finisher cannot go on (its Celery tasks would wait for ever)
+            if not self._stop.is_set():
+                die("the finisher", exc)
+            raise
 
     def _isolate(self, batch: Batch, jobs: list[Job], exc: Exception) -> None:
         """A batch that raised: run each job alone, so a poison job fails by itself and the rest succeed."""
         if len(jobs) == 1:
-            self.store.fail(jobs[0].id, f"engine error: {type(exc).__name__}: {exc}")
+            self._call(self.store.fail, jobs[0].id, f"engine error: {type(exc).__name__}: {exc}")
             return
         for job in jobs:
             alone = Batch(batch.shape, [i for i in batch.items if i.job_id == job.id], batch.batch_rows)
             try:
                 self._complete(Started(alone, [job], self._dispatch(alone, [job]), time.monotonic()))
+            except REDIS_DOWN:
+                raise  # not the job's fault (only possible once stopping: _call waits out outages)
             except Exception as err:
-                self.store.fail(job.id, f"engine error: {type(err).__name__}: {err}")
+                self._call(self.store.fail, job.id, f"engine error: {type(err).__name__}: {err}")
 
     def _resolve(self, batch: Batch) -> None:
         """Every waiting Celery task gets its answer, whatever happened: none is left hanging."""
+        self._call(self.store.release, self.name, [item.job_id for item in batch.items])
         for item in batch.items:
             job, future = item.payload
             if future.done():  # answered before the run (canceled while queued): not this run's to notify
                 continue
             verdict = self._verdicts.pop(item.job_id, None)
-            future.set_result(verdict or str(self.store.status(item.job_id) or "missing"))
+            future.set_result(verdict or str(self._call(self.store.status, item.job_id) or "missing"))
             outcome = "requeued" if future.result() == REQUEUE else future.result()
             if outcome in self.counters.jobs:
                 with self._counting:
                     self.counters.jobs[outcome] += 1
             if self.notify and job.request.webhook_url and future.result() in TERMINAL:
-                self.notify(item.job_id)
+                self._call(self.notify, item.job_id)
 
     def _complete(self, started: Started) -> None:
         batch, jobs = started.batch, started.jobs
@@ -257,7 +298,7 @@ class DeviceLoop:
                 pixels = out.images[row : row + n]
                 uploads.append((job, [self.uploads.submit(self._upload, job, i, pixels[i]) for i in range(n)]))
             else:
-                self.store.fail(job.id, "the model produced non-finite values (NaN or inf) for this job")
+                self._call(self.store.fail, job.id, "the model produced non-finite values (NaN or inf) for this job")
             row += n
         truncated = dict(zip([j.id for j in jobs], self._truncated(jobs, out.truncated), strict=True))
         for job, futures in uploads:
@@ -299,31 +340,41 @@ class DeviceLoop:
         for attempt in range(self.upload_attempts):
             try:
                 self.storage.put(key, data, content_type)
+                self.storage_outage.ok()
                 return
-            except Exception:
+            except Exception as exc:
+                self.storage_outage.failed(exc)
                 if attempt == self.upload_attempts - 1:
                     raise
-                log.warning("upload of %s failed (try %d), retrying", key, attempt + 1, exc_info=True)
-                time.sleep(self.upload_backoff_s * 2**attempt)
+                time.sleep(min(self.upload_backoff_max_s, self.upload_backoff_s * 2**attempt))
 
     def _record(self, job: Job, futures: list[Future[ImageRecord]], truncated: bool) -> None:
         try:
             records = [f.result() for f in futures]
         except Exception as exc:
             error = f"upload failed: {type(exc).__name__}: {exc}"
-            attempts = (self.store.get(job.id) or job).attempts
-            if attempts < self.max_attempts and self.store.transition(job.id, JobStatus.queued, [JobStatus.running])[0]:
+            attempts = (self._call(self.store.get, job.id) or job).attempts
+            requeued = attempts < self.max_attempts and self._call(
+                self.store.transition, job.id, JobStatus.queued, [JobStatus.running]
+            )[0]
+            if requeued:
                 # Back to the queue (the Celery message is rejected with requeue): it runs again later.
                 log.warning("job %s requeued after attempt %d: %s", job.id, attempts, error)
                 self._verdicts[job.id] = REQUEUE
             else:
-                self.store.fail(job.id, f"{error} (attempt {attempts} of {self.max_attempts})")
+                self._call(self.store.fail, job.id, f"{error} (attempt {attempts} of {self.max_attempts})")
             return
-        if not self.store.succeed(job.id, records, truncated) and self.store.status(job.id) == JobStatus.canceled:
-            # Canceled while running: the results are discarded, as the cancel answer promised. (If another
-            # run of the same job succeeded first, the objects under these keys are its results: keep them.)
-            for record in records:
-                self.storage.delete(record.key)
+        if not self._call(self.store.succeed, job.id, records, truncated) and (
+            self._call(self.store.status, job.id) == JobStatus.canceled
+        ):
+            # Canceled while running: the results are discarded, as the cancel answer promised, and so is
+            # their folder. (If another run of the same job succeeded first, the objects under these keys are
+            # its results: keep them.) Storage away now: the image sweep deletes them once the record expires.
+            try:
+                self.storage.delete_many([record.key for record in records])
+                self.storage.prune(records[0].key.rsplit("/", 1)[0])  # images/<hour>/<job>
+            except Exception:
+                log.warning("could not delete canceled job %s's images; the image sweep will", job.id, exc_info=True)
 
     # ------------------------------------------------------------------ observability
 
@@ -346,19 +397,48 @@ class DeviceLoop:
             self.counters.padding_rows += entry["padding"]
             self.counters.device_s += device_s
         key = self.store.key("batches")
-        pipe = self.store.r.pipeline()
-        pipe.lpush(key, json.dumps(entry))
-        pipe.ltrim(key, 0, BATCH_LOG_LINES - 1)
-        pipe.execute()
+
+        def write() -> None:
+            pipe = self.store.r.pipeline()
+            pipe.lpush(key, json.dumps(entry))
+            pipe.ltrim(key, 0, BATCH_LOG_LINES - 1)
+            pipe.execute()
+
+        self._call(write)
 
     def _sweep(self) -> None:
-        """At most one sweep per heartbeat period across all workers (a Redis lock that expires)."""
-        if self.enqueue is None or not self.store.r.set(self.store.key("sweep-lock"), self.name, nx=True, ex=5):
+        """At most one sweep per heartbeat period across all workers (a Redis lock that expires): stuck jobs,
+        dead workers' jobs, and submits whose message was never sent."""
+        if self.enqueue is None:
             return
         try:
+            if not self.store.r.set(self.store.key("sweep-lock"), self.name, nx=True, ex=5):
+                return
             sweeper.sweep(self.store, self.max_attempts, self.enqueue)
+            # Another worker's missing heartbeat means it is dead only if this one could have seen it: after an
+            # outage every heartbeat has lapsed, and live workers need one period to write theirs again.
+            seen_s = time.monotonic() - self._redis_ok_since if self._redis_ok_since is not None else 0.0
+            if seen_s >= DEAD_AFTER_S:
+                sweeper.reissue_dead_workers(self.store, self.enqueue)
+            sweeper.relay_outbox(self.store, self.enqueue)
+        except REDIS_DOWN as exc:
+            self.redis.failed(exc)  # the next heartbeat tries again
         except Exception:
             log.exception("stuck-job sweep failed")
+
+    def _beat(self) -> bool:
+        """Write the heartbeat; False (and noted as an outage) when Redis is away: the loop goes on regardless
+        and tries again at the next beat, so /readyz sees this worker within one period of Redis' return."""
+        try:
+            self._heartbeat()
+        except REDIS_DOWN as exc:
+            self._redis_ok_since = None
+            self.redis.failed(exc)
+            return False
+        if self._redis_ok_since is None:
+            self._redis_ok_since = time.monotonic()
+        self.redis.ok()
+        return True
 
     def _heartbeat(self) -> None:
         with self._counting:
@@ -367,4 +447,4 @@ class DeviceLoop:
             name=self.name, model=self.engine.model.name, sizes=self.engine.sizes, batch_rows=self.engine.batch_rows,
             devices=self.engine.mesh.devices.size, started_at=self.started_at, at=time.time(), counters=counters,
         )  # fmt: skip
-        self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(3000 * HEARTBEAT_S))
+        self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(1000 * DEAD_AFTER_S))

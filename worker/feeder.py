@@ -25,10 +25,22 @@ from common.dataset_store import DatasetRun, DatasetStore
 from common.datasets import CHUNK_LINES, DatasetStatus, Layout, Line, manifest_row
 from common.job_store import JobStore
 from common.jobs import TERMINAL, JobStatus
+from common.outage import REDIS_DOWN, Outage, supervised
 from common.storage import Storage
 from worker import images, shards
 
 log = logging.getLogger(__name__)
+
+
+def _storage_down(exc: BaseException) -> bool:
+    """Whether an error is storage being unreachable (connection refused, timed out, a 5xx from S3)."""
+    import botocore.exceptions
+
+    if isinstance(exc, (ConnectionError, TimeoutError, botocore.exceptions.ConnectionError)):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500
+    return False
 
 
 class Feeder:
@@ -55,7 +67,8 @@ class Feeder:
         self._owned: set[str] = set()
         self._fetch = ThreadPoolExecutor(8, thread_name_prefix="shard-fetch")
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+        self._thread = supervised(self._run, "feeder")
+        self.redis = Outage("data set feeder: Redis or storage")
 
     def start(self) -> None:
         self._thread.start()
@@ -70,11 +83,15 @@ class Feeder:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            wait_s = self.interval_s
             try:
                 self.step_all()
-            except Exception:  # Redis away for a moment: try again next tick
+                self.redis.ok()
+            except REDIS_DOWN as exc:  # Redis away: one line for the whole outage, and a summary at its end
+                wait_s = max(wait_s, self.redis.failed(exc))
+            except Exception:
                 log.exception("feeder step failed")
-            self._stop.wait(self.interval_s)
+            self._stop.wait(wait_s)
 
     def step_all(self) -> None:
         for run_id in self.datasets.active():
@@ -86,8 +103,13 @@ class Feeder:
             self._owned.add(run_id)
             try:
                 self.step(run_id)
-            except Exception:
-                log.exception("feeding data set %s failed; retrying next tick", run_id)
+            except REDIS_DOWN:
+                raise  # the whole tick waits out the outage (_run)
+            except Exception as exc:
+                if self.redis.down or _storage_down(exc):  # storage away: as quiet as a Redis outage
+                    self.redis.failed(exc)
+                else:
+                    log.exception("feeding data set %s failed; retrying next tick", run_id)
 
     # ------------------------------------------------------------------ one step of one run
 

@@ -23,6 +23,7 @@ from itertools import groupby, islice
 
 from common.job_store import JobStore
 from common.jobs import Job
+from common.outage import Outage, supervised
 from common.storage import Storage
 from worker import images
 
@@ -102,7 +103,8 @@ class ImageSweeper:
         self.interval_s = interval_s
         self.check_s = min(check_s, interval_s)  # how often a worker tries for the lock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="image-sweep", daemon=True)
+        self._thread = supervised(self._run, "image-sweep")
+        self.outage = Outage("image sweep: Redis or storage")
 
     def start(self) -> None:
         self._thread.start()
@@ -121,6 +123,7 @@ class ImageSweeper:
             try:
                 if self.turn():
                     sweep(self.storage, self.store)
-            except Exception:  # storage or Redis away for a moment: the next interval tries again
-                log.exception("image sweep failed")
+                self.outage.ok()
+            except Exception as exc:  # storage or Redis away: the next check tries again; one log line an outage
+                self.outage.failed(exc)
             self._stop.wait(self.check_s)

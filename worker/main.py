@@ -10,11 +10,14 @@ while the current one runs.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
+import threading
 import time
 
 from common.job_store import JobStore
+from common.outage import die
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 from common.settings import Settings, get_settings
 from common.storage import from_settings
@@ -40,7 +43,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
     from worker.engine.engine import Engine
 
     t0 = time.perf_counter()
-    folder = cache.enable(settings.compile_cache_dir)
+    folder = cache.enable(settings.compile_cache_dir, settings.xla_cache_dir or None)
     # The weights are read on a thread while the programs compile (or load from the cache): a start takes
     # about the longer of the two, not their sum.
     m = model.load(
@@ -52,9 +55,11 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
     )
     t1 = time.perf_counter()
+    key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
-        m, settings.served_sizes, settings.batch_rows, attention=settings.attention, aot_dir=folder / "executables"
-    )
+        m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
+        aot_dir=folder / "executables", aot_key=cache.signing_key(key),
+    )  # fmt: skip
     compile_s = engine.compile()
     # The devices hold the weights now; the host copy would stay for the life of the process (SDXL: 6.7 GB).
     m.drop_host_weights()
@@ -67,7 +72,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         m.name,
         np.dtype(m.dtype).name,
         engine.mesh.devices.size,
-        settings.sizes,
+        settings.image_sizes,
         settings.batch_rows,
         t1 - t0,
         m.weights_s,
@@ -93,11 +98,14 @@ def main() -> None:
     store = JobStore(
         redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
     )
-    name = f"{socket.gethostname()}-{int(time.time())}"
+    # unique per process: the heartbeat, the held-jobs set and the job records name it (the pid tells two
+    # workers on one host apart; the time, a pid reused by a restart in the same container)
+    name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
-    def send(job_id: str, lane: str = "") -> None:
+    def send(job_id: str, lane: str = "", generation: int | None = None) -> None:
         queue = settings.bulk_queue_name if lane == "bulk" else settings.queue_name
-        tasks.app.send_task(TASK_GENERATE, args=[job_id], queue=queue)
+        args = [job_id] if generation is None else [job_id, generation]
+        tasks.app.send_task(TASK_GENERATE, args=args, queue=queue)
 
     loop = DeviceLoop(
         engine,
@@ -108,8 +116,9 @@ def main() -> None:
         worker_name=name,
         upload_attempts=settings.upload_attempts,
         upload_backoff_s=settings.upload_backoff_s,
+        upload_backoff_max_s=settings.upload_backoff_max_s,
         max_attempts=settings.max_attempts,
-        enqueue=lambda job: send(job.id, job.lane),
+        enqueue=lambda job: send(job.id, job.lane, job.generation),
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
     )
     loop.start()
@@ -139,27 +148,39 @@ def main() -> None:
 
     # Celery's warm shutdown (SIGTERM) stops consuming and waits for running tasks; buffered jobs are told
     # to go back to the queue so it does not wait for them, only for the batches already on the device.
+    asked_to_stop = threading.Event()
+
     def shutting_down(**_: object) -> None:
+        asked_to_stop.set()
         if feeder is not None:
             feeder.stop()  # hands its runs to another worker now, not after the lock expires
         loop.begin_shutdown()
 
     worker_shutting_down.connect(shutting_down, weak=False)
-    tasks.app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={2 * settings.batch_rows}",
-            f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
-            f"--hostname=sdxl@{name}",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    exit_code: int | str | None = 0
+    try:
+        tasks.app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={2 * settings.batch_rows}",
+                f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
+                f"--hostname=sdxl@{name}",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    except SystemExit as exc:
+        exit_code = exc.code
+    if not asked_to_stop.is_set():
+        # Celery stopped by itself (an "Unrecoverable error"): the device loop and its heartbeat would go on
+        # in a process that takes no work. Out at once, non-zero, so that the supervisor starts a new one.
+        die(f"Celery's consumer (exit code {exit_code!r}, no shutdown was asked for)")
     loop.stop()
     if image_sweeper is not None:
         image_sweeper.stop()
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""The stuck-job sweep: running jobs far past their deadline go back to the queue, or fail.
+"""The sweeps that make sure every stored job runs: one worker of the fleet runs them every heartbeat.
 
-Celery redelivers a dead worker's messages after the visibility timeout; this is the net under that: a job
-whose record says running long after any worker could still be on it (its message lost, its worker hung)
-is requeued with a fresh message while it has attempts left, else failed with the reason. Running it twice
-is harmless: status changes are compare-and-set, and a duplicate message finds the job already ended.
+- dead workers (`reissue_dead_workers`): a worker notes each job it takes off the queue in P:held:<worker>.
+  When its heartbeat has lapsed (3 periods, 15 s), its held jobs go back to queued with the next
+  generation and a new message, at once: Celery would redeliver them only after the visibility timeout
+  (300 s). The dead worker's own messages, when Celery does redeliver them, are older than the record's
+  generation and are dropped (worker/device_loop.py), so the job runs once more, not twice.
+- unsent submits (`relay_outbox`): the API stores a job and its outbox entry in one script, then sends the
+  message and clears the entry. An entry older than OUTBOX_GRACE_S lost its sender (the API died, or Redis
+  went away in between): the sweep sends the message. So a job the API stored always runs.
+- stuck jobs (`sweep`): a job whose record says running long after any worker could still be on it (its
+  worker hung) is requeued with a fresh message while it has attempts left, else failed with the reason.
+Running any of them twice is harmless: status changes are compare-and-set, and a duplicate message finds
+the job already ended (or superseded).
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from common.job_store import JobStore
+from common import worker_status
+from common.job_store import OUTBOX_GRACE_S, JobStore
 from common.jobs import Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -27,8 +36,9 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
             store.r.zrem(store.key("running"), job_id)
             continue
         if job.attempts < max_attempts:
-            if store.transition(job_id, JobStatus.queued, [JobStatus.running])[0]:
-                enqueue(job)
+            again = store.reissue(job) if job.status == JobStatus.running else None
+            if again is not None:
+                enqueue(again)
                 done["requeued"].append(job_id)
         elif store.fail(job_id, f"stuck: still running {store.running_deadline_s:.0f} s after it started, "
                                 f"after {job.attempts} attempts"):  # fmt: skip
@@ -36,3 +46,41 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
     if done["requeued"] or done["failed"]:
         log.warning("stuck-job sweep: %s", done)
     return done
+
+
+def reissue_dead_workers(store: JobStore, enqueue: Callable[[Job], None]) -> list[str]:
+    """Send again the jobs held by workers whose heartbeat has lapsed; returns their ids. The caller makes
+    sure it has seen Redis for a heartbeat's life (after an outage every heartbeat lapses at once)."""
+    beat = len(worker_status.key(store.prefix, ""))  # alive while the heartbeat key exists, readable or not
+    live = {k.decode()[beat:] for k in store.r.scan_iter(match=worker_status.key(store.prefix, "*"), count=100)}
+    start = len(store.held_key(""))
+    again: list[str] = []
+    for key in list(store.r.scan_iter(match=store.held_key("*"), count=100)):
+        worker = key.decode()[start:]
+        if worker in live:
+            continue
+        ids = sorted(i.decode() for i in store.r.smembers(key))
+        for job in store.get_many(ids):
+            if job is None or job.status not in (JobStatus.queued, JobStatus.running):
+                continue
+            reissued = store.reissue(job)
+            if reissued is not None:
+                enqueue(reissued)
+                again.append(job.id)
+        store.r.delete(key)
+        log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(again), again)
+    return again
+
+
+def relay_outbox(store: JobStore, enqueue: Callable[[Job], None], older_than_s: float = OUTBOX_GRACE_S) -> list[str]:
+    """Send the message of every stored job whose submit did not confirm it sent; returns their ids."""
+    sent: list[str] = []
+    ids = store.unsent(older_than_s)
+    for job_id, job in zip(ids, store.get_many(ids), strict=True):
+        if job is not None and job.status == JobStatus.queued:
+            enqueue(job)
+            sent.append(job_id)
+        store.sent(job_id)
+    if sent:
+        log.warning("sent the messages of %d stored jobs whose submit stopped before sending: %s", len(sent), sent)
+    return sent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from celery.exceptions import Reject
 
+from common.outage import Outage
 from common.queue import TASK_GENERATE, TASK_WEBHOOK, make_celery
 from common.settings import get_settings
 from worker import webhook
@@ -12,6 +13,7 @@ from worker.device_loop import REQUEUE, DeviceLoop
 
 app = make_celery(get_settings())
 _loop: DeviceLoop | None = None
+_webhook_redis = Outage("webhook sender: Redis")
 
 
 def bind(loop: DeviceLoop) -> None:
@@ -21,11 +23,12 @@ def bind(loop: DeviceLoop) -> None:
 
 
 @app.task(name=TASK_GENERATE)
-def generate(job_id: str) -> str:
-    """Run one job; returns its final status."""
+def generate(job_id: str, generation: int | None = None) -> str:
+    """Run one job; returns its final status. `generation`: the message's (None: whatever the record's is);
+    an older one than the record's was superseded and is dropped."""
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
-    status = _loop.submit(job_id).result()
+    status = _loop.submit(job_id, generation).result()
     if status == REQUEUE:  # shutting down before the job reached the device: another worker takes it
         raise Reject("worker shutting down", requeue=True)
     return status
@@ -37,7 +40,8 @@ def deliver_webhook(job_id: str, attempt: int = 1) -> bool:
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
     settings = get_settings()
-    if webhook.deliver(settings, _loop.store, job_id):
+    # Redis away: wait it out here (the message cannot be acknowledged or re-sent meanwhile anyway)
+    if _webhook_redis.call(webhook.deliver, settings, _loop.store, job_id):
         return True
     if attempt < settings.webhook_attempts:
         app.send_task(TASK_WEBHOOK, args=[job_id, attempt + 1], countdown=2**attempt, queue=settings.queue_name)

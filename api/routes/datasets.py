@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+from contextlib import suppress
 from typing import Annotated, Any, BinaryIO
 
+import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ from starlette.datastructures import UploadFile
 
 from api.dataset_ingest import InputInvalid, create_run, discard, ingest
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
+from api.errors import invalid, problem
 from api.schemas import (
     DatasetCounts,
     DatasetFailuresPublic,
@@ -53,8 +56,7 @@ _REQUEST_BODY = {
 
 
 def _error(status: int, message: str, field: str = "body", **extra: Any) -> JSONResponse:
-    content = {"error": message, "fields": [{"field": field, "message": message}], **extra}
-    return JSONResponse(status_code=status, content=content)
+    return problem(status, message, errors=[{"field": field, "message": message}], **extra)
 
 
 @router.post(
@@ -91,8 +93,7 @@ async def create_dataset(
         options = DatasetOptions.model_validate_json(raw_options)
     except ValidationError as exc:
         fields = [{"field": ".".join(str(p) for p in e["loc"]) or "options", "message": e["msg"]} for e in exc.errors()]
-        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-        return JSONResponse(status_code=422, content={"error": f"invalid options: {summary}", "fields": fields})
+        return invalid(fields, "options")
     if upload is not None and options.input_key is not None:
         return _error(422, "send either an upload or input_key, not both", "input_key")
     if upload is None and options.input_key is None:
@@ -132,7 +133,11 @@ def _create(
     key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     if key_hash:
         found = services.datasets.idempotent_run(tenant, key_hash)
-        if found:
+        if found and services.datasets.get(found[0]) is None:
+            # Claimed by a create whose run was never stored (Redis went away between the two; the claim
+            # expires before any run it names): the key is free again.
+            services.datasets.release_idempotency(tenant, key_hash)
+        elif found:
             return _replay(services, tenant, key_hash, found, fingerprint, request, response)
     # Checked here so that a tenant at its cap is refused before a large file is read, and again, atomically,
     # when the run is stored (concurrent uploads).
@@ -155,6 +160,12 @@ def _create(
             return _replay(services, tenant, key_hash, (run_id, seen), fingerprint, request, response)
     try:
         create_run(services.datasets, ingested, options, tenant, source, s.max_active_datasets_per_tenant)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        # 503 "nothing was stored": the run's record was not (one script), and its input goes too. Storage
+        # away as well: the chunks stay under datasets/<run>/, named by no record (docs/reliability.md).
+        with suppress(Exception):
+            discard(services.storage, ingested)
+        raise
     except TooManyRuns as exc:
         discard(services.storage, ingested)
         if key_hash:
@@ -199,6 +210,9 @@ def _replay(
     return to_public(run, services, request)
 
 
+STALL_MIN_S = 15.0  # at least three of the 5 s progress samples without a finished line
+
+
 def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetPublic:
     queued, running = _live_counts(run, services)
     if run.status in FINISHED:  # the whole run's average
@@ -207,6 +221,13 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
     else:  # over the last ~5 minutes
         rate = services.datasets.rate(run.id, run.succeeded)
     remaining = run.total - run.ended
+    # No line finished for several of their usual intervals (lines waiting out a dead worker's recovery, an
+    # outage): the rate says nothing about when the rest ends, so there is no ETA until progress resumes.
+    stalled_s = None
+    if run.status not in FINISHED and remaining > 0:
+        idle_s = services.datasets.idle_s(run.id, run.succeeded)
+        if idle_s > max(STALL_MIN_S, 3 / rate if rate else 0):
+            stalled_s = round(idle_s, 1)
     return DatasetPublic(
         id=run.id,
         status=run.status,
@@ -224,7 +245,8 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
             skipped=run.skipped,
         ),
         images_per_s=round(rate, 3) if rate is not None else None,
-        eta_s=round(remaining / rate, 1) if rate and remaining > 0 else None,
+        eta_s=round(remaining / rate, 1) if rate and remaining > 0 and stalled_s is None else None,
+        stalled_s=stalled_s,
         shards=run.shards,
         output_prefix=Layout(run.id).prefix,
         created_at=run.created_at,

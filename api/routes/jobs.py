@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Annotated
 
+import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -18,10 +21,11 @@ from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
 from common.job_store import IdempotencyConflict, QueueFull
-from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits
+from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger(__name__)
 
 
 def to_public(job: Job, services: Services, request: Request) -> JobPublic:
@@ -45,7 +49,7 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
         status=job.status,
         status_url=str(request.url_for("get_job", job_id=job.id)),
         request=job.request,
-        queue_position=services.store.queue_position(job.id) if job.status == JobStatus.queued else None,
+        queue_position=_queue_position(job, services),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -55,6 +59,16 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
         truncated=job.truncated,
         attempts=job.attempts,
     )
+
+
+def _queue_position(job: Job, services: Services) -> int | None:
+    """1 for the next job to start; None when not queued, or unknown right now (Redis away)."""
+    if job.status != JobStatus.queued:
+        return None
+    try:
+        return services.store.queue_position(job.id)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        return None
 
 
 @router.post("", status_code=202, response_model=JobPublic, responses={401: {}, 409: {}, 422: {}, 429: {}, 503: {}})
@@ -73,10 +87,18 @@ async def create_job(
     """Submit a text-to-image job; answers once it is stored and queued, or with `Prefer: wait=N` once it
     has ended (200) or N seconds have passed (202)."""
     wait_s = preferred_wait_s(request.headers.getlist("prefer"), services.settings.max_wait_s)
-    job_id, created = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
+    job_id, created, stored = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
     # no wait: one read, as a plain submit
     read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
-    job = await until_ended(services, request, job_id, wait_s or 0, read)
+    try:
+        job = await until_ended(services, request, job_id, wait_s or 0, read)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        if not created:
+            raise
+        # Redis went away after the job was stored: it will run, so the answer is 202 with what was stored
+        # (a 503 would tell the client that nothing was, and a retry without an Idempotency-Key would double it)
+        job = Job(id=job_id, tenant=caller.tenant, status=JobStatus.queued, request=stored, created_at=time.time())
+        wait_s = None
     if job is None:  # nobody to answer; the access log shows 499, nginx's code for a client that left first
         return Response(status_code=499)
     if wait_s is not None:
@@ -88,10 +110,14 @@ async def create_job(
     return await run_in_threadpool(to_public, job, services, request)
 
 
-def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: str | None) -> tuple[str, bool]:
-    """Check, store and queue a job: (its id, whether it is new). A replayed Idempotency-Key gives the
-    earlier job's id."""
+def submit(
+    body: JobRequest, services: Services, tenant: str, idempotency_key: str | None
+) -> tuple[str, bool, JobRequest]:
+    """Check, store and queue a job: (its id, whether it is new, the request as stored). A replayed
+    Idempotency-Key gives the earlier job's id."""
     s = services.settings
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
+    body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.webhook_url is not None:
         if s.webhook_secret is None:
@@ -100,7 +126,6 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             webhooks.check_url(body.webhook_url, s.webhook_allow_private)
         except webhooks.WebhookError as exc:
             raise LimitError("webhook_url", str(exc)) from exc
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
     try:
@@ -120,14 +145,16 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             headers={"Retry-After": "10"},
         ) from exc
     if created:
+        # The record and its outbox entry were stored by one script: from here on the job runs whatever
+        # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
+        # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[job_id], queue=s.queue_name)
-        except Exception as exc:
-            services.store.fail(job_id, "could not be queued", allowed_from=[JobStatus.queued])
-            raise HTTPException(
-                503, "the queue is unreachable; the job was not queued, retry later", headers={"Retry-After": "5"}
-            ) from exc
-    return job_id, created
+            services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=s.queue_name)
+            services.store.sent(job_id)
+        except Exception:
+            log.warning("job %s stored but its message not confirmed sent; a worker's sweep will send it", job_id,
+                        exc_info=True)  # fmt: skip
+    return job_id, created, body
 
 
 def preferred_wait_s(prefer_headers: list[str], max_wait_s: float) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -63,5 +64,10 @@ def readyz(services: ServicesDep) -> JSONResponse:
 async def prometheus_metrics(services: ServicesDep) -> Response:
     """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
     waiting = services.events.waiting  # read here, on the event loop that changes it
-    text = await run_in_threadpool(metrics.render, services.store, services.datasets, waiting)
+    redis_up = True
+    try:
+        services.metrics_figures = await run_in_threadpool(metrics.read, services.store, services.datasets)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        redis_up = False  # the last figures read, marked stale: the page answers during an outage
+    text = metrics.render(services.metrics_figures, waiting, redis_up)
     return Response(text, media_type=metrics.CONTENT_TYPE)

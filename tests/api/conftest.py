@@ -13,7 +13,7 @@ def settings(redis_url, key_prefix, tmp_path) -> Settings:
         redis_url=redis_url,
         key_prefix=key_prefix,
         queue_name=f"{key_prefix}-queue",  # no worker listens: jobs stay queued
-        sizes="1024x1024,64x96",
+        image_sizes="1024x1024,96x64",
         local_storage_dir=str(tmp_path / "images"),
         url_signing_secret="s" * 32,
         public_base_url="http://testserver",

@@ -51,7 +51,7 @@ def test_bad_lines_are_reported_by_number_and_nothing_is_stored(client, settings
     r = upload(client, lines)
     assert r.status_code == 422, r.text
     body = r.json()
-    assert body["invalid_lines"] == 3 and "on_invalid=skip" in body["error"]
+    assert body["invalid_lines"] == 3 and "on_invalid=skip" in body["detail"]
     assert [(e["line"], e["field"]) for e in body["lines"]] == [(2, "line"), (3, "steps"), (5, "id")]
     assert "first used on line 1" in body["lines"][2]["message"]
     assert client.get("/v1/datasets").json()["total"] == 0
@@ -70,7 +70,7 @@ def test_skip_runs_the_valid_lines_and_lists_the_rest(client, settings):
 
 def test_nothing_valid_is_refused(client):
     r = upload(client, ["{}", ""], options={"on_invalid": "skip"})
-    assert r.status_code == 422 and "no valid line" in r.json()["error"]
+    assert r.status_code == 422 and "no valid line" in r.json()["detail"]
     assert upload(client, []).status_code == 422
 
 
@@ -81,12 +81,12 @@ def test_input_from_an_object_key(client, settings):
     assert r.status_code == 202, r.text
     assert r.json()["counts"]["total"] == 5
     missing = client.post("/v1/datasets", json={"input_key": "inputs/test/none.jsonl"})
-    assert missing.status_code == 422 and "no object at input_key" in missing.json()["error"]
+    assert missing.status_code == 422 and "no object at input_key" in missing.json()["detail"]
     outside = client.post("/v1/datasets", json={"input_key": "images/x/0.png"})
-    assert outside.status_code == 422 and "must be under 'inputs/test/'" in outside.json()["error"]
+    assert outside.status_code == 422 and "must be under 'inputs/test/'" in outside.json()["detail"]
     climbing = client.post("/v1/datasets", json={"input_key": "inputs/test/../other/prompts.jsonl"})
-    assert climbing.status_code == 422 and "must be under" in climbing.json()["error"]
-    assert client.post("/v1/datasets", json={}).json()["fields"][0]["field"] == "input_key"
+    assert climbing.status_code == 422 and "must be under" in climbing.json()["detail"]
+    assert client.post("/v1/datasets", json={}).json()["errors"][0]["field"] == "input_key"
 
 
 def test_input_key_reads_only_the_tenants_own_folder(client, settings):
@@ -102,11 +102,11 @@ def test_input_key_reads_only_the_tenants_own_folder(client, settings):
     with TestClient(create_app(settings)) as other:
         authorize(other, settings, tenant="testing")  # a tenant whose name starts with the first one's
         r = other.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/test/secret.jsonl"})
-        assert r.status_code == 422 and "must be under 'inputs/testing/'" in r.json()["error"]
+        assert r.status_code == 422 and "must be under 'inputs/testing/'" in r.json()["detail"]
         own = other.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/testing/theirs.jsonl"})
         assert own.status_code == 202, own.text
     r = client.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/testing/theirs.jsonl"})
-    assert r.status_code == 422 and "must be under 'inputs/test/'" in r.json()["error"]
+    assert r.status_code == 422 and "must be under 'inputs/test/'" in r.json()["detail"]
     with TestClient(create_app(settings.model_copy(update={"auth_required": False}))) as single:
         # without API keys there is one tenant, and the whole prefix is its folder
         assert single.post("/v1/datasets", json={**OPTIONS, "input_key": "inputs/test/secret.jsonl"}).status_code == 202
@@ -119,12 +119,12 @@ def test_input_key_reads_only_the_tenants_own_folder(client, settings):
 )  # fmt: skip
 def test_bad_options_name_the_field(client, options, field):
     r = upload(client, GOOD, options=options)
-    assert r.status_code == 422 and r.json()["fields"][0]["field"] == field, r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == field, r.text
 
 
 def test_other_content_types_are_refused_with_a_hint(client):
     r = client.post("/v1/datasets", content=jsonl(GOOD), headers={"content-type": "application/x-ndjson"})
-    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
 
 
 def test_idempotent_submit(client):
@@ -172,7 +172,7 @@ def test_a_tenant_has_at_most_its_cap_of_runs_in_progress(settings, monkeypatch)
         assert [upload(c, GOOD).status_code for _ in range(2)] == [202, 202]
         refused = upload(c, GOOD)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
-        assert "already has 2 data set runs in progress (the limit is 2)" in refused.json()["error"]
+        assert "already has 2 data set runs in progress (the limit is 2)" in refused.json()["detail"]
         assert c.get("/v1/datasets").json()["total"] == 2
         runs = settings.local_storage_dir + "/datasets"
         assert len(list(Path(runs).iterdir())) == 2  # refused before its file was read: nothing stored
@@ -181,7 +181,7 @@ def test_a_tenant_has_at_most_its_cap_of_runs_in_progress(settings, monkeypatch)
         datasets = c.app.state.services.datasets
         monkeypatch.setattr(datasets, "active_count", lambda tenant: 0)
         late = upload(c, GOOD, headers={"Idempotency-Key": "late"})
-        assert late.status_code == 429 and "in progress" in late.json()["error"]
+        assert late.status_code == 429 and "in progress" in late.json()["detail"]
         accepted = {r["id"] for r in c.get("/v1/datasets").json()["datasets"]}
         assert {p.relative_to(runs).parts[0] for p in Path(runs).rglob("*") if p.is_file()} == accepted
         assert datasets.idempotent_run("test", hashlib.sha256(b"late").hexdigest()) is None
@@ -222,5 +222,27 @@ def test_an_upload_over_the_data_set_limit_is_413(settings):
     with TestClient(create_app(small)) as c:
         authorize(c, small)
         r = upload(c, [{"id": f"p{i}", "prompt": "x" * 100} for i in range(100)])
-        assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["error"]
+        assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["detail"]
         assert c.get("/v1/datasets").json()["total"] == 0
+
+
+def test_no_eta_while_no_line_finishes(client, settings):
+    """A run whose lines wait out a recovery (or an outage) finishes none for a while: its status says how
+    long it has stalled and gives no ETA, instead of the last rate's few seconds; the ETA returns with
+    progress. The feeder's progress samples are written here as it writes them."""
+    import time
+
+    run_id = upload(client, [{"id": f"q{i}", "prompt": f"a field {i}"} for i in range(40)]).json()["id"]
+    datasets = client.app.state.services.datasets
+    now = time.time()
+    for t, done in [(-60, 0), (-55, 20), (-50, 30)]:  # 30 lines in 10 s, then nothing for 50 s
+        datasets.sample_rate(run_id, done, now=now + t)
+    for t in range(-45, 0, 5):
+        datasets.sample_rate(run_id, 30, now=now + t)
+    datasets.r.hset(datasets.key(run_id), "succeeded", 30)
+    stalled = client.get(f"/v1/datasets/{run_id}").json()
+    assert stalled["eta_s"] is None and 45 <= stalled["stalled_s"] <= 52, stalled
+    datasets.sample_rate(run_id, 31, now=time.time() + 5)  # a line finished: moving again
+    datasets.r.hset(datasets.key(run_id), "succeeded", 31)
+    moving = client.get(f"/v1/datasets/{run_id}").json()
+    assert moving["stalled_s"] is None and moving["eta_s"] > 0, moving

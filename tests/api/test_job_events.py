@@ -128,21 +128,21 @@ def test_waits_longer_than_allowed_are_capped_or_refused(settings):
         job_id = r.json()["id"]
         too_long = c.get(f"/v1/jobs/{job_id}", params={"wait_s": 2})
         assert too_long.status_code == 422
-        assert "wait_s: at most 0.5 s on this deployment (SDXL_MAX_WAIT_S), got 2" in too_long.json()["error"]
+        assert "wait_s: at most 0.5 s on this deployment (SDXL_MAX_WAIT_S), got 2" in too_long.json()["detail"]
 
 
 @pytest.mark.parametrize("prefer", ["wait=soon", "wait=-1", "wait=nan", "wait=1e999"])
 def test_a_bad_prefer_wait_is_422_and_stores_nothing(client, prefer):
     r = client.post("/v1/jobs", json=GOOD, headers={"Prefer": prefer})
     assert r.status_code == 422, r.text
-    assert r.json()["fields"][0]["field"] == "Prefer" and "not a number of seconds" in r.json()["error"]
+    assert r.json()["errors"][0]["field"] == "Prefer" and "not a number of seconds" in r.json()["detail"]
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
 def test_a_negative_wait_s_is_422(client):
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
     r = client.get(f"/v1/jobs/{job_id}", params={"wait_s": -1})
-    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "wait_s"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "wait_s"
 
 
 def test_an_unknown_or_other_tenants_job_is_404_without_waiting(client, settings):
@@ -192,7 +192,7 @@ def served(redis_url, tmp_path):
 
     from tests.servers import ApiProcess, settings_from, standin_env
 
-    _, env = standin_env(redis_url, tmp_path, "uv", SDXL_SIZES="64x96")
+    _, env = standin_env(redis_url, tmp_path, "uv", SDXL_IMAGE_SIZES="96x64")
     settings = settings_from(env)
     api = ApiProcess(env, tmp_path / "api.log")
     api.start()

@@ -99,13 +99,13 @@ def test_bad_requests_name_the_field(client, body, field, hint):
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 422, r.text
     payload = r.json()
-    assert any(f["field"] == field for f in payload["fields"]), payload
-    assert hint in payload["error"] and field in payload["error"]
+    assert any(f["field"] == field for f in payload["errors"]), payload
+    assert hint in payload["detail"] and field in payload["detail"]
 
 
 def test_malformed_json_is_422(client):
     r = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
 
 
 def test_models_and_health(client):
@@ -151,7 +151,7 @@ def test_redis_down_is_503_with_retry_after(settings):
     with TestClient(create_app(down)) as c:
         r = c.post("/v1/jobs", json=GOOD, headers={"Authorization": "Bearer sdxl_any_key"})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
-    assert "unreachable" in r.json()["error"]
+    assert "unreachable" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------- access
@@ -210,18 +210,25 @@ def test_another_tenants_job_is_404_everywhere(client, settings):
     assert client.get(f"/v1/jobs/{mine}").json()["status"] == "queued"  # untouched
 
 
-def test_rate_limit_is_429_with_retry_after(settings):
+def test_rate_limits_count_reads_and_writes_apart(settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
     from tests.servers import authorize
 
-    with TestClient(create_app(settings.model_copy(update={"rate_limit_per_min": 3}))) as c:
+    limits = {"rate_limit_per_min": 2, "read_rate_limit_per_min": 3}
+    with TestClient(create_app(settings.model_copy(update=limits))) as c:
         authorize(c, settings)
         codes = [c.get("/v1/jobs").status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
         r = c.get("/v1/jobs")
-        assert 1 <= int(r.headers["Retry-After"]) <= 61 and "3 requests per minute" in r.json()["detail"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 61
+        assert "3 read requests per minute" in r.json()["detail"] and "?wait_s=" in r.json()["detail"]
+        # polling used up the reads, not the writes
+        writes = [c.post("/v1/jobs", json=GOOD).status_code for _ in range(3)]
+        assert writes == [202, 202, 429]
+        r = c.post("/v1/jobs", json=GOOD)
+        assert "2 write requests per minute" in r.json()["detail"] and "wait_s" not in r.json()["detail"]
 
 
 def test_queued_cap_is_429(settings):
@@ -252,7 +259,25 @@ def test_queued_cap_is_429(settings):
 def test_oversized_body_is_413(client):
     r = client.post("/v1/jobs", content=b'{"prompt": "' + b"x" * 70_000 + b'"}',
                     headers={"Content-Type": "application/json"})  # fmt: skip
-    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"]
+    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["detail"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_too(client):
+    """No Content-Length (chunked): the limit is counted on the stream, and the answer is still a 413 problem,
+    not the 400 "error parsing the body" the app gives when its body read is cut off."""
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = client.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.headers["content-type"] == "application/problem+json" and r.json()["status"] == 413
+    small = client.post("/v1/jobs", content=iter([b'{"prompt": "a', b' cat", "steps": 2}']),
+                        headers={"Content-Type": "application/json"})  # fmt: skip
+    assert small.status_code == 202, small.text
 
 
 def test_keys_command(settings, monkeypatch, capsys):
@@ -279,7 +304,7 @@ def test_keys_command(settings, monkeypatch, capsys):
 
 def test_webhook_url_is_checked_at_submit(client, settings):
     r = client.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"})
-    assert r.status_code == 422 and "webhooks are not configured" in r.json()["error"]
+    assert r.status_code == 422 and "webhooks are not configured" in r.json()["detail"]
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -288,6 +313,6 @@ def test_webhook_url_is_checked_at_submit(client, settings):
     with TestClient(create_app(settings.model_copy(update={"webhook_secret": "whsec_" + "A" * 32}))) as c:
         authorize(c, settings)
         bad = c.post("/v1/jobs", json={**GOOD, "webhook_url": "http://169.254.169.254/latest"})
-        assert bad.status_code == 422 and bad.json()["fields"][0]["field"] == "webhook_url"
-        assert "non-public address" in bad.json()["error"]
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "webhook_url"
+        assert "non-public address" in bad.json()["detail"]
         assert c.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202

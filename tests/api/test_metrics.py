@@ -50,3 +50,37 @@ def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings)
     assert got['sdxl_worker_start_time_seconds{worker="host-a-1"}'] == 1000
     assert got['sdxl_worker_rows_total{worker="odd \\"name\\""}'] == 0  # label values escaped
     assert "api key" not in r.text.lower()
+
+
+def test_metrics_and_healthz_answer_during_a_redis_outage(tmp_path, settings):
+    """Redis killed under the API: /healthz stays 200, and /metrics stays 200 with the process' own figures
+    and the last Redis figures marked stale (sdxl_redis_up 0, their age)."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from common import redis_server
+    from tests.servers import authorize, free_port
+
+    port = free_port()
+    server = redis_server.start_embedded(tmp_path / "valkey", port)
+    local = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    try:
+        with TestClient(create_app(local)) as client:
+            authorize(client, local)
+            assert client.post("/v1/jobs", json=GOOD).status_code == 202
+            before = samples(client.get("/metrics").text)
+            assert before["sdxl_redis_up"] == 1 and before["sdxl_jobs_queued"] == 1
+            server.terminate()
+            time.sleep(0.2)
+            assert client.get("/healthz").status_code == 200
+            r = client.get("/metrics")
+            assert r.status_code == 200
+            during = samples(r.text)
+            assert during["sdxl_redis_up"] == 0 and during["sdxl_jobs_queued"] == 1  # stale, and said so
+            assert during["sdxl_redis_figures_age_seconds"] >= 0.2
+            assert "sdxl_api_waiting_requests" in during
+            assert client.post("/v1/jobs", json=GOOD).status_code == 503  # the job API itself refuses
+    finally:
+        server.terminate()

@@ -17,10 +17,32 @@ def test_settings_refuse_a_visibility_timeout_shorter_than_a_job_is_held():
         Settings(batch_timeout_s=10, visibility_timeout_s=20)
 
 
-def test_sizes_are_height_x_width():
-    assert parse_sizes("1024x1024, 832x1216") == [(1024, 1024), (832, 1216)]
-    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+def test_sizes_are_written_width_x_height():
+    # (height, width) pairs inside: 1216x832 is landscape, 1216 wide
+    assert parse_sizes("1024x1024, 1216x832") == [(1024, 1024), (832, 1216)]
+    assert Settings(image_sizes="1216x832,1024x1024").served_sizes[0] == (832, 1216)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_sizes("1024")
+
+
+def test_the_old_sizes_setting_is_refused_with_its_new_spelling(monkeypatch):
+    import pydantic
+
+    monkeypatch.setenv("SDXL_SIZES", "832x1216,1024x1024")  # HEIGHTxWIDTH: 832 high, 1216 wide
+    with pytest.raises(pydantic.ValidationError, match="SDXL_IMAGE_SIZES=1216x832,1024x1024"):
+        Settings()
+
+
+def test_absent_width_and_height_take_the_first_served_size():
+    from common.jobs import JobRequest, LimitError, with_size
+
+    sizes = Settings(image_sizes="1216x832,1024x1024,832x1216").served_sizes
+    fill = lambda **kw: with_size(JobRequest(prompt="p", **kw), sizes)  # noqa: E731
+    assert (fill().width, fill().height) == (1216, 832)
+    assert (fill(width=1024).width, fill(width=1024).height) == (1024, 1024)
+    assert (fill(height=1216).width, fill(height=1216).height) == (832, 1216)
+    with pytest.raises(LimitError, match="no served size has width 640"):
+        fill(width=640)
 
 
 def test_model_variant_is_a_plain_name():

@@ -34,7 +34,9 @@ class Rig:
         self.storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
         self.engine = RiggedEngine([(64, 64)], 4, batch_s)
         self.loop = DeviceLoop(self.engine, self.store, self.storage, batch_timeout_s=0.05)
-        self.settings = Settings(redis_url=redis_url, key_prefix=prefix, sizes="64x64", url_signing_secret="s" * 32)
+        self.settings = Settings(
+            redis_url=redis_url, key_prefix=prefix, image_sizes="64x64", url_signing_secret="s" * 32
+        )
         self.sent: list[str] = []
         self.max_inflight = 0
         self.feeder = self.make_feeder(depth)

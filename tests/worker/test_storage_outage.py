@@ -61,3 +61,21 @@ def test_a_long_outage_fails_the_job_with_the_reason_and_never_leaves_it_running
     (job,) = jobs(client, [job_id])
     assert job["attempts"] == 2  # requeued once after the first failed upload, then given up
     assert "upload failed" in job["error"] and "attempt 2 of 2" in job["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", [{}], indirect=True)  # the default retry settings
+def test_a_60_s_outage_under_load_loses_nothing_and_leaves_nothing_running(stack):
+    """SeaweedFS down for 60 s while two batches upload: with the default settings every job succeeds once
+    storage is back (uploads back off to 8 s between tries; a run that runs out of tries goes back to the
+    queue), none is left running, and the worker logs the outage once, not once per retry."""
+    client, s3, worker = stack
+    ids = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(8)]
+    wait_for(lambda: "running" in {j["status"] for j in jobs(client, ids)})
+    s3.stop()
+    time.sleep(60)
+    s3.start()
+    wait_for(lambda: {j["status"] for j in jobs(client, ids)} == {"succeeded"}, timeout_s=120)
+    assert all(j["attempts"] <= 2 and len(j["images"]) == 1 for j in jobs(client, ids))
+    log = worker.log_tail(200_000)
+    assert log.count("uploads: storage unreachable") <= 2, log[-3000:]  # once per spell (a requeue may split it)

@@ -47,3 +47,40 @@ def test_finished_jobs_leave_the_running_set(store):
     store.transition(job_id, JobStatus.canceled)
     time.sleep(0.3)
     assert store.overdue() == []
+
+
+def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store):
+    """Held by a worker with no heartbeat: each job, running or still queued, is re-issued (generation 1) and
+    its held set dropped; a live worker's held jobs and ended jobs are left alone."""
+    from common.worker_status import key as status_key
+    from worker.sweeper import reissue_dead_workers
+
+    running, buffered, ended, alive = started(store), store.create(JobRequest(prompt="x", seed=2))[0], started(
+        store), started(store)  # fmt: skip
+    store.transition(ended, JobStatus.succeeded)
+    for job_id in (running, buffered, ended):
+        store.hold("dead-worker", job_id)
+    store.hold("live-worker", alive)
+    store.r.set(status_key(store.prefix, "live-worker"), '{"name": "live-worker"}', ex=15)
+    sent = []
+    assert sorted(reissue_dead_workers(store, sent.append)) == sorted([running, buffered])
+    assert sorted((j.id, j.generation) for j in sent) == sorted([(running, 1), (buffered, 1)])
+    assert store.status(running) == JobStatus.queued and store.get(running).generation == 1
+    assert store.status(ended) == JobStatus.succeeded and store.get(alive).generation == 0
+    assert not store.r.exists(store.held_key("dead-worker")) and store.r.exists(store.held_key("live-worker"))
+    assert reissue_dead_workers(store, sent.append) == []  # idempotent
+
+
+def test_unsent_submits_get_their_message_from_the_outbox(store):
+    """A job stored with its outbox entry but never confirmed sent: after the grace period the sweep sends
+    it once; a confirmed one, or one canceled meanwhile, is only cleared."""
+    from worker.sweeper import relay_outbox
+
+    unsent, confirmed, canceled = (store.create(JobRequest(prompt="x", seed=i))[0] for i in range(3))
+    store.sent(confirmed)
+    store.transition(canceled, JobStatus.canceled)
+    sent = []
+    assert relay_outbox(store, sent.append, older_than_s=60) == []  # still within the grace period
+    assert relay_outbox(store, sent.append, older_than_s=0) == [unsent] and [j.id for j in sent] == [unsent]
+    assert store.r.zcard(store.key("outbox")) == 0
+    assert relay_outbox(store, sent.append, older_than_s=0) == []

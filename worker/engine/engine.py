@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import program, schedule
+from worker.engine import cache, compile_log, program, schedule
 from worker.engine.model import Model, public_config
 from worker.engine.schedule import MAX_STEPS, Scheduler
 
@@ -93,6 +93,7 @@ class Engine:
         devices: Sequence[Any] | None = None,
         attention: str = "einsum",
         aot_dir: str | Path | None = None,
+        aot_key: bytes | None = None,
     ):
         if model.weights_dropped:
             raise EngineInputError("model", "its host weights were dropped once placed (drop_host_weights); reload it")
@@ -133,6 +134,9 @@ class Engine:
         self.compile_s: dict[str, float] = {}
         # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
         self.aot_dir = Path(aot_dir) if aot_dir else None
+        # each file sealed with this key, checked before it is unpickled (worker/engine/cache.py)
+        self.aot_key = (aot_key or cache.signing_key()) if self.aot_dir else None
+        compile_log.install()  # tells a real compile from a persistent-cache hit (_load_or_compile)
         self.aot_loaded = 0
         self._tokens = functools.lru_cache(maxsize=4096)(self._tokenize_one)
 
@@ -183,18 +187,29 @@ class Engine:
         from jax.experimental import serialize_executable
 
         if path is not None and path.exists():
+            assert self.aot_key is not None
             try:
-                blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+                payload = cache.unseal(path.read_bytes(), self.aot_key)
+                if payload is None:
+                    path.unlink(missing_ok=True)  # checked at every start otherwise; the compile below rewrites it
+                    raise ValueError("not sealed with this deployment's key (SDXL_CACHE_SIGNING_KEY): not unpickled")
+                blob, in_tree, out_tree = pickle.loads(payload)
                 loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
                 self.aot_loaded += 1
                 return loaded
-            except Exception:  # stale or unreadable: compile as if it were not there
+            except Exception:  # stale, unreadable or foreign: compile as if it were not there
                 log.warning("could not load %s; compiling instead", path, exc_info=True)
+        hits_before = compile_log.snapshot().cache_hits
         compiled = lower().compile()
-        if path is not None:
+        if path is not None and compile_log.snapshot().cache_hits > hits_before:
+            # JAX's persistent cache served it: such an executable does not serialize whole (on the CPU, the
+            # loaded file then fails at dispatch: "Function ... not found"), so only a real compile is kept.
+            log.info("%s came from JAX's cache; not serialized (the next real compile writes it)", path.name)
+        elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(pickle.dumps(serialize_executable.serialize(compiled)))
+            assert self.aot_key is not None
+            tmp.write_bytes(cache.seal(pickle.dumps(serialize_executable.serialize(compiled)), self.aot_key))
             os.replace(tmp, path)
         return compiled
 
@@ -257,8 +272,8 @@ class Engine:
 
     def validate(self, row: Row, height: int, width: int) -> None:
         if (height, width) not in self.sizes:
-            served = ", ".join(f"{h}x{w}" for h, w in self.sizes)
-            raise EngineInputError("size", f"{height}x{width} is not served; served sizes: {served}")
+            served = ", ".join(f"{w}x{h}" for h, w in self.sizes)
+            raise EngineInputError("size", f"{width}x{height} is not served; served sizes (width x height): {served}")
         if row.scheduler not in set(Scheduler):
             raise EngineInputError(
                 "scheduler", f"{row.scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}"

@@ -40,7 +40,7 @@ from common.settings import Settings
 from worker.engine.engine import Engine, EngineInputError, Row
 from worker.main import build_engine
 args = json.loads(sys.argv[1])
-engine = build_engine(Settings(model=args["tiny"], sizes="64x64", batch_rows=4, compile_cache_dir=args["cache"]))
+engine = build_engine(Settings(model=args["tiny"], image_sizes="64x64", batch_rows=4, compile_cache_dir=args["cache"]))
 leaves = jax.tree_util.tree_leaves(engine.model.params)
 rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
         Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
@@ -92,13 +92,56 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     np.testing.assert_array_equal(img_cold, img_warm)
 
 
-def test_a_stale_serialized_executable_is_recompiled_not_trusted(tmp_path, tiny_dir):
+
+
+class _Planted:
+    """A pickle that, once unpickled, touches a file: what a writer of a shared cache could plant."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir):
+    import pickle
+
+    from worker.engine import cache as aot_cache
+
     cache = tmp_path / "cache"
     _run(tmp_path, tiny_dir, 1, "first", cache)
-    for path in cache.rglob("executables/*.bin"):
-        path.write_bytes(b"not a pickle")
+    marker = tmp_path / "pwned"
+    planted = pickle.dumps(_Planted(str(marker)))
+    files = list(cache.rglob("executables/*.bin"))
+    assert files
+    for i, path in enumerate(files):  # one unsealed, the others sealed with a key this deployment lacks
+        path.write_bytes(planted if i == 0 else aot_cache.seal(planted, b"someone-else's-key-0123"))
     again, _ = _run(tmp_path, tiny_dir, 1, "again", cache)
-    assert again["aot_loaded"] == 0  # unreadable: compiled (from JAX's cache), not crashed
+    assert again["aot_loaded"] == 0 and not marker.exists()
+    assert not any(p.exists() for p in files)  # refused files are deleted, not checked at every start
+    # JAX's cache answered those compiles: its executables do not serialize whole, so none was written.
+    # Without it, the next start compiles for real and writes sealed files, which the one after loads.
+    for entry in cache.rglob("*"):
+        if entry.is_file() and entry.parent.name not in ("executables", "weights", "shapes"):
+            entry.unlink()
+    third, _ = _run(tmp_path, tiny_dir, 1, "third", cache)
+    assert third["aot_loaded"] == 0 and third["cache_hits"] == 0
+    assert all(aot_cache.unseal(p.read_bytes(), aot_cache.signing_key()) for p in files)
+    fourth, _ = _run(tmp_path, tiny_dir, 1, "fourth", cache)
+    assert fourth["aot_loaded"] == 2
+
+
+def test_seals_detect_any_change():
+    from worker.engine.cache import seal, unseal
+
+    sealed = seal(b"payload", b"k" * 32)
+    assert unseal(sealed, b"k" * 32) == b"payload"
+    assert unseal(sealed, b"j" * 32) is None
+    assert unseal(sealed[:-1] + b"X", b"k" * 32) is None
+    assert unseal(b"payload", b"k" * 32) is None
 
 
 def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
