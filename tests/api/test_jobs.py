@@ -316,3 +316,21 @@ def test_webhook_url_is_checked_at_submit(client, settings):
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "webhook_url"
         assert "non-public address" in bad.json()["detail"]
         assert c.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202
+
+
+def test_malformed_json_names_the_body_not_a_character_offset(client):
+    r = client.post("/v1/jobs", content=b'{"prompt": "a cat",, }', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    (error,) = r.json()["errors"]
+    assert error["field"] == "body" and "not valid JSON" in error["message"], r.json()
+
+
+def test_absent_width_and_height_are_the_first_served_size(client, settings):
+    r = client.post("/v1/jobs", json={"prompt": "a cat", "steps": 2})
+    assert r.status_code == 202, r.text
+    (h, w) = settings.served_sizes[0]
+    assert (r.json()["request"]["width"], r.json()["request"]["height"]) == (w, h)
+    narrow = client.post("/v1/jobs", json={"prompt": "a cat", "width": 96})  # only 96x64 has width 96
+    assert (narrow.json()["request"]["width"], narrow.json()["request"]["height"]) == (96, 64)
+    unserved = client.post("/v1/jobs", json={"prompt": "a cat", "height": 333})
+    assert unserved.status_code == 422 and unserved.json()["errors"][0]["field"] == "height"
