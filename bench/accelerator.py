@@ -6,11 +6,12 @@
     python bench/accelerator.py --part jax --preset tiny --size 256x256 --steps 2 --batches 2,1 --out /tmp/a.json
 
 The full SDXL architecture with random bf16 weights, 20 Euler steps, batches 4, 1 and 8 (the first is the
-main one): our engine with cuDNN flash attention (`jax.nn.dot_product_attention`) and with diffusers'
-einsum attention, the reference's path (diffusers' FlaxStableDiffusionXLPipeline, replicated params,
-jit=True), and, in a process of its own so the two frameworks' allocators never meet, PyTorch diffusers'
-StableDiffusionXLPipeline (eager; torch.compile with --torch-compile). Results are written to --out after
-every step, so a run cut short still reports.
+main one): our engine (our own model code) with cuDNN flash attention (`jax.nn.dot_product_attention`), the
+split-head einsum and the plain einsum (splash instead of cuDNN on a TPU), the seed's path (diffusers
+0.39's FlaxStableDiffusionXLPipeline with split_head_dim=True on the same folder of weights, replicated
+params, jit=True: bench/seed_path.py), and, in a process of its own so the two frameworks' allocators never
+meet, PyTorch diffusers' StableDiffusionXLPipeline (eager; torch.compile with --torch-compile). Results are
+written to --out after every step, so a run cut short still reports.
 
 Order, because a lease is short (JAX process):
  0. the model folder is written (random fp16 safetensors; not part of any start);
@@ -221,7 +222,12 @@ def run_warm_start(args: argparse.Namespace, report: Report) -> None:
 
 def run_jax(args: argparse.Namespace, report: Report) -> None:
     import jax
-    from engine import flops_per_image, reference_pipeline  # bench/engine.py
+    from engine import flops_per_image  # bench/engine.py
+    from seed_path import build as seed_build  # the seed's diffusers 0.39 Flax path (the wheels in /tmp/site)
+
+    def reference_pipeline(_m: Any, steps: int, batch: int, h: int, w: int) -> Any:
+        """The seed's path on the same folder of weights (its own copy on the device)."""
+        return seed_build(args.model_dir, h, w, batch, steps, "bfloat16")
 
     from worker.engine.engine import Engine
 
@@ -438,7 +444,11 @@ def main() -> None:
     p.add_argument("--size", default="1024x1024")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batches", default="4,1,8", help="the first is the main one (cold/warm start, reference)")
-    p.add_argument("--attentions", default="auto", help="comma list; auto: cudnn,einsum on NVIDIA GPUs, else einsum")
+    p.add_argument(
+        "--attentions",
+        default="auto",
+        help="comma list; auto: cudnn,split_head,einsum on NVIDIA GPUs, splash,split_head,einsum on TPUs",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the chip (H100/H200: 989)")
     p.add_argument("--budget-s", type=float, default=400, help="start no step that would end after this")
@@ -476,7 +486,8 @@ def main() -> None:
         args.backend_init_s = time.perf_counter() - t0
         args.untimed_s = 0.0
         if args.attentions == "auto":
-            args.attentions = "cudnn,einsum" if gpu else "einsum"
+            tpu = jax.devices()[0].platform == "tpu"
+            args.attentions = "cudnn,split_head,einsum" if gpu else "splash,split_head,einsum" if tpu else "einsum"
         args.attentions = args.attentions.split(",")
         (run_warm_start if args.part == "warm-start" else run_jax)(args, report)
     except Exception as exc:

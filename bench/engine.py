@@ -4,11 +4,15 @@
     python bench/engine.py --preset sdxl --size 1024x1024 --batch 4 --peak-tflops 989   # an accelerator
 
 Method (docs/benchmarks.md):
-- Both paths run the same model object (random weights of a preset; `sdxl` is the full SDXL architecture),
-  the same dtype, device(s), batch, size and steps (Euler). The reference path is the blog's: diffusers'
-  FlaxStableDiffusionXLPipeline with replicated parameters, `jit=True` (pmap over the devices).
-- Each path is compiled and run once untimed; then rounds alternate ours / reference so both see the same
-  machine noise; the median of each is reported, and the ratio reference / ours (> 1: ours is faster).
+- Both paths read the same weights: the preset (random weights; `sdxl` is the full SDXL architecture) written
+  once as a diffusers folder of safetensors, and run the same dtype, device(s), batch, size and steps
+  (Euler). Ours: worker/engine (our own modules, `--attention`). The reference is the seed's own path,
+  the blog's: diffusers 0.39's FlaxStableDiffusionXLPipeline with `split_head_dim=True`, replicated
+  parameters, `jit=True` (pmap over the devices), in its own environment (.venv-reference, `scripts/setup.sh
+  reference`), a child process driven one call at a time (bench/seed_path.py).
+- Each path is compiled and run once (timed: "compile and first run", and their ratio); then rounds
+  alternate ours / reference so both see the same machine noise; the median of each is reported, and the
+  ratio reference / ours (> 1: ours is faster).
 - Start-up: two fresh processes build the engine with a new persistent compile cache and executable store
   (as the worker does): the first compiles (cold), the second loads (warm). From process start to ready.
 - FLOPs per image from XLA's cost analysis of the UNet (x steps), the text encoders and the VAE decode,
@@ -83,69 +87,62 @@ def flops_per_image(m, hw: tuple[int, int], batch: int, steps: int) -> float | N
     b = batch
     f = m.vae_scale_factor
     c, lh, lw = m.latent_channels, hw[0] // f, hw[1] // f
-    ctx_dim = m.unet.cross_attention_dim
-    pooled = m.text_encoder_2.config.projection_dim
     spec = jax.ShapeDtypeStruct
     params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), m.params)
-
-    def unet(p, x, t, ctx, te, ti):
-        return m.unet.apply({"params": p}, x, t, ctx, added_cond_kwargs={"text_embeds": te, "time_ids": ti})
-
-    u = jax.jit(unet).lower(
+    unet, vae = m.configs.module("unet", m.dtype), m.configs.module("vae", m.dtype_of("vae"))
+    te1, te2 = m.configs.module("text_encoder", m.dtype), m.configs.module("text_encoder_2", m.dtype)
+    u = jax.jit(lambda p, *x: unet.apply({"params": p}, *x)).lower(
         params["unet"], spec((2 * b, c, lh, lw), m.dtype), spec((2 * b,), jnp.float32),
-        spec((2 * b, 77, ctx_dim), m.dtype), spec((2 * b, pooled), m.dtype), spec((2 * b, 6), m.dtype),
+        spec((2 * b, 77, m.unet.cross_attention_dim), m.dtype), spec((2 * b, m.unet.pooled_width), m.dtype),
+        spec((2 * b, m.unet.time_ids), jnp.float32),
     )  # fmt: skip
-    vae = jax.jit(lambda p, z: m.vae.apply({"params": p}, z, method=m.vae.decode)).lower(
+    v = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(
         params["vae"], spec((b, c, lh, lw), m.dtype)
     )
     te = jax.jit(
-        lambda p1, p2, i: (
-            m.text_encoder(i, params=p1).last_hidden_state,
-            m.text_encoder_2(i, params=p2).text_embeds,
-        )
+        lambda p1, p2, i: (te1.apply({"params": p1}, i), te2.apply({"params": p2}, i))
     ).lower(params["text_encoder"], params["text_encoder_2"], spec((2 * b, 77), jnp.int32))
-    costs = [lowered.cost_analysis() for lowered in (u, vae, te)]
+    costs = [lowered.cost_analysis() for lowered in (u, v, te)]
     if any(cost is None or "flops" not in cost for cost in costs):
         return None
     unet_flops, vae_flops, te_flops = (float(cost["flops"]) for cost in costs)
     return (steps * unet_flops + vae_flops + te_flops) / b
 
 
-def reference_pipeline(m, steps: int, batch: int, h: int, w: int):
-    """The blog's path: FlaxStableDiffusionXLPipeline, params replicated per device, pmap via jit=True."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from diffusers import FlaxEulerDiscreteScheduler, FlaxStableDiffusionXLPipeline
+REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
 
-    from worker.engine import tiny
 
-    n = jax.local_device_count()
-    config = {k: v for k, v in tiny.SCHEDULER.items() if not k.startswith("_")}
-    scheduler = FlaxEulerDiscreteScheduler.from_config(config)
-    pipe = FlaxStableDiffusionXLPipeline(
-        text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, vae=m.vae, tokenizer=m.tokenizer,
-        tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=scheduler, dtype=m.dtype,
-    )  # fmt: skip
-    params = dict(m.params)
-    params["scheduler"] = scheduler.create_state()
-    # flax.jax_utils.replicate used device_put_replicated, gone in JAX 0.10: stack a copy per device on the
-    # host and hand the slices to the devices once (an identity pmap), as the blog's replicate did; host
-    # arrays passed to the pipeline would be copied to the devices again on every call.
-    stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), params)
-    replicated = jax.pmap(lambda tree: tree)(stacked)
-    del stacked
-    prompts = [f"a photo of thing number {i}" for i in range(batch)]
-    ids = pipe.prepare_inputs(prompts).reshape(n, batch // n, 2, 77)
-    neg = pipe.prepare_inputs(["blurry"] * batch).reshape(n, batch // n, 2, 77)
-    rng = jax.random.split(jax.random.PRNGKey(0), n)
+class SeedPath:
+    """bench/seed_path.py in .venv-reference, on the same folder of weights, driven one call at a time."""
 
-    def run():
-        out = pipe(ids, replicated, rng, num_inference_steps=steps, guidance_scale=5.0, height=h, width=w,
-                   neg_prompt_ids=neg, jit=True).images  # fmt: skip
-        return np.asarray(jnp.asarray(out))
+    def __init__(self, folder: Path, args: argparse.Namespace, dtype: str):
+        if not REFERENCE_PYTHON.exists():
+            raise SystemExit("no .venv-reference: run `scripts/setup.sh reference` first (or pass --no-reference)")
+        cmd = [str(REFERENCE_PYTHON), str(ROOT / "bench" / "seed_path.py"), "--folder", str(folder), "--size",
+               args.size, "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", dtype]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        line = self._line()
+        if not line.startswith("ready "):
+            raise SystemExit(f"seed path did not start: {line}")
+        self.ready = json.loads(line.removeprefix("ready "))
 
-    return run
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"seed path exited with {self.proc.wait()}")
+        return line.strip()
+
+    def __call__(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())["batch_s"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -158,6 +155,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the fraction")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--attention", default="auto", help="our engine's attention (worker/engine/attention.py)")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)
@@ -180,28 +178,40 @@ def main() -> None:
     }  # fmt: skip
     if not args.no_start:
         result.update(measure_start(args))
-    m = model.from_preset(args.preset, _dtype(args.dtype))
-    result["dtype"] = m.dtype.__name__ if hasattr(m.dtype, "__name__") else str(m.dtype)
-    engine = Engine(m, [args.hw], args.batch)
+    dtype = _dtype(args.dtype)
+    dtype_name = np.dtype(dtype).name
+    result["dtype"] = dtype_name
+    # Both paths read the same weights: the preset written once as a diffusers folder of safetensors.
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{args.preset}-"))
+    from worker.engine import tiny
+
+    tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
+    m = model.load_folder(folder, dtype)
+    engine = Engine(m, [args.hw], args.batch, attention=args.attention)
+    result["attention"] = engine.attention
     t0 = time.perf_counter()
     engine.compile()
-    result["ours_compile_s"] = time.perf_counter() - t0
     rows = [Row(f"a photo of thing number {i}", "blurry", seed=i, steps=args.steps) for i in range(args.batch)]
-    ours = lambda: engine.generate(rows, *args.hw)  # noqa: E731
-    ours()
+    engine.generate(rows, *args.hw)
+    result["ours_compile_and_first_run_s"] = time.perf_counter() - t0
+
+    def ours() -> float:
+        t = time.perf_counter()
+        engine.generate(rows, *args.hw)
+        return time.perf_counter() - t
+
     runners = {"ours": ours}
+    seed = None
     if not args.no_reference:
-        ref = reference_pipeline(m, args.steps, args.batch, *args.hw)
-        t0 = time.perf_counter()
-        ref()
-        result["reference_compile_and_first_run_s"] = time.perf_counter() - t0
-        runners["reference"] = ref
+        seed = SeedPath(folder, args, dtype_name)
+        result["reference_compile_and_first_run_s"] = seed.ready["compile_and_first_run_s"]
+        runners["reference"] = seed
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # alternating, one call each: both see the same machine noise
         for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(run())
+    if seed is not None:
+        seed.close()
     for name, ts in times.items():
         med = statistics.median(ts)
         result[f"{name}_batch_s"] = med
@@ -209,6 +219,9 @@ def main() -> None:
         result[f"{name}_images_per_s"] = args.batch / med
     if "reference" in times:
         result["speedup_vs_reference"] = result["reference_batch_s"] / result["ours_batch_s"]
+        result["compile_ratio_reference_over_ours"] = (
+            result["reference_compile_and_first_run_s"] / result["ours_compile_and_first_run_s"]
+        )
     flops = flops_per_image(m, args.hw, args.batch, args.steps)
     if flops:
         result["tflop_per_image"] = flops / 1e12

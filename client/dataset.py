@@ -42,6 +42,21 @@ class Refused(Exception):
     """The service refused the input; the message lists what to fix."""
 
 
+class Answered(Exception):
+    """An HTTP error answer. Raised by _check rather than httpx's raise_for_status: the client may be an
+    httpx-compatible one of another package (starlette's TestClient is built on httpx2 where that is
+    installed, and huggingface_hub 2 installs it), whose HTTPStatusError is another class."""
+
+    def __init__(self, response: Any):
+        super().__init__(f"{response.status_code} from {response.request.method} {response.request.url}")
+        self.response = response
+
+
+def _check(response: Any) -> None:
+    if response.status_code >= 400:
+        raise Answered(response)
+
+
 class Unreachable(Exception):
     """The service did not answer (or kept answering 429/5xx) for the whole patience."""
 
@@ -74,7 +89,7 @@ class DatasetRunner:
                 return call()
             except httpx.TransportError as exc:
                 why, wait_s = type(exc).__name__, backoff_s
-            except httpx.HTTPStatusError as exc:
+            except Answered as exc:
                 if exc.response.status_code not in TRANSIENT:
                     raise
                 why = str(exc.response.status_code)
@@ -88,7 +103,7 @@ class DatasetRunner:
     def _get_json(self, path: str) -> Any:
         def get() -> Any:
             r = self.http.get(path)
-            r.raise_for_status()
+            _check(r)
             return r.json()
 
         return self._patiently(f"GET {path}", get)
@@ -114,7 +129,7 @@ class DatasetRunner:
                     timeout=max(600.0, self.http.timeout.read or 0),  # a large file is validated before the answer
                 )
             if r.status_code >= 500:
-                r.raise_for_status()  # 502/503/504 are waited out; a 429 here is a limit to report (below)
+                _check(r)  # 502/503/504 are waited out; a 429 here is a limit to report (below)
             return r
 
         r = self._patiently("submitting", post)
@@ -127,7 +142,7 @@ class DatasetRunner:
             message = body.get("detail") or r.text  # RFC 9457 problem details (api/errors.py)
             retry = f" (the server says retry in {r.headers['Retry-After']} s)" if "Retry-After" in r.headers else ""
             raise Refused(f"{r.status_code}: {message}{retry}{lines}")
-        r.raise_for_status()
+        _check(r)
         run_id = r.json()["id"]
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
@@ -158,7 +173,7 @@ class DatasetRunner:
 
             def download(url: str = url, part: Path = part) -> None:
                 with httpx.stream("GET", url, timeout=self.http.timeout) as response, part.open("wb") as f:
-                    response.raise_for_status()
+                    _check(response)
                     for block in response.iter_bytes(1 << 20):
                         f.write(block)
 

@@ -41,7 +41,7 @@ class DatasetDefaults(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # absent or null: none; "" is the empty string, encoded
     width: int | None = None  # absent (here and on the line): the deployment's first served size
     height: int | None = None
     steps: int = Field(20, ge=1, le=150)

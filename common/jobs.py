@@ -51,7 +51,11 @@ class JobRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
     prompt: str = Field(min_length=1, description="What to draw.")
-    negative_prompt: str = Field("", description="What to avoid; empty means none.")
+    negative_prompt: str | None = Field(
+        None,
+        description='What to avoid. Absent or null: none (zero embeddings on SDXL base, as diffusers does); "" is '
+        "the empty string, encoded like any text.",
+    )
     width: int | None = Field(
         None, description="Pixels; one of the served sizes (GET /v1/models). Absent: the first served size."
     )
@@ -106,7 +110,7 @@ def check_limits(
     if request.num_images > max_images:
         raise LimitError("num_images", f"at most {max_images} per job, got {request.num_images}")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(request, name)) > max_prompt_chars:
+        if len(getattr(request, name) or "") > max_prompt_chars:
             raise LimitError(name, f"at most {max_prompt_chars} characters")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")

@@ -45,12 +45,20 @@ class Settings(BaseSettings):
     # the visibility timeout, so Celery's own redelivery of a dead worker's jobs comes first.
     running_deadline_s: int = Field(900, ge=10)
     # --- model and batching (worker)
-    model: str = "tiny"  # 'tiny', a diffusers folder, a hub id, or 'standin' (benchmarks of the queue only)
+    # 'tiny', a diffusers folder, a single-file checkpoint (sd_xl_base_1.0.safetensors layout), a hub id, or
+    # 'standin' (benchmarks of the queue only)
+    model: str = "tiny"
+    # a single-file checkpoint's configs, tokenizers and scheduler from this diffusers folder instead of SDXL's
+    # defaults (as diffusers' from_single_file(config=...)); '': inferred from the tensors, SDXL's defaults
+    model_config_dir: str = ""
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # the VAE's weights and compute. auto: the model's dtype (bfloat16 has float32's range, so the VAE's
+    # force_upcast, which guards float16, does not apply); float32: a float32 decode on a bfloat16 model
+    vae_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # served sizes, WIDTHxHEIGHT, comma-separated; each is compiled at worker start. The first is what a job
     # that names no size gets.
     image_sizes: str = "1024x1024"
@@ -70,10 +78,11 @@ class Settings(BaseSettings):
     # a restart maps them instead of converting (SDXL: the weights' share of a warm start; about the size of
     # the fp16 checkpoint on disk)
     weight_cache: bool = True
-    # einsum: diffusers' own; xla / cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only);
-    # auto: cudnn on a one-GPU NVIDIA host (1.40x the einsum form for SDXL on an H200, docs/benchmarks.md),
-    # else einsum
-    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
+    # einsum: heads folded into the batch; split_head: heads as their own axis (the blog's TPU layout); xla /
+    # cudnn: jax.nn.dot_product_attention (cudnn: flash attention, NVIDIA only); splash: the Pallas splash
+    # kernel (TPU only). auto: splash on TPUs, cudnn on a one-GPU NVIDIA host (1.40x the einsum form for SDXL
+    # on an H200, docs/benchmarks.md), else einsum
+    attention: Literal["auto", "einsum", "split_head", "xla", "cudnn", "splash"] = "auto"
     # both: interactive first, data set lines in idle capacity; interactive/bulk: a pool for one kind only
     worker_lanes: Literal["both", "interactive", "bulk"] = "both"
     # --- data sets (bulk)

@@ -22,10 +22,10 @@ from common.queue import TASK_GENERATE, TASK_WEBHOOK
 from common.settings import Settings, get_settings
 from common.storage import from_settings
 
-# The engine never uses PyTorch, but diffusers imports it at its own import whenever it is installed (a bare
-# try-import in diffusers/utils/distributed_utils.py), and then transformers does too: with a CUDA torch
-# present, as on most GPU hosts, that is 3.5 s of imports in every start on a 2-core CPU (bench/imports.py).
-# Marked absent here, before build_engine imports either, both take their no-torch paths.
+# The engine never uses PyTorch or diffusers (its networks are worker/engine/unet.py, vae.py, clip.py), but
+# transformers, whose CLIPTokenizer it uses, looks for torch on some import paths: with a CUDA torch present,
+# as on most GPU hosts, an import of torch costs seconds of a start. Marked absent here, before anything
+# imports transformers, it takes its no-torch paths.
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("worker")
@@ -53,6 +53,8 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         variant=settings.model_variant,
         background=True,
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
+        vae_dtype=settings.vae_dtype,
+        config_dir=settings.model_config_dir or None,
     )
     t1 = time.perf_counter()
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None

@@ -3,13 +3,13 @@ FROM python:3.11.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 app
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY common ./common
 COPY api ./api
 COPY worker/__init__.py ./worker/__init__.py
 COPY scripts/__init__.py ./scripts/__init__.py
 # The base install only: fastapi, celery, redis, boto3 (the worker extra brings JAX; the API never needs it).
-RUN pip install --no-deps . && pip install .
+RUN pip install --no-deps . && pip install -c constraints.txt .
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

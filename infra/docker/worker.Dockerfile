@@ -6,12 +6,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 RUN useradd --create-home --uid 10001 app \
  && mkdir -p /cache /models && chown app:app /cache /models
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY common ./common
 COPY api/__init__.py ./api/__init__.py
 COPY worker ./worker
 COPY scripts/__init__.py ./scripts/__init__.py
-RUN pip install --no-deps . && pip install "/app[${EXTRA}]"
+# constraints.txt: the versions CI last passed with (scripts/lock.sh)
+RUN pip install --no-deps . && pip install -c constraints.txt "/app[${EXTRA}]"
 USER 10001
 # Model folders and the compile cache live on volumes: a new container starts warm.
 VOLUME ["/models", "/cache"]

@@ -1,90 +1,144 @@
-"""Which attention kernel the UNet and VAE trace with: diffusers' own einsum form, or
-`jax.nn.dot_product_attention` (implementation "xla", or "cudnn": flash attention on NVIDIA GPUs, bf16/fp16).
+"""Attention kernels, chosen per engine and handed to the UNet and VAE modules as a function (`make`).
 
-diffusers' Flax attention modules have no such switch, so their __call__ is replaced by one that reads a
-context variable set while an Engine traces its program (`with implementation(name): ...`). Outside that
-context they behave exactly as diffusers wrote them.
+All compute softmax(q k^T / sqrt(d)) v for q (B, T, N*D), k and v (B, S, N*D) with N heads, and return
+(B, T, N*D):
 
-cuDNN attention is built on custom_partitioning, which defeats JAX's persistent compile cache under
-multi-device auto-sharding (../shared/reference/facts.md); use it on one device, or expect cold starts.
+- `einsum`: heads folded into the batch, (B*N, T, D), as diffusers' Flax attention did by default.
+- `split_head`: heads kept as their own axis, (B, T, N, D): no transpose of q, k, v into the batch; the layout
+  of the blog's TPU v5e run (`split_head_dim=True`).
+- `xla`, `cudnn`: `jax.nn.dot_product_attention` with that implementation (cudnn: flash attention on
+  NVIDIA GPUs, bf16/fp16; head widths over 128 fall back to xla).
+- `splash`: the Pallas splash-attention kernel for TPUs (jax.experimental.pallas.ops.tpu), run per device
+  under shard_map over the batch axis, so it partitions like every other op and the persistent compile
+  cache keeps working on several chips. On a CPU it runs in Pallas' interpret mode (tests only).
+
+`auto` (`resolve`): splash on TPUs, cudnn on one NVIDIA GPU, einsum elsewhere.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
-from diffusers.models import attention_flax, vae_flax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+from worker.engine.layers import Attend
+
+IMPLEMENTATIONS = ("einsum", "split_head", "xla", "cudnn", "splash")
+
+# cuDNN's fused attention takes head dims up to 128 (256 on Hopper and later). The UNet's heads are 64
+# wide; the VAE's single 512-wide head is not, and uses XLA's kernel instead of failing the trace.
+CUDNN_MAX_HEAD_DIM = 128
+# Splash attention works on blocks of 128 along both sequences; shorter ones are padded and masked.
+SPLASH_BLOCK = 128
 
 
 def resolve(name: str, platform: str, device_count: int) -> str:
-    """`auto` -> cudnn on one NVIDIA GPU (SDXL at 1024x1024 on an H200: 2.41 s for 4 images against 3.37 s
-    with the einsum form, and its serialized executable loads on a warm start), einsum elsewhere: TPUs and
-    CPUs have no cuDNN, and over several GPUs cuDNN's custom_partitioning defeats the compile cache under
-    auto-sharding (facts.md; not measured here). Any other name as given."""
-    if name == "auto":
-        return "cudnn" if platform == "gpu" and device_count == 1 else "einsum"
-    return name
+    """`auto` -> splash on TPUs, cudnn on one NVIDIA GPU (SDXL at 1024x1024 on an H200: 2.41 s for 4 images
+    against 3.37 s with einsum), einsum elsewhere. Over several GPUs cuDNN's custom_partitioning defeats
+    the compile cache under auto-sharding (facts.md), so auto keeps einsum there. Any other name as given."""
+    if name != "auto":
+        return name
+    if platform == "tpu":
+        return "splash"
+    return "cudnn" if platform == "gpu" and device_count == 1 else "einsum"
 
 
-_current: contextvars.ContextVar[str] = contextvars.ContextVar("attention", default="einsum")
-_unet_call = attention_flax.FlaxAttention.__call__
-_vae_call = vae_flax.FlaxAttentionBlock.__call__
+def _softmax(scores: jax.Array, dtype: Any) -> jax.Array:
+    # float32 softmax whatever the compute dtype: bf16 exponentials of SDXL's 4096-long rows lose the tail
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
 
 
-@contextlib.contextmanager
-def implementation(name: str) -> Iterator[None]:
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {name!r}")
-    token = _current.set(name)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+def einsum(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    b, t, inner = q.shape
+    d = inner // heads
+    fold = lambda x: x.reshape(b, -1, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, -1, d)  # noqa: E731
+    scores = jnp.einsum("xtd,xsd->xts", fold(q), fold(k)) / math.sqrt(d)
+    out = jnp.einsum("xts,xsd->xtd", _softmax(scores, q.dtype), fold(v))
+    return out.reshape(b, heads, t, d).transpose(0, 2, 1, 3).reshape(b, t, inner)
 
 
-# cuDNN's fused attention takes head dims up to 128 (256 on Hopper and later). The UNet's heads are 64
-# wide; the VAE's single 512-wide head is not, and falls back to XLA's kernel instead of failing the trace.
-CUDNN_MAX_HEAD_DIM = 128
+def split_head(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    b, t, inner = q.shape
+    d = inner // heads
+    split = lambda x: x.reshape(b, -1, heads, d)  # noqa: E731
+    scores = jnp.einsum("btnd,bsnd->bnts", split(q), split(k)) / math.sqrt(d)
+    return jnp.einsum("bnts,bsnd->btnd", _softmax(scores, q.dtype), split(v)).reshape(b, t, inner)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """(B, T, N, H) layout, as jax.nn.dot_product_attention wants it."""
-    name = _current.get()
-    if name == "cudnn" and q.shape[-1] > CUDNN_MAX_HEAD_DIM:
-        name = "xla"
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=name)
+def dot_product(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, implementation: str) -> jax.Array:
+    b, t, inner = q.shape
+    d = inner // heads
+    if implementation == "cudnn" and d > CUDNN_MAX_HEAD_DIM:
+        implementation = "xla"
+    split = lambda x: x.reshape(b, -1, heads, d)  # noqa: E731
+    out = jax.nn.dot_product_attention(
+        split(q), split(k), split(v), scale=1 / math.sqrt(d), implementation=implementation
+    )
+    return out.reshape(b, t, inner)
 
 
-def _unet_attention(self: Any, hidden_states: jax.Array, context: jax.Array | None = None, deterministic=True):
-    if _current.get() == "einsum":
-        return _unet_call(self, hidden_states, context, deterministic)
-    context = hidden_states if context is None else context
-    b = hidden_states.shape[0]
-    split = lambda x: x.reshape(b, -1, self.heads, self.dim_head)  # noqa: E731
-    out = _attend(split(self.query(hidden_states)), split(self.key(context)), split(self.value(context)), self.scale)
-    out = self.proj_attn(out.reshape(b, -1, self.heads * self.dim_head))
-    return self.dropout_layer(out, deterministic=deterministic)
+def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
 
 
-def _vae_attention(self: Any, hidden_states: jax.Array) -> jax.Array:
-    if _current.get() == "einsum":
-        return _vae_call(self, hidden_states)
-    residual = hidden_states
-    batch, height, width, channels = hidden_states.shape
-    x = self.group_norm(hidden_states).reshape(batch, height * width, channels)
-    split = lambda t: t.reshape(batch, height * width, self.num_heads, -1)  # noqa: E731
-    head_dim = channels // self.num_heads
-    out = _attend(split(self.query(x)), split(self.key(x)), split(self.value(x)), 1 / math.sqrt(head_dim))
-    out = self.proj_attn(out.reshape(batch, height * width, channels)).reshape(batch, height, width, channels)
-    return out + residual
+def splash(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, interpret: bool = False) -> jax.Array:
+    """One device's rows. Sequences are padded to SPLASH_BLOCK and the padded keys masked out; the head
+    width is padded to 128 lanes (zeros change neither q.k nor the kept part of the output)."""
+    import numpy as np
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, inner = q.shape
+    s = k.shape[1]
+    d = inner // heads
+    split = lambda x: x.reshape(b, -1, heads, d).transpose(0, 2, 1, 3)  # noqa: E731  (B, N, T, D)
+    qh = _pad_to(_pad_to(split(q) / math.sqrt(d), 2, SPLASH_BLOCK), 3, 128)
+    kh = _pad_to(_pad_to(split(k), 2, SPLASH_BLOCK), 3, 128)
+    vh = _pad_to(_pad_to(split(v), 2, SPLASH_BLOCK), 3, 128)
+    t_pad, s_pad = qh.shape[2], kh.shape[2]
+    keep = np.zeros((t_pad, s_pad), bool)
+    keep[:, :s] = True  # padded query rows attend to real keys too (their output is dropped)
+    mask = masks.MultiHeadMask([masks.NumpyMask(keep)] * heads)
+    block = min(SPLASH_BLOCK, t_pad, s_pad)
+    sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    attend = kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    out = jax.vmap(attend)(qh.astype(q.dtype), kh.astype(q.dtype), vh.astype(q.dtype))  # (B, N, T_pad, 128k)
+    return out[:, :, :t, :d].transpose(0, 2, 1, 3).reshape(b, t, inner)
 
 
-attention_flax.FlaxAttention.__call__ = _unet_attention
-vae_flax.FlaxAttentionBlock.__call__ = _vae_attention
+def make(name: str, mesh: Mesh | None = None, interpret: bool = False) -> Attend:
+    """The attention function for an engine. splash needs the engine's mesh: each device runs the kernel on
+    its own rows (shard_map), which is how a Pallas call partitions."""
+    if name == "einsum":
+        return einsum
+    if name == "split_head":
+        return split_head
+    if name in ("xla", "cudnn"):
+        return functools.partial(dot_product, implementation=name)
+    if name == "splash":
+        one_device = functools.partial(splash, interpret=interpret)
+        if mesh is None:
+            return one_device
+
+        def sharded(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+            fn = jax.shard_map(
+                lambda q, k, v: one_device(q, k, v, heads),
+                mesh=mesh,
+                in_specs=(P("data"), P("data"), P("data")),
+                out_specs=P("data"),
+                check_vma=False,
+            )
+            return fn(q, k, v)
+
+        return sharded
+    raise ValueError(f"attention must be auto or one of {IMPLEMENTATIONS}, got {name!r}")

@@ -1,15 +1,14 @@
-"""PyTorch-layout state dicts <-> Flax parameter trees, on numpy arrays only (torch is never imported).
+"""PyTorch-layout state dicts <-> our Flax parameter trees, on numpy arrays only (torch is never imported).
 
-diffusers' own `convert_pytorch_state_dict_to_flax` wants torch tensors and first materialises a random
-init of the whole model (about 10 GB in float32 for the SDXL UNet). Here the target layout comes from
-`jax.eval_shape` (shapes only, no memory), and each tensor is renamed and transposed on its own.
+The target layout comes from the modules' `shapes()` (jax.eval_shape: no memory), and each tensor is
+renamed and transposed on its own, into one copy.
 
-Naming rules (diffusers and transformers, 0.39 / 4.57):
+Naming (worker/engine/layers.py): our modules carry PyTorch's attribute names, a list's index joined by "_".
+- `down_blocks.0.resnets.1.conv1.weight` -> ("down_blocks_0", "resnets_1", "conv1", "kernel")
 - Linear `weight` (out, in) -> `kernel` (in, out); Conv `weight` (O, I, kh, kw) -> `kernel` (kh, kw, I, O);
   norms' `weight` -> `scale`; embeddings' `weight` -> `embedding`; `bias` unchanged.
-- diffusers Flax names list items `down_blocks_0`, transformers Flax names them `layers` / `0`.
-- diffusers' Flax VAE attention calls its projections query/key/value/proj_attn where PyTorch has
-  to_q/to_k/to_v/to_out.0.
+- Old diffusers VAE files name the mid-block attention query/key/value/proj_attn (before diffusers 0.14):
+  renamed to to_q/to_k/to_v/to_out.0 (`legacy_vae_names`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import numpy as np
 
 FlatTree = dict[tuple[str, ...], Any]
 
-# PyTorch ModuleList attributes in diffusers' UNet and VAE: `name.N` in PyTorch is `name_N` in Flax.
+# PyTorch ModuleList attributes: `name.N` in PyTorch is `name_N` here. (The reverse needs the list: names
+# such as `linear_1` are attributes, not list items.)
 _MODULE_LISTS = (
     "down_blocks",
     "up_blocks",
@@ -35,9 +35,9 @@ _MODULE_LISTS = (
     "transformer_blocks",
     "to_out",
     "net",
+    "layers",
 )
-_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_ATTENTION_BACK = {v: k for k, v in _VAE_ATTENTION.items()}
+_LEGACY_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> FlatTree:
@@ -60,62 +60,80 @@ def unflatten(flat: FlatTree) -> dict[str, Any]:
     return tree
 
 
-def _candidate_paths(pt_key: str) -> list[tuple[str, ...]]:
-    """Flax module paths a PyTorch module path may map to (diffusers style first, then transformers)."""
-    parts = pt_key.split(".")
-    diffusers_style: list[str] = []
-    i = 0
-    while i < len(parts):
-        if i + 1 < len(parts) and parts[i + 1].isdigit() and not parts[i].isdigit():
-            diffusers_style.append(f"{parts[i]}_{parts[i + 1]}")
-            i += 2
+def module_path(pt_module: str) -> tuple[str, ...]:
+    """`down_blocks.0.resnets.1.conv1` -> ("down_blocks_0", "resnets_1", "conv1")."""
+    parts = pt_module.split(".")
+    out: list[str] = []
+    for part in parts:
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
         else:
-            diffusers_style.append(parts[i])
-            i += 1
-    found = [tuple(diffusers_style), tuple(parts)]
-    # VAE attention renames: `...to_out_0` / `...to_q` -> `proj_attn` / `query`
-    last = diffusers_style[-1]
-    back = _VAE_ATTENTION_BACK.get("to_out.0" if last == "to_out_0" else last)
-    if back:
-        found.insert(0, (*tuple(diffusers_style[:-1]), back))
-    return found
+            out.append(part)
+    return tuple(out)
+
+
+def legacy_vae_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An old diffusers VAE's attention names (query, key, value, proj_attn) as today's."""
+    out = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        head, _, last = module.rpartition(".")
+        if last in _LEGACY_VAE and ".attentions." in key:
+            key = f"{head}.{_LEGACY_VAE[last]}.{leaf}"
+        out[key] = value
+    return out
+
+
+def match(state: Mapping[str, np.ndarray], target: FlatTree, what: str) -> FlatTree:
+    """Each parameter of `target` (a flat tree of shapes) with the checkpoint tensor that fills it, as a view
+    in our layout (nothing copied). Every key must have a home and every parameter be filled: otherwise a
+    ValueError naming a few of each."""
+    out: FlatTree = {}
+    unexpected: list[str] = []
+    wrong_shape: list[str] = []
+    for pt_key, tensor in state.items():
+        module, leaf = pt_key.rsplit(".", 1)
+        path = module_path(module)
+        if leaf == "bias":
+            options = [((*path, "bias"), tensor)]
+        elif leaf == "weight":
+            options = [
+                ((*path, "kernel"), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
+                ((*path, "scale"), tensor),
+                ((*path, "embedding"), tensor),
+            ]
+        else:
+            options = []
+        present = [(key, value) for key, value in options if key in target]
+        if not present:
+            if not pt_key.endswith("position_ids"):  # a buffer, not a weight
+                unexpected.append(pt_key)
+            continue
+        key, value = present[0]
+        want = tuple(target[key].shape)
+        if value.shape == want:
+            out[key] = value  # a view: laid out and cast below, in one copy
+        elif value.size == int(np.prod(want)) and key[-1] == "kernel" and tensor.ndim == 4 and len(want) == 2:
+            out[key] = tensor.reshape(tensor.shape[:2]).T  # a 1x1 conv where we have a Linear
+        else:
+            pt_want = (
+                tuple(want[i] for i in (3, 2, 0, 1)) if len(want) == 4 else want[::-1] if key[-1] == "kernel" else want
+            )
+            wrong_shape.append(f"{pt_key} {tuple(tensor.shape)}, the config's {pt_want}")
+    missing = sorted(".".join(k) for k in target if k not in out)
+    if unexpected or missing or wrong_shape:
+        raise ValueError(
+            f"{what}: the checkpoint does not match the model config: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong_shape)} of another shape "
+            f"(e.g. {wrong_shape[:3]})"
+        )
+    return out
 
 
 def pt_to_flax(state: Mapping[str, np.ndarray], target: FlatTree, what: str, dtype: Any = None) -> dict[str, Any]:
-    """Convert a PyTorch-layout state dict into the Flax tree whose leaves' shapes `target` gives, cast to
-    `dtype` (default: as stored)."""
-    out: FlatTree = {}
-    unexpected: list[str] = []
-    for pt_key, tensor in state.items():
-        module, leaf = pt_key.rsplit(".", 1)
-        placed = False
-        for path in _candidate_paths(module):
-            if leaf == "bias" and (*path, "bias") in target:
-                options = [((*path, "bias"), tensor)]
-            elif leaf in ("weight", "gamma"):
-                options = [
-                    ((*path, "kernel"), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
-                    ((*path, "scale"), tensor),
-                    ((*path, "embedding"), tensor),
-                ]
-            else:
-                options = []
-            for flax_key, value in options:
-                if flax_key in target and tuple(target[flax_key].shape) == value.shape:
-                    out[flax_key] = value  # a view: laid out and cast below, in one copy
-                    placed = True
-                    break
-            if placed:
-                break
-        if not placed and not pt_key.endswith("position_ids"):  # a buffer, not a weight
-            unexpected.append(pt_key)
-    missing = sorted(".".join(k) for k in target if k not in out)
-    if unexpected or missing:
-        raise ValueError(
-            f"{what}: the checkpoint does not match the model config: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    return unflatten(lay_out(out, dtype))
+    """Convert a PyTorch-layout state dict into the tree whose leaves' shapes `target` gives, cast to `dtype`
+    (default: as stored): match(), then one laid-out copy per tensor."""
+    return unflatten(lay_out(match(state, target, what), dtype))
 
 
 def lay_out(views: Mapping[Any, np.ndarray], dtype: Any = None) -> dict[Any, np.ndarray]:
@@ -145,19 +163,14 @@ def contiguous(view: np.ndarray, dtype: Any) -> np.ndarray:
     return out
 
 
-def flax_to_pt(params: Mapping[str, Any], style: str) -> dict[str, np.ndarray]:
-    """The inverse, used to write PyTorch-layout safetensors of the tiny model. style: diffusers|transformers."""
+def flax_to_pt(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inverse, used to write PyTorch-layout safetensors of test and benchmark models."""
     out: dict[str, np.ndarray] = {}
     lists = "|".join(_MODULE_LISTS)
     for path, value in flatten(params).items():
         value = np.asarray(value)
         *module, leaf = path
-        if style == "diffusers":
-            if module and module[-1] in _VAE_ATTENTION:
-                module = [*module[:-1], _VAE_ATTENTION[module[-1]]]
-            name = ".".join(re.sub(rf"^({lists})_(\d+)$", r"\1.\2", m) for m in module)
-        else:
-            name = ".".join(module)
+        name = ".".join(re.sub(rf"^({lists})_(\d+)$", r"\1.\2", m) for m in module)
         if leaf == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
         out[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = value  # a view, laid out below

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
 from worker.engine import cache, compile_log, program, schedule
-from worker.engine.model import Model, public_config
+from worker.engine.model import Model
 from worker.engine.schedule import MAX_STEPS, Scheduler
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ class Row:
     """One image to make. Sizes in pixels; None means SDXL's default (the output size, no crop)."""
 
     prompt: str
-    negative_prompt: str = ""  # empty: zero embeddings, as SDXL does without a negative prompt
+    # None: no negative prompt; zero embeddings on a model with force_zeros_for_empty_prompt (SDXL base), the
+    # empty string's otherwise. "" is the empty string, encoded, whatever the model says (as in diffusers).
+    negative_prompt: str | None = None
     seed: int = 0
     guidance_scale: float = 5.0  # <= 1 turns classifier-free guidance off, as in diffusers
     steps: int = 20
@@ -114,6 +116,8 @@ class Engine:
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
         self.mesh = Mesh(np.array(devices), ("data",))
+        # Pallas kernels run interpreted off their own platform (a CPU test of splash), compiled on it.
+        self.attend = attention_impl.make(attention, self.mesh, interpret=devices[0].platform != "tpu")
         self.rows_sharding, self.replicated = program.shardings(self.mesh)
         # Weights go to every device once, replicated: P() over the data axis. A model still reading its
         # weights (model.load(background=True)) is placed by a thread as soon as they are read, while the
@@ -167,18 +171,15 @@ class Engine:
         the engine's own source, library versions, model configs and dtype, shape, attention."""
         if self.aot_dir is None:
             return None
-        import diffusers
-        import transformers
+        import flax
 
         digest = hashlib.sha256()
         for source in sorted(Path(__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
         m = self.model
-        public = public_config
         identity = (
-            diffusers.__version__, transformers.__version__, public(m.unet.config), public(m.vae.config),
-            public(m.text_encoder.config.to_dict()), public(m.text_encoder_2.config.to_dict()),
-            np.dtype(m.dtype).name, self.attention, [str(d) for d in self.mesh.devices.flat],
+            flax.__version__, m.configs.identity(), np.dtype(m.dtype).name, np.dtype(m.dtype_of("vae")).name,
+            self.attention, [str(d) for d in self.mesh.devices.flat],
         )  # fmt: skip
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
         return self.aot_dir / f"{kind}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
@@ -219,14 +220,13 @@ class Engine:
         if key not in self._executables:
             # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
             jitted = jax.jit(
-                program.build(self.model, output),
+                program.build(self.model, output, self.attend),
                 out_shardings=(self.rows_sharding, self.rows_sharding),
             )
             t0 = time.perf_counter()
 
             def lower() -> Any:
-                with attention_impl.implementation(self.attention):  # traced here: the choice is baked in
-                    return jitted.lower(*self._abstract_args(self.batch_rows, height, width))
+                return jitted.lower(*self._abstract_args(self.batch_rows, height, width))
 
             loaded_before = self.aot_loaded
             self._executables[key] = self._load_or_compile(self._aot_path(f"generate-{output}", height, width), lower)
@@ -312,7 +312,7 @@ class Engine:
         # Pad short batches with copies of the last row; their outputs are sliced off in Pending.fetch.
         padded = list(rows) + [rows[-1]] * (self.batch_rows - len(rows))
         ids, cut_pos = self._tokenize([r.prompt for r in padded])
-        neg_ids, cut_neg = self._tokenize([r.negative_prompt for r in padded])
+        neg_ids, cut_neg = self._tokenize([r.negative_prompt or "" for r in padded])
         scheds = [self._schedule(r.scheduler, r.steps) for r in padded]
         tables = np.stack([np.stack([getattr(s, name) for name in program.TABLES]) for s in scheds]).astype(np.float32)
         scalars = np.array(
@@ -326,7 +326,8 @@ class Engine:
             ],
             dtype=np.float32,
         )
-        neg_zero = np.array([r.negative_prompt == "" for r in padded])
+        zeros = self.model.force_zeros_for_empty_prompt
+        neg_zero = np.array([r.negative_prompt is None and zeros for r in padded])
         num_steps = np.int32(max(r.steps for r in padded))
         truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
         return [ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps], truncated

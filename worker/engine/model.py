@@ -1,11 +1,15 @@
-"""Loading an SDXL model: diffusers-format folders (Flax msgpack or PyTorch-layout safetensors), hub ids,
-and `tiny`, a small random model with SDXL's topology that is built offline from configs.
+"""Loading an SDXL model: diffusers-format folders (PyTorch-layout safetensors), single-file checkpoints
+(worker/engine/single_file.py), hub ids, and `tiny`, a small random model with SDXL's topology that is built
+offline from configs.
 
-Everything here runs on the host; `Model.params` are numpy/jax arrays not yet placed on devices.
+Everything here runs on the host; `Model.params` are numpy/jax arrays not yet placed on devices. The networks
+are our own (unet.py, vae.py, clip.py); a model is their configs, parameters and tokenizers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -21,47 +25,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
-from worker.engine import convert, tensor_file, weight_cache
+from worker.engine import attention, convert, tensor_file, tokenizer, weight_cache
+from worker.engine.clip import CLIPConfig, TextEncoder
 from worker.engine.schedule import NoiseConfig
+from worker.engine.unet import UNet, UNetConfig
+from worker.engine.vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
 
-# diffusers' and transformers' Flax classes log a deprecation warning per module instance; they are the
-# last releases that carry them (pinned in pyproject.toml), so the warning says nothing new.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models import attention_flax  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTokenizer,
-    FlaxCLIPTextModel,
-    FlaxCLIPTextModelWithProjection,
-)
-
-diffusers_logging.set_verbosity_error()
-
-
-def _geglu_exact(self: Any, hidden_states: jax.Array, deterministic: bool = True) -> jax.Array:
-    hidden_states = self.proj(hidden_states)
-    linear, gate = jnp.split(hidden_states, 2, axis=2)
-    return self.dropout_layer(linear * jax.nn.gelu(gate, approximate=False), deterministic=deterministic)
-
-
-# diffusers' Flax GEGLU calls flax.linen.gelu, whose default is the tanh approximation; PyTorch (where
-# SDXL was trained) uses the exact erf form. The approximation moves every UNet output by about 5e-4 and
-# breaks parity with PyTorch diffusers; with the exact form the two agree to about 1e-5.
-attention_flax.FlaxGEGLU.__call__ = _geglu_exact
-
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _CONFIG_PATTERNS = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*/config.json"]
-_WEIGHT_FILES = {  # component: (Flax msgpack file, safetensors stem)
-    "unet": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
-    "vae": ("diffusion_flax_model.msgpack", "diffusion_pytorch_model"),
-    "text_encoder": ("flax_model.msgpack", "model"),
-    "text_encoder_2": ("flax_model.msgpack", "model"),
+_WEIGHT_STEMS = {  # component: safetensors stem
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 
 
@@ -78,7 +57,7 @@ def hub_patterns(variant: str = "") -> list[str]:
     """The files an SDXL repo needs, one precision only: SDXL base ships each weight file twice (float32 and
     the fp16 variant), and a pattern matching both would download 20 GB to use 14 GB (or 7 GB)."""
     patterns = list(_CONFIG_PATTERNS)
-    for part, (_, stem) in _WEIGHT_FILES.items():
+    for part, stem in _WEIGHT_STEMS.items():
         patterns.append(f"{part}/{_variant_name(f'{stem}.safetensors.index.json', variant)}")
         if variant:  # shards: model.fp16-00001-of-00002.safetensors
             patterns.append(f"{part}/{stem}.{variant}.safetensors")
@@ -93,20 +72,69 @@ class ModelError(ValueError):
     """A model that cannot be found or loaded; the message says which and where it was looked for."""
 
 
+@dataclass(frozen=True)
+class Configs:
+    """The four networks' configs: everything that decides parameter shapes and the traced program."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: CLIPConfig
+    text_encoder_2: CLIPConfig
+
+    @classmethod
+    def from_dicts(cls, configs: dict[str, dict[str, Any]], where: str) -> Configs:
+        """diffusers/transformers config.json contents per component; a config that is not SDXL's is a
+        ModelError naming the component and what was found."""
+        try:
+            te1 = CLIPConfig.from_transformers(configs["text_encoder"])
+            te2 = CLIPConfig.from_transformers(configs["text_encoder_2"])
+            if not te2.with_projection:
+                raise ValueError("text_encoder_2 is not a CLIPTextModelWithProjection (SDXL's pooled embedding)")
+            unet = UNetConfig.from_diffusers(configs["unet"], te2.projection_dim)
+            vae = VAEConfig.from_diffusers(configs["vae"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: not an SDXL base model: {exc}") from exc
+        if unet.cross_attention_dim != te1.hidden_size + te2.hidden_size:
+            raise ModelError(
+                f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text, the two text encoders give "
+                f"{te1.hidden_size} + {te2.hidden_size}"
+            )
+        if unet.in_channels != vae.latent_channels:
+            raise ModelError(
+                f"{where}: the UNet takes {unet.in_channels} input channels and the VAE makes {vae.latent_channels}"
+                " latent channels: an inpainting UNet (9 channels) is not served"
+            )
+        if unet.time_ids != 6:
+            raise ModelError(f"{where}: a UNet with {unet.time_ids} time ids is SDXL's refiner, which is not served")
+        return cls(unet, vae, te1, te2)
+
+    def module(self, part: str, dtype: Any, attend: Any = attention.einsum) -> Any:
+        cfg = getattr(self, part)
+        if part == "unet":
+            return UNet(cfg, attend, dtype)
+        if part == "vae":
+            return VAE(cfg, attend, dtype)
+        return TextEncoder(cfg, dtype)
+
+    def identity(self) -> dict[str, Any]:
+        return {part: dataclasses.asdict(getattr(self, part)) for part in COMPONENTS}
+
+
 @dataclass
 class Model:
     name: str
-    unet: FlaxUNet2DConditionModel
-    vae: FlaxAutoencoderKL
-    text_encoder: FlaxCLIPTextModel
-    text_encoder_2: FlaxCLIPTextModelWithProjection
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
+    configs: Configs
+    tokenizer: Any  # transformers' CLIPTokenizer
+    tokenizer_2: Any
     noise: NoiseConfig
     # {"unet": ..., "vae": ..., "text_encoder": ..., "text_encoder_2": ...}: host arrays, or their shapes
     # (jax.ShapeDtypeStruct in `dtype`) while `pending` reads them in the background (load(background=True))
     params: dict[str, Any]
     dtype: Any
+    # model_index.json's force_zeros_for_empty_prompt: an absent negative prompt is zero embeddings (SDXL base);
+    # false (the refiner, many fine-tunes): it is the empty string, encoded
+    force_zeros_for_empty_prompt: bool = True
+    vae_dtype: Any = None  # the VAE's weights and compute; None: `dtype`
     pending: Future[tuple[dict[str, Any], float]] | None = None  # (weights, seconds to read them)
     weights_s: float = 0.0  # how long reading the weights took
     # per component, where its weights came from: "checkpoint" (read and converted), "converted cache"
@@ -131,53 +159,58 @@ class Model:
         self.weights_dropped = True
 
     @property
+    def unet(self) -> UNetConfig:
+        return self.configs.unet
+
+    @property
+    def vae(self) -> VAEConfig:
+        return self.configs.vae
+
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.block_out_channels) - 1)
+        return self.configs.vae.scale_factor
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.in_channels
+        return self.configs.vae.latent_channels
+
+    def dtype_of(self, part: str) -> Any:
+        return (self.vae_dtype or self.dtype) if part == "vae" else self.dtype
 
 
 # ---------------------------------------------------------------- reading a folder
 
 
-def _locate_weights(folder: Path, flax_name: str, st_stem: str, variant: str = "") -> tuple[str, list[Path]]:
-    """('pt', safetensors files) or ('flax', [msgpack file]). safetensors win: they are what checkpoints ship
-    today. `variant` ("fp16") means model.fp16.safetensors instead of model.safetensors, as in diffusers.
-    Nothing is read but a sharded index, so a missing file is reported before any slow work starts."""
+def _locate_weights(folder: Path, st_stem: str, variant: str = "") -> list[Path]:
+    """The component's safetensors files (one, or a sharded index's). `variant` ("fp16") means
+    model.fp16.safetensors instead of model.safetensors, as in diffusers. Nothing is read but a sharded index,
+    so a missing file is reported before any slow work starts."""
     index = folder / _variant_name(f"{st_stem}.safetensors.index.json", variant)
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [shard for shard in shards if not (folder / shard).exists()]
         if missing:
             raise ModelError(f"{index} names shards that are not there: {', '.join(missing)}")
-        return "pt", [folder / shard for shard in shards]
+        return [folder / shard for shard in shards]
     single = folder / _variant_name(f"{st_stem}.safetensors", variant)
     if single.exists():
-        return "pt", [single]
-    msgpack = folder / flax_name
-    if msgpack.exists() and not variant:
-        return "flax", [msgpack]
-    if variant:
-        expected = f"{single.name} or a sharded {index.name} (SDXL_MODEL_VARIANT={variant})"
-    else:
-        expected = f"{single.name}, a sharded {index.name}, or {flax_name}"
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".msgpack"))
+        return [single]
+    expected = f"{single.name} or a sharded {index.name}" + (f" (SDXL_MODEL_VARIANT={variant})" if variant else "")
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".msgpack", ".bin"))
     if found:  # usually a variant mismatch: say which files are there, and which setting reads them
         expected += f"; the folder has {', '.join(found)}"
         named = re.compile(rf"{st_stem}\.(\w+?)(-\d+-of-\d+)?\.safetensors")  # model.fp16[-00001-of-00002]
         variants = sorted({m[1] for f in found if (m := named.fullmatch(f))})
         if variants and variant not in variants:
             expected += f": set SDXL_MODEL_VARIANT={variants[0]}"
+        elif not any(f.endswith(".safetensors") for f in found):
+            expected += " (Flax msgpack and PyTorch .bin weights are not read: use the repo's safetensors)"
     raise ModelError(f"no weights in {folder}: expected {expected}")
 
 
-def _read_weights(kind: str, files: list[Path]) -> dict[str, np.ndarray] | bytes:
-    """msgpack bytes, or the state dict of every safetensors file as views on memory maps of the files
-    (tensor_file): the layout copy that follows is the only copy."""
-    if kind == "flax":
-        return files[0].read_bytes()
+def read_state(files: list[Path]) -> dict[str, np.ndarray]:
+    """The state dict of every safetensors file as views on memory maps of the files (tensor_file): the
+    layout copy that follows is the only copy."""
     state: dict[str, np.ndarray] = {}
     for path in files:
         try:
@@ -187,35 +220,34 @@ def _read_weights(kind: str, files: list[Path]) -> dict[str, np.ndarray] | bytes
     return state
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
-    # copy=False: weights already in the serving dtype (float32 on a CPU) are not copied a second time
-    return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), tree)
-
-
-def _load_params(
-    folder: Path, located: tuple[str, list[Path]], shapes: Any, dtype: Any, converted: Path | None = None
+def convert_component(
+    part: str,
+    read: Callable[[], dict[str, np.ndarray]],
+    files: list[Path],
+    shapes: Any,
+    dtype: Any,
+    converted: Path | None,
+    what: str,
 ) -> tuple[Any, str]:
-    """(parameters in `dtype`, where they came from). converted: weight_cache's folder; a hit there maps the
-    converted file and reads nothing of the checkpoint, a miss converts and writes it in the background."""
-    kind, files = located
+    """(one component's parameters in `dtype`, where they came from). read(): its PyTorch-layout state dict
+    (diffusers names). converted: weight_cache's folder; a hit there maps the converted file and reads nothing
+    of the checkpoint, a miss converts and writes it in the background."""
     if converted is not None:
         expected = weight_cache.identity(files, dtype, shapes)
-        cached_path = weight_cache.path_for(converted, folder.name, files)
+        cached_path = weight_cache.path_for(converted, part, files)
         cached = weight_cache.load(cached_path, expected, shapes, dtype)
         if cached is not None:
             return cached, "converted cache"
-    payload = _read_weights(kind, files)
-    target = convert.flatten(shapes)
-    if kind == "flax":
-        params = serialization.msgpack_restore(payload)
-        got = convert.flatten(params)
-        missing = [k for k in target if k not in got]
-        if missing or len(got) != len(target):
-            raise ModelError(f"{folder}: Flax weights do not match the config ({len(missing)} missing)")
-    else:
-        params = convert.pt_to_flax(payload, target, str(folder), dtype)
-    # Weights in bfloat16 (or float32): halves memory and HBM traffic; the scheduler maths stays float32.
-    params = _cast(params, dtype)
+    state = read()
+    if part == "vae":
+        state = convert.legacy_vae_names(state)
+    if part == "text_encoder" and state and not any(k.startswith("text_model.") for k in state):
+        # transformers 5 saves CLIPTextModel without its `text_model.` level (CLIPTextModelWithProjection keeps it)
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    try:
+        params = convert.pt_to_flax(state, convert.flatten(shapes), what, dtype)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from exc
     if converted is not None:
         weight_cache.save_in_background(cached_path, expected, params)
     return params, "checkpoint"
@@ -229,22 +261,38 @@ def _check_folder(root: Path) -> None:
             raise ModelError(f"{root} has no {part}/ folder; an SDXL model needs {part}")
 
 
-def public_config(config: Any) -> dict[str, Any]:
-    """A config without its private fields: diffusers' `_use_default_values` is built from a set, so its order
-    changes from one process to the next, and a key made from it would never match a second start."""
-    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+@dataclass(frozen=True)
+class Source:
+    """Where a model's parts come from: its configs, tokenizer folders, scheduler config, model_index
+    flags, and weights(part, shapes) -> (parameters, where they came from)."""
+
+    name: str
+    configs: Configs
+    tokenizer_dir: Path
+    scheduler: dict[str, Any]
+    force_zeros_for_empty_prompt: bool
+    weights: Callable[[str, Any, Any], tuple[Any, str]]  # (part, shapes, dtype)
 
 
-def _shapes(kind: str, config: Any, trace: Callable[[], Any], cache: Path | None) -> Any:
-    """A module's parameter shapes. jax.eval_shape traces the module's init to get them, which takes seconds
+@functools.cache
+def _module_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("layers.py", "unet.py", "vae.py", "clip.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _shapes(configs: Configs, part: str, cache: Path | None) -> Any:
+    """A network's parameter shapes. jax.eval_shape traces the module's init to get them, which takes seconds
     for a UNet (2 s for the `mid` preset on a CPU, most of a warm start's model load); with `cache` they are
-    kept as JSON keyed by the config and library versions, so a warm start reads them instead."""
+    kept as JSON keyed by the config, the modules' source and JAX's version, so a warm start reads them."""
+    trace = configs.module(part, jnp.float32).shapes
     if cache is None:
         return trace()
-    import diffusers
-
-    key = json.dumps([kind, public_config(config), diffusers.__version__, jax.__version__], sort_keys=True, default=str)
-    path = cache / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    key = json.dumps(
+        [part, dataclasses.asdict(getattr(configs, part)), _module_digest(), jax.__version__], sort_keys=True
+    )
+    path = cache / f"{part}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if path.exists():
         flat = json.loads(path.read_text())
         return convert.unflatten(
@@ -259,70 +307,84 @@ def _shapes(kind: str, config: Any, trace: Callable[[], Any], cache: Path | None
     return tree
 
 
-def _assemble(
-    root: Path,
-    name: str,
-    dtype: Any,
-    weights: Any,
-    shape_cache: Path | None = None,
-    background: bool = False,
-    weight_sources: dict[str, str] | None = None,
-) -> Model:
-    """Build the modules from root's configs; weights(component, shapes) returns that component's parameters.
-    background: return once the modules and shapes are known, with the weights still being read (Model.wait).
-    weight_sources: the dict `weights` fills in (Model.weight_sources)."""
-    key = jax.random.PRNGKey(0)
+def resolve_vae_dtype(name: str, dtype: Any, vae: VAEConfig) -> Any:
+    """SDXL_VAE_DTYPE. auto: as diffusers does it, float32 when the VAE's config says force_upcast and the
+    model runs in float16 (SDXL's VAE overflows float16); bfloat16 has float32's range, so it stays. float32:
+    a float32 decode whatever the model's dtype (slower; the closest pixels to a float32 reference)."""
+    if name == "auto":
+        return jnp.float32 if vae.force_upcast and np.dtype(dtype) == np.float16 else dtype
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
-    def text_encoders() -> tuple[FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection]:
-        te1 = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"), dtype=dtype, _do_init=False)
-        te2 = FlaxCLIPTextModelWithProjection(
-            CLIPTextConfig.from_pretrained(root / "text_encoder_2"), dtype=dtype, _do_init=False
-        )
-        return te1, te2
 
-    # The text encoders' constructors trace their init for the parameter shapes (3.4 s for SDXL's on a
-    # 2-core CPU, on the GIL); the UNet's and VAE's weights are copied meanwhile (numpy, off the GIL).
-    pool = ThreadPoolExecutor(2, thread_name_prefix="model-load")
-    pending_text = pool.submit(text_encoders)
-    unet = FlaxUNet2DConditionModel.from_config(FlaxUNet2DConditionModel.load_config(root / "unet"), dtype=dtype)
-    vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(root / "vae"), dtype=dtype)
-    shapes = {  # shapes only (jax.eval_shape): no random init is ever materialised
-        "unet": _shapes("unet", unet.config, lambda: jax.eval_shape(unet.init_weights, key), shape_cache),
-        "vae": _shapes("vae", vae.config, lambda: jax.eval_shape(vae.init_weights, key), shape_cache),
-    }
+def _assemble(source: Source, dtype: Any, vae_dtype: str, shape_cache: Path | None, background: bool) -> Model:
+    """The model from a Source. background: return once the configs and shapes are known, with the weights
+    still being read on a thread (Model.wait), so compiling can overlap reading."""
+    configs = source.configs
+    vae_dt = resolve_vae_dtype(vae_dtype, dtype, configs.vae)
+    dtypes = {part: vae_dt if part == "vae" else dtype for part in COMPONENTS}
+    shapes = {part: _shapes(configs, part, shape_cache) for part in COMPONENTS}
+    sources: dict[str, str] = {}
 
     def read_all() -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
-        params = {part: weights(part, shapes[part]) for part in ("unet", "vae")}
-        te1, te2 = pending_text.result()
-        params["text_encoder"] = weights("text_encoder", te1.params_shape_tree)
-        params["text_encoder_2"] = weights("text_encoder_2", te2.params_shape_tree)
-        return {part: params[part] for part in COMPONENTS}, time.perf_counter() - t0
+        params = {}
+        for part in COMPONENTS:
+            params[part], sources[part] = source.weights(part, shapes[part], dtypes[part])
+        return params, time.perf_counter() - t0
 
-    pending = pool.submit(read_all) if background else None
-    done = None if background else read_all()  # either way the UNet's copy overlaps the text encoders' tracing
-    te1, te2 = pending_text.result()
-    all_shapes = shapes | {"text_encoder": te1.params_shape_tree, "text_encoder_2": te2.params_shape_tree}
-    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    pending = None
+    done = None
+    if background:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        pending = pool.submit(read_all)
+        pool.shutdown(wait=False)  # its one thread ends with the read
+    else:
+        done = read_all()
     model = Model(
-        name=name,
-        unet=unet,
-        vae=vae,
-        text_encoder=te1,
-        text_encoder_2=te2,
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-        noise=NoiseConfig.from_diffusers(scheduler_config),
-        # every weight is cast to `dtype` (_cast), so the shapes in `dtype` are what the arrays will be
-        params=jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), all_shapes),
+        name=source.name,
+        configs=configs,
+        tokenizer=tokenizer.load(source.tokenizer_dir / "tokenizer"),
+        tokenizer_2=tokenizer.load(source.tokenizer_dir / "tokenizer_2"),
+        noise=NoiseConfig.from_diffusers(source.scheduler),
+        # every weight is cast to its component's dtype, so these shapes are what the arrays will be
+        params={
+            part: jax.tree_util.tree_map(lambda s, d=dtypes[part]: jax.ShapeDtypeStruct(s.shape, d), shapes[part])
+            for part in COMPONENTS
+        },
         dtype=dtype,
+        vae_dtype=vae_dt,
+        force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt,
         pending=pending,
-        weight_sources=weight_sources if weight_sources is not None else {},
+        weight_sources=sources,
     )
     if done is not None:
         model.params, model.weights_s = done
-    pool.shutdown(wait=False)  # a background read goes on; its thread ends with it
     return model
+
+
+def folder_source(root: Path, name: str, variant: str = "", weight_cache_dir: Path | None = None) -> Source:
+    """A diffusers SDXL folder: configs, tokenizers and scheduler from it, weights from its safetensors."""
+    _check_folder(root)
+    files = {part: _locate_weights(root / part, stem, variant) for part, stem in _WEIGHT_STEMS.items()}
+    configs = Configs.from_dicts(
+        {part: json.loads((root / part / "config.json").read_text()) for part in COMPONENTS}, str(root)
+    )
+    index = json.loads((root / "model_index.json").read_text())
+
+    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+        what = str(root / part)
+        return convert_component(
+            part, lambda: read_state(files[part]), files[part], shapes, dtype, weight_cache_dir, what
+        )
+
+    return Source(
+        name=name,
+        configs=configs,
+        tokenizer_dir=root,
+        scheduler=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        weights=weights,
+    )
 
 
 def load_folder(
@@ -333,23 +395,36 @@ def load_folder(
     variant: str = "",
     background: bool = False,
     weight_cache_dir: Path | None = None,
+    vae_dtype: str = "auto",
 ) -> Model:
-    """A diffusers SDXL folder. background: return once the modules are built, with the weights still being
+    """A diffusers SDXL folder. background: return once the configs are read, with the weights still being
     read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once.
     weight_cache_dir: where converted weights are kept between starts (weight_cache); None converts each time."""
     root = Path(path)
-    _check_folder(root)
-    located = {part: _locate_weights(root / part, *names, variant) for part, names in _WEIGHT_FILES.items()}
-    sources: dict[str, str] = {}
-
-    def weights(part: str, shapes: Any) -> Any:
-        params, sources[part] = _load_params(root / part, located[part], shapes, dtype, weight_cache_dir)
-        return params
-
-    return _assemble(root, name or str(root), dtype, weights, shape_cache, background, sources)
+    source = folder_source(root, name or str(root), variant, weight_cache_dir)
+    return _assemble(source, dtype, vae_dtype, shape_cache, background)
 
 
-def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
+def load_single_file(
+    path: str | Path,
+    dtype: Any = jnp.bfloat16,
+    name: str | None = None,
+    shape_cache: Path | None = None,
+    background: bool = False,
+    weight_cache_dir: Path | None = None,
+    vae_dtype: str = "auto",
+    config_dir: Path | None = None,
+) -> Model:
+    """A single-file SDXL checkpoint (sd_xl_base_1.0.safetensors layout). Configs are inferred from the
+    tensors; tokenizers and scheduler are SDXL's defaults, or a diffusers folder's (config_dir, as diffusers'
+    from_single_file(config=...)), whose configs then win over the inferred ones."""
+    from worker.engine import single_file
+
+    source = single_file.source(Path(path), name or str(path), weight_cache_dir, config_dir)
+    return _assemble(source, dtype, vae_dtype, shape_cache, background)
+
+
+def from_preset(preset: str, dtype: Any = jnp.bfloat16, vae_dtype: str = "auto") -> Model:
     """A random model of a preset size (tiny, mid, sdxl) built in memory: for benchmarks, no files."""
     import tempfile
 
@@ -357,11 +432,13 @@ def from_preset(preset: str, dtype: Any = jnp.bfloat16) -> Model:
 
     root = Path(tempfile.mkdtemp(prefix=f"sdxl-{preset}-"))
     tiny.write_configs(root, preset)
+    configs = Configs.from_dicts(tiny.configs(preset), preset)
 
-    def weights(part: str, _shapes: Any) -> Any:
-        return tiny.build_params(preset, dtype, parts=(part,))[part]
+    def weights(part: str, _shapes: Any, dtype: Any) -> tuple[Any, str]:
+        return tiny.build_params(preset, dtype, parts=(part,))[part], "random"
 
-    return _assemble(root, f"random-{preset}", dtype, weights, weight_sources=dict.fromkeys(COMPONENTS, "random"))
+    source = Source(f"random-{preset}", configs, root, tiny.SCHEDULER, True, weights)
+    return _assemble(source, dtype, vae_dtype, None, False)
 
 
 def resolve_dtype(name: str) -> Any:
@@ -382,7 +459,7 @@ def fetch_hub(repo_id: str, cache_dir: str | None = None, variant: str = "") -> 
         raise ModelError(
             f"could not fetch model {repo_id!r} from the Hugging Face hub and it is not complete in the cache "
             f"{cache} ({type(exc).__name__}: {exc}). Download it where the network allows "
-            f"(`huggingface-cli download {repo_id}`) and copy the cache, or point SDXL_MODEL at a local folder."
+            f"(`hf download {repo_id}`) and copy the cache, or point SDXL_MODEL at a local folder or file."
         ) from exc
 
 
@@ -394,20 +471,30 @@ def load(
     variant: str = "",
     background: bool = False,
     weight_cache_dir: Path | None = None,
+    vae_dtype: str = "auto",
+    config_dir: str | Path | None = None,
 ) -> Model:
-    """`tiny`, a local folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`:
-    a folder where parameter shapes are kept between starts (the worker uses its compile cache). `variant`:
-    the weight files' variant ("fp16": half of SDXL base's download; served in `dtype` either way).
-    `background`, `weight_cache_dir`: see load_folder."""
+    """`tiny`, a local folder, a single-file checkpoint (`*.safetensors`), or a hub id such as
+    stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`: a folder where parameter shapes are kept between
+    starts (the worker uses its compile cache). `variant`: the folder's weight files' variant ("fp16": half of
+    SDXL base's download; served in `dtype` either way). `background`, `weight_cache_dir`: see load_folder.
+    `vae_dtype`: auto, float32 or bfloat16 (resolve_vae_dtype). `config_dir`: a single file's diffusers folder
+    for configs, tokenizers and scheduler (load_single_file)."""
     options = {"shape_cache": shape_cache, "background": background, "weight_cache_dir": weight_cache_dir}
+    options["vae_dtype"] = vae_dtype
     if spec == "tiny":
         from worker.engine import tiny
 
         folder = Path(tiny_dir or tiny.default_dir())
         tiny.ensure(folder)
         return load_folder(folder, dtype, name="tiny", **options)
-    if Path(spec).exists():
-        return load_folder(spec, dtype, variant=variant, **options)
+    path = Path(spec)
+    if path.is_file():
+        return load_single_file(path, dtype, config_dir=Path(config_dir) if config_dir else None, **options)
+    if path.exists():
+        return load_folder(path, dtype, variant=variant, **options)
+    if spec.endswith((".safetensors", ".ckpt")) or spec.startswith(("/", ".")):
+        raise ModelError(f"model {spec!r}: no such file or folder")
     if spec.count("/") != 1:
-        raise ModelError(f"model {spec!r} is neither 'tiny', an existing folder, nor a hub id like owner/name")
+        raise ModelError(f"model {spec!r} is neither 'tiny', an existing folder or file, nor a hub id like owner/name")
     return load_folder(fetch_hub(spec, variant=variant), dtype, name=spec, variant=variant, **options)

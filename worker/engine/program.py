@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from worker.engine.layers import Attend
 from worker.engine.model import Model
 
 # Per-row sampler tables, stacked on axis 1 of `tables` (rows, len(TABLES), MAX_STEPS).
@@ -23,10 +24,11 @@ SCALARS = ("guidance", "init_scale", "out_scale")
 
 def _encode(model: Model, params: dict[str, Any], ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ids (n, 2, 77) -> context (n, 77, d1 + d2), pooled (n, p): SDXL's penultimate-layer embeddings."""
-    out1 = model.text_encoder(ids[:, 0], params=params["text_encoder"], output_hidden_states=True)
-    out2 = model.text_encoder_2(ids[:, 1], params=params["text_encoder_2"], output_hidden_states=True)
-    context = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
-    return context, out2.text_embeds
+    te1 = model.configs.module("text_encoder", model.dtype)
+    te2 = model.configs.module("text_encoder_2", model.dtype)
+    context1, _ = te1.apply({"params": params["text_encoder"]}, ids[:, 0])
+    context2, pooled = te2.apply({"params": params["text_encoder_2"]}, ids[:, 1])
+    return jnp.concatenate([context1, context2], axis=-1), pooled
 
 
 def _pair(x: jax.Array) -> jax.Array:
@@ -35,10 +37,13 @@ def _pair(x: jax.Array) -> jax.Array:
     return jnp.repeat(x, 2, axis=0)
 
 
-def build(model: Model, output: str) -> Any:
-    """The traced function. output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks)."""
-    scaling = model.vae.scaling_factor
+def build(model: Model, output: str, attend: Attend) -> Any:
+    """The traced function. output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks).
+    attend: the attention kernel (attention.make)."""
     dtype = model.dtype
+    unet = model.configs.module("unet", dtype, attend)
+    vae = model.configs.module("vae", model.dtype_of("vae"), attend)
+    vae_cfg = model.vae
 
     def generate(params, ids, neg_ids, neg_zero, noise, scalars, time_ids, tables, num_steps):
         # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise (B, C, h, w) f32 unit normal;
@@ -46,11 +51,12 @@ def build(model: Model, output: str) -> Any:
         b = ids.shape[0]
         both = jnp.stack([neg_ids, ids], axis=1).reshape(2 * b, *ids.shape[1:])  # [neg0, pos0, neg1, ...]
         context, pooled = _encode(model, params, both)
-        # An empty negative prompt means zero embeddings (SDXL's force_zeros_for_empty_prompt).
+        # A row without a negative prompt, on a model with force_zeros_for_empty_prompt: zero embeddings for
+        # the unconditional half, as diffusers does (an empty-string negative prompt is encoded instead).
         keep = jnp.stack([~neg_zero, jnp.ones_like(neg_zero)], axis=1).reshape(2 * b).astype(context.dtype)
         context = context * keep[:, None, None]
         pooled = pooled * keep[:, None]
-        cond = {"text_embeds": pooled, "time_ids": _pair(time_ids).astype(dtype)}
+        pair_ids = _pair(time_ids)
         guidance, init_scale, out_scale = (scalars[:, i, None, None, None] for i in range(3))
         timesteps, sigmas, c_in, ca, cb, cc = (tables[:, i] for i in range(len(TABLES)))
 
@@ -58,13 +64,9 @@ def build(model: Model, output: str) -> Any:
             x, d_prev = carry  # (B, C, h, w) f32, the sample in sigma space and the last denoised estimate
             col = lambda t: t[:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
             model_in = (x * col(c_in)).astype(dtype)
-            eps = model.unet.apply(
-                {"params": params["unet"]},
-                _pair(model_in),
-                _pair(timesteps[:, i]),
-                encoder_hidden_states=context,
-                added_cond_kwargs=cond,
-            ).sample.astype(jnp.float32)
+            eps = unet.apply(
+                {"params": params["unet"]}, _pair(model_in), _pair(timesteps[:, i]), context, pooled, pair_ids
+            ).astype(jnp.float32)
             eps = eps.reshape(b, 2, *eps.shape[1:])
             uncond, text = eps[:, 0], eps[:, 1]
             # diffusers skips guidance at scale <= 1; doing the same keeps results identical to it.
@@ -75,8 +77,15 @@ def build(model: Model, output: str) -> Any:
         x = noise * init_scale
         # A traced trip count: changing the number of steps does not recompile.
         x, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
-        latents = (x * out_scale / scaling).astype(dtype)
-        image = model.vae.apply({"params": params["vae"]}, latents, method=model.vae.decode).sample
+        latents = x * out_scale
+        if vae_cfg.latents_mean is not None and vae_cfg.latents_std is not None:
+            # diffusers' SDXL pipeline: latents * std / scaling_factor + mean, per channel
+            mean = jnp.asarray(vae_cfg.latents_mean, jnp.float32)[None, :, None, None]
+            std = jnp.asarray(vae_cfg.latents_std, jnp.float32)[None, :, None, None]
+            latents = latents * std / vae_cfg.scaling_factor + mean
+        else:
+            latents = latents / vae_cfg.scaling_factor
+        image = vae.apply({"params": params["vae"]}, latents, method="decode")
         image = (image.astype(jnp.float32) / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)  # (B, H, W, 3)
         finite = jnp.isfinite(image).all(axis=(1, 2, 3))
         if output == "uint8":

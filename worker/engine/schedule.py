@@ -140,6 +140,10 @@ def build(cfg: NoiseConfig, scheduler: Scheduler, steps: int) -> Schedule:
         ratio = n // steps
         if cfg.timestep_spacing == "leading":
             timesteps = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + cfg.steps_offset
+        elif cfg.timestep_spacing == "linspace":
+            # DDIM rounds its linspace grid to integers (Euler keeps it fractional): truncating instead is one
+            # timestep off for most step counts
+            timesteps = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
         else:
             timesteps = _leading_or_spaced(cfg, steps).astype(np.int64)
         final_alpha = 1.0 if cfg.set_alpha_to_one else float(ac[0])
@@ -152,7 +156,11 @@ def build(cfg: NoiseConfig, scheduler: Scheduler, steps: int) -> Schedule:
         coef = []
         for i in range(steps):
             a = sig_prev[i] / sig_t[i]
-            coef.append((a, 1.0 - a, 0.0))
+            # DDIM steps to t - n // steps, which on a rounded (linspace, trailing) grid is not always the next
+            # timestep; the sample is then rescaled from the one noise level to the other, as diffusers' VP
+            # sample is fed to the next step unchanged (r = 1 on the leading grid)
+            r = math.sqrt(alpha_prev[i] / alpha_t[i + 1]) if i + 1 < steps else 1.0
+            coef.append((r * a, r * (1.0 - a), 0.0))
         timesteps = timesteps.astype(np.float64)
         # DDIM starts from unit noise in the alpha ("VP") space and ends there: convert at both ends.
         init_scale = float(1 / np.sqrt(alpha_t[0]))

@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from worker.engine import convert
 
-VERSION = 1  # bump when the configs or the seed change: a stale folder is rebuilt
+VERSION = 2  # bump when the configs or the seed change: a stale folder is rebuilt
 SEED = 0
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the components with weights
 
@@ -97,7 +96,10 @@ MODEL_INDEX = {
 # (2.57 B UNet parameters), except the text encoders' vocabulary, which is this file's small one: the
 # embedding lookup costs the same whatever the vocabulary size.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {"unet": {}, "vae": {}, "text": {}, "text_2": {}},
+    # The second text encoder is wider than the first, as in SDXL (768 and 1280): diffusers' single-file loader
+    # tells the two apart by width, and the tests read a tiny single-file checkpoint with it.
+    "tiny": {"unet": {"cross_attention_dim": 80}, "vae": {}, "text": {},
+             "text_2": {"hidden_size": 48, "intermediate_size": 96}},
     "mid": {
         "unet": {"block_out_channels": [128, 256, 512], "attention_head_dim": [2, 4, 8],
                  "transformer_layers_per_block": [1, 2, 2], "cross_attention_dim": 512,
@@ -142,7 +144,7 @@ def default_dir(preset: str = "tiny") -> Path:
 def _vocab() -> dict[str, int]:
     # CLIP's byte-level alphabet, each byte alone and as a word end, and no merges: every character is a
     # token, so a prompt of more than 75 characters shows truncation without a 49k-entry vocabulary.
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from worker.engine.tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -169,15 +171,9 @@ def _text_config(vocab_size: int, act: str) -> dict[str, Any]:
 
 
 def _write_tokenizer(folder: Path, pad_token: str) -> None:
-    from transformers import CLIPTokenizer
+    from worker.engine import tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(_vocab()))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
-    tok.save_pretrained(folder)
+    tokenizer.write_files(folder, _vocab(), [], pad_token)
 
 
 def build_params(
@@ -190,23 +186,10 @@ def build_params(
     """Random Flax parameters for a preset (all four components, or `parts`), the same on every machine.
     precision, threads: random_leaf's draw, and how many leaves are drawn at once (numpy fills off the GIL);
     float32 on every core is what a benchmark of the full SDXL wants, float64 the values the tests expect."""
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+    from worker.engine.model import Configs
 
-    cfg = configs(preset)
-    key = jax.random.PRNGKey(SEED)
-    model_config = {k: {name: v for name, v in cfg[k].items() if name != "_class_name"} for k in ("unet", "vae")}
-
-    def text_shapes(cls: Any, part: str) -> Any:
-        return cls(CLIPTextConfig(**cfg[part]), _do_init=False).params_shape_tree
-
-    shape_of = {  # each traced only when asked for: the full UNet's takes seconds
-        "unet": lambda: jax.eval_shape(FlaxUNet2DConditionModel.from_config(model_config["unet"]).init_weights, key),
-        "vae": lambda: jax.eval_shape(FlaxAutoencoderKL.from_config(model_config["vae"]).init_weights, key),
-        "text_encoder": lambda: text_shapes(FlaxCLIPTextModel, "text_encoder"),
-        "text_encoder_2": lambda: text_shapes(FlaxCLIPTextModelWithProjection, "text_encoder_2"),
-    }
-    shapes = {part: shape_of[part]() for part in parts}
+    made = Configs.from_dicts(configs(preset), preset)
+    shapes = {part: made.module(part, np.float32).shapes() for part in parts}
     # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
     # (about 40 s on a CPU). Each leaf's generator is seeded by its path (component included), so neither
     # the order nor which components are built together changes a value.
@@ -244,32 +227,25 @@ def write_configs(folder: Path, preset: str = "tiny") -> None:
 
 def write(
     folder: Path,
-    fmt: str = "safetensors",
     preset: str = "tiny",
     dtype: Any = np.float32,
     variant: str = "",
     precision: Any = np.float64,
     threads: int = 1,
 ) -> None:
-    """Write a random model as a diffusers folder; fmt is 'safetensors' (PyTorch layout) or 'flax' (msgpack).
-    `dtype` is the stored precision and `variant` names the files as the hub's variants do ("fp16":
-    model.fp16.safetensors); precision, threads: see build_params. One component at a time, so the full
-    `sdxl` preset needs one component's memory."""
-    from flax import serialization
+    """Write a random model as a diffusers folder of PyTorch-layout safetensors. `dtype` is the stored
+    precision and `variant` names the files as the hub's variants do ("fp16": model.fp16.safetensors);
+    precision, threads: see build_params. One component at a time, so the full `sdxl` preset needs one
+    component's memory."""
     from safetensors.numpy import save_file
 
     write_configs(folder, preset)
     for part in PARTS:
         params = build_params(preset, dtype, parts=(part,), precision=precision, threads=threads)[part]
-        diffusers_style = part in ("unet", "vae")
-        if fmt == "flax":
-            name = "diffusion_flax_model.msgpack" if diffusers_style else "flax_model.msgpack"
-            (folder / part / name).write_bytes(serialization.msgpack_serialize(params))
-        else:
-            stem = "diffusion_pytorch_model" if diffusers_style else "model"
-            state = convert.flax_to_pt(params, "diffusers" if diffusers_style else "transformers")
-            del params
-            save_file(state, folder / part / f"{stem}{'.' + variant if variant else ''}.safetensors")
+        stem = "diffusion_pytorch_model" if part in ("unet", "vae") else "model"
+        state = convert.flax_to_pt(params)
+        del params
+        save_file(state, folder / part / f"{stem}{'.' + variant if variant else ''}.safetensors")
 
 
 def ensure(folder: Path, preset: str = "tiny", dtype: Any = np.float32, variant: str = "") -> None:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT = "sdxl-service/converted-weights/1"
 MIN_FREE_BYTES = 2 * 10**9  # a write that would leave less free is skipped: the cache only saves time
 STALE_TMP_S = 600  # a temporary file this old is no other process's write in progress (5 GB takes seconds)
-_SOURCES = ("convert.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
+_SOURCES = ("convert.py", "single_file.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
 
 
 @functools.cache
@@ -62,8 +62,8 @@ def identity(files: list[Path], dtype: Any, shapes: Any) -> str:
 
 
 def path_for(folder: Path, part: str, files: list[Path]) -> Path:
-    """The one file for this component of this model folder."""
-    source = hashlib.sha256(str(files[0].parent.resolve()).encode()).hexdigest()[:16]
+    """The one file for this component of this model (a folder's component, or a single-file checkpoint)."""
+    source = hashlib.sha256(str(files[0].resolve()).encode()).hexdigest()[:16]
     return folder / f"{part}-{source}.safetensors"
 
 

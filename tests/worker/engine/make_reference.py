@@ -1,67 +1,76 @@
-"""Make the parity fixtures from PyTorch diffusers (needs torch; CI does not run this, it reads the output).
+"""Make the engine's parity fixture from PyTorch diffusers (the test extras carry torch and diffusers; the
+tests read the output, they do not run this):
 
-    python -c 'from pathlib import Path; from worker.engine import tiny; tiny.write(Path("/tmp/tiny"))'
-    pip install torch==2.13.0 diffusers==0.39.0 transformers==4.57.1
-    python tests/worker/engine/make_reference.py /tmp/tiny tests/worker/engine/fixtures/reference.npz
+    .venv/bin/python tests/worker/engine/make_reference.py tests/worker/engine/fixtures/reference.npz
 
-For each case it runs diffusers' StableDiffusionXLPipeline (float32, CPU) on the tiny model's PyTorch-layout
-safetensors with fixed initial latents, and stores the float32 images, plus the schedulers' sigma and
-timestep tables for several step counts. Loading the folder in PyTorch also checks that the tiny model's
-safetensors use PyTorch's parameter names (diffusers warns on missing or unexpected keys; we fail on it).
+It builds the tiny model (worker/engine/tiny.py) in a temporary folder, writes the same weights as a
+single-file checkpoint (single_file.join: the names Stability's checkpoints use) and a copy of the folder
+whose model_index.json says force_zeros_for_empty_prompt: false, then for each case runs diffusers'
+StableDiffusionXLPipeline (float32, CPU) with fixed initial latents and stores the float32 images:
+
+- every loader (the folder with from_pretrained; the single file with diffusers' own from_single_file,
+  offline, configs from the folder) x every scheduler x negative prompt {text, absent (None), ""};
+- an absent negative prompt on the force_zeros_for_empty_prompt: false copy;
+- DDIM with linspace spacing (diffusers rounds that grid);
+
+plus the schedulers' timestep and sigma tables for several step counts and every spacing, and the VAE
+encoder's latent mean and log-variance for a fixed image. Loading the folder in PyTorch also checks that the
+tiny model's safetensors use PyTorch's parameter names (diffusers warns on missing or unexpected keys; we
+fail on it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.numpy import save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-CASES = [
-    # name, scheduler, prompt, negative prompt (None: zero embeddings), guidance, steps, height, width, seed
-    ("euler_wide", "euler", "a photo of an astronaut riding a horse", "blurry, low quality", 7.5, 8, 64, 96, 1),
-    ("euler_noneg", "euler", "a watercolor fox in the snow", None, 5.0, 6, 64, 64, 2),
-    ("ddim_wide", "ddim", "a photo of an astronaut riding a horse", "blurry, low quality", 7.5, 8, 64, 96, 1),
-    (
-        "dpmpp_wide",
-        "dpmpp_2m_karras",
-        "a photo of an astronaut riding a horse",
-        "blurry, low quality",
-        7.5,
-        8,
-        64,
-        96,
-        1,
-    ),
-]
+from worker.engine import model, single_file, tensor_file, tiny
+
+SCHEDULERS = ("euler", "ddim", "dpmpp_2m_karras")
+NEGATIVES = {"text": "blurry, low quality", "absent": None, "empty": ""}
+PROMPT = "a photo of an astronaut riding a horse"
+HEIGHT, WIDTH, STEPS, GUIDANCE, SEED = 64, 96, 6, 7.5, 1
 TABLE_STEPS = (1, 4, 20, 37, 150)
+SPACINGS = ("leading", "linspace", "trailing")
 
 
-def scheduler_for(name: str, config: dict) -> object:
+def scheduler_for(name: str, config: dict, **overrides: object) -> object:
     if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
+        return EulerDiscreteScheduler.from_config(config, **overrides)
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+        return DDIMScheduler.from_config(config, **overrides)
+    return DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", use_karras_sigmas=True, **overrides
+    )
 
 
-def weights_digest(folder: str) -> str:
+def weights_digest(folder: Path) -> str:
     """The same digest as tests/worker/engine/conftest.py: a fixture made from other weights is refused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*/*.safetensors")):
+    for path in sorted(folder.glob("*/*.safetensors")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def check_names(folder: str) -> None:
+def check_names(folder: Path) -> None:
     """Every weight in the safetensors has PyTorch's name and every PyTorch weight is there."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
         _, info = cls.from_pretrained(folder, subfolder=sub, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], (sub, info)
@@ -71,54 +80,97 @@ def check_names(folder: str) -> None:
     print("weight names match PyTorch's")
 
 
-def main(folder: str, out: str) -> None:
+def write_single_file(folder: Path, out: Path) -> None:
+    files = {p: folder / p / ("diffusion_pytorch_model.safetensors" if p in ("unet", "vae") else "model.safetensors")
+             for p in model.COMPONENTS}  # fmt: skip
+    parts = {p: tensor_file.read(f) for p, f in files.items()}
+    configs = {p: json.loads((folder / p / "config.json").read_text()) for p in model.COMPONENTS}
+    state = single_file.join(parts, configs)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
+
+
+def run(pipe: StableDiffusionXLPipeline, config: dict, scheduler: str, negative: str | None, **sched) -> np.ndarray:
+    pipe.scheduler = scheduler_for(scheduler, config, **sched)
+    latents = np.random.default_rng(SEED).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    image = pipe(
+        prompt=PROMPT,
+        negative_prompt=negative,
+        guidance_scale=GUIDANCE,
+        num_inference_steps=STEPS,
+        height=HEIGHT,
+        width=WIDTH,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    return image.astype(np.float32)
+
+
+def main(out: str) -> None:
     torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="sdxl-reference-"))
+    folder = work / "tiny"
+    tiny.write(folder)
     check_names(folder)
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    config = dict(pipe.scheduler.config)
-    arrays: dict[str, np.ndarray] = {}
-    meta = []
-    for name, sched, prompt, neg, guidance, steps, h, w, seed in CASES:
-        pipe.scheduler = scheduler_for(sched, config)
-        latents = np.random.default_rng(seed).standard_normal((1, 4, h // 8, w // 8)).astype(np.float32)
-        image = pipe(
-            prompt=prompt,
-            negative_prompt=neg,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            height=h,
-            width=w,
-            latents=torch.from_numpy(latents),
-            output_type="np",
-        ).images
-        arrays[f"{name}/latents"] = latents
-        arrays[f"{name}/image"] = image.astype(np.float32)
-        meta.append(
-            {
-                "name": name,
-                "scheduler": sched,
-                "prompt": prompt,
-                "negative_prompt": neg or "",
-                "guidance_scale": guidance,
-                "steps": steps,
-                "height": h,
-                "width": w,
-            }
-        )
-        print(name, image.shape, float(image.mean()), float(image.std()))
-    for sched in ("euler", "ddim", "dpmpp_2m_karras"):
-        for steps in TABLE_STEPS:
-            s = scheduler_for(sched, config)
-            s.set_timesteps(steps)
-            arrays[f"table/{sched}/{steps}/timesteps"] = s.timesteps.numpy().astype(np.float64)
-            if hasattr(s, "sigmas"):
-                arrays[f"table/{sched}/{steps}/sigmas"] = s.sigmas.numpy().astype(np.float64)
-            arrays[f"table/{sched}/{steps}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
+    single = work / "tiny.safetensors"
+    write_single_file(folder, single)
+    no_zeros = work / "tiny-no-zeros"
+    shutil.copytree(folder, no_zeros)
+    index = json.loads((no_zeros / "model_index.json").read_text()) | {"force_zeros_for_empty_prompt": False}
+    (no_zeros / "model_index.json").write_text(json.dumps(index))
+
+    pipes = {
+        "folder": StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32),
+        "single_file": StableDiffusionXLPipeline.from_single_file(
+            str(single), config=str(folder), local_files_only=True, torch_dtype=torch.float32
+        ),
+        "no_zeros": StableDiffusionXLPipeline.from_pretrained(no_zeros, torch_dtype=torch.float32),
+    }
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    config = dict(pipes["folder"].scheduler.config)
+    latents = np.random.default_rng(SEED).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    arrays: dict[str, np.ndarray] = {"latents": latents}
+    cases = []
+    for loader in ("folder", "single_file"):
+        for scheduler in SCHEDULERS:
+            for neg_name, negative in NEGATIVES.items():
+                name = f"{loader}/{scheduler}/{neg_name}"
+                arrays[f"{name}/image"] = run(pipes[loader], config, scheduler, negative)
+                cases.append({"name": name, "loader": loader, "scheduler": scheduler, "negative_prompt": negative})
+    arrays["no_zeros/euler/absent/image"] = run(pipes["no_zeros"], config, "euler", None)
+    cases.append({"name": "no_zeros/euler/absent", "loader": "no_zeros", "scheduler": "euler", "negative_prompt": None})
+    arrays["ddim_linspace/image"] = run(pipes["folder"], config, "ddim", "blurry", timestep_spacing="linspace")
+    cases.append({"name": "ddim_linspace", "loader": "folder", "scheduler": "ddim", "negative_prompt": "blurry",
+                  "timestep_spacing": "linspace"})  # fmt: skip
+
+    for scheduler in SCHEDULERS:
+        for spacing in SPACINGS:
+            for steps in TABLE_STEPS:
+                s = scheduler_for(scheduler, config, timestep_spacing=spacing)
+                s.set_timesteps(steps)
+                prefix = f"table/{scheduler}/{spacing}/{steps}"
+                arrays[f"{prefix}/timesteps"] = s.timesteps.numpy().astype(np.float64)
+                if hasattr(s, "sigmas"):
+                    arrays[f"{prefix}/sigmas"] = s.sigmas.numpy().astype(np.float64)
+                arrays[f"{prefix}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
+
+    image = np.random.default_rng(3).uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    with torch.no_grad():
+        dist = pipes["folder"].vae.encode(torch.from_numpy(image)).latent_dist
+    arrays["vae_encode/image"] = image
+    arrays["vae_encode/mean"] = dist.mean.numpy()
+    arrays["vae_encode/logvar"] = dist.logvar.numpy()
+
+    meta = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "steps": STEPS, "guidance_scale": GUIDANCE,
+            "cases": cases}  # fmt: skip
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     np.savez_compressed(out, **arrays)
+    for case in cases:
+        img = arrays[f"{case['name']}/image"]
+        print(case["name"], float(img.mean()), float(img.std()))
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -92,8 +92,6 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     np.testing.assert_array_equal(img_cold, img_warm)
 
 
-
-
 class _Planted:
     """A pickle that, once unpickled, touches a file: what a writer of a shared cache could plant."""
 

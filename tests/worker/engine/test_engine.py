@@ -11,33 +11,98 @@ from worker.engine.engine import EngineInputError, Row
 from worker.engine.schedule import Scheduler
 
 PARITY_TOL = 1e-4
+SCHEDULERS = ("euler", "ddim", "dpmpp_2m_karras")
+NEGATIVES = {"text": "blurry, low quality", "absent": None, "empty": ""}
 
 
-def _reference_row(case, scheduler):
+def _misses(engine, reference, rows, want):
+    """Max abs pixel difference of each row (run together in one batch, same latents) from `want`."""
+    meta = reference["meta"]
+    latents = np.repeat(reference["latents"], len(rows), axis=0)
+    out = engine.generate(rows, meta["height"], meta["width"], latents=latents, output="float32")
+    return [float(np.abs(image - want[0]).max()) for image in out.images]
+
+
+def _row(reference, scheduler, negative):
+    meta = reference["meta"]
     return Row(
-        case["prompt"],
-        case["negative_prompt"],
-        guidance_scale=case["guidance_scale"],
-        steps=case["steps"],
-        scheduler=scheduler,
+        meta["prompt"], negative, guidance_scale=meta["guidance_scale"], steps=meta["steps"], scheduler=scheduler
     )
 
 
-def _run_case(engine, reference, case, scheduler):
-    row = _reference_row(case, scheduler)
-    latents = reference[f"{case['name']}/latents"]
-    out = engine.generate([row], case["height"], case["width"], latents=latents, output="float32")
-    return np.abs(out.images - reference[f"{case['name']}/image"]).max()
+@pytest.fixture(scope="module")
+def single_file_engine(tiny_single_file, tiny_dir):
+    """The same weights read from the single file (configs and tokenizers from the tiny folder, as diffusers'
+    from_single_file(config=...) did for the reference)."""
+    from worker.engine import model
+    from worker.engine.engine import Engine
+
+    return Engine(model.load_single_file(tiny_single_file, np.float32, config_dir=tiny_dir), [(64, 96)], batch_rows=4)
 
 
-@pytest.mark.parametrize("name", ["euler_wide", "euler_noneg", "ddim_wide", "dpmpp_wide"])
-def test_parity_with_pytorch_diffusers(engine32, reference, name):
-    case = next(c for c in reference["meta"] if c["name"] == name)
-    assert _run_case(engine32, reference, case, case["scheduler"]) < PARITY_TOL
-    # The test must be able to fail: every other scheduler in its place misses the reference.
-    for other in Scheduler:
-        if other != case["scheduler"]:
-            assert _run_case(engine32, reference, case, other) > 10 * PARITY_TOL, other
+@pytest.mark.parametrize("negative", list(NEGATIVES))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("loader", ["folder", "single_file"])
+def test_parity_with_pytorch_diffusers(engine32, single_file_engine, reference, loader, scheduler, negative):
+    """diffusers' StableDiffusionXLPipeline (from_pretrained / from_single_file) on the same weights and latents,
+    float32. In the same batch, the test's swaps: each other scheduler, and the negative prompt swapped (text ->
+    absent, absent <-> ""), must miss the reference by far."""
+    engine = engine32 if loader == "folder" else single_file_engine
+    want = reference[f"{loader}/{scheduler}/{negative}/image"]
+    others = [s for s in SCHEDULERS if s != scheduler]
+    swapped = {"text": "absent", "absent": "empty", "empty": "absent"}[negative]
+    rows = [_row(reference, scheduler, NEGATIVES[negative])]
+    rows += [_row(reference, other, NEGATIVES[negative]) for other in others]
+    rows.append(_row(reference, scheduler, NEGATIVES[swapped]))
+    same, *swaps = _misses(engine, reference, rows, want)
+    assert same < PARITY_TOL
+    assert min(swaps) > 10 * PARITY_TOL, swaps
+
+
+def test_absent_negative_prompt_without_force_zeros_is_the_empty_string(tiny_dir, tmp_path, reference):
+    """model_index.json's force_zeros_for_empty_prompt: false (the refiner, many fine-tunes): an absent negative
+    prompt encodes "" instead of zero embeddings."""
+    import json
+    import shutil
+
+    from worker.engine import model
+    from worker.engine.engine import Engine
+
+    folder = tmp_path / "no-zeros"
+    shutil.copytree(tiny_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text()) | {"force_zeros_for_empty_prompt": False}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    engine = Engine(model.load_folder(folder, np.float32), [(64, 96)], batch_rows=1)
+    assert (
+        _misses(engine, reference, [_row(reference, "euler", None)], reference["no_zeros/euler/absent/image"])[0]
+        < PARITY_TOL
+    )
+    # the same absent prompt on the force-zeros model is zero embeddings: far from it
+    assert (
+        _misses(engine, reference, [_row(reference, "euler", None)], reference["folder/euler/absent/image"])[0] > 1e-3
+    )
+
+
+def test_ddim_linspace_rounds_its_timesteps_as_diffusers(tiny32, reference):
+    import dataclasses
+
+    from worker.engine.engine import Engine
+
+    linspace = dataclasses.replace(tiny32, noise=dataclasses.replace(tiny32.noise, timestep_spacing="linspace"))
+    engine = Engine(linspace, [(64, 96)], batch_rows=2)
+    rows = [_row(reference, "ddim", "blurry"), _row(reference, "euler", "blurry")]
+    same, other = _misses(engine, reference, rows, reference["ddim_linspace/image"])
+    assert same < PARITY_TOL and other > 10 * PARITY_TOL
+
+
+def test_vae_encoder_matches_pytorch(tiny32, reference):
+    import jax
+
+    mean, logvar = jax.jit(
+        lambda params, image: tiny32.configs.module("vae", np.float32).apply({"params": params}, image, method="encode")
+    )(tiny32.params["vae"], reference["vae_encode/image"])
+    assert np.abs(np.asarray(mean) - reference["vae_encode/mean"]).max() < PARITY_TOL
+    assert np.abs(np.asarray(logvar) - reference["vae_encode/logvar"]).max() < PARITY_TOL
 
 
 def test_batch_invariance_with_other_jobs_and_padding(engine32):
@@ -114,13 +179,15 @@ def test_batch_rows_must_fit_the_devices(tiny32):
         Engine(tiny32, [(64, 72)], batch_rows=1)
 
 
-def test_dot_product_attention_matches_pytorch_too(tiny32, reference):
-    """The xla implementation of jax.nn.dot_product_attention (the cudnn one needs an NVIDIA GPU)."""
+@pytest.mark.parametrize("attention", ["split_head", "xla"])
+def test_other_attention_kernels_match_pytorch_too(tiny32, reference, attention):
+    """split_head (the blog's layout) and the xla implementation of jax.nn.dot_product_attention (cudnn needs an
+    NVIDIA GPU; splash, a TPU, is compared with einsum in interpret mode in test_attention.py)."""
     from worker.engine.engine import Engine
 
-    engine = Engine(tiny32, [(64, 96)], batch_rows=1, attention="xla")
-    case = next(c for c in reference["meta"] if c["name"] == "euler_wide")
-    assert _run_case(engine, reference, case, "euler") < PARITY_TOL
+    engine = Engine(tiny32, [(64, 96)], batch_rows=1, attention=attention)
+    row = _row(reference, "euler", NEGATIVES["text"])
+    assert _misses(engine, reference, [row], reference["folder/euler/text/image"])[0] < PARITY_TOL
 
 
 def test_unknown_attention_is_refused(tiny32):

@@ -1,31 +1,110 @@
-"""Loading: safetensors and Flax msgpack folders of the same weights, hub ids, bad folders, bfloat16."""
+"""Loading: diffusers folders, single-file checkpoints, hub ids, bad folders and files, bfloat16."""
 
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
 
-from worker.engine import convert, model, tiny
+from worker.engine import convert, model, single_file, tensor_file, tiny
 from worker.engine.engine import Engine, Row
 
 
-@pytest.fixture(scope="module")
-def msgpack_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-msgpack")
-    tiny.write(folder, fmt="flax")
-    assert not list(folder.glob("*/*.safetensors"))
-    return folder
+def test_single_file_and_folder_hold_the_same_weights(tiny_single_file, tiny_dir, tiny32):
+    m = model.load_single_file(tiny_single_file, np.float32, config_dir=tiny_dir)
+    a, b = convert.flatten(tiny32.params), convert.flatten(m.params)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_safetensors_and_msgpack_give_the_same_images(tiny_dir, msgpack_dir, tiny32):
-    assert list(tiny_dir.glob("unet/*.safetensors"))
-    from_msgpack = model.load_folder(msgpack_dir, np.float32)
-    a, b = convert.flatten(tiny32.params), convert.flatten(from_msgpack.params)
-    assert a.keys() == b.keys()
-    rows = [Row("a bowl of fruit", "dark", seed=3, steps=3)]
-    img_a = Engine(tiny32, [(64, 64)], batch_rows=1).generate(rows, 64, 64).images
-    img_b = Engine(from_msgpack, [(64, 64)], batch_rows=1).generate(rows, 64, 64).images
-    np.testing.assert_array_equal(img_a, img_b)
+INFERRED = (
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+    "cross_attention_dim", "projection_class_embeddings_input_dim", "addition_time_embed_dim",
+    "use_linear_projection", "latent_channels", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "max_position_embeddings", "hidden_act",
+)  # fmt: skip
+
+
+def test_single_file_configs_are_inferred_from_the_tensors(tiny_single_file, tiny_dir):
+    """Everything the tensors say matches the folder's configs; the head count follows SDXL's 64-wide heads
+    (the tiny model's are narrower, which is why its tests give the folder's configs, as diffusers' do)."""
+    inferred = single_file.infer_configs(tensor_file.read(tiny_single_file), "sdxl")
+    for part in model.COMPONENTS:
+        want = json.loads((tiny_dir / part / "config.json").read_text())
+        for key in INFERRED:
+            if key in want:
+                assert inferred[part][key] == want[key], (part, key)
+    assert inferred["unet"]["attention_head_dim"] == [1, 1, 1]  # max(1, width // 64)
+    # cross-attention levels take their own depth; the one without takes the mid block's (diffusers' [-1])
+    assert inferred["unet"]["transformer_layers_per_block"][1:] == [1, 2]
+
+
+def test_single_file_without_a_config_folder_uses_sdxl_defaults(tiny_single_file, tmp_path):
+    """SDXL_MODEL=/path/model.safetensors alone: the tokenizers are CLIP's (49,408 tokens), so a checkpoint
+    with another vocabulary is refused by name, not misread."""
+    with pytest.raises(model.ModelError, match="vocabulary has 514 entries, not CLIP's 49,408"):
+        model.load(str(tiny_single_file), np.float32)
+
+
+def test_builtin_tokenizers_are_clips(tmp_path, monkeypatch):
+    from worker.engine import tokenizer
+
+    monkeypatch.setenv("SDXL_TOKENIZER_DIR", str(tmp_path / "tok"))
+    folder = tokenizer.default_folder()
+    first, second = tokenizer.load(folder / "tokenizer"), tokenizer.load(folder / "tokenizer_2")
+    assert len(first) == len(second) == 49408
+    # OpenAI CLIP's ids for these words; the second tokenizer pads with "!" (0), the first with <|endoftext|>
+    assert first("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = lambda tok: tok("a cat", padding="max_length", max_length=6).input_ids  # noqa: E731
+    assert padded(first) == [49406, 320, 2368, 49407, 49407, 49407]
+    assert padded(second) == [49406, 320, 2368, 49407, 0, 0]
+
+
+def _state_with(keys: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    return {k: np.zeros(shape, np.float16) for k, shape in keys.items()}
+
+
+@pytest.mark.parametrize(
+    "keys,named",
+    [
+        ({"model.diffusion_model.joint_blocks.0.x.weight": (2,)}, "Stable Diffusion 3"),
+        ({"double_blocks.0.img_attn.qkv.weight": (2,)}, "Flux"),
+        (
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": (2,),
+                "cond_stage_model.transformer.x": (2,),
+                "first_stage_model.x": (2,),
+            },
+            "Stable Diffusion 1.x",
+        ),
+        (
+            {"model.diffusion_model.input_blocks.0.0.weight": (2,), "cond_stage_model.model.x": (2,)},
+            "Stable Diffusion 2",
+        ),
+        ({"lora_unet_down_blocks_0.lora_down.weight": (2,)}, "LoRA"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (2,)}, "one diffusers component"),
+        ({"something.else": (2,)}, "no SDXL part"),
+    ],
+)
+def test_a_checkpoint_of_another_family_is_named(tmp_path, keys, named):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file(_state_with(keys), path)
+    with pytest.raises(model.ModelError, match=f"not an SDXL checkpoint: it looks like .*{named}"):
+        model.load(str(path))
+
+
+def test_the_refiner_alone_is_refused_by_name(tmp_path):
+    keys = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "conditioner.embedders.0.model.text_projection",
+        "first_stage_model.x",
+    ]
+    assert single_file.identify(keys) == "sdxl-refiner"
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(model.ModelError, match="no such file or folder"):
+        model.load(str(tmp_path / "nope.safetensors"))
 
 
 def test_default_dtype_is_bfloat16_and_images_are_finite(tiny_dir):
@@ -47,7 +126,7 @@ def test_hub_id_offline_names_the_id_and_the_cache(monkeypatch, tmp_path):
 def test_not_a_model(tmp_path):
     with pytest.raises(model.ModelError, match=r"no model_index\.json"):
         model.load_folder(tmp_path)
-    with pytest.raises(model.ModelError, match="neither 'tiny', an existing folder, nor a hub id"):
+    with pytest.raises(model.ModelError, match="neither 'tiny', an existing folder or file, nor a hub id"):
         model.load("no-such-thing")
 
 
@@ -62,13 +141,13 @@ def test_missing_weights_are_named(tmp_path, tiny_dir):
 
 def test_parameter_shapes_are_cached_between_starts(tiny_dir, tmp_path, monkeypatch):
     first = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == ["unet", "vae"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == sorted(model.COMPONENTS)
 
     def traced(*_, **__):
-        pytest.fail("the UNet or VAE init was traced again")
+        pytest.fail("a network's init was traced again")
 
-    monkeypatch.setattr(model.FlaxUNet2DConditionModel, "init_weights", traced)
-    monkeypatch.setattr(model.FlaxAutoencoderKL, "init_weights", traced)
+    for cls in (model.UNet, model.VAE, model.TextEncoder):
+        monkeypatch.setattr(cls, "shapes", traced)
     second = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)  # shapes from the cache, no tracing
     a, b = convert.flatten(first.params), convert.flatten(second.params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -129,22 +208,36 @@ def test_hub_download_takes_one_precision_only(variant):
     assert not any(f.endswith((".msgpack", ".onnx_data", ".bin")) for f in chosen)
 
 
-def test_shape_cache_key_ignores_private_fields(tmp_path):
-    """diffusers' `_use_default_values` is a set turned into a list: its order changes per process, and a key
-    built from it missed the cache on most starts of the full SDXL config (seen in bench/start.py)."""
-    traced = []
+def test_flax_msgpack_folders_are_refused_with_advice(tmp_path, tiny_dir):
+    import shutil
 
-    def trace():
-        traced.append(1)
-        return {"kernel": np.zeros((2, 3), np.float32)}
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    unet = tmp_path / "m" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_flax_model.msgpack")
+    with pytest.raises(model.ModelError, match=r"Flax msgpack and PyTorch \.bin weights are not read"):
+        model.load_folder(tmp_path / "m")
 
-    config = {"block_out_channels": [320, 640], "_use_default_values": ["dropout", "split_head_dim"]}
-    model._shapes("unet", config, trace, tmp_path)
-    reordered = config | {"_use_default_values": ["split_head_dim", "dropout"]}
-    again = model._shapes("unet", reordered, trace, tmp_path)
-    assert len(traced) == 1 and again["kernel"].shape == (2, 3)
-    model._shapes("unet", config | {"block_out_channels": [320, 641]}, trace, tmp_path)  # a real change: traced
-    assert len(traced) == 2
+
+def test_a_config_that_is_not_sdxl_is_named(tmp_path, tiny_dir):
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    config = tmp_path / "m" / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"addition_embed_type": None}))
+    with pytest.raises(model.ModelError, match="not an SDXL base model: the UNet's addition_embed_type is None"):
+        model.load_folder(tmp_path / "m")
+
+
+def test_vae_dtype_float32_on_a_bfloat16_model(tiny_dir):
+    import jax.numpy as jnp
+
+    m = model.load_folder(tiny_dir, jnp.bfloat16, vae_dtype="float32")
+    assert {str(np.asarray(x).dtype) for x in convert.flatten(m.params["vae"]).values()} == {"float32"}
+    assert {str(np.asarray(x).dtype) for x in convert.flatten(m.params["unet"]).values()} == {"bfloat16"}
+    out = Engine(m, [(64, 64)], batch_rows=1).generate([Row("x", steps=2)], 64, 64)
+    assert out.finite == [True]
+    assert model.resolve_vae_dtype("auto", jnp.bfloat16, m.vae) == jnp.bfloat16  # bf16 has float32's range
+    assert model.resolve_vae_dtype("auto", jnp.float16, m.vae) == jnp.float32  # force_upcast, as diffusers
 
 
 def test_background_load_gives_the_same_engine(tiny_dir, tiny32):

@@ -7,11 +7,12 @@ from worker.engine.schedule import MAX_STEPS, NoiseConfig, Scheduler
 STEPS = (1, 4, 20, 37, 150)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("scheduler", list(Scheduler))
 @pytest.mark.parametrize("steps", STEPS)
-def test_tables_match_diffusers_pytorch(reference, scheduler, steps):
-    table = schedule.build(NoiseConfig(), scheduler, steps)
-    prefix = f"table/{scheduler.value}/{steps}"
+def test_tables_match_diffusers_pytorch(reference, scheduler, steps, spacing):
+    table = schedule.build(NoiseConfig(timestep_spacing=spacing), scheduler, steps)
+    prefix = f"table/{scheduler.value}/{spacing}/{steps}"
     np.testing.assert_array_equal(table.timesteps[:steps], reference[f"{prefix}/timesteps"])
     if f"{prefix}/sigmas" in reference:  # DDIM keeps no sigmas table
         np.testing.assert_allclose(
@@ -19,6 +20,16 @@ def test_tables_match_diffusers_pytorch(reference, scheduler, steps):
         )  # float32 cumprod order
     if scheduler is Scheduler.euler:  # the only one whose initial sample is scaled in diffusers' own space
         assert table.init_scale == pytest.approx(float(reference[f"{prefix}/init_noise_sigma"]), rel=1e-6)
+
+
+def test_ddim_linspace_rounds_where_truncating_would_be_off_by_one(reference):
+    # 20 steps over 0..999: 999 * k / 19 has fractional parts above .5 for many k; a truncating table misses
+    truncated = np.linspace(0, 999, 20, dtype=np.float32)[::-1].astype(np.int64)
+    want = reference["table/ddim/linspace/20/timesteps"]
+    assert not np.array_equal(truncated, want)
+    np.testing.assert_array_equal(
+        schedule.build(NoiseConfig(timestep_spacing="linspace"), "ddim", 20).timesteps[:20], want
+    )
 
 
 def test_padding_steps_are_identity():
