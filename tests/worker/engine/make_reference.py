@@ -12,6 +12,7 @@ StableDiffusionXLPipeline (float32, CPU) with fixed initial latents and stores t
   offline, configs from the folder) x every scheduler x negative prompt {text, absent (None), ""};
 - an absent negative prompt on the force_zeros_for_empty_prompt: false copy;
 - DDIM with linspace spacing (diffusers rounds that grid);
+- a VAE config with latents_mean/latents_std (applied before the decode);
 
 plus the schedulers' timestep and sigma tables for several step counts and every spacing, and the VAE
 encoder's latent mean and log-variance for a fixed image. Loading the folder in PyTorch also checks that the
@@ -48,6 +49,8 @@ NEGATIVES = {"text": "blurry, low quality", "absent": None, "empty": ""}
 PROMPT = "a photo of an astronaut riding a horse"
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED = 64, 96, 6, 7.5, 1
 TABLE_STEPS = (1, 4, 20, 37, 150)
+# a VAE whose config carries per-channel latent statistics (as SDXL's does not, and some fine-tunes' do)
+LATENT_STATS = {"latents_mean": [0.1, -0.2, 0.3, 0.05], "latents_std": [0.9, 1.1, 1.2, 0.8]}
 SPACINGS = ("leading", "linspace", "trailing")
 
 
@@ -117,6 +120,10 @@ def main(out: str) -> None:
     shutil.copytree(folder, no_zeros)
     index = json.loads((no_zeros / "model_index.json").read_text()) | {"force_zeros_for_empty_prompt": False}
     (no_zeros / "model_index.json").write_text(json.dumps(index))
+    stats = work / "tiny-latents-stats"
+    shutil.copytree(folder, stats)
+    vae_config = json.loads((stats / "vae" / "config.json").read_text()) | LATENT_STATS
+    (stats / "vae" / "config.json").write_text(json.dumps(vae_config))
 
     pipes = {
         "folder": StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32),
@@ -124,6 +131,7 @@ def main(out: str) -> None:
             str(single), config=str(folder), local_files_only=True, torch_dtype=torch.float32
         ),
         "no_zeros": StableDiffusionXLPipeline.from_pretrained(no_zeros, torch_dtype=torch.float32),
+        "latents_stats": StableDiffusionXLPipeline.from_pretrained(stats, torch_dtype=torch.float32),
     }
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -139,6 +147,9 @@ def main(out: str) -> None:
                 cases.append({"name": name, "loader": loader, "scheduler": scheduler, "negative_prompt": negative})
     arrays["no_zeros/euler/absent/image"] = run(pipes["no_zeros"], config, "euler", None)
     cases.append({"name": "no_zeros/euler/absent", "loader": "no_zeros", "scheduler": "euler", "negative_prompt": None})
+    arrays["latents_stats/image"] = run(pipes["latents_stats"], config, "euler", "blurry")
+    cases.append({"name": "latents_stats", "loader": "folder", "scheduler": "euler", "negative_prompt": "blurry",
+                  "vae": LATENT_STATS})  # fmt: skip
     arrays["ddim_linspace/image"] = run(pipes["folder"], config, "ddim", "blurry", timestep_spacing="linspace")
     cases.append({"name": "ddim_linspace", "loader": "folder", "scheduler": "ddim", "negative_prompt": "blurry",
                   "timestep_spacing": "linspace"})  # fmt: skip

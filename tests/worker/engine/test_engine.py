@@ -83,6 +83,22 @@ def test_absent_negative_prompt_without_force_zeros_is_the_empty_string(tiny_dir
     )
 
 
+def test_a_vae_with_latent_statistics_is_decoded_as_diffusers_does(tiny32, reference):
+    """latents_mean/std in the VAE's config: latents * std / scaling_factor + mean before the decode. The same
+    weights without them (the tiny model as it is) must miss the reference."""
+    import dataclasses
+
+    from worker.engine.engine import Engine
+
+    stats = next(c for c in reference["meta"]["cases"] if c["name"] == "latents_stats")["vae"]
+    vae = dataclasses.replace(tiny32.vae, **{k: tuple(v) for k, v in stats.items()})
+    with_stats = dataclasses.replace(tiny32, configs=dataclasses.replace(tiny32.configs, vae=vae))
+    row = [_row(reference, "euler", "blurry")]
+    want = reference["latents_stats/image"]
+    assert _misses(Engine(with_stats, [(64, 96)], batch_rows=1), reference, row, want)[0] < PARITY_TOL
+    assert _misses(Engine(tiny32, [(64, 96)], batch_rows=1), reference, row, want)[0] > 10 * PARITY_TOL
+
+
 def test_ddim_linspace_rounds_its_timesteps_as_diffusers(tiny32, reference):
     import dataclasses
 
