@@ -253,7 +253,7 @@ def _clip_l(state: Mapping[str, Any]) -> dict[str, Any]:
         "hidden_size": hidden,
         "intermediate_size": state[f"{CLIP_L}text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         "num_hidden_layers": _count(keys, rf"{re.escape(CLIP_L)}text_model\.encoder\.layers\.(\d+)\."),
-        "num_attention_heads": hidden // 64,
+        "num_attention_heads": max(1, hidden // 64),  # SDXL's heads are 64 wide
         "max_position_embeddings": state[f"{CLIP_L}text_model.embeddings.position_embedding.weight"].shape[0],
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
@@ -274,7 +274,7 @@ def _bigg(state: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
         "hidden_size": hidden,
         "intermediate_size": state[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         "num_hidden_layers": _count(keys, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\."),
-        "num_attention_heads": hidden // 64,
+        "num_attention_heads": max(1, hidden // 64),  # SDXL's heads are 64 wide
         "max_position_embeddings": state[f"{prefix}positional_embedding"].shape[0],
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,

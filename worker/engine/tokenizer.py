@@ -80,6 +80,9 @@ def default_folder() -> Path:
 
 
 def load(folder: Path) -> Any:
+    # transformers says at import that it found no PyTorch and will serve tokenizers only: exactly what the
+    # engine wants, so the notice is kept out of the worker's log
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(folder)
