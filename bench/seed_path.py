@@ -20,27 +20,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker.engine import convert
+
 _VAE_BACK = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
-
-
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _paths(module: str) -> list[tuple[str, ...]]:
@@ -60,7 +43,7 @@ def _paths(module: str) -> list[tuple[str, ...]]:
 
 
 def to_flax(state: dict[str, np.ndarray], shapes: Any, dtype: Any) -> dict[str, Any]:
-    target = _flatten(shapes)
+    target = convert.flatten(shapes)
     out = {}
     for key, tensor in state.items():
         module, leaf = key.rsplit(".", 1)
@@ -77,7 +60,7 @@ def to_flax(state: dict[str, np.ndarray], shapes: Any, dtype: Any) -> dict[str, 
     missing = [k for k in target if k not in out]
     if missing:
         raise SystemExit(f"seed path: {len(missing)} parameters not filled, e.g. {missing[:3]}")
-    return _unflatten(out)
+    return convert.unflatten(out)
 
 
 def build(folder: Path, height: int, width: int, batch: int, steps: int, dtype_name: str) -> Callable[[], None]:

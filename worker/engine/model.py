@@ -220,6 +220,11 @@ def read_state(files: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
+def read_component(root: Path, part: str, variant: str = "") -> dict[str, np.ndarray]:
+    """One component of a diffusers folder as its PyTorch-layout state dict (views on memory maps)."""
+    return read_state(_locate_weights(root / part, _WEIGHT_STEMS[part], variant))
+
+
 def convert_component(
     part: str,
     read: Callable[[], dict[str, np.ndarray]],

@@ -196,7 +196,8 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
     proj_in = next(k for k in u if k.endswith(".proj_in.weight"))
     label_in = ushape("label_emb.0.0.weight")[1]
     time_dim = ushape("time_embed.0.weight")
-    pooled = _bigg(state, kind)[1]["projection_dim"]
+    te2 = _bigg(state, kind)[1]
+    pooled = te2["projection_dim"]
     ids = 6 if kind == "sdxl" else 5
     unet = {
         "_class_name": "UNet2DConditionModel",
@@ -236,51 +237,50 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
         "force_upcast": True,
         "sample_size": 1024,
     }
-    configs = {"unet": unet, "vae": vae, "text_encoder_2": _bigg(state, kind)[1]}
+    configs = {"unet": unet, "vae": vae, "text_encoder_2": te2}
     if kind == "sdxl":
         configs["text_encoder"] = _clip_l(state)
     return configs
 
 
-def _clip_l(state: Mapping[str, Any]) -> dict[str, Any]:
-    keys = [k for k in state if k.startswith(CLIP_L)]
-    embed = tuple(state[f"{CLIP_L}text_model.embeddings.token_embedding.weight"].shape)
-    hidden = embed[1]
+def _text_config(state: Mapping[str, Any], prefix: str, names: dict[str, str], **fixed: Any) -> dict[str, Any]:
+    """A CLIP text config from one encoder's tensors. names: where this layout keeps the token and position
+    embeddings, a layer prefix, and the first layer's MLP input (transformers' and OpenCLIP's names differ)."""
+    vocab, hidden = state[prefix + names["tokens"]].shape
+    layers = _count([k for k in state if k.startswith(prefix)], rf"{re.escape(prefix + names['layers'])}(\d+)\.")
     return {
-        "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
-        "vocab_size": embed[0],
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": state[f"{CLIP_L}text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        "num_hidden_layers": _count(keys, rf"{re.escape(CLIP_L)}text_model\.encoder\.layers\.(\d+)\."),
-        "num_attention_heads": max(1, hidden // 64),  # SDXL's heads are 64 wide
-        "max_position_embeddings": state[f"{CLIP_L}text_model.embeddings.position_embedding.weight"].shape[0],
-        "hidden_act": "quick_gelu",
+        "intermediate_size": state[prefix + names["mlp_in"]].shape[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // HEAD_WIDTH),  # SDXL's heads are 64 wide
+        "max_position_embeddings": state[prefix + names["positions"]].shape[0],
         "layer_norm_eps": 1e-5,
-        "projection_dim": 768,
         "eos_token_id": 2,
+        **fixed,
     }
+
+
+def _clip_l(state: Mapping[str, Any]) -> dict[str, Any]:
+    names = {"tokens": "text_model.embeddings.token_embedding.weight", "layers": "text_model.encoder.layers.",
+             "mlp_in": "text_model.encoder.layers.0.mlp.fc1.weight",
+             "positions": "text_model.embeddings.position_embedding.weight"}  # fmt: skip
+    return _text_config(
+        state, CLIP_L, names, architectures=["CLIPTextModel"], hidden_act="quick_gelu", projection_dim=768
+    )
 
 
 def _bigg(state: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
     prefix = BIGG[0] if kind == "sdxl" else BIGG[1]
-    keys = [k for k in state if k.startswith(prefix)]
-    embed = tuple(state[f"{prefix}token_embedding.weight"].shape)
-    hidden = embed[1]
-    return prefix, {
-        "architectures": ["CLIPTextModelWithProjection"],
-        "model_type": "clip_text_model",
-        "vocab_size": embed[0],
-        "hidden_size": hidden,
-        "intermediate_size": state[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        "num_hidden_layers": _count(keys, rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\."),
-        "num_attention_heads": max(1, hidden // 64),  # SDXL's heads are 64 wide
-        "max_position_embeddings": state[f"{prefix}positional_embedding"].shape[0],
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": state[f"{prefix}text_projection"].shape[1],
-        "eos_token_id": 2,
-    }
+    names = {"tokens": "token_embedding.weight", "layers": "transformer.resblocks.",
+             "mlp_in": "transformer.resblocks.0.mlp.c_fc.weight", "positions": "positional_embedding"}  # fmt: skip
+    projection = state[f"{prefix}text_projection"].shape[1]
+    config = _text_config(
+        state, prefix, names, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
+        projection_dim=projection,
+    )  # fmt: skip
+    return prefix, config
 
 
 # ---------------------------------------------------------------- splitting a checkpoint into components
@@ -291,8 +291,8 @@ def split(state: Mapping[str, np.ndarray], configs: dict[str, dict[str, Any]], k
     ModelError listing a few."""
     unet_pairs = {ldm: (d, inner) for ldm, d, inner in _unet_pairs(configs["unet"])}
     vae_pairs = {ldm: (d, inner) for ldm, d, inner in _vae_pairs(configs["vae"])}
-    prefix, te2_cfg = _bigg(state, kind)
-    bigg_pairs = {ldm: (d, inner) for ldm, d, inner in _bigg_pairs(te2_cfg["num_hidden_layers"])}
+    prefix = BIGG[0] if kind == "sdxl" else BIGG[1]
+    bigg_pairs = {ldm: (d, inner) for ldm, d, inner in _bigg_pairs(configs["text_encoder_2"]["num_hidden_layers"])}
     out: dict[str, dict[str, np.ndarray]] = {part: {} for part in model.COMPONENTS}
     homeless: list[str] = []
     for key, tensor in state.items():
@@ -370,6 +370,20 @@ def join(parts: Mapping[str, Mapping[str, np.ndarray]], configs: dict[str, dict[
     for name, tensor in parts["text_encoder"].items():
         state[CLIP_L + name] = tensor
     return state
+
+
+def from_folder(folder: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
+    """A diffusers folder's (state dicts, configs) per component: what join() takes."""
+    parts = {part: model.read_component(folder, part) for part in model.COMPONENTS}
+    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in model.COMPONENTS}
+    return parts, configs
+
+
+def write(path: Path, parts: Mapping[str, Mapping[str, np.ndarray]], configs: dict[str, dict[str, Any]]) -> None:
+    """join() saved as a safetensors file: how the tests and the reference maker write single files."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in join(parts, configs).items()}, path)
 
 
 # ---------------------------------------------------------------- the loader's Source

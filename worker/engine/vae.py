@@ -92,10 +92,13 @@ class MidBlock(nn.Module):
         return ResnetBlock(width, self.groups, 1e-6, self.dtype, name="resnets_1")(x)
 
 
-class EncoderBlock(nn.Module):
+class Block(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: ResNets, then a stride-2 conv padded bottom/right ("down"), 2x
+    nearest upsampling and a conv ("up"), or nothing (the last block of each side)."""
+
     width: int
     layers: int
-    downsample: bool
+    resample: str  # "down", "up" or ""
     groups: int
     dtype: Any = jnp.float32
 
@@ -103,23 +106,9 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.layers):
             x = ResnetBlock(self.width, self.groups, 1e-6, self.dtype, name=f"resnets_{j}")(x)
-        if self.downsample:
+        if self.resample == "down":
             x = Downsample(self.width, asymmetric=True, dtype=self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    width: int
-    layers: int
-    upsample: bool
-    groups: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for j in range(self.layers):
-            x = ResnetBlock(self.width, self.groups, 1e-6, self.dtype, name=f"resnets_{j}")(x)
-        if self.upsample:
+        elif self.resample == "up":
             x = Upsample(self.width, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -136,7 +125,7 @@ class Encoder(nn.Module):
         x = conv(channels[0], 3, "conv_in", dtype)(x)
         for i, width in enumerate(channels):
             last = i == len(channels) - 1
-            x = EncoderBlock(width, cfg.layers_per_block, not last, groups, dtype, name=f"down_blocks_{i}")(x)
+            x = Block(width, cfg.layers_per_block, "" if last else "down", groups, dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(groups, self.attend, dtype, name="mid_block")(x)
         x = nn.silu(nn.GroupNorm(groups, epsilon=1e-6, dtype=dtype, name="conv_norm_out")(x))
         return conv(2 * cfg.latent_channels, 3, "conv_out", dtype)(x)
@@ -155,7 +144,7 @@ class Decoder(nn.Module):
         x = MidBlock(groups, self.attend, dtype, name="mid_block")(x)
         for i, width in enumerate(channels):
             last = i == len(channels) - 1
-            x = DecoderBlock(width, cfg.layers_per_block + 1, not last, groups, dtype, name=f"up_blocks_{i}")(x)
+            x = Block(width, cfg.layers_per_block + 1, "" if last else "up", groups, dtype, name=f"up_blocks_{i}")(x)
         x = nn.silu(nn.GroupNorm(groups, epsilon=1e-6, dtype=dtype, name="conv_norm_out")(x))
         return conv(cfg.out_channels, 3, "conv_out", dtype)(x)
 

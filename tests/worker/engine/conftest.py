@@ -34,16 +34,10 @@ def reference(tiny_dir: Path) -> dict[str, Any]:
 def tiny_single_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's weights as one single-file checkpoint (Stability's key names), as make_reference.py
     writes it for diffusers' from_single_file."""
-    from safetensors.numpy import save_file
+    from worker.engine import single_file
 
-    from worker.engine import single_file, tensor_file
-
-    files = {p: tiny_dir / p / ("diffusion_pytorch_model.safetensors" if p in ("unet", "vae") else "model.safetensors")
-             for p in model.COMPONENTS}  # fmt: skip
-    configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in model.COMPONENTS}
-    state = single_file.join({p: tensor_file.read(f) for p, f in files.items()}, configs)
     path = tmp_path_factory.mktemp("single-file") / "tiny-sdxl.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+    single_file.write(path, *single_file.from_folder(tiny_dir))
     return path
 
 

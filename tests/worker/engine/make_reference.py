@@ -39,10 +39,9 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from safetensors.numpy import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from worker.engine import model, single_file, tensor_file, tiny
+from worker.engine import single_file, tiny
 
 SCHEDULERS = ("euler", "ddim", "dpmpp_2m_karras")
 NEGATIVES = {"text": "blurry, low quality", "absent": None, "empty": ""}
@@ -83,15 +82,6 @@ def check_names(folder: Path) -> None:
     print("weight names match PyTorch's")
 
 
-def write_single_file(folder: Path, out: Path) -> None:
-    files = {p: folder / p / ("diffusion_pytorch_model.safetensors" if p in ("unet", "vae") else "model.safetensors")
-             for p in model.COMPONENTS}  # fmt: skip
-    parts = {p: tensor_file.read(f) for p, f in files.items()}
-    configs = {p: json.loads((folder / p / "config.json").read_text()) for p in model.COMPONENTS}
-    state = single_file.join(parts, configs)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, out)
-
-
 def run(pipe: StableDiffusionXLPipeline, config: dict, scheduler: str, negative: str | None, **sched) -> np.ndarray:
     pipe.scheduler = scheduler_for(scheduler, config, **sched)
     latents = np.random.default_rng(SEED).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
@@ -115,7 +105,7 @@ def main(out: str) -> None:
     tiny.write(folder)
     check_names(folder)
     single = work / "tiny.safetensors"
-    write_single_file(folder, single)
+    single_file.write(single, *single_file.from_folder(folder))
     no_zeros = work / "tiny-no-zeros"
     shutil.copytree(folder, no_zeros)
     index = json.loads((no_zeros / "model_index.json").read_text()) | {"force_zeros_for_empty_prompt": False}

@@ -47,18 +47,13 @@ def test_single_file_without_a_config_folder_uses_sdxl_defaults(tiny_single_file
 def test_a_single_file_alone_just_works(tiny_dir, tmp_path):
     """SDXL_MODEL=/path/model.safetensors with nothing beside it: configs inferred from the tensors, CLIP's
     tokenizers (the tiny weights with CLIP-sized token embeddings), SDXL's scheduler; an image comes out."""
-    from safetensors.numpy import save_file
-
-    files = {p: tiny_dir / p / ("diffusion_pytorch_model.safetensors" if p in ("unet", "vae") else "model.safetensors")
-             for p in model.COMPONENTS}  # fmt: skip
-    parts = {p: dict(tensor_file.read(f)) for p, f in files.items()}
+    parts, configs = single_file.from_folder(tiny_dir)
     rng = np.random.default_rng(0)
     for part in ("text_encoder", "text_encoder_2"):
         key = "text_model.embeddings.token_embedding.weight"
         parts[part][key] = rng.standard_normal((49408, parts[part][key].shape[1])).astype(np.float32)
-    configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in model.COMPONENTS}
     path = tmp_path / "my-finetune.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in single_file.join(parts, configs).items()}, path)
+    single_file.write(path, parts, configs)
     m = model.load(str(path), np.float32)
     assert m.name == str(path) and len(m.tokenizer) == 49408 and m.noise.timestep_spacing == "leading"
     out = Engine(m, [(64, 64)], batch_rows=1).generate([Row("a photo of a cat", steps=2)], 64, 64)
