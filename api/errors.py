@@ -8,6 +8,9 @@ the README); `errors` lists each field to fix on a 422. Other members (`invalid_
 extensions that a data set refusal adds. Redis outages are 503 with Retry-After, never a 500 or a hang;
 an unexpected error is a 500 problem that says nothing of the internals (the log has the traceback).
 The OpenAPI document declares this schema for every error response (`problem_openapi`).
+
+On OpenAI's paths (/v1/images/..., api/routes/openai.py) the problem also carries OpenAI's own member,
+`"error": {"message", "type", "param", "code"}`, which the `openai` package reads for its exceptions' message.
 """
 
 from __future__ import annotations
@@ -59,11 +62,15 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = Field(None, description="On a 422: each field to fix.")
 
 
+OPENAI_PATHS = "/v1/images/"
+
+
 def problem(
     status: int,
     detail: str,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    request: Request | None = None,
     **extensions: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {
@@ -75,6 +82,10 @@ def problem(
     if errors is not None:
         body["errors"] = errors
     body.update(extensions)
+    if request is not None and request.url.path.startswith(OPENAI_PATHS):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        param = errors[0]["field"] if errors else None
+        body["error"] = {"message": detail, "type": kind, "param": param, "code": None}
     return JSONResponse(status_code=status, content=body, headers=headers, media_type=MEDIA_TYPE)
 
 
@@ -106,35 +117,38 @@ def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return fields
 
 
-def invalid(fields: list[dict[str, str]], what: str = "request") -> JSONResponse:
+def invalid(fields: list[dict[str, str]], what: str = "request", request: Request | None = None) -> JSONResponse:
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    return problem(422, f"invalid {what}: {summary}", errors=fields)
+    return problem(422, f"invalid {what}: {summary}", errors=fields, request=request)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None), request=request)
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid(validation_errors(list(exc.errors())))
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return invalid(validation_errors(list(exc.errors())), request=request)
 
     @app.exception_handler(LimitError)
-    async def limit(_: Request, exc: LimitError) -> JSONResponse:
-        return invalid([{"field": exc.field, "message": str(exc)}])
+    async def limit(request: Request, exc: LimitError) -> JSONResponse:
+        return invalid([{"field": exc.field, "message": str(exc)}], request=request)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
-    async def redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return problem(
-            503, "the job store (Redis) is unreachable; nothing was stored, retry later", headers={"Retry-After": "5"}
-        )
+            503, "the job store (Redis) is unreachable; nothing was stored, retry later", headers={"Retry-After": "5"},
+            request=request,
+        )  # fmt: skip
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return problem(500, "an unexpected error; it has been logged. Retry, and report it if it persists")
+        return problem(
+            500, "an unexpected error; it has been logged. Retry, and report it if it persists", request=request
+        )
 
 
 def problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:

@@ -8,14 +8,17 @@ when it starts and one when it is woken, not one per poll.
 
 No end is missed: a waiter registers before it reads the job, and every waiter is woken to read again each
 time the subscription is (re)established, so an end published while the connection was down is seen then.
+
+The same subscription listens on `P:progress`, where a worker publishes a running job's id each time it
+records the job's step: an event stream (GET /v1/jobs/{id}/events) `watch`es a job and is woken by either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 
 import redis
 import redis.asyncio as aioredis
@@ -31,9 +34,11 @@ MAX_BACKOFF_S = 5.0
 
 
 class JobEvents:
-    def __init__(self, redis_url: str, channel: str):
+    def __init__(self, redis_url: str, channel: str, progress_channel: str | None = None):
         self.redis_url = redis_url
         self.channel = channel
+        self.progress_channel = progress_channel
+        self._watchers: dict[str, set[asyncio.Event]] = {}  # woken by an end or by progress
         self.client_name = f"api-events:{channel}"  # how the connection shows in CLIENT LIST
         self.subscribed = False  # True while the subscription is live (tests read it)
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -74,19 +79,37 @@ class JobEvents:
                 if not waiting:
                     del self._waiters[job_id]
 
+    @asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the job records progress or ends (and after every reconnect); clear it before
+        reading the job, then wait on it."""
+        event = asyncio.Event()
+        self._watchers.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            watching = self._watchers.get(job_id)
+            if watching is not None:
+                watching.discard(event)
+                if not watching:
+                    del self._watchers[job_id]
+
     @property
     def waiting(self) -> int:
         """Requests waiting now."""
         return sum(len(events) for events in self._waiters.values())
 
-    def _wake(self, job_id: str) -> None:
-        for event in self._waiters.get(job_id, ()):
+    def _wake(self, job_id: str, ended: bool = True) -> None:
+        for event in self._waiters.get(job_id, ()) if ended else ():
+            event.set()
+        for event in self._watchers.get(job_id, ()):
             event.set()
 
     def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for event in events:
-                event.set()
+        for table in (self._waiters, self._watchers):
+            for events in table.values():
+                for event in events:
+                    event.set()
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,7 +118,7 @@ class JobEvents:
             client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2, client_name=self.client_name)
             pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(*(c for c in (self.channel, self.progress_channel) if c))
                 heard_s, pinged = loop.time(), False
                 while True:
                     message = await pubsub.get_message(timeout=LISTEN_SLICE_S)
@@ -113,7 +136,7 @@ class JobEvents:
                         self.outage.ok()
                         self._wake_all()  # anything that ended while we were not listening is read again
                     elif message["type"] == "message":
-                        self._wake(message["data"].decode())
+                        self._wake(message["data"].decode(), ended=message["channel"].decode() == self.channel)
             except (redis.RedisError, OSError) as exc:
                 self.outage.failed(exc)  # one line an outage (and one when it ends), not one per try
             finally:

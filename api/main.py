@@ -17,7 +17,8 @@ from api import errors
 from api.deps import Services
 from api.job_events import JobEvents
 from api.limits import BodyLimit
-from api.routes import datasets, files, jobs, system
+from api.routes import datasets, files, jobs, openai, system
+from common import logs
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
 from common.job_store import JobStore
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2), retry_on_error=[redis.exceptions.ConnectionError],
         )  # fmt: skip
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
-        events = JobEvents(settings.redis_url, store.ended_channel)
+        events = JobEvents(settings.redis_url, store.ended_channel, store.progress_channel)
         app.state.services = Services(
             settings=settings,
             redis=client,
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
     app.include_router(jobs.router)
     app.include_router(datasets.router)
+    app.include_router(openai.router)
     app.include_router(files.router)
     app.include_router(system.router)
     return app
@@ -82,5 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn api.main:app` builds the app on first access, so importing this module reads no settings.
     if name == "app":
-        return create_app()
+        settings = get_settings()
+        logs.configure(settings.log_format)  # here, not in create_app: tests build many apps in one process
+        return create_app(settings)
     raise AttributeError(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from common.datasets import DatasetOptions, DatasetStatus
-from common.jobs import JobRequest, JobStatus
+from common.jobs import JobRequest, JobStatus, Progress
 
 
 class ImagePublic(BaseModel):
@@ -31,6 +31,9 @@ class JobPublic(BaseModel):
     images: list[ImagePublic] = []
     truncated: bool = False  # the prompt or negative prompt was longer than 77 tokens and was cut
     attempts: int = 0
+    # once running: denoising steps done of the job's steps, as its worker last reported (every
+    # SDXL_PROGRESS_EVERY_STEPS steps, at most 5 times a second); GET .../events streams each change
+    progress: Progress | None = None
 
 
 class JobsPublic(BaseModel):

@@ -24,41 +24,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
+from client.api import ApiError, Client, Unreachable
 
 FINISHED = ("completed", "canceled")
 FINAL_FILES = {"manifest_jsonl": "manifest.jsonl", "manifest_parquet": "manifest.parquet", "failures": "failures.jsonl"}
 
 
-T = TypeVar("T")
-TRANSIENT = (429, 502, 503, 504)  # answers worth waiting out; any other error is final
-
-
 class Refused(Exception):
     """The service refused the input; the message lists what to fix."""
-
-
-class Answered(Exception):
-    """An HTTP error answer. Raised by _check rather than httpx's raise_for_status: the client may be an
-    httpx-compatible one of another package (starlette's TestClient is built on httpx2 where that is
-    installed, and huggingface_hub 2 installs it), whose HTTPStatusError is another class."""
-
-    def __init__(self, response: Any):
-        super().__init__(f"{response.status_code} from {response.request.method} {response.request.url}")
-        self.response = response
-
-
-def _check(response: Any) -> None:
-    if response.status_code >= 400:
-        raise Answered(response)
-
-
-class Unreachable(Exception):
-    """The service did not answer (or kept answering 429/5xx) for the whole patience."""
 
 
 def fingerprint(path: Path, options: dict[str, Any]) -> str:
@@ -70,43 +46,22 @@ def fingerprint(path: Path, options: dict[str, Any]) -> str:
 
 
 class DatasetRunner:
+    """The CLI's steps over the Python client (client/api.py), which waits out outages and rate limits."""
+
     def __init__(
         self, api: str, key: str | None, out: Path, poll_s: float = 2.0, timeout_s: float = 60, patience_s: float = 600
     ):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=api.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.api = Client(api, key, timeout_s=timeout_s, patience_s=patience_s, backoff_s=poll_s, on_retry=_say)
         self.out = out
         self.poll_s = poll_s
-        self.patience_s = patience_s
 
-    def _patiently(self, what: str, call: Callable[[], T]) -> T:
-        """call() until it does not fail transiently: connection errors and TRANSIENT answers are waited out
-        (Retry-After when given, else a backoff from poll_s to 60 s) for up to patience_s in a row."""
-        give_up = time.monotonic() + self.patience_s
-        backoff_s = self.poll_s
-        while True:
-            try:
-                return call()
-            except httpx.TransportError as exc:
-                why, wait_s = type(exc).__name__, backoff_s
-            except Answered as exc:
-                if exc.response.status_code not in TRANSIENT:
-                    raise
-                why = str(exc.response.status_code)
-                wait_s = float(exc.response.headers.get("Retry-After") or backoff_s)
-            if time.monotonic() + wait_s > give_up:
-                raise Unreachable(f"{what}: no answer for {self.patience_s:.0f} s (last: {why})")
-            print(f"{what}: {why}; trying again in {wait_s:.0f} s", file=sys.stderr)
-            time.sleep(wait_s)
-            backoff_s = min(backoff_s * 2, 60.0)
+    @property
+    def patience_s(self) -> float:
+        return self.api.retry.patience_s
 
-    def _get_json(self, path: str) -> Any:
-        def get() -> Any:
-            r = self.http.get(path)
-            _check(r)
-            return r.json()
-
-        return self._patiently(f"GET {path}", get)
+    @patience_s.setter
+    def patience_s(self, value: float) -> None:
+        self.api.retry.patience_s = value
 
     # ------------------------------------------------------------------ steps
 
@@ -119,31 +74,15 @@ class DatasetRunner:
                 raise Refused(f"{self.out} holds run {state['run_id']} of another input or options; use another --out")
             return state["run_id"]
 
-        def post() -> httpx.Response:  # safe to send again: the Idempotency-Key makes at most one run
-            with jsonl.open("rb") as f:
-                r = self.http.post(
-                    "/v1/datasets",
-                    files={"input": (jsonl.name, f, "application/x-ndjson")},
-                    data={"options": json.dumps(options)},
-                    headers={"Idempotency-Key": f"cli-{fp}"},
-                    timeout=max(600.0, self.http.timeout.read or 0),  # a large file is validated before the answer
-                )
-            if r.status_code >= 500:
-                _check(r)  # 502/503/504 are waited out; a 429 here is a limit to report (below)
-            return r
-
-        r = self._patiently("submitting", post)
-        if 400 <= r.status_code < 500:  # the server says what to fix: bad lines, a bad key, a limit (429)
-            try:
-                body = r.json()
-            except ValueError:
-                body = {}
-            lines = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in body.get("lines", []))
-            message = body.get("detail") or r.text  # RFC 9457 problem details (api/errors.py)
-            retry = f" (the server says retry in {r.headers['Retry-After']} s)" if "Retry-After" in r.headers else ""
-            raise Refused(f"{r.status_code}: {message}{retry}{lines}")
-        _check(r)
-        run_id = r.json()["id"]
+        try:  # safe to send again: the Idempotency-Key makes at most one run
+            run_id = self.api.create_dataset(jsonl, options, idempotency_key=f"cli-{fp}").id
+        except ApiError as exc:
+            if exc.status >= 500:
+                raise
+            # the server says what to fix: bad lines, a bad key, a limit (429); RFC 9457 problem details
+            lines = "".join(f"\n  line {e['line']}: {e['field']}: {e['message']}" for e in exc.lines)
+            retry = f" (the server says retry in {exc.retry_after_s:g} s)" if exc.retry_after_s is not None else ""
+            raise Refused(f"{exc.status}: {exc.detail}{retry}{lines}") from exc
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"run_id": run_id, "fingerprint": fp, "input": str(jsonl)}))
@@ -151,11 +90,11 @@ class DatasetRunner:
         return run_id
 
     def status(self, run_id: str) -> dict[str, Any]:
-        return self._get_json(f"/v1/datasets/{run_id}")
+        return self.api.dataset(run_id).raw
 
     def download_new(self, run_id: str, finished: bool) -> int:
         """Fetch shards (and, once finished, the manifest and failures) not yet here; returns files fetched."""
-        files = self._get_json(f"/v1/datasets/{run_id}/files")
+        files = self.api.dataset_files(run_id)
         wanted = {f"shards/shard-{i:06d}.tar": url for i, url in enumerate(files["shards"])}
         if finished:
             for field, name in FINAL_FILES.items():
@@ -168,17 +107,7 @@ class DatasetRunner:
             target = self.out / name
             if target.exists() and not finished_file_may_change(name):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            part = target.with_name(target.name + ".part")
-
-            def download(url: str = url, part: Path = part) -> None:
-                with httpx.stream("GET", url, timeout=self.http.timeout) as response, part.open("wb") as f:
-                    _check(response)
-                    for block in response.iter_bytes(1 << 20):
-                        f.write(block)
-
-            self._patiently(f"downloading {name}", download)
-            os.replace(part, target)  # a file is either whole or absent: an interrupted download is redone
+            self.api.download_to(url, target)  # whole or absent: an interrupted download is redone
             fetched += 1
         return fetched
 
@@ -204,6 +133,10 @@ class DatasetRunner:
             file=sys.stderr,
         )
         return 0 if st["status"] == "completed" and c["failed"] == 0 else 1
+
+
+def _say(what: str, why: str, wait_s: float) -> None:
+    print(f"{what}: {why}; trying again in {wait_s:.0f} s", file=sys.stderr)
 
 
 def finished_file_may_change(name: str) -> bool:

@@ -17,6 +17,8 @@ Keys (prefix P = settings.key_prefix):
     P:seq            submit counter
     P:ended          pub/sub channel: the id of each interactive job as it reaches a final status (the API's
                      `Prefer: wait` and `?wait_s=` listen to it; api/job_events.py)
+    P:progress       pub/sub channel: the id of a running interactive job each time its worker records the
+                     job's step (field `progress` of its hash; the event stream listens to it)
 A record expires `job_ttl_s` after its last change; the sets are trimmed of expired ids as they are read.
 """
 
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus
+from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus, Progress
 
 T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
@@ -52,6 +54,9 @@ if new == 'running' then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 elseif new == 'queued' then
   redis.call('HDEL', KEYS[1], 'started_at')
+end
+if new == 'running' or new == 'queued' then
+  redis.call('HDEL', KEYS[1], 'progress')  -- a new attempt starts from step 0
 else
   redis.call('HSET', KEYS[1], new == 'canceled' and 'canceled_at' or 'finished_at', ARGV[3])
   if new == 'canceled' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[3]) end
@@ -121,6 +126,16 @@ return 1
 """
 
 
+# KEYS: job hash. ARGV: id, progress JSON, channel. Only a running job's progress is written (an ended or
+# expired job's is not: a late report must neither resurrect a record nor contradict its end).
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+if redis.call('HGET', KEYS[1], 'lane') ~= 'bulk' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
+return 1
+"""
+
+
 class QueueFull(Exception):
     """The tenant already has its cap of queued jobs; nothing was stored."""
 
@@ -148,6 +163,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._create_bulk = client.register_script(_CREATE_BULK)
+        self._progress = client.register_script(_PROGRESS)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -157,6 +173,11 @@ class JobStore:
         """The pub/sub channel that carries each interactive job's id once it has ended (the transition script
         publishes it in the same atomic step as the final status)."""
         return self.key("ended")
+
+    @property
+    def progress_channel(self) -> str:
+        """The pub/sub channel that carries a running interactive job's id each time its progress is written."""
+        return self.key("progress")
 
     # ------------------------------------------------------------------ writing
 
@@ -202,6 +223,14 @@ class JobStore:
             args=[job_id, self.ttl_s, time.time(), request.model_dump_json(), tenant, output_key, json.dumps(dataset)],
         )
         return bool(created)
+
+    def record_progress(self, steps_done: dict[str, Progress]) -> None:
+        """Several running jobs' progress in one round trip (ended jobs are left alone)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, progress in steps_done.items():
+            self._progress(keys=[self.key("job", job_id)], args=[job_id, progress.model_dump_json(),
+                           self.progress_channel], client=pipe)  # fmt: skip
+        pipe.execute()
 
     def sent(self, job_id: str) -> None:
         """The job's message is on the queue: its outbox entry goes (see P:outbox)."""
@@ -339,6 +368,7 @@ def _parse(raw: dict[bytes, bytes]) -> Job | None:
         images=[ImageRecord(**i) for i in json.loads(d.get("images", "[]"))],
         truncated=json.loads(d.get("truncated", "false")),
         attempts=int(d.get("attempts", 0)),
+        progress=Progress.model_validate_json(d["progress"]) if "progress" in d else None,
         generation=int(d.get("generation", 0)),
         lane=d.get("lane", ""),
         output_key=d.get("output_key"),

@@ -116,6 +116,13 @@ def check_limits(
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
 
 
+class Progress(BaseModel):
+    """How far a running job is: `step` of `steps` denoising steps done."""
+
+    step: int
+    steps: int
+
+
 class ImageRecord(BaseModel):
     """One produced image, as stored in the job record (the URL is signed at each read)."""
 
@@ -141,6 +148,7 @@ class Job(BaseModel):
     images: list[ImageRecord] = []
     truncated: bool = False  # the prompt or negative prompt was cut to the tokenizer's 77 tokens
     attempts: int = 0
+    progress: Progress | None = None  # while running (and as it ended): the worker's last report
     # bumped each time the job's message is sent again because its worker died: a worker drops a message
     # older than the record's generation (the dead worker's own message, redelivered late)
     generation: int = 0

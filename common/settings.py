@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     # kernel (TPU only). auto: splash on TPUs, cudnn on a one-GPU NVIDIA host (1.40x the einsum form for SDXL
     # on an H200, docs/benchmarks.md), else einsum
     attention: Literal["auto", "einsum", "split_head", "xla", "cudnn", "splash"] = "auto"
+    # a running job reports its step after every this many steps (GET /v1/jobs/{id} `progress`, the event
+    # stream). Each chunk is one more dispatch of the steps' program: 0.9% of a 20-step batch on the CPU mid
+    # model at 1, within that run's noise (bench/progress.py); a larger value reports less often, costs less
+    progress_every_steps: int = Field(1, ge=1)
+    # the worker's own Prometheus metrics (queue wait, latency, device and upload histograms) on this port's
+    # /metrics; 0: not served. Several workers on one host need one port each
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
     # both: interactive first, data set lines in idle capacity; interactive/bulk: a pool for one kind only
     worker_lanes: Literal["both", "interactive", "bulk"] = "both"
     # --- data sets (bulk)
@@ -113,6 +120,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    # --- logs
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with job_id / batch_id fields
     # --- storage
     storage: Literal["local", "s3"] = "local"
     local_storage_dir: str = "var/images"

@@ -46,3 +46,39 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The service as a user reaches it, over HTTP: `uvicorn api.main:app` and `python -m worker` running the
+    tiny JAX engine on this CPU, local-folder storage, a real Redis. Shared by the client, OpenAI, event
+    stream and browser tests (one worker start for all of them). Yields (API url, API key, settings)."""
+    import uuid
+
+    import redis
+
+    from common.api_keys import ApiKeyStore
+    from tests.servers import ApiProcess, WorkerProcess, settings_from
+
+    prefix = f"live{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp("live")
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64", "SDXL_BATCH_ROWS": "4",
+        "SDXL_BATCH_TIMEOUT_S": "1", "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),
+        "SDXL_URL_SIGNING_SECRET": "l" * 32,
+        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+    }  # fmt: skip
+    api = ApiProcess(env, folder / "api.log")
+    env["SDXL_PUBLIC_BASE_URL"] = api.url
+    worker = WorkerProcess(env, folder / "worker.log")
+    worker.start(redis_url, prefix)
+    api.start()
+    settings = settings_from(env)
+    _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("live", "tests")
+    try:
+        yield api.url, key, settings
+    finally:
+        api.stop()
+        worker.stop()

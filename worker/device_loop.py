@@ -19,6 +19,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
@@ -26,12 +27,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common.job_store import JobStore
-from common.jobs import TERMINAL, ImageRecord, Job, JobStatus
+from common.jobs import TERMINAL, ImageRecord, Job, JobStatus, Progress
+from common.logs import bound
 from common.outage import REDIS_DOWN, Outage, die, supervised
 from common.storage import Storage
 from common.worker_status import WorkerCounters, WorkerStatus
 from common.worker_status import key as status_key
-from worker import images, sweeper
+from worker import images, metrics, sweeper
 from worker.batcher import Batch, Batcher, Item
 from worker.engine.engine import Engine, Pending, Row
 from worker.image_retention import image_key
@@ -42,6 +44,9 @@ REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it
 STALE = "stale"  # a message superseded by a newer one for the same job (its worker died; the sweep re-sent it)
 BATCH_LOG_LINES = 1000
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
+# A batch's progress is written at most this often (and at its last step): a small model's steps take
+# milliseconds, and Redis needs not hear of each.
+PROGRESS_INTERVAL_S = 0.2
 # A worker whose heartbeat has been gone this long is dead (the heartbeat key lives 3 periods): the sweep
 # sends its held jobs again at once instead of waiting for Celery's visibility timeout.
 DEAD_AFTER_S = 3 * HEARTBEAT_S
@@ -55,6 +60,12 @@ class Started:
     jobs: list[Job]
     pending: Pending
     dispatched_s: float
+    batch_id: str = ""  # in the logs of the batch and its jobs, and in P:batches
+
+
+def _labels(job: Job) -> tuple[str, str]:
+    """(size, lane) metric labels of a job."""
+    return metrics.size_label(job.request.height, job.request.width), metrics.lane_label(job.lane)
 
 
 def rows_for(job: Job) -> list[Row]:
@@ -211,6 +222,7 @@ class DeviceLoop:
             )  # fmt: skip
             if ok:
                 jobs.append(job)
+                metrics.QUEUE_WAIT.labels(*_labels(job)).observe(max(0.0, time.time() - job.created_at))
             else:  # canceled (or otherwise ended) before it ran: it never runs
                 self._call(self.store.release, self.name, [job.id])
                 future.set_result(before.value if before else "missing")
@@ -220,6 +232,9 @@ class DeviceLoop:
         # longer than the heartbeat's 15 s life, and a busy worker must not look dead to /readyz or probes.
         while not self.in_flight.acquire(timeout=HEARTBEAT_S):
             self._beat()
+        batch_id = uuid.uuid4().hex[:12]
+        log.info("batch of %d rows started: jobs %s", sum(j.request.num_images for j in jobs),
+                 ",".join(j.id for j in jobs), extra={"batch_id": batch_id})  # fmt: skip
         try:
             pending = self._dispatch(batch, jobs)
         except Exception as exc:  # raised while tracing or validating: nothing reached the device
@@ -230,7 +245,7 @@ class DeviceLoop:
                 self.in_flight.release()
                 self._resolve(batch)
             return
-        self.finisher.submit(self._finish, Started(batch, jobs, pending, time.monotonic()))
+        self.finisher.submit(self._finish, Started(batch, jobs, pending, time.monotonic(), batch_id))
 
     def _dispatch(self, batch: Batch, jobs: list[Job]) -> Pending:
         height, width = batch.shape
@@ -240,14 +255,15 @@ class DeviceLoop:
 
     def _finish(self, started: Started) -> None:
         try:
-            try:
-                self._complete(started)
-            except Exception as exc:
-                log.exception("a batch failed")
-                self._isolate(started.batch, started.jobs, exc)
-            finally:
-                self.in_flight.release()
-                self._resolve(started.batch)
+            with bound(batch_id=started.batch_id):
+                try:
+                    self._complete(started)
+                except Exception as exc:
+                    log.exception("a batch failed")
+                    self._isolate(started.batch, started.jobs, exc)
+                finally:
+                    self.in_flight.release()
+                    self._resolve(started.batch)
         except BaseException as exc:  # the finisher cannot go on (its Celery tasks would wait for ever)
             if not self._stop.is_set():
                 die("the finisher", exc)
@@ -277,6 +293,12 @@ class DeviceLoop:
             verdict = self._verdicts.pop(item.job_id, None)
             future.set_result(verdict or str(self._call(self.store.status, item.job_id) or "missing"))
             outcome = "requeued" if future.result() == REQUEUE else future.result()
+            if outcome in TERMINAL:
+                latency_s = max(0.0, time.time() - job.created_at)
+                metrics.LATENCY.labels(*_labels(job), outcome).observe(latency_s)
+                log.info("job %s after %.2f s", outcome, latency_s, extra={"job_id": job.id})
+            elif outcome == "requeued":
+                log.info("job requeued", extra={"job_id": job.id})
             if outcome in self.counters.jobs:
                 with self._counting:
                     self.counters.jobs[outcome] += 1
@@ -285,11 +307,12 @@ class DeviceLoop:
 
     def _complete(self, started: Started) -> None:
         batch, jobs = started.batch, started.jobs
+        self._follow(started)
         out = started.pending.fetch()  # waits for the device; raises if the program failed there
         done_s = time.monotonic()
         device_s = done_s - max(started.dispatched_s, self._device_free_s)
         self._device_free_s = done_s
-        self._record_batch(batch, jobs, device_s)
+        self._record_batch(batch, jobs, device_s, started.batch_id)
         uploads: list[tuple[Job, list[Future[ImageRecord]]]] = []
         row = 0
         for job in jobs:
@@ -304,6 +327,22 @@ class DeviceLoop:
         for job, futures in uploads:
             self._record(job, futures, truncated[job.id])
 
+    def _follow(self, started: Started) -> None:
+        """Write the batch's interactive jobs' progress as the device gets through their steps. Best effort:
+        with Redis away a report is dropped (the next one, or the end, says more), never waited for."""
+        jobs = [job for job in started.jobs if job.lane != "bulk"]
+        last_s = 0.0
+        for done in started.pending.progress():
+            now = time.monotonic()
+            if not jobs or (now - last_s < PROGRESS_INTERVAL_S and done < started.pending.steps):
+                continue
+            last_s = now
+            report = {j.id: Progress(step=min(done, j.request.steps), steps=j.request.steps) for j in jobs}
+            try:
+                self.store.record_progress(report)
+            except REDIS_DOWN as exc:
+                self.redis.failed(exc)
+
     @staticmethod
     def _truncated(jobs: list[Job], per_row: list[bool]) -> list[bool]:
         flags, row = [], 0
@@ -313,6 +352,12 @@ class DeviceLoop:
         return flags
 
     def _upload(self, job: Job, index: int, pixels: Any) -> ImageRecord:
+        t0 = time.perf_counter()
+        record = self._encode_and_put(job, index, pixels)
+        metrics.UPLOAD.labels(*_labels(job)).observe(time.perf_counter() - t0)
+        return record
+
+    def _encode_and_put(self, job: Job, index: int, pixels: Any) -> ImageRecord:
         r = job.request
         fmt = r.output_format.value
         params = {
@@ -378,10 +423,12 @@ class DeviceLoop:
 
     # ------------------------------------------------------------------ observability
 
-    def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float) -> None:
+    def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float, batch_id: str = "") -> None:
         """One line per engine run in P:batches (newest first, the last 1,000): tests and benches read it. It
         is capped low because each line lists its job ids: with 32-row batches that is ~1.5 kB a line."""
+        metrics.DEVICE.labels(metrics.size_label(*batch.shape)).observe(device_s)
         entry = {
+            "batch_id": batch_id,
             "worker": self.name,
             "height": batch.shape[0],
             "width": batch.shape[1],

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from common import logs
 from common.job_store import JobStore
 from common.outage import die
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
@@ -61,6 +62,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
         aot_dir=folder / "executables", aot_key=cache.signing_key(key),
+        progress_every_steps=settings.progress_every_steps,
     )  # fmt: skip
     compile_s = engine.compile()
     # The devices hold the weights now; the host copy would stay for the life of the process (SDXL: 6.7 GB).
@@ -89,14 +91,15 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    logs.configure(settings.log_format)
     import redis
 
-    from worker import tasks
+    from worker import metrics, tasks
     from worker.device_loop import DeviceLoop
 
     engine = build_engine(settings)
+    metrics.serve(settings.worker_metrics_port)
     store = JobStore(
         redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
     )
@@ -159,6 +162,7 @@ def main() -> None:
         loop.begin_shutdown()
 
     worker_shutting_down.connect(shutting_down, weak=False)
+    tasks.app.conf.worker_hijack_root_logger = False  # our handler (text or JSON, with ids) stays, for Celery too
     exit_code: int | str | None = 0
     try:
         tasks.app.worker_main(

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import Annotated
 
 import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
@@ -26,6 +28,9 @@ from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
+EVENTS_POLL_S = 1.0  # an event stream reads its job at least this often (a queued job's position moves unannounced)
+EVENTS_KEEPALIVE_S = 15.0  # a comment line after this long without an event
+EVENTS_RETRY_S = 2.0  # the reconnect delay the stream asks EventSource clients to use
 
 
 def to_public(job: Job, services: Services, request: Request) -> JobPublic:
@@ -58,6 +63,7 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
         images=images,
         truncated=job.truncated,
         attempts=job.attempts,
+        progress=job.progress if job.status != JobStatus.queued else None,
     )
 
 
@@ -145,6 +151,7 @@ def submit(
             headers={"Retry-After": "10"},
         ) from exc
     if created:
+        log.info("job submitted", extra={"job_id": job_id})
         # The record and its outbox entry were stored by one script: from here on the job runs whatever
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
         # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.
@@ -235,6 +242,64 @@ def owned(job_id: str, services: Services, caller: CallerDep) -> Job:
     if job is None or job.tenant != caller.tenant:
         raise HTTPException(404, f"no job {job_id} (unknown, another tenant's, or its record expired)")
     return job
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, 404: {}},
+    response_class=StreamingResponse,
+)
+async def job_events(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> StreamingResponse:
+    """The job's changes as Server-Sent Events, ending with the job: `queued` (data: `queue_position`) each
+    time its position changes, `running` (data: `progress` {step, steps}) at each reported step, then one of
+    `succeeded`, `failed` or `canceled` whose data is the whole job, as GET /v1/jobs/{id} answers it. Every
+    event's data is a JSON object with `id` and `status`. A stream opened on an ended job sends its end at once."""
+    first = await run_in_threadpool(owned, job_id, services, caller)  # a 404 now, before the stream starts
+    return StreamingResponse(
+        _event_stream(first, services, caller, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering of the stream
+    )
+
+
+async def _event_stream(first: Job, services: Services, caller: CallerDep, request: Request) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    job_id, sent, job = first.id, None, first
+    quiet_since = loop.time()
+    yield f"retry: {int(1000 * EVENTS_RETRY_S)}\n\n"
+    async with services.events.watch(job_id) as changed:
+        while True:
+            if job is not None:
+                public = await run_in_threadpool(to_public, job, services, request)
+                if job.status in TERMINAL:
+                    yield _event(job.status.value, public.model_dump_json())
+                    return
+                state = (job.status, public.queue_position, public.progress)
+                if state != sent:
+                    data = {"id": job_id, "status": job.status.value}
+                    if job.status == JobStatus.queued:
+                        data["queue_position"] = public.queue_position
+                    else:
+                        data["progress"] = public.progress.model_dump() if public.progress else None
+                    yield _event(job.status.value, json.dumps(data))
+                    sent, quiet_since = state, loop.time()
+            if loop.time() - quiet_since >= EVENTS_KEEPALIVE_S:  # a comment line: proxies keep the stream open
+                yield ": keep-alive\n\n"
+                quiet_since = loop.time()
+            # Woken by the job's progress or end; a queued job's position is read again each second.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), EVENTS_POLL_S)
+            changed.clear()  # before the read: a change published after it sets the event again
+            try:
+                job = await run_in_threadpool(owned, job_id, services, caller)
+            except HTTPException:  # the record expired meanwhile: nothing more will happen
+                return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                job = None  # Redis away: the stream stays open and reads again after the next wait
+
+
+def _event(name: str, data: str) -> str:
+    return f"event: {name}\ndata: {data}\n\n"
 
 
 @router.post("/{job_id}/cancel", response_model=CancelPublic, responses={404: {}, 409: {}})

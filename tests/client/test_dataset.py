@@ -31,7 +31,7 @@ def settings(redis_url, key_prefix, tmp_path) -> Settings:
 
 def runner_on(app_client: TestClient, out) -> DatasetRunner:
     runner = DatasetRunner("http://testserver", None, out)
-    runner.http = app_client  # the same httpx.Client interface, served in process
+    runner.api.http = app_client  # the same httpx.Client interface, served in process
     return runner
 
 

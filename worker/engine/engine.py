@@ -6,7 +6,10 @@
     out.images  # (1, 1024, 1024, 3) uint8
 
 What recompiles: only a new (batch_rows, height, width), a new model, dtype or device set. Prompts, seeds,
-guidance, steps, schedulers and size conditioning are inputs of the one executable per shape.
+guidance, steps, schedulers and size conditioning are inputs of the executables of a shape (program.py: one
+each for the text encoders, the denoising steps and the decode).
+
+Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,14 @@ class Pending:
     finite: Any
     rows: int
     truncated: list[bool]
+    steps: int = 0  # the batch's step count: its longest row's
+    marks: list[tuple[int, Any]] = field(default_factory=list)  # (steps done, a scalar ready when they are)
+
+    def progress(self) -> Iterator[int]:
+        """Steps done, as each chunk of steps finishes on the device (blocks between them)."""
+        for done, mark in self.marks:
+            mark.block_until_ready()
+            yield done
 
     def fetch(self) -> Output:
         images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
@@ -96,6 +107,7 @@ class Engine:
         attention: str = "einsum",
         aot_dir: str | Path | None = None,
         aot_key: bytes | None = None,
+        progress_every_steps: int = 1,
     ):
         if model.weights_dropped:
             raise EngineInputError("model", "its host weights were dropped once placed (drop_host_weights); reload it")
@@ -111,6 +123,9 @@ class Engine:
         attention = attention_impl.resolve(attention, devices[0].platform, len(devices))
         if attention not in attention_impl.IMPLEMENTATIONS:
             raise EngineInputError("attention", f"auto or one of {attention_impl.IMPLEMENTATIONS}, got {attention!r}")
+        if progress_every_steps < 1:
+            raise EngineInputError("progress_every_steps", f"must be at least 1, got {progress_every_steps}")
+        self.progress_every_steps = progress_every_steps
         self.attention = attention
         self.model = model
         self.sizes = [tuple(s) for s in sizes]
@@ -132,7 +147,9 @@ class Engine:
             self.params = jax.device_put(model.params, self.replicated)
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
         self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
-        self._executables: dict[tuple[int, int, int, str], Any] = {}
+        self._executables: dict[tuple[str, int, int, int, str], Any] = {}
+        self._programs: dict[str, program.Program] = {}
+        self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
         self._noise: dict[tuple[int, int, int], Any] = {}
         self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
         self.compile_s: dict[str, float] = {}
@@ -150,20 +167,39 @@ class Engine:
         f = self.model.vae_scale_factor
         return (self.model.latent_channels, height // f, width // f)
 
-    def _abstract_args(self, rows: int, height: int, width: int) -> list[jax.ShapeDtypeStruct]:
+    def _abstract_args(self, part: str, rows: int, height: int, width: int) -> list[Any]:
+        """The arguments of one part of the program (program.Program), as shapes with their shardings."""
         r, s = self.rows_sharding, self.replicated
         spec = jax.ShapeDtypeStruct
-        return [
-            jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.model.params),
+        params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.model.params)
+        latents = spec((rows, *self._latent_shape(height, width)), jnp.float32, sharding=r)
+        scalars = spec((rows, len(program.SCALARS)), jnp.float32, sharding=r)
+        begin = [
+            params,
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
-            spec((rows, *self._latent_shape(height, width)), jnp.float32, sharding=r),  # noise
-            spec((rows, len(program.SCALARS)), jnp.float32, sharding=r),
+            latents,  # noise
+            scalars,
+        ]
+        if part == "begin":
+            return begin
+        if part == "finish":
+            return [params, latents, scalars]
+        _, _, context, pooled = jax.eval_shape(self._program("uint8").begin, *begin)
+        return [
+            params, latents, latents,  # x, d
+            spec(context.shape, context.dtype, sharding=r), spec(pooled.shape, pooled.dtype, sharding=r),
+            scalars,
             spec((rows, 6), jnp.float32, sharding=r),  # time_ids
             spec((rows, len(program.TABLES), MAX_STEPS), jnp.float32, sharding=r),
-            spec((), jnp.int32, sharding=s),  # num_steps
-        ]
+            spec((), jnp.int32, sharding=s), spec((), jnp.int32, sharding=s),  # start, stop
+        ]  # fmt: skip
+
+    def _program(self, output: str) -> program.Program:
+        if output not in self._programs:
+            self._programs[output] = program.build(self.model, output, self.attend)
+        return self._programs[output]
 
     def _aot_path(self, kind: str, height: int, width: int) -> Path | None:
         """Where this program's serialized executable lives. The name covers everything the executable
@@ -214,23 +250,25 @@ class Engine:
             os.replace(tmp, path)
         return compiled
 
-    def executable(self, height: int, width: int, output: str = "uint8") -> Any:
-        """The compiled program for (batch_rows, height, width, output); compiled on first use."""
-        key = (self.batch_rows, height, width, output)
+    def executable(self, height: int, width: int, output: str = "uint8", part: str = "advance") -> Any:
+        """The compiled `part` of the program (begin, advance or finish; only finish depends on `output`)
+        for (batch_rows, height, width); compiled on first use."""
+        output = output if part == "finish" else "uint8"
+        key = (part, self.batch_rows, height, width, output)
         if key not in self._executables:
             # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
-            jitted = jax.jit(
-                program.build(self.model, output, self.attend),
-                out_shardings=(self.rows_sharding, self.rows_sharding),
-            )
+            r, s = self.rows_sharding, self.replicated
+            outs = {"begin": (r, r, r, r), "advance": (r, r, s), "finish": (r, r)}[part]
+            jitted = jax.jit(getattr(self._program(output), part), out_shardings=outs)
             t0 = time.perf_counter()
 
             def lower() -> Any:
-                return jitted.lower(*self._abstract_args(self.batch_rows, height, width))
+                return jitted.lower(*self._abstract_args(part, self.batch_rows, height, width))
 
             loaded_before = self.aot_loaded
-            self._executables[key] = self._load_or_compile(self._aot_path(f"generate-{output}", height, width), lower)
-            name = f"{self.batch_rows}x{height}x{width}/{output}"
+            kind = f"finish-{output}" if part == "finish" else part
+            self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width), lower)
+            name = f"{self.batch_rows}x{height}x{width}/{kind}"
             self.compile_s[name] = time.perf_counter() - t0
             how = "loaded the serialized executable" if self.aot_loaded > loaded_before else "traced and compiled"
             log.info("%s %s in %.2f s", how, name, self.compile_s[name])
@@ -250,7 +288,8 @@ class Engine:
         seconds per program (a warm persistent cache makes it short)."""
         for h, w in self.sizes:
             self._noise_executable(h, w)
-            self.executable(h, w)
+            for part in ("begin", "advance", "finish"):
+                self.executable(h, w, part=part)
         self._place()
         return dict(self.compile_s)
 
@@ -358,12 +397,29 @@ class Engine:
                 raise EngineInputError("latents", f"expected shape {want}, got {latents.shape}")
             pad = np.repeat(latents[-1:], self.batch_rows - len(rows), axis=0)
             noise = jax.device_put(np.concatenate([latents, pad]), r)
-        args = [jax.device_put(a, r) for a in (ids, neg_ids, neg_zero)]
-        args += [noise] + [jax.device_put(a, r) for a in (scalars, time_ids, tables)]
-        args.append(jax.device_put(num_steps, self.replicated))
+        ids, neg_ids, neg_zero, scalars, time_ids, tables = (
+            jax.device_put(a, r) for a in (ids, neg_ids, neg_zero, scalars, time_ids, tables)
+        )
         self._place()
-        images, finite = self.executable(height, width, output)(self.params, *args)
-        return Pending(images, finite, len(rows), truncated)
+        run = functools.partial(self.executable, height, width)
+        # Every call below is queued on the devices at once and returns at once: the chunks run back to back.
+        x, d, context, pooled = run(part="begin")(self.params, ids, neg_ids, neg_zero, noise, scalars)
+        steps = int(num_steps)
+        marks = []
+        for start in range(0, steps, self.progress_every_steps):
+            stop = min(start + self.progress_every_steps, steps)
+            x, d, mark = run(part="advance")(
+                self.params, x, d, context, pooled, scalars, time_ids, tables, self._step(start), self._step(stop)
+            )
+            marks.append((stop, mark))
+        images, finite = run(output, part="finish")(self.params, x, scalars)
+        return Pending(images, finite, len(rows), truncated, steps, marks)
+
+    def _step(self, index: int) -> Any:
+        """A step index on the devices (replicated), made once: not a host-to-device copy per chunk."""
+        if index not in self._step_numbers:
+            self._step_numbers[index] = jax.device_put(np.int32(index), self.replicated)
+        return self._step_numbers[index]
 
     def generate(self, rows: Sequence[Row], height: int, width: int, **kwargs: Any) -> Output:
         return self.dispatch(rows, height, width, **kwargs).fetch()

@@ -1,11 +1,20 @@
-"""The compiled SDXL program: text encoders, the whole denoising loop and the VAE decode in one jit.
+"""The compiled SDXL program, in three parts: text encoders and starting noise (`begin`), denoising steps
+(`advance`, any run of consecutive steps) and the VAE decode (`finish`).
 
 Every per-job value is a per-row input (prompt ids, seed noise, guidance, size conditioning, the sampler
-tables from schedule.py, steps), so unrelated jobs share one call and one compiled executable.
+tables from schedule.py, steps), so unrelated jobs share one call and one compiled executable per part.
+
+Why three parts and not one jit: a running job reports its step (live progress). The engine dispatches
+`advance` once per chunk of steps (SDXL_PROGRESS_EVERY_STEPS) and learns that a chunk is done when its small
+output is ready, without stopping the device: every call is queued at once (JAX dispatch is asynchronous).
+A host callback inside one fused loop would say the same, but an executable holding a Python callback can
+be neither serialized nor kept in JAX's persistent cache, and the warm start needs both. What splitting
+costs (a dispatch per chunk, no fusion across chunks) is measured in bench/progress.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -37,31 +46,45 @@ def _pair(x: jax.Array) -> jax.Array:
     return jnp.repeat(x, 2, axis=0)
 
 
-def build(model: Model, output: str, attend: Attend) -> Any:
-    """The traced function. output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks).
-    attend: the attention kernel (attention.make)."""
+@dataclass(frozen=True)
+class Program:
+    """The three traced functions (see the module's docstring); jit them with `jax.jit`."""
+
+    begin: Any  # (params, ids, neg_ids, neg_zero, noise, scalars) -> (x, d, context, pooled)
+    # (params, x, d, context, pooled, scalars, time_ids, tables, start, stop) -> (x, d, stop): steps start..stop-1
+    advance: Any
+    finish: Any  # (params, x, scalars) -> (image, finite)
+
+
+def build(model: Model, output: str, attend: Attend) -> Program:
+    """output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks). attend: the attention
+    kernel (attention.make)."""
     dtype = model.dtype
     unet = model.configs.module("unet", dtype, attend)
     vae = model.configs.module("vae", model.dtype_of("vae"), attend)
     vae_cfg = model.vae
 
-    def generate(params, ids, neg_ids, neg_zero, noise, scalars, time_ids, tables, num_steps):
-        # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise (B, C, h, w) f32 unit normal;
-        # scalars (B, 3) f32; time_ids (B, 6) f32; tables (B, 6, MAX_STEPS) f32; num_steps () int32.
+    def begin(params, ids, neg_ids, neg_zero, noise, scalars):
+        # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise (B, C, h, w) f32 unit normal; scalars (B, 3)
         b = ids.shape[0]
         both = jnp.stack([neg_ids, ids], axis=1).reshape(2 * b, *ids.shape[1:])  # [neg0, pos0, neg1, ...]
         context, pooled = _encode(model, params, both)
         # A row without a negative prompt, on a model with force_zeros_for_empty_prompt: zero embeddings for
         # the unconditional half, as diffusers does (an empty-string negative prompt is encoded instead).
         keep = jnp.stack([~neg_zero, jnp.ones_like(neg_zero)], axis=1).reshape(2 * b).astype(context.dtype)
-        context = context * keep[:, None, None]
-        pooled = pooled * keep[:, None]
+        x = noise * scalars[:, 1, None, None, None]  # init_scale
+        return x, jnp.zeros_like(x), context * keep[:, None, None], pooled * keep[:, None]
+
+    def advance(params, x, d_prev, context, pooled, scalars, time_ids, tables, start, stop):
+        # x, d_prev (B, C, h, w) f32: the sample in sigma space and the last denoised estimate; context
+        # (2B, 77, D), pooled (2B, P); time_ids (B, 6); tables (B, 6, MAX_STEPS); start, stop () int32.
+        b = x.shape[0]
         pair_ids = _pair(time_ids)
-        guidance, init_scale, out_scale = (scalars[:, i, None, None, None] for i in range(3))
+        guidance = scalars[:, 0, None, None, None]
         timesteps, sigmas, c_in, ca, cb, cc = (tables[:, i] for i in range(len(TABLES)))
 
         def step(i, carry):
-            x, d_prev = carry  # (B, C, h, w) f32, the sample in sigma space and the last denoised estimate
+            x, d_prev = carry
             col = lambda t: t[:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
             model_in = (x * col(c_in)).astype(dtype)
             eps = unet.apply(
@@ -74,10 +97,12 @@ def build(model: Model, output: str, attend: Attend) -> Any:
             d = x - col(sigmas) * eps
             return col(ca) * x + col(cb) * d + col(cc) * d_prev, d
 
-        x = noise * init_scale
-        # A traced trip count: changing the number of steps does not recompile.
-        x, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
-        latents = x * out_scale
+        # Traced bounds: any chunk of steps, and any number of steps, runs on this one executable.
+        x, d = jax.lax.fori_loop(start, stop, step, (x, d_prev))
+        return x, d, stop  # `stop` is ready when the chunk is: the engine waits on it for progress
+
+    def finish(params, x, scalars):
+        latents = x * scalars[:, 2, None, None, None]  # out_scale
         if vae_cfg.latents_mean is not None and vae_cfg.latents_std is not None:
             # diffusers' SDXL pipeline: latents * std / scaling_factor + mean, per channel
             mean = jnp.asarray(vae_cfg.latents_mean, jnp.float32)[None, :, None, None]
@@ -93,7 +118,7 @@ def build(model: Model, output: str, attend: Attend) -> Any:
             image = jnp.round(image * 255).astype(jnp.uint8)
         return image, finite
 
-    return generate
+    return Program(begin, advance, finish)
 
 
 def noise_fn(shape: tuple[int, ...]) -> Any:

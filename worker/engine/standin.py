@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -40,6 +40,14 @@ class StandInPending:
     images: np.ndarray
     rows: int
     done_at: float
+    steps: int = 20
+    batch_s: float = 0.0
+
+    def progress(self) -> Iterator[int]:
+        """Steps done, spread evenly over the simulated batch time (as the real engine's chunks finish)."""
+        for done in range(1, self.steps + 1):
+            time.sleep(max(0.0, self.done_at - self.batch_s * (1 - done / self.steps) - time.monotonic()))
+            yield done
 
     def fetch(self) -> Output:
         time.sleep(max(0.0, self.done_at - time.monotonic()))
@@ -69,7 +77,8 @@ class StandInEngine:
         with self._lock:  # one device: a batch starts when the previous one is done
             start = max(time.monotonic(), self._free_at)
             self._free_at = start + self.batch_s
-        return StandInPending(self._pictures[(height, width)], len(rows), self._free_at)
+        steps = max(row.steps for row in rows)
+        return StandInPending(self._pictures[(height, width)], len(rows), self._free_at, steps, self.batch_s)
 
     def generate(self, rows: Sequence[Row], height: int, width: int) -> Output:
         return self.dispatch(rows, height, width).fetch()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from worker.engine import compile_log
-from worker.engine.engine import EngineInputError, Row
+from worker.engine.engine import Engine, EngineInputError, Row
 from worker.engine.schedule import Scheduler
 
 PARITY_TOL = 1e-4
@@ -35,7 +35,6 @@ def single_file_engine(tiny_single_file, tiny_dir):
     """The same weights read from the single file (configs and tokenizers from the tiny folder, as diffusers'
     from_single_file(config=...) did for the reference)."""
     from worker.engine import model
-    from worker.engine.engine import Engine
 
     return Engine(model.load_single_file(tiny_single_file, np.float32, config_dir=tiny_dir), [(64, 96)], batch_rows=4)
 
@@ -66,7 +65,6 @@ def test_absent_negative_prompt_without_force_zeros_is_the_empty_string(tiny_dir
     import shutil
 
     from worker.engine import model
-    from worker.engine.engine import Engine
 
     folder = tmp_path / "no-zeros"
     shutil.copytree(tiny_dir, folder)
@@ -88,7 +86,6 @@ def test_a_vae_with_latent_statistics_is_decoded_as_diffusers_does(tiny32, refer
     weights without them (the tiny model as it is) must miss the reference."""
     import dataclasses
 
-    from worker.engine.engine import Engine
 
     stats = next(c for c in reference["meta"]["cases"] if c["name"] == "latents_stats")["vae"]
     vae = dataclasses.replace(tiny32.vae, **{k: tuple(v) for k, v in stats.items()})
@@ -102,7 +99,6 @@ def test_a_vae_with_latent_statistics_is_decoded_as_diffusers_does(tiny32, refer
 def test_ddim_linspace_rounds_its_timesteps_as_diffusers(tiny32, reference):
     import dataclasses
 
-    from worker.engine.engine import Engine
 
     linspace = dataclasses.replace(tiny32, noise=dataclasses.replace(tiny32.noise, timestep_spacing="linspace"))
     engine = Engine(linspace, [(64, 96)], batch_rows=2)
@@ -156,6 +152,21 @@ def test_no_recompiles_for_new_prompts_seeds_steps_guidance_schedulers(engine32)
     assert counter.requests == before
 
 
+def test_progress_reports_each_chunk_of_steps_and_the_chunks_change_nothing(engine32, tiny32):
+    rows = [Row("a lighthouse", "fog", seed=7, steps=7), Row("a boat", seed=8, steps=4)]
+    pending = engine32.dispatch(rows, 64, 64)
+    assert pending.steps == 7 and list(pending.progress()) == [1, 2, 3, 4, 5, 6, 7]
+    by_step = pending.fetch().images
+    chunked = Engine(tiny32, [(64, 64)], batch_rows=4, progress_every_steps=3)
+    pending = chunked.dispatch(rows, 64, 64)
+    assert list(pending.progress()) == [3, 6, 7]
+    # the same steps, whatever the chunks: the same pixels (a chunk boundary that skipped or repeated a step,
+    # or lost the sampler's previous estimate, would change them)
+    np.testing.assert_array_equal(pending.fetch().images, by_step)
+    whole = Engine(tiny32, [(64, 64)], batch_rows=4, progress_every_steps=1000)
+    np.testing.assert_array_equal(whole.generate(rows, 64, 64).images, by_step)
+
+
 def test_truncation_is_reported(engine32):
     long = "a very long prompt " * 10  # one token per character in the tiny vocabulary
     out = engine32.generate([Row("short", steps=1), Row(long, steps=1), Row("ok", long, steps=1)], 64, 64)
@@ -187,7 +198,6 @@ def test_too_many_rows(engine32):
 
 
 def test_batch_rows_must_fit_the_devices(tiny32):
-    from worker.engine.engine import Engine
 
     with pytest.raises(EngineInputError, match="batch_rows"):
         Engine(tiny32, [(64, 64)], batch_rows=0)
@@ -199,7 +209,6 @@ def test_batch_rows_must_fit_the_devices(tiny32):
 def test_other_attention_kernels_match_pytorch_too(tiny32, reference, attention):
     """split_head (the blog's layout) and the xla implementation of jax.nn.dot_product_attention (cudnn needs an
     NVIDIA GPU; splash, a TPU, is compared with einsum in interpret mode in test_attention.py)."""
-    from worker.engine.engine import Engine
 
     engine = Engine(tiny32, [(64, 96)], batch_rows=1, attention=attention)
     row = _row(reference, "euler", NEGATIVES["text"])
@@ -207,7 +216,6 @@ def test_other_attention_kernels_match_pytorch_too(tiny32, reference, attention)
 
 
 def test_unknown_attention_is_refused(tiny32):
-    from worker.engine.engine import Engine
 
     with pytest.raises(EngineInputError, match="attention"):
         Engine(tiny32, [(64, 64)], batch_rows=1, attention="flash")

@@ -1,0 +1,114 @@
+"""What live progress costs: the engine reporting every step against the same steps in one piece.
+
+    python bench/progress.py --preset mid --size 256x256 --batch 4 --steps 20 \
+        --json bench/results/progress-cpu-mid-256.json
+
+Method (docs/benchmarks.md): the preset's random weights, float32, one engine per variant on the same
+model, same rows (the same prompts and seeds), 20 Euler steps:
+- `per_step`: progress_every_steps=1, the default: the steps run as 20 dispatches of the steps' program,
+  and the progress of each is read (Pending.progress()) as the worker does;
+- `one_chunk`: progress_every_steps=steps: one dispatch for all the steps (no progress until the end);
+- `fused`: text encoders, every step and the decode in one jit (the engine before live progress existed).
+Each is compiled and run once, then rounds alternate the three so that all see the same machine noise; the
+median batch time of each is reported, with the ratios per_step / fused and one_chunk / fused (the cost of
+progress, and of the three-part program alone). The images of the three are checked equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="mid", choices=["tiny", "mid"])
+    p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    import jax
+    import numpy as np
+
+    from worker.engine import model, tiny
+    from worker.engine.engine import Engine, Row
+
+    w, h = (int(v) for v in args.size.split("x"))
+    folder = Path(tempfile.mkdtemp(prefix=f"progress-{args.preset}-"))
+    tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
+    m = model.load_folder(folder, np.float32, name=args.preset)
+    rows = [Row(f"a picture number {i}", seed=i, steps=args.steps) for i in range(args.batch)]
+    per_step = Engine(m, [(h, w)], args.batch, progress_every_steps=1)
+    one_chunk = Engine(m, [(h, w)], args.batch, progress_every_steps=args.steps)
+
+    # The fused program: the same three parts composed in one jit (what the engine ran before).
+    parts = one_chunk._program("uint8")
+    args_of = {part: one_chunk._abstract_args(part, args.batch, h, w) for part in ("begin", "advance")}
+    r = one_chunk.rows_sharding
+
+    def whole(params, ids, neg_ids, neg_zero, noise, scalars, time_ids, tables, stop):
+        x, d, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, scalars)
+        x, _, _ = parts.advance(params, x, d, context, pooled, scalars, time_ids, tables, 0, stop)
+        return parts.finish(params, x, scalars)
+
+    fused_exe = jax.jit(whole, out_shardings=(r, r)).lower(*args_of["begin"], *args_of["advance"][6:8],
+                                                           args_of["advance"][-1]).compile()  # fmt: skip
+
+    def run_fused() -> np.ndarray:
+        e = one_chunk
+        (ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps), _ = e._host_inputs(rows, h, w)
+        seeds = np.array([row.seed for row in rows], np.uint32)
+        noise = e._noise_executable(h, w)(jax.device_put(seeds, r))
+        put = [jax.device_put(a, r) for a in (ids, neg_ids, neg_zero)]
+        rest = [jax.device_put(a, r) for a in (scalars, time_ids, tables)]
+        images, _ = fused_exe(e.params, *put, noise, *rest, jax.device_put(num_steps, e.replicated))
+        return np.asarray(images)
+
+    def run_per_step() -> np.ndarray:
+        pending = per_step.dispatch(rows, h, w)
+        seen = list(pending.progress())  # as the worker reads it
+        assert seen == list(range(1, args.steps + 1)), seen
+        return pending.fetch().images
+
+    def run_one_chunk() -> np.ndarray:
+        return one_chunk.generate(rows, h, w).images
+
+    variants = {"per_step": run_per_step, "one_chunk": run_one_chunk, "fused": run_fused}
+    first, images, times = {}, {}, {name: [] for name in variants}
+    for name, run in variants.items():
+        t0 = time.perf_counter()
+        images[name] = run()
+        first[name] = time.perf_counter() - t0
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+        "jax": jax.__version__, "device": jax.devices()[0].device_kind, "dtype": "float32",
+        "compile_and_first_run_s": first, "batch_s": times, "median_batch_s": med,
+        "per_step_over_fused": med["per_step"] / med["fused"], "one_chunk_over_fused": med["one_chunk"] / med["fused"],
+        "progress_cost_pct": 100 * (med["per_step"] / med["fused"] - 1),
+        "images_equal": all(np.array_equal(images["fused"], images[n]) for n in variants),
+    }  # fmt: skip
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
