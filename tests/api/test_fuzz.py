@@ -47,7 +47,10 @@ def test_no_route_answers_5xx(redis_url):
                 response = case.call(headers=headers)
                 calls += 1
                 # /readyz's 503 is its answer when no worker runs (none does here), not a failure
-                if response.status_code >= 500 and operation.label != "GET /readyz":
+                # an accepted OpenAI generation waits for its job's end: with no worker it is 504 after max_wait_s,
+                # by design (the job stays queued; the answer names it)
+                timed_out = response.status_code == 504 and operation.label == "POST /v1/images/generations"
+                if response.status_code >= 500 and operation.label != "GET /readyz" and not timed_out:
                     failures.append((operation.label, response.status_code, response.text[:200]))
                 if response.status_code >= 400 and operation.label != "GET /readyz":  # readyz: its own body
                     nonlocal errors
