@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 import redis
 import redis.asyncio as aioredis
@@ -61,9 +61,7 @@ class JobEvents:
         the answer is always fresh."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
+        with _registered(self._waiters, job_id) as event:
             while True:
                 event.clear()  # before the read: an end published after it sets the event again
                 job = await read()
@@ -72,27 +70,13 @@ class JobEvents:
                     return job
                 with suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), remaining)
-        finally:
-            waiting = self._waiters.get(job_id)
-            if waiting is not None:
-                waiting.discard(event)
-                if not waiting:
-                    del self._waiters[job_id]
 
     @asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
         """An event set whenever the job records progress or ends (and after every reconnect); clear it before
         reading the job, then wait on it."""
-        event = asyncio.Event()
-        self._watchers.setdefault(job_id, set()).add(event)
-        try:
+        with _registered(self._watchers, job_id) as event:
             yield event
-        finally:
-            watching = self._watchers.get(job_id)
-            if watching is not None:
-                watching.discard(event)
-                if not watching:
-                    del self._watchers[job_id]
 
     @property
     def waiting(self) -> int:
@@ -147,3 +131,18 @@ class JobEvents:
                     await client.aclose()
             await asyncio.sleep(backoff_s)
             backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
+
+
+@contextmanager
+def _registered(table: dict[str, set[asyncio.Event]], job_id: str) -> Iterator[asyncio.Event]:
+    """A new event in `table` under the job's id while inside; the id's entry goes with its last event."""
+    event = asyncio.Event()
+    table.setdefault(job_id, set()).add(event)
+    try:
+        yield event
+    finally:
+        events = table.get(job_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del table[job_id]
