@@ -17,7 +17,7 @@ from api import errors
 from api.deps import Services
 from api.job_events import JobEvents
 from api.limits import BodyLimit
-from api.routes import datasets, files, jobs, openai, system
+from api.routes import datasets, files, jobs, openai, playground, system
 from common import logs
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(files.router)
     app.include_router(system.router)
+    app.include_router(playground.router)
+    app.mount("/playground", playground.assets(), name="playground")
     return app
 
 

@@ -23,3 +23,17 @@ if [ ! -f "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+if [ "$extra" = dev ] && ! command -v "${SDXL_CHROMIUM:-chromium}" >/dev/null; then
+  # The playground's browser tests drive Debian's chromium with Playwright (Playwright's own browser download
+  # is not used). SDXL_CHROMIUM: another Chromium or Chrome executable.
+  if command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing chromium (Debian package) for the browser tests" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null \
+      || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y --no-install-recommends chromium >/dev/null; }
+  else
+    echo "the browser tests need Chromium: install it, or set SDXL_CHROMIUM to its executable" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,177 @@
+"""The web playground (api/playground/, served at /) in a real browser: Debian's headless `chromium` driven by
+Playwright, against the real stack (uvicorn, `python -m worker` on the tiny model, Redis: `live_stack`).
+Screenshots go to the test's temp folder; with SDXL_SCREENSHOT_DIR set, the README's screenshot is written there
+too (`SDXL_SCREENSHOT_DIR=docs/img scripts/test.sh tests/api/test_playground.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.api_keys import ApiKeyStore
+
+CHROMIUM = os.environ.get("SDXL_CHROMIUM", "chromium")
+JOB_S = 120_000  # ms: a job on the tiny model takes seconds, but the worker may be busy with other tests' jobs
+# Records every text the job's state line shows, so a test sees states that lasted a moment only.
+RECORD_STATES = """() => {
+  window.states = [];
+  const node = document.getElementById("job-state");
+  new MutationObserver(() => window.states.push(node.textContent)).observe(node, {childList: true, subtree: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which(CHROMIUM)
+    assert executable, f"{CHROMIUM} not found: scripts/setup.sh dev installs Debian's chromium (or set SDXL_CHROMIUM)"
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_stack):
+    """A fresh browser profile (nothing in localStorage) and a fresh tenant (no jobs yet); fails the test on any
+    uncaught error in the page's JavaScript."""
+    url, _, settings = live_stack
+    _, key = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix).create(
+        f"web-{uuid.uuid4().hex[:6]}", "playground test"
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    page.key = key  # type: ignore[attr-defined]
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def enter_key(page) -> None:
+    assert "Enter an API key" in page.locator("#key-state").inner_text()
+    page.fill("#api-key", page.key)
+    page.keyboard.press("Enter")  # the key form submits on Enter
+    page.wait_for_selector("#key-state:has-text('Key accepted')")
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name), full_page=True)
+    if target := os.environ.get("SDXL_SCREENSHOT_DIR"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / name, Path(target) / f"playground-{name}")
+
+
+def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page, tmp_path):
+    enter_key(page)
+    assert page.is_visible("#gallery-empty")  # a tenant with no jobs: the page works without a gallery
+    assert page.evaluate("localStorage.getItem('sdxl.apiKey')") == page.key  # kept in the browser
+    sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.value)")
+    assert sizes == ["64x64", "96x64"]  # from GET /v1/models
+    page.evaluate(RECORD_STATES)
+
+    page.fill("#prompt", "a red fox in the snow")
+    page.select_option("#size", "96x64")
+    page.fill("#steps", "120")  # enough steps for several progress reports on the tiny model
+    page.fill("#seed", "42")
+    page.fill("#guidance_scale", "6.5")
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")  # submits from the keyboard
+
+    page.wait_for_selector("#job-images img", timeout=JOB_S)
+    assert page.inner_text("#job-state").startswith("Succeeded")
+    states = page.evaluate("window.states")
+    steps = [int(s.split("step ")[1].split(" ")[0]) for s in states if s.startswith("Running: step")]
+    assert steps and steps == sorted(steps) and all(s.endswith(" of 120.") for s in states if "step" in s), states
+    assert any(s.startswith("Queued") for s in states), states  # the job was seen queued before it ran
+    size = page.eval_on_selector("#job-images img", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
+    assert size == [True, 96, 64]  # the signed URL served the real image
+    params = dict(
+        zip(
+            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
+            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
+            strict=True,
+        )
+    )
+    assert params["prompt"] == "a red fox in the snow" and params["seed"] == "42" and params["size"] == "96x64"
+    assert params["steps"] == "120" and params["guidance scale"] == "6.5" and params["scheduler"] == "euler"
+    screenshot(page, tmp_path, "job.png")
+
+    # the gallery lists the job; "use these settings" puts its parameters back in the form
+    card = page.locator("#gallery li").first
+    assert "a red fox in the snow" in card.inner_text() and "seed 42" in card.inner_text()
+    page.fill("#prompt", "something else")
+    page.fill("#seed", "")
+    page.select_option("#size", "64x64")
+    card.get_by_role("button", name="Use these settings").click()
+    assert page.input_value("#prompt") == "a red fox in the snow"
+    assert page.input_value("#seed") == "42" and page.input_value("#size") == "96x64"
+    assert page.input_value("#steps") == "120" and page.input_value("#guidance_scale") == "6.5"
+    assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_every_control_has_a_label_and_a_bad_key_is_said_plainly(page):
+    unlabeled = page.eval_on_selector_all(
+        "input, select, textarea", "nodes => nodes.filter(n => n.labels.length === 0).map(n => n.id)"
+    )
+    assert unlabeled == []
+    page.fill("#api-key", "not-a-key")
+    page.click("text=Save key")
+    page.wait_for_selector("#key-state:has-text('Key refused')")
+    assert "API key was refused" in page.inner_text("#notice")
+
+
+def test_a_refused_job_names_the_field(page):
+    enter_key(page)
+    page.fill("#prompt", "x" * 50_000)  # longer than the deployment's max_prompt_chars
+    page.click("#submit")
+    page.wait_for_selector("#notice:visible")
+    assert "prompt" in page.inner_text("#notice")
+    assert page.get_attribute("#prompt", "aria-invalid") == "true"
+
+
+def test_data_set_page_runs_a_five_line_file(page, tmp_path):
+    enter_key(page)
+    page.click("#nav-datasets")
+    assert page.is_visible("#page-datasets") and not page.is_visible("#page-generate")
+    assert page.is_visible("#runs-empty")
+    lines = [{"id": f"line-{i}", "prompt": f"a lighthouse, variation {i}"} for i in range(5)]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    page.set_input_files("#dataset-file", str(source))
+    page.fill("#dataset-seed", "7")
+    page.fill("#dataset-shard-size", "2")
+    page.fill("#dataset-defaults", '{"steps": 4}')
+    page.click("#dataset-form button[type=submit]")
+
+    page.wait_for_selector("#dataset-state:has-text('completed')", timeout=3 * JOB_S)
+    assert page.inner_text("#dataset-counts").startswith("5 of 5 done: 5 succeeded, 0 failed")
+    assert page.eval_on_selector("#dataset-progress", "p => [p.value, p.max]") == [5, 5]
+    links = dict(
+        zip(
+            page.eval_on_selector_all("#dataset-links a", "n => n.map(a => a.textContent)"),
+            page.eval_on_selector_all("#dataset-links a", "n => n.map(a => a.href)"),
+            strict=True,
+        )
+    )
+    assert {"manifest (JSONL)", "manifest (Parquet)", "shard 0 (WebDataset tar)", "shard 2 (WebDataset tar)"} <= set(
+        links
+    ), links
+    manifest = page.request.get(links["manifest (JSONL)"])  # the signed link works from the browser
+    assert manifest.ok
+    rows = [json.loads(line) for line in manifest.text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"line-{i}" for i in range(5)]
+    assert page.request.get(links["shard 0 (WebDataset tar)"]).ok
+    page.wait_for_selector("#runs li")
+    assert "completed" in page.inner_text("#runs li")
+    screenshot(page, tmp_path, "dataset.png")
