@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 import redis
 import redis.asyncio as aioredis
 
+from api import metrics
 from common.jobs import TERMINAL, Job
 from common.outage import Outage
 
@@ -61,7 +62,7 @@ class JobEvents:
         the answer is always fresh."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        with _registered(self._waiters, job_id) as event:
+        with _registered(self._waiters, job_id) as event, metrics.WAITING.track_inprogress():
             while True:
                 event.clear()  # before the read: an end published after it sets the event again
                 job = await read()

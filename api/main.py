@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from api import errors
+from api import errors, metrics
 from api.deps import Services
 from api.job_events import JobEvents
 from api.limits import BodyLimit
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]  # the documented way to extend FastAPI's schema
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
+    app.add_middleware(metrics.RequestTimer)  # added last: outermost, so it times what the others refuse too
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(openai.router)

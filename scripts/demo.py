@@ -131,7 +131,8 @@ def main() -> None:
                 f"{sys.executable} -m client.dataset prompts.jsonl --out my-set --api {base} --key {key} "
                 """--defaults '{"width": 512, "height": 512}'"""
             )
-            print(f"\nThe stack keeps running; try:\n  {example}\nor a data set (README: Data sets):\n  {dataset}")
+            print(f"\nThe stack keeps running. In a browser: {base}/ (the playground; API key {key})")
+            print(f"or try:\n  {example}\nor a data set (README: Data sets):\n  {dataset}")
             print("Ctrl-C stops it.")
             # Blocked first, so that sigwait takes them: unblocked, SIGTERM would end this process at once and
             # leave the API and worker running without it.

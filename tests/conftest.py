@@ -52,16 +52,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The service as a user reaches it, over HTTP: `uvicorn api.main:app` and `python -m worker` running the
     tiny JAX engine on this CPU, local-folder storage, a real Redis. Shared by the client, OpenAI, event
-    stream and browser tests (one worker start for all of them). Yields (API url, API key, settings)."""
+    stream, browser and observability tests (one worker start for all of them). Yields (API url, API key,
+    settings); both processes log JSON into `live_stack_folder` (api.log, worker.log), and the worker serves its
+    metrics on settings.worker_metrics_port."""
     import uuid
 
     import redis
 
     from common.api_keys import ApiKeyStore
-    from tests.servers import ApiProcess, WorkerProcess, settings_from
+    from tests.servers import ApiProcess, WorkerProcess, free_port, settings_from
 
     prefix = f"live{uuid.uuid4().hex[:8]}"
-    folder = tmp_path_factory.mktemp("live")
+    folder = live_stack_folder(tmp_path_factory)
+    folder.mkdir()
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
         "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
@@ -69,6 +72,7 @@ def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPath
         "SDXL_BATCH_TIMEOUT_S": "1", "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),
         "SDXL_URL_SIGNING_SECRET": "l" * 32,
         "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+        "SDXL_LOG_FORMAT": "json", "SDXL_WORKER_METRICS_PORT": str(free_port()),
     }  # fmt: skip
     api = ApiProcess(env, folder / "api.log")
     env["SDXL_PUBLIC_BASE_URL"] = api.url
@@ -82,3 +86,8 @@ def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPath
     finally:
         api.stop()
         worker.stop()
+
+
+def live_stack_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where `live_stack` keeps its logs and images."""
+    return tmp_path_factory.getbasetemp() / "live-stack"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -206,10 +206,11 @@ def settings_from(env: dict[str, str]):
 class ApiProcess:
     """`uvicorn api.main:app` as its own process, for clients that speak HTTP (the data set CLI, load)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ()):
         self.port = free_port()
         self.env = {**os.environ, **env, "SDXL_PUBLIC_BASE_URL": self.url}
         self.log_path = log_path
+        self.args = list(args)  # more uvicorn arguments (--workers 2)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -219,7 +220,8 @@ class ApiProcess:
     def start(self, timeout_s: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port), "--log-level", "warning",
+             *self.args],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         if not http_ready(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout_s, 0.2):

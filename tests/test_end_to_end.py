@@ -243,7 +243,7 @@ def test_metrics_count_what_the_worker_ran(service):
 
     wait_for(lambda: counted() == want, timeout_s=20)
     got = samples(client.get("/metrics").text)
-    assert got["sdxl_workers"] == 1 and got[f'sdxl_worker_jobs_total{{worker="{name}",outcome="succeeded"}}'] > 0
+    assert got["sdxl_workers"] == 1 and got[f'sdxl_worker_jobs_total{{outcome="succeeded",worker="{name}"}}'] > 0
     assert got[f"sdxl_worker_device_seconds_total{label}"] > 0
 
 

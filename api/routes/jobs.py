@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from api import metrics
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
@@ -152,6 +153,7 @@ def submit(
         ) from exc
     if created:
         log.info("job submitted", extra={"job_id": job_id})
+        metrics.SUBMITTED.labels(f"{body.width}x{body.height}").inc()
         # The record and its outbox entry were stored by one script: from here on the job runs whatever
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
         # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.

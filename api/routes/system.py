@@ -63,11 +63,10 @@ def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {metrics.CONTENT_TYPE: {}}}})
 async def prometheus_metrics(services: ServicesDep) -> Response:
     """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
-    waiting = services.events.waiting  # read here, on the event loop that changes it
     redis_up = True
     try:
         services.metrics_figures = await run_in_threadpool(metrics.read, services.store, services.datasets)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         redis_up = False  # the last figures read, marked stale: the page answers during an outage
-    text = metrics.render(services.metrics_figures, waiting, redis_up)
+    text = metrics.render(services.metrics_figures, redis_up)
     return Response(text, media_type=metrics.CONTENT_TYPE)

@@ -14,17 +14,33 @@ LABEL = r'[a-z_]+="(?:[^"\\\n]|\\.)*"'  # Prometheus' text format: \\, \" and \n
 
 
 def samples(text: str) -> dict[str, float]:
-    """{'name{labels}': value} for every sample line; checks each family is declared before its samples."""
-    declared, found = set(), {}
+    """{'name{labels}': value} for every sample line; checks each family is declared before its samples (a
+    histogram's as NAME_bucket, NAME_sum and NAME_count)."""
+    declared, found = {}, {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
-            declared.add(line.split()[2])
+            declared[line.split()[2]] = line.split()[3]
         elif line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             assert re.match(rf"^[a-z_]+(\{{{LABEL}(,{LABEL})*\}})?$", name), line
-            assert name.split("{")[0] in declared, line
-            found[name] = float(value)
+            family = name.split("{")[0]
+            if family not in declared:
+                family = re.sub(r"_(bucket|sum|count)$", "", family)
+                assert declared.get(family) == "histogram", line
+            found[canonical(name)] = float(value)
     return found
+
+
+def canonical(name: str) -> str:
+    """The series' name with its labels in sorted order (the text format does not fix their order)."""
+    if "{" not in name:
+        return name
+    family, labels = name[:-1].split("{", 1)
+    return family + "{" + ",".join(sorted(re.findall(LABEL, labels))) + "}"
+
+
+def series(family: str, **labels: str) -> str:
+    return canonical(family + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}") if labels else family
 
 
 def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings):
@@ -46,7 +62,7 @@ def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings)
     assert got['sdxl_worker_rows_total{worker="host-a-1"}'] == 10
     assert got['sdxl_worker_padding_rows_total{worker="host-a-1"}'] == 2
     assert got['sdxl_worker_device_seconds_total{worker="host-a-1"}'] == 6.99
-    assert got['sdxl_worker_jobs_total{worker="host-a-1",outcome="failed"}'] == 1
+    assert got['sdxl_worker_jobs_total{outcome="failed",worker="host-a-1"}'] == 1
     assert got['sdxl_worker_start_time_seconds{worker="host-a-1"}'] == 1000
     assert got['sdxl_worker_rows_total{worker="odd \\"name\\""}'] == 0  # label values escaped
     assert "api key" not in r.text.lower()
@@ -84,3 +100,51 @@ def test_metrics_and_healthz_answer_during_a_redis_outage(tmp_path, settings):
             assert client.post("/v1/jobs", json=GOOD).status_code == 503  # the job API itself refuses
     finally:
         server.terminate()
+
+
+def test_request_latency_by_route_template_and_submits_by_size(client):
+    job = client.post("/v1/jobs", json=GOOD).json()
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 200
+    assert client.get("/v1/jobs/no-such-job").status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+    got = samples(client.get("/metrics").text)
+    count = "sdxl_http_request_duration_seconds_count"
+    assert got[f'{count}{{method="GET",route="/v1/jobs/{{job_id}}",status="200"}}'] >= 1  # the template, not the id
+    assert got[f'{count}{{method="GET",route="/v1/jobs/{{job_id}}",status="404"}}'] >= 1
+    assert got[f'{count}{{method="GET",route="unmatched",status="404"}}'] >= 1
+    assert got[f'{count}{{method="POST",route="/v1/jobs",status="202"}}'] >= 1
+    assert not any(job["id"] in name for name in got)
+    assert got['sdxl_api_jobs_submitted_total{size="96x64"}'] >= 1
+
+
+def test_several_api_processes_answer_one_sum(tmp_path, redis_url, key_prefix):
+    """uvicorn --workers 2 with PROMETHEUS_MULTIPROC_DIR: whichever process answers a scrape counts every
+    process' requests (prometheus_client's multiprocess mode)."""
+    import httpx
+
+    from common.api_keys import ApiKeyStore
+    from tests.servers import ApiProcess
+
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    env = {
+        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": key_prefix, "SDXL_QUEUE_NAME": f"{key_prefix}-queue",
+        "SDXL_IMAGE_SIZES": "96x64", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
+        "SDXL_URL_SIGNING_SECRET": "s" * 32, "PROMETHEUS_MULTIPROC_DIR": str(folder),
+    }  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log", args=["--workers", "2"])
+    api.start(timeout_s=60)
+    try:
+        _, key = ApiKeyStore(redis.Redis.from_url(redis_url), key_prefix).create("multi", "test")
+        auth = {"Authorization": f"Bearer {key}"}
+        for _ in range(12):  # a new connection each: the kernel spreads them over both processes
+            assert httpx.post(f"{api.url}/v1/jobs", json=GOOD, headers=auth).status_code == 202
+        writers = {f.stem.rsplit("_", 1)[1] for f in folder.glob("counter_*.db")}
+        assert len(writers) == 2, writers  # both processes took submits
+        for _ in range(6):
+            got = samples(httpx.get(f"{api.url}/metrics").text)
+            assert got['sdxl_api_jobs_submitted_total{size="96x64"}'] == 12
+            assert got['sdxl_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}'] == 12
+            assert got["sdxl_jobs_queued"] == 12
+    finally:
+        api.stop()
