@@ -19,6 +19,7 @@ from common.jobs import MAX_SEED
 from common.settings import Settings
 from common.storage import Storage
 
+MAX_INVALID_TEXT_BYTES = 64 * 1024  # of a bad line's text kept in invalid.jsonl
 REPORTED_ERRORS = 100  # bad lines listed in an answer; all of them go to input/invalid.jsonl (skip mode)
 
 
@@ -47,7 +48,7 @@ def ingest(
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
-    limits = Limits(settings.served_sizes, settings.max_steps, settings.max_prompt_chars)
+    limits = Limits(settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes)
     validator = Validator(options, seed, limits)
     rejecting = options.on_invalid == "reject"
     errors: list[LineError] = []
@@ -66,15 +67,16 @@ def ingest(
             if len(errors) < REPORTED_ERRORS:
                 errors.append(result)
             if not rejecting:
-                invalid_lines.append(_json_line(result))
+                invalid_lines.append(_json_line(result, raw))
             continue
-        total += 1
+        total += len(result)
         if rejecting and invalid:
             continue  # the file is refused: keep checking (to report every bad line), store nothing more
-        chunk.append(result.to_json())
-        if len(chunk) == CHUNK_LINES:
-            storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
-            written, chunk = written + 1, []
+        for line in result:
+            chunk.append(line.to_json())
+            if len(chunk) == CHUNK_LINES:
+                storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
+                written, chunk = written + 1, []
     if rejecting and invalid:
         _discard(storage, layout, written)
         raise InputInvalid(
@@ -111,8 +113,10 @@ def discard(storage: Storage, ingested: Ingested) -> None:
         storage.delete(key)
 
 
-def _json_line(error: LineError) -> bytes:
-    return json.dumps(error.as_dict()).encode() + b"\n"
+def _json_line(error: LineError, raw: bytes) -> bytes:
+    """invalid.jsonl's line: where and why, and the line's own text (to fix and send again)."""
+    text = raw[:MAX_INVALID_TEXT_BYTES].decode("utf-8", errors="replace")
+    return json.dumps({**error.as_dict(), "text": text}, ensure_ascii=False).encode() + b"\n"
 
 
 def _discard(storage: Storage, layout: Layout, chunks: int) -> None:

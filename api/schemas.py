@@ -112,7 +112,9 @@ class DatasetFilesPublic(BaseModel):
     manifest_jsonl: str | None = None  # the whole manifest, once the run has finished
     manifest_parquet: str | None = None
     failures: str | None = None  # failures.jsonl, once finished
-    invalid: str | None = None  # lines left out at submit (on_invalid=skip)
+    invalid: str | None = None  # lines left out at submit (on_invalid=skip), with their text
+    stats: str | None = None  # stats.json, once finished: counts and each shard's figures
+    card: str | None = None  # README.md, once finished: the data set card (Hugging Face `datasets` YAML header)
 
 
 class FailurePublic(BaseModel):
@@ -130,4 +132,9 @@ class DatasetFailuresPublic(BaseModel):
 
 class RetryPublic(BaseModel):
     retried: int  # failed lines sent back to be generated again
+    dataset: DatasetPublic
+
+
+class ResumePublic(BaseModel):
+    resumed: int  # canceled lines sent back to be generated (same ids, same seeds)
     dataset: DatasetPublic

@@ -429,6 +429,15 @@ class Client:
     def cancel_dataset(self, run_id: str) -> Dataset:
         return Dataset.of(self.request("POST", f"/v1/datasets/{run_id}/cancel"))
 
+    def resume_dataset(self, run_id: str) -> dict[str, Any]:
+        """Send a canceled run's canceled lines back to be generated (same ids, same seeds)."""
+        return self.request("POST", f"/v1/datasets/{run_id}/resume")
+
+    def datasets(self, offset: int = 0, limit: int = 20) -> list[Dataset]:
+        """The tenant's recent runs, newest first."""
+        page = self.request("GET", "/v1/datasets", params={"offset": offset, "limit": limit})
+        return [Dataset.of(d) for d in page["datasets"]]
+
 
 class _closing(Iterator[Event]):
     """An event iterator that closes its HTTP stream."""

@@ -4,7 +4,11 @@ Keys (prefix P), for run R:
     P:dataset:R            hash: status, counters (total, cursor, succeeded, failed, canceled, shards ...), options
     P:dataset:R:inflight   hash: line index -> job id, for lines fed and not yet reaped (<= the feed depth)
     P:dataset:R:done       list: manifest rows of finished lines not yet in a shard (< shard size + depth)
+    P:dataset:R:rows       hash: line index -> manifest row, the same for runs in input order (shard k is lines
+                           k*size.., written once all have ended)
     P:dataset:R:failed     hash: line index -> {"line", "id", "error"} (grows only with failures)
+    P:dataset:R:canceled   hash: line index -> {"line", "id"} of lines canceled once fed (or retried); lines
+                           never fed are the range from the run's `resume_from` to its end
     P:dataset:R:retry      list: line indices to feed again (a retry of failed lines)
     P:dataset:R:rate       list: "time:succeeded" samples, newest first, for images/s and the ETA
     P:dataset:R:lock       the feeder lock: one worker feeds a run at a time
@@ -46,17 +50,22 @@ if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1]
 return 1
 """
 
-# KEYS: run hash, inflight, done list, failed hash, job hash. ARGV: index, outcome, payload.
-# Only the first reap of a line counts (HDEL says whether it was still in flight).
+# KEYS: run hash, inflight, done list, failed hash, job hash, rows hash, canceled hash. ARGV: index, outcome,
+# payload, order. Only the first reap of a line counts (HDEL says whether it was still in flight).
 _REAP = """
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 if ARGV[2] == 'succeeded' then
-  redis.call('RPUSH', KEYS[3], ARGV[3])
+  if ARGV[4] == 'input' then
+    redis.call('HSET', KEYS[6], ARGV[1], ARGV[3])
+  else
+    redis.call('RPUSH', KEYS[3], ARGV[3])
+  end
   redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
 elseif ARGV[2] == 'failed' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'failed', 1)
 else
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'canceled', 1)
 end
 redis.call('DEL', KEYS[5])
@@ -69,6 +78,20 @@ if tonumber(redis.call('HGET', KEYS[1], 'shards')) ~= tonumber(ARGV[1]) then ret
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 redis.call('HINCRBY', KEYS[1], 'shards', 1)
 redis.call('HINCRBY', KEYS[1], 'sharded', tonumber(ARGV[2]))
+return 1
+"""
+
+# KEYS: run hash, rows hash. ARGV: the window expected, the next window, the shard index (-1: a window with
+# no row to write), then the line indices written. Input order: commits a window exactly once.
+_SHARD_INPUT = """
+if tonumber(redis.call('HGET', KEYS[1], 'window') or '0') ~= tonumber(ARGV[1]) then return 0 end
+if tonumber(ARGV[3]) >= 0 then
+  if tonumber(redis.call('HGET', KEYS[1], 'shards')) ~= tonumber(ARGV[3]) then return 0 end
+  for i = 4, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+  redis.call('HINCRBY', KEYS[1], 'shards', 1)
+  redis.call('HINCRBY', KEYS[1], 'sharded', #ARGV - 3)
+end
+redis.call('HSET', KEYS[1], 'window', ARGV[2])
 return 1
 """
 
@@ -124,13 +147,46 @@ end
 return #indices
 """
 
+# KEYS: run hash, canceled hash, retry list, active list. ARGV: run id, the tenant's cap of active runs
+# (0: none), run-hash key prefix. A canceled run's canceled lines go back to be fed (same ids, same seeds): those
+# canceled once fed through the retry list, the never-fed range by moving the cursor back to it. -1: no such
+# run; -2: not a canceled run; -3: the tenant's cap.
+_RESUME = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= 'canceled' then return -2 end
+local cap = tonumber(ARGV[2])
+if cap > 0 and active_runs(KEYS[4], ARGV[3], redis.call('HGET', KEYS[1], 'tenant')) >= cap then return -3 end
+local indices = redis.call('HKEYS', KEYS[2])
+table.sort(indices, function(a, b) return tonumber(a) < tonumber(b) end)
+for _, i in ipairs(indices) do redis.call('RPUSH', KEYS[3], i) end
+redis.call('DEL', KEYS[2])
+local n = #indices
+local from = redis.call('HGET', KEYS[1], 'resume_from')
+if from then
+  n = n + tonumber(redis.call('HGET', KEYS[1], 'total')) - tonumber(from)
+  redis.call('HSET', KEYS[1], 'cursor', from)
+  redis.call('HDEL', KEYS[1], 'resume_from')
+end
+if n == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'canceled', -n)
+redis.call('HINCRBY', KEYS[1], 'retries', 1)
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('HDEL', KEYS[1], 'finished_at', 'canceled_at')
+redis.call('LREM', KEYS[4], 0, ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[1])
+return n
+"""
+
 # KEYS: run hash, retry list, inflight, active list. ARGV: expected status, new status, now, run id, ttl.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 if redis.call('LLEN', KEYS[2]) > 0 or redis.call('HLEN', KEYS[3]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
 redis.call('LREM', KEYS[4], 0, ARGV[4])
-for _, suffix in ipairs({'', ':done', ':failed', ':rate'}) do redis.call('EXPIRE', KEYS[1] .. suffix, ARGV[5]) end
+for _, suffix in ipairs({'', ':done', ':failed', ':rate', ':rows', ':canceled'}) do
+  redis.call('EXPIRE', KEYS[1] .. suffix, ARGV[5])
+end
 return 1
 """
 
@@ -151,6 +207,7 @@ class TooManyRuns(Exception):
 
 
 COUNTERS = ("total", "skipped", "cursor", "succeeded", "failed", "canceled", "shards", "sharded", "retries")
+LATER_COUNTERS = ("window",)  # absent from runs stored by an older version: 0
 
 
 @dataclass
@@ -170,6 +227,7 @@ class DatasetRun:
     sharded: int  # rows already written to shards
     retries: int
     created_at: float
+    window: int = 0  # input order: the first line of the next shard's window
     started_at: float | None = None
     finished_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -187,6 +245,8 @@ class DatasetStore:
         self._feed = client.register_script(_FEED)
         self._reap = client.register_script(_REAP)
         self._shard = client.register_script(_SHARD)
+        self._shard_input = client.register_script(_SHARD_INPUT)
+        self._resume = client.register_script(_ACTIVE_RUNS + _RESUME)
         self._retry = client.register_script(_ACTIVE_RUNS + _RETRY)
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
@@ -277,6 +337,16 @@ class DatasetStore:
             self.r.persist(self.key(run_id))  # it had been given its expiry when it finished
         return count
 
+    def resume(self, run_id: str, max_active: int = 0) -> int:
+        """A canceled run's canceled lines go back to be fed, with their seeds; returns how many (-1: no such
+        run, -2: the run is not canceled, -3: its tenant already has `max_active` active runs)."""
+        keys = [self.key(run_id), self.key(run_id, "canceled"), self.key(run_id, "retry"), self.active_key]
+        count = int(self._resume(keys=keys, args=[run_id, max_active, self.key("")]))
+        if count > 0:
+            for suffix in ("", "rows", "failed"):
+                self.r.persist(self.key(run_id, suffix))  # they had been given their expiry when it finished
+        return count
+
     def recent(self, tenant: str, offset: int, limit: int) -> tuple[list[DatasetRun], int]:
         return page(self.r, f"{self.prefix}:datasets:recent:{tenant}", offset, limit, self.get)
 
@@ -298,6 +368,7 @@ class DatasetStore:
             options=DatasetOptions.model_validate_json(d["options"]),
             seed=int(d["seed"]),
             **{k: int(d[k]) for k in COUNTERS},
+            **{k: int(d.get(k, 0)) for k in LATER_COUNTERS},
             created_at=float(d["created_at"]),
             started_at=opt("started_at"),
             finished_at=opt("finished_at"),
@@ -355,10 +426,29 @@ class DatasetStore:
         keys = [self.key(run_id), self.key(run_id, "inflight"), self.key(run_id, "retry")]
         return bool(self._feed(keys=keys, args=[index, job_id, source, time.time()]))
 
-    def reap(self, run_id: str, index: int, job_key: str, outcome: str, payload: dict[str, Any] | None) -> bool:
+    def reap(
+        self, run_id: str, index: int, job_key: str, outcome: str, payload: dict[str, Any] | None,
+        order: str = "completion",
+    ) -> bool:  # fmt: skip
         keys = [self.key(run_id), self.key(run_id, "inflight"), self.key(run_id, "done"), self.key(run_id, "failed"),
-                job_key]  # fmt: skip
-        return bool(self._reap(keys=keys, args=[index, outcome, json.dumps(payload or {})]))
+                job_key, self.key(run_id, "rows"), self.key(run_id, "canceled")]  # fmt: skip
+        return bool(self._reap(keys=keys, args=[index, outcome, json.dumps(payload or {}), order]))
+
+    def retry_indices(self, run_id: str) -> list[int]:
+        return [int(i) for i in self.r.lrange(self.key(run_id, "retry"), 0, -1)]
+
+    def row_indices(self, run_id: str) -> list[int]:
+        """Input order: the finished lines whose rows wait for their shard, sorted."""
+        return sorted(int(i) for i in self.r.hkeys(self.key(run_id, "rows")))
+
+    def rows(self, run_id: str, indices: list[int]) -> list[dict[str, Any]]:
+        found = self.r.hmget(self.key(run_id, "rows"), indices) if indices else []
+        return [json.loads(v) for v in found if v is not None]
+
+    def commit_window(self, run_id: str, window: int, next_window: int, shard: int, indices: list[int]) -> bool:
+        """Input order: the window starting at `window` is written as shard `shard` (-1: it had no row)."""
+        keys = [self.key(run_id), self.key(run_id, "rows")]
+        return bool(self._shard_input(keys=keys, args=[window, next_window, shard, *indices]))
 
     def done_rows(self, run_id: str, limit: int) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.r.lrange(self.key(run_id, "done"), 0, limit - 1)]
@@ -370,12 +460,17 @@ class DatasetStore:
         return bool(self._shard(keys=[self.key(run_id), self.key(run_id, "done")], args=[shard, rows]))
 
     def skip_rest(self, run_id: str, cursor: int, total: int) -> int:
-        """On cancel: lines never fed (and retries never re-fed) count as canceled; returns how many."""
+        """On cancel: lines never fed (and retries never re-fed) count as canceled, kept for a resume (the
+        never-fed ones as the range from `resume_from`); returns how many."""
         with self.r.pipeline() as pipe:
             pipe.hset(self.key(run_id), "cursor", total)
+            if cursor < total:
+                pipe.hset(self.key(run_id), "resume_from", cursor)
             pipe.lrange(self.key(run_id, "retry"), 0, -1)
             pipe.delete(self.key(run_id, "retry"))
-            _, retry, _ = pipe.execute()
+            retry = pipe.execute()[-2]
+        if retry:
+            self.r.hset(self.key(run_id, "canceled"), mapping={int(i): "{}" for i in retry})
         count = (total - cursor) + len(retry)
         if count:
             self.r.hincrby(self.key(run_id), "canceled", count)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,15 +23,20 @@ from pydantic import BaseModel, Field, ValidationError
 from common.jobs import MAX_SEED, JobRequest, LimitError, OutputFormat, Scheduler, check_limits, with_size
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # safe as an object key and as a WebDataset sample key
-LINE_FIELDS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+GENERATION_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+# besides the generation parameters: the user's own fields (copied, never interpreted) and how many images
+LINE_FIELDS = ("id", *GENERATION_FIELDS, "aspect_ratio", "num_images", "caption", "metadata")
 CHUNK_LINES = 1000  # normalized lines per stored input chunk: the feeder reads one chunk at a time
+MAX_METADATA_BYTES = 4096  # a line's `metadata` as compact JSON: it travels in Redis with each line in flight
+MAX_CAPTION_CHARS = 4096
+MAX_IMAGES_PER_LINE = 64
 
 
 class DatasetStatus(StrEnum):
     running = "running"  # lines are being fed and generated
     canceling = "canceling"  # canceled: feeding stopped, lines already on a device finish and are kept
     completed = "completed"  # every line ended (succeeded or failed); manifest and shards are final
-    canceled = "canceled"  # canceled and wound down; what finished is in the manifest and shards
+    canceled = "canceled"  # ended with lines canceled (POST .../resume feeds them); the rest is in the outputs
 
 
 FINISHED = frozenset({DatasetStatus.completed, DatasetStatus.canceled})
@@ -71,6 +77,18 @@ class DatasetOptions(BaseModel):
     input_key: str | None = Field(
         None, max_length=1024, description="Object-store key of the JSONL (instead of an upload)."
     )
+    caption_field: str = Field(
+        "caption",
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$",
+        description="The line field whose text is written as <id>.txt in the shards: a top-level field, or "
+        "metadata.KEY. A line without it is captioned with its prompt.",
+    )
+    order: Literal["completion", "input"] = Field(
+        "completion",
+        description="completion: shards fill as lines finish (fastest); input: shard k holds lines "
+        "k*shard_size.. in input order, written once each of them has ended.",
+    )
 
 
 @dataclass(frozen=True)
@@ -85,19 +103,31 @@ class LineError:
 
 @dataclass(frozen=True)
 class Line:
-    """A valid line, normalized: every parameter filled in, the seed included."""
+    """One image of a valid line, normalized: every parameter filled in, the seed included. A line asking for
+    `num_images` n > 1 becomes n of these, ids `<id>_<k>`; `source_id` is the line's own id."""
 
     line: int
     id: str
     request: JobRequest
+    caption: str = ""
+    metadata: dict[str, Any] | None = None
+    source_id: str = ""
+    aspect_ratio: float | None = None  # as asked (width / height); the bucket chosen is the request's size
 
     def to_json(self) -> str:
-        return json.dumps({"line": self.line, "id": self.id, "request": self.request.model_dump(mode="json")})
+        return json.dumps({"line": self.line, "id": self.id, "request": self.request.model_dump(mode="json"),
+                           **self.extra()})  # fmt: skip
+
+    def extra(self) -> dict[str, Any]:
+        """What travels with the line's job besides its request (its `dataset` record), for the manifest."""
+        return {"caption": self.caption, "metadata": self.metadata, "source_id": self.source_id or self.id,
+                "aspect_ratio": self.aspect_ratio}  # fmt: skip
 
     @staticmethod
     def from_json(text: str | bytes) -> Line:
         d = json.loads(text)
-        return Line(d["line"], d["id"], JobRequest.model_validate(d["request"]))
+        return Line(d["line"], d["id"], JobRequest.model_validate(d["request"]), d.get("caption", ""),
+                    d.get("metadata"), d.get("source_id", ""), d.get("aspect_ratio"))  # fmt: skip
 
 
 def derive_seed(run_seed: int, line_id: str) -> int:
@@ -106,11 +136,35 @@ def derive_seed(run_seed: int, line_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{run_seed}/{line_id}".encode()).digest()[:4], "big")
 
 
+def parse_aspect_ratio(value: Any) -> float:
+    """width / height from a number (1.5) or a "W:H" string ("3:2"); ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    if isinstance(value, str) and ":" in value:
+        w, _, h = value.partition(":")
+        ratio = float(w) / float(h)
+    else:
+        ratio = float(value)
+    if not math.isfinite(ratio) or not 0.05 <= ratio <= 20:
+        raise ValueError("out of range")
+    return ratio
+
+
+def nearest_bucket(ratio: float, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is nearest `ratio` (width / height), compared as
+    logarithms so that 2:1 and 1:2 are as far from 1:1; ties go to the earlier bucket."""
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - math.log(ratio)))
+
+
 @dataclass
 class Limits:
     sizes: list[tuple[int, int]]
     max_steps: int
     max_prompt_chars: int
+    buckets: list[tuple[int, int]] | None = None  # (height, width) pairs aspect_ratio maps to; None: the sizes
+
+    def served_buckets(self) -> list[tuple[int, int]]:
+        return [b for b in (self.buckets or self.sizes) if b in self.sizes]
 
 
 class Validator:
@@ -119,16 +173,19 @@ class Validator:
     def __init__(self, options: DatasetOptions, run_seed: int, limits: Limits):
         self.defaults = options.defaults.model_dump(exclude={"output_format"})
         self.output_format = options.defaults.output_format
+        self.caption_field = options.caption_field
         self.run_seed = run_seed
         self.limits = limits
         self.seen: dict[str, int] = {}
 
-    def check(self, number: int, raw: bytes | str) -> Line | LineError | None:
-        """A Line, a LineError, or None for a blank line (allowed anywhere, e.g. a trailing newline)."""
+    def check(self, number: int, raw: bytes | str) -> list[Line] | LineError | None:
+        """The line's images (one Line each), a LineError, or None for a blank line (allowed anywhere)."""
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError:
             return LineError(number, "line", "not UTF-8 text")
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
         if not text.strip():
             return None
         try:
@@ -139,7 +196,8 @@ class Validator:
             return LineError(number, "line", 'each line must be a JSON object, e.g. {"id": "a1", "prompt": "..."}')
         unknown = sorted(set(data) - set(LINE_FIELDS))
         if unknown:
-            return LineError(number, unknown[0], f"unknown field; a line may have: {', '.join(LINE_FIELDS)}")
+            return LineError(number, unknown[0], f"unknown field; a line may have: {', '.join(LINE_FIELDS)} "
+                             "(put your own fields in `metadata`)")  # fmt: skip
         raw_id = data.get("id")
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
             return LineError(number, "id", "required: a string or integer unique within the file")
@@ -148,25 +206,75 @@ class Validator:
             return LineError(number, "id", "use 1-128 letters, digits, '_' or '-' (it names files in the output)")
         if line_id in self.seen:
             return LineError(number, "id", f"duplicate id {line_id!r}, first used on line {self.seen[line_id]}")
-        fields = {**self.defaults, **{k: v for k, v in data.items() if k != "id"}}
-        if fields.get("seed") is None:
-            fields["seed"] = derive_seed(self.run_seed, line_id)
-        try:
-            request = with_size(JobRequest(**fields, output_format=self.output_format), self.limits.sizes)
-            check_limits(request, self.limits.sizes, self.limits.max_steps, 1, self.limits.max_prompt_chars)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            return LineError(number, ".".join(str(p) for p in first["loc"]) or "line", first["msg"])
-        except LimitError as exc:
-            return LineError(number, exc.field, str(exc))
-        self.seen[line_id] = number
-        return Line(number, line_id, request)
+        user = self._user_fields(number, data)
+        if isinstance(user, LineError):
+            return user
+        caption, metadata, count = user
+        fields = {**self.defaults, **{k: v for k, v in data.items() if k in GENERATION_FIELDS}}
+        ratio = None
+        if data.get("aspect_ratio") is not None:
+            if data.get("width") is not None or data.get("height") is not None:
+                return LineError(number, "aspect_ratio", "give either aspect_ratio or width and height, not both")
+            try:
+                ratio = parse_aspect_ratio(data["aspect_ratio"])
+            except (TypeError, ValueError, ZeroDivisionError):
+                return LineError(number, "aspect_ratio", 'a number (width / height) between 0.05 and 20, or "W:H"')
+            buckets = self.limits.served_buckets()
+            if not buckets:
+                return LineError(number, "aspect_ratio", "no aspect-ratio bucket is served here (SDXL_ASPECT_BUCKETS "
+                                 "and SDXL_IMAGE_SIZES share no size); give width and height")  # fmt: skip
+            fields["height"], fields["width"] = nearest_bucket(ratio, buckets)
+        ids = [line_id] if count == 1 else [f"{line_id}_{k}" for k in range(count)]
+        if any(not ID_PATTERN.match(i) or i in self.seen for i in ids):
+            return LineError(number, "num_images", f"the ids {ids[0]}..{ids[-1]} are too long or already used")
+        lines = []
+        for k, image_id in enumerate(ids):
+            image = dict(fields)
+            if image.get("seed") is None:
+                image["seed"] = derive_seed(self.run_seed, image_id)
+            else:
+                image["seed"] = image["seed"] + k
+            try:
+                request = with_size(JobRequest(**image, output_format=self.output_format), self.limits.sizes)
+                check_limits(request, self.limits.sizes, self.limits.max_steps, 1, self.limits.max_prompt_chars)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                return LineError(number, ".".join(str(p) for p in first["loc"]) or "line", first["msg"])
+            except LimitError as exc:
+                return LineError(number, exc.field, str(exc))
+            lines.append(Line(number, image_id, request, caption if caption is not None else request.prompt,
+                              metadata, line_id, ratio))  # fmt: skip
+        for image_id in [line_id, *ids]:
+            self.seen[image_id] = number
+        return lines
+
+    def _user_fields(self, number: int, data: dict[str, Any]) -> tuple[str | None, dict | None, int] | LineError:
+        """(caption or None for the prompt, metadata, num_images), checked."""
+        metadata = data.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                return LineError(number, "metadata", "an object of your own fields, e.g. {\"label\": \"cat\"}")
+            size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+            if size > MAX_METADATA_BYTES:
+                return LineError(number, "metadata", f"{size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+        caption = data.get("caption")
+        if caption is not None and (not isinstance(caption, str) or len(caption) > MAX_CAPTION_CHARS):
+            return LineError(number, "caption", f"a string of at most {MAX_CAPTION_CHARS} characters")
+        field, _, key = self.caption_field.partition(".")
+        chosen = (metadata or {}).get(key) if field == "metadata" and key else data.get(field)
+        if chosen is not None and not isinstance(chosen, str):
+            return LineError(number, self.caption_field, "the caption field must hold a string")
+        count = data.get("num_images", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_IMAGES_PER_LINE:
+            return LineError(number, "num_images", f"an integer from 1 to {MAX_IMAGES_PER_LINE}")
+        return chosen, metadata, count
 
 
 def lines_of(stream: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, bytes) for each line of a binary stream."""
+    """(1-based number, bytes) for each line of a binary stream; a UTF-8 byte order mark at the start is
+    dropped."""
     for number, raw in enumerate(stream, start=1):
-        yield number, raw.rstrip(b"\r\n")
+        yield number, raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf") if number == 1 else raw.rstrip(b"\r\n")
 
 
 # ---------------------------------------------------------------------- where a run's files live
@@ -213,17 +321,39 @@ class Layout:
     def failures(self) -> str:
         return f"{self.prefix}/failures.jsonl"
 
+    def shard_stats(self, index: int) -> str:
+        return f"{self.prefix}/stats/shard-{index:06d}.json"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}/stats.json"
+
+    @property
+    def card(self) -> str:
+        """The data set card: README.md with the Hugging Face `datasets` YAML header."""
+        return f"{self.prefix}/README.md"
+
 
 MANIFEST_COLUMNS = (
-    "id", "line", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler",
-    "key", "sha256", "shard",
+    "id", "line", "source_id", "prompt", "negative_prompt", "seed", "width", "height", "aspect_ratio", "steps",
+    "guidance_scale", "scheduler", "model", "model_hash", "adapters", "truncated", "attempts", "caption",
+    "metadata", "key", "sha256", "shard",
 )  # fmt: skip
 
 
-def manifest_row(line: Line, key: str, sha256: str) -> dict[str, Any]:
+def manifest_row(
+    line: Line, key: str, sha256: str, model: str = "", model_hash: str = "", truncated: bool = False,
+    attempts: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """A generated image's manifest row: what made it (parameters, model and weights hash, adapters) and the
+    user's own fields. Nothing in it but `key` and `shard` names the run, so reruns compare row for row."""
     r = line.request
     return {
-        "id": line.id, "line": line.line, "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed,
-        "width": r.width, "height": r.height, "steps": r.steps, "guidance_scale": r.guidance_scale,
-        "scheduler": r.scheduler.value, "key": key, "sha256": sha256,
+        "id": line.id, "line": line.line, "source_id": line.source_id or line.id, "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt, "seed": r.seed, "width": r.width, "height": r.height,
+        "aspect_ratio": line.aspect_ratio, "steps": r.steps, "guidance_scale": r.guidance_scale,
+        "scheduler": r.scheduler.value, "model": model, "model_hash": model_hash,
+        "adapters": [],  # LoRA adapters are not served yet; the column is here so the schema need not change
+        "truncated": truncated, "attempts": attempts, "caption": line.caption, "metadata": line.metadata,
+        "key": key, "sha256": sha256,
     }  # fmt: skip

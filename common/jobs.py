@@ -131,6 +131,8 @@ class ImageRecord(BaseModel):
     width: int
     height: int
     sha256: str
+    model: str = ""  # the model's name and weights hash: which weights made it
+    model_hash: str = ""
 
 
 class Job(BaseModel):

@@ -12,6 +12,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# SDXL's trained resolutions (WIDTHxHEIGHT), about one megapixel each: the default aspect-ratio buckets
+SDXL_BUCKETS = "1024x1024,1152x896,896x1152,1216x832,832x1216,1344x768,768x1344,1536x640,640x1536"
+
 Size = tuple[int, int]  # (height, width) in pixels: the engine's (array) order, inside the code only
 
 
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     image_sizes: str = "1024x1024"
     # the old name, HEIGHTxWIDTH: refused (a value such as 832x1216 cannot say which order it meant)
     sizes: str | None = Field(None, exclude=True)
+    # a data set line's `aspect_ratio` maps to the nearest of these that is also served (WIDTHxHEIGHT, comma
+    # separated); the default: SDXL's trained resolutions
+    aspect_buckets: str = SDXL_BUCKETS
     batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
@@ -147,7 +153,7 @@ class Settings(BaseSettings):
     # to a bucket lifecycle rule)
     image_sweep_interval_s: int = Field(3600, ge=0)
 
-    @field_validator("image_sizes")
+    @field_validator("image_sizes", "aspect_buckets")
     @classmethod
     def _sizes(cls, value: str) -> str:
         parse_sizes(value)
@@ -190,6 +196,11 @@ class Settings(BaseSettings):
     def served_sizes(self) -> list[Size]:
         """(height, width) pairs; the first is the default."""
         return parse_sizes(self.image_sizes)
+
+    @property
+    def bucket_sizes(self) -> list[Size]:
+        """The aspect-ratio buckets, (height, width) pairs."""
+        return parse_sizes(self.aspect_buckets)
 
     def signing_key(self) -> bytes:
         if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:

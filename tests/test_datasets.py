@@ -44,7 +44,8 @@ def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
         "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
-        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "8", "SDXL_BATCH_TIMEOUT_S": "0.5",
+        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64,64x96", "SDXL_BATCH_ROWS": "8",
+        "SDXL_ASPECT_BUCKETS": "64x64,96x64,64x96", "SDXL_BATCH_TIMEOUT_S": "0.5",
         "SDXL_DATASET_FEED_DEPTH": "32", "SDXL_URL_SIGNING_SECRET": "u" * 32,
         "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"), **s3.env(),
     }  # fmt: skip
@@ -64,6 +65,13 @@ def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
 # (A preexec_fn would do it too, but forks a process that has JAX's threads.)
 CLI = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); " \
       "runpy.run_module('client.dataset', run_name='__main__', alter_sys=True)"  # fmt: skip
+
+
+def run_cli(api: ApiProcess, key: str, *args: str, timeout_s: float = 600) -> tuple[int, str]:
+    """One CLI command to its end: (exit status, what it printed)."""
+    proc = subprocess.run([sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def cli(api: ApiProcess, key: str, jsonl_path, out, *extra: str) -> subprocess.Popen:
@@ -157,6 +165,149 @@ def test_the_cli_prints_bad_lines_and_stores_nothing(tiny_stack, tmp_path):
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2 and "line 2: steps: Input should be greater than or equal to 1" in output, output
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tiny_stack, tmp_path):
+    """The same 300-line file and run seed, run twice at once into two folders (so batches mix both runs' lines
+    differently): every image byte-identical, manifests equal but for the run ids; metadata and captions read
+    back by webdataset and by Hugging Face `datasets` from the folder as it is (its card); aspect-ratio buckets
+    and several images per line end to end."""
+    import webdataset as wds
+    from datasets import load_dataset
+
+    api, key, _ = tiny_stack
+    lines = []
+    for i in range(300):
+        line: dict = {"id": f"s{i:03d}", "prompt": f"a study of shapes, number {i}"}
+        if i % 3 == 0:
+            line["metadata"] = {"label": i % 7, "split": "val" if i % 2 else "train", "source": f"src-{i}"}
+        if i % 5 == 0:
+            line["caption"] = f"caption for {i}"
+        lines.append(line)
+    lines[10]["aspect_ratio"] = "3:2"  # -> 96x64
+    lines[11]["aspect_ratio"] = 0.6  # -> 64x96
+    lines[13]["num_images"] = 2  # -> s013_0, s013_1
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(jsonl(lines))
+    options = ["--defaults", '{"steps": 2}', "--seed", "5", "--shard-size", "100", "--order", "input",
+               "--no-progress"]  # fmt: skip
+    runs = [cli(api, key, source, tmp_path / f"out{k}", *options) for k in (1, 2)]
+    for proc in runs:
+        assert proc.wait(600) == 0, proc.stdout.read()
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    run_ids = [json.loads((o / "run.json").read_text())["run_id"] for o in (out1, out2)]
+    assert run_ids[0] != run_ids[1]
+
+    def manifest(out, run_id: str) -> list[dict]:
+        text = (out / "manifest.jsonl").read_text().replace(run_id, "RUN")  # only `shard` names the run
+        return [json.loads(x) for x in text.splitlines()]
+
+    rows1, rows2 = manifest(out1, run_ids[0]), manifest(out2, run_ids[1])
+    assert rows1 == rows2 and len(rows1) == 301  # the same rows in the same order (input order)
+    assert [r["id"] for r in rows1[:15]] == [*[f"s{i:03d}" for i in range(13)], "s013_0", "s013_1"]
+
+    def pngs(out) -> dict[str, bytes]:
+        tars = sorted(str(t) for t in (out / "shards").glob("*.tar"))
+        return {s["__key__"]: s["png"] for s in wds.WebDataset(tars, shardshuffle=False)}
+
+    first, second = pngs(out1), pngs(out2)
+    assert len(first) == 301 and first.keys() == second.keys()
+    different = [k for k in first if first[k] != second[k]]
+    assert different == [], f"{len(different)} images differ between the runs, e.g. {different[:3]}"
+    assert all(hashlib.sha256(first[r["id"]]).hexdigest() == r["sha256"] for r in rows1)
+    params = images.read_parameters(first["s000"])
+    assert "job_id" not in params and params["model_hash"] == rows1[0]["model_hash"] and len(params["model_hash"]) == 64
+
+    by_id = {r["id"]: r for r in rows1}
+    assert (by_id["s010"]["width"], by_id["s010"]["height"], by_id["s010"]["aspect_ratio"]) == (96, 64, 1.5)
+    assert (by_id["s011"]["width"], by_id["s011"]["height"]) == (64, 96)
+    assert by_id["s013_1"]["source_id"] == "s013" and by_id["s013_1"]["seed"] == derive_seed(5, "s013_1")
+    assert all(r["model"] == "tiny" and r["attempts"] == 1 and r["truncated"] is False for r in rows1)
+
+    samples = {s["__key__"]: s for s in wds.WebDataset(sorted(str(t) for t in (out1 / "shards").glob("*.tar")),
+                                                       shardshuffle=False)}  # fmt: skip
+    for i in (0, 3, 5, 7):
+        sidecar = json.loads(samples[f"s{i:03d}"]["json"])
+        assert sidecar.get("metadata") == lines[i].get("metadata")  # verbatim, or null
+        assert samples[f"s{i:03d}"]["txt"].decode() == lines[i].get("caption", lines[i]["prompt"])
+
+    hf = load_dataset(str(out1), split="train")  # the card's YAML header: configs and declared features
+    assert hf.num_rows == 301 and {"png", "json", "txt"} <= set(hf.column_names)
+    found = {r["__key__"]: r for r in hf}
+    assert found["s003"]["json"]["metadata"] == lines[3]["metadata"] and found["s005"]["txt"] == "caption for 5"
+    assert found["s001"]["json"]["metadata"] is None and found["s010"]["png"].size == (96, 64)
+    table = load_dataset("parquet", data_files=str(out1 / "manifest.parquet"), split="train")
+    assert json.loads(table[3]["metadata"]) == lines[3]["metadata"]
+
+    stats = json.loads((out1 / "stats.json").read_text())
+    assert stats["counts"]["succeeded"] == 301 and [s["count"] for s in stats["shards"]] == [100, 100, 100, 1]
+    assert (out1 / "README.md").read_text().startswith("---\nconfigs:")
+
+
+def test_the_cli_commands_and_their_exit_codes(tiny_stack, tmp_path):
+    api, key, _ = tiny_stack
+    good = [{"id": f"g{i}", "prompt": f"a pebble {i}"} for i in range(4)]
+    bad_line = '{"id": "bad", "prompt": "p", "steps": 0}'
+    source = tmp_path / "skip.jsonl"
+    source.write_text(jsonl(good).decode() + bad_line + "\n")
+    out = tmp_path / "skip"
+    code, said = run_cli(api, key, "run", str(source), "--out", str(out), "--defaults", '{"steps": 2}',
+                         "--on-invalid", "skip", "--no-progress")  # fmt: skip
+    assert code == 1, said  # one line was not generated
+    assert (out / "remaining.jsonl").read_text() == bad_line + "\n" and "1 lines not generated" in said
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+
+    code, said = run_cli(api, key, "status", run_id)
+    assert code == 0 and said.startswith(f"{run_id}  completed") and "4/4 succeeded" in said
+    code, said = run_cli(api, key, "status", run_id, "--json")
+    assert code == 0 and json.loads(said)["counts"]["skipped"] == 1
+    code, said = run_cli(api, key, "list")
+    assert code == 0 and run_id in said
+    for command, message in (("retry", "no failed lines"), ("resume", "only a canceled run")):
+        code, said = run_cli(api, key, command, run_id)
+        assert code == 4 and said.startswith("refused: 409") and message in said and "Traceback" not in said, said
+    code, said = run_cli(api, key, "status", "no-such-run")
+    assert code == 4 and said.startswith("refused: 404"), said
+    code, said = run_cli(api, "sdxl_not_a_key", "status", run_id)
+    assert code == 4 and said.startswith("refused: 401") and said[-1] == "\n" and said.count("\n") == 1, said
+    code, said = run_cli(api, key, "run", str(source), "--out", str(tmp_path / "x"), "--defaults", "{nope")
+    assert code == 2 and said.startswith("refused: --defaults is not JSON"), said
+    code, said = run_cli(api, key, "run", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "y"))
+    assert code == 2 and "no such file" in said, said
+    code, said = run_cli(api, key, "resume")
+    assert code == 2 and "the following arguments are required: run_id" in said
+    code, said = run_cli(api, key, "download", run_id, "--out", str(tmp_path / "dl"))
+    assert code == 0 and (tmp_path / "dl" / "stats.json").exists() and (tmp_path / "dl" / "README.md").exists()
+    assert len(list((tmp_path / "dl" / "shards").glob("*.tar"))) == 1
+
+    # cancel -> exit 1 with the canceled lines in remaining.jsonl -> resume -> the same run command: exit 0
+    slow = [{"id": f"c{i:02d}", "prompt": f"a pebble {i}"} for i in range(40)]
+    source = tmp_path / "slow.jsonl"
+    source.write_bytes(jsonl(slow))
+    out = tmp_path / "slow"
+    args = ["run", str(source), "--out", str(out), "--defaults", '{"steps": 40}', "--shard-size", "8",
+            "--no-progress"]  # fmt: skip
+    follower = subprocess.Popen([sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key,
+                                 "--poll-s", "0.3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+    wait_for(lambda: (out / "run.json").exists(), 60, 0.2)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}) as c:
+        wait_for(lambda: c.get(f"/v1/datasets/{run_id}").json()["counts"]["succeeded"] >= 1, 300, 0.2)
+    code, said = run_cli(api, key, "cancel", run_id)
+    assert code == 0 and "canceling" in said, said
+    assert follower.wait(300) == 1, follower.stdout.read()
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "canceled" and status["counts"]["canceled"] > 0
+    remaining = [json.loads(x)["id"] for x in (out / "remaining.jsonl").read_text().splitlines()]
+    assert len(remaining) == status["counts"]["canceled"]
+    code, said = run_cli(api, key, "resume", run_id)
+    assert code == 0 and said.startswith(f"{status['counts']['canceled']} canceled lines sent back"), said
+    code, said = run_cli(api, key, *args, "--poll-s", "0.3")
+    assert code == 0 and "completed: 40 images, 0 failed, 0 canceled" in said, said
+    assert not (out / "remaining.jsonl").exists()
+    ids = [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(ids) == [f"c{i:02d}" for i in range(40)]
 
 
 # ---------------------------------------------------------------------- the stand-in engine: delivery

@@ -370,14 +370,14 @@ class DeviceLoop:
             "width": r.width,
             "height": r.height,
             "model": self.engine.model.name,
-            "job_id": job.id,
-            "index": index,
-        }
+            "model_hash": self.engine.model.weights_hash,
+        }  # what made the pixels, and nothing else: the same line gives the same bytes on every run
         data = images.encode(pixels, fmt, params)
         key = image_key(job, index, fmt)
         self._put(key, data, images.CONTENT_TYPES[fmt])
         return ImageRecord(
-            key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest()
+            key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest(),
+            model=params["model"], model_hash=params["model_hash"],
         )
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:

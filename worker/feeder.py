@@ -6,8 +6,10 @@ A thread in every worker; for each active run, whichever worker holds the run's 
              `failed` hash; the job record is deleted (Redis holds only lines in flight)
     feed     top up to `depth` lines in flight: read the line from its input chunk, create its job under an
              id derived from the run and line (create-if-absent), send it to the bulk queue
-    shard    every `shard_size` finished rows: a WebDataset tar and manifest parts written to storage
-    finish   every line ended: the last shard, the whole manifest (JSONL, Parquet) and failures.jsonl
+    shard    every `shard_size` finished rows: a WebDataset tar and manifest parts written to storage (in input
+             order: once every line of the next window of `shard_size` lines has ended)
+    finish   every line ended: the last shard, the whole manifest (JSONL, Parquet), failures.jsonl, stats.json
+             and the data set card (README.md); `completed`, or `canceled` while any line is canceled
 
 Restarts are safe at every point: a line's job id is derived, so re-feeding after a crash finds the job
 (re-sending its message if it was still queued); progress is compare-and-set in Redis (common/dataset_store);
@@ -16,10 +18,13 @@ a shard is rewritten byte for byte from the same rows if its commit was lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from common.dataset_store import DatasetRun, DatasetStore
 from common.datasets import CHUNK_LINES, DatasetStatus, Layout, Line, manifest_row
@@ -144,13 +149,16 @@ class Feeder:
             info = job.dataset or {}
             if job.status == JobStatus.succeeded:
                 image = job.images[0]
-                row = manifest_row(Line(info["line"], info["id"], job.request), image.key, image.sha256)
-                self.datasets.reap(run.id, index, job_key, "succeeded", row)
+                line = Line(info["line"], info["id"], job.request, info.get("caption", ""), info.get("metadata"),
+                            info.get("source_id", ""), info.get("aspect_ratio"))  # fmt: skip
+                row = manifest_row(line, image.key, image.sha256, image.model, image.model_hash, job.truncated,
+                                   job.attempts)  # fmt: skip
+                self.datasets.reap(run.id, index, job_key, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
                 failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}
                 self.datasets.reap(run.id, index, job_key, "failed", failure)
             else:
-                self.datasets.reap(run.id, index, job_key, "canceled", None)
+                self.datasets.reap(run.id, index, job_key, "canceled", {"line": info["line"], "id": info["id"]})
 
     def _feed(self, run: DatasetRun) -> None:
         room = self.depth - len(self.datasets.inflight(run.id))
@@ -169,7 +177,7 @@ class Feeder:
                 return
             line = self._line(run.id, index)
             job_id = f"{run.id}-{index}-{run.retries}"
-            dataset = {"run": run.id, "index": index, "id": line.id, "line": line.line}
+            dataset = {"run": run.id, "index": index, "id": line.id, "line": line.line, **line.extra()}
             key = layout.image(line.id, extension)
             created = self.store.create_bulk(job_id, line.request, run.tenant, key, dataset)
             # Not created: fed before a crash, maybe without its message; a second message is harmless.
@@ -200,6 +208,11 @@ class Feeder:
     # ------------------------------------------------------------------ outputs
 
     def _write_shards(self, run_id: str, final: bool) -> None:
+        run = self.datasets.get(run_id)
+        assert run is not None
+        if run.options.order == "input":
+            self._write_input_shards(run_id, final)
+            return
         while True:
             run = self.datasets.get(run_id)
             assert run is not None
@@ -209,22 +222,61 @@ class Feeder:
                 return
             self.datasets.lock(run_id, self.owner, self.lock_ttl_s)  # a shard takes seconds: keep the lock
             done = self.datasets.done_rows(run_id, size)
-            layout = Layout(run_id)
-            loose = [r["key"] for r in done]  # where each line's image was written
-            data = list(self._fetch.map(self.storage.get, loose))
-            # The rows as the manifest gives them: the same on a rewrite after a crash, so the bytes are too
-            keep = run.options.loose_images
-            rows = [{**r, "key": r["key"] if keep else None, "shard": layout.shard(run.shards)} for r in done]
-            extension = images.EXTENSIONS[run.options.defaults.output_format.value]
-            self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data, extension), "application/x-tar")
-            self.storage.put(layout.manifest_part(run.shards, "jsonl"), shards.jsonl(rows), "application/x-ndjson")
-            self.storage.put(layout.manifest_part(run.shards, "parquet"), shards.parquet(rows),
-                             "application/vnd.apache.parquet")  # fmt: skip
-            if not self.datasets.commit_shard(run_id, run.shards, len(rows)):
+            loose = self._put_shard(run, done)
+            if not self.datasets.commit_shard(run_id, run.shards, len(done)):
                 return  # another feeder wrote this shard (same rows, same bytes)
-            if not keep:  # only once the shard is committed: a rewrite after a crash still finds them
-                self.storage.delete_many(loose)
-            log.info("data set %s: shard %d written (%d images)", run_id, run.shards, len(rows))
+            self._shard_committed(run, loose)
+
+    def _write_input_shards(self, run_id: str, final: bool) -> None:
+        """Input order: shard k holds the lines of window k (`shard_size` lines from the run's `window`) that
+        succeeded, by line; it is written once every line of the window has ended. Lines that end after their
+        window was written (a retry, a resume) go into the shards written when the run finishes."""
+        while True:
+            run = self.datasets.get(run_id)
+            assert run is not None
+            size, start = run.options.shard_size, run.window
+            if final:
+                indices = self.datasets.row_indices(run_id)[:size]
+                if not indices:
+                    return
+                end = max(start, run.total)
+            else:
+                end = min(start + size, run.total)
+                pending = [*self.datasets.inflight(run_id), *self.datasets.retry_indices(run_id)]
+                if start >= run.total or run.cursor < end or any(i < end for i in pending):
+                    return  # the window still has lines to end
+                indices = [i for i in self.datasets.row_indices(run_id) if i < end]
+            if not indices:  # every line of the window failed or was canceled: no shard for it
+                self.datasets.commit_window(run_id, start, end, -1, [])
+                continue
+            self.datasets.lock(run_id, self.owner, self.lock_ttl_s)
+            rows = self.datasets.rows(run_id, indices)
+            loose = self._put_shard(run, rows)
+            if not self.datasets.commit_window(run_id, start, end, run.shards, indices):
+                return  # another feeder wrote it
+            self._shard_committed(run, loose)
+
+    def _put_shard(self, run: DatasetRun, done: list[dict[str, Any]]) -> list[str]:
+        """Shard `run.shards` and its manifest parts, from these rows; returns the loose images' keys."""
+        layout = Layout(run.id)
+        loose = [r["key"] for r in done]  # where each line's image was written
+        data = list(self._fetch.map(self.storage.get, loose))
+        # The rows as the manifest gives them: the same on a rewrite after a crash, so the bytes are too
+        keep = run.options.loose_images
+        rows = [{**r, "key": r["key"] if keep else None, "shard": layout.shard(run.shards)} for r in done]
+        extension = images.EXTENSIONS[run.options.defaults.output_format.value]
+        self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data, extension), "application/x-tar")
+        self.storage.put(layout.manifest_part(run.shards, "jsonl"), shards.jsonl(rows), "application/x-ndjson")
+        self.storage.put(layout.manifest_part(run.shards, "parquet"), shards.parquet(rows),
+                         "application/vnd.apache.parquet")  # fmt: skip
+        self.storage.put(layout.shard_stats(run.shards), json.dumps(shards.stats(rows, data, time.time())).encode(),
+                         "application/json")  # fmt: skip
+        return loose
+
+    def _shard_committed(self, run: DatasetRun, loose: list[str]) -> None:
+        if not run.options.loose_images:  # only once the shard is committed: a rewrite after a crash finds them
+            self.storage.delete_many(loose)
+        log.info("data set %s: shard %d written (%d images)", run.id, run.shards, len(loose))
 
     def _finish_if_done(self, run_id: str) -> None:
         run = self.datasets.get(run_id)
@@ -239,10 +291,17 @@ class Feeder:
         self.storage.put(layout.manifest("jsonl"), b"".join(parts), "application/x-ndjson")
         parquets = [self.storage.get(layout.manifest_part(i, "parquet")) for i in range(run.shards)]
         self.storage.put(layout.manifest("parquet"), shards.concat_parquet(parquets), "application/vnd.apache.parquet")
-        self.storage.put(layout.failures, shards.jsonl(self.datasets.failures(run_id)), "application/x-ndjson")
+        failures = self.datasets.failures(run_id)
+        self.storage.put(layout.failures, shards.jsonl(failures), "application/x-ndjson")
+        per_shard = [json.loads(self.storage.get(layout.shard_stats(i))) for i in range(run.shards)]
+        self.storage.put(layout.stats, json.dumps(shards.run_stats(run, per_shard, failures), indent=2).encode(),
+                         "application/json")  # fmt: skip
+        self.storage.put(layout.card, shards.card(run, per_shard).encode(), "text/markdown")
         if not run.options.loose_images:  # any a crash left between a shard's commit and their delete
             self.storage.delete_many(list(self.storage.keys(layout.images)))
-        status = DatasetStatus.canceled if run.status == DatasetStatus.canceling else DatasetStatus.completed
+        # Any canceled line (this round's, or an earlier round's that a retry did not feed) makes it `canceled`:
+        # POST .../resume feeds them; `completed` means every line succeeded or failed.
+        status = DatasetStatus.canceled if run.canceled else DatasetStatus.completed
         if not self.datasets.finish(run_id, run.status, status):
             return  # a retry came in meanwhile: the run goes on (and finishes again later)
         self._chunks.pop(run_id, None)

@@ -65,16 +65,18 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         progress_every_steps=settings.progress_every_steps,
     )  # fmt: skip
     compile_s = engine.compile()
+    m.digest_weights()  # recorded with every image: which weights made it
     # The devices hold the weights now; the host copy would stay for the life of the process (SDXL: 6.7 GB).
     m.drop_host_weights()
     t2 = time.perf_counter()
     log.info(
-        "engine ready in %.1f s: model %s (%s), %d devices, sizes %s, batch %d; modules %.1f s, then weights "
-        "%.1f s (%s), placed in %.1f s, and programs %.1f s side by side (%s), then waited %.1f s for the weights; "
-        "cache %s",
+        "engine ready in %.1f s: model %s (%s, weights sha256 %s), %d devices, sizes %s, batch %d; modules %.1f s, "
+        "then weights %.1f s (%s), placed in %.1f s, and programs %.1f s side by side (%s), then waited %.1f s for "
+        "the weights; cache %s",
         t2 - t0,
         m.name,
         np.dtype(m.dtype).name,
+        m.weights_hash[:16],
         engine.mesh.devices.size,
         settings.image_sizes,
         settings.batch_rows,

@@ -2,7 +2,8 @@
 
 Plain functions of rows and image bytes, no Redis or storage: the feeder fetches and uploads.
 WebDataset groups a tar's members into samples by the name up to the first dot, so each line's image and
-metadata are stored as `<id>.png` and `<id>.json` (ids are letters, digits, '_' and '-' only).
+metadata are stored as `<id>.png`, `<id>.json` (the manifest row, the user's `metadata` in it verbatim) and
+`<id>.txt` (the caption: the WebDataset / img2dataset convention); ids are letters, digits, '_' and '-' only.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from common.datasets import MANIFEST_COLUMNS
+from worker.images import EXTENSIONS
 
 
 def tar_shard(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], extension: str) -> bytes:
@@ -23,6 +26,7 @@ def tar_shard(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], extens
         for row, image in zip(rows, images, strict=True):
             _add(tar, f"{row['id']}.{extension}", image)
             _add(tar, f"{row['id']}.json", json.dumps(row, ensure_ascii=False).encode())
+            _add(tar, f"{row['id']}.txt", (row.get("caption") or row["prompt"]).encode())
     return buffer.getvalue()
 
 
@@ -42,15 +46,27 @@ def _schema():
     import pyarrow as pa
 
     types = {"line": pa.int64(), "seed": pa.int64(), "width": pa.int32(), "height": pa.int32(),
-             "steps": pa.int32(), "guidance_scale": pa.float64()}  # fmt: skip
+             "steps": pa.int32(), "guidance_scale": pa.float64(), "aspect_ratio": pa.float64(),
+             "truncated": pa.bool_(), "attempts": pa.int32()}  # fmt: skip
     return pa.schema([(name, types.get(name, pa.string())) for name in MANIFEST_COLUMNS])
+
+
+JSON_COLUMNS = ("metadata", "adapters")  # free-form: JSON text in Parquet (objects and lists in JSONL)
+
+
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = {c: row.get(c) for c in MANIFEST_COLUMNS}
+    for c in JSON_COLUMNS:
+        if out[c] is not None:
+            out[c] = json.dumps(out[c], ensure_ascii=False, sort_keys=True)
+    return out
 
 
 def parquet(rows: list[Mapping[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([{c: r[c] for c in MANIFEST_COLUMNS} for r in rows], schema=_schema())
+    table = pa.Table.from_pylist([_flat(r) for r in rows], schema=_schema())
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -66,3 +82,105 @@ def concat_parquet(parts: Iterable[bytes]) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def stats(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], written_at: float) -> dict[str, Any]:
+    """One shard's figures, written beside it (stats/shard-N.json) and gathered into stats.json at the end."""
+    lines = [r["line"] for r in rows]
+    return {
+        "count": len(rows), "image_bytes": sum(len(i) for i in images), "first_line": min(lines, default=None),
+        "last_line": max(lines, default=None), "written_at": round(written_at, 3),
+    }  # fmt: skip
+
+
+def run_stats(run: Any, per_shard: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """stats.json: the run's counts and each shard's figures. In input order a shard's `failures` are the
+    failed lines of its window (completion order has no such window: null)."""
+    shards_out = []
+    for index, shard in enumerate(per_shard):
+        failed = None
+        if run.options.order == "input" and shard["first_line"] is not None:
+            low, high = shard["first_line"], shard["last_line"]
+            failed = sum(1 for f in failures if low <= f["line"] <= high)
+        shards_out.append({"shard": index, **shard, "failures": failed})
+    return {
+        "run": run.id, "seed": run.seed, "order": run.options.order,
+        "counts": {"total": run.total, "succeeded": run.succeeded, "failed": run.failed, "canceled": run.canceled,
+                   "skipped": run.skipped},
+        "image_bytes": sum(s["image_bytes"] for s in per_shard),
+        "seconds": round(time.time() - (run.started_at or run.created_at), 3),
+        "shards": shards_out,
+    }  # fmt: skip
+
+
+# The manifest columns' types in the Hugging Face `datasets` card (anything not listed: string)
+_FEATURE_TYPES = {"line": "int64", "seed": "int64", "width": "int64", "height": "int64", "steps": "int64",
+                  "guidance_scale": "float64", "aspect_ratio": "float64", "truncated": "bool", "attempts": "int64",
+                  "metadata": "json"}  # fmt: skip
+
+
+def _features(extension: str) -> str:
+    """The WebDataset samples' features as the card's YAML: declared, not inferred, so a column whose first
+    rows are null (a negative prompt, an aspect ratio) still loads when later rows have values."""
+    def column(name: str, indent: str) -> str:
+        if name == "adapters":
+            return f"{indent}- name: {name}\n{indent}  list: string\n"
+        return f"{indent}- name: {name}\n{indent}  dtype: {_FEATURE_TYPES.get(name, 'string')}\n"
+
+    json_struct = "".join(column(c, "        ") for c in MANIFEST_COLUMNS)
+    return (
+        f"    - name: {extension}\n      dtype: image\n"
+        f"    - name: json\n      struct:\n{json_struct}"
+        "    - name: txt\n      dtype: string\n"
+        "    - name: __key__\n      dtype: string\n"
+        "    - name: __url__\n      dtype: string\n"
+    )
+
+
+def card(run: Any, per_shard: list[dict[str, Any]]) -> str:
+    """README.md for the output folder: the Hugging Face `datasets` YAML header (the WebDataset shards as the
+    train split, their features declared: image, the manifest row as `json` with the user's `metadata`, the
+    caption as `txt`), then how it was generated. `load_dataset(folder)` reads the folder as it is."""
+    defaults = run.options.defaults
+    extension = EXTENSIONS[defaults.output_format.value]
+    header = (
+        "---\n"
+        "configs:\n"
+        "  - config_name: default\n"
+        "    data_files:\n      - split: train\n        path: shards/*.tar\n"
+        "dataset_info:\n"
+        "  config_name: default\n"
+        f"  features:\n{_features(extension)}"
+        "  splits:\n    - name: train\n"
+        f"      num_bytes: {sum(s.get('image_bytes', 0) for s in per_shard)}\n"
+        f"      num_examples: {run.succeeded}\n"
+        "tags:\n  - synthetic\n  - sdxl\n"
+        "---\n"
+    )
+    body = f"""
+# Data set {run.id}
+
+Images generated by the SDXL job service from a JSONL of {run.total + run.skipped} lines: {run.succeeded} images,
+{run.failed} failed, {run.canceled} canceled, {run.skipped} invalid lines left out; {len(per_shard)} WebDataset
+shards in `shards/`, the manifest in `manifest.jsonl` and `manifest.parquet`, failures in `failures.jsonl`,
+figures in `stats.json`.
+
+Each sample is `<id>.{extension}` (the image, its generation parameters also inside the file), `<id>.json` (its
+manifest row, with the line's own `metadata`) and `<id>.txt` (its caption).
+
+## How it was generated
+
+- run seed: {run.seed} (a line without a seed has `derive_seed(run seed, id)`: the first 4 bytes of sha256 of
+  "seed/id")
+- defaults for lines that leave them out: {defaults.model_dump_json()}
+- order: {run.options.order}; images per shard: {run.options.shard_size}
+- model and weights hash: in each row (`model`, `model_hash`). The same input, run seed and model give
+  byte-identical images.
+
+```python
+from datasets import load_dataset
+images = load_dataset("path/to/this/folder", split="train")   # {extension}, json, txt per sample
+manifest = load_dataset("parquet", data_files="path/to/this/folder/manifest.parquet", split="train")
+```
+"""
+    return header + body

@@ -469,6 +469,21 @@ function showRun(run) {
       notify(explain(err));
     }
   };
+  // retry: the failed lines again; resume: a canceled run's canceled lines (same seeds either way)
+  const again = (button, action, enabled) => {
+    button.disabled = !enabled;
+    button.onclick = async () => {
+      try {
+        const answer = await api(`/v1/datasets/${run.id}/${action}`, { method: "POST" });
+        followRun(answer.dataset);
+      } catch (err) {
+        notify(explain(err));
+      }
+    };
+  };
+  const ended = RUN_FINISHED.has(run.status);
+  again($("dataset-retry"), "retry", ended && c.failed > 0);
+  again($("dataset-resume"), "resume", run.status === "canceled" && c.canceled > 0);
 }
 
 async function showRunFiles(run) {

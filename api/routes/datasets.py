@@ -29,6 +29,7 @@ from api.schemas import (
     DatasetsPublic,
     FailurePublic,
     LineErrorPublic,
+    ResumePublic,
     RetryPublic,
 )
 from common.dataset_store import DatasetRun, TooManyRuns
@@ -295,6 +296,8 @@ def dataset_files(run_id: str, services: ServicesDep, caller: CallerDep) -> Data
         manifest_parquet=url(layout.manifest("parquet")) if finished else None,
         failures=url(layout.failures) if finished else None,
         invalid=url(layout.invalid) if run.skipped else None,
+        stats=url(layout.stats) if finished else None,
+        card=url(layout.card) if finished else None,
     )
 
 
@@ -347,6 +350,29 @@ def retry_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request
     run = services.datasets.get(run_id)
     assert run is not None
     return RetryPublic(retried=count, dataset=to_public(run, services, request))
+
+
+@router.post("/{run_id}/resume", response_model=ResumePublic, responses={404: {}, 409: {}, 429: {}})
+def resume_dataset(run_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> ResumePublic:
+    """Generate a canceled run's canceled lines (same ids, same seeds); the run goes back to running and ends
+    `completed` once every line has succeeded or failed."""
+    owned(run_id, services, caller)
+    cap = services.settings.max_active_datasets_per_tenant
+    count = services.datasets.resume(run_id, max_active=cap)
+    if count == -3:
+        raise HTTPException(
+            429,
+            f"this tenant already has {cap} data set runs in progress (the limit); resume when one has finished",
+            headers={"Retry-After": "60"},
+        )
+    run = services.datasets.get(run_id)
+    if count == -1 or run is None:
+        raise HTTPException(404, f"no data set {run_id}")
+    if count == -2:
+        raise HTTPException(409, f"data set {run_id} is {run.status.value}; only a canceled run can be resumed")
+    if count == 0:
+        raise HTTPException(409, f"data set {run_id} has no canceled lines to resume")
+    return ResumePublic(resumed=count, dataset=to_public(run, services, request))
 
 
 @router.get("", response_model=DatasetsPublic)

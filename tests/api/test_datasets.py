@@ -246,3 +246,46 @@ def test_no_eta_while_no_line_finishes(client, settings):
     datasets.r.hset(datasets.key(run_id), "succeeded", 31)
     moving = client.get(f"/v1/datasets/{run_id}").json()
     assert moving["stalled_s"] is None and moving["eta_s"] > 0, moving
+
+
+def test_resume_over_http_feeds_the_canceled_lines_again(client):
+    run_id = upload(client, GOOD).json()["id"]
+    datasets = client.app.state.services.datasets
+    assert client.post(f"/v1/datasets/{run_id}/resume").status_code == 409  # running: nothing to resume
+    # What the feeder does on cancel (tests/worker/test_feeder.py runs the real thing): one line was fed and
+    # canceled, two never fed, and the run wound down.
+    assert datasets.mark_fed(run_id, 0, "job0", "cursor")
+    datasets.reap(run_id, 0, "none", "canceled", {"line": 1, "id": "p0"})
+    datasets.r.hset(datasets.key(run_id), "cursor", 3)
+    datasets.skip_rest(run_id, 3, 5)
+    datasets.r.hset(datasets.key(run_id), "status", DatasetStatus.canceled.value)
+    assert client.get(f"/v1/datasets/{run_id}").json()["counts"]["canceled"] == 3
+    r = client.post(f"/v1/datasets/{run_id}/resume")
+    assert r.status_code == 200 and r.json()["resumed"] == 3, r.text
+    body = r.json()["dataset"]
+    assert body["status"] == "running" and body["counts"]["canceled"] == 0
+    run = datasets.get(run_id)
+    assert (run.cursor, datasets.retry_indices(run_id), run.retries) == (3, [0], 1)  # 3, 4 by the cursor again
+    assert client.post(f"/v1/datasets/{run_id}/resume").status_code == 409
+    assert client.post("/v1/datasets/nope/resume").status_code == 404
+
+
+def test_a_bom_metadata_captions_and_several_images_per_line(client, settings):
+    lines = [{"id": "a", "prompt": "a cat", "caption": "tabby", "metadata": {"label": 1}, "num_images": 2},
+             {"id": "b", "prompt": "a dog"}]  # fmt: skip
+    files = {"input": ("p.jsonl", b"\xef\xbb\xbf" + jsonl(lines), "application/x-ndjson")}
+    r = client.post("/v1/datasets", files=files, data={"options": json.dumps(OPTIONS)})
+    assert r.status_code == 202, r.text
+    assert r.json()["counts"]["total"] == 3  # one per image
+    rows = stored(client, settings, r.json()["id"])
+    assert [(x["id"], x["caption"], x["metadata"], x["source_id"]) for x in rows] == [
+        ("a_0", "tabby", {"label": 1}, "a"), ("a_1", "tabby", {"label": 1}, "a"), ("b", "a dog", None, "b")]
+
+
+def test_invalid_lines_keep_their_text(client):
+    lines = [*GOOD, '{"id": "bad", "prompt": "p", "steps": 0}']
+    r = upload(client, lines, {**OPTIONS, "on_invalid": "skip"})
+    assert r.status_code == 202
+    storage = client.app.state.services.storage
+    (bad,) = [json.loads(x) for x in storage.get(Layout(r.json()["id"]).invalid).splitlines()]
+    assert bad["line"] == 6 and bad["field"] == "steps" and bad["text"] == lines[-1]

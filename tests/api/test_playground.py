@@ -175,3 +175,22 @@ def test_data_set_page_runs_a_five_line_file(page, tmp_path):
     page.wait_for_selector("#runs li")
     assert "completed" in page.inner_text("#runs li")
     screenshot(page, tmp_path, "dataset.png")
+
+
+def test_a_canceled_run_is_resumed_from_the_page(page, tmp_path):
+    enter_key(page)
+    page.click("#nav-datasets")
+    source = tmp_path / "slow.jsonl"
+    source.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"a pebble {i}"}) + "\n" for i in range(24)))
+    page.set_input_files("#dataset-file", str(source))
+    page.fill("#dataset-defaults", '{"steps": 40}')
+    page.click("#dataset-form button[type=submit]")
+    page.wait_for_selector("#dataset-cancel:enabled", timeout=JOB_S)
+    page.click("#dataset-cancel")
+    page.wait_for_selector("#dataset-state:has-text(': canceled')", timeout=JOB_S)
+    assert page.is_enabled("#dataset-resume") and not page.is_enabled("#dataset-retry")  # nothing failed
+    counts = page.inner_text("#dataset-counts")
+    assert " canceled" in counts and ", 0 canceled" not in counts, counts
+    page.click("#dataset-resume")
+    page.wait_for_selector("#dataset-state:has-text(': completed')", timeout=3 * JOB_S)
+    assert page.inner_text("#dataset-counts").startswith("24 of 24 done: 24 succeeded, 0 failed, 0 canceled")

@@ -88,3 +88,16 @@ def test_a_service_outage_during_a_run_is_waited_out(tmp_path, capsys):
             assert f"GET /v1/datasets/{run_id}: 503; trying again in 5 s" in said
     finally:
         server.stop()
+
+
+def test_exit_statuses_of_commands_that_cannot_reach_the_service_or_are_used_wrongly(tmp_path, capsys):
+    from client.dataset import main
+
+    gone = ["--api", "http://127.0.0.1:9", "--patience-s", "0.2"]  # nothing listens on the discard port
+    assert main(["status", "some-run", *gone]) == 3
+    assert "no answer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["frobnicate"])  # taken as `run frobnicate`, which needs --out
+    assert usage.value.code == 2
+    assert main(["run", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "o"), *gone]) == 2
+    assert capsys.readouterr().err.strip().endswith("absent.jsonl: no such file")

@@ -85,7 +85,7 @@ def test_a_run_is_fed_in_bounded_depth_and_written_as_shards(rig):
     assert len(rig.sent) == 30 and len(set(rig.sent)) == 30
     layout = Layout(run_id)
     with tarfile.open(rig.storage.path(layout.shard(3))) as tar:
-        assert len(tar.getnames()) == 2 * 6  # the last shard holds the 6 left over: image + json each
+        assert len(tar.getnames()) == 3 * 6  # the last shard holds the 6 left over: image, json, txt each
     manifest = [json.loads(x) for x in rig.storage.get(layout.manifest("jsonl")).splitlines()]
     assert sorted(m["id"] for m in manifest) == [f"l{i:03d}" for i in range(30)]
     assert all(rig.storage.path(m["key"]).is_file() for m in manifest)
@@ -206,3 +206,96 @@ def test_the_line_of_a_job_is_recorded_once_even_if_two_feeders_reap_it(rig):
     assert not rig.datasets.reap(run_id, index, key, "succeeded", {"id": "x"})
     other._reap(rig.datasets.get(run_id))
     assert rig.datasets.get(run_id).succeeded == 3 and rig.datasets.done_count(run_id) == 3
+
+
+def manifest_ids(rig: Rig, run_id: str) -> list[str]:
+    return [json.loads(x)["id"] for x in rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()]
+
+
+def test_cancel_then_resume_then_retry_ends_with_every_line_once(redis_url, key_prefix, tmp_path):
+    """Resume feeds a canceled run's canceled lines with their seeds; the run ends `completed` (its failed line
+    still failed), then a retry of that line makes every line succeed exactly once."""
+    rig = Rig(redis_url, key_prefix, tmp_path, depth=4, batch_s=0.2)
+    rig.loop.start()
+    try:
+        run_id = rig.submit(lines(30, poison={1}), shard_size=5, seed=11)
+        wait_for(lambda: (rig.feeder.step_all(), rig.datasets.get(run_id).succeeded >= 5)[1], 30, 0.02)
+        assert rig.datasets.cancel(run_id) == DatasetStatus.running
+        rig.run_until(run_id, {DatasetStatus.canceled})
+        run = rig.datasets.get(run_id)
+        assert run.failed == 1 and run.canceled > 0 and run.succeeded + run.failed + run.canceled == 30
+        first_round = run.succeeded
+        assert rig.datasets.resume(run_id) == run.canceled  # resume first: the poison line still fails
+        rig.run_until(run_id, {DatasetStatus.completed})
+        run = rig.datasets.get(run_id)
+        assert (run.succeeded, run.failed, run.canceled) == (29, 1, 0) and run.succeeded > first_round
+
+        rig.engine.dispatch = lambda rows, h, w, **kw: RiggedEngine.__mro__[1].dispatch(rig.engine, rows, h, w)
+        assert rig.datasets.resume(run_id) == -2  # nothing canceled any more: not a canceled run
+        assert rig.datasets.retry(run_id) == 1
+        rig.run_until(run_id, {DatasetStatus.completed})
+        run = rig.datasets.get(run_id)
+        assert (run.succeeded, run.failed, run.canceled) == (30, 0, 0)
+        ids = manifest_ids(rig, run_id)
+        assert sorted(ids) == [f"l{i:03d}" for i in range(30)]  # every line exactly once
+        seeds = {json.loads(x)["id"]: json.loads(x)["seed"] for x in
+                 rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()}  # fmt: skip
+        from common.datasets import derive_seed
+
+        assert all(seeds[i] == derive_seed(11, i) for i in ids)  # resumed lines kept their seeds
+    finally:
+        rig.loop.stop()
+
+
+def test_cancel_retry_resume_in_that_order(redis_url, key_prefix, tmp_path):
+    """A canceled run stays `canceled` (never `completed`) through a retry of its failed lines while any line is
+    canceled; resume then ends it `completed` with every line once."""
+    rig = Rig(redis_url, key_prefix, tmp_path, depth=4, batch_s=0.2)
+    rig.loop.start()
+    try:
+        run_id = rig.submit(lines(24, poison={0}), shard_size=5)
+        wait_for(lambda: (rig.feeder.step_all(), rig.datasets.get(run_id).succeeded >= 4)[1], 30, 0.02)
+        rig.datasets.cancel(run_id)
+        rig.run_until(run_id, {DatasetStatus.canceled})
+        canceled = rig.datasets.get(run_id).canceled
+        assert canceled > 0 and rig.datasets.get(run_id).failed == 1
+        rig.engine.dispatch = lambda rows, h, w, **kw: RiggedEngine.__mro__[1].dispatch(rig.engine, rows, h, w)
+        assert rig.datasets.retry(run_id) == 1
+        rig.run_until(run_id, {DatasetStatus.canceled})  # the failed line ran; the canceled ones are still owed
+        run = rig.datasets.get(run_id)
+        assert (run.failed, run.canceled) == (0, canceled)
+        assert rig.datasets.resume(run_id) == canceled
+        rig.run_until(run_id, {DatasetStatus.completed})
+        run = rig.datasets.get(run_id)
+        assert (run.succeeded, run.failed, run.canceled) == (24, 0, 0)
+        assert sorted(manifest_ids(rig, run_id)) == [f"l{i:03d}" for i in range(24)]
+    finally:
+        rig.loop.stop()
+
+
+def test_input_order_writes_each_window_in_order_once_all_its_lines_ended(rig):
+    run_id = rig.submit(lines(20, poison={5}), shard_size=8, order="input")
+    rig.run_until(run_id, {DatasetStatus.completed})
+    layout = Layout(run_id)
+
+    def shard_ids(index: int) -> list[str]:
+        with tarfile.open(rig.storage.path(layout.shard(index))) as tar:
+            return [n.removesuffix(".png") for n in tar.getnames() if n.endswith(".png")]
+
+    run = rig.datasets.get(run_id)
+    assert run.shards == 3
+    assert shard_ids(0) == [f"l{i:03d}" for i in range(8) if i != 5]  # the failed line is not in its shard
+    assert shard_ids(1) == [f"l{i:03d}" for i in range(8, 16)]
+    assert shard_ids(2) == [f"l{i:03d}" for i in range(16, 20)]
+    assert manifest_ids(rig, run_id) == [f"l{i:03d}" for i in range(20) if i != 5]  # the manifest too
+    stats = json.loads(rig.storage.get(layout.stats))
+    assert [(s["count"], s["failures"], s["first_line"]) for s in stats["shards"]] == [(7, 1, 1), (8, 0, 9), (4, 0, 17)]
+    assert stats["counts"]["failed"] == 1 and all(s["image_bytes"] > 0 for s in stats["shards"])
+    card = rig.storage.get(layout.card).decode()
+    assert card.startswith("---\nconfigs:") and "path: shards/*.tar" in card and run_id in card
+
+    rig.engine.dispatch = lambda rows, h, w, **kw: RiggedEngine.__mro__[1].dispatch(rig.engine, rows, h, w)
+    assert rig.datasets.retry(run_id) == 1
+    rig.run_until(run_id, {DatasetStatus.completed})
+    assert rig.datasets.get(run_id).shards == 4 and shard_ids(3) == ["l005"]  # late lines: a last shard
+    assert sorted(manifest_ids(rig, run_id)) == [f"l{i:03d}" for i in range(20)]

@@ -141,6 +141,20 @@ class Model:
     # (weight_cache: mapped, nothing converted) or "random"; filled in as they are read
     weight_sources: dict[str, str] = field(default_factory=dict)
     weights_dropped: bool = False  # drop_host_weights() was called: only the shapes are left
+    weights_hash: str = ""  # sha256 of the weights as served (digest_weights()); recorded with every image
+
+    def digest_weights(self) -> str:
+        """sha256 over every parameter as served (names, dtypes, shapes and bytes, in name order): the same
+        weights give the same hash whether read from a folder, a single file or the converted cache, and any
+        changed tensor changes it. Run once at start, before drop_host_weights (SDXL: ~7 GB hashed, seconds)."""
+        if not self.weights_hash:
+            digest = hashlib.sha256()
+            for name, value in sorted(convert.flatten(self.wait()).items()):
+                array = np.ascontiguousarray(np.asarray(value))
+                digest.update(json.dumps(["/".join(name), array.dtype.name, list(array.shape)]).encode())
+                digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+            self.weights_hash = digest.hexdigest()
+        return self.weights_hash
 
     def wait(self) -> dict[str, Any]:
         """The weights, once read; a failed background read raises its error here."""
