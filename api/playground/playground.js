@@ -391,7 +391,11 @@ async function submitDataset(event) {
     notify("Choose a JSONL file first.");
     return;
   }
-  const options = { on_invalid: $("dataset-on-invalid").value, shard_size: Number($("dataset-shard-size").value) };
+  const options = {
+    on_invalid: $("dataset-on-invalid").value,
+    shard_size: Number($("dataset-shard-size").value),
+    order: $("dataset-order").value,
+  };
   if ($("dataset-seed").value !== "") options.seed = Number($("dataset-seed").value);
   const defaults = $("dataset-defaults").value.trim();
   if (defaults) {
@@ -499,6 +503,8 @@ async function showRunFiles(run) {
   add(files.manifest_parquet, "manifest (Parquet)");
   add(files.failures, "failures (JSONL)");
   add(files.invalid, "invalid lines (JSONL)");
+  add(files.stats, "stats (JSON)");
+  add(files.card, "data set card (README.md)");
   files.shards.forEach((url, i) => add(url, `shard ${i} (WebDataset tar)`));
   if (!files.manifest_jsonl) files.manifest_parts.forEach((url, i) => add(url, `manifest part ${i}`));
   $("dataset-links").replaceChildren(...links);

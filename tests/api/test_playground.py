@@ -74,7 +74,7 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
 
 def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page, tmp_path):
     enter_key(page)
-    assert page.is_visible("#gallery-empty")  # a tenant with no jobs: the page works without a gallery
+    page.wait_for_selector("#gallery-empty", state="visible")  # a tenant with no jobs: the page works without one
     assert page.evaluate("localStorage.getItem('sdxl.apiKey')") == page.key  # kept in the browser
     sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.value)")
     assert sizes == ["64x64", "96x64"]  # from GET /v1/models
@@ -143,8 +143,9 @@ def test_a_refused_job_names_the_field(page):
 def test_data_set_page_runs_a_five_line_file(page, tmp_path):
     enter_key(page)
     page.click("#nav-datasets")
-    assert page.is_visible("#page-datasets") and not page.is_visible("#page-generate")
-    assert page.is_visible("#runs-empty")
+    page.wait_for_selector("#page-datasets", state="visible")  # on the hashchange event, after the click
+    assert not page.is_visible("#page-generate")
+    page.wait_for_selector("#runs-empty", state="visible")  # the list is fetched after the page shows
     lines = [{"id": f"line-{i}", "prompt": f"a lighthouse, variation {i}"} for i in range(5)]
     source = tmp_path / "prompts.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -152,6 +153,7 @@ def test_data_set_page_runs_a_five_line_file(page, tmp_path):
     page.fill("#dataset-seed", "7")
     page.fill("#dataset-shard-size", "2")
     page.fill("#dataset-defaults", '{"steps": 4}')
+    page.select_option("#dataset-order", "input")
     page.click("#dataset-form button[type=submit]")
 
     page.wait_for_selector("#dataset-state:has-text('completed')", timeout=3 * JOB_S)
@@ -171,7 +173,11 @@ def test_data_set_page_runs_a_five_line_file(page, tmp_path):
     assert manifest.ok
     rows = [json.loads(line) for line in manifest.text().splitlines()]
     assert sorted(r["id"] for r in rows) == [f"line-{i}" for i in range(5)]
+    assert [r["id"] for r in rows] == [f"line-{i}" for i in range(5)]  # input order, as chosen
     assert page.request.get(links["shard 0 (WebDataset tar)"]).ok
+    stats = page.request.get(links["stats (JSON)"]).json()
+    assert [s["count"] for s in stats["shards"]] == [2, 2, 1]
+    assert page.request.get(links["data set card (README.md)"]).text().startswith("---\nconfigs:")
     page.wait_for_selector("#runs li")
     assert "completed" in page.inner_text("#runs li")
     screenshot(page, tmp_path, "dataset.png")
