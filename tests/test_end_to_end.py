@@ -250,7 +250,8 @@ def test_metrics_count_what_the_worker_ran(service):
 def test_worker_logs_its_start_without_errors(service):
     _, _, worker = service
     log = worker.log_tail(200_000)
-    assert re.search(r"engine ready in [\d.]+ s: model tiny \(float32\), 1 devices, sizes 64x64,96x64, batch 4;", log)
+    ready = r"engine ready in [\d.]+ s: model tiny \(float32, weights sha256 [0-9a-f]{16}\), 1 devices, "
+    assert re.search(ready + r"sizes 64x64,96x64, batch 4;", log)
     weights = r"then weights [\d.]+ s \(unet (checkpoint|converted cache), .*\), placed in [\d.]+ s"
     assert re.search(weights + r", and programs [\d.]+ s side by side .*, then waited [\d.]+ s for the weights", log)
     assert "Logging error" not in log and "Traceback" not in log
