@@ -126,8 +126,13 @@ class Line:
     @staticmethod
     def from_json(text: str | bytes) -> Line:
         d = json.loads(text)
-        return Line(d["line"], d["id"], JobRequest.model_validate(d["request"]), d.get("caption", ""),
-                    d.get("metadata"), d.get("source_id", ""), d.get("aspect_ratio"))  # fmt: skip
+        return Line.of(d, JobRequest.model_validate(d["request"]))
+
+    @staticmethod
+    def of(record: dict[str, Any], request: JobRequest) -> Line:
+        """A line from a stored record (a chunk's line, or a job's `dataset` record: line, id and `extra()`)."""
+        return Line(record["line"], record["id"], request, record.get("caption", ""), record.get("metadata"),
+                    record.get("source_id", ""), record.get("aspect_ratio"))  # fmt: skip
 
 
 def derive_seed(run_seed: int, line_id: str) -> int:

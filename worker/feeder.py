@@ -149,10 +149,8 @@ class Feeder:
             info = job.dataset or {}
             if job.status == JobStatus.succeeded:
                 image = job.images[0]
-                line = Line(info["line"], info["id"], job.request, info.get("caption", ""), info.get("metadata"),
-                            info.get("source_id", ""), info.get("aspect_ratio"))  # fmt: skip
-                row = manifest_row(line, image.key, image.sha256, image.model, image.model_hash, job.truncated,
-                                   job.attempts)  # fmt: skip
+                row = manifest_row(Line.of(info, job.request), image.key, image.sha256, image.model,
+                                   image.model_hash, job.truncated, job.attempts)  # fmt: skip
                 self.datasets.reap(run.id, index, job_key, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
                 failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}

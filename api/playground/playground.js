@@ -350,14 +350,19 @@ function useSettings(job) {
   f.prompt.focus();
 }
 
-async function refreshGallery() {
-  let page;
+// A GET whose failure is only said (the lists refresh again on the next change): the page or null.
+async function listing(path) {
   try {
-    page = await api(`/v1/jobs?limit=${GALLERY_JOBS}`);
+    return await api(path);
   } catch (err) {
     notify(explain(err));
-    return;
+    return null;
   }
+}
+
+async function refreshGallery() {
+  const page = await listing(`/v1/jobs?limit=${GALLERY_JOBS}`);
+  if (!page) return;
   const gallery = $("gallery");
   $("gallery-empty").hidden = page.jobs.length > 0;
   gallery.replaceChildren(
@@ -511,13 +516,8 @@ async function showRunFiles(run) {
 }
 
 async function refreshRuns() {
-  let page;
-  try {
-    page = await api(`/v1/datasets?limit=${DATASET_RUNS}`);
-  } catch (err) {
-    notify(explain(err));
-    return;
-  }
+  const page = await listing(`/v1/datasets?limit=${DATASET_RUNS}`);
+  if (!page) return;
   $("runs-empty").hidden = page.datasets.length > 0;
   $("runs").replaceChildren(
     ...page.datasets.map((run) => {
