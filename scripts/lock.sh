@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 {
   echo "# Made by scripts/lock.sh from the environment the tests last passed in; do not edit by hand."
-  .venv/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+cpu$//' | sort -f
+  # A package installed from a local wheel freezes as "name @ file:///..."; a fresh machine has no such file,
+  # so pin it by version from the registry instead.
+  .venv/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+cpu$//' \
+    | sed -E 's|^([A-Za-z0-9_.-]+) @ file://.*/[A-Za-z0-9_.]+-([0-9][^-]*)-.*\.whl.*$|\1==\2|' | sort -f
 } > constraints.txt
+if grep -q ' @ ' constraints.txt; then
+  echo "constraints.txt names a package by URL; pin it by version:" >&2
+  grep ' @ ' constraints.txt >&2
+  exit 1
+fi
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) packages"
