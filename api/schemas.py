@@ -55,6 +55,8 @@ class ModelPublic(BaseModel):
     model: str
     sizes: list[dict[str, int]]
     schedulers: list[str]
+    timestep_spacings: list[str]
+    options: dict[str, str]  # what each sampling and image option does, and which model it needs
     output_formats: list[str]
     limits: dict[str, int | float]
 

@@ -58,22 +58,24 @@ def main() -> None:
     args_of = {part: one_chunk._abstract_args(part, args.batch, h, w) for part in ("begin", "advance")}
     r = one_chunk.rows_sharding
 
-    def whole(params, ids, neg_ids, neg_zero, noise, scalars, time_ids, tables, stop):
-        x, d, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, scalars)
-        x, _, _ = parts.advance(params, x, d, context, pooled, scalars, time_ids, tables, 0, stop)
-        return parts.finish(params, x, scalars)
+    def whole(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars, time_ids, tables, stop):
+        state, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars)
+        state, _ = parts.advance(params, state, context, pooled, scalars, time_ids, tables, 0, stop)
+        return parts.finish(params, state, scalars)
 
-    fused_exe = jax.jit(whole, out_shardings=(r, r)).lower(*args_of["begin"], *args_of["advance"][6:8],
+    fused_exe = jax.jit(whole, out_shardings=(r, r)).lower(*args_of["begin"], *args_of["advance"][5:7],
                                                            args_of["advance"][-1]).compile()  # fmt: skip
 
     def run_fused() -> np.ndarray:
         e = one_chunk
-        (ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps), _ = e._host_inputs(rows, h, w)
-        seeds = np.array([row.seed for row in rows], np.uint32)
-        noise = e._noise_executable(h, w)(jax.device_put(seeds, r))
-        put = [jax.device_put(a, r) for a in (ids, neg_ids, neg_zero)]
-        rest = [jax.device_put(a, r) for a in (scalars, time_ids, tables)]
-        images, _ = fused_exe(e.params, *put, noise, *rest, jax.device_put(num_steps, e.replicated))
+        inputs, _ = e._host_inputs(rows, h, w)
+        seeds = jax.device_put(inputs["seeds"], r)
+        noise = e._noise_executable(h, w)(seeds)
+        put = [jax.device_put(inputs[k], r) for k in ("ids", "neg_ids", "neg_zero")]
+        rest = [jax.device_put(inputs[k], r) for k in ("scalars", "time_ids", "tables")]
+        init, mask = e._placeholder("init", h, w), e._placeholder("mask", h, w)
+        stop = jax.device_put(np.int32(inputs["steps"]), e.replicated)
+        images, _ = fused_exe(e.params, *put, noise, init, mask, seeds, *rest, stop)
         return np.asarray(images)
 
     def run_per_step() -> np.ndarray:

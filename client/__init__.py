@@ -3,6 +3,6 @@
     from client import Client, AsyncClient   # client/api.py
 """
 
-from client.api import ApiError, AsyncClient, Client, Dataset, Event, Image, Job, Unreachable
+from client.api import ApiError, AsyncClient, Client, Dataset, Event, Image, Job, Unreachable, encode_image
 
-__all__ = ["ApiError", "AsyncClient", "Client", "Dataset", "Event", "Image", "Job", "Unreachable"]
+__all__ = ["ApiError", "AsyncClient", "Client", "Dataset", "Event", "Image", "Job", "Unreachable", "encode_image"]

@@ -27,6 +27,8 @@ It imports nothing from api/, worker/ or JAX: only HTTP. The job and data set an
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import time
 import uuid
@@ -169,6 +171,23 @@ def _transient(exc: Exception, retry_statuses: frozenset[int]) -> tuple[str, flo
     if isinstance(exc, httpx.TransportError) or type(exc).__name__ in TRANSPORT_ERRORS:
         return type(exc).__name__, None
     return None
+
+
+def encode_image(source: str | Path | bytes | Any) -> str:
+    """An init_image or mask_image for a job: a file path, encoded bytes (PNG, JPEG, WebP), a PIL image or a
+    numpy array (H, W, 3) or (H, W) uint8, as the base64 PNG the API takes."""
+    if isinstance(source, str | Path):
+        data = Path(source).read_bytes()
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        from PIL import Image as PILImage
+
+        picture = source if isinstance(source, PILImage.Image) else PILImage.fromarray(source)
+        out = io.BytesIO()
+        picture.save(out, format="PNG")
+        data = out.getvalue()
+    return base64.b64encode(data).decode()
 
 
 def _job_body(prompt: str, params: dict[str, Any]) -> dict[str, Any]:

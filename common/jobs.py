@@ -34,8 +34,19 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 class Scheduler(StrEnum):
     euler = "euler"
+    euler_ancestral = "euler_ancestral"
     dpmpp_2m_karras = "dpmpp_2m_karras"
     ddim = "ddim"
+    lcm = "lcm"  # latent consistency models (an LCM-distilled UNet or LCM-LoRA): 2-8 steps, at most 50
+
+
+class Spacing(StrEnum):
+    leading = "leading"
+    linspace = "linspace"
+    trailing = "trailing"
+
+
+LCM_MAX_STEPS = 50  # LCMScheduler's original_inference_steps: its steps are a subset of that grid
 
 
 class OutputFormat(StrEnum):
@@ -69,6 +80,32 @@ class JobRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; image i uses seed + i.")
     num_images: int = Field(1, ge=1, description="Images from this prompt, seeds seed..seed+n-1.")
     scheduler: Scheduler = Scheduler.euler
+    timestep_spacing: Spacing | None = Field(
+        None,
+        description="Where the steps fall on the model's 1000 training timesteps. Absent: the model's scheduler "
+        "config. `trailing` for SDXL-Turbo and SDXL-Lightning (with guidance_scale 0 and 1-8 steps).",
+    )
+    init_image: str | None = Field(
+        None,
+        max_length=23_000_000,
+        description="Image-to-image: a PNG, JPEG or WebP image as base64 or a data: URL, or the `inputs/...` key "
+        "a previous job of this tenant answered with. Stored, and replaced by its key. Resized to width x height "
+        "when they are given; otherwise its own size must be served.",
+    )
+    mask_image: str | None = Field(
+        None,
+        max_length=23_000_000,
+        description="Inpainting (with init_image): white (>= 128) where to generate, black where the image is kept; "
+        "taken as grayscale and resized like init_image.",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="With init_image: how much of the image is redrawn, the share of `steps` that run (the rest "
+        "are skipped). Absent: 0.3, or 0.9999 with a mask (diffusers' defaults).",
+    )
     output_format: OutputFormat = OutputFormat.png
     webhook_url: str | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
@@ -112,6 +149,18 @@ def check_limits(
     for name in ("prompt", "negative_prompt"):
         if len(getattr(request, name) or "") > max_prompt_chars:
             raise LimitError(name, f"at most {max_prompt_chars} characters")
+    if request.init_image is None:
+        for name in ("mask_image", "strength"):
+            if getattr(request, name) is not None:
+                raise LimitError(name, "needs init_image (image-to-image or inpainting)")
+    else:
+        strength = request.strength
+        if strength is None:
+            strength = 0.9999 if request.mask_image is not None else 0.3
+        if min(int(request.steps * strength), request.steps) < 1:  # diffusers' get_timesteps: steps that run
+            raise LimitError("strength", f"{strength} of {request.steps} steps runs none; raise strength or steps")
+    if request.scheduler is Scheduler.lcm and request.steps > LCM_MAX_STEPS:
+        raise LimitError("steps", f"the lcm scheduler runs at most {LCM_MAX_STEPS} steps, got {request.steps}")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
 

@@ -26,6 +26,7 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
+from common import inputs
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus, Progress
 from common.logs import bound
@@ -68,13 +69,34 @@ def _labels(job: Job) -> tuple[str, str]:
     return metrics.size_label(job.request.height, job.request.width), metrics.lane_label(job.lane)
 
 
-def rows_for(job: Job) -> list[Row]:
+def rows_for(job: Job, pixels: dict[str, Any] | None = None) -> list[Row]:
+    """The engine's rows for a job; `pixels`: its input images read back (init_image, mask_image)."""
     r = job.request
     assert r.seed is not None  # the API fills it in
+    pixels = pixels or {}
     return [
-        Row(r.prompt, r.negative_prompt, r.seed + i, r.guidance_scale, r.steps, r.scheduler.value)
+        Row(
+            r.prompt,
+            r.negative_prompt,
+            r.seed + i,
+            r.guidance_scale,
+            r.steps,
+            r.scheduler.value,
+            timestep_spacing=r.timestep_spacing.value if r.timestep_spacing else None,
+            image=pixels.get("init_image"),
+            mask=pixels.get("mask_image"),
+            strength=r.strength,
+        )
         for i in range(r.num_images)
     ]
+
+
+def shape_of(job: Job) -> tuple[int, int, bool]:
+    """The batcher's group: (height, width, guided). Guided and guidance-free rows run different programs (two
+    UNet rows per image or one), so they never share a batch."""
+    r = job.request
+    assert r.height is not None and r.width is not None
+    return r.height, r.width, r.guidance_scale > 1
 
 
 class DeviceLoop:
@@ -108,6 +130,7 @@ class DeviceLoop:
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
         self.started_at = time.time()
         self.counters = WorkerCounters()  # sent with every heartbeat (common/worker_status.py, /metrics)
+        self._pixels: dict[str, dict[str, Any]] = {}  # job id -> its input images as pixels, until its batch ends
         self._counting = threading.Lock()  # the finisher and the device thread both add to them
         self.upload_attempts = upload_attempts
         self.upload_backoff_s = upload_backoff_s
@@ -207,9 +230,43 @@ class DeviceLoop:
             if self.notify and job.request.webhook_url:
                 self._call(self.notify, job.id)
             return
-        shape = (job.request.height, job.request.width)
+        if job.request.init_image is not None:
+            try:
+                self._pixels[job.id] = self._read_inputs(job)
+            except KeyError as exc:  # gone from storage (deleted by hand, or another deployment's key): never runs
+                self._call(self.store.fail, job.id, f"input image {exc.args[0]!r} is no longer in storage")
+                self._call(self.store.release, self.name, [job_id])
+                future.set_result(JobStatus.failed.value)
+                return
+            except Exception:  # storage away beyond the retries: back to the queue, to be read again later
+                log.warning("could not read job %s's input images; requeued", job.id, exc_info=True)
+                self._call(self.store.release, self.name, [job_id])
+                future.set_result(REQUEUE)
+                return
         priority = 1 if job.lane == "bulk" else 0
-        self.batcher.add(Item(job_id, shape, job.request.num_images, time.monotonic(), (job, future), priority))
+        self.batcher.add(Item(job_id, shape_of(job), job.request.num_images, time.monotonic(), (job, future), priority))
+
+    def _read_inputs(self, job: Job) -> dict[str, Any]:
+        """The job's input images as pixels, read from storage with the uploads' backoff."""
+        out = {}
+        for name in ("init_image", "mask_image"):
+            key = getattr(job.request, name)
+            if key is None:
+                continue
+            for attempt in range(self.upload_attempts):
+                try:
+                    data = self.storage.get(key)
+                    self.storage_outage.ok()
+                    break
+                except KeyError:
+                    raise KeyError(key) from None
+                except Exception as exc:
+                    self.storage_outage.failed(exc)
+                    if attempt == self.upload_attempts - 1:
+                        raise
+                    time.sleep(min(self.upload_backoff_max_s, self.upload_backoff_s * 2**attempt))
+            out[name] = inputs.pixels(data, mask=name == "mask_image")
+        return out
 
     def _start(self, batch: Batch) -> None:
         jobs: list[Job] = []
@@ -248,8 +305,9 @@ class DeviceLoop:
         self.finisher.submit(self._finish, Started(batch, jobs, pending, time.monotonic(), batch_id))
 
     def _dispatch(self, batch: Batch, jobs: list[Job]) -> Pending:
-        height, width = batch.shape
-        return self.engine.dispatch([row for job in jobs for row in rows_for(job)], height, width)
+        height, width, _ = batch.shape
+        rows = [row for job in jobs for row in rows_for(job, self._pixels.get(job.id))]
+        return self.engine.dispatch(rows, height, width)
 
     # ------------------------------------------------------------------ the finisher thread
 
@@ -287,6 +345,7 @@ class DeviceLoop:
         """Every waiting Celery task gets its answer, whatever happened: none is left hanging."""
         self._call(self.store.release, self.name, [item.job_id for item in batch.items])
         for item in batch.items:
+            self._pixels.pop(item.job_id, None)
             job, future = item.payload
             if future.done():  # answered before the run (canceled while queued): not this run's to notify
                 continue
@@ -367,6 +426,18 @@ class DeviceLoop:
             "steps": r.steps,
             "guidance_scale": r.guidance_scale,
             "scheduler": r.scheduler.value,
+            # image-to-image, inpainting and spacing only where the job asked: a text-to-image line's bytes stay
+            # what they were
+            **{
+                name: value
+                for name, value in (
+                    ("timestep_spacing", r.timestep_spacing.value if r.timestep_spacing else None),
+                    ("init_image", r.init_image),
+                    ("mask_image", r.mask_image),
+                    ("strength", r.strength),
+                )
+                if value is not None
+            },
             "width": r.width,
             "height": r.height,
             "model": self.engine.model.name,
@@ -376,8 +447,13 @@ class DeviceLoop:
         key = image_key(job, index, fmt)
         self._put(key, data, images.CONTENT_TYPES[fmt])
         return ImageRecord(
-            key=key, seed=r.seed + index, width=r.width, height=r.height, sha256=hashlib.sha256(data).hexdigest(),
-            model=params["model"], model_hash=params["model_hash"],
+            key=key,
+            seed=r.seed + index,
+            width=r.width,
+            height=r.height,
+            sha256=hashlib.sha256(data).hexdigest(),
+            model=params["model"],
+            model_hash=params["model_hash"],
         )
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
@@ -399,9 +475,10 @@ class DeviceLoop:
         except Exception as exc:
             error = f"upload failed: {type(exc).__name__}: {exc}"
             attempts = (self._call(self.store.get, job.id) or job).attempts
-            requeued = attempts < self.max_attempts and self._call(
-                self.store.transition, job.id, JobStatus.queued, [JobStatus.running]
-            )[0]
+            requeued = (
+                attempts < self.max_attempts
+                and self._call(self.store.transition, job.id, JobStatus.queued, [JobStatus.running])[0]
+            )
             if requeued:
                 # Back to the queue (the Celery message is rejected with requeue): it runs again later.
                 log.warning("job %s requeued after attempt %d: %s", job.id, attempts, error)
@@ -426,7 +503,7 @@ class DeviceLoop:
     def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float, batch_id: str = "") -> None:
         """One line per engine run in P:batches (newest first, the last 1,000): tests and benches read it. It
         is capped low because each line lists its job ids: with 32-row batches that is ~1.5 kB a line."""
-        metrics.DEVICE.labels(metrics.size_label(*batch.shape)).observe(device_s)
+        metrics.DEVICE.labels(metrics.size_label(*batch.shape[:2])).observe(device_s)
         entry = {
             "batch_id": batch_id,
             "worker": self.name,

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import metrics
+from api import job_inputs, metrics
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
@@ -124,6 +124,7 @@ def submit(
     Idempotency-Key gives the earlier job's id."""
     s = services.settings
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
+    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes)  # a size from the init image
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.webhook_url is not None:
@@ -135,22 +136,28 @@ def submit(
             raise LimitError("webhook_url", str(exc)) from exc
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
+    body = job_inputs.store(body, found, services.storage, tenant)  # last: only a job that passed every check
     try:
         # a replay is answered whatever the limits; only new work counts against the queued cap
         job_id, created = services.store.create(
             body, idempotency_key, fingerprint, tenant=tenant, max_queued=s.max_queued_per_tenant
         )
-    except IdempotencyConflict as exc:
-        raise HTTPException(
-            409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
-        ) from exc
-    except QueueFull as exc:
-        raise HTTPException(
-            429,
-            f"this tenant already has {exc.queued} queued jobs (the limit is {s.max_queued_per_tenant}); "
-            "retry when some have run",
-            headers={"Retry-After": "10"},
-        ) from exc
+    except BaseException as exc:
+        job_inputs.undo(found, services.storage)  # refused (or Redis away): nothing stored, its inputs neither
+        if isinstance(exc, IdempotencyConflict):
+            raise HTTPException(
+                409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
+            ) from exc
+        if isinstance(exc, QueueFull):
+            raise HTTPException(
+                429,
+                f"this tenant already has {exc.queued} queued jobs (the limit is {s.max_queued_per_tenant}); "
+                "retry when some have run",
+                headers={"Retry-After": "10"},
+            ) from exc
+        raise
+    if not created:
+        job_inputs.undo(found, services.storage)  # a replay: the first submit's inputs are its job's
     if created:
         log.info("job submitted", extra={"job_id": job_id})
         metrics.SUBMITTED.labels(f"{body.width}x{body.height}").inc()

@@ -11,7 +11,7 @@ from api import metrics
 from api.deps import ServicesDep
 from api.schemas import ModelPublic
 from common import worker_status
-from common.jobs import OutputFormat, Scheduler
+from common.jobs import LCM_MAX_STEPS, OutputFormat, Scheduler, Spacing
 
 router = APIRouter(tags=["system"])
 
@@ -24,6 +24,18 @@ def models(services: ServicesDep) -> ModelPublic:
         model=s.model,
         sizes=[{"width": w, "height": h} for h, w in s.served_sizes],
         schedulers=[x.value for x in Scheduler],
+        timestep_spacings=[x.value for x in Spacing],
+        options={
+            "guidance_free": "guidance_scale <= 1 runs a program with one UNet row per image (half the work): what "
+            "SDXL-Turbo (4 steps, trailing, guidance 0) and SDXL-Lightning (trailing euler) want",
+            "euler_ancestral": "fresh noise at every step, drawn from the image's seed",
+            "lcm": f"for latent consistency models (an LCM-distilled UNet or LCM-LoRA): 2-8 steps, at most "
+            f"{LCM_MAX_STEPS}, guidance 1-2",
+            "init_image": "image-to-image with `strength` (default 0.3): any model",
+            "mask_image": "inpainting with init_image (default strength 0.9999): the base UNet, the image kept "
+            "outside the mask at every step (no 9-channel inpainting UNet yet)",
+            "prediction_type": "epsilon, v_prediction or sample, from the served model's scheduler config",
+        },
         output_formats=[x.value for x in OutputFormat],
         limits={
             "max_steps": s.max_steps,

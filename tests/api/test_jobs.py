@@ -88,7 +88,7 @@ def test_list_is_paginated_newest_first(client):
         ({**GOOD, "seed": 2**32}, "seed", "less than or equal to 4294967295"),
         ({**GOOD, "num_images": 0}, "num_images", "greater than or equal to 1"),
         ({**GOOD, "num_images": 5}, "num_images", "at most 4 per job"),
-        ({**GOOD, "scheduler": "heun"}, "scheduler", "'euler', 'dpmpp_2m_karras' or 'ddim'"),
+        ({**GOOD, "scheduler": "heun"}, "scheduler", "'euler', 'euler_ancestral', 'dpmpp_2m_karras', 'ddim' or 'lcm'"),
         ({**GOOD, "output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
         ({**GOOD, "prompt": "x" * 2001}, "prompt", "at most 2000 characters"),
         ({**GOOD, "colour": "red"}, "colour", "Extra inputs are not permitted"),
@@ -110,7 +110,14 @@ def test_malformed_json_is_422(client):
 
 def test_models_and_health(client):
     m = client.get("/v1/models").json()
-    assert {"width": 96, "height": 64} in m["sizes"] and m["schedulers"] == ["euler", "dpmpp_2m_karras", "ddim"]
+    assert {"width": 96, "height": 64} in m["sizes"] and m["schedulers"] == [
+        "euler",
+        "euler_ancestral",
+        "dpmpp_2m_karras",
+        "ddim",
+        "lcm",
+    ]
+    assert m["timestep_spacings"] == ["leading", "linspace", "trailing"] and "init_image" in m["options"]
     assert m["limits"]["max_steps"] == 150 and m["limits"]["max_wait_s"] == 55
     assert client.get("/healthz").json() == {"ok": True}
     ready = client.get("/readyz")

@@ -6,14 +6,18 @@
     out.images  # (1, 1024, 1024, 3) uint8
 
 What recompiles: only a new (batch_rows, height, width), a new model, dtype or device set. Prompts, seeds,
-guidance, steps, schedulers and size conditioning are inputs of the executables of a shape (program.py: one
-each for the text encoders, the denoising steps and the decode).
+guidance, steps, schedulers, spacings, image-to-image strengths, init images and masks and size conditioning are
+inputs of the executables of a shape (program.py: the text encoders and starting sample, the denoising steps,
+the decode, and the VAE encoder for batches with init images). Each shape has a guided pair (begin, advance:
+two UNet rows per image) and a guidance-free pair (one row per image), picked per batch: a batch whose every
+row has guidance <= 1 runs the guidance-free pair and does half the UNet work.
 
 Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -41,6 +45,9 @@ from worker.engine.schedule import MAX_STEPS, Scheduler
 log = logging.getLogger(__name__)
 MAX_TOKENS = 77  # both SDXL tokenizers' model_max_length
 MAX_SEED = 2**32 - 1
+# The compiled parts of a shape (see `executable`); a served engine compiles SERVED_KINDS at start.
+KINDS = ("begin", "advance", "begin-free", "advance-free", "encode", "finish-uint8", "finish-float32")
+SERVED_KINDS = ("begin", "advance", "begin-free", "advance-free", "encode", "finish-uint8")
 
 
 class EngineInputError(ValueError):
@@ -66,6 +73,23 @@ class Row:
     original_size: tuple[int, int] | None = None  # (height, width) conditioning
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    timestep_spacing: str | None = None  # leading, linspace or trailing; None: the model's scheduler config
+    # Image-to-image: (H, W, 3) uint8 at the output size; `strength` of the steps run (the rest skipped).
+    image: np.ndarray | None = None
+    # Inpainting (with `image`): (H, W) uint8, >= 128 where to generate, < 128 where the image is kept.
+    mask: np.ndarray | None = None
+    strength: float | None = None  # None: diffusers' defaults, 0.3 image-to-image, 0.9999 inpainting
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1
+
+    def effective_strength(self) -> float | None:
+        if self.image is None:
+            return None
+        if self.strength is not None:
+            return self.strength
+        return 0.9999 if self.mask is not None else 0.3
 
 
 @dataclass
@@ -147,11 +171,12 @@ class Engine:
             self.params = jax.device_put(model.params, self.replicated)
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
         self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
-        self._executables: dict[tuple[str, int, int, int, str], Any] = {}
-        self._programs: dict[str, program.Program] = {}
+        self._executables: dict[tuple[str, int, int, int], Any] = {}
+        self._programs: dict[tuple[str, bool], program.Program] = {}
+        self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
         self._noise: dict[tuple[int, int, int], Any] = {}
-        self._schedules: dict[tuple[str, int], schedule.Schedule] = {}
+        self._schedules: dict[tuple[str, int, str | None, int], schedule.Schedule] = {}
         self.compile_s: dict[str, float] = {}
         # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
         self.aot_dir = Path(aot_dir) if aot_dir else None
@@ -159,6 +184,7 @@ class Engine:
         self.aot_key = (aot_key or cache.signing_key()) if self.aot_dir else None
         compile_log.install()  # tells a real compile from a persistent-cache hit (_load_or_compile)
         self.aot_loaded = 0
+        self.dispatched: collections.Counter[str] = collections.Counter()  # batches run, by program kind
         self._tokens = functools.lru_cache(maxsize=4096)(self._tokenize_one)
 
     # ------------------------------------------------------------------ compiling
@@ -167,28 +193,34 @@ class Engine:
         f = self.model.vae_scale_factor
         return (self.model.latent_channels, height // f, width // f)
 
-    def _abstract_args(self, part: str, rows: int, height: int, width: int) -> list[Any]:
+    def _abstract_args(self, kind: str, rows: int, height: int, width: int) -> list[Any]:
         """The arguments of one part of the program (program.Program), as shapes with their shardings."""
         r, s = self.rows_sharding, self.replicated
         spec = jax.ShapeDtypeStruct
         params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.model.params)
         latents = spec((rows, *self._latent_shape(height, width)), jnp.float32, sharding=r)
+        mask = spec((rows, 1, *self._latent_shape(height, width)[1:]), jnp.float32, sharding=r)
         scalars = spec((rows, len(program.SCALARS)), jnp.float32, sharding=r)
+        part, _, variant = kind.partition("-")
         begin = [
             params,
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
-            latents,  # noise
+            latents, latents, mask,  # noise, init, mask
+            spec((rows,), jnp.uint32, sharding=r),  # seeds
             scalars,
-        ]
+        ]  # fmt: skip
         if part == "begin":
             return begin
+        if part == "encode":
+            return [params, spec((rows, 3, height, width), jnp.float32, sharding=r)]
+        state, context, pooled = jax.eval_shape(self._program("uint8", variant != "free").begin, *begin)
+        state = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=r), state)
         if part == "finish":
-            return [params, latents, scalars]
-        _, _, context, pooled = jax.eval_shape(self._program("uint8").begin, *begin)
+            return [params, state, scalars]
         return [
-            params, latents, latents,  # x, d
+            params, state,
             spec(context.shape, context.dtype, sharding=r), spec(pooled.shape, pooled.dtype, sharding=r),
             scalars,
             spec((rows, 6), jnp.float32, sharding=r),  # time_ids
@@ -196,10 +228,11 @@ class Engine:
             spec((), jnp.int32, sharding=s), spec((), jnp.int32, sharding=s),  # start, stop
         ]  # fmt: skip
 
-    def _program(self, output: str) -> program.Program:
-        if output not in self._programs:
-            self._programs[output] = program.build(self.model, output, self.attend)
-        return self._programs[output]
+    def _program(self, output: str, guided: bool = True) -> program.Program:
+        key = (output, guided)
+        if key not in self._programs:
+            self._programs[key] = program.build(self.model, output, self.attend, guided)
+        return self._programs[key]
 
     def _aot_path(self, kind: str, height: int, width: int) -> Path | None:
         """Where this program's serialized executable lives. The name covers everything the executable
@@ -250,23 +283,25 @@ class Engine:
             os.replace(tmp, path)
         return compiled
 
-    def executable(self, height: int, width: int, output: str = "uint8", part: str = "advance") -> Any:
-        """The compiled `part` of the program (begin, advance or finish; only finish depends on `output`)
-        for (batch_rows, height, width); compiled on first use."""
-        output = output if part == "finish" else "uint8"
-        key = (part, self.batch_rows, height, width, output)
+    def executable(self, height: int, width: int, kind: str = "advance") -> Any:
+        """The compiled part of the program for (batch_rows, height, width), compiled on first use. kind: begin,
+        advance (guided), begin-free, advance-free (guidance-free), encode, finish-uint8 or finish-float32."""
+        if kind not in KINDS:
+            raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
+        key = (kind, self.batch_rows, height, width)
         if key not in self._executables:
             # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
             r, s = self.rows_sharding, self.replicated
-            outs = {"begin": (r, r, r, r), "advance": (r, r, s), "finish": (r, r)}[part]
-            jitted = jax.jit(getattr(self._program(output), part), out_shardings=outs)
+            part, _, variant = kind.partition("-")
+            output = variant if part == "finish" else "uint8"
+            outs = {"begin": (r, r, r), "advance": (r, s), "finish": (r, r), "encode": r}[part]
+            jitted = jax.jit(getattr(self._program(output, variant != "free"), part), out_shardings=outs)
             t0 = time.perf_counter()
 
             def lower() -> Any:
-                return jitted.lower(*self._abstract_args(part, self.batch_rows, height, width))
+                return jitted.lower(*self._abstract_args(kind, self.batch_rows, height, width))
 
             loaded_before = self.aot_loaded
-            kind = f"finish-{output}" if part == "finish" else part
             self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width), lower)
             name = f"{self.batch_rows}x{height}x{width}/{kind}"
             self.compile_s[name] = time.perf_counter() - t0
@@ -288,8 +323,8 @@ class Engine:
         seconds per program (a warm persistent cache makes it short)."""
         for h, w in self.sizes:
             self._noise_executable(h, w)
-            for part in ("begin", "advance", "finish"):
-                self.executable(h, w, part=part)
+            for kind in SERVED_KINDS:
+                self.executable(h, w, kind)
         self._place()
         return dict(self.compile_s)
 
@@ -317,17 +352,50 @@ class Engine:
             raise EngineInputError(
                 "scheduler", f"{row.scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}"
             )
+        if row.timestep_spacing is not None and row.timestep_spacing not in set(schedule.Spacing):
+            raise EngineInputError(
+                "timestep_spacing", f"{row.timestep_spacing!r}: one of {[s.value for s in schedule.Spacing]}"
+            )
         if not 1 <= row.steps <= MAX_STEPS:
             raise EngineInputError("steps", f"must be between 1 and {MAX_STEPS}, got {row.steps}")
         if not math.isfinite(row.guidance_scale):
             raise EngineInputError("guidance_scale", f"must be a finite number, got {row.guidance_scale}")
         if not 0 <= row.seed <= MAX_SEED:
             raise EngineInputError("seed", f"must be between 0 and {MAX_SEED}, got {row.seed}")
+        if row.image is None:
+            for name in ("mask", "strength"):
+                if getattr(row, name) is not None:
+                    raise EngineInputError(name, "needs an init image")
+            return
+        if row.image.shape != (height, width, 3) or row.image.dtype != np.uint8:
+            raise EngineInputError(
+                "image",
+                f"must be ({height}, {width}, 3) uint8 (the output size), got {row.image.shape} {row.image.dtype}",
+            )
+        if row.mask is not None and row.mask.shape != (height, width):
+            raise EngineInputError("mask", f"must be ({height}, {width}) (the output size), got {row.mask.shape}")
+        strength = row.effective_strength()
+        assert strength is not None
+        if not 0 < strength <= 1:
+            raise EngineInputError("strength", f"must be in (0, 1], got {strength}")
+        if schedule.skipped_steps(row.steps, strength) >= row.steps:
+            raise EngineInputError(
+                "strength", f"{strength} of {row.steps} steps runs none; raise strength or steps (at least one step)"
+            )
 
-    def _schedule(self, scheduler: str, steps: int) -> schedule.Schedule:
-        key = (scheduler, steps)
+    def _schedule(self, row: Row) -> schedule.Schedule:
+        strength = row.effective_strength()
+        start = 0
+        if strength is not None and not (row.mask is not None and strength == 1):
+            start = schedule.skipped_steps(row.steps, strength)
+        key = (row.scheduler, row.steps, row.timestep_spacing, start)
         if key not in self._schedules:  # a few hundred microseconds each; cached for the hot path
-            self._schedules[key] = schedule.build(self.model.noise, Scheduler(scheduler), steps)
+            try:
+                made = schedule.build(self.model.noise, row.scheduler, row.steps, row.timestep_spacing, start)
+            except ValueError as e:  # a scheduler this model's config cannot run (LCM past its grid, ...)
+                field_name, _, message = str(e).partition(": ")
+                raise EngineInputError(field_name if message else "scheduler", message or str(e)) from None
+            self._schedules[key] = made
         return self._schedules[key]
 
     def _tokenize_one(self, text: str) -> tuple[tuple[tuple[int, ...], ...], bool]:
@@ -343,7 +411,7 @@ class Engine:
         done = [self._tokens(text) for text in texts]
         return np.asarray([ids for ids, _ in done], dtype=np.int32), [cut for _, cut in done]
 
-    def _host_inputs(self, rows: Sequence[Row], height: int, width: int) -> tuple[list[np.ndarray], list[bool]]:
+    def _host_inputs(self, rows: Sequence[Row], height: int, width: int) -> tuple[dict[str, Any], list[bool]]:
         if not 1 <= len(rows) <= self.batch_rows:
             raise EngineInputError("rows", f"between 1 and {self.batch_rows} rows per call, got {len(rows)}")
         for row in rows:
@@ -352,12 +420,13 @@ class Engine:
         padded = list(rows) + [rows[-1]] * (self.batch_rows - len(rows))
         ids, cut_pos = self._tokenize([r.prompt for r in padded])
         neg_ids, cut_neg = self._tokenize([r.negative_prompt or "" for r in padded])
-        scheds = [self._schedule(r.scheduler, r.steps) for r in padded]
-        tables = np.stack([np.stack([getattr(s, name) for name in program.TABLES]) for s in scheds]).astype(np.float32)
-        scalars = np.array(
-            [[r.guidance_scale, s.init_scale, s.out_scale] for r, s in zip(padded, scheds, strict=True)],
-            dtype=np.float32,
-        )
+        scheds = [self._schedule(r) for r in padded]
+        tables = np.stack([np.stack([s.tables[name] for name in program.TABLES]) for s in scheds]).astype(np.float32)
+        scalars = []
+        for r, s in zip(padded, scheds, strict=True):
+            # diffusers' inpainting at strength 1 starts from pure noise; every other image start adds noise to it
+            from_image = r.image is not None and not (r.mask is not None and r.effective_strength() == 1)
+            scalars.append([r.guidance_scale, s.image_scale if from_image else s.init_scale, s.out_scale, from_image])
         time_ids = np.array(
             [
                 [*(r.original_size or (height, width)), *r.crop_top_left, *(r.target_size or (height, width))]
@@ -366,12 +435,49 @@ class Engine:
             dtype=np.float32,
         )
         zeros = self.model.force_zeros_for_empty_prompt
-        neg_zero = np.array([r.negative_prompt is None and zeros for r in padded])
-        num_steps = np.int32(max(r.steps for r in padded))
+        inputs = {
+            "ids": ids,
+            "neg_ids": neg_ids,
+            "neg_zero": np.array([r.negative_prompt is None and zeros for r in padded]),
+            "scalars": np.array(scalars, dtype=np.float32),
+            "time_ids": time_ids,
+            "tables": tables,
+            "seeds": np.array([r.seed for r in padded], np.uint32),
+            "steps": max(s.steps for s in scheds),
+            "guided": any(r.guided for r in padded),
+        }
+        if any(r.image is not None for r in padded):
+            # diffusers' preprocessing: [0, 255] -> [0, 1] -> [-1, 1]; rows without an image encode zeros (unused)
+            images = np.zeros((len(padded), 3, height, width), np.float32)
+            for i, r in enumerate(padded):
+                if r.image is not None:
+                    images[i] = (r.image.astype(np.float32) / 255.0 * 2 - 1).transpose(2, 0, 1)
+            inputs["images"] = images
+        if any(r.mask is not None for r in padded):
+            f = self.model.vae_scale_factor
+            masks = np.ones((len(padded), 1, height // f, width // f), np.float32)
+            for i, r in enumerate(padded):
+                if r.mask is not None:
+                    # binarized at half scale, then nearest-neighbour down to the latents (diffusers' inpainting)
+                    masks[i, 0] = (r.mask[::f, ::f].astype(np.float32) / 255.0 >= 0.5).astype(np.float32)
+            inputs["masks"] = masks
         truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
-        return [ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps], truncated
+        return inputs, truncated
 
     # ------------------------------------------------------------------ running
+
+    def _placeholder(self, name: str, height: int, width: int) -> Any:
+        """Zero image latents or an all-ones mask on the devices, made once per shape."""
+        key = (name, height, width)
+        if key not in self._zeros:
+            c, h, w = self._latent_shape(height, width)
+            value = (
+                np.zeros((self.batch_rows, c, h, w), np.float32)
+                if name == "init"
+                else np.ones((self.batch_rows, 1, h, w), np.float32)
+            )
+            self._zeros[key] = jax.device_put(value, self.rows_sharding)
+        return self._zeros[key]
 
     def dispatch(
         self,
@@ -380,16 +486,17 @@ class Engine:
         width: int,
         latents: np.ndarray | None = None,
         output: str = "uint8",
+        guided: bool | None = None,
     ) -> Pending:
         """Start a batch on the devices and return at once. latents: explicit unit noise per row
-        (n, C, h, w) instead of each row's seed (for parity checks with other implementations)."""
-        (ids, neg_ids, neg_zero, scalars, time_ids, tables, num_steps), truncated = self._host_inputs(
-            rows, height, width
-        )
+        (n, C, h, w) instead of each row's seed (for parity checks with other implementations). guided: None
+        picks the program by the rows (guidance-free when no row has guidance > 1); True runs the guided one
+        anyway (the same images: benchmarks compare the two on the same rows)."""
+        inputs, truncated = self._host_inputs(rows, height, width)
         r = self.rows_sharding
+        seeds = jax.device_put(inputs["seeds"], r)
         if latents is None:
-            seeds = np.array([row.seed for row in rows] + [rows[-1].seed] * (self.batch_rows - len(rows)), np.uint32)
-            noise = self._noise_executable(height, width)(jax.device_put(seeds, r))
+            noise = self._noise_executable(height, width)(seeds)
         else:
             latents = np.asarray(latents, np.float32)
             want = (len(rows), *self._latent_shape(height, width))
@@ -398,21 +505,34 @@ class Engine:
             pad = np.repeat(latents[-1:], self.batch_rows - len(rows), axis=0)
             noise = jax.device_put(np.concatenate([latents, pad]), r)
         ids, neg_ids, neg_zero, scalars, time_ids, tables = (
-            jax.device_put(a, r) for a in (ids, neg_ids, neg_zero, scalars, time_ids, tables)
+            jax.device_put(inputs[k], r) for k in ("ids", "neg_ids", "neg_zero", "scalars", "time_ids", "tables")
         )
         self._place()
         run = functools.partial(self.executable, height, width)
         # Every call below is queued on the devices at once and returns at once: the chunks run back to back.
-        x, d, context, pooled = run(part="begin")(self.params, ids, neg_ids, neg_zero, noise, scalars)
-        steps = int(num_steps)
+        if "images" in inputs:
+            init = run("encode")(self.params, jax.device_put(inputs["images"], r))
+        else:
+            init = self._placeholder("init", height, width)
+        mask = jax.device_put(inputs["masks"], r) if "masks" in inputs else self._placeholder("mask", height, width)
+        if guided is False and inputs["guided"]:
+            raise EngineInputError("guidance_scale", "a row has guidance > 1: the guidance-free program cannot run it")
+        suffix = "" if (inputs["guided"] if guided is None else guided) else "-free"
+        self.dispatched["advance" + suffix] += 1
+        if "images" in inputs:
+            self.dispatched["encode"] += 1
+        state, context, pooled = run("begin" + suffix)(
+            self.params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars
+        )
+        steps = int(inputs["steps"])
         marks = []
         for start in range(0, steps, self.progress_every_steps):
             stop = min(start + self.progress_every_steps, steps)
-            x, d, mark = run(part="advance")(
-                self.params, x, d, context, pooled, scalars, time_ids, tables, self._step(start), self._step(stop)
+            state, mark = run("advance" + suffix)(
+                self.params, state, context, pooled, scalars, time_ids, tables, self._step(start), self._step(stop)
             )
             marks.append((stop, mark))
-        images, finite = run(output, part="finish")(self.params, x, scalars)
+        images, finite = run(f"finish-{output}")(self.params, state, scalars)
         return Pending(images, finite, len(rows), truncated, steps, marks)
 
     def _step(self, index: int) -> Any:

@@ -22,13 +22,21 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from worker.engine import schedule
 from worker.engine.layers import Attend
 from worker.engine.model import Model
 
-# Per-row sampler tables, stacked on axis 1 of `tables` (rows, len(TABLES), MAX_STEPS).
-TABLES = ("timesteps", "sigmas", "c_in", "a", "b", "c")
-# Per-row scalars, stacked on axis 1 of `scalars` (rows, len(SCALARS)).
-SCALARS = ("guidance", "init_scale", "out_scale")
+# Per-row sampler tables, stacked on axis 1 of `tables` (rows, len(TABLES), MAX_STEPS): see schedule.py.
+TABLES = schedule.TABLES
+# Per-row scalars, stacked on axis 1 of `scalars` (rows, len(SCALARS)). The starting sample is
+# init_weight * image latents + init_scale * noise (a pure-noise start has init_weight 0).
+SCALARS = ("guidance", "init_scale", "out_scale", "init_weight")
+
+
+def step_noise(seed: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The unit noise an ancestral or LCM step `step` (0-based, of the row's own steps) adds to a row: from the
+    row's seed alone, so a row's image does not depend on its batch (the starting noise is key(seed) itself)."""
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), step + 1), shape, jnp.float32)
 
 
 def _encode(model: Model, params: dict[str, Any], ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,62 +56,94 @@ def _pair(x: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Program:
-    """The three traced functions (see the module's docstring); jit them with `jax.jit`."""
+    """The traced functions (see the module's docstring); jit them with `jax.jit`. `state` is a dict of per-row
+    arrays: x (the sample in sigma space), d (the last denoised estimate), noise (the starting noise), init (image
+    latents, zeros without an image), mask (B, 1, h, w: 1 = generate, 0 = keep the image), seeds."""
 
-    begin: Any  # (params, ids, neg_ids, neg_zero, noise, scalars) -> (x, d, context, pooled)
-    # (params, x, d, context, pooled, scalars, time_ids, tables, start, stop) -> (x, d, stop): steps start..stop-1
+    # (params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars) -> (state, context, pooled)
+    begin: Any
+    # (params, state, context, pooled, scalars, time_ids, tables, start, stop) -> (state, stop): steps start..stop-1
     advance: Any
-    finish: Any  # (params, x, scalars) -> (image, finite)
+    finish: Any  # (params, state, scalars) -> (image, finite)
+    encode: Any  # (params, image (B, 3, H, W) in [-1, 1]) -> image latents (B, C, h, w), as the UNet sees them
 
 
-def build(model: Model, output: str, attend: Attend) -> Program:
+def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Program:
     """output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks). attend: the attention
-    kernel (attention.make)."""
+    kernel (attention.make). guided: two UNet rows per image (unconditional and conditional, classifier-free
+    guidance); False: one, for batches whose every row has guidance <= 1 (Turbo, Lightning, LCM), half the
+    UNet work."""
     dtype = model.dtype
     unet = model.configs.module("unet", dtype, attend)
     vae = model.configs.module("vae", model.dtype_of("vae"), attend)
     vae_cfg = model.vae
+    stats = vae_cfg.latents_mean is not None and vae_cfg.latents_std is not None
 
-    def begin(params, ids, neg_ids, neg_zero, noise, scalars):
-        # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise (B, C, h, w) f32 unit normal; scalars (B, 3)
+    def encode(params, image):
+        mean, _ = vae.apply({"params": params["vae"]}, image, method="encode")
+        # The distribution's mode, not a sample: diffusers samples with its own generator, which no seed here
+        # reproduces; SDXL's VAE log-variance is so small that the two differ far below a pixel level.
+        latents = mean.astype(jnp.float32)
+        if stats:
+            m = jnp.asarray(vae_cfg.latents_mean, jnp.float32)[None, :, None, None]
+            s = jnp.asarray(vae_cfg.latents_std, jnp.float32)[None, :, None, None]
+            return (latents - m) * vae_cfg.scaling_factor / s
+        return latents * vae_cfg.scaling_factor
+
+    def begin(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars):
+        # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise, init (B, C, h, w) f32; mask (B, 1, h, w) f32;
+        # seeds (B,) uint32; scalars (B, len(SCALARS))
         b = ids.shape[0]
-        both = jnp.stack([neg_ids, ids], axis=1).reshape(2 * b, *ids.shape[1:])  # [neg0, pos0, neg1, ...]
-        context, pooled = _encode(model, params, both)
-        # A row without a negative prompt, on a model with force_zeros_for_empty_prompt: zero embeddings for
-        # the unconditional half, as diffusers does (an empty-string negative prompt is encoded instead).
-        keep = jnp.stack([~neg_zero, jnp.ones_like(neg_zero)], axis=1).reshape(2 * b).astype(context.dtype)
-        x = noise * scalars[:, 1, None, None, None]  # init_scale
-        return x, jnp.zeros_like(x), context * keep[:, None, None], pooled * keep[:, None]
+        if guided:
+            both = jnp.stack([neg_ids, ids], axis=1).reshape(2 * b, *ids.shape[1:])  # [neg0, pos0, neg1, ...]
+            context, pooled = _encode(model, params, both)
+            # A row without a negative prompt, on a model with force_zeros_for_empty_prompt: zero embeddings for
+            # the unconditional half, as diffusers does (an empty-string negative prompt is encoded instead).
+            keep = jnp.stack([~neg_zero, jnp.ones_like(neg_zero)], axis=1).reshape(2 * b).astype(context.dtype)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        else:
+            context, pooled = _encode(model, params, ids)
+        x = init * scalars[:, 3, None, None, None] + noise * scalars[:, 1, None, None, None]
+        state = {"x": x, "d": jnp.zeros_like(x), "noise": noise, "init": init, "mask": mask, "seeds": seeds}
+        return state, context, pooled
 
-    def advance(params, x, d_prev, context, pooled, scalars, time_ids, tables, start, stop):
-        # x, d_prev (B, C, h, w) f32: the sample in sigma space and the last denoised estimate; context
-        # (2B, 77, D), pooled (2B, P); time_ids (B, 6); tables (B, 6, MAX_STEPS); start, stop () int32.
-        b = x.shape[0]
-        pair_ids = _pair(time_ids)
+    def advance(params, state, context, pooled, scalars, time_ids, tables, start, stop):
+        # context (nB, 77, D), pooled (nB, P) with n = 2 guided, 1 not; time_ids (B, 6); tables (B, T, MAX_STEPS);
+        # start, stop () int32.
+        b = state["x"].shape[0]
         guidance = scalars[:, 0, None, None, None]
-        timesteps, sigmas, c_in, ca, cb, cc = (tables[:, i] for i in range(len(TABLES)))
+        t = {name: tables[:, i] for i, name in enumerate(TABLES)}
+        rows = _pair if guided else (lambda v: v)
+        row_ids = rows(time_ids)
+        latent_shape = state["x"].shape[1:]
+        draw = jax.vmap(step_noise, in_axes=(0, None, None))
 
         def step(i, carry):
             x, d_prev = carry
-            col = lambda t: t[:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
-            model_in = (x * col(c_in)).astype(dtype)
-            eps = unet.apply(
-                {"params": params["unet"]}, _pair(model_in), _pair(timesteps[:, i]), context, pooled, pair_ids
+            col = lambda name: t[name][:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
+            model_in = (x * col("c_in")).astype(dtype)
+            out = unet.apply(
+                {"params": params["unet"]}, rows(model_in), rows(t["timesteps"][:, i]), context, pooled, row_ids
             ).astype(jnp.float32)
-            eps = eps.reshape(b, 2, *eps.shape[1:])
-            uncond, text = eps[:, 0], eps[:, 1]
-            # diffusers skips guidance at scale <= 1; doing the same keeps results identical to it.
-            eps = jnp.where(guidance > 1, uncond + guidance * (text - uncond), text)
-            d = x - col(sigmas) * eps
-            return col(ca) * x + col(cb) * d + col(cc) * d_prev, d
+            if guided:
+                out = out.reshape(b, 2, *out.shape[1:])
+                uncond, text = out[:, 0], out[:, 1]
+                # diffusers skips guidance at scale <= 1; doing the same keeps results identical to it.
+                out = jnp.where(guidance > 1, uncond + guidance * (text - uncond), text)
+            d = col("p") * x + col("q") * out
+            x = col("a") * x + col("b") * d + col("c") * d_prev + col("e") * draw(state["seeds"], i, latent_shape)
+            # Inpainting: outside the mask, the image re-noised to the next step's level (blend 0 on padding).
+            keep = (1 - state["mask"]) * col("blend")
+            x = (1 - keep) * x + keep * (state["init"] * col("k") + col("s_next") * state["noise"])
+            return x, d
 
         # Traced bounds: any chunk of steps, and any number of steps, runs on this one executable.
-        x, d = jax.lax.fori_loop(start, stop, step, (x, d_prev))
-        return x, d, stop  # `stop` is ready when the chunk is: the engine waits on it for progress
+        x, d = jax.lax.fori_loop(start, stop, step, (state["x"], state["d"]))
+        return state | {"x": x, "d": d}, stop  # `stop` is ready when the chunk is: the engine waits on it
 
-    def finish(params, x, scalars):
-        latents = x * scalars[:, 2, None, None, None]  # out_scale
-        if vae_cfg.latents_mean is not None and vae_cfg.latents_std is not None:
+    def finish(params, state, scalars):
+        latents = state["x"] * scalars[:, 2, None, None, None]  # out_scale
+        if stats:
             # diffusers' SDXL pipeline: latents * std / scaling_factor + mean, per channel
             mean = jnp.asarray(vae_cfg.latents_mean, jnp.float32)[None, :, None, None]
             std = jnp.asarray(vae_cfg.latents_std, jnp.float32)[None, :, None, None]
@@ -118,7 +158,7 @@ def build(model: Model, output: str, attend: Attend) -> Program:
             image = jnp.round(image * 255).astype(jnp.uint8)
         return image, finite
 
-    return Program(begin, advance, finish)
+    return Program(begin, advance, finish, encode)
 
 
 def noise_fn(shape: tuple[int, ...]) -> Any:

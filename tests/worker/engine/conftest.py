@@ -15,19 +15,29 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SIZES = [(64, 64), (64, 96)]
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_dir: Path) -> dict[str, Any]:
-    """PyTorch diffusers' outputs on the tiny model (made by make_reference.py from these very weights)."""
-    data = np.load(FIXTURES / "reference.npz")
+def _fixture(tiny_dir: Path, name: str) -> dict[str, Any]:
+    data = np.load(FIXTURES / name)
     digest = hashlib.sha256()
     for path in sorted(tiny_dir.glob("*/*.safetensors")):
         digest.update(path.read_bytes())
     made_from = bytes(data["weights_sha256"]).decode()
-    assert made_from == digest.hexdigest(), "reference.npz was made from other tiny weights: rerun make_reference.py"
+    assert made_from == digest.hexdigest(), f"{name} was made from other tiny weights: rerun its make_*.py"
     return {
         "meta": json.loads(bytes(data["meta"]).decode()),
         **{k: data[k] for k in data.files if k not in ("meta", "weights_sha256")},
     }
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir: Path) -> dict[str, Any]:
+    """PyTorch diffusers' outputs on the tiny model (made by make_reference.py from these very weights)."""
+    return _fixture(tiny_dir, "reference.npz")
+
+
+@pytest.fixture(scope="session")
+def sampling(tiny_dir: Path) -> dict[str, Any]:
+    """diffusers' few-step, image-to-image and inpainting outputs (make_sampling_reference.py, same weights)."""
+    return _fixture(tiny_dir, "sampling.npz")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.engine.engine import SERVED_KINDS
+
 SCRIPT = """
 import json, sys, numpy as np
 from worker.engine import cache, compile_log, model, weight_cache
@@ -87,7 +89,7 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     # weights are mapped from the converted copy the cold start wrote, not converted again.
     assert set(cold["weights"].values()) == {"checkpoint"}
     assert set(warm["weights"].values()) == {"converted cache"} and len(warm["weights"]) == 4
-    assert warm["aot_loaded"] == 4
+    assert warm["aot_loaded"] == 1 + len(SERVED_KINDS)  # noise + every served part
     assert warm["compiles"] == 0 and warm["requests"] < cold["requests"]
     np.testing.assert_array_equal(img_cold, img_warm)
 
@@ -129,7 +131,7 @@ def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir):
     assert third["aot_loaded"] == 0 and third["cache_hits"] == 0
     assert all(aot_cache.unseal(p.read_bytes(), aot_cache.signing_key()) for p in files)
     fourth, _ = _run(tmp_path, tiny_dir, 1, "fourth", cache)
-    assert fourth["aot_loaded"] == 4
+    assert fourth["aot_loaded"] == 1 + len(SERVED_KINDS)
 
 
 def test_seals_detect_any_change():
@@ -151,5 +153,5 @@ def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
     assert worker["leaves"] > 100 and worker["host_arrays"] == 0
     assert "host weights were dropped" in worker["refused"]
     # the same executables: the dtype names them, however it was spelled (np.float32 there, jnp.float32 here)
-    assert worker["aot_loaded"] == 4
+    assert worker["aot_loaded"] == 1 + len(SERVED_KINDS)
     np.testing.assert_array_equal(kept, dropped)

@@ -8,7 +8,7 @@ STEPS = (1, 4, 20, 37, 150)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
-@pytest.mark.parametrize("scheduler", list(Scheduler))
+@pytest.mark.parametrize("scheduler", [Scheduler.euler, Scheduler.ddim, Scheduler.dpmpp_2m_karras])
 @pytest.mark.parametrize("steps", STEPS)
 def test_tables_match_diffusers_pytorch(reference, scheduler, steps, spacing):
     table = schedule.build(NoiseConfig(timestep_spacing=spacing), scheduler, steps)
@@ -20,6 +20,38 @@ def test_tables_match_diffusers_pytorch(reference, scheduler, steps, spacing):
         )  # float32 cumprod order
     if scheduler is Scheduler.euler:  # the only one whose initial sample is scaled in diffusers' own space
         assert table.init_scale == pytest.approx(float(reference[f"{prefix}/init_noise_sigma"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("scheduler", [Scheduler.euler_ancestral, Scheduler.lcm])
+@pytest.mark.parametrize("steps", (1, 2, 4, 8, 20))
+def test_few_step_tables_match_diffusers_pytorch(sampling, scheduler, steps, spacing):
+    table = schedule.build(NoiseConfig(timestep_spacing=spacing), scheduler, steps)
+    prefix = f"table/{scheduler.value}/{spacing}/{steps}"
+    np.testing.assert_array_equal(table.timesteps[:steps], sampling[f"{prefix}/timesteps"])
+    if f"{prefix}/sigmas" in sampling:  # LCM keeps none
+        np.testing.assert_allclose(table.sigmas[:steps], sampling[f"{prefix}/sigmas"][:steps], rtol=1e-5)
+        assert table.init_scale == pytest.approx(float(sampling[f"{prefix}/init_noise_sigma"]), rel=1e-6)
+
+
+def test_a_skipped_start_shifts_the_tables_and_restarts_dpm_at_first_order():
+    full = schedule.build(NoiseConfig(), Scheduler.dpmpp_2m_karras, 10)
+    late = schedule.build(NoiseConfig(), Scheduler.dpmpp_2m_karras, 10, start=4)
+    assert late.steps == 6
+    np.testing.assert_array_equal(late.timesteps[:6], full.timesteps[4:10])
+    assert late.c[0] == 0 and full.c[4] != 0  # no history at the first step run
+    np.testing.assert_array_equal(late.c[1:5], full.c[5:9])
+    assert late.image_scale == pytest.approx(full.sigmas[4])
+    assert (late.blend[:6] == 1).all() and (late.blend[6:] == 0).all()
+
+
+def test_strength_skips_steps_as_diffusers():
+    assert [schedule.skipped_steps(6, s) for s in (0.3, 0.75, 0.9999, 1.0)] == [5, 2, 1, 0]
+
+
+def test_lcm_refuses_more_steps_than_its_grid():
+    with pytest.raises(ValueError, match="steps: LCM runs at most 50"):
+        schedule.build(NoiseConfig(), Scheduler.lcm, 51)
 
 
 def test_ddim_linspace_rounds_where_truncating_would_be_off_by_one(reference):
@@ -48,4 +80,4 @@ def test_steps_out_of_range(steps):
 
 def test_unsupported_config_is_refused():
     with pytest.raises(ValueError, match="prediction_type"):
-        NoiseConfig.from_diffusers({"prediction_type": "v_prediction"})
+        NoiseConfig.from_diffusers({"prediction_type": "flow"})

@@ -1,0 +1,88 @@
+"""Input images of image-to-image and inpainting jobs: read from what a client sends (base64 or a data: URL),
+checked, brought to the job's size, and kept in storage under the tenant's input prefix by their content hash.
+Shared by the API (which stores them) and the worker (which reads them back as pixels). No HTTP, no JAX.
+
+A job's request then holds the key (`inputs/<tenant>/<sha256>.png`), so its record stays small, a retry reads
+the same bytes, and a client may send the key again instead of the image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PREFIX = "inputs"
+MAX_BYTES = 16 * 2**20  # an encoded input image, before base64
+MAX_PIXELS = 4096 * 4096  # refuse larger images before decoding them (a decompression bomb)
+FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+class InputError(ValueError):
+    """An input image that cannot be used; the message says why, for the client."""
+
+
+def prefix(tenant: str) -> str:
+    """The tenant's input prefix; the open deployment (no API keys) has tenant ""."""
+    return f"{PREFIX}/{tenant or '_'}/"
+
+
+def is_key(value: str) -> bool:
+    return value.startswith(f"{PREFIX}/")
+
+
+def decode(value: str) -> Image.Image:
+    """base64 (or a data: URL) -> a loaded PIL image; InputError when it is not a PNG, JPEG or WebP image."""
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("is neither base64 image data, a data: URL, nor an inputs/ key") from None
+    if len(data) > MAX_BYTES:
+        raise InputError(f"is {len(data)} bytes; at most {MAX_BYTES}")
+    return read(data)
+
+
+def read(data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in FORMATS:
+            raise InputError(f"is {image.format}; send PNG, JPEG or WebP")
+        if image.width * image.height > MAX_PIXELS:
+            raise InputError(f"is {image.width}x{image.height}; at most {MAX_PIXELS} pixels")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"could not be read as an image ({type(exc).__name__})") from None
+    return image
+
+
+def normalize(image: Image.Image, width: int, height: int, mask: bool) -> Image.Image:
+    """RGB (a mask: grayscale) at width x height, resized with Lanczos where it differs (as diffusers'
+    VaeImageProcessor does)."""
+    image = image.convert("L" if mask else "RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def encode(image: Image.Image) -> tuple[str, bytes]:
+    """(the content hash, PNG bytes): lossless, so the worker sees exactly the pixels checked here."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    data = out.getvalue()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def key(tenant: str, digest: str) -> str:
+    return f"{prefix(tenant)}{digest}.png"
+
+
+def pixels(data: bytes, mask: bool) -> np.ndarray:
+    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L" if mask else "RGB"), dtype=np.uint8)

@@ -1,0 +1,82 @@
+"""Image-to-image and inpainting inputs at submit (api/job_inputs.py, common/inputs.py), against a real Redis and
+local storage, no worker: the image stored by content hash and named by key, the size taken from it or resized
+to the job's, every refusal a 422 naming the field and leaving nothing in storage."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import inputs
+
+
+def _b64(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(out, format=fmt)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _stored(settings) -> list[Path]:
+    root = Path(settings.local_storage_dir) / inputs.PREFIX
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_an_init_image_is_stored_and_named_by_key_with_the_size_it_has(client, settings):
+    r = client.post("/v1/jobs", json={"prompt": "a cat", "init_image": _b64((96, 64)), "strength": 0.5})
+    assert r.status_code == 202, r.text
+    request = r.json()["request"]
+    assert (request["width"], request["height"]) == (96, 64)  # the image's own size, a served one
+    key = request["init_image"]
+    assert key.startswith("inputs/") and key.endswith(".png") and request["strength"] == 0.5
+    (path,) = _stored(settings)
+    assert Image.open(path).size == (96, 64)
+    # the key again, with a mask sent as a JPEG data URL at another size: resized to the job's
+    mask = "data:image/jpeg;base64," + _b64((200, 100), "JPEG", mode="L")
+    again = client.post("/v1/jobs", json={"prompt": "a dog", "init_image": key, "mask_image": mask})
+    assert again.status_code == 202, again.text
+    req = again.json()["request"]
+    assert req["init_image"] == key and req["mask_image"] != key and req["strength"] is None
+    stored = _stored(settings)
+    assert len(stored) == 2 and {Image.open(p).size for p in stored} == {(96, 64)}
+    assert {Image.open(p).mode for p in stored} == {"RGB", "L"}
+
+
+def test_a_given_size_resizes_the_image(client, settings):
+    r = client.post("/v1/jobs", json={"prompt": "x", "init_image": _b64((300, 200), "WEBP"), "width": 96, "height": 64})
+    assert r.status_code == 202, r.text
+    (path,) = _stored(settings)
+    assert Image.open(path).size == (96, 64) and Image.open(path).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "hint"),
+    [
+        ({"strength": 0.5}, "strength", "needs init_image"),
+        ({"mask_image": "AAAA"}, "mask_image", "needs init_image"),
+        ({"init_image": "not base64!"}, "init_image", "neither base64"),
+        ({"init_image": base64.b64encode(b"GIF89a....").decode()}, "init_image", "could not be read"),
+        ({"init_image": "BMP"}, "init_image", "BMP"),  # replaced below by a real BMP
+        ({"init_image": "SIZE"}, "init_image", "not served"),  # an image of a size nobody serves, no width/height
+        ({"init_image": "inputs/someone-else/abc.png"}, "init_image", "not under this tenant"),
+        ({"init_image": "inputs/test/nothing.png"}, "init_image", "no stored input"),
+        ({"init_image": "IMG", "strength": 0.1, "steps": 4}, "strength", "runs none"),
+        ({"init_image": "IMG", "strength": 1.5}, "strength", "less than or equal to 1"),
+        ({"scheduler": "lcm", "steps": 60}, "steps", "at most 50"),
+        ({"timestep_spacing": "sideways"}, "timestep_spacing", "leading"),
+    ],
+)
+def test_bad_inputs_are_422_naming_the_field_and_store_nothing(client, settings, change, field, hint):
+    images = {"BMP": _b64((96, 64), "BMP"), "SIZE": _b64((50, 50)), "IMG": _b64((96, 64))}
+    body = {"prompt": "x"} | {k: images.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert any(e["field"] == field and hint in e["message"] for e in problem["errors"]), problem
+    assert _stored(settings) == []
