@@ -56,6 +56,7 @@ class ModelPublic(BaseModel):
     sizes: list[dict[str, int]]
     schedulers: list[str]
     timestep_spacings: list[str]
+    refiner: str | None = None  # SDXL's refiner served beside the model (jobs may ask for it), or none
     options: dict[str, str]  # what each sampling and image option does, and which model it needs
     output_formats: list[str]
     limits: dict[str, int | float]

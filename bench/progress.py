@@ -58,8 +58,8 @@ def main() -> None:
     args_of = {part: one_chunk._abstract_args(part, args.batch, h, w) for part in ("begin", "advance")}
     r = one_chunk.rows_sharding
 
-    def whole(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars, time_ids, tables, stop):
-        state, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars)
+    def whole(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars, time_ids, tables, stop):
+        state, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars)
         state, _ = parts.advance(params, state, context, pooled, scalars, time_ids, tables, 0, stop)
         return parts.finish(params, state, scalars)
 
@@ -75,7 +75,7 @@ def main() -> None:
         rest = [jax.device_put(inputs[k], r) for k in ("scalars", "time_ids", "tables")]
         init, mask = e._placeholder("init", h, w), e._placeholder("mask", h, w)
         stop = jax.device_put(np.int32(inputs["steps"]), e.replicated)
-        images, _ = fused_exe(e.params, *put, noise, init, mask, seeds, *rest, stop)
+        images, _ = fused_exe(e.params, *put, noise, init, mask, init, seeds, *rest, stop)
         return np.asarray(images)
 
     def run_per_step() -> np.ndarray:

@@ -9,6 +9,9 @@ Method (docs/benchmarks.md): the preset's random weights, float32, one engine, t
   (forced with dispatch(guided=True): two UNet rows per image, the unconditional one thrown away) and by the
   guidance-free program the engine picks for them (one UNet row per image); their largest uint8 pixel
   difference is reported.
+- the same at 8 steps (`guided_program_8`, `free_program_8`): the difference from 4 steps is 4 steps' UNet and
+  sampler work alone, without the text encoders and the VAE decode that both programs share, so
+  `free_speedup_per_step` is the speed-up of the denoising loop itself.
 - `turbo_4` vs `guided_20`: 4 trailing Euler steps at guidance 0 (how SDXL-Turbo and Lightning run) against 20
   Euler steps at guidance 5 (the service's default), each on the program the engine picks; images/s of each.
 Everything is compiled and run once first; then the rounds alternate the variants so all see the same machine
@@ -56,9 +59,12 @@ def main() -> None:
                 for i in range(args.batch)]  # fmt: skip
 
     fast = rows(4, 0.0, "trailing")
+    fast_8 = rows(8, 0.0, "trailing")
     variants = {
         "guided_program": lambda: engine.generate(fast, h, w, guided=True).images,
         "free_program": lambda: engine.generate(fast, h, w).images,
+        "guided_program_8": lambda: engine.generate(fast_8, h, w, guided=True).images,
+        "free_program_8": lambda: engine.generate(fast_8, h, w).images,
         "turbo_4": lambda: engine.generate(fast, h, w).images,
         "guided_20": lambda: engine.generate(rows(20, 5.0, None), h, w).images,
     }
@@ -79,6 +85,8 @@ def main() -> None:
         "compile_and_first_run_s": first, "batch_s": times, "median_batch_s": med,
         "images_per_s": {name: args.batch / t for name, t in med.items()},
         "free_speedup_same_rows": med["guided_program"] / med["free_program"],
+        "free_speedup_per_step": (med["guided_program_8"] - med["guided_program"])
+        / (med["free_program_8"] - med["free_program"]),
         "turbo_4_over_guided_20_images_per_s": med["guided_20"] / med["turbo_4"],
         # two different XLA programs round differently; the parity tests hold both to diffusers at 1e-4
         "free_vs_guided_max_abs_uint8": int(

@@ -55,6 +55,21 @@ class OutputFormat(StrEnum):
     webp = "webp"
 
 
+class RefinerRequest(BaseModel):
+    """SDXL's ensemble of experts: the base model denoises down to `switch_at` of the noise, the refiner the rest."""
+
+    model_config = {"extra": "forbid"}
+
+    switch_at: float = Field(
+        0.8, gt=0, lt=1, allow_inf_nan=False,
+        description="The share of the noise the base removes before handing over (diffusers' denoising_end).",
+    )  # fmt: skip
+    aesthetic_score: float = Field(6.0, ge=0, le=10, allow_inf_nan=False, description="The refiner's conditioning.")
+    negative_aesthetic_score: float = Field(
+        2.5, ge=0, le=10, allow_inf_nan=False, description="Its conditioning for the unconditional row."
+    )
+
+
 class JobRequest(BaseModel):
     """A text-to-image job. Limits that depend on the deployment (sizes, steps, images) are checked by
     `check_limits` against the settings."""
@@ -105,6 +120,11 @@ class JobRequest(BaseModel):
         allow_inf_nan=False,
         description="With init_image: how much of the image is redrawn, the share of `steps` that run (the rest "
         "are skipped). Absent: 0.3, or 0.9999 with a mask (diffusers' defaults).",
+    )
+    refiner: RefinerRequest | None = Field(
+        None,
+        description="Finish with SDXL's refiner (where the deployment serves one, GET /v1/models): "
+        '{"switch_at": 0.8} runs the last 20% of the steps on it. Not with init_image.',
     )
     output_format: OutputFormat = OutputFormat.png
     webhook_url: str | None = Field(
@@ -159,6 +179,8 @@ def check_limits(
             strength = 0.9999 if request.mask_image is not None else 0.3
         if min(int(request.steps * strength), request.steps) < 1:  # diffusers' get_timesteps: steps that run
             raise LimitError("strength", f"{strength} of {request.steps} steps runs none; raise strength or steps")
+    if request.refiner is not None and request.init_image is not None:
+        raise LimitError("refiner", "the refiner is not served with init_image; leave one of them out")
     if request.scheduler is Scheduler.lcm and request.steps > LCM_MAX_STEPS:
         raise LimitError("steps", f"the lcm scheduler runs at most {LCM_MAX_STEPS} steps, got {request.steps}")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:

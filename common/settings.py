@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     # a single-file checkpoint's configs, tokenizers and scheduler from this diffusers folder instead of SDXL's
     # defaults (as diffusers' from_single_file(config=...)); '': inferred from the tensors, SDXL's defaults
     model_config_dir: str = ""
+    # a UNet-only weights file (diffusers' layout) or UNet folder served in place of the model's UNet, same
+    # architecture: SDXL-Lightning's sdxl_lightning_4step_unet.safetensors on SDXL base; '': the model's own
+    unet: str = ""
+    # SDXL's refiner beside the model (a diffusers folder, a hub id such as
+    # stabilityai/stable-diffusion-xl-refiner-1.0, or 'tiny-refiner'): jobs may ask for it; '': none
+    refiner: str = ""
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch

@@ -20,6 +20,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny refiner (the second text encoder alone, 5 time ids), served beside the tiny model by live_stack."""
+    from worker.engine import tiny
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-refiner"
+    tiny.ensure(folder, preset="tiny-refiner")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory):
     """A real Redis-compatible server (embedded Valkey) owned by this test run, AOF on, noeviction."""
     from common import redis_server
@@ -49,7 +59,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def live_stack(redis_url: str, tiny_dir: Path, tiny_refiner_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The service as a user reaches it, over HTTP: `uvicorn api.main:app` and `python -m worker` running the
     tiny JAX engine on this CPU, local-folder storage, a real Redis. Shared by the client, OpenAI, event
     stream, browser and observability tests (one worker start for all of them). Yields (API url, API key,
@@ -68,6 +78,7 @@ def live_stack(redis_url: str, tiny_dir: Path, tmp_path_factory: pytest.TempPath
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
         "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_REFINER": str(tiny_refiner_dir),
         "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64", "SDXL_BATCH_ROWS": "4",
         "SDXL_BATCH_TIMEOUT_S": "1", "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),
         "SDXL_URL_SIGNING_SECRET": "l" * 32,

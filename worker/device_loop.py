@@ -86,17 +86,20 @@ def rows_for(job: Job, pixels: dict[str, Any] | None = None) -> list[Row]:
             image=pixels.get("init_image"),
             mask=pixels.get("mask_image"),
             strength=r.strength,
+            refiner_switch=r.refiner.switch_at if r.refiner else None,
+            aesthetic_score=r.refiner.aesthetic_score if r.refiner else 6.0,
+            negative_aesthetic_score=r.refiner.negative_aesthetic_score if r.refiner else 2.5,
         )
         for i in range(r.num_images)
     ]
 
 
-def shape_of(job: Job) -> tuple[int, int, bool]:
-    """The batcher's group: (height, width, guided). Guided and guidance-free rows run different programs (two
-    UNet rows per image or one), so they never share a batch."""
+def shape_of(job: Job) -> tuple[int, int, bool, bool]:
+    """The batcher's group: (height, width, guided, refined). Guided and guidance-free rows run different
+    programs (two UNet rows per image or one), and refined rows go on to the refiner's, so none share a batch."""
     r = job.request
     assert r.height is not None and r.width is not None
-    return r.height, r.width, r.guidance_scale > 1
+    return r.height, r.width, r.guidance_scale > 1, r.refiner is not None
 
 
 class DeviceLoop:
@@ -305,7 +308,7 @@ class DeviceLoop:
         self.finisher.submit(self._finish, Started(batch, jobs, pending, time.monotonic(), batch_id))
 
     def _dispatch(self, batch: Batch, jobs: list[Job]) -> Pending:
-        height, width, _ = batch.shape
+        height, width = batch.shape[:2]
         rows = [row for job in jobs for row in rows_for(job, self._pixels.get(job.id))]
         return self.engine.dispatch(rows, height, width)
 
@@ -435,6 +438,9 @@ class DeviceLoop:
                     ("init_image", r.init_image),
                     ("mask_image", r.mask_image),
                     ("strength", r.strength),
+                    ("refiner", r.refiner.model_dump() if r.refiner else None),
+                    ("refiner_model", self._refiner_name() if r.refiner else None),
+                    ("refiner_hash", self._refiner_hash() if r.refiner else None),
                 )
                 if value is not None
             },
@@ -455,6 +461,12 @@ class DeviceLoop:
             model=params["model"],
             model_hash=params["model_hash"],
         )
+
+    def _refiner_name(self) -> str:
+        return self.engine.models["refiner"].name
+
+    def _refiner_hash(self) -> str:
+        return self.engine.models["refiner"].weights_hash
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload with exponential backoff: a storage blip costs seconds, not the job."""

@@ -56,18 +56,29 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
         vae_dtype=settings.vae_dtype,
         config_dir=settings.model_config_dir or None,
+        unet=settings.unet or None,
     )
+    refiner = None
+    if settings.refiner:
+        refiner = model.load(
+            settings.refiner, model.resolve_dtype(settings.dtype), shape_cache=folder / "shapes",
+            weight_cache_dir=folder / "weights" if settings.weight_cache else None, vae_dtype=settings.vae_dtype,
+        )  # fmt: skip
     t1 = time.perf_counter()
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
         aot_dir=folder / "executables", aot_key=cache.signing_key(key),
-        progress_every_steps=settings.progress_every_steps,
+        progress_every_steps=settings.progress_every_steps, refiner=refiner,
     )  # fmt: skip
     compile_s = engine.compile()
-    m.digest_weights()  # recorded with every image: which weights made it
-    # The devices hold the weights now; the host copy would stay for the life of the process (SDXL: 6.7 GB).
-    m.drop_host_weights()
+    for served in (m, refiner):
+        if served is not None:
+            served.digest_weights()  # recorded with every image: which weights made it
+            # The devices hold the weights now; the host copy would stay for the life of the process (SDXL: 6.7 GB).
+            served.drop_host_weights()
+    if refiner is not None:
+        log.info("refiner %s (weights sha256 %s) served beside the model", refiner.name, refiner.weights_hash[:16])
     t2 = time.perf_counter()
     log.info(
         "engine ready in %.1f s: model %s (%s, weights sha256 %s), %d devices, sizes %s, batch %d; modules %.1f s, "

@@ -108,6 +108,11 @@ async function loadModels() {
   );
   $("scheduler").replaceChildren(...served.schedulers.map((s) => el("option", { value: s, text: s })));
   $("output_format").replaceChildren(...served.output_formats.map((s) => el("option", { value: s, text: s })));
+  $("timestep_spacing").replaceChildren(
+    el("option", { value: "", text: "the model's" }),
+    ...served.timestep_spacings.map((s) => el("option", { value: s, text: s })),
+  );
+  $("refiner-field").hidden = !served.refiner;
   $("steps").max = served.limits.max_steps;
   $("num_images").max = served.limits.max_images_per_job;
 }
@@ -139,7 +144,23 @@ async function checkKey() {
 
 // ---- one job -----------------------------------------------------------------------------------------
 
-function formRequest() {
+// Input images of a job whose settings were taken ("Use these settings"): their stored keys, sent again
+// until another file is chosen (a file input cannot be given a value).
+let reused = {};
+
+// A chosen file as a data: URL (the API takes base64 or a data: URL); null when none is chosen.
+function fileData(input) {
+  const file = input.files && input.files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function formRequest() {
   const f = $("job-form");
   const [width, height] = f.size.value.split("x").map(Number);
   const request = {
@@ -155,6 +176,13 @@ function formRequest() {
   if (f.negative_prompt.value) request.negative_prompt = f.negative_prompt.value;
   if (f.seed.value !== "") request.seed = Number(f.seed.value);
   if (f.webhook_url.value) request.webhook_url = f.webhook_url.value;
+  if (f.timestep_spacing.value) request.timestep_spacing = f.timestep_spacing.value;
+  const init = await fileData(f.init_image);
+  const mask = await fileData(f.mask_image);
+  if (init || reused.init_image) request.init_image = init || reused.init_image;
+  if (mask || reused.mask_image) request.mask_image = mask || reused.mask_image;
+  if (f.strength.value !== "") request.strength = Number(f.strength.value);
+  if (f.refiner.value !== "" && served.refiner) request.refiner = { switch_at: Number(f.refiner.value) };
   return request;
 }
 
@@ -176,7 +204,7 @@ async function submitJob(event) {
   try {
     const job = await api("/v1/jobs", {
       method: "POST",
-      body: formRequest(),
+      body: await formRequest(),
       headers: { "Idempotency-Key": randomKey() },
     });
     showJob(job);
@@ -317,6 +345,11 @@ function showImages(job) {
     ["scheduler", r.scheduler],
     ["format", r.output_format],
   ];
+  if (r.timestep_spacing) rows.push(["spacing", r.timestep_spacing]);
+  if (r.init_image) rows.push(["init image", r.init_image]);
+  if (r.mask_image) rows.push(["mask", r.mask_image]);
+  if (r.strength != null) rows.push(["strength", r.strength]);
+  if (r.refiner) rows.push(["refiner from", r.refiner.switch_at]);
   if (job.truncated) rows.push(["note", "the prompt was longer than 77 tokens and was cut"]);
   for (const [k, v] of rows) params.append(el("dt", { text: k }), el("dd", { text: String(v) }));
   params.hidden = false;
@@ -346,6 +379,12 @@ function useSettings(job) {
   f.num_images.value = r.num_images;
   f.scheduler.value = r.scheduler;
   f.output_format.value = r.output_format;
+  f.timestep_spacing.value = r.timestep_spacing ?? "";
+  reused = { init_image: r.init_image, mask_image: r.mask_image };
+  f.init_image.value = "";
+  f.mask_image.value = "";
+  f.strength.value = r.strength ?? "";
+  f.refiner.value = r.refiner ? r.refiner.switch_at : "";
   f.webhook_url.value = r.webhook_url ?? "";
   f.prompt.focus();
 }
@@ -537,6 +576,9 @@ async function refreshRuns() {
 async function start() {
   $("key-form").addEventListener("submit", saveKey);
   $("job-form").addEventListener("submit", submitJob);
+  for (const name of ["init_image", "mask_image"]) {
+    $(name).addEventListener("change", () => delete reused[name]); // a new file replaces the reused key
+  }
   $("cancel").addEventListener("click", cancelJob);
   $("dataset-form").addEventListener("submit", submitDataset);
   $("prompt").addEventListener("keydown", (event) => {

@@ -127,6 +127,8 @@ def submit(
     body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes)  # a size from the init image
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
+    if body.refiner is not None and not s.refiner:
+        raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

@@ -11,7 +11,7 @@ GET /v1/jobs): it is submitted and the answer waits for its end, up to SDXL_MAX_
     response_format url (signed, as GET /v1/jobs gives) or b64_json; output_format png/jpeg/webp;
     model: absent, "sdxl", or the served model's name; user and style: accepted, not used.
 Extensions outside OpenAI's API (pass them with the SDK's `extra_body`): negative_prompt, seed, steps,
-guidance_scale, scheduler. Errors are the service's problem details with OpenAI's `error` object added
+guidance_scale, scheduler, timestep_spacing. Errors are the service's problem details with OpenAI's `error` object added
 (api/errors.py), which the SDK reads.
 """
 
@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, ServicesDep
 from api.routes.jobs import owned, submit, until_ended
-from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputFormat, Scheduler
+from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputFormat, Scheduler, Spacing
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 STEPS_BY_QUALITY = {"low": 10, "medium": 20, "standard": 20, "auto": 20, "high": 40, "hd": 40}
@@ -55,6 +55,7 @@ class ImageGeneration(BaseModel):
     steps: int | None = Field(None, ge=1, le=150, description="Overrides quality.")
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     scheduler: Scheduler | None = None
+    timestep_spacing: Spacing | None = None  # "trailing" for SDXL-Turbo and Lightning
 
 
 class ImageData(BaseModel):
@@ -85,7 +86,7 @@ def to_job(body: ImageGeneration, served_model: str, sizes: list[tuple[int, int]
             served = ", ".join(f"{sw}x{sh}" for sh, sw in sizes)
             raise LimitError("size", f"{body.size} is not served; choose one of: {served}")
     steps = body.steps or min(STEPS_BY_QUALITY[body.quality or "auto"], max_steps)
-    own = ("negative_prompt", "seed", "guidance_scale", "scheduler")
+    own = ("negative_prompt", "seed", "guidance_scale", "scheduler", "timestep_spacing")
     extra = {k: v for k in own if (v := getattr(body, k)) is not None}
     return JobRequest(prompt=body.prompt, width=width, height=height, num_images=body.n, steps=steps,
                       output_format=body.output_format, **extra)  # fmt: skip

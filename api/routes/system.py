@@ -25,6 +25,7 @@ def models(services: ServicesDep) -> ModelPublic:
         sizes=[{"width": w, "height": h} for h, w in s.served_sizes],
         schedulers=[x.value for x in Scheduler],
         timestep_spacings=[x.value for x in Spacing],
+        refiner=s.refiner or None,
         options={
             "guidance_free": "guidance_scale <= 1 runs a program with one UNet row per image (half the work): what "
             "SDXL-Turbo (4 steps, trailing, guidance 0) and SDXL-Lightning (trailing euler) want",
@@ -32,9 +33,11 @@ def models(services: ServicesDep) -> ModelPublic:
             "lcm": f"for latent consistency models (an LCM-distilled UNet or LCM-LoRA): 2-8 steps, at most "
             f"{LCM_MAX_STEPS}, guidance 1-2",
             "init_image": "image-to-image with `strength` (default 0.3): any model",
-            "mask_image": "inpainting with init_image (default strength 0.9999): the base UNet, the image kept "
-            "outside the mask at every step (no 9-channel inpainting UNet yet)",
+            "mask_image": "inpainting with init_image (default strength 0.9999): on a base model the image is kept "
+            "outside the mask at every step; an inpainting model (9-channel UNet) is given the mask and masked image",
             "prediction_type": "epsilon, v_prediction or sample, from the served model's scheduler config",
+            "refiner": '{"switch_at": 0.8, "aesthetic_score": 6.0}: the last steps on the refiner (where one is '
+            "served: `refiner` above), as diffusers' base + refiner ensemble",
         },
         output_formats=[x.value for x in OutputFormat],
         limits={

@@ -70,6 +70,9 @@ def test_a_given_size_resizes_the_image(client, settings):
         ({"init_image": "IMG", "strength": 1.5}, "strength", "less than or equal to 1"),
         ({"scheduler": "lcm", "steps": 60}, "steps", "at most 50"),
         ({"timestep_spacing": "sideways"}, "timestep_spacing", "leading"),
+        ({"refiner": {"switch_at": 0.8}}, "refiner", "serves no refiner"),
+        ({"refiner": {"switch_at": 1.0}}, "refiner.switch_at", "less than 1"),
+        ({"refiner": {}, "init_image": "IMG"}, "refiner", "not served with init_image"),
     ],
 )
 def test_bad_inputs_are_422_naming_the_field_and_store_nothing(client, settings, change, field, hint):

@@ -120,6 +120,60 @@ def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page,
     assert page.evaluate("document.activeElement.id") == "prompt"
 
 
+def test_image_to_image_with_a_mask_and_the_refiner_from_the_page(page, tmp_path):
+    """Files chosen in the form go as data: URLs; the job names the stored keys, and "Use these settings" sends
+    them again without choosing the files anew."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(array: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG")
+        return out.getvalue()
+
+    picture = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    enter_key(page)
+    assert page.is_visible("#refiner-field")  # live_stack serves a refiner
+    spacings = page.eval_on_selector_all("#timestep_spacing option", "options => options.map(o => o.value)")
+    assert spacings == ["", "leading", "linspace", "trailing"]
+    page.fill("#prompt", "a lighthouse")
+    page.select_option("#size", "96x64")
+    page.fill("#steps", "4")
+    page.set_input_files("#init_image", files=[{"name": "p.png", "mimeType": "image/png", "buffer": png(picture)}])
+    page.set_input_files("#mask_image", files=[{"name": "m.png", "mimeType": "image/png", "buffer": png(mask)}])
+    page.fill("#strength", "0.75")
+    page.click("#submit")
+    page.wait_for_selector("#job-images img", timeout=JOB_S)
+    assert page.inner_text("#job-state").startswith("Succeeded")
+    params = dict(
+        zip(
+            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
+            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
+            strict=True,
+        )
+    )
+    assert params["init image"].startswith("inputs/") and params["mask"].startswith("inputs/")
+    assert params["strength"] == "0.75"
+    screenshot(page, tmp_path, "img2img.png")
+    # the same settings again, the files not chosen anew: the stored keys go with the job; then the refiner
+    page.locator("#gallery li").first.get_by_role("button", name="Use these settings").click()
+    assert page.input_value("#strength") == "0.75"
+    page.set_input_files("#mask_image", files=[])
+    page.fill("#strength", "")
+    page.evaluate("document.getElementById('init_image').dispatchEvent(new Event('change'))")  # drops the reuse
+    page.fill("#refiner", "0.8")
+    page.fill("#steps", "5")
+    page.click("#submit")
+    # the parameters are shown once the job has ended: the new job's, with the refiner and without an image
+    page.wait_for_selector("#job-params dt:has-text('refiner from')", timeout=JOB_S)
+    assert page.inner_text("#job-state").startswith("Succeeded")
+    assert "init image" not in page.inner_text("#job-params")
+
+
 def test_every_control_has_a_label_and_a_bad_key_is_said_plainly(page):
     unlabeled = page.eval_on_selector_all(
         "input, select, textarea", "nodes => nodes.filter(n => n.labels.length === 0).map(n => n.id)"

@@ -20,11 +20,12 @@ from worker.engine.engine import Engine, Row
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dir):
+def engine(tiny_dir, tiny_refiner_dir):
     from worker.engine import model
 
-    # the worker's model, dtype and batch rows
-    return Engine(model.load_folder(tiny_dir, np.float32, name="tiny"), [(64, 96)], batch_rows=4)
+    # the worker's model, refiner, dtype and batch rows
+    refiner = model.load_folder(tiny_refiner_dir, np.float32, name="tiny-refiner")
+    return Engine(model.load_folder(tiny_dir, np.float32, name="tiny"), [(64, 96)], batch_rows=4, refiner=refiner)
 
 
 def _picture() -> np.ndarray:
@@ -32,7 +33,7 @@ def _picture() -> np.ndarray:
     return np.stack([yy * 3, xx * 2, (xx + yy)], -1).astype(np.uint8)
 
 
-def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engine):
+def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engine, tiny_refiner_dir):
     url, key, settings = live_stack
     picture = _picture()
     mask = np.zeros((64, 96), np.uint8)
@@ -54,6 +55,9 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
                 "a bird", seed=7, steps=2, guidance_scale=0.0, timestep_spacing="trailing", width=96, height=64
             ),
             "ancestral": client.submit("a fish", seed=8, steps=3, scheduler="euler_ancestral", width=96, height=64),
+            "refined": client.submit(
+                "a ship", seed=9, steps=5, width=96, height=64, refiner={"switch_at": 0.7, "aesthetic_score": 7.0}
+            ),
         }
         done = {name: client.wait(job.id, timeout_s=300) for name, job in jobs.items()}
         for name, job in done.items():
@@ -63,6 +67,7 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
             "inpaint": Row("a door", seed=6, steps=6, image=picture, mask=mask, scheduler="ddim"),
             "turbo": Row("a bird", seed=7, steps=2, guidance_scale=0.0, timestep_spacing="trailing"),
             "ancestral": Row("a fish", seed=8, steps=3, scheduler="euler_ancestral"),
+            "refined": Row("a ship", seed=9, steps=5, refiner_switch=0.7, aesthetic_score=7.0),
         }
         for name, job in done.items():
             data = client.download(job.images[0])
@@ -76,6 +81,11 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
                 )
             assert ("mask_image" in params) == (name == "inpaint") and ("strength" in params) == (name == "img2img")
             assert params.get("timestep_spacing") == ("trailing" if name == "turbo" else None)
+            if name == "refined":
+                assert params["refiner"]["switch_at"] == 0.7 and params["refiner_model"] == str(tiny_refiner_dir)
+                assert len(params["refiner_hash"]) == 64
+            else:
+                assert "refiner" not in params
     # the guidance-free job ran in a batch of its own program: never beside a guided one
     r = redis.Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + 10
@@ -86,3 +96,5 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
             break
         time.sleep(0.2)
     assert with_turbo and all(b["jobs"] == [done["turbo"].id] for b in with_turbo), with_turbo
+    refined = [b for b in batches if done["refined"].id in b["jobs"]]
+    assert refined and all(b["jobs"] == [done["refined"].id] for b in refined), refined  # the refiner's own batch

@@ -79,6 +79,11 @@ class Row:
     # Inpainting (with `image`): (H, W) uint8, >= 128 where to generate, < 128 where the image is kept.
     mask: np.ndarray | None = None
     strength: float | None = None  # None: diffusers' defaults, 0.3 image-to-image, 0.9999 inpainting
+    # The refiner (an Engine built with one): the base runs the steps down to this share of the noise (diffusers'
+    # denoising_end), the refiner the rest (denoising_start), with its aesthetic-score conditioning.
+    refiner_switch: float | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @property
     def guided(self) -> bool:
@@ -132,6 +137,7 @@ class Engine:
         aot_dir: str | Path | None = None,
         aot_key: bytes | None = None,
         progress_every_steps: int = 1,
+        refiner: Model | None = None,
     ):
         if model.weights_dropped:
             raise EngineInputError("model", "its host weights were dropped once placed (drop_host_weights); reload it")
@@ -149,9 +155,14 @@ class Engine:
             raise EngineInputError("attention", f"auto or one of {attention_impl.IMPLEMENTATIONS}, got {attention!r}")
         if progress_every_steps < 1:
             raise EngineInputError("progress_every_steps", f"must be at least 1, got {progress_every_steps}")
+        if refiner is not None and (not refiner.refiner or refiner.latent_channels != model.latent_channels):
+            raise EngineInputError("refiner", "is not an SDXL refiner (one text encoder, 5 time ids) for this model")
+        if model.refiner:
+            raise EngineInputError("model", "is a refiner: serve a base model, with this one as its refiner")
         self.progress_every_steps = progress_every_steps
         self.attention = attention
         self.model = model
+        self.models = {"base": model} | ({"refiner": refiner} if refiner is not None else {})
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
         self.mesh = Mesh(np.array(devices), ("data",))
@@ -169,14 +180,15 @@ class Engine:
             pool.shutdown(wait=False)  # its one thread ends with the placement
         else:
             self.params = jax.device_put(model.params, self.replicated)
+        self.refiner_params = jax.device_put(refiner.wait(), self.replicated) if refiner is not None else None
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
         self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
-        self._executables: dict[tuple[str, int, int, int], Any] = {}
-        self._programs: dict[tuple[str, bool], program.Program] = {}
+        self._executables: dict[tuple[str, str, int, int, int], Any] = {}
+        self._programs: dict[tuple[str, str, bool], program.Program] = {}
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
         self._noise: dict[tuple[int, int, int], Any] = {}
-        self._schedules: dict[tuple[str, int, str | None, int], schedule.Schedule] = {}
+        self._schedules: dict[tuple[str, str, int, str | None, int, int | None], schedule.Schedule] = {}
         self.compile_s: dict[str, float] = {}
         # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
         self.aot_dir = Path(aot_dir) if aot_dir else None
@@ -185,7 +197,7 @@ class Engine:
         compile_log.install()  # tells a real compile from a persistent-cache hit (_load_or_compile)
         self.aot_loaded = 0
         self.dispatched: collections.Counter[str] = collections.Counter()  # batches run, by program kind
-        self._tokens = functools.lru_cache(maxsize=4096)(self._tokenize_one)
+        self._tokens = functools.lru_cache(maxsize=8192)(self._tokenize_one)
 
     # ------------------------------------------------------------------ compiling
 
@@ -193,11 +205,12 @@ class Engine:
         f = self.model.vae_scale_factor
         return (self.model.latent_channels, height // f, width // f)
 
-    def _abstract_args(self, kind: str, rows: int, height: int, width: int) -> list[Any]:
+    def _abstract_args(self, kind: str, rows: int, height: int, width: int, which: str = "base") -> list[Any]:
         """The arguments of one part of the program (program.Program), as shapes with their shardings."""
         r, s = self.rows_sharding, self.replicated
         spec = jax.ShapeDtypeStruct
-        params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), self.model.params)
+        m = self.models[which]
+        params = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=s), m.params)
         latents = spec((rows, *self._latent_shape(height, width)), jnp.float32, sharding=r)
         mask = spec((rows, 1, *self._latent_shape(height, width)[1:]), jnp.float32, sharding=r)
         scalars = spec((rows, len(program.SCALARS)), jnp.float32, sharding=r)
@@ -207,7 +220,7 @@ class Engine:
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
-            latents, latents, mask,  # noise, init, mask
+            latents, latents, mask, latents,  # noise, init, mask, masked
             spec((rows,), jnp.uint32, sharding=r),  # seeds
             scalars,
         ]  # fmt: skip
@@ -215,7 +228,7 @@ class Engine:
             return begin
         if part == "encode":
             return [params, spec((rows, 3, height, width), jnp.float32, sharding=r)]
-        state, context, pooled = jax.eval_shape(self._program("uint8", variant != "free").begin, *begin)
+        state, context, pooled = jax.eval_shape(self._program("uint8", variant != "free", which).begin, *begin)
         state = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, sharding=r), state)
         if part == "finish":
             return [params, state, scalars]
@@ -223,18 +236,18 @@ class Engine:
             params, state,
             spec(context.shape, context.dtype, sharding=r), spec(pooled.shape, pooled.dtype, sharding=r),
             scalars,
-            spec((rows, 6), jnp.float32, sharding=r),  # time_ids
+            spec((rows, 2, m.unet.time_ids), jnp.float32, sharding=r),  # time_ids
             spec((rows, len(program.TABLES), MAX_STEPS), jnp.float32, sharding=r),
             spec((), jnp.int32, sharding=s), spec((), jnp.int32, sharding=s),  # start, stop
         ]  # fmt: skip
 
-    def _program(self, output: str, guided: bool = True) -> program.Program:
-        key = (output, guided)
+    def _program(self, output: str, guided: bool = True, which: str = "base") -> program.Program:
+        key = (which, output, guided)
         if key not in self._programs:
-            self._programs[key] = program.build(self.model, output, self.attend, guided)
+            self._programs[key] = program.build(self.models[which], output, self.attend, guided)
         return self._programs[key]
 
-    def _aot_path(self, kind: str, height: int, width: int) -> Path | None:
+    def _aot_path(self, kind: str, height: int, width: int, which: str = "base") -> Path | None:
         """Where this program's serialized executable lives. The name covers everything the executable
         depends on except what the folder already does (chip kind, device count, JAX version, cache.key):
         the engine's own source, library versions, model configs and dtype, shape, attention."""
@@ -245,13 +258,14 @@ class Engine:
         digest = hashlib.sha256()
         for source in sorted(Path(__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
-        m = self.model
+        m = self.models[which]
         identity = (
             flax.__version__, m.configs.identity(), np.dtype(m.dtype).name, np.dtype(m.dtype_of("vae")).name,
             self.attention, [str(d) for d in self.mesh.devices.flat],
         )  # fmt: skip
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
-        return self.aot_dir / f"{kind}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
+        name = kind if which == "base" else f"{which}-{kind}"
+        return self.aot_dir / f"{name}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
 
     def _load_or_compile(self, path: Path | None, lower: Any) -> Any:
         from jax.experimental import serialize_executable
@@ -283,27 +297,27 @@ class Engine:
             os.replace(tmp, path)
         return compiled
 
-    def executable(self, height: int, width: int, kind: str = "advance") -> Any:
+    def executable(self, height: int, width: int, kind: str = "advance", which: str = "base") -> Any:
         """The compiled part of the program for (batch_rows, height, width), compiled on first use. kind: begin,
         advance (guided), begin-free, advance-free (guidance-free), encode, finish-uint8 or finish-float32."""
         if kind not in KINDS:
             raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
-        key = (kind, self.batch_rows, height, width)
+        key = (which, kind, self.batch_rows, height, width)
         if key not in self._executables:
             # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
             r, s = self.rows_sharding, self.replicated
             part, _, variant = kind.partition("-")
             output = variant if part == "finish" else "uint8"
             outs = {"begin": (r, r, r), "advance": (r, s), "finish": (r, r), "encode": r}[part]
-            jitted = jax.jit(getattr(self._program(output, variant != "free"), part), out_shardings=outs)
+            jitted = jax.jit(getattr(self._program(output, variant != "free", which), part), out_shardings=outs)
             t0 = time.perf_counter()
 
             def lower() -> Any:
-                return jitted.lower(*self._abstract_args(kind, self.batch_rows, height, width))
+                return jitted.lower(*self._abstract_args(kind, self.batch_rows, height, width, which))
 
             loaded_before = self.aot_loaded
-            self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width), lower)
-            name = f"{self.batch_rows}x{height}x{width}/{kind}"
+            self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width, which), lower)
+            name = f"{self.batch_rows}x{height}x{width}/{kind if which == 'base' else f'{which}-{kind}'}"
             self.compile_s[name] = time.perf_counter() - t0
             how = "loaded the serialized executable" if self.aot_loaded > loaded_before else "traced and compiled"
             log.info("%s %s in %.2f s", how, name, self.compile_s[name])
@@ -325,6 +339,10 @@ class Engine:
             self._noise_executable(h, w)
             for kind in SERVED_KINDS:
                 self.executable(h, w, kind)
+            if "refiner" in self.models:  # its own text encoder, steps and decode (no image input)
+                for kind in SERVED_KINDS:
+                    if kind != "encode":
+                        self.executable(h, w, kind, "refiner")
         self._place()
         return dict(self.compile_s)
 
@@ -362,6 +380,16 @@ class Engine:
             raise EngineInputError("guidance_scale", f"must be a finite number, got {row.guidance_scale}")
         if not 0 <= row.seed <= MAX_SEED:
             raise EngineInputError("seed", f"must be between 0 and {MAX_SEED}, got {row.seed}")
+        if row.refiner_switch is not None:
+            if "refiner" not in self.models:
+                raise EngineInputError("refiner_switch", "this engine has no refiner")
+            if not 0 < row.refiner_switch < 1:
+                raise EngineInputError("refiner_switch", f"must be between 0 and 1, got {row.refiner_switch}")
+            if row.image is not None:
+                raise EngineInputError("refiner_switch", "the refiner does not take an init image here")
+            for name in ("aesthetic_score", "negative_aesthetic_score"):
+                if not math.isfinite(getattr(row, name)):
+                    raise EngineInputError(name, f"must be a finite number, got {getattr(row, name)}")
         if row.image is None:
             for name in ("mask", "strength"):
                 if getattr(row, name) is not None:
@@ -383,33 +411,71 @@ class Engine:
                 "strength", f"{strength} of {row.steps} steps runs none; raise strength or steps (at least one step)"
             )
 
-    def _schedule(self, row: Row) -> schedule.Schedule:
+    def _schedule(self, row: Row, which: str = "base") -> schedule.Schedule:
+        """The row's tables on the base model or (its share of the steps) on the refiner."""
         strength = row.effective_strength()
-        start = 0
+        start, stop = 0, None
         if strength is not None and not (row.mask is not None and strength == 1):
             start = schedule.skipped_steps(row.steps, strength)
-        key = (row.scheduler, row.steps, row.timestep_spacing, start)
+        noise = self.models[which].noise
+        if row.refiner_switch is not None:
+            # each model splits its own run's timesteps at the switch (diffusers' denoising_end on the base,
+            # denoising_start on the refiner, each from its own scheduler config)
+            ts = schedule.timesteps(noise, row.scheduler, row.steps, row.timestep_spacing)
+            split = schedule.switch_step(ts, row.refiner_switch, noise.num_train_timesteps)
+            start, stop = (split, None) if which == "refiner" else (0, split)
+        key = (which, row.scheduler, row.steps, row.timestep_spacing, start, stop)
         if key not in self._schedules:  # a few hundred microseconds each; cached for the hot path
             try:
-                made = schedule.build(self.model.noise, row.scheduler, row.steps, row.timestep_spacing, start)
+                made = schedule.build(noise, row.scheduler, row.steps, row.timestep_spacing, start, stop)
             except ValueError as e:  # a scheduler this model's config cannot run (LCM past its grid, ...)
                 field_name, _, message = str(e).partition(": ")
+                if row.refiner_switch is not None and field_name == "strength":
+                    field_name = "refiner_switch"
                 raise EngineInputError(field_name if message else "scheduler", message or str(e)) from None
             self._schedules[key] = made
         return self._schedules[key]
 
-    def _tokenize_one(self, text: str) -> tuple[tuple[tuple[int, ...], ...], bool]:
+    def _tokenize_one(self, text: str, which: str = "base") -> tuple[tuple[tuple[int, ...], ...], bool]:
         """(ids for both tokenizers, was it cut). Cached in __init__: negative prompts and padded rows repeat
-        in nearly every batch, and each text takes three tokenizer passes."""
+        in nearly every batch, and each text takes three tokenizer passes. The refiner has the second
+        tokenizer alone: its ids stand in both places (the first is not read)."""
+        m = self.models[which]
+        first = m.tokenizer or m.tokenizer_2
         pair = tuple(
             tuple(tok(text, padding="max_length", max_length=MAX_TOKENS, truncation=True).input_ids)
-            for tok in (self.model.tokenizer, self.model.tokenizer_2)
+            for tok in (first, m.tokenizer_2)
         )
-        return pair, len(self.model.tokenizer(text).input_ids) > MAX_TOKENS
+        return pair, len(first(text).input_ids) > MAX_TOKENS
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        done = [self._tokens(text) for text in texts]
+    def _tokenize(self, texts: list[str], which: str = "base") -> tuple[np.ndarray, list[bool]]:
+        done = [self._tokens(text, which) for text in texts]
         return np.asarray([ids for ids, _ in done], dtype=np.int32), [cut for _, cut in done]
+
+    def _refiner_inputs(self, padded: list[Row], height: int, width: int) -> dict[str, Any]:
+        """The refiner's own inputs for a batch: its text encoding, tables from the switch on, and its time ids
+        (original size, crop, aesthetic score; the unconditional row with the negative score)."""
+        ids, _ = self._tokenize([r.prompt for r in padded], "refiner")
+        neg_ids, _ = self._tokenize([r.negative_prompt or "" for r in padded], "refiner")
+        scheds = [self._schedule(r, "refiner") for r in padded]
+        zeros = self.models["refiner"].force_zeros_for_empty_prompt
+        time_ids = []
+        for r in padded:
+            size = [*(r.original_size or (height, width)), *r.crop_top_left]
+            time_ids.append([[*size, r.negative_aesthetic_score], [*size, r.aesthetic_score]])
+        return {
+            "ids": ids,
+            "neg_ids": neg_ids,
+            "neg_zero": np.array([r.negative_prompt is None and zeros for r in padded]),
+            # the sample goes on from the base's: init weight 1, no noise added (diffusers' denoising_start)
+            "scalars": np.array(
+                [[r.guidance_scale, 0.0, s.out_scale, 1.0] for r, s in zip(padded, scheds, strict=True)],
+                dtype=np.float32,
+            ),
+            "time_ids": np.array(time_ids, dtype=np.float32),
+            "tables": np.stack([np.stack([s.tables[n] for n in program.TABLES]) for s in scheds]).astype(np.float32),
+            "steps": max(s.steps for s in scheds),
+        }
 
     def _host_inputs(self, rows: Sequence[Row], height: int, width: int) -> tuple[dict[str, Any], list[bool]]:
         if not 1 <= len(rows) <= self.batch_rows:
@@ -427,9 +493,10 @@ class Engine:
             # diffusers' inpainting at strength 1 starts from pure noise; every other image start adds noise to it
             from_image = r.image is not None and not (r.mask is not None and r.effective_strength() == 1)
             scalars.append([r.guidance_scale, s.image_scale if from_image else s.init_scale, s.out_scale, from_image])
+        # the same size conditioning for the unconditional and the conditional row (diffusers' default)
         time_ids = np.array(
             [
-                [*(r.original_size or (height, width)), *r.crop_top_left, *(r.target_size or (height, width))]
+                [[*(r.original_size or (height, width)), *r.crop_top_left, *(r.target_size or (height, width))]] * 2
                 for r in padded
             ],
             dtype=np.float32,
@@ -461,6 +528,20 @@ class Engine:
                     # binarized at half scale, then nearest-neighbour down to the latents (diffusers' inpainting)
                     masks[i, 0] = (r.mask[::f, ::f].astype(np.float32) / 255.0 >= 0.5).astype(np.float32)
             inputs["masks"] = masks
+        if self.model.inpainting:
+            # An inpainting UNet sees the image with the mask's area blanked (0 in [-1, 1]) through the VAE. A row
+            # without a mask is generated everywhere (all of it blanked), as is a row without an image.
+            masked = np.zeros((len(padded), 3, height, width), np.float32)
+            for i, r in enumerate(padded):
+                if r.image is not None and r.mask is not None:
+                    keep = (r.mask.astype(np.float32) / 255.0 < 0.5)[None]
+                    masked[i] = inputs["images"][i] * keep
+            inputs["masked_images"] = masked
+        refined = {r.refiner_switch is not None for r in padded}
+        if refined == {True, False}:
+            raise EngineInputError("refiner_switch", "rows with and without the refiner cannot share a batch")
+        if refined == {True}:
+            inputs["refiner"] = self._refiner_inputs(padded, height, width)
         truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
         return inputs, truncated
 
@@ -515,6 +596,10 @@ class Engine:
         else:
             init = self._placeholder("init", height, width)
         mask = jax.device_put(inputs["masks"], r) if "masks" in inputs else self._placeholder("mask", height, width)
+        if "masked_images" in inputs:
+            masked = run("encode")(self.params, jax.device_put(inputs["masked_images"], r))
+        else:
+            masked = self._placeholder("init", height, width)
         if guided is False and inputs["guided"]:
             raise EngineInputError("guidance_scale", "a row has guidance > 1: the guidance-free program cannot run it")
         suffix = "" if (inputs["guided"] if guided is None else guided) else "-free"
@@ -522,7 +607,7 @@ class Engine:
         if "images" in inputs:
             self.dispatched["encode"] += 1
         state, context, pooled = run("begin" + suffix)(
-            self.params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars
+            self.params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
         )
         steps = int(inputs["steps"])
         marks = []
@@ -532,8 +617,46 @@ class Engine:
                 self.params, state, context, pooled, scalars, time_ids, tables, self._step(start), self._step(stop)
             )
             marks.append((stop, mark))
-        images, finite = run(f"finish-{output}")(self.params, state, scalars)
+        if "refiner" in inputs:
+            state, steps = self._refine(inputs, state, noise, mask, masked, seeds, height, width, suffix, steps, marks)
+            images, finite = run(f"finish-{output}", "refiner")(
+                self.refiner_params, state, jax.device_put(inputs["refiner"]["scalars"], r)
+            )
+        else:
+            images, finite = run(f"finish-{output}")(self.params, state, scalars)
         return Pending(images, finite, len(rows), truncated, steps, marks)
+
+    def _refine(
+        self,
+        inputs: dict[str, Any],
+        base: dict[str, Any],
+        noise: Any,
+        mask: Any,
+        masked: Any,
+        seeds: Any,
+        height: int,
+        width: int,
+        suffix: str,
+        done: int,
+        marks: list[tuple[int, Any]],
+    ) -> tuple[dict[str, Any], int]:
+        """The refiner's steps on the base's sample, queued behind the base's; returns (state, steps done)."""
+        r = self.rows_sharding
+        ref = {k: jax.device_put(v, r) if isinstance(v, np.ndarray) else v for k, v in inputs["refiner"].items()}
+        run = functools.partial(self.executable, height, width, which="refiner")
+        state, context, pooled = run("begin" + suffix)(
+            self.refiner_params, ref["ids"], ref["neg_ids"], ref["neg_zero"], noise, base["x"], mask, masked, seeds,
+            ref["scalars"],
+        )  # fmt: skip
+        steps = int(ref["steps"])
+        for start in range(0, steps, self.progress_every_steps):
+            stop = min(start + self.progress_every_steps, steps)
+            state, mark = run("advance" + suffix)(
+                self.refiner_params, state, context, pooled, ref["scalars"], ref["time_ids"], ref["tables"],
+                self._step(start), self._step(stop),
+            )  # fmt: skip
+            marks.append((done + stop, mark))
+        return state, done + steps
 
     def _step(self, index: int) -> Any:
         """A step index on the devices (replicated), made once: not a host-to-device copy per chunk."""

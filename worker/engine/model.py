@@ -74,19 +74,25 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class Configs:
-    """The four networks' configs: everything that decides parameter shapes and the traced program."""
+    """The networks' configs: everything that decides parameter shapes and the traced program. SDXL's refiner
+    has no first text encoder (text_encoder None)."""
 
     unet: UNetConfig
     vae: VAEConfig
-    text_encoder: CLIPConfig
+    text_encoder: CLIPConfig | None
     text_encoder_2: CLIPConfig
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The components this model has weights for."""
+        return tuple(p for p in COMPONENTS if getattr(self, p) is not None)
 
     @classmethod
     def from_dicts(cls, configs: dict[str, dict[str, Any]], where: str) -> Configs:
         """diffusers/transformers config.json contents per component; a config that is not SDXL's is a
         ModelError naming the component and what was found."""
         try:
-            te1 = CLIPConfig.from_transformers(configs["text_encoder"])
+            te1 = CLIPConfig.from_transformers(configs["text_encoder"]) if configs.get("text_encoder") else None
             te2 = CLIPConfig.from_transformers(configs["text_encoder_2"])
             if not te2.with_projection:
                 raise ValueError("text_encoder_2 is not a CLIPTextModelWithProjection (SDXL's pooled embedding)")
@@ -94,18 +100,25 @@ class Configs:
             vae = VAEConfig.from_diffusers(configs["vae"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: not an SDXL base model: {exc}") from exc
-        if unet.cross_attention_dim != te1.hidden_size + te2.hidden_size:
+        text_width = te2.hidden_size + (te1.hidden_size if te1 else 0)
+        if unet.cross_attention_dim != text_width:
             raise ModelError(
-                f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text, the two text encoders give "
-                f"{te1.hidden_size} + {te2.hidden_size}"
+                f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text, the text encoders give "
+                f"{text_width}"
             )
-        if unet.in_channels != vae.latent_channels:
+        if unet.in_channels not in (vae.latent_channels, 2 * vae.latent_channels + 1):
             raise ModelError(
                 f"{where}: the UNet takes {unet.in_channels} input channels and the VAE makes {vae.latent_channels}"
-                " latent channels: an inpainting UNet (9 channels) is not served"
+                f" latent channels: neither a base UNet ({vae.latent_channels}) nor an inpainting one"
+                f" ({2 * vae.latent_channels + 1}: latents, mask, masked image latents)"
             )
-        if unet.time_ids != 6:
-            raise ModelError(f"{where}: a UNet with {unet.time_ids} time ids is SDXL's refiner, which is not served")
+        # SDXL base: both text encoders and 6 size ids; the refiner: the second alone and 5 ids (an aesthetic score
+        # in place of the target size)
+        if (unet.time_ids == 5) != (te1 is None):
+            raise ModelError(
+                f"{where}: a UNet with {unet.time_ids} time ids and {'one text encoder' if te1 is None else 'two'} is "
+                "neither SDXL base (two, 6 ids) nor its refiner (the second alone, 5 ids)"
+            )
         return cls(unet, vae, te1, te2)
 
     def module(self, part: str, dtype: Any, attend: Any = attention.einsum) -> Any:
@@ -117,14 +130,14 @@ class Configs:
         return TextEncoder(cfg, dtype)
 
     def identity(self) -> dict[str, Any]:
-        return {part: dataclasses.asdict(getattr(self, part)) for part in COMPONENTS}
+        return {part: dataclasses.asdict(getattr(self, part)) for part in self.parts}
 
 
 @dataclass
 class Model:
     name: str
     configs: Configs
-    tokenizer: Any  # transformers' CLIPTokenizer
+    tokenizer: Any  # our CLIPTokenizer (worker/engine/tokenizer.py); None for a refiner (no first text encoder)
     tokenizer_2: Any
     noise: NoiseConfig
     # {"unet": ..., "vae": ..., "text_encoder": ..., "text_encoder_2": ...}: host arrays, or their shapes
@@ -179,6 +192,16 @@ class Model:
     @property
     def vae(self) -> VAEConfig:
         return self.configs.vae
+
+    @property
+    def refiner(self) -> bool:
+        """SDXL's refiner: the second text encoder alone, an aesthetic score among the UNet's time ids."""
+        return self.configs.text_encoder is None
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: it also takes the mask and the masked image's latents as input channels."""
+        return self.configs.unet.in_channels != self.configs.vae.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -275,7 +298,10 @@ def convert_component(
 def _check_folder(root: Path) -> None:
     if not (root / "model_index.json").exists():
         raise ModelError(f"{root} is not a diffusers SDXL folder (no model_index.json)")
+    index = json.loads((root / "model_index.json").read_text())
     for part in (*COMPONENTS, "tokenizer", "tokenizer_2", "scheduler"):
+        if part in ("text_encoder", "tokenizer") and index.get(part, [None])[0] is None and part in index:
+            continue  # the refiner's model_index says [null, null]
         if not (root / part).is_dir():
             raise ModelError(f"{root} has no {part}/ folder; an SDXL model needs {part}")
 
@@ -340,14 +366,14 @@ def _assemble(source: Source, dtype: Any, vae_dtype: str, shape_cache: Path | No
     still being read on a thread (Model.wait), so compiling can overlap reading."""
     configs = source.configs
     vae_dt = resolve_vae_dtype(vae_dtype, dtype, configs.vae)
-    dtypes = {part: vae_dt if part == "vae" else dtype for part in COMPONENTS}
-    shapes = {part: _shapes(configs, part, shape_cache) for part in COMPONENTS}
+    dtypes = {part: vae_dt if part == "vae" else dtype for part in configs.parts}
+    shapes = {part: _shapes(configs, part, shape_cache) for part in configs.parts}
     sources: dict[str, str] = {}
 
     def read_all() -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
         params = {}
-        for part in COMPONENTS:
+        for part in configs.parts:
             params[part], sources[part] = source.weights(part, shapes[part], dtypes[part])
         return params, time.perf_counter() - t0
 
@@ -362,13 +388,13 @@ def _assemble(source: Source, dtype: Any, vae_dtype: str, shape_cache: Path | No
     model = Model(
         name=source.name,
         configs=configs,
-        tokenizer=tokenizer.load(source.tokenizer_dir / "tokenizer"),
+        tokenizer=tokenizer.load(source.tokenizer_dir / "tokenizer") if configs.text_encoder else None,
         tokenizer_2=tokenizer.load(source.tokenizer_dir / "tokenizer_2"),
         noise=NoiseConfig.from_diffusers(source.scheduler),
         # every weight is cast to its component's dtype, so these shapes are what the arrays will be
         params={
             part: jax.tree_util.tree_map(lambda s, d=dtypes[part]: jax.ShapeDtypeStruct(s.shape, d), shapes[part])
-            for part in COMPONENTS
+            for part in configs.parts
         },
         dtype=dtype,
         vae_dtype=vae_dt,
@@ -384,10 +410,11 @@ def _assemble(source: Source, dtype: Any, vae_dtype: str, shape_cache: Path | No
 def folder_source(root: Path, name: str, variant: str = "", weight_cache_dir: Path | None = None) -> Source:
     """A diffusers SDXL folder: configs, tokenizers and scheduler from it, weights from its safetensors."""
     _check_folder(root)
-    files = {part: _locate_weights(root / part, stem, variant) for part, stem in _WEIGHT_STEMS.items()}
+    present = [part for part in COMPONENTS if (root / part / "config.json").exists()]
     configs = Configs.from_dicts(
-        {part: json.loads((root / part / "config.json").read_text()) for part in COMPONENTS}, str(root)
+        {part: json.loads((root / part / "config.json").read_text()) for part in present}, str(root)
     )
+    files = {part: _locate_weights(root / part, _WEIGHT_STEMS[part], variant) for part in configs.parts}
     index = json.loads((root / "model_index.json").read_text())
 
     def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
@@ -415,13 +442,42 @@ def load_folder(
     background: bool = False,
     weight_cache_dir: Path | None = None,
     vae_dtype: str = "auto",
+    unet: str | Path | None = None,
 ) -> Model:
     """A diffusers SDXL folder. background: return once the configs are read, with the weights still being
     read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once.
-    weight_cache_dir: where converted weights are kept between starts (weight_cache); None converts each time."""
+    weight_cache_dir: where converted weights are kept between starts (weight_cache); None converts each time.
+    unet: another UNet's weights in place of the folder's (with_unet)."""
     root = Path(path)
     source = folder_source(root, name or str(root), variant, weight_cache_dir)
+    if unet:
+        source = with_unet(source, Path(unet), weight_cache_dir)
     return _assemble(source, dtype, vae_dtype, shape_cache, background)
+
+
+def with_unet(source: Source, path: Path, weight_cache_dir: Path | None = None) -> Source:
+    """The model with its UNet's weights read from another file: a UNet-only .safetensors in diffusers' layout
+    (how SDXL-Lightning ships `sdxl_lightning_4step_unet.safetensors`) or a diffusers UNet folder, of the same
+    architecture (a folder's config.json must agree). The name says so, and the weights' hash follows."""
+    if path.is_dir():
+        config = path / "config.json"
+        if config.exists():
+            theirs = UNetConfig.from_diffusers(json.loads(config.read_text()), source.configs.unet.pooled_width)
+            if theirs != source.configs.unet:
+                raise ModelError(f"UNet {path}: its config.json is not the model's UNet architecture")
+        files = _locate_weights(path, _WEIGHT_STEMS["unet"])
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ModelError(f"UNet {path}: no such file or folder")
+    base = source.weights
+
+    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+        if part != "unet":
+            return base(part, shapes, dtype)
+        return convert_component("unet", lambda: read_state(files), files, shapes, dtype, weight_cache_dir, str(path))
+
+    return dataclasses.replace(source, name=f"{source.name}+unet:{path.name}", weights=weights)
 
 
 def load_single_file(
@@ -433,6 +489,7 @@ def load_single_file(
     weight_cache_dir: Path | None = None,
     vae_dtype: str = "auto",
     config_dir: Path | None = None,
+    unet: str | Path | None = None,
 ) -> Model:
     """A single-file SDXL checkpoint (sd_xl_base_1.0.safetensors layout). Configs are inferred from the
     tensors; tokenizers and scheduler are SDXL's defaults, or a diffusers folder's (config_dir, as diffusers'
@@ -440,6 +497,8 @@ def load_single_file(
     from worker.engine import single_file
 
     source = single_file.source(Path(path), name or str(path), weight_cache_dir, config_dir)
+    if unet:
+        source = with_unet(source, Path(unet), weight_cache_dir)
     return _assemble(source, dtype, vae_dtype, shape_cache, background)
 
 
@@ -492,6 +551,7 @@ def load(
     weight_cache_dir: Path | None = None,
     vae_dtype: str = "auto",
     config_dir: str | Path | None = None,
+    unet: str | Path | None = None,
 ) -> Model:
     """`tiny`, a local folder, a single-file checkpoint (`*.safetensors`), or a hub id such as
     stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`: a folder where parameter shapes are kept between
@@ -501,12 +561,13 @@ def load(
     for configs, tokenizers and scheduler (load_single_file)."""
     options = {"shape_cache": shape_cache, "background": background, "weight_cache_dir": weight_cache_dir}
     options["vae_dtype"] = vae_dtype
-    if spec == "tiny":
+    options["unet"] = unet or None  # a UNet-only weights file or folder in place of the model's (with_unet)
+    if spec in ("tiny", "tiny-refiner", "tiny-inpaint"):
         from worker.engine import tiny
 
-        folder = Path(tiny_dir or tiny.default_dir())
-        tiny.ensure(folder)
-        return load_folder(folder, dtype, name="tiny", **options)
+        folder = Path(tiny_dir or tiny.default_dir()) if spec == "tiny" else tiny.default_dir(spec)
+        tiny.ensure(folder, preset=spec)
+        return load_folder(folder, dtype, name=spec, **options)
     path = Path(spec)
     if path.is_file():
         return load_single_file(path, dtype, config_dir=Path(config_dir) if config_dir else None, **options)

@@ -40,11 +40,14 @@ def step_noise(seed: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.
 
 
 def _encode(model: Model, params: dict[str, Any], ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """ids (n, 2, 77) -> context (n, 77, d1 + d2), pooled (n, p): SDXL's penultimate-layer embeddings."""
-    te1 = model.configs.module("text_encoder", model.dtype)
+    """ids (n, 2, 77) -> context (n, 77, d1 + d2), pooled (n, p): SDXL's penultimate-layer embeddings. The
+    refiner has the second text encoder alone: context (n, 77, d2)."""
     te2 = model.configs.module("text_encoder_2", model.dtype)
-    context1, _ = te1.apply({"params": params["text_encoder"]}, ids[:, 0])
     context2, pooled = te2.apply({"params": params["text_encoder_2"]}, ids[:, 1])
+    if model.refiner:
+        return context2, pooled
+    te1 = model.configs.module("text_encoder", model.dtype)
+    context1, _ = te1.apply({"params": params["text_encoder"]}, ids[:, 0])
     return jnp.concatenate([context1, context2], axis=-1), pooled
 
 
@@ -58,9 +61,10 @@ def _pair(x: jax.Array) -> jax.Array:
 class Program:
     """The traced functions (see the module's docstring); jit them with `jax.jit`. `state` is a dict of per-row
     arrays: x (the sample in sigma space), d (the last denoised estimate), noise (the starting noise), init (image
-    latents, zeros without an image), mask (B, 1, h, w: 1 = generate, 0 = keep the image), seeds."""
+    latents, zeros without an image), mask (B, 1, h, w: 1 = generate, 0 = keep the image), masked (the masked
+    image's latents, for an inpainting UNet; zeros otherwise), seeds."""
 
-    # (params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars) -> (state, context, pooled)
+    # (params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars) -> (state, context, pooled)
     begin: Any
     # (params, state, context, pooled, scalars, time_ids, tables, start, stop) -> (state, stop): steps start..stop-1
     advance: Any
@@ -78,6 +82,9 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
     vae = model.configs.module("vae", model.dtype_of("vae"), attend)
     vae_cfg = model.vae
     stats = vae_cfg.latents_mean is not None and vae_cfg.latents_std is not None
+    # An inpainting UNet sees the mask and the masked image's latents as extra input channels, and is not
+    # blended (diffusers blends only for a base UNet).
+    inpainting = model.inpainting
 
     def encode(params, image):
         mean, _ = vae.apply({"params": params["vae"]}, image, method="encode")
@@ -90,7 +97,7 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
             return (latents - m) * vae_cfg.scaling_factor / s
         return latents * vae_cfg.scaling_factor
 
-    def begin(params, ids, neg_ids, neg_zero, noise, init, mask, seeds, scalars):
+    def begin(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars):
         # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise, init (B, C, h, w) f32; mask (B, 1, h, w) f32;
         # seeds (B,) uint32; scalars (B, len(SCALARS))
         b = ids.shape[0]
@@ -105,23 +112,29 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
             context, pooled = _encode(model, params, ids)
         x = init * scalars[:, 3, None, None, None] + noise * scalars[:, 1, None, None, None]
         state = {"x": x, "d": jnp.zeros_like(x), "noise": noise, "init": init, "mask": mask, "seeds": seeds}
+        if inpainting:
+            state["masked"] = masked
         return state, context, pooled
 
     def advance(params, state, context, pooled, scalars, time_ids, tables, start, stop):
-        # context (nB, 77, D), pooled (nB, P) with n = 2 guided, 1 not; time_ids (B, 6); tables (B, T, MAX_STEPS);
+        # context (nB, 77, D), pooled (nB, P) with n = 2 guided, 1 not; time_ids (B, 2, ids): the unconditional
+        # and the conditional row's (they differ for the refiner's aesthetic score); tables (B, T, MAX_STEPS);
         # start, stop () int32.
         b = state["x"].shape[0]
         guidance = scalars[:, 0, None, None, None]
         t = {name: tables[:, i] for i, name in enumerate(TABLES)}
         rows = _pair if guided else (lambda v: v)
-        row_ids = rows(time_ids)
+        row_ids = time_ids.reshape(2 * b, -1) if guided else time_ids[:, 1]  # [uncond0, cond0, uncond1, ...]
         latent_shape = state["x"].shape[1:]
         draw = jax.vmap(step_noise, in_axes=(0, None, None))
 
         def step(i, carry):
             x, d_prev = carry
             col = lambda name: t[name][:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
-            model_in = (x * col("c_in")).astype(dtype)
+            model_in = x * col("c_in")
+            if inpainting:  # the extra channels go in unscaled, as in diffusers
+                model_in = jnp.concatenate([model_in, state["mask"], state["masked"]], axis=1)
+            model_in = model_in.astype(dtype)
             out = unet.apply(
                 {"params": params["unet"]}, rows(model_in), rows(t["timesteps"][:, i]), context, pooled, row_ids
             ).astype(jnp.float32)
@@ -132,9 +145,10 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
                 out = jnp.where(guidance > 1, uncond + guidance * (text - uncond), text)
             d = col("p") * x + col("q") * out
             x = col("a") * x + col("b") * d + col("c") * d_prev + col("e") * draw(state["seeds"], i, latent_shape)
-            # Inpainting: outside the mask, the image re-noised to the next step's level (blend 0 on padding).
-            keep = (1 - state["mask"]) * col("blend")
-            x = (1 - keep) * x + keep * (state["init"] * col("k") + col("s_next") * state["noise"])
+            if not inpainting:
+                # Inpainting: outside the mask, the image re-noised to the next step's level (blend 0 on padding).
+                keep = (1 - state["mask"]) * col("blend")
+                x = (1 - keep) * x + keep * (state["init"] * col("k") + col("s_next") * state["noise"])
             return x, d
 
         # Traced bounds: any chunk of steps, and any number of steps, runs on this one executable.

@@ -119,6 +119,18 @@ class Schedule:
         raise AttributeError(name)
 
 
+def timesteps(cfg: NoiseConfig, scheduler: Scheduler | str, steps: int, spacing: Spacing | str | None) -> np.ndarray:
+    """The full run's timesteps, one per step."""
+    return build(cfg, scheduler, steps, spacing).timesteps[:steps]
+
+
+def switch_step(timesteps: np.ndarray, switch: float, num_train_timesteps: int = 1000) -> int:
+    """Where the base hands over to the refiner (diffusers' denoising_end / denoising_start): the number of
+    steps whose timestep is at or above the cutoff. The base runs those, the refiner the rest."""
+    cutoff = round(num_train_timesteps - switch * num_train_timesteps)
+    return int((timesteps >= cutoff).sum())
+
+
 def skipped_steps(steps: int, strength: float) -> int:
     """diffusers' get_timesteps: the steps an image-to-image strength skips at the start."""
     return max(steps - min(int(steps * strength), steps), 0)
@@ -296,13 +308,16 @@ def build(
     steps: int,
     spacing: Spacing | str | None = None,
     start: int = 0,
+    stop: int | None = None,
 ) -> Schedule:
     """The tables for one row: `steps` steps on the `spacing` grid (None: the model's), of which the first
-    `start` are skipped (image-to-image). Raises ValueError naming the field for bad input."""
+    `start` are skipped (image-to-image, or the refiner's part) and those from `stop` on are left to another
+    model (the base's part before the refiner). Raises ValueError naming the field for bad input."""
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if not 0 <= start < steps:
-        raise ValueError(f"strength: leaves no step to run of {steps} (start {start})")
+    stop = steps if stop is None else stop
+    if not 0 <= start < stop <= steps:
+        raise ValueError(f"strength: leaves no step to run of {steps} (steps {start} to {stop})")
     scheduler = Scheduler(scheduler)
     spacing = Spacing(spacing or cfg.timestep_spacing)
     if scheduler is Scheduler.euler_ancestral and cfg.prediction_type == "sample":
@@ -316,12 +331,12 @@ def build(
     else:
         grid = _dpmpp(cfg, steps, start)
 
-    run = range(start, steps)
-    sig = grid.sigmas[start:steps]
+    run = range(start, stop)
+    sig = grid.sigmas[start:stop]
     pq = [_prediction(cfg, float(s)) for s in sig]
-    coef = grid.coef[start:]
+    coef = grid.coef[start:stop]
     columns = {
-        "timesteps": _pad(grid.timesteps[start:], grid.timesteps[-1]),
+        "timesteps": _pad(grid.timesteps[start:stop], grid.timesteps[stop - 1]),
         "c_in": _pad(1 / np.sqrt(sig**2 + 1), 1.0),
         "p": _pad([v[0] for v in pq], 1.0),
         "q": _pad([v[1] for v in pq], 0.0),
@@ -329,8 +344,8 @@ def build(
         "b": _pad([v[1] for v in coef], 0.0),
         "c": _pad([v[2] for v in coef], 0.0),
         "e": _pad([v[3] for v in coef], 0.0),
-        "s_next": _pad(grid.s_next[start:], 0.0),
-        "k": _pad(grid.k[start:], 1.0),
+        "s_next": _pad(grid.s_next[start:stop], 0.0),
+        "k": _pad(grid.k[start:stop], 1.0),
         "blend": _pad([1.0] * len(run), 0.0),
     }
     return Schedule(

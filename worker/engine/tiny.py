@@ -100,6 +100,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # tells the two apart by width, and the tests read a tiny single-file checkpoint with it.
     "tiny": {"unet": {"cross_attention_dim": 80}, "vae": {}, "text": {},
              "text_2": {"hidden_size": 48, "intermediate_size": 96}},
+    # SDXL's refiner at tiny size: no first text encoder, the UNet attends to the second's 48 and takes 5 time ids
+    "tiny-refiner": {"unet": {"cross_attention_dim": 48, "projection_class_embeddings_input_dim": 32 + 5 * 8},
+                     "vae": {}, "text": None, "text_2": {"hidden_size": 48, "intermediate_size": 96}},
+    # the same with an inpainting UNet: 9 input channels (the latents, the mask, the masked image's latents)
+    "tiny-inpaint": {"unet": {"cross_attention_dim": 80, "in_channels": 9}, "vae": {}, "text": {},
+                     "text_2": {"hidden_size": 48, "intermediate_size": 96}},
     "mid": {
         "unet": {"block_out_channels": [128, 256, 512], "attention_head_dim": [2, 4, 8],
                  "transformer_layers_per_block": [1, 2, 2], "cross_attention_dim": 512,
@@ -126,14 +132,27 @@ def configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
     """The four component configs of a preset (diffusers / transformers config.json contents)."""
     p = PRESETS[preset]
     vocab_size = len(_vocab())
-    return {
+    made = {
         "unet": UNET | p["unet"],
         "vae": VAE | p["vae"],
-        "text_encoder": _text_config(vocab_size, "quick_gelu") | p["text"],
+        "text_encoder": _text_config(vocab_size, "quick_gelu") | (p["text"] or {}),
         "text_encoder_2": _text_config(vocab_size, "gelu")
         | {"architectures": ["CLIPTextModelWithProjection"]}
         | p["text_2"],
     }
+    if p["text"] is None:  # a refiner
+        del made["text_encoder"]
+    return made
+
+
+def model_index(preset: str = "tiny") -> dict[str, Any]:
+    if PRESETS[preset]["text"] is not None:
+        return MODEL_INDEX
+    # the refiner's: no first text encoder or tokenizer, an aesthetic score, an empty negative prompt encoded
+    return MODEL_INDEX | {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
+        "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False,
+    }  # fmt: skip
 
 
 def default_dir(preset: str = "tiny") -> Path:
@@ -179,17 +198,17 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
 def build_params(
     preset: str = "tiny",
     dtype: Any = np.float32,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] | None = None,
     precision: Any = np.float64,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Random Flax parameters for a preset (all four components, or `parts`), the same on every machine.
+    """Random Flax parameters for a preset (all its components, or `parts`), the same on every machine.
     precision, threads: random_leaf's draw, and how many leaves are drawn at once (numpy fills off the GIL);
     float32 on every core is what a benchmark of the full SDXL wants, float64 the values the tests expect."""
     from worker.engine.model import Configs
 
     made = Configs.from_dicts(configs(preset), preset)
-    shapes = {part: made.module(part, np.float32).shapes() for part in parts}
+    shapes = {part: made.module(part, np.float32).shapes() for part in parts or made.parts}
     # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
     # (about 40 s on a CPU). Each leaf's generator is seeded by its path (component included), so neither
     # the order nor which components are built together changes a value.
@@ -215,10 +234,11 @@ def random_leaf(path: tuple[str, ...], dims: tuple[int, ...], precision: Any = n
 def write_configs(folder: Path, preset: str = "tiny") -> None:
     """Everything of a diffusers folder but the weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(model_index(preset), indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    _write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    if PRESETS[preset]["text"] is not None:
+        _write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     _write_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
     for part, config in configs(preset).items():
         (folder / part).mkdir(exist_ok=True)
@@ -240,7 +260,7 @@ def write(
     from safetensors.numpy import save_file
 
     write_configs(folder, preset)
-    for part in PARTS:
+    for part in configs(preset):
         params = build_params(preset, dtype, parts=(part,), precision=precision, threads=threads)[part]
         stem = "diffusion_pytorch_model" if part in ("unet", "vae") else "model"
         state = convert.flax_to_pt(params)

@@ -15,11 +15,16 @@ What diffusers draws from its own generator is handed in instead, so both sides 
 Cases: guidance off (1.0 and 0.0: the guidance-free program), Euler ancestral, trailing and linspace spacing,
 v_prediction and sample prediction (a scheduler config saying so), LCM, StableDiffusionXLImg2ImgPipeline at
 strengths 0.3 and 0.75 (Euler, DPM++ 2M Karras, DDIM), StableDiffusionXLInpaintPipeline (the base UNet's mask
-blending) at its default strength and at 1.0; plus the Euler ancestral and LCM timestep/sigma tables.
+blending) at its default strength and at 1.0, the same pipeline on an inpainting UNet (9 input channels, the
+`tiny-inpaint` preset) at its default strength and 0.6, base + refiner (the `tiny-refiner` preset: the second
+text encoder alone, 5 time ids) at switches 0.8 and 0.7, the base with its UNet's weights from a UNet-only file
+(SDXL-Lightning's way: tests/worker/engine/unet_variant.py makes it) at 4 trailing Euler steps; plus the Euler
+ancestral and LCM timestep/sigma tables.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -38,6 +43,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.pipelines.stable_diffusion_xl import (
     pipeline_stable_diffusion_xl_img2img as img2img_module,
@@ -47,10 +53,12 @@ from diffusers.pipelines.stable_diffusion_xl import (
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
 from PIL import Image
+from safetensors.torch import load_file
 
 from worker.engine import program, tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
+import unet_variant
 from make_reference import weights_digest
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -169,6 +177,56 @@ def main(out: str) -> None:
                              mask_image=Image.fromarray(mask), height=HEIGHT, width=WIDTH, guidance_scale=7.5,
                              num_inference_steps=STEPS, output_type="np", **kwargs).images  # fmt: skip
             add(f"inpaint/{scheduler}/{strength}", result, scheduler=scheduler, guidance_scale=7.5, strength=strength)
+
+    # an inpainting UNet (9 input channels: latents, mask, masked image latents), built like the tiny model
+    inpaint_folder = work / "tiny-inpaint"
+    tiny.write(inpaint_folder, preset="tiny-inpaint")
+    nine = StableDiffusionXLInpaintPipeline.from_pretrained(inpaint_folder, torch_dtype=torch.float32)
+    nine.set_progress_bar_config(disable=True)
+    assert nine.unet.config.in_channels == 9
+    for scheduler in ("euler", "dpmpp_2m_karras"):
+        for strength in (None, 0.6):
+            nine.scheduler = scheduler_for(scheduler, config)
+            kwargs = {} if strength is None else {"strength": strength}
+            result = nine(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image),
+                          mask_image=Image.fromarray(mask), height=HEIGHT, width=WIDTH, guidance_scale=7.5,
+                          num_inference_steps=STEPS, output_type="np", **kwargs).images  # fmt: skip
+            add(f"inpaint9/{scheduler}/{strength}", result, scheduler=scheduler, guidance_scale=7.5, strength=strength)
+    arrays["inpaint9_weights_sha256"] = np.frombuffer(weights_digest(inpaint_folder).encode(), dtype=np.uint8)
+
+    # base + refiner (diffusers' ensemble of experts): the base to denoising_end, its latents to the refiner's
+    # img2img pipeline from denoising_start, with the refiner's aesthetic-score conditioning
+    refiner_folder = work / "tiny-refiner"
+    tiny.write(refiner_folder, preset="tiny-refiner")
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, torch_dtype=torch.float32)
+    refiner.set_progress_bar_config(disable=True)
+    assert refiner.text_encoder is None and refiner.config.requires_aesthetics_score
+    for scheduler, switch, aesthetic in (("euler", 0.8, 6.0), ("dpmpp_2m_karras", 0.7, 6.0), ("ddim", 0.8, 4.0)):
+        base.scheduler = scheduler_for(scheduler, config)
+        refiner.scheduler = scheduler_for(scheduler, dict(refiner.scheduler.config))
+        handed = base(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, num_inference_steps=STEPS,
+                      height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents), denoising_end=switch,
+                      output_type="latent").images  # fmt: skip
+        result = refiner(prompt=PROMPT, negative_prompt=NEGATIVE, image=handed, guidance_scale=7.5,
+                         num_inference_steps=STEPS, denoising_start=switch, aesthetic_score=aesthetic,
+                         output_type="np").images  # fmt: skip
+        add(f"refiner/{scheduler}/{switch}", result, scheduler=scheduler, guidance_scale=7.5, refiner_switch=switch,
+            aesthetic_score=aesthetic)  # fmt: skip
+    arrays["refiner_weights_sha256"] = np.frombuffer(weights_digest(refiner_folder).encode(), dtype=np.uint8)
+
+    # SDXL-Lightning's way: the base model with its UNet's weights replaced from a UNet-only file, trailing Euler,
+    # no guidance
+    override = unet_variant.write(folder, work / "lightning_unet.safetensors")
+    lightning_unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    lightning_unet.load_state_dict(load_file(override))
+    lightning = StableDiffusionXLPipeline.from_pretrained(folder, unet=lightning_unet, torch_dtype=torch.float32)
+    lightning.set_progress_bar_config(disable=True)
+    lightning.scheduler = scheduler_for("euler", config, timestep_spacing="trailing")
+    result = lightning(prompt=PROMPT, guidance_scale=0.0, num_inference_steps=4, height=HEIGHT, width=WIDTH,
+                       latents=torch.from_numpy(latents), output_type="np").images  # fmt: skip
+    add("unet_override/euler/trailing", result, scheduler="euler", guidance_scale=0.0, steps=4,
+        timestep_spacing="trailing", unet_override=True)  # fmt: skip
+    arrays["unet_override_sha256"] = np.frombuffer(hashlib.sha256(override.read_bytes()).hexdigest().encode(), np.uint8)
 
     for scheduler in ("euler_ancestral", "lcm"):
         for spacing in ("leading", "linspace", "trailing"):

@@ -286,3 +286,22 @@ def test_background_load_reports_problems(tmp_path, tiny_dir):
     vae.unlink()  # a missing file is reported before anything is read or compiled
     with pytest.raises(model.ModelError, match=r"no weights in .*vae"):
         model.load_folder(tmp_path / "m", np.float32, background=True)
+
+
+def test_a_unet_override_that_is_not_there_is_refused(tiny_dir):
+    from worker.engine.model import ModelError, load_folder
+
+    with pytest.raises(ModelError, match="no such file or folder"):
+        load_folder(tiny_dir, np.float32, unet=tiny_dir / "nope.safetensors")
+
+
+def test_a_refiner_is_not_served_as_the_base(tiny_dir, tmp_path):
+    from worker.engine import tiny
+    from worker.engine.engine import Engine, EngineInputError
+    from worker.engine.model import load_folder
+
+    tiny.write(tmp_path / "refiner", preset="tiny-refiner")
+    refiner = load_folder(tmp_path / "refiner", np.float32)
+    assert refiner.refiner and refiner.tokenizer is None and "text_encoder" not in refiner.params
+    with pytest.raises(EngineInputError, match="is a refiner"):
+        Engine(refiner, [(64, 64)], batch_rows=1)

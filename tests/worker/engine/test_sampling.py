@@ -33,6 +33,7 @@ def _row(sampling, case, **change):
         meta["prompt"], meta["negative_prompt"], seed=meta["seed"], guidance_scale=case["guidance_scale"],
         steps=case.get("steps", meta["steps"]), scheduler=case["scheduler"],
         timestep_spacing=case.get("timestep_spacing"), image=image, mask=mask, strength=case.get("strength"),
+        refiner_switch=case.get("refiner_switch"), aesthetic_score=case.get("aesthetic_score", 6.0),
     )  # fmt: skip
     return dataclasses.replace(row, **change)
 
@@ -53,23 +54,59 @@ def _neighbours(case, sampling):
     if name.startswith("img2img/"):
         other = 0.75 if case["strength"] == 0.3 else 0.3
         return [{"strength": other}, {"image": None, "strength": None}]
+    if name.startswith("unet_override/"):
+        return [{}]  # the same row on the model's own UNet (see the test)
+    if name.startswith("refiner/"):
+        # the switch moved; the aesthetic score changed (its conditioning must count)
+        # (a switch that moves the split on every grid here; the score at the far end of its range, since the tiny
+        # random UNet answers a change of 3 by less than 1e-3)
+        return [{"refiner_switch": 0.95}, {"aesthetic_score": 10.0}]
+    if name.startswith("inpaint9/"):
+        return [{"mask": None}, {"strength": 0.3}]  # no mask: generated everywhere; another strength
     return [{"mask": None}, {"strength": 0.5}]  # inpaint: no mask (plain img2img); another strength
 
 
 @pytest.fixture(scope="module")
-def engines(tiny32):
-    """One engine per prediction type (the program is the same; only the tables differ)."""
+def engines(tiny32, tiny_dir, sampling, tmp_path_factory):
+    """One engine per prediction type (the program is the same; only the tables differ), one on the tiny model
+    with an inpainting UNet (9 input channels), and the tiny model with a tiny refiner."""
+    import hashlib
+
+    from worker.engine import model, tiny
+
     made = {}
     for prediction in ("epsilon", "v_prediction", "sample"):
-        model = dataclasses.replace(tiny32, noise=dataclasses.replace(tiny32.noise, prediction_type=prediction))
-        made[prediction] = Engine(model, [(64, 96)], batch_rows=3)
+        m = dataclasses.replace(tiny32, noise=dataclasses.replace(tiny32.noise, prediction_type=prediction))
+        made[prediction] = Engine(m, [(64, 96)], batch_rows=3)
+    folder = tmp_path_factory.mktemp("tiny-inpaint")
+    tiny.write(folder, preset="tiny-inpaint")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*/*.safetensors"))))
+    assert bytes(sampling["inpaint9_weights_sha256"]).decode() == digest.hexdigest(), "rerun make_sampling_reference.py"
+    made["inpaint9"] = Engine(model.load_folder(folder, np.float32, name="tiny-inpaint"), [(64, 96)], batch_rows=3)
+    folder = tmp_path_factory.mktemp("tiny-refiner")
+    tiny.write(folder, preset="tiny-refiner")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*/*.safetensors"))))
+    assert bytes(sampling["refiner_weights_sha256"]).decode() == digest.hexdigest(), "rerun make_sampling_reference.py"
+    refiner = model.load_folder(folder, np.float32, name="tiny-refiner")
+    made["refiner"] = Engine(tiny32, [(64, 96)], batch_rows=3, refiner=refiner)
+    from tests.worker.engine import unet_variant
+
+    override = unet_variant.write(tiny_dir, tmp_path_factory.mktemp("lightning") / "unet.safetensors")
+    assert bytes(sampling["unet_override_sha256"]).decode() == hashlib.sha256(override.read_bytes()).hexdigest()
+    lightning = model.load_folder(tiny_dir, np.float32, name="tiny", unet=override)
+    assert lightning.name == "tiny+unet:unet.safetensors"
+    made["unet_override"] = Engine(lightning, [(64, 96)], batch_rows=3)
     return made
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_parity_with_pytorch_diffusers(sampling, engines, name):
     case = _case(sampling, name)
-    engine = engines[case.get("prediction_type", "epsilon")]
+    engine = engines[
+        name.split("/")[0]
+        if name.startswith(("inpaint9/", "refiner/", "unet_override/"))
+        else case.get("prediction_type", "epsilon")
+    ]
     rows = [_row(sampling, case)] + [_row(sampling, case, **n) for n in _neighbours(case, sampling)]
     meta = sampling["meta"]
     latents = np.repeat(sampling["latents"], len(rows), axis=0)
@@ -84,13 +121,24 @@ def test_parity_with_pytorch_diffusers(sampling, engines, name):
     else:
         out = engine.generate(rows, meta["height"], meta["width"], latents=latents, output="float32")
         misses = [float(np.abs(image - want).max()) for image in out.images]
-    if name.startswith("prediction/"):  # the neighbour: the same row on the epsilon model
+    if name.startswith(("prediction/", "unet_override/")):  # the neighbour: the same row on the plain model
         eps = engines["epsilon"].generate(
             rows[:1], meta["height"], meta["width"], latents=latents[:1], output="float32"
         )
         misses[1] = float(np.abs(eps.images[0] - want).max())
+    if name.startswith("refiner/"):  # and the base alone, every step: the refiner swapped out
+        alone = engine.generate(
+            [dataclasses.replace(rows[0], refiner_switch=None)], meta["height"], meta["width"], latents=latents[:1],
+            output="float32",
+        )  # fmt: skip
+        misses.append(float(np.abs(alone.images[0] - want).max()))
     same, *swaps = misses
     assert same < PARITY_TOL, same
+    if name.startswith("refiner/"):
+        # the aesthetic score moves the tiny random refiner's pixels by ~7e-4 only: enough to fail the parity
+        # check (so the test sees a score the program ignored or misplaced), not the 10x margin of the rest
+        aesthetic = swaps.pop(1)
+        assert aesthetic > 5 * PARITY_TOL, aesthetic
     assert min(swaps) > 10 * PARITY_TOL, swaps
 
 
