@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # a UNet-only weights file (diffusers' layout) or UNet folder served in place of the model's UNet, same
     # architecture: SDXL-Lightning's sdxl_lightning_4step_unet.safetensors on SDXL base; '': the model's own
     unet: str = ""
+    # another VAE for the model: a diffusers AutoencoderKL folder or a hub id (madebyollin/sdxl-vae-fp16-fix, or
+    # the VAE a fine-tune ships); '': the model's own
+    vae: str = ""
     # SDXL's refiner beside the model (a diffusers folder, a hub id such as
     # stabilityai/stable-diffusion-xl-refiner-1.0, or 'tiny-refiner'): jobs may ask for it; '': none
     refiner: str = ""

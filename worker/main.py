@@ -57,6 +57,7 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
         vae_dtype=settings.vae_dtype,
         config_dir=settings.model_config_dir or None,
         unet=settings.unet or None,
+        vae=settings.vae or None,
     )
     refiner = None
     if settings.refiner:

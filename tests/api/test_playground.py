@@ -94,6 +94,11 @@ def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page,
     steps = [int(s.split("step ")[1].split(" ")[0]) for s in states if s.startswith("Running: step")]
     assert steps and steps == sorted(steps) and all(s.endswith(" of 120.") for s in states if "step" in s), states
     assert any(s.startswith("Queued") for s in states), states  # the job was seen queued before it ran
+    # the <img> is in the page as the job ends; its bytes arrive a moment later (on a busy machine, later still)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#job-images img'); return i.complete && i.naturalWidth > 0; }",
+        timeout=30_000,
+    )
     size = page.eval_on_selector("#job-images img", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
     assert size == [True, 96, 64]  # the signed URL served the real image
     params = dict(

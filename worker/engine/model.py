@@ -443,16 +443,47 @@ def load_folder(
     weight_cache_dir: Path | None = None,
     vae_dtype: str = "auto",
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> Model:
     """A diffusers SDXL folder. background: return once the configs are read, with the weights still being
     read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once.
     weight_cache_dir: where converted weights are kept between starts (weight_cache); None converts each time.
-    unet: another UNet's weights in place of the folder's (with_unet)."""
+    unet, vae: another UNet's weights, another VAE, in place of the folder's (with_unet, with_vae)."""
     root = Path(path)
     source = folder_source(root, name or str(root), variant, weight_cache_dir)
     if unet:
         source = with_unet(source, Path(unet), weight_cache_dir)
+    if vae:
+        source = with_vae(source, Path(vae), weight_cache_dir)
     return _assemble(source, dtype, vae_dtype, shape_cache, background)
+
+
+def with_vae(source: Source, path: Path, weight_cache_dir: Path | None = None) -> Source:
+    """The model with another VAE: a diffusers AutoencoderKL folder (config.json and its weights), such as
+    madebyollin/sdxl-vae-fp16-fix or the VAE a fine-tune ships. Its config replaces the model's (scaling factor,
+    latent statistics, force_upcast); it must make the UNet's latent channels. The name says so."""
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise ModelError(f"VAE {path}: not a diffusers AutoencoderKL folder (no config.json)")
+    try:
+        vae = VAEConfig.from_diffusers(json.loads(config_path.read_text()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"VAE {path}: {exc}") from exc
+    if vae.latent_channels != source.configs.vae.latent_channels:
+        raise ModelError(
+            f"VAE {path}: makes {vae.latent_channels} latent channels, the model's UNet takes "
+            f"{source.configs.vae.latent_channels}"
+        )
+    files = _locate_weights(path, _WEIGHT_STEMS["vae"])
+    base = source.weights
+
+    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+        if part != "vae":
+            return base(part, shapes, dtype)
+        return convert_component("vae", lambda: read_state(files), files, shapes, dtype, weight_cache_dir, str(path))
+
+    configs = dataclasses.replace(source.configs, vae=vae)
+    return dataclasses.replace(source, name=f"{source.name}+vae:{path.name}", configs=configs, weights=weights)
 
 
 def with_unet(source: Source, path: Path, weight_cache_dir: Path | None = None) -> Source:
@@ -490,6 +521,7 @@ def load_single_file(
     vae_dtype: str = "auto",
     config_dir: Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> Model:
     """A single-file SDXL checkpoint (sd_xl_base_1.0.safetensors layout). Configs are inferred from the
     tensors; tokenizers and scheduler are SDXL's defaults, or a diffusers folder's (config_dir, as diffusers'
@@ -499,6 +531,8 @@ def load_single_file(
     source = single_file.source(Path(path), name or str(path), weight_cache_dir, config_dir)
     if unet:
         source = with_unet(source, Path(unet), weight_cache_dir)
+    if vae:
+        source = with_vae(source, Path(vae), weight_cache_dir)
     return _assemble(source, dtype, vae_dtype, shape_cache, background)
 
 
@@ -526,12 +560,16 @@ def resolve_dtype(name: str) -> Any:
     return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
 
 
-def fetch_hub(repo_id: str, cache_dir: str | None = None, variant: str = "") -> Path:
-    """Download (or find in the cache) the files an SDXL repo needs. Raises ModelError when it cannot."""
+def fetch_hub(
+    repo_id: str, cache_dir: str | None = None, variant: str = "", patterns: list[str] | None = None
+) -> Path:
+    """Download (or find in the cache) the files an SDXL repo needs (or `patterns`). Raises ModelError when it
+    cannot."""
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=hub_patterns(variant), cache_dir=cache_dir))
+        allow = patterns or hub_patterns(variant)
+        return Path(snapshot_download(repo_id, allow_patterns=allow, cache_dir=cache_dir))
     except Exception as exc:  # network, auth, missing repo: all end in the same advice
         cache = cache_dir or constants.HF_HUB_CACHE
         raise ModelError(
@@ -539,6 +577,15 @@ def fetch_hub(repo_id: str, cache_dir: str | None = None, variant: str = "") -> 
             f"{cache} ({type(exc).__name__}: {exc}). Download it where the network allows "
             f"(`hf download {repo_id}`) and copy the cache, or point SDXL_MODEL at a local folder or file."
         ) from exc
+
+
+def _vae_folder(spec: str | Path) -> Path:
+    """A VAE override's folder: a local one, or a hub id (a VAE-only repository such as
+    madebyollin/sdxl-vae-fp16-fix) fetched into the Hugging Face cache."""
+    path = Path(spec)
+    if path.exists() or str(spec).startswith(("/", ".")) or str(spec).count("/") != 1:
+        return path
+    return fetch_hub(str(spec), patterns=["config.json", "diffusion_pytorch_model.safetensors"])
 
 
 def load(
@@ -552,6 +599,7 @@ def load(
     vae_dtype: str = "auto",
     config_dir: str | Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> Model:
     """`tiny`, a local folder, a single-file checkpoint (`*.safetensors`), or a hub id such as
     stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`: a folder where parameter shapes are kept between
@@ -562,6 +610,7 @@ def load(
     options = {"shape_cache": shape_cache, "background": background, "weight_cache_dir": weight_cache_dir}
     options["vae_dtype"] = vae_dtype
     options["unet"] = unet or None  # a UNet-only weights file or folder in place of the model's (with_unet)
+    options["vae"] = _vae_folder(vae) if vae else None  # another VAE (with_vae): a folder or a hub id
     if spec in ("tiny", "tiny-refiner", "tiny-inpaint"):
         from worker.engine import tiny
 

@@ -41,6 +41,12 @@ def sampling(tiny_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def models_reference(tiny_dir: Path) -> dict[str, Any]:
+    """diffusers with the tiny model's parts replaced (make_models_reference.py, same weights)."""
+    return _fixture(tiny_dir, "models.npz")
+
+
+@pytest.fixture(scope="session")
 def tiny_single_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's weights as one single-file checkpoint (Stability's key names), as make_reference.py
     writes it for diffusers' from_single_file."""

@@ -18,7 +18,7 @@ strengths 0.3 and 0.75 (Euler, DPM++ 2M Karras, DDIM), StableDiffusionXLInpaintP
 blending) at its default strength and at 1.0, the same pipeline on an inpainting UNet (9 input channels, the
 `tiny-inpaint` preset) at its default strength and 0.6, base + refiner (the `tiny-refiner` preset: the second
 text encoder alone, 5 time ids) at switches 0.8 and 0.7, the base with its UNet's weights from a UNet-only file
-(SDXL-Lightning's way: tests/worker/engine/unet_variant.py makes it) at 4 trailing Euler steps; plus the Euler
+(SDXL-Lightning's way: tests/worker/engine/variants.py makes it) at 4 trailing Euler steps; plus the Euler
 ancestral and LCM timestep/sigma tables.
 """
 
@@ -58,7 +58,7 @@ from safetensors.torch import load_file
 from worker.engine import program, tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
-import unet_variant
+import variants
 from make_reference import weights_digest
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -216,7 +216,7 @@ def main(out: str) -> None:
 
     # SDXL-Lightning's way: the base model with its UNet's weights replaced from a UNet-only file, trailing Euler,
     # no guidance
-    override = unet_variant.write(folder, work / "lightning_unet.safetensors")
+    override = variants.write_unet(folder, work / "lightning_unet.safetensors")
     lightning_unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
     lightning_unet.load_state_dict(load_file(override))
     lightning = StableDiffusionXLPipeline.from_pretrained(folder, unet=lightning_unet, torch_dtype=torch.float32)

@@ -305,3 +305,46 @@ def test_a_refiner_is_not_served_as_the_base(tiny_dir, tmp_path):
     assert refiner.refiner and refiner.tokenizer is None and "text_encoder" not in refiner.params
     with pytest.raises(EngineInputError, match="is a refiner"):
         Engine(refiner, [(64, 64)], batch_rows=1)
+
+
+@pytest.mark.parametrize("case", ["text2img", "img2img"])
+def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_reference, tmp_path, case):
+    """SDXL_VAE: another VAE folder (moved weights, another scaling factor) in place of the model's, against
+    diffusers' pipelines given `vae=AutoencoderKL.from_pretrained(that folder)`, float32, same latents. The
+    model's own VAE must miss, and so must the other VAE's weights with the model's own config."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    from worker.engine.model import load_folder
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import variants
+    from make_models_reference import folder_digest
+
+    vae_dir = variants.write_vae(tiny_dir, tmp_path / "other-vae")
+    assert bytes(models_reference["vae_sha256"]).decode() == folder_digest(vae_dir), "rerun make_models_reference"
+    meta = models_reference["meta"]
+    served = load_folder(tiny_dir, np.float32, name="tiny", vae=vae_dir)
+    assert served.name == "tiny+vae:other-vae" and served.vae.scaling_factor == variants.VAE_SCALING_FACTOR
+    own_config = dataclasses.replace(served, configs=dataclasses.replace(served.configs, vae=model.load_folder(
+        tiny_dir, np.float32).vae))  # fmt: skip
+    row = Row(meta["prompt"], meta["negative_prompt"], seed=meta["seed"], guidance_scale=7.5, steps=meta["steps"])
+    if case == "img2img":
+        row = dataclasses.replace(row, image=models_reference["image"], strength=0.6)
+    want = models_reference[f"vae_override/{case}/image"][0]
+    misses = []
+    for m in (served, model.load_folder(tiny_dir, np.float32), own_config):
+        out = Engine(m, [(64, 96)], batch_rows=1).generate(
+            [row], 64, 96, latents=models_reference["latents"], output="float32"
+        )
+        misses.append(float(np.abs(out.images[0] - want).max()))
+    assert misses[0] < 1e-4, misses
+    assert min(misses[1:]) > 1e-3, misses
+
+
+def test_a_vae_override_that_is_not_a_vae_folder_is_refused(tiny_dir, tmp_path):
+    from worker.engine.model import ModelError, load_folder
+
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        load_folder(tiny_dir, np.float32, vae=tmp_path)

@@ -1,0 +1,42 @@
+"""Weights files derived from the tiny model, made the same wherever this runs (the make_*_reference.py scripts,
+the tests): each tensor moved by a fixed amount seeded by its name.
+
+- write_unet: a UNet-only file, as SDXL-Lightning ships its distilled UNet (`sdxl_lightning_4step_unet.safetensors`:
+  diffusers' UNet layout, no config);
+- write_vae: a VAE folder (config.json and weights), as madebyollin/sdxl-vae-fp16-fix or a fine-tune's VAE ships,
+  with another scaling factor so that using the model's own config instead shows.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+VAE_SCALING_FACTOR = 0.18215  # SD 1.5's: not the tiny model's 0.13025
+
+
+def _moved(state: dict[str, np.ndarray], amount: float) -> dict[str, np.ndarray]:
+    moved = {}
+    for name, value in sorted(state.items()):
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        scale = float(np.abs(value).mean()) or 1.0
+        moved[name] = (value + amount * scale * rng.standard_normal(value.shape)).astype(value.dtype)
+    return moved
+
+
+def write_unet(tiny_dir: Path, path: Path) -> Path:
+    save_file(_moved(load_file(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors"), 0.3), path)
+    return path
+
+
+def write_vae(tiny_dir: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((tiny_dir / "vae" / "config.json").read_text()) | {"scaling_factor": VAE_SCALING_FACTOR}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = _moved(load_file(tiny_dir / "vae" / "diffusion_pytorch_model.safetensors"), 0.1)
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    return folder
