@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +38,11 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from worker.engine import model, tiny
+    from bench.side_by_side import alternate, random_model
     from worker.engine.engine import Engine, Row
 
     w, h = (int(v) for v in args.size.split("x"))
-    folder = Path(tempfile.mkdtemp(prefix=f"progress-{args.preset}-"))
-    tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
-    m = model.load_folder(folder, np.float32, name=args.preset)
+    m = random_model(args.preset, "progress")
     rows = [Row(f"a picture number {i}", seed=i, steps=args.steps) for i in range(args.batch)]
     per_step = Engine(m, [(h, w)], args.batch, progress_every_steps=1)
     one_chunk = Engine(m, [(h, w)], args.batch, progress_every_steps=args.steps)
@@ -88,17 +82,8 @@ def main() -> None:
         return one_chunk.generate(rows, h, w).images
 
     variants = {"per_step": run_per_step, "one_chunk": run_one_chunk, "fused": run_fused}
-    first, images, times = {}, {}, {name: [] for name in variants}
-    for name, run in variants.items():
-        t0 = time.perf_counter()
-        images[name] = run()
-        first[name] = time.perf_counter() - t0
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    ran = alternate(variants, args.rounds)
+    first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
         "preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
         "jax": jax.__version__, "device": jax.devices()[0].device_kind, "dtype": "float32",

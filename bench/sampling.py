@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +41,11 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from worker.engine import model, tiny
+    from bench.side_by_side import alternate, random_model
     from worker.engine.engine import Engine, Row
 
     w, h = (int(v) for v in args.size.split("x"))
-    folder = Path(tempfile.mkdtemp(prefix=f"sampling-{args.preset}-"))
-    tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
-    m = model.load_folder(folder, np.float32, name=args.preset)
+    m = random_model(args.preset, "sampling")
     engine = Engine(m, [(h, w)], args.batch)
 
     def rows(steps: int, guidance: float, spacing: str | None) -> list[Row]:
@@ -68,17 +62,8 @@ def main() -> None:
         "turbo_4": lambda: engine.generate(fast, h, w).images,
         "guided_20": lambda: engine.generate(rows(20, 5.0, None), h, w).images,
     }
-    first, images, times = {}, {}, {name: [] for name in variants}
-    for name, run in variants.items():
-        t0 = time.perf_counter()
-        images[name] = run()
-        first[name] = time.perf_counter() - t0
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    ran = alternate(variants, args.rounds)
+    first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
         "preset": args.preset, "size": args.size, "batch": args.batch, "rounds": args.rounds,
         "jax": jax.__version__, "device": jax.devices()[0].device_kind, "dtype": "float32",

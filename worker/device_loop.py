@@ -12,6 +12,7 @@ returns (so its message is acknowledged) only after the job's result is recorded
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -254,21 +255,9 @@ class DeviceLoop:
         out = {}
         for name in ("init_image", "mask_image"):
             key = getattr(job.request, name)
-            if key is None:
-                continue
-            for attempt in range(self.upload_attempts):
-                try:
-                    data = self.storage.get(key)
-                    self.storage_outage.ok()
-                    break
-                except KeyError:
-                    raise KeyError(key) from None
-                except Exception as exc:
-                    self.storage_outage.failed(exc)
-                    if attempt == self.upload_attempts - 1:
-                        raise
-                    time.sleep(min(self.upload_backoff_max_s, self.upload_backoff_s * 2**attempt))
-            out[name] = inputs.pixels(data, mask=name == "mask_image")
+            if key is not None:
+                data = self._storage_call(functools.partial(self.storage.get, key))
+                out[name] = inputs.pixels(data, mask=name == "mask_image")
         return out
 
     def _start(self, batch: Batch) -> None:
@@ -470,16 +459,24 @@ class DeviceLoop:
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload with exponential backoff: a storage blip costs seconds, not the job."""
+        self._storage_call(functools.partial(self.storage.put, key, data, content_type))
+
+    def _storage_call(self, call: Callable[[], Any]) -> Any:
+        """A storage call with exponential backoff (SDXL_UPLOAD_ATTEMPTS, ..._BACKOFF_S, ..._BACKOFF_MAX_S), each
+        outage noted once; a missing object (KeyError) is an answer, not an outage, and is raised at once."""
         for attempt in range(self.upload_attempts):
             try:
-                self.storage.put(key, data, content_type)
+                result = call()
                 self.storage_outage.ok()
-                return
+                return result
+            except KeyError:
+                raise
             except Exception as exc:
                 self.storage_outage.failed(exc)
                 if attempt == self.upload_attempts - 1:
                     raise
                 time.sleep(min(self.upload_backoff_max_s, self.upload_backoff_s * 2**attempt))
+        raise AssertionError("unreachable: the last attempt raises")
 
     def _record(self, job: Job, futures: list[Future[ImageRecord]], truncated: bool) -> None:
         try:

@@ -188,7 +188,7 @@ class Engine:
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
         self._noise: dict[tuple[int, int, int], Any] = {}
-        self._schedules: dict[tuple[str, str, int, str | None, int, int | None], schedule.Schedule] = {}
+        self._schedules: dict[tuple[str, str, int, str | None, int, float | None], schedule.Schedule] = {}
         self.compile_s: dict[str, float] = {}
         # Serialized executables (see _aot_path): a warm start skips tracing, lowering and compiling.
         self.aot_dir = Path(aot_dir) if aot_dir else None
@@ -414,18 +414,19 @@ class Engine:
     def _schedule(self, row: Row, which: str = "base") -> schedule.Schedule:
         """The row's tables on the base model or (its share of the steps) on the refiner."""
         strength = row.effective_strength()
-        start, stop = 0, None
+        skipped = 0
         if strength is not None and not (row.mask is not None and strength == 1):
-            start = schedule.skipped_steps(row.steps, strength)
-        noise = self.models[which].noise
-        if row.refiner_switch is not None:
-            # each model splits its own run's timesteps at the switch (diffusers' denoising_end on the base,
-            # denoising_start on the refiner, each from its own scheduler config)
-            ts = schedule.timesteps(noise, row.scheduler, row.steps, row.timestep_spacing)
-            split = schedule.switch_step(ts, row.refiner_switch, noise.num_train_timesteps)
-            start, stop = (split, None) if which == "refiner" else (0, split)
-        key = (which, row.scheduler, row.steps, row.timestep_spacing, start, stop)
+            skipped = schedule.skipped_steps(row.steps, strength)
+        key = (which, row.scheduler, row.steps, row.timestep_spacing, skipped, row.refiner_switch)
         if key not in self._schedules:  # a few hundred microseconds each; cached for the hot path
+            noise = self.models[which].noise
+            start, stop = skipped, None
+            if row.refiner_switch is not None:
+                # each model splits its own run's timesteps at the switch (diffusers' denoising_end on the base,
+                # denoising_start on the refiner, each from its own scheduler config)
+                ts = schedule.timesteps(noise, row.scheduler, row.steps, row.timestep_spacing)
+                split = schedule.switch_step(ts, row.refiner_switch, noise.num_train_timesteps)
+                start, stop = (split, None) if which == "refiner" else (0, split)
             try:
                 made = schedule.build(noise, row.scheduler, row.steps, row.timestep_spacing, start, stop)
             except ValueError as e:  # a scheduler this model's config cannot run (LCM past its grid, ...)

@@ -82,6 +82,23 @@ def check_names(folder: Path) -> None:
     print("weight names match PyTorch's")
 
 
+def scheduler_tables(make, schedulers, spacings, steps_list) -> dict[str, np.ndarray]:
+    """diffusers' timestep and sigma tables and initial noise scale for each scheduler x spacing x step count;
+    make(name, spacing) gives the scheduler."""
+    arrays = {}
+    for scheduler in schedulers:
+        for spacing in spacings:
+            for steps in steps_list:
+                s = make(scheduler, spacing)
+                s.set_timesteps(steps)
+                prefix = f"table/{scheduler}/{spacing}/{steps}"
+                arrays[f"{prefix}/timesteps"] = s.timesteps.numpy().astype(np.float64)
+                if hasattr(s, "sigmas"):
+                    arrays[f"{prefix}/sigmas"] = s.sigmas.numpy().astype(np.float64)
+                arrays[f"{prefix}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
+    return arrays
+
+
 def run(pipe: StableDiffusionXLPipeline, config: dict, scheduler: str, negative: str | None, **sched) -> np.ndarray:
     pipe.scheduler = scheduler_for(scheduler, config, **sched)
     latents = np.random.default_rng(SEED).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
@@ -144,16 +161,8 @@ def main(out: str) -> None:
     cases.append({"name": "ddim_linspace", "loader": "folder", "scheduler": "ddim", "negative_prompt": "blurry",
                   "timestep_spacing": "linspace"})  # fmt: skip
 
-    for scheduler in SCHEDULERS:
-        for spacing in SPACINGS:
-            for steps in TABLE_STEPS:
-                s = scheduler_for(scheduler, config, timestep_spacing=spacing)
-                s.set_timesteps(steps)
-                prefix = f"table/{scheduler}/{spacing}/{steps}"
-                arrays[f"{prefix}/timesteps"] = s.timesteps.numpy().astype(np.float64)
-                if hasattr(s, "sigmas"):
-                    arrays[f"{prefix}/sigmas"] = s.sigmas.numpy().astype(np.float64)
-                arrays[f"{prefix}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
+    arrays |= scheduler_tables(lambda name, spacing: scheduler_for(name, config, timestep_spacing=spacing),
+                               SCHEDULERS, SPACINGS, TABLE_STEPS)  # fmt: skip
 
     image = np.random.default_rng(3).uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
     with torch.no_grad():

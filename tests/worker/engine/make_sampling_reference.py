@@ -59,7 +59,7 @@ from worker.engine import program, tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 import variants
-from make_reference import weights_digest
+from make_reference import scheduler_tables, weights_digest
 
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
@@ -228,16 +228,8 @@ def main(out: str) -> None:
         timestep_spacing="trailing", unet_override=True)  # fmt: skip
     arrays["unet_override_sha256"] = np.frombuffer(hashlib.sha256(override.read_bytes()).hexdigest().encode(), np.uint8)
 
-    for scheduler in ("euler_ancestral", "lcm"):
-        for spacing in ("leading", "linspace", "trailing"):
-            for steps in TABLE_STEPS:
-                s = scheduler_for(scheduler, config, timestep_spacing=spacing)
-                s.set_timesteps(steps)
-                prefix = f"table/{scheduler}/{spacing}/{steps}"
-                arrays[f"{prefix}/timesteps"] = s.timesteps.numpy().astype(np.float64)
-                if hasattr(s, "sigmas"):
-                    arrays[f"{prefix}/sigmas"] = s.sigmas.numpy().astype(np.float64)
-                arrays[f"{prefix}/init_noise_sigma"] = np.float64(s.init_noise_sigma)
+    make = lambda name, spacing: scheduler_for(name, config, timestep_spacing=spacing)  # noqa: E731
+    arrays |= scheduler_tables(make, ("euler_ancestral", "lcm"), ("leading", "linspace", "trailing"), TABLE_STEPS)
 
     meta = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": HEIGHT, "width": WIDTH, "steps": STEPS,
             "seed": SEED, "cases": cases}  # fmt: skip
