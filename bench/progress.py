@@ -53,8 +53,10 @@ def main() -> None:
     r = one_chunk.rows_sharding
 
     def whole(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars, time_ids, tables, stop):
-        state, context, pooled = parts.begin(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars)
-        state, _ = parts.advance(params, state, context, pooled, scalars, time_ids, tables, 0, stop)
+        state, context, pooled = parts.begin(
+            params, None, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
+        )
+        state, _ = parts.advance(params, None, state, context, pooled, scalars, time_ids, tables, 0, stop)
         return parts.finish(params, state, scalars)
 
     fused_exe = jax.jit(whole, out_shardings=(r, r)).lower(*args_of["begin"], *args_of["advance"][5:7],

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from worker.engine.layers import gelu
+from worker.engine.layers import Linear, gelu
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,12 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        q, k, v = (split(nn.Dense(d, dtype=self.dtype, name=n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (split(Linear(d, dtype=self.dtype, name=n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.heads) ** -0.5
         causal = jnp.tril(jnp.ones((t, t), bool))
         weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+        return Linear(d, dtype=self.dtype, name="out_proj")(out)
 
 
 class EncoderLayer(nn.Module):
@@ -85,8 +85,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(ACTIVATIONS[self.cfg.hidden_act](x))
+        x = Linear(self.cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        return Linear(self.cfg.hidden_size, dtype=self.dtype, name="fc2")(ACTIVATIONS[self.cfg.hidden_act](x))
 
 
 class Embeddings(nn.Module):

@@ -72,6 +72,12 @@ def module_path(pt_module: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def pt_module(path: tuple[str, ...]) -> str:
+    """The inverse of module_path: ("down_blocks_0", "resnets_1", "conv1") -> `down_blocks.0.resnets.1.conv1`."""
+    lists = "|".join(_MODULE_LISTS)
+    return ".".join(re.sub(rf"^({lists})_(\d+)$", r"\1.\2", m) for m in path)
+
+
 def legacy_vae_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An old diffusers VAE's attention names (query, key, value, proj_attn) as today's."""
     out = {}
@@ -166,11 +172,10 @@ def contiguous(view: np.ndarray, dtype: Any) -> np.ndarray:
 def flax_to_pt(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inverse, used to write PyTorch-layout safetensors of test and benchmark models."""
     out: dict[str, np.ndarray] = {}
-    lists = "|".join(_MODULE_LISTS)
     for path, value in flatten(params).items():
         value = np.asarray(value)
         *module, leaf = path
-        name = ".".join(re.sub(rf"^({lists})_(\d+)$", r"\1.\2", m) for m in module)
+        name = pt_module(tuple(module))
         if leaf == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
         out[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = value  # a view, laid out below

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import cache, compile_log, program, schedule
+from worker.engine import cache, compile_log, lora, program, schedule
 from worker.engine.model import Model
 from worker.engine.schedule import MAX_STEPS, Scheduler
 
@@ -84,6 +84,8 @@ class Row:
     refiner_switch: float | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    # LoRA adapters, (name, scale) each: names the engine's Adapters resolve (never paths), applied per row.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def guided(self) -> bool:
@@ -102,6 +104,7 @@ class Output:
     images: np.ndarray  # (n, H, W, 3) uint8, or float32 in [0, 1] for output="float32"
     truncated: list[bool]  # per row: prompt or negative prompt was cut to 77 tokens
     finite: list[bool]  # per row: False when the model produced NaN/inf (the image is not usable)
+    adapters: list[list[lora.Adapter]] = field(default_factory=list)  # per row: the adapters it used (hashes)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Pending:
     truncated: list[bool]
     steps: int = 0  # the batch's step count: its longest row's
     marks: list[tuple[int, Any]] = field(default_factory=list)  # (steps done, a scalar ready when they are)
+    adapters: list[list[lora.Adapter]] = field(default_factory=list)
 
     def progress(self) -> Iterator[int]:
         """Steps done, as each chunk of steps finishes on the device (blocks between them)."""
@@ -123,7 +127,20 @@ class Pending:
 
     def fetch(self) -> Output:
         images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
-        return Output(images, self.truncated, [bool(f) for f in np.asarray(self.finite)[: self.rows]])
+        finite = [bool(f) for f in np.asarray(self.finite)[: self.rows]]
+        return Output(images, self.truncated, finite, self.adapters[: self.rows])
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters an engine serves: `path_of(name)` is the file for a name (KeyError: no such adapter; the
+    caller owns the folder, requests carry names); `rank`, the bank's rank (higher ranks are refused); `slots`,
+    adapters resident on the devices at once; `per_row`, adapters one row may combine."""
+
+    path_of: Any  # Callable[[str], Path]
+    rank: int = 32
+    slots: int = 8
+    per_row: int = 2
 
 
 class Engine:
@@ -138,6 +155,7 @@ class Engine:
         aot_key: bytes | None = None,
         progress_every_steps: int = 1,
         refiner: Model | None = None,
+        adapters: Adapters | None = None,
     ):
         if model.weights_dropped:
             raise EngineInputError("model", "its host weights were dropped once placed (drop_host_weights); reload it")
@@ -181,6 +199,14 @@ class Engine:
         else:
             self.params = jax.device_put(model.params, self.replicated)
         self.refiner_params = jax.device_put(refiner.wait(), self.replicated) if refiner is not None else None
+        self.adapters = adapters
+        self.bank: lora.Bank | None = None
+        if adapters is not None:
+            known = lora.names(model, list(lora.targets(model)))
+            self.bank = lora.Bank(
+                model, lambda name: self._read_adapter(name, known), adapters.rank, adapters.slots, adapters.per_row,
+                model.dtype, self.replicated,
+            )  # fmt: skip
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
         self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
         self._executables: dict[tuple[str, str, int, int, int], Any] = {}
@@ -215,8 +241,17 @@ class Engine:
         mask = spec((rows, 1, *self._latent_shape(height, width)[1:]), jnp.float32, sharding=r)
         scalars = spec((rows, len(program.SCALARS)), jnp.float32, sharding=r)
         part, _, variant = kind.partition("-")
+        adapters = None
+        if self.bank is not None and which == "base":
+            k = self.bank.per_row
+            adapters = {
+                "bank": lora.spec(self.bank),
+                "slots": spec((rows, k), jnp.int32, sharding=r),
+                "scales": spec((rows, k), jnp.float32, sharding=r),
+            }
         begin = [
             params,
+            adapters,
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
@@ -233,7 +268,7 @@ class Engine:
         if part == "finish":
             return [params, state, scalars]
         return [
-            params, state,
+            params, adapters, state,
             spec(context.shape, context.dtype, sharding=r), spec(pooled.shape, pooled.dtype, sharding=r),
             scalars,
             spec((rows, 2, m.unet.time_ids), jnp.float32, sharding=r),  # time_ids
@@ -262,6 +297,7 @@ class Engine:
         identity = (
             flax.__version__, m.configs.identity(), np.dtype(m.dtype).name, np.dtype(m.dtype_of("vae")).name,
             self.attention, [str(d) for d in self.mesh.devices.flat],
+            None if self.bank is None or which != "base" else (self.bank.rank, self.bank.slots, self.bank.per_row),
         )  # fmt: skip
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
         name = kind if which == "base" else f"{which}-{kind}"
@@ -343,6 +379,8 @@ class Engine:
                 for kind in SERVED_KINDS:
                     if kind != "encode":
                         self.executable(h, w, kind, "refiner")
+        if self.bank is not None:
+            self.bank.warm()  # the slot write, compiled now: loading an adapter later compiles nothing
         self._place()
         return dict(self.compile_s)
 
@@ -380,6 +418,14 @@ class Engine:
             raise EngineInputError("guidance_scale", f"must be a finite number, got {row.guidance_scale}")
         if not 0 <= row.seed <= MAX_SEED:
             raise EngineInputError("seed", f"must be between 0 and {MAX_SEED}, got {row.seed}")
+        if row.loras:
+            if self.bank is None:
+                raise EngineInputError("loras", "this engine serves no LoRA adapters")
+            if len(row.loras) > self.bank.per_row:
+                raise EngineInputError("loras", f"{len(row.loras)} adapters; at most {self.bank.per_row} per image")
+            for name, scale in row.loras:
+                if not math.isfinite(scale):
+                    raise EngineInputError("loras", f"adapter {name!r}: scale must be a finite number, got {scale}")
         if row.refiner_switch is not None:
             if "refiner" not in self.models:
                 raise EngineInputError("refiner_switch", "this engine has no refiner")
@@ -543,6 +589,12 @@ class Engine:
             raise EngineInputError("refiner_switch", "rows with and without the refiner cannot share a batch")
         if refined == {True}:
             inputs["refiner"] = self._refiner_inputs(padded, height, width)
+        inputs["adapters"] = []
+        if self.bank is not None:
+            try:
+                inputs["slots"], inputs["scales"], inputs["adapters"] = self.bank.choose([r.loras for r in padded])
+            except lora.AdapterError as e:
+                raise EngineInputError("loras", str(e)) from None
         truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
         return inputs, truncated
 
@@ -590,6 +642,13 @@ class Engine:
             jax.device_put(inputs[k], r) for k in ("ids", "neg_ids", "neg_zero", "scalars", "time_ids", "tables")
         )
         self._place()
+        adapters = None
+        if self.bank is not None:
+            adapters = {
+                "bank": self.bank.tree,
+                "slots": jax.device_put(inputs["slots"], r),
+                "scales": jax.device_put(inputs["scales"], r),
+            }
         run = functools.partial(self.executable, height, width)
         # Every call below is queued on the devices at once and returns at once: the chunks run back to back.
         if "images" in inputs:
@@ -608,14 +667,23 @@ class Engine:
         if "images" in inputs:
             self.dispatched["encode"] += 1
         state, context, pooled = run("begin" + suffix)(
-            self.params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
+            self.params, adapters, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
         )
         steps = int(inputs["steps"])
         marks = []
         for start in range(0, steps, self.progress_every_steps):
             stop = min(start + self.progress_every_steps, steps)
             state, mark = run("advance" + suffix)(
-                self.params, state, context, pooled, scalars, time_ids, tables, self._step(start), self._step(stop)
+                self.params,
+                adapters,
+                state,
+                context,
+                pooled,
+                scalars,
+                time_ids,
+                tables,
+                self._step(start),
+                self._step(stop),
             )
             marks.append((stop, mark))
         if "refiner" in inputs:
@@ -625,7 +693,7 @@ class Engine:
             )
         else:
             images, finite = run(f"finish-{output}")(self.params, state, scalars)
-        return Pending(images, finite, len(rows), truncated, steps, marks)
+        return Pending(images, finite, len(rows), truncated, steps, marks, inputs["adapters"])
 
     def _refine(
         self,
@@ -646,18 +714,35 @@ class Engine:
         ref = {k: jax.device_put(v, r) if isinstance(v, np.ndarray) else v for k, v in inputs["refiner"].items()}
         run = functools.partial(self.executable, height, width, which="refiner")
         state, context, pooled = run("begin" + suffix)(
-            self.refiner_params, ref["ids"], ref["neg_ids"], ref["neg_zero"], noise, base["x"], mask, masked, seeds,
-            ref["scalars"],
+            self.refiner_params, None, ref["ids"], ref["neg_ids"], ref["neg_zero"], noise, base["x"], mask, masked,
+            seeds, ref["scalars"],
         )  # fmt: skip
         steps = int(ref["steps"])
         for start in range(0, steps, self.progress_every_steps):
             stop = min(start + self.progress_every_steps, steps)
             state, mark = run("advance" + suffix)(
-                self.refiner_params, state, context, pooled, ref["scalars"], ref["time_ids"], ref["tables"],
+                self.refiner_params, None, state, context, pooled, ref["scalars"], ref["time_ids"], ref["tables"],
                 self._step(start), self._step(stop),
             )  # fmt: skip
             marks.append((done + stop, mark))
         return state, done + steps
+
+    def _read_adapter(self, name: str, known: dict[str, lora.Key]) -> lora.Adapter:
+        assert self.adapters is not None
+        try:
+            path = self.adapters.path_of(name)
+        except KeyError:
+            raise lora.AdapterError(f"no adapter named {name!r}") from None
+        return lora.read(path, name, self.model, known)
+
+    def adapter(self, name: str) -> lora.Adapter:
+        """An adapter by name, read and placed on the devices (a worker warms its popular ones at start)."""
+        if self.bank is None:
+            raise EngineInputError("loras", "this engine serves no LoRA adapters")
+        try:
+            return self.bank.adapter(name)
+        except lora.AdapterError as e:
+            raise EngineInputError("loras", str(e)) from None
 
     def _step(self, index: int) -> Any:
         """A step index on the devices (replicated), made once: not a host-to-device copy per chunk."""

@@ -36,6 +36,37 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: flo
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
+class Linear(nn.Module):
+    """nn.Dense's parameters and arithmetic (kernel (in, out), optional bias), plus LoRA adapters applied per
+    row: when the "lora" collection holds this layer's factors, each row adds sum_k scale_k * up_k(down_k(x)).
+
+    The collection (worker/engine/lora.py builds it) holds the adapter bank, the same for every batch:
+    down (slots, rank, in), up (slots, out, rank), and the batch's choice of it: slots (rows, K) int32 and
+    scales (rows, K) float32. Slot 0 is all zeros (no adapter), and an adapter of a lower rank is zero-padded,
+    so rows of one batch may each use other adapters, or none, and the shapes never change: adapters are
+    inputs of the compiled program, not part of it."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
+        if not self.has_variable("lora", "down"):
+            return y
+        slots, scales = self.get_variable("lora", "slots"), self.get_variable("lora", "scales")
+        down = self.get_variable("lora", "down")[slots].astype(self.dtype)  # (rows, K, rank, in)
+        up = self.get_variable("lora", "up")[slots].astype(self.dtype)  # (rows, K, out, rank)
+        h = jnp.einsum("n...i,nkri->n...kr", x, down)
+        h = h * scales.astype(self.dtype).reshape(scales.shape[0], *(1,) * (x.ndim - 2), scales.shape[1], 1)
+        return y + jnp.einsum("n...kr,nkor->n...o", h, up)
+
+
 class TimestepEmbedding(nn.Module):
     """linear_1, SiLU, linear_2."""
 
@@ -114,11 +145,11 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         inner = x.shape[-1]
         context = x if context is None else context
-        q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+        q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+        k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+        v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
         out = self.attend(q, k, v, self.heads)
-        return nn.Dense(inner, dtype=self.dtype, name="to_out_0")(out)
+        return Linear(inner, dtype=self.dtype, name="to_out_0")(out)
 
 
 class GEGLU(nn.Module):
@@ -129,7 +160,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        value, gate = jnp.split(Linear(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return value * gelu(gate)
 
 
@@ -142,7 +173,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = GEGLU(4 * self.dim, dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(x)
+        return Linear(self.dim, dtype=self.dtype, name="net_2")(x)
 
 
 class TransformerBlock(nn.Module):
@@ -178,13 +209,13 @@ class Transformer2D(nn.Module):
         residual = x
         x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.linear_projection:
-            x = nn.Dense(c, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+            x = Linear(c, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
         else:
             x = conv(c, 1, "proj_in", self.dtype, padding="VALID")(x).reshape(b, h * w, c)
         for i in range(self.depth):
             x = TransformerBlock(self.heads, self.attend, dtype=self.dtype, name=f"transformer_blocks_{i}")(x, context)
         if self.linear_projection:
-            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+            x = Linear(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
         else:
             x = conv(c, 1, "proj_out", self.dtype, padding="VALID")(x.reshape(b, h, w, c))
         return x + residual

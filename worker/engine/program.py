@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from worker.engine import schedule
+from worker.engine import lora, schedule
 from worker.engine.layers import Attend
 from worker.engine.model import Model
 
@@ -39,15 +39,29 @@ def step_noise(seed: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), step + 1), shape, jnp.float32)
 
 
-def _encode(model: Model, params: dict[str, Any], ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _variables(params: dict[str, Any], adapters: dict[str, Any] | None, part: str, paired: bool) -> dict[str, Any]:
+    """A component's Flax variables: its weights, and the rows' LoRA adapters when the engine has a bank
+    (worker/engine/lora.py). paired: the component runs two rows per image (guidance), which share adapters."""
+    out = {"params": params[part]}
+    if adapters is not None and part in adapters["bank"]:
+        slots, scales = adapters["slots"], adapters["scales"]
+        if paired:
+            slots, scales = _pair(slots), _pair(scales)
+        out["lora"] = lora.variables(adapters["bank"][part], slots, scales)
+    return out
+
+
+def _encode(
+    model: Model, params: dict[str, Any], ids: jax.Array, adapters: dict[str, Any] | None = None, paired: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """ids (n, 2, 77) -> context (n, 77, d1 + d2), pooled (n, p): SDXL's penultimate-layer embeddings. The
     refiner has the second text encoder alone: context (n, 77, d2)."""
     te2 = model.configs.module("text_encoder_2", model.dtype)
-    context2, pooled = te2.apply({"params": params["text_encoder_2"]}, ids[:, 1])
+    context2, pooled = te2.apply(_variables(params, adapters, "text_encoder_2", paired), ids[:, 1])
     if model.refiner:
         return context2, pooled
     te1 = model.configs.module("text_encoder", model.dtype)
-    context1, _ = te1.apply({"params": params["text_encoder"]}, ids[:, 0])
+    context1, _ = te1.apply(_variables(params, adapters, "text_encoder", paired), ids[:, 0])
     return jnp.concatenate([context1, context2], axis=-1), pooled
 
 
@@ -64,9 +78,11 @@ class Program:
     latents, zeros without an image), mask (B, 1, h, w: 1 = generate, 0 = keep the image), masked (the masked
     image's latents, for an inpainting UNet; zeros otherwise), seeds."""
 
-    # (params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars) -> (state, context, pooled)
+    # (params, adapters, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars) -> (state, context,
+    # pooled). adapters: None, or {"bank": the LoRA bank's tree, "slots": (B, K) int32, "scales": (B, K) float32}
     begin: Any
-    # (params, state, context, pooled, scalars, time_ids, tables, start, stop) -> (state, stop): steps start..stop-1
+    # (params, adapters, state, context, pooled, scalars, time_ids, tables, start, stop) -> (state, stop): steps
+    # start..stop-1
     advance: Any
     finish: Any  # (params, state, scalars) -> (image, finite)
     encode: Any  # (params, image (B, 3, H, W) in [-1, 1]) -> image latents (B, C, h, w), as the UNet sees them
@@ -97,26 +113,26 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
             return (latents - m) * vae_cfg.scaling_factor / s
         return latents * vae_cfg.scaling_factor
 
-    def begin(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars):
+    def begin(params, adapters, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars):
         # ids, neg_ids (B, 2, 77) int32; neg_zero (B,) bool; noise, init (B, C, h, w) f32; mask (B, 1, h, w) f32;
         # seeds (B,) uint32; scalars (B, len(SCALARS))
         b = ids.shape[0]
         if guided:
             both = jnp.stack([neg_ids, ids], axis=1).reshape(2 * b, *ids.shape[1:])  # [neg0, pos0, neg1, ...]
-            context, pooled = _encode(model, params, both)
+            context, pooled = _encode(model, params, both, adapters, paired=True)
             # A row without a negative prompt, on a model with force_zeros_for_empty_prompt: zero embeddings for
             # the unconditional half, as diffusers does (an empty-string negative prompt is encoded instead).
             keep = jnp.stack([~neg_zero, jnp.ones_like(neg_zero)], axis=1).reshape(2 * b).astype(context.dtype)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         else:
-            context, pooled = _encode(model, params, ids)
+            context, pooled = _encode(model, params, ids, adapters)
         x = init * scalars[:, 3, None, None, None] + noise * scalars[:, 1, None, None, None]
         state = {"x": x, "d": jnp.zeros_like(x), "noise": noise, "init": init, "mask": mask, "seeds": seeds}
         if inpainting:
             state["masked"] = masked
         return state, context, pooled
 
-    def advance(params, state, context, pooled, scalars, time_ids, tables, start, stop):
+    def advance(params, adapters, state, context, pooled, scalars, time_ids, tables, start, stop):
         # context (nB, 77, D), pooled (nB, P) with n = 2 guided, 1 not; time_ids (B, 2, ids): the unconditional
         # and the conditional row's (they differ for the refiner's aesthetic score); tables (B, T, MAX_STEPS);
         # start, stop () int32.
@@ -136,7 +152,12 @@ def build(model: Model, output: str, attend: Attend, guided: bool = True) -> Pro
                 model_in = jnp.concatenate([model_in, state["mask"], state["masked"]], axis=1)
             model_in = model_in.astype(dtype)
             out = unet.apply(
-                {"params": params["unet"]}, rows(model_in), rows(t["timesteps"][:, i]), context, pooled, row_ids
+                _variables(params, adapters, "unet", guided),
+                rows(model_in),
+                rows(t["timesteps"][:, i]),
+                context,
+                pooled,
+                row_ids,
             ).astype(jnp.float32)
             if guided:
                 out = out.reshape(b, 2, *out.shape[1:])

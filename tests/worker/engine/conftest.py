@@ -47,6 +47,12 @@ def models_reference(tiny_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def lora_reference(tiny_dir: Path) -> dict[str, Any]:
+    """diffusers with LoRA adapters loaded (make_lora_reference.py, same weights)."""
+    return _fixture(tiny_dir, "loras.npz")
+
+
+@pytest.fixture(scope="session")
 def tiny_single_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's weights as one single-file checkpoint (Stability's key names), as make_reference.py
     writes it for diffusers' from_single_file."""
