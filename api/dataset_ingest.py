@@ -13,9 +13,11 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from common import loras
 from common.dataset_store import DatasetStore
 from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
 from common.jobs import MAX_SEED
+from common.loras import Registry
 from common.settings import Settings
 from common.storage import Storage
 
@@ -48,7 +50,13 @@ def ingest(
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
-    limits = Limits(settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes)
+    limits = Limits(
+        settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes,
+        models=[e.name for e in settings.model_entries],
+        check_loras=lambda chosen: loras.check(
+            chosen, Registry(settings.lora_dir or None), settings.max_loras_per_job, settings.lora_max_rank
+        ),
+    )  # fmt: skip
     validator = Validator(options, seed, limits)
     rejecting = options.on_invalid == "reject"
     errors: list[LineError] = []

@@ -13,10 +13,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.job_events import JobEvents
 from api.metrics import RedisFigures
+from api.served import ServedModels
 from common import rate_limit
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
 from common.job_store import JobStore
+from common.loras import Registry
 from common.settings import Settings
 from common.storage import Storage
 
@@ -31,6 +33,8 @@ class Services:
     keys: ApiKeyStore
     datasets: DatasetStore
     events: JobEvents  # wakes requests that wait for a job to end
+    loras: Registry  # the LoRA adapters served (SDXL_LORA_DIR)
+    served: ServedModels  # which models live workers hold
     metrics_figures: RedisFigures | None = None  # the last /metrics read of Redis, served stale in an outage
 
 

@@ -18,10 +18,12 @@ from api.deps import Services
 from api.job_events import JobEvents
 from api.limits import BodyLimit
 from api.routes import datasets, files, jobs, openai, playground, system
+from api.served import ServedModels
 from common import logs
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
 from common.job_store import JobStore
+from common.loras import Registry
 from common.queue import make_celery
 from common.settings import Settings, get_settings
 from common.storage import from_settings
@@ -51,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             keys=ApiKeyStore(client, settings.key_prefix),
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             events=events,
+            loras=Registry(settings.lora_dir or None),
+            served=ServedModels(client, settings.key_prefix),
         )
         events.start()  # connects in the background: an API started before Redis still starts
         yield

@@ -14,6 +14,9 @@ class ImagePublic(BaseModel):
     width: int
     height: int
     sha256: str
+    model: str = ""  # the model's name and weights sha256: which weights made it
+    model_hash: str = ""
+    loras: list[dict] = []  # the adapters applied: name, scale, sha256
 
 
 class JobPublic(BaseModel):
@@ -51,8 +54,37 @@ class CancelPublic(BaseModel):
     outcome: str
 
 
+class ServedModelPublic(BaseModel):
+    name: str
+    source: str  # SDXL_MODELS' spec: a folder, a single file, a hub id or a preset
+    vae: str | None = None  # the VAE override of its entry
+    unet: str | None = None  # the UNet override of its entry
+    default: bool  # what a job without `model` gets
+    workers: int  # live workers holding it; 0 with workers up: jobs for it are refused (422)
+    bytes: int | None = None  # its weights on a device, as a worker holding it reports; None: none does
+    weights_sha256: str | None = None
+
+
+class LoraPublic(BaseModel):
+    name: str  # what a job's `loras` names
+    bytes: int
+    sha256: str
+    layout: str  # kohya or diffusers
+    touches: list[str]  # unet, text_encoder, text_encoder_2
+    rank: int
+    layers: int
+
+
+class LorasPublic(BaseModel):
+    loras: list[LoraPublic]
+    unusable: dict[str, str]  # files in the folder that are not served, and why
+    max_per_job: int
+    max_rank: int
+
+
 class ModelPublic(BaseModel):
-    model: str
+    model: str  # the default model's name
+    models: list[ServedModelPublic]
     sizes: list[dict[str, int]]
     schedulers: list[str]
     timestep_spacings: list[str]

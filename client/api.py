@@ -76,6 +76,9 @@ class Image:
     width: int
     height: int
     sha256: str
+    model: str = ""  # the model and its weights' sha256: which weights made it
+    model_hash: str = ""
+    loras: tuple[dict[str, Any], ...] = ()  # the adapters applied: name, scale, sha256
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,13 @@ class Job:
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Job:
+        images = [
+            Image(**{k: i[k] for k in ("url", "seed", "width", "height", "sha256")}, model=i.get("model", ""),
+                  model_hash=i.get("model_hash", ""), loras=tuple(i.get("loras", ())))
+            for i in data["images"]
+        ]  # fmt: skip
         return cls(
-            id=data["id"], status=data["status"], request=data.get("request", {}),
-            images=[Image(**{k: i[k] for k in ("url", "seed", "width", "height", "sha256")}) for i in data["images"]],
+            id=data["id"], status=data["status"], request=data.get("request", {}), images=images,
             queue_position=data.get("queue_position"), progress=data.get("progress"), error=data.get("error"), raw=data,
         )  # fmt: skip
 
@@ -393,6 +400,10 @@ class Client:
     def models(self) -> dict[str, Any]:
         return self.request("GET", "/v1/models")
 
+    def loras(self) -> dict[str, Any]:
+        """The LoRA adapters a job may name in `loras=[{"name": ..., "scale": ...}]`."""
+        return self.request("GET", "/v1/loras")
+
     # --- data sets
 
     def create_dataset(self, jsonl: Path, options: dict[str, Any] | None = None,
@@ -579,3 +590,9 @@ class AsyncClient:
     async def jobs(self, offset: int = 0, limit: int = 20) -> list[Job]:
         answer = await self.request("GET", "/v1/jobs", params={"offset": offset, "limit": limit})
         return [Job.of(j) for j in answer["jobs"]]
+
+    async def models(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/models")
+
+    async def loras(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/loras")

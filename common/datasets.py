@@ -20,10 +20,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from common.jobs import MAX_SEED, JobRequest, LimitError, OutputFormat, Scheduler, check_limits, with_size
+from common.jobs import (
+    MAX_SEED,
+    JobRequest,
+    LimitError,
+    LoraRequest,
+    OutputFormat,
+    Scheduler,
+    check_limits,
+    with_size,
+)
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # safe as an object key and as a WebDataset sample key
-GENERATION_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler")
+GENERATION_FIELDS = (
+    "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "model", "loras",
+)  # fmt: skip
 # besides the generation parameters: the user's own fields (copied, never interpreted) and how many images
 LINE_FIELDS = ("id", *GENERATION_FIELDS, "aspect_ratio", "num_images", "caption", "metadata")
 CHUNK_LINES = 1000  # normalized lines per stored input chunk: the feeder reads one chunk at a time
@@ -53,6 +64,8 @@ class DatasetDefaults(BaseModel):
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(5.0, ge=0, le=50, allow_inf_nan=False)
     scheduler: Scheduler = Scheduler.euler
+    model: str | None = None  # absent: the deployment's default model (SDXL_MODELS' first)
+    loras: list[LoraRequest] = []  # LoRA adapters for every line that names none
     output_format: OutputFormat = OutputFormat.png
 
 
@@ -167,6 +180,9 @@ class Limits:
     max_steps: int
     max_prompt_chars: int
     buckets: list[tuple[int, int]] | None = None  # (height, width) pairs aspect_ratio maps to; None: the sizes
+    models: list[str] | None = None  # the deployment's model names (the default first); None: not checked
+    # a line's `loras` checked against the served adapters: (loras) -> None or a LimitError; None: not checked
+    check_loras: Any = None
 
     def served_buckets(self) -> list[tuple[int, int]]:
         return [b for b in (self.buckets or self.sizes) if b in self.sizes]
@@ -242,6 +258,10 @@ class Validator:
             try:
                 request = with_size(JobRequest(**image, output_format=self.output_format), self.limits.sizes)
                 check_limits(request, self.limits.sizes, self.limits.max_steps, 1, self.limits.max_prompt_chars)
+                if self.limits.models is not None and request.model not in (None, *self.limits.models):
+                    raise LimitError("model", f"no model named {request.model!r} here; served: {self.limits.models}")
+                if self.limits.check_loras is not None:
+                    self.limits.check_loras(request.loras)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 return LineError(number, ".".join(str(p) for p in first["loc"]) or "line", first["msg"])
@@ -258,7 +278,7 @@ class Validator:
         metadata = data.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):
-                return LineError(number, "metadata", "an object of your own fields, e.g. {\"label\": \"cat\"}")
+                return LineError(number, "metadata", 'an object of your own fields, e.g. {"label": "cat"}')
             size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
             if size > MAX_METADATA_BYTES:
                 return LineError(number, "metadata", f"{size} bytes as JSON; at most {MAX_METADATA_BYTES}")
@@ -348,7 +368,7 @@ MANIFEST_COLUMNS = (
 
 def manifest_row(
     line: Line, key: str, sha256: str, model: str = "", model_hash: str = "", truncated: bool = False,
-    attempts: int = 1,
+    attempts: int = 1, adapters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A generated image's manifest row: what made it (parameters, model and weights hash, adapters) and the
     user's own fields. Nothing in it but `key` and `shard` names the run, so reruns compare row for row."""
@@ -358,7 +378,7 @@ def manifest_row(
         "negative_prompt": r.negative_prompt, "seed": r.seed, "width": r.width, "height": r.height,
         "aspect_ratio": line.aspect_ratio, "steps": r.steps, "guidance_scale": r.guidance_scale,
         "scheduler": r.scheduler.value, "model": model, "model_hash": model_hash,
-        "adapters": [],  # LoRA adapters are not served yet; the column is here so the schema need not change
+        "adapters": adapters or [],  # LoRA adapters applied: name, scale, sha256
         "truncated": truncated, "attempts": attempts, "caption": line.caption, "metadata": line.metadata,
         "key": key, "sha256": sha256,
     }  # fmt: skip

@@ -70,6 +70,16 @@ class RefinerRequest(BaseModel):
     )
 
 
+class LoraRequest(BaseModel):
+    """A LoRA adapter for a job: its name in GET /v1/loras, and how strongly it applies."""
+
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=128, description="An adapter's name, as GET /v1/loras lists it.")
+    scale: float = Field(
+        1.0, ge=-4, le=4, allow_inf_nan=False, description="Its weight: 1 as trained, 0 off, negative to invert."
+    )
+
+
 class JobRequest(BaseModel):
     """A text-to-image job. Limits that depend on the deployment (sizes, steps, images) are checked by
     `check_limits` against the settings."""
@@ -125,6 +135,16 @@ class JobRequest(BaseModel):
         None,
         description="Finish with SDXL's refiner (where the deployment serves one, GET /v1/models): "
         '{"switch_at": 0.8} runs the last 20% of the steps on it. Not with init_image.',
+    )
+    model: str | None = Field(
+        None,
+        max_length=128,
+        description="Which served model (GET /v1/models `models`). Absent: the deployment's default, the first.",
+    )
+    loras: list[LoraRequest] = Field(
+        [],
+        description='LoRA adapters to apply, e.g. [{"name": "pixel-art", "scale": 0.8}] (GET /v1/loras); at most '
+        "the deployment's max_loras_per_job. Rows with other adapters still share a batch: no compile, no wait.",
     )
     output_format: OutputFormat = OutputFormat.png
     webhook_url: str | None = Field(
@@ -204,6 +224,7 @@ class ImageRecord(BaseModel):
     sha256: str
     model: str = ""  # the model's name and weights hash: which weights made it
     model_hash: str = ""
+    loras: list[dict] = []  # the adapters applied: name, scale, sha256
 
 
 class Job(BaseModel):

@@ -6,6 +6,8 @@ in step.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -16,6 +18,41 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SDXL_BUCKETS = "1024x1024,1152x896,896x1152,1216x832,832x1216,1344x768,768x1344,1536x640,640x1536"
 
 Size = tuple[int, int]  # (height, width) in pixels: the engine's (array) order, inside the code only
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+:-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One served model: the name jobs pick it by, where its weights are (as SDXL_MODEL takes them), and its
+    overrides (SDXL_VAE's and SDXL_UNET's forms); '' is none."""
+
+    name: str
+    spec: str
+    vae: str = ""
+    unet: str = ""
+
+
+def parse_models(text: str) -> list[ModelEntry]:
+    """'base=stabilityai/stable-diffusion-xl-base-1.0;vae=madebyollin/sdxl-vae-fp16-fix, turbo=stabilityai/sdxl-turbo'
+    -> entries, in order (the first is the default): `name=spec`, then `;vae=...` / `;unet=...` options."""
+    entries: list[ModelEntry] = []
+    for part in text.split(","):
+        head, *options = [p.strip() for p in part.split(";")]
+        name, eq, spec = (x.strip() for x in head.partition("="))
+        if not eq or not spec:
+            raise ValueError(f"model entry {part.strip()!r} is not NAME=SPEC[;vae=...][;unet=...]")
+        if not MODEL_NAME.match(name):
+            raise ValueError(f"model name {name!r}: letters, digits and . _ / + : - only")
+        extra: dict[str, str] = {}
+        for option in options:
+            key, eq, value = (x.strip() for x in option.partition("="))
+            if key not in ("vae", "unet") or not eq or not value:
+                raise ValueError(f"model {name!r}: option {option!r} is not vae=... or unet=...")
+            extra[key] = value
+        if any(e.name == name for e in entries):
+            raise ValueError(f"model name {name!r} is given twice")
+        entries.append(ModelEntry(name, spec, **extra))
+    return entries
 
 
 def parse_sizes(text: str) -> list[Size]:
@@ -63,8 +100,26 @@ class Settings(BaseSettings):
     # SDXL's refiner beside the model (a diffusers folder, a hub id such as
     # stabilityai/stable-diffusion-xl-refiner-1.0, or 'tiny-refiner'): jobs may ask for it; '': none
     refiner: str = ""
+    # several models on one deployment: NAME=SPEC entries, comma-separated, each SPEC as SDXL_MODEL takes it and
+    # optionally ';vae=...' and ';unet=...' (as SDXL_VAE / SDXL_UNET): 'base=stabilityai/stable-diffusion-xl-
+    # base-1.0;vae=madebyollin/sdxl-vae-fp16-fix,turbo=stabilityai/sdxl-turbo'. A job's `model` picks one (the
+    # first by default). '': the one model SDXL_MODEL (with SDXL_VAE and SDXL_UNET), named as SDXL_MODEL is
+    models: str = ""
+    # a worker loads the models (in SDXL_MODELS' order) whose weights fit in this many bytes together, and says
+    # which in its heartbeat; the API refuses a job for a model no live worker serves. 0: every model
+    model_memory_bytes: int = Field(0, ge=0)
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
+    # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), each served by its
+    # file name without .safetensors (GET /v1/loras); '': none. Read by the API (listing, checks) and workers.
+    lora_dir: str = ""
+    max_loras_per_job: int = Field(2, ge=1, le=8)  # adapters one job may combine
+    # the largest adapter rank served: every row's adapters run padded to it inside the compiled program, so a
+    # higher value costs every adapted layer more compute (docs/benchmarks.md); a higher-rank adapter: 422
+    lora_max_rank: int = Field(64, ge=1, le=1024)
+    # device memory for resident adapters (each slot: rank x the adapted layers' widths, SDXL at rank 64 in
+    # bfloat16: ~0.33 GB); the least recently used is replaced when a new one is needed
+    lora_cache_bytes: int = Field(4 * 1024**3, ge=1)
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -193,6 +248,29 @@ class Settings(BaseSettings):
         if self.running_deadline_s <= self.visibility_timeout_s:
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
         return self
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: str) -> str:
+        if value.strip():
+            parse_models(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> Settings:
+        if self.models.strip() and (self.vae or self.unet):
+            raise ValueError(
+                "SDXL_VAE and SDXL_UNET apply to SDXL_MODEL alone; with SDXL_MODELS, give each model its own "
+                "(';vae=...' / ';unet=...' in its entry)"
+            )
+        return self
+
+    @property
+    def model_entries(self) -> list[ModelEntry]:
+        """The served models, the default first."""
+        if self.models.strip():
+            return parse_models(self.models)
+        return [ModelEntry(self.model, self.model, self.vae, self.unet)]
 
     @property
     def worker_queues(self) -> list[str]:

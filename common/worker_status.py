@@ -36,6 +36,8 @@ class WorkerStatus:
     started_at: float
     at: float  # when this record was written
     counters: WorkerCounters = field(default_factory=WorkerCounters)
+    # the models this worker holds: {"name", "source", "bytes" (weights on the device), "weights_sha256"}
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -30,6 +30,29 @@ def tiny_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def live_loras(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LoRA adapters for the tiny model, served by live_stack (SDXL_LORA_DIR): kohya's layout with alphas on the
+    UNet and both text encoders, diffusers/PEFT's on the UNet and the second, and a small kohya one."""
+    from tests.worker.engine import variants
+
+    folder = tmp_path_factory.mktemp("live-loras")
+    variants.write_lora(tiny_dir, folder / "pixel-art.safetensors", "kohya", 4, 11, alpha=2.0)
+    variants.write_lora(tiny_dir, folder / "watercolor.safetensors", "diffusers", 8, 12,
+                        parts=("unet", "text_encoder_2"))  # fmt: skip
+    variants.write_lora(tiny_dir, folder / "ink.safetensors", "kohya", 2, 13, alpha=1.0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def live_unet(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A UNet-only weights file for the tiny model (as SDXL-Lightning ships its UNet): live_stack's second model
+    is the tiny model with it (SDXL_MODELS `lightning=tiny;unet=...`)."""
+    from tests.worker.engine import variants
+
+    return variants.write_unet(tiny_dir, tmp_path_factory.mktemp("live-unet") / "unet.safetensors")
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory):
     """A real Redis-compatible server (embedded Valkey) owned by this test run, AOF on, noeviction."""
     from common import redis_server
@@ -59,9 +82,17 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def live_stack(redis_url: str, tiny_dir: Path, tiny_refiner_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def live_stack(
+    redis_url: str,
+    tiny_dir: Path,
+    tiny_refiner_dir: Path,
+    live_loras: Path,
+    live_unet: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+):
     """The service as a user reaches it, over HTTP: `uvicorn api.main:app` and `python -m worker` running the
-    tiny JAX engine on this CPU, local-folder storage, a real Redis. Shared by the client, OpenAI, event
+    tiny JAX engine on this CPU (two models: `tiny`, the default, and `lightning`, the tiny model with another
+    UNet; LoRA adapters from live_loras), local-folder storage, a real Redis. Shared by the client, OpenAI, event
     stream, browser and observability tests (one worker start for all of them). Yields (API url, API key,
     settings); both processes log JSON into `live_stack_folder` (api.log, worker.log), and the worker serves its
     metrics on settings.worker_metrics_port."""
@@ -77,7 +108,9 @@ def live_stack(redis_url: str, tiny_dir: Path, tiny_refiner_dir: Path, tmp_path_
     folder.mkdir()
     env = {
         "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_MODELS": f"tiny=tiny,lightning=tiny;unet={live_unet}", "SDXL_LORA_DIR": str(live_loras),
+        "SDXL_LORA_MAX_RANK": "8",
         "SDXL_REFINER": str(tiny_refiner_dir),
         "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64", "SDXL_BATCH_ROWS": "4",
         "SDXL_BATCH_TIMEOUT_S": "1", "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -43,6 +43,8 @@ from worker.image_retention import image_key
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5.0
 REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it ran: back to the queue
+# a job for a model this worker does not hold (a fleet whose workers hold different models): back to the queue
+NOT_HERE = "not-here"
 STALE = "stale"  # a message superseded by a newer one for the same job (its worker died; the sweep re-sent it)
 BATCH_LOG_LINES = 1000
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
@@ -90,23 +92,26 @@ def rows_for(job: Job, pixels: dict[str, Any] | None = None) -> list[Row]:
             refiner_switch=r.refiner.switch_at if r.refiner else None,
             aesthetic_score=r.refiner.aesthetic_score if r.refiner else 6.0,
             negative_aesthetic_score=r.refiner.negative_aesthetic_score if r.refiner else 2.5,
+            loras=tuple((a.name, a.scale) for a in r.loras),
         )
         for i in range(r.num_images)
     ]
 
 
-def shape_of(job: Job) -> tuple[int, int, bool, bool]:
-    """The batcher's group: (height, width, guided, refined). Guided and guidance-free rows run different
-    programs (two UNet rows per image or one), and refined rows go on to the refiner's, so none share a batch."""
+def shape_of(job: Job) -> tuple[int, int, bool, bool, str]:
+    """The batcher's group: (height, width, guided, refined, model). Guided and guidance-free rows run different
+    programs (two UNet rows per image or one), refined rows go on to the refiner's, and each model has its own
+    engine, so none share a batch. LoRA adapters are not in it: rows with different adapters share a batch
+    (worker/engine/lora.py). model: the job's, "" for the default."""
     r = job.request
     assert r.height is not None and r.width is not None
-    return r.height, r.width, r.guidance_scale > 1, r.refiner is not None
+    return r.height, r.width, r.guidance_scale > 1, r.refiner is not None, r.model or ""
 
 
 class DeviceLoop:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Mapping[str, Engine],
         store: JobStore,
         storage: Storage,
         batch_timeout_s: float,
@@ -119,7 +124,9 @@ class DeviceLoop:
         enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,
     ):
-        self.engine = engine
+        # model name -> its engine (one engine: named by its model); the first is what a job without `model` gets
+        self.engines = dict(engine) if isinstance(engine, Mapping) else {engine.model.name: engine}
+        engine = self.engine = next(iter(self.engines.values()))
         self.store = store
         self.storage = storage
         self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
@@ -234,6 +241,12 @@ class DeviceLoop:
             if self.notify and job.request.webhook_url:
                 self._call(self.notify, job.id)
             return
+        if job.request.model is not None and job.request.model not in self.engines:
+            log.info("job for model %r, which this worker does not hold: handed back", job.request.model,
+                     extra={"job_id": job.id})  # fmt: skip
+            self._call(self.store.release, self.name, [job_id])
+            future.set_result(NOT_HERE)
+            return
         if job.request.init_image is not None:
             try:
                 self._pixels[job.id] = self._read_inputs(job)
@@ -299,7 +312,10 @@ class DeviceLoop:
     def _dispatch(self, batch: Batch, jobs: list[Job]) -> Pending:
         height, width = batch.shape[:2]
         rows = [row for job in jobs for row in rows_for(job, self._pixels.get(job.id))]
-        return self.engine.dispatch(rows, height, width)
+        return self._engine_for(jobs[0]).dispatch(rows, height, width)
+
+    def _engine_for(self, job: Job) -> Engine:
+        return self.engines[job.request.model] if job.request.model else self.engine
 
     # ------------------------------------------------------------------ the finisher thread
 
@@ -370,7 +386,8 @@ class DeviceLoop:
             n = job.request.num_images
             if all(out.finite[row : row + n]):
                 pixels = out.images[row : row + n]
-                uploads.append((job, [self.uploads.submit(self._upload, job, i, pixels[i]) for i in range(n)]))
+                used = out.adapters[row] if out.adapters else []
+                uploads.append((job, [self.uploads.submit(self._upload, job, i, pixels[i], used) for i in range(n)]))
             else:
                 self._call(self.store.fail, job.id, "the model produced non-finite values (NaN or inf) for this job")
             row += n
@@ -402,15 +419,21 @@ class DeviceLoop:
             row += job.request.num_images
         return flags
 
-    def _upload(self, job: Job, index: int, pixels: Any) -> ImageRecord:
+    def _upload(self, job: Job, index: int, pixels: Any, adapters: list[Any] | None = None) -> ImageRecord:
         t0 = time.perf_counter()
-        record = self._encode_and_put(job, index, pixels)
+        record = self._encode_and_put(job, index, pixels, adapters or [])
         metrics.UPLOAD.labels(*_labels(job)).observe(time.perf_counter() - t0)
         return record
 
-    def _encode_and_put(self, job: Job, index: int, pixels: Any) -> ImageRecord:
+    def _encode_and_put(self, job: Job, index: int, pixels: Any, adapters: list[Any] | None = None) -> ImageRecord:
         r = job.request
         fmt = r.output_format.value
+        engine = self._engine_for(job)
+        # what each adapter was: its file's sha256 (a name may later point at another file)
+        loras = [
+            {"name": a.name, "scale": lr.scale, "sha256": a.sha256}
+            for a, lr in zip(adapters or [], r.loras, strict=bool(adapters))
+        ]
         params = {
             "prompt": r.prompt,
             "negative_prompt": r.negative_prompt,
@@ -428,15 +451,17 @@ class DeviceLoop:
                     ("mask_image", r.mask_image),
                     ("strength", r.strength),
                     ("refiner", r.refiner.model_dump() if r.refiner else None),
-                    ("refiner_model", self._refiner_name() if r.refiner else None),
-                    ("refiner_hash", self._refiner_hash() if r.refiner else None),
+                    ("refiner_model", engine.models["refiner"].name if r.refiner else None),
+                    ("refiner_hash", engine.models["refiner"].weights_hash if r.refiner else None),
+                    ("loras", loras or None),
+                    ("model_name", r.model),  # the name the job picked it by (SDXL_MODELS)
                 )
                 if value is not None
             },
             "width": r.width,
             "height": r.height,
-            "model": self.engine.model.name,
-            "model_hash": self.engine.model.weights_hash,
+            "model": engine.model.name,
+            "model_hash": engine.model.weights_hash,
         }  # what made the pixels, and nothing else: the same line gives the same bytes on every run
         data = images.encode(pixels, fmt, params)
         key = image_key(job, index, fmt)
@@ -449,13 +474,8 @@ class DeviceLoop:
             sha256=hashlib.sha256(data).hexdigest(),
             model=params["model"],
             model_hash=params["model_hash"],
+            loras=loras,
         )
-
-    def _refiner_name(self) -> str:
-        return self.engine.models["refiner"].name
-
-    def _refiner_hash(self) -> str:
-        return self.engine.models["refiner"].weights_hash
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload with exponential backoff: a storage blip costs seconds, not the job."""
@@ -579,5 +599,9 @@ class DeviceLoop:
         status = WorkerStatus(
             name=self.name, model=self.engine.model.name, sizes=self.engine.sizes, batch_rows=self.engine.batch_rows,
             devices=self.engine.mesh.devices.size, started_at=self.started_at, at=time.time(), counters=counters,
+            models=[
+                {"name": name, "source": e.model.name, "bytes": e.model.nbytes, "weights_sha256": e.model.weights_hash}
+                for name, e in self.engines.items()
+            ],
         )  # fmt: skip
         self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(1000 * DEAD_AFTER_S))

@@ -150,7 +150,7 @@ class Feeder:
             if job.status == JobStatus.succeeded:
                 image = job.images[0]
                 row = manifest_row(Line.of(info, job.request), image.key, image.sha256, image.model,
-                                   image.model_hash, job.truncated, job.attempts)  # fmt: skip
+                                   image.model_hash, job.truncated, job.attempts, image.loras)  # fmt: skip
                 self.datasets.reap(run.id, index, job_key, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
                 failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}

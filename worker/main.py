@@ -30,47 +30,92 @@ from common.storage import from_settings
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("worker")
+# adapters resident at once, whatever SDXL_LORA_CACHE_BYTES allows: the bank is allocated whole at start, and a
+# small model's slots are so small that the budget alone would allocate thousands
+MAX_LORA_SLOTS = 64
 
 
-def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at module import
-    import numpy as np
+def build_engine(settings: Settings):  # -> Engine: the default model's (benchmarks, tests)
+    return next(iter(build_engines(settings).values()))
 
-    if settings.model == "standin":
+
+def build_engines(settings: Settings) -> dict:  # -> {model name: Engine}; JAX is imported here, not at import
+    """An engine per served model (SDXL_MODELS, or SDXL_MODEL), in order, for those whose weights fit together
+    in SDXL_MODEL_MEMORY_BYTES; each compiled, its weights hashed and on the devices."""
+    entries = settings.model_entries
+    if settings.model == "standin" and not settings.models.strip():
         from worker.engine.standin import StandInEngine
 
         log.warning("model=standin: a fixed-duration stand-in for queue benchmarks, not a model")
-        return StandInEngine(settings.served_sizes, settings.batch_rows, settings.standin_batch_s)
+        return {entries[0].name: StandInEngine(settings.served_sizes, settings.batch_rows, settings.standin_batch_s)}
     from worker.engine import cache, model
-    from worker.engine.engine import Engine
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir, settings.xla_cache_dir or None)
-    # The weights are read on a thread while the programs compile (or load from the cache): a start takes
-    # about the longer of the two, not their sum.
-    m = model.load(
-        settings.model,
-        model.resolve_dtype(settings.dtype),
-        shape_cache=folder / "shapes",
-        variant=settings.model_variant,
-        background=True,
-        weight_cache_dir=folder / "weights" if settings.weight_cache else None,
-        vae_dtype=settings.vae_dtype,
-        config_dir=settings.model_config_dir or None,
-        unet=settings.unet or None,
-        vae=settings.vae or None,
-    )
     refiner = None
-    if settings.refiner:
-        refiner = model.load(
-            settings.refiner, model.resolve_dtype(settings.dtype), shape_cache=folder / "shapes",
-            weight_cache_dir=folder / "weights" if settings.weight_cache else None, vae_dtype=settings.vae_dtype,
-        )  # fmt: skip
+    left = settings.model_memory_bytes or None
+    engines = {}
+    for i, entry in enumerate(entries):
+        try:
+            # The weights are read on a thread while the programs compile (or load from the cache): a start
+            # takes about the longer of the two, not their sum.
+            m = model.load(
+                entry.spec,
+                model.resolve_dtype(settings.dtype),
+                shape_cache=folder / "shapes",
+                variant=settings.model_variant,
+                background=True,
+                weight_cache_dir=folder / "weights" if settings.weight_cache else None,
+                vae_dtype=settings.vae_dtype,
+                config_dir=settings.model_config_dir or None,
+                unet=entry.unet or None,
+                vae=entry.vae or None,
+                max_bytes=left,
+            )
+        except model.ModelTooLarge as exc:
+            log.warning("not serving model %r: %s (SDXL_MODEL_MEMORY_BYTES)", entry.name, exc)
+            continue
+        if left is not None:
+            left -= m.nbytes
+        if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
+            refiner = model.load(
+                settings.refiner, model.resolve_dtype(settings.dtype), shape_cache=folder / "shapes",
+                weight_cache_dir=folder / "weights" if settings.weight_cache else None, vae_dtype=settings.vae_dtype,
+            )  # fmt: skip
+        # the refiner beside the default model only (its weights would be on the devices once per model)
+        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0)
+    if not engines:
+        raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
+    log.info("serving %d models: %s", len(engines), ", ".join(engines))
+    return engines
+
+
+def _engine(settings: Settings, m, folder, refiner, t0: float):  # -> Engine
+    import numpy as np
+
+    from worker.engine import cache, lora
+    from worker.engine.engine import Adapters, Engine
+
     t1 = time.perf_counter()
+    adapters = None
+    if settings.lora_dir:
+        from common.loras import Registry
+
+        per_slot = lora.Bank.slot_bytes(m, settings.lora_max_rank, m.dtype)
+        slots = max(1, min(settings.lora_cache_bytes // per_slot, MAX_LORA_SLOTS))
+        if slots < settings.batch_rows * settings.max_loras_per_job:
+            log.warning(
+                "SDXL_LORA_CACHE_BYTES holds %d adapters (%d bytes each at rank %d): a batch naming more runs its jobs "
+                "one by one", slots, per_slot, settings.lora_max_rank,
+            )  # fmt: skip
+        adapters = Adapters(
+            Registry(settings.lora_dir).path_of, settings.lora_max_rank, slots, settings.max_loras_per_job
+        )
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
         aot_dir=folder / "executables", aot_key=cache.signing_key(key),
-        progress_every_steps=settings.progress_every_steps, refiner=refiner,
+        progress_every_steps=settings.progress_every_steps, refiner=refiner, adapters=adapters,
     )  # fmt: skip
     compile_s = engine.compile()
     for served in (m, refiner):
@@ -80,6 +125,9 @@ def build_engine(settings: Settings):  # -> Engine; JAX is imported here, not at
             served.drop_host_weights()
     if refiner is not None:
         log.info("refiner %s (weights sha256 %s) served beside the model", refiner.name, refiner.weights_hash[:16])
+    if engine.bank is not None:
+        log.info("LoRA adapters from %s: %d slots of rank %d, %d per job", settings.lora_dir, engine.bank.slots,
+                 engine.bank.rank, engine.bank.per_row)  # fmt: skip
     t2 = time.perf_counter()
     log.info(
         "engine ready in %.1f s: model %s (%s, weights sha256 %s), %d devices, sizes %s, batch %d; modules %.1f s, "
@@ -112,7 +160,7 @@ def main() -> None:
     from worker import metrics, tasks
     from worker.device_loop import DeviceLoop
 
-    engine = build_engine(settings)
+    engines = build_engines(settings)
     metrics.serve(settings.worker_metrics_port)
     store = JobStore(
         redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
@@ -127,7 +175,7 @@ def main() -> None:
         tasks.app.send_task(TASK_GENERATE, args=args, queue=queue)
 
     loop = DeviceLoop(
-        engine,
+        engines,
         store,
         from_settings(settings, need_signing=False),
         settings.batch_timeout_s,

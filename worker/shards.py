@@ -122,9 +122,12 @@ _FEATURE_TYPES = {"line": "int64", "seed": "int64", "width": "int64", "height": 
 def _features(extension: str) -> str:
     """The WebDataset samples' features as the card's YAML: declared, not inferred, so a column whose first
     rows are null (a negative prompt, an aspect ratio) still loads when later rows have values."""
+
     def column(name: str, indent: str) -> str:
-        if name == "adapters":
-            return f"{indent}- name: {name}\n{indent}  list: string\n"
+        if name == "adapters":  # a list of {name, scale, sha256}
+            fields = (("name", "string"), ("scale", "float64"), ("sha256", "string"))
+            inner = "".join(f"{indent}  - name: {n}\n{indent}    dtype: {t}\n" for n, t in fields)
+            return f"{indent}- name: {name}\n{indent}  list:\n{inner}"
         return f"{indent}- name: {name}\n{indent}  dtype: {_FEATURE_TYPES.get(name, 'string')}\n"
 
     json_struct = "".join(column(c, "        ") for c in MANIFEST_COLUMNS)

@@ -3,14 +3,17 @@ that the message is acknowledged (acks_late) only once the result is recorded.""
 
 from __future__ import annotations
 
+import time
+
 from celery.exceptions import Reject
 
 from common.outage import Outage
 from common.queue import TASK_GENERATE, TASK_WEBHOOK, make_celery
 from common.settings import get_settings
 from worker import webhook
-from worker.device_loop import REQUEUE, DeviceLoop
+from worker.device_loop import NOT_HERE, REQUEUE, DeviceLoop
 
+NOT_HERE_PAUSE_S = 1.0
 app = make_celery(get_settings())
 _loop: DeviceLoop | None = None
 _webhook_redis = Outage("webhook sender: Redis")
@@ -31,6 +34,9 @@ def generate(job_id: str, generation: int | None = None) -> str:
     status = _loop.submit(job_id, generation).result()
     if status == REQUEUE:  # shutting down before the job reached the device: another worker takes it
         raise Reject("worker shutting down", requeue=True)
+    if status == NOT_HERE:  # a model this worker does not hold: back, after a pause (not a hot loop between
+        time.sleep(NOT_HERE_PAUSE_S)  # workers that lack it; the API refuses models no live worker holds)
+        raise Reject("model not held by this worker", requeue=True)
     return status
 
 

@@ -113,6 +113,16 @@ async function loadModels() {
     ...served.timestep_spacings.map((s) => el("option", { value: s, text: s })),
   );
   $("refiner-field").hidden = !served.refiner;
+  const models = served.models || [];
+  $("model").replaceChildren(
+    ...models.map((m) => el("option", { value: m.name, text: m.workers ? m.name : `${m.name} (no worker holds it)` })),
+  );
+  $("model").value = served.model;
+  $("model-field").hidden = models.length < 2;
+  const adapters = (await api("/v1/loras")).loras;
+  $("lora-names").textContent = adapters.map((a) => a.name).join(", ");
+  $("lora-list").replaceChildren(...adapters.map((a) => el("option", { value: a.name })));
+  $("loras-field").hidden = adapters.length === 0;
   $("steps").max = served.limits.max_steps;
   $("num_images").max = served.limits.max_images_per_job;
 }
@@ -183,13 +193,29 @@ async function formRequest() {
   if (mask || reused.mask_image) request.mask_image = mask || reused.mask_image;
   if (f.strength.value !== "") request.strength = Number(f.strength.value);
   if (f.refiner.value !== "" && served.refiner) request.refiner = { switch_at: Number(f.refiner.value) };
+  if (!$("model-field").hidden && f.model.value !== served.model) request.model = f.model.value;
+  const loras = parseLoras(f.loras.value);
+  if (loras.length) request.loras = loras;
   return request;
+}
+
+// "pixel-art:0.8, ink" -> [{name: "pixel-art", scale: 0.8}, {name: "ink", scale: 1}]; the API checks the rest.
+function parseLoras(text) {
+  return text
+    .split(",")
+    .map((part) => part.trim())
+    .filter((part) => part)
+    .map((part) => {
+      const at = part.lastIndexOf(":");
+      if (at < 0) return { name: part, scale: 1 };
+      return { name: part.slice(0, at).trim(), scale: Number(part.slice(at + 1)) };
+    });
 }
 
 function markFields(err) {
   for (const node of $("job-form").querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
   for (const e of (err && err.problem && err.problem.errors) || []) {
-    const name = e.field.split(".").pop();
+    const name = e.field.startsWith("loras") ? "loras" : e.field.split(".").pop();
     const target = name === "width" || name === "height" ? $("size") : $("job-form").elements[name];
     if (target) target.setAttribute("aria-invalid", "true");
   }
@@ -350,6 +376,8 @@ function showImages(job) {
   if (r.mask_image) rows.push(["mask", r.mask_image]);
   if (r.strength != null) rows.push(["strength", r.strength]);
   if (r.refiner) rows.push(["refiner from", r.refiner.switch_at]);
+  if (r.model) rows.push(["model", r.model]);
+  if (r.loras && r.loras.length) rows.push(["loras", r.loras.map((l) => `${l.name}:${l.scale}`).join(", ")]);
   if (job.truncated) rows.push(["note", "the prompt was longer than 77 tokens and was cut"]);
   for (const [k, v] of rows) params.append(el("dt", { text: k }), el("dd", { text: String(v) }));
   params.hidden = false;
@@ -385,6 +413,8 @@ function useSettings(job) {
   f.mask_image.value = "";
   f.strength.value = r.strength ?? "";
   f.refiner.value = r.refiner ? r.refiner.switch_at : "";
+  f.model.value = r.model ?? served.model;
+  f.loras.value = (r.loras || []).map((l) => `${l.name}:${l.scale}`).join(", ");
   f.webhook_url.value = r.webhook_url ?? "";
   f.prompt.focus();
 }

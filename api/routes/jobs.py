@@ -19,7 +19,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import job_inputs, metrics
+from api import job_inputs, metrics, served
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import webhooks
@@ -44,6 +44,9 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
                 width=i.width,
                 height=i.height,
                 sha256=i.sha256,
+                model=i.model,
+                model_hash=i.model_hash,
+                loras=i.loras,
             )
             for i in job.images
         ]
@@ -129,6 +132,8 @@ def submit(
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.refiner is not None and not s.refiner:
         raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
+    served.check_model(body, s, services.served)
+    served.check_loras(body, s, services.loras)
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

@@ -9,7 +9,7 @@ GET /v1/jobs): it is submitted and the answer waits for its end, up to SDXL_MAX_
     n -> num_images; size "WIDTHxHEIGHT" (or "auto": the first served size) -> width, height;
     quality -> steps (low 10, medium/standard/auto 20, high/hd 40, capped at SDXL_MAX_STEPS);
     response_format url (signed, as GET /v1/jobs gives) or b64_json; output_format png/jpeg/webp;
-    model: absent, "sdxl", or the served model's name; user and style: accepted, not used.
+    model: absent, "sdxl", or a served model's name (SDXL_MODELS); user and style: accepted, not used.
 Extensions outside OpenAI's API (pass them with the SDK's `extra_body`): negative_prompt, seed, steps,
 guidance_scale, scheduler, timestep_spacing. Errors are the service's problem details with OpenAI's `error` object added
 (api/errors.py), which the SDK reads.
@@ -73,9 +73,11 @@ class ImagesResponse(BaseModel):
     job_id: str  # the job behind the answer (GET /v1/jobs/{id})
 
 
-def to_job(body: ImageGeneration, served_model: str, sizes: list[tuple[int, int]], max_steps: int) -> JobRequest:
-    if body.model not in (None, "sdxl", served_model):
-        raise LimitError("model", f"{body.model!r} is not served here; use {served_model!r} (or 'sdxl', or omit it)")
+def to_job(body: ImageGeneration, models: list[str], sizes: list[tuple[int, int]], max_steps: int) -> JobRequest:
+    """models: the served models' names, the default first."""
+    if body.model not in (None, "sdxl", *models):
+        raise LimitError("model", f"{body.model!r} is not served here; use one of {models} (or 'sdxl', or omit it)")
+    model = body.model if body.model in models[1:] else None  # the default: recorded as the jobs API's would be
     width = height = None
     if body.size not in (None, "auto"):
         w, _, h = body.size.lower().partition("x")
@@ -89,7 +91,7 @@ def to_job(body: ImageGeneration, served_model: str, sizes: list[tuple[int, int]
     own = ("negative_prompt", "seed", "guidance_scale", "scheduler", "timestep_spacing")
     extra = {k: v for k in own if (v := getattr(body, k)) is not None}
     return JobRequest(prompt=body.prompt, width=width, height=height, num_images=body.n, steps=steps,
-                      output_format=body.output_format, **extra)  # fmt: skip
+                      output_format=body.output_format, model=model, **extra)  # fmt: skip
 
 
 @router.post("/generations", response_model=ImagesResponse, responses={400: {}, 401: {}, 422: {}, 429: {}, 504: {}})
@@ -103,7 +105,7 @@ async def generate_images(
     """Make images as OpenAI's `images.generate` does: the answer carries them (URLs or base64)."""
     s = services.settings
     try:
-        job_request = to_job(body, s.model, s.served_sizes, s.max_steps)
+        job_request = to_job(body, [e.name for e in s.model_entries], s.served_sizes, s.max_steps)
         job_id, _, stored = await run_in_threadpool(submit, job_request, services, caller.tenant, idempotency_key)
     except LimitError as exc:
         field = FIELDS.get(exc.field, exc.field)

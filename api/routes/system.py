@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import metrics
 from api.deps import ServicesDep
-from api.schemas import ModelPublic
+from api.schemas import LoraPublic, LorasPublic, ModelPublic, ServedModelPublic
 from common import worker_status
 from common.jobs import LCM_MAX_STEPS, OutputFormat, Scheduler, Spacing
 
@@ -18,10 +18,25 @@ router = APIRouter(tags=["system"])
 
 @router.get("/v1/models", response_model=ModelPublic)
 def models(services: ServicesDep) -> ModelPublic:
-    """The served model, sizes, schedulers and limits."""
+    """The served models (and which live workers hold them), sizes, schedulers and limits."""
     s = services.settings
+    try:
+        holders = services.served.served()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        holders = {}  # Redis away: what is configured, without the workers
+    entries = []
+    for i, e in enumerate(s.model_entries):
+        reported = [m for w in holders.get(e.name, []) for m in w.models if m.get("name") == e.name]
+        entries.append(
+            ServedModelPublic(
+                name=e.name, source=e.spec, vae=e.vae or None, unet=e.unet or None, default=i == 0,
+                workers=len(holders.get(e.name, [])), bytes=reported[0].get("bytes") if reported else None,
+                weights_sha256=reported[0].get("weights_sha256") if reported else None,
+            )
+        )  # fmt: skip
     return ModelPublic(
-        model=s.model,
+        model=s.model_entries[0].name,
+        models=entries,
         sizes=[{"width": w, "height": h} for h, w in s.served_sizes],
         schedulers=[x.value for x in Scheduler],
         timestep_spacings=[x.value for x in Spacing],
@@ -36,6 +51,9 @@ def models(services: ServicesDep) -> ModelPublic:
             "mask_image": "inpainting with init_image (default strength 0.9999): on a base model the image is kept "
             "outside the mask at every step; an inpainting model (9-channel UNet) is given the mask and masked image",
             "prediction_type": "epsilon, v_prediction or sample, from the served model's scheduler config",
+            "model": "which of `models` runs the job (default: the first); batches are made per model",
+            "loras": '[{"name": "pixel-art", "scale": 0.8}]: LoRA adapters from GET /v1/loras, applied per image (rows '
+            "with other adapters share a batch)",
             "refiner": '{"switch_at": 0.8, "aesthetic_score": 6.0}: the last steps on the refiner (where one is '
             "served: `refiner` above), as diffusers' base + refiner ensemble",
         },
@@ -48,7 +66,22 @@ def models(services: ServicesDep) -> ModelPublic:
             "url_expiry_s": s.url_expiry_s,
             "job_ttl_s": s.job_ttl_s,
             "max_wait_s": s.max_wait_s,  # the longest `Prefer: wait=N` / `?wait_s=N` honoured
+            "max_loras_per_job": s.max_loras_per_job,
+            "lora_max_rank": s.lora_max_rank,
         },
+    )
+
+
+@router.get("/v1/loras", response_model=LorasPublic)
+async def loras(services: ServicesDep) -> LorasPublic:
+    """The LoRA adapters a job may name in `loras`: name, size, sha256, layout, what they touch and their rank."""
+    good, bad = await run_in_threadpool(services.loras.list)
+    s = services.settings
+    return LorasPublic(
+        loras=[LoraPublic(**a.public()) for a in good],
+        unusable=bad,
+        max_per_job=s.max_loras_per_job,
+        max_rank=s.lora_max_rank,
     )
 
 

@@ -179,6 +179,41 @@ def test_image_to_image_with_a_mask_and_the_refiner_from_the_page(page, tmp_path
     assert "init image" not in page.inner_text("#job-params")
 
 
+def test_a_model_and_lora_adapters_from_the_page(page):
+    """live_stack serves two models and three adapters: the page offers them, sends the choice, shows it with the
+    job, and "Use these settings" puts it back; an unknown adapter is refused naming the field."""
+    enter_key(page)
+    assert page.is_visible("#model-field") and page.is_visible("#loras-field")
+    models = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+    assert models == ["tiny", "lightning"] and page.input_value("#model") == "tiny"
+    assert page.inner_text("#lora-names") == "ink, pixel-art, watercolor"
+    page.fill("#prompt", "a windmill")
+    page.select_option("#size", "96x64")
+    page.fill("#steps", "3")
+    page.select_option("#model", "lightning")
+    page.fill("#loras", "pixel-art:0.5, ink")
+    page.click("#submit")
+    page.wait_for_selector("#job-params dt:has-text('loras')", timeout=JOB_S)
+    assert page.inner_text("#job-state").startswith("Succeeded")
+    params = dict(
+        zip(
+            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
+            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
+            strict=True,
+        )
+    )
+    assert params["model"] == "lightning" and params["loras"] == "pixel-art:0.5, ink:1"
+    page.select_option("#model", "tiny")
+    page.fill("#loras", "")
+    page.locator("#gallery li").first.get_by_role("button", name="Use these settings").click()
+    assert page.input_value("#model") == "lightning" and page.input_value("#loras") == "pixel-art:0.5, ink:1"
+    page.fill("#loras", "nope:1")
+    page.click("#submit")
+    page.wait_for_selector("#notice:visible")
+    assert "no adapter named 'nope'" in page.inner_text("#notice")
+    assert page.get_attribute("#loras", "aria-invalid") == "true"
+
+
 def test_every_control_has_a_label_and_a_bad_key_is_said_plainly(page):
     unlabeled = page.eval_on_selector_all(
         "input, select, textarea", "nodes => nodes.filter(n => n.labels.length === 0).map(n => n.id)"

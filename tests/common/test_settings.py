@@ -51,3 +51,31 @@ def test_model_variant_is_a_plain_name():
     assert Settings(model_variant="fp16").model_variant == "fp16"
     with pytest.raises(pydantic.ValidationError, match="model_variant"):
         Settings(model_variant="../fp16")
+
+
+def test_models_are_named_entries_with_their_own_overrides():
+    s = Settings(models="base=stabilityai/stable-diffusion-xl-base-1.0;vae=madebyollin/sdxl-vae-fp16-fix, "
+                 "turbo = stabilityai/sdxl-turbo, local=/models/x.safetensors;unet=/m/u.safetensors")  # fmt: skip
+    assert [(e.name, e.spec, e.vae, e.unet) for e in s.model_entries] == [
+        ("base", "stabilityai/stable-diffusion-xl-base-1.0", "madebyollin/sdxl-vae-fp16-fix", ""),
+        ("turbo", "stabilityai/sdxl-turbo", "", ""),
+        ("local", "/models/x.safetensors", "", "/m/u.safetensors"),
+    ]
+    # without SDXL_MODELS: the one SDXL_MODEL, named as written, with SDXL_VAE / SDXL_UNET
+    alone = Settings(model="tiny", vae="/v")
+    assert [(e.name, e.spec, e.vae) for e in alone.model_entries] == [("tiny", "tiny", "/v")]
+
+
+@pytest.mark.parametrize(
+    ("models", "extra", "message"),
+    [
+        ("base", {}, "is not NAME=SPEC"),
+        ("a=x,a=y", {}, "given twice"),
+        ("a b=x", {}, "letters, digits"),
+        ("a=x;refiner=y", {}, "not vae=... or unet=..."),
+        ("a=x", {"vae": "/v"}, "give each model its own"),
+    ],
+)
+def test_bad_model_entries_say_what_is_wrong(models, extra, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(models=models, **extra)

@@ -10,7 +10,9 @@ guidance, steps, schedulers, spacings, image-to-image strengths, init images and
 inputs of the executables of a shape (program.py: the text encoders and starting sample, the denoising steps,
 the decode, and the VAE encoder for batches with init images). Each shape has a guided pair (begin, advance:
 two UNet rows per image) and a guidance-free pair (one row per image), picked per batch: a batch whose every
-row has guidance <= 1 runs the guidance-free pair and does half the UNet work.
+row has guidance <= 1 runs the guidance-free pair and does half the UNet work. LoRA adapters (Adapters, lora.py)
+are inputs too: an engine with an adapter bank has an adapter-taking begin/advance beside the plain ones, run by
+batches in which any row names an adapter; which adapters, how many and at what scale compiles nothing.
 
 Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
 """
@@ -48,6 +50,8 @@ MAX_SEED = 2**32 - 1
 # The compiled parts of a shape (see `executable`); a served engine compiles SERVED_KINDS at start.
 KINDS = ("begin", "advance", "begin-free", "advance-free", "encode", "finish-uint8", "finish-float32")
 SERVED_KINDS = ("begin", "advance", "begin-free", "advance-free", "encode", "finish-uint8")
+# the parts that take LoRA adapters: an engine with an adapter bank has a second, adapter-taking pair of each
+LORA_KINDS = ("begin", "advance", "begin-free", "advance-free")
 
 
 class EngineInputError(ValueError):
@@ -231,7 +235,9 @@ class Engine:
         f = self.model.vae_scale_factor
         return (self.model.latent_channels, height // f, width // f)
 
-    def _abstract_args(self, kind: str, rows: int, height: int, width: int, which: str = "base") -> list[Any]:
+    def _abstract_args(
+        self, kind: str, rows: int, height: int, width: int, which: str = "base", adapted: bool = False
+    ) -> list[Any]:
         """The arguments of one part of the program (program.Program), as shapes with their shardings."""
         r, s = self.rows_sharding, self.replicated
         spec = jax.ShapeDtypeStruct
@@ -242,7 +248,8 @@ class Engine:
         scalars = spec((rows, len(program.SCALARS)), jnp.float32, sharding=r)
         part, _, variant = kind.partition("-")
         adapters = None
-        if self.bank is not None and which == "base":
+        if adapted:
+            assert self.bank is not None and which == "base"
             k = self.bank.per_row
             adapters = {
                 "bank": lora.spec(self.bank),
@@ -282,7 +289,7 @@ class Engine:
             self._programs[key] = program.build(self.models[which], output, self.attend, guided)
         return self._programs[key]
 
-    def _aot_path(self, kind: str, height: int, width: int, which: str = "base") -> Path | None:
+    def _aot_path(self, kind: str, height: int, width: int, which: str = "base", adapted: bool = False) -> Path | None:
         """Where this program's serialized executable lives. The name covers everything the executable
         depends on except what the folder already does (chip kind, device count, JAX version, cache.key):
         the engine's own source, library versions, model configs and dtype, shape, attention."""
@@ -297,10 +304,10 @@ class Engine:
         identity = (
             flax.__version__, m.configs.identity(), np.dtype(m.dtype).name, np.dtype(m.dtype_of("vae")).name,
             self.attention, [str(d) for d in self.mesh.devices.flat],
-            None if self.bank is None or which != "base" else (self.bank.rank, self.bank.slots, self.bank.per_row),
+            (self.bank.rank, self.bank.slots, self.bank.per_row) if adapted and self.bank is not None else None,
         )  # fmt: skip
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
-        name = kind if which == "base" else f"{which}-{kind}"
+        name = (kind if which == "base" else f"{which}-{kind}") + ("-lora" if adapted else "")
         return self.aot_dir / f"{name}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
 
     def _load_or_compile(self, path: Path | None, lower: Any) -> Any:
@@ -333,12 +340,18 @@ class Engine:
             os.replace(tmp, path)
         return compiled
 
-    def executable(self, height: int, width: int, kind: str = "advance", which: str = "base") -> Any:
+    def executable(
+        self, height: int, width: int, kind: str = "advance", which: str = "base", adapted: bool = False
+    ) -> Any:
         """The compiled part of the program for (batch_rows, height, width), compiled on first use. kind: begin,
-        advance (guided), begin-free, advance-free (guidance-free), encode, finish-uint8 or finish-float32."""
+        advance (guided), begin-free, advance-free (guidance-free), encode, finish-uint8 or finish-float32.
+        adapted: begin/advance taking the adapter bank (LORA_KINDS; an engine with adapters has both: a batch
+        without any adapter runs the plain pair and pays nothing for them)."""
         if kind not in KINDS:
             raise ValueError(f"kind: one of {KINDS}, got {kind!r}")
-        key = (which, kind, self.batch_rows, height, width)
+        if adapted and (kind not in LORA_KINDS or self.bank is None or which != "base"):
+            raise ValueError(f"no adapter variant of {which} {kind}")
+        key = (which, kind, self.batch_rows, height, width, adapted)
         if key not in self._executables:
             # Recompiles: a new key above, or a new model/dtype/device set/attention (a new Engine). Nothing else.
             r, s = self.rows_sharding, self.replicated
@@ -349,11 +362,12 @@ class Engine:
             t0 = time.perf_counter()
 
             def lower() -> Any:
-                return jitted.lower(*self._abstract_args(kind, self.batch_rows, height, width, which))
+                return jitted.lower(*self._abstract_args(kind, self.batch_rows, height, width, which, adapted))
 
             loaded_before = self.aot_loaded
-            self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width, which), lower)
+            self._executables[key] = self._load_or_compile(self._aot_path(kind, height, width, which, adapted), lower)
             name = f"{self.batch_rows}x{height}x{width}/{kind if which == 'base' else f'{which}-{kind}'}"
+            name += "-lora" if adapted else ""
             self.compile_s[name] = time.perf_counter() - t0
             how = "loaded the serialized executable" if self.aot_loaded > loaded_before else "traced and compiled"
             log.info("%s %s in %.2f s", how, name, self.compile_s[name])
@@ -380,6 +394,9 @@ class Engine:
                     if kind != "encode":
                         self.executable(h, w, kind, "refiner")
         if self.bank is not None:
+            for h, w in self.sizes:
+                for kind in LORA_KINDS:
+                    self.executable(h, w, kind, adapted=True)
             self.bank.warm()  # the slot write, compiled now: loading an adapter later compiles nothing
         self._place()
         return dict(self.compile_s)
@@ -590,9 +607,10 @@ class Engine:
         if refined == {True}:
             inputs["refiner"] = self._refiner_inputs(padded, height, width)
         inputs["adapters"] = []
-        if self.bank is not None:
+        if self.bank is not None and any(r.loras for r in padded):
             try:
-                inputs["slots"], inputs["scales"], inputs["adapters"] = self.bank.choose([r.loras for r in padded])
+                chosen = self.bank.choose([r.loras for r in padded])
+                inputs["slots"], inputs["scales"], inputs["adapters"], inputs["bank"] = chosen
             except lora.AdapterError as e:
                 raise EngineInputError("loras", str(e)) from None
         truncated = [a or b for a, b in zip(cut_pos, cut_neg, strict=True)][: len(rows)]
@@ -643,9 +661,9 @@ class Engine:
         )
         self._place()
         adapters = None
-        if self.bank is not None:
+        if inputs["adapters"]:  # some row names an adapter: the programs that take the bank
             adapters = {
-                "bank": self.bank.tree,
+                "bank": inputs["bank"],
                 "slots": jax.device_put(inputs["slots"], r),
                 "scales": jax.device_put(inputs["scales"], r),
             }
@@ -666,14 +684,16 @@ class Engine:
         self.dispatched["advance" + suffix] += 1
         if "images" in inputs:
             self.dispatched["encode"] += 1
-        state, context, pooled = run("begin" + suffix)(
+        if adapters is not None:
+            self.dispatched["lora"] += 1
+        state, context, pooled = run("begin" + suffix, adapted=adapters is not None)(
             self.params, adapters, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
         )
         steps = int(inputs["steps"])
         marks = []
         for start in range(0, steps, self.progress_every_steps):
             stop = min(start + self.progress_every_steps, steps)
-            state, mark = run("advance" + suffix)(
+            state, mark = run("advance" + suffix, adapted=adapters is not None)(
                 self.params,
                 adapters,
                 state,

@@ -213,7 +213,9 @@ class Bank:
             out_shardings=sharding,
         )
         self._resident: collections.OrderedDict[str, tuple[int, Adapter]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        # one batch's choice at a time (a worker may dispatch from two threads: the device loop, and the finisher
+        # when it runs a failed batch's jobs one by one): no slot a batch chose is replaced before it is dispatched
+        self._lock = threading.RLock()
         self.loads = 0  # adapters written into a slot (a switch)
 
     @staticmethod
@@ -277,29 +279,30 @@ class Bank:
 
     def choose(
         self, chosen: Sequence[Sequence[tuple[str, float]]]
-    ) -> tuple[np.ndarray, np.ndarray, list[list[Adapter]]]:
-        """Per row, its (name, scale) adapters -> slots (rows, per_row) int32, scales (rows, per_row) float32, and
-        the adapters used (for the record: their hashes)."""
+    ) -> tuple[np.ndarray, np.ndarray, list[list[Adapter]], Any]:
+        """Per row, its (name, scale) adapters -> slots (rows, per_row) int32, scales (rows, per_row) float32, the
+        adapters used (for the record: their hashes), and the bank's tree holding them (pass that one to the
+        program: a later choice may replace slots in a newer tree)."""
         wanted = frozenset(name for row in chosen for name, _ in row)
         if len(wanted) > self.slots:
             raise AdapterError(f"a batch needs {len(wanted)} adapters at once; this worker has {self.slots} slots")
         slots = np.zeros((len(chosen), self.per_row), np.int32)
         scales = np.zeros((len(chosen), self.per_row), np.float32)
         used: list[list[Adapter]] = []
-        for i, row in enumerate(chosen):
-            if len(row) > self.per_row:
-                raise AdapterError(f"{len(row)} adapters on one row; at most {self.per_row}")
-            mine = []
-            for k, (name, scale) in enumerate(row):
-                with self._lock:
+        with self._lock:
+            for i, row in enumerate(chosen):
+                if len(row) > self.per_row:
+                    raise AdapterError(f"{len(row)} adapters on one row; at most {self.per_row}")
+                mine = []
+                for k, (name, scale) in enumerate(row):
                     hit = self._resident.get(name)
                     if hit is not None:
                         self._resident.move_to_end(name)
-                slot, adapter = hit if hit is not None else self._place(name, keep=wanted)
-                slots[i, k], scales[i, k] = slot, scale
-                mine.append(adapter)
-            used.append(mine)
-        return slots, scales, used
+                    slot, adapter = hit if hit is not None else self._place(name, keep=wanted)
+                    slots[i, k], scales[i, k] = slot, scale
+                    mine.append(adapter)
+                used.append(mine)
+            return slots, scales, used, self.tree
 
 
 def variables(tree: dict[str, Any], slots: jax.Array, scales: jax.Array) -> dict[str, Any]:
@@ -316,3 +319,42 @@ def variables(tree: dict[str, Any], slots: jax.Array, scales: jax.Array) -> dict
 def spec(bank: Bank) -> Any:
     """The bank's tree as shapes (for lowering the program ahead of time)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), bank.tree)
+
+
+def write_random(
+    model: Any,
+    path: Path,
+    layout: str,
+    rank: int,
+    seed: int,
+    parts: Sequence[str] = PARTS,
+    alpha: float | None = None,
+) -> Path:
+    """A random adapter for `model` (anything with .configs, .params and .unet), as trainers write them, for
+    tests and benchmarks. layout "kohya": `lora_unet_*` in the original SDXL UNet's module names
+    (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`, an `.alpha` per module when
+    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
+    from safetensors.numpy import save_file
+
+    found = targets(model)
+    known = names(model, list(found))
+    rng = np.random.default_rng(seed)
+    sgm = ("input_blocks", "middle_block", "output_blocks")
+    state: dict[str, np.ndarray] = {}
+    for key, target in sorted(found.items()):
+        if target.part not in parts:
+            continue
+        options = [n for n, k in known.items() if k == key]
+        if layout == "kohya":  # the UNet in the original SDXL module names, as kohya's SDXL trainer writes them
+            kohya = [n for n in options if n.startswith("lora_")]
+            (name,) = [n for n in kohya if target.part != "unet" or any(b in n for b in sgm)]
+            down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+        else:
+            (name,) = [n for n in options if not n.startswith("lora_")]
+            down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
+        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        if alpha is not None:
+            state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    save_file(state, path)
+    return path

@@ -72,6 +72,10 @@ class ModelError(ValueError):
     """A model that cannot be found or loaded; the message says which and where it was looked for."""
 
 
+class ModelTooLarge(ModelError):
+    """A model whose weights do not fit the memory left for it (load's max_bytes)."""
+
+
 @dataclass(frozen=True)
 class Configs:
     """The networks' configs: everything that decides parameter shapes and the traced program. SDXL's refiner
@@ -155,6 +159,11 @@ class Model:
     weight_sources: dict[str, str] = field(default_factory=dict)
     weights_dropped: bool = False  # drop_host_weights() was called: only the shapes are left
     weights_hash: str = ""  # sha256 of the weights as served (digest_weights()); recorded with every image
+
+    @property
+    def nbytes(self) -> int:
+        """The served weights' bytes (on each device that holds them)."""
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(self.params))
 
     def digest_weights(self) -> str:
         """sha256 over every parameter as served (names, dtypes, shapes and bytes, in name order): the same
@@ -361,13 +370,28 @@ def resolve_vae_dtype(name: str, dtype: Any, vae: VAEConfig) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def _assemble(source: Source, dtype: Any, vae_dtype: str, shape_cache: Path | None, background: bool) -> Model:
+def _assemble(
+    source: Source,
+    dtype: Any,
+    vae_dtype: str,
+    shape_cache: Path | None,
+    background: bool,
+    max_bytes: int | None = None,
+) -> Model:
     """The model from a Source. background: return once the configs and shapes are known, with the weights
-    still being read on a thread (Model.wait), so compiling can overlap reading."""
+    still being read on a thread (Model.wait), so compiling can overlap reading. max_bytes: a ModelTooLarge,
+    before any weight is read, when the served weights would take more."""
     configs = source.configs
     vae_dt = resolve_vae_dtype(vae_dtype, dtype, configs.vae)
     dtypes = {part: vae_dt if part == "vae" else dtype for part in configs.parts}
     shapes = {part: _shapes(configs, part, shape_cache) for part in configs.parts}
+    nbytes = sum(
+        int(np.prod(leaf.shape)) * np.dtype(dtypes[part]).itemsize
+        for part in configs.parts
+        for leaf in jax.tree_util.tree_leaves(shapes[part])
+    )
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ModelTooLarge(f"model {source.name!r}: its weights take {nbytes} bytes, over the {max_bytes} left")
     sources: dict[str, str] = {}
 
     def read_all() -> tuple[dict[str, Any], float]:
@@ -444,6 +468,7 @@ def load_folder(
     vae_dtype: str = "auto",
     unet: str | Path | None = None,
     vae: str | Path | None = None,
+    max_bytes: int | None = None,
 ) -> Model:
     """A diffusers SDXL folder. background: return once the configs are read, with the weights still being
     read on a thread (Model.wait), so compiling can overlap reading; missing files are reported at once.
@@ -455,7 +480,7 @@ def load_folder(
         source = with_unet(source, Path(unet), weight_cache_dir)
     if vae:
         source = with_vae(source, Path(vae), weight_cache_dir)
-    return _assemble(source, dtype, vae_dtype, shape_cache, background)
+    return _assemble(source, dtype, vae_dtype, shape_cache, background, max_bytes)
 
 
 def with_vae(source: Source, path: Path, weight_cache_dir: Path | None = None) -> Source:
@@ -522,6 +547,7 @@ def load_single_file(
     config_dir: Path | None = None,
     unet: str | Path | None = None,
     vae: str | Path | None = None,
+    max_bytes: int | None = None,
 ) -> Model:
     """A single-file SDXL checkpoint (sd_xl_base_1.0.safetensors layout). Configs are inferred from the
     tensors; tokenizers and scheduler are SDXL's defaults, or a diffusers folder's (config_dir, as diffusers'
@@ -533,7 +559,7 @@ def load_single_file(
         source = with_unet(source, Path(unet), weight_cache_dir)
     if vae:
         source = with_vae(source, Path(vae), weight_cache_dir)
-    return _assemble(source, dtype, vae_dtype, shape_cache, background)
+    return _assemble(source, dtype, vae_dtype, shape_cache, background, max_bytes)
 
 
 def from_preset(preset: str, dtype: Any = jnp.bfloat16, vae_dtype: str = "auto") -> Model:
@@ -560,9 +586,7 @@ def resolve_dtype(name: str) -> Any:
     return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
 
 
-def fetch_hub(
-    repo_id: str, cache_dir: str | None = None, variant: str = "", patterns: list[str] | None = None
-) -> Path:
+def fetch_hub(repo_id: str, cache_dir: str | None = None, variant: str = "", patterns: list[str] | None = None) -> Path:
     """Download (or find in the cache) the files an SDXL repo needs (or `patterns`). Raises ModelError when it
     cannot."""
     from huggingface_hub import constants, snapshot_download
@@ -600,6 +624,7 @@ def load(
     config_dir: str | Path | None = None,
     unet: str | Path | None = None,
     vae: str | Path | None = None,
+    max_bytes: int | None = None,
 ) -> Model:
     """`tiny`, a local folder, a single-file checkpoint (`*.safetensors`), or a hub id such as
     stabilityai/stable-diffusion-xl-base-1.0. `shape_cache`: a folder where parameter shapes are kept between
@@ -609,6 +634,7 @@ def load(
     for configs, tokenizers and scheduler (load_single_file)."""
     options = {"shape_cache": shape_cache, "background": background, "weight_cache_dir": weight_cache_dir}
     options["vae_dtype"] = vae_dtype
+    options["max_bytes"] = max_bytes  # ModelTooLarge before reading when the weights would take more
     options["unet"] = unet or None  # a UNet-only weights file or folder in place of the model's (with_unet)
     options["vae"] = _vae_folder(vae) if vae else None  # another VAE (with_vae): a folder or a hub id
     if spec in ("tiny", "tiny-refiner", "tiny-inpaint"):

@@ -59,7 +59,7 @@ class StandInEngine:
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
         self.batch_s = batch_s
-        self.model = SimpleNamespace(name=f"standin-{batch_s}s", weights_hash="standin")
+        self.model = SimpleNamespace(name=f"standin-{batch_s}s", weights_hash="standin", nbytes=0)
         self.mesh = SimpleNamespace(devices=np.zeros(1))
         self._pictures = {(h, w): np.stack([picture(h, w, i) for i in range(batch_rows)]) for h, w in self.sizes}
         self._free_at = 0.0

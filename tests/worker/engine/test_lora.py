@@ -111,6 +111,11 @@ def test_rows_with_different_adapters_share_a_batch_and_nothing_compiles(engine,
             assert np.abs(got.astype(int) - alone[i].astype(int)).max() <= 1, (batch, i)
         assert [[a.name for a in used] for used in out.adapters] == [[n for n, _ in rows[i].loras] for i in batch]
     assert engine.bank.loads > loads  # adapters were written into slots along the way
+    # a batch in which no row names an adapter runs the plain programs: it pays nothing for the bank
+    ran = engine.dispatched["lora"]
+    plain = engine.generate([rows[1], _row(lora_reference, [], seed=9)], 64, 64).images
+    assert engine.dispatched["lora"] == ran
+    assert np.abs(plain[0].astype(int) - alone[1].astype(int)).max() <= 1
     assert counter.requests == before
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -348,3 +349,14 @@ def test_a_vae_override_that_is_not_a_vae_folder_is_refused(tiny_dir, tmp_path):
 
     with pytest.raises(ModelError, match=r"no config\.json"):
         load_folder(tiny_dir, np.float32, vae=tmp_path)
+
+
+def test_a_model_over_the_memory_left_is_refused_before_its_weights_are_read(tiny_dir, tiny32, monkeypatch):
+    assert tiny32.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(tiny32.params))
+    read = []
+    monkeypatch.setattr(model, "read_component", lambda *a, **k: read.append(a) or {})
+    with pytest.raises(model.ModelTooLarge, match=f"its weights take {tiny32.nbytes} bytes, over the 1000 left"):
+        model.load_folder(tiny_dir, np.float32, max_bytes=1000)
+    assert read == []
+    fits = model.load("tiny", np.float32, tiny_dir=tiny_dir, max_bytes=tiny32.nbytes)
+    assert fits.nbytes == tiny32.nbytes

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -44,19 +43,6 @@ def write_vae(tiny_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def _tiny_targets(tiny_dir: Path) -> tuple[Any, dict[str, Any]]:
-    from types import SimpleNamespace
-
-    from worker.engine import lora
-    from worker.engine.model import Configs
-
-    configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
-    made = Configs.from_dicts(configs, str(tiny_dir))
-    model = SimpleNamespace(configs=made, params=None, unet=made.unet)
-    found = lora.targets(model)
-    return found, lora.names(model, list(found))
-
-
 def write_lora(
     tiny_dir: Path,
     path: Path,
@@ -66,29 +52,13 @@ def write_lora(
     parts: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
     alpha: float | None = None,
 ) -> Path:
-    """A random LoRA adapter for the tiny model, as trainers write them. layout "kohya": `lora_unet_*` in the
-    original SDXL UNet's module names (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`,
-    an `.alpha` per module when `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
-    found, names = _tiny_targets(tiny_dir)
-    rng = np.random.default_rng(seed)
-    state: dict[str, np.ndarray] = {}
-    for key, target in sorted(found.items()):
-        if target.part not in parts:
-            continue
-        options = [n for n, k in names.items() if k == key]
-        if layout == "kohya":
-            # the UNet in the original SDXL module names, as kohya's SDXL trainer writes them
-            sgm = ("input_blocks", "middle_block", "output_blocks")
-            (name,) = [
-                n for n in options if n.startswith("lora_") and (target.part != "unet" or any(b in n for b in sgm))
-            ]
-            down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
-        else:
-            (name,) = [n for n in options if not n.startswith("lora_")]
-            down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-        state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
-        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
-        if alpha is not None:
-            state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    save_file(state, path)
-    return path
+    """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (lora.write_random)."""
+    from types import SimpleNamespace
+
+    from worker.engine import lora
+    from worker.engine.model import Configs
+
+    configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
+    made = Configs.from_dicts(configs, str(tiny_dir))
+    model = SimpleNamespace(configs=made, params=None, unet=made.unet)
+    return lora.write_random(model, path, layout, rank, seed, parts, alpha)

@@ -1,0 +1,159 @@
+"""The LoRA adapter registry: the `.safetensors` files in SDXL_LORA_DIR, by name. Shared by the API (which lists
+them at GET /v1/loras and refuses a job naming one that is not there) and the worker (which reads them for the
+engine, worker/engine/lora.py).
+
+A request names an adapter, never a path: a name is the file's stem, of letters, digits, '.', '_' and '-', and
+only a regular file directly in the folder (a link that leads out of it is not served) is an adapter. Reading
+an adapter here is its safetensors header alone (a few KB): what it touches, its layout and rank. Its sha256 is
+worked out once per file version (size and modification time) and kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.jobs import LimitError, LoraRequest
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# the component each key prefix adapts, for both layouts (kohya's, diffusers/PEFT's)
+PARTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+         "unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}  # fmt: skip
+DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+class AdapterFileError(ValueError):
+    """A file in the folder that is not a readable LoRA adapter; the message says why."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    bytes: int
+    sha256: str
+    layout: str  # "kohya" or "diffusers"
+    touches: list[str]  # unet, text_encoder, text_encoder_2
+    rank: int  # the largest rank of its layers
+    layers: int  # layers it adapts
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: {tensor name: {dtype, shape, data_offsets}} (and __metadata__)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise AdapterFileError("not a safetensors file (shorter than its header)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > MAX_HEADER_BYTES:
+            raise AdapterFileError(f"not a safetensors file (a {size}-byte header)")
+        try:
+            parsed = json.loads(f.read(size))
+        except ValueError:
+            raise AdapterFileError("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(parsed, dict):
+        raise AdapterFileError("not a safetensors file (its header is not an object)")
+    return parsed
+
+
+def describe(name: str, path: Path, sha256: str) -> AdapterInfo:
+    tensors = {k: v for k, v in header(path).items() if k != "__metadata__"}
+    downs = {k: v for k, v in tensors.items() if k.endswith(DOWN)}
+    if not downs:
+        raise AdapterFileError("no LoRA factors (lora_down / lora_A weights) in it")
+    touches = sorted({part for k in downs for prefix, part in PARTS.items() if k.startswith(prefix)})
+    layout = "kohya" if all(k.startswith("lora_") for k in downs) else "diffusers"
+    rank = max(int(v["shape"][0]) for v in downs.values())
+    return AdapterInfo(name, path.stat().st_size, sha256, layout, touches, rank, len(downs))
+
+
+class Registry:
+    """The adapters in `folder`; `folder` None: none served."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder).expanduser() if folder else None
+        self._known: dict[tuple[str, int, int], AdapterInfo | AdapterFileError] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, name: str) -> Path:
+        """The file for an adapter name; KeyError when there is no such adapter (or the name is not one)."""
+        if self.folder is None or not NAME.match(name):
+            raise KeyError(name)
+        path = self.folder / f"{name}.safetensors"
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            raise KeyError(name) from None
+        if real.parent != self.folder.resolve() or not real.is_file():
+            raise KeyError(name)  # a link out of the folder, or not a file: not an adapter of this deployment
+        return real
+
+    def get(self, name: str) -> AdapterInfo:
+        """An adapter's description; KeyError: none of that name; AdapterFileError: the file is not an adapter."""
+        path = self.path_of(name)
+        stat = path.stat()
+        key = (name, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            known = self._known.get(key)
+        if known is None:
+            try:
+                known = describe(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
+            except (OSError, AdapterFileError, KeyError, TypeError, ValueError, IndexError) as exc:
+                known = exc if isinstance(exc, AdapterFileError) else AdapterFileError(f"unreadable: {exc}")
+            with self._lock:
+                self._known[key] = known
+        if isinstance(known, AdapterFileError):
+            raise known
+        return known
+
+    def list(self) -> tuple[list[AdapterInfo], dict[str, str]]:
+        """(the adapters, {name: why not} for files in the folder that are not usable), by name."""
+        good: list[AdapterInfo] = []
+        bad: dict[str, str] = {}
+        if self.folder is None or not self.folder.is_dir():
+            return good, bad
+        for path in sorted(self.folder.glob("*.safetensors")):
+            name = path.stem
+            try:
+                good.append(self.get(name))
+            except KeyError:
+                bad[name] = "not served: the name has characters other than letters, digits, '.', '_', '-', or " \
+                    "the file is a link out of the folder"  # fmt: skip
+            except AdapterFileError as exc:
+                bad[name] = str(exc)
+        return good, bad
+
+
+def check(loras: list[LoraRequest], registry: Registry, max_per_job: int, max_rank: int) -> None:
+    """A job's adapters against what the deployment serves: a LimitError naming the field and the adapter."""
+    if not loras:
+        return
+    if registry.folder is None:
+        raise LimitError("loras", "this deployment serves no LoRA adapters (no SDXL_LORA_DIR); leave `loras` out")
+    if len(loras) > max_per_job:
+        raise LimitError("loras", f"at most {max_per_job} adapters per job, got {len(loras)}")
+    seen = set()
+    for i, lora in enumerate(loras):
+        field = f"loras.{i}.name"
+        if lora.name in seen:
+            raise LimitError(field, f"adapter {lora.name!r} is named twice; give it once, with the scale you want")
+        seen.add(lora.name)
+        try:
+            info = registry.get(lora.name)
+        except KeyError:
+            raise LimitError(field, f"no adapter named {lora.name!r} (GET /v1/loras lists them)") from None
+        except AdapterFileError as exc:
+            raise LimitError(field, f"adapter {lora.name!r} cannot be used: {exc}") from None
+        if info.rank > max_rank:
+            raise LimitError(
+                field, f"adapter {lora.name!r} has rank {info.rank}; this deployment serves up to {max_rank}"
+            )
