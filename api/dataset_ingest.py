@@ -50,12 +50,11 @@ def ingest(
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
+    registry = Registry(settings.lora_dir or None, storage, settings.lora_cache_dir)
     limits = Limits(
         settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes,
         models=[e.name for e in settings.model_entries],
-        check_loras=lambda chosen: loras.check(
-            chosen, Registry(settings.lora_dir or None), settings.max_loras_per_job, settings.lora_max_rank
-        ),
+        check_loras=lambda chosen: loras.check(chosen, registry, settings.max_loras_per_job, settings.lora_max_rank),
     )  # fmt: skip
     validator = Validator(options, seed, limits)
     rejecting = options.on_invalid == "reject"

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.jobs import LimitError
+from common.loras import RegistryUnavailable
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -142,6 +143,10 @@ def install(app: FastAPI) -> None:
             503, "the job store (Redis) is unreachable; nothing was stored, retry later", headers={"Retry-After": "5"},
             request=request,
         )  # fmt: skip
+
+    @app.exception_handler(RegistryUnavailable)
+    async def adapters_down(request: Request, exc: Exception) -> JSONResponse:
+        return problem(503, f"{exc}; nothing was stored, retry later", headers={"Retry-After": "5"}, request=request)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

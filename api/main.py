@@ -44,16 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
         events = JobEvents(settings.redis_url, store.ended_channel, store.progress_channel)
+        storage = from_settings(settings)  # fails here, at start, when the signing secret is missing
         app.state.services = Services(
             settings=settings,
             redis=client,
             store=store,
-            storage=from_settings(settings),  # fails here, at start, when the signing secret is missing
+            storage=storage,
             celery=make_celery(settings),
             keys=ApiKeyStore(client, settings.key_prefix),
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             events=events,
-            loras=Registry(settings.lora_dir or None),
+            loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
             served=ServedModels(client, settings.key_prefix),
         )
         events.start()  # connects in the background: an API started before Redis still starts

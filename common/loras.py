@@ -1,4 +1,5 @@
-"""The LoRA adapter registry: the `.safetensors` files in SDXL_LORA_DIR, by name. Shared by the API (which lists
+"""The LoRA adapter registry: the `.safetensors` files in SDXL_LORA_DIR (a folder, or a prefix in the
+deployment's storage), by name. Shared by the API (which lists
 them at GET /v1/loras and refuses a job naming one that is not there) and the worker (which reads them for the
 engine, worker/engine/lora.py).
 
@@ -76,18 +77,57 @@ def describe(name: str, path: Path, sha256: str) -> AdapterInfo:
     return AdapterInfo(name, path.stat().st_size, sha256, layout, touches, rank, len(downs))
 
 
-class Registry:
-    """The adapters in `folder`; `folder` None: none served."""
+class RegistryUnavailable(Exception):
+    """The storage holding the adapters (SDXL_LORA_DIR=storage:...) did not answer: try again later."""
 
-    def __init__(self, folder: str | Path | None):
-        self.folder = Path(folder).expanduser() if folder else None
+
+STORAGE = "storage:"
+
+
+class Registry:
+    """The adapters in `where`: a local folder, or `storage:<prefix>` for the objects under that prefix in the
+    deployment's storage (copied into `cache_dir` the first time each is needed, and kept: an adapter's name
+    names one file for good; a new version takes a new name). None or '': none served."""
+
+    def __init__(self, where: str | Path | None, storage: Any = None, cache_dir: str | Path | None = None):
+        spec = str(where or "")
+        self.storage, self.prefix = None, ""
+        if spec.startswith(STORAGE):
+            self.prefix = spec.removeprefix(STORAGE).strip("/")
+            if storage is None or not self.prefix or cache_dir is None:
+                raise ValueError(f"SDXL_LORA_DIR={spec}: a storage prefix needs the storage and a cache folder")
+            self.storage = storage
+            digest = hashlib.sha256(self.prefix.encode()).hexdigest()[:16]
+            self.folder: Path | None = Path(cache_dir).expanduser() / digest
+        else:
+            self.folder = Path(spec).expanduser() if spec else None
         self._known: dict[tuple[str, int, int], AdapterInfo | AdapterFileError] = {}
         self._lock = threading.Lock()
 
+    def _fetch(self, name: str) -> None:
+        """A storage adapter copied into the cache folder (once); KeyError when there is no such object."""
+        assert self.folder is not None and self.storage is not None
+        path = self.folder / f"{name}.safetensors"
+        if path.exists():
+            return
+        try:
+            data = self.storage.get(f"{self.prefix}/{name}.safetensors")
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise RegistryUnavailable(f"adapter storage ({STORAGE}{self.prefix}) did not answer: {exc}") from exc
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
     def path_of(self, name: str) -> Path:
-        """The file for an adapter name; KeyError when there is no such adapter (or the name is not one)."""
+        """The file for an adapter name; KeyError when there is no such adapter (or the name is not one);
+        RegistryUnavailable when its storage does not answer."""
         if self.folder is None or not NAME.match(name):
             raise KeyError(name)
+        if self.storage is not None:
+            self._fetch(name)
         path = self.folder / f"{name}.safetensors"
         try:
             real = path.resolve(strict=True)
@@ -115,14 +155,24 @@ class Registry:
             raise known
         return known
 
+    def names(self) -> list[str]:
+        """Every file name (without .safetensors) that may be an adapter, sorted."""
+        if self.storage is not None:
+            try:
+                keys = list(self.storage.keys(self.prefix))
+            except Exception as exc:
+                raise RegistryUnavailable(f"adapter storage ({STORAGE}{self.prefix}) did not answer: {exc}") from exc
+            inside = [k.removeprefix(self.prefix + "/") for k in keys]
+            return sorted(k.removesuffix(".safetensors") for k in inside if k.endswith(".safetensors") and "/" not in k)
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return sorted(path.stem for path in self.folder.glob("*.safetensors"))
+
     def list(self) -> tuple[list[AdapterInfo], dict[str, str]]:
-        """(the adapters, {name: why not} for files in the folder that are not usable), by name."""
+        """(the adapters, {name: why not} for files that are not usable), by name."""
         good: list[AdapterInfo] = []
         bad: dict[str, str] = {}
-        if self.folder is None or not self.folder.is_dir():
-            return good, bad
-        for path in sorted(self.folder.glob("*.safetensors")):
-            name = path.stem
+        for name in self.names():
             try:
                 good.append(self.get(name))
             except KeyError:
@@ -149,6 +199,8 @@ def check(loras: list[LoraRequest], registry: Registry, max_per_job: int, max_ra
         seen.add(lora.name)
         try:
             info = registry.get(lora.name)
+        except RegistryUnavailable:
+            raise
         except KeyError:
             raise LimitError(field, f"no adapter named {lora.name!r} (GET /v1/loras lists them)") from None
         except AdapterFileError as exc:

@@ -110,9 +110,12 @@ class Settings(BaseSettings):
     model_memory_bytes: int = Field(0, ge=0)
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
-    # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), each served by its
-    # file name without .safetensors (GET /v1/loras); '': none. Read by the API (listing, checks) and workers.
+    # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), or 'storage:<prefix>' for
+    # the objects under that prefix in the deployment's storage; each served by its file name without
+    # .safetensors (GET /v1/loras); '': none. Read by the API (listing, checks) and workers.
     lora_dir: str = ""
+    # where adapters from a storage prefix are copied the first time each is needed (kept: a name is one file)
+    lora_cache_dir: str = "~/.cache/sdxl-service/loras"
     max_loras_per_job: int = Field(2, ge=1, le=8)  # adapters one job may combine
     # the largest adapter rank served: every row's adapters run padded to it inside the compiled program, so a
     # higher value costs every adapted layer more compute (docs/benchmarks.md); a higher-rank adapter: 422

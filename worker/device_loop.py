@@ -31,6 +31,7 @@ from common import inputs
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus, Progress
 from common.logs import bound
+from common.loras import Registry
 from common.outage import REDIS_DOWN, Outage, die, supervised
 from common.storage import Storage
 from common.worker_status import WorkerCounters, WorkerStatus
@@ -123,12 +124,14 @@ class DeviceLoop:
         upload_backoff_max_s: float = 8.0,
         enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,
+        loras: Registry | None = None,
     ):
         # model name -> its engine (one engine: named by its model); the first is what a job without `model` gets
         self.engines = dict(engine) if isinstance(engine, Mapping) else {engine.model.name: engine}
         engine = self.engine = next(iter(self.engines.values()))
         self.store = store
         self.storage = storage
+        self.loras = loras  # the adapter registry: a job's adapters are fetched (from storage) before it is batched
         self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
         self.inbox: queue.Queue[tuple[str, int | None, Future[str]] | None] = queue.Queue()
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
@@ -247,6 +250,20 @@ class DeviceLoop:
             self._call(self.store.release, self.name, [job_id])
             future.set_result(NOT_HERE)
             return
+        if job.request.loras and self.loras is not None:
+            try:
+                for lora in job.request.loras:  # a storage prefix's adapters copied here now, with the uploads' backoff
+                    self._storage_call(functools.partial(self.loras.path_of, lora.name))
+            except KeyError as exc:  # removed from SDXL_LORA_DIR since the API took the job: it never runs
+                self._call(self.store.fail, job.id, f"LoRA adapter {exc.args[0]!r} is no longer served")
+                self._call(self.store.release, self.name, [job_id])
+                future.set_result(JobStatus.failed.value)
+                return
+            except Exception:  # the adapters' storage away beyond the retries: back to the queue
+                log.warning("could not fetch job %s's adapters; requeued", job.id, exc_info=True)
+                self._call(self.store.release, self.name, [job_id])
+                future.set_result(REQUEUE)
+                return
         if job.request.init_image is not None:
             try:
                 self._pixels[job.id] = self._read_inputs(job)

@@ -39,10 +39,20 @@ def build_engine(settings: Settings):  # -> Engine: the default model's (benchma
     return next(iter(build_engines(settings).values()))
 
 
-def build_engines(settings: Settings) -> dict:  # -> {model name: Engine}; JAX is imported here, not at import
+def lora_registry(settings: Settings):  # -> Registry | None
+    """The adapters of SDXL_LORA_DIR (a folder, or a prefix in the deployment's storage), or None."""
+    if not settings.lora_dir:
+        return None
+    from common.loras import Registry
+
+    return Registry(settings.lora_dir, from_settings(settings, need_signing=False), settings.lora_cache_dir)
+
+
+def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name: Engine}; JAX imported here
     """An engine per served model (SDXL_MODELS, or SDXL_MODEL), in order, for those whose weights fit together
     in SDXL_MODEL_MEMORY_BYTES; each compiled, its weights hashed and on the devices."""
     entries = settings.model_entries
+    registry = registry or lora_registry(settings)
     if settings.model == "standin" and not settings.models.strip():
         from worker.engine.standin import StandInEngine
 
@@ -83,14 +93,14 @@ def build_engines(settings: Settings) -> dict:  # -> {model name: Engine}; JAX i
                 weight_cache_dir=folder / "weights" if settings.weight_cache else None, vae_dtype=settings.vae_dtype,
             )  # fmt: skip
         # the refiner beside the default model only (its weights would be on the devices once per model)
-        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0)
+        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry)
     if not engines:
         raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
     log.info("serving %d models: %s", len(engines), ", ".join(engines))
     return engines
 
 
-def _engine(settings: Settings, m, folder, refiner, t0: float):  # -> Engine
+def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> Engine
     import numpy as np
 
     from worker.engine import cache, lora
@@ -98,9 +108,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float):  # -> Engine
 
     t1 = time.perf_counter()
     adapters = None
-    if settings.lora_dir:
-        from common.loras import Registry
-
+    if registry is not None:
         per_slot = lora.Bank.slot_bytes(m, settings.lora_max_rank, m.dtype)
         slots = max(1, min(settings.lora_cache_bytes // per_slot, MAX_LORA_SLOTS))
         if slots < settings.batch_rows * settings.max_loras_per_job:
@@ -108,9 +116,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float):  # -> Engine
                 "SDXL_LORA_CACHE_BYTES holds %d adapters (%d bytes each at rank %d): a batch naming more runs its jobs "
                 "one by one", slots, per_slot, settings.lora_max_rank,
             )  # fmt: skip
-        adapters = Adapters(
-            Registry(settings.lora_dir).path_of, settings.lora_max_rank, slots, settings.max_loras_per_job
-        )
+        adapters = Adapters(registry.path_of, settings.lora_max_rank, slots, settings.max_loras_per_job)
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
@@ -160,7 +166,8 @@ def main() -> None:
     from worker import metrics, tasks
     from worker.device_loop import DeviceLoop
 
-    engines = build_engines(settings)
+    registry = lora_registry(settings)
+    engines = build_engines(settings, registry)
     metrics.serve(settings.worker_metrics_port)
     store = JobStore(
         redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
@@ -185,6 +192,7 @@ def main() -> None:
         upload_backoff_s=settings.upload_backoff_s,
         upload_backoff_max_s=settings.upload_backoff_max_s,
         max_attempts=settings.max_attempts,
+        loras=registry,
         enqueue=lambda job: send(job.id, job.lane, job.generation),
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
     )

@@ -101,7 +101,8 @@ function showPage() {
 // ---- the key and what is served ----------------------------------------------------------------------
 
 async function loadModels() {
-  served = await api("/v1/models");
+  const [models, adapterList] = await Promise.all([api("/v1/models"), api("/v1/loras")]);
+  served = models;
   const size = $("size");
   size.replaceChildren(
     ...served.sizes.map((s) => el("option", { value: `${s.width}x${s.height}`, text: `${s.width} x ${s.height}` })),
@@ -113,13 +114,13 @@ async function loadModels() {
     ...served.timestep_spacings.map((s) => el("option", { value: s, text: s })),
   );
   $("refiner-field").hidden = !served.refiner;
-  const models = served.models || [];
+  const entries = served.models || [];
   $("model").replaceChildren(
-    ...models.map((m) => el("option", { value: m.name, text: m.workers ? m.name : `${m.name} (no worker holds it)` })),
+    ...entries.map((m) => el("option", { value: m.name, text: m.workers ? m.name : `${m.name} (no worker holds it)` })),
   );
   $("model").value = served.model;
-  $("model-field").hidden = models.length < 2;
-  const adapters = (await api("/v1/loras")).loras;
+  $("model-field").hidden = entries.length < 2;
+  const adapters = adapterList.loras;
   $("lora-names").textContent = adapters.map((a) => a.name).join(", ");
   $("lora-list").replaceChildren(...adapters.map((a) => el("option", { value: a.name })));
   $("loras-field").hidden = adapters.length === 0;

@@ -59,7 +59,8 @@ def page(browser, live_stack):
 
 
 def enter_key(page) -> None:
-    assert "Enter an API key" in page.locator("#key-state").inner_text()
+    # said once the page has read what is served (two requests at start): wait for it, do not race it
+    page.wait_for_selector("#key-state:has-text('Enter an API key')")
     page.fill("#api-key", page.key)
     page.keyboard.press("Enter")  # the key form submits on Enter
     page.wait_for_selector("#key-state:has-text('Key accepted')")

@@ -163,3 +163,19 @@ def test_data_set_lines_may_name_a_model_and_adapters(client):
     errors = {e["line"]: e for e in run["invalid_lines"]}
     assert errors[2]["field"] == "model" and "no model named 'nope'" in errors[2]["message"]
     assert errors[3]["field"] == "loras.0.name" and "no adapter named 'nope'" in errors[3]["message"]
+
+
+def test_adapters_from_a_storage_prefix(settings, lora_dir, tmp_path):
+    from tests.servers import authorize
+
+    served = settings.model_copy(update={"lora_dir": "storage:team/loras", "lora_cache_dir": str(tmp_path / "c")})
+    with TestClient(create_app(served)) as c:
+        authorize(c, served)
+        storage = c.app.state.services.storage
+        data = (lora_dir / "pixel-art.safetensors").read_bytes()
+        storage.put("team/loras/pixel-art.safetensors", data, "application/octet-stream")
+        listed = c.get("/v1/loras").json()["loras"]
+        assert [(a["name"], a["sha256"]) for a in listed] == [("pixel-art", hashlib.sha256(data).hexdigest())]
+        ok = c.post("/v1/jobs", json={"prompt": "x", "loras": [{"name": "pixel-art", "scale": 0.5}]})
+        assert ok.status_code == 202, ok.text
+        _problem(c.post("/v1/jobs", json={"prompt": "x", "loras": [{"name": "ink"}]}), "loras.0.name", "'ink'")

@@ -35,3 +35,27 @@ def test_the_engine_imports_neither_pytorch_nor_diffusers_even_where_they_are_in
     bare = subprocess.run([sys.executable, "-c", "import diffusers"], env=env, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert bare.returncode != 0 and "the worker imported diffusers" in bare.stderr
+
+
+def test_a_worker_holds_the_models_that_fit_its_memory_and_says_so(tiny_dir, tmp_path, caplog, monkeypatch):
+    """SDXL_MODEL_MEMORY_BYTES: the first model fits, the second (the same size) would not: one engine, the second
+    refused before its weights are read, and the log names it; a budget nothing fits in stops the start."""
+    import numpy as np
+    import pytest
+
+    from common.settings import Settings
+    from worker.engine import model
+    from worker.main import build_engines
+
+    size = model.load_folder(tiny_dir, np.float32).nbytes
+    settings = Settings(
+        models="first=tiny,second=tiny", model_memory_bytes=int(size * 1.5), dtype="float32",
+        image_sizes="64x64", batch_rows=1, compile_cache_dir=str(tmp_path / "cache"), weight_cache=False,
+    )  # fmt: skip
+    monkeypatch.setenv("SDXL_TINY_DIR", str(tiny_dir))
+    with caplog.at_level("WARNING", logger="worker"):
+        engines = build_engines(settings)
+    assert list(engines) == ["first"]
+    assert "not serving model 'second'" in caplog.text and f"take {size} bytes" in caplog.text
+    with pytest.raises(SystemExit, match="no model fits"):
+        build_engines(settings.model_copy(update={"model_memory_bytes": 10}))
