@@ -45,12 +45,18 @@ class Ingested:
 
 
 def ingest(
-    stream: Iterable[bytes], options: DatasetOptions, settings: Settings, storage: Storage, run_id: str | None = None
+    stream: Iterable[bytes],
+    options: DatasetOptions,
+    settings: Settings,
+    storage: Storage,
+    run_id: str | None = None,
+    registry: Registry | None = None,
 ) -> Ingested:
+    """registry: the API's adapter registry (its hashes kept between uploads); None: one made for this run."""
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
-    registry = Registry(settings.lora_dir or None, storage, settings.lora_cache_dir)
+    registry = registry or Registry(settings.lora_dir or None, storage, settings.lora_cache_dir)
     limits = Limits(
         settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes,
         models=[e.name for e in settings.model_entries],

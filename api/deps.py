@@ -78,11 +78,7 @@ def authenticate(
     kind = "read" if read else "write"
     wait_s = rate_limit.hit(services.redis, services.store.key("rate", kind, record.key_id), limit)
     if wait_s is not None:
-        advice = (
-            "; instead of polling, wait for the end in one request: GET /v1/jobs/{id}?wait_s=30"
-            if read
-            else ""
-        )
+        advice = "; instead of polling, wait for the end in one request: GET /v1/jobs/{id}?wait_s=30" if read else ""
         raise HTTPException(
             429,
             f"rate limit: {limit} {kind} requests per minute per key; retry in {wait_s} s{advice}",

@@ -1,6 +1,6 @@
 """What the deployment serves, as a job is checked against it: its models (SDXL_MODELS, and which of them live
-workers hold, from their heartbeats) and its LoRA adapters (SDXL_LORA_DIR). Errors are LimitErrors naming the
-field (a 422), raised before anything is stored."""
+workers hold, from their heartbeats); its adapters are checked by common/loras.py (`check`). Errors are LimitErrors
+naming the field (a 422), raised before anything is stored."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import time
 
 import redis
 
-from common import loras, worker_status
+from common import worker_status
 from common.jobs import JobRequest, LimitError
-from common.loras import Registry
 from common.settings import Settings
 
 WORKERS_FRESH_S = 2.0  # how long one read of the heartbeats answers for (a submit does not scan Redis each time)
@@ -61,7 +60,3 @@ def check_model(body: JobRequest, settings: Settings, served: ServedModels) -> N
             "model", f"no live worker serves model {name!r} (its weights did not fit in any worker's "
             f"SDXL_MODEL_MEMORY_BYTES); live workers serve {sorted(holders)}",
         )  # fmt: skip
-
-
-def check_loras(body: JobRequest, settings: Settings, registry: Registry) -> None:
-    loras.check(body.loras, registry, settings.max_loras_per_job, settings.lora_max_rank)

@@ -251,34 +251,45 @@ class DeviceLoop:
             future.set_result(NOT_HERE)
             return
         if job.request.loras and self.loras is not None:
-            try:
-                for lora in job.request.loras:  # a storage prefix's adapters copied here now, with the uploads' backoff
-                    self._storage_call(functools.partial(self.loras.path_of, lora.name))
-            except KeyError as exc:  # removed from SDXL_LORA_DIR since the API took the job: it never runs
-                self._call(self.store.fail, job.id, f"LoRA adapter {exc.args[0]!r} is no longer served")
-                self._call(self.store.release, self.name, [job_id])
-                future.set_result(JobStatus.failed.value)
-                return
-            except Exception:  # the adapters' storage away beyond the retries: back to the queue
-                log.warning("could not fetch job %s's adapters; requeued", job.id, exc_info=True)
-                self._call(self.store.release, self.name, [job_id])
-                future.set_result(REQUEUE)
+            # a storage prefix's adapters copied here now (removed from SDXL_LORA_DIR since the API took the job:
+            # it never runs)
+            fetch = functools.partial(self._fetch_adapters, job)
+            ok, _ = self._prefetch(job, future, fetch, lambda name: f"LoRA adapter {name!r} is no longer served")
+            if not ok:
                 return
         if job.request.init_image is not None:
-            try:
-                self._pixels[job.id] = self._read_inputs(job)
-            except KeyError as exc:  # gone from storage (deleted by hand, or another deployment's key): never runs
-                self._call(self.store.fail, job.id, f"input image {exc.args[0]!r} is no longer in storage")
-                self._call(self.store.release, self.name, [job_id])
-                future.set_result(JobStatus.failed.value)
+            # gone from storage (deleted by hand, or another deployment's key): it never runs
+            fetch = functools.partial(self._read_inputs, job)
+            ok, pixels = self._prefetch(job, future, fetch, lambda key: f"input image {key!r} is no longer in storage")
+            if not ok:
                 return
-            except Exception:  # storage away beyond the retries: back to the queue, to be read again later
-                log.warning("could not read job %s's input images; requeued", job.id, exc_info=True)
-                self._call(self.store.release, self.name, [job_id])
-                future.set_result(REQUEUE)
-                return
+            self._pixels[job.id] = pixels
         priority = 1 if job.lane == "bulk" else 0
         self.batcher.add(Item(job_id, shape_of(job), job.request.num_images, time.monotonic(), (job, future), priority))
+
+    def _prefetch(
+        self, job: Job, future: Future[str], fetch: Callable[[], Any], gone: Callable[[str], str]
+    ) -> tuple[bool, Any]:
+        """What a job needs from storage before it is batched: (True, what `fetch` gave), or (False, None) with the
+        job answered: failed with gone(<the missing key>) when an object is missing, requeued when storage stays
+        away beyond the retries (to be read again later)."""
+        try:
+            return True, fetch()
+        except KeyError as exc:
+            self._call(self.store.fail, job.id, gone(exc.args[0]))
+            self._call(self.store.release, self.name, [job.id])
+            future.set_result(JobStatus.failed.value)
+        except Exception:
+            log.warning("could not read what job %s needs from storage; requeued", job.id, exc_info=True)
+            self._call(self.store.release, self.name, [job.id])
+            future.set_result(REQUEUE)
+        return False, None
+
+    def _fetch_adapters(self, job: Job) -> None:
+        """The job's adapter files, here (from a storage prefix: copied with the uploads' backoff)."""
+        assert self.loras is not None
+        for lora in job.request.loras:
+            self._storage_call(functools.partial(self.loras.path_of, lora.name))
 
     def _read_inputs(self, job: Job) -> dict[str, Any]:
         """The job's input images as pixels, read from storage with the uploads' backoff."""

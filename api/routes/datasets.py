@@ -146,7 +146,7 @@ def _create(
     if active >= s.max_active_datasets_per_tenant:
         return _too_many_runs(active, s.max_active_datasets_per_tenant)
     try:
-        ingested = ingest(stream, options, s, services.storage)
+        ingested = ingest(stream, options, s, services.storage, registry=services.loras)
     except InputInvalid as exc:
         return _error(
             exc.status, str(exc), "input", invalid_lines=exc.invalid,

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from api import job_inputs, metrics, served
 from api.deps import CallerDep, OffsetQuery, Services, ServicesDep
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
-from common import webhooks
+from common import loras, webhooks
 from common.job_store import IdempotencyConflict, QueueFull
 from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
@@ -133,7 +133,7 @@ def submit(
     if body.refiner is not None and not s.refiner:
         raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
     served.check_model(body, s, services.served)
-    served.check_loras(body, s, services.loras)
+    loras.check(body.loras, services.loras, s.max_loras_per_job, s.lora_max_rank)
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

@@ -66,6 +66,17 @@ def enter_key(page) -> None:
     page.wait_for_selector("#key-state:has-text('Key accepted')")
 
 
+def shown_params(page) -> dict[str, str]:
+    """The job's parameters as the page lists them (#job-params: dt, dd pairs)."""
+    return dict(
+        zip(
+            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
+            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
+            strict=True,
+        )
+    )
+
+
 def screenshot(page, tmp_path: Path, name: str) -> None:
     page.screenshot(path=str(tmp_path / name), full_page=True)
     if target := os.environ.get("SDXL_SCREENSHOT_DIR"):
@@ -102,13 +113,7 @@ def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page,
     )
     size = page.eval_on_selector("#job-images img", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
     assert size == [True, 96, 64]  # the signed URL served the real image
-    params = dict(
-        zip(
-            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
-            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
-            strict=True,
-        )
-    )
+    params = shown_params(page)
     assert params["prompt"] == "a red fox in the snow" and params["seed"] == "42" and params["size"] == "96x64"
     assert params["steps"] == "120" and params["guidance scale"] == "6.5" and params["scheduler"] == "euler"
     screenshot(page, tmp_path, "job.png")
@@ -155,13 +160,7 @@ def test_image_to_image_with_a_mask_and_the_refiner_from_the_page(page, tmp_path
     page.click("#submit")
     page.wait_for_selector("#job-images img", timeout=JOB_S)
     assert page.inner_text("#job-state").startswith("Succeeded")
-    params = dict(
-        zip(
-            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
-            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
-            strict=True,
-        )
-    )
+    params = shown_params(page)
     assert params["init image"].startswith("inputs/") and params["mask"].startswith("inputs/")
     assert params["strength"] == "0.75"
     screenshot(page, tmp_path, "img2img.png")
@@ -196,13 +195,7 @@ def test_a_model_and_lora_adapters_from_the_page(page):
     page.click("#submit")
     page.wait_for_selector("#job-params dt:has-text('loras')", timeout=JOB_S)
     assert page.inner_text("#job-state").startswith("Succeeded")
-    params = dict(
-        zip(
-            page.eval_on_selector_all("#job-params dt", "n => n.map(x => x.textContent)"),
-            page.eval_on_selector_all("#job-params dd", "n => n.map(x => x.textContent)"),
-            strict=True,
-        )
-    )
+    params = shown_params(page)
     assert params["model"] == "lightning" and params["loras"] == "pixel-art:0.5, ink:1"
     page.select_option("#model", "tiny")
     page.fill("#loras", "")

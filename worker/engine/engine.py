@@ -206,9 +206,11 @@ class Engine:
         self.adapters = adapters
         self.bank: lora.Bank | None = None
         if adapters is not None:
-            known = lora.names(model, list(lora.targets(model)))
+            found = lora.targets(model)
+            known = lora.names(model, list(found))
             self.bank = lora.Bank(
-                model, lambda name: self._read_adapter(name, known), adapters.rank, adapters.slots, adapters.per_row,
+                found, lambda name: self._read_adapter(name, found, known), adapters.rank, adapters.slots,
+                adapters.per_row,
                 model.dtype, self.replicated,
             )  # fmt: skip
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
@@ -747,13 +749,13 @@ class Engine:
             marks.append((done + stop, mark))
         return state, done + steps
 
-    def _read_adapter(self, name: str, known: dict[str, lora.Key]) -> lora.Adapter:
+    def _read_adapter(self, name: str, found: dict[lora.Key, lora.Target], known: dict[str, lora.Key]) -> lora.Adapter:
         assert self.adapters is not None
         try:
             path = self.adapters.path_of(name)
         except KeyError:
             raise lora.AdapterError(f"no adapter named {name!r}") from None
-        return lora.read(path, name, self.model, known)
+        return lora.read(path, name, self.model, found, known)
 
     def adapter(self, name: str) -> lora.Adapter:
         """An adapter by name, read and placed on the devices (a worker warms its popular ones at start)."""

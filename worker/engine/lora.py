@@ -115,15 +115,22 @@ class Adapter:
         return sorted({part for part, _ in self.factors})
 
 
-def read(path: Path, name: str, model: Any, known: dict[str, Key] | None = None) -> Adapter:
-    """Read an adapter file for `model`; AdapterError when it does not fit (naming the adapter)."""
+def read(
+    path: Path,
+    name: str,
+    model: Any,
+    found: dict[Key, Target] | None = None,
+    known: dict[str, Key] | None = None,
+) -> Adapter:
+    """Read an adapter file for `model`; AdapterError when it does not fit (naming the adapter). found, known:
+    targets(model) and names() made once by the caller (an engine reads many adapters for one model)."""
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
         tensors = tensor_file.read(Path(path))
     except (OSError, ValueError) as exc:
         raise AdapterError(f"adapter {name!r}: not a readable safetensors file: {exc}") from None
-    found = targets(model)
+    found = found if found is not None else targets(model)
     known = known if known is not None else names(model, list(found))
     groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     unknown: list[str] = []
@@ -182,12 +189,13 @@ def merge(params: dict[str, Any], chosen: Sequence[tuple[Adapter, float]]) -> di
 class Bank:
     """Adapters resident on the devices, `slots` of them, least recently used evicted; see the module's docstring.
 
-    `load(name)` returns an Adapter (it reads the file: the caller decides where names point, never a request).
+    `found`: the model's targets (targets()). `load(name)` returns an Adapter (it reads the file: the caller
+    decides where names point, never a request).
     `choose(rows)` gives per-row (slots, scales) arrays for a batch, writing missing adapters into slots first."""
 
     def __init__(
         self,
-        model: Any,
+        found: dict[Key, Target],
         load: Callable[[str], Adapter],
         rank: int,
         slots: int,
@@ -198,7 +206,7 @@ class Bank:
         if rank < 1 or slots < 1 or per_row < 1:
             raise ValueError(f"rank, slots and per_row must be at least 1, got {rank}, {slots}, {per_row}")
         self.load, self.rank, self.slots, self.per_row, self.dtype = load, rank, slots, per_row, dtype
-        self.targets = targets(model)
+        self.targets = found
         self.sharding = sharding
         zeros = {
             key: {
