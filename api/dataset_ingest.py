@@ -58,10 +58,13 @@ def ingest(
     layout = Layout(run_id)
     registry = registry or Registry(settings.lora_dir or None, storage, settings.lora_cache_dir)
     limits = Limits(
-        settings.served_sizes, settings.max_steps, settings.max_prompt_chars, settings.bucket_sizes,
+        settings.served_sizes,
+        settings.max_steps,
+        settings.max_prompt_chars,
+        settings.bucket_sizes,
         models=[e.name for e in settings.model_entries],
         check_loras=lambda chosen: loras.check(chosen, registry, settings.max_loras_per_job, settings.lora_max_rank),
-    )  # fmt: skip
+    )
     validator = Validator(options, seed, limits)
     rejecting = options.on_invalid == "reject"
     errors: list[LineError] = []
@@ -113,9 +116,16 @@ def create_run(
 ) -> None:
     """The run's record (raises TooManyRuns, storing nothing, when the tenant has max_active runs already)."""
     datasets.create(
-        ingested.run_id, tenant, options, ingested.seed, ingested.total, ingested.invalid, max_active,
-        source=source, invalid=[e.as_dict() for e in ingested.errors],
-    )  # fmt: skip
+        ingested.run_id,
+        tenant,
+        options,
+        ingested.seed,
+        ingested.total,
+        ingested.invalid,
+        max_active,
+        source=source,
+        invalid=[e.as_dict() for e in ingested.errors],
+    )
 
 
 def discard(storage: Storage, ingested: Ingested) -> None:

@@ -140,9 +140,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return problem(
-            503, "the job store (Redis) is unreachable; nothing was stored, retry later", headers={"Retry-After": "5"},
+            503,
+            "the job store (Redis) is unreachable; nothing was stored, retry later",
+            headers={"Retry-After": "5"},
             request=request,
-        )  # fmt: skip
+        )
 
     @app.exception_handler(RegistryUnavailable)
     async def adapters_down(request: Request, exc: Exception) -> JSONResponse:

@@ -30,9 +30,10 @@ class Inputs:
 
 def _unavailable(exc: Exception) -> HTTPException:
     return HTTPException(
-        503, f"storage is unreachable ({type(exc).__name__}); nothing was stored, retry later",
+        503,
+        f"storage is unreachable ({type(exc).__name__}); nothing was stored, retry later",
         headers={"Retry-After": "5"},
-    )  # fmt: skip
+    )
 
 
 def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]]) -> tuple[JobRequest, Inputs]:

@@ -17,8 +17,9 @@ from common.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m api.keys", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m api.keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create a key for a tenant")
     create.add_argument("--tenant", required=True)
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(key)
-        print(f"key id {record.key_id}, tenant {record.tenant}: store the key now, it is not shown again",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"key id {record.key_id}, tenant {record.tenant}: store the key now, it is not shown again", file=sys.stderr
+        )
     elif args.command == "list":
         for k in store.list():
             print(f"{k.key_id}\t{k.tenant}\t{'revoked' if k.revoked else 'active'}\t{k.name}")

@@ -57,10 +57,14 @@ class BodyLimit:
             await self._refuse(send, limit)
 
     async def _refuse(self, send: Send, limit: int) -> None:
-        body = json.dumps({
-            "type": TYPES[413], "title": "Content Too Large", "status": 413,
-            "detail": f"request body larger than {limit} bytes",
-        }).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "type": TYPES[413],
+                "title": "Content Too Large",
+                "status": 413,
+                "detail": f"request body larger than {limit} bytes",
+            }
+        ).encode()
         headers = [(b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

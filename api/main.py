@@ -39,9 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # ~0.1 s: the first request after an outage must not be a 503. Timeouts are not retried: they would
         # hold a request 5 s more each.
         client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2), retry_on_error=[redis.exceptions.ConnectionError],
-        )  # fmt: skip
+            settings.redis_url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2),
+            retry_on_error=[redis.exceptions.ConnectionError],
+        )
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
         events = JobEvents(settings.redis_url, store.ended_channel, store.progress_channel)
         storage = from_settings(settings)  # fails here, at start, when the signing secret is missing

@@ -46,17 +46,24 @@ OWN = CollectorRegistry(auto_describe=True)
 # seconds: a plain read takes milliseconds; `Prefer: wait` and event streams hold a request for up to minutes
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 REQUESTS = Histogram(
-    "sdxl_http_request_duration_seconds", "HTTP requests by method, route template and status.",
-    ["method", "route", "status"], buckets=REQUEST_BUCKETS_S, registry=OWN,
-)  # fmt: skip
+    "sdxl_http_request_duration_seconds",
+    "HTTP requests by method, route template and status.",
+    ["method", "route", "status"],
+    buckets=REQUEST_BUCKETS_S,
+    registry=OWN,
+)
 SUBMITTED = Counter(
-    "sdxl_api_jobs_submitted_total", "Interactive jobs accepted (not idempotent replays), by size (WIDTHxHEIGHT).",
-    ["size"], registry=OWN,
-)  # fmt: skip
+    "sdxl_api_jobs_submitted_total",
+    "Interactive jobs accepted (not idempotent replays), by size (WIDTHxHEIGHT).",
+    ["size"],
+    registry=OWN,
+)
 WAITING = Gauge(
-    "sdxl_api_waiting_requests", "Requests the API holds until a job ends (summed over its processes).",
-    registry=OWN, multiprocess_mode="livesum",
-)  # fmt: skip
+    "sdxl_api_waiting_requests",
+    "Requests the API holds until a job ends (summed over its processes).",
+    registry=OWN,
+    multiprocess_mode="livesum",
+)
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,11 @@ class FleetCollector(Collector):
         f = self.figures
         if f is None:  # Redis has not answered since this process started
             return
-        yield GaugeMetricFamily("sdxl_redis_figures_age_seconds", "Seconds since the Redis figures were read.",
-                                value=round(time.time() - f.read_at, 3))  # fmt: skip
+        yield GaugeMetricFamily(
+            "sdxl_redis_figures_age_seconds",
+            "Seconds since the Redis figures were read.",
+            value=round(time.time() - f.read_at, 3),
+        )
         yield GaugeMetricFamily("sdxl_jobs_queued", "Interactive jobs waiting to run (all tenants).", value=f.queued)
         yield GaugeMetricFamily("sdxl_jobs_running", "Jobs on a worker now, data set lines included.", value=f.running)
         yield GaugeMetricFamily("sdxl_datasets_active", "Data set runs being fed.", value=f.active_runs)
@@ -107,22 +117,41 @@ class FleetCollector(Collector):
                 family.add_metric([w.name], value(w))  # type: ignore[attr-defined]
             return family
 
-        yield per_worker(GaugeMetricFamily("sdxl_worker_devices", "Chips a worker drives.", labels=["worker"]),
-                         lambda w: w.devices)  # fmt: skip
-        yield per_worker(GaugeMetricFamily("sdxl_worker_batch_rows", "Rows in a worker's fixed-size device batch.",
-                                           labels=["worker"]), lambda w: w.batch_rows)  # fmt: skip
-        yield per_worker(GaugeMetricFamily("sdxl_worker_start_time_seconds", "When the worker started (Unix time).",
-                                           labels=["worker"]), lambda w: w.started_at)  # fmt: skip
-        yield per_worker(CounterMetricFamily("sdxl_worker_batches", "Engine runs.", labels=["worker"]),
-                         lambda w: w.counters.batches)  # fmt: skip
-        yield per_worker(CounterMetricFamily("sdxl_worker_rows", "Images made for jobs.", labels=["worker"]),
-                         lambda w: w.counters.rows)  # fmt: skip
-        yield per_worker(CounterMetricFamily("sdxl_worker_padding_rows", "Rows run only to fill a batch.",
-                                             labels=["worker"]), lambda w: w.counters.padding_rows)  # fmt: skip
-        yield per_worker(CounterMetricFamily("sdxl_worker_device_seconds", "Seconds the device was busy with batches.",
-                                             labels=["worker"]), lambda w: w.counters.device_s)  # fmt: skip
-        jobs = CounterMetricFamily("sdxl_worker_jobs", "Jobs a worker ran, by how they ended there.",
-                                   labels=["worker", "outcome"])  # fmt: skip
+        yield per_worker(
+            GaugeMetricFamily("sdxl_worker_devices", "Chips a worker drives.", labels=["worker"]), lambda w: w.devices
+        )
+        yield per_worker(
+            GaugeMetricFamily(
+                "sdxl_worker_batch_rows", "Rows in a worker's fixed-size device batch.", labels=["worker"]
+            ),
+            lambda w: w.batch_rows,
+        )
+        yield per_worker(
+            GaugeMetricFamily(
+                "sdxl_worker_start_time_seconds", "When the worker started (Unix time).", labels=["worker"]
+            ),
+            lambda w: w.started_at,
+        )
+        yield per_worker(
+            CounterMetricFamily("sdxl_worker_batches", "Engine runs.", labels=["worker"]), lambda w: w.counters.batches
+        )
+        yield per_worker(
+            CounterMetricFamily("sdxl_worker_rows", "Images made for jobs.", labels=["worker"]),
+            lambda w: w.counters.rows,
+        )
+        yield per_worker(
+            CounterMetricFamily("sdxl_worker_padding_rows", "Rows run only to fill a batch.", labels=["worker"]),
+            lambda w: w.counters.padding_rows,
+        )
+        yield per_worker(
+            CounterMetricFamily(
+                "sdxl_worker_device_seconds", "Seconds the device was busy with batches.", labels=["worker"]
+            ),
+            lambda w: w.counters.device_s,
+        )
+        jobs = CounterMetricFamily(
+            "sdxl_worker_jobs", "Jobs a worker ran, by how they ended there.", labels=["worker", "outcome"]
+        )
         for w in f.workers:
             for outcome, n in sorted(w.counters.jobs.items()):
                 jobs.add_metric([w.name, outcome], n)

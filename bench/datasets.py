@@ -41,8 +41,9 @@ def memory(r: redis.Redis) -> tuple[int, int]:
 
 
 def lines_file(n: int) -> bytes:
-    return b"".join(json.dumps({"id": f"img-{i:07d}", "prompt": f"a photo, variant {i}"}).encode() + b"\n"
-                    for i in range(n))  # fmt: skip
+    return b"".join(
+        json.dumps({"id": f"img-{i:07d}", "prompt": f"a photo, variant {i}"}).encode() + b"\n" for i in range(n)
+    )
 
 
 def naive(n: int, work: Path) -> dict:
@@ -65,12 +66,21 @@ def naive(n: int, work: Path) -> dict:
             for i in range(n):
                 request = JobRequest(prompt=f"a photo, variant {i}", width=64, height=64, steps=2, seed=i)
                 job_id = f"run-{i}-0"
-                store.create_bulk(job_id, request, "bench", f"datasets/run/images/img-{i:07d}.png",
-                                  {"run": "run", "index": i, "id": f"img-{i:07d}", "line": i + 1})  # fmt: skip
+                store.create_bulk(
+                    job_id,
+                    request,
+                    "bench",
+                    f"datasets/run/images/img-{i:07d}.png",
+                    {"run": "run", "index": i, "id": f"img-{i:07d}", "line": i + 1},
+                )
                 celery.send_task(TASK_GENERATE, args=[job_id], queue="naive-bulk", producer=producer)
         _, peak = memory(r)
-        return {"lines": n, "baseline_bytes": base, "peak_above_baseline_bytes": peak - base,
-                "enqueue_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        return {
+            "lines": n,
+            "baseline_bytes": base,
+            "peak_above_baseline_bytes": peak - base,
+            "enqueue_s": round(time.perf_counter() - t0, 1),
+        }
     finally:
         server.stop()
 
@@ -84,11 +94,17 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
     server = redis_server.start_embedded(work / f"valkey-feeder-{n}")
     url = f"redis://127.0.0.1:{server.port}/0"
     env = {
-        "SDXL_REDIS_URL": url, "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": str(args.batch_s),
-        "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": "0.05",
-        "SDXL_DATASET_FEED_DEPTH": str(args.depth), "SDXL_LOCAL_STORAGE_DIR": str(work / f"storage-{n}"),
-        "SDXL_URL_SIGNING_SECRET": "b" * 32, "SDXL_RATE_LIMIT_PER_MIN": "100000",
-    }  # fmt: skip
+        "SDXL_REDIS_URL": url,
+        "SDXL_MODEL": "standin",
+        "SDXL_STANDIN_BATCH_S": str(args.batch_s),
+        "SDXL_IMAGE_SIZES": "64x64",
+        "SDXL_BATCH_ROWS": str(args.batch),
+        "SDXL_BATCH_TIMEOUT_S": "0.05",
+        "SDXL_DATASET_FEED_DEPTH": str(args.depth),
+        "SDXL_LOCAL_STORAGE_DIR": str(work / f"storage-{n}"),
+        "SDXL_URL_SIGNING_SECRET": "b" * 32,
+        "SDXL_RATE_LIMIT_PER_MIN": "100000",
+    }
     worker = WorkerProcess(env, work / f"worker-{n}.log")
     samples: list[int] = []
     stop = threading.Event()
@@ -108,8 +124,9 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
             threading.Thread(target=sample, daemon=True).start()
             t0 = time.perf_counter()
             options = {"defaults": {"width": 64, "height": 64, "steps": 2}, "seed": 1, "shard_size": 1000}
-            resp = client.post("/v1/datasets", files={"input": ("b.jsonl", lines_file(n))},
-                               data={"options": json.dumps(options)})  # fmt: skip
+            resp = client.post(
+                "/v1/datasets", files={"input": ("b.jsonl", lines_file(n))}, data={"options": json.dumps(options)}
+            )
             assert resp.status_code == 202, resp.text
             run_id = resp.json()["id"]
             submit_s = time.perf_counter() - t0
@@ -128,11 +145,16 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
             keys = r.dbsize()
             assert run["counts"]["succeeded"] == n, run
         return {
-            "lines": n, "baseline_bytes": base, "peak_above_baseline_bytes": peak - base,
-            "sampled_peak_above_baseline_bytes": max(samples) - base, "submit_s": round(submit_s, 1),
-            "total_s": round(total_s, 1), "lines_per_s": round(n / total_s, 1), "shards": run["shards"],
+            "lines": n,
+            "baseline_bytes": base,
+            "peak_above_baseline_bytes": peak - base,
+            "sampled_peak_above_baseline_bytes": max(samples) - base,
+            "submit_s": round(submit_s, 1),
+            "total_s": round(total_s, 1),
+            "lines_per_s": round(n / total_s, 1),
+            "shards": run["shards"],
             "keys_after": keys,
-        }  # fmt: skip
+        }
     finally:
         stop.set()
         worker.stop()
@@ -152,8 +174,11 @@ def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-datasets-") as tmp:
         work = Path(tmp)
-        results = {"machine": f"{os.cpu_count()} cores", "stand-in batch": f"{args.batch} rows x {args.batch_s} s",
-                   "feed depth": args.depth}  # fmt: skip
+        results = {
+            "machine": f"{os.cpu_count()} cores",
+            "stand-in batch": f"{args.batch} rows x {args.batch_s} s",
+            "feed depth": args.depth,
+        }
         print("naive enqueue ...", flush=True)
         results["naive"] = naive(args.naive_lines or args.lines, work)
         print(results["naive"], flush=True)

@@ -54,8 +54,15 @@ def start_only(args: argparse.Namespace) -> None:
     h, w = args.hw
     engine = Engine(m, [(h, w)], args.batch, aot_dir=folder / "executables")  # as worker/main.py does
     engine.compile()
-    print(json.dumps({"ready_s": time.perf_counter() - t0, "xla_compiles": counter.compiles,
-                      "executables_loaded": engine.aot_loaded}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "ready_s": time.perf_counter() - t0,
+                "xla_compiles": counter.compiles,
+                "executables_loaded": engine.aot_loaded,
+            }
+        )
+    )
 
 
 def measure_start(args: argparse.Namespace) -> dict[str, float]:
@@ -92,16 +99,19 @@ def flops_per_image(m, hw: tuple[int, int], batch: int, steps: int) -> float | N
     unet, vae = m.configs.module("unet", m.dtype), m.configs.module("vae", m.dtype_of("vae"))
     te1, te2 = m.configs.module("text_encoder", m.dtype), m.configs.module("text_encoder_2", m.dtype)
     u = jax.jit(lambda p, *x: unet.apply({"params": p}, *x)).lower(
-        params["unet"], spec((2 * b, c, lh, lw), m.dtype), spec((2 * b,), jnp.float32),
-        spec((2 * b, 77, m.unet.cross_attention_dim), m.dtype), spec((2 * b, m.unet.pooled_width), m.dtype),
+        params["unet"],
+        spec((2 * b, c, lh, lw), m.dtype),
+        spec((2 * b,), jnp.float32),
+        spec((2 * b, 77, m.unet.cross_attention_dim), m.dtype),
+        spec((2 * b, m.unet.pooled_width), m.dtype),
         spec((2 * b, m.unet.time_ids), jnp.float32),
-    )  # fmt: skip
+    )
     v = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(
         params["vae"], spec((b, c, lh, lw), m.dtype)
     )
-    te = jax.jit(
-        lambda p1, p2, i: (te1.apply({"params": p1}, i), te2.apply({"params": p2}, i))
-    ).lower(params["text_encoder"], params["text_encoder_2"], spec((2 * b, 77), jnp.int32))
+    te = jax.jit(lambda p1, p2, i: (te1.apply({"params": p1}, i), te2.apply({"params": p2}, i))).lower(
+        params["text_encoder"], params["text_encoder_2"], spec((2 * b, 77), jnp.int32)
+    )
     costs = [lowered.cost_analysis() for lowered in (u, v, te)]
     if any(cost is None or "flops" not in cost for cost in costs):
         return None
@@ -118,8 +128,20 @@ class SeedPath:
     def __init__(self, folder: Path, args: argparse.Namespace, dtype: str):
         if not REFERENCE_PYTHON.exists():
             raise SystemExit("no .venv-reference: run `scripts/setup.sh reference` first (or pass --no-reference)")
-        cmd = [str(REFERENCE_PYTHON), str(ROOT / "bench" / "seed_path.py"), "--folder", str(folder), "--size",
-               args.size, "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", dtype]  # fmt: skip
+        cmd = [
+            str(REFERENCE_PYTHON),
+            str(ROOT / "bench" / "seed_path.py"),
+            "--folder",
+            str(folder),
+            "--size",
+            args.size,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--dtype",
+            dtype,
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self._line()
         if not line.startswith("ready "):
@@ -173,9 +195,14 @@ def main() -> None:
     from worker.engine.engine import Engine, Row
 
     result: dict[str, object] = {
-        "preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps,
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
-    }  # fmt: skip
+        "preset": args.preset,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+    }
     if not args.no_start:
         result.update(measure_start(args))
     dtype = _dtype(args.dtype)

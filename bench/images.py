@@ -69,8 +69,9 @@ def main() -> None:
         for name in ENCODERS:
             median_s = statistics.median(times[(name, kind)])
             ms, ratio, size = median_s * 1000, median_s / now, sizes[(name, kind)]
-            rows.append({"image": kind, "encoder": name, "ms": round(ms, 2), "bytes": size,
-                         "times_isal": round(ratio, 2)})  # fmt: skip
+            rows.append(
+                {"image": kind, "encoder": name, "ms": round(ms, 2), "bytes": size, "times_isal": round(ratio, 2)}
+            )
             print(f"{kind:<7} {name:<28} {ms:7.1f} ms  {size:>9,} bytes  {ratio:5.2f}x ISA-L's time")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "rounds": args.rounds, "rows": rows}, indent=2))

@@ -62,8 +62,11 @@ def main() -> None:
     for i in range(args.rounds):
         for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
             samples[arm].append(run(arm))
-    result: dict[str, object] = {"rounds": args.rounds, "torch": sys.modules["torch"].__version__,
-                                 "python": sys.version.split()[0]}  # fmt: skip
+    result: dict[str, object] = {
+        "rounds": args.rounds,
+        "torch": sys.modules["torch"].__version__,
+        "python": sys.version.split()[0],
+    }
     for arm in ARMS:
         for measure in ("import_s", "process_s"):
             result[f"{arm}: {measure} median"] = round(statistics.median(s[measure] for s in samples[arm]), 3)

@@ -146,17 +146,29 @@ def main() -> None:
     )
     median = result["median_s"]
     report = {
-        "preset": args.preset, "size": args.size, "batch": args.batch, "jobs": args.jobs, "adapters": args.adapters,
-        "distinct_adapters_used": len(set(chosen)), "rank": args.rank, "slots": args.slots, "per_row": args.per_row,
+        "preset": args.preset,
+        "size": args.size,
+        "batch": args.batch,
+        "jobs": args.jobs,
+        "adapters": args.adapters,
+        "distinct_adapters_used": len(set(chosen)),
+        "rank": args.rank,
+        "slots": args.slots,
+        "per_row": args.per_row,
         "steps": args.steps,
-        "rounds": args.rounds, "jax": jax.__version__, "platform": jax.devices()[0].platform,
-        "median_s": median, "images_per_s": {k: args.jobs / v for k, v in median.items()},
+        "rounds": args.rounds,
+        "jax": jax.__version__,
+        "platform": jax.devices()[0].platform,
+        "median_s": median,
+        "images_per_s": {k: args.jobs / v for k, v in median.items()},
         "vs_none": {k: v / median["none"] for k, v in median.items()},
         "batches": {"in_order": -(-args.jobs // args.batch), "merged": counts["batches"] // (1 + args.rounds)},
-        "merged_weight_sets_made": counts["merges"], "bank_slot_writes": loads_before,
+        "merged_weight_sets_made": counts["merges"],
+        "bank_slot_writes": loads_before,
         "switch_s": {"bank_read_and_write_slot": slot_s, "read_adapter_file": read_s, "merge_and_place": merge_s},
-        "bank_vs_merged_max_uint8_diff": diff, "batch_s": result["batch_s"],
-    }  # fmt: skip
+        "bank_vs_merged_max_uint8_diff": diff,
+        "batch_s": result["batch_s"],
+    }
     print(json.dumps({k: v for k, v in report.items() if k != "batch_s"}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -72,18 +72,27 @@ def main() -> None:
         unet = m.configs.module("unet", m.dtype)
         time_ids = np.tile(np.array([[h, w, 0, 0, h, w]], np.float32), (2, 1))
         eps = jax.jit(unet.apply)(
-            {"params": m.params["unet"]}, latent, np.full((2,), 500.0, np.float32),
-            np.asarray(ctx32, np.float32), np.asarray(pooled32, np.float32), time_ids,
-        )  # fmt: skip
+            {"params": m.params["unet"]},
+            latent,
+            np.full((2,), 500.0, np.float32),
+            np.asarray(ctx32, np.float32),
+            np.asarray(pooled32, np.float32),
+            time_ids,
+        )
         vae = m.configs.module("vae", m.dtype_of("vae"))
         image = jax.jit(lambda p, z, vae=vae: vae.apply({"params": p}, z, method="decode"))(m.params["vae"], latent)
         engine = Engine(m, [(h, w)], batch_rows=2)
         rows = [Row("a photo of a cat", "blurry", seed=1, steps=20), Row("a red car at night", seed=2, steps=20)]
         pixels = engine.generate(rows, h, w, output="float32").images
         outputs[name] = {
-            "context": np.concatenate([c1, c2], -1), "pooled": pooled, "text_encoder": c1, "text_encoder_2": c2,
-            "unet": eps, "vae_decode": image, "whole_program_pixels": pixels,
-        }  # fmt: skip
+            "context": np.concatenate([c1, c2], -1),
+            "pooled": pooled,
+            "text_encoder": c1,
+            "text_encoder_2": c2,
+            "unet": eps,
+            "vae_decode": image,
+            "whole_program_pixels": pixels,
+        }
     result = {"preset": args.preset, "size": args.size, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
     for key in ("text_encoder", "text_encoder_2", "pooled", "unet", "vae_decode", "whole_program_pixels"):
         result[key] = _diff(outputs["float32"][key], outputs["bfloat16"][key])

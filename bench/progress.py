@@ -59,8 +59,11 @@ def main() -> None:
         state, _ = parts.advance(params, None, state, context, pooled, scalars, time_ids, tables, 0, stop)
         return parts.finish(params, state, scalars)
 
-    fused_exe = jax.jit(whole, out_shardings=(r, r)).lower(*args_of["begin"], *args_of["advance"][5:7],
-                                                           args_of["advance"][-1]).compile()  # fmt: skip
+    fused_exe = (
+        jax.jit(whole, out_shardings=(r, r))
+        .lower(*args_of["begin"], *args_of["advance"][5:7], args_of["advance"][-1])
+        .compile()
+    )
 
     def run_fused() -> np.ndarray:
         e = one_chunk
@@ -87,13 +90,22 @@ def main() -> None:
     ran = alternate(variants, args.rounds)
     first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
-        "preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind, "dtype": "float32",
-        "compile_and_first_run_s": first, "batch_s": times, "median_batch_s": med,
-        "per_step_over_fused": med["per_step"] / med["fused"], "one_chunk_over_fused": med["one_chunk"] / med["fused"],
+        "preset": args.preset,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "dtype": "float32",
+        "compile_and_first_run_s": first,
+        "batch_s": times,
+        "median_batch_s": med,
+        "per_step_over_fused": med["per_step"] / med["fused"],
+        "one_chunk_over_fused": med["one_chunk"] / med["fused"],
         "progress_cost_pct": 100 * (med["per_step"] / med["fused"] - 1),
         "images_equal": all(np.array_equal(images["fused"], images[n]) for n in variants),
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

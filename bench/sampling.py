@@ -49,8 +49,10 @@ def main() -> None:
     engine = Engine(m, [(h, w)], args.batch)
 
     def rows(steps: int, guidance: float, spacing: str | None) -> list[Row]:
-        return [Row(f"a picture number {i}", seed=i, steps=steps, guidance_scale=guidance, timestep_spacing=spacing)
-                for i in range(args.batch)]  # fmt: skip
+        return [
+            Row(f"a picture number {i}", seed=i, steps=steps, guidance_scale=guidance, timestep_spacing=spacing)
+            for i in range(args.batch)
+        ]
 
     fast = rows(4, 0.0, "trailing")
     fast_8 = rows(8, 0.0, "trailing")
@@ -65,9 +67,16 @@ def main() -> None:
     ran = alternate(variants, args.rounds)
     first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
-        "preset": args.preset, "size": args.size, "batch": args.batch, "rounds": args.rounds,
-        "jax": jax.__version__, "device": jax.devices()[0].device_kind, "dtype": "float32",
-        "compile_and_first_run_s": first, "batch_s": times, "median_batch_s": med,
+        "preset": args.preset,
+        "size": args.size,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "dtype": "float32",
+        "compile_and_first_run_s": first,
+        "batch_s": times,
+        "median_batch_s": med,
         "images_per_s": {name: args.batch / t for name, t in med.items()},
         "free_speedup_same_rows": med["guided_program"] / med["free_program"],
         "free_speedup_per_step": (med["guided_program_8"] - med["guided_program"])
@@ -78,7 +87,7 @@ def main() -> None:
             np.abs(images["guided_program"].astype(int) - images["free_program"].astype(int)).max()
         ),
         "dispatched": dict(engine.dispatched),
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -48,11 +48,15 @@ def to_flax(state: dict[str, np.ndarray], shapes: Any, dtype: Any) -> dict[str, 
     for key, tensor in state.items():
         module, leaf = key.rsplit(".", 1)
         for path in _paths(module):
-            options = [((*path, "bias"), tensor)] if leaf == "bias" else [
-                ((*path, "kernel"), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
-                ((*path, "scale"), tensor),
-                ((*path, "embedding"), tensor),
-            ]  # fmt: skip
+            options = (
+                [((*path, "bias"), tensor)]
+                if leaf == "bias"
+                else [
+                    ((*path, "kernel"), tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T),
+                    ((*path, "scale"), tensor),
+                    ((*path, "embedding"), tensor),
+                ]
+            )
             hit = [(k, v) for k, v in options if k in target and tuple(target[k].shape) == v.shape]
             if hit:
                 out[hit[0][0]] = np.ascontiguousarray(hit[0][1]).astype(dtype)
@@ -106,10 +110,15 @@ def build(folder: Path, height: int, width: int, batch: int, steps: int, dtype_n
         json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     )
     pipe = FlaxStableDiffusionXLPipeline(
-        text_encoder=te1, text_encoder_2=te2, vae=vae, unet=unet, scheduler=scheduler, dtype=dtype,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        dtype=dtype,
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-    )  # fmt: skip
+    )
     params["scheduler"] = scheduler.create_state()
     n = jax.local_device_count()
     # the blog's replicate: a copy per device, handed over once (an identity pmap)
@@ -122,8 +131,17 @@ def build(folder: Path, height: int, width: int, batch: int, steps: int, dtype_n
     rng = jax.random.split(jax.random.PRNGKey(0), n)
 
     def run() -> None:
-        out = pipe(ids, replicated, rng, num_inference_steps=steps, guidance_scale=5.0, height=height,
-                   width=width, neg_prompt_ids=neg, jit=True).images  # fmt: skip
+        out = pipe(
+            ids,
+            replicated,
+            rng,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            height=height,
+            width=width,
+            neg_prompt_ids=neg,
+            jit=True,
+        ).images
         np.asarray(out)
 
     return run

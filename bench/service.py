@@ -69,9 +69,16 @@ def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
     from worker.main import build_engine
 
     # the worker's own start (dtype and attention auto, its compile cache), in this process
-    engine = build_engine(Settings(model=args.engine, model_variant=args.variant, image_sizes=args.size,
-                                   batch_rows=args.batch, standin_batch_s=args.batch_s,
-                                   compile_cache_dir=str(args.cache_dir)))  # fmt: skip
+    engine = build_engine(
+        Settings(
+            model=args.engine,
+            model_variant=args.variant,
+            image_sizes=args.size,
+            batch_rows=args.batch,
+            standin_batch_s=args.batch_s,
+            compile_cache_dir=str(args.cache_dir),
+        )
+    )
     rows = [Row(f"prompt {i}", seed=i, steps=args.steps) for i in range(args.batch)]
     engine.generate(rows, *args.hw)  # warm
     alone = []
@@ -120,25 +127,42 @@ def main() -> None:
         s3.start()
         storage_env = s3.env()
     else:  # a local folder behind the API's signed URLs: PNG encoding stays real work, the upload a file write
-        storage_env = {"SDXL_STORAGE": "local", "SDXL_LOCAL_STORAGE_DIR": str(tmp / "images"),
-                       "SDXL_URL_SIGNING_SECRET": "bench-secret-not-for-production"}  # fmt: skip
+        storage_env = {
+            "SDXL_STORAGE": "local",
+            "SDXL_LOCAL_STORAGE_DIR": str(tmp / "images"),
+            "SDXL_URL_SIGNING_SECRET": "bench-secret-not-for-production",
+        }
     api_port = free_port()
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_MODEL": args.engine, "SDXL_MODEL_VARIANT": args.variant,
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_MODEL": args.engine,
+        "SDXL_MODEL_VARIANT": args.variant,
         "SDXL_IMAGE_SIZES": args.size,
-        "SDXL_BATCH_ROWS": str(args.batch), "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
-        "SDXL_STANDIN_BATCH_S": str(args.batch_s), "SDXL_COMPILE_CACHE_DIR": str(args.cache_dir),
-        "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}", **storage_env,
+        "SDXL_BATCH_ROWS": str(args.batch),
+        "SDXL_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
+        "SDXL_STANDIN_BATCH_S": str(args.batch_s),
+        "SDXL_COMPILE_CACHE_DIR": str(args.cache_dir),
+        "SDXL_PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+        **storage_env,
         # this measures throughput and latency, not the abuse limits (submitters post as fast as answered)
-        "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "1000000",
-    }  # fmt: skip
+        "SDXL_RATE_LIMIT_PER_MIN": "1000000",
+        "SDXL_MAX_QUEUED_PER_TENANT": "1000000",
+    }
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(api_port), "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     worker = WorkerProcess(env, tmp / "worker.log")
-    result: dict[str, object] = {"engine": args.engine, "size": args.size, "batch": args.batch,
-                                 "steps": args.steps, "storage": args.storage}  # fmt: skip
+    result: dict[str, object] = {
+        "engine": args.engine,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "storage": args.storage,
+    }
     try:
         worker.start(redis_url, "sdxl")
         base = f"http://127.0.0.1:{api_port}"

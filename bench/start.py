@@ -121,11 +121,16 @@ def main() -> None:
             for r in range(args.rounds):
                 cache = work / f"cache-{r}"
                 env = {
-                    "SDXL_REDIS_URL": url, "SDXL_MODEL": spec, "SDXL_MODEL_VARIANT": variant,
+                    "SDXL_REDIS_URL": url,
+                    "SDXL_MODEL": spec,
+                    "SDXL_MODEL_VARIANT": variant,
                     "SDXL_IMAGE_SIZES": args.size,
-                    "SDXL_BATCH_ROWS": str(args.batch), "SDXL_DTYPE": args.dtype, "SDXL_COMPILE_CACHE_DIR": str(cache),
-                    "SDXL_LOCAL_STORAGE_DIR": str(work / "images"), "SDXL_DATASET_FEEDER": "false",
-                }  # fmt: skip
+                    "SDXL_BATCH_ROWS": str(args.batch),
+                    "SDXL_DTYPE": args.dtype,
+                    "SDXL_COMPILE_CACHE_DIR": str(cache),
+                    "SDXL_LOCAL_STORAGE_DIR": str(work / "images"),
+                    "SDXL_DATASET_FEEDER": "false",
+                }
                 page_cache(source, resident=True)
                 runs["cold"].append(start_once(env, url, work / f"cold-{r}.log", cache=cache))
                 converted = list(cache.rglob("weights/*"))
@@ -144,9 +149,18 @@ def main() -> None:
             server.stop()
     ready = {name: statistics.median(x["ready_s"] for x in results) for name, results in runs.items()}
     ratios = {f"{k}_over_cold": round(v / ready["cold"], 3) for k, v in ready.items() if k != "cold"}
-    result = {"machine": f"{os.cpu_count()} cores", "model": args.model, "size": args.size, "batch": args.batch,
-              "dtype": args.dtype, "rounds": args.rounds, "median_ready_s": ready, **ratios,
-              "weight_cache_gb": round(weights_gb, 2), "starts": runs}  # fmt: skip
+    result = {
+        "machine": f"{os.cpu_count()} cores",
+        "model": args.model,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "rounds": args.rounds,
+        "median_ready_s": ready,
+        **ratios,
+        "weight_cache_gb": round(weights_gb, 2),
+        "starts": runs,
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "starts"}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -95,14 +95,24 @@ class Job:
     @classmethod
     def of(cls, data: dict[str, Any]) -> Job:
         images = [
-            Image(**{k: i[k] for k in ("url", "seed", "width", "height", "sha256")}, model=i.get("model", ""),
-                  model_hash=i.get("model_hash", ""), loras=tuple(i.get("loras", ())))
+            Image(
+                **{k: i[k] for k in ("url", "seed", "width", "height", "sha256")},
+                model=i.get("model", ""),
+                model_hash=i.get("model_hash", ""),
+                loras=tuple(i.get("loras", ())),
+            )
             for i in data["images"]
-        ]  # fmt: skip
+        ]
         return cls(
-            id=data["id"], status=data["status"], request=data.get("request", {}), images=images,
-            queue_position=data.get("queue_position"), progress=data.get("progress"), error=data.get("error"), raw=data,
-        )  # fmt: skip
+            id=data["id"],
+            status=data["status"],
+            request=data.get("request", {}),
+            images=images,
+            queue_position=data.get("queue_position"),
+            progress=data.get("progress"),
+            error=data.get("error"),
+            raw=data,
+        )
 
     @property
     def ended(self) -> bool:
@@ -303,16 +313,18 @@ class Client:
 
     # --- jobs
 
-    def submit(self, prompt: str, *, idempotency_key: str | None = None, wait_s: float | None = None,
-               **params: Any) -> Job:  # fmt: skip
+    def submit(
+        self, prompt: str, *, idempotency_key: str | None = None, wait_s: float | None = None, **params: Any
+    ) -> Job:
         """Submit a job (parameters as in POST /v1/jobs: width, height, steps, seed, num_images...). With
         `wait_s`, the answer comes once the job has ended or that long has passed (`Prefer: wait`)."""
         headers = {"Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
         if wait_s is not None:
             headers["Prefer"] = f"wait={wait_s:g}"
         timeout = (wait_s or 0) + self.timeout_s
-        return Job.of(self.request("POST", "/v1/jobs", json=_job_body(prompt, params), headers=headers,
-                                   timeout=timeout))  # fmt: skip
+        return Job.of(
+            self.request("POST", "/v1/jobs", json=_job_body(prompt, params), headers=headers, timeout=timeout)
+        )
 
     def get(self, job_id: str, wait_s: float = 0) -> Job:
         params = {"wait_s": f"{wait_s:g}"} if wait_s else None
@@ -406,8 +418,9 @@ class Client:
 
     # --- data sets
 
-    def create_dataset(self, jsonl: Path, options: dict[str, Any] | None = None,
-                       idempotency_key: str | None = None) -> Dataset:  # fmt: skip
+    def create_dataset(
+        self, jsonl: Path, options: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> Dataset:
         """Upload a JSONL of prompts as a data set run. A refusal (bad lines, a limit) raises ApiError at once,
         429 included: too many runs in progress is a limit to report, not an outage to wait out."""
 
@@ -529,13 +542,15 @@ class AsyncClient:
 
         return await self._patiently(f"{method} {path}", call)
 
-    async def submit(self, prompt: str, *, idempotency_key: str | None = None, wait_s: float | None = None,
-                     **params: Any) -> Job:  # fmt: skip
+    async def submit(
+        self, prompt: str, *, idempotency_key: str | None = None, wait_s: float | None = None, **params: Any
+    ) -> Job:
         headers = {"Idempotency-Key": idempotency_key or f"client-{uuid.uuid4().hex}"}
         if wait_s is not None:
             headers["Prefer"] = f"wait={wait_s:g}"
-        answer = await self.request("POST", "/v1/jobs", json=_job_body(prompt, params), headers=headers,
-                                    timeout=(wait_s or 0) + self.timeout_s)  # fmt: skip
+        answer = await self.request(
+            "POST", "/v1/jobs", json=_job_body(prompt, params), headers=headers, timeout=(wait_s or 0) + self.timeout_s
+        )
         return Job.of(answer)
 
     async def get(self, job_id: str, wait_s: float = 0) -> Job:
@@ -571,8 +586,9 @@ class AsyncClient:
                             if event.final:
                                 return
             except httpx.TransportError as exc:
-                await asyncio.sleep(self.retry.pause(f"GET {path}", exc, time.monotonic(), self.retry.backoff_s,
-                                                     TRANSIENT))  # fmt: skip
+                await asyncio.sleep(
+                    self.retry.pause(f"GET {path}", exc, time.monotonic(), self.retry.backoff_s, TRANSIENT)
+                )
 
     async def download(self, image: Image | str) -> bytes:
         url = image if isinstance(image, str) else image.url

@@ -45,8 +45,13 @@ from typing import Any, NoReturn
 from client.api import ApiError, Client, Unreachable
 
 FINISHED = ("completed", "canceled")
-FINAL_FILES = {"manifest_jsonl": "manifest.jsonl", "manifest_parquet": "manifest.parquet", "failures": "failures.jsonl",
-               "stats": "stats.json", "card": "README.md"}  # fmt: skip
+FINAL_FILES = {
+    "manifest_jsonl": "manifest.jsonl",
+    "manifest_parquet": "manifest.parquet",
+    "failures": "failures.jsonl",
+    "stats": "stats.json",
+    "card": "README.md",
+}
 
 
 EXIT_OK, EXIT_NOT_ALL, EXIT_INPUT, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -103,8 +108,9 @@ class DatasetRunner:
         if state_path.exists():
             state = json.loads(state_path.read_text())
             if state["fingerprint"] != fp:
-                raise Refused(f"{self.out} holds run {state['run_id']} of another input or options; use another --out",
-                              EXIT_INPUT)  # fmt: skip
+                raise Refused(
+                    f"{self.out} holds run {state['run_id']} of another input or options; use another --out", EXIT_INPUT
+                )
             return state["run_id"]
 
         # The key names the input, options and output folder: sent again (a crash right after submitting), it
@@ -260,8 +266,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "run")  # the old form: python -m client.dataset prompts.jsonl --out DIR
-    p = _Parser(prog="python -m client.dataset", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])  # fmt: skip
+    p = _Parser(
+        prog="python -m client.dataset",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     commands = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="submit a JSONL (or pick up its run) and follow it into --out")
     run.add_argument("jsonl", type=Path, help='one line per image: {"id": ..., "prompt": ..., optional parameters}')
@@ -270,20 +280,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, help="run seed (lines without a seed derive theirs from it and their id)")
     run.add_argument("--on-invalid", choices=["reject", "skip"], default="reject")
     run.add_argument("--shard-size", type=int, default=1000, help="images per WebDataset shard")
-    run.add_argument("--order", choices=["completion", "input"], default="completion",
-                     help="completion: shards fill as lines finish; input: shard k holds lines k*size.. in order")
-    run.add_argument("--caption-field", default="caption",
-                     help="the line field written as <id>.txt (or metadata.KEY); lines without it: the prompt")
     run.add_argument(
-        "--loose-images", action="store_true",
+        "--order",
+        choices=["completion", "input"],
+        default="completion",
+        help="completion: shards fill as lines finish; input: shard k holds lines k*size.. in order",
+    )
+    run.add_argument(
+        "--caption-field",
+        default="caption",
+        help="the line field written as <id>.txt (or metadata.KEY); lines without it: the prompt",
+    )
+    run.add_argument(
+        "--loose-images",
+        action="store_true",
         help="also keep each image as its own object in the service's storage (this command downloads the shards, "
         "so by default the service keeps images only in them: once, not twice)",
-    )  # fmt: skip
+    )
     run.add_argument("--poll-s", type=float, default=2.0)
     run.add_argument("--no-progress", action="store_true")
     _connection(run)
-    for name, what in (("status", "one line of the run's state"), ("cancel", "stop feeding; finished lines kept"),
-                       ("retry", "generate the failed lines again"), ("resume", "generate the canceled lines")):
+    for name, what in (
+        ("status", "one line of the run's state"),
+        ("cancel", "stop feeding; finished lines kept"),
+        ("retry", "generate the failed lines again"),
+        ("resume", "generate the canceled lines"),
+    ):
         sub = commands.add_parser(name, help=what)
         sub.add_argument("run_id")
         if name == "status":
@@ -302,8 +324,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def summary(d: dict[str, Any]) -> str:
     c = d["counts"]
     eta = f", eta {d['eta_s']:.0f} s" if d.get("eta_s") is not None else ""
-    return (f"{d['id']}  {d['status']:<9}  {c['succeeded']}/{c['total']} succeeded, {c['failed']} failed, "
-            f"{c['canceled']} canceled, {c['skipped']} skipped, {d['shards']} shards{eta}")  # fmt: skip
+    return (
+        f"{d['id']}  {d['status']:<9}  {c['succeeded']}/{c['total']} succeeded, {c['failed']} failed, "
+        f"{c['canceled']} canceled, {c['skipped']} skipped, {d['shards']} shards{eta}"
+    )
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,9 +338,13 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(defaults, dict):
         raise Refused('--defaults must be a JSON object, e.g. {"width": 512, "steps": 20}', EXIT_INPUT)
     options: dict[str, Any] = {
-        "defaults": defaults, "on_invalid": args.on_invalid, "shard_size": args.shard_size,
-        "loose_images": args.loose_images, "order": args.order, "caption_field": args.caption_field,
-    }  # fmt: skip
+        "defaults": defaults,
+        "on_invalid": args.on_invalid,
+        "shard_size": args.shard_size,
+        "loose_images": args.loose_images,
+        "order": args.order,
+        "caption_field": args.caption_field,
+    }
     if args.seed is not None:
         options["seed"] = args.seed
     if not args.jsonl.is_file():

@@ -40,8 +40,10 @@ class ApiKeyStore:
         digest = hashlib.sha256(key.encode()).hexdigest()
         record = ApiKey(key_id, tenant, name, time.time(), False)
         pipe = self.r.pipeline()
-        pipe.hset(self._hash_key(digest), mapping={"key_id": key_id, "tenant": tenant, "name": name,
-                                                  "created_at": record.created_at, "revoked": 0})  # fmt: skip
+        pipe.hset(
+            self._hash_key(digest),
+            mapping={"key_id": key_id, "tenant": tenant, "name": name, "created_at": record.created_at, "revoked": 0},
+        )
         pipe.hset(f"{self.prefix}:apikeys", key_id, digest)
         pipe.execute()
         return record, key

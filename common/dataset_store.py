@@ -278,11 +278,23 @@ class DatasetStore:
         cannot all pass."""
         now = time.time()
         fields = {
-            "id": run_id, "tenant": tenant, "status": DatasetStatus.running.value,
-            "options": options.model_dump_json(), "seed": seed, "total": total, "skipped": skipped, "cursor": 0,
-            "succeeded": 0, "failed": 0, "canceled": 0, "shards": 0, "sharded": 0, "retries": 0,
-            "created_at": now, "extra": json.dumps(extra),
-        }  # fmt: skip
+            "id": run_id,
+            "tenant": tenant,
+            "status": DatasetStatus.running.value,
+            "options": options.model_dump_json(),
+            "seed": seed,
+            "total": total,
+            "skipped": skipped,
+            "cursor": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "canceled": 0,
+            "shards": 0,
+            "sharded": 0,
+            "retries": 0,
+            "created_at": now,
+            "extra": json.dumps(extra),
+        }
         keys = [self.key(run_id), f"{self.prefix}:datasets:recent:{tenant}", self.active_key]
         pairs = [str(v) for kv in fields.items() for v in kv]
         before = int(self._create(keys=keys, args=[run_id, now, tenant, max_active, self.key(""), *pairs]))
@@ -321,8 +333,10 @@ class DatasetStore:
                     before = DatasetStatus(raw.decode())
                     pipe.multi()
                     if before == DatasetStatus.running:
-                        pipe.hset(self.key(run_id), mapping={"status": DatasetStatus.canceling.value,
-                                                             "canceled_at": time.time()})  # fmt: skip
+                        pipe.hset(
+                            self.key(run_id),
+                            mapping={"status": DatasetStatus.canceling.value, "canceled_at": time.time()},
+                        )
                     pipe.execute()
                     return before
                 except redis.WatchError:
@@ -427,11 +441,23 @@ class DatasetStore:
         return bool(self._feed(keys=keys, args=[index, job_id, source, time.time()]))
 
     def reap(
-        self, run_id: str, index: int, job_key: str, outcome: str, payload: dict[str, Any] | None,
+        self,
+        run_id: str,
+        index: int,
+        job_key: str,
+        outcome: str,
+        payload: dict[str, Any] | None,
         order: str = "completion",
-    ) -> bool:  # fmt: skip
-        keys = [self.key(run_id), self.key(run_id, "inflight"), self.key(run_id, "done"), self.key(run_id, "failed"),
-                job_key, self.key(run_id, "rows"), self.key(run_id, "canceled")]  # fmt: skip
+    ) -> bool:
+        keys = [
+            self.key(run_id),
+            self.key(run_id, "inflight"),
+            self.key(run_id, "done"),
+            self.key(run_id, "failed"),
+            job_key,
+            self.key(run_id, "rows"),
+            self.key(run_id, "canceled"),
+        ]
         return bool(self._reap(keys=keys, args=[index, outcome, json.dumps(payload or {}), order]))
 
     def retry_indices(self, run_id: str) -> list[int]:

@@ -33,8 +33,17 @@ from common.jobs import (
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # safe as an object key and as a WebDataset sample key
 GENERATION_FIELDS = (
-    "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler", "model", "loras",
-)  # fmt: skip
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "model",
+    "loras",
+)
 # besides the generation parameters: the user's own fields (copied, never interpreted) and how many images
 LINE_FIELDS = ("id", *GENERATION_FIELDS, "aspect_ratio", "num_images", "caption", "metadata")
 CHUNK_LINES = 1000  # normalized lines per stored input chunk: the feeder reads one chunk at a time
@@ -128,13 +137,18 @@ class Line:
     aspect_ratio: float | None = None  # as asked (width / height); the bucket chosen is the request's size
 
     def to_json(self) -> str:
-        return json.dumps({"line": self.line, "id": self.id, "request": self.request.model_dump(mode="json"),
-                           **self.extra()})  # fmt: skip
+        return json.dumps(
+            {"line": self.line, "id": self.id, "request": self.request.model_dump(mode="json"), **self.extra()}
+        )
 
     def extra(self) -> dict[str, Any]:
         """What travels with the line's job besides its request (its `dataset` record), for the manifest."""
-        return {"caption": self.caption, "metadata": self.metadata, "source_id": self.source_id or self.id,
-                "aspect_ratio": self.aspect_ratio}  # fmt: skip
+        return {
+            "caption": self.caption,
+            "metadata": self.metadata,
+            "source_id": self.source_id or self.id,
+            "aspect_ratio": self.aspect_ratio,
+        }
 
     @staticmethod
     def from_json(text: str | bytes) -> Line:
@@ -144,8 +158,15 @@ class Line:
     @staticmethod
     def of(record: dict[str, Any], request: JobRequest) -> Line:
         """A line from a stored record (a chunk's line, or a job's `dataset` record: line, id and `extra()`)."""
-        return Line(record["line"], record["id"], request, record.get("caption", ""), record.get("metadata"),
-                    record.get("source_id", ""), record.get("aspect_ratio"))  # fmt: skip
+        return Line(
+            record["line"],
+            record["id"],
+            request,
+            record.get("caption", ""),
+            record.get("metadata"),
+            record.get("source_id", ""),
+            record.get("aspect_ratio"),
+        )
 
 
 def derive_seed(run_seed: int, line_id: str) -> int:
@@ -217,8 +238,11 @@ class Validator:
             return LineError(number, "line", 'each line must be a JSON object, e.g. {"id": "a1", "prompt": "..."}')
         unknown = sorted(set(data) - set(LINE_FIELDS))
         if unknown:
-            return LineError(number, unknown[0], f"unknown field; a line may have: {', '.join(LINE_FIELDS)} "
-                             "(put your own fields in `metadata`)")  # fmt: skip
+            return LineError(
+                number,
+                unknown[0],
+                f"unknown field; a line may have: {', '.join(LINE_FIELDS)} (put your own fields in `metadata`)",
+            )
         raw_id = data.get("id")
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
             return LineError(number, "id", "required: a string or integer unique within the file")
@@ -242,8 +266,12 @@ class Validator:
                 return LineError(number, "aspect_ratio", 'a number (width / height) between 0.05 and 20, or "W:H"')
             buckets = self.limits.served_buckets()
             if not buckets:
-                return LineError(number, "aspect_ratio", "no aspect-ratio bucket is served here (SDXL_ASPECT_BUCKETS "
-                                 "and SDXL_IMAGE_SIZES share no size); give width and height")  # fmt: skip
+                return LineError(
+                    number,
+                    "aspect_ratio",
+                    "no aspect-ratio bucket is served here (SDXL_ASPECT_BUCKETS "
+                    "and SDXL_IMAGE_SIZES share no size); give width and height",
+                )
             fields["height"], fields["width"] = nearest_bucket(ratio, buckets)
         ids = [line_id] if count == 1 else [f"{line_id}_{k}" for k in range(count)]
         if any(not ID_PATTERN.match(i) or i in self.seen for i in ids):
@@ -267,8 +295,17 @@ class Validator:
                 return LineError(number, ".".join(str(p) for p in first["loc"]) or "line", first["msg"])
             except LimitError as exc:
                 return LineError(number, exc.field, str(exc))
-            lines.append(Line(number, image_id, request, caption if caption is not None else request.prompt,
-                              metadata, line_id, ratio))  # fmt: skip
+            lines.append(
+                Line(
+                    number,
+                    image_id,
+                    request,
+                    caption if caption is not None else request.prompt,
+                    metadata,
+                    line_id,
+                    ratio,
+                )
+            )
         for image_id in [line_id, *ids]:
             self.seen[image_id] = number
         return lines
@@ -360,25 +397,64 @@ class Layout:
 
 
 MANIFEST_COLUMNS = (
-    "id", "line", "source_id", "prompt", "negative_prompt", "seed", "width", "height", "aspect_ratio", "steps",
-    "guidance_scale", "scheduler", "model", "model_hash", "adapters", "truncated", "attempts", "caption",
-    "metadata", "key", "sha256", "shard",
-)  # fmt: skip
+    "id",
+    "line",
+    "source_id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "aspect_ratio",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "model",
+    "model_hash",
+    "adapters",
+    "truncated",
+    "attempts",
+    "caption",
+    "metadata",
+    "key",
+    "sha256",
+    "shard",
+)
 
 
 def manifest_row(
-    line: Line, key: str, sha256: str, model: str = "", model_hash: str = "", truncated: bool = False,
-    attempts: int = 1, adapters: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    line: Line,
+    key: str,
+    sha256: str,
+    model: str = "",
+    model_hash: str = "",
+    truncated: bool = False,
+    attempts: int = 1,
+    adapters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """A generated image's manifest row: what made it (parameters, model and weights hash, adapters) and the
     user's own fields. Nothing in it but `key` and `shard` names the run, so reruns compare row for row."""
     r = line.request
     return {
-        "id": line.id, "line": line.line, "source_id": line.source_id or line.id, "prompt": r.prompt,
-        "negative_prompt": r.negative_prompt, "seed": r.seed, "width": r.width, "height": r.height,
-        "aspect_ratio": line.aspect_ratio, "steps": r.steps, "guidance_scale": r.guidance_scale,
-        "scheduler": r.scheduler.value, "model": model, "model_hash": model_hash,
+        "id": line.id,
+        "line": line.line,
+        "source_id": line.source_id or line.id,
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
+        "seed": r.seed,
+        "width": r.width,
+        "height": r.height,
+        "aspect_ratio": line.aspect_ratio,
+        "steps": r.steps,
+        "guidance_scale": r.guidance_scale,
+        "scheduler": r.scheduler.value,
+        "model": model,
+        "model_hash": model_hash,
         "adapters": adapters or [],  # LoRA adapters applied: name, scale, sha256
-        "truncated": truncated, "attempts": attempts, "caption": line.caption, "metadata": line.metadata,
-        "key": key, "sha256": sha256,
-    }  # fmt: skip
+        "truncated": truncated,
+        "attempts": attempts,
+        "caption": line.caption,
+        "metadata": line.metadata,
+        "key": key,
+        "sha256": sha256,
+    }

@@ -200,10 +200,17 @@ class JobStore:
         if idempotency_key:
             idem = self._idem_key(tenant, idempotency_key)
         answer = self._create(
-            keys=[idem, self.key("job", job_id), self.key("queued"), self.key("recent", tenant), self.key("seq"),
-                  self.key("tenant-queued", tenant), self.key("outbox")],
+            keys=[
+                idem,
+                self.key("job", job_id),
+                self.key("queued"),
+                self.key("recent", tenant),
+                self.key("seq"),
+                self.key("tenant-queued", tenant),
+                self.key("outbox"),
+            ],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
-        )  # fmt: skip
+        )
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True
@@ -228,8 +235,11 @@ class JobStore:
         """Several running jobs' progress in one round trip (ended jobs are left alone)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id, progress in steps_done.items():
-            self._progress(keys=[self.key("job", job_id)], args=[job_id, progress.model_dump_json(),
-                           self.progress_channel], client=pipe)  # fmt: skip
+            self._progress(
+                keys=[self.key("job", job_id)],
+                args=[job_id, progress.model_dump_json(), self.progress_channel],
+                client=pipe,
+            )
         pipe.execute()
 
     def sent(self, job_id: str) -> None:

@@ -61,9 +61,12 @@ class RefinerRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
     switch_at: float = Field(
-        0.8, gt=0, lt=1, allow_inf_nan=False,
+        0.8,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
         description="The share of the noise the base removes before handing over (diffusers' denoising_end).",
-    )  # fmt: skip
+    )
     aesthetic_score: float = Field(6.0, ge=0, le=10, allow_inf_nan=False, description="The refiner's conditioning.")
     negative_aesthetic_score: float = Field(
         2.5, ge=0, le=10, allow_inf_nan=False, description="Its conditioning for the unconditional row."

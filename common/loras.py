@@ -24,8 +24,14 @@ from common.jobs import LimitError, LoraRequest
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # the component each key prefix adapts, for both layouts (kohya's, diffusers/PEFT's)
-PARTS = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-         "unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}  # fmt: skip
+PARTS = {
+    "lora_unet_": "unet",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "unet.": "unet",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
 DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -176,8 +182,10 @@ class Registry:
             try:
                 good.append(self.get(name))
             except KeyError:
-                bad[name] = "not served: the name has characters other than letters, digits, '.', '_', '-', or " \
-                    "the file is a link out of the folder"  # fmt: skip
+                bad[name] = (
+                    "not served: the name has characters other than letters, digits, '.', '_', '-', or "
+                    "the file is a link out of the folder"
+                )
             except AdapterFileError as exc:
                 bad[name] = str(exc)
         return good, bad

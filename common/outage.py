@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 # (BusyLoadingError is a ConnectionError): all mean "try again later". Celery's producer reports the same
 # outage of the broker (the same Redis) as kombu's OperationalError once its own retries are spent.
 REDIS_DOWN: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
-)  # fmt: skip
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process
 
 
@@ -61,8 +63,13 @@ class Outage:
                 self._since = time.monotonic()
             failures = self._failures
         if first:
-            self.log.warning("%s unreachable (%s: %s); retrying quietly until it answers", self.what,
-                             type(exc).__name__, exc, exc_info=exc)  # fmt: skip
+            self.log.warning(
+                "%s unreachable (%s: %s); retrying quietly until it answers",
+                self.what,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
         ceiling = min(self.max_s, self.base_s * 2 ** min(failures - 1, 16))
         return random.uniform(ceiling / 2, ceiling)
 

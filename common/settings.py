@@ -278,8 +278,11 @@ class Settings(BaseSettings):
     @property
     def worker_queues(self) -> list[str]:
         """The queues a worker consumes, in priority order."""
-        lanes = {"both": [self.queue_name, self.bulk_queue_name], "interactive": [self.queue_name],
-                 "bulk": [self.bulk_queue_name]}  # fmt: skip
+        lanes = {
+            "both": [self.queue_name, self.bulk_queue_name],
+            "interactive": [self.queue_name],
+            "bulk": [self.bulk_queue_name],
+        }
         return lanes[self.worker_lanes]
 
     @property

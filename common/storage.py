@@ -202,8 +202,10 @@ class S3Storage:
             )
             if errors := answer.get("Errors"):
                 e = errors[0]
-                raise RuntimeError(f"{len(errors)} of {len(batch)} deletes failed, e.g. {e.get('Key')}: "
-                                   f"{e.get('Code')} {e.get('Message')}")  # fmt: skip
+                raise RuntimeError(
+                    f"{len(errors)} of {len(batch)} deletes failed, e.g. {e.get('Key')}: "
+                    f"{e.get('Code')} {e.get('Message')}"
+                )
 
     def url(self, key: str, expires_s: int) -> str:
         return self.signer.generate_presigned_url(

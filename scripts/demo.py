@@ -90,13 +90,19 @@ def main() -> None:
     procs = {
         "api": subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", api_port],
-            cwd=ROOT, env=env, stdout=open(VAR / "api.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            cwd=ROOT,
+            env=env,
+            stdout=open(VAR / "api.log", "ab"),  # noqa: SIM115 - the process owns it
+            stderr=subprocess.STDOUT,
         ),
         "worker": subprocess.Popen(
             [sys.executable, "-m", "worker"],
-            cwd=ROOT, env=env, stdout=open(VAR / "worker.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            cwd=ROOT,
+            env=env,
+            stdout=open(VAR / "worker.log", "ab"),  # noqa: SIM115 - the process owns it
+            stderr=subprocess.STDOUT,
         ),
-    }  # fmt: skip
+    }
     print(f"api:    {base}  (docs at {base}/docs; log var/api.log)")
     print("worker: loading and compiling the model (log var/worker.log) ...")
     try:

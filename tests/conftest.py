@@ -37,8 +37,9 @@ def live_loras(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     folder = tmp_path_factory.mktemp("live-loras")
     variants.write_lora(tiny_dir, folder / "pixel-art.safetensors", "kohya", 4, 11, alpha=2.0)
-    variants.write_lora(tiny_dir, folder / "watercolor.safetensors", "diffusers", 8, 12,
-                        parts=("unet", "text_encoder_2"))  # fmt: skip
+    variants.write_lora(
+        tiny_dir, folder / "watercolor.safetensors", "diffusers", 8, 12, parts=("unet", "text_encoder_2")
+    )
     variants.write_lora(tiny_dir, folder / "ink.safetensors", "kohya", 2, 13, alpha=1.0)
     return folder
 
@@ -107,17 +108,25 @@ def live_stack(
     folder = live_stack_folder(tmp_path_factory)
     folder.mkdir()
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_TINY_DIR": str(tiny_dir),
-        "SDXL_MODELS": f"tiny=tiny,lightning=tiny;unet={live_unet}", "SDXL_LORA_DIR": str(live_loras),
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_KEY_PREFIX": prefix,
+        "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk",
+        "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_MODELS": f"tiny=tiny,lightning=tiny;unet={live_unet}",
+        "SDXL_LORA_DIR": str(live_loras),
         "SDXL_LORA_MAX_RANK": "8",
         "SDXL_REFINER": str(tiny_refiner_dir),
-        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64", "SDXL_BATCH_ROWS": "4",
-        "SDXL_BATCH_TIMEOUT_S": "1", "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),
+        "SDXL_DTYPE": "float32",
+        "SDXL_IMAGE_SIZES": "64x64,96x64",
+        "SDXL_BATCH_ROWS": "4",
+        "SDXL_BATCH_TIMEOUT_S": "1",
+        "SDXL_LOCAL_STORAGE_DIR": str(folder / "images"),
         "SDXL_URL_SIGNING_SECRET": "l" * 32,
         "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
-        "SDXL_LOG_FORMAT": "json", "SDXL_WORKER_METRICS_PORT": str(free_port()),
-    }  # fmt: skip
+        "SDXL_LOG_FORMAT": "json",
+        "SDXL_WORKER_METRICS_PORT": str(free_port()),
+    }
     api = ApiProcess(env, folder / "api.log")
     env["SDXL_PUBLIC_BASE_URL"] = api.url
     worker = WorkerProcess(env, folder / "worker.log")

@@ -66,13 +66,25 @@ class SeaweedS3:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3.json"
-        identity = {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}  # fmt: skip
+        identity = {
+            "name": "test",
+            "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
         config.write_text(json.dumps({"identities": [identity]}))
         ports = {"master.port": free_port(), "filer.port": free_port(), "volume.port": free_port()}
-        args = [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.port={self.port}", f"-s3.config={config}", f"-bucket={self.bucket}", "-admin.ui=false",
-                *[f"-{k}={v}" for k, v in ports.items()]]  # fmt: skip
+        args = [
+            weed,
+            "mini",
+            f"-dir={self.folder / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            f"-s3.config={config}",
+            f"-bucket={self.bucket}",
+            "-admin.ui=false",
+            *[f"-{k}={v}" for k, v in ports.items()],
+        ]
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -86,9 +98,14 @@ class SeaweedS3:
         import boto3
         from botocore.config import Config
 
-        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1",
-                          config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
         try:
             s3.head_bucket(Bucket=self.bucket)
             return True
@@ -189,11 +206,17 @@ def standin_env(redis_url: str, tmp_path: Path, tag: str, **overrides: str) -> t
 
     prefix = f"{tag}{uuid.uuid4().hex[:8]}"
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "3", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "4",
-        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"), "SDXL_URL_SIGNING_SECRET": "x" * 32,
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_KEY_PREFIX": prefix,
+        "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_MODEL": "standin",
+        "SDXL_STANDIN_BATCH_S": "3",
+        "SDXL_IMAGE_SIZES": "64x64",
+        "SDXL_BATCH_ROWS": "4",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
+        "SDXL_URL_SIGNING_SECRET": "x" * 32,
         **overrides,
-    }  # fmt: skip
+    }
     return prefix, env
 
 
@@ -220,10 +243,22 @@ class ApiProcess:
     def start(self, timeout_s: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port), "--log-level", "warning",
-             *self.args],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *self.args,
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         if not http_ready(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, timeout_s, 0.2):
             raise RuntimeError(f"API not up after {timeout_s} s: {self.log_path.read_text(errors='replace')[-2000:]}")
 

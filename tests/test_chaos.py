@@ -18,8 +18,9 @@ from tests.servers import REPO
 def test_redis_killed_under_load_strands_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     args = ["--duration-s", "60", "--every-s", "12", "18", "--victims", "redis", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "bench/chaos.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "bench/chaos.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["kills"]["redis"] >= 2, result

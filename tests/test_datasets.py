@@ -42,13 +42,22 @@ def jsonl(lines: list[dict]) -> bytes:
 def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
     prefix = f"ds{uuid.uuid4().hex[:8]}"
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk", "SDXL_MODEL": "tiny", "SDXL_TINY_DIR": str(tiny_dir),
-        "SDXL_DTYPE": "float32", "SDXL_IMAGE_SIZES": "64x64,96x64,64x96", "SDXL_BATCH_ROWS": "8",
-        "SDXL_ASPECT_BUCKETS": "64x64,96x64,64x96", "SDXL_BATCH_TIMEOUT_S": "0.5",
-        "SDXL_DATASET_FEED_DEPTH": "32", "SDXL_URL_SIGNING_SECRET": "u" * 32,
-        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"), **s3.env(),
-    }  # fmt: skip
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_KEY_PREFIX": prefix,
+        "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_BULK_QUEUE_NAME": f"{prefix}-bulk",
+        "SDXL_MODEL": "tiny",
+        "SDXL_TINY_DIR": str(tiny_dir),
+        "SDXL_DTYPE": "float32",
+        "SDXL_IMAGE_SIZES": "64x64,96x64,64x96",
+        "SDXL_BATCH_ROWS": "8",
+        "SDXL_ASPECT_BUCKETS": "64x64,96x64,64x96",
+        "SDXL_BATCH_TIMEOUT_S": "0.5",
+        "SDXL_DATASET_FEED_DEPTH": "32",
+        "SDXL_URL_SIGNING_SECRET": "u" * 32,
+        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+        **s3.env(),
+    }
     logs = tmp_path_factory.mktemp("ds-logs")
     worker = WorkerProcess(env, logs / "worker.log")
     worker.start(redis_url, prefix)
@@ -63,20 +72,40 @@ def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
 # `python -m client.dataset` with SIGINT handled as in a terminal: a shell starts background jobs (nohup ... &,
 # some CI runners) with SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt.
 # (A preexec_fn would do it too, but forks a process that has JAX's threads.)
-CLI = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); " \
-      "runpy.run_module('client.dataset', run_name='__main__', alter_sys=True)"  # fmt: skip
+CLI = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('client.dataset', run_name='__main__', alter_sys=True)"
+)
 
 
 def run_cli(api: ApiProcess, key: str, *args: str, timeout_s: float = 600) -> tuple[int, str]:
     """One CLI command to its end: (exit status, what it printed)."""
-    proc = subprocess.run([sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def cli(api: ApiProcess, key: str, jsonl_path, out, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-c", CLI, str(jsonl_path), "--out", str(out), "--api", api.url,
-            "--key", key, "--poll-s", "0.3", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-c",
+        CLI,
+        str(jsonl_path),
+        "--out",
+        str(out),
+        "--api",
+        api.url,
+        "--key",
+        key,
+        "--poll-s",
+        "0.3",
+        *extra,
+    ]
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -105,8 +134,15 @@ def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
         listing = c.get("/v1/datasets").json()
     assert listing["total"] == 1 and listing["datasets"][0]["id"] == run_id  # resumed, not resubmitted
     status = json.loads((out / "status.json").read_text())
-    assert status["counts"] == {"total": 200, "queued": 0, "running": 0, "succeeded": 200, "failed": 0, "canceled": 0,
-                                "skipped": 0}  # fmt: skip
+    assert status["counts"] == {
+        "total": 200,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 200,
+        "failed": 0,
+        "canceled": 0,
+        "skipped": 0,
+    }
     assert status["images_per_s"] > 0 and status["eta_s"] is None and status["finished_at"] >= status["started_at"]
     assert status["expires_at"] == status["finished_at"] + settings_from(env).job_ttl_s
 
@@ -148,8 +184,12 @@ def test_200_lines_to_a_local_folder_with_the_cli(tiny_stack, tmp_path):
     again.write_bytes(jsonl([x for x in lines if x["id"] in ("img-005", "img-006", "img-100")]))
     rerun = cli(api, key, again, tmp_path / "out2", *options)
     assert rerun.wait(300) == 0, rerun.stdout.read()
-    rerun_samples = {s["__key__"]: s for s in wds.WebDataset(
-        [str(t) for t in sorted((tmp_path / "out2" / "shards").glob("*.tar"))], shardshuffle=False)}  # fmt: skip
+    rerun_samples = {
+        s["__key__"]: s
+        for s in wds.WebDataset(
+            [str(t) for t in sorted((tmp_path / "out2" / "shards").glob("*.tar"))], shardshuffle=False
+        )
+    }
     assert sorted(rerun_samples) == ["img-005", "img-006", "img-100"]
     for line_id, sample in rerun_samples.items():
         a = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.int16)
@@ -189,8 +229,7 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     lines[13]["num_images"] = 2  # -> s013_0, s013_1
     source = tmp_path / "prompts.jsonl"
     source.write_bytes(jsonl(lines))
-    options = ["--defaults", '{"steps": 2}', "--seed", "5", "--shard-size", "100", "--order", "input",
-               "--no-progress"]  # fmt: skip
+    options = ["--defaults", '{"steps": 2}', "--seed", "5", "--shard-size", "100", "--order", "input", "--no-progress"]
     runs = [cli(api, key, source, tmp_path / f"out{k}", *options) for k in (1, 2)]
     for proc in runs:
         assert proc.wait(600) == 0, proc.stdout.read()
@@ -224,8 +263,10 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     assert by_id["s013_1"]["source_id"] == "s013" and by_id["s013_1"]["seed"] == derive_seed(5, "s013_1")
     assert all(r["model"] == "tiny" and r["attempts"] == 1 and r["truncated"] is False for r in rows1)
 
-    samples = {s["__key__"]: s for s in wds.WebDataset(sorted(str(t) for t in (out1 / "shards").glob("*.tar")),
-                                                       shardshuffle=False)}  # fmt: skip
+    samples = {
+        s["__key__"]: s
+        for s in wds.WebDataset(sorted(str(t) for t in (out1 / "shards").glob("*.tar")), shardshuffle=False)
+    }
     for i in (0, 3, 5, 7):
         sidecar = json.loads(samples[f"s{i:03d}"]["json"])
         assert sidecar.get("metadata") == lines[i].get("metadata")  # verbatim, or null
@@ -251,8 +292,19 @@ def test_the_cli_commands_and_their_exit_codes(tiny_stack, tmp_path):
     source = tmp_path / "skip.jsonl"
     source.write_text(jsonl(good).decode() + bad_line + "\n")
     out = tmp_path / "skip"
-    code, said = run_cli(api, key, "run", str(source), "--out", str(out), "--defaults", '{"steps": 2}',
-                         "--on-invalid", "skip", "--no-progress")  # fmt: skip
+    code, said = run_cli(
+        api,
+        key,
+        "run",
+        str(source),
+        "--out",
+        str(out),
+        "--defaults",
+        '{"steps": 2}',
+        "--on-invalid",
+        "skip",
+        "--no-progress",
+    )
     assert code == 1, said  # one line was not generated
     assert (out / "remaining.jsonl").read_text() == bad_line + "\n" and "1 lines not generated" in said
     run_id = json.loads((out / "run.json").read_text())["run_id"]
@@ -285,11 +337,14 @@ def test_the_cli_commands_and_their_exit_codes(tiny_stack, tmp_path):
     source = tmp_path / "slow.jsonl"
     source.write_bytes(jsonl(slow))
     out = tmp_path / "slow"
-    args = ["run", str(source), "--out", str(out), "--defaults", '{"steps": 40}', "--shard-size", "8",
-            "--no-progress"]  # fmt: skip
-    follower = subprocess.Popen([sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key,
-                                 "--poll-s", "0.3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+    args = ["run", str(source), "--out", str(out), "--defaults", '{"steps": 40}', "--shard-size", "8", "--no-progress"]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "client.dataset", *args, "--api", api.url, "--key", key, "--poll-s", "0.3"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for(lambda: (out / "run.json").exists(), 60, 0.2)
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}) as c:
@@ -315,10 +370,15 @@ def test_the_cli_commands_and_their_exit_codes(tiny_stack, tmp_path):
 
 @pytest.fixture
 def standin_stack(redis_url, tmp_path, request):
-    overrides = {"SDXL_STANDIN_BATCH_S": "0.5", "SDXL_BATCH_TIMEOUT_S": "0.3", "SDXL_DATASET_FEED_DEPTH": "40",
-                 **getattr(request, "param", {})}  # fmt: skip
-    prefix, env = standin_env(redis_url, tmp_path, "dsb", SDXL_BULK_QUEUE_NAME=f"{uuid.uuid4().hex[:6]}-bulk",
-                              **overrides)  # fmt: skip
+    overrides = {
+        "SDXL_STANDIN_BATCH_S": "0.5",
+        "SDXL_BATCH_TIMEOUT_S": "0.3",
+        "SDXL_DATASET_FEED_DEPTH": "40",
+        **getattr(request, "param", {}),
+    }
+    prefix, env = standin_env(
+        redis_url, tmp_path, "dsb", SDXL_BULK_QUEUE_NAME=f"{uuid.uuid4().hex[:6]}-bulk", **overrides
+    )
     settings = settings_from(env)
     pool = WorkerPool(env, redis_url, prefix, tmp_path)
 

@@ -141,8 +141,9 @@ def test_two_sizes_run_separately(service):
     runs = batches_of(settings, square | wide)
     assert len(runs) == 2
     assert {(r["height"], r["width"], frozenset(r["jobs"])) for r in runs} == {
-        (64, 64, frozenset(square)), (64, 96, frozenset(wide))
-    }  # fmt: skip
+        (64, 64, frozenset(square)),
+        (64, 96, frozenset(wide)),
+    }
 
 
 def test_cancel_while_queued_never_runs(service):
@@ -233,8 +234,11 @@ def test_metrics_count_what_the_worker_ran(service):
     r = redis.Redis.from_url(settings.redis_url)
     logged = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
     (name,) = {e["worker"] for e in logged}
-    want = {"batches": len(logged), "rows": sum(e["rows"] for e in logged),
-            "padding_rows": sum(e["padding"] for e in logged)}  # fmt: skip
+    want = {
+        "batches": len(logged),
+        "rows": sum(e["rows"] for e in logged),
+        "padding_rows": sum(e["padding"] for e in logged),
+    }
     label = f'{{worker="{name}"}}'
 
     def counted() -> dict[str, float]:

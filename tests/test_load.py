@@ -22,12 +22,19 @@ JOBS, CLIENTS = 5000, 50
 def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path):
     prefix = f"ld{uuid.uuid4().hex[:8]}"
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": prefix, "SDXL_QUEUE_NAME": f"{prefix}-q",
-        "SDXL_MODEL": "standin", "SDXL_STANDIN_BATCH_S": "0.001", "SDXL_IMAGE_SIZES": "64x64", "SDXL_BATCH_ROWS": "16",
-        "SDXL_BATCH_TIMEOUT_S": "0.05", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_KEY_PREFIX": prefix,
+        "SDXL_QUEUE_NAME": f"{prefix}-q",
+        "SDXL_MODEL": "standin",
+        "SDXL_STANDIN_BATCH_S": "0.001",
+        "SDXL_IMAGE_SIZES": "64x64",
+        "SDXL_BATCH_ROWS": "16",
+        "SDXL_BATCH_TIMEOUT_S": "0.05",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
         "SDXL_URL_SIGNING_SECRET": "x" * 32,
-        "SDXL_RATE_LIMIT_PER_MIN": "1000000", "SDXL_MAX_QUEUED_PER_TENANT": "100000",
-    }  # fmt: skip
+        "SDXL_RATE_LIMIT_PER_MIN": "1000000",
+        "SDXL_MAX_QUEUED_PER_TENANT": "100000",
+    }
     r = redis.Redis.from_url(redis_url)
     _, key = ApiKeyStore(r, prefix).create("load")
     api = ApiProcess(env, tmp_path / "api.log")  # it sets SDXL_PUBLIC_BASE_URL to its own address
@@ -86,12 +93,14 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
         first = min(float(c) for _, c, _ in records)
         last = max(float(f) for _, _, f in records)
         report = {
-            "jobs": JOBS, "clients": CLIENTS,
+            "jobs": JOBS,
+            "clients": CLIENTS,
             "submit_p50_ms": 1000 * latencies[len(latencies) // 2],
             "submit_p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
             "submits_per_s": JOBS / submit_s,
-            "jobs_per_s_end_to_end": JOBS / (last - first), "wall_s": done_s,
-        }  # fmt: skip
+            "jobs_per_s_end_to_end": JOBS / (last - first),
+            "wall_s": done_s,
+        }
         print("\nload:", json.dumps({k: round(v, 1) for k, v in report.items()}))
     finally:
         worker.stop(signal.SIGKILL)

@@ -236,17 +236,21 @@ class DeviceLoop:
         if job.attempts >= self.max_attempts:  # it keeps coming back: a worker died on it each time
             self._call(
                 self.store.fail,
-                job.id, f"gave up after {job.attempts} attempts (the worker running it stopped each time)",
+                job.id,
+                f"gave up after {job.attempts} attempts (the worker running it stopped each time)",
                 allowed_from=[JobStatus.queued, JobStatus.running],
-            )  # fmt: skip
+            )
             self._call(self.store.release, self.name, [job_id])
             future.set_result(JobStatus.failed.value)
             if self.notify and job.request.webhook_url:
                 self._call(self.notify, job.id)
             return
         if job.request.model is not None and job.request.model not in self.engines:
-            log.info("job for model %r, which this worker does not hold: handed back", job.request.model,
-                     extra={"job_id": job.id})  # fmt: skip
+            log.info(
+                "job for model %r, which this worker does not hold: handed back",
+                job.request.model,
+                extra={"job_id": job.id},
+            )
             self._call(self.store.release, self.name, [job_id])
             future.set_result(NOT_HERE)
             return
@@ -307,9 +311,12 @@ class DeviceLoop:
             job, future = item.payload
             # queued -> running; a redelivered job (running after a worker died) keeps running here.
             ok, before = self._call(
-                self.store.transition, job.id, JobStatus.running, [JobStatus.queued, JobStatus.running],
+                self.store.transition,
+                job.id,
+                JobStatus.running,
+                [JobStatus.queued, JobStatus.running],
                 worker=self.name,
-            )  # fmt: skip
+            )
             if ok:
                 jobs.append(job)
                 metrics.QUEUE_WAIT.labels(*_labels(job)).observe(max(0.0, time.time() - job.created_at))
@@ -323,8 +330,12 @@ class DeviceLoop:
         while not self.in_flight.acquire(timeout=HEARTBEAT_S):
             self._beat()
         batch_id = uuid.uuid4().hex[:12]
-        log.info("batch of %d rows started: jobs %s", sum(j.request.num_images for j in jobs),
-                 ",".join(j.id for j in jobs), extra={"batch_id": batch_id})  # fmt: skip
+        log.info(
+            "batch of %d rows started: jobs %s",
+            sum(j.request.num_images for j in jobs),
+            ",".join(j.id for j in jobs),
+            extra={"batch_id": batch_id},
+        )
         try:
             pending = self._dispatch(batch, jobs)
         except Exception as exc:  # raised while tracing or validating: nothing reached the device
@@ -625,11 +636,17 @@ class DeviceLoop:
         with self._counting:
             counters = replace(self.counters, jobs=dict(self.counters.jobs))  # a copy, read whole
         status = WorkerStatus(
-            name=self.name, model=self.engine.model.name, sizes=self.engine.sizes, batch_rows=self.engine.batch_rows,
-            devices=self.engine.mesh.devices.size, started_at=self.started_at, at=time.time(), counters=counters,
+            name=self.name,
+            model=self.engine.model.name,
+            sizes=self.engine.sizes,
+            batch_rows=self.engine.batch_rows,
+            devices=self.engine.mesh.devices.size,
+            started_at=self.started_at,
+            at=time.time(),
+            counters=counters,
             models=[
                 {"name": name, "source": e.model.name, "bytes": e.model.nbytes, "weights_sha256": e.model.weights_hash}
                 for name, e in self.engines.items()
             ],
-        )  # fmt: skip
+        )
         self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(1000 * DEAD_AFTER_S))

@@ -149,8 +149,16 @@ class Feeder:
             info = job.dataset or {}
             if job.status == JobStatus.succeeded:
                 image = job.images[0]
-                row = manifest_row(Line.of(info, job.request), image.key, image.sha256, image.model,
-                                   image.model_hash, job.truncated, job.attempts, image.loras)  # fmt: skip
+                row = manifest_row(
+                    Line.of(info, job.request),
+                    image.key,
+                    image.sha256,
+                    image.model,
+                    image.model_hash,
+                    job.truncated,
+                    job.attempts,
+                    image.loras,
+                )
                 self.datasets.reap(run.id, index, job_key, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
                 failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}
@@ -265,10 +273,14 @@ class Feeder:
         extension = images.EXTENSIONS[run.options.defaults.output_format.value]
         self.storage.put(layout.shard(run.shards), shards.tar_shard(rows, data, extension), "application/x-tar")
         self.storage.put(layout.manifest_part(run.shards, "jsonl"), shards.jsonl(rows), "application/x-ndjson")
-        self.storage.put(layout.manifest_part(run.shards, "parquet"), shards.parquet(rows),
-                         "application/vnd.apache.parquet")  # fmt: skip
-        self.storage.put(layout.shard_stats(run.shards), json.dumps(shards.stats(rows, data, time.time())).encode(),
-                         "application/json")  # fmt: skip
+        self.storage.put(
+            layout.manifest_part(run.shards, "parquet"), shards.parquet(rows), "application/vnd.apache.parquet"
+        )
+        self.storage.put(
+            layout.shard_stats(run.shards),
+            json.dumps(shards.stats(rows, data, time.time())).encode(),
+            "application/json",
+        )
         return loose
 
     def _shard_committed(self, run: DatasetRun, loose: list[str]) -> None:
@@ -292,8 +304,9 @@ class Feeder:
         failures = self.datasets.failures(run_id)
         self.storage.put(layout.failures, shards.jsonl(failures), "application/x-ndjson")
         per_shard = [json.loads(self.storage.get(layout.shard_stats(i))) for i in range(run.shards)]
-        self.storage.put(layout.stats, json.dumps(shards.run_stats(run, per_shard, failures), indent=2).encode(),
-                         "application/json")  # fmt: skip
+        self.storage.put(
+            layout.stats, json.dumps(shards.run_stats(run, per_shard, failures), indent=2).encode(), "application/json"
+        )
         self.storage.put(layout.card, shards.card(run, per_shard).encode(), "text/markdown")
         if not run.options.loose_images:  # any a crash left between a shard's commit and their delete
             self.storage.delete_many(list(self.storage.keys(layout.images)))
@@ -303,5 +316,12 @@ class Feeder:
         if not self.datasets.finish(run_id, run.status, status):
             return  # a retry came in meanwhile: the run goes on (and finishes again later)
         self._chunks.pop(run_id, None)
-        log.info("data set %s %s: %d succeeded, %d failed, %d canceled, %d shards", run_id, status.value,
-                 run.succeeded, run.failed, run.canceled, run.shards)  # fmt: skip
+        log.info(
+            "data set %s %s: %d succeeded, %d failed, %d canceled, %d shards",
+            run_id,
+            status.value,
+            run.succeeded,
+            run.failed,
+            run.canceled,
+            run.shards,
+        )

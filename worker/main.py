@@ -89,9 +89,12 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
             left -= m.nbytes
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
             refiner = model.load(
-                settings.refiner, model.resolve_dtype(settings.dtype), shape_cache=folder / "shapes",
-                weight_cache_dir=folder / "weights" if settings.weight_cache else None, vae_dtype=settings.vae_dtype,
-            )  # fmt: skip
+                settings.refiner,
+                model.resolve_dtype(settings.dtype),
+                shape_cache=folder / "shapes",
+                weight_cache_dir=folder / "weights" if settings.weight_cache else None,
+                vae_dtype=settings.vae_dtype,
+            )
         # the refiner beside the default model only (its weights would be on the devices once per model)
         engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry)
     if not engines:
@@ -114,15 +117,24 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         if slots < settings.batch_rows * settings.max_loras_per_job:
             log.warning(
                 "SDXL_LORA_CACHE_BYTES holds %d adapters (%d bytes each at rank %d): a batch naming more runs its jobs "
-                "one by one", slots, per_slot, settings.lora_max_rank,
-            )  # fmt: skip
+                "one by one",
+                slots,
+                per_slot,
+                settings.lora_max_rank,
+            )
         adapters = Adapters(registry.path_of, settings.lora_max_rank, slots, settings.max_loras_per_job)
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
-        m, settings.served_sizes, settings.batch_rows, attention=settings.attention,
-        aot_dir=folder / "executables", aot_key=cache.signing_key(key),
-        progress_every_steps=settings.progress_every_steps, refiner=refiner, adapters=adapters,
-    )  # fmt: skip
+        m,
+        settings.served_sizes,
+        settings.batch_rows,
+        attention=settings.attention,
+        aot_dir=folder / "executables",
+        aot_key=cache.signing_key(key),
+        progress_every_steps=settings.progress_every_steps,
+        refiner=refiner,
+        adapters=adapters,
+    )
     compile_s = engine.compile()
     for served in (m, refiner):
         if served is not None:
@@ -132,8 +144,13 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
     if refiner is not None:
         log.info("refiner %s (weights sha256 %s) served beside the model", refiner.name, refiner.weights_hash[:16])
     if engine.bank is not None:
-        log.info("LoRA adapters from %s: %d slots of rank %d, %d per job", settings.lora_dir, engine.bank.slots,
-                 engine.bank.rank, engine.bank.per_row)  # fmt: skip
+        log.info(
+            "LoRA adapters from %s: %d slots of rank %d, %d per job",
+            settings.lora_dir,
+            engine.bank.slots,
+            engine.bank.rank,
+            engine.bank.per_row,
+        )
     t2 = time.perf_counter()
     log.info(
         "engine ready in %.1f s: model %s (%s, weights sha256 %s), %d devices, sizes %s, batch %d; modules %.1f s, "

@@ -20,13 +20,25 @@ disable_created_metrics()  # no *_created series: Prometheus does not need them,
 
 # seconds: from a tiny model on a CPU (tens of ms) to a queue backed up for minutes
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
-QUEUE_WAIT = Histogram("sdxl_job_queue_wait_seconds", "From submit to the job's batch starting on a worker.",
-                       ["size", "lane"], buckets=LATENCY_BUCKETS_S)  # fmt: skip
-LATENCY = Histogram("sdxl_job_latency_seconds", "From submit to the job's end being recorded.",
-                    ["size", "lane", "outcome"], buckets=LATENCY_BUCKETS_S)  # fmt: skip
+QUEUE_WAIT = Histogram(
+    "sdxl_job_queue_wait_seconds",
+    "From submit to the job's batch starting on a worker.",
+    ["size", "lane"],
+    buckets=LATENCY_BUCKETS_S,
+)
+LATENCY = Histogram(
+    "sdxl_job_latency_seconds",
+    "From submit to the job's end being recorded.",
+    ["size", "lane", "outcome"],
+    buckets=LATENCY_BUCKETS_S,
+)
 DEVICE = Histogram("sdxl_batch_device_seconds", "A batch's time on the device.", ["size"], buckets=LATENCY_BUCKETS_S)
-UPLOAD = Histogram("sdxl_image_upload_seconds", "One image's encoding and upload to storage.", ["size", "lane"],
-                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
+UPLOAD = Histogram(
+    "sdxl_image_upload_seconds",
+    "One image's encoding and upload to storage.",
+    ["size", "lane"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
 
 def size_label(height: int, width: int) -> str:

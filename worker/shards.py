@@ -45,9 +45,17 @@ def jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
 def _schema():
     import pyarrow as pa
 
-    types = {"line": pa.int64(), "seed": pa.int64(), "width": pa.int32(), "height": pa.int32(),
-             "steps": pa.int32(), "guidance_scale": pa.float64(), "aspect_ratio": pa.float64(),
-             "truncated": pa.bool_(), "attempts": pa.int32()}  # fmt: skip
+    types = {
+        "line": pa.int64(),
+        "seed": pa.int64(),
+        "width": pa.int32(),
+        "height": pa.int32(),
+        "steps": pa.int32(),
+        "guidance_scale": pa.float64(),
+        "aspect_ratio": pa.float64(),
+        "truncated": pa.bool_(),
+        "attempts": pa.int32(),
+    }
     return pa.schema([(name, types.get(name, pa.string())) for name in MANIFEST_COLUMNS])
 
 
@@ -88,9 +96,12 @@ def stats(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], written_at
     """One shard's figures, written beside it (stats/shard-N.json) and gathered into stats.json at the end."""
     lines = [r["line"] for r in rows]
     return {
-        "count": len(rows), "image_bytes": sum(len(i) for i in images), "first_line": min(lines, default=None),
-        "last_line": max(lines, default=None), "written_at": round(written_at, 3),
-    }  # fmt: skip
+        "count": len(rows),
+        "image_bytes": sum(len(i) for i in images),
+        "first_line": min(lines, default=None),
+        "last_line": max(lines, default=None),
+        "written_at": round(written_at, 3),
+    }
 
 
 def run_stats(run: Any, per_shard: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,19 +115,35 @@ def run_stats(run: Any, per_shard: list[dict[str, Any]], failures: list[dict[str
             failed = sum(1 for f in failures if low <= f["line"] <= high)
         shards_out.append({"shard": index, **shard, "failures": failed})
     return {
-        "run": run.id, "seed": run.seed, "order": run.options.order,
-        "counts": {"total": run.total, "succeeded": run.succeeded, "failed": run.failed, "canceled": run.canceled,
-                   "skipped": run.skipped},
+        "run": run.id,
+        "seed": run.seed,
+        "order": run.options.order,
+        "counts": {
+            "total": run.total,
+            "succeeded": run.succeeded,
+            "failed": run.failed,
+            "canceled": run.canceled,
+            "skipped": run.skipped,
+        },
         "image_bytes": sum(s["image_bytes"] for s in per_shard),
         "seconds": round(time.time() - (run.started_at or run.created_at), 3),
         "shards": shards_out,
-    }  # fmt: skip
+    }
 
 
 # The manifest columns' types in the Hugging Face `datasets` card (anything not listed: string)
-_FEATURE_TYPES = {"line": "int64", "seed": "int64", "width": "int64", "height": "int64", "steps": "int64",
-                  "guidance_scale": "float64", "aspect_ratio": "float64", "truncated": "bool", "attempts": "int64",
-                  "metadata": "json"}  # fmt: skip
+_FEATURE_TYPES = {
+    "line": "int64",
+    "seed": "int64",
+    "width": "int64",
+    "height": "int64",
+    "steps": "int64",
+    "guidance_scale": "float64",
+    "aspect_ratio": "float64",
+    "truncated": "bool",
+    "attempts": "int64",
+    "metadata": "json",
+}
 
 
 def _features(extension: str) -> str:

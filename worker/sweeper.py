@@ -40,8 +40,10 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
             if again is not None:
                 enqueue(again)
                 done["requeued"].append(job_id)
-        elif store.fail(job_id, f"stuck: still running {store.running_deadline_s:.0f} s after it started, "
-                                f"after {job.attempts} attempts"):  # fmt: skip
+        elif store.fail(
+            job_id,
+            f"stuck: still running {store.running_deadline_s:.0f} s after it started, after {job.attempts} attempts",
+        ):
             done["failed"].append(job_id)
     if done["requeued"] or done["failed"]:
         log.warning("stuck-job sweep: %s", done)

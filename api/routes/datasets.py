@@ -149,9 +149,12 @@ def _create(
         ingested = ingest(stream, options, s, services.storage, registry=services.loras)
     except InputInvalid as exc:
         return _error(
-            exc.status, str(exc), "input", invalid_lines=exc.invalid,
+            exc.status,
+            str(exc),
+            "input",
+            invalid_lines=exc.invalid,
             lines=[e.as_dict() for e in exc.errors],
-        )  # fmt: skip
+        )
     if upload is not None:
         stream.seek(0)
         services.storage.put_file(Layout(ingested.run_id).original, stream, "application/x-ndjson")
@@ -196,9 +199,14 @@ def _fingerprint(stream: BinaryIO, options: DatasetOptions) -> str:
 
 
 def _replay(
-    services: Services, tenant: str, key_hash: str, found: list[str], fingerprint: str, request: Request,
+    services: Services,
+    tenant: str,
+    key_hash: str,
+    found: list[str],
+    fingerprint: str,
+    request: Request,
     response: Response,
-) -> Any:  # fmt: skip
+) -> Any:
     run_id, seen = found
     if seen != fingerprint:
         raise HTTPException(409, f"Idempotency-Key was already used for data set {run_id} with other input or options")

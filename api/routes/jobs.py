@@ -175,8 +175,9 @@ def submit(
             services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=s.queue_name)
             services.store.sent(job_id)
         except Exception:
-            log.warning("job %s stored but its message not confirmed sent; a worker's sweep will send it", job_id,
-                        exc_info=True)  # fmt: skip
+            log.warning(
+                "job %s stored but its message not confirmed sent; a worker's sweep will send it", job_id, exc_info=True
+            )
     return job_id, created, body
 
 

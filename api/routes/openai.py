@@ -90,8 +90,16 @@ def to_job(body: ImageGeneration, models: list[str], sizes: list[tuple[int, int]
     steps = body.steps or min(STEPS_BY_QUALITY[body.quality or "auto"], max_steps)
     own = ("negative_prompt", "seed", "guidance_scale", "scheduler", "timestep_spacing")
     extra = {k: v for k in own if (v := getattr(body, k)) is not None}
-    return JobRequest(prompt=body.prompt, width=width, height=height, num_images=body.n, steps=steps,
-                      output_format=body.output_format, model=model, **extra)  # fmt: skip
+    return JobRequest(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_images=body.n,
+        steps=steps,
+        output_format=body.output_format,
+        model=model,
+        **extra,
+    )
 
 
 @router.post("/generations", response_model=ImagesResponse, responses={400: {}, 401: {}, 422: {}, 429: {}, 504: {}})
@@ -127,6 +135,10 @@ async def generate_images(
     else:
         data = [ImageData(url=services.storage.url(image.key, s.url_expiry_s)) for image in job.images]
     return ImagesResponse(
-        created=int(job.created_at or time.time()), data=data, size=f"{stored.width}x{stored.height}",
-        quality=body.quality or "auto", output_format=stored.output_format.value, job_id=job_id,
-    )  # fmt: skip
+        created=int(job.created_at or time.time()),
+        data=data,
+        size=f"{stored.width}x{stored.height}",
+        quality=body.quality or "auto",
+        output_format=stored.output_format.value,
+        job_id=job_id,
+    )

@@ -29,11 +29,16 @@ def models(services: ServicesDep) -> ModelPublic:
         reported = [m for w in holders.get(e.name, []) for m in w.models if m.get("name") == e.name]
         entries.append(
             ServedModelPublic(
-                name=e.name, source=e.spec, vae=e.vae or None, unet=e.unet or None, default=i == 0,
-                workers=len(holders.get(e.name, [])), bytes=reported[0].get("bytes") if reported else None,
+                name=e.name,
+                source=e.spec,
+                vae=e.vae or None,
+                unet=e.unet or None,
+                default=i == 0,
+                workers=len(holders.get(e.name, [])),
+                bytes=reported[0].get("bytes") if reported else None,
                 weights_sha256=reported[0].get("weights_sha256") if reported else None,
             )
-        )  # fmt: skip
+        )
     return ModelPublic(
         model=s.model_entries[0].name,
         models=entries,

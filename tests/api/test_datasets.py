@@ -35,8 +35,15 @@ def test_upload_is_validated_stored_and_answered_with_the_run(client, settings):
     assert r.status_code == 202, r.text
     run = r.json()
     assert run["status"] == "running" and run["seed"] == 11
-    assert run["counts"] == {"total": 5, "queued": 5, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0,
-                             "skipped": 0}  # fmt: skip
+    assert run["counts"] == {
+        "total": 5,
+        "queued": 5,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "canceled": 0,
+        "skipped": 0,
+    }
     assert run["status_url"].endswith(f"/v1/datasets/{run['id']}") and run["output_prefix"] == f"datasets/{run['id']}"
     lines = stored(client, settings, run["id"])
     assert [x["line"] for x in lines] == [1, 2, 3, 4, 5]
@@ -114,9 +121,13 @@ def test_input_key_reads_only_the_tenants_own_folder(client, settings):
 
 @pytest.mark.parametrize(
     "options,field",
-    [({"shard_size": 0}, "shard_size"), ({"on_invalid": "ignore"}, "on_invalid"), ({"defaults": {"steps": 0}},
-     "defaults.steps"), ({"colour": 1}, "colour")],
-)  # fmt: skip
+    [
+        ({"shard_size": 0}, "shard_size"),
+        ({"on_invalid": "ignore"}, "on_invalid"),
+        ({"defaults": {"steps": 0}}, "defaults.steps"),
+        ({"colour": 1}, "colour"),
+    ],
+)
 def test_bad_options_name_the_field(client, options, field):
     r = upload(client, GOOD, options=options)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == field, r.text
@@ -142,8 +153,12 @@ def test_cancel_retry_and_failures(client):
     r = client.post(f"/v1/datasets/{run_id}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceling"
     assert client.post(f"/v1/datasets/{run_id}/cancel").status_code == 409
-    assert client.get(f"/v1/datasets/{run_id}/failures").json() == {"failures": [], "total": 0, "offset": 0,
-                                                                       "limit": 100}  # fmt: skip
+    assert client.get(f"/v1/datasets/{run_id}/failures").json() == {
+        "failures": [],
+        "total": 0,
+        "offset": 0,
+        "limit": 100,
+    }
 
 
 def test_failed_lines_are_listed_and_retried_over_http(client):
@@ -271,15 +286,20 @@ def test_resume_over_http_feeds_the_canceled_lines_again(client):
 
 
 def test_a_bom_metadata_captions_and_several_images_per_line(client, settings):
-    lines = [{"id": "a", "prompt": "a cat", "caption": "tabby", "metadata": {"label": 1}, "num_images": 2},
-             {"id": "b", "prompt": "a dog"}]  # fmt: skip
+    lines = [
+        {"id": "a", "prompt": "a cat", "caption": "tabby", "metadata": {"label": 1}, "num_images": 2},
+        {"id": "b", "prompt": "a dog"},
+    ]
     files = {"input": ("p.jsonl", b"\xef\xbb\xbf" + jsonl(lines), "application/x-ndjson")}
     r = client.post("/v1/datasets", files=files, data={"options": json.dumps(OPTIONS)})
     assert r.status_code == 202, r.text
     assert r.json()["counts"]["total"] == 3  # one per image
     rows = stored(client, settings, r.json()["id"])
     assert [(x["id"], x["caption"], x["metadata"], x["source_id"]) for x in rows] == [
-        ("a_0", "tabby", {"label": 1}, "a"), ("a_1", "tabby", {"label": 1}, "a"), ("b", "a dog", None, "b")]
+        ("a_0", "tabby", {"label": 1}, "a"),
+        ("a_1", "tabby", {"label": 1}, "a"),
+        ("b", "a dog", None, "b"),
+    ]
 
 
 def test_invalid_lines_keep_their_text(client):

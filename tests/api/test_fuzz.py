@@ -20,10 +20,15 @@ from common.settings import Settings
 def test_no_route_answers_5xx(redis_url):
     prefix = f"fz{uuid.uuid4().hex[:8]}"
     settings = Settings(
-        redis_url=redis_url, key_prefix=prefix, queue_name=f"{prefix}-q", image_sizes="1024x1024,96x64",
-        url_signing_secret="f" * 32, rate_limit_per_min=100_000, max_queued_per_tenant=100_000,
+        redis_url=redis_url,
+        key_prefix=prefix,
+        queue_name=f"{prefix}-q",
+        image_sizes="1024x1024,96x64",
+        url_signing_secret="f" * 32,
+        rate_limit_per_min=100_000,
+        max_queued_per_tenant=100_000,
         max_wait_s=0.05,  # generated waits (`?wait_s=`, `Prefer: wait=`) are exercised, but stay short
-    )  # fmt: skip
+    )
     _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("fuzz")
     app = create_app(settings)
     document = app.openapi()
@@ -76,8 +81,10 @@ def test_no_route_answers_5xx(redis_url):
 def test_openapi_declares_problems_and_the_bearer_scheme(redis_url):
     document = create_app(Settings(redis_url=redis_url, url_signing_secret="f" * 32)).openapi()
     assert document["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": document["components"]["securitySchemes"]["HTTPBearer"][
-            "description"]}  # fmt: skip
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["HTTPBearer"]["description"],
+    }
     create = document["paths"]["/v1/jobs"]["post"]
     assert create["security"] == [{"HTTPBearer": []}]
     ref = {"$ref": "#/components/schemas/Problem"}

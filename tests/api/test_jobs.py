@@ -264,8 +264,9 @@ def test_queued_cap_is_429(settings):
 
 
 def test_oversized_body_is_413(client):
-    r = client.post("/v1/jobs", content=b'{"prompt": "' + b"x" * 70_000 + b'"}',
-                    headers={"Content-Type": "application/json"})  # fmt: skip
+    r = client.post(
+        "/v1/jobs", content=b'{"prompt": "' + b"x" * 70_000 + b'"}', headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["detail"]
 
 
@@ -282,8 +283,11 @@ def test_a_chunked_body_over_the_limit_is_413_too(client):
     r = client.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413, r.text
     assert r.headers["content-type"] == "application/problem+json" and r.json()["status"] == 413
-    small = client.post("/v1/jobs", content=iter([b'{"prompt": "a', b' cat", "steps": 2}']),
-                        headers={"Content-Type": "application/json"})  # fmt: skip
+    small = client.post(
+        "/v1/jobs",
+        content=iter([b'{"prompt": "a', b' cat", "steps": 2}']),
+        headers={"Content-Type": "application/json"},
+    )
     assert small.status_code == 202, small.text
 
 

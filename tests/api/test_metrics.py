@@ -128,10 +128,14 @@ def test_several_api_processes_answer_one_sum(tmp_path, redis_url, key_prefix):
     folder = tmp_path / "prometheus"
     folder.mkdir()
     env = {
-        "SDXL_REDIS_URL": redis_url, "SDXL_KEY_PREFIX": key_prefix, "SDXL_QUEUE_NAME": f"{key_prefix}-queue",
-        "SDXL_IMAGE_SIZES": "96x64", "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
-        "SDXL_URL_SIGNING_SECRET": "s" * 32, "PROMETHEUS_MULTIPROC_DIR": str(folder),
-    }  # fmt: skip
+        "SDXL_REDIS_URL": redis_url,
+        "SDXL_KEY_PREFIX": key_prefix,
+        "SDXL_QUEUE_NAME": f"{key_prefix}-queue",
+        "SDXL_IMAGE_SIZES": "96x64",
+        "SDXL_LOCAL_STORAGE_DIR": str(tmp_path / "images"),
+        "SDXL_URL_SIGNING_SECRET": "s" * 32,
+        "PROMETHEUS_MULTIPROC_DIR": str(folder),
+    }
     api = ApiProcess(env, tmp_path / "api.log", args=["--workers", "2"])
     api.start(timeout_s=60)
     try:

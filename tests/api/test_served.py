@@ -81,8 +81,9 @@ def test_models_lists_every_model_and_who_holds_it(client, settings):
     body = client.get("/v1/models").json()
     assert body["model"] == "base"
     assert [(m["name"], m["default"], m["workers"], m["bytes"]) for m in body["models"]] == [
-        ("base", True, 0, None), ("lightning", False, 0, None)
-    ]  # fmt: skip
+        ("base", True, 0, None),
+        ("lightning", False, 0, None),
+    ]
     assert body["models"][1]["unet"] == "/models/lightning.safetensors"
     _beat(settings, [{"name": "base", "source": "tiny", "bytes": 1234, "weights_sha256": "ab" * 32}])
     time.sleep(2.1)  # the API reads heartbeats at most every 2 s
@@ -92,9 +93,15 @@ def test_models_lists_every_model_and_who_holds_it(client, settings):
 
 def _beat(settings: Settings, models: list[dict]) -> None:
     status = worker_status.WorkerStatus(
-        name="w1", model="tiny", sizes=[(64, 64)], batch_rows=4, devices=1, started_at=time.time(), at=time.time(),
+        name="w1",
+        model="tiny",
+        sizes=[(64, 64)],
+        batch_rows=4,
+        devices=1,
+        started_at=time.time(),
+        at=time.time(),
         models=models,
-    )  # fmt: skip
+    )
     r = redis.Redis.from_url(settings.redis_url)
     r.set(worker_status.key(settings.key_prefix, "w1"), status.to_json(), px=60_000)
 
@@ -132,8 +139,9 @@ def test_bad_models_and_adapters_are_422_naming_them_and_store_nothing(client, c
 
 
 def test_good_adapters_are_taken_and_kept_in_the_request(client):
-    r = client.post("/v1/jobs", json={"prompt": "x", "loras": [{"name": "pixel-art", "scale": 0.8},
-                                                              {"name": "watercolor"}]})  # fmt: skip
+    r = client.post(
+        "/v1/jobs", json={"prompt": "x", "loras": [{"name": "pixel-art", "scale": 0.8}, {"name": "watercolor"}]}
+    )
     assert r.status_code == 202, r.text
     assert r.json()["request"]["loras"] == [{"name": "pixel-art", "scale": 0.8}, {"name": "watercolor", "scale": 1.0}]
 

@@ -14,6 +14,7 @@ from client import ApiError, AsyncClient, Client, Unreachable
 # the client gives its requests timeouts; starlette's in-process client (one test) warns that it cannot apply them
 pytestmark = pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")
 
+
 @pytest.fixture
 def sdxl(live_stack):
     url, key, _ = live_stack

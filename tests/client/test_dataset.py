@@ -24,9 +24,14 @@ OPTIONS = {"defaults": {"width": 64, "height": 64, "steps": 2}}
 @pytest.fixture
 def settings(redis_url, key_prefix, tmp_path) -> Settings:
     return Settings(
-        redis_url=redis_url, key_prefix=key_prefix, queue_name=f"{key_prefix}-queue", image_sizes="64x64",
-        local_storage_dir=str(tmp_path / "images"), url_signing_secret="s" * 32, max_active_datasets_per_tenant=1,
-    )  # fmt: skip
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        queue_name=f"{key_prefix}-queue",
+        image_sizes="64x64",
+        local_storage_dir=str(tmp_path / "images"),
+        url_signing_secret="s" * 32,
+        max_active_datasets_per_tenant=1,
+    )
 
 
 def runner_on(app_client: TestClient, out) -> DatasetRunner:
@@ -60,9 +65,13 @@ def test_a_service_outage_during_a_run_is_waited_out(tmp_path, capsys):
     server = redis_server.start_embedded(data, port)
     prefix = f"cli{port}"
     settings = Settings(
-        redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=prefix, queue_name=f"{prefix}-q", image_sizes="64x64",
-        local_storage_dir=str(tmp_path / "images"), url_signing_secret="s" * 32,
-    )  # fmt: skip
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        key_prefix=prefix,
+        queue_name=f"{prefix}-q",
+        image_sizes="64x64",
+        local_storage_dir=str(tmp_path / "images"),
+        url_signing_secret="s" * 32,
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "a cat"}) + "\n")
     try:

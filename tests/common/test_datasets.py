@@ -115,8 +115,12 @@ def test_sdxl_buckets_by_aspect_ratio():
 
 
 def test_aspect_ratio_picks_the_nearest_served_bucket_and_is_recorded():
-    limits = Limits(sizes=[(64, 64), (64, 96), (96, 64)], max_steps=50, max_prompt_chars=100,
-                    buckets=[(64, 64), (64, 96), (96, 64), (1024, 1024)])  # fmt: skip
+    limits = Limits(
+        sizes=[(64, 64), (64, 96), (96, 64)],
+        max_steps=50,
+        max_prompt_chars=100,
+        buckets=[(64, 64), (64, 96), (96, 64), (1024, 1024)],
+    )
     v = Validator(DatasetOptions(), run_seed=7, limits=limits)
     wide = one(v, 1, '{"id": "w", "prompt": "p", "aspect_ratio": "16:9"}')
     assert (wide.request.width, wide.request.height, wide.aspect_ratio) == (96, 64, 16 / 9)

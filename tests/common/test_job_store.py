@@ -71,8 +71,9 @@ def test_a_redelivered_running_job_starts_a_new_attempt(store):
     job_id, _ = store.create(req())
     store.transition(job_id, JobStatus.running)
     assert store.transition(job_id, JobStatus.running, [JobStatus.queued, JobStatus.running]) == (
-        True, JobStatus.running
-    )  # fmt: skip
+        True,
+        JobStatus.running,
+    )
     assert store.get(job_id).attempts == 2
 
 

@@ -54,8 +54,10 @@ def test_model_variant_is_a_plain_name():
 
 
 def test_models_are_named_entries_with_their_own_overrides():
-    s = Settings(models="base=stabilityai/stable-diffusion-xl-base-1.0;vae=madebyollin/sdxl-vae-fp16-fix, "
-                 "turbo = stabilityai/sdxl-turbo, local=/models/x.safetensors;unet=/m/u.safetensors")  # fmt: skip
+    s = Settings(
+        models="base=stabilityai/stable-diffusion-xl-base-1.0;vae=madebyollin/sdxl-vae-fp16-fix, "
+        "turbo = stabilityai/sdxl-turbo, local=/models/x.safetensors;unet=/m/u.safetensors"
+    )
     assert [(e.name, e.spec, e.vae, e.unet) for e in s.model_entries] == [
         ("base", "stabilityai/stable-diffusion-xl-base-1.0", "madebyollin/sdxl-vae-fp16-fix", ""),
         ("turbo", "stabilityai/sdxl-turbo", "", ""),

@@ -69,9 +69,16 @@ def test_each_query_parses_and_reads_served_series_by_their_labels(title, expr, 
 
 def test_every_served_family_the_issue_names_is_on_the_board():
     text = DASHBOARD.read_text()
-    for family in ("sdxl_job_queue_wait_seconds", "sdxl_job_latency_seconds", "sdxl_batch_device_seconds",
-                   "sdxl_image_upload_seconds", "sdxl_http_request_duration_seconds", "sdxl_jobs_queued",
-                   "sdxl_redis_up", "sdxl_worker_device_seconds_total"):  # fmt: skip
+    for family in (
+        "sdxl_job_queue_wait_seconds",
+        "sdxl_job_latency_seconds",
+        "sdxl_batch_device_seconds",
+        "sdxl_image_upload_seconds",
+        "sdxl_http_request_duration_seconds",
+        "sdxl_jobs_queued",
+        "sdxl_redis_up",
+        "sdxl_worker_device_seconds_total",
+    ):
         assert family in text, family
 
 

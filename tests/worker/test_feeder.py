@@ -238,8 +238,10 @@ def test_cancel_then_resume_then_retry_ends_with_every_line_once(redis_url, key_
         assert (run.succeeded, run.failed, run.canceled) == (30, 0, 0)
         ids = manifest_ids(rig, run_id)
         assert sorted(ids) == [f"l{i:03d}" for i in range(30)]  # every line exactly once
-        seeds = {json.loads(x)["id"]: json.loads(x)["seed"] for x in
-                 rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()}  # fmt: skip
+        seeds = {
+            json.loads(x)["id"]: json.loads(x)["seed"]
+            for x in rig.storage.get(Layout(run_id).manifest("jsonl")).splitlines()
+        }
         from common.datasets import derive_seed
 
         assert all(seeds[i] == derive_seed(11, i) for i in ids)  # resumed lines kept their seeds

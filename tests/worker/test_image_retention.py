@@ -66,8 +66,10 @@ def test_images_go_when_their_record_does(store, storage):
         "datasets/r/images/a.png",
     )
     assert sweep(storage, store, now=NOW, page_keys=2) == {
-        "deleted": 4, "kept": 2, "hours": ["2026-11-01T10", "2026-12-01T23"],
-    }  # fmt: skip
+        "deleted": 4,
+        "kept": 2,
+        "hours": ["2026-11-01T10", "2026-12-01T23"],
+    }
     assert sorted(storage.keys("images")) == [
         f"images/2026-11-01T10/{live}/0.png",
         f"images/2026-11-01T10/{live}/1.png",

@@ -114,8 +114,15 @@ def test_two_models_interleaved_each_image_is_its_models(live_stack, engines, li
             client.submit("a red barn", seed=20 + i, steps=3, width=96, height=64, **({"model": m} if m else {}))
             for i, m in enumerate(order)
         ]
-        lora_job = client.submit("a red barn", seed=30, steps=3, width=96, height=64, model="lightning",
-                                 loras=[{"name": "ink", "scale": 1.0}])  # fmt: skip
+        lora_job = client.submit(
+            "a red barn",
+            seed=30,
+            steps=3,
+            width=96,
+            height=64,
+            model="lightning",
+            loras=[{"name": "ink", "scale": 1.0}],
+        )
         done = [client.wait(j.id, timeout_s=300) for j in [*jobs, lora_job]]
         rows = [Row("a red barn", seed=20 + i, steps=3) for i in range(len(order))]
         rows.append(Row("a red barn", seed=30, steps=3, loras=(("ink", 1.0),)))

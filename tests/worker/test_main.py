@@ -32,8 +32,9 @@ def test_the_engine_imports_neither_pytorch_nor_diffusers_even_where_they_are_in
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     # the stand-ins do fail when imported: the test can tell the two apart
-    bare = subprocess.run([sys.executable, "-c", "import diffusers"], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    bare = subprocess.run(
+        [sys.executable, "-c", "import diffusers"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert bare.returncode != 0 and "the worker imported diffusers" in bare.stderr
 
 
@@ -49,9 +50,14 @@ def test_a_worker_holds_the_models_that_fit_its_memory_and_says_so(tiny_dir, tmp
 
     size = model.load_folder(tiny_dir, np.float32).nbytes
     settings = Settings(
-        models="first=tiny,second=tiny", model_memory_bytes=int(size * 1.5), dtype="float32",
-        image_sizes="64x64", batch_rows=1, compile_cache_dir=str(tmp_path / "cache"), weight_cache=False,
-    )  # fmt: skip
+        models="first=tiny,second=tiny",
+        model_memory_bytes=int(size * 1.5),
+        dtype="float32",
+        image_sizes="64x64",
+        batch_rows=1,
+        compile_cache_dir=str(tmp_path / "cache"),
+        weight_cache=False,
+    )
     monkeypatch.setenv("SDXL_TINY_DIR", str(tiny_dir))
     with caplog.at_level("WARNING", logger="worker"):
         engines = build_engines(settings)

@@ -14,13 +14,32 @@ from worker import shards
 
 def rows(n: int) -> list[dict]:
     return [
-        {"id": f"img-{i}", "line": i + 1, "prompt": f"prompt {i} ✓", "negative_prompt": "", "seed": 1000 + i,
-         "width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0, "scheduler": "euler",
-         "key": f"datasets/r/images/img-{i}.png", "sha256": "ab" * 32, "shard": "datasets/r/shards/shard-000000.tar",
-         "source_id": f"img-{i}", "aspect_ratio": None, "model": "tiny", "model_hash": "cd" * 32, "adapters": [],
-         "truncated": False, "attempts": 1, "caption": f"caption {i}", "metadata": {"label": i, "split": "train"}}
+        {
+            "id": f"img-{i}",
+            "line": i + 1,
+            "prompt": f"prompt {i} ✓",
+            "negative_prompt": "",
+            "seed": 1000 + i,
+            "width": 64,
+            "height": 64,
+            "steps": 4,
+            "guidance_scale": 5.0,
+            "scheduler": "euler",
+            "key": f"datasets/r/images/img-{i}.png",
+            "sha256": "ab" * 32,
+            "shard": "datasets/r/shards/shard-000000.tar",
+            "source_id": f"img-{i}",
+            "aspect_ratio": None,
+            "model": "tiny",
+            "model_hash": "cd" * 32,
+            "adapters": [],
+            "truncated": False,
+            "attempts": 1,
+            "caption": f"caption {i}",
+            "metadata": {"label": i, "split": "train"},
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def test_a_tar_shard_is_read_back_by_webdataset(tmp_path):

@@ -55,8 +55,12 @@ def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store)
     from common.worker_status import key as status_key
     from worker.sweeper import reissue_dead_workers
 
-    running, buffered, ended, alive = started(store), store.create(JobRequest(prompt="x", seed=2))[0], started(
-        store), started(store)  # fmt: skip
+    running, buffered, ended, alive = (
+        started(store),
+        store.create(JobRequest(prompt="x", seed=2))[0],
+        started(store),
+        started(store),
+    )
     store.transition(ended, JobStatus.succeeded)
     for job_id in (running, buffered, ended):
         store.hold("dead-worker", job_id)

@@ -42,9 +42,14 @@ def stack(redis_url, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Receiver.got = []
     prefix, env = standin_env(
-        redis_url, tmp_path, "wh", SDXL_STANDIN_BATCH_S="0.2", SDXL_BATCH_TIMEOUT_S="0.2",
-        SDXL_WEBHOOK_SECRET=SECRET, SDXL_WEBHOOK_ALLOW_PRIVATE="true",
-    )  # fmt: skip
+        redis_url,
+        tmp_path,
+        "wh",
+        SDXL_STANDIN_BATCH_S="0.2",
+        SDXL_BATCH_TIMEOUT_S="0.2",
+        SDXL_WEBHOOK_SECRET=SECRET,
+        SDXL_WEBHOOK_ALLOW_PRIVATE="true",
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start(redis_url, prefix, timeout_s=120)
     settings = settings_from(env)

@@ -209,10 +209,14 @@ class Engine:
             found = lora.targets(model)
             known = lora.names(model, list(found))
             self.bank = lora.Bank(
-                found, lambda name: self._read_adapter(name, found, known), adapters.rank, adapters.slots,
+                found,
+                lambda name: self._read_adapter(name, found, known),
+                adapters.rank,
+                adapters.slots,
                 adapters.per_row,
-                model.dtype, self.replicated,
-            )  # fmt: skip
+                model.dtype,
+                self.replicated,
+            )
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
         self.place_s = 0.0  # how long copying them to the devices took (overlapping the programs)
         self._executables: dict[tuple[str, str, int, int, int], Any] = {}
@@ -264,10 +268,13 @@ class Engine:
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # ids
             spec((rows, 2, MAX_TOKENS), jnp.int32, sharding=r),  # neg_ids
             spec((rows,), jnp.bool_, sharding=r),  # neg_zero
-            latents, latents, mask, latents,  # noise, init, mask, masked
+            latents,
+            latents,
+            mask,
+            latents,  # noise, init, mask, masked
             spec((rows,), jnp.uint32, sharding=r),  # seeds
             scalars,
-        ]  # fmt: skip
+        ]
         if part == "begin":
             return begin
         if part == "encode":
@@ -277,13 +284,17 @@ class Engine:
         if part == "finish":
             return [params, state, scalars]
         return [
-            params, adapters, state,
-            spec(context.shape, context.dtype, sharding=r), spec(pooled.shape, pooled.dtype, sharding=r),
+            params,
+            adapters,
+            state,
+            spec(context.shape, context.dtype, sharding=r),
+            spec(pooled.shape, pooled.dtype, sharding=r),
             scalars,
             spec((rows, 2, m.unet.time_ids), jnp.float32, sharding=r),  # time_ids
             spec((rows, len(program.TABLES), MAX_STEPS), jnp.float32, sharding=r),
-            spec((), jnp.int32, sharding=s), spec((), jnp.int32, sharding=s),  # start, stop
-        ]  # fmt: skip
+            spec((), jnp.int32, sharding=s),
+            spec((), jnp.int32, sharding=s),  # start, stop
+        ]
 
     def _program(self, output: str, guided: bool = True, which: str = "base") -> program.Program:
         key = (which, output, guided)
@@ -304,10 +315,14 @@ class Engine:
             digest.update(source.read_bytes())
         m = self.models[which]
         identity = (
-            flax.__version__, m.configs.identity(), np.dtype(m.dtype).name, np.dtype(m.dtype_of("vae")).name,
-            self.attention, [str(d) for d in self.mesh.devices.flat],
+            flax.__version__,
+            m.configs.identity(),
+            np.dtype(m.dtype).name,
+            np.dtype(m.dtype_of("vae")).name,
+            self.attention,
+            [str(d) for d in self.mesh.devices.flat],
             (self.bank.rank, self.bank.slots, self.bank.per_row) if adapted and self.bank is not None else None,
-        )  # fmt: skip
+        )
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
         name = (kind if which == "base" else f"{which}-{kind}") + ("-lora" if adapted else "")
         return self.aot_dir / f"{name}-{self.batch_rows}x{height}x{width}-{digest.hexdigest()[:20]}.bin"
@@ -736,16 +751,33 @@ class Engine:
         ref = {k: jax.device_put(v, r) if isinstance(v, np.ndarray) else v for k, v in inputs["refiner"].items()}
         run = functools.partial(self.executable, height, width, which="refiner")
         state, context, pooled = run("begin" + suffix)(
-            self.refiner_params, None, ref["ids"], ref["neg_ids"], ref["neg_zero"], noise, base["x"], mask, masked,
-            seeds, ref["scalars"],
-        )  # fmt: skip
+            self.refiner_params,
+            None,
+            ref["ids"],
+            ref["neg_ids"],
+            ref["neg_zero"],
+            noise,
+            base["x"],
+            mask,
+            masked,
+            seeds,
+            ref["scalars"],
+        )
         steps = int(ref["steps"])
         for start in range(0, steps, self.progress_every_steps):
             stop = min(start + self.progress_every_steps, steps)
             state, mark = run("advance" + suffix)(
-                self.refiner_params, None, state, context, pooled, ref["scalars"], ref["time_ids"], ref["tables"],
-                self._step(start), self._step(stop),
-            )  # fmt: skip
+                self.refiner_params,
+                None,
+                state,
+                context,
+                pooled,
+                ref["scalars"],
+                ref["time_ids"],
+                ref["tables"],
+                self._step(start),
+                self._step(stop),
+            )
             marks.append((done + stop, mark))
         return state, done + steps
 

@@ -41,9 +41,14 @@ PARTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # key suffix -> the factor it holds
 SUFFIXES = {
-    ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
-    ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
-}  # fmt: skip
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+}
 Key = tuple[str, tuple[str, ...]]  # (component, module path in our naming)
 
 
@@ -242,8 +247,10 @@ class Bank:
 
     def warm(self) -> None:
         """Compile the slot write now (start-up), by writing zeros over slot 0."""
-        values = {k: {"down": np.zeros((self.rank, t.fan_in), self.dtype),
-                      "up": np.zeros((t.fan_out, self.rank), self.dtype)} for k, t in self.targets.items()}  # fmt: skip
+        values = {
+            k: {"down": np.zeros((self.rank, t.fan_in), self.dtype), "up": np.zeros((t.fan_out, self.rank), self.dtype)}
+            for k, t in self.targets.items()
+        }
         self.tree = self._write(self.tree, np.int32(0), self._nest(values))
 
     def adapter(self, name: str) -> Adapter:

@@ -292,8 +292,9 @@ def _lcm(cfg: NoiseConfig, steps: int) -> _Grid:
         # the next sample is the boundary-scaled estimate re-noised to the next timestep (none after the last)
         e = sig[i + 1] if i + 1 < steps else 0.0
         coef.append((c_skip * math.sqrt(alpha[i]), c_out, 0.0, e))
-    return _Grid(timesteps.astype(np.float64), sigmas, coef, list(sigmas[1:]), [1.0] * steps,
-                 float(1 / math.sqrt(alpha[0])), 1.0)  # fmt: skip
+    return _Grid(
+        timesteps.astype(np.float64), sigmas, coef, list(sigmas[1:]), [1.0] * steps, float(1 / math.sqrt(alpha[0])), 1.0
+    )
 
 
 def _pad(values: list[float] | np.ndarray, fill: float) -> np.ndarray:

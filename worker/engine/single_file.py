@@ -43,12 +43,23 @@ SCHEDULER = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
-RESNET_UNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+RESNET_UNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 RESNET_VAE = {"nin_shortcut": "conv_shortcut"}
 ATTENTION_VAE = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+OPENCLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 class NotSDXL(model.ModelError):
@@ -263,9 +274,12 @@ def _text_config(state: Mapping[str, Any], prefix: str, names: dict[str, str], *
 
 
 def _clip_l(state: Mapping[str, Any]) -> dict[str, Any]:
-    names = {"tokens": "text_model.embeddings.token_embedding.weight", "layers": "text_model.encoder.layers.",
-             "mlp_in": "text_model.encoder.layers.0.mlp.fc1.weight",
-             "positions": "text_model.embeddings.position_embedding.weight"}  # fmt: skip
+    names = {
+        "tokens": "text_model.embeddings.token_embedding.weight",
+        "layers": "text_model.encoder.layers.",
+        "mlp_in": "text_model.encoder.layers.0.mlp.fc1.weight",
+        "positions": "text_model.embeddings.position_embedding.weight",
+    }
     return _text_config(
         state, CLIP_L, names, architectures=["CLIPTextModel"], hidden_act="quick_gelu", projection_dim=768
     )
@@ -273,13 +287,21 @@ def _clip_l(state: Mapping[str, Any]) -> dict[str, Any]:
 
 def _bigg(state: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
     prefix = BIGG[0] if kind == "sdxl" else BIGG[1]
-    names = {"tokens": "token_embedding.weight", "layers": "transformer.resblocks.",
-             "mlp_in": "transformer.resblocks.0.mlp.c_fc.weight", "positions": "positional_embedding"}  # fmt: skip
+    names = {
+        "tokens": "token_embedding.weight",
+        "layers": "transformer.resblocks.",
+        "mlp_in": "transformer.resblocks.0.mlp.c_fc.weight",
+        "positions": "positional_embedding",
+    }
     projection = state[f"{prefix}text_projection"].shape[1]
     config = _text_config(
-        state, prefix, names, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
+        state,
+        prefix,
+        names,
+        architectures=["CLIPTextModelWithProjection"],
+        hidden_act="gelu",
         projection_dim=projection,
-    )  # fmt: skip
+    )
     return prefix, config
 
 

@@ -29,8 +29,12 @@ def picture(height: int, width: int, seed: int, grain: float = 6.0) -> np.ndarra
     y0, x0 = ys.astype(int), xs.astype(int)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
     c = coarse
-    smooth = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
-              + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)  # fmt: skip
+    smooth = (
+        c[y0][:, x0] * (1 - fy) * (1 - fx)
+        + c[y0 + 1][:, x0] * fy * (1 - fx)
+        + c[y0][:, x0 + 1] * (1 - fy) * fx
+        + c[y0 + 1][:, x0 + 1] * fy * fx
+    )
     noise = rng.normal(0, grain, (height, width, 3)) if grain else 0.0
     return np.clip(smooth + noise, 0, 255).astype(np.uint8)
 

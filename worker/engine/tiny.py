@@ -98,34 +98,66 @@ MODEL_INDEX = {
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The second text encoder is wider than the first, as in SDXL (768 and 1280): diffusers' single-file loader
     # tells the two apart by width, and the tests read a tiny single-file checkpoint with it.
-    "tiny": {"unet": {"cross_attention_dim": 80}, "vae": {}, "text": {},
-             "text_2": {"hidden_size": 48, "intermediate_size": 96}},
+    "tiny": {
+        "unet": {"cross_attention_dim": 80},
+        "vae": {},
+        "text": {},
+        "text_2": {"hidden_size": 48, "intermediate_size": 96},
+    },
     # SDXL's refiner at tiny size: no first text encoder, the UNet attends to the second's 48 and takes 5 time ids
-    "tiny-refiner": {"unet": {"cross_attention_dim": 48, "projection_class_embeddings_input_dim": 32 + 5 * 8},
-                     "vae": {}, "text": None, "text_2": {"hidden_size": 48, "intermediate_size": 96}},
+    "tiny-refiner": {
+        "unet": {"cross_attention_dim": 48, "projection_class_embeddings_input_dim": 32 + 5 * 8},
+        "vae": {},
+        "text": None,
+        "text_2": {"hidden_size": 48, "intermediate_size": 96},
+    },
     # the same with an inpainting UNet: 9 input channels (the latents, the mask, the masked image's latents)
-    "tiny-inpaint": {"unet": {"cross_attention_dim": 80, "in_channels": 9}, "vae": {}, "text": {},
-                     "text_2": {"hidden_size": 48, "intermediate_size": 96}},
+    "tiny-inpaint": {
+        "unet": {"cross_attention_dim": 80, "in_channels": 9},
+        "vae": {},
+        "text": {},
+        "text_2": {"hidden_size": 48, "intermediate_size": 96},
+    },
     "mid": {
-        "unet": {"block_out_channels": [128, 256, 512], "attention_head_dim": [2, 4, 8],
-                 "transformer_layers_per_block": [1, 2, 2], "cross_attention_dim": 512,
-                 "addition_time_embed_dim": 64, "projection_class_embeddings_input_dim": 256 + 6 * 64},
+        "unet": {
+            "block_out_channels": [128, 256, 512],
+            "attention_head_dim": [2, 4, 8],
+            "transformer_layers_per_block": [1, 2, 2],
+            "cross_attention_dim": 512,
+            "addition_time_embed_dim": 64,
+            "projection_class_embeddings_input_dim": 256 + 6 * 64,
+        },
         "vae": {"block_out_channels": [64, 128, 256, 256]},
         "text": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "projection_dim": 256},
         "text_2": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "projection_dim": 256},
     },
     "sdxl": {
-        "unet": {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-                 "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
-                 "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-                 "sample_size": 128},
+        "unet": {
+            "block_out_channels": [320, 640, 1280],
+            "attention_head_dim": [5, 10, 20],
+            "transformer_layers_per_block": [1, 2, 10],
+            "cross_attention_dim": 2048,
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+            "sample_size": 128,
+        },
         "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024},
-        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
-        "text_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                   "num_attention_heads": 20, "projection_dim": 1280},
+        "text": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+        },
+        "text_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+        },
     },
-}  # fmt: skip
+}
 
 
 def configs(preset: str = "tiny") -> dict[str, dict[str, Any]]:
@@ -150,9 +182,12 @@ def model_index(preset: str = "tiny") -> dict[str, Any]:
         return MODEL_INDEX
     # the refiner's: no first text encoder or tokenizer, an aesthetic score, an empty negative prompt encoded
     return MODEL_INDEX | {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
-        "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False,
-    }  # fmt: skip
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+        "requires_aesthetics_score": True,
+        "force_zeros_for_empty_prompt": False,
+    }
 
 
 def default_dir(preset: str = "tiny") -> Path:

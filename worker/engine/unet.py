@@ -216,9 +216,16 @@ class UNet(nn.Module):
         for i, kind in enumerate(cfg.down_block_types):
             depth = cfg.transformer_layers_per_block[i] if kind == "CrossAttnDownBlock2D" else 0
             block = DownBlock(
-                channels[i], cfg.layers_per_block, cfg.heads[i], depth, i < last, cfg, self.attend, dtype,
+                channels[i],
+                cfg.layers_per_block,
+                cfg.heads[i],
+                depth,
+                i < last,
+                cfg,
+                self.attend,
+                dtype,
                 name=f"down_blocks_{i}",
-            )  # fmt: skip
+            )
             x, more = block(x, temb, context)
             skips += more
 
@@ -230,9 +237,16 @@ class UNet(nn.Module):
         for i, kind in enumerate(cfg.up_block_types):
             depth = up_depths[i] if kind == "CrossAttnUpBlock2D" else 0
             block = UpBlock(
-                channels[last - i], cfg.layers_per_block + 1, up_heads[i], depth, i < last, cfg, self.attend, dtype,
+                channels[last - i],
+                cfg.layers_per_block + 1,
+                up_heads[i],
+                depth,
+                i < last,
+                cfg,
+                self.attend,
+                dtype,
                 name=f"up_blocks_{i}",
-            )  # fmt: skip
+            )
             x = block(x, skips, temb, context)
 
         x = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dtype, name="conv_norm_out")(x))

@@ -103,8 +103,12 @@ def save(path: Path, expected: str, tree: Any) -> None:
         size = sum(a.nbytes for a in arrays.values())
         free = shutil.disk_usage(path.parent).free
         if free - size < MIN_FREE_BYTES:  # the disk may also hold Redis' append-only file or the images
-            log.warning("not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
-                        path, size / 1e9, (free - size) / 1e9)  # fmt: skip
+            log.warning(
+                "not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
+                path,
+                size / 1e9,
+                (free - size) / 1e9,
+            )
             return
         # safetensors writes straight from the arrays' memory (no copy of gigabytes), bfloat16 included
         save_file(arrays, tmp, metadata={"format": FORMAT, "identity": expected})

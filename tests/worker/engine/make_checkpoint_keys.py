@@ -33,39 +33,82 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from worker.engine import single_file
 
-UNET_COMMON = {"layers_per_block": 2, "use_linear_projection": True, "addition_embed_type": "text_time",
-               "flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "in_channels": 4, "out_channels": 4,
-               "sample_size": 128, "addition_embed_type_num_heads": 64}  # fmt: skip
+UNET_COMMON = {
+    "layers_per_block": 2,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_num_groups": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 128,
+    "addition_embed_type_num_heads": 64,
+}
 REAL = {
     "base": {
-        "unet": UNET_COMMON | {
+        "unet": UNET_COMMON
+        | {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-            "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
-            "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+            "block_out_channels": [320, 640, 1280],
+            "attention_head_dim": [5, 10, 20],
+            "transformer_layers_per_block": [1, 2, 10],
+            "cross_attention_dim": 2048,
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
         },
-        "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                         "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"},
-        "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                           "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+        "text_encoder": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        "text_encoder_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+            "hidden_act": "gelu",
+        },
     },
     "refiner": {
-        "unet": UNET_COMMON | {
+        "unet": UNET_COMMON
+        | {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24],
-            "transformer_layers_per_block": [4, 4, 4, 4], "cross_attention_dim": 1280,
-            "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2560,
+            "block_out_channels": [384, 768, 1536, 1536],
+            "attention_head_dim": [6, 12, 24, 24],
+            "transformer_layers_per_block": [4, 4, 4, 4],
+            "cross_attention_dim": 1280,
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2560,
         },
-        "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                           "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"},
+        "text_encoder_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+            "hidden_act": "gelu",
+        },
     },
-}  # fmt: skip
-VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-       "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
-       "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 1024,
-       "scaling_factor": 0.13025}  # fmt: skip
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
 TEXT = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5, "model_type": "clip_text_model"}
 
 
@@ -79,20 +122,29 @@ def small(kind: str) -> dict[str, dict]:
     """The same structure at small widths (names depend on structure only)."""
     real = REAL[kind]
     levels = len(real["unet"]["block_out_channels"])
-    te2 = real["text_encoder_2"] | {"hidden_size": 48, "intermediate_size": 16, "num_attention_heads": 3,
-                                     "projection_dim": 48}  # fmt: skip
+    te2 = real["text_encoder_2"] | {
+        "hidden_size": 48,
+        "intermediate_size": 16,
+        "num_attention_heads": 3,
+        "projection_dim": 48,
+    }
     cfg = {"text_encoder_2": TEXT | te2 | {"vocab_size": 64}}
     cross = 48
     if kind == "base":
-        cfg["text_encoder"] = TEXT | real["text_encoder"] | {"hidden_size": 32, "intermediate_size": 16,
-                                                             "num_attention_heads": 2, "vocab_size": 64}  # fmt: skip
+        cfg["text_encoder"] = (
+            TEXT
+            | real["text_encoder"]
+            | {"hidden_size": 32, "intermediate_size": 16, "num_attention_heads": 2, "vocab_size": 64}
+        )
         cross = 80
     ids = 6 if kind == "base" else 5
     cfg["unet"] = real["unet"] | {
-        "block_out_channels": [32 * 2 ** min(i, 2) for i in range(levels)], "attention_head_dim": 1,
-        "cross_attention_dim": cross, "addition_time_embed_dim": 8,
+        "block_out_channels": [32 * 2 ** min(i, 2) for i in range(levels)],
+        "attention_head_dim": 1,
+        "cross_attention_dim": cross,
+        "addition_time_embed_dim": 8,
         "projection_class_embeddings_input_dim": 48 + 8 * ids,
-    }  # fmt: skip
+    }
     cfg["vae"] = VAE | {"block_out_channels": [32, 32, 64, 64]}
     return cfg
 
@@ -101,8 +153,11 @@ def numbered(cfg: dict[str, dict], kind: str) -> tuple[dict[str, np.ndarray], di
     """(a single-file state whose every tensor holds its own number, the diffusers-named parts it came from)."""
     torch.manual_seed(0)
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    modules = {"unet": UNet2DConditionModel(**strip(cfg["unet"])), "vae": AutoencoderKL(**strip(cfg["vae"])),
-               "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))}  # fmt: skip
+    modules = {
+        "unet": UNet2DConditionModel(**strip(cfg["unet"])),
+        "vae": AutoencoderKL(**strip(cfg["vae"])),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+    }
     if kind == "base":
         modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     parts = {}

@@ -49,8 +49,10 @@ CASES = {
 
 def write_adapters(tiny_dir: Path, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    return {name: variants.write_lora(tiny_dir, folder / f"{name}.safetensors", **spec)  # type: ignore[arg-type]
-            for name, spec in ADAPTERS.items()}  # fmt: skip
+    return {
+        name: variants.write_lora(tiny_dir, folder / f"{name}.safetensors", **spec)  # type: ignore[arg-type]
+        for name, spec in ADAPTERS.items()
+    }
 
 
 def main(out: str) -> None:
@@ -84,8 +86,16 @@ def main(out: str) -> None:
         ).images
         arrays[f"{case}/image"] = result.astype(np.float32)
         print(case, float(result.mean()), float(result.std()))
-    meta = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": HEIGHT, "width": WIDTH, "steps": STEPS,
-            "guidance_scale": GUIDANCE, "adapters": ADAPTERS, "cases": CASES}  # fmt: skip
+    meta = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "steps": STEPS,
+        "guidance_scale": GUIDANCE,
+        "adapters": ADAPTERS,
+        "cases": CASES,
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     np.savez_compressed(out, **arrays)

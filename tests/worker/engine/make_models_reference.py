@@ -60,8 +60,16 @@ def main(out: str) -> None:
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, vae=vae, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    result = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, num_inference_steps=STEPS,
-                  height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents), output_type="np").images  # fmt: skip
+    result = pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        guidance_scale=7.5,
+        num_inference_steps=STEPS,
+        height=HEIGHT,
+        width=WIDTH,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
     arrays["vae_override/text2img/image"] = result.astype(np.float32)
     cases.append({"name": "vae_override/text2img"})
 
@@ -69,13 +77,27 @@ def main(out: str) -> None:
     img2img.set_progress_bar_config(disable=True)
     img2img_module.randn_tensor = fixed(latents)
     img2img_module.retrieve_latents = mode_latents
-    result = img2img(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image), strength=0.6,
-                     guidance_scale=7.5, num_inference_steps=STEPS, output_type="np").images  # fmt: skip
+    result = img2img(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=Image.fromarray(image),
+        strength=0.6,
+        guidance_scale=7.5,
+        num_inference_steps=STEPS,
+        output_type="np",
+    ).images
     arrays["vae_override/img2img/image"] = result.astype(np.float32)
     cases.append({"name": "vae_override/img2img", "strength": 0.6})
 
-    meta = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": HEIGHT, "width": WIDTH, "steps": STEPS,
-            "seed": SEED, "cases": cases}  # fmt: skip
+    meta = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "steps": STEPS,
+        "seed": SEED,
+        "cases": cases,
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     arrays["vae_sha256"] = np.frombuffer(folder_digest(vae_folder).encode(), dtype=np.uint8)

@@ -155,14 +155,29 @@ def main(out: str) -> None:
     arrays["no_zeros/euler/absent/image"] = run(pipes["no_zeros"], config, "euler", None)
     cases.append({"name": "no_zeros/euler/absent", "loader": "no_zeros", "scheduler": "euler", "negative_prompt": None})
     arrays["latents_stats/image"] = run(pipes["latents_stats"], config, "euler", "blurry")
-    cases.append({"name": "latents_stats", "loader": "folder", "scheduler": "euler", "negative_prompt": "blurry",
-                  "vae": LATENT_STATS})  # fmt: skip
+    cases.append(
+        {
+            "name": "latents_stats",
+            "loader": "folder",
+            "scheduler": "euler",
+            "negative_prompt": "blurry",
+            "vae": LATENT_STATS,
+        }
+    )
     arrays["ddim_linspace/image"] = run(pipes["folder"], config, "ddim", "blurry", timestep_spacing="linspace")
-    cases.append({"name": "ddim_linspace", "loader": "folder", "scheduler": "ddim", "negative_prompt": "blurry",
-                  "timestep_spacing": "linspace"})  # fmt: skip
+    cases.append(
+        {
+            "name": "ddim_linspace",
+            "loader": "folder",
+            "scheduler": "ddim",
+            "negative_prompt": "blurry",
+            "timestep_spacing": "linspace",
+        }
+    )
 
-    arrays |= scheduler_tables(lambda name, spacing: scheduler_for(name, config, timestep_spacing=spacing),
-                               SCHEDULERS, SPACINGS, TABLE_STEPS)  # fmt: skip
+    arrays |= scheduler_tables(
+        lambda name, spacing: scheduler_for(name, config, timestep_spacing=spacing), SCHEDULERS, SPACINGS, TABLE_STEPS
+    )
 
     image = np.random.default_rng(3).uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
     with torch.no_grad():
@@ -171,8 +186,14 @@ def main(out: str) -> None:
     arrays["vae_encode/mean"] = dist.mean.numpy()
     arrays["vae_encode/logvar"] = dist.logvar.numpy()
 
-    meta = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "steps": STEPS, "guidance_scale": GUIDANCE,
-            "cases": cases}  # fmt: skip
+    meta = {
+        "prompt": PROMPT,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "steps": STEPS,
+        "guidance_scale": GUIDANCE,
+        "cases": cases,
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     np.savez_compressed(out, **arrays)

@@ -125,19 +125,37 @@ def main(out: str) -> None:
 
     def text2img(scheduler: str, guidance: float, steps: int = STEPS, **sched: object) -> np.ndarray:
         base.scheduler = scheduler_for(scheduler, config, **sched)
-        return base(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=guidance, num_inference_steps=steps,
-                    height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents), output_type="np").images  # fmt: skip
+        return base(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            height=HEIGHT,
+            width=WIDTH,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).images
 
     for guidance in (1.0, 0.0):
         add(f"free/{guidance}", text2img("euler", guidance), scheduler="euler", guidance_scale=guidance)
     for guidance in (7.5, 1.0):
         scheduling_euler_ancestral_discrete.randn_tensor = noise = StepNoise()
-        add(f"ancestral/{guidance}", text2img("euler_ancestral", guidance), scheduler="euler_ancestral",
-            guidance_scale=guidance)  # fmt: skip
+        add(
+            f"ancestral/{guidance}",
+            text2img("euler_ancestral", guidance),
+            scheduler="euler_ancestral",
+            guidance_scale=guidance,
+        )
         assert noise.calls == STEPS, noise.calls
     for spacing in ("trailing", "linspace"):
-        add(f"spacing/{spacing}", text2img("euler", 0.0, 4, timestep_spacing=spacing), scheduler="euler",
-            guidance_scale=0.0, steps=4, timestep_spacing=spacing)  # fmt: skip
+        add(
+            f"spacing/{spacing}",
+            text2img("euler", 0.0, 4, timestep_spacing=spacing),
+            scheduler="euler",
+            guidance_scale=0.0,
+            steps=4,
+            timestep_spacing=spacing,
+        )
     # not sample x DPM++ 2M: it misses diffusers by 1.6e-4 at most (pixel mean 1.7e-5), above the 1e-4 contract;
     # the same tables pass with epsilon and v_prediction, so it is float32 rounding of an unscaled x0 through the
     # second-order update, not a formula, but it is not claimed
@@ -147,8 +165,13 @@ def main(out: str) -> None:
     ):
         for scheduler in schedulers:
             result = text2img(scheduler, 7.5, prediction_type=prediction)
-            add(f"prediction/{prediction}/{scheduler}", result, scheduler=scheduler, guidance_scale=7.5,
-                prediction_type=prediction)  # fmt: skip
+            add(
+                f"prediction/{prediction}/{scheduler}",
+                result,
+                scheduler=scheduler,
+                guidance_scale=7.5,
+                prediction_type=prediction,
+            )
     for guidance in (1.0, 2.0):
         scheduling_lcm.randn_tensor = noise = StepNoise()
         add(f"lcm/{guidance}", text2img("lcm", guidance, 4), scheduler="lcm", guidance_scale=guidance, steps=4)
@@ -161,8 +184,15 @@ def main(out: str) -> None:
     for scheduler in ("euler", "dpmpp_2m_karras", "ddim"):
         for strength in (0.3, 0.75):
             img2img.scheduler = scheduler_for(scheduler, config)
-            result = img2img(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image), strength=strength,
-                             guidance_scale=7.5, num_inference_steps=STEPS, output_type="np").images  # fmt: skip
+            result = img2img(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                image=Image.fromarray(image),
+                strength=strength,
+                guidance_scale=7.5,
+                num_inference_steps=STEPS,
+                output_type="np",
+            ).images
             add(f"img2img/{scheduler}/{strength}", result, scheduler=scheduler, guidance_scale=7.5, strength=strength)
 
     inpaint = StableDiffusionXLInpaintPipeline(**base.components)
@@ -173,9 +203,18 @@ def main(out: str) -> None:
         for strength in (None, 1.0):
             inpaint.scheduler = scheduler_for(scheduler, config)
             kwargs = {} if strength is None else {"strength": strength}
-            result = inpaint(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image),
-                             mask_image=Image.fromarray(mask), height=HEIGHT, width=WIDTH, guidance_scale=7.5,
-                             num_inference_steps=STEPS, output_type="np", **kwargs).images  # fmt: skip
+            result = inpaint(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                image=Image.fromarray(image),
+                mask_image=Image.fromarray(mask),
+                height=HEIGHT,
+                width=WIDTH,
+                guidance_scale=7.5,
+                num_inference_steps=STEPS,
+                output_type="np",
+                **kwargs,
+            ).images
             add(f"inpaint/{scheduler}/{strength}", result, scheduler=scheduler, guidance_scale=7.5, strength=strength)
 
     # an inpainting UNet (9 input channels: latents, mask, masked image latents), built like the tiny model
@@ -188,9 +227,18 @@ def main(out: str) -> None:
         for strength in (None, 0.6):
             nine.scheduler = scheduler_for(scheduler, config)
             kwargs = {} if strength is None else {"strength": strength}
-            result = nine(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(image),
-                          mask_image=Image.fromarray(mask), height=HEIGHT, width=WIDTH, guidance_scale=7.5,
-                          num_inference_steps=STEPS, output_type="np", **kwargs).images  # fmt: skip
+            result = nine(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                image=Image.fromarray(image),
+                mask_image=Image.fromarray(mask),
+                height=HEIGHT,
+                width=WIDTH,
+                guidance_scale=7.5,
+                num_inference_steps=STEPS,
+                output_type="np",
+                **kwargs,
+            ).images
             add(f"inpaint9/{scheduler}/{strength}", result, scheduler=scheduler, guidance_scale=7.5, strength=strength)
     arrays["inpaint9_weights_sha256"] = np.frombuffer(weights_digest(inpaint_folder).encode(), dtype=np.uint8)
 
@@ -204,14 +252,35 @@ def main(out: str) -> None:
     for scheduler, switch, aesthetic in (("euler", 0.8, 6.0), ("dpmpp_2m_karras", 0.7, 6.0), ("ddim", 0.8, 4.0)):
         base.scheduler = scheduler_for(scheduler, config)
         refiner.scheduler = scheduler_for(scheduler, dict(refiner.scheduler.config))
-        handed = base(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, num_inference_steps=STEPS,
-                      height=HEIGHT, width=WIDTH, latents=torch.from_numpy(latents), denoising_end=switch,
-                      output_type="latent").images  # fmt: skip
-        result = refiner(prompt=PROMPT, negative_prompt=NEGATIVE, image=handed, guidance_scale=7.5,
-                         num_inference_steps=STEPS, denoising_start=switch, aesthetic_score=aesthetic,
-                         output_type="np").images  # fmt: skip
-        add(f"refiner/{scheduler}/{switch}", result, scheduler=scheduler, guidance_scale=7.5, refiner_switch=switch,
-            aesthetic_score=aesthetic)  # fmt: skip
+        handed = base(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            guidance_scale=7.5,
+            num_inference_steps=STEPS,
+            height=HEIGHT,
+            width=WIDTH,
+            latents=torch.from_numpy(latents),
+            denoising_end=switch,
+            output_type="latent",
+        ).images
+        result = refiner(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            image=handed,
+            guidance_scale=7.5,
+            num_inference_steps=STEPS,
+            denoising_start=switch,
+            aesthetic_score=aesthetic,
+            output_type="np",
+        ).images
+        add(
+            f"refiner/{scheduler}/{switch}",
+            result,
+            scheduler=scheduler,
+            guidance_scale=7.5,
+            refiner_switch=switch,
+            aesthetic_score=aesthetic,
+        )
     arrays["refiner_weights_sha256"] = np.frombuffer(weights_digest(refiner_folder).encode(), dtype=np.uint8)
 
     # SDXL-Lightning's way: the base model with its UNet's weights replaced from a UNet-only file, trailing Euler,
@@ -222,17 +291,38 @@ def main(out: str) -> None:
     lightning = StableDiffusionXLPipeline.from_pretrained(folder, unet=lightning_unet, torch_dtype=torch.float32)
     lightning.set_progress_bar_config(disable=True)
     lightning.scheduler = scheduler_for("euler", config, timestep_spacing="trailing")
-    result = lightning(prompt=PROMPT, guidance_scale=0.0, num_inference_steps=4, height=HEIGHT, width=WIDTH,
-                       latents=torch.from_numpy(latents), output_type="np").images  # fmt: skip
-    add("unet_override/euler/trailing", result, scheduler="euler", guidance_scale=0.0, steps=4,
-        timestep_spacing="trailing", unet_override=True)  # fmt: skip
+    result = lightning(
+        prompt=PROMPT,
+        guidance_scale=0.0,
+        num_inference_steps=4,
+        height=HEIGHT,
+        width=WIDTH,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
+    add(
+        "unet_override/euler/trailing",
+        result,
+        scheduler="euler",
+        guidance_scale=0.0,
+        steps=4,
+        timestep_spacing="trailing",
+        unet_override=True,
+    )
     arrays["unet_override_sha256"] = np.frombuffer(hashlib.sha256(override.read_bytes()).hexdigest().encode(), np.uint8)
 
     make = lambda name, spacing: scheduler_for(name, config, timestep_spacing=spacing)  # noqa: E731
     arrays |= scheduler_tables(make, ("euler_ancestral", "lcm"), ("leading", "linspace", "trailing"), TABLE_STEPS)
 
-    meta = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "height": HEIGHT, "width": WIDTH, "steps": STEPS,
-            "seed": SEED, "cases": cases}  # fmt: skip
+    meta = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "steps": STEPS,
+        "seed": SEED,
+        "cases": cases,
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["weights_sha256"] = np.frombuffer(weights_digest(folder).encode(), dtype=np.uint8)
     np.savez_compressed(out, **arrays)

@@ -56,9 +56,15 @@ def test_old_diffusers_vae_attention_names_are_read(params):
 
 @pytest.mark.parametrize(
     "shape,axes",
-    [((300, 257), (1, 0)), ((1, 1), (1, 0)), ((129, 3, 3, 130), (2, 3, 1, 0)), ((40, 7, 1, 1), (2, 3, 1, 0)),
-     ((5, 6), (0, 1)), ((17,), (0,))],
-)  # fmt: skip
+    [
+        ((300, 257), (1, 0)),
+        ((1, 1), (1, 0)),
+        ((129, 3, 3, 130), (2, 3, 1, 0)),
+        ((40, 7, 1, 1), (2, 3, 1, 0)),
+        ((5, 6), (0, 1)),
+        ((17,), (0,)),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
 def test_tiled_layout_copy_equals_numpy_copy(shape, axes, dtype):
     """The tile-by-tile copy (sizes that are not multiples of the tile, conv taps, views already contiguous)."""

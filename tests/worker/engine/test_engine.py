@@ -86,7 +86,6 @@ def test_a_vae_with_latent_statistics_is_decoded_as_diffusers_does(tiny32, refer
     weights without them (the tiny model as it is) must miss the reference."""
     import dataclasses
 
-
     stats = next(c for c in reference["meta"]["cases"] if c["name"] == "latents_stats")["vae"]
     vae = dataclasses.replace(tiny32.vae, **{k: tuple(v) for k, v in stats.items()})
     with_stats = dataclasses.replace(tiny32, configs=dataclasses.replace(tiny32.configs, vae=vae))
@@ -98,7 +97,6 @@ def test_a_vae_with_latent_statistics_is_decoded_as_diffusers_does(tiny32, refer
 
 def test_ddim_linspace_rounds_its_timesteps_as_diffusers(tiny32, reference):
     import dataclasses
-
 
     linspace = dataclasses.replace(tiny32, noise=dataclasses.replace(tiny32.noise, timestep_spacing="linspace"))
     engine = Engine(linspace, [(64, 96)], batch_rows=2)

@@ -52,8 +52,14 @@ def engine(tiny32, adapter_dir) -> Engine:
 
 def _row(ref, chosen, **change) -> Row:
     meta = ref["meta"]
-    row = Row(meta["prompt"], meta["negative_prompt"], guidance_scale=meta["guidance_scale"], steps=meta["steps"],
-              scheduler="euler", loras=tuple((n, float(s)) for n, s in chosen))  # fmt: skip
+    row = Row(
+        meta["prompt"],
+        meta["negative_prompt"],
+        guidance_scale=meta["guidance_scale"],
+        steps=meta["steps"],
+        scheduler="euler",
+        loras=tuple((n, float(s)) for n, s in chosen),
+    )
     return dataclasses.replace(row, **change)
 
 

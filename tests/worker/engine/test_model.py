@@ -17,11 +17,24 @@ def test_single_file_and_folder_hold_the_same_weights(tiny_single_file, tiny_dir
 
 
 INFERRED = (
-    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-    "cross_attention_dim", "projection_class_embeddings_input_dim", "addition_time_embed_dim",
-    "use_linear_projection", "latent_channels", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "max_position_embeddings", "hidden_act",
-)  # fmt: skip
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "cross_attention_dim",
+    "projection_class_embeddings_input_dim",
+    "addition_time_embed_dim",
+    "use_linear_projection",
+    "latent_channels",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "hidden_act",
+)
 
 
 def test_single_file_configs_are_inferred_from_the_tensors(tiny_single_file, tiny_dir):
@@ -193,17 +206,30 @@ def test_a_variant_folder_is_read_only_when_asked_for(tmp_path, tiny32):
 # The weight files of stabilityai/stable-diffusion-xl-base-1.0 (each in float32 and the fp16 variant, with
 # Flax, ONNX and OpenVINO copies beside them), plus a sharded text encoder as transformers names its shards.
 SDXL_BASE_FILES = [
-    "model_index.json", "sd_xl_base_1.0.safetensors", "scheduler/scheduler_config.json",
-    "tokenizer/vocab.json", "tokenizer_2/merges.txt", "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_flax_model.msgpack", "unet/model.onnx_data", "unet/openvino_model.bin",
-    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-    "vae_1_0/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-    "text_encoder/model.fp16.safetensors", "text_encoder/flax_model.msgpack",
-    "text_encoder_2/model.safetensors.index.json", "text_encoder_2/model-00001-of-00002.safetensors",
-    "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.fp16.json",
-    "text_encoder_2/model.fp16-00001-of-00002.safetensors", "text_encoder_2/model.fp16-00002-of-00002.safetensors",
-]  # fmt: skip
+    "model_index.json",
+    "sd_xl_base_1.0.safetensors",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer_2/merges.txt",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_flax_model.msgpack",
+    "unet/model.onnx_data",
+    "unet/openvino_model.bin",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae_1_0/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/flax_model.msgpack",
+    "text_encoder_2/model.safetensors.index.json",
+    "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model-00002-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.fp16.json",
+    "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+    "text_encoder_2/model.fp16-00002-of-00002.safetensors",
+]
 
 
 @pytest.mark.parametrize("variant", ["", "fp16"])
@@ -328,8 +354,9 @@ def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_referen
     meta = models_reference["meta"]
     served = load_folder(tiny_dir, np.float32, name="tiny", vae=vae_dir)
     assert served.name == "tiny+vae:other-vae" and served.vae.scaling_factor == variants.VAE_SCALING_FACTOR
-    own_config = dataclasses.replace(served, configs=dataclasses.replace(served.configs, vae=model.load_folder(
-        tiny_dir, np.float32).vae))  # fmt: skip
+    own_config = dataclasses.replace(
+        served, configs=dataclasses.replace(served.configs, vae=model.load_folder(tiny_dir, np.float32).vae)
+    )
     row = Row(meta["prompt"], meta["negative_prompt"], seed=meta["seed"], guidance_scale=7.5, steps=meta["steps"])
     if case == "img2img":
         row = dataclasses.replace(row, image=models_reference["image"], strength=0.6)

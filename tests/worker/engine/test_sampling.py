@@ -30,11 +30,19 @@ def _row(sampling, case, **change):
     image = sampling["image"] if case["name"].startswith(("img2img", "inpaint")) else None
     mask = sampling["mask"] if case["name"].startswith("inpaint") else None
     row = Row(
-        meta["prompt"], meta["negative_prompt"], seed=meta["seed"], guidance_scale=case["guidance_scale"],
-        steps=case.get("steps", meta["steps"]), scheduler=case["scheduler"],
-        timestep_spacing=case.get("timestep_spacing"), image=image, mask=mask, strength=case.get("strength"),
-        refiner_switch=case.get("refiner_switch"), aesthetic_score=case.get("aesthetic_score", 6.0),
-    )  # fmt: skip
+        meta["prompt"],
+        meta["negative_prompt"],
+        seed=meta["seed"],
+        guidance_scale=case["guidance_scale"],
+        steps=case.get("steps", meta["steps"]),
+        scheduler=case["scheduler"],
+        timestep_spacing=case.get("timestep_spacing"),
+        image=image,
+        mask=mask,
+        strength=case.get("strength"),
+        refiner_switch=case.get("refiner_switch"),
+        aesthetic_score=case.get("aesthetic_score", 6.0),
+    )
     return dataclasses.replace(row, **change)
 
 
@@ -128,9 +136,12 @@ def test_parity_with_pytorch_diffusers(sampling, engines, name):
         misses[1] = float(np.abs(eps.images[0] - want).max())
     if name.startswith("refiner/"):  # and the base alone, every step: the refiner swapped out
         alone = engine.generate(
-            [dataclasses.replace(rows[0], refiner_switch=None)], meta["height"], meta["width"], latents=latents[:1],
+            [dataclasses.replace(rows[0], refiner_switch=None)],
+            meta["height"],
+            meta["width"],
+            latents=latents[:1],
             output="float32",
-        )  # fmt: skip
+        )
         misses.append(float(np.abs(alone.images[0] - want).max()))
     same, *swaps = misses
     assert same < PARITY_TOL, same
@@ -163,8 +174,9 @@ def test_a_mixed_batch_gives_each_row_its_image_alone_and_compiles_nothing(sampl
         for got, row in zip(out.images, batch, strict=True):
             want = alone[rows.index(row)]
             assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    free = [Row("fast", seed=s, guidance_scale=0.0, steps=2, scheduler="euler", timestep_spacing="trailing")
-            for s in (1, 2)] + [dataclasses.replace(rows[2], guidance_scale=1.0)]  # fmt: skip
+    free = [
+        Row("fast", seed=s, guidance_scale=0.0, steps=2, scheduler="euler", timestep_spacing="trailing") for s in (1, 2)
+    ] + [dataclasses.replace(rows[2], guidance_scale=1.0)]
     engine.generate(free, 64, 96)
     assert counter.requests == before
 

@@ -20,15 +20,25 @@ from worker.engine.vae import VAE, VAEConfig
 KEYS = json.loads((Path(__file__).parent / "fixtures" / "sdxl_checkpoint_keys.json").read_text())
 # What diffusers' configs for the two say (stabilityai/stable-diffusion-xl-{base,refiner}-1.0)
 EXPECTED_UNET = {
-    "base": {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-             "transformer_layers_per_block": [10, 2, 10], "cross_attention_dim": 2048, "addition_time_embed_dim": 256,
-             "projection_class_embeddings_input_dim": 2816,
-             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]},
-    "refiner": {"block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24],
-                "transformer_layers_per_block": [4, 4, 4, 4], "cross_attention_dim": 1280,
-                "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2560,
-                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
-}  # fmt: skip
+    "base": {
+        "block_out_channels": [320, 640, 1280],
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [10, 2, 10],
+        "cross_attention_dim": 2048,
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    },
+    "refiner": {
+        "block_out_channels": [384, 768, 1536, 1536],
+        "attention_head_dim": [6, 12, 24, 24],
+        "transformer_layers_per_block": [4, 4, 4, 4],
+        "cross_attention_dim": 1280,
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2560,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    },
+}
 ZERO = np.zeros((), np.float16)
 
 

@@ -40,8 +40,9 @@ def _write_raw(path, header: dict, data: bytes) -> None:
 def test_bfloat16_files_load(tmp_path):
     """numpy's own loader in the safetensors package cannot read BF16; checkpoints saved from bf16 use it."""
     values = np.array([[1.5, -2.0], [0.0078125, 3.0e38]], dtype=ml_dtypes.bfloat16)
-    _write_raw(tmp_path / "b.safetensors", {"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}},
-               values.tobytes())  # fmt: skip
+    _write_raw(
+        tmp_path / "b.safetensors", {"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}, values.tobytes()
+    )
     got = tensor_file.read(tmp_path / "b.safetensors")["w"]
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.astype(np.float32), values.astype(np.float32))
