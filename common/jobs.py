@@ -6,7 +6,22 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-MAX_SEED = 2**32 - 1
+from common.vocabulary import (
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_STRENGTH,
+    LCM_MAX_STEPS,
+    MAX_SEED,
+    MAX_STEPS,
+    REFINER_AESTHETIC_SCORE,
+    REFINER_NEGATIVE_AESTHETIC_SCORE,
+    REFINER_SWITCH_AT,
+    OutputFormat,
+    Scheduler,
+    Spacing,
+)
+
+# Re-exported: the API's and the client's modules name them through the job they describe.
+__all__ = ["LCM_MAX_STEPS", "MAX_SEED", "OutputFormat", "Scheduler", "Spacing"]
 
 
 class JobStatus(StrEnum):
@@ -32,44 +47,27 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
-class Scheduler(StrEnum):
-    euler = "euler"
-    euler_ancestral = "euler_ancestral"
-    dpmpp_2m_karras = "dpmpp_2m_karras"
-    ddim = "ddim"
-    lcm = "lcm"  # latent consistency models (an LCM-distilled UNet or LCM-LoRA): 2-8 steps, at most 50
-
-
-class Spacing(StrEnum):
-    leading = "leading"
-    linspace = "linspace"
-    trailing = "trailing"
-
-
-LCM_MAX_STEPS = 50  # LCMScheduler's original_inference_steps: its steps are a subset of that grid
-
-
-class OutputFormat(StrEnum):
-    png = "png"
-    jpeg = "jpeg"
-    webp = "webp"
-
-
 class RefinerRequest(BaseModel):
     """SDXL's ensemble of experts: the base model denoises down to `switch_at` of the noise, the refiner the rest."""
 
     model_config = {"extra": "forbid"}
 
     switch_at: float = Field(
-        0.8,
+        REFINER_SWITCH_AT,
         gt=0,
         lt=1,
         allow_inf_nan=False,
         description="The share of the noise the base removes before handing over (diffusers' denoising_end).",
     )
-    aesthetic_score: float = Field(6.0, ge=0, le=10, allow_inf_nan=False, description="The refiner's conditioning.")
+    aesthetic_score: float = Field(
+        REFINER_AESTHETIC_SCORE, ge=0, le=10, allow_inf_nan=False, description="The refiner's conditioning."
+    )
     negative_aesthetic_score: float = Field(
-        2.5, ge=0, le=10, allow_inf_nan=False, description="Its conditioning for the unconditional row."
+        REFINER_NEGATIVE_AESTHETIC_SCORE,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="Its conditioning for the unconditional row.",
     )
 
 
@@ -101,7 +99,7 @@ class JobRequest(BaseModel):
     height: int | None = Field(
         None, description="Pixels; one of the served sizes (GET /v1/models). Absent: the first served size."
     )
-    steps: int = Field(20, ge=1, le=150, description="Denoising steps.")
+    steps: int = Field(20, ge=1, le=MAX_STEPS, description="Denoising steps.")
     guidance_scale: float = Field(
         5.0, ge=0, le=50, allow_inf_nan=False, description="Classifier-free guidance; <= 1 turns it off."
     )
@@ -199,7 +197,7 @@ def check_limits(
     else:
         strength = request.strength
         if strength is None:
-            strength = 0.9999 if request.mask_image is not None else 0.3
+            strength = DEFAULT_INPAINT_STRENGTH if request.mask_image is not None else DEFAULT_STRENGTH
         if min(int(request.steps * strength), request.steps) < 1:  # diffusers' get_timesteps: steps that run
             raise LimitError("strength", f"{strength} of {request.steps} steps runs none; raise strength or steps")
     if request.refiner is not None and request.init_image is not None:

@@ -34,29 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-MAX_STEPS = 150  # the table width; steps outside 1..MAX_STEPS are refused
+# The request vocabulary is the API's too (common/vocabulary.py): one Scheduler and one Spacing, one MAX_STEPS.
+from common.vocabulary import MAX_STEPS, Scheduler, Spacing
 
-
-class Scheduler(StrEnum):
-    euler = "euler"  # EulerDiscreteScheduler: the reference's and SDXL's default
-    euler_ancestral = "euler_ancestral"  # EulerAncestralDiscreteScheduler: fresh noise at every step
-    dpmpp_2m_karras = "dpmpp_2m_karras"  # DPMSolverMultistepScheduler, dpmsolver++, order 2, Karras sigmas
-    ddim = "ddim"  # DDIMScheduler, eta = 0
-    lcm = "lcm"  # LCMScheduler: latent consistency models (LCM-LoRA, LCM-distilled UNets), 2-8 steps
-
-
-class Spacing(StrEnum):
-    """Where the steps fall on the training timesteps (diffusers' timestep_spacing)."""
-
-    leading = "leading"
-    linspace = "linspace"
-    trailing = "trailing"  # what SDXL-Lightning and Turbo are distilled for: the first step at t = 999
-
+__all__ = ["MAX_STEPS", "Scheduler", "Spacing"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # The per-step tables, in the order the program stacks them (program.TABLES reads these names).
