@@ -193,11 +193,13 @@ def engine_start(args: argparse.Namespace, cache_root: Path, attention: str, bat
     folder = cache.enable(cache_root)
     m = model.load(
         str(args.model_dir),
-        model.resolve_dtype("auto"),
-        shape_cache=folder / "shapes",
-        variant="fp16",
-        background=True,
-        weight_cache_dir=folder / "weights",
+        model.LoadOptions(
+            model.resolve_dtype("auto"),
+            shape_cache=folder / "shapes",
+            variant="fp16",
+            background=True,
+            weight_cache_dir=folder / "weights",
+        ),
     )
     modules_s = time.perf_counter() - t0
     engine = Engine(m, [args.hw], batch, attention=attention, aot_dir=folder / "executables")
@@ -437,6 +439,7 @@ def run_torch(args: argparse.Namespace, report: Report) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from worker.engine import tiny
+    from worker.engine.model_source import SDXL_SCHEDULER
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -458,7 +461,7 @@ def run_torch(args: argparse.Namespace, report: Report) -> None:
         **modules,
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-        scheduler=EulerDiscreteScheduler.from_config(strip(tiny.SCHEDULER)),
+        scheduler=EulerDiscreteScheduler.from_config(strip(SDXL_SCHEDULER)),
     )
     pipe = pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,15 +43,32 @@ def _dtype(name: str):
     return resolve_dtype(name)
 
 
+def from_preset(preset: str, dtype: Any) -> Any:  # -> model.Model
+    """A random model of a preset size (tiny, mid, sdxl) built in memory, no weight files: the weights are drawn
+    per component as they are read, so a start-up measurement times what a worker's start does but no disk."""
+    from worker.engine import model, tiny
+    from worker.engine.model_source import SDXL_SCHEDULER
+
+    root = Path(tempfile.mkdtemp(prefix=f"sdxl-{preset}-"))
+    tiny.write_configs(root, preset)
+    configs = model.Configs.from_dicts(tiny.configs(preset), preset)
+
+    def weights(part: str, _shapes: Any, dtype: Any) -> tuple[Any, str]:
+        return tiny.build_params(preset, dtype, parts=(part,))[part], "random"
+
+    source = model.Source(f"random-{preset}", configs, root, SDXL_SCHEDULER, True, weights)
+    return model.assemble(source, model.LoadOptions(dtype))
+
+
 def start_only(args: argparse.Namespace) -> None:
     """Child process: time from start to a compiled engine, with the given compile cache."""
     t0 = time.perf_counter()
-    from worker.engine import cache, compile_log, model
+    from worker.engine import cache, compile_log
     from worker.engine.engine import Engine
 
     folder = cache.enable(args.cache_dir)
     counter = compile_log.install()
-    m = model.from_preset(args.preset, _dtype(args.dtype))
+    m = from_preset(args.preset, _dtype(args.dtype))
     h, w = args.hw
     engine = Engine(m, [(h, w)], args.batch, aot_dir=folder / "executables")  # as worker/main.py does
     engine.compile()
@@ -213,7 +231,7 @@ def main() -> None:
     from worker.engine import tiny
 
     tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
-    m = model.load_folder(folder, dtype)
+    m = model.load_folder(folder, model.LoadOptions(dtype))
     engine = Engine(m, [args.hw], args.batch, attention=args.attention)
     result["attention"] = engine.attention
     t0 = time.perf_counter()

@@ -31,10 +31,27 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.worker.engine.variants import write_random_lora  # noqa: E402  (the tests' random adapters)
+
+
+def merge(params: dict[str, Any], chosen: Sequence[tuple[Any, float]]) -> dict[str, Any]:
+    """The model's weights with adapters merged in (W + scale * up @ down), on the host: the other way to serve
+    adapters (one weight set per adapter combination), measured against the bank here."""
+    from worker.engine import convert
+
+    flat = {part: convert.flatten(params[part]) for part in params}
+    for adapter, scale in chosen:
+        for (part, path), (down, up) in adapter.factors.items():
+            kernel = flat[part][(*path, "kernel")]
+            flat[part][(*path, "kernel")] = (kernel + scale * (up @ down).T.astype(kernel.dtype)).astype(kernel.dtype)
+    return {part: convert.unflatten(tree) for part, tree in flat.items()}
 
 
 def main() -> None:
@@ -65,7 +82,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="lora-adapters-"))
     names = [f"adapter{k:02d}" for k in range(args.adapters)]
     for k, name in enumerate(names):
-        lora.write_random(m, folder / f"{name}.safetensors", "kohya", args.rank, 1000 + k, alpha=args.rank / 2)
+        write_random_lora(m, folder / f"{name}.safetensors", "kohya", args.rank, 1000 + k, alpha=args.rank / 2)
     rng = np.random.default_rng(7)
     popularity = 1 / np.arange(1, args.adapters + 1) ** 1.1
     chosen = [names[i] for i in rng.choice(args.adapters, args.jobs, p=popularity / popularity.sum())]
@@ -104,7 +121,7 @@ def main() -> None:
                 if len(resident) >= args.merged:
                     resident.popitem(last=False)
                 resident[name] = jax.block_until_ready(
-                    jax.device_put(lora.merge(host, [(read[name], scale)]), plain.replicated)
+                    jax.device_put(merge(host, [(read[name], scale)]), plain.replicated)
                 )
                 counts["merges"] += 1
             # the engine's own weights swapped for the merged set (the plain program takes weights as an input)
@@ -138,7 +155,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in fresh[:2]:
         adapter = lora.read(folder / f"{name}.safetensors", name, m)
-        jax.block_until_ready(jax.device_put(lora.merge(host, [(adapter, scale)]), plain.replicated))
+        jax.block_until_ready(jax.device_put(merge(host, [(adapter, scale)]), plain.replicated))
     merge_s = (time.perf_counter() - t0) / 2
     diff = max(
         int(np.abs(a.astype(int) - b.astype(int)).max())

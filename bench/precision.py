@@ -48,7 +48,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix=f"precision-{args.preset}-"))
     tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
     models = {
-        name: model.load_folder(folder, dt) for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
+        name: model.load_folder(folder, model.LoadOptions(dt))
+        for name, dt in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
     }
     m32 = models["float32"]
     ids = np.stack(

@@ -39,7 +39,9 @@ def main() -> None:
     import numpy as np
 
     from bench.side_by_side import alternate, random_model
+    from worker.engine.arguments import AdvanceInputs, BeginInputs, Start
     from worker.engine.engine import Engine, Row
+    from worker.engine.program_kind import Part, ProgramKind
 
     w, h = (int(v) for v in args.size.split("x"))
     m = random_model(args.preset, "progress")
@@ -48,33 +50,33 @@ def main() -> None:
     one_chunk = Engine(m, [(h, w)], args.batch, progress_every_steps=args.steps)
 
     # The fused program: the same three parts composed in one jit (what the engine ran before).
-    parts = one_chunk._program("uint8")
-    args_of = {part: one_chunk._abstract_args(part, args.batch, h, w) for part in ("begin", "advance")}
+    exe = one_chunk.executables
+    parts = exe.program(ProgramKind(Part.begin))
+    params, _, begin_args = exe.arguments(ProgramKind(Part.begin), h, w)
+    *_, advance_args, _, stop_arg = exe.arguments(ProgramKind(Part.advance), h, w)
     r = one_chunk.rows_sharding
 
-    def whole(params, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars, time_ids, tables, stop):
-        state, context, pooled = parts.begin(
-            params, None, ids, neg_ids, neg_zero, noise, init, mask, masked, seeds, scalars
-        )
-        state, _ = parts.advance(params, None, state, context, pooled, scalars, time_ids, tables, 0, stop)
-        return parts.finish(params, state, scalars)
+    def whole(params, begin, time_ids, tables, stop):
+        state, text = parts.begin(params, None, begin)
+        state, _ = parts.advance(params, None, state, AdvanceInputs(text, begin.scalars, time_ids, tables), 0, stop)
+        return parts.finish(params, state, begin.scalars)
 
     fused_exe = (
         jax.jit(whole, out_shardings=(r, r))
-        .lower(*args_of["begin"], *args_of["advance"][5:7], args_of["advance"][-1])
+        .lower(params, begin_args, advance_args.time_ids, advance_args.tables, stop_arg)
         .compile()
     )
 
     def run_fused() -> np.ndarray:
         e = one_chunk
-        inputs, _ = e._host_inputs(rows, h, w)
-        seeds = jax.device_put(inputs["seeds"], r)
-        noise = e._noise_executable(h, w)(seeds)
-        put = [jax.device_put(inputs[k], r) for k in ("ids", "neg_ids", "neg_zero")]
-        rest = [jax.device_put(inputs[k], r) for k in ("scalars", "time_ids", "tables")]
+        batch = e.inputs.build(rows, h, w)
+        seeds = jax.device_put(batch.seeds, r)
+        noise = e.executable(h, w, ProgramKind(Part.noise))(seeds)
+        base = jax.device_put(batch.base, r)
         init, mask = e._placeholder("init", h, w), e._placeholder("mask", h, w)
-        stop = jax.device_put(np.int32(inputs["steps"]), e.replicated)
-        images, _ = fused_exe(e.params, *put, noise, init, mask, init, seeds, *rest, stop)
+        begin = BeginInputs(base.prompts, Start(noise, init, mask, init, seeds), base.scalars)
+        stop = jax.device_put(np.int32(batch.base.steps), e.replicated)
+        images, _ = fused_exe(e.params, begin, base.time_ids, base.tables, stop)
         return np.asarray(images)
 
     def run_per_step() -> np.ndarray:

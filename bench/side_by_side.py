@@ -21,7 +21,7 @@ def random_model(preset: str, purpose: str) -> Any:
 
     folder = Path(tempfile.mkdtemp(prefix=f"{purpose}-{preset}-"))
     tiny.write(folder, preset=preset, precision=np.float32, threads=os.cpu_count() or 1)
-    return model.load_folder(folder, np.float32, name=preset)
+    return model.load_folder(folder, model.LoadOptions(np.float32), name=preset)
 
 
 def alternate(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Any]:

@@ -9,12 +9,14 @@ while the current one runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from common import logs
 from common.job_store import JobStore
@@ -64,37 +66,35 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
     folder = cache.enable(settings.compile_cache_dir, settings.xla_cache_dir or None)
     refiner = None
     left = settings.model_memory_bytes or None
+    # what the models and the refiner share; the refiner is read whole, in its own files' precision
+    shared = model.LoadOptions(
+        model.resolve_dtype(settings.dtype),
+        shape_cache=folder / "shapes",
+        weight_cache_dir=folder / "weights" if settings.weight_cache else None,
+        vae_dtype=settings.vae_dtype,
+    )
     engines = {}
     for i, entry in enumerate(entries):
-        try:
+        options = dataclasses.replace(
+            shared,
+            variant=settings.model_variant,
             # The weights are read on a thread while the programs compile (or load from the cache): a start
             # takes about the longer of the two, not their sum.
-            m = model.load(
-                entry.spec,
-                model.resolve_dtype(settings.dtype),
-                shape_cache=folder / "shapes",
-                variant=settings.model_variant,
-                background=True,
-                weight_cache_dir=folder / "weights" if settings.weight_cache else None,
-                vae_dtype=settings.vae_dtype,
-                config_dir=settings.model_config_dir or None,
-                unet=entry.unet or None,
-                vae=entry.vae or None,
-                max_bytes=left,
-            )
+            background=True,
+            config_dir=Path(settings.model_config_dir) if settings.model_config_dir else None,
+            unet=entry.unet or None,
+            vae=entry.vae or None,
+            max_bytes=left,
+        )
+        try:
+            m = model.load(entry.spec, options)
         except model.ModelTooLarge as exc:
             log.warning("not serving model %r: %s (SDXL_MODEL_MEMORY_BYTES)", entry.name, exc)
             continue
         if left is not None:
             left -= m.nbytes
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
-            refiner = model.load(
-                settings.refiner,
-                model.resolve_dtype(settings.dtype),
-                shape_cache=folder / "shapes",
-                weight_cache_dir=folder / "weights" if settings.weight_cache else None,
-                vae_dtype=settings.vae_dtype,
-            )
+            refiner = model.load(settings.refiner, shared)
         # the refiner beside the default model only (its weights would be on the devices once per model)
         engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry)
     if not engines:

@@ -24,8 +24,13 @@ def engine(tiny_dir, tiny_refiner_dir):
     from worker.engine import model
 
     # the worker's model, refiner, dtype and batch rows
-    refiner = model.load_folder(tiny_refiner_dir, np.float32, name="tiny-refiner")
-    return Engine(model.load_folder(tiny_dir, np.float32, name="tiny"), [(64, 96)], batch_rows=4, refiner=refiner)
+    refiner = model.load_folder(tiny_refiner_dir, model.LoadOptions(np.float32), name="tiny-refiner")
+    return Engine(
+        model.load_folder(tiny_dir, model.LoadOptions(np.float32), name="tiny"),
+        [(64, 96)],
+        batch_rows=4,
+        refiner=refiner,
+    )
 
 
 def _picture() -> np.ndarray:

@@ -26,8 +26,8 @@ from worker.engine.engine import Adapters, Engine, Row
 def engines(tiny_dir, live_loras, live_unet):
     """The worker's two models, as it builds them (float32, 4 rows), with the same adapters."""
     adapters = Adapters(lambda name: live_loras / f"{name}.safetensors", rank=8, slots=4, per_row=2)
-    tiny = model.load_folder(tiny_dir, np.float32, name="tiny")
-    lightning = model.load_folder(tiny_dir, np.float32, name="lightning", unet=live_unet)
+    tiny = model.load_folder(tiny_dir, model.LoadOptions(np.float32), name="tiny")
+    lightning = model.load_folder(tiny_dir, model.LoadOptions(np.float32, unet=live_unet), name="lightning")
     made = {
         "tiny": Engine(tiny, [(64, 96)], batch_rows=4, adapters=adapters),
         "lightning": Engine(lightning, [(64, 96)], batch_rows=4, adapters=adapters),

@@ -22,7 +22,7 @@ def test_the_engine_imports_neither_pytorch_nor_diffusers_even_where_they_are_in
         "import sys, numpy as np\n"
         "from worker.engine import model\n"
         "from worker.engine.engine import Engine, Row\n"
-        f"m = model.load_folder({str(tiny_dir)!r}, np.float32)\n"
+        f"m = model.load_folder({str(tiny_dir)!r}, model.LoadOptions(np.float32))\n"
         "out = Engine(m, [(64, 64)], batch_rows=1).generate([Row('a cat', steps=1)], 64, 64)\n"
         "assert out.finite == [True]\n"
         "assert not any(k.split('.')[0] in ('torch', 'diffusers') for k in sys.modules if sys.modules[k])\n"
@@ -48,7 +48,7 @@ def test_a_worker_holds_the_models_that_fit_its_memory_and_says_so(tiny_dir, tmp
     from worker.engine import model
     from worker.main import build_engines
 
-    size = model.load_folder(tiny_dir, np.float32).nbytes
+    size = model.load_folder(tiny_dir, model.LoadOptions(np.float32)).nbytes
     settings = Settings(
         models="first=tiny,second=tiny",
         model_memory_bytes=int(size * 1.5),

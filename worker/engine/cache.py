@@ -3,7 +3,7 @@
 JAX's own cache keys already include these, so the split is for people: a folder can be shipped to (or
 baked into) a new host of the same kind, and a stale one deleted by name. JAX's cache skips the XLA
 compile (the minutes) but not tracing and lowering; the engine also keeps whole serialized executables in
-`<folder>/executables/` (engine._aot_path), which skip those too.
+`<folder>/executables/` (SealedExecutables, named by executables.Executables), which skip those too.
 
 What a writer of these folders can do (docs/reliability.md):
 - serialized executables are pickles, and executables: each file is sealed with an HMAC-SHA256 under a key
@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import pickle
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jaxlib
+
+from worker.engine import compile_log
+
+log = logging.getLogger(__name__)
 
 
 def key() -> str:
@@ -85,3 +93,43 @@ def unseal(data: bytes, key: bytes) -> bytes | None:
         return None
     expected = hmac.new(key, data[start:], hashlib.sha256).digest()
     return data[start:] if hmac.compare_digest(expected, data[len(SEAL) : start]) else None
+
+
+class SealedExecutables:
+    """Serialized executables in `folder`, each file sealed with `key` and checked before it is unpickled."""
+
+    def __init__(self, folder: Path, key: bytes):
+        self.folder, self.key = folder, key
+        self.loaded = 0  # executables read back whole this process (no tracing, lowering or compiling)
+        compile_log.install()  # tells a real compile from a persistent-cache hit (load_or_compile)
+
+    def load_or_compile(self, name: str, lower: Callable[[], Any]) -> Any:
+        """The executable stored as `name` (its name must cover everything it depends on), or lower().compile(),
+        stored sealed for the next start when it was a real compile."""
+        from jax.experimental import serialize_executable
+
+        path = self.folder / name
+        if path.exists():
+            try:
+                payload = unseal(path.read_bytes(), self.key)
+                if payload is None:
+                    path.unlink(missing_ok=True)  # checked at every start otherwise; the compile below rewrites it
+                    raise ValueError("not sealed with this deployment's key (SDXL_CACHE_SIGNING_KEY): not unpickled")
+                blob, in_tree, out_tree = pickle.loads(payload)
+                loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+                self.loaded += 1
+                return loaded
+            except Exception:  # stale, unreadable or foreign: compile as if it were not there
+                log.warning("could not load %s; compiling instead", path, exc_info=True)
+        hits_before = compile_log.snapshot().cache_hits
+        compiled = lower().compile()
+        if compile_log.snapshot().cache_hits > hits_before:
+            # JAX's persistent cache served it: such an executable does not serialize whole (on the CPU, the
+            # loaded file then fails at dispatch: "Function ... not found"), so only a real compile is kept.
+            log.info("%s came from JAX's cache; not serialized (the next real compile writes it)", name)
+            return compiled
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(seal(pickle.dumps(serialize_executable.serialize(compiled)), self.key))
+        os.replace(tmp, path)
+        return compiled

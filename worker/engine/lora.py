@@ -16,8 +16,9 @@ How adapters run without compiling (worker/engine/layers.py, Linear): the progra
 adapters per layer, down (slots + 1, rank, in) and up (slots + 1, out, rank), slot 0 all zeros, each adapter
 zero-padded to the bank's rank with alpha/rank folded into `up`; and per row up to `per_row` (slot, scale)
 pairs. Loading an adapter writes its slot (one small compiled update, the same for every adapter); rows of one
-batch may use different adapters. Why per-row factors and not weights merged per adapter set: see
-docs/benchmarks.md ("LoRA adapters").
+batch may use different adapters. Why per-row factors and not weights merged per adapter set: on the
+benchmark's CPU run (bench/lora.py, docs/benchmarks.md), a bank kept 0.91x of the no-adapter throughput,
+weights merged per adapter 0.44x.
 """
 
 from __future__ import annotations
@@ -180,17 +181,6 @@ def read(
     return Adapter(name, digest, layouts.pop(), rank, factors)
 
 
-def merge(params: dict[str, Any], chosen: Sequence[tuple[Adapter, float]]) -> dict[str, Any]:
-    """The model's weights with adapters merged in (W + scale * up @ down), on the host: the other way to serve
-    adapters (one weight set per adapter combination), measured against the bank in bench/lora.py."""
-    flat = {part: convert.flatten(params[part]) for part in params}
-    for adapter, scale in chosen:
-        for (part, path), (down, up) in adapter.factors.items():
-            kernel = flat[part][(*path, "kernel")]
-            flat[part][(*path, "kernel")] = (kernel + scale * (up @ down).T.astype(kernel.dtype)).astype(kernel.dtype)
-    return {part: convert.unflatten(tree) for part, tree in flat.items()}
-
-
 class Bank:
     """Adapters resident on the devices, `slots` of them, least recently used evicted; see the module's docstring.
 
@@ -334,42 +324,3 @@ def variables(tree: dict[str, Any], slots: jax.Array, scales: jax.Array) -> dict
 def spec(bank: Bank) -> Any:
     """The bank's tree as shapes (for lowering the program ahead of time)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), bank.tree)
-
-
-def write_random(
-    model: Any,
-    path: Path,
-    layout: str,
-    rank: int,
-    seed: int,
-    parts: Sequence[str] = PARTS,
-    alpha: float | None = None,
-) -> Path:
-    """A random adapter for `model` (anything with .configs, .params and .unet), as trainers write them, for
-    tests and benchmarks. layout "kohya": `lora_unet_*` in the original SDXL UNet's module names
-    (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`, an `.alpha` per module when
-    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
-    from safetensors.numpy import save_file
-
-    found = targets(model)
-    known = names(model, list(found))
-    rng = np.random.default_rng(seed)
-    sgm = ("input_blocks", "middle_block", "output_blocks")
-    state: dict[str, np.ndarray] = {}
-    for key, target in sorted(found.items()):
-        if target.part not in parts:
-            continue
-        options = [n for n, k in known.items() if k == key]
-        if layout == "kohya":  # the UNet in the original SDXL module names, as kohya's SDXL trainer writes them
-            kohya = [n for n in options if n.startswith("lora_")]
-            (name,) = [n for n in kohya if target.part != "unet" or any(b in n for b in sgm)]
-            down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
-        else:
-            (name,) = [n for n in options if not n.startswith("lora_")]
-            down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-        state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
-        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
-        if alpha is not None:
-            state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    save_file(state, path)
-    return path

@@ -44,6 +44,17 @@ from common.vocabulary import MAX_STEPS, Scheduler, Spacing
 __all__ = ["MAX_STEPS", "Scheduler", "Spacing"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class ScheduleError(ValueError):
+    """A row's sampler settings no schedule can be built from; `field` names the request's field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 # The per-step tables, in the order the program stacks them (program.TABLES reads these names).
 TABLES = ("timesteps", "c_in", "p", "q", "a", "b", "c", "e", "s_next", "k", "blend")
 
@@ -260,7 +271,7 @@ def _dpmpp(cfg: NoiseConfig, steps: int, start: int) -> _Grid:
 def _lcm(cfg: NoiseConfig, steps: int) -> _Grid:
     original = cfg.original_inference_steps
     if steps > original:
-        raise ValueError(f"steps: LCM runs at most {original} steps (the distillation's original_inference_steps)")
+        raise ScheduleError("steps", f"LCM runs at most {original} steps (the distillation's original_inference_steps)")
     k_ratio = cfg.num_train_timesteps // original
     origin = (np.arange(1, original + 1) * k_ratio - 1)[::-1]
     index = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
@@ -298,16 +309,20 @@ def build(
 ) -> Schedule:
     """The tables for one row: `steps` steps on the `spacing` grid (None: the model's), of which the first
     `start` are skipped (image-to-image, or the refiner's part) and those from `stop` on are left to another
-    model (the base's part before the refiner). Raises ValueError naming the field for bad input."""
+    model (the base's part before the refiner). Raises ScheduleError naming the field for bad input."""
     if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+        raise ScheduleError("steps", f"must be between 1 and {MAX_STEPS}, got {steps}")
     stop = steps if stop is None else stop
     if not 0 <= start < stop <= steps:
-        raise ValueError(f"strength: leaves no step to run of {steps} (steps {start} to {stop})")
+        raise ScheduleError("strength", f"leaves no step to run of {steps} (steps {start} to {stop})")
+    if scheduler not in set(Scheduler):
+        raise ScheduleError("scheduler", f"{scheduler!r} is unknown; use one of {[s.value for s in Scheduler]}")
+    if spacing is not None and spacing not in set(Spacing):
+        raise ScheduleError("timestep_spacing", f"{spacing!r}: one of {[s.value for s in Spacing]}")
     scheduler = Scheduler(scheduler)
     spacing = Spacing(spacing or cfg.timestep_spacing)
     if scheduler is Scheduler.euler_ancestral and cfg.prediction_type == "sample":
-        raise ValueError("scheduler: euler_ancestral does not take a model with prediction_type 'sample'")
+        raise ScheduleError("scheduler", "euler_ancestral does not take a model with prediction_type 'sample'")
     if scheduler in (Scheduler.euler, Scheduler.euler_ancestral):
         grid = _euler(cfg, spacing, steps, ancestral=scheduler is Scheduler.euler_ancestral)
     elif scheduler is Scheduler.ddim:

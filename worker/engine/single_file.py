@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine import model, tensor_file, tokenizer
+from worker.engine import folder, tensor_file, tokenizer
+from worker.engine.model_source import (
+    COMPONENTS,
+    SDXL_SCHEDULER,
+    Configs,
+    LoadOptions,
+    ModelError,
+    Source,
+    convert_component,
+)
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -31,18 +40,6 @@ BIGG = ("conditioner.embedders.1.model.", "conditioner.embedders.0.model.")  # b
 IGNORED = ("logit_scale", "attn_mask", "position_ids")  # buffers and OpenCLIP's contrastive scale: no weights
 HEAD_WIDTH = 64  # SDXL's attention heads are 64 wide (num_head_channels); the tensors do not say it
 
-# SDXL base 1.0's scheduler (its scheduler_config.json, in the fields that decide the schedule)
-SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
 RESNET_UNET = {
     "in_layers.0": "norm1",
     "in_layers.2": "conv1",
@@ -62,7 +59,7 @@ OPENCLIP_LAYER = {
 }
 
 
-class NotSDXL(model.ModelError):
+class NotSDXL(ModelError):
     """A checkpoint of another family; the message names what was found."""
 
 
@@ -184,10 +181,20 @@ def _count(keys: list[str], pattern: str) -> int:
 
 def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     """diffusers/transformers config dicts for the four networks, from the tensors' names and shapes."""
-    keys = list(state)
-    shape = lambda k: tuple(state[k].shape)  # noqa: E731
-    u = {k[len(UNET) :]: k for k in keys if k.startswith(UNET)}
-    ushape = lambda k: shape(u[k])  # noqa: E731
+    te2 = _bigg(state, kind)[1]
+    configs = {
+        "unet": _unet_config(state, kind, te2["projection_dim"]),
+        "vae": _vae_config(state),
+        "text_encoder_2": te2,
+    }
+    if kind == "sdxl":
+        configs["text_encoder"] = _clip_l(state)
+    return configs
+
+
+def _unet_config(state: Mapping[str, Any], kind: str, pooled: int) -> dict[str, Any]:
+    u = {k[len(UNET) :]: k for k in state if k.startswith(UNET)}
+    ushape = lambda k: tuple(state[u[k]].shape)  # noqa: E731
     blocks = _count(list(u), r"input_blocks\.(\d+)\.")
     downsamples = sorted(int(m[1]) for k in u if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
     levels = len(downsamples) + 1
@@ -202,13 +209,11 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
     mid_depth = _count(list(u), r"middle_block\.1\.transformer_blocks\.(\d+)\.")
     depths = [d or mid_depth for d in depths]
     if depths[-1] != mid_depth:
-        raise model.ModelError(f"the UNet's mid block has {mid_depth} transformer layers, its last level {depths[-1]}")
+        raise ModelError(f"the UNet's mid block has {mid_depth} transformer layers, its last level {depths[-1]}")
     attn_key = next(k for k in u if k.endswith("attn2.to_k.weight"))
     proj_in = next(k for k in u if k.endswith(".proj_in.weight"))
     label_in = ushape("label_emb.0.0.weight")[1]
     time_dim = ushape("time_embed.0.weight")
-    te2 = _bigg(state, kind)[1]
-    pooled = te2["projection_dim"]
     ids = 6 if kind == "sdxl" else 5
     unet = {
         "_class_name": "UNet2DConditionModel",
@@ -220,8 +225,8 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
         "layers_per_block": layers,
         "attention_head_dim": [max(1, c // HEAD_WIDTH) for c in channels],
         "transformer_layers_per_block": depths,
-        "cross_attention_dim": shape(u[attn_key])[1],
-        "use_linear_projection": len(shape(u[proj_in])) == 2,
+        "cross_attention_dim": ushape(attn_key)[1],
+        "use_linear_projection": len(ushape(proj_in)) == 2,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": (label_in - pooled) // ids,
         "projection_class_embeddings_input_dim": label_in,
@@ -231,10 +236,15 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
         "sample_size": 128,
     }
     if time_dim[0] != 4 * channels[0]:
-        raise model.ModelError(f"the UNet's time embedding is {time_dim[0]} wide, not 4 x {channels[0]}")
-    v = {k[len(VAE) :]: k for k in keys if k.startswith(VAE)}
+        raise ModelError(f"the UNet's time embedding is {time_dim[0]} wide, not 4 x {channels[0]}")
+    return unet
+
+
+def _vae_config(state: Mapping[str, Any]) -> dict[str, Any]:
+    v = {k[len(VAE) :]: k for k in state if k.startswith(VAE)}
+    shape = lambda k: tuple(state[k].shape)  # noqa: E731
     vlevels = _count(list(v), r"encoder\.down\.(\d+)\.")
-    vae = {
+    return {
         "_class_name": "AutoencoderKL",
         "in_channels": shape(v["encoder.conv_in.weight"])[1],
         "out_channels": shape(v["decoder.conv_out.weight"])[0],
@@ -248,10 +258,6 @@ def infer_configs(state: Mapping[str, Any], kind: str) -> dict[str, dict[str, An
         "force_upcast": True,
         "sample_size": 1024,
     }
-    configs = {"unet": unet, "vae": vae, "text_encoder_2": te2}
-    if kind == "sdxl":
-        configs["text_encoder"] = _clip_l(state)
-    return configs
 
 
 def _text_config(state: Mapping[str, Any], prefix: str, names: dict[str, str], **fixed: Any) -> dict[str, Any]:
@@ -315,7 +321,7 @@ def split(state: Mapping[str, np.ndarray], configs: dict[str, dict[str, Any]], k
     vae_pairs = {ldm: (d, inner) for ldm, d, inner in _vae_pairs(configs["vae"])}
     prefix = BIGG[0] if kind == "sdxl" else BIGG[1]
     bigg_pairs = {ldm: (d, inner) for ldm, d, inner in _bigg_pairs(configs["text_encoder_2"]["num_hidden_layers"])}
-    out: dict[str, dict[str, np.ndarray]] = {part: {} for part in model.COMPONENTS}
+    out: dict[str, dict[str, np.ndarray]] = {part: {} for part in COMPONENTS}
     homeless: list[str] = []
     for key, tensor in state.items():
         if key.rsplit(".", 1)[-1] in IGNORED or key in (f"{prefix}logit_scale",):
@@ -350,7 +356,7 @@ def split(state: Mapping[str, np.ndarray], configs: dict[str, dict[str, Any]], k
             continue
         out[part][name] = tensor
     if homeless:
-        raise model.ModelError(
+        raise ModelError(
             f"{len(homeless)} tensors of the checkpoint have no place in SDXL (e.g. {', '.join(homeless[:3])})"
         )
     return out
@@ -394,10 +400,10 @@ def join(parts: Mapping[str, Mapping[str, np.ndarray]], configs: dict[str, dict[
     return state
 
 
-def from_folder(folder: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
+def from_folder(root: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
     """A diffusers folder's (state dicts, configs) per component: what join() takes."""
-    parts = {part: model.read_component(folder, part) for part in model.COMPONENTS}
-    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in model.COMPONENTS}
+    parts = {part: folder.read_component(root, part) for part in COMPONENTS}
+    configs = {part: json.loads((root / part / "config.json").read_text()) for part in COMPONENTS}
     return parts, configs
 
 
@@ -411,37 +417,39 @@ def write(path: Path, parts: Mapping[str, Mapping[str, np.ndarray]], configs: di
 # ---------------------------------------------------------------- the loader's Source
 
 
-def source(path: Path, name: str, weight_cache_dir: Path | None, config_dir: Path | None) -> model.Source:
+def source(path: Path, name: str, options: LoadOptions) -> Source:
+    """A single-file checkpoint: configs inferred from its tensors, or a diffusers folder's (options.config_dir)."""
+    config_dir = Path(options.config_dir) if options.config_dir else None
     try:
         state = tensor_file.read(path)
     except tensor_file.TensorFileError as exc:
-        raise model.ModelError(str(exc)) from exc
+        raise ModelError(str(exc)) from exc
     kind = identify(list(state))
     if kind == "sdxl-refiner":
-        raise model.ModelError(
+        raise ModelError(
             f"{path} is SDXL's refiner (one OpenCLIP text encoder, 5 time ids); it is not served as a model on its own"
         )
     inferred = infer_configs(state, kind)
     if config_dir is not None:  # a folder's configs, as diffusers' from_single_file(config=...)
-        configs_dict = {p: json.loads((config_dir / p / "config.json").read_text()) for p in model.COMPONENTS}
+        configs_dict = {p: json.loads((config_dir / p / "config.json").read_text()) for p in COMPONENTS}
         index = json.loads((config_dir / "model_index.json").read_text())
         scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text())
         tokenizer_dir = config_dir
         zeros = bool(index.get("force_zeros_for_empty_prompt", True))
     else:
-        configs_dict, scheduler, zeros = inferred, SCHEDULER, True
+        configs_dict, scheduler, zeros = inferred, SDXL_SCHEDULER, True
         tokenizer_dir = tokenizer.default_folder()
         vocab = inferred["text_encoder"]["vocab_size"]
         if vocab != 49408:
-            raise model.ModelError(
+            raise ModelError(
                 f"{path}: the text encoders' vocabulary has {vocab} entries, not CLIP's 49,408; "
                 "give the model's diffusers folder for its tokenizers (SDXL_MODEL_CONFIG_DIR)"
             )
-    configs = model.Configs.from_dicts(configs_dict, str(path))
+    configs = Configs.from_dicts(configs_dict, str(path))
     parts = split(state, configs_dict, kind)
 
     def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
         what = f"{path} ({part})"
-        return model.convert_component(part, lambda: parts[part], [path], shapes, dtype, weight_cache_dir, what)
+        return convert_component(part, lambda: parts[part], [path], shapes, dtype, options.weight_cache_dir, what)
 
-    return model.Source(name, configs, tokenizer_dir, scheduler, zeros, weights)
+    return Source(name, configs, tokenizer_dir, scheduler, zeros, weights)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.engine import convert
+from worker.engine import convert, tokenizer
+from worker.engine.model_source import SDXL_SCHEDULER, Configs
 
 VERSION = 2  # bump when the configs or the seed change: a stale folder is rebuilt
 SEED = 0
@@ -59,24 +60,6 @@ VAE = {
     "sample_size": 128,
     "scaling_factor": 0.13025,
     "force_upcast": True,
-}
-# SDXL base 1.0's scheduler config, verbatim in the fields that matter.
-SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
 }
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",
@@ -198,9 +181,7 @@ def default_dir(preset: str = "tiny") -> Path:
 def _vocab() -> dict[str, int]:
     # CLIP's byte-level alphabet, each byte alone and as a word end, and no merges: every character is a
     # token, so a prompt of more than 75 characters shows truncation without a 49k-entry vocabulary.
-    from worker.engine.tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
+    chars = list(tokenizer.bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}  # <|endoftext|> is the highest id, as in CLIP
 
@@ -225,8 +206,6 @@ def _text_config(vocab_size: int, act: str) -> dict[str, Any]:
 
 
 def _write_tokenizer(folder: Path, pad_token: str) -> None:
-    from worker.engine import tokenizer
-
     tokenizer.write_files(folder, _vocab(), [], pad_token)
 
 
@@ -240,8 +219,6 @@ def build_params(
     """Random Flax parameters for a preset (all its components, or `parts`), the same on every machine.
     precision, threads: random_leaf's draw, and how many leaves are drawn at once (numpy fills off the GIL);
     float32 on every core is what a benchmark of the full SDXL wants, float64 the values the tests expect."""
-    from worker.engine.model import Configs
-
     made = Configs.from_dicts(configs(preset), preset)
     shapes = {part: made.module(part, np.float32).shapes() for part in parts or made.parts}
     # Weights drawn with numpy from the shapes alone: Flax's own init compiles the whole forward pass
@@ -271,7 +248,7 @@ def write_configs(folder: Path, preset: str = "tiny") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(model_index(preset), indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER, indent=2))
     if PRESETS[preset]["text"] is not None:
         _write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     _write_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"

@@ -8,16 +8,15 @@ when the programs come from the executable cache. The converted file is read as 
 One file per (component, source folder), so a model costs one converted copy on disk, about the size of
 its fp16 files for a bfloat16 server (`SDXL_WEIGHT_CACHE=false` turns it off). The file's metadata holds
 the identity it was made from: the source files' paths, sizes and modification times, the dtype, the
-parameter shapes and the converter's source. A changed checkpoint, dtype or converter misses and is
-converted and written again over the old file. The same folder seen from another host (same path, sizes
-and modification times: a shared volume, an image layer, `rsync -a` to the same place) still hits; touching
-or moving a file misses, which is the safe side.
+parameter shapes and the source of the readers and the converter (code_identity). A changed checkpoint, dtype
+or code misses and is converted and written again over the old file. The same folder seen from another host
+(same path, sizes and modification times: a shared volume, an image layer, `rsync -a` to the same place) still
+hits; touching or moving a file misses, which is the safe side.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -31,27 +30,19 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from worker.engine import convert, tensor_file
+from worker.engine import code_identity, convert, tensor_file
 
 log = logging.getLogger(__name__)
 FORMAT = "sdxl-service/converted-weights/1"
 MIN_FREE_BYTES = 2 * 10**9  # a write that would leave less free is skipped: the cache only saves time
 STALE_TMP_S = 600  # a temporary file this old is no other process's write in progress (5 GB takes seconds)
-_SOURCES = ("convert.py", "single_file.py", "tensor_file.py", "weight_cache.py")  # the code that decides the bytes
-
-
-@functools.cache
-def _code_digest() -> str:
-    """The converter's source, read once per process (identity runs for each component)."""
-    digest = hashlib.sha256(FORMAT.encode())
-    for name in _SOURCES:
-        digest.update((Path(__file__).parent / name).read_bytes())
-    return digest.hexdigest()
 
 
 def identity(files: list[Path], dtype: Any, shapes: Any) -> str:
     """What the converted weights depend on, as a digest: the checkpoint files are only statted, not read."""
-    digest = hashlib.sha256(_code_digest().encode())
+    # the code that decides the bytes: the readers and the converter, with all they import from this repository
+    code = code_identity.digest("worker.engine.folder", "worker.engine.single_file")
+    digest = hashlib.sha256(FORMAT.encode() + code.encode())
     stats = []
     for path in files:
         st = path.stat()

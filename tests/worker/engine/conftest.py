@@ -65,7 +65,7 @@ def tiny_single_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def tiny32(tiny_dir: Path) -> model.Model:
-    return model.load_folder(tiny_dir, np.float32, name="tiny")
+    return model.load_folder(tiny_dir, model.LoadOptions(np.float32), name="tiny")
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engine.engine import SERVED_KINDS
+from worker.engine.program_kind import Programs
+
+# what a served engine without refiner or adapters compiles per size at start (the starting noise included)
+SERVED = len(Programs.SERVED.kinds())
 
 SCRIPT = """
 import json, sys, numpy as np
 from worker.engine import cache, compile_log, model, weight_cache
-from worker.engine.engine import Engine, Row
+from worker.engine.engine import Engine, Programs, Row
 args = json.loads(sys.argv[1])
 aot = converted = None
 if args.get("cache"):
@@ -22,9 +25,9 @@ if args.get("cache"):
     aot, converted = folder / "executables", folder / "weights"
 counter = compile_log.install()
 import jax
-m = model.load_folder(args["tiny"], np.float32, weight_cache_dir=converted)
+m = model.load_folder(args["tiny"], model.LoadOptions(np.float32, weight_cache_dir=converted))
 engine = Engine(m, [(64, 64)], batch_rows=4, aot_dir=aot)
-engine.compile()
+engine.compile(Programs(args["programs"]))
 rows = [Row("a cat", seed=1, steps=3), Row("a dog", "grass", seed=2, steps=4, scheduler="ddim"),
         Row("a cow", seed=3, steps=2, guidance_scale=9.0)]
 out = engine.generate(rows, 64, 64)
@@ -58,11 +61,17 @@ print(json.dumps({"leaves": len(leaves), "host_arrays": sum(not isinstance(x, ja
 
 
 def _run(
-    tmp_path: Path, tiny_dir: Path, devices: int, name: str, cache: Path | None = None, script: str = SCRIPT
+    tmp_path: Path,
+    tiny_dir: Path,
+    devices: int,
+    name: str,
+    cache: Path | None = None,
+    script: str = SCRIPT,
+    programs: Programs = Programs.SERVED,
 ) -> tuple[dict, np.ndarray]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     out = tmp_path / f"{name}.npy"
-    args = {"tiny": str(tiny_dir), "out": str(out), "cache": str(cache) if cache else None}
+    args = {"tiny": str(tiny_dir), "out": str(out), "cache": str(cache) if cache else None, "programs": programs.value}
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True, timeout=600
     )
@@ -71,8 +80,9 @@ def _run(
 
 
 def test_four_devices_give_the_same_images_as_one(tmp_path, tiny_dir):
-    one, img1 = _run(tmp_path, tiny_dir, 1, "one")
-    four, img4 = _run(tmp_path, tiny_dir, 4, "four")
+    rows_run = Programs.guided | Programs.uint8  # what the script's rows run: compiled alone, the rest is not used
+    one, img1 = _run(tmp_path, tiny_dir, 1, "one", programs=rows_run)
+    four, img4 = _run(tmp_path, tiny_dir, 4, "four", programs=rows_run)
     assert (one["devices"], four["devices"]) == (1, 4)
     assert img1.shape == img4.shape == (3, 64, 64, 3)
     assert np.abs(img1.astype(int) - img4.astype(int)).max() <= 1
@@ -89,7 +99,7 @@ def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
     # weights are mapped from the converted copy the cold start wrote, not converted again.
     assert set(cold["weights"].values()) == {"checkpoint"}
     assert set(warm["weights"].values()) == {"converted cache"} and len(warm["weights"]) == 4
-    assert warm["aot_loaded"] == 1 + len(SERVED_KINDS)  # noise + every served part
+    assert warm["aot_loaded"] == SERVED  # every served part, the noise included
     assert warm["compiles"] == 0 and warm["requests"] < cold["requests"]
     np.testing.assert_array_equal(img_cold, img_warm)
 
@@ -131,7 +141,7 @@ def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir):
     assert third["aot_loaded"] == 0 and third["cache_hits"] == 0
     assert all(aot_cache.unseal(p.read_bytes(), aot_cache.signing_key()) for p in files)
     fourth, _ = _run(tmp_path, tiny_dir, 1, "fourth", cache)
-    assert fourth["aot_loaded"] == 1 + len(SERVED_KINDS)
+    assert fourth["aot_loaded"] == SERVED
 
 
 def test_seals_detect_any_change():
@@ -153,5 +163,5 @@ def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
     assert worker["leaves"] > 100 and worker["host_arrays"] == 0
     assert "host weights were dropped" in worker["refused"]
     # the same executables: the dtype names them, however it was spelled (np.float32 there, jnp.float32 here)
-    assert worker["aot_loaded"] == 1 + len(SERVED_KINDS)
+    assert worker["aot_loaded"] == SERVED
     np.testing.assert_array_equal(kept, dropped)

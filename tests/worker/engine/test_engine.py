@@ -36,7 +36,11 @@ def single_file_engine(tiny_single_file, tiny_dir):
     from_single_file(config=...) did for the reference)."""
     from worker.engine import model
 
-    return Engine(model.load_single_file(tiny_single_file, np.float32, config_dir=tiny_dir), [(64, 96)], batch_rows=4)
+    return Engine(
+        model.load_single_file(tiny_single_file, model.LoadOptions(np.float32, config_dir=tiny_dir)),
+        [(64, 96)],
+        batch_rows=4,
+    )
 
 
 @pytest.mark.parametrize("negative", list(NEGATIVES))
@@ -70,7 +74,7 @@ def test_absent_negative_prompt_without_force_zeros_is_the_empty_string(tiny_dir
     shutil.copytree(tiny_dir, folder)
     index = json.loads((folder / "model_index.json").read_text()) | {"force_zeros_for_empty_prompt": False}
     (folder / "model_index.json").write_text(json.dumps(index))
-    engine = Engine(model.load_folder(folder, np.float32), [(64, 96)], batch_rows=1)
+    engine = Engine(model.load_folder(folder, model.LoadOptions(np.float32)), [(64, 96)], batch_rows=1)
     assert (
         _misses(engine, reference, [_row(reference, "euler", None)], reference["no_zeros/euler/absent/image"])[0]
         < PARITY_TOL
@@ -205,8 +209,9 @@ def test_batch_rows_must_fit_the_devices(tiny32):
 
 @pytest.mark.parametrize("attention", ["split_head", "xla"])
 def test_other_attention_kernels_match_pytorch_too(tiny32, reference, attention):
-    """split_head (the blog's layout) and the xla implementation of jax.nn.dot_product_attention (cudnn needs an
-    NVIDIA GPU; splash, a TPU, is compared with einsum in interpret mode in test_attention.py)."""
+    """split_head (diffusers' Flax split_head_dim layout) and the xla implementation of
+    jax.nn.dot_product_attention (cudnn needs an NVIDIA GPU; splash, a TPU, is compared with einsum in interpret
+    mode in test_attention.py)."""
 
     engine = Engine(tiny32, [(64, 96)], batch_rows=1, attention=attention)
     row = _row(reference, "euler", NEGATIVES["text"])

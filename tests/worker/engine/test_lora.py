@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from worker.engine import compile_log, lora
-from worker.engine.engine import Adapters, Engine, EngineInputError, Row
+from worker.engine.engine import Adapters, Engine, EngineInputError, Programs, Row
 
 sys.path.insert(0, str(Path(__file__).parent))
 import variants
@@ -46,7 +46,8 @@ def engine(tiny32, adapter_dir) -> Engine:
         return path
 
     made = Engine(tiny32, [(64, 64)], batch_rows=3, adapters=Adapters(path_of, rank=8, slots=3, per_row=2))
-    made.compile()
+    # what these tests run: rows with and without guidance and adapters, bytes and float32 out; no init images
+    made.compile(Programs.guided | Programs.free | Programs.adapters | Programs.uint8 | Programs.float32)
     return made
 
 

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from worker.engine import convert, model, single_file, tensor_file, tiny
-from worker.engine.engine import Engine, Row
+from worker.engine import convert, model, model_source, single_file, tensor_file, tiny
+from worker.engine.engine import Engine, Programs, Row
 
 
 def test_single_file_and_folder_hold_the_same_weights(tiny_single_file, tiny_dir, tiny32):
-    m = model.load_single_file(tiny_single_file, np.float32, config_dir=tiny_dir)
+    m = model.load_single_file(tiny_single_file, model.LoadOptions(np.float32, config_dir=tiny_dir))
     a, b = convert.flatten(tiny32.params), convert.flatten(m.params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -41,7 +41,7 @@ def test_single_file_configs_are_inferred_from_the_tensors(tiny_single_file, tin
     """Everything the tensors say matches the folder's configs; the head count follows SDXL's 64-wide heads
     (the tiny model's are narrower, which is why its tests give the folder's configs, as diffusers' do)."""
     inferred = single_file.infer_configs(tensor_file.read(tiny_single_file), "sdxl")
-    for part in model.COMPONENTS:
+    for part in model_source.COMPONENTS:
         want = json.loads((tiny_dir / part / "config.json").read_text())
         for key in INFERRED:
             if key in want:
@@ -55,7 +55,7 @@ def test_single_file_without_a_config_folder_uses_sdxl_defaults(tiny_single_file
     """SDXL_MODEL=/path/model.safetensors alone: the tokenizers are CLIP's (49,408 tokens), so a checkpoint
     with another vocabulary is refused by name, not misread."""
     with pytest.raises(model.ModelError, match="vocabulary has 514 entries, not CLIP's 49,408"):
-        model.load(str(tiny_single_file), np.float32)
+        model.load(str(tiny_single_file), model.LoadOptions(np.float32))
 
 
 def test_a_single_file_alone_just_works(tiny_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_a_single_file_alone_just_works(tiny_dir, tmp_path):
         parts[part][key] = rng.standard_normal((49408, parts[part][key].shape[1])).astype(np.float32)
     path = tmp_path / "my-finetune.safetensors"
     single_file.write(path, parts, configs)
-    m = model.load(str(path), np.float32)
+    m = model.load(str(path), model.LoadOptions(np.float32))
     assert m.name == str(path) and len(m.tokenizer) == 49408 and m.noise.timestep_spacing == "leading"
     out = Engine(m, [(64, 64)], batch_rows=1).generate([Row("a photo of a cat", steps=2)], 64, 64)
     assert out.finite == [True] and out.images.std() > 1
@@ -138,7 +138,7 @@ def test_a_missing_file_is_named(tmp_path):
 
 
 def test_default_dtype_is_bfloat16_and_images_are_finite(tiny_dir):
-    m = model.load("tiny", tiny_dir=tiny_dir)
+    m = model.load("tiny", model.LoadOptions(tiny_dir=tiny_dir))
     leaves = convert.flatten(m.params).values()
     assert {str(x.dtype) for x in leaves} == {"bfloat16"}
     out = Engine(m, [(64, 64)], batch_rows=1).generate([Row("x", steps=4)], 64, 64)
@@ -170,15 +170,21 @@ def test_missing_weights_are_named(tmp_path, tiny_dir):
 
 
 def test_parameter_shapes_are_cached_between_starts(tiny_dir, tmp_path, monkeypatch):
-    first = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == sorted(model.COMPONENTS)
+    first = model.load_folder(tiny_dir, model.LoadOptions(np.float32, shape_cache=tmp_path))
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json")) == sorted(model_source.COMPONENTS)
 
     def traced(*_, **__):
         pytest.fail("a network's init was traced again")
 
-    for cls in (model.UNet, model.VAE, model.TextEncoder):
+    from worker.engine.clip import TextEncoder
+    from worker.engine.unet import UNet
+    from worker.engine.vae import VAE
+
+    for cls in (UNet, VAE, TextEncoder):
         monkeypatch.setattr(cls, "shapes", traced)
-    second = model.load_folder(tiny_dir, np.float32, shape_cache=tmp_path)  # shapes from the cache, no tracing
+    second = model.load_folder(
+        tiny_dir, model.LoadOptions(np.float32, shape_cache=tmp_path)
+    )  # shapes from the cache, no tracing
     a, b = convert.flatten(first.params), convert.flatten(second.params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert all(np.asarray(v).dtype == np.float32 and np.asarray(v).flags.c_contiguous for v in b.values())
@@ -190,17 +196,17 @@ def test_a_variant_folder_is_read_only_when_asked_for(tmp_path, tiny32):
     tiny.write(folder, dtype=np.float16, variant="fp16")
     assert sorted(p.name for p in folder.glob("unet/*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"]
     with pytest.raises(model.ModelError) as err:  # no variant asked for: the error names the files and the setting
-        model.load_folder(folder, np.float32)
+        model.load_folder(folder, model.LoadOptions(np.float32))
     assert "diffusion_pytorch_model.fp16.safetensors" in str(err.value) and "SDXL_MODEL_VARIANT" in str(err.value)
 
-    m = model.load_folder(folder, np.float32, variant="fp16")
+    m = model.load_folder(folder, model.LoadOptions(np.float32, variant="fp16"))
     got, want = convert.flatten(m.params), convert.flatten(tiny32.params)
     assert got.keys() == want.keys()
     for k in want:  # the same weights, rounded through float16
         assert got[k].dtype == np.float32
         np.testing.assert_array_equal(got[k], np.asarray(want[k]).astype(np.float16).astype(np.float32))
     with pytest.raises(model.ModelError, match=r"model\.bf16\.safetensors.*SDXL_MODEL_VARIANT=bf16"):
-        model.load_folder(folder, np.float32, variant="bf16")
+        model.load_folder(folder, model.LoadOptions(np.float32, variant="bf16"))
 
 
 # The weight files of stabilityai/stable-diffusion-xl-base-1.0 (each in float32 and the fp16 variant, with
@@ -274,7 +280,7 @@ def test_a_config_that_is_not_sdxl_is_named(tmp_path, tiny_dir):
 def test_vae_dtype_float32_on_a_bfloat16_model(tiny_dir):
     import jax.numpy as jnp
 
-    m = model.load_folder(tiny_dir, jnp.bfloat16, vae_dtype="float32")
+    m = model.load_folder(tiny_dir, model.LoadOptions(jnp.bfloat16, vae_dtype="float32"))
     assert {str(np.asarray(x).dtype) for x in convert.flatten(m.params["vae"]).values()} == {"float32"}
     assert {str(np.asarray(x).dtype) for x in convert.flatten(m.params["unet"]).values()} == {"bfloat16"}
     out = Engine(m, [(64, 64)], batch_rows=1).generate([Row("x", steps=2)], 64, 64)
@@ -286,12 +292,12 @@ def test_vae_dtype_float32_on_a_bfloat16_model(tiny_dir):
 def test_background_load_gives_the_same_engine(tiny_dir, tiny32):
     """load(background=True) returns with the weights' shapes while a thread reads them; Engine.compile()
     places them after the programs. Same weights, same images as a plain load."""
-    m = model.load_folder(tiny_dir, np.float32, background=True)
+    m = model.load_folder(tiny_dir, model.LoadOptions(np.float32, background=True))
     for leaf in convert.flatten(m.params).values():  # shapes in the serving dtype until the read ends
         assert leaf.dtype == np.float32 and hasattr(leaf, "shape")
     engine = Engine(m, [(64, 64)], batch_rows=1)
     assert engine.params is None
-    engine.compile()
+    engine.compile(Programs.guided | Programs.uint8)  # the programs the rows below run
     assert m.pending is None and m.weights_s > 0 and engine.params is not None
     got, want = convert.flatten(m.params), convert.flatten(tiny32.params)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
@@ -307,28 +313,28 @@ def test_background_load_reports_problems(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, tmp_path / "m")
     vae = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
     vae.write_bytes(vae.read_bytes()[:-1000])  # readable header, data cut short: found only when read
-    m = model.load_folder(tmp_path / "m", np.float32, background=True)
+    m = model.load_folder(tmp_path / "m", model.LoadOptions(np.float32, background=True))
     with pytest.raises(model.ModelError, match="truncated or corrupt"):
-        Engine(m, [(64, 64)], batch_rows=1).compile()
+        Engine(m, [(64, 64)], batch_rows=1).compile(Programs.NONE)  # no program: the placement alone
     vae.unlink()  # a missing file is reported before anything is read or compiled
     with pytest.raises(model.ModelError, match=r"no weights in .*vae"):
-        model.load_folder(tmp_path / "m", np.float32, background=True)
+        model.load_folder(tmp_path / "m", model.LoadOptions(np.float32, background=True))
 
 
 def test_a_unet_override_that_is_not_there_is_refused(tiny_dir):
-    from worker.engine.model import ModelError, load_folder
+    from worker.engine.model import LoadOptions, ModelError, load_folder
 
     with pytest.raises(ModelError, match="no such file or folder"):
-        load_folder(tiny_dir, np.float32, unet=tiny_dir / "nope.safetensors")
+        load_folder(tiny_dir, LoadOptions(np.float32, unet=tiny_dir / "nope.safetensors"))
 
 
 def test_a_refiner_is_not_served_as_the_base(tiny_dir, tmp_path):
     from worker.engine import tiny
     from worker.engine.engine import Engine, EngineInputError
-    from worker.engine.model import load_folder
+    from worker.engine.model import LoadOptions, load_folder
 
     tiny.write(tmp_path / "refiner", preset="tiny-refiner")
-    refiner = load_folder(tmp_path / "refiner", np.float32)
+    refiner = load_folder(tmp_path / "refiner", LoadOptions(np.float32))
     assert refiner.refiner and refiner.tokenizer is None and "text_encoder" not in refiner.params
     with pytest.raises(EngineInputError, match="is a refiner"):
         Engine(refiner, [(64, 64)], batch_rows=1)
@@ -343,7 +349,7 @@ def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_referen
     import sys
     from pathlib import Path
 
-    from worker.engine.model import load_folder
+    from worker.engine.model import LoadOptions, load_folder
 
     sys.path.insert(0, str(Path(__file__).parent))
     import variants
@@ -352,17 +358,18 @@ def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_referen
     vae_dir = variants.write_vae(tiny_dir, tmp_path / "other-vae")
     assert bytes(models_reference["vae_sha256"]).decode() == folder_digest(vae_dir), "rerun make_models_reference"
     meta = models_reference["meta"]
-    served = load_folder(tiny_dir, np.float32, name="tiny", vae=vae_dir)
+    served = load_folder(tiny_dir, LoadOptions(np.float32, vae=vae_dir), name="tiny")
     assert served.name == "tiny+vae:other-vae" and served.vae.scaling_factor == variants.VAE_SCALING_FACTOR
     own_config = dataclasses.replace(
-        served, configs=dataclasses.replace(served.configs, vae=model.load_folder(tiny_dir, np.float32).vae)
+        served,
+        configs=dataclasses.replace(served.configs, vae=model.load_folder(tiny_dir, model.LoadOptions(np.float32)).vae),
     )
     row = Row(meta["prompt"], meta["negative_prompt"], seed=meta["seed"], guidance_scale=7.5, steps=meta["steps"])
     if case == "img2img":
         row = dataclasses.replace(row, image=models_reference["image"], strength=0.6)
     want = models_reference[f"vae_override/{case}/image"][0]
     misses = []
-    for m in (served, model.load_folder(tiny_dir, np.float32), own_config):
+    for m in (served, model.load_folder(tiny_dir, model.LoadOptions(np.float32)), own_config):
         out = Engine(m, [(64, 96)], batch_rows=1).generate(
             [row], 64, 96, latents=models_reference["latents"], output="float32"
         )
@@ -372,18 +379,22 @@ def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_referen
 
 
 def test_a_vae_override_that_is_not_a_vae_folder_is_refused(tiny_dir, tmp_path):
-    from worker.engine.model import ModelError, load_folder
+    from worker.engine.model import LoadOptions, ModelError, load_folder
 
     with pytest.raises(ModelError, match=r"no config\.json"):
-        load_folder(tiny_dir, np.float32, vae=tmp_path)
+        load_folder(tiny_dir, LoadOptions(np.float32, vae=tmp_path))
 
 
 def test_a_model_over_the_memory_left_is_refused_before_its_weights_are_read(tiny_dir, tiny32, monkeypatch):
     assert tiny32.nbytes == sum(x.nbytes for x in jax.tree_util.tree_leaves(tiny32.params))
     read = []
-    monkeypatch.setattr(model, "read_component", lambda *a, **k: read.append(a) or {})
+    monkeypatch.setattr(tensor_file, "read", lambda *a, **k: read.append(a) or {})
     with pytest.raises(model.ModelTooLarge, match=f"its weights take {tiny32.nbytes} bytes, over the 1000 left"):
-        model.load_folder(tiny_dir, np.float32, max_bytes=1000)
+        model.load_folder(tiny_dir, model.LoadOptions(np.float32, max_bytes=1000))
     assert read == []
-    fits = model.load("tiny", np.float32, tiny_dir=tiny_dir, max_bytes=tiny32.nbytes)
+    with pytest.raises(model.ModelError):  # a model that fits is read (here: files that hold nothing)
+        model.load_folder(tiny_dir, model.LoadOptions(np.float32, max_bytes=tiny32.nbytes))
+    assert read
+    monkeypatch.undo()
+    fits = model.load("tiny", model.LoadOptions(np.float32, tiny_dir=tiny_dir, max_bytes=tiny32.nbytes))
     assert fits.nbytes == tiny32.nbytes

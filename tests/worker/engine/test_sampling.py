@@ -90,18 +90,20 @@ def engines(tiny32, tiny_dir, sampling, tmp_path_factory):
     tiny.write(folder, preset="tiny-inpaint")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*/*.safetensors"))))
     assert bytes(sampling["inpaint9_weights_sha256"]).decode() == digest.hexdigest(), "rerun make_sampling_reference.py"
-    made["inpaint9"] = Engine(model.load_folder(folder, np.float32, name="tiny-inpaint"), [(64, 96)], batch_rows=3)
+    made["inpaint9"] = Engine(
+        model.load_folder(folder, model.LoadOptions(np.float32), name="tiny-inpaint"), [(64, 96)], batch_rows=3
+    )
     folder = tmp_path_factory.mktemp("tiny-refiner")
     tiny.write(folder, preset="tiny-refiner")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*/*.safetensors"))))
     assert bytes(sampling["refiner_weights_sha256"]).decode() == digest.hexdigest(), "rerun make_sampling_reference.py"
-    refiner = model.load_folder(folder, np.float32, name="tiny-refiner")
+    refiner = model.load_folder(folder, model.LoadOptions(np.float32), name="tiny-refiner")
     made["refiner"] = Engine(tiny32, [(64, 96)], batch_rows=3, refiner=refiner)
     from tests.worker.engine import variants
 
     override = variants.write_unet(tiny_dir, tmp_path_factory.mktemp("lightning") / "unet.safetensors")
     assert bytes(sampling["unet_override_sha256"]).decode() == hashlib.sha256(override.read_bytes()).hexdigest()
-    lightning = model.load_folder(tiny_dir, np.float32, name="tiny", unet=override)
+    lightning = model.load_folder(tiny_dir, model.LoadOptions(np.float32, unet=override), name="tiny")
     assert lightning.name == "tiny+unet:unet.safetensors"
     made["unet_override"] = Engine(lightning, [(64, 96)], batch_rows=3)
     return made

@@ -50,8 +50,9 @@ def test_strength_skips_steps_as_diffusers():
 
 
 def test_lcm_refuses_more_steps_than_its_grid():
-    with pytest.raises(ValueError, match="steps: LCM runs at most 50"):
+    with pytest.raises(schedule.ScheduleError, match="steps: LCM runs at most 50") as err:
         schedule.build(NoiseConfig(), Scheduler.lcm, 51)
+    assert err.value.field == "steps" and err.value.message.startswith("LCM runs at most 50")
 
 
 def test_ddim_linspace_rounds_where_truncating_would_be_off_by_one(reference):
@@ -74,8 +75,9 @@ def test_padding_steps_are_identity():
 
 @pytest.mark.parametrize("steps", [0, MAX_STEPS + 1, -3])
 def test_steps_out_of_range(steps):
-    with pytest.raises(ValueError, match="steps must be between 1 and 150"):
+    with pytest.raises(schedule.ScheduleError, match="steps: must be between 1 and 150") as err:
         schedule.build(NoiseConfig(), Scheduler.euler, steps)
+    assert err.value.field == "steps"
 
 
 def test_unsupported_config_is_refused():

@@ -101,5 +101,5 @@ def test_a_missing_tensor_is_named():
 def test_a_stray_tensor_is_named():
     state = _abstract("base") | {"model.diffusion_model.extra_block.weight": np.broadcast_to(ZERO, (3,))}
     configs = single_file.infer_configs(state, "sdxl")
-    with pytest.raises(single_file.model.ModelError, match="1 tensors of the checkpoint have no place in SDXL"):
+    with pytest.raises(single_file.ModelError, match="1 tensors of the checkpoint have no place in SDXL"):
         single_file.split(state, configs, "sdxl")

@@ -23,7 +23,7 @@ def folder(tmp_path: Path, tiny_dir: Path) -> Path:
 
 
 def _load(folder: Path, cache: Path, dtype=np.float32) -> model.Model:
-    m = model.load_folder(folder, dtype, weight_cache_dir=cache)
+    m = model.load_folder(folder, model.LoadOptions(dtype, weight_cache_dir=cache))
     assert weight_cache.flush(timeout_s=60), "a background write did not finish"
     return m
 

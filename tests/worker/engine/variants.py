@@ -5,17 +5,22 @@ the tests): each tensor moved by a fixed amount seeded by its name.
   diffusers' UNet layout, no config);
 - write_vae: a VAE folder (config.json and weights), as madebyollin/sdxl-vae-fp16-fix or a fine-tune's VAE ships,
   with another scaling factor so that using the model's own config instead shows;
-- write_lora: a LoRA adapter in kohya's or diffusers/PEFT's layout.
+- write_lora: a LoRA adapter in kohya's or diffusers/PEFT's layout (write_random_lora: for any model; the
+  benchmarks use it too).
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from worker.engine import lora
 
 VAE_SCALING_FACTOR = 0.18215  # SD 1.5's: not the tiny model's 0.13025
 
@@ -52,13 +57,49 @@ def write_lora(
     parts: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
     alpha: float | None = None,
 ) -> Path:
-    """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (lora.write_random)."""
+    """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (write_random_lora)."""
     from types import SimpleNamespace
 
-    from worker.engine import lora
     from worker.engine.model import Configs
 
     configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
     made = Configs.from_dicts(configs, str(tiny_dir))
     model = SimpleNamespace(configs=made, params=None, unet=made.unet)
-    return lora.write_random(model, path, layout, rank, seed, parts, alpha)
+    return write_random_lora(model, path, layout, rank, seed, parts, alpha)
+
+
+def write_random_lora(
+    model: Any,
+    path: Path,
+    layout: str,
+    rank: int,
+    seed: int,
+    parts: Sequence[str] = lora.PARTS,
+    alpha: float | None = None,
+) -> Path:
+    """A random adapter for `model` (anything with .configs, .params and .unet), as trainers write them, for
+    tests and benchmarks (bench/lora.py). layout "kohya": `lora_unet_*` in the original SDXL UNet's module names
+    (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`, an `.alpha` per module when
+    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
+    found = lora.targets(model)
+    known = lora.names(model, list(found))
+    rng = np.random.default_rng(seed)
+    sgm = ("input_blocks", "middle_block", "output_blocks")
+    state: dict[str, np.ndarray] = {}
+    for key, target in sorted(found.items()):
+        if target.part not in parts:
+            continue
+        options = [n for n, k in known.items() if k == key]
+        if layout == "kohya":  # the UNet in the original SDXL module names, as kohya's SDXL trainer writes them
+            kohya = [n for n in options if n.startswith("lora_")]
+            (name,) = [n for n in kohya if target.part != "unet" or any(b in n for b in sgm)]
+            down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+        else:
+            (name,) = [n for n in options if not n.startswith("lora_")]
+            down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
+        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        if alpha is not None:
+            state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    save_file(state, path)
+    return path

@@ -1,0 +1,95 @@
+"""The typed key of one compiled part of the program (ProgramKind), and a selection of them (Programs): which
+an engine compiles at start (Engine.compile), the rest compiling on first use. No JAX here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Part(StrEnum):
+    noise = "noise"  # seeds -> each row's starting noise
+    encode = "encode"  # the VAE encoder: init images -> latents
+    begin = "begin"  # text encoders and the starting sample
+    advance = "advance"  # a chunk of denoising steps
+    finish = "finish"  # the VAE decode
+
+
+class Pixels(StrEnum):
+    """What finish hands back."""
+
+    uint8 = "uint8"  # NHWC bytes: serving (4x less to copy off the device)
+    float32 = "float32"  # NHWC in [0, 1]: parity checks
+
+
+class Role(StrEnum):
+    """Which of an engine's models a program runs."""
+
+    base = "base"
+    refiner = "refiner"
+
+
+@dataclass(frozen=True)
+class ProgramKind:
+    """One compiled part for a shape. guided: begin/advance with two UNet rows per image (classifier-free
+    guidance), else one; output: finish's; adapted: begin/advance taking the LoRA bank (the base's only)."""
+
+    part: Part
+    guided: bool = True
+    output: Pixels = Pixels.uint8
+    model: Role = Role.base
+    adapted: bool = False
+
+    def __post_init__(self) -> None:
+        for name, kind in (("part", Part), ("output", Pixels), ("model", Role)):  # "float32" -> Pixels.float32
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        pair = self.part in (Part.begin, Part.advance)
+        if (not pair and (not self.guided or self.adapted)) or (
+            self.part is not Part.finish and self.output != "uint8"
+        ):
+            raise ValueError(f"{self!r}: guided and adapted are begin/advance's, output is finish's")
+        if self.model is Role.refiner and (self.part in (Part.noise, Part.encode) or self.adapted):
+            raise ValueError(f"{self!r}: the refiner has its own begin, advance and finish only")
+
+    def __str__(self) -> str:
+        """Its name in logs, compile_s and cache files: begin, advance-free, finish-uint8, refiner-begin, ..."""
+        name = str(self.part)
+        if self.part is Part.finish:
+            name += f"-{self.output}"
+        elif not self.guided:
+            name += "-free"
+        if self.model is Role.refiner:
+            name = f"refiner-{name}"
+        return name + ("-lora" if self.adapted else "")
+
+
+class Programs(enum.Flag):
+    """Which programs Engine.compile builds at start; the others compile on first use."""
+
+    guided = enum.auto()  # begin and advance with guidance (and the starting noise)
+    free = enum.auto()  # the guidance-free begin and advance (and the starting noise)
+    encode = enum.auto()  # the VAE encoder: image-to-image and inpainting
+    adapters = enum.auto()  # the adapter-taking begin/advance beside the plain ones (an engine with a bank)
+    refiner = enum.auto()  # the refiner's begin, advance and finish (an engine with one)
+    uint8 = enum.auto()  # the decode to bytes (serving)
+    float32 = enum.auto()  # the decode to float32 (parity checks)
+    NONE = 0
+    SERVED = guided | free | encode | adapters | refiner | uint8
+
+    def kinds(self, refiner: bool = False, adapters: bool = False) -> list[ProgramKind]:
+        """The kinds this selection compiles for one shape, for an engine with or without a refiner and a bank."""
+        pairs = [g for g, flag in ((True, Programs.guided), (False, Programs.free)) if flag in self]
+        outputs = [
+            o for o, flag in ((Pixels.uint8, Programs.uint8), (Pixels.float32, Programs.float32)) if flag in self
+        ]
+        out = [ProgramKind(Part.noise)] if pairs else []
+        roles = [Role.base] + ([Role.refiner] if refiner and Programs.refiner in self else [])
+        for role in roles:  # the refiner has no image input
+            out += [ProgramKind(part, g, model=role) for g in pairs for part in (Part.begin, Part.advance)]
+            out += [ProgramKind(Part.encode)] if role is Role.base and Programs.encode in self else []
+            out += [ProgramKind(Part.finish, output=o, model=role) for o in outputs]
+        if adapters and Programs.adapters in self:
+            out += [ProgramKind(part, g, adapted=True) for g in pairs for part in (Part.begin, Part.advance)]
+        return out
