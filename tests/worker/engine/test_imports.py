@@ -68,3 +68,25 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     assert _cycle(graph) == ["worker.engine.a", "worker.engine.b", "worker.engine.c", "worker.engine.a"]
     (package / "c.py").write_text("thing = 1\n")
     assert _cycle(_graph(tmp_path, "worker.engine")) is None
+
+
+def test_a_cache_key_covers_every_module_its_root_imports(tmp_path):
+    """code_identity.digest keys the caches: a module imported at any depth, inside a function too, is covered."""
+    package = tmp_path / "worker" / "engine"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "root.py").write_text("import numpy\n\n\ndef f():\n    from worker.engine import middle\n")
+    (package / "middle.py").write_text("from common.vocabulary import MAX_STEPS\nfrom worker.engine.leaf import x\n")
+    (package / "leaf.py").write_text("x = 1\n")
+    (package / "apart.py").write_text("x = 2\n")
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "vocabulary.py").write_text("MAX_STEPS = 150\n")
+    assert code_identity.closure("worker.engine.root", root=tmp_path) == [
+        "common.vocabulary",
+        "worker.engine.leaf",
+        "worker.engine.middle",
+        "worker.engine.root",
+    ]
+    executables = code_identity.closure("worker.engine.executables")
+    assert {"worker.engine.program", "worker.engine.arguments", "common.vocabulary"} <= set(executables)
+    assert "worker.engine.engine" not in executables  # what dispatches an executable does not make it
