@@ -38,9 +38,9 @@ STOP = "scripts/docker-setup.sh stop"
 API = "http://127.0.0.1:8000"
 S3 = "http://127.0.0.1:9000"
 PROMETHEUS = "http://127.0.0.1:9090"
-WORKER_METRICS = "http://127.0.0.1:9101/metrics"
-# The host ports the stack takes (docker-compose.no-registry.yml): busy ones would make it fail half-way up.
-HOST_PORTS = (6380, 9000, 9333, 9340, 8888, 7333, 8000, 9101, 5555, 9090)
+WORKER_METRICS = "http://127.0.0.1:9111/metrics"
+# The fixed host ports the stack takes (docker-compose.no-registry.yml): busy ones would fail it half-way up.
+HOST_PORTS = (6380, 9000, 9333, 9340, 8888, 8000, 9111, 5555, 9090)
 SERVICES = {"redis", "s3", "s3-bucket", "api", "worker", "flower", "prometheus"}
 
 
@@ -92,7 +92,10 @@ def _wait(predicate, timeout_s: float, every_s: float = 0.5, what: str = "") -> 
 def stack() -> Iterator[Stack]:
     if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True, check=False).returncode:
         pytest.skip("installing and starting Docker needs root (or sudo without a password)")
-    busy = [p for p in HOST_PORTS if _busy(p)]
+    # another process's port (a worker of another test on its default metrics port) may be let go soon
+    deadline = time.monotonic() + 120
+    while (busy := [p for p in HOST_PORTS if _busy(p)]) and time.monotonic() < deadline:
+        time.sleep(2)
     assert not busy, f"host ports {busy} are taken: a stack left up? (`{DOWN}` with COMPOSE_FILE={COMPOSE_FILE})"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}  # none of the tests' own settings
     env |= {
