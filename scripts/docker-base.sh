@@ -3,12 +3,13 @@
 # that reach Debian's archive but no container registry. debootstrap makes a minimal bookworm with Python 3.11;
 # a venv in /usr/local/python, first on PATH, gives the `python` and `pip` the official image has. The result
 # is imported as a local image (default sdxl-base:bookworm); the Dockerfiles take it as BASE_IMAGE.
-# Usage: scripts/docker-base.sh [TAG]    (does nothing when TAG already exists; needs root and a Docker daemon)
+# Usage: scripts/docker-base.sh [TAG]    (does nothing when TAG already exists; needs a Docker daemon)
 set -euo pipefail
+[ "$(id -u)" = 0 ] || exec sudo -E "$0" "$@"  # debootstrap and chroot need root
 tag="${1:-sdxl-base:bookworm}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-docker="${DOCKER:-docker}"
-if "$docker" image inspect "$tag" >/dev/null 2>&1; then
+docker info >/dev/null 2>&1 || { echo "no Docker daemon answers (scripts/docker-setup.sh starts one)" >&2; exit 1; }
+if docker image inspect "$tag" >/dev/null 2>&1; then
   exit 0
 fi
 if ! command -v debootstrap >/dev/null; then
@@ -48,7 +49,7 @@ in_root python3 -m venv /usr/local/python
 in_root pip install --quiet --no-cache-dir --disable-pip-version-check --upgrade pip
 rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
   "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb "$root"/var/log/*.log
-tar -C "$root" -c . | "$docker" import \
+tar -C "$root" -c . | docker import \
   --change 'ENV PATH=/usr/local/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["python3"]' \
