@@ -1,8 +1,10 @@
 """Deployment files, checked offline: Kubernetes schemas, the Compose specification, hadolint, and the
-environment variables they set against what the settings class reads."""
+environment variables they set against what the settings class reads. tests/infra/test_compose.py brings the
+compose stack up for real."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 import shutil
@@ -20,6 +22,10 @@ from common.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = sorted((ROOT / "infra" / "k8s").glob("*.yaml"))
 DOCKERFILES = sorted((ROOT / "infra" / "docker").glob("*.Dockerfile"))
+COMPOSE = ROOT / "docker-compose.yml"
+NO_REGISTRY = ROOT / "docker-compose.no-registry.yml"
+STANDINS = ROOT / "infra" / "docker" / "standins.Dockerfile"
+PROMETHEUS_CONFIGS = ("prometheus.yml", "prometheus-host-network.yml")  # the second: the no-registry file's
 KUBERNETES_VERSION = "1.31.0"
 
 
@@ -41,14 +47,72 @@ def test_manifests_validate(path):
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-def test_compose_file_follows_the_compose_specification():
-    proc = subprocess.run(
-        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def _compose(path: Path) -> dict:
+    """A Compose file as Compose reads it: its merge tags (`!reset []`: drop the base file's value) load as
+    their plain values, which is what the specification's schema describes."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def plain(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        return loader.construct_scalar(node)
+
+    for tag in ("!reset", "!override"):
+        Loader.add_constructor(tag, plain)
+    return yaml.load(path.read_text(), Loader=Loader)  # a SafeLoader with two tags added
+
+
+@pytest.mark.parametrize("path", [COMPOSE, NO_REGISTRY], ids=lambda p: p.name)
+def test_compose_files_follow_the_compose_specification(path):
+    # the schema check-jsonschema carries (its command line cannot read the override's `!reset`)
+    schema_file = importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    jsonschema.validate(_compose(path), json.loads(schema_file.read_text()))
+
+
+def test_every_registry_image_is_a_variable_and_every_base_image_default_is_one():
+    compose = _compose(COMPOSE)
+    for name, service in compose["services"].items():
+        assert re.fullmatch(r"\$\{[A-Z0-9_]+_IMAGE:-[^}]+\}", service["image"]), (name, service["image"])
+    defaults = {re.search(r"^ARG BASE_IMAGE=(\S+)$", p.read_text(), flags=re.M).group(1) for p in DOCKERFILES}
+    for service in compose["services"].values():
+        if "build" in service:
+            defaults.add(re.fullmatch(r"\$\{BASE_IMAGE:-([^}]+)\}", service["build"]["args"]["BASE_IMAGE"]).group(1))
+    assert len(defaults) == 1, defaults
+    for path in DOCKERFILES:  # every stage starts from the build argument
+        assert set(re.findall(r"^FROM (\S+)", path.read_text(), flags=re.M)) == {"${BASE_IMAGE}"}, path.name
+
+
+def test_the_no_registry_file_builds_every_service_it_runs_on_the_host_network():
+    base, override = _compose(COMPOSE)["services"], _compose(NO_REGISTRY)["services"]
+    assert set(override) <= set(base), set(override) - set(base)  # a misspelt name would add a service
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", STANDINS.read_text(), flags=re.M))
+    for name, service in base.items():
+        if service.get("profiles") or override[name].get("profiles"):
+            continue  # worker-tpu (profile tpu) and grafana (no stand-in: profile grafana)
+        merged = {**service, **override[name]}
+        assert merged["network_mode"] == "host" and merged.get("ports", []) == [], name
+        assert "build" in merged or merged.get("pull_policy") == "never", f"{name} would pull {merged['image']}"
+        if merged["image"].startswith("sdxl-standin-") and "build" in override[name]:
+            assert override[name]["build"]["target"] in targets, name
+
+
+def test_the_stand_ins_pins_are_the_constraints():
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    found = re.findall(r"\b([a-z0-9_-]+)(?:\[[a-z,]+\])?==([0-9][^\s\"]*)", STANDINS.read_text())
+    assert found, "no pinned package in the stand-ins"
+    for name, version in found:
+        if name in pinned:
+            assert version == pinned[name], f"{name}=={version} in {STANDINS.name}, {pinned[name]} in constraints.txt"
+
+
+def test_both_prometheus_configurations_scrape_the_same_jobs():
+    configs = [yaml.safe_load((ROOT / "infra" / "prometheus" / name).read_text()) for name in PROMETHEUS_CONFIGS]
+    jobs = [[job["job_name"] for job in config["scrape_configs"]] for config in configs]
+    assert jobs[0] == jobs[1], jobs
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -59,10 +123,11 @@ def test_dockerfiles_lint_clean(path):
 
 def _set_variables() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    found["docker-compose.yml"] = set(compose["x-sdxl-env"])
-    for service in compose["services"].values():
-        found["docker-compose.yml"].update(service.get("environment") or {})
+    for path in (COMPOSE, NO_REGISTRY):
+        compose = _compose(path)
+        found[path.name] = set(compose.get("x-sdxl-env", {}))
+        for service in compose["services"].values():
+            found[path.name].update(service.get("environment") or {})
     for path, doc in _docs():
         if doc["kind"] == "ConfigMap":
             found.setdefault(path.name, set()).update(doc["data"])
