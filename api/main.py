@@ -25,8 +25,10 @@ from common.dataset_store import DatasetStore
 from common.job_store import JobStore
 from common.loras import Registry
 from common.queue import make_celery
+from common.rate_limit import RateLimiter
 from common.settings import Settings, get_settings
 from common.storage import from_settings
+from common.worker_registry import WorkerRegistry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,19 +48,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_on_error=[redis.exceptions.ConnectionError],
         )
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
-        events = JobEvents(settings.redis_url, store.ended_channel, store.progress_channel)
+        workers = WorkerRegistry(client, settings.key_prefix)
+        events = JobEvents(settings.redis_url, store.keys.ended, store.keys.progress)
         storage = from_settings(settings)  # fails here, at start, when the signing secret is missing
         app.state.services = Services(
             settings=settings,
-            redis=client,
             store=store,
             storage=storage,
             celery=make_celery(settings),
             keys=ApiKeyStore(client, settings.key_prefix),
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
+            workers=workers,
+            rate_limits=RateLimiter(client, settings.key_prefix),
             events=events,
             loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
-            served=ServedModels(client, settings.key_prefix),
+            served=ServedModels(workers),
         )
         events.start()  # connects in the background: an API started before Redis still starts
         yield

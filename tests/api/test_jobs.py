@@ -1,7 +1,9 @@
 """The API against a real Redis, with no worker: submit, read, list, cancel, idempotency, bad input."""
 
 import pytest
+import redis
 
+from common.keys import Keys
 from common.storage import LocalStorage
 
 GOOD = {"prompt": "a cat in a hat", "width": 1024, "height": 1024}
@@ -23,8 +25,6 @@ def test_submit_answers_202_with_job_and_status_url(client):
 def test_the_job_is_on_the_celery_queue(client, settings):
     import json
 
-    import redis
-
     job = client.post("/v1/jobs", json=GOOD).json()
     r = redis.Redis.from_url(settings.redis_url)
     messages = [json.loads(m) for m in r.lrange(settings.queue_name, 0, -1)]
@@ -44,7 +44,7 @@ def test_cancel_queued_job(client, settings):
     assert again.status_code == 409 and "already ended (canceled)" in again.json()["detail"]
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["queue_position"] is None and job["expires_at"] == job["finished_at"] + settings.job_ttl_s
-    ttl_s = client.app.state.services.store.r.ttl(f"{settings.key_prefix}:job:{job_id}")
+    ttl_s = redis.Redis.from_url(settings.redis_url).ttl(Keys(settings.key_prefix).job(job_id))
     assert settings.job_ttl_s - 5 <= ttl_s <= settings.job_ttl_s  # expires_at is when Redis drops the record
 
 
@@ -125,9 +125,7 @@ def test_models_and_health(client):
 
 
 def test_readyz_sees_a_worker_heartbeat(client, settings):
-    import redis
-
-    redis.Redis.from_url(settings.redis_url).set(f"{settings.key_prefix}:worker:w1", "{}", ex=15)
+    redis.Redis.from_url(settings.redis_url).set(Keys(settings.key_prefix).worker("w1"), "{}", ex=15)
     assert client.get("/readyz").json() == {"ready": True, "workers": 1, "problems": []}
 
 
@@ -179,8 +177,6 @@ def test_no_key_or_a_bad_key_is_401(settings):
 
 
 def test_revoked_key_is_refused(client, settings):
-    import redis
-
     from common.api_keys import ApiKeyStore
 
     keys = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
@@ -191,11 +187,9 @@ def test_revoked_key_is_refused(client, settings):
 
 
 def test_keys_are_stored_hashed(client, settings):
-    import redis
-
     key = client.headers["Authorization"].removeprefix("Bearer ")
     r = redis.Redis.from_url(settings.redis_url)
-    for name in r.scan_iter(match=f"{settings.key_prefix}:*"):
+    for name in r.scan_iter(match=Keys(settings.key_prefix).everything):
         if r.type(name) == b"hash":
             assert key.encode() not in b"".join(k + v for k, v in r.hgetall(name).items())
 

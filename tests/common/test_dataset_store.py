@@ -34,10 +34,10 @@ def test_the_active_cap_holds_under_concurrent_creates(datasets):
     assert run.status == DatasetStatus.running and run.tenant == "other" and run.total == 1 and run.cursor == 0
 
 
-def test_a_retry_that_reactivates_an_ended_run_counts_against_the_cap(datasets, key_prefix):
+def test_a_retry_that_reactivates_an_ended_run_counts_against_the_cap(datasets):
     create(datasets, "old")
     assert datasets.mark_fed("old", 0, "j0", "cursor")
-    assert datasets.reap("old", 0, f"{key_prefix}:job:j0", "failed", {"line": 1, "id": "l0", "error": "boom"})
+    assert datasets.reap("old", 0, "j0", "failed", {"line": 1, "id": "l0", "error": "boom"})
     assert datasets.finish("old", DatasetStatus.running, DatasetStatus.completed)
     assert datasets.active_count("acme") == 0
     create(datasets, "a", max_active=2)

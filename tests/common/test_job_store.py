@@ -91,9 +91,9 @@ def test_queue_position_follows_submit_order(store):
     assert [store.queue_position(i) for i in ids] == [1, 2, 3]
 
 
-def test_records_expire(store):
+def test_records_expire(store, redis_url):
     job_id, _ = store.create(req())
-    assert 0 < store.r.ttl(store.key("job", job_id)) <= 60
+    assert 0 < redis.Redis.from_url(redis_url).ttl(store.keys.job(job_id)) <= 60
 
 
 def test_idempotency(store):
