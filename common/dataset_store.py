@@ -101,7 +101,7 @@ return 1
 # reads it again. O(active runs), which that cap keeps small.
 _ACTIVE_RUNS = """
 -- KEYS[active]: the active list; KEYS[first..]: the hashes of the runs the caller read from it, in its order
--- snapshot: those runs' ids as a JSON list
+-- ARGV: the caller's; `snapshot` is the slot that holds those runs' ids as a JSON list
 -- Returns the tenant's runs among them, or nil when the list is not what the caller read.
 local function active_runs(active, snapshot, first, tenant)
   local ids = redis.call('LRANGE', KEYS[active], 0, -1)

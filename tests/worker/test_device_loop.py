@@ -138,3 +138,13 @@ def test_the_heartbeat_carries_the_workers_counters(loop):
     assert c.jobs == {"succeeded": 2, "failed": 1, "canceled": 0, "requeued": 0}
     assert status.name == loop.name and status.batch_rows == 4 and status.sizes == [(64, 64)]
     assert status.started_at <= status.at
+
+
+def test_a_clean_stop_takes_the_heartbeat_and_the_held_set_away(redis_url, key_prefix, tmp_path):
+    loop = make_loop(RiggedEngine([(64, 64)], 4, 0.05), redis_url, key_prefix, tmp_path, batch_timeout_s=0.05)
+    loop.start()
+    assert run(loop, [make(loop, "fine")]) == ["succeeded"]
+    loop.workers.hold(loop.name, "a job it was about to answer")
+    assert loop.name in loop.workers.live_names() and loop.workers.holders() == [loop.name]
+    loop.stop()
+    assert loop.workers.live_names() == set() and loop.workers.holders() == []
