@@ -5,11 +5,13 @@ uvicorn api.main:app
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -86,14 +88,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
     app.add_middleware(metrics.RequestTimer)  # added last: outermost, so it times what the others refuse too
-    app.include_router(jobs.router)
-    app.include_router(datasets.router)
-    app.include_router(openai.router)
-    app.include_router(files.router)
-    app.include_router(system.router)
-    app.include_router(playground.router)
+    for module in (jobs, datasets, openai, files, system, playground):
+        _summaries(module.router)
+        app.include_router(module.router)
     app.mount("/playground", playground.assets(), name="playground")
     return app
+
+
+def _summaries(router: APIRouter) -> None:
+    """Each handler's one-line docstring is its operation's OpenAPI summary (FastAPI title-cases the function's
+    name otherwise); longer text is the route's own `description` (without one, FastAPI repeats the docstring)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint.__doc__ and route.summary is None:
+            route.summary = inspect.cleandoc(route.endpoint.__doc__)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -553,7 +553,11 @@ class DeviceLoop:
             attempts = (self._call(self.store.get, job.id) or job).attempts
             requeued = (
                 attempts < self.max_attempts
-                and self._call(self.store.transition, job.id, JobStatus.queued, [JobStatus.running], job.tenant)[0]
+                and (
+                    self._call(self.store.transition, job.id, JobStatus.queued, [JobStatus.running], tenant=job.tenant)[
+                        0
+                    ]
+                )
             )
             if requeued:
                 # Back to the queue (the Celery message is rejected with requeue): it runs again later.
@@ -563,7 +567,7 @@ class DeviceLoop:
                 error = f"{error} (attempt {attempts} of {self.max_attempts})"
                 self._call(self.store.fail, job.id, error, tenant=job.tenant)
             return
-        if not self._call(self.store.succeed, job.id, records, truncated, job.tenant) and (
+        if not self._call(self.store.succeed, job.id, records, truncated, tenant=job.tenant) and (
             self._call(self.store.status, job.id) == JobStatus.canceled
         ):
             # Canceled while running: the results are discarded, as the cancel answer promised, and so is

@@ -119,10 +119,15 @@ def dataset_failures(
     return dataset_service.failures(run, services, offset, limit)
 
 
-@router.post("/{run_id}/cancel", response_model=DatasetPublic, responses={404: {}, 409: {}})
+@router.post(
+    "/{run_id}/cancel",
+    response_model=DatasetPublic,
+    responses={404: {}, 409: {}},
+    description="Lines not started never run, lines on a device finish; everything finished is kept and the run "
+    "ends with its manifest and shards.",
+)
 def cancel_dataset(run: OwnedRun, services: ServicesDep, request: Request) -> DatasetPublic:
-    """Stop feeding: lines not started never run, lines on a device finish; everything finished is kept and
-    the run ends with its manifest and shards."""
+    """Stop feeding a data set run."""
     return dataset_service.cancel(run, services, request)
 
 
@@ -132,10 +137,14 @@ def retry_dataset(run: OwnedRun, services: ServicesDep, request: Request) -> Ret
     return dataset_service.retry(run, services, request)
 
 
-@router.post("/{run_id}/resume", response_model=ResumePublic, responses={404: {}, 409: {}, 429: {}})
+@router.post(
+    "/{run_id}/resume",
+    response_model=ResumePublic,
+    responses={404: {}, 409: {}, 429: {}},
+    description="The run goes back to running and ends `completed` once every line has succeeded or failed.",
+)
 def resume_dataset(run: OwnedRun, services: ServicesDep, request: Request) -> ResumePublic:
-    """Generate a canceled run's canceled lines (same ids, same seeds); the run goes back to running and ends
-    `completed` once every line has succeeded or failed."""
+    """Generate a canceled run's canceled lines (same ids, same seeds)."""
     return dataset_service.resume(run, services, request)
 
 

@@ -17,7 +17,14 @@ from common.jobs import TERMINAL, JobRequest, LimitError
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses={401: {}, 409: {}, 422: {}, 429: {}, 503: {}})
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses={401: {}, 409: {}, 422: {}, 429: {}, 503: {}},
+    description="Answers once the job is stored and queued (202), or with `Prefer: wait=N` once it has ended (200) "
+    "or N seconds have passed (202). A replayed Idempotency-Key answers 200 with the earlier job.",
+)
 async def create_job(
     body: JobRequest,
     services: ServicesDep,
@@ -30,8 +37,7 @@ async def create_job(
         Header(description="`wait=N`: answer once the job has ended or after N seconds (RFC 7240)"),
     ] = None,
 ) -> JobPublic | Response:
-    """Submit a text-to-image job; answers once it is stored and queued, or with `Prefer: wait=N` once it
-    has ended (200) or N seconds have passed (202)."""
+    """Submit a text-to-image job."""
     wait_s = preferred_wait_s(request.headers.getlist("prefer"), services.settings.max_wait_s)
     answer = await job_service.submit_and_wait(body, services, caller, request, idempotency_key, wait_s)
     job = answer.job
@@ -68,7 +74,13 @@ def preferred_wait_s(prefer_headers: list[str], max_wait_s: float) -> float | No
     return None
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses={404: {}, 422: {}})
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    responses={404: {}, 422: {}},
+    description="Its images (with freshly signed URLs) once it has succeeded; with `wait_s`, the answer comes once "
+    "the job has ended or `wait_s` has passed (a long poll: one request instead of many).",
+)
 async def get_job(
     job_id: str,
     services: ServicesDep,
@@ -78,8 +90,7 @@ async def get_job(
         float, Query(ge=0, allow_inf_nan=False, description="Answer once the job has ended or after this long.")
     ] = 0,
 ) -> JobPublic | Response:
-    """A job's status, and its images (with freshly signed URLs) once it has succeeded; with `wait_s`, once
-    it has ended or `wait_s` has passed (a long poll: one request instead of many)."""
+    """A job's status and images."""
     max_wait_s = services.settings.max_wait_s
     if wait_s > max_wait_s:
         raise LimitError("wait_s", f"at most {max_wait_s:g} s on this deployment (SDXL_MAX_WAIT_S), got {wait_s:g}")
@@ -93,12 +104,13 @@ async def get_job(
     "/{job_id}/events",
     responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, 404: {}},
     response_class=StreamingResponse,
+    description="`queued` (data: `queue_position`) each time its position changes, `running` (data: `progress` "
+    "{step, steps}) at each reported step, then one of `succeeded`, `failed` or `canceled` whose data is the whole "
+    "job, as GET /v1/jobs/{id} answers it. Every event's data is a JSON object with `id` and `status`. A stream "
+    "opened on an ended job sends its end at once.",
 )
 async def job_events(job: OwnedJob, services: ServicesDep, caller: CallerDep, request: Request) -> StreamingResponse:
-    """The job's changes as Server-Sent Events, ending with the job: `queued` (data: `queue_position`) each
-    time its position changes, `running` (data: `progress` {step, steps}) at each reported step, then one of
-    `succeeded`, `failed` or `canceled` whose data is the whole job, as GET /v1/jobs/{id} answers it. Every
-    event's data is a JSON object with `id` and `status`. A stream opened on an ended job sends its end at once."""
+    """The job's changes as Server-Sent Events, ending with the job."""
     return StreamingResponse(  # the job was read (a 404) before the stream starts
         job_service.event_stream(job, services, caller, request),
         media_type="text/event-stream",

@@ -145,6 +145,11 @@ def test_local_files_need_a_valid_signature(client, settings):
 def test_openapi_documents_the_routes(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models", "/readyz"} <= set(spec["paths"])
+    # each handler's one-line docstring is its summary; longer text, where there is any, its description
+    operations = [op for path in spec["paths"].values() for op in path.values()]
+    assert all(op["summary"].endswith(".") and "\n" not in op["summary"] for op in operations), operations
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert submit["summary"] == "Submit a text-to-image job." and "Prefer: wait=N" in submit["description"]
 
 
 def test_redis_down_is_503_with_retry_after(settings):
