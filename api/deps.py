@@ -1,12 +1,12 @@
-"""Dependencies: one settings object, one Redis client, one store, one storage, one Celery producer and one
-job-event subscription per process, built at start-up (api.main.lifespan) and handed to handlers."""
+"""Dependencies: one settings object, one set of Redis stores (on one client), one storage, one Celery producer
+and one job-event subscription per process, built at start-up (api.main.lifespan) and handed to handlers; the
+caller (API key -> tenant, after the rate limit); and the caller's job or data set run named by the path."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis
 from celery import Celery
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,24 +14,27 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.job_events import JobEvents
 from api.metrics import RedisFigures
 from api.served import ServedModels
-from common import rate_limit
 from common.api_keys import ApiKeyStore
-from common.dataset_store import DatasetStore
+from common.dataset_store import DatasetRun, DatasetStore
 from common.job_store import JobStore
+from common.jobs import Job
 from common.loras import Registry
+from common.rate_limit import RateLimiter
 from common.settings import Settings
 from common.storage import Storage
+from common.worker_registry import WorkerRegistry
 
 
 @dataclass
 class Services:
     settings: Settings
-    redis: redis.Redis
     store: JobStore
     storage: Storage
     celery: Celery
     keys: ApiKeyStore
     datasets: DatasetStore
+    workers: WorkerRegistry  # the live workers' heartbeats (/readyz, /metrics, the models served)
+    rate_limits: RateLimiter
     events: JobEvents  # wakes requests that wait for a job to end
     loras: Registry  # the LoRA adapters served (SDXL_LORA_DIR)
     served: ServedModels  # which models live workers hold
@@ -76,7 +79,7 @@ def authenticate(
     read = request.method in ("GET", "HEAD")
     limit = s.read_rate_limit_per_min if read else s.rate_limit_per_min
     kind = "read" if read else "write"
-    wait_s = rate_limit.hit(services.redis, services.store.key("rate", kind, record.key_id), limit)
+    wait_s = services.rate_limits.hit(kind, record.key_id, limit)
     if wait_s is not None:
         advice = "; instead of polling, wait for the end in one request: GET /v1/jobs/{id}?wait_s=30" if read else ""
         raise HTTPException(
@@ -91,3 +94,25 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 # A list's offset: bounded, so it stays inside Redis' integer range (a fuzzer found the 500 an unbounded one gave)
 OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000_000)]
+
+
+def owned_job(job_id: str, services: ServicesDep, caller: CallerDep) -> Job:
+    """The caller's job; another tenant's job is as absent as an unknown one (404, never 403)."""
+    job = services.store.get(job_id)
+    if job is None or job.tenant != caller.tenant:
+        raise HTTPException(404, f"no job {job_id} (unknown, another tenant's, or its record expired)")
+    return job
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+
+
+def owned_run(run_id: str, services: ServicesDep, caller: CallerDep) -> DatasetRun:
+    """The caller's data set run; another tenant's is as absent as an unknown one (404, never 403)."""
+    run = services.datasets.get(run_id)
+    if run is None or run.tenant != caller.tenant:
+        raise HTTPException(404, f"no data set {run_id} (unknown, another tenant's, or its record expired)")
+    return run
+
+
+OwnedRun = Annotated[DatasetRun, Depends(owned_run)]

@@ -19,7 +19,6 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.jobs import LimitError
 from common.loras import RegistryUnavailable
+from common.outage import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -64,6 +64,17 @@ class Problem(BaseModel):
 
 
 OPENAI_PATHS = "/v1/images/"
+
+
+class ProblemError(Exception):
+    """Raised by the API's services to answer with a problem naming the field to fix (`errors`), with extension
+    members (a data set refusal's invalid lines) and headers (Retry-After)."""
+
+    def __init__(
+        self, status: int, detail: str, field: str = "body", headers: dict[str, str] | None = None, **extensions: Any
+    ):
+        super().__init__(detail)
+        self.status, self.detail, self.field, self.headers, self.extensions = status, detail, field, headers, extensions
 
 
 def problem(
@@ -132,12 +143,15 @@ def install(app: FastAPI) -> None:
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return invalid(validation_errors(list(exc.errors())), request=request)
 
+    @app.exception_handler(ProblemError)
+    async def service_problem(request: Request, exc: ProblemError) -> JSONResponse:
+        errors = [{"field": exc.field, "message": exc.detail}]
+        return problem(exc.status, exc.detail, errors, exc.headers, request, **exc.extensions)
+
     @app.exception_handler(LimitError)
     async def limit(request: Request, exc: LimitError) -> JSONResponse:
         return invalid([{"field": exc.field, "message": str(exc)}], request=request)
 
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    @app.exception_handler(redis.exceptions.TimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return problem(
             503,
@@ -145,6 +159,9 @@ def install(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
             request=request,
         )
+
+    for outage in REDIS_DOWN:  # the Celery producer's broker outage too: the broker is the same Redis
+        app.add_exception_handler(outage, redis_down)
 
     @app.exception_handler(RegistryUnavailable)
     async def adapters_down(request: Request, exc: Exception) -> JSONResponse:

@@ -5,11 +5,13 @@ uvicorn api.main:app
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -25,8 +27,10 @@ from common.dataset_store import DatasetStore
 from common.job_store import JobStore
 from common.loras import Registry
 from common.queue import make_celery
+from common.rate_limit import RateLimiter
 from common.settings import Settings, get_settings
 from common.storage import from_settings
+from common.worker_registry import WorkerRegistry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,19 +50,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry_on_error=[redis.exceptions.ConnectionError],
         )
         store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
-        events = JobEvents(settings.redis_url, store.ended_channel, store.progress_channel)
+        workers = WorkerRegistry(client, settings.key_prefix)
+        events = JobEvents(settings.redis_url, store.keys.ended, store.keys.progress)
         storage = from_settings(settings)  # fails here, at start, when the signing secret is missing
         app.state.services = Services(
             settings=settings,
-            redis=client,
             store=store,
             storage=storage,
             celery=make_celery(settings),
             keys=ApiKeyStore(client, settings.key_prefix),
             datasets=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
+            workers=workers,
+            rate_limits=RateLimiter(client, settings.key_prefix),
             events=events,
             loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
-            served=ServedModels(client, settings.key_prefix),
+            served=ServedModels(workers),
         )
         events.start()  # connects in the background: an API started before Redis still starts
         yield
@@ -82,14 +88,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
     app.add_middleware(metrics.RequestTimer)  # added last: outermost, so it times what the others refuse too
-    app.include_router(jobs.router)
-    app.include_router(datasets.router)
-    app.include_router(openai.router)
-    app.include_router(files.router)
-    app.include_router(system.router)
-    app.include_router(playground.router)
+    for module in (jobs, datasets, openai, files, system, playground):
+        _summaries(module.router)
+        app.include_router(module.router)
     app.mount("/playground", playground.assets(), name="playground")
     return app
+
+
+def _summaries(router: APIRouter) -> None:
+    """Each handler's one-line docstring is its operation's OpenAPI summary (FastAPI title-cases the function's
+    name otherwise); longer text is the route's own `description` (without one, FastAPI repeats the docstring)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint.__doc__ and route.summary is None:
+            route.summary = inspect.cleandoc(route.endpoint.__doc__)
 
 
 def __getattr__(name: str) -> FastAPI:

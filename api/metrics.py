@@ -33,9 +33,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common import worker_status
 from common.dataset_store import DatasetStore
 from common.job_store import JobStore
+from common.worker_registry import WorkerRegistry
+from common.worker_status import WorkerStatus
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
 disable_created_metrics()  # no *_created series: Prometheus does not need them, and they double the lines
@@ -73,18 +74,13 @@ class RedisFigures:
     queued: int
     running: int
     active_runs: int
-    workers: list[worker_status.WorkerStatus]
+    workers: list[WorkerStatus]
     read_at: float  # time.time()
 
 
-def read(store: JobStore, datasets: DatasetStore) -> RedisFigures:
-    r = store.r
-    workers = sorted(worker_status.live(r, store.prefix), key=lambda w: w.name)
-    pipe = r.pipeline(transaction=False)
-    pipe.zcard(store.key("queued"))
-    pipe.zcard(store.key("running"))
-    pipe.llen(datasets.active_key)
-    queued, running, active_runs = pipe.execute()
+def read(store: JobStore, datasets: DatasetStore, registry: WorkerRegistry) -> RedisFigures:
+    workers = sorted(registry.live(), key=lambda w: w.name)
+    queued, running, active_runs = store.queued_count(), store.running_count(), datasets.active_runs_count()
     return RedisFigures(queued, running, active_runs, workers, time.time())
 
 
@@ -112,7 +108,7 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("sdxl_datasets_active", "Data set runs being fed.", value=f.active_runs)
         yield GaugeMetricFamily("sdxl_workers", "Workers whose heartbeat is live.", value=len(f.workers))
 
-        def per_worker(family: Metric, value: Callable[[worker_status.WorkerStatus], float]) -> Metric:
+        def per_worker(family: Metric, value: Callable[[WorkerStatus], float]) -> Metric:
             for w in f.workers:
                 family.add_metric([w.name], value(w))  # type: ignore[attr-defined]
             return family

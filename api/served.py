@@ -7,11 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-import redis
-
-from common import worker_status
 from common.jobs import JobRequest, LimitError
+from common.outage import REDIS_DOWN
 from common.settings import Settings
+from common.worker_registry import WorkerRegistry
+from common.worker_status import WorkerStatus
 
 WORKERS_FRESH_S = 2.0  # how long one read of the heartbeats answers for (a submit does not scan Redis each time)
 
@@ -19,22 +19,22 @@ WORKERS_FRESH_S = 2.0  # how long one read of the heartbeats answers for (a subm
 class ServedModels:
     """Which models live workers serve, from their heartbeats, read at most every WORKERS_FRESH_S."""
 
-    def __init__(self, client: redis.Redis, prefix: str):
-        self.client, self.prefix = client, prefix
+    def __init__(self, registry: WorkerRegistry):
+        self.registry = registry
         self._lock = threading.Lock()
         self._at = -WORKERS_FRESH_S
-        self._workers: list[worker_status.WorkerStatus] = []
+        self._workers: list[WorkerStatus] = []
 
-    def workers(self) -> list[worker_status.WorkerStatus]:
+    def workers(self) -> list[WorkerStatus]:
         with self._lock:
             if time.monotonic() - self._at >= WORKERS_FRESH_S:
-                self._workers = list(worker_status.live(self.client, self.prefix))
+                self._workers = self.registry.live()
                 self._at = time.monotonic()
             return self._workers
 
-    def served(self) -> dict[str, list[worker_status.WorkerStatus]]:
+    def served(self) -> dict[str, list[WorkerStatus]]:
         """model name -> the live workers that hold it."""
-        out: dict[str, list[worker_status.WorkerStatus]] = {}
+        out: dict[str, list[WorkerStatus]] = {}
         for w in self.workers():
             for m in w.models or [{"name": w.model}]:
                 out.setdefault(m["name"], []).append(w)
@@ -53,7 +53,7 @@ def check_model(body: JobRequest, settings: Settings, served: ServedModels) -> N
         raise LimitError("refiner", f"the refiner is served with the default model {names[0]!r} only")
     try:
         holders = served.served()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+    except REDIS_DOWN:
         return  # Redis away: the store refuses the job next, with the outage's own answer
     if holders and name not in holders:
         raise LimitError(

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.api_keys import ApiKeyStore  # noqa: E402
+from common.batch_log import BatchLog  # noqa: E402
+from common.keys import Keys  # noqa: E402
 from tests.servers import ApiProcess, WorkerProcess, free_port  # noqa: E402
 
 ENDED = ("succeeded", "failed", "canceled")
@@ -162,9 +164,8 @@ def main() -> None:
     def read_batch_log() -> None:
         while not stop.is_set():
             try:
-                for raw in redis.Redis.from_url(url, socket_timeout=2).lrange(f"{prefix}:batches", 0, -1):
-                    entry = json.loads(raw)
-                    runs[(entry["worker"], entry["at"])] = entry["jobs"]
+                for entry in BatchLog(redis.Redis.from_url(url, socket_timeout=2), prefix).recent():
+                    runs[(entry.worker, entry.at)] = entry.jobs
             except redis.RedisError:
                 pass
             stop.wait(2)
@@ -207,18 +208,18 @@ def main() -> None:
     for t in threads[:-1]:
         t.join(timeout=60)
 
-    r = redis.Redis.from_url(url)
+    r, keys = redis.Redis.from_url(url), Keys(prefix)
     ids = sorted(accepted)
-    finals = [r.hget(f"{prefix}:job:{i}", "status") for i in ids]
-    attempts = [int(r.hget(f"{prefix}:job:{i}", "attempts") or 0) for i in ids]
+    finals = [r.hget(keys.job(i), "status") for i in ids]
+    attempts = [int(r.hget(keys.job(i), "attempts") or 0) for i in ids]
     statuses = collections.Counter(s.decode() if s else "lost" for s in finals)
     run_count: collections.Counter[str] = collections.Counter(j for jobs in runs.values() for j in jobs)
     over = [i for i, a in zip(ids, attempts, strict=True) if run_count[i] > a]
     stranded = {
-        "outbox": r.zcard(f"{prefix}:outbox"),
-        "queued": r.zcard(f"{prefix}:queued"),
-        "running": r.zcard(f"{prefix}:running"),
-        "held": sum(r.scard(k) for k in r.scan_iter(match=f"{prefix}:held:*")),
+        "outbox": r.zcard(keys.outbox),
+        "queued": r.zcard(keys.queued),
+        "running": r.zcard(keys.running),
+        "held": sum(r.scard(k) for k in r.scan_iter(match=keys.held("*"))),
     }
     bad_5xx = {c: n for c, n in codes.items() if c.startswith("5") and c != "503"}
     logs = "".join(p.read_text(errors="replace") for p in work.glob("worker*.log"))

@@ -43,7 +43,7 @@ def one_by_one(storage: Storage, store: JobStore, now: float) -> dict:
     done = {"deleted": 0, "kept": 0}
     for name in storage.folders(ROOT):
         for key in list(storage.keys(f"{ROOT}/{name}")):
-            if store.r.exists(store.key("job", key.split("/")[2])):
+            if store.existing([key.split("/")[2]])[0]:
                 done["kept"] += 1
             else:
                 storage.delete(key)
@@ -54,13 +54,15 @@ def one_by_one(storage: Storage, store: JobStore, now: float) -> dict:
 METHODS = {"ours": lambda storage, store, now: sweep(storage, store, now=now), "one by one": one_by_one}
 
 
-def fill(storage: Storage, store: JobStore, images: int, now: float, pool: ThreadPoolExecutor) -> tuple[set, set]:
+def fill(
+    storage: Storage, store: JobStore, r: redis.Redis, images: int, now: float, pool: ThreadPoolExecutor
+) -> tuple[set, set]:
     folder = hour(now - 2 * store.ttl_s)
     keys = {f"{ROOT}/{folder}/{uuid.uuid4().hex}/0.png" for _ in range(images)}
     live = set(sorted(keys)[:: round(1 / LIVE_SHARE)])
-    pipe = store.r.pipeline(transaction=False)
+    pipe = r.pipeline(transaction=False)  # bare records: all the sweep reads of them is that they exist
     for key in live:
-        pipe.hset(store.key("job", key.split("/")[2]), "status", "succeeded")
+        pipe.hset(store.keys.job(key.split("/")[2]), "status", "succeeded")
     pipe.execute()
     list(pool.map(lambda k: storage.put(k, b"\x89PNG" + b"\0" * 4096, "image/png"), keys))
     return keys, live
@@ -95,7 +97,7 @@ def main() -> None:
                     else:
                         storage, calls = LocalStorage(tmp / "images" / prefix, "http://x", b"k" * 32), Counter()
                     now = time.time()
-                    keys, live = fill(storage, store, args.images, now, pool)
+                    keys, live = fill(storage, store, r, args.images, now, pool)
                     calls.clear()
                     r.config_resetstat()
                     t0 = time.perf_counter()

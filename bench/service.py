@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import redis_server  # noqa: E402
 from common.api_keys import ApiKeyStore  # noqa: E402
+from common.batch_log import BatchLog  # noqa: E402
+from common.keys import Keys  # noqa: E402
 from tests.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
 
 ENDED = ("succeeded", "failed", "canceled")
@@ -246,7 +249,7 @@ def main() -> None:
         while True:
             pipe = r.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hget(f"sdxl:job:{job_id}", "status")
+                pipe.hget(Keys("sdxl").job(job_id), "status")
             states = pipe.execute()
             own += len(ids)
             if all(st in (b"succeeded", b"failed", b"canceled") for st in states):
@@ -262,7 +265,7 @@ def main() -> None:
         assert all(j["status"] == "succeeded" for j in jobs), [j for j in jobs if j["status"] != "succeeded"][:1]
         first, last = min(j["started_at"] for j in jobs), max(j["finished_at"] for j in jobs)
         images = sum(len(j["images"]) for j in jobs)
-        batches = [json.loads(x) for x in r.lrange("sdxl:batches", 0, -1)]
+        batches = [asdict(b) for b in BatchLog(r, "sdxl").recent()]
         # Where a lone job's time goes, from its record and its batch's log line (`at`: when the device was done)
         batch_of = {job_id: b for b in batches for job_id in b["jobs"]}
         phases = {"to_running": [], "running_to_device_done": [], "device_done_to_succeeded": []}

@@ -1,7 +1,8 @@
 """API keys: stored hashed, each bound to a tenant; created, listed and revoked with `python -m api.keys`.
 
 A key reads `sdxl_<key id>_<secret>`. Redis keeps sha256(key) -> {key id, tenant, name, created_at,
-revoked}, and the key id -> hash index for listing and revoking; the secret itself is never stored.
+revoked}, and the key id -> hash index for listing and revoking (keys: common/keys.py); the secret itself is
+never stored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+
+from common.keys import Keys
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,8 @@ class ApiKey:
 
 class ApiKeyStore:
     def __init__(self, client: redis.Redis, prefix: str = "sdxl"):
-        self.r = client
-        self.prefix = prefix
-
-    def _hash_key(self, digest: str) -> str:
-        return f"{self.prefix}:apikey:{digest}"
+        self._r = client
+        self.keys = Keys(prefix)
 
     def create(self, tenant: str, name: str = "") -> tuple[ApiKey, str]:
         """Returns the record and the key, which is shown this once."""
@@ -39,18 +39,18 @@ class ApiKeyStore:
         key = f"sdxl_{key_id}_{secrets.token_urlsafe(32)}"
         digest = hashlib.sha256(key.encode()).hexdigest()
         record = ApiKey(key_id, tenant, name, time.time(), False)
-        pipe = self.r.pipeline()
+        pipe = self._r.pipeline()
         pipe.hset(
-            self._hash_key(digest),
+            self.keys.api_key(digest),
             mapping={"key_id": key_id, "tenant": tenant, "name": name, "created_at": record.created_at, "revoked": 0},
         )
-        pipe.hset(f"{self.prefix}:apikeys", key_id, digest)
+        pipe.hset(self.keys.api_key_ids, key_id, digest)
         pipe.execute()
         return record, key
 
     def verify(self, key: str) -> ApiKey | None:
         """The live key behind a presented key, or None (unknown or revoked)."""
-        raw = self.r.hgetall(self._hash_key(hashlib.sha256(key.encode()).hexdigest()))
+        raw = self._r.hgetall(self.keys.api_key(hashlib.sha256(key.encode()).hexdigest()))
         if not raw:
             return None
         record = self._record({k.decode(): v.decode() for k, v in raw.items()})
@@ -62,15 +62,15 @@ class ApiKeyStore:
 
     def list(self) -> list[ApiKey]:
         out = []
-        for _, digest in self.r.hgetall(f"{self.prefix}:apikeys").items():
-            raw = self.r.hgetall(self._hash_key(digest.decode()))
+        for _, digest in self._r.hgetall(self.keys.api_key_ids).items():
+            raw = self._r.hgetall(self.keys.api_key(digest.decode()))
             if raw:
                 out.append(self._record({k.decode(): v.decode() for k, v in raw.items()}))
         return sorted(out, key=lambda k: k.created_at)
 
     def revoke(self, key_id: str) -> bool:
-        digest = self.r.hget(f"{self.prefix}:apikeys", key_id)
+        digest = self._r.hget(self.keys.api_key_ids, key_id)
         if digest is None:
             return False
-        self.r.hset(self._hash_key(digest.decode()), "revoked", 1)
+        self._r.hset(self.keys.api_key(digest.decode()), "revoked", 1)
         return True

@@ -1,20 +1,7 @@
 """Data set runs in Redis: a run's counters and the few bounded structures its feeder works through.
 
-Keys (prefix P), for run R:
-    P:dataset:R            hash: status, counters (total, cursor, succeeded, failed, canceled, shards ...), options
-    P:dataset:R:inflight   hash: line index -> job id, for lines fed and not yet reaped (<= the feed depth)
-    P:dataset:R:done       list: manifest rows of finished lines not yet in a shard (< shard size + depth)
-    P:dataset:R:rows       hash: line index -> manifest row, the same for runs in input order (shard k is lines
-                           k*size.., written once all have ended)
-    P:dataset:R:failed     hash: line index -> {"line", "id", "error"} (grows only with failures)
-    P:dataset:R:canceled   hash: line index -> {"line", "id"} of lines canceled once fed (or retried); lines
-                           never fed are the range from the run's `resume_from` to its end
-    P:dataset:R:retry      list: line indices to feed again (a retry of failed lines)
-    P:dataset:R:rate       list: "time:succeeded" samples, newest first, for images/s and the ETA
-    P:dataset:R:lock       the feeder lock: one worker feeds a run at a time
-    P:datasets:active      list of runs that need a feeder (a KEDA trigger can scale the bulk pool on it)
-    P:datasets:recent:T    a tenant's runs by creation time
-    P:dataset-idem:T:H     the run an Idempotency-Key made
+The keys (P:dataset:R and its parts, the active list, a tenant's recent runs, idempotency keys) are listed
+and built in common/keys.py; every key a script touches is passed to it in KEYS.
 Nothing grows with the size of the input: lines live in object storage and come in one chunk at a time.
 Every change the feeder makes is a compare-and-set script, so two feeders (a lock that expired under a
 paused worker) cannot feed a line twice, count a line twice or write a shard's rows twice.
@@ -28,16 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from common.datasets import DatasetOptions, DatasetStatus
 from common.job_store import page
+from common.keys import Keys
 
 RATE_SAMPLE_S = 5.0  # one images/s sample per 5 s, the last 60 kept: the rate is over the last ~5 minutes
 RATE_SAMPLES = 60
 
-# KEYS: run hash, inflight, cursor-or-retry list. ARGV: index, job id, "cursor"|"retry".
 # The line is recorded as in flight only if it is still the next one to feed.
 _FEED = """
+-- KEYS: 1 run hash, 2 inflight hash, 3 retry list
+-- ARGV: 1 line index, 2 job id, 3 "cursor" | "retry" (where the line came from), 4 now
+-- Returns 1 when recorded, 0 when another feeder moved on meanwhile.
 if ARGV[3] == 'cursor' then
   if tonumber(redis.call('HGET', KEYS[1], 'cursor')) ~= tonumber(ARGV[1]) then return 0 end
   redis.call('HSET', KEYS[1], 'cursor', tonumber(ARGV[1]) + 1)
@@ -50,9 +41,12 @@ if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1]
 return 1
 """
 
-# KEYS: run hash, inflight, done list, failed hash, job hash, rows hash, canceled hash. ARGV: index, outcome,
-# payload, order. Only the first reap of a line counts (HDEL says whether it was still in flight).
+# Only the first reap of a line counts (HDEL says whether it was still in flight).
 _REAP = """
+-- KEYS: 1 run hash, 2 inflight hash, 3 done list, 4 failed hash, 5 the line's job hash, 6 rows hash,
+--       7 canceled hash
+-- ARGV: 1 line index, 2 outcome (succeeded | failed | canceled), 3 payload JSON, 4 order (input | completion)
+-- Returns 1 when reaped, 0 when it was reaped before.
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 if ARGV[2] == 'succeeded' then
   if ARGV[4] == 'input' then
@@ -72,8 +66,11 @@ redis.call('DEL', KEYS[5])
 return 1
 """
 
-# KEYS: run hash, done list. ARGV: shard index, rows written. Commits a written shard exactly once.
+# Commits a written shard exactly once.
 _SHARD = """
+-- KEYS: 1 run hash, 2 done list
+-- ARGV: 1 shard index, 2 rows written
+-- Returns 1 when committed, 0 when that shard was committed before.
 if tonumber(redis.call('HGET', KEYS[1], 'shards')) ~= tonumber(ARGV[1]) then return 0 end
 redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 redis.call('HINCRBY', KEYS[1], 'shards', 1)
@@ -81,9 +78,12 @@ redis.call('HINCRBY', KEYS[1], 'sharded', tonumber(ARGV[2]))
 return 1
 """
 
-# KEYS: run hash, rows hash. ARGV: the window expected, the next window, the shard index (-1: a window with
-# no row to write), then the line indices written. Input order: commits a window exactly once.
+# Input order: commits a window exactly once.
 _SHARD_INPUT = """
+-- KEYS: 1 run hash, 2 rows hash
+-- ARGV: 1 the window expected, 2 the next window, 3 the shard index (-1: a window with no row to write),
+--       4.. the line indices written
+-- Returns 1 when committed, 0 when that window was committed before.
 if tonumber(redis.call('HGET', KEYS[1], 'window') or '0') ~= tonumber(ARGV[1]) then return 0 end
 if tonumber(ARGV[3]) >= 0 then
   if tonumber(redis.call('HGET', KEYS[1], 'shards')) ~= tonumber(ARGV[3]) then return 0 end
@@ -96,22 +96,34 @@ return 1
 """
 
 # A tenant's runs in the active list, for the scripts that apply the per-tenant cap (registered in front of
-# them). O(active runs), which that cap keeps small.
+# them). The runs' hashes are read, so they come in KEYS: the caller reads the list first and passes its ids
+# (ARGV) and their hashes (KEYS from `first`); a list that changed since is answered nil, and the caller
+# reads it again. O(active runs), which that cap keeps small.
 _ACTIVE_RUNS = """
-local function active_runs(active_key, run_prefix, tenant)
+-- KEYS[active]: the active list; KEYS[first..]: the hashes of the runs the caller read from it, in its order
+-- ARGV: the caller's; `snapshot` is the slot that holds those runs' ids as a JSON list
+-- Returns the tenant's runs among them, or nil when the list is not what the caller read.
+local function active_runs(active, snapshot, first, tenant)
+  local ids = redis.call('LRANGE', KEYS[active], 0, -1)
+  local expected = cjson.decode(snapshot)
+  if #ids ~= #expected or #KEYS - first + 1 ~= #ids then return nil end
   local n = 0
-  for _, id in ipairs(redis.call('LRANGE', active_key, 0, -1)) do
-    if redis.call('HGET', run_prefix .. id, 'tenant') == tenant then n = n + 1 end
+  for i, id in ipairs(ids) do
+    if id ~= expected[i] then return nil end
+    if redis.call('HGET', KEYS[first + i - 1], 'tenant') == tenant then n = n + 1 end
   end
   return n
 end
 """
 
-# KEYS: run hash, tenant's recent set, active list. ARGV: run id, now, tenant, the tenant's cap of active runs
-# (0: none), run-hash key prefix, then the run's fields as name, value pairs.
-# Returns the tenant's active runs before the call, negated when the cap refused this one (nothing stored).
 _CREATE = """
-local before = active_runs(KEYS[3], ARGV[5], ARGV[3])
+-- KEYS: 1 run hash, 2 the tenant's recent set, 3 active list, 4.. the active runs' hashes (_ACTIVE_RUNS)
+-- ARGV: 1 run id, 2 now, 3 tenant, 4 the tenant's cap of active runs (0: none), 5 the active runs' ids
+--       (JSON), 6.. the run's fields as name, value pairs
+-- Returns the tenant's active runs before the call, negated when the cap refused this one (nothing stored);
+-- nil when the active list changed since the caller read it (nothing stored).
+local before = active_runs(3, ARGV[5], 4, ARGV[3])
+if not before then return nil end
 local cap = tonumber(ARGV[4])
 if cap > 0 and before >= cap then return -before end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
@@ -120,10 +132,12 @@ redis.call('RPUSH', KEYS[3], ARGV[1])
 return before
 """
 
-# KEYS: run hash, failed hash, retry list, active list. ARGV: run id, the tenant's cap of active runs (0: none),
-# run-hash key prefix. Failed lines go back to be fed; a run that had ended becomes active again, which the
-# cap counts (-3: refused).
+# Failed lines go back to be fed; a run that had ended becomes active again, which the cap counts.
 _RETRY = """
+-- KEYS: 1 run hash, 2 failed hash, 3 retry list, 4 active list, 5.. the active runs' hashes (_ACTIVE_RUNS)
+-- ARGV: 1 run id, 2 the tenant's cap of active runs (0: none), 3 the active runs' ids (JSON)
+-- Returns the lines retried; -1: no such run; -2: being canceled; -3: the tenant's cap; nil: the active
+-- list changed since the caller read it (nothing changed).
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status == 'canceling' then return -2 end
@@ -131,7 +145,9 @@ local indices = redis.call('HKEYS', KEYS[2])
 if #indices == 0 then return 0 end
 local cap = tonumber(ARGV[2])
 if status ~= 'running' and cap > 0 then
-  if active_runs(KEYS[4], ARGV[3], redis.call('HGET', KEYS[1], 'tenant')) >= cap then return -3 end
+  local active = active_runs(4, ARGV[3], 5, redis.call('HGET', KEYS[1], 'tenant'))
+  if not active then return nil end
+  if active >= cap then return -3 end
 end
 table.sort(indices, function(a, b) return tonumber(a) < tonumber(b) end)
 for _, i in ipairs(indices) do redis.call('RPUSH', KEYS[3], i) end
@@ -147,16 +163,22 @@ end
 return #indices
 """
 
-# KEYS: run hash, canceled hash, retry list, active list. ARGV: run id, the tenant's cap of active runs
-# (0: none), run-hash key prefix. A canceled run's canceled lines go back to be fed (same ids, same seeds): those
-# canceled once fed through the retry list, the never-fed range by moving the cursor back to it. -1: no such
-# run; -2: not a canceled run; -3: the tenant's cap.
+# A canceled run's canceled lines go back to be fed (same ids, same seeds): those canceled once fed through
+# the retry list, the never-fed range by moving the cursor back to it.
 _RESUME = """
+-- KEYS: 1 run hash, 2 canceled hash, 3 retry list, 4 active list, 5.. the active runs' hashes (_ACTIVE_RUNS)
+-- ARGV: 1 run id, 2 the tenant's cap of active runs (0: none), 3 the active runs' ids (JSON)
+-- Returns the lines resumed; -1: no such run; -2: not a canceled run; -3: the tenant's cap; nil: the active
+-- list changed since the caller read it (nothing changed).
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= 'canceled' then return -2 end
 local cap = tonumber(ARGV[2])
-if cap > 0 and active_runs(KEYS[4], ARGV[3], redis.call('HGET', KEYS[1], 'tenant')) >= cap then return -3 end
+if cap > 0 then
+  local active = active_runs(4, ARGV[3], 5, redis.call('HGET', KEYS[1], 'tenant'))
+  if not active then return nil end
+  if active >= cap then return -3 end
+end
 local indices = redis.call('HKEYS', KEYS[2])
 table.sort(indices, function(a, b) return tonumber(a) < tonumber(b) end)
 for _, i in ipairs(indices) do redis.call('RPUSH', KEYS[3], i) end
@@ -178,20 +200,24 @@ redis.call('RPUSH', KEYS[4], ARGV[1])
 return n
 """
 
-# KEYS: run hash, retry list, inflight, active list. ARGV: expected status, new status, now, run id, ttl.
 _FINISH = """
+-- KEYS: 1 run hash, 2 retry list, 3 inflight hash, 4 active list, 5.. what the finished run keeps until it
+--       expires, the run hash among them (RunKeys.kept)
+-- ARGV: 1 expected status, 2 new status, 3 now, 4 run id, 5 ttl
+-- Returns 1 when finished, 0 when the run is not `expected` or still has lines to feed.
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return 0 end
 if redis.call('LLEN', KEYS[2]) > 0 or redis.call('HLEN', KEYS[3]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
 redis.call('LREM', KEYS[4], 0, ARGV[4])
-for _, suffix in ipairs({'', ':done', ':failed', ':rate', ':rows', ':canceled'}) do
-  redis.call('EXPIRE', KEYS[1] .. suffix, ARGV[5])
-end
+for i = 5, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
-# KEYS: lock. ARGV: owner, ttl ms. Take the lock, or extend it if already ours.
+# Take the lock, or extend it if already ours.
 _LOCK = """
+-- KEYS: 1 lock
+-- ARGV: 1 owner, 2 ttl ms
+-- Returns 1 when the lock is ours.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
@@ -239,8 +265,8 @@ class DatasetRun:
 
 class DatasetStore:
     def __init__(self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600):
-        self.r = client
-        self.prefix = prefix
+        self._r = client
+        self.keys = Keys(prefix)
         self.ttl_s = ttl_s  # how long a finished run's record lives
         self._feed = client.register_script(_FEED)
         self._reap = client.register_script(_REAP)
@@ -251,14 +277,17 @@ class DatasetStore:
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
         self._create = client.register_script(_ACTIVE_RUNS + _CREATE)
-        self._active_count = client.register_script(_ACTIVE_RUNS + "return active_runs(KEYS[1], ARGV[1], ARGV[2])")
 
-    def key(self, run_id: str, part: str = "") -> str:
-        return f"{self.prefix}:dataset:{run_id}" + (f":{part}" if part else "")
-
-    @property
-    def active_key(self) -> str:
-        return f"{self.prefix}:datasets:active"
+    def _capped(self, script: Script, keys: list[str], args: list[Any], snapshot_at: int) -> Any:
+        """Run a script that counts the tenant's active runs (_ACTIVE_RUNS): the active list is read here and
+        its runs' hashes passed in KEYS, their ids in ARGV at `snapshot_at`; read again while the list changes
+        between the read and the script (the script then changes nothing)."""
+        while True:
+            ids = self.active()
+            hashes = [self.keys.run(i).record for i in ids]
+            answer = script(keys=[*keys, *hashes], args=[*args[:snapshot_at], json.dumps(ids), *args[snapshot_at:]])
+            if answer is not None:
+                return answer
 
     # ------------------------------------------------------------------ the API's side
 
@@ -295,48 +324,51 @@ class DatasetStore:
             "created_at": now,
             "extra": json.dumps(extra),
         }
-        keys = [self.key(run_id), f"{self.prefix}:datasets:recent:{tenant}", self.active_key]
+        keys = [self.keys.run(run_id).record, self.keys.datasets_recent(tenant), self.keys.datasets_active]
         pairs = [str(v) for kv in fields.items() for v in kv]
-        before = int(self._create(keys=keys, args=[run_id, now, tenant, max_active, self.key(""), *pairs]))
+        before = int(self._capped(self._create, keys, [run_id, now, tenant, max_active, *pairs], snapshot_at=4))
         if before < 0:
             raise TooManyRuns(-before)
 
     def active_count(self, tenant: str) -> int:
-        """The tenant's runs that are being fed (running, canceling, or retried), counted as the caps count."""
-        return int(self._active_count(keys=[self.active_key], args=[self.key(""), tenant]))
+        """The tenant's runs that are being fed (running, canceling, or retried), counted as the caps count
+        (a read for a first check: the caps are applied again, atomically, by the scripts that store)."""
+        ids = self.active()
+        pipe = self._r.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hget(self.keys.run(run_id).record, "tenant")
+        return sum(1 for t in pipe.execute() if t is not None and t.decode() == tenant) if ids else 0
 
     def claim_idempotency(self, tenant: str, key_hash: str, run_id: str, fingerprint: str) -> tuple[str, str]:
         """(run id, fingerprint) stored under the key: ours if it was free, else the earlier run's."""
-        k = f"{self.prefix}:dataset-idem:{tenant}:{key_hash}"
-        if self.r.set(k, json.dumps([run_id, fingerprint]), nx=True, ex=self.ttl_s):
+        k = self.keys.dataset_idempotency(tenant, key_hash)
+        if self._r.set(k, json.dumps([run_id, fingerprint]), nx=True, ex=self.ttl_s):
             return run_id, fingerprint
-        found = json.loads(self.r.get(k) or json.dumps([run_id, fingerprint]))
+        found = json.loads(self._r.get(k) or json.dumps([run_id, fingerprint]))
         return found[0], found[1]
 
     def idempotent_run(self, tenant: str, key_hash: str) -> tuple[str, str] | None:
         """(run id, fingerprint) an Idempotency-Key made, if any."""
-        found = self.r.get(f"{self.prefix}:dataset-idem:{tenant}:{key_hash}")
+        found = self._r.get(self.keys.dataset_idempotency(tenant, key_hash))
         return tuple(json.loads(found)) if found else None  # type: ignore[return-value]
 
     def release_idempotency(self, tenant: str, key_hash: str) -> None:
-        self.r.delete(f"{self.prefix}:dataset-idem:{tenant}:{key_hash}")
+        self._r.delete(self.keys.dataset_idempotency(tenant, key_hash))
 
     def cancel(self, run_id: str) -> DatasetStatus | None:
         """running -> canceling; returns the status before (None: no such run)."""
-        with self.r.pipeline() as pipe:
+        record = self.keys.run(run_id).record
+        with self._r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(self.key(run_id))
-                    raw = pipe.hget(self.key(run_id), "status")
+                    pipe.watch(record)
+                    raw = pipe.hget(record, "status")
                     if raw is None:
                         return None
                     before = DatasetStatus(raw.decode())
                     pipe.multi()
                     if before == DatasetStatus.running:
-                        pipe.hset(
-                            self.key(run_id),
-                            mapping={"status": DatasetStatus.canceling.value, "canceled_at": time.time()},
-                        )
+                        pipe.hset(record, mapping={"status": DatasetStatus.canceling.value, "canceled_at": time.time()})
                     pipe.execute()
                     return before
                 except redis.WatchError:
@@ -345,29 +377,31 @@ class DatasetStore:
     def retry(self, run_id: str, max_active: int = 0) -> int:
         """Failed lines go back to be fed; returns how many (-1: no such run, -2: the run is being canceled,
         -3: it had ended and its tenant already has `max_active` active runs)."""
-        keys = [self.key(run_id), self.key(run_id, "failed"), self.key(run_id, "retry"), self.active_key]
-        count = int(self._retry(keys=keys, args=[run_id, max_active, self.key("")]))
+        k = self.keys.run(run_id)
+        keys = [k.record, k.failed, k.retry, self.keys.datasets_active]
+        count = int(self._capped(self._retry, keys, [run_id, max_active], snapshot_at=2))
         if count > 0:
-            self.r.persist(self.key(run_id))  # it had been given its expiry when it finished
+            self._r.persist(k.record)  # it had been given its expiry when it finished
         return count
 
     def resume(self, run_id: str, max_active: int = 0) -> int:
         """A canceled run's canceled lines go back to be fed, with their seeds; returns how many (-1: no such
         run, -2: the run is not canceled, -3: its tenant already has `max_active` active runs)."""
-        keys = [self.key(run_id), self.key(run_id, "canceled"), self.key(run_id, "retry"), self.active_key]
-        count = int(self._resume(keys=keys, args=[run_id, max_active, self.key("")]))
+        k = self.keys.run(run_id)
+        keys = [k.record, k.canceled, k.retry, self.keys.datasets_active]
+        count = int(self._capped(self._resume, keys, [run_id, max_active], snapshot_at=2))
         if count > 0:
-            for suffix in ("", "rows", "failed"):
-                self.r.persist(self.key(run_id, suffix))  # they had been given their expiry when it finished
+            for key in (k.record, k.rows, k.failed):
+                self._r.persist(key)  # they had been given their expiry when it finished
         return count
 
     def recent(self, tenant: str, offset: int, limit: int) -> tuple[list[DatasetRun], int]:
-        return page(self.r, f"{self.prefix}:datasets:recent:{tenant}", offset, limit, self.get)
+        return page(self._r, self.keys.datasets_recent(tenant), offset, limit, self.get)
 
     # ------------------------------------------------------------------ reading
 
     def get(self, run_id: str) -> DatasetRun | None:
-        raw = self.r.hgetall(self.key(run_id))
+        raw = self._r.hgetall(self.keys.run(run_id).record)
         if not raw:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
@@ -390,18 +424,18 @@ class DatasetStore:
         )
 
     def inflight(self, run_id: str) -> dict[int, str]:
-        return {int(k): v.decode() for k, v in self.r.hgetall(self.key(run_id, "inflight")).items()}
+        return {int(k): v.decode() for k, v in self._r.hgetall(self.keys.run(run_id).inflight).items()}
 
     def retry_pending(self, run_id: str) -> int:
-        return int(self.r.llen(self.key(run_id, "retry")))
+        return int(self._r.llen(self.keys.run(run_id).retry))
 
     def failures(self, run_id: str) -> list[dict[str, Any]]:
-        found = [json.loads(v) for v in self.r.hvals(self.key(run_id, "failed"))]
+        found = [json.loads(v) for v in self._r.hvals(self.keys.run(run_id).failed)]
         return sorted(found, key=lambda f: f["line"])
 
     def rate(self, run_id: str, succeeded: int, now: float | None = None) -> float | None:
         """Images per second over the sampled window (None until there is a window to measure)."""
-        samples = self.r.lrange(self.key(run_id, "rate"), 0, -1)
+        samples = self._r.lrange(self.keys.run(run_id).rate, 0, -1)
         if not samples:
             return None
         t0, done0 = (float(x) for x in samples[-1].decode().split(":"))
@@ -412,103 +446,107 @@ class DatasetStore:
         """How long no line has succeeded, at the samples' 5 s resolution: 0 while the count still moves."""
         now = now or time.time()
         since = now
-        for raw in self.r.lrange(self.key(run_id, "rate"), 0, -1):  # newest first
+        for raw in self._r.lrange(self.keys.run(run_id).rate, 0, -1):  # newest first
             t, done = (float(x) for x in raw.decode().split(":"))
             if done != succeeded:
                 break
             since = t
         return now - since
 
+    def active_runs_count(self) -> int:
+        """Runs being fed, all tenants'."""
+        return int(self._r.llen(self.keys.datasets_active))
+
     # ------------------------------------------------------------------ the feeder's side
 
     def active(self) -> list[str]:
-        return [i.decode() for i in self.r.lrange(self.active_key, 0, -1)]
+        return [i.decode() for i in self._r.lrange(self.keys.datasets_active, 0, -1)]
+
+    def deactivate(self, run_id: str) -> None:
+        """Off the active list: a run that has expired, or that another feeder finished."""
+        self._r.lrem(self.keys.datasets_active, 0, run_id)
 
     def lock(self, run_id: str, owner: str, ttl_s: float) -> bool:
-        return bool(self._lock(keys=[self.key(run_id, "lock")], args=[owner, int(ttl_s * 1000)]))
+        return bool(self._lock(keys=[self.keys.run(run_id).lock], args=[owner, int(ttl_s * 1000)]))
 
     def unlock(self, run_id: str, owner: str) -> None:
-        k = self.key(run_id, "lock")
-        if self.r.get(k) == owner.encode():
-            self.r.delete(k)
+        k = self.keys.run(run_id).lock
+        if self._r.get(k) == owner.encode():
+            self._r.delete(k)
 
     def next_retry(self, run_id: str) -> int | None:
-        head = self.r.lindex(self.key(run_id, "retry"), 0)
+        head = self._r.lindex(self.keys.run(run_id).retry, 0)
         return int(head) if head is not None else None
 
     def mark_fed(self, run_id: str, index: int, job_id: str, source: str) -> bool:
-        keys = [self.key(run_id), self.key(run_id, "inflight"), self.key(run_id, "retry")]
-        return bool(self._feed(keys=keys, args=[index, job_id, source, time.time()]))
+        k = self.keys.run(run_id)
+        return bool(self._feed(keys=[k.record, k.inflight, k.retry], args=[index, job_id, source, time.time()]))
 
     def reap(
         self,
         run_id: str,
         index: int,
-        job_key: str,
+        job_id: str,
         outcome: str,
         payload: dict[str, Any] | None,
         order: str = "completion",
     ) -> bool:
-        keys = [
-            self.key(run_id),
-            self.key(run_id, "inflight"),
-            self.key(run_id, "done"),
-            self.key(run_id, "failed"),
-            job_key,
-            self.key(run_id, "rows"),
-            self.key(run_id, "canceled"),
-        ]
+        """A fed line's job has ended: its outcome is counted and kept, and its job record deleted, once."""
+        k = self.keys.run(run_id)
+        keys = [k.record, k.inflight, k.done, k.failed, self.keys.job(job_id), k.rows, k.canceled]
         return bool(self._reap(keys=keys, args=[index, outcome, json.dumps(payload or {}), order]))
 
     def retry_indices(self, run_id: str) -> list[int]:
-        return [int(i) for i in self.r.lrange(self.key(run_id, "retry"), 0, -1)]
+        return [int(i) for i in self._r.lrange(self.keys.run(run_id).retry, 0, -1)]
 
     def row_indices(self, run_id: str) -> list[int]:
         """Input order: the finished lines whose rows wait for their shard, sorted."""
-        return sorted(int(i) for i in self.r.hkeys(self.key(run_id, "rows")))
+        return sorted(int(i) for i in self._r.hkeys(self.keys.run(run_id).rows))
 
     def rows(self, run_id: str, indices: list[int]) -> list[dict[str, Any]]:
-        found = self.r.hmget(self.key(run_id, "rows"), indices) if indices else []
+        found = self._r.hmget(self.keys.run(run_id).rows, indices) if indices else []
         return [json.loads(v) for v in found if v is not None]
 
     def commit_window(self, run_id: str, window: int, next_window: int, shard: int, indices: list[int]) -> bool:
         """Input order: the window starting at `window` is written as shard `shard` (-1: it had no row)."""
-        keys = [self.key(run_id), self.key(run_id, "rows")]
-        return bool(self._shard_input(keys=keys, args=[window, next_window, shard, *indices]))
+        k = self.keys.run(run_id)
+        return bool(self._shard_input(keys=[k.record, k.rows], args=[window, next_window, shard, *indices]))
 
     def done_rows(self, run_id: str, limit: int) -> list[dict[str, Any]]:
-        return [json.loads(v) for v in self.r.lrange(self.key(run_id, "done"), 0, limit - 1)]
+        return [json.loads(v) for v in self._r.lrange(self.keys.run(run_id).done, 0, limit - 1)]
 
     def done_count(self, run_id: str) -> int:
-        return int(self.r.llen(self.key(run_id, "done")))
+        return int(self._r.llen(self.keys.run(run_id).done))
 
     def commit_shard(self, run_id: str, shard: int, rows: int) -> bool:
-        return bool(self._shard(keys=[self.key(run_id), self.key(run_id, "done")], args=[shard, rows]))
+        k = self.keys.run(run_id)
+        return bool(self._shard(keys=[k.record, k.done], args=[shard, rows]))
 
     def skip_rest(self, run_id: str, cursor: int, total: int) -> int:
         """On cancel: lines never fed (and retries never re-fed) count as canceled, kept for a resume (the
         never-fed ones as the range from `resume_from`); returns how many."""
-        with self.r.pipeline() as pipe:
-            pipe.hset(self.key(run_id), "cursor", total)
+        k = self.keys.run(run_id)
+        with self._r.pipeline() as pipe:
+            pipe.hset(k.record, "cursor", total)
             if cursor < total:
-                pipe.hset(self.key(run_id), "resume_from", cursor)
-            pipe.lrange(self.key(run_id, "retry"), 0, -1)
-            pipe.delete(self.key(run_id, "retry"))
+                pipe.hset(k.record, "resume_from", cursor)
+            pipe.lrange(k.retry, 0, -1)
+            pipe.delete(k.retry)
             retry = pipe.execute()[-2]
         if retry:
-            self.r.hset(self.key(run_id, "canceled"), mapping={int(i): "{}" for i in retry})
+            self._r.hset(k.canceled, mapping={int(i): "{}" for i in retry})
         count = (total - cursor) + len(retry)
         if count:
-            self.r.hincrby(self.key(run_id), "canceled", count)
+            self._r.hincrby(k.record, "canceled", count)
         return count
 
     def sample_rate(self, run_id: str, succeeded: int, now: float | None = None) -> None:
         now = now or time.time()
-        k = self.key(run_id, "rate")
-        newest = self.r.lindex(k, 0)
+        k = self.keys.run(run_id).rate
+        newest = self._r.lindex(k, 0)
         if newest is not None and now - float(newest.decode().split(":")[0]) < RATE_SAMPLE_S:
             return
-        pipe = self.r.pipeline()
+        pipe = self._r.pipeline()
         pipe.lpush(k, f"{now}:{succeeded}")
         pipe.ltrim(k, 0, RATE_SAMPLES - 1)
         pipe.execute()
@@ -516,5 +554,6 @@ class DatasetStore:
     def finish(self, run_id: str, expected: DatasetStatus, status: DatasetStatus) -> bool:
         """The run is done (if still `expected`, with nothing in flight or waiting to be retried): off the
         active list; its record expires after ttl_s."""
-        keys = [self.key(run_id), self.key(run_id, "retry"), self.key(run_id, "inflight"), self.active_key]
+        k = self.keys.run(run_id)
+        keys = [k.record, k.retry, k.inflight, self.keys.datasets_active, *k.kept]
         return bool(self._finish(keys=keys, args=[expected.value, status.value, time.time(), run_id, self.ttl_s]))

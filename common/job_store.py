@@ -1,25 +1,8 @@
 """Job records in Redis: one hash per job, status changes as atomic compare-and-set scripts.
 
-Keys (prefix P = settings.key_prefix):
-    P:job:<id>       hash: status, request (JSON), timestamps, error, images (JSON), attempts
-    P:queued         sorted set of queued job ids by submit order: queue position = rank
-                     (data set lines, lane "bulk", are in neither queued set: their feeder tracks them)
-    P:running        sorted set of running job ids by deadline: the stuck-job sweep reads it
-    P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
-    P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
-    P:idem:<tenant>:<key>     the job id and body hash behind a tenant's Idempotency-Key
-    P:outbox         sorted set of created jobs whose Celery message the API has not confirmed sent, by
-                     creation time: the record and this entry are written by one script, and a worker's sweep
-                     sends the message of any entry older than OUTBOX_GRACE_S (the API died, or Redis went
-                     away, between the two). So a stored job always gets its message.
-    P:held:<worker>  set of job ids a worker has taken off the queue and not yet answered: when the worker's
-                     heartbeat lapses, the sweep sends them again at once (worker/sweeper.py)
-    P:seq            submit counter
-    P:ended          pub/sub channel: the id of each interactive job as it reaches a final status (the API's
-                     `Prefer: wait` and `?wait_s=` listen to it; api/job_events.py)
-    P:progress       pub/sub channel: the id of a running interactive job each time its worker records the
-                     job's step (field `progress` of its hash; the event stream listens to it)
-A record expires `job_ttl_s` after its last change; the sets are trimmed of expired ids as they are read.
+The keys (P:job:<id>, the queued, running, recent, tenant-queued and outbox sets, idempotency keys, the
+submit counter, the P:ended and P:progress channels) are listed and built in common/keys.py; every key a
+script touches is passed to it in KEYS.
 """
 
 from __future__ import annotations
@@ -34,18 +17,23 @@ from typing import Any, TypeVar
 import redis
 
 from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus, Progress
+from common.keys import Keys
 
 T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
-# KEYS: job hash, queued set, running set. ARGV: id, new status, now, ttl, fields JSON, running deadline,
-# key prefix, allowed current statuses...
-# Returns "OK:<previous status>", or the current status when the change is not allowed, or "" when there is no such job.
 _TRANSITION = """
+-- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set (the caller's guess of the tenant)
+-- ARGV: 1 id, 2 new status, 3 now, 4 ttl, 5 fields JSON, 6 running deadline, 7 ended channel, 8 the tenant
+--       KEYS[4] belongs to, 9.. the statuses the job may be in
+-- Returns "OK:<previous status>"; the current status when the change is not allowed; "" when there is no such
+-- job; "TENANT:<tenant>" (nothing changed) when the job is another tenant's than ARGV[8] says: call again.
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return '' end
+local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
+if tenant ~= ARGV[8] then return 'TENANT:' .. tenant end
 local allowed = false
-for i = 8, #ARGV do if ARGV[i] == current then allowed = true end end
+for i = 9, #ARGV do if ARGV[i] == current then allowed = true end end
 if not allowed then return current end
 local new = ARGV[2]
 redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
@@ -63,15 +51,14 @@ else
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-local tenant_queued = ARGV[7] .. ':tenant-queued:' .. (redis.call('HGET', KEYS[1], 'tenant') or '')
 local bulk = redis.call('HGET', KEYS[1], 'lane') == 'bulk'  -- in no queued set: its feeder tracks it
 if bulk then
 elseif new == 'queued' then
   redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
-  redis.call('ZADD', tenant_queued, redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', tenant_queued, ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
 end
 if new == 'running' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -80,17 +67,18 @@ else
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if not bulk and (new == 'succeeded' or new == 'failed' or new == 'canceled') then
-  redis.call('PUBLISH', ARGV[7] .. ':ended', ARGV[1])  -- after the record is final: a woken reader sees it
+  redis.call('PUBLISH', ARGV[7], ARGV[1])  -- after the record is final: a woken reader sees it
 end
 return 'OK:' .. current
 """
 
-# KEYS: idempotency key (or ""), job hash, queued set, tenant's recent set, seq, tenant's queued set, outbox.
-# ARGV: id, body hash, ttl, now, request JSON, tenant, the tenant's queued cap (0: none).
-# Returns {"new", id}, {"existing", id, body hash} or {"full", count}. A replay is answered before the cap:
-# only new work counts against it. The cap is checked here, not by the caller, so that concurrent submits
-# cannot all pass a count taken before any of them was stored.
+# A replay is answered before the cap: only new work counts against it. The cap is checked here, not by the
+# caller, so that concurrent submits cannot all pass a count taken before any of them was stored.
 _CREATE = """
+-- KEYS: 1 idempotency key (or ""), 2 job hash, 3 queued set, 4 the tenant's recent set, 5 seq counter,
+--       6 the tenant's queued set, 7 outbox
+-- ARGV: 1 id, 2 body hash, 3 ttl, 4 now, 5 request JSON, 6 tenant, 7 the tenant's queued cap (0: none)
+-- Returns {"new", id}, {"existing", id, body hash} or {"full", count}.
 local seen = KEYS[1] ~= '' and redis.call('HGET', KEYS[1], 'job')
 if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
 local cap = tonumber(ARGV[7])
@@ -113,10 +101,12 @@ redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
 return {'new', ARGV[1]}
 """
 
-# KEYS: job hash. ARGV: id, ttl, now, request JSON, tenant, output key, dataset JSON.
-# A data set line's job, under an id the feeder derives from the run and line: 0 if it exists already.
-# No seq and no queued sets: queue positions are for interactive jobs.
+# A data set line's job, under an id the feeder derives from the run and line. No seq and no queued sets:
+# queue positions are for interactive jobs.
 _CREATE_BULK = """
+-- KEYS: 1 job hash
+-- ARGV: 1 id, 2 ttl, 3 now, 4 request JSON, 5 tenant, 6 output key, 7 dataset JSON
+-- Returns 1 when created, 0 when the job exists already.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[4], 'created_at', ARGV[3],
            'updated_at', ARGV[3], 'attempts', 0, 'tenant', ARGV[5], 'lane', 'bulk',
@@ -125,10 +115,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-
-# KEYS: job hash. ARGV: id, progress JSON, channel. Only a running job's progress is written (an ended or
-# expired job's is not: a late report must neither resurrect a record nor contradict its end).
+# Only a running job's progress is written (an ended or expired job's is not: a late report must neither
+# resurrect a record nor contradict its end).
 _PROGRESS = """
+-- KEYS: 1 job hash
+-- ARGV: 1 id, 2 progress JSON, 3 progress channel
+-- Returns 1 when written.
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[2])
 if redis.call('HGET', KEYS[1], 'lane') ~= 'bulk' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
@@ -156,28 +148,14 @@ class JobStore:
     def __init__(
         self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600, running_deadline_s: float = 900
     ):
-        self.r = client
-        self.prefix = prefix
+        self._r = client
+        self.keys = Keys(prefix)
         self.ttl_s = ttl_s
         self.running_deadline_s = running_deadline_s
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._create_bulk = client.register_script(_CREATE_BULK)
         self._progress = client.register_script(_PROGRESS)
-
-    def key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
-
-    @property
-    def ended_channel(self) -> str:
-        """The pub/sub channel that carries each interactive job's id once it has ended (the transition script
-        publishes it in the same atomic step as the final status)."""
-        return self.key("ended")
-
-    @property
-    def progress_channel(self) -> str:
-        """The pub/sub channel that carries a running interactive job's id each time its progress is written."""
-        return self.key("progress")
 
     # ------------------------------------------------------------------ writing
 
@@ -198,17 +176,10 @@ class JobStore:
         job_id = uuid.uuid4().hex
         idem = ""
         if idempotency_key:
-            idem = self._idem_key(tenant, idempotency_key)
+            idem = self.keys.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
+        k = self.keys
         answer = self._create(
-            keys=[
-                idem,
-                self.key("job", job_id),
-                self.key("queued"),
-                self.key("recent", tenant),
-                self.key("seq"),
-                self.key("tenant-queued", tenant),
-                self.key("outbox"),
-            ],
+            keys=[idem, k.job(job_id), k.queued, k.recent(tenant), k.seq, k.tenant_queued(tenant), k.outbox],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
         )
         kind, found = answer[0].decode(), answer[1].decode()
@@ -226,135 +197,159 @@ class JobStore:
         """Store a data set line's job under a derived id unless it exists; True when created. Bulk jobs stay
         out of the tenant's job list and queued cap: the feeder bounds them, and reaps their records."""
         created = self._create_bulk(
-            keys=[self.key("job", job_id)],
+            keys=[self.keys.job(job_id)],
             args=[job_id, self.ttl_s, time.time(), request.model_dump_json(), tenant, output_key, json.dumps(dataset)],
         )
         return bool(created)
 
     def record_progress(self, steps_done: dict[str, Progress]) -> None:
         """Several running jobs' progress in one round trip (ended jobs are left alone)."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         for job_id, progress in steps_done.items():
             self._progress(
-                keys=[self.key("job", job_id)],
-                args=[job_id, progress.model_dump_json(), self.progress_channel],
+                keys=[self.keys.job(job_id)],
+                args=[job_id, progress.model_dump_json(), self.keys.progress],
                 client=pipe,
             )
         pipe.execute()
 
     def sent(self, job_id: str) -> None:
-        """The job's message is on the queue: its outbox entry goes (see P:outbox)."""
-        self.r.zrem(self.key("outbox"), job_id)
+        """The job's message is on the queue: its outbox entry goes (see P:outbox in common/keys.py)."""
+        self._r.zrem(self.keys.outbox, job_id)
 
     def unsent(self, older_than_s: float = OUTBOX_GRACE_S, limit: int = 100) -> list[str]:
         """Jobs created more than `older_than_s` ago whose message the API never confirmed sent."""
-        found = self.r.zrangebyscore(self.key("outbox"), "-inf", time.time() - older_than_s, start=0, num=limit)
+        found = self._r.zrangebyscore(self.keys.outbox, "-inf", time.time() - older_than_s, start=0, num=limit)
         return [i.decode() for i in found]
-
-    def held_key(self, worker: str) -> str:
-        return self.key("held", worker)
-
-    def hold(self, worker: str, job_id: str) -> Job | None:
-        """Read a job a worker has just received, and note that this worker holds it (one round trip)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self.key("job", job_id))
-        pipe.sadd(self.held_key(worker), job_id)
-        raw, _ = pipe.execute()
-        return _parse(raw)
-
-    def release(self, worker: str, job_ids: list[str]) -> None:
-        """The worker has answered these jobs' messages (or given them back)."""
-        if job_ids:
-            self.r.srem(self.held_key(worker), *job_ids)
 
     def reissue(self, job: Job) -> Job | None:
         """Back to queued (from queued or running) with the next generation, for a new message: the job's
         worker died holding it. None when the job has moved on meanwhile (ended, or its generation changed)."""
         ok, _ = self.transition(
-            job.id, JobStatus.queued, [JobStatus.queued, JobStatus.running], generation=str(job.generation + 1)
+            job.id,
+            JobStatus.queued,
+            [JobStatus.queued, JobStatus.running],
+            tenant=job.tenant,
+            generation=str(job.generation + 1),
         )
         return job.model_copy(update={"generation": job.generation + 1}) if ok else None
 
-    def _idem_key(self, tenant: str, idempotency_key: str) -> str:
-        return self.key("idem", tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
-
     def transition(
-        self, job_id: str, to: JobStatus, allowed_from: Iterable[JobStatus] | None = None, **fields: Any
+        self,
+        job_id: str,
+        to: JobStatus,
+        allowed_from: Iterable[JobStatus] | None = None,
+        tenant: str | None = None,
+        **fields: Any,
     ) -> tuple[bool, JobStatus | None]:
         """Atomically move a job to `to` if its status is one of `allowed_from` (default: every status that
-        may legally precede `to`). Returns (changed, status before the call; None if no such job)."""
+        may legally precede `to`). Returns (changed, status before the call; None if no such job).
+        `tenant`: the job's, when the caller knows it (the script is handed the tenant's queued set, so that
+        every key it touches is named in KEYS); unknown, it is read first, one round trip more."""
         if allowed_from is None:
             allowed_from = [s for s, nexts in TRANSITIONS.items() if to in nexts]
-        allowed = [s for s in allowed_from if to in TRANSITIONS[s]]  # never an illegal edge
-        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-        now = time.time()
-        answer = self._transition(
-            keys=[self.key("job", job_id), self.key("queued"), self.key("running")],
-            args=[job_id, to.value, now, self.ttl_s, json.dumps(encoded), now + self.running_deadline_s, self.prefix]
-            + [s.value for s in allowed],
-        ).decode()
+        allowed = [s.value for s in allowed_from if to in TRANSITIONS[s]]  # never an illegal edge
+        encoded = json.dumps({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        if tenant is None:
+            found = self._r.hget(self.keys.job(job_id), "tenant")
+            tenant = found.decode() if found is not None else ""
+        k = self.keys
+        for _ in range(3):  # a wrong guess of the tenant is answered with the right one, before any change
+            now = time.time()
+            deadline = now + self.running_deadline_s
+            answer = self._transition(
+                keys=[k.job(job_id), k.queued, k.running, k.tenant_queued(tenant)],
+                args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, tenant, *allowed],
+            ).decode()
+            if not answer.startswith("TENANT:"):
+                break
+            tenant = answer.removeprefix("TENANT:")
+        else:
+            raise AssertionError(f"job {job_id}: its tenant kept changing")  # a job's tenant never changes
         if answer == "":
             return False, None
         if answer.startswith("OK:"):
             return True, JobStatus(answer[3:])
         return False, JobStatus(answer)
 
-    def succeed(self, job_id: str, images: list[ImageRecord], truncated: bool) -> bool:
+    def succeed(self, job_id: str, images: list[ImageRecord], truncated: bool, tenant: str | None = None) -> bool:
         """running -> succeeded with the images; False when the job is no longer running (canceled)."""
         ok, _ = self.transition(
             job_id,
             JobStatus.succeeded,
             [JobStatus.running],
+            tenant=tenant,
             images=[i.model_dump() for i in images],
             truncated=truncated,
         )
         return ok
 
-    def fail(self, job_id: str, error: str, allowed_from: Iterable[JobStatus] = (JobStatus.running,)) -> bool:
-        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, error=error)
+    def fail(
+        self,
+        job_id: str,
+        error: str,
+        allowed_from: Iterable[JobStatus] = (JobStatus.running,),
+        tenant: str | None = None,
+    ) -> bool:
+        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, tenant=tenant, error=error)
         return ok
 
     # ------------------------------------------------------------------ reading
 
     def get(self, job_id: str) -> Job | None:
-        return _parse(self.r.hgetall(self.key("job", job_id)))
+        return _parse(self._r.hgetall(self.keys.job(job_id)))
 
     def get_many(self, job_ids: list[str]) -> list[Job | None]:
         """Several records in one round trip."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hgetall(self.key("job", job_id))
+            pipe.hgetall(self.keys.job(job_id))
         return [_parse(raw) for raw in pipe.execute()] if job_ids else []
 
     def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
         """Several statuses in one round trip (None: no such record)."""
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self._r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hget(self.key("job", job_id), "status")
+            pipe.hget(self.keys.job(job_id), "status")
         return [JobStatus(v.decode()) if v else None for v in pipe.execute()] if job_ids else []
 
     def status(self, job_id: str) -> JobStatus | None:
-        value = self.r.hget(self.key("job", job_id), "status")
+        value = self._r.hget(self.keys.job(job_id), "status")
         return JobStatus(value.decode()) if value else None
+
+    def existing(self, job_ids: list[str]) -> list[bool]:
+        """Whether each record exists (not expired), in one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self.keys.job(job_id))
+        return [bool(n) for n in pipe.execute()] if job_ids else []
 
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next job to start, None when not queued."""
-        rank = self.r.zrank(self.key("queued"), job_id)
+        rank = self._r.zrank(self.keys.queued, job_id)
         return None if rank is None else rank + 1
 
     def queued_count(self, tenant: str | None = None) -> int:
-        """Queued jobs, all or one tenant's."""
-        key = self.key("queued") if tenant is None else self.key("tenant-queued", tenant)
-        return int(self.r.zcard(key))
+        """Queued interactive jobs, all or one tenant's."""
+        key = self.keys.queued if tenant is None else self.keys.tenant_queued(tenant)
+        return int(self._r.zcard(key))
+
+    def running_count(self) -> int:
+        """Running jobs, data set lines included."""
+        return int(self._r.zcard(self.keys.running))
 
     def recent(self, offset: int, limit: int, tenant: str = "") -> tuple[list[Job], int]:
         """A tenant's jobs, newest first; also returns the total. Expired ids are dropped from the index."""
-        return page(self.r, self.key("recent", tenant), offset, limit, self.get)
+        return page(self._r, self.keys.recent(tenant), offset, limit, self.get)
 
     def overdue(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Running jobs past their deadline (started + running_deadline_s)."""
-        found = self.r.zrangebyscore(self.key("running"), "-inf", now or time.time(), start=0, num=limit)
+        found = self._r.zrangebyscore(self.keys.running, "-inf", now or time.time(), start=0, num=limit)
         return [i.decode() for i in found]
+
+    def forget_running(self, job_id: str) -> None:
+        """Drop an id from the running set (its record has expired: the stuck-job sweep met it)."""
+        self._r.zrem(self.keys.running, job_id)
 
 
 def _parse(raw: dict[bytes, bytes]) -> Job | None:

@@ -1,5 +1,6 @@
 """What a worker tells the rest of the service about itself: one record in Redis, P:worker:<name>, rewritten
-at every heartbeat and expiring soon after the worker stops. /readyz counts them; /metrics reads them.
+at every heartbeat and expiring soon after the worker stops (common/worker_registry.py writes and reads them).
+/readyz counts them; /metrics reads them.
 
 The counters run from the worker's start and only grow (Prometheus counters): a rate over them gives the
 device's busy fraction (device_s per second), the batch fill (rows / (rows + padding_rows)) and throughput.
@@ -8,11 +9,8 @@ device's busy fraction (device_s per second), the batch fill (rows / (rows + pad
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import redis
 
 OUTCOMES = ("succeeded", "failed", "canceled", "requeued")  # how a job this worker held ended here
 
@@ -48,19 +46,3 @@ class WorkerStatus:
         counters = data.pop("counters", {})
         data["sizes"] = [tuple(s) for s in data.get("sizes", [])]
         return cls(**data, counters=WorkerCounters(**counters))
-
-
-def key(prefix: str, name: str) -> str:
-    return f"{prefix}:worker:{name}"
-
-
-def live(client: redis.Redis, prefix: str) -> Iterator[WorkerStatus]:
-    """The records of the workers whose heartbeat has not expired; one that is unreadable is skipped."""
-    names = list(client.scan_iter(match=key(prefix, "*"), count=100))
-    for raw in client.mget(names) if names else []:
-        if raw is None:  # expired between the scan and the read
-            continue
-        try:
-            yield WorkerStatus.from_json(raw)
-        except (ValueError, TypeError):
-            continue

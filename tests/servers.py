@@ -139,8 +139,10 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, redis_url: str, prefix: str, timeout_s: float = 300) -> None:
-        r = redis.Redis.from_url(redis_url)
-        before = set(r.scan_iter(match=f"{prefix}:worker:*"))
+        from common.worker_registry import WorkerRegistry
+
+        workers = WorkerRegistry(redis.Redis.from_url(redis_url), prefix)
+        before = workers.live_names()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -149,7 +151,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if set(r.scan_iter(match=f"{prefix}:worker:*")) - before and "ready." in self.log_tail():
+            if workers.live_names() - before and "ready." in self.log_tail():
                 return
             time.sleep(0.5)
         raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log_tail()}")

@@ -25,7 +25,10 @@ from PIL import Image
 
 from api.main import create_app
 from common.api_keys import ApiKeyStore
+from common.batch_log import BatchLog
 from common.datasets import Layout, derive_seed
+from common.job_store import JobStore
+from common.jobs import JobStatus
 from common.storage import S3Storage
 from tests.servers import REPO, ApiProcess, WorkerPool, WorkerProcess, authorize, settings_from, standin_env, wait_for
 from worker import images
@@ -444,12 +447,11 @@ def test_a_run_survives_a_killed_worker_and_a_restarted_api_without_redoing_fini
     wait_for(lambda: counts(client, run_id)["succeeded"] >= 12, 60)
     first.stop(signal.SIGKILL)  # mid-run: batches on the device, lines queued, a feeder holding the run's lock
     r = redis.Redis.from_url(settings.redis_url)
-    logged = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-    ran_before = {j for e in logged for j in e["jobs"]}
+    log, store = BatchLog(r, settings.key_prefix), JobStore(r, settings.key_prefix)
+    logged = log.recent()
+    ran_before = {j for e in logged for j in e.jobs}
     # Finished lines are reaped: their job records are gone (or say succeeded, waiting for the next reap).
-    finished_before = {
-        j for j in ran_before if r.hget(f"{settings.key_prefix}:job:{j}", "status") in (None, b"succeeded")
-    }
+    finished_before = {j for j in ran_before if store.status(j) in (None, JobStatus.succeeded)}
     assert len(finished_before) >= 12
 
     client = client_of()  # a new API process's view: the run lives in Redis and storage, not in the API
@@ -457,8 +459,7 @@ def test_a_run_survives_a_killed_worker_and_a_restarted_api_without_redoing_fini
     wait_for(lambda: client.get(f"/v1/datasets/{run_id}").json()["status"] == "completed", 180)
     run = client.get(f"/v1/datasets/{run_id}").json()
     assert run["counts"]["succeeded"] == 60 and run["counts"]["failed"] == 0
-    logged_after = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-    ran_after = [j for e in logged_after if e["worker"] != logged[0]["worker"] for j in e["jobs"]]
+    ran_after = [j for e in log.recent() if e.worker != logged[0].worker for j in e.jobs]
     assert not finished_before & set(ran_after), "a line that had finished ran again"
     files = client.get(f"/v1/datasets/{run_id}/files").json()
     manifest = [json.loads(x) for x in client.get(files["manifest_jsonl"]).text.splitlines()]

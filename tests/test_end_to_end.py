@@ -4,7 +4,6 @@ JAX engine on this CPU, and a real S3 server (SeaweedFS). Nothing is faked."""
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 import uuid
@@ -16,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from common.batch_log import BatchLog, BatchRecord
 from common.settings import Settings
 from common.storage import S3Storage
 from tests.api.test_metrics import samples
@@ -69,10 +69,9 @@ def wait(client, job_id: str, timeout_s: float = 120) -> dict:
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s")
 
 
-def batches_of(settings: Settings, job_ids: set[str]) -> list[dict]:
-    r = redis.Redis.from_url(settings.redis_url)
-    entries = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-    return [e for e in entries if job_ids & set(e["jobs"])]
+def batches_of(settings: Settings, job_ids: set[str]) -> list[BatchRecord]:
+    entries = BatchLog(redis.Redis.from_url(settings.redis_url), settings.key_prefix).recent()
+    return [e for e in entries if job_ids & set(e.jobs)]
 
 
 def test_submit_poll_download(service):
@@ -119,7 +118,7 @@ def test_eight_jobs_make_two_full_batches(service):
     ids = {submit(client, seed=i) for i in range(8)}
     assert all(wait(client, i)["status"] == "succeeded" for i in ids)
     runs = batches_of(settings, ids)
-    assert len(runs) == 2 and all(r["rows"] == 4 and r["padding"] == 0 for r in runs), runs
+    assert len(runs) == 2 and all(r.rows == 4 and r.padding == 0 for r in runs), runs
 
 
 def test_three_jobs_make_one_padded_batch_after_the_timeout(service):
@@ -129,7 +128,7 @@ def test_three_jobs_make_one_padded_batch_after_the_timeout(service):
     jobs = [wait(client, i) for i in ids]
     assert all(j["status"] == "succeeded" for j in jobs)
     (run,) = batches_of(settings, ids)
-    assert run["rows"] == 3 and run["padding"] == 1
+    assert run.rows == 3 and run.padding == 1
     assert min(j["started_at"] for j in jobs) - t0 >= BATCH_TIMEOUT_S * 0.9  # it waited for company
 
 
@@ -140,7 +139,7 @@ def test_two_sizes_run_separately(service):
     assert all(wait(client, i)["status"] == "succeeded" for i in square | wide)
     runs = batches_of(settings, square | wide)
     assert len(runs) == 2
-    assert {(r["height"], r["width"], frozenset(r["jobs"])) for r in runs} == {
+    assert {(r.height, r.width, frozenset(r.jobs)) for r in runs} == {
         (64, 64, frozenset(square)),
         (64, 96, frozenset(wide)),
     }
@@ -166,7 +165,7 @@ def test_cancel_while_running_discards_results(service):
         time.sleep(0.05)
     r = client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["outcome"] == "results_discarded"
-    assert wait_batch(settings, job_id)["jobs"] == [job_id]  # it did run on the device
+    assert wait_batch(settings, job_id).jobs == [job_id]  # it did run on the device
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "canceled" and job["images"] == []
     # the objects the worker uploaded were deleted again
@@ -189,7 +188,7 @@ def test_the_worker_deletes_the_images_of_expired_jobs(service):
     assert httpx.get(live["images"][0]["url"]).status_code == 200  # a live job's image stays
 
 
-def wait_batch(settings: Settings, job_id: str, timeout_s: float = 120) -> dict:
+def wait_batch(settings: Settings, job_id: str, timeout_s: float = 120) -> BatchRecord:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         runs = batches_of(settings, {job_id})
@@ -231,13 +230,12 @@ def test_readyz_with_a_live_worker(service):
 def test_metrics_count_what_the_worker_ran(service):
     client, settings, _ = service
     # The tests above ran their batches on this one worker; its heartbeat (every 5 s) carries the counts.
-    r = redis.Redis.from_url(settings.redis_url)
-    logged = [json.loads(e) for e in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-    (name,) = {e["worker"] for e in logged}
+    logged = BatchLog(redis.Redis.from_url(settings.redis_url), settings.key_prefix).recent()
+    (name,) = {e.worker for e in logged}
     want = {
         "batches": len(logged),
-        "rows": sum(e["rows"] for e in logged),
-        "padding_rows": sum(e["padding"] for e in logged),
+        "rows": sum(e.rows for e in logged),
+        "padding_rows": sum(e.padding for e in logged),
     }
     label = f'{{worker="{name}"}}'
 

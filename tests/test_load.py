@@ -14,6 +14,8 @@ import httpx
 import redis
 
 from common.api_keys import ApiKeyStore
+from common.batch_log import BatchLog
+from common.keys import Keys
 from tests.servers import ApiProcess, WorkerProcess
 
 JOBS, CLIENTS = 5000, 50
@@ -35,7 +37,7 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
         "SDXL_RATE_LIMIT_PER_MIN": "1000000",
         "SDXL_MAX_QUEUED_PER_TENANT": "100000",
     }
-    r = redis.Redis.from_url(redis_url)
+    r, keys = redis.Redis.from_url(redis_url), Keys(prefix)
     _, key = ApiKeyStore(r, prefix).create("load")
     api = ApiProcess(env, tmp_path / "api.log")  # it sets SDXL_PUBLIC_BASE_URL to its own address
     api.start()
@@ -73,7 +75,7 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
         def unfinished() -> int:
             pipe = r.pipeline()
             for job_id in ids:
-                pipe.hget(f"{prefix}:job:{job_id}", "status")
+                pipe.hget(keys.job(job_id), "status")
             return sum(s != b"succeeded" for s in pipe.execute())
 
         deadline = time.monotonic() + 600
@@ -84,10 +86,10 @@ def test_5000_jobs_from_50_clients_each_succeed_exactly_once(redis_url, tmp_path
 
         pipe = r.pipeline()
         for job_id in ids:
-            pipe.hmget(f"{prefix}:job:{job_id}", "attempts", "created_at", "finished_at")
+            pipe.hmget(keys.job(job_id), "attempts", "created_at", "finished_at")
         records = pipe.execute()
         assert all(a == b"1" for a, _, _ in records)  # each ran once
-        runs = [j for b in r.lrange(f"{prefix}:batches", 0, -1) for j in json.loads(b)["jobs"]]
+        runs = [j for b in BatchLog(r, prefix).recent() for j in b.jobs]
         assert sorted(runs) == sorted(ids)  # each on the device exactly once, none lost
         latencies.sort()
         first = min(float(c) for _, c, _ in records)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import queue
 import socket
@@ -28,14 +27,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from common import inputs
+from common.batch_log import BatchLog, BatchRecord
 from common.job_store import JobStore
 from common.jobs import TERMINAL, ImageRecord, Job, JobStatus, Progress
 from common.logs import bound
 from common.loras import Registry
 from common.outage import REDIS_DOWN, Outage, die, supervised
 from common.storage import Storage
+from common.worker_registry import WorkerRegistry
 from common.worker_status import WorkerCounters, WorkerStatus
-from common.worker_status import key as status_key
 from worker import images, metrics, sweeper
 from worker.batcher import Batch, Batcher, Item
 from worker.engine.engine import Engine, Pending, Row
@@ -47,7 +47,6 @@ REQUEUE = "requeue"  # a job's answer when the worker is shutting down before it
 # a job for a model this worker does not hold (a fleet whose workers hold different models): back to the queue
 NOT_HERE = "not-here"
 STALE = "stale"  # a message superseded by a newer one for the same job (its worker died; the sweep re-sent it)
-BATCH_LOG_LINES = 1000
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
 # A batch's progress is written at most this often (and at its last step): a small model's steps take
 # milliseconds, and Redis needs not hear of each.
@@ -65,7 +64,7 @@ class Started:
     jobs: list[Job]
     pending: Pending
     dispatched_s: float
-    batch_id: str = ""  # in the logs of the batch and its jobs, and in P:batches
+    batch_id: str = ""  # in the logs of the batch and its jobs, and in the batch log
 
 
 def _labels(job: Job) -> tuple[str, str]:
@@ -125,11 +124,16 @@ class DeviceLoop:
         enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,
         loras: Registry | None = None,
+        *,
+        workers: WorkerRegistry,
+        batches: BatchLog,
     ):
         # model name -> its engine (one engine: named by its model); the first is what a job without `model` gets
         self.engines = dict(engine) if isinstance(engine, Mapping) else {engine.model.name: engine}
         engine = self.engine = next(iter(self.engines.values()))
         self.store = store
+        self.workers = workers  # this worker's heartbeat and held jobs, and the sweep lock
+        self.batches = batches  # one line per engine run
         self.storage = storage
         self.loras = loras  # the adapter registry: a job's adapters are fetched (from storage) before it is batched
         self.batcher = Batcher(engine.batch_rows, batch_timeout_s)
@@ -185,7 +189,7 @@ class DeviceLoop:
         self.finisher.shutdown(wait=True)
         self.uploads.shutdown(wait=True)
         with suppress(*REDIS_DOWN):  # a clean exit: nothing is held, and /readyz need not wait for the heartbeat
-            self.store.r.delete(status_key(self.store.prefix, self.name), self.store.held_key(self.name))
+            self.workers.forget(self.name)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A job-store call that waits out a Redis outage (the work cannot go on without it, and will after)."""
@@ -208,7 +212,7 @@ class DeviceLoop:
             if self._draining.is_set():
                 drained = self.batcher.drain()
                 if drained:
-                    self._call(self.store.release, self.name, [item.job_id for item in drained])
+                    self._call(self.workers.release, self.name, [item.job_id for item in drained])
                 for item in drained:
                     item.payload[1].set_result(REQUEUE)
                 continue
@@ -223,14 +227,15 @@ class DeviceLoop:
         if self._draining.is_set():
             future.set_result(REQUEUE)
             return
-        job = self._call(self.store.hold, self.name, job_id)  # read it, and say that this worker holds it
+        self._call(self.workers.hold, self.name, job_id)  # first: should this worker die now, the sweep finds it
+        job = self._call(self.store.get, job_id)
         if job is None:
-            self._call(self.store.release, self.name, [job_id])
+            self._call(self.workers.release, self.name, [job_id])
             future.set_result("missing")  # expired or never stored: nothing to do
             return
         if job.status in TERMINAL or (generation is not None and generation < job.generation):
             # canceled while queued, a redelivery of a finished job, or a message superseded by a newer one
-            self._call(self.store.release, self.name, [job_id])
+            self._call(self.workers.release, self.name, [job_id])
             future.set_result(job.status.value if job.status in TERMINAL else STALE)
             return
         if job.attempts >= self.max_attempts:  # it keeps coming back: a worker died on it each time
@@ -239,8 +244,9 @@ class DeviceLoop:
                 job.id,
                 f"gave up after {job.attempts} attempts (the worker running it stopped each time)",
                 allowed_from=[JobStatus.queued, JobStatus.running],
+                tenant=job.tenant,
             )
-            self._call(self.store.release, self.name, [job_id])
+            self._call(self.workers.release, self.name, [job_id])
             future.set_result(JobStatus.failed.value)
             if self.notify and job.request.webhook_url:
                 self._call(self.notify, job.id)
@@ -251,7 +257,7 @@ class DeviceLoop:
                 job.request.model,
                 extra={"job_id": job.id},
             )
-            self._call(self.store.release, self.name, [job_id])
+            self._call(self.workers.release, self.name, [job_id])
             future.set_result(NOT_HERE)
             return
         if job.request.loras and self.loras is not None:
@@ -280,12 +286,12 @@ class DeviceLoop:
         try:
             return True, fetch()
         except KeyError as exc:
-            self._call(self.store.fail, job.id, gone(exc.args[0]))
-            self._call(self.store.release, self.name, [job.id])
+            self._call(self.store.fail, job.id, gone(exc.args[0]), tenant=job.tenant)
+            self._call(self.workers.release, self.name, [job.id])
             future.set_result(JobStatus.failed.value)
         except Exception:
             log.warning("could not read what job %s needs from storage; requeued", job.id, exc_info=True)
-            self._call(self.store.release, self.name, [job.id])
+            self._call(self.workers.release, self.name, [job.id])
             future.set_result(REQUEUE)
         return False, None
 
@@ -315,13 +321,14 @@ class DeviceLoop:
                 job.id,
                 JobStatus.running,
                 [JobStatus.queued, JobStatus.running],
+                tenant=job.tenant,
                 worker=self.name,
             )
             if ok:
                 jobs.append(job)
                 metrics.QUEUE_WAIT.labels(*_labels(job)).observe(max(0.0, time.time() - job.created_at))
             else:  # canceled (or otherwise ended) before it ran: it never runs
-                self._call(self.store.release, self.name, [job.id])
+                self._call(self.workers.release, self.name, [job.id])
                 future.set_result(before.value if before else "missing")
         if not jobs:
             return
@@ -377,7 +384,7 @@ class DeviceLoop:
     def _isolate(self, batch: Batch, jobs: list[Job], exc: Exception) -> None:
         """A batch that raised: run each job alone, so a poison job fails by itself and the rest succeed."""
         if len(jobs) == 1:
-            self._call(self.store.fail, jobs[0].id, f"engine error: {type(exc).__name__}: {exc}")
+            self._call(self.store.fail, jobs[0].id, f"engine error: {type(exc).__name__}: {exc}", tenant=jobs[0].tenant)
             return
         for job in jobs:
             alone = Batch(batch.shape, [i for i in batch.items if i.job_id == job.id], batch.batch_rows)
@@ -386,11 +393,11 @@ class DeviceLoop:
             except REDIS_DOWN:
                 raise  # not the job's fault (only possible once stopping: _call waits out outages)
             except Exception as err:
-                self._call(self.store.fail, job.id, f"engine error: {type(err).__name__}: {err}")
+                self._call(self.store.fail, job.id, f"engine error: {type(err).__name__}: {err}", tenant=job.tenant)
 
     def _resolve(self, batch: Batch) -> None:
         """Every waiting Celery task gets its answer, whatever happened: none is left hanging."""
-        self._call(self.store.release, self.name, [item.job_id for item in batch.items])
+        self._call(self.workers.release, self.name, [item.job_id for item in batch.items])
         for item in batch.items:
             self._pixels.pop(item.job_id, None)
             job, future = item.payload
@@ -428,7 +435,8 @@ class DeviceLoop:
                 used = out.adapters[row] if out.adapters else []
                 uploads.append((job, [self.uploads.submit(self._upload, job, i, pixels[i], used) for i in range(n)]))
             else:
-                self._call(self.store.fail, job.id, "the model produced non-finite values (NaN or inf) for this job")
+                error = "the model produced non-finite values (NaN or inf) for this job"
+                self._call(self.store.fail, job.id, error, tenant=job.tenant)
             row += n
         truncated = dict(zip([j.id for j in jobs], self._truncated(jobs, out.truncated), strict=True))
         for job, futures in uploads:
@@ -545,16 +553,21 @@ class DeviceLoop:
             attempts = (self._call(self.store.get, job.id) or job).attempts
             requeued = (
                 attempts < self.max_attempts
-                and self._call(self.store.transition, job.id, JobStatus.queued, [JobStatus.running])[0]
+                and (
+                    self._call(self.store.transition, job.id, JobStatus.queued, [JobStatus.running], tenant=job.tenant)[
+                        0
+                    ]
+                )
             )
             if requeued:
                 # Back to the queue (the Celery message is rejected with requeue): it runs again later.
                 log.warning("job %s requeued after attempt %d: %s", job.id, attempts, error)
                 self._verdicts[job.id] = REQUEUE
             else:
-                self._call(self.store.fail, job.id, f"{error} (attempt {attempts} of {self.max_attempts})")
+                error = f"{error} (attempt {attempts} of {self.max_attempts})"
+                self._call(self.store.fail, job.id, error, tenant=job.tenant)
             return
-        if not self._call(self.store.succeed, job.id, records, truncated) and (
+        if not self._call(self.store.succeed, job.id, records, truncated, tenant=job.tenant) and (
             self._call(self.store.status, job.id) == JobStatus.canceled
         ):
             # Canceled while running: the results are discarded, as the cancel answer promised, and so is
@@ -569,34 +582,26 @@ class DeviceLoop:
     # ------------------------------------------------------------------ observability
 
     def _record_batch(self, batch: Batch, jobs: list[Job], device_s: float, batch_id: str = "") -> None:
-        """One line per engine run in P:batches (newest first, the last 1,000): tests and benches read it. It
-        is capped low because each line lists its job ids: with 32-row batches that is ~1.5 kB a line."""
+        """One line per engine run in the batch log (common/batch_log.py): tests and benches read it."""
         metrics.DEVICE.labels(metrics.size_label(*batch.shape[:2])).observe(device_s)
-        entry = {
-            "batch_id": batch_id,
-            "worker": self.name,
-            "height": batch.shape[0],
-            "width": batch.shape[1],
-            "jobs": [j.id for j in jobs],
-            "rows": sum(j.request.num_images for j in jobs),
-            "padding": self.engine.batch_rows - sum(j.request.num_images for j in jobs),
-            "device_s": round(device_s, 6),
-            "at": time.time(),
-        }
+        rows = sum(j.request.num_images for j in jobs)
+        record = BatchRecord(
+            batch_id=batch_id,
+            worker=self.name,
+            height=batch.shape[0],
+            width=batch.shape[1],
+            jobs=[j.id for j in jobs],
+            rows=rows,
+            padding=self.engine.batch_rows - rows,
+            device_s=round(device_s, 6),
+            at=time.time(),
+        )
         with self._counting:
             self.counters.batches += 1
-            self.counters.rows += entry["rows"]
-            self.counters.padding_rows += entry["padding"]
+            self.counters.rows += record.rows
+            self.counters.padding_rows += record.padding
             self.counters.device_s += device_s
-        key = self.store.key("batches")
-
-        def write() -> None:
-            pipe = self.store.r.pipeline()
-            pipe.lpush(key, json.dumps(entry))
-            pipe.ltrim(key, 0, BATCH_LOG_LINES - 1)
-            pipe.execute()
-
-        self._call(write)
+        self._call(self.batches.append, record)
 
     def _sweep(self) -> None:
         """At most one sweep per heartbeat period across all workers (a Redis lock that expires): stuck jobs,
@@ -604,14 +609,14 @@ class DeviceLoop:
         if self.enqueue is None:
             return
         try:
-            if not self.store.r.set(self.store.key("sweep-lock"), self.name, nx=True, ex=5):
+            if not self.workers.take_sweep(self.name, ttl_s=round(HEARTBEAT_S)):
                 return
             sweeper.sweep(self.store, self.max_attempts, self.enqueue)
             # Another worker's missing heartbeat means it is dead only if this one could have seen it: after an
             # outage every heartbeat has lapsed, and live workers need one period to write theirs again.
             seen_s = time.monotonic() - self._redis_ok_since if self._redis_ok_since is not None else 0.0
             if seen_s >= DEAD_AFTER_S:
-                sweeper.reissue_dead_workers(self.store, self.enqueue)
+                sweeper.reissue_dead_workers(self.store, self.workers, self.enqueue)
             sweeper.relay_outbox(self.store, self.enqueue)
         except REDIS_DOWN as exc:
             self.redis.failed(exc)  # the next heartbeat tries again
@@ -649,4 +654,4 @@ class DeviceLoop:
                 for name, e in self.engines.items()
             ],
         )
-        self.store.r.set(status_key(self.store.prefix, self.name), status.to_json(), px=int(1000 * DEAD_AFTER_S))
+        self.workers.beat(status, ttl_s=DEAD_AFTER_S)

@@ -121,7 +121,7 @@ class Feeder:
     def step(self, run_id: str) -> None:
         run = self.datasets.get(run_id)
         if run is None or run.status in (DatasetStatus.completed, DatasetStatus.canceled):
-            self.datasets.r.lrem(self.datasets.active_key, 0, run_id)  # expired, or finished by another feeder
+            self.datasets.deactivate(run_id)  # expired, or finished by another feeder
             self._chunks.pop(run_id, None)
             return
         self._reap(run)
@@ -140,11 +140,10 @@ class Feeder:
         statuses = self.store.statuses(list(inflight.values()))  # one round trip for every line in flight
         ended = [(i, j) for (i, j), st in zip(inflight.items(), statuses, strict=True) if st is None or st in TERMINAL]
         for (index, job_id), job in zip(ended, self.store.get_many([j for _, j in ended]), strict=True):
-            job_key = self.store.key("job", job_id)
             if job is None:  # cannot happen while the feeder reaps within the job TTL; never hang on it
                 line = self._line(run.id, index)
                 failure = {"line": line.line, "id": line.id, "error": "the job record was lost"}
-                self.datasets.reap(run.id, index, job_key, "failed", failure)
+                self.datasets.reap(run.id, index, job_id, "failed", failure)
                 continue
             info = job.dataset or {}
             if job.status == JobStatus.succeeded:
@@ -159,12 +158,12 @@ class Feeder:
                     job.attempts,
                     image.loras,
                 )
-                self.datasets.reap(run.id, index, job_key, "succeeded", row, run.options.order)
+                self.datasets.reap(run.id, index, job_id, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
                 failure = {"line": info["line"], "id": info["id"], "error": job.error or ""}
-                self.datasets.reap(run.id, index, job_key, "failed", failure)
+                self.datasets.reap(run.id, index, job_id, "failed", failure)
             else:
-                self.datasets.reap(run.id, index, job_key, "canceled", {"line": info["line"], "id": info["id"]})
+                self.datasets.reap(run.id, index, job_id, "canceled", {"line": info["line"], "id": info["id"]})
 
     def _feed(self, run: DatasetRun) -> None:
         room = self.depth - len(self.datasets.inflight(run.id))
@@ -198,7 +197,7 @@ class Feeder:
         """Canceling: queued lines are canceled (a worker drops them), running ones finish and are kept."""
         inflight = self.datasets.inflight(run.id)
         for job_id in inflight.values():
-            self.store.transition(job_id, JobStatus.canceled, [JobStatus.queued])
+            self.store.transition(job_id, JobStatus.canceled, [JobStatus.queued], tenant=run.tenant)
         if not inflight and (run.cursor < run.total or self.datasets.retry_pending(run.id)):
             self.datasets.skip_rest(run.id, run.cursor, run.total)
 

@@ -10,21 +10,21 @@ import sys
 
 import redis
 
-from common import worker_status
 from common.settings import get_settings
+from common.worker_registry import WorkerRegistry
 
 
 def main() -> int:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
-    pattern = worker_status.key(settings.key_prefix, f"{socket.gethostname()}-*")
+    names = f"{socket.gethostname()}-*"  # worker names start with their host's (worker/main.py)
     try:
-        alive = any(True for _ in client.scan_iter(match=pattern, count=100))
+        alive = bool(WorkerRegistry(client, settings.key_prefix).live_names(names))
     except redis.exceptions.RedisError as exc:
         print(f"redis unreachable: {exc}", file=sys.stderr)
         return 1
     if not alive:
-        print(f"no heartbeat matching {pattern}", file=sys.stderr)
+        print(f"no heartbeat from a worker named {names}", file=sys.stderr)
     return 0 if alive else 1
 
 

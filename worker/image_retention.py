@@ -25,6 +25,7 @@ from common.job_store import JobStore
 from common.jobs import Job
 from common.outage import Outage, supervised
 from common.storage import Storage
+from common.worker_registry import WorkerRegistry
 from worker import images
 
 log = logging.getLogger(__name__)
@@ -86,19 +87,25 @@ def _job_id(key: str) -> str:
 def _expired(store: JobStore, keys: list[str]) -> set[str]:
     """The jobs among these keys whose record is gone (one pipelined EXISTS per job)."""
     ids = [job_id for job_id, _ in groupby(keys, _job_id)]
-    pipe = store.r.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.exists(store.key("job", job_id))
-    return {job_id for job_id, alive in zip(ids, pipe.execute(), strict=True) if not alive}
+    return {job_id for job_id, alive in zip(ids, store.existing(ids), strict=True) if not alive}
 
 
 class ImageSweeper:
     """Runs `sweep` on a thread: whichever worker takes the Redis lock sweeps, and the lock's expiry is the
     interval, so a fleet sweeps once per interval whatever its size."""
 
-    def __init__(self, storage: Storage, store: JobStore, owner: str, interval_s: float, check_s: float = 60.0):
+    def __init__(
+        self,
+        storage: Storage,
+        store: JobStore,
+        workers: WorkerRegistry,
+        owner: str,
+        interval_s: float,
+        check_s: float = 60.0,
+    ):
         self.storage = storage
         self.store = store
+        self.workers = workers  # holds the lock
         self.owner = owner
         self.interval_s = interval_s
         self.check_s = min(check_s, interval_s)  # how often a worker tries for the lock
@@ -115,8 +122,7 @@ class ImageSweeper:
 
     def turn(self) -> bool:
         """Whether this worker sweeps now (nobody has in the last interval)."""
-        lock = self.store.key("image-sweep-lock")
-        return bool(self.store.r.set(lock, self.owner, nx=True, ex=max(1, round(self.interval_s))))
+        return self.workers.take_image_sweep(self.owner, ttl_s=max(1, round(self.interval_s)))
 
     def _run(self) -> None:
         while not self._stop.is_set():

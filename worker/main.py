@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 from common import logs
+from common.batch_log import BatchLog
 from common.job_store import JobStore
 from common.outage import die
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 from common.settings import Settings, get_settings
 from common.storage import from_settings
+from common.worker_registry import WorkerRegistry
 
 # The engine never uses PyTorch or diffusers (its networks are worker/engine/unet.py, vae.py, clip.py), but
 # transformers, whose CLIPTokenizer it uses, looks for torch on some import paths: with a CUDA torch present,
@@ -186,9 +188,9 @@ def main() -> None:
     registry = lora_registry(settings)
     engines = build_engines(settings, registry)
     metrics.serve(settings.worker_metrics_port)
-    store = JobStore(
-        redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s
-    )
+    client = redis.Redis.from_url(settings.redis_url)
+    store = JobStore(client, settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s)
+    workers = WorkerRegistry(client, settings.key_prefix)
     # unique per process: the heartbeat, the held-jobs set and the job records name it (the pid tells two
     # workers on one host apart; the time, a pid reused by a restart in the same container)
     name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
@@ -212,6 +214,8 @@ def main() -> None:
         loras=registry,
         enqueue=lambda job: send(job.id, job.lane, job.generation),
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
+        workers=workers,
+        batches=BatchLog(client, settings.key_prefix),
     )
     loop.start()
     tasks.bind(loop)
@@ -219,7 +223,9 @@ def main() -> None:
     if settings.image_sweep_interval_s:
         from worker.image_retention import ImageSweeper
 
-        image_sweeper = ImageSweeper(loop.storage, store, owner=name, interval_s=settings.image_sweep_interval_s)
+        image_sweeper = ImageSweeper(
+            loop.storage, store, workers, owner=name, interval_s=settings.image_sweep_interval_s
+        )
         image_sweeper.start()
     feeder = None
     if settings.dataset_feeder:
@@ -227,7 +233,7 @@ def main() -> None:
         from worker.feeder import Feeder
 
         feeder = Feeder(
-            DatasetStore(store.r, settings.key_prefix, settings.job_ttl_s),
+            DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             store,
             loop.storage,
             lambda job_id: send(job_id, "bulk"),

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from common import worker_status
 from common.job_store import OUTBOX_GRACE_S, JobStore
 from common.jobs import Job, JobStatus
+from common.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
     for job_id in store.overdue(now):
         job = store.get(job_id)
         if job is None:  # the record expired: drop it from the index
-            store.r.zrem(store.key("running"), job_id)
+            store.forget_running(job_id)
             continue
         if job.attempts < max_attempts:
             again = store.reissue(job) if job.status == JobStatus.running else None
@@ -43,6 +43,7 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
         elif store.fail(
             job_id,
             f"stuck: still running {store.running_deadline_s:.0f} s after it started, after {job.attempts} attempts",
+            tenant=job.tenant,
         ):
             done["failed"].append(job_id)
     if done["requeued"] or done["failed"]:
@@ -50,26 +51,22 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
     return done
 
 
-def reissue_dead_workers(store: JobStore, enqueue: Callable[[Job], None]) -> list[str]:
+def reissue_dead_workers(store: JobStore, workers: WorkerRegistry, enqueue: Callable[[Job], None]) -> list[str]:
     """Send again the jobs held by workers whose heartbeat has lapsed; returns their ids. The caller makes
     sure it has seen Redis for a heartbeat's life (after an outage every heartbeat lapses at once)."""
-    beat = len(worker_status.key(store.prefix, ""))  # alive while the heartbeat key exists, readable or not
-    live = {k.decode()[beat:] for k in store.r.scan_iter(match=worker_status.key(store.prefix, "*"), count=100)}
-    start = len(store.held_key(""))
+    live = workers.live_names()  # alive while the heartbeat key exists, readable or not
     again: list[str] = []
-    for key in list(store.r.scan_iter(match=store.held_key("*"), count=100)):
-        worker = key.decode()[start:]
+    for worker in workers.holders():
         if worker in live:
             continue
-        ids = sorted(i.decode() for i in store.r.smembers(key))
-        for job in store.get_many(ids):
+        for job in store.get_many(workers.held(worker)):
             if job is None or job.status not in (JobStatus.queued, JobStatus.running):
                 continue
             reissued = store.reissue(job)
             if reissued is not None:
                 enqueue(reissued)
                 again.append(job.id)
-        store.r.delete(key)
+        workers.drop_held(worker)
         log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(again), again)
     return again
 

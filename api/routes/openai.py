@@ -18,7 +18,6 @@ guidance_scale, scheduler, timestep_spacing. Errors are the service's problem de
 from __future__ import annotations
 
 import base64
-import functools
 import time
 from typing import Annotated, Literal
 
@@ -26,8 +25,8 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from api import job_service
 from api.deps import CallerDep, ServicesDep
-from api.routes.jobs import owned, submit, until_ended
 from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputFormat, Scheduler, Spacing
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -114,12 +113,12 @@ async def generate_images(
     s = services.settings
     try:
         job_request = to_job(body, [e.name for e in s.model_entries], s.served_sizes, s.max_steps)
-        job_id, _, stored = await run_in_threadpool(submit, job_request, services, caller.tenant, idempotency_key)
+        submitted = await run_in_threadpool(job_service.submit, job_request, services, caller.tenant, idempotency_key)
     except LimitError as exc:
         field = FIELDS.get(exc.field, exc.field)
         raise LimitError(field, str(exc).replace("num_images", "n")) from exc
-    read = functools.partial(run_in_threadpool, owned, job_id, services, caller)
-    job = await until_ended(services, request, job_id, s.max_wait_s, read)
+    job_id, stored = submitted.job_id, submitted.request
+    job = await job_service.until_ended(services, request, caller, job_id, s.max_wait_s)
     if job is None:  # the client left; the job runs on, as any job does
         raise HTTPException(499, "the client closed the connection")
     if job.status == JobStatus.failed:

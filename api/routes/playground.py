@@ -18,6 +18,7 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/")
 def index() -> FileResponse:
+    """The playground page."""
     # no-cache: a deployment's new page is picked up at once (the files are small; ETags make it cheap)
     return FileResponse(FOLDER / "index.html", headers={"Cache-Control": "no-cache"})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -10,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 from api import metrics
 from api.deps import ServicesDep
 from api.schemas import LoraPublic, LorasPublic, ModelPublic, ServedModelPublic
-from common import worker_status
 from common.jobs import LCM_MAX_STEPS, OutputFormat, Scheduler, Spacing
+from common.outage import REDIS_DOWN
 
 router = APIRouter(tags=["system"])
 
@@ -22,7 +21,7 @@ def models(services: ServicesDep) -> ModelPublic:
     s = services.settings
     try:
         holders = services.served.served()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+    except REDIS_DOWN:
         holders = {}  # Redis away: what is configured, without the workers
     entries = []
     for i, e in enumerate(s.model_entries):
@@ -102,9 +101,7 @@ def readyz(services: ServicesDep) -> JSONResponse:
     problems = []
     workers = 0
     try:
-        services.redis.ping()
-        pattern = worker_status.key(services.store.prefix, "*")
-        workers = sum(1 for _ in services.redis.scan_iter(match=pattern, count=100))
+        workers = len(services.workers.live_names())
         if not workers:
             problems.append("no live worker")
     except Exception as exc:
@@ -118,8 +115,10 @@ async def prometheus_metrics(services: ServicesDep) -> Response:
     """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
     redis_up = True
     try:
-        services.metrics_figures = await run_in_threadpool(metrics.read, services.store, services.datasets)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        services.metrics_figures = await run_in_threadpool(
+            metrics.read, services.store, services.datasets, services.workers
+        )
+    except REDIS_DOWN:
         redis_up = False  # the last figures read, marked stale: the page answers during an outage
     text = metrics.render(services.metrics_figures, redis_up)
     return Response(text, media_type=metrics.CONTENT_TYPE)

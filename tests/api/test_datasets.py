@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 
 from common.datasets import DatasetStatus, Layout, derive_seed
 from tests.servers import authorize
@@ -23,6 +24,11 @@ def jsonl(lines) -> bytes:
 def upload(client, lines, options=OPTIONS, **kw):
     files = {"input": ("prompts.jsonl", jsonl(lines), "application/x-ndjson")}
     return client.post("/v1/datasets", files=files, data={"options": json.dumps(options)}, **kw)
+
+
+def raw_redis(client) -> redis.Redis:
+    """A client of the API's Redis, to stage what the feeder would have written."""
+    return redis.Redis.from_url(client.app.state.services.settings.redis_url)
 
 
 def stored(client, settings, run_id: str) -> list[dict]:
@@ -163,10 +169,10 @@ def test_cancel_retry_and_failures(client):
 
 def test_failed_lines_are_listed_and_retried_over_http(client):
     run_id = upload(client, GOOD).json()["id"]
-    datasets = client.app.state.services.datasets
+    datasets, r = client.app.state.services.datasets, raw_redis(client)
     # What the feeder records when a line's job fails (tests/worker/test_feeder.py runs the real thing).
     for index in (3, 1):
-        datasets.r.hset(datasets.key(run_id, "inflight"), index, f"job{index}")
+        r.hset(datasets.keys.run(run_id).inflight, index, f"job{index}")
         datasets.reap(run_id, index, "none", "failed", {"line": index + 1, "id": f"p{index}", "error": "engine error"})
     page = client.get(f"/v1/datasets/{run_id}/failures", params={"limit": 1}).json()
     assert page["total"] == 2 and page["failures"] == [{"line": 2, "id": "p1", "error": "engine error"}]
@@ -254,11 +260,11 @@ def test_no_eta_while_no_line_finishes(client, settings):
         datasets.sample_rate(run_id, done, now=now + t)
     for t in range(-45, 0, 5):
         datasets.sample_rate(run_id, 30, now=now + t)
-    datasets.r.hset(datasets.key(run_id), "succeeded", 30)
+    raw_redis(client).hset(datasets.keys.run(run_id).record, "succeeded", 30)
     stalled = client.get(f"/v1/datasets/{run_id}").json()
     assert stalled["eta_s"] is None and 45 <= stalled["stalled_s"] <= 52, stalled
     datasets.sample_rate(run_id, 31, now=time.time() + 5)  # a line finished: moving again
-    datasets.r.hset(datasets.key(run_id), "succeeded", 31)
+    raw_redis(client).hset(datasets.keys.run(run_id).record, "succeeded", 31)
     moving = client.get(f"/v1/datasets/{run_id}").json()
     assert moving["stalled_s"] is None and moving["eta_s"] > 0, moving
 
@@ -271,9 +277,9 @@ def test_resume_over_http_feeds_the_canceled_lines_again(client):
     # canceled, two never fed, and the run wound down.
     assert datasets.mark_fed(run_id, 0, "job0", "cursor")
     datasets.reap(run_id, 0, "none", "canceled", {"line": 1, "id": "p0"})
-    datasets.r.hset(datasets.key(run_id), "cursor", 3)
+    raw_redis(client).hset(datasets.keys.run(run_id).record, "cursor", 3)
     datasets.skip_rest(run_id, 3, 5)
-    datasets.r.hset(datasets.key(run_id), "status", DatasetStatus.canceled.value)
+    raw_redis(client).hset(datasets.keys.run(run_id).record, "status", DatasetStatus.canceled.value)
     assert client.get(f"/v1/datasets/{run_id}").json()["counts"]["canceled"] == 3
     r = client.post(f"/v1/datasets/{run_id}/resume")
     assert r.status_code == 200 and r.json()["resumed"] == 3, r.text

@@ -88,7 +88,8 @@ def test_prefer_wait_on_submit_answers_200_once_the_job_has_ended(client, settin
 
     def fail_the_first_queued_job() -> None:  # the job id is unknown until the submit answers
         wait_for(lambda: store.queued_count() == 1)
-        (job_id,) = [i.decode() for i in store.r.zrange(store.key("queued"), 0, -1)]
+        queued = redis.Redis.from_url(settings.redis_url).zrange(store.keys.queued, 0, -1)
+        (job_id,) = [i.decode() for i in queued]
         wait_for(lambda: events(client).waiting == 1)
         store.fail(job_id, "the model could not run it", allowed_from=[JobStatus.queued])
 
@@ -167,11 +168,12 @@ def test_an_end_while_the_subscription_is_down_is_not_missed(client, settings, m
     thread, out = in_thread(lambda: client.get(f"/v1/jobs/{job_id}", params={"wait_s": 30}))
     wait_for(lambda: events(client).waiting == 1)
     name = events(client).client_name
-    (listener,) = [c for c in store.r.client_list(_type="pubsub") if c["name"] == name]
-    store.r.client_kill_filter(_id=listener["id"])
+    r = redis.Redis.from_url(settings.redis_url)
+    (listener,) = [c for c in r.client_list(_type="pubsub") if c["name"] == name]
+    r.client_kill_filter(_id=listener["id"])
     wait_for(lambda: not events(client).subscribed)
     succeed(store, job_id)
-    assert store.r.pubsub_numsub(store.ended_channel) == [(store.ended_channel.encode(), 0)]  # heard by nobody
+    assert r.pubsub_numsub(store.keys.ended) == [(store.keys.ended.encode(), 0)]  # heard by nobody
     assert "answer" not in out
     thread.join(timeout=30)
     assert out["answer"].json()["status"] == "succeeded" and out["s"] < 20

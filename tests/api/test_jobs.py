@@ -1,7 +1,9 @@
 """The API against a real Redis, with no worker: submit, read, list, cancel, idempotency, bad input."""
 
 import pytest
+import redis
 
+from common.keys import Keys
 from common.storage import LocalStorage
 
 GOOD = {"prompt": "a cat in a hat", "width": 1024, "height": 1024}
@@ -23,8 +25,6 @@ def test_submit_answers_202_with_job_and_status_url(client):
 def test_the_job_is_on_the_celery_queue(client, settings):
     import json
 
-    import redis
-
     job = client.post("/v1/jobs", json=GOOD).json()
     r = redis.Redis.from_url(settings.redis_url)
     messages = [json.loads(m) for m in r.lrange(settings.queue_name, 0, -1)]
@@ -44,7 +44,7 @@ def test_cancel_queued_job(client, settings):
     assert again.status_code == 409 and "already ended (canceled)" in again.json()["detail"]
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["queue_position"] is None and job["expires_at"] == job["finished_at"] + settings.job_ttl_s
-    ttl_s = client.app.state.services.store.r.ttl(f"{settings.key_prefix}:job:{job_id}")
+    ttl_s = redis.Redis.from_url(settings.redis_url).ttl(Keys(settings.key_prefix).job(job_id))
     assert settings.job_ttl_s - 5 <= ttl_s <= settings.job_ttl_s  # expires_at is when Redis drops the record
 
 
@@ -125,9 +125,7 @@ def test_models_and_health(client):
 
 
 def test_readyz_sees_a_worker_heartbeat(client, settings):
-    import redis
-
-    redis.Redis.from_url(settings.redis_url).set(f"{settings.key_prefix}:worker:w1", "{}", ex=15)
+    redis.Redis.from_url(settings.redis_url).set(Keys(settings.key_prefix).worker("w1"), "{}", ex=15)
     assert client.get("/readyz").json() == {"ready": True, "workers": 1, "problems": []}
 
 
@@ -147,6 +145,11 @@ def test_local_files_need_a_valid_signature(client, settings):
 def test_openapi_documents_the_routes(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/models", "/readyz"} <= set(spec["paths"])
+    # each handler's one-line docstring is its summary; longer text, where there is any, its description
+    operations = [op for path in spec["paths"].values() for op in path.values()]
+    assert all(op["summary"].endswith(".") and "\n" not in op["summary"] for op in operations), operations
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert submit["summary"] == "Submit a text-to-image job." and "Prefer: wait=N" in submit["description"]
 
 
 def test_redis_down_is_503_with_retry_after(settings):
@@ -179,8 +182,6 @@ def test_no_key_or_a_bad_key_is_401(settings):
 
 
 def test_revoked_key_is_refused(client, settings):
-    import redis
-
     from common.api_keys import ApiKeyStore
 
     keys = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
@@ -191,11 +192,9 @@ def test_revoked_key_is_refused(client, settings):
 
 
 def test_keys_are_stored_hashed(client, settings):
-    import redis
-
     key = client.headers["Authorization"].removeprefix("Bearer ")
     r = redis.Redis.from_url(settings.redis_url)
-    for name in r.scan_iter(match=f"{settings.key_prefix}:*"):
+    for name in r.scan_iter(match=Keys(settings.key_prefix).everything):
         if r.type(name) == b"hash":
             assert key.encode() not in b"".join(k + v for k, v in r.hgetall(name).items())
 

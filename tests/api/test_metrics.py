@@ -7,7 +7,9 @@ import re
 
 import redis
 
-from common.worker_status import WorkerCounters, WorkerStatus, key
+from common.keys import Keys
+from common.worker_registry import WorkerRegistry
+from common.worker_status import WorkerCounters, WorkerStatus
 
 GOOD = {"prompt": "a fox", "width": 96, "height": 64}
 LABEL = r'[a-z_]+="(?:[^"\\\n]|\\.)*"'  # Prometheus' text format: \\, \" and \n escaped
@@ -49,9 +51,10 @@ def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings)
     counters = WorkerCounters(batches=3, rows=10, padding_rows=2, device_s=6.99, jobs=jobs)
     busy = WorkerStatus("host-a-1", "tiny", [(64, 96)], 4, 1, started_at=1000.0, at=1010.0, counters=counters)
     idle = WorkerStatus('odd "name"', "tiny", [(64, 96)], 4, 1, started_at=1005.0, at=1010.0)
-    r.set(key(settings.key_prefix, busy.name), busy.to_json(), ex=60)
-    r.set(key(settings.key_prefix, idle.name), idle.to_json(), ex=60)
-    r.set(key(settings.key_prefix, "from-an-older-version"), '{"model": "tiny"}', ex=60)  # skipped, not a 500
+    workers = WorkerRegistry(r, settings.key_prefix)
+    workers.beat(busy, ttl_s=60)
+    workers.beat(idle, ttl_s=60)
+    r.set(Keys(settings.key_prefix).worker("from-an-older-version"), '{"model": "tiny"}', ex=60)  # skipped, not a 500
     for _ in range(3):
         assert client.post("/v1/jobs", json=GOOD).status_code == 202
     r = client.get("/metrics")

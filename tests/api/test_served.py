@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common import worker_status
 from common.settings import Settings
+from common.worker_registry import WorkerRegistry
 from tests.worker.engine import variants
 
 
@@ -102,8 +103,7 @@ def _beat(settings: Settings, models: list[dict]) -> None:
         at=time.time(),
         models=models,
     )
-    r = redis.Redis.from_url(settings.redis_url)
-    r.set(worker_status.key(settings.key_prefix, "w1"), status.to_json(), px=60_000)
+    WorkerRegistry(redis.Redis.from_url(settings.redis_url), settings.key_prefix).beat(status, ttl_s=60)
 
 
 def test_a_model_no_live_worker_holds_is_refused(client, settings):

@@ -34,10 +34,10 @@ def test_the_active_cap_holds_under_concurrent_creates(datasets):
     assert run.status == DatasetStatus.running and run.tenant == "other" and run.total == 1 and run.cursor == 0
 
 
-def test_a_retry_that_reactivates_an_ended_run_counts_against_the_cap(datasets, key_prefix):
+def test_a_retry_that_reactivates_an_ended_run_counts_against_the_cap(datasets):
     create(datasets, "old")
     assert datasets.mark_fed("old", 0, "j0", "cursor")
-    assert datasets.reap("old", 0, f"{key_prefix}:job:j0", "failed", {"line": 1, "id": "l0", "error": "boom"})
+    assert datasets.reap("old", 0, "j0", "failed", {"line": 1, "id": "l0", "error": "boom"})
     assert datasets.finish("old", DatasetStatus.running, DatasetStatus.completed)
     assert datasets.active_count("acme") == 0
     create(datasets, "a", max_active=2)
@@ -47,3 +47,33 @@ def test_a_retry_that_reactivates_an_ended_run_counts_against_the_cap(datasets, 
     assert datasets.retry("old", max_active=3) == 1
     assert datasets.active_count("acme") == 3
     assert datasets.get("old").status == DatasetStatus.running
+
+
+def test_a_capped_script_counts_the_active_list_as_it_is_not_as_it_was_read(datasets, monkeypatch):
+    """The tenant's active runs are counted from hashes passed in KEYS, named by a read of the active list just
+    before: a list that changed in between is refused by the script and read again, never counted stale."""
+    create(datasets, "a", max_active=2)
+    read = datasets.active
+    reads = []
+
+    def stale_first() -> list[str]:
+        reads.append(1)
+        return [] if len(reads) == 1 else read()  # the first read misses run "a", as if made before it
+
+    monkeypatch.setattr(datasets, "active", stale_first)
+    with pytest.raises(TooManyRuns) as refused:
+        create(datasets, "b", max_active=1)
+    assert refused.value.active == 1 and len(reads) == 2 and datasets.get("b") is None
+
+
+def test_a_finished_run_keeps_its_record_and_outputs_for_the_ttl(datasets, redis_url):
+    create(datasets, "old", total=2)
+    for index, outcome in enumerate(("succeeded", "failed")):
+        assert datasets.mark_fed("old", index, f"j{index}", "cursor")
+        assert datasets.reap("old", index, f"j{index}", outcome, {"line": index + 1, "id": f"l{index}"})
+    datasets.sample_rate("old", 1)
+    assert datasets.finish("old", DatasetStatus.running, DatasetStatus.completed)
+    r, keys = redis.Redis.from_url(redis_url), datasets.keys.run("old")
+    ttls = {key: r.ttl(key) for key in keys.kept if r.exists(key)}
+    assert set(ttls) == {keys.record, keys.done, keys.failed, keys.rate}
+    assert all(0 < ttl <= 60 for ttl in ttls.values()) and "old" not in datasets.active()

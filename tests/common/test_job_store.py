@@ -91,9 +91,9 @@ def test_queue_position_follows_submit_order(store):
     assert [store.queue_position(i) for i in ids] == [1, 2, 3]
 
 
-def test_records_expire(store):
+def test_records_expire(store, redis_url):
     job_id, _ = store.create(req())
-    assert 0 < store.r.ttl(store.key("job", job_id)) <= 60
+    assert 0 < redis.Redis.from_url(redis_url).ttl(store.keys.job(job_id)) <= 60
 
 
 def test_idempotency(store):
@@ -124,3 +124,17 @@ def test_a_bulk_line_is_created_once_and_stays_out_of_queues_and_caps(store):
     assert store.transition("r-0-0", JobStatus.queued)[0] and store.queued_count("acme") == 0  # a requeue too
     assert store.transition("r-0-0", JobStatus.running)[0] and store.succeed("r-0-0", [], False)
     assert store.recent(0, 10, tenant="acme")[1] == 0  # not in the tenant's job list
+
+
+def test_a_transition_moves_the_jobs_own_tenants_queued_set_whatever_the_caller_says(store):
+    """The script is handed the tenant's queued set (every key in KEYS): told the wrong tenant, it changes
+    nothing and names the right one, and the store calls it again; told none, the store reads it first."""
+    job_id, _ = store.create(req(), tenant="acme")
+    other, _ = store.create(req(), tenant="zeta")
+    assert store.transition(job_id, JobStatus.running, tenant="zeta") == (True, JobStatus.queued)
+    assert store.queued_count("acme") == 0 and store.queued_count("zeta") == 1
+    assert store.transition(job_id, JobStatus.queued) == (True, JobStatus.running)  # tenant read first
+    assert store.queued_count("acme") == 1 and store.queue_position(job_id) == 1
+    assert store.fail(job_id, "no", [JobStatus.queued], tenant="acme")
+    assert store.queued_count("acme") == 0 and store.queued_count("zeta") == 1 and store.status(other).value == "queued"
+    assert store.transition("nope", JobStatus.canceled, tenant="acme") == (False, None)

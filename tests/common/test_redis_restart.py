@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common import redis_server
+from common.keys import Keys
 from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a barn", "width": 64, "height": 64, "steps": 2}
@@ -75,11 +76,11 @@ def test_redis_gone_between_record_and_message_strands_nothing(tmp_path):
             job_id = answer.json()["id"]
             server = redis_server.start_embedded(data, port)
             r = redis.Redis.from_url(url)
-            assert r.zscore(f"{prefix}:outbox", job_id) is not None  # stored, its message never sent
+            assert r.zscore(Keys(prefix).outbox, job_id) is not None  # stored, its message never sent
             assert not any(job_id.encode() in m for m in r.lrange(f"{prefix}-q", 0, -1))
             worker.start(url, prefix, timeout_s=120)
             wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", timeout_s=60)
-            assert r.zcard(f"{prefix}:outbox") == 0
+            assert r.zcard(Keys(prefix).outbox) == 0
             assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
     finally:
         worker.stop(signal.SIGKILL)

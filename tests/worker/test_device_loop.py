@@ -4,17 +4,16 @@ redelivery), not the model; the real engine runs in tests/test_end_to_end.py."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import redis
 
+from common.batch_log import BatchLog
 from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
 from common.storage import LocalStorage
-from common.worker_status import WorkerStatus
-from common.worker_status import key as status_key
+from common.worker_registry import WorkerRegistry
 from worker.device_loop import DeviceLoop
 from worker.engine.standin import StandInEngine, StandInPending
 
@@ -37,11 +36,21 @@ class RiggedEngine(StandInEngine):
         return Pending(pending.images, pending.rows, pending.done_at)
 
 
+def make_loop(engine: RiggedEngine, redis_url: str, key_prefix: str, tmp_path, batch_timeout_s: float) -> DeviceLoop:
+    client = redis.Redis.from_url(redis_url)
+    return DeviceLoop(
+        engine,
+        JobStore(client, key_prefix, ttl_s=60),
+        LocalStorage(tmp_path, "http://x", b"k" * 32),
+        batch_timeout_s,
+        workers=WorkerRegistry(client, key_prefix),
+        batches=BatchLog(client, key_prefix),
+    )
+
+
 @pytest.fixture
 def loop(redis_url, key_prefix, tmp_path):
-    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
-    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
-    device_loop = DeviceLoop(RiggedEngine([(64, 64)], 4, 0.05), store, storage, batch_timeout_s=0.2)
+    device_loop = make_loop(RiggedEngine([(64, 64)], 4, 0.05), redis_url, key_prefix, tmp_path, batch_timeout_s=0.2)
     device_loop.start()
     yield device_loop
     device_loop.stop()
@@ -100,15 +109,14 @@ def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix
     import worker.device_loop as device_loop
 
     monkeypatch.setattr(device_loop, "HEARTBEAT_S", 0.2)  # heartbeat key lives 0.6 s; a batch takes 2 s
-    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
-    loop = DeviceLoop(RiggedEngine([(64, 64)], 1, 2.0), store, LocalStorage(tmp_path, "http://x", b"k" * 32), 0.05)
+    loop = make_loop(RiggedEngine([(64, 64)], 1, 2.0), redis_url, key_prefix, tmp_path, batch_timeout_s=0.05)
     loop.start()
     try:
         futures = [loop.submit(make(loop, f"job {i}")) for i in range(3)]  # 3 one-row batches: 2 in flight
         seen_dead = False
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline and not all(f.done() for f in futures):
-            seen_dead |= not any(store.r.scan_iter(match=f"{key_prefix}:worker:*"))
+            seen_dead |= loop.name not in loop.workers.live_names()
             time.sleep(0.05)
         assert [f.result(timeout=10) for f in futures] == ["succeeded"] * 3
         assert not seen_dead
@@ -120,14 +128,23 @@ def test_the_heartbeat_carries_the_workers_counters(loop):
     ids = [make(loop, "fine"), make(loop, "poison"), make(loop, "also fine", 2)]
     assert run(loop, ids) == ["succeeded", "failed", "succeeded"]
     loop._heartbeat()
-    status = WorkerStatus.from_json(loop.store.r.get(status_key(loop.store.prefix, loop.name)))
+    status = loop.workers.status(loop.name)
     c = status.counters
     # the batch of 4 rows raised, then each job ran alone (one row padded to 4, the poison one raised alone,
     # two rows padded to 4): the log of engine runs and the counters say the same
-    logged = map(json.loads, loop.store.r.lrange(loop.store.key("batches"), 0, -1))
-    runs = [e for e in logged if set(e["jobs"]) & set(ids)]
+    runs = [b for b in loop.batches.recent() if set(b.jobs) & set(ids)]
     assert c.batches == len(runs) == 2 and c.rows == 3 and c.padding_rows == 5
-    assert c.device_s == pytest.approx(sum(e["device_s"] for e in runs), abs=1e-3) and c.device_s >= 0.1
+    assert c.device_s == pytest.approx(sum(b.device_s for b in runs), abs=1e-3) and c.device_s >= 0.1
     assert c.jobs == {"succeeded": 2, "failed": 1, "canceled": 0, "requeued": 0}
     assert status.name == loop.name and status.batch_rows == 4 and status.sizes == [(64, 64)]
     assert status.started_at <= status.at
+
+
+def test_a_clean_stop_takes_the_heartbeat_and_the_held_set_away(redis_url, key_prefix, tmp_path):
+    loop = make_loop(RiggedEngine([(64, 64)], 4, 0.05), redis_url, key_prefix, tmp_path, batch_timeout_s=0.05)
+    loop.start()
+    assert run(loop, [make(loop, "fine")]) == ["succeeded"]
+    loop.workers.hold(loop.name, "a job it was about to answer")
+    assert loop.name in loop.workers.live_names() and loop.workers.holders() == [loop.name]
+    loop.stop()
+    assert loop.workers.live_names() == set() and loop.workers.holders() == []

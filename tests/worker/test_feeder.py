@@ -14,12 +14,14 @@ import pytest
 import redis
 
 from api.dataset_ingest import create_run, ingest
+from common.batch_log import BatchLog
 from common.dataset_store import DatasetStore
 from common.datasets import DatasetOptions, DatasetStatus, Layout
 from common.job_store import JobStore
 from common.jobs import JobStatus
 from common.settings import Settings
 from common.storage import LocalStorage
+from common.worker_registry import WorkerRegistry
 from tests.servers import wait_for
 from tests.worker.test_device_loop import RiggedEngine
 from worker.device_loop import DeviceLoop
@@ -28,12 +30,19 @@ from worker.feeder import Feeder
 
 class Rig:
     def __init__(self, redis_url: str, prefix: str, tmp_path, depth: int, batch_s: float = 0.02):
-        client = redis.Redis.from_url(redis_url)
+        self.redis = client = redis.Redis.from_url(redis_url)  # the tests look at what Redis holds directly
         self.store = JobStore(client, prefix, ttl_s=600)
         self.datasets = DatasetStore(client, prefix, ttl_s=600)
         self.storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
         self.engine = RiggedEngine([(64, 64)], 4, batch_s)
-        self.loop = DeviceLoop(self.engine, self.store, self.storage, batch_timeout_s=0.05)
+        self.loop = DeviceLoop(
+            self.engine,
+            self.store,
+            self.storage,
+            batch_timeout_s=0.05,
+            workers=WorkerRegistry(client, prefix),
+            batches=BatchLog(client, prefix),
+        )
         self.settings = Settings(
             redis_url=redis_url, key_prefix=prefix, image_sizes="64x64", url_signing_secret="s" * 32
         )
@@ -94,7 +103,7 @@ def test_a_run_is_fed_in_bounded_depth_and_written_as_shards(rig):
     assert pq.read_table(rig.storage.path(layout.manifest("parquet"))).num_rows == 30
     assert rig.storage.get(layout.failures) == b""
     # Redis keeps nothing per line once a run is done: no job records, no in-flight entries, no rows waiting.
-    assert not list(rig.store.r.scan_iter(match=rig.store.key("job", "*")))
+    assert not list(rig.redis.scan_iter(match=rig.store.keys.job("*")))
     assert rig.datasets.inflight(run_id) == {} and rig.datasets.done_count(run_id) == 0
     assert run_id not in rig.datasets.active()
 
@@ -175,7 +184,7 @@ def test_a_feeder_that_died_mid_feed_is_replaced_without_losing_or_doubling_line
     dead.send = lambda job_id: None  # it created jobs, then died before their messages went out
     assert rig.datasets.lock(run_id, "dead", ttl_s=0.2)
     dead.step(run_id)
-    created = list(rig.store.r.scan_iter(match=rig.store.key("job", "*")))
+    created = list(rig.redis.scan_iter(match=rig.store.keys.job("*")))
     assert len(created) == 6 and rig.datasets.get(run_id).cursor == 6
     # A crash between creating a line's job and recording it as fed: the same line is found, not doubled.
     run = rig.datasets.get(run_id)
@@ -201,9 +210,8 @@ def test_the_line_of_a_job_is_recorded_once_even_if_two_feeders_reap_it(rig):
     wait_for(lambda: all(rig.store.status(j) == JobStatus.succeeded for j in rig.datasets.inflight(run_id).values()))
     other = rig.make_feeder(depth=6, owner="w2")
     index, job_id = next(iter(rig.datasets.inflight(run_id).items()))
-    key = rig.store.key("job", job_id)
-    assert rig.datasets.reap(run_id, index, key, "succeeded", {"id": "x"})
-    assert not rig.datasets.reap(run_id, index, key, "succeeded", {"id": "x"})
+    assert rig.datasets.reap(run_id, index, job_id, "succeeded", {"id": "x"})
+    assert not rig.datasets.reap(run_id, index, job_id, "succeeded", {"id": "x"})
     other._reap(rig.datasets.get(run_id))
     assert rig.datasets.get(run_id).succeeded == 3 and rig.datasets.done_count(run_id) == 3
 

@@ -5,7 +5,6 @@ its PNG says what made it, and guided and guidance-free jobs never share a batch
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from client.api import Client, encode_image
 from common import inputs
+from common.batch_log import BatchLog
 from worker import images
 from worker.engine.engine import Engine, Row
 
@@ -92,14 +92,14 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
             else:
                 assert "refiner" not in params
     # the guidance-free job ran in a batch of its own program: never beside a guided one
-    r = redis.Redis.from_url(settings.redis_url)
+    log = BatchLog(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
     deadline = time.monotonic() + 10
     while True:
-        batches = [json.loads(b) for b in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-        with_turbo = [b for b in batches if done["turbo"].id in b["jobs"]]
+        batches = log.recent()
+        with_turbo = [b for b in batches if done["turbo"].id in b.jobs]
         if with_turbo or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert with_turbo and all(b["jobs"] == [done["turbo"].id] for b in with_turbo), with_turbo
-    refined = [b for b in batches if done["refined"].id in b["jobs"]]
-    assert refined and all(b["jobs"] == [done["refined"].id] for b in refined), refined  # the refiner's own batch
+    assert with_turbo and all(b.jobs == [done["turbo"].id] for b in with_turbo), with_turbo
+    refined = [b for b in batches if done["refined"].id in b.jobs]
+    assert refined and all(b.jobs == [done["refined"].id] for b in refined), refined  # the refiner's own batch

@@ -12,6 +12,7 @@ import redis
 from common.job_store import JobStore
 from common.jobs import JobRequest
 from common.storage import LocalStorage, S3Storage, Storage
+from common.worker_registry import WorkerRegistry
 from tests.servers import settings_from
 from worker.image_retention import ImageSweeper, hour, image_key, sweep
 
@@ -50,7 +51,7 @@ def test_the_key_names_the_hour_the_job_was_created(store):
     )  # a data set line's image goes where its run says, and is never swept
 
 
-def test_images_go_when_their_record_does(store, storage):
+def test_images_go_when_their_record_does(store, storage, redis_url):
     live, _ = store.create(JobRequest(prompt="x", seed=1))  # its record exists
     gone_a, gone_b, recent = (uuid.uuid4().hex for _ in range(3))  # no record: expired
     put(
@@ -80,7 +81,7 @@ def test_images_go_when_their_record_does(store, storage):
     assert storage.folders("images") == ["2026-11-01T10", "2026-12-02T00", "misc"]  # an emptied hour is gone
     assert sweep(storage, store, now=NOW, page_keys=2)["deleted"] == 0  # again: nothing more
     # once the live job's record is gone too, its images follow
-    store.r.delete(store.key("job", live))
+    redis.Redis.from_url(redis_url).delete(store.keys.job(live))
     assert sweep(storage, store, now=NOW)["deleted"] == 2
     assert storage.folders("images") == ["2026-12-02T00", "misc"]
 
@@ -93,9 +94,10 @@ def test_an_hour_is_looked_at_once_its_records_can_have_expired(store, storage):
     assert storage.folders("images") == []
 
 
-def test_one_worker_sweeps_per_interval(store, tmp_path):
+def test_one_worker_sweeps_per_interval(store, tmp_path, redis_url, key_prefix):
     storage = LocalStorage(tmp_path, "http://api", b"k" * 32)
-    a, b = (ImageSweeper(storage, store, owner=name, interval_s=1) for name in "ab")
+    workers = WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix)
+    a, b = (ImageSweeper(storage, store, workers, owner=name, interval_s=1) for name in "ab")
     assert a.turn() and not b.turn() and not a.turn()
     time.sleep(1.2)
     assert b.turn() and not a.turn()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import redis
 from PIL import Image
 
 from client.api import ApiError, Client
+from common.batch_log import BatchLog, BatchRecord
 from worker import images
 from worker.engine import model
 from worker.engine.engine import Adapters, Engine, Row
@@ -41,14 +41,13 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=int)
 
 
-def _batches(settings, job_ids: list[str]) -> list[dict]:
+def _batches(settings, job_ids: list[str]) -> list[BatchRecord]:
     """The worker's batch records holding these jobs, once every job is in one."""
-    r = redis.Redis.from_url(settings.redis_url)
+    log = BatchLog(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
     deadline = time.monotonic() + 10
     while True:
-        batches = [json.loads(b) for b in r.lrange(f"{settings.key_prefix}:batches", 0, -1)]
-        mine = [b for b in batches if set(b["jobs"]) & set(job_ids)]
-        if {j for b in mine for j in b["jobs"]} >= set(job_ids) or time.monotonic() > deadline:
+        mine = [b for b in log.recent() if set(b.jobs) & set(job_ids)]
+        if {j for b in mine for j in b.jobs} >= set(job_ids) or time.monotonic() > deadline:
             return mine
         time.sleep(0.2)
 
@@ -99,7 +98,7 @@ def test_jobs_with_different_adapters_share_a_batch_each_with_its_own_image(live
         assert np.abs(_pixels(client.download(done["pixel"].images[0])) - want).max() > 8
     # rows with other adapters (and none) ran together: adapters do not split batches
     batches = _batches(settings, [j.id for j in done.values()])
-    assert max(len(b["jobs"]) for b in batches) >= 2, batches
+    assert max(len(b.jobs) for b in batches) >= 2, batches
 
 
 def test_two_models_interleaved_each_image_is_its_models(live_stack, engines, live_unet):
@@ -147,4 +146,4 @@ def test_two_models_interleaved_each_image_is_its_models(live_stack, engines, li
     # batches are per model: none holds jobs of both
     model_of = {j.id: (m or "tiny") for j, m in zip(done, [*order, "lightning"], strict=True)}
     for batch in _batches(settings, list(model_of)):
-        assert len({model_of[j] for j in batch["jobs"] if j in model_of}) == 1, batch
+        assert len({model_of[j] for j in batch.jobs if j in model_of}) == 1, batch

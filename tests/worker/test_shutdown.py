@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from common.keys import Keys
 from tests.servers import WorkerPool, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
@@ -79,19 +80,19 @@ def test_sigkill_mid_batch_with_a_second_worker_recovers_within_30_s(stack, redi
     ids = [client.post("/v1/jobs", json=BODY).json()["id"] for _ in range(4)]
     wait_for(lambda: statuses(client, ids) == ["running"] * 4)
     r = redis.Redis.from_url(redis_url)
-    prefix = client.app.state.services.settings.key_prefix
-    holders = {r.hget(f"{prefix}:job:{i}", "worker").decode() for i in ids}
+    keys = Keys(client.app.state.services.settings.key_prefix)
+    holders = {r.hget(keys.job(i), "worker").decode() for i in ids}
     doomed = next(w for w in workers if any(f"-{w.proc.pid}-" in name for name in holders))
     doomed.stop(signal.SIGKILL)  # mid-batch: nothing recorded, nothing acknowledged
     t0 = time.monotonic()
     wait_for(lambda: statuses(client, ids) == ["succeeded"] * 4, timeout_s=60)
     recovered_s = time.monotonic() - t0
     assert recovered_s < 30, recovered_s
-    killed = [i for i in ids if f"-{doomed.proc.pid}-" in r.hget(f"{prefix}:job:{i}", "worker").decode()]
+    killed = [i for i in ids if f"-{doomed.proc.pid}-" in r.hget(keys.job(i), "worker").decode()]
     assert not killed  # each one finished on the live worker
     jobs = [client.get(f"/v1/jobs/{i}").json() for i in ids]
     assert all(len(j["images"]) == 1 for j in jobs)
-    gens = [int(r.hget(f"{prefix}:job:{i}", "generation") or 0) for i in ids]
+    gens = [int(r.hget(keys.job(i), "generation") or 0) for i in ids]
     moved = [j for j, g in zip(jobs, gens, strict=True) if g == 1]  # those the dead worker held
     assert moved and all(j["attempts"] == 2 for j in moved)
     print(f"recovered {recovered_s:.1f} s after the kill")

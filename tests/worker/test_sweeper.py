@@ -7,6 +7,8 @@ import redis
 
 from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
+from common.worker_registry import WorkerRegistry
+from common.worker_status import WorkerStatus
 from worker.sweeper import sweep
 
 
@@ -22,9 +24,10 @@ def started(store: JobStore, times: int = 1) -> str:
     return job_id
 
 
-def test_overdue_jobs_are_requeued_with_a_fresh_message(store):
+def test_overdue_jobs_are_requeued_with_a_fresh_message(store, redis_url):
     fresh, stuck = started(store), started(store)
-    store.r.zadd(store.key("running"), {fresh: time.time() + 60})  # this one is not overdue
+    r = redis.Redis.from_url(redis_url)
+    r.zadd(store.keys.running, {fresh: time.time() + 60})  # this one is not overdue
     time.sleep(0.3)
     sent = []
     enqueue = lambda job: sent.append(job.id)  # noqa: E731
@@ -49,11 +52,12 @@ def test_finished_jobs_leave_the_running_set(store):
     assert store.overdue() == []
 
 
-def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store):
+def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store, redis_url, key_prefix):
     """Held by a worker with no heartbeat: each job, running or still queued, is re-issued (generation 1) and
     its held set dropped; a live worker's held jobs and ended jobs are left alone."""
-    from common.worker_status import key as status_key
     from worker.sweeper import reissue_dead_workers
+
+    workers = WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix)
 
     running, buffered, ended, alive = (
         started(store),
@@ -63,16 +67,16 @@ def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store)
     )
     store.transition(ended, JobStatus.succeeded)
     for job_id in (running, buffered, ended):
-        store.hold("dead-worker", job_id)
-    store.hold("live-worker", alive)
-    store.r.set(status_key(store.prefix, "live-worker"), '{"name": "live-worker"}', ex=15)
+        workers.hold("dead-worker", job_id)
+    workers.hold("live-worker", alive)
+    workers.beat(WorkerStatus("live-worker", "tiny", [], 1, 1, started_at=0, at=0), ttl_s=15)
     sent = []
-    assert sorted(reissue_dead_workers(store, sent.append)) == sorted([running, buffered])
+    assert sorted(reissue_dead_workers(store, workers, sent.append)) == sorted([running, buffered])
     assert sorted((j.id, j.generation) for j in sent) == sorted([(running, 1), (buffered, 1)])
     assert store.status(running) == JobStatus.queued and store.get(running).generation == 1
     assert store.status(ended) == JobStatus.succeeded and store.get(alive).generation == 0
-    assert not store.r.exists(store.held_key("dead-worker")) and store.r.exists(store.held_key("live-worker"))
-    assert reissue_dead_workers(store, sent.append) == []  # idempotent
+    assert workers.holders() == ["live-worker"] and workers.held("live-worker") == [alive]
+    assert reissue_dead_workers(store, workers, sent.append) == []  # idempotent
 
 
 def test_unsent_submits_get_their_message_from_the_outbox(store):
@@ -86,5 +90,5 @@ def test_unsent_submits_get_their_message_from_the_outbox(store):
     sent = []
     assert relay_outbox(store, sent.append, older_than_s=60) == []  # still within the grace period
     assert relay_outbox(store, sent.append, older_than_s=0) == [unsent] and [j.id for j in sent] == [unsent]
-    assert store.r.zcard(store.key("outbox")) == 0
+    assert store.unsent(older_than_s=0) == []
     assert relay_outbox(store, sent.append, older_than_s=0) == []
