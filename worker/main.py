@@ -183,7 +183,7 @@ def main() -> None:
     import redis
 
     from worker import metrics, tasks
-    from worker.device_loop import DeviceLoop
+    from worker.device_loop import DeviceLoop, LoopSettings
 
     registry = lora_registry(settings)
     engines = build_engines(settings, registry)
@@ -204,13 +204,8 @@ def main() -> None:
         engines,
         store,
         from_settings(settings, need_signing=False),
-        settings.batch_timeout_s,
-        settings.upload_threads,
-        worker_name=name,
-        upload_attempts=settings.upload_attempts,
-        upload_backoff_s=settings.upload_backoff_s,
-        upload_backoff_max_s=settings.upload_backoff_max_s,
-        max_attempts=settings.max_attempts,
+        LoopSettings.of(settings),
+        name=name,
         loras=registry,
         enqueue=lambda job: send(job.id, job.lane, job.generation),
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),

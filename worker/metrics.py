@@ -15,6 +15,8 @@ import logging
 
 from prometheus_client import Histogram, disable_created_metrics, start_http_server
 
+from common.jobs import Job
+
 log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: Prometheus does not need them, and they double the lines
 
@@ -47,6 +49,11 @@ def size_label(height: int, width: int) -> str:
 
 def lane_label(lane: str) -> str:
     return lane or "interactive"
+
+
+def job_labels(job: Job) -> tuple[str, str]:
+    """A job's (size, lane) labels (a job reaches a worker with its size filled in by the API)."""
+    return size_label(job.request.height or 0, job.request.width or 0), lane_label(job.lane)
 
 
 def serve(port: int) -> bool:

@@ -11,7 +11,8 @@ from common.outage import Outage
 from common.queue import TASK_GENERATE, TASK_WEBHOOK, make_celery
 from common.settings import get_settings
 from worker import webhook
-from worker.device_loop import NOT_HERE, REQUEUE, DeviceLoop
+from worker.device_loop import DeviceLoop
+from worker.loop.outcome import JobOutcome
 
 NOT_HERE_PAUSE_S = 1.0
 app = make_celery(get_settings())
@@ -31,13 +32,13 @@ def generate(job_id: str, generation: int | None = None) -> str:
     an older one than the record's was superseded and is dropped."""
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
-    status = _loop.submit(job_id, generation).result()
-    if status == REQUEUE:  # shutting down before the job reached the device: another worker takes it
-        raise Reject("worker shutting down", requeue=True)
-    if status == NOT_HERE:  # a model this worker does not hold: back, after a pause (not a hot loop between
-        time.sleep(NOT_HERE_PAUSE_S)  # workers that lack it; the API refuses models no live worker holds)
+    outcome = _loop.submit(job_id, generation).result()
+    if outcome is JobOutcome.requeue:  # given back before its run ended (shutting down, storage away): another
+        raise Reject("job given back", requeue=True)  # worker, or this one later, takes it
+    if outcome is JobOutcome.not_here:  # a model this worker does not hold: back, after a pause (not a hot loop
+        time.sleep(NOT_HERE_PAUSE_S)  # between workers that lack it; the API refuses models no live worker holds)
         raise Reject("model not held by this worker", requeue=True)
-    return status
+    return outcome.value
 
 
 @app.task(name=TASK_WEBHOOK)

@@ -14,7 +14,7 @@ from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
 from common.storage import LocalStorage
 from common.worker_registry import WorkerRegistry
-from worker.device_loop import DeviceLoop
+from worker.device_loop import DeviceLoop, LoopSettings
 from worker.engine.standin import StandInEngine, StandInPending
 
 
@@ -36,13 +36,15 @@ class RiggedEngine(StandInEngine):
         return Pending(pending.images, pending.rows, pending.done_at)
 
 
-def make_loop(engine: RiggedEngine, redis_url: str, key_prefix: str, tmp_path, batch_timeout_s: float) -> DeviceLoop:
+def make_loop(
+    engine: RiggedEngine, redis_url: str, key_prefix: str, tmp_path, batch_timeout_s: float, heartbeat_s: float = 5.0
+) -> DeviceLoop:
     client = redis.Redis.from_url(redis_url)
     return DeviceLoop(
         engine,
         JobStore(client, key_prefix, ttl_s=60),
         LocalStorage(tmp_path, "http://x", b"k" * 32),
-        batch_timeout_s,
+        LoopSettings(batch_timeout_s, heartbeat_s=heartbeat_s),
         workers=WorkerRegistry(client, key_prefix),
         batches=BatchLog(client, key_prefix),
     )
@@ -105,11 +107,9 @@ def test_a_finished_job_delivered_again_is_not_run_again(loop):
     assert all((loop.storage.root / i.key).is_file() for i in images)
 
 
-def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix, tmp_path, monkeypatch):
-    import worker.device_loop as device_loop
-
-    monkeypatch.setattr(device_loop, "HEARTBEAT_S", 0.2)  # heartbeat key lives 0.6 s; a batch takes 2 s
-    loop = make_loop(RiggedEngine([(64, 64)], 1, 2.0), redis_url, key_prefix, tmp_path, batch_timeout_s=0.05)
+def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix, tmp_path):
+    # heartbeat key lives 0.6 s; a batch takes 2 s
+    loop = make_loop(RiggedEngine([(64, 64)], 1, 2.0), redis_url, key_prefix, tmp_path, 0.05, heartbeat_s=0.2)
     loop.start()
     try:
         futures = [loop.submit(make(loop, f"job {i}")) for i in range(3)]  # 3 one-row batches: 2 in flight
@@ -127,7 +127,7 @@ def test_a_worker_busy_on_a_long_batch_keeps_its_heartbeat(redis_url, key_prefix
 def test_the_heartbeat_carries_the_workers_counters(loop):
     ids = [make(loop, "fine"), make(loop, "poison"), make(loop, "also fine", 2)]
     assert run(loop, ids) == ["succeeded", "failed", "succeeded"]
-    loop._heartbeat()
+    loop.presence.beat()
     status = loop.workers.status(loop.name)
     c = status.counters
     # the batch of 4 rows raised, then each job ran alone (one row padded to 4, the poison one raised alone,

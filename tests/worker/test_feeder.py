@@ -24,7 +24,7 @@ from common.storage import LocalStorage
 from common.worker_registry import WorkerRegistry
 from tests.servers import wait_for
 from tests.worker.test_device_loop import RiggedEngine
-from worker.device_loop import DeviceLoop
+from worker.device_loop import DeviceLoop, LoopSettings
 from worker.feeder import Feeder
 
 
@@ -39,7 +39,7 @@ class Rig:
             self.engine,
             self.store,
             self.storage,
-            batch_timeout_s=0.05,
+            LoopSettings(batch_timeout_s=0.05),
             workers=WorkerRegistry(client, prefix),
             batches=BatchLog(client, prefix),
         )

@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 
 from worker.engine.engine import EngineInputError, Output, Row
+from worker.engine.program_kind import Role
 
 
 def picture(height: int, width: int, seed: int, grain: float = 6.0) -> np.ndarray:
@@ -37,6 +37,20 @@ def picture(height: int, width: int, seed: int, grain: float = 6.0) -> np.ndarra
     )
     noise = rng.normal(0, grain, (height, width, 3)) if grain else 0.0
     return np.clip(smooth + noise, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class StandInModel:
+    """What the stand-in says it serves (heartbeats, PNG parameters): no weights."""
+
+    name: str
+    weights_hash: str = "standin"
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class StandInMesh:
+    devices: np.ndarray  # one simulated device
 
 
 @dataclass
@@ -63,8 +77,9 @@ class StandInEngine:
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
         self.batch_s = batch_s
-        self.model = SimpleNamespace(name=f"standin-{batch_s}s", weights_hash="standin", nbytes=0)
-        self.mesh = SimpleNamespace(devices=np.zeros(1))
+        self.model = StandInModel(f"standin-{batch_s}s")
+        self.models = {Role.base: self.model}
+        self.mesh = StandInMesh(np.zeros(1))
         self._pictures = {(h, w): np.stack([picture(h, w, i) for i in range(batch_rows)]) for h, w in self.sizes}
         self._free_at = 0.0
         self._lock = threading.Lock()

@@ -1,0 +1,152 @@
+"""The dispatcher: the device thread. Messages from the Celery threads are admitted (admission.py) into the
+batcher; each due batch's jobs move queued -> running, and the batch is dispatched on its model's engine (JAX
+dispatch is asynchronous) and handed to the finisher, with at most MAX_IN_FLIGHT batches dispatched and not yet
+recorded. The device thread also writes the heartbeat and runs the sweep (presence.py), between batches and
+while it waits for a free slot, so that a busy worker never looks dead."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import NamedTuple
+
+from common.job_store import JobStore
+from common.jobs import JobStatus
+from worker import metrics
+from worker.batcher import Batcher
+from worker.loop.admission import Admission
+from worker.loop.batch import Admitted, BatchKey, LoopBatch
+from worker.loop.engine_port import Engines
+from worker.loop.finisher import Finisher, Started
+from worker.loop.outcome import JobOutcome
+from worker.loop.presence import Presence
+from worker.loop.recorder import Recorder
+from worker.loop.retry import RedisRetry
+
+log = logging.getLogger(__name__)
+MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
+
+
+class Message(NamedTuple):
+    """A job's message as a Celery thread hands it over."""
+
+    job_id: str
+    generation: int | None  # the message's (None: a data set feeder's, taken as current)
+    future: Future[JobOutcome]  # answered once the job's outcome is recorded
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engines: Engines,
+        store: JobStore,
+        redis: RedisRetry,
+        admission: Admission,
+        recorder: Recorder,
+        presence: Presence,
+        finisher: Finisher,
+        hand_off: Callable[[Started], object],
+        in_flight: threading.Semaphore,
+        batch_timeout_s: float,
+        stop: threading.Event,
+        draining: threading.Event,
+    ):
+        self.engines = engines
+        self.store = store
+        self.redis = redis
+        self.admission = admission
+        self.recorder = recorder
+        self.presence = presence
+        self.finisher = finisher
+        self.hand_off = hand_off  # queues a started batch for the finisher thread
+        self.in_flight = in_flight
+        self.stop = stop
+        self.draining = draining  # SIGTERM: what has not reached the device goes back to the queue
+        self.batcher = Batcher[BatchKey, Admitted](engines.default.batch_rows, batch_timeout_s)
+        self.inbox: queue.Queue[Message | None] = queue.Queue()  # None: wake up (to stop, or to drain)
+
+    def run(self) -> None:
+        """The device thread, until the loop stops."""
+        heartbeat_s = self.presence.heartbeat_s
+        next_beat = time.monotonic() + heartbeat_s
+        while not self.stop.is_set():
+            deadline = self.batcher.next_deadline_s()
+            wait_s = heartbeat_s if deadline is None else max(0.0, deadline - time.monotonic())
+            self.take_messages(min(wait_s, heartbeat_s))
+            if self.draining.is_set():
+                self.recorder.give_back(item.payload for item in self.batcher.drain())
+                continue
+            self.start_due(time.monotonic())
+            if time.monotonic() >= next_beat:
+                if self.presence.beat():
+                    self.presence.sweep()
+                next_beat = time.monotonic() + heartbeat_s
+
+    def take_messages(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for a message, then take everything that has arrived, so a burst fills one batch."""
+        try:
+            message = self.inbox.get(timeout=timeout_s)
+            while message is not None:
+                self._admit(message)
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self, message: Message) -> None:
+        if self.draining.is_set():  # not held yet: nothing to release
+            message.future.set_result(JobOutcome.requeue)
+            return
+        admitted = self.admission.admit(message.job_id, message.generation, message.future)
+        if admitted is not None:
+            self.batcher.add(admitted.item(time.monotonic()))
+
+    def start_due(self, now_s: float) -> None:
+        for batch in self.batcher.take_due(now_s):
+            self.start(batch)
+
+    def start(self, batch: LoopBatch) -> None:
+        """Move the batch's jobs to running and dispatch them, once a slot is free."""
+        running = [admitted for admitted in (item.payload for item in batch.items) if self._to_running(admitted)]
+        if not running:
+            return
+        # Wait for a free slot (the batch before last to finish), heartbeating meanwhile: a batch may run
+        # longer than the heartbeat's life, and a busy worker must not look dead to /readyz or probes.
+        while not self.in_flight.acquire(timeout=self.presence.heartbeat_s):
+            self.presence.beat()
+        batch_id = uuid.uuid4().hex[:12]
+        log.info(
+            "batch of %d rows started: jobs %s",
+            sum(a.job.request.num_images for a in running),
+            ",".join(a.id for a in running),
+            extra={"batch_id": batch_id},
+        )
+        try:
+            pending = self.engines.dispatch(batch.shape, [row for a in running for row in a.rows])
+        except Exception as exc:  # raised while tracing or validating: nothing reached the device
+            log.exception("dispatch failed")
+            self.finisher.failed_dispatch(batch, running, exc)
+            return
+        self.hand_off(Started(batch, running, pending, time.monotonic(), batch_id))
+
+    def _to_running(self, admitted: Admitted) -> bool:
+        """queued -> running; a redelivered job (running after a worker died) keeps running here. False: it
+        ended before it ran (canceled), and its message is answered: it never runs."""
+        job = admitted.job
+        ok, before = self.redis(
+            self.store.transition,
+            job.id,
+            JobStatus.running,
+            [JobStatus.queued, JobStatus.running],
+            tenant=job.tenant,
+            worker=self.presence.name,
+        )
+        if ok:
+            metrics.QUEUE_WAIT.labels(*metrics.job_labels(job)).observe(max(0.0, time.time() - job.created_at))
+        else:
+            self.recorder.refuse(job.id, admitted.future, JobOutcome.of(before))
+        return ok
