@@ -100,7 +100,7 @@ class LocalStorage:
         for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
             while parent != self.root:
                 try:
-                    parent.rmdir()  # only when empty; a put racing this retries (worker/device_loop.py)
+                    parent.rmdir()  # only when empty; a put racing this retries (worker/loop/retry.py)
                 except OSError:
                     break
                 parent = parent.parent

@@ -4,7 +4,7 @@
   When its heartbeat has lapsed (3 periods, 15 s), its held jobs go back to queued with the next
   generation and a new message, at once: Celery would redeliver them only after the visibility timeout
   (300 s). The dead worker's own messages, when Celery does redeliver them, are older than the record's
-  generation and are dropped (worker/device_loop.py), so the job runs once more, not twice.
+  generation and are dropped (worker/loop/admission.py), so the job runs once more, not twice.
 - unsent submits (`relay_outbox`): the API stores a job and its outbox entry in one script, then sends the
   message and clears the entry. An entry older than OUTBOX_GRACE_S lost its sender (the API died, or Redis
   went away in between): the sweep sends the message. So a job the API stored always runs.

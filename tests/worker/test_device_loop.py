@@ -148,3 +148,11 @@ def test_a_clean_stop_takes_the_heartbeat_and_the_held_set_away(redis_url, key_p
     assert loop.name in loop.workers.live_names() and loop.workers.holders() == [loop.name]
     loop.stop()
     assert loop.workers.live_names() == set() and loop.workers.holders() == []
+
+
+def test_a_job_whose_input_image_is_gone_fails_with_the_reason(loop):
+    request = JobRequest(prompt="fine", width=64, height=64, seed=5, init_image="inputs/t/gone.png")
+    job_id = loop.store.create(request)[0]
+    assert run(loop, [job_id]) == ["failed"]
+    job = loop.store.get(job_id)  # failed from queued (it never ran), not left queued
+    assert job.status == JobStatus.failed and job.error == "input image 'inputs/t/gone.png' is no longer in storage"

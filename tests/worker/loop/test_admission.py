@@ -1,0 +1,136 @@
+"""Admission: the verdict on a message from the job's record alone, and what an admitted job reads from storage
+first, against an in-memory fake store and registry (tests/worker/loop/fakes.py, which record every call) and a
+local-folder storage."""
+
+import io
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.jobs import JobStatus
+from common.outage import Outage
+from common.storage import LocalStorage
+from tests.worker.loop.fakes import make_job, redis_retry, rig
+from worker.engine.standin import StandInEngine
+from worker.loop.admission import ADMIT, Admission, Verdict, judge
+from worker.loop.engine_port import Engines
+from worker.loop.outcome import JobOutcome
+from worker.loop.retry import StorageRetry
+
+ENGINES = Engines({"tiny": StandInEngine([(64, 64)], 2, 0.0), "lightning": StandInEngine([(64, 64)], 2, 0.0)})
+
+
+def test_the_verdict_from_the_record_alone():
+    assert judge(None, None, 3, ENGINES) == Verdict(JobOutcome.missing)
+    assert judge(make_job(status=JobStatus.canceled), None, 3, ENGINES) == Verdict(JobOutcome.canceled)
+    assert judge(make_job(status=JobStatus.succeeded), 5, 3, ENGINES) == Verdict(JobOutcome.succeeded)
+    # a message older than the record's generation was superseded; None (a feeder's message) is current
+    assert judge(make_job(generation=2), 1, 3, ENGINES) == Verdict(JobOutcome.stale)
+    assert judge(make_job(generation=2), None, 3, ENGINES) == ADMIT
+    assert judge(make_job(generation=2), 2, 3, ENGINES) == ADMIT
+    out = judge(make_job(status=JobStatus.running, attempts=3), None, 3, ENGINES)
+    assert out.outcome is JobOutcome.failed and out.error is not None and "gave up after 3 attempts" in out.error
+    assert judge(make_job(model="nope"), None, 3, ENGINES) == Verdict(JobOutcome.not_here)
+    assert judge(make_job(model="lightning"), None, 3, ENGINES) == ADMIT
+    assert judge(make_job(status=JobStatus.running, attempts=2), None, 3, ENGINES) == ADMIT  # a redelivery
+
+
+class Adapters:
+    """An adapter registry serving only `names` (path_of as common/loras.py's Registry answers it)."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def path_of(self, name: str) -> Path:
+        if name not in self.names:
+            raise KeyError(name)
+        return Path(f"{name}.safetensors")
+
+
+def admission(r, storage: LocalStorage, sleeps: list[float], loras: Adapters | None = None) -> Admission:
+    retry = StorageRetry(2, 0.5, 8.0, Outage("test: storage"), sleeps.append)
+    return Admission(
+        r.store, redis_retry(), r.presence, r.recorder, r.engines, storage, retry, max_attempts=3, loras=loras
+    )  # type: ignore[arg-type]
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_an_admitted_job_is_held_and_carries_its_input_images_as_pixels(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    picture = np.full((64, 64, 3), 200, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    storage.put("inputs/t/a.png", png(picture), "image/png")
+    storage.put("inputs/t/m.png", png(mask), "image/png")
+    job = make_job(init_image="inputs/t/a.png", mask_image="inputs/t/m.png")
+    r = rig(tmp_path, job, storage=storage)
+    future: Future = Future()
+    admitted = admission(r, storage, []).admit(job.id, None, future)
+    assert admitted is not None and admitted.job == job and admitted.future is future and not future.done()
+    assert admitted.pixels.image is not None and admitted.pixels.mask is not None
+    assert (admitted.pixels.image == picture).all() and admitted.pixels.mask.shape == (64, 64)
+    assert r.registry.held["w1"] == {job.id}
+    assert r.store.calls == [("get", job.id)]  # no status change: that is the dispatcher's, when its batch starts
+
+
+def test_a_refused_message_is_released_and_answered(tmp_path: Path):
+    job = make_job(status=JobStatus.canceled)
+    r = rig(tmp_path, job)
+    future: Future = Future()
+    assert admission(r, r.storage, []).admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.canceled and r.registry.held["w1"] == set()
+
+
+def test_out_of_attempts_the_job_fails_and_is_notified(tmp_path: Path):
+    job = make_job(status=JobStatus.queued, attempts=3, webhook_url="https://example.com/hook")
+    r = rig(tmp_path, job)
+    future: Future = Future()
+    assert admission(r, r.storage, []).admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.failed and r.store.jobs[job.id].status is JobStatus.failed
+    assert r.notified == [job.id]
+
+
+def test_an_input_image_gone_from_storage_fails_the_queued_job(tmp_path: Path):
+    job = make_job(init_image="inputs/t/gone.png")
+    r = rig(tmp_path, job)
+    sleeps: list[float] = []
+    future: Future = Future()
+    assert admission(r, r.storage, sleeps).admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.failed and sleeps == []  # missing is an answer: no retries
+    stored = r.store.jobs[job.id]
+    assert (
+        stored.status is JobStatus.failed and stored.error == "input image 'inputs/t/gone.png' is no longer in storage"
+    )
+
+
+class Away(LocalStorage):
+    def get(self, key: str) -> bytes:
+        raise ConnectionError("storage away")
+
+
+def test_storage_away_beyond_the_backoff_gives_the_job_back(tmp_path: Path):
+    job = make_job(init_image="inputs/t/a.png")
+    storage = Away(tmp_path, "http://x", b"k" * 32)
+    r = rig(tmp_path, job, storage=storage)
+    sleeps: list[float] = []
+    future: Future = Future()
+    assert admission(r, storage, sleeps).admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.requeue and sleeps == [0.5]
+    assert r.store.jobs[job.id].status is JobStatus.queued and r.registry.held["w1"] == set()
+
+
+def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
+    served = make_job("served", loras=[{"name": "ink"}])
+    gone = make_job("gone", loras=[{"name": "ink"}, {"name": "removed"}])
+    r = rig(tmp_path, served, gone)
+    admit = admission(r, r.storage, [], Adapters("ink")).admit
+    assert admit(served.id, None, Future()) is not None
+    future: Future = Future()
+    assert admit(gone.id, None, future) is None and future.result() is JobOutcome.failed
+    assert r.store.jobs[gone.id].error == "LoRA adapter 'removed' is no longer served"

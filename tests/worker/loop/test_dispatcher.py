@@ -1,0 +1,120 @@
+"""The dispatcher's steps, called on the test's own thread: messages admitted into the batcher, due batches moved
+to running and dispatched, jobs ended before their batch, a dispatch that raises, the drain at shutdown; against
+an in-memory fake store and registry (tests/worker/loop/fakes.py, which record every call) and the stand-in."""
+
+import threading
+from concurrent.futures import Future
+
+from common.jobs import JobStatus
+from common.outage import Outage
+from tests.worker.loop.fakes import InlineExecutor, make_job, redis_retry, rig
+from worker.loop.admission import Admission
+from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
+from worker.loop.finisher import Finisher, Started
+from worker.loop.outcome import JobOutcome
+from worker.loop.retry import StorageRetry
+
+TIMEOUT_S = 0.5
+
+
+class Parts:
+    def __init__(self, tmp_path, *jobs):
+        self.r = r = rig(tmp_path, *jobs)
+        retry = StorageRetry(1, 0.5, 8.0, Outage("test: storage"), lambda _: None)
+        admission = Admission(r.store, redis_retry(), r.presence, r.recorder, r.engines, r.storage, retry, 3)
+        self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
+        self.stop, self.draining = threading.Event(), threading.Event()
+        finisher = Finisher(
+            r.store,
+            redis_retry(),
+            r.engines,
+            r.writer,
+            r.recorder,
+            r.presence,
+            InlineExecutor(),
+            self.in_flight,
+            self.stop,
+        )
+        self.handed: list[Started] = []
+        self.dispatcher = Dispatcher(
+            r.engines,
+            r.store,
+            redis_retry(),
+            admission,
+            r.recorder,
+            r.presence,
+            finisher,
+            self.handed.append,
+            self.in_flight,
+            TIMEOUT_S,
+            self.stop,
+            self.draining,
+        )
+
+    def send(self, *job_ids: str) -> list[Future]:
+        futures = []
+        for job_id in job_ids:
+            futures.append(Future())
+            self.dispatcher.inbox.put(Message(job_id, None, futures[-1]))
+        self.dispatcher.take_messages(0.0)
+        return futures
+
+
+def test_a_due_batch_moves_its_jobs_to_running_and_goes_to_the_finisher(tmp_path):
+    jobs = [make_job("a"), make_job("b", n=2)]
+    parts = Parts(tmp_path, *jobs)
+    futures = parts.send(*(j.id for j in jobs))
+    assert parts.dispatcher.batcher.waiting_rows == 3 and parts.handed == []
+    parts.dispatcher.start_due(float("inf"))  # past every timeout
+    (started,) = parts.handed
+    assert [a.id for a in started.running] == ["job-a", "job-b"] and started.batch_id
+    assert {parts.r.store.jobs[j.id].status for j in jobs} == {JobStatus.running}
+    assert parts.r.store.jobs["job-a"].attempts == 1 and not any(f.done() for f in futures)
+    assert list(started.pending.progress()) == [1, 2, 3, 4]  # dispatched on the stand-in: 4 steps
+
+
+def test_a_job_canceled_before_its_batch_never_runs(tmp_path):
+    jobs = [make_job("a"), make_job("b")]
+    parts = Parts(tmp_path, *jobs)
+    futures = parts.send("job-a", "job-b")
+    parts.r.store.transition("job-a", JobStatus.canceled)
+    parts.dispatcher.start_due(float("inf"))
+    assert futures[0].result() is JobOutcome.canceled
+    assert [a.id for a in parts.handed[0].running] == ["job-b"]
+
+
+def test_a_batch_whose_jobs_all_ended_takes_no_slot(tmp_path):
+    parts = Parts(tmp_path, make_job("a"))
+    (future,) = parts.send("job-a")
+    parts.r.store.transition("job-a", JobStatus.canceled)
+    parts.dispatcher.start_due(float("inf"))
+    assert future.result() is JobOutcome.canceled and parts.handed == []
+    assert all(parts.in_flight.acquire(blocking=False) for _ in range(MAX_IN_FLIGHT))
+
+
+def test_each_started_batch_holds_a_slot(tmp_path):
+    parts = Parts(tmp_path, make_job("a", n=4), make_job("b", n=4))
+    parts.send("job-a", "job-b")
+    parts.dispatcher.start_due(0.0)  # both full: due at once
+    assert len(parts.handed) == 2 and not parts.in_flight.acquire(blocking=False)
+
+
+def test_a_dispatch_that_raises_is_settled_on_the_spot(tmp_path):
+    job = make_job("wide", width=96)  # a size the stand-in does not serve: its dispatch raises
+    parts = Parts(tmp_path, job)
+    (future,) = parts.send(job.id)
+    parts.dispatcher.start_due(float("inf"))
+    assert future.result() is JobOutcome.failed and parts.handed == []
+    assert "engine error: EngineInputError: size: 64x96 is not served" in parts.r.store.jobs[job.id].error
+    assert all(parts.in_flight.acquire(blocking=False) for _ in range(MAX_IN_FLIGHT))  # the slot came back
+
+
+def test_draining_answers_new_messages_and_gives_back_the_waiting(tmp_path):
+    parts = Parts(tmp_path, make_job("waiting"), make_job("late"))
+    (waiting,) = parts.send("job-waiting")
+    parts.draining.set()
+    (late,) = parts.send("job-late")
+    assert late.result() is JobOutcome.requeue and "job-late" not in parts.r.registry.held.get("w1", set())
+    parts.dispatcher.recorder.give_back(item.payload for item in parts.dispatcher.batcher.drain())
+    assert waiting.result() is JobOutcome.requeue and parts.r.registry.held["w1"] == set()
+    assert {j.status for j in parts.r.store.jobs.values()} == {JobStatus.queued}
