@@ -90,7 +90,8 @@ class Engines:
         self.default = next(iter(self.by_name.values()))
 
     def holds(self, model: str | None) -> bool:
-        return not model or model in self.by_name
+        """Whether a job's `model` runs here (None: the default)."""
+        return model is None or model in self.by_name
 
     def of(self, model: str | None) -> EnginePort:
         """The engine of a job's `model` (None or "": the default)."""
