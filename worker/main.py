@@ -35,6 +35,32 @@ log = logging.getLogger("worker")
 # adapters resident at once, whatever SDXL_LORA_CACHE_BYTES allows: the bank is allocated whole at start, and a
 # small model's slots are so small that the budget alone would allocate thousands
 MAX_LORA_SLOTS = 64
+# SDXL_BATCH_ROWS unset: rows per GPU on a GPU of 80 GB or more. SDXL at 1024x1024 with 8 guided rows is an
+# 18.5 GiB program on an H200 (weights 6.2 GiB, 1.53 GiB a row: docs/benchmarks.md), and 8 rows gave 0.582 s an
+# image against 0.603 s at 4; a smaller GPU keeps the settings' default.
+LARGE_GPU_ROWS = 8
+# 80 GB cards report about 79.6 GiB; this leaves room for what the driver keeps
+LARGE_GPU_BYTES = 70 * 2**30
+# JAX's share of a GPU's memory when XLA_PYTHON_CLIENT_MEM_FRACTION is unset (its documented default)
+JAX_MEMORY_FRACTION = 0.75
+
+
+def batch_rows(settings: Settings) -> int:
+    """SDXL_BATCH_ROWS, or when it is unset the platform's: LARGE_GPU_ROWS per GPU on GPUs of LARGE_GPU_BYTES or
+    more, else the settings' default. A GPU's size is read back from the memory JAX may use (`bytes_limit`) and
+    the fraction of it JAX takes. JAX is imported here."""
+    if "batch_rows" in settings.model_fields_set:
+        return settings.batch_rows
+    import jax
+
+    devices = jax.local_devices()
+    if devices[0].platform != "gpu":
+        return settings.batch_rows
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_MEMORY_FRACTION))
+    if limit / fraction < LARGE_GPU_BYTES:
+        return settings.batch_rows
+    return LARGE_GPU_ROWS * len(devices)
 
 
 def build_engine(settings: Settings):  # -> Engine: the default model's (benchmarks, tests)
@@ -64,6 +90,10 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir, settings.xla_cache_dir or None)
+    rows = batch_rows(settings)
+    if rows != settings.batch_rows:
+        log.info("SDXL_BATCH_ROWS unset: %d rows per batch on this platform", rows)
+        settings = settings.model_copy(update={"batch_rows": rows})
     refiner = None
     left = settings.model_memory_bytes or None
     # what the models and the refiner share; the refiner is read whole, in its own files' precision
@@ -72,6 +102,7 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         shape_cache=folder / "shapes",
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
         vae_dtype=settings.vae_dtype,
+        quantize=model.Quantize(settings.quantize),
     )
     engines = {}
     for i, entry in enumerate(entries):
@@ -158,7 +189,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         "the weights; cache %s",
         t2 - t0,
         m.name,
-        np.dtype(m.dtype).name,
+        np.dtype(m.dtype).name + ("" if m.quantize == "none" else f", {m.quantize}"),
         m.weights_hash[:16],
         engine.mesh.devices.size,
         settings.image_sizes,
@@ -256,7 +287,7 @@ def main() -> None:
             [
                 "worker",
                 "--pool=threads",
-                f"--concurrency={2 * settings.batch_rows}",
+                f"--concurrency={2 * max(engine.batch_rows for engine in engines.values())}",
                 f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
                 f"--hostname=sdxl@{name}",
                 "--loglevel=INFO",
