@@ -46,21 +46,23 @@ JAX_MEMORY_FRACTION = 0.75
 
 
 def batch_rows(settings: Settings) -> int:
-    """SDXL_BATCH_ROWS, or when it is unset the platform's: LARGE_GPU_ROWS per GPU on GPUs of LARGE_GPU_BYTES or
-    more, else the settings' default. A GPU's size is read back from the memory JAX may use (`bytes_limit`) and
-    the fraction of it JAX takes. JAX is imported here."""
+    """SDXL_BATCH_ROWS, or when it is unset the platform's (platform_batch_rows). JAX is imported here."""
     if "batch_rows" in settings.model_fields_set:
         return settings.batch_rows
     import jax
 
     devices = jax.local_devices()
-    if devices[0].platform != "gpu":
-        return settings.batch_rows
     limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_MEMORY_FRACTION))
-    if limit / fraction < LARGE_GPU_BYTES:
-        return settings.batch_rows
-    return LARGE_GPU_ROWS * len(devices)
+    return platform_batch_rows(devices[0].platform, len(devices), limit / fraction, settings.batch_rows)
+
+
+def platform_batch_rows(platform: str, devices: int, device_bytes: float, default: int) -> int:
+    """LARGE_GPU_ROWS per GPU on GPUs of LARGE_GPU_BYTES or more, else `default`. device_bytes: one device's
+    memory, read back from what JAX may use of it (`bytes_limit`) and the fraction JAX takes."""
+    if platform == "gpu" and device_bytes >= LARGE_GPU_BYTES:
+        return LARGE_GPU_ROWS * devices
+    return default
 
 
 def build_engine(settings: Settings):  # -> Engine: the default model's (benchmarks, tests)
