@@ -110,3 +110,19 @@ def test_calibration_reads_each_fp8_layers_input_and_a_fixed_amax_replaces_the_r
     np.testing.assert_allclose(fixed[1], dynamic[1], rtol=1e-6)
     # the quiet row, quantized on the loud one's scale: 10x coarser steps
     assert np.abs(fixed[0] - dynamic[0]).max() > 1e-3 * np.abs(dynamic[0]).max()
+
+
+def test_adapters_add_their_term_to_an_fp8_layer_in_the_models_dtype():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    w, scale = fp8.quantize_weight(jnp.asarray(rng.standard_normal((16, 4)).astype(np.float32)))
+    params = {"kernel": w, "kernel_scale": scale, "bias": jnp.zeros(4)}
+    down = np.concatenate([np.zeros((1, 2, 16)), rng.standard_normal((1, 2, 16))]).astype(np.float32)  # slot 0: none
+    up = np.concatenate([np.zeros((1, 4, 2)), rng.standard_normal((1, 4, 2))]).astype(np.float32)
+    choice = {"slots": np.array([[1], [0]], np.int32), "scales": np.array([[0.5], [1.0]], np.float32)}
+    lora = {"down": down, "up": up, **choice}
+    linear = Linear(4, fp8=True)
+    adapted = np.asarray(linear.apply({"params": params, "lora": lora}, x))
+    plain = np.asarray(linear.apply({"params": params}, x))
+    np.testing.assert_allclose(adapted[0] - plain[0], 0.5 * x[0] @ down[1].T @ up[1].T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(adapted[1], plain[1])  # slot 0
