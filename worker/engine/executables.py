@@ -117,7 +117,7 @@ class Executables:
         outs = {Part.begin: (r, r), Part.advance: (r, s), Part.finish: (r, r), Part.encode: r}[kind.part]
         return jax.jit(getattr(self.program(kind), kind.part.value), out_shardings=outs)
 
-    def _file_name(self, kind: ProgramKind, height: int, width: int) -> str:
+    def file_name(self, kind: ProgramKind, height: int, width: int) -> str:
         """The serialized executable's name: everything it depends on except what the store's folder already
         says (chip kind, device count, JAX version: cache.key): the code that traces it, library versions, the
         model's configs, dtypes and quantization, the shape, the attention kernel, the step's form, the devices and
@@ -152,7 +152,7 @@ class Executables:
             if self.store is None:
                 self._compiled[key] = lower().compile()
             else:
-                self._compiled[key] = self.store.load_or_compile(self._file_name(kind, height, width), lower)
+                self._compiled[key] = self.store.load_or_compile(self.file_name(kind, height, width), lower)
             name = f"{self.batch_rows}x{height}x{width}/{kind}"
             self.compile_s[name] = time.perf_counter() - t0
             how = "loaded the serialized executable" if self.loaded > loaded_before else "traced and compiled"

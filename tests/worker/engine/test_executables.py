@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, Mesh
 
 from worker.engine import attention, convert, fp8, model, program_weights
 from worker.engine.executables import Executables
@@ -85,3 +87,16 @@ def test_the_cuda_programs_fp8_matmuls_are_the_unets_linear_layers_and_nothing_e
 def test_a_bf16_program_has_no_fp8(tiny_bf16):
     text = _exported(tiny_bf16, "cuda", 1, "xla")
     assert all(F8 not in text[part] for part in PARTS)
+
+
+def test_a_serialized_executables_name_says_its_quantization_and_its_step(tiny_dir, tiny_bf16):
+    """Two engines that differ only in FP8 or in the step's form never read each other's executables."""
+    fp8_model = model.load_folder(tiny_dir, model.LoadOptions(jnp.bfloat16, quantize=Quantize.fp8), name="tiny")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))  # a name lists the devices
+
+    def name(m: model.Model, light_step: bool = True) -> str:
+        exe = Executables({Role.base: m}, mesh, 1, "xla", attention.make("xla", mesh), light_step=light_step)
+        return exe.file_name(ProgramKind(Part.advance), 64, 64)
+
+    assert len({name(tiny_bf16), name(fp8_model), name(tiny_bf16, light_step=False)}) == 3
+    assert name(tiny_bf16) == name(tiny_bf16)
