@@ -18,11 +18,24 @@ Method (docs/benchmarks.md):
 - FLOPs per image from XLA's cost analysis of the UNet (x steps), the text encoders and the VAE decode,
   each lowered alone (a while loop's trip count is not in XLA's count); the achieved fraction of a peak
   you give with --peak-tflops.
+
+    python bench/engine.py --preset mid --size 256x256 --batch 4 --steps 20 --compare-step
+
+--compare-step: the step before and after issue 30's lighter step, side by side in one process on one model:
+`Engine(light_step=False)` (every cross-attention's keys and values projected at each step, q/k/v apart) and
+`Engine(light_step=True)` (those keys and values once per batch in begin, q/k/v and k/v fused). Each engine
+compiles its guided programs and runs once (timed apart), then rounds alternate before / after, one batch
+each, so both see the same machine noise; medians, and the ratio before / after (> 1: the lighter step is
+faster). Beside them XLA's count of one advance step of each (the loop's body is counted once) and of begin,
+the saving the shapes predict (2 x UNet rows x 77 x d_context x inner for each cross-attention's k and v), and
+the largest pixel difference between the two engines' images. With --count-only the counts alone, from the
+preset's shapes (no weights drawn, nothing compiled): `--preset sdxl --size 1024x1024 --batch 1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -43,9 +56,12 @@ def _dtype(name: str):
     return resolve_dtype(name)
 
 
-def from_preset(preset: str, dtype: Any) -> Any:  # -> model.Model
+def from_preset(preset: str, dtype: Any, shapes_only: bool = False) -> Any:  # -> model.Model
     """A random model of a preset size (tiny, mid, sdxl) built in memory, no weight files: the weights are drawn
-    per component as they are read, so a start-up measurement times what a worker's start does but no disk."""
+    per component as they are read, so a start-up measurement times what a worker's start does but no disk.
+    shapes_only: their shapes instead (enough to lower and count)."""
+    import jax
+
     from worker.engine import model, tiny
     from worker.engine.model_source import SDXL_SCHEDULER
 
@@ -53,7 +69,9 @@ def from_preset(preset: str, dtype: Any) -> Any:  # -> model.Model
     tiny.write_configs(root, preset)
     configs = model.Configs.from_dicts(tiny.configs(preset), preset)
 
-    def weights(part: str, _shapes: Any, dtype: Any) -> tuple[Any, str]:
+    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+        if shapes_only:
+            return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes), "shapes"
         return tiny.build_params(preset, dtype, parts=(part,))[part], "random"
 
     source = model.Source(f"random-{preset}", configs, root, SDXL_SCHEDULER, True, weights)
@@ -137,6 +155,66 @@ def flops_per_image(m, hw: tuple[int, int], batch: int, steps: int) -> float | N
     return (steps * unet_flops + vae_flops + te_flops) / b
 
 
+def step_counts(args: argparse.Namespace, m: Any) -> dict[str, object]:
+    """XLA's count of one advance step (guided) before and after the lighter step, and the saving the shapes
+    predict; lowered only, so `m` may hold shapes for weights (from_preset(shapes_only=True))."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from worker.engine import attention, convert
+    from worker.engine.executables import Executables
+    from worker.engine.program_kind import Part, ProgramKind, Role
+
+    out: dict[str, object] = {}
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    for name, light in (("before", False), ("after", True)):
+        exe = Executables({Role.base: m}, mesh, args.batch, "einsum", attention.einsum, light_step=light)
+        for part in (Part.advance, Part.begin):
+            cost = exe.lower(ProgramKind(part), *args.hw).cost_analysis()
+            out[f"{name}_{part}_gflop"] = float(cost["flops"]) / 1e9
+    text = [
+        leaf.shape
+        for path, leaf in convert.flatten(m.params["unet"]).items()
+        if path[-3:] in (("attn2", "to_k", "kernel"), ("attn2", "to_v", "kernel"))
+    ]
+    unet_rows = 2 * args.batch  # guided
+    out["predicted_saving_gflop"] = sum(2 * unet_rows * 77 * d_context * inner for d_context, inner in text) / 1e9
+    out["measured_saving_gflop"] = out["before_advance_gflop"] - out["after_advance_gflop"]
+    out["advance_after_over_before"] = out["after_advance_gflop"] / out["before_advance_gflop"]
+    return out
+
+
+def compare_step(args: argparse.Namespace, m: Any) -> dict[str, object]:
+    """--compare-step (see the module's docstring)."""
+    import numpy as np
+
+    from worker.engine.engine import Engine, Programs, Row
+
+    rows = [Row(f"a photo of thing number {i}", "blurry", seed=i, steps=args.steps) for i in range(args.batch)]
+    out = step_counts(args, m)
+    engines, images = {}, {}
+    for name, light in (("before", False), ("after", True)):
+        engine = Engine(m, [args.hw], args.batch, attention=args.attention, light_step=light)
+        t0 = time.perf_counter()
+        engine.compile(Programs.guided | Programs.uint8)
+        images[name] = engine.generate(rows, *args.hw).images
+        out[f"{name}_compile_and_first_run_s"] = time.perf_counter() - t0
+        engines[name] = engine
+    out["max_pixel_difference"] = int(np.abs(images["before"].astype(int) - images["after"].astype(int)).max())
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(args.rounds):  # alternating, one batch each
+        for name, engine in engines.items():
+            t = time.perf_counter()
+            engine.generate(rows, *args.hw)
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        out[f"{name}_batch_s"] = statistics.median(ts)
+        out[f"{name}_rounds_s"] = ts
+    out["before_over_after"] = out["before_batch_s"] / out["after_batch_s"]
+    return out
+
+
 REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
 
 
@@ -198,6 +276,8 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="our engine's attention (worker/engine/attention.py)")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--compare-step", action="store_true", help="the step before / after issue 30 part 2 only")
+    parser.add_argument("--count-only", action="store_true", help="with --compare-step: XLA's counts, nothing run")
     parser.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,18 +300,29 @@ def main() -> None:
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "jax": jax.__version__,
+        "flax": importlib.metadata.version("flax"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+        ).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d"),
     }
-    if not args.no_start:
+    if not args.no_start and not args.compare_step:
         result.update(measure_start(args))
     dtype = _dtype(args.dtype)
     dtype_name = np.dtype(dtype).name
     result["dtype"] = dtype_name
+    if args.compare_step and args.count_only:  # shapes only: the full SDXL is counted in a minute on a CPU
+        result.update(step_counts(args, from_preset(args.preset, dtype, shapes_only=True)))
+        return _report(result, args.json)
     # Both paths read the same weights: the preset written once as a diffusers folder of safetensors.
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{args.preset}-"))
     from worker.engine import tiny
 
     tiny.write(folder, preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
     m = model.load_folder(folder, model.LoadOptions(dtype))
+    if args.compare_step:
+        result.update(compare_step(args, m))
+        return _report(result, args.json)
     engine = Engine(m, [args.hw], args.batch, attention=args.attention)
     result["attention"] = engine.attention
     t0 = time.perf_counter()
@@ -276,12 +367,15 @@ def main() -> None:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_device_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+    _report(result, args.json)
+
+
+def _report(result: dict[str, object], path: Path | None) -> None:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    np.asarray(0)
+    if path:
+        path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -120,9 +120,8 @@ def main() -> None:
             else:
                 if len(resident) >= args.merged:
                     resident.popitem(last=False)
-                resident[name] = jax.block_until_ready(
-                    jax.device_put(merge(host, [(read[name], scale)]), plain.replicated)
-                )
+                # placed as the engine places its own (its projections fused: Engine.place)
+                resident[name] = jax.block_until_ready(plain.place(merge(host, [(read[name], scale)])))
                 counts["merges"] += 1
             # the engine's own weights swapped for the merged set (the plain program takes weights as an input)
             plain.params = resident[name]
@@ -155,7 +154,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in fresh[:2]:
         adapter = lora.read(folder / f"{name}.safetensors", name, m)
-        jax.block_until_ready(jax.device_put(merge(host, [(adapter, scale)]), plain.replicated))
+        jax.block_until_ready(plain.place(merge(host, [(adapter, scale)])))
     merge_s = (time.perf_counter() - t0) / 2
     diff = max(
         int(np.abs(a.astype(int) - b.astype(int)).max())

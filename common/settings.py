@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # fp8: the UNet's linear layers and 1x1 convolutions as FP8 (e4m3) matmuls, weights quantized per output
+    # channel at load, activations per row per call; everything else stays in SDXL_DTYPE. Its own setting and not
+    # an SDXL_DTYPE value: FP8 replaces some matmuls of a model that still runs in bf16 (or float32). Fast on
+    # GPUs with FP8 (Ada, Hopper and later: cuBLASLt); elsewhere emulated, FP8's rounding at no gain
+    quantize: Literal["none", "fp8"] = "none"
     # the VAE's weights and compute. auto: the model's dtype (bfloat16 has float32's range, so the VAE's
     # force_upcast, which guards float16, does not apply); float32: a float32 decode on a bfloat16 model
     vae_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -137,7 +142,9 @@ class Settings(BaseSettings):
     # a data set line's `aspect_ratio` maps to the nearest of these that is also served (WIDTHxHEIGHT, comma
     # separated); the default: SDXL's trained resolutions
     aspect_buckets: str = SDXL_BUCKETS
-    batch_rows: int = Field(4, ge=1)  # rows per device batch; a multiple of the local device count
+    # rows per device batch; a multiple of the local device count. Unset, the worker picks by platform (8 per GPU
+    # on GPUs of 80 GB or more, 4 elsewhere: worker/main.py batch_rows); this default is what the API assumes
+    batch_rows: int = Field(4, ge=1)
     batch_timeout_s: float = Field(0.5, ge=0)  # flush a short batch once its oldest job waited this long
     compile_cache_dir: str = "~/.cache/sdxl-service/xla"
     # JAX's own compilation cache (executables JAX loads unchecked); '': inside compile_cache_dir. Set it to

@@ -37,6 +37,34 @@ log = logging.getLogger("worker")
 # adapters resident at once, whatever SDXL_LORA_CACHE_BYTES allows: the bank is allocated whole at start, and a
 # small model's slots are so small that the budget alone would allocate thousands
 MAX_LORA_SLOTS = 64
+# SDXL_BATCH_ROWS unset: rows per GPU on a GPU of 80 GB or more. SDXL at 1024x1024 with 8 guided rows is an
+# 18.5 GiB program on an H200 (weights 6.2 GiB, 1.53 GiB a row: docs/benchmarks.md), and 8 rows gave 0.582 s an
+# image against 0.603 s at 4; a smaller GPU keeps the settings' default.
+LARGE_GPU_ROWS = 8
+# 80 GB cards report about 79.6 GiB; this leaves room for what the driver keeps
+LARGE_GPU_BYTES = 70 * 2**30
+# JAX's share of a GPU's memory when XLA_PYTHON_CLIENT_MEM_FRACTION is unset (its documented default)
+JAX_MEMORY_FRACTION = 0.75
+
+
+def batch_rows(settings: Settings) -> int:
+    """SDXL_BATCH_ROWS, or when it is unset the platform's (platform_batch_rows). JAX is imported here."""
+    if "batch_rows" in settings.model_fields_set:
+        return settings.batch_rows
+    import jax
+
+    devices = jax.local_devices()
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit", 0)
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_MEMORY_FRACTION))
+    return platform_batch_rows(devices[0].platform, len(devices), limit / fraction, settings.batch_rows)
+
+
+def platform_batch_rows(platform: str, devices: int, device_bytes: float, default: int) -> int:
+    """LARGE_GPU_ROWS per GPU on GPUs of LARGE_GPU_BYTES or more, else `default`. device_bytes: one device's
+    memory, read back from what JAX may use of it (`bytes_limit`) and the fraction JAX takes."""
+    if platform == "gpu" and device_bytes >= LARGE_GPU_BYTES:
+        return LARGE_GPU_ROWS * devices
+    return default
 
 
 def build_engine(settings: Settings):  # -> Engine: the default model's (benchmarks, tests)
@@ -66,6 +94,10 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
 
     t0 = time.perf_counter()
     folder = cache.enable(settings.compile_cache_dir, settings.xla_cache_dir or None)
+    rows = batch_rows(settings)
+    if rows != settings.batch_rows:
+        log.info("SDXL_BATCH_ROWS unset: %d rows per batch on this platform", rows)
+        settings = settings.model_copy(update={"batch_rows": rows})
     refiner = None
     left = settings.model_memory_bytes or None
     # what the models and the refiner share; the refiner is read whole, in its own files' precision
@@ -74,6 +106,7 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         shape_cache=folder / "shapes",
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
         vae_dtype=settings.vae_dtype,
+        quantize=model.Quantize(settings.quantize),
     )
     engines = {}
     for i, entry in enumerate(entries):
@@ -160,7 +193,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         "the weights; cache %s",
         t2 - t0,
         m.name,
-        np.dtype(m.dtype).name,
+        np.dtype(m.dtype).name + ("" if m.quantize == "none" else f", {m.quantize}"),
         m.weights_hash[:16],
         engine.mesh.devices.size,
         settings.image_sizes,
@@ -257,7 +290,7 @@ def main() -> None:
             [
                 "worker",
                 "--pool=threads",
-                f"--concurrency={2 * settings.batch_rows}",
+                f"--concurrency={2 * max(engine.batch_rows for engine in engines.values())}",
                 f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
                 f"--hostname=sdxl@{name}",
                 "--loglevel=INFO",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.settings import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -65,3 +67,21 @@ def test_a_worker_holds_the_models_that_fit_its_memory_and_says_so(tiny_dir, tmp
     assert "not serving model 'second'" in caplog.text and f"take {size} bytes" in caplog.text
     with pytest.raises(SystemExit, match="no model fits"):
         build_engines(settings.model_copy(update={"model_memory_bytes": 10}))
+
+
+def test_unset_batch_rows_follow_the_platform():
+    from worker.main import platform_batch_rows
+
+    gib = 2**30
+    assert platform_batch_rows("gpu", 1, 139.8 * gib, 4) == 8  # an H200
+    assert platform_batch_rows("gpu", 8, 79.6 * gib, 4) == 64  # eight H100 80 GB: 8 rows each
+    assert platform_batch_rows("gpu", 1, 39.4 * gib, 4) == 4  # an A100 40 GB keeps the default
+    assert platform_batch_rows("tpu", 4, 16 * gib, 4) == 4
+    assert platform_batch_rows("cpu", 1, 0, 4) == 4
+
+
+def test_a_set_batch_rows_is_kept_and_this_cpu_keeps_the_default():
+    from worker.main import batch_rows
+
+    assert batch_rows(Settings(batch_rows=2)) == 2
+    assert batch_rows(Settings()) == Settings().batch_rows

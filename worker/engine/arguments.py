@@ -126,6 +126,10 @@ class TextEmbeddings:
 
     context: Array  # (n * rows, 77, D): the penultimate layers' states
     pooled: Array  # (n * rows, P)
+    # every cross-attention's keys and values of `context` (unet.text_keys_values: {..."attn2": {"k", "v"}},
+    # each (n * rows, 77, inner)), computed once in begin because the text is the same at every step; None: the
+    # step projects the context itself (Program(light_step=False))
+    keys_values: Any = None
 
 
 @struct.dataclass

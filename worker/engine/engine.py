@@ -18,12 +18,18 @@ and does half the UNet work. LoRA adapters (Adapters, lora.py) are inputs too: a
 has an adapter-taking begin/advance beside the plain ones, run by batches in which any row names an adapter;
 which adapters, how many and at what scale compiles nothing.
 
+The step (program.py): by default the lighter one, whose cross-attention keys and values are computed once per
+batch and whose projections are fused (program_weights.py lays the weights out so when they are placed);
+`light_step=False` is the step as it was, for bench/engine.py's before/after. A model served in FP8
+(LoadOptions(quantize=Quantize.fp8)) has its UNet's linear layers quantized when they are placed.
+
 Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,9 +42,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import executables, lora, program
+from worker.engine import executables, lora, program, program_weights
 from worker.engine.arguments import AdapterInputs, AdvanceInputs, BeginInputs, EncodeInputs, SamplerState, Start
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
+from worker.engine.layers import Projections
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
@@ -122,6 +129,7 @@ class Engine:
         progress_every_steps: int = 1,
         refiner: Model | None = None,
         adapters: Adapters | None = None,
+        light_step: bool = True,
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -131,6 +139,7 @@ class Engine:
         if progress_every_steps < 1:
             raise EngineInputError("progress_every_steps", f"must be at least 1, got {progress_every_steps}")
         self.progress_every_steps, self.attention, self.model = progress_every_steps, attention, model
+        self.light_step = light_step
         self.models = {Role.base: model} | ({Role.refiner: refiner} if refiner is not None else {})
         self.sizes = [tuple(s) for s in sizes]
         self.batch_rows = batch_rows
@@ -146,8 +155,8 @@ class Engine:
             self._placing = pool.submit(self._read_and_place)
             pool.shutdown(wait=False)  # its one thread ends with the placement
         else:
-            self.params = jax.device_put(model.params, self.replicated)
-        self.refiner_params = jax.device_put(refiner.wait(), self.replicated) if refiner is not None else None
+            self.params = self.place(model.params)
+        self.refiner_params = self.place(refiner.wait(), Role.refiner) if refiner is not None else None
         self.adapters = adapters
         self.bank = self._bank(adapters) if adapters is not None else None
         self.weights_wait_s = 0.0  # how long compile() waited for the weights to be read and placed
@@ -157,7 +166,7 @@ class Engine:
         # Serialized executables, each sealed with aot_key (cache.py): a warm start skips tracing and compiling.
         store = executables.store(aot_dir, aot_key)
         self.executables = executables.Executables(
-            self.models, self.mesh, batch_rows, attention, attend, store, self.bank
+            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step
         )
         self.inputs = BatchInputs(self.models, self.sizes, batch_rows, adapters.per_row if adapters else None)
         # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images) and "lora"
@@ -197,11 +206,26 @@ class Engine:
         """The compiled part `kind` for (batch_rows, height, width), compiled on first use."""
         return self.executables.get(kind, height, width)
 
+    def place(self, params: Any, role: Role = Role.base) -> Any:
+        """A model's weights (the checkpoint's layout, on the host) on the devices, replicated over the data
+        axis, in the form its programs take (program_weights.prepare: fused projections, FP8 kernels)."""
+        placed = jax.device_put(params, self.replicated)
+        projections = program_weights.form(self.models[role], self.light_step)
+        if projections == Projections():
+            return placed
+        # Laid out on the devices, once. Off a CPU the checkpoint-layout UNet is donated, so the devices do not
+        # hold both forms at once (SDXL's UNet: 5.1 GB in bf16); a CPU's device buffers may alias the host's
+        # arrays, and nothing is donated there.
+        donate = () if self.mesh.devices.flat[0].platform == "cpu" else (0,)
+        prepare = functools.partial(program_weights.prepare, projections=projections)
+        unet = jax.jit(lambda u: prepare({"unet": u})["unet"], out_shardings=self.replicated, donate_argnums=donate)
+        return {**placed, "unet": unet(placed["unet"])}
+
     def _read_and_place(self) -> tuple[Any, float]:
         params = self.model.wait()  # a failed read raises here, and from compile()
         t0 = time.perf_counter()
         # Ready means on the devices: wait for the copies (mapped weights may still be coming off the disk).
-        placed = jax.block_until_ready(jax.device_put(params, self.replicated))
+        placed = jax.block_until_ready(self.place(params))
         return placed, time.perf_counter() - t0
 
     def _place(self) -> None:

@@ -2,8 +2,9 @@
 their shardings (arguments.py), compiled or read back from the sealed serialized cache (cache.py), by (kind,
 height, width). Knows shapes and shardings, not rows.
 
-What recompiles: only a new (batch_rows, height, width) or kind, a new model, dtype, device set or attention
-kernel (a new Engine). Prompts, seeds, guidance, steps, schedulers, strengths, images and adapters are inputs.
+What recompiles: only a new (batch_rows, height, width) or kind, a new model, dtype, quantization, device set,
+attention kernel or step form (a new Engine). Prompts, seeds, guidance, steps, schedulers, strengths, images and
+adapters are inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.engine import cache, code_identity, lora, program
+from worker.engine import cache, code_identity, lora, program, program_weights
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 class Executables:
     """The executables of one engine's models on one mesh, for `batch_rows` rows, compiled on first use (or read
-    back from `store`). bank: the LoRA bank the adapted programs read (its shapes, never its contents)."""
+    back from `store`). bank: the LoRA bank the adapted programs read (its shapes, never its contents).
+    light_step: program.Program's (the weights they take are program_weights.prepare's for it)."""
 
     def __init__(
         self,
@@ -50,9 +52,11 @@ class Executables:
         attend: Any,
         store: cache.SealedExecutables | None = None,
         bank: lora.Bank | None = None,
+        light_step: bool = True,
     ):
         self.models, self.mesh, self.batch_rows = models, mesh, batch_rows
         self.attention, self.attend, self.store, self.bank = attention, attend, store, bank
+        self.light_step = light_step
         self.rows_sharding, self.replicated = program.shardings(mesh)
         self.compile_s: dict[str, float] = {}  # "{rows}x{height}x{width}/{kind}" -> seconds to compile or load
         self._compiled: dict[tuple[ProgramKind, int, int], Any] = {}
@@ -74,14 +78,17 @@ class Executables:
     def program(self, kind: ProgramKind) -> program.Program:
         key = (kind.model, kind.output, kind.guided)
         if key not in self._programs:
-            self._programs[key] = program.Program(self.models[kind.model], kind.output, self.attend, kind.guided)
+            model = self.models[kind.model]
+            self._programs[key] = program.Program(model, kind.output, self.attend, kind.guided, self.light_step)
         return self._programs[key]
 
     def arguments(self, kind: ProgramKind, height: int, width: int) -> tuple[Any, ...]:
         """The part's arguments as shapes with their shardings, from the classes of arguments.py."""
         r, dims = self.rows_sharding, self.dims(height, width, kind.model)
         spec = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-        params = jax.tree_util.tree_map(lambda x: spec(x, self.replicated), self.models[kind.model].params)
+        model = self.models[kind.model]
+        weights = program_weights.shapes(model.params, program_weights.form(model, self.light_step))
+        params = jax.tree_util.tree_map(lambda x: spec(x, self.replicated), weights)
         if kind.part is Part.noise:
             return (jax.ShapeDtypeStruct((self.batch_rows,), jnp.uint32, sharding=r),)
         if kind.part is Part.encode:
@@ -110,10 +117,11 @@ class Executables:
         outs = {Part.begin: (r, r), Part.advance: (r, s), Part.finish: (r, r), Part.encode: r}[kind.part]
         return jax.jit(getattr(self.program(kind), kind.part.value), out_shardings=outs)
 
-    def _file_name(self, kind: ProgramKind, height: int, width: int) -> str:
+    def file_name(self, kind: ProgramKind, height: int, width: int) -> str:
         """The serialized executable's name: everything it depends on except what the store's folder already
         says (chip kind, device count, JAX version: cache.key): the code that traces it, library versions, the
-        model's configs and dtypes, the shape, the attention kernel, the devices and the bank's size."""
+        model's configs, dtypes and quantization, the shape, the attention kernel, the step's form, the devices and
+        the bank's size."""
         m = self.models[kind.model]
         identity = (
             code_identity.digest("worker.engine.executables"),
@@ -121,6 +129,8 @@ class Executables:
             m.configs.identity(),
             np.dtype(m.dtype).name,
             np.dtype(m.dtype_of("vae")).name,
+            str(m.quantize),
+            self.light_step,
             self.attention,
             [str(d) for d in self.mesh.devices.flat],
             (self.bank.rank, self.bank.slots, self.bank.per_row) if kind.adapted and self.bank is not None else None,
@@ -134,21 +144,30 @@ class Executables:
             raise ValueError(f"{kind}: this engine has no adapter bank")
         key = (kind, height, width)
         if key not in self._compiled:
-            fn, t0 = self._function(kind, height, width), time.perf_counter()
-            loaded_before = self.loaded
+            t0, loaded_before = time.perf_counter(), self.loaded
 
             def lower() -> Any:
-                return fn.lower(*self.arguments(kind, height, width))
+                return self.lower(kind, height, width)
 
             if self.store is None:
                 self._compiled[key] = lower().compile()
             else:
-                self._compiled[key] = self.store.load_or_compile(self._file_name(kind, height, width), lower)
+                self._compiled[key] = self.store.load_or_compile(self.file_name(kind, height, width), lower)
             name = f"{self.batch_rows}x{height}x{width}/{kind}"
             self.compile_s[name] = time.perf_counter() - t0
             how = "loaded the serialized executable" if self.loaded > loaded_before else "traced and compiled"
             log.info("%s %s in %.2f s", how, name, self.compile_s[name])
         return self._compiled[key]
+
+    def lower(self, kind: ProgramKind, height: int, width: int) -> jax.stages.Lowered:
+        """The part traced and lowered for this mesh (not compiled): what XLA's cost analysis reads."""
+        return self._function(kind, height, width).lower(*self.arguments(kind, height, width))
+
+    def export(self, kind: ProgramKind, height: int, width: int, platforms: Sequence[str]) -> jax.export.Exported:
+        """The part lowered for `platforms` ("cuda", "tpu", ...) without their devices (jax.export: nothing is
+        compiled), over this mesh's device count: what the tests check of the programs a GPU or a TPU would run."""
+        fn = self._function(kind, height, width)
+        return jax.export.export(fn, platforms=tuple(platforms))(*self.arguments(kind, height, width))
 
     def compile(self, sizes: Sequence[tuple[int, int]], programs: Programs) -> None:
         """Every kind of `programs` for every size, in order (see Programs.kinds)."""

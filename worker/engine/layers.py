@@ -8,13 +8,17 @@ by "_" (`resnets.0` -> `resnets_0`), so a checkpoint's key names its parameter b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from worker.engine import fp8
 
 # attend(q, k, v, heads) -> out: q (B, T, heads*D), k and v (B, S, heads*D), out (B, T, heads*D).
 # Which kernel computes it is the engine's choice (worker/engine/attention.py), handed to each module.
@@ -36,6 +40,20 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: flo
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
+@dataclass(frozen=True)
+class Projections:
+    """How the program's UNet computes its projections; worker/engine/program_weights.py lays the weights out
+    to match, from the checkpoint's layout, which the loaders, the weight cache and the adapter bank keep.
+
+    fused: a self-attention's q, k and v as one matmul (`to_qkv`, kernel (in, 3 * inner)), a cross-attention's
+    k and v as one (`to_kv`): one pass over the activation instead of three (or two).
+    fp8: the transformers' linear layers and the ResNets' 1x1 convolutions in FP8 (fp8.py). A cross-attention's
+    k and v stay in the model's dtype: they project the text, once per batch (unet.text_keys_values)."""
+
+    fused: bool = False
+    fp8: bool = False
+
+
 class Linear(nn.Module):
     """nn.Dense's parameters and arithmetic (kernel (in, out), optional bias), plus LoRA adapters applied per
     row: when the "lora" collection holds this layer's factors, each row adds sum_k scale_k * up_k(down_k(x)).
@@ -44,27 +62,65 @@ class Linear(nn.Module):
     down (slots, rank, in), up (slots, out, rank), and the batch's choice of it: slots (rows, K) int32 and
     scales (rows, K) float32. Slot 0 is all zeros (no adapter), and an adapter of a lower rank is zero-padded,
     so rows of one batch may each use other adapters, or none, and the shapes never change: adapters are
-    inputs of the compiled program, not part of it."""
+    inputs of the compiled program, not part of it.
+
+    features as a tuple: projections of one input fused into one matmul (kernel (in, sum), output
+    concatenated); their adapters stay each its projection's (down and up are tuples, one per part), so the
+    result is the unfused layers' side by side. fp8: an e4m3fn kernel with per-output-channel `kernel_scale`
+    (fp8.py); adapters add their term in `dtype`."""
+
+    features: int | tuple[int, ...]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    fp8: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fused = isinstance(self.features, tuple)
+        width = sum(self.features) if isinstance(self.features, tuple) else self.features
+        shape = (x.shape[-1], width)
+        x = x.astype(self.dtype)
+        if self.fp8:
+            kernel = self.param("kernel", nn.initializers.zeros_init(), shape, fp8.E4M3)
+            scale = self.param("kernel_scale", nn.initializers.ones_init(), (width,), jnp.float32)
+            y = fp8.matmul(x, kernel, scale, fp8.input_amax(self, x), self.dtype)
+        else:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32).astype(self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (width,), jnp.float32).astype(self.dtype)
+        if not self.has_variable("lora", "down"):
+            return y
+        slots, scales = self.get_variable("lora", "slots"), self.get_variable("lora", "scales")
+        downs, ups = self.get_variable("lora", "down"), self.get_variable("lora", "up")
+        if not fused:
+            return y + self._adapted(x, downs, ups, slots, scales)
+        terms = [self._adapted(x, d, u, slots, scales) for d, u in zip(downs, ups, strict=True)]
+        return y + jnp.concatenate(terms, axis=-1)
+
+    def _adapted(self, x: jax.Array, down: Any, up: Any, slots: jax.Array, scales: jax.Array) -> jax.Array:
+        """The rows' adapter term: down (slots, rank, in) and up (slots, out, rank) picked per row by `slots`."""
+        down = down[slots].astype(self.dtype)  # (rows, K, rank, in)
+        up = up[slots].astype(self.dtype)  # (rows, K, out, rank)
+        h = jnp.einsum("n...i,nkri->n...kr", x, down)
+        h = h * scales.astype(self.dtype).reshape(scales.shape[0], *(1,) * (x.ndim - 2), scales.shape[1], 1)
+        return jnp.einsum("n...kr,nkor->n...o", h, up)
+
+
+class Pointwise(nn.Module):
+    """A 1x1 convolution (NHWC, kernel (1, 1, in, out) as nn.Conv keeps it, bias) in FP8: a matmul over the
+    channels, which is what a 1x1 convolution is, written as the dot XLA's GPU compiler rewrites (fp8.py)."""
 
     features: int
-    use_bias: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
-        if not self.has_variable("lora", "down"):
-            return y
-        slots, scales = self.get_variable("lora", "slots"), self.get_variable("lora", "scales")
-        down = self.get_variable("lora", "down")[slots].astype(self.dtype)  # (rows, K, rank, in)
-        up = self.get_variable("lora", "up")[slots].astype(self.dtype)  # (rows, K, out, rank)
-        h = jnp.einsum("n...i,nkri->n...kr", x, down)
-        h = h * scales.astype(self.dtype).reshape(scales.shape[0], *(1,) * (x.ndim - 2), scales.shape[1], 1)
-        return y + jnp.einsum("n...kr,nkor->n...o", h, up)
+        kernel = self.param("kernel", nn.initializers.zeros_init(), (1, 1, x.shape[-1], self.features), fp8.E4M3)
+        scale = self.param("kernel_scale", nn.initializers.ones_init(), (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        y = fp8.matmul(x, kernel[0, 0], scale, fp8.input_amax(self, x), self.dtype)
+        return y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
 
 
 class TimestepEmbedding(nn.Module):
@@ -79,7 +135,13 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
-def conv(features: int, size: int, name: str, dtype: Any, stride: int = 1, padding: Any = "same") -> nn.Conv:
+def conv(
+    features: int, size: int, name: str, dtype: Any, stride: int = 1, padding: Any = "same", fp8: bool = False
+) -> nn.Module:
+    """nn.Conv with PyTorch's padding; fp8: a 1x1 convolution in FP8 (Pointwise)."""
+    if fp8:
+        assert size == 1 and stride == 1, "only 1x1 convolutions run in FP8"
+        return Pointwise(features, dtype, name=name)
     if padding == "same":
         padding = ((size // 2, size // 2),) * 2
     return nn.Conv(features, (size, size), (stride, stride), padding=padding, dtype=dtype, name=name)
@@ -93,6 +155,7 @@ class ResnetBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Any = jnp.float32
+    fp8: bool = False  # conv_shortcut in FP8 (the 3x3 convolutions stay in dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
@@ -103,7 +166,7 @@ class ResnetBlock(nn.Module):
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
         h = conv(self.out_channels, 3, "conv2", self.dtype)(nn.silu(h))
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, "conv_shortcut", self.dtype, padding="VALID")(x)
+            x = conv(self.out_channels, 1, "conv_shortcut", self.dtype, padding="VALID", fp8=self.fp8)(x)
         return x + h
 
 
@@ -134,22 +197,57 @@ class Upsample(nn.Module):
 
 class Attention(nn.Module):
     """diffusers' Attention: to_q, to_k, to_v (bias as the checkpoint has it), to_out.0. `context`: the
-    sequence attended to (cross-attention); None attends to x itself."""
+    sequence attended to (cross-attention); None attends to x itself. form: Projections (fused: to_qkv, or
+    to_q and to_kv). A cross-attention whose keys and values are in the "text" collection (k, v: computed
+    once per batch, unet.text_keys_values) takes them from there and does not project the context."""
 
     heads: int
     attend: Attend
     qkv_bias: bool = False
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        inner = x.shape[-1]
-        context = x if context is None else context
-        q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
-        k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
-        v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+        inner, form = x.shape[-1], self.form
+        linear = functools.partial(Linear, use_bias=self.qkv_bias, dtype=self.dtype)
+        if context is None and form.fused:
+            q, k, v = jnp.split(linear((inner,) * 3, fp8=form.fp8, name="to_qkv")(x), 3, axis=-1)
+        else:
+            q = linear(inner, fp8=form.fp8, name="to_q")(x)
+            if context is None:
+                k, v = (linear(inner, fp8=form.fp8, name=n)(x) for n in ("to_k", "to_v"))
+            elif self.has_variable("text", "k"):
+                k, v = self.get_variable("text", "k"), self.get_variable("text", "v")
+            else:
+                k, v = keys_values(linear, inner, form, context)
         out = self.attend(q, k, v, self.heads)
-        return Linear(inner, dtype=self.dtype, name="to_out_0")(out)
+        return Linear(inner, dtype=self.dtype, fp8=form.fp8, name="to_out_0")(out)
+
+
+def keys_values(linear: Callable[..., Linear], inner: int, form: Projections, context: jax.Array) -> tuple[Any, Any]:
+    """A cross-attention's keys and values of the text `context`: to_k and to_v, or to_kv fused; in the model's
+    dtype whatever the form (they are computed once per batch). linear: Linear with the layer's bias and dtype,
+    made inside the attention's module (Attention, or TextKeysValues on the same parameters)."""
+    if form.fused:
+        k, v = jnp.split(linear((inner, inner), name="to_kv")(context), 2, axis=-1)
+        return k, v
+    return linear(inner, name="to_k")(context), linear(inner, name="to_v")(context)
+
+
+class TextKeysValues(nn.Module):
+    """A cross-attention's keys and values alone, applied to its Attention's parameters (and adapters): the
+    same layers as Attention's, run apart from the steps (unet.text_keys_values)."""
+
+    inner: int
+    qkv_bias: bool = False
+    dtype: Any = jnp.float32
+    form: Projections = Projections()
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        linear = functools.partial(Linear, use_bias=self.qkv_bias, dtype=self.dtype)
+        return keys_values(linear, self.inner, self.form, context)
 
 
 class GEGLU(nn.Module):
@@ -157,10 +255,11 @@ class GEGLU(nn.Module):
 
     inner: int
     dtype: Any = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(Linear(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        value, gate = jnp.split(Linear(2 * self.inner, dtype=self.dtype, fp8=self.fp8, name="proj")(x), 2, axis=-1)
         return value * gelu(gate)
 
 
@@ -169,11 +268,12 @@ class FeedForward(nn.Module):
 
     dim: int
     dtype: Any = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = GEGLU(4 * self.dim, dtype=self.dtype, name="net_0")(x)
-        return Linear(self.dim, dtype=self.dtype, name="net_2")(x)
+        x = GEGLU(4 * self.dim, dtype=self.dtype, fp8=self.fp8, name="net_0")(x)
+        return Linear(self.dim, dtype=self.dtype, fp8=self.fp8, name="net_2")(x)
 
 
 class TransformerBlock(nn.Module):
@@ -183,13 +283,15 @@ class TransformerBlock(nn.Module):
     heads: int
     attend: Attend
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.heads, self.attend, dtype=self.dtype, name="attn1")(norm("norm1")(x))
-        x = x + Attention(self.heads, self.attend, dtype=self.dtype, name="attn2")(norm("norm2")(x), context)
-        return x + FeedForward(x.shape[-1], dtype=self.dtype, name="ff")(norm("norm3")(x))
+        attention = functools.partial(Attention, self.heads, self.attend, dtype=self.dtype, form=self.form)
+        x = x + attention(name="attn1")(norm("norm1")(x))
+        x = x + attention(name="attn2")(norm("norm2")(x), context)
+        return x + FeedForward(x.shape[-1], dtype=self.dtype, fp8=self.form.fp8, name="ff")(norm("norm3")(x))
 
 
 class Transformer2D(nn.Module):
@@ -202,20 +304,22 @@ class Transformer2D(nn.Module):
     linear_projection: bool = True
     groups: int = 32
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        residual = x
-        x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        residual, dtype, q8 = x, self.dtype, self.form.fp8
+        x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=dtype, name="norm")(x)
         if self.linear_projection:
-            x = Linear(c, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+            x = Linear(c, dtype=dtype, fp8=q8, name="proj_in")(x.reshape(b, h * w, c))
         else:
-            x = conv(c, 1, "proj_in", self.dtype, padding="VALID")(x).reshape(b, h * w, c)
+            x = conv(c, 1, "proj_in", dtype, padding="VALID", fp8=q8)(x).reshape(b, h * w, c)
         for i in range(self.depth):
-            x = TransformerBlock(self.heads, self.attend, dtype=self.dtype, name=f"transformer_blocks_{i}")(x, context)
+            block = TransformerBlock(self.heads, self.attend, dtype, self.form, name=f"transformer_blocks_{i}")
+            x = block(x, context)
         if self.linear_projection:
-            x = Linear(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+            x = Linear(c, dtype=dtype, fp8=q8, name="proj_out")(x).reshape(b, h, w, c)
         else:
-            x = conv(c, 1, "proj_out", self.dtype, padding="VALID")(x.reshape(b, h, w, c))
+            x = conv(c, 1, "proj_out", dtype, padding="VALID", fp8=q8)(x.reshape(b, h, w, c))
         return x + residual

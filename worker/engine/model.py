@@ -30,6 +30,7 @@ from worker.engine.model_source import (
     LoadOptions,
     ModelError,
     ModelTooLarge,
+    Quantize,
     Source,
     variant_name,
 )
@@ -38,7 +39,7 @@ from worker.engine.unet import UNetConfig
 from worker.engine.vae import VAEConfig
 
 # the loader's public face: callers need not know which layer defines what they catch or pass
-__all__ = ["Configs", "LoadOptions", "Model", "ModelError", "ModelTooLarge", "Source", "load"]
+__all__ = ["Configs", "LoadOptions", "Model", "ModelError", "ModelTooLarge", "Quantize", "Source", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Model:
     weight_sources: dict[str, str] = field(default_factory=dict)
     weights_dropped: bool = False  # drop_host_weights() was called: only the shapes are left
     weights_hash: str = ""  # sha256 of the weights as served (digest_weights()); recorded with every image
+    # what runs below `dtype` (LoadOptions.quantize): the engine quantizes the weights as it places them
+    quantize: Quantize = Quantize.none
 
     @property
     def nbytes(self) -> int:
@@ -93,9 +96,12 @@ class Model:
     def digest_weights(self) -> str:
         """sha256 over every parameter as served (names, dtypes, shapes and bytes, in name order): the same
         weights give the same hash whether read from a folder, a single file or the converted cache, and any
-        changed tensor changes it. Run once at start, before drop_host_weights (SDXL: ~7 GB hashed, seconds)."""
+        changed tensor changes it. Run once at start, before drop_host_weights (SDXL: ~7 GB hashed, seconds).
+        Served quantized (fp8), the same checkpoint makes other pictures: the quantization is hashed too."""
         if not self.weights_hash:
             digest = hashlib.sha256()
+            if self.quantize is not Quantize.none:
+                digest.update(f"quantize={self.quantize}\n".encode())
             for name, value in sorted(convert.flatten(self.wait()).items()):
                 array = np.ascontiguousarray(np.asarray(value))
                 digest.update(json.dumps(["/".join(name), array.dtype.name, list(array.shape)]).encode())
@@ -231,6 +237,7 @@ def assemble(source: Source, options: LoadOptions) -> Model:
         force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt,
         pending=pending,
         weight_sources=sources,
+        quantize=Quantize(options.quantize),
     )
     if done is not None:
         model.params, model.weights_s = done

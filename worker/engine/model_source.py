@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from worker.engine import attention, convert, tensor_file, weight_cache
 from worker.engine.clip import CLIPConfig, TextEncoder
+from worker.engine.layers import Projections
 from worker.engine.unet import UNet, UNetConfig
 from worker.engine.vae import VAE, VAEConfig
 
@@ -120,16 +122,27 @@ class Configs:
             )
         return cls(unet, vae, te1, te2)
 
-    def module(self, part: str, dtype: Any, attend: Any = attention.einsum) -> Any:
+    def module(self, part: str, dtype: Any, attend: Any = attention.einsum, form: Projections | None = None) -> Any:
+        """A network's Flax module; form: the UNet's projections (None: the checkpoint's layout)."""
         cfg = getattr(self, part)
         if part == "unet":
-            return UNet(cfg, attend, dtype)
+            return UNet(cfg, attend, dtype, form or Projections())
         if part == "vae":
             return VAE(cfg, attend, dtype)
         return TextEncoder(cfg, dtype)
 
     def identity(self) -> dict[str, Any]:
         return {part: dataclasses.asdict(getattr(self, part)) for part in self.parts}
+
+
+class Quantize(StrEnum):
+    """SDXL_QUANTIZE: what of the model runs below its dtype."""
+
+    none = "none"  # everything in the model's dtype
+    # the UNet's linear layers and 1x1 convolutions as FP8 e4m3 matmuls (fp8.py), weights quantized per output
+    # channel when they are placed; everything else (3x3 convolutions, attention, norms, the VAE, the text
+    # encoders) in the model's dtype
+    fp8 = "fp8"
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,9 @@ class LoadOptions:
     vae: str | Path | None = None  # another VAE: a folder or a hub id (folder.with_vae)
     max_bytes: int | None = None  # ModelTooLarge before anything is read when the weights would take more
     tiny_dir: Path | None = None  # where `tiny` is built (default: tiny.default_dir())
+    # served below dtype (Quantize); the weights stay in dtype here, in the checkpoint's layout, and are quantized
+    # when an engine places them (program_weights.py)
+    quantize: Quantize = Quantize.none
 
 
 @dataclass(frozen=True)

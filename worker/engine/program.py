@@ -5,6 +5,12 @@ any run of consecutive steps), the VAE decode (`finish`) and, for batches with i
 Every per-job value is a per-row input (prompt ids, seed noise, guidance, size conditioning, the sampler
 tables from schedule.py, steps), so unrelated jobs share one call and one compiled executable per part.
 
+The lighter step (light_step, the default): work that does not change between steps leaves the loop. Every
+cross-attention's keys and values depend on the text alone, so begin computes them once per batch
+(unet.text_keys_values) and advance reads them (TextEmbeddings.keys_values); each attention's projections of
+one input run as one matmul (program_weights.py lays the weights out so). light_step=False is the step as it
+was before, kept as bench/engine.py's baseline.
+
 Why parts and not one jit: a running job reports its step (live progress). The engine dispatches `advance`
 once per chunk of steps (SDXL_PROGRESS_EVERY_STEPS) and learns that a chunk is done when its small output is
 ready, without stopping the device: every call is queued at once (JAX dispatch is asynchronous). A host
@@ -22,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from worker.engine import lora
+from worker.engine import lora, program_weights
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
@@ -35,6 +41,7 @@ from worker.engine.arguments import (
 from worker.engine.layers import Attend
 from worker.engine.model import Model
 from worker.engine.schedule import TABLES
+from worker.engine.unet import text_keys_values
 
 
 def step_noise(seed: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -63,15 +70,20 @@ def _pair(x: jax.Array) -> jax.Array:
     return jnp.repeat(x, 2, axis=0)
 
 
-def _variables(params: dict[str, Any], adapters: AdapterInputs | None, part: str, paired: bool) -> dict[str, Any]:
+def _variables(
+    params: dict[str, Any], adapters: AdapterInputs | None, part: str, paired: bool, fused: bool = False
+) -> dict[str, Any]:
     """A component's Flax variables: its weights, and the rows' LoRA adapters when the batch has any
-    (worker/engine/lora.py). paired: the component runs two rows per image (guidance), which share adapters."""
+    (worker/engine/lora.py). paired: the component runs two rows per image (guidance), which share adapters.
+    fused: the UNet's projections are fused (program_weights): its adapters are grouped to match."""
     out = {"params": params[part]}
     if adapters is not None and part in adapters.bank:
         slots, scales = adapters.slots, adapters.scales
         if paired:
             slots, scales = _pair(slots), _pair(scales)
         out["lora"] = lora.variables(adapters.bank[part], slots, scales)
+        if fused and part == "unet":
+            out["lora"] = program_weights.fuse_adapters(out["lora"])
     return out
 
 
@@ -80,11 +92,14 @@ class Program:
 
     output: 'uint8' (NHWC bytes, for serving) or 'float32' (for parity checks). attend: the attention kernel
     (attention.make). guided: two UNet rows per image (unconditional and conditional, classifier-free guidance);
-    False: one, for batches whose every row has guidance <= 1 (Turbo, Lightning, LCM), half the UNet work."""
+    False: one, for batches whose every row has guidance <= 1 (Turbo, Lightning, LCM), half the UNet work.
+    light_step: see the module's docstring. The weights it takes are program_weights.prepare's, in the form
+    program_weights.form(model, light_step) (FP8 when the model is served so)."""
 
-    def __init__(self, model: Model, output: str, attend: Attend, guided: bool = True):
-        self.model, self.output, self.guided = model, output, guided
-        self.unet = model.configs.module("unet", model.dtype, attend)
+    def __init__(self, model: Model, output: str, attend: Attend, guided: bool = True, light_step: bool = True):
+        self.model, self.output, self.guided, self.light_step = model, output, guided, light_step
+        self.form = program_weights.form(model, light_step)
+        self.unet = model.configs.module("unet", model.dtype, attend, self.form)
         self.vae = model.configs.module("vae", model.dtype_of("vae"), attend)
         # An inpainting UNet sees the mask and the masked image's latents as extra input channels, and is not
         # blended (diffusers blends only for a base UNet).
@@ -135,6 +150,10 @@ class Program:
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
         else:
             context, pooled = self._text(params, p.ids, adapters, paired=False)
+        keys_values = None
+        if self.light_step:  # the text's keys and values, once per batch instead of once per step
+            variables = _variables(params, adapters, "unet", self.guided, fused=self.form.fused)
+            keys_values = text_keys_values(variables, context, self.model.dtype, self.form)
         per_row = lambda v: v[:, None, None, None]  # noqa: E731  (B,) -> (B, 1, 1, 1)
         x = start.init * per_row(inputs.scalars.init_weight) + start.noise * per_row(inputs.scalars.init_scale)
         state = SamplerState(
@@ -146,7 +165,7 @@ class Program:
             seeds=start.seeds,
             masked=start.masked if self.inpainting else None,
         )
-        return state, TextEmbeddings(context, pooled)
+        return state, TextEmbeddings(context, pooled, keys_values)
 
     def advance(
         self,
@@ -166,7 +185,9 @@ class Program:
         rows = _pair if guided else (lambda v: v)
         ids = inputs.time_ids.reshape(2 * b, -1) if guided else inputs.time_ids[:, 1]  # [uncond0, cond0, ...]
         draw = jax.vmap(step_noise, in_axes=(0, None, None))
-        variables = _variables(params, adapters, "unet", guided)
+        variables = _variables(params, adapters, "unet", guided, fused=self.form.fused)
+        if inputs.text.keys_values is not None:
+            variables["text"] = inputs.text.keys_values
 
         def step(i, carry):
             x, d_prev = carry

@@ -15,6 +15,7 @@ misnomer there): heads = attention_head_dim[i], head width = block width / heads
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -25,7 +26,9 @@ import jax.numpy as jnp
 from worker.engine.layers import (
     Attend,
     Downsample,
+    Projections,
     ResnetBlock,
+    TextKeysValues,
     TimestepEmbedding,
     Transformer2D,
     Upsample,
@@ -118,12 +121,13 @@ class DownBlock(nn.Module):
     cfg: UNetConfig
     attend: Attend
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-        cfg, skips = self.cfg, []
+        skips = []
         for j in range(self.layers):
-            x = ResnetBlock(self.width, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            x = _resnet(self, self.width, f"resnets_{j}")(x, temb)
             if self.depth:
                 x = _transformer(self, self.heads, self.depth, f"attentions_{j}")(x, context)
             skips.append(x)
@@ -141,13 +145,14 @@ class MidBlock(nn.Module):
     cfg: UNetConfig
     attend: Attend
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        width, cfg = x.shape[-1], self.cfg
-        x = ResnetBlock(width, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_0")(x, temb)
+        width = x.shape[-1]
+        x = _resnet(self, width, "resnets_0")(x, temb)
         x = _transformer(self, self.heads, self.depth, "attentions_0")(x, context)
-        return ResnetBlock(width, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_1")(x, temb)
+        return _resnet(self, width, "resnets_1")(x, temb)
 
 
 class UpBlock(nn.Module):
@@ -162,13 +167,13 @@ class UpBlock(nn.Module):
     cfg: UNetConfig
     attend: Attend
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array) -> jax.Array:
-        cfg = self.cfg
         for j in range(self.layers):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock(self.width, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            x = _resnet(self, self.width, f"resnets_{j}")(x, temb)
             if self.depth:
                 x = _transformer(self, self.heads, self.depth, f"attentions_{j}")(x, context)
         if self.upsample:
@@ -179,14 +184,23 @@ class UpBlock(nn.Module):
 def _transformer(block: Any, heads: int, depth: int, name: str) -> Transformer2D:
     cfg = block.cfg
     return Transformer2D(
-        heads, depth, block.attend, cfg.use_linear_projection, cfg.norm_num_groups, block.dtype, name=name
+        heads, depth, block.attend, cfg.use_linear_projection, cfg.norm_num_groups, block.dtype, block.form, name=name
     )
 
 
+def _resnet(block: Any, width: int, name: str) -> ResnetBlock:
+    cfg = block.cfg
+    return ResnetBlock(width, cfg.norm_num_groups, cfg.norm_eps, block.dtype, block.form.fp8, name=name)
+
+
 class UNet(nn.Module):
+    """form: how the projections are computed (layers.Projections; the checkpoint's layout by default, the
+    program's own from program_weights.py)."""
+
     config: UNetConfig
     attend: Attend
     dtype: Any = jnp.float32
+    form: Projections = Projections()
 
     @nn.compact
     def __call__(
@@ -224,14 +238,15 @@ class UNet(nn.Module):
                 cfg,
                 self.attend,
                 dtype,
+                self.form,
                 name=f"down_blocks_{i}",
             )
             x, more = block(x, temb, context)
             skips += more
 
-        x = MidBlock(cfg.heads[-1], cfg.transformer_layers_per_block[-1], cfg, self.attend, dtype, name="mid_block")(
-            x, temb, context
-        )
+        depth = cfg.transformer_layers_per_block[-1]
+        mid = MidBlock(cfg.heads[-1], depth, cfg, self.attend, dtype, self.form, name="mid_block")
+        x = mid(x, temb, context)
 
         up_heads, up_depths = cfg.heads[::-1], cfg.transformer_layers_per_block[::-1]
         for i, kind in enumerate(cfg.up_block_types):
@@ -245,6 +260,7 @@ class UNet(nn.Module):
                 cfg,
                 self.attend,
                 dtype,
+                self.form,
                 name=f"up_blocks_{i}",
             )
             x = block(x, skips, temb, context)
@@ -265,3 +281,31 @@ class UNet(nn.Module):
             jnp.zeros((1, cfg.time_ids)),
         )
         return jax.eval_shape(lambda: self.init(jax.random.key(0), *args))["params"]
+
+
+def text_keys_values(variables: Mapping[str, Any], context: jax.Array, dtype: Any, form: Projections) -> dict[str, Any]:
+    """Every cross-attention's keys and values of the text `context` (n, 77, D), as the "text" collection the
+    UNet reads in place of projecting the context at each step (layers.Attention): the context is the same at
+    every step, so the program computes these once per batch (program.Program.begin). variables: the UNet's
+    (`params` in the program's form, `lora` when the rows have adapters). The result mirrors the parameters'
+    paths down to each `attn2`: {"k": (n, 77, inner), "v": ...}. SDXL base, per UNet row in bfloat16: 70
+    cross-attentions x 77 tokens x 2 x (10 x 640 + 60 x 1280 wide) = 25.6 MB."""
+    context = context.astype(dtype)
+
+    def walk(params: Mapping[str, Any], adapters: Mapping[str, Any] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, node in params.items():
+            if not isinstance(node, Mapping):
+                continue
+            below = adapters.get(name) if adapters is not None else None
+            if name == "attn2":
+                to_q = node["to_q"]
+                inner = to_q["kernel"].shape[-1]
+                layer = TextKeysValues(inner, "bias" in to_q, dtype, form)
+                k, v = layer.apply({"params": node} | ({"lora": below} if below is not None else {}), context)
+                out[name] = {"k": k, "v": v}
+            elif found := walk(node, below):
+                out[name] = found
+        return out
+
+    return walk(variables["params"], variables.get("lora"))
