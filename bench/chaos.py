@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from common.api_keys import ApiKeyStore  # noqa: E402
 from common.batch_log import BatchLog  # noqa: E402
 from common.keys import Keys  # noqa: E402
-from tests.servers import ApiProcess, WorkerProcess, free_port  # noqa: E402
+from tests.helpers.servers import ApiProcess, WorkerProcess, free_port  # noqa: E402
 
 ENDED = ("succeeded", "failed", "canceled")
 RETRY = (429, 502, 503, 504)

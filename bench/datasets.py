@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import redis_server  # noqa: E402
-from tests.servers import WorkerProcess  # noqa: E402
+from tests.helpers.servers import WorkerProcess  # noqa: E402
 
 
 def memory(r: redis.Redis) -> tuple[int, int]:
@@ -89,7 +89,7 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize, settings_from
+    from tests.helpers.servers import authorize, settings_from
 
     server = redis_server.start_embedded(work / f"valkey-feeder-{n}")
     url = f"redis://127.0.0.1:{server.port}/0"

@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.worker.engine.variants import write_random_lora  # noqa: E402  (the tests' random adapters)
+from tests.helpers.variants import write_random_lora  # noqa: E402  (the tests' random adapters)
 
 
 def merge(params: dict[str, Any], chosen: Sequence[tuple[Any, float]]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import redis_server
 from common.job_store import JobStore
 from common.storage import LocalStorage, S3Storage, Storage
-from tests.servers import SeaweedS3, settings_from
+from tests.helpers.servers import SeaweedS3, settings_from
 from worker.image_retention import ROOT, hour, sweep
 
 LIVE_SHARE = 0.1

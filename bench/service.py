@@ -54,7 +54,7 @@ from common import redis_server  # noqa: E402
 from common.api_keys import ApiKeyStore  # noqa: E402
 from common.batch_log import BatchLog  # noqa: E402
 from common.keys import Keys  # noqa: E402
-from tests.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
+from tests.helpers.servers import SeaweedS3, WorkerProcess, free_port  # noqa: E402
 
 ENDED = ("succeeded", "failed", "canceled")
 

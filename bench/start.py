@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import redis_server  # noqa: E402
-from tests.servers import WorkerProcess  # noqa: E402
+from tests.helpers.servers import WorkerProcess  # noqa: E402
 
 
 def model_spec(name: str) -> tuple[str, str]:

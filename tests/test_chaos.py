@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.servers import REPO
+from tests.helpers.servers import REPO
 
 
 @pytest.mark.slow

@@ -30,7 +30,16 @@ from common.datasets import Layout, derive_seed
 from common.job_store import JobStore
 from common.jobs import JobStatus
 from common.storage import S3Storage
-from tests.servers import REPO, ApiProcess, WorkerPool, WorkerProcess, authorize, settings_from, standin_env, wait_for
+from tests.helpers.servers import (
+    REPO,
+    ApiProcess,
+    WorkerPool,
+    WorkerProcess,
+    authorize,
+    settings_from,
+    standin_env,
+    wait_for,
+)
 from worker import images
 
 
@@ -42,7 +51,7 @@ def jsonl(lines: list[dict]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
+def tiny_stack(redis_url, s3, tiny_dir, compile_cache, tmp_path_factory):
     prefix = f"ds{uuid.uuid4().hex[:8]}"
     env = {
         "SDXL_REDIS_URL": redis_url,
@@ -58,7 +67,7 @@ def tiny_stack(redis_url, s3, tiny_dir, tmp_path_factory):
         "SDXL_BATCH_TIMEOUT_S": "0.5",
         "SDXL_DATASET_FEED_DEPTH": "32",
         "SDXL_URL_SIGNING_SECRET": "u" * 32,
-        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+        "SDXL_COMPILE_CACHE_DIR": str(compile_cache),
         **s3.env(),
     }
     logs = tmp_path_factory.mktemp("ds-logs")

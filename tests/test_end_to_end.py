@@ -18,8 +18,8 @@ from api.main import create_app
 from common.batch_log import BatchLog, BatchRecord
 from common.settings import Settings
 from common.storage import S3Storage
-from tests.api.test_metrics import samples
-from tests.servers import WorkerProcess, authorize, settings_from, wait_for
+from tests.helpers.metrics import samples
+from tests.helpers.servers import WorkerProcess, authorize, settings_from, wait_for
 from worker import images
 from worker.image_retention import hour
 
@@ -27,7 +27,7 @@ BATCH_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def service(redis_url, s3, tiny_dir, tmp_path_factory):
+def service(redis_url, s3, tiny_dir, compile_cache, tmp_path_factory):
     prefix = f"e2e{uuid.uuid4().hex[:8]}"
     env = {
         "SDXL_REDIS_URL": redis_url,
@@ -39,7 +39,7 @@ def service(redis_url, s3, tiny_dir, tmp_path_factory):
         "SDXL_IMAGE_SIZES": "64x64,96x64",
         "SDXL_BATCH_ROWS": "4",
         "SDXL_BATCH_TIMEOUT_S": str(BATCH_TIMEOUT_S),
-        "SDXL_COMPILE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "xla-cache"),
+        "SDXL_COMPILE_CACHE_DIR": str(compile_cache),
         "SDXL_IMAGE_SWEEP_INTERVAL_S": "1",
         **s3.env(),
         "SDXL_S3_PREFIX": prefix,  # this module's objects alone: the image sweep lists them

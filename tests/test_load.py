@@ -16,7 +16,7 @@ import redis
 from common.api_keys import ApiKeyStore
 from common.batch_log import BatchLog
 from common.keys import Keys
-from tests.servers import ApiProcess, WorkerProcess
+from tests.helpers.servers import ApiProcess, WorkerProcess
 
 JOBS, CLIENTS = 5000, 50
 

@@ -22,7 +22,7 @@ def settings(redis_url, key_prefix, tmp_path) -> Settings:
 
 @pytest.fixture
 def client(settings):
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     with TestClient(create_app(settings)) as c:
         authorize(c, settings)

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from common.datasets import DatasetStatus, Layout, derive_seed
-from tests.servers import authorize
+from tests.helpers.servers import authorize
 
 GOOD = [{"id": f"p{i}", "prompt": f"a picture of {i}"} for i in range(5)]
 OPTIONS = {"defaults": {"width": 96, "height": 64, "steps": 4}, "seed": 11, "shard_size": 2}
@@ -106,7 +106,7 @@ def test_input_key_reads_only_the_tenants_own_folder(client, settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     # the manifest of a run holds its input's prompts: reading another tenant's input would leak them
     storage = client.app.state.services.storage

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common.job_store import JobStore
 from common.jobs import ImageRecord, JobStatus
-from tests.servers import authorize, wait_for
+from tests.helpers.servers import authorize, wait_for
 
 GOOD = {"prompt": "a cat in a hat", "width": 96, "height": 64}
 
@@ -192,7 +192,7 @@ def served(redis_url, tmp_path):
     """The API under uvicorn, as deployed (no worker): (the process, an authorized client, settings, its key)."""
     import httpx
 
-    from tests.servers import ApiProcess, settings_from, standin_env
+    from tests.helpers.servers import ApiProcess, settings_from, standin_env
 
     _, env = standin_env(redis_url, tmp_path, "uv", SDXL_IMAGE_SIZES="96x64")
     settings = settings_from(env)
@@ -232,7 +232,7 @@ def test_a_wait_stops_when_its_client_leaves(served):
     import json
     import socket
 
-    from tests.api.test_metrics import samples
+    from tests.helpers.metrics import samples
 
     api, client, settings, key = served
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]

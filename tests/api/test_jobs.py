@@ -203,7 +203,7 @@ def test_another_tenants_job_is_404_everywhere(client, settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     mine = client.post("/v1/jobs", json=GOOD, headers={"Idempotency-Key": "same"}).json()["id"]
     with TestClient(create_app(settings)) as other:
@@ -220,7 +220,7 @@ def test_rate_limits_count_reads_and_writes_apart(settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     limits = {"rate_limit_per_min": 2, "read_rate_limit_per_min": 3}
     with TestClient(create_app(settings.model_copy(update=limits))) as c:
@@ -241,7 +241,7 @@ def test_queued_cap_is_429(settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     with TestClient(create_app(settings.model_copy(update={"max_queued_per_tenant": 2}))) as c:
         authorize(c, settings)
@@ -318,7 +318,7 @@ def test_webhook_url_is_checked_at_submit(client, settings):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     with TestClient(create_app(settings.model_copy(update={"webhook_secret": "whsec_" + "A" * 32}))) as c:
         authorize(c, settings)

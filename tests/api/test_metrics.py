@@ -3,46 +3,14 @@ runs here; tests/test_end_to_end.py reads a real worker's)."""
 
 from __future__ import annotations
 
-import re
-
 import redis
 
 from common.keys import Keys
 from common.worker_registry import WorkerRegistry
 from common.worker_status import WorkerCounters, WorkerStatus
+from tests.helpers.metrics import samples
 
 GOOD = {"prompt": "a fox", "width": 96, "height": 64}
-LABEL = r'[a-z_]+="(?:[^"\\\n]|\\.)*"'  # Prometheus' text format: \\, \" and \n escaped
-
-
-def samples(text: str) -> dict[str, float]:
-    """{'name{labels}': value} for every sample line; checks each family is declared before its samples (a
-    histogram's as NAME_bucket, NAME_sum and NAME_count)."""
-    declared, found = {}, {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            declared[line.split()[2]] = line.split()[3]
-        elif line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            assert re.match(rf"^[a-z_]+(\{{{LABEL}(,{LABEL})*\}})?$", name), line
-            family = name.split("{")[0]
-            if family not in declared:
-                family = re.sub(r"_(bucket|sum|count)$", "", family)
-                assert declared.get(family) == "histogram", line
-            found[canonical(name)] = float(value)
-    return found
-
-
-def canonical(name: str) -> str:
-    """The series' name with its labels in sorted order (the text format does not fix their order)."""
-    if "{" not in name:
-        return name
-    family, labels = name[:-1].split("{", 1)
-    return family + "{" + ",".join(sorted(re.findall(LABEL, labels))) + "}"
-
-
-def series(family: str, **labels: str) -> str:
-    return canonical(family + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}") if labels else family
 
 
 def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings):
@@ -80,7 +48,7 @@ def test_metrics_and_healthz_answer_during_a_redis_outage(tmp_path, settings):
 
     from api.main import create_app
     from common import redis_server
-    from tests.servers import authorize, free_port
+    from tests.helpers.servers import authorize, free_port
 
     port = free_port()
     server = redis_server.start_embedded(tmp_path / "valkey", port)
@@ -126,7 +94,7 @@ def test_several_api_processes_answer_one_sum(tmp_path, redis_url, key_prefix):
     import httpx
 
     from common.api_keys import ApiKeyStore
-    from tests.servers import ApiProcess
+    from tests.helpers.servers import ApiProcess
 
     folder = tmp_path / "prometheus"
     folder.mkdir()

@@ -17,7 +17,7 @@ from api.main import create_app
 from common import worker_status
 from common.settings import Settings
 from common.worker_registry import WorkerRegistry
-from tests.worker.engine import variants
+from tests.helpers import variants
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def lora_dir(tiny_dir, tmp_path):
 
 @pytest.fixture
 def client(settings, lora_dir):
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     served = settings.model_copy(
         update={
@@ -147,7 +147,7 @@ def test_good_adapters_are_taken_and_kept_in_the_request(client):
 
 
 def test_a_deployment_without_adapters_refuses_them(settings):
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     with TestClient(create_app(settings)) as c:
         authorize(c, settings)
@@ -174,7 +174,7 @@ def test_data_set_lines_may_name_a_model_and_adapters(client):
 
 
 def test_adapters_from_a_storage_prefix(settings, lora_dir, tmp_path):
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     served = settings.model_copy(update={"lora_dir": "storage:team/loras", "lora_cache_dir": str(tmp_path / "c")})
     with TestClient(create_app(served)) as c:

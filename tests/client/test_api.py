@@ -78,7 +78,7 @@ def test_a_rate_limit_is_waited_out_within_the_patience_then_reported(live_stack
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.servers import authorize
+    from tests.helpers.servers import authorize
 
     _, _, settings = live_stack
     strict = settings.model_copy(update={"rate_limit_per_min": 1, "local_storage_dir": str(tmp_path)})

@@ -14,7 +14,7 @@ from api.main import create_app
 from client.dataset import DatasetRunner, Refused, Unreachable
 from common import redis_server
 from common.settings import Settings
-from tests.servers import authorize, free_port
+from tests.helpers.servers import authorize, free_port
 
 # the CLI gives its requests timeouts; starlette's in-process client warns that it cannot apply them
 pytestmark = pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")

@@ -8,7 +8,7 @@ import redis
 
 from common.dataset_store import DatasetStore, TooManyRuns
 from common.datasets import DatasetOptions, DatasetStatus
-from tests.servers import at_once
+from tests.helpers.servers import at_once
 
 
 @pytest.fixture

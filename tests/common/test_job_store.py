@@ -7,7 +7,7 @@ import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus
-from tests.servers import at_once
+from tests.helpers.servers import at_once
 
 
 @pytest.fixture

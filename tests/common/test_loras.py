@@ -9,7 +9,7 @@ import pytest
 
 from common.loras import AdapterFileError, Registry, RegistryUnavailable
 from common.storage import LocalStorage
-from tests.worker.engine import variants
+from tests.helpers import variants
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from common import redis_server
 from common.keys import Keys
-from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
+from tests.helpers.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a barn", "width": 64, "height": 64, "steps": 2}
 

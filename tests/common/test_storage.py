@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from common.storage import LocalStorage, S3Storage, SignatureError
-from tests.servers import settings_from
+from tests.helpers.servers import settings_from
 
 
 def test_local_put_and_verify(tmp_path):

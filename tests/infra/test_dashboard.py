@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from api import metrics as api_metrics
 from common.worker_status import WorkerCounters, WorkerStatus
-from tests.api.test_metrics import samples
+from tests.helpers.metrics import samples
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "sdxl.json"

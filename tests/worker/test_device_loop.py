@@ -14,26 +14,8 @@ from common.job_store import JobStore
 from common.jobs import JobRequest, JobStatus
 from common.storage import LocalStorage
 from common.worker_registry import WorkerRegistry
+from tests.helpers.rigged import RiggedEngine
 from worker.device_loop import DeviceLoop, LoopSettings
-from worker.engine.standin import StandInEngine, StandInPending
-
-
-class RiggedEngine(StandInEngine):
-    """Raises for a batch holding a row with prompt 'poison'; reports non-finite output for 'nan' rows."""
-
-    def dispatch(self, rows, height, width, **kw):
-        if any(r.prompt == "poison" for r in rows):
-            raise FloatingPointError("poison row")
-        pending = super().dispatch(rows, height, width, **kw)
-        nan_rows = [r.prompt == "nan" for r in rows]
-
-        class Pending(StandInPending):
-            def fetch(self):
-                out = super().fetch()
-                out.finite = [not bad for bad in nan_rows]
-                return out
-
-        return Pending(pending.images, pending.rows, pending.done_at)
 
 
 def make_loop(

@@ -22,8 +22,8 @@ from common.jobs import JobStatus
 from common.settings import Settings
 from common.storage import LocalStorage
 from common.worker_registry import WorkerRegistry
-from tests.servers import wait_for
-from tests.worker.test_device_loop import RiggedEngine
+from tests.helpers.rigged import RiggedEngine
+from tests.helpers.servers import wait_for
 from worker.device_loop import DeviceLoop, LoopSettings
 from worker.feeder import Feeder
 

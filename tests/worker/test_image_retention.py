@@ -13,7 +13,7 @@ from common.job_store import JobStore
 from common.jobs import JobRequest
 from common.storage import LocalStorage, S3Storage, Storage
 from common.worker_registry import WorkerRegistry
-from tests.servers import settings_from
+from tests.helpers.servers import settings_from
 from worker.image_retention import ImageSweeper, hour, image_key, sweep
 
 TTL_S = 3600

@@ -8,8 +8,8 @@ import json
 import httpx
 
 from client import Client
-from tests.api.test_metrics import samples, series
-from tests.conftest import live_stack_folder
+from tests.helpers.metrics import samples, series
+from tests.helpers.servers import live_stack_folder
 
 
 def json_lines(path) -> list[dict]:

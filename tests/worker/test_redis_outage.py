@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common import redis_server
-from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
+from tests.helpers.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
 AOF_FSYNC_S = 1.5  # appendfsync everysec: a SIGKILL may lose the last second of writes (docs/reliability.md)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common.keys import Keys
-from tests.servers import WorkerPool, authorize, settings_from, standin_env, wait_for
+from tests.helpers.servers import WorkerPool, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2}
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.servers import SeaweedS3, WorkerProcess, authorize, settings_from, standin_env, wait_for
+from tests.helpers.servers import SeaweedS3, WorkerProcess, authorize, settings_from, standin_env, wait_for
 
 BODY = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
 

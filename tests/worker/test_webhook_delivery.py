@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from common import webhooks
-from tests.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
+from tests.helpers.servers import WorkerProcess, authorize, free_port, settings_from, standin_env, wait_for
 
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtMDEyMzQ1Njc4OQ=="
 BODY = {"prompt": "a bell", "width": 64, "height": 64, "steps": 2}

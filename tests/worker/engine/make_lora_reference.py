@@ -4,7 +4,7 @@
     .venv/bin/python tests/worker/engine/make_lora_reference.py tests/worker/engine/fixtures/loras.npz
 
 Same tiny weights as make_reference.py (worker/engine/tiny.py, float32, CPU) and fixed initial latents. Two
-adapters made by tests/worker/engine/variants.py (write_lora), loaded with diffusers' `load_lora_weights` and
+adapters made by tests/helpers/variants.py (write_lora), loaded with diffusers' `load_lora_weights` and
 weighted with `set_adapters`:
 - "kohya": kohya's layout (lora_unet_input_blocks_..., lora_te1_, lora_te2_), rank 4, alpha 2 (so alpha/rank
   matters), on the UNet and both text encoders;
@@ -26,9 +26,10 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from worker.engine import tiny
 
-sys.path.insert(0, str(Path(__file__).parent))
-import variants
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: tests.helpers
 from make_reference import weights_digest
+
+from tests.helpers import variants
 
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"

@@ -3,7 +3,7 @@ override) from PyTorch diffusers (test extras only; the tests read the output, t
 
     .venv/bin/python tests/worker/engine/make_models_reference.py tests/worker/engine/fixtures/models.npz
 
-The tiny model (worker/engine/tiny.py, float32, CPU) with another VAE (tests/worker/engine/variants.py: moved
+The tiny model (worker/engine/tiny.py, float32, CPU) with another VAE (tests/helpers/variants.py: moved
 weights and another scaling factor) passed to diffusers' pipelines as `vae=AutoencoderKL.from_pretrained(...)`:
 StableDiffusionXLPipeline (the decode), and StableDiffusionXLImg2ImgPipeline at strength 0.6 (the encoder too;
 its starting noise and the encoder's sample handed in as in make_sampling_reference.py).
@@ -11,7 +11,6 @@ its starting noise and the encoder's sample handed in as in make_sampling_refere
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -26,22 +25,16 @@ from PIL import Image
 
 from worker.engine import tiny
 
-sys.path.insert(0, str(Path(__file__).parent))
-import variants
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: tests.helpers
 from make_reference import weights_digest
 from make_sampling_reference import fixed, mode_latents
+
+from tests.helpers import variants
+from tests.helpers.variants import folder_digest
 
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 HEIGHT, WIDTH, STEPS, SEED = 64, 96, 6, 1
-
-
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def main(out: str) -> None:

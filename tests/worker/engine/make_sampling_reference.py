@@ -18,7 +18,7 @@ strengths 0.3 and 0.75 (Euler, DPM++ 2M Karras, DDIM), StableDiffusionXLInpaintP
 blending) at its default strength and at 1.0, the same pipeline on an inpainting UNet (9 input channels, the
 `tiny-inpaint` preset) at its default strength and 0.6, base + refiner (the `tiny-refiner` preset: the second
 text encoder alone, 5 time ids) at switches 0.8 and 0.7, the base with its UNet's weights from a UNet-only file
-(SDXL-Lightning's way: tests/worker/engine/variants.py makes it) at 4 trailing Euler steps; plus the Euler
+(SDXL-Lightning's way: tests/helpers/variants.py makes it) at 4 trailing Euler steps; plus the Euler
 ancestral and LCM timestep/sigma tables.
 """
 
@@ -57,9 +57,10 @@ from safetensors.torch import load_file
 
 from worker.engine import program, tiny
 
-sys.path.insert(0, str(Path(__file__).parent))
-import variants
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: tests.helpers
 from make_reference import scheduler_tables, weights_digest
+
+from tests.helpers import variants
 
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"

@@ -7,17 +7,14 @@ adapters change or are loaded into the bank."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import variants
 from worker.engine import compile_log, lora
 from worker.engine.engine import Adapters, Engine, EngineInputError, Programs, Row
-
-sys.path.insert(0, str(Path(__file__).parent))
-import variants
 
 PARITY_TOL = 1e-4
 

@@ -346,14 +346,10 @@ def test_a_vae_override_matches_diffusers_with_that_vae(tiny_dir, models_referen
     diffusers' pipelines given `vae=AutoencoderKL.from_pretrained(that folder)`, float32, same latents. The
     model's own VAE must miss, and so must the other VAE's weights with the model's own config."""
     import dataclasses
-    import sys
-    from pathlib import Path
 
+    from tests.helpers import variants
+    from tests.helpers.variants import folder_digest
     from worker.engine.model import LoadOptions, load_folder
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import variants
-    from make_models_reference import folder_digest
 
     vae_dir = variants.write_vae(tiny_dir, tmp_path / "other-vae")
     assert bytes(models_reference["vae_sha256"]).decode() == folder_digest(vae_dir), "rerun make_models_reference"

@@ -99,7 +99,7 @@ def engines(tiny32, tiny_dir, sampling, tmp_path_factory):
     assert bytes(sampling["refiner_weights_sha256"]).decode() == digest.hexdigest(), "rerun make_sampling_reference.py"
     refiner = model.load_folder(folder, model.LoadOptions(np.float32), name="tiny-refiner")
     made["refiner"] = Engine(tiny32, [(64, 96)], batch_rows=3, refiner=refiner)
-    from tests.worker.engine import variants
+    from tests.helpers import variants
 
     override = variants.write_unet(tiny_dir, tmp_path_factory.mktemp("lightning") / "unet.safetensors")
     assert bytes(sampling["unet_override_sha256"]).decode() == hashlib.sha256(override.read_bytes()).hexdigest()

@@ -1,5 +1,5 @@
 """Admission: the verdict on a message from the job's record alone, and what an admitted job reads from storage
-first, against an in-memory fake store and registry (tests/worker/loop/fakes.py, which record every call) and a
+first, against an in-memory fake store and registry (tests/helpers/loop_fakes.py, which record every call) and a
 local-folder storage."""
 
 import io
@@ -12,7 +12,7 @@ from PIL import Image
 from common.jobs import JobStatus
 from common.outage import Outage
 from common.storage import LocalStorage
-from tests.worker.loop.fakes import make_job, redis_retry, rig
+from tests.helpers.loop_fakes import make_job, redis_retry, rig
 from worker.engine.standin import StandInEngine
 from worker.loop.admission import ADMIT, Admission, Verdict, judge
 from worker.loop.engine_port import Engines

@@ -5,7 +5,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from common.vocabulary import REFINER_AESTHETIC_SCORE, REFINER_NEGATIVE_AESTHETIC_SCORE
-from tests.worker.loop.fakes import make_job
+from tests.helpers.loop_fakes import make_job
 from worker.loop.batch import Admitted, BatchKey, InputPixels, rows_for
 
 

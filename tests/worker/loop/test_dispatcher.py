@@ -1,13 +1,13 @@
 """The dispatcher's steps, called on the test's own thread: messages admitted into the batcher, due batches moved
 to running and dispatched, jobs ended before their batch, a dispatch that raises, the drain at shutdown; against
-an in-memory fake store and registry (tests/worker/loop/fakes.py, which record every call) and the stand-in."""
+an in-memory fake store and registry (tests/helpers/loop_fakes.py, which record every call) and the stand-in."""
 
 import threading
 from concurrent.futures import Future
 
 from common.jobs import JobStatus
 from common.outage import Outage
-from tests.worker.loop.fakes import InlineExecutor, make_job, redis_retry, rig
+from tests.helpers.loop_fakes import InlineExecutor, make_job, redis_retry, rig
 from worker.loop.admission import Admission
 from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.finisher import Finisher, Started

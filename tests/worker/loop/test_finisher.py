@@ -1,12 +1,12 @@
 """The finisher on the test's own thread: a batch's images written and recorded, non-finite rows, a batch that
-raises run again job by job, progress reports; against an in-memory fake store (tests/worker/loop/fakes.py, which
+raises run again job by job, progress reports; against an in-memory fake store (tests/helpers/loop_fakes.py, which
 records every call), the stand-in engine, a local-folder storage and an upload pool that runs each call at once."""
 
 import threading
 from concurrent.futures import Future
 
 from common.jobs import JobStatus
-from tests.worker.loop.fakes import FixedPending, InlineExecutor, make_job, output, redis_retry, rig
+from tests.helpers.loop_fakes import FixedPending, InlineExecutor, make_job, output, redis_retry, rig
 from worker.batcher import Batch
 from worker.engine.standin import StandInEngine
 from worker.loop.batch import Admitted, BatchKey

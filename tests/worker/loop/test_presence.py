@@ -1,11 +1,11 @@
 """Presence: the heartbeat record, the batch log's lines and counters, when the sweep runs and when it may call
-other workers dead, against an in-memory fake registry and batch log (tests/worker/loop/fakes.py, which record
+other workers dead, against an in-memory fake registry and batch log (tests/helpers/loop_fakes.py, which record
 every call)."""
 
 import time
 
 from common.worker_status import WorkerCounters
-from tests.worker.loop.fakes import FakeBatchLog, FakeRegistry, make_job, redis_retry
+from tests.helpers.loop_fakes import FakeBatchLog, FakeRegistry, make_job, redis_retry
 from worker.engine.standin import StandInEngine
 from worker.loop.batch import BatchKey
 from worker.loop.engine_port import Engines

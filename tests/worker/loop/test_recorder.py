@@ -1,4 +1,4 @@
-"""The recorder against an in-memory fake store and registry (tests/worker/loop/fakes.py, which record every call;
+"""The recorder against an in-memory fake store and registry (tests/helpers/loop_fakes.py, which record every call;
 the real store runs under the loop in tests/worker/test_device_loop.py): which store call each outcome makes,
 what each future is answered, what is released, counted and notified."""
 
@@ -7,7 +7,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from common.jobs import JobStatus
-from tests.worker.loop.fakes import make_job, rig
+from tests.helpers.loop_fakes import make_job, rig
 from worker.loop.batch import Admitted
 from worker.loop.outcome import JobOutcome
 

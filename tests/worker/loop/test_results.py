@@ -8,7 +8,7 @@ import pytest
 
 from common.outage import Outage
 from common.storage import LocalStorage
-from tests.worker.loop.fakes import make_job
+from tests.helpers.loop_fakes import make_job
 from worker import images
 from worker.engine.program_kind import Role
 from worker.engine.standin import StandInEngine, StandInModel

@@ -6,11 +6,14 @@ the tests): each tensor moved by a fixed amount seeded by its name.
 - write_vae: a VAE folder (config.json and weights), as madebyollin/sdxl-vae-fp16-fix or a fine-tune's VAE ships,
   with another scaling factor so that using the model's own config instead shows;
 - write_lora: a LoRA adapter in kohya's or diffusers/PEFT's layout (write_random_lora: for any model; the
-  benchmarks use it too).
+  benchmarks use it too);
+- folder_digest: what a fixture records of such a folder (make_models_reference.py, test_model.py).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import zlib
 from collections.abc import Sequence
@@ -60,11 +63,11 @@ def write_lora(
     """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (write_random_lora)."""
     from types import SimpleNamespace
 
-    from worker.engine.model import Configs
+    from worker.engine.model_source import Configs
 
     configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
     made = Configs.from_dicts(configs, str(tiny_dir))
-    model = SimpleNamespace(configs=made, params=None, unet=made.unet)
+    model = SimpleNamespace(configs=made, params=_shapes(json.dumps(configs, sort_keys=True)), unet=made.unet)
     return write_random_lora(model, path, layout, rank, seed, parts, alpha)
 
 
@@ -103,3 +106,22 @@ def write_random_lora(
             state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
     save_file(state, path)
     return path
+
+
+@functools.cache
+def _shapes(configs_json: str) -> dict:
+    """The parameter shapes lora.targets reads when a model has no weights (what it would trace itself), traced
+    once per configs: a second each time, and the tests write dozens of adapters."""
+    from worker.engine import lora
+    from worker.engine.model_source import Configs
+
+    made = Configs.from_dicts(json.loads(configs_json), "shapes")
+    return {part: made.module(part, np.float32).shapes() for part in lora.PARTS if part in made.parts}
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import redis
 
+from tests.helpers import guards
+
 S3_KEY, S3_SECRET = "test-access-key", "test-secret-key-0123456789"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def at_once(count: int, call: Callable[[int], object]) -> list[object]:
@@ -63,6 +65,7 @@ class SeaweedS3:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        guards.check_may_start("SeaweedFS")
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3.json"
@@ -131,16 +134,20 @@ class SeaweedS3:
 
 
 class WorkerProcess:
-    """`python -m worker` as its own process, as deployed; ready once its heartbeat is in Redis."""
+    """`python -m worker` as its own process, as deployed; ready once its heartbeat is in Redis. A cold start
+    compiles every program it serves (live_stack's worker: about 50, two minutes on a 2-core machine alone, over
+    five while the parallel suite or other work shares the cores): hence the generous timeout; a worker that
+    dies is seen at once."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, redis_url: str, prefix: str, timeout_s: float = 300) -> None:
+    def start(self, redis_url: str, prefix: str, timeout_s: float = 600) -> None:
         from common.worker_registry import WorkerRegistry
 
+        guards.check_may_start("a worker process")
         workers = WorkerRegistry(redis.Redis.from_url(redis_url), prefix)
         before = workers.live_names()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
@@ -243,6 +250,7 @@ class ApiProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30) -> None:
+        guards.check_may_start("uvicorn")
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
             [
@@ -289,3 +297,8 @@ class WorkerPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop(signal.SIGKILL)
+
+
+def live_stack_folder(tmp_path_factory) -> Path:
+    """Where `live_stack` (tests/conftest.py) keeps its logs and images."""
+    return tmp_path_factory.getbasetemp() / "live-stack"
