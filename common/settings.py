@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # a worker loads the models (in SDXL_MODELS' order) whose weights fit in this many bytes together, and says
     # which in its heartbeat; the API refuses a job for a model no live worker serves. 0: every model
     model_memory_bytes: int = Field(0, ge=0)
+    # the host memory a worker may fill with weights while it reads them (bytes); a model that needs more is
+    # refused at start with a message naming the bytes and dtype (worker/engine/host_memory.py). 0: what the
+    # kernel says is available now (MemAvailable, or less under a container's memory limit)
+    host_available_bytes: int = Field(0, ge=0)
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), or 'storage:<prefix>' for

@@ -107,6 +107,9 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         weight_cache_dir=folder / "weights" if settings.weight_cache else None,
         vae_dtype=settings.vae_dtype,
         quantize=model.Quantize(settings.quantize),
+        # a CPU serves the weights from host memory; an accelerator's host holds only the group being placed
+        resident_on_host=jax_platform() == "cpu",
+        available_bytes=_available_bytes(settings),
     )
     engines = {}
     for i, entry in enumerate(entries):
@@ -126,6 +129,9 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         except model.ModelTooLarge as exc:
             log.warning("not serving model %r: %s (SDXL_MODEL_MEMORY_BYTES)", entry.name, exc)
             continue
+        except model.NotEnoughMemory as exc:  # said and ended here, before the kernel ends it mid-read
+            log.error("%s", exc)
+            raise SystemExit(f"not starting: {exc}") from exc
         if left is not None:
             left -= m.nbytes
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
@@ -136,6 +142,20 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
     log.info("serving %d models: %s", len(engines), ", ".join(engines))
     return engines
+
+
+def jax_platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def _available_bytes(settings: Settings):  # -> Callable[[], int]: the host memory the weights may take
+    from worker.engine import host_memory
+
+    if settings.host_available_bytes:
+        return lambda: settings.host_available_bytes
+    return host_memory.available_bytes
 
 
 def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> Engine
@@ -200,7 +220,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         settings.batch_rows,
         t1 - t0,
         m.weights_s,
-        ", ".join(f"{part} {source}" for part, source in m.weight_sources.items()),
+        ", ".join([*(f"{part} {source}" for part, source in m.weight_sources.items()), f"hash {m.hash_from}"]),
         engine.place_s,
         sum(compile_s.values()),
         ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),

@@ -29,9 +29,8 @@ Progress: `Pending.progress()` yields the steps done as each chunk of `progress_
 from __future__ import annotations
 
 import collections
-import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +41,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import executables, lora, program, program_weights
+from worker.engine import convert, executables, lora, placement, program, program_weights
 from worker.engine.arguments import AdapterInputs, AdvanceInputs, BeginInputs, EncodeInputs, SamplerState, Start
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
-from worker.engine.layers import Projections
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
@@ -145,12 +143,12 @@ class Engine:
         self.batch_rows = batch_rows
         self.mesh = Mesh(np.array(devices), ("data",))
         self.rows_sharding, self.replicated = program.shardings(self.mesh)
-        # Weights go to every device once, replicated: P() over the data axis. A model still reading its
-        # weights (LoadOptions(background=True)) is placed by a thread as soon as they are read, while the
-        # programs compile or load; compile() waits for it at the end.
+        # Weights go to every device once, replicated: P() over the data axis, a group of tensors at a time
+        # (placement.py). A model not read yet (LoadOptions(background=True)) is streamed onto the devices by a
+        # thread, read and placed a group at a time, while the programs compile or load; compile() waits for it.
         self.params: Any = None
         self._placing: Future[tuple[Any, float]] | None = None
-        if model.pending:
+        if model.unread is not None:
             pool = ThreadPoolExecutor(1, thread_name_prefix="place-weights")
             self._placing = pool.submit(self._read_and_place)
             pool.shutdown(wait=False)  # its one thread ends with the placement
@@ -209,24 +207,20 @@ class Engine:
     def place(self, params: Any, role: Role = Role.base) -> Any:
         """A model's weights (the checkpoint's layout, on the host) on the devices, replicated over the data
         axis, in the form its programs take (program_weights.prepare: fused projections, FP8 kernels)."""
-        placed = jax.device_put(params, self.replicated)
+        return self.place_groups(placement.groups_of(params), role)
+
+    def place_groups(self, groups: Iterable[tuple[str, convert.FlatTree]], role: Role = Role.base) -> Any:
+        """place() from (component, group) pairs, such as Model.stream() yields: each group is on the devices,
+        in the program's form, before the next is asked for, and not held here after."""
         projections = program_weights.form(self.models[role], self.light_step)
-        if projections == Projections():
-            return placed
-        # Laid out on the devices, once. Off a CPU the checkpoint-layout UNet is donated, so the devices do not
-        # hold both forms at once (SDXL's UNet: 5.1 GB in bf16); a CPU's device buffers may alias the host's
-        # arrays, and nothing is donated there.
-        donate = () if self.mesh.devices.flat[0].platform == "cpu" else (0,)
-        prepare = functools.partial(program_weights.prepare, projections=projections)
-        unet = jax.jit(lambda u: prepare({"unet": u})["unet"], out_shardings=self.replicated, donate_argnums=donate)
-        return {**placed, "unet": unet(placed["unet"])}
+        return placement.place(groups, self.replicated, projections)
 
     def _read_and_place(self) -> tuple[Any, float]:
-        params = self.model.wait()  # a failed read raises here, and from compile()
         t0 = time.perf_counter()
-        # Ready means on the devices: wait for the copies (mapped weights may still be coming off the disk).
-        placed = jax.block_until_ready(self.place(params))
-        return placed, time.perf_counter() - t0
+        # Ready means on the devices: each group is copied before the next is read (a failed read raises here,
+        # and from compile()).
+        placed = self.place_groups(self.model.stream())
+        return placed, time.perf_counter() - t0 - self.model.weights_s
 
     def _place(self) -> None:
         if self._placing is not None:

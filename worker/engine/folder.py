@@ -15,6 +15,7 @@ import numpy as np
 from worker.engine.model_source import (
     COMPONENTS,
     WEIGHT_STEMS,
+    Component,
     Configs,
     LoadOptions,
     ModelError,
@@ -53,7 +54,7 @@ def source(root: Path, name: str, options: LoadOptions) -> Source:
     files = {part: locate_weights(root / part, WEIGHT_STEMS[part], options.variant) for part in configs.parts}
     index = json.loads((root / "model_index.json").read_text())
 
-    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+    def weights(part: str, shapes: Any, dtype: Any) -> Component:
         what = str(root / part)
         return convert_component(
             part, lambda: read_state(files[part]), files[part], shapes, dtype, options.weight_cache_dir, what
@@ -88,7 +89,7 @@ def with_vae(source: Source, path: Path, weight_cache_dir: Path | None) -> Sourc
     files = locate_weights(path, WEIGHT_STEMS["vae"])
     base = source.weights
 
-    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+    def weights(part: str, shapes: Any, dtype: Any) -> Component:
         if part != "vae":
             return base(part, shapes, dtype)
         return convert_component("vae", lambda: read_state(files), files, shapes, dtype, weight_cache_dir, str(path))
@@ -114,7 +115,7 @@ def with_unet(source: Source, path: Path, weight_cache_dir: Path | None) -> Sour
         raise ModelError(f"UNet {path}: no such file or folder")
     base = source.weights
 
-    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+    def weights(part: str, shapes: Any, dtype: Any) -> Component:
         if part != "unet":
             return base(part, shapes, dtype)
         return convert_component("unet", lambda: read_state(files), files, shapes, dtype, weight_cache_dir, str(path))

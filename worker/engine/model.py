@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.engine import code_identity, convert, folder, single_file, tiny, tokenizer
+from worker.engine import code_identity, convert, folder, host_memory, single_file, tiny, tokenizer, weight_cache
 from worker.engine.model_source import (
+    GROUP_BYTES,
     WEIGHT_STEMS,
+    Component,
     Configs,
     LoadOptions,
     ModelError,
     ModelTooLarge,
+    NotEnoughMemory,
     Quantize,
     Source,
     variant_name,
@@ -39,7 +42,17 @@ from worker.engine.unet import UNetConfig
 from worker.engine.vae import VAEConfig
 
 # the loader's public face: callers need not know which layer defines what they catch or pass
-__all__ = ["Configs", "LoadOptions", "Model", "ModelError", "ModelTooLarge", "Quantize", "Source", "load"]
+__all__ = [
+    "Configs",
+    "LoadOptions",
+    "Model",
+    "ModelError",
+    "ModelTooLarge",
+    "NotEnoughMemory",
+    "Quantize",
+    "Source",
+    "load",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +76,35 @@ def hub_patterns(variant: str = "") -> list[str]:
     return patterns
 
 
+class Digest:
+    """The weights' sha256, taken a group at a time in name order (Model.digest_weights)."""
+
+    def __init__(self, quantize: Quantize):
+        self.sha = hashlib.sha256()
+        if quantize is not Quantize.none:
+            self.sha.update(f"quantize={quantize}\n".encode())
+
+    def update(self, flat: convert.FlatTree, part: str) -> None:
+        """One component's leaves, or a group of them (groups come in name order: model_source.plan_groups)."""
+        for name, value in sorted(flat.items()):
+            array = np.ascontiguousarray(np.asarray(value))
+            self.sha.update(json.dumps(["/".join((part, *name)), array.dtype.name, list(array.shape)]).encode())
+            self.sha.update(memoryview(array.reshape(-1).view(np.uint8)))
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A model's weights, not read yet: where from, and each component's shapes and dtype."""
+
+    source: Source
+    shapes: dict[str, Any]
+    dtypes: dict[str, Any]
+    group_bytes: int = GROUP_BYTES  # about how much each group of stream() holds
+
+
 @dataclass
 class Model:
     name: str
@@ -71,22 +113,26 @@ class Model:
     tokenizer_2: Any
     noise: NoiseConfig
     # {"unet": ..., "vae": ..., "text_encoder": ..., "text_encoder_2": ...}: host arrays, or their shapes
-    # (jax.ShapeDtypeStruct in `dtype`) while `pending` reads them in the background (LoadOptions(background=True))
+    # (jax.ShapeDtypeStruct in `dtype`) while the weights are not read (LoadOptions(background=True)), and after an
+    # engine has streamed them onto its devices or drop_host_weights()
     params: dict[str, Any]
     dtype: Any
     # model_index.json's force_zeros_for_empty_prompt: an absent negative prompt is zero embeddings (SDXL base);
     # false (the refiner, many fine-tunes): it is the empty string, encoded
     force_zeros_for_empty_prompt: bool = True
     vae_dtype: Any = None  # the VAE's weights and compute; None: `dtype`
-    pending: Future[tuple[dict[str, Any], float]] | None = None  # (weights, seconds to read them)
-    weights_s: float = 0.0  # how long reading the weights took
+    unread: Unread | None = None  # weights not read yet: stream() (a group at a time) or wait() (all at once)
+    weights_s: float = 0.0  # how long reading the weights took (converting, hashing, writing the cache included)
     # per component, where its weights came from: "checkpoint" (read and converted), "converted cache"
-    # (weight_cache: mapped, nothing converted) or "random"; filled in as they are read
+    # (weight_cache: mapped, nothing converted); filled in when they are read
     weight_sources: dict[str, str] = field(default_factory=dict)
-    weights_dropped: bool = False  # drop_host_weights() was called: only the shapes are left
+    weights_dropped: bool = False  # drop_host_weights() was called or stream() ran: only the shapes are left
     weights_hash: str = ""  # sha256 of the weights as served (digest_weights()); recorded with every image
+    # where weights_hash came from: "kept" (beside the converted weights, from an earlier start) or "computed"
+    hash_from: str = ""
     # what runs below `dtype` (LoadOptions.quantize): the engine quantizes the weights as it places them
     quantize: Quantize = Quantize.none
+    _hash_file: tuple[Path, str] | None = None  # (weight_cache.hash_path, hash_key) once the components are known
 
     @property
     def nbytes(self) -> int:
@@ -96,33 +142,88 @@ class Model:
     def digest_weights(self) -> str:
         """sha256 over every parameter as served (names, dtypes, shapes and bytes, in name order): the same
         weights give the same hash whether read from a folder, a single file or the converted cache, and any
-        changed tensor changes it. Run once at start, before drop_host_weights (SDXL: ~7 GB hashed, seconds).
-        Served quantized (fp8), the same checkpoint makes other pictures: the quantization is hashed too."""
+        changed tensor changes it. Served quantized (fp8), the same checkpoint makes other pictures: the
+        quantization is hashed too. Kept beside the converted weights (weight_cache.write_hash), keyed by what
+        they were made from, so a warm start reads it instead of hashing ~7 GB (SDXL: ~6 s); stream() takes it
+        as the groups pass. Run at start, before drop_host_weights."""
         if not self.weights_hash:
-            digest = hashlib.sha256()
-            if self.quantize is not Quantize.none:
-                digest.update(f"quantize={self.quantize}\n".encode())
-            for name, value in sorted(convert.flatten(self.wait()).items()):
-                array = np.ascontiguousarray(np.asarray(value))
-                digest.update(json.dumps(["/".join(name), array.dtype.name, list(array.shape)]).encode())
-                digest.update(memoryview(array.reshape(-1).view(np.uint8)))
-            self.weights_hash = digest.hexdigest()
+            params = self.wait()
+            kept = weight_cache.read_hash(*self._hash_file) if self._hash_file else None
+            if kept is not None:
+                self.weights_hash, self.hash_from = kept, "kept"
+            else:
+                digest = Digest(self.quantize)
+                for part in sorted(params):
+                    digest.update(convert.flatten(params[part]), part)
+                self._hashed(digest.hexdigest())
         return self.weights_hash
 
+    def _hashed(self, sha256: str) -> None:
+        self.weights_hash, self.hash_from = sha256, "computed"
+        if self._hash_file is not None:
+            weight_cache.write_hash(*self._hash_file, sha256)
+
+    def _components(self) -> dict[str, Component]:
+        """The components to read (in name order: the hash's), and the hash file they key."""
+        unread = self.unread
+        assert unread is not None
+        self.unread = None
+        weights = unread.source.weights
+        components = {part: weights(part, unread.shapes[part], unread.dtypes[part]) for part in sorted(unread.shapes)}
+        self.weight_sources.update({part: components[part].origin for part in self.configs.parts})
+        if all(c.identity is not None and c.cached_path is not None for c in components.values()):
+            paths = [c.cached_path for c in components.values() if c.cached_path is not None]
+            key = weight_cache.hash_key({p: str(c.identity) for p, c in components.items()}, str(self.quantize))
+            self._hash_file = (weight_cache.hash_path(paths[0].parent, paths), key)
+        return components
+
+    def stream(self) -> Iterator[tuple[str, convert.FlatTree]]:
+        """The weights a group of tensors at a time, (component, {path in it: host array}), in name order, each
+        read when asked for: a caller that places each group on its devices and lets it go holds one group on
+        the host at a time, never the whole model (engine.Engine does). The hash is taken as the groups pass,
+        or read from beside the converted weights; afterwards only the shapes are left (weights_dropped).
+        Each group holds about LoadOptions.group_bytes."""
+        if self.unread is None:
+            raise ModelError(f"model {self.name!r}: its weights were already read; stream() reads them once")
+        group_bytes = self.unread.group_bytes
+        t0 = time.perf_counter()
+        components = self._components()
+        kept = weight_cache.read_hash(*self._hash_file) if self._hash_file else None
+        digest = None if kept is not None else Digest(self.quantize)
+        reading_s = time.perf_counter() - t0
+        for part, component in components.items():
+            t0 = time.perf_counter()
+            for group in component.groups(group_bytes, release=True):
+                if digest is not None:
+                    digest.update(group, part)
+                reading_s += time.perf_counter() - t0
+                yield part, group
+                del group  # the caller has placed it: not held here while the next one is read
+                t0 = time.perf_counter()
+            reading_s += time.perf_counter() - t0
+        self.weights_dropped = True
+        self.weights_s = reading_s
+        if digest is not None:
+            self._hashed(digest.hexdigest())
+        else:
+            self.weights_hash, self.hash_from = str(kept), "kept"
+
     def wait(self) -> dict[str, Any]:
-        """The weights, once read; a failed background read raises its error here."""
-        if self.pending is not None:
-            self.params, self.weights_s = self.pending.result()
-            self.pending = None
+        """The weights, read whole on the host (once; views on the converted cache where it has them)."""
+        if self.unread is not None:
+            t0 = time.perf_counter()
+            self.params = {part: component.tree() for part, component in self._components().items()}
+            self.weights_s = time.perf_counter() - t0
         return self.params
 
     def drop_host_weights(self) -> None:
         """Keep only the weights' shapes, which is all that tracing a program needs, once an engine holds them
         on its devices. On an accelerator the host copy is otherwise kept for nothing: for SDXL in bf16 that is
-        6.7 GB of converted arrays after a cold start (a warm start's are mapped pages of the weight cache,
-        which this unmaps). No further Engine can be built from this model."""
-        params = self.wait()
-        self.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        6.7 GB of converted arrays (a warm start's are mapped pages of the weight cache, which this unmaps).
+        No further Engine can be built from this model. A streamed model (stream()) holds none already."""
+        if self.unread is not None:  # never read: nothing to drop, and nothing to read later
+            self.unread = None
+        self.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         self.weights_dropped = True
 
     @property
@@ -190,9 +291,10 @@ def resolve_vae_dtype(name: str, dtype: Any, vae: VAEConfig) -> Any:
 
 def assemble(source: Source, options: LoadOptions) -> Model:
     """The model from a Source, in options.dtype (the VAE in options.vae_dtype). options.background: return
-    once the configs and shapes are known, the weights still read on a thread (Model.wait), so compiling can
-    overlap reading. options.max_bytes: a ModelTooLarge, before any weight is read, when the served weights
-    would take more."""
+    once the configs and shapes are known, nothing read: an engine streams the weights onto its devices a group
+    at a time (Model.stream) while its programs compile. options.max_bytes: a ModelTooLarge, before any weight
+    is read, when the served weights would take more; options.available_bytes: a NotEnoughMemory when reading
+    them would need more host memory than that (host_memory.needed_bytes)."""
     configs, dtype, max_bytes = source.configs, options.dtype, options.max_bytes
     vae_dt = resolve_vae_dtype(options.vae_dtype, dtype, configs.vae)
     dtypes = {part: vae_dt if part == "vae" else dtype for part in configs.parts}
@@ -204,23 +306,28 @@ def assemble(source: Source, options: LoadOptions) -> Model:
     )
     if max_bytes is not None and nbytes > max_bytes:
         raise ModelTooLarge(f"model {source.name!r}: its weights take {nbytes} bytes, over the {max_bytes} left")
-    sources: dict[str, str] = {}
-
-    def read_all() -> tuple[dict[str, Any], float]:
-        t0 = time.perf_counter()
-        params = {}
-        for part in configs.parts:
-            params[part], sources[part] = source.weights(part, shapes[part], dtypes[part])
-        return params, time.perf_counter() - t0
-
-    pending = None
-    done = None
-    if options.background:
-        pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-        pending = pool.submit(read_all)
-        pool.shutdown(wait=False)  # its one thread ends with the read
-    else:
-        done = read_all()
+    if options.available_bytes is not None:
+        group = options.group_bytes or GROUP_BYTES
+        need = host_memory.needed_bytes(nbytes, options.resident_on_host, group, streamed=options.background)
+        available = options.available_bytes()
+        if need > available:
+            smaller = np.dtype(dtype).itemsize > 2
+            raise NotEnoughMemory(
+                f"model {source.name!r} in {np.dtype(dtype).name}: reading its weights needs {need} bytes "
+                f"({need / 1e9:.2f} GB) of host memory ({nbytes / 1e9:.2f} GB of weights"
+                + (", kept in host memory as a CPU serves them" if options.resident_on_host else "")
+                + f"), and {available} bytes ({available / 1e9:.2f} GB) are available. Free memory or give the "
+                "worker more"
+                + (", or serve it in bfloat16 (SDXL_DTYPE=bfloat16: half the bytes)" if smaller else "")
+                + "; README: 'Memory and disk'"
+            )
+        log.info(
+            "model %s in %s: reading its weights needs %.2f GB of host memory, %.2f GB available",
+            source.name,
+            np.dtype(dtype).name,
+            need / 1e9,
+            available / 1e9,
+        )
     model = Model(
         name=source.name,
         configs=configs,
@@ -235,12 +342,11 @@ def assemble(source: Source, options: LoadOptions) -> Model:
         dtype=dtype,
         vae_dtype=vae_dt,
         force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt,
-        pending=pending,
-        weight_sources=sources,
+        unread=Unread(source, shapes, dtypes, options.group_bytes or GROUP_BYTES),
         quantize=Quantize(options.quantize),
     )
-    if done is not None:
-        model.params, model.weights_s = done
+    if not options.background:
+        model.wait()
     return model
 
 

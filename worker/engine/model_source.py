@@ -11,9 +11,11 @@ loader on top (model.py). Nothing here imports those.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from worker.engine import attention, convert, tensor_file, weight_cache
+from worker.engine import attention, convert, host_memory, tensor_file, weight_cache
 from worker.engine.clip import CLIPConfig, TextEncoder
 from worker.engine.layers import Projections
 from worker.engine.unet import UNet, UNetConfig
@@ -71,6 +73,12 @@ class ModelError(ValueError):
 
 class ModelTooLarge(ModelError):
     """A model whose weights do not fit the memory left for it (load's max_bytes)."""
+
+
+class NotEnoughMemory(ModelError):
+    """A model whose weights would not fit the host's available memory while they are read: refused before any
+    is read, where the kernel would otherwise kill the process without a word. The message names the bytes
+    needed and available, and the dtype."""
 
 
 @dataclass(frozen=True)
@@ -167,19 +175,27 @@ class LoadOptions:
     # served below dtype (Quantize); the weights stay in dtype here, in the checkpoint's layout, and are quantized
     # when an engine places them (program_weights.py)
     quantize: Quantize = Quantize.none
+    # the unit weights are converted, placed and let go in (a streamed load: background=True)
+    group_bytes: int = 0  # 0: GROUP_BYTES
+    # whether the served weights stay in this host's memory: a CPU serves from it; off a CPU the host holds only
+    # the group in flight. What the memory check (available_bytes) counts.
+    resident_on_host: bool = True
+    # the host memory available now, in bytes (host_memory.available_bytes: the kernel's MemAvailable and the
+    # cgroup's limit); a load that needs more is refused with NotEnoughMemory before anything is read. None: no check
+    available_bytes: Callable[[], int] | None = host_memory.available_bytes
 
 
 @dataclass(frozen=True)
 class Source:
     """Where a model's parts come from: its configs, tokenizer folders, scheduler config, model_index
-    flags, and weights(part, shapes) -> (parameters, where they came from)."""
+    flags, and weights(part, shapes, dtype) -> its Component (read when asked)."""
 
     name: str
     configs: Configs
     tokenizer_dir: Path
     scheduler: dict[str, Any]
     force_zeros_for_empty_prompt: bool
-    weights: Callable[[str, Any, Any], tuple[Any, str]]  # (part, shapes, dtype)
+    weights: Callable[[str, Any, Any], Component]  # (part, shapes, dtype) -> its weights, not read yet
 
 
 def locate_weights(folder: Path, st_stem: str, variant: str = "") -> list[Path]:
@@ -221,6 +237,114 @@ def read_state(files: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
+# A placement group's bytes (in the serving dtype): the unit the weights are converted, placed and let go in, so
+# the host holds the served weights plus about this much at a time (and on a CPU, whose device memory is the
+# host's, about the served weights in all). Large enough that a group's copy keeps the cores busy.
+GROUP_BYTES = 256 * 2**20
+ATTENTIONS = ("attn1", "attn2")  # an attention's projections stay in one group: the program fuses them
+
+
+def _unit(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The leaves that travel together: an attention's (program_weights fuses its projections), else a layer's."""
+    for i, name in enumerate(path):
+        if name in ATTENTIONS:
+            return path[: i + 1]
+    return path[:-1]
+
+
+def plan_groups(flat: convert.FlatTree, dtype: Any, group_bytes: int) -> list[list[tuple[str, ...]]]:
+    """The leaves of one component (flat: path -> array or shape) cut into groups of about group_bytes, in name
+    order (so the weights' hash can be taken as they pass, in the order digest_weights takes it), an
+    attention's or a layer's leaves never apart."""
+    groups: list[list[tuple[str, ...]]] = []
+    current: list[tuple[str, ...]] = []
+    size = 0
+    itemsize = np.dtype(dtype).itemsize
+    for _, keys in itertools.groupby(sorted(flat), key=_unit):
+        unit = list(keys)
+        unit_bytes = sum(math.prod(flat[k].shape) * itemsize for k in unit)
+        if current and size + unit_bytes > group_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current += unit
+        size += unit_bytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class Component:
+    """One component's weights, not read yet: whole (tree) or a group of tensors at a time (groups), through
+    the converted-weights cache (weight_cache). A cache hit maps the converted file and reads nothing of the
+    checkpoint; a miss converts group by group and writes each group to the cache as it goes."""
+
+    part: str
+    shapes: Any
+    dtype: Any
+    origin: str  # "converted cache" (mapped) or "checkpoint" (read and converted)
+    identity: str | None  # what the converted weights were made from (weight_cache.identity); None: no cache
+    cached_path: Path | None
+    mapped: convert.FlatTree | None  # a cache hit's views on the converted file
+    read: Callable[[], dict[str, np.ndarray]]  # the checkpoint's state dict, diffusers names (views)
+    what: str
+
+    def tree(self) -> dict[str, Any]:
+        """All of the component: views on the converted file, or one converted copy (and the cache written)."""
+        if self.mapped is not None:
+            return convert.unflatten(self.mapped)
+        flat: convert.FlatTree = {}
+        for group in self.groups(group_bytes=2**62):  # one group: converted on every core at once
+            flat.update(group)
+        return convert.unflatten(flat)
+
+    def groups(self, group_bytes: int = GROUP_BYTES, release: bool = False) -> Iterator[convert.FlatTree]:
+        """The component a group at a time (path within it -> host array in dtype), in name order. A group
+        the caller has let go of is not held here. release: a cache hit's mapped pages are taken out of this
+        process's memory once the caller is done with each group (it has placed a copy on the devices)."""
+        target = convert.flatten(self.shapes)
+        plan = plan_groups(target, self.dtype, group_bytes)
+        if self.mapped is not None:
+            for keys in plan:
+                group = {k: self.mapped[k] for k in keys}
+                yield group
+                if release:
+                    tensor_file.release(group.values())
+                del group
+            return
+        views = self._views(target)  # the whole checkpoint checked before any group is converted
+        writer = None
+        if self.identity is not None and self.cached_path is not None:
+            writer = weight_cache.Writer(self.cached_path, self.identity, self.shapes, self.dtype)
+        finished = False
+        try:
+            for keys in plan:
+                source = {k: views.pop(k) for k in keys}
+                group = convert.lay_out(source, self.dtype)
+                tensor_file.release(source.values())  # copied: the checkpoint's pages need not stay ours
+                del source
+                if writer is not None:
+                    writer.write(group)
+                yield group
+                del group
+            finished = True
+        finally:
+            if writer is not None:
+                writer.finish() if finished else writer.abort()
+
+    def _views(self, target: convert.FlatTree) -> convert.FlatTree:
+        state = self.read()
+        if self.part == "vae":
+            state = convert.legacy_vae_names(state)
+        if self.part == "text_encoder" and state and not any(k.startswith("text_model.") for k in state):
+            # transformers 5 saves CLIPTextModel without its `text_model.` level (CLIPTextModelWithProjection keeps it)
+            state = {f"text_model.{k}": v for k, v in state.items()}
+        try:
+            return convert.match(state, target, self.what)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from exc
+
+
 def convert_component(
     part: str,
     read: Callable[[], dict[str, np.ndarray]],
@@ -229,26 +353,15 @@ def convert_component(
     dtype: Any,
     converted: Path | None,
     what: str,
-) -> tuple[Any, str]:
-    """(one component's parameters in `dtype`, where they came from). read(): its PyTorch-layout state dict
-    (diffusers names). converted: weight_cache's folder; a hit there maps the converted file and reads nothing
-    of the checkpoint, a miss converts and writes it in the background."""
+) -> Component:
+    """One component's weights in `dtype`, to be read (Component). read(): its PyTorch-layout state dict
+    (diffusers names). converted: weight_cache's folder; a hit there maps the converted file now (cheap: the
+    header) and reads nothing of the checkpoint."""
+    identity = cached_path = mapped = None
     if converted is not None:
-        expected = weight_cache.identity(files, dtype, shapes)
+        identity = weight_cache.identity(files, dtype, shapes)
         cached_path = weight_cache.path_for(converted, part, files)
-        cached = weight_cache.load(cached_path, expected, shapes, dtype)
-        if cached is not None:
-            return cached, "converted cache"
-    state = read()
-    if part == "vae":
-        state = convert.legacy_vae_names(state)
-    if part == "text_encoder" and state and not any(k.startswith("text_model.") for k in state):
-        # transformers 5 saves CLIPTextModel without its `text_model.` level (CLIPTextModelWithProjection keeps it)
-        state = {f"text_model.{k}": v for k, v in state.items()}
-    try:
-        params = convert.pt_to_flax(state, convert.flatten(shapes), what, dtype)
-    except ValueError as exc:
-        raise ModelError(str(exc)) from exc
-    if converted is not None:
-        weight_cache.save_in_background(cached_path, expected, params)
-    return params, "checkpoint"
+        hit = weight_cache.load(cached_path, identity, shapes, dtype)
+        mapped = convert.flatten(hit) if hit is not None else None
+    origin = "converted cache" if mapped is not None else "checkpoint"
+    return Component(part, shapes, dtype, origin, identity, cached_path, mapped, read, what)

@@ -26,6 +26,7 @@ from worker.engine import folder, tensor_file, tokenizer
 from worker.engine.model_source import (
     COMPONENTS,
     SDXL_SCHEDULER,
+    Component,
     Configs,
     LoadOptions,
     ModelError,
@@ -448,7 +449,7 @@ def source(path: Path, name: str, options: LoadOptions) -> Source:
     configs = Configs.from_dicts(configs_dict, str(path))
     parts = split(state, configs_dict, kind)
 
-    def weights(part: str, shapes: Any, dtype: Any) -> tuple[Any, str]:
+    def weights(part: str, shapes: Any, dtype: Any) -> Component:
         what = f"{path} ({part})"
         return convert_component(part, lambda: parts[part], [path], shapes, dtype, options.weight_cache_dir, what)
 

@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
@@ -90,3 +91,52 @@ def read_with_metadata(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str
             )
         tensors[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=base + begin).reshape(shape)
     return tensors, metadata
+
+
+NAMES = {np.dtype(v): k for k, v in DTYPES.items()}  # numpy dtype -> the format's name
+
+
+def layout(
+    entries: dict[str, tuple[np.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int]]:
+    """A file's head (the length and the JSON header, padded with spaces to 8 bytes as safetensors pads it) and
+    each tensor's byte offset in the file, from names, dtypes and shapes alone: the data can then be written a
+    tensor at a time, in any order (weight_cache.Writer). Tensors lie in name order, back to back."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    begin = 0
+    for name in sorted(entries):
+        dtype, shape = entries[name]
+        end = begin + math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [begin, end]}
+        begin = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    return head, {name: len(head) + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
+
+
+def release(arrays: Iterable[np.ndarray]) -> None:
+    """Take the pages under `arrays` (views on read()'s memory maps) out of this process's resident memory.
+    The data stays in the page cache and a later read of the views maps it back, so this is only ever a
+    saving: once a group of weights has been copied (converted, or placed on the devices), its mapped pages
+    need not count against the process (SDXL's UNet: 5 GB of them). Arrays not on a map are skipped."""
+    page = mmap.PAGESIZE
+    for array in arrays:
+        mapped = _mapping(array)
+        if mapped is None or not hasattr(mapped, "madvise") or array.size == 0:
+            continue
+        start = np.frombuffer(mapped, np.uint8, count=1).ctypes.data  # the map's address
+        low, high = np.lib.array_utils.byte_bounds(array)
+        begin = (low - start) // page * page  # whole pages, rounded outward: a neighbour's page refaults at worst
+        end = min(len(mapped), -(-(high - start) // page) * page)
+        if 0 <= begin < end:
+            mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer's base: a view of the map
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from worker.engine import code_identity, convert, tensor_file
 
@@ -81,46 +80,89 @@ def load(path: Path, expected: str, shapes: Any, dtype: Any) -> dict[str, Any] |
     return convert.unflatten(flat)
 
 
-def save(path: Path, expected: str, tree: Any) -> None:
-    """Write the converted tree under a temporary name and rename it, so a reader sees all of it or none.
-    Failures (a full disk) are logged, never raised: the cache only saves time."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a process that died while writing
-            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
-                stale.unlink(missing_ok=True)
-        arrays = {"/".join(k): np.ascontiguousarray(v) for k, v in convert.flatten(tree).items()}
-        size = sum(a.nbytes for a in arrays.values())
-        free = shutil.disk_usage(path.parent).free
-        if free - size < MIN_FREE_BYTES:  # the disk may also hold Redis' append-only file or the images
-            log.warning(
-                "not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
-                path,
-                size / 1e9,
-                (free - size) / 1e9,
-            )
+class Writer:
+    """One component's converted file, written a group of tensors at a time as they are converted, so the whole
+    converted component is never held on the host to be saved (SDXL's UNet: 5 GB). The header comes first, from
+    the shapes and dtype alone (tensor_file.layout); each group's bytes go to their offsets; finish() syncs and
+    renames on a thread, so a reader sees all of the file or none. Failures (a full disk) are logged, never
+    raised: the cache only saves time, and a writer that failed ignores the rest."""
+
+    def __init__(self, path: Path, expected: str, shapes: Any, dtype: Any):
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        self.fd: int | None = None
+        entries = {"/".join(k): (np.dtype(dtype), tuple(v.shape)) for k, v in convert.flatten(shapes).items()}
+        head, self.offsets = tensor_file.layout(entries, {"format": FORMAT, "identity": expected})
+        size = len(head) + sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in entries.values())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for stale in path.parent.glob(f"{path.name}.tmp*"):  # left by a process that died while writing
+                if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                    stale.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            if free - size < MIN_FREE_BYTES:  # the disk may also hold Redis' append-only file or the images
+                log.warning(
+                    "not keeping converted weights in %s: %.1f GB would leave %.1f GB free of the disk",
+                    path,
+                    size / 1e9,
+                    (free - size) / 1e9,
+                )
+                return
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._write(head, 0)
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, group: convert.FlatTree) -> None:
+        """A group's converted arrays (paths within the component -> arrays in the file's dtype)."""
+        try:
+            for key, array in group.items():
+                if self.fd is not None:
+                    self._write(np.ascontiguousarray(array).reshape(-1).view(np.uint8), self.offsets["/".join(key)])
+        except OSError as exc:
+            self._fail(exc)
+
+    def finish(self) -> None:
+        """Sync and rename on a thread (flush() waits for it): syncing gigabytes need not delay the start."""
+        if self.fd is None:
             return
-        # safetensors writes straight from the arrays' memory (no copy of gigabytes), bfloat16 included
-        save_file(arrays, tmp, metadata={"format": FORMAT, "identity": expected})
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as exc:
+        fd, self.fd = self.fd, None
+        thread = threading.Thread(target=self._commit, args=(fd,), name="weight-cache", daemon=True)
+        thread.start()
+        _writes.append(thread)
+
+    def abort(self) -> None:
+        """Nothing of the file stays (the read that fed it failed or was given up)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+    def _write(self, data: Any, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # pwrite may write less than asked: resume where it stopped
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def _commit(self, fd: int) -> None:
+        try:
+            os.fsync(fd)  # on disk before the rename makes it visible
+            os.close(fd)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(OSError):  # the folder itself is unusable: nothing was written
-            tmp.unlink(missing_ok=True)
-        log.warning("could not keep converted weights in %s (%s); the next start converts again", path, exc)
+            self.tmp.unlink(missing_ok=True)
+        log.warning("could not keep converted weights in %s (%s); the next start converts again", self.path, exc)
 
 
 _writes: list[threading.Thread] = []
-
-
-def save_in_background(path: Path, expected: str, tree: Any) -> None:
-    """save() on a thread: writing gigabytes need not delay the first batch. A daemon thread, so a process
-    that exits meanwhile leaves only a temporary file (removed by a later save); flush() waits for it."""
-    thread = threading.Thread(target=save, args=(path, expected, tree), name="weight-cache", daemon=True)
-    thread.start()
-    _writes.append(thread)
 
 
 def flush(timeout_s: float | None = None) -> bool:
@@ -131,3 +173,41 @@ def flush(timeout_s: float | None = None) -> bool:
         if not thread.is_alive():
             _writes.remove(thread)
     return not _writes
+
+
+# ---------------------------------------------------------------- the served weights' hash, kept beside them
+
+
+def hash_key(identities: dict[str, str], quantize: str) -> str:
+    """What the weights' hash depends on: every component's identity (above: checkpoint files, dtype, shapes,
+    code) and how the model is quantized. Same key, same served bytes, so the same hash."""
+    return hashlib.sha256(json.dumps([sorted(identities.items()), quantize]).encode()).hexdigest()
+
+
+def hash_path(folder: Path, cached: list[Path]) -> Path:
+    """The one hash file for a model: named by its components' converted files (a folder's, or a single file's)."""
+    name = hashlib.sha256("\n".join(sorted(str(p) for p in cached)).encode()).hexdigest()[:16]
+    return folder / f"sha256-{name}.json"
+
+
+def read_hash(path: Path, key: str) -> str | None:
+    """The hash kept for `key`, or None: no file, another key (a changed checkpoint, dtype or code), unreadable."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("sha256"), str):
+        return None
+    return kept["sha256"]
+
+
+def write_hash(path: Path, key: str, sha256: str) -> None:
+    """Keep the hash for the next start (replacing another key's); failures only cost the next start a hash."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp.write_text(json.dumps({"key": key, "sha256": sha256}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not keep the weights' hash in %s (%s); the next start hashes them again", path, exc)

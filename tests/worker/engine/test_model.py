@@ -290,21 +290,21 @@ def test_vae_dtype_float32_on_a_bfloat16_model(tiny_dir):
 
 
 def test_background_load_gives_the_same_engine(tiny_dir, tiny32):
-    """load(background=True) returns with the weights' shapes while a thread reads them; Engine.compile()
-    places them after the programs. Same weights, same images as a plain load."""
+    """load(background=True) returns with the weights' shapes, nothing read; the engine streams them onto its
+    devices on a thread and Engine.compile() waits for them after the programs. Same weights on the devices,
+    same images as a plain load, and no host copy left."""
     m = model.load_folder(tiny_dir, model.LoadOptions(np.float32, background=True))
     for leaf in convert.flatten(m.params).values():  # shapes in the serving dtype until the read ends
         assert leaf.dtype == np.float32 and hasattr(leaf, "shape")
     engine = Engine(m, [(64, 64)], batch_rows=1)
-    assert engine.params is None
     engine.compile(Programs.guided | Programs.uint8)  # the programs the rows below run
-    assert m.pending is None and m.weights_s > 0 and engine.params is not None
-    got, want = convert.flatten(m.params), convert.flatten(tiny32.params)
+    assert m.unread is None and m.weights_s > 0 and engine.params is not None
+    assert m.weights_dropped and m.weights_hash == tiny32.digest_weights()  # hashed as the groups passed
+    plain = Engine(tiny32, [(64, 64)], batch_rows=1)
+    got, want = convert.flatten(engine.params), convert.flatten(plain.params)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     rows = [Row("a bowl of fruit", seed=3, steps=3)]
-    np.testing.assert_array_equal(
-        engine.generate(rows, 64, 64).images, Engine(tiny32, [(64, 64)], batch_rows=1).generate(rows, 64, 64).images
-    )
+    np.testing.assert_array_equal(engine.generate(rows, 64, 64).images, plain.generate(rows, 64, 64).images)
 
 
 def test_background_load_reports_problems(tmp_path, tiny_dir):
