@@ -3,6 +3,7 @@
     python bench/start.py --model tiny --size 512x512 --batch 4
     python bench/start.py --model mid --size 256x256 --batch 4      # writes the mid preset as a folder once
     python bench/start.py --model sdxl --size 1024x1024 --batch 4 --dtype bfloat16 --rounds 2   # full SDXL
+    python bench/start.py --model sdxl-file --size 1024x1024 --batch 4 --dtype bfloat16 --starts cold,warm
 
 Method (docs/benchmarks.md): the real `python -m worker` process, a fresh embedded Valkey, local storage.
 Time from process start to ready (Celery's "ready." line and the worker's heartbeat in Redis), four starts:
@@ -13,12 +14,17 @@ Time from process start to ready (Celery's "ready." line and the worker's heartb
   after a reboot (posix_fadvise; the disk's speed then bounds the weights);
 - warm, converting: `SDXL_WEIGHT_CACHE=false`, the checkpoint in the page cache: executables from the cache,
   weights converted as before the weight cache existed.
-The worker's own log line gives the seconds of building the modules, then of reading the weights and of
-compiling (or loading) the programs, which overlap.
+`--starts` picks some of them (the cold one always runs). The worker's own log line gives the seconds of
+building the modules, then of reading the weights and of compiling (or loading) the programs, which overlap.
+Each start also records the worker process's resident memory at ready and its peak (VmHWM, mapped files'
+pages included), and the peak over the served weights' bytes (the converted files' size); a start the worker
+refuses (its host-memory check) or that dies is recorded with its log's tail.
 `--model mid` writes the `mid` preset (SDXL's topology at about a third of its widths, random weights) as a
 diffusers folder of safetensors once, and the worker loads it like any folder: the load and the compile are
 the real ones for a model of that size. `--model sdxl` is SDXL base's
-architecture, written once the way most users download it (the fp16 variant, `SDXL_MODEL_VARIANT=fp16`).
+architecture, written once the way most users download it (the fp16 variant, `SDXL_MODEL_VARIANT=fp16`);
+`--model sdxl-file`, the same as one single-file checkpoint with the real one's names, shapes and vocabulary
+(6.94 GB, bench/sdxl_file.py).
 """
 
 from __future__ import annotations
@@ -42,9 +48,14 @@ from tests.helpers.servers import WorkerProcess  # noqa: E402
 
 
 def model_spec(name: str) -> tuple[str, str]:
-    """(SDXL_MODEL, SDXL_MODEL_VARIANT) for a preset name or a folder."""
+    """(SDXL_MODEL, SDXL_MODEL_VARIANT) for a preset name or a folder. `sdxl-file`: a full-size single-file
+    checkpoint of random weights, written once (bench/sdxl_file.py)."""
     if name in ("tiny",) or Path(name).exists():
         return name, ""
+    if name == "sdxl-file":
+        from bench import sdxl_file
+
+        return str(sdxl_file.ensure()), ""
     import numpy as np
 
     from worker.engine import tiny
@@ -61,9 +72,14 @@ def start_once(env: dict[str, str], url: str, log: Path, cache: Path | None = No
     """One worker start; with `cache`, wait for its converted weights to be written before stopping it."""
     worker = WorkerProcess(env, log)
     t0 = time.perf_counter()
-    worker.start(url, "sdxl", timeout_s=1800)
+    try:
+        worker.start(url, "sdxl", timeout_s=1800)
+    except RuntimeError as exc:  # refused (its memory check) or killed: what it said, and its peak
+        return {"failed": str(exc)[-1500:], "returncode": worker.proc.returncode if worker.proc else None}
     wall = time.perf_counter() - t0
+    at_ready = memory(worker.proc.pid)
     after_ready_s = wait_for_weight_cache(cache) if cache else 0.0
+    peak = memory(worker.proc.pid)
     worker.stop()
     line = re.search(
         r"engine ready in ([\d.]+) s: .*; modules ([\d.]+) s, then weights ([\d.]+) s \((.*?)\), placed in "
@@ -71,10 +87,25 @@ def start_once(env: dict[str, str], url: str, log: Path, cache: Path | None = No
         log.read_text(),
     )
     names = ("engine_s", "modules_s", "weights_s", "weights_from", "place_s", "programs_s", "weights_wait_s")
+    rss = {
+        "rss_at_ready_gb": at_ready["VmRSS"],
+        "peak_rss_gb": peak["VmHWM"],
+        "rss_file_at_ready_gb": at_ready["RssFile"],
+    }
     if not line:
-        return {"ready_s": round(wall, 2), **dict.fromkeys(names, -1.0)}  # the log line changed: say so
+        return {"ready_s": round(wall, 2), **dict.fromkeys(names, -1.0), **rss}  # the log line changed: say so
     fields = {k: line[i + 1] if k == "weights_from" else float(line[i + 1]) for i, k in enumerate(names)}
-    return {"ready_s": round(wall, 2), **fields, "weight_cache_written_after_ready_s": round(after_ready_s, 2)}
+    return {"ready_s": round(wall, 2), **fields, "weight_cache_written_after_ready_s": round(after_ready_s, 2), **rss}
+
+
+def memory(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS, of which RssFile: mapped files) and at its peak (VmHWM), GB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssFile"):
+            fields[key] = round(int(value.split()[0]) * 1024 / 1e9, 2)
+    return fields
 
 
 def page_cache(paths: list[Path], resident: bool) -> None:
@@ -94,7 +125,7 @@ def wait_for_weight_cache(folder: Path, timeout_s: float = 600) -> float:
     temporary one): a worker that keeps running finishes it, one stopped at once would not."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
-        files = list(folder.rglob("weights/*"))
+        files = list(folder.rglob("weights/*.safetensors*"))
         if len(files) == 4 and not any(".tmp" in f.name for f in files):
             return time.perf_counter() - t0
         time.sleep(0.5)
@@ -109,7 +140,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--rounds", type=int, default=1, help="each round: a cold start, then the three warm ones")
     p.add_argument("--out", type=Path)
+    p.add_argument("--starts", default="cold,warm,warm_disk,warm_converting", help="which of the four, in order")
     args = p.parse_args()
+    wanted = args.starts.split(",")
     spec, variant = model_spec(args.model)
     runs: dict[str, list[dict]] = {"cold": [], "warm": [], "warm_disk": [], "warm_converting": []}
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
@@ -133,22 +166,32 @@ def main() -> None:
                 }
                 page_cache(source, resident=True)
                 runs["cold"].append(start_once(env, url, work / f"cold-{r}.log", cache=cache))
-                converted = list(cache.rglob("weights/*"))
+                print(f"round {r} cold: {runs['cold'][-1]}", flush=True)
+                converted = list(cache.rglob("weights/*.safetensors"))
                 weights_gb = sum(f.stat().st_size for f in converted) / 1e9
-                page_cache(source + converted, resident=True)
-                runs["warm"].append(start_once(env, url, work / f"warm-{r}.log"))
-                page_cache(source + converted, resident=False)
-                runs["warm_disk"].append(start_once(env, url, work / f"warm-disk-{r}.log"))
-                page_cache(source, resident=True)
-                off = env | {"SDXL_WEIGHT_CACHE": "false"}
-                runs["warm_converting"].append(start_once(off, url, work / f"warm-converting-{r}.log"))
+                if "warm" in wanted:
+                    page_cache(source + converted, resident=True)
+                    runs["warm"].append(start_once(env, url, work / f"warm-{r}.log"))
+                if "warm_disk" in wanted:
+                    page_cache(source + converted, resident=False)
+                    runs["warm_disk"].append(start_once(env, url, work / f"warm-disk-{r}.log"))
+                if "warm_converting" in wanted:
+                    page_cache(source, resident=True)
+                    off = env | {"SDXL_WEIGHT_CACHE": "false"}
+                    runs["warm_converting"].append(start_once(off, url, work / f"warm-converting-{r}.log"))
                 for name, results in runs.items():
-                    print(f"round {r} {name}: {results[-1]}", flush=True)
+                    if results:
+                        print(f"round {r} {name}: {results[-1]}", flush=True)
                 shutil.rmtree(cache)
         finally:
             server.stop()
-    ready = {name: statistics.median(x["ready_s"] for x in results) for name, results in runs.items()}
-    ratios = {f"{k}_over_cold": round(v / ready["cold"], 3) for k, v in ready.items() if k != "cold"}
+    runs = {name: results for name, results in runs.items() if results}
+    done = {name: [x for x in results if "ready_s" in x] for name, results in runs.items()}
+    ready = {name: statistics.median(x["ready_s"] for x in ok) for name, ok in done.items() if ok}
+    peak = {name: max(x["peak_rss_gb"] for x in ok) for name, ok in done.items() if ok}
+    ratios = {
+        f"{k}_over_cold": round(v / ready["cold"], 3) for k, v in ready.items() if k != "cold" and "cold" in ready
+    }
     result = {
         "machine": f"{os.cpu_count()} cores",
         "model": args.model,
@@ -158,7 +201,10 @@ def main() -> None:
         "rounds": args.rounds,
         "median_ready_s": ready,
         **ratios,
+        # the worker process's peak resident memory (VmHWM: mapped files' pages included), the largest of the rounds
+        "peak_rss_gb": peak,
         "weight_cache_gb": round(weights_gb, 2),
+        "peak_over_served_weights": {k: round(v / weights_gb, 3) for k, v in peak.items()} if weights_gb else {},
         "starts": runs,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "starts"}, indent=2))
