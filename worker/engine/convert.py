@@ -159,14 +159,29 @@ def contiguous(view: np.ndarray, dtype: Any) -> np.ndarray:
     numpy walks the source a whole row apart per element and misses the cache on each. A conv kernel's tile
     takes every tap at once, so each source cache line (which holds all taps of an input/output pair) is
     read once. bench/convert.py: 2-3x faster for SDXL's large kernels."""
+    out = aligned_empty(view.shape, dtype)
     if view.ndim < 2 or view.flags.c_contiguous or view.strides[-1] == view.itemsize:
-        return np.array(view, dtype=dtype, order="C")
-    out = np.empty(view.shape, dtype)
+        out[...] = view
+        return out
     rows, cols = view.shape[-2:]
     for i in range(0, rows, TILE):
         for j in range(0, cols, TILE):
             out[..., i : i + TILE, j : j + TILE] = view[..., i : i + TILE, j : j + TILE]
     return out
+
+
+ALIGN = 64  # bytes: a CPU device takes an array this aligned as its own storage (jax.device_put copies no bytes)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """np.empty whose data starts on an ALIGN-byte boundary. On a CPU, placing a converted array then copies
+    nothing: the device's buffer is this array, so the host never holds the weights twice, and nothing is freed
+    back to a heap that keeps it (numpy's own arrays are 16-byte aligned: JAX copies them)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.empty(count * dtype.itemsize + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def flax_to_pt(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from worker.engine import convert, program_weights
+from worker.engine import convert, host_memory, program_weights
 from worker.engine.layers import Projections
 from worker.engine.model_source import GROUP_BYTES, plan_groups
 
@@ -47,4 +47,5 @@ def place(groups: Iterable[tuple[str, convert.FlatTree]], sharding: Any, project
         jax.block_until_ready(on_devices)
         placed.setdefault(part, {}).update(on_devices)
         del on_devices
+        host_memory.trim()  # what a group's host copies freed goes back to the kernel, not kept by the heap
     return {part: convert.unflatten(flat) for part, flat in placed.items()}

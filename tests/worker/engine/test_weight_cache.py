@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from worker.engine import convert, model, weight_cache
+from worker.engine import convert, model, tensor_file, weight_cache
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -112,3 +114,49 @@ def test_a_nearly_full_disk_is_left_alone(folder, tmp_path, monkeypatch, caplog)
         m = _load(folder, cache)
     assert m.weight_sources == dict.fromkeys(PARTS, "checkpoint")
     assert "GB free of the disk" in caplog.text and not list(cache.glob("*"))
+
+
+def _streamed_hash(folder: Path, cache: Path) -> model.Model:
+    """A worker's load: streamed a group at a time (each group let go), its hash taken on the way or kept."""
+    m = model.load_folder(folder, model.LoadOptions(np.float32, background=True, weight_cache_dir=cache))
+    for _ in m.stream():
+        pass
+    assert weight_cache.flush(timeout_s=60)
+    return m
+
+
+def test_the_weights_hash_is_kept_beside_them_and_read_on_a_warm_start(folder, tmp_path, tiny32):
+    """The cold start hashes the weights as they pass and keeps the hash beside the converted files; a warm
+    start reads it (a planted value comes back: nothing was hashed) while the key matches, and hashes again,
+    rewriting the file, once the key does not (a changed checkpoint, dtype, code or quantization)."""
+    cache = tmp_path / "weights"
+    cold = _streamed_hash(folder, cache)
+    assert cold.hash_from == "computed" and cold.weights_hash == tiny32.digest_weights()
+    (kept,) = cache.glob("sha256-*.json")
+    warm = _streamed_hash(folder, cache)
+    assert warm.weight_sources == dict.fromkeys(PARTS, "converted cache")
+    assert warm.hash_from == "kept" and warm.weights_hash == cold.weights_hash
+    record = json.loads(kept.read_text())
+    kept.write_text(json.dumps(record | {"sha256": "planted"}))
+    assert _streamed_hash(folder, cache).weights_hash == "planted"  # read, not recomputed
+    kept.write_text(json.dumps(record | {"key": "another checkpoint's", "sha256": "planted"}))
+    again = _streamed_hash(folder, cache)
+    assert again.hash_from == "computed" and again.weights_hash == cold.weights_hash
+    assert json.loads(kept.read_text()) == record  # rewritten for the next start
+    # a model read whole (the refiner's way) finds it too
+    whole = model.load_folder(folder, model.LoadOptions(np.float32, weight_cache_dir=cache))
+    assert whole.digest_weights() == cold.weights_hash and whole.hash_from == "kept"
+
+
+def test_a_changed_checkpoint_keys_another_hash(folder, tmp_path):
+    cache = tmp_path / "weights"
+    cold = _streamed_hash(folder, cache)
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = tensor_file.read(vae)
+    changed = {k: np.array(v) for k, v in tensors.items()}
+    first = sorted(changed)[0]
+    changed[first] = changed[first] + 1
+    del tensors
+    save_file(changed, vae)
+    again = _streamed_hash(folder, cache)
+    assert again.hash_from == "computed" and again.weights_hash != cold.weights_hash
