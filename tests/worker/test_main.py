@@ -69,6 +69,33 @@ def test_a_worker_holds_the_models_that_fit_its_memory_and_says_so(tiny_dir, tmp
         build_engines(settings.model_copy(update={"model_memory_bytes": 10}))
 
 
+def test_a_worker_without_the_host_memory_for_its_weights_says_so_and_stops(tiny_dir, tmp_path, caplog, monkeypatch):
+    """SDXL_HOST_AVAILABLE_BYTES stands for what the kernel says is free: below what reading the weights needs,
+    the start stops before anything is read, with the bytes and the dtype in the log and the exit message
+    (where the kernel would otherwise kill it mid-read without a word)."""
+    import pytest
+
+    from common.settings import Settings
+    from worker.main import build_engines
+
+    settings = Settings(
+        model="tiny",
+        dtype="float32",
+        image_sizes="64x64",
+        batch_rows=1,
+        compile_cache_dir=str(tmp_path / "cache"),
+        host_available_bytes=1000,
+    )
+    monkeypatch.setenv("SDXL_TINY_DIR", str(tiny_dir))
+    with (
+        caplog.at_level("ERROR", logger="worker"),
+        pytest.raises(SystemExit, match=r"needs \d+ bytes .* float32|float32.* needs \d+ bytes"),
+    ):
+        build_engines(settings)
+    assert "1000 bytes" in caplog.text and "float32" in caplog.text
+    assert not (tmp_path / "cache" / "weights").exists()  # nothing read, nothing converted
+
+
 def test_unset_batch_rows_follow_the_platform():
     from worker.main import platform_batch_rows
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,12 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
     return None
 
 
+# CPython 3.11's ast.parse is not safe from two threads at once ("SystemError: AST constructor recursion depth
+# mismatch"): the weights' reader (weight_cache.identity) and the programs' compile (executables.file_name) both
+# digest the code at start, on their own threads
+_PARSING = threading.Lock()
+
+
 def imports(name: str, root: Path = ROOT) -> set[str]:
     """The repository modules that module `name` imports anywhere in its body: `from a.b import c` counts as
     a.b.c when c is a module, else as a.b. Packages' empty __init__ files are left out."""
@@ -39,7 +46,9 @@ def imports(name: str, root: Path = ROOT) -> set[str]:
         return set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    with _PARSING:
+        tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

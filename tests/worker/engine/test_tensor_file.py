@@ -2,10 +2,12 @@
 
 import json
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 from safetensors.numpy import save_file
 
 from worker.engine import tensor_file
@@ -96,3 +98,38 @@ def test_metadata_is_read_with_the_tensors(tmp_path):
     np.testing.assert_array_equal(tensors["w"].astype(np.float32), values.astype(np.float32))
     save_file({"w": values}, tmp_path / "n.safetensors")
     assert tensor_file.read_with_metadata(tmp_path / "n.safetensors")[1] == {}
+
+
+def test_a_file_laid_out_from_shapes_and_written_a_tensor_at_a_time_is_a_safetensors_file(tmp_path):
+    """layout(): the head and offsets from names, dtypes and shapes alone (weight_cache.Writer writes groups
+    into them as they are converted); the safetensors package reads the result."""
+    want = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(5, np.float16)}
+    head, offsets = tensor_file.layout({k: (v.dtype, v.shape) for k, v in want.items()}, {"k": "v"})
+    path = tmp_path / "laid-out.safetensors"
+    with open(path, "wb") as f:
+        f.write(head)
+        for name in ("b", "a"):  # any order
+            f.seek(offsets[name])
+            f.write(want[name].tobytes())
+    got = safetensors.numpy.load_file(path)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert tensor_file.read_with_metadata(path)[1] == {"k": "v"}
+
+
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_released_views_leave_this_process_resident_memory_and_still_read(tmp_path):
+    path = tmp_path / "big.safetensors"
+    safetensors.numpy.save_file({"x": np.full((16, 2**20), 3.0, np.float32)}, path)  # 64 MB
+    (x,) = tensor_file.read(path).values()
+    before = _rss_file_bytes()
+    assert float(x.T.sum()) == 3.0 * x.size  # every page touched: mapped into this process
+    touched = _rss_file_bytes()
+    tensor_file.release([x.T])
+    assert touched - before > 48 * 2**20 and touched - _rss_file_bytes() > 48 * 2**20
+    assert float(x[-1, -1]) == 3.0  # the data is still there, mapped back from the page cache
