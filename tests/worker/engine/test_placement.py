@@ -113,3 +113,9 @@ def test_a_load_that_would_not_fit_the_host_is_refused_naming_bytes_and_dtype(ti
     _streamed(tiny_dir, available_bytes=lambda: 3 * GROUP_BYTES, resident_on_host=False)
     with pytest.raises(model.NotEnoughMemory, match=f"needs {2 * probe.nbytes} bytes"):
         model.load_folder(tiny_dir, model.LoadOptions(np.float32, available_bytes=lambda: 2 * probe.nbytes - 1))
+
+
+def test_groups_never_part_the_projections_the_program_fuses():
+    from worker.engine import model_source, program_weights
+
+    assert set(model_source.ATTENTIONS) == set(program_weights.FUSED)
