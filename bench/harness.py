@@ -41,6 +41,10 @@ RESULTS = ROOT / "bench" / "results"
 KEYS = ("bench", "scenario", "environment", "method", "results")
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch", "diffusers", "transformers", "redis", "celery")
 BEFORE_HARNESS = "recorded before bench/harness.py: the commit measured is unknown; what the script wrote is kept"
+BEFORE_HARNESS_WITH_COMMIT = (
+    "recorded before bench/harness.py; the script then wrote the short commit kept in `recorded` (the dirty flag"
+    " was not recorded)"
+)
 
 
 def _git(*args: str) -> str | None:
@@ -91,7 +95,8 @@ class Environment:
 
     @classmethod
     def before_harness(cls, recorded: Mapping[str, Any]) -> Environment:
-        return cls(None, None, None, None, {}, None, None, None, note=BEFORE_HARNESS, recorded=dict(recorded))
+        note = BEFORE_HARNESS_WITH_COMMIT if recorded.get("commit") else BEFORE_HARNESS
+        return cls(None, None, None, None, {}, None, None, None, note=note, recorded=dict(recorded))
 
     def with_devices(self) -> Environment:
         """JAX's devices once the bench has imported it (gathering never imports it)."""
@@ -213,6 +218,6 @@ def start(bench: str, args: argparse.Namespace, method: str | None) -> ResultFil
 
 def load(path: Path) -> dict[str, Any]:
     document = json.loads(Path(path).read_text())
-    if not isinstance(document, dict) or tuple(document) != KEYS:
+    if not isinstance(document, dict) or set(document) != set(KEYS):
         raise ValueError(f"{path}: not a result file (top-level keys {KEYS})")
     return document
