@@ -292,7 +292,8 @@ def main() -> None:
     from worker.engine import model
     from worker.engine.engine import Engine, Row
 
-    result_file = harness.start("engine", args, __doc__)  # commit, versions and devices: its environment
+    # commit, versions and devices: its environment; hw is size parsed, the other two the start child's
+    result_file = harness.start("engine", args, __doc__, omit=("hw", "start_only", "cache_dir"))
     result: dict[str, object] = {}
     if not args.no_start and not args.compare_step:
         result.update(measure_start(args))

@@ -211,9 +211,11 @@ def parser(description: str | None, output: Sequence[str] = ("--json",)) -> argp
     return p
 
 
-def start(bench: str, args: argparse.Namespace, method: str | None) -> ResultFile:
-    """The run's result file, from the parsed arguments (`args.json` is where it goes, or nowhere)."""
-    return ResultFile(bench, scenario_of(args), method, args.json)
+def start(bench: str, args: argparse.Namespace, method: str | None, omit: Sequence[str] = ()) -> ResultFile:
+    """The run's result file, from the parsed arguments (`args.json` is where it goes, or nowhere); `omit`:
+    attributes that are not the scenario (internal flags, values derived from the others)."""
+    scenario = {k: v for k, v in scenario_of(args).items() if k not in omit}
+    return ResultFile(bench, scenario, method, args.json)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -335,6 +335,31 @@ def lora() -> str:
     return markdown(["way", "what runs", "workload s", "images/s", "time vs none"], rows)
 
 
+def step_count() -> str:
+    def flop(gflop: float, digits: int, unit: str) -> str:
+        return f"{Decimal(fixed(gflop * 1000 if unit == 'MFLOP' else gflop, digits)):,} {unit}"
+
+    rows = []
+    for stem in ("step-count-sdxl-1024", "engine-cpu-mid-256-compare-step", "step-count-tiny-64"):
+        run = Run(stem)
+        r, s = run.summary, run.scenario
+        unit = "MFLOP" if r["before_advance_gflop"] < 1 else "GFLOP"
+        saved = r["measured_saving_gflop"]
+        rows.append(
+            [
+                f"{s['preset']}, {s['size']}, {s['batch']} ({2 * s['batch']}), {r['dtype']}",
+                flop(r["before_advance_gflop"], 2, unit),
+                flop(r["after_advance_gflop"], 2, unit),
+                f"{flop(saved, 3, unit)} ({100 * saved / r['before_advance_gflop']:.3g}%)",
+                flop(r["predicted_saving_gflop"], 3, unit),
+                f"{fixed(r['before_begin_gflop'] * (1000 if unit == 'MFLOP' else 1), 2)} -> "
+                + flop(r["after_begin_gflop"], 2, unit),
+            ]
+        )
+    headers = ["model, size, images (UNet rows)", "advance before", "advance after", "saved", "predicted"]
+    return markdown([*headers, "begin before -> after"], rows)
+
+
 def step_time() -> str:
     r = Run("engine-cpu-mid-256-compare-step").summary
 
@@ -389,6 +414,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "progress": progress,
     "sampling": sampling,
     "lora": lora,
+    "step-count": step_count,
     "step-time": step_time,
     "fp8": fp8,
 }
