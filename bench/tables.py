@@ -339,7 +339,7 @@ def step_count() -> str:
     def flop(gflop: float, digits: int, unit: str) -> str:
         return f"{Decimal(fixed(gflop * 1000 if unit == 'MFLOP' else gflop, digits)):,} {unit}"
 
-    rows = []
+    rows, dtypes = [], {"bfloat16": "bf16"}
     for stem in ("step-count-sdxl-1024", "engine-cpu-mid-256-compare-step", "step-count-tiny-64"):
         run = Run(stem)
         r, s = run.summary, run.scenario
@@ -347,7 +347,7 @@ def step_count() -> str:
         saved = r["measured_saving_gflop"]
         rows.append(
             [
-                f"{s['preset']}, {s['size']}, {s['batch']} ({2 * s['batch']}), {r['dtype']}",
+                f"{s['preset']}, {s['size']}, {s['batch']} ({2 * s['batch']}), {dtypes.get(r['dtype'], r['dtype'])}",
                 flop(r["before_advance_gflop"], 2, unit),
                 flop(r["after_advance_gflop"], 2, unit),
                 f"{flop(saved, 3, unit)} ({100 * saved / r['before_advance_gflop']:.3g}%)",
