@@ -11,7 +11,8 @@ A result file (bench/results/*.json) is always
      "results": [{"figure": ..., ...}]} # one record per figure, in the order measured
 
 and is rewritten atomically (a temporary file, then a rename) after every figure, so a run that dies keeps
-what it had measured. docs/benchmarks.md's tables are rendered from these files by bench/tables.py.
+what it had measured (and one that dies before its first figure leaves an earlier file at its path alone).
+docs/benchmarks.md's tables are rendered from these files by bench/tables.py.
 
 Versions come from the installed packages' metadata, never by importing them: a JAX bench must not import
 torch to say which torch is installed (bench/imports.py measures what that costs). Devices are read only when
@@ -172,7 +173,8 @@ def write_atomically(path: Path, document: Mapping[str, Any]) -> None:
 
 class ResultFile:
     """One run's result: created when the run starts (the environment is gathered then), a record added per
-    figure, the whole file rewritten atomically after each when a path was given."""
+    figure, the whole file rewritten atomically after each when a path was given. Nothing is written before
+    the first figure, so a rerun that fails early leaves the previous result at that path as it was."""
 
     def __init__(self, bench: str, scenario: Mapping[str, Any], method: str | None, path: Path | None):
         self.bench, self.path = bench, path
@@ -180,8 +182,6 @@ class ResultFile:
         self.method = (method or "").strip() or None
         self.environment = Environment.gather()
         self.results: list[dict[str, Any]] = []
-        if path is not None:
-            self.write()
 
     def add(self, figure: str, record: Mapping[str, Any]) -> dict[str, Any]:
         entry = {"figure": figure, **_plain(dict(record))}

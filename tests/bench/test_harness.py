@@ -24,8 +24,9 @@ def test_timing_matches_numpys_percentiles(n):
 def test_a_result_file_has_the_fixed_keys_and_every_figure_so_far(tmp_path):
     path = tmp_path / "out" / "x.json"
     result = harness.ResultFile("x", {"rounds": 3, "where": tmp_path}, "how", path)
-    assert harness.load(path)["results"] == []  # written at the start: a run that dies still says what it was
+    assert not path.exists()  # nothing before the first figure: a failed rerun leaves the last result alone
     result.add("first", {"median_s": 1.0})
+    assert [r["figure"] for r in harness.load(path)["results"]] == ["first"]  # a run that dies keeps it
     result.add("second", {"median_s": 2.0})
     doc = harness.load(path)
     assert list(doc) == list(harness.KEYS)
