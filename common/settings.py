@@ -205,7 +205,8 @@ class Settings(BaseSettings):
     # --- storage
     storage: Literal["local", "s3"] = "local"
     local_storage_dir: str = "var/images"
-    public_base_url: str = "http://127.0.0.1:8000"  # where the API is reached: local-storage URLs point here
+    # where clients reach the API: status_url, webhooks' status_url and local-storage URLs are built on it
+    public_base_url: str = "http://127.0.0.1:8000"
     url_signing_secret: SecretStr | None = None  # HMAC key for local-storage URLs; required with storage=local
     url_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)  # S3 SigV4 allows 7 days at most
     s3_bucket: str = "sdxl-images"
@@ -301,6 +302,11 @@ class Settings(BaseSettings):
     def bucket_sizes(self) -> list[Size]:
         """The aspect-ratio buckets, (height, width) pairs."""
         return parse_sizes(self.aspect_buckets)
+
+    def public_url(self, path: str) -> str:
+        """An absolute URL of the API's for clients (status_url, webhooks): built on public_base_url, never on a
+        request's Host header, which any client may set."""
+        return self.public_base_url.rstrip("/") + path
 
     def signing_key(self) -> bytes:
         if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:

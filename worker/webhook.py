@@ -32,7 +32,7 @@ def payload(settings: Settings, store: JobStore, job_id: str) -> tuple[str, byte
             "id": job.id,
             "status": job.status.value,
             "error": job.error,
-            "status_url": f"{settings.public_base_url.rstrip('/')}/v1/jobs/{job.id}",
+            "status_url": settings.public_url(f"/v1/jobs/{job.id}"),
         },
     }
     return f"{job.id}.{job.status.value}", json.dumps(event, separators=(",", ":")).encode()
