@@ -220,7 +220,7 @@ def cancel(job: Job, services: Services) -> CancelPublic:
     outcome = "never_ran" if before == JobStatus.queued else "results_discarded"
     if before == JobStatus.queued and job.request.webhook_url:
         # no worker will see this job again: the API queues its webhook (a running job's worker does)
-        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.queue_name)
+        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.webhook_queue)
     return CancelPublic(id=job.id, status=JobStatus.canceled, outcome=outcome)
 
 

@@ -195,7 +195,12 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
     webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)
     webhook_attempts: int = Field(6, ge=1)  # deliveries tried, backoff 2, 4, 8, 16, 32 s between them
+    # one delivery, from the address look-up to the last byte read, whatever the receiver does (not per read)
     webhook_timeout_s: float = Field(10, gt=0)
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=1)  # of a receiver's reply read; the rest is never read
+    # deliveries a worker makes at once, on threads of their own in a process of their own (worker/webhook_sender.py)
+    webhook_concurrency: int = Field(8, ge=1)
+    webhook_queue_name: str = ""  # deliveries wait here, apart from the jobs' queues; empty: "<queue_name>-webhooks"
     # --- request limits (API)
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)
@@ -292,6 +297,11 @@ class Settings(BaseSettings):
             "bulk": [self.bulk_queue_name],
         }
         return lanes[self.worker_lanes]
+
+    @property
+    def webhook_queue(self) -> str:
+        """The queue of webhook deliveries: consumed by each worker's sender process, never by its job threads."""
+        return self.webhook_queue_name or f"{self.queue_name}-webhooks"
 
     @property
     def served_sizes(self) -> list[Size]:
