@@ -273,7 +273,7 @@ def main() -> None:
 
     from celery.signals import worker_ready, worker_shutting_down
 
-    from worker.webhook_sender import SenderProcess
+    from worker.webhook_sender_process import SenderProcess
 
     # Deliveries are made by a process of their own (worker/webhook_sender.py), started once Celery consumes
     # jobs (its own "ready." line comes after the worker's) and stopped with the worker.

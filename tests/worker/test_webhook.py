@@ -40,15 +40,17 @@ class Recorder(BaseHTTPRequestHandler):
 
 
 class Trickle(BaseHTTPRequestHandler):
-    """Sends its status line, then one header byte every TRICKLE_S for ever: no single read ever times out."""
+    """Sends its status line, then one header byte a second, for 15 s or until stopped: no single read of the
+    sender's ever times out."""
 
     stop = threading.Event()
 
     def do_POST(self):
         self.rfile.read(int(self.headers["content-length"]))
         self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        until = time.monotonic() + 15
         try:
-            while not Trickle.stop.wait(1.0):
+            while not Trickle.stop.wait(1.0) and time.monotonic() < until:
                 self.wfile.write(b"a")
                 self.wfile.flush()
         except OSError:
