@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import ClassVar
 
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
@@ -56,13 +57,13 @@ def stack(redis_url, tmp_path):
     settings = settings_from(env)
     with TestClient(create_app(settings)) as client:
         authorize(client, settings)
-        yield client, f"http://127.0.0.1:{server.server_port}/hook"
+        yield client, f"http://127.0.0.1:{server.server_port}/hook", worker
     worker.stop(signal.SIGKILL)
     server.shutdown()
 
 
 def test_succeeded_job_is_delivered_signed_after_retries(stack):
-    client, hook = stack
+    client, hook, _ = stack
     job_id = client.post("/v1/jobs", json={**BODY, "webhook_url": hook}).json()["id"]
     wait_for(lambda: len(Receiver.got) >= 3)  # 500, 500, then 200 (backoff 2 s, 4 s)
     time.sleep(3)
@@ -77,12 +78,29 @@ def test_succeeded_job_is_delivered_signed_after_retries(stack):
 
 
 def test_canceled_queued_job_is_delivered(stack):
-    client, hook = stack
+    client, hook, _ = stack
     Receiver.fail_first = 0
     try:
         job_id = client.post("/v1/jobs", json={**BODY, "webhook_url": hook}).json()["id"]
         client.post(f"/v1/jobs/{job_id}/cancel")
         wait_for(lambda: any(h["webhook-id"] == f"{job_id}.canceled" for h, _, _ in Receiver.got))
+    finally:
+        Receiver.fail_first = 2
+
+
+def test_a_sender_that_dies_is_replaced_and_deliveries_go_on(stack):
+    client, hook, worker = stack
+    Receiver.fail_first = 0
+    try:
+        (sender,) = psutil.Process(worker.proc.pid).children()  # the webhook sender, the worker's one child
+        sender.kill()
+        sender.wait(10)
+        wait_for(lambda: len(psutil.Process(worker.proc.pid).children()) == 1, timeout_s=30)
+        assert psutil.Process(worker.proc.pid).children()[0].pid != sender.pid
+        job_id = client.post("/v1/jobs", json={**BODY, "webhook_url": hook}).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        wait_for(lambda: any(h["webhook-id"] == f"{job_id}.canceled" for h, _, _ in Receiver.got), timeout_s=30)
+        assert worker.proc.poll() is None  # the worker went on taking jobs all along
     finally:
         Receiver.fail_first = 2
 
