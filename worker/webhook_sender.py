@@ -1,6 +1,7 @@
 """Webhook deliveries, apart from jobs: a process of their own, started and watched by each worker.
 
-    python -m worker.webhook_sender   (each worker starts it: worker/webhook_sender_process.py; no engine, only Redis)
+    python -m worker.webhook_sender WORKER_PID   (each worker starts it: worker/webhook_sender_process.py; no
+                                                   engine, only Redis; it stops when WORKER_PID is gone)
 
 Why apart: a delivery waits on somebody else's server. On the job threads (Celery's pool in the worker, two
 batches' worth), receivers that answer slowly held every thread, and another tenant's job stayed queued behind
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -67,7 +69,9 @@ def main() -> None:
     logs.configure(settings.log_format)
     client = redis.Redis.from_url(settings.redis_url)
     _store = JobStore(client, settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s)
-    threading.Thread(target=_stop_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    # the worker's pid as it gave it: had the worker died before this line, os.getppid() would name another process
+    parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
+    threading.Thread(target=_stop_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     app.conf.worker_hijack_root_logger = False
     app.worker_main(
         [

@@ -5,6 +5,7 @@ Celery app of its own."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ class SenderProcess:
 
     def _spawn(self) -> None:
         # stdout and stderr are the worker's: one log per worker, the sender's lines named worker.webhooks
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.webhook_sender"])
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.webhook_sender", str(os.getpid())])
         log.info("webhook sender started (pid %d, %d threads)", self.proc.pid, self.settings.webhook_concurrency)
 
     def start(self) -> None:
