@@ -1,4 +1,5 @@
-"""Delivering a job's webhook: one signed POST per try; the Celery task re-sends itself with backoff.
+"""Delivering a job's webhook: one signed POST per try; the sender's Celery task (worker/webhook_sender.py) queues
+the next try with backoff.
 
 Delivery is at least once: a receiver may see an event twice (dedupe on `webhook-id`, which is the same on
 every try of one event). Tries live in Redis as Celery messages, so a worker restart loses none.
