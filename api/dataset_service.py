@@ -161,8 +161,8 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
     return DatasetPublic(
         id=run.id,
         status=run.status,
-        status_url=str(request.url_for("get_dataset", run_id=run.id)),
-        files_url=str(request.url_for("dataset_files", run_id=run.id)),
+        status_url=services.settings.public_url(f"/v1/datasets/{run.id}"),  # not the Host header: a client may send any
+        files_url=services.settings.public_url(f"/v1/datasets/{run.id}/files"),
         seed=run.seed,
         options=run.options,
         counts=DatasetCounts(

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from api import job_inputs, metrics, served
 from api.deps import Caller, Services, owned_job
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
-from common import loras, webhooks
+from common import loras, webhook_target
 from common.job_store import IdempotencyConflict, QueueFull
 from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
 from common.outage import REDIS_DOWN
@@ -67,7 +67,7 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
     return JobPublic(
         id=job.id,
         status=job.status,
-        status_url=str(request.url_for("get_job", job_id=job.id)),
+        status_url=s.public_url(f"/v1/jobs/{job.id}"),  # not the Host header: a client may send any
         request=job.request,
         queue_position=queue_position(job, services),
         created_at=job.created_at,
@@ -107,8 +107,8 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")
         try:
-            webhooks.check_url(body.webhook_url, s.webhook_allow_private)
-        except webhooks.WebhookError as exc:
+            webhook_target.check_url(body.webhook_url, s.webhook_allow_private)
+        except webhook_target.WebhookError as exc:
             raise LimitError("webhook_url", str(exc)) from exc
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
@@ -220,7 +220,7 @@ def cancel(job: Job, services: Services) -> CancelPublic:
     outcome = "never_ran" if before == JobStatus.queued else "results_discarded"
     if before == JobStatus.queued and job.request.webhook_url:
         # no worker will see this job again: the API queues its webhook (a running job's worker does)
-        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.queue_name)
+        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.webhook_queue)
     return CancelPublic(id=job.id, status=JobStatus.canceled, outcome=outcome)
 
 

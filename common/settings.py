@@ -195,7 +195,12 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
     webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)
     webhook_attempts: int = Field(6, ge=1)  # deliveries tried, backoff 2, 4, 8, 16, 32 s between them
+    # one delivery, from the address look-up to the last byte read, whatever the receiver does (not per read)
     webhook_timeout_s: float = Field(10, gt=0)
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=1)  # of a receiver's reply read; the rest is never read
+    # deliveries a worker makes at once, on threads of their own in a process of their own (worker/webhook_sender.py)
+    webhook_concurrency: int = Field(8, ge=1)
+    webhook_queue_name: str = ""  # deliveries wait here, apart from the jobs' queues; empty: "<queue_name>-webhooks"
     # --- request limits (API)
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)
@@ -205,7 +210,8 @@ class Settings(BaseSettings):
     # --- storage
     storage: Literal["local", "s3"] = "local"
     local_storage_dir: str = "var/images"
-    public_base_url: str = "http://127.0.0.1:8000"  # where the API is reached: local-storage URLs point here
+    # where clients reach the API: status_url, webhooks' status_url and local-storage URLs are built on it
+    public_base_url: str = "http://127.0.0.1:8000"
     url_signing_secret: SecretStr | None = None  # HMAC key for local-storage URLs; required with storage=local
     url_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)  # S3 SigV4 allows 7 days at most
     s3_bucket: str = "sdxl-images"
@@ -293,6 +299,11 @@ class Settings(BaseSettings):
         return lanes[self.worker_lanes]
 
     @property
+    def webhook_queue(self) -> str:
+        """The queue of webhook deliveries: consumed by each worker's sender process, never by its job threads."""
+        return self.webhook_queue_name or f"{self.queue_name}-webhooks"
+
+    @property
     def served_sizes(self) -> list[Size]:
         """(height, width) pairs; the first is the default."""
         return parse_sizes(self.image_sizes)
@@ -301,6 +312,11 @@ class Settings(BaseSettings):
     def bucket_sizes(self) -> list[Size]:
         """The aspect-ratio buckets, (height, width) pairs."""
         return parse_sizes(self.aspect_buckets)
+
+    def public_url(self, path: str) -> str:
+        """An absolute URL of the API's for clients (status_url, webhooks): built on public_base_url, never on a
+        request's Host header, which any client may set."""
+        return self.public_base_url.rstrip("/") + path
 
     def signing_key(self) -> bytes:
         if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:

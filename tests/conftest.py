@@ -47,6 +47,7 @@ FIXTURE_MARKS = {
     "live_stack": "stack",
     "s3": "stack",  # SeaweedFS
     "stack": "stack",  # the stand-in stacks of test_shutdown, test_storage_outage, test_webhook_delivery
+    "slow_stack": "stack",  # test_webhook_delivery: receivers that never finish answering
     "tiny_stack": "stack",
     "standin_stack": "stack",
     "service": "stack",  # test_end_to_end.py

@@ -241,7 +241,8 @@ def main() -> None:
         name=name,
         loras=registry,
         enqueue=lambda job: send(job.id, job.lane, job.generation),
-        notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
+        # the webhook queue: a job thread only queues a delivery; worker/webhook_sender.py makes it
+        notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.webhook_queue),
         workers=workers,
         batches=BatchLog(client, settings.key_prefix),
     )
@@ -270,7 +271,14 @@ def main() -> None:
         )
         feeder.start()
 
-    from celery.signals import worker_shutting_down
+    from celery.signals import worker_ready, worker_shutting_down
+
+    from worker.webhook_sender_process import SenderProcess
+
+    # Deliveries are made by a process of their own (worker/webhook_sender.py), started once Celery consumes
+    # jobs (its own "ready." line comes after the worker's) and stopped with the worker.
+    sender = SenderProcess(settings)
+    worker_ready.connect(lambda **_: sender.start(), weak=False)
 
     # Celery's warm shutdown (SIGTERM) stops consuming and waits for running tasks; buffered jobs are told
     # to go back to the queue so it does not wait for them, only for the batches already on the device.
@@ -281,6 +289,7 @@ def main() -> None:
         if feeder is not None:
             feeder.stop()  # hands its runs to another worker now, not after the lock expires
         loop.begin_shutdown()
+        sender.begin_stop()  # its tries under way end while the batches on the device do
 
     worker_shutting_down.connect(shutting_down, weak=False)
     tasks.app.conf.worker_hijack_root_logger = False  # our handler (text or JSON, with ids) stays, for Celery too
@@ -305,6 +314,7 @@ def main() -> None:
         # in a process that takes no work. Out at once, non-zero, so that the supervisor starts a new one.
         die(f"Celery's consumer (exit code {exit_code!r}, no shutdown was asked for)")
     loop.stop()
+    sender.stop()
     if image_sweeper is not None:
         image_sweeper.stop()
     sys.exit(exit_code)

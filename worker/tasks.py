@@ -7,17 +7,14 @@ import time
 
 from celery.exceptions import Reject
 
-from common.outage import Outage
 from common.queue import TASK_GENERATE, TASK_WEBHOOK, make_celery
 from common.settings import get_settings
-from worker import webhook
 from worker.device_loop import DeviceLoop
 from worker.loop.outcome import JobOutcome
 
 NOT_HERE_PAUSE_S = 1.0
 app = make_celery(get_settings())
 _loop: DeviceLoop | None = None
-_webhook_redis = Outage("webhook sender: Redis")
 
 
 def bind(loop: DeviceLoop) -> None:
@@ -42,14 +39,7 @@ def generate(job_id: str, generation: int | None = None) -> str:
 
 
 @app.task(name=TASK_WEBHOOK)
-def deliver_webhook(job_id: str, attempt: int = 1) -> bool:
-    """One delivery try; on failure the next is queued with exponential backoff (2, 4, 8 ... s)."""
-    if _loop is None:
-        raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
-    settings = get_settings()
-    # Redis away: wait it out here (the message cannot be acknowledged or re-sent meanwhile anyway)
-    if _webhook_redis.call(webhook.deliver, settings, _loop.store, job_id):
-        return True
-    if attempt < settings.webhook_attempts:
-        app.send_task(TASK_WEBHOOK, args=[job_id, attempt + 1], countdown=2**attempt, queue=settings.queue_name)
-    return False
+def deliver_webhook(job_id: str, attempt: int = 1) -> None:
+    """A delivery found on a job queue (sent there before deliveries had a queue of their own): passed on to the
+    webhook queue at once, so that no job thread ever waits on a receiver (worker/webhook_sender.py)."""
+    app.send_task(TASK_WEBHOOK, args=[job_id, attempt], queue=get_settings().webhook_queue)

@@ -328,6 +328,27 @@ def test_webhook_url_is_checked_at_submit(client, settings):
         assert c.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202
 
 
+@pytest.mark.parametrize("port", ["99999", "http", "-1"])
+def test_a_webhook_url_with_a_bad_port_is_a_422_naming_the_field(settings, port):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.helpers.servers import authorize
+
+    with TestClient(create_app(settings.model_copy(update={"webhook_secret": "whsec_" + "A" * 32}))) as c:
+        authorize(c, settings)
+        r = c.post("/v1/jobs", json={**GOOD, "webhook_url": f"https://93.184.215.14:{port}/hook"})
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == "webhook_url" and "port" in r.json()["detail"]
+
+
+def test_status_url_is_built_on_the_public_base_url_not_the_host_header(client):
+    job = client.post("/v1/jobs", json=GOOD, headers={"Host": "evil.example"}).json()
+    assert job["status_url"] == f"http://testserver/v1/jobs/{job['id']}"  # tests/api/conftest.py's public_base_url
+    got = client.get(f"/v1/jobs/{job['id']}", headers={"Host": "evil.example:666"}).json()
+    assert got["status_url"] == job["status_url"]
+
+
 def test_malformed_json_names_the_body_not_a_character_offset(client):
     r = client.post("/v1/jobs", content=b'{"prompt": "a cat",, }', headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
