@@ -291,6 +291,8 @@ def left_s(budget_s: float) -> float:
 
 def child(args: argparse.Namespace, part: str, deadline_s: float, log: Path) -> str:
     """Run `--part part` in a process of its own, killed at deadline_s; returns how it ended."""
+    if deadline_s < 2 * CHILD_SLACK_S:
+        return f"not started: {deadline_s:.0f} s left"
     # the child plans to end CHILD_SLACK_S before it is killed: its clock starts after its own start-up
     cmd = [
         sys.executable,
@@ -345,7 +347,7 @@ def orchestrate(args: argparse.Namespace, plan: Plan) -> None:
                 results.add(figure(part, f"part {part}", skipped=f"{process} process: {end}"))
 
     jax_s = left_s(args.budget_s) - plan.torch_s
-    after("jax", "abcd", child(args, "jax", jax_s, logs / "jax.log") if jax_s > 30 else "no time left")
+    after("jax", "abcd", child(args, "jax", jax_s, logs / "jax.log"))
     after("torch", "e", child(args, "torch", min(plan.torch_s, left_s(args.budget_s)) - MARGIN_S, logs / "torch.log"))
     seed_s = left_s(args.budget_s) - MARGIN_S
     after(

@@ -158,7 +158,7 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
     todo = [(f"b{n}", n, plan.steps, True) for n in plan.other_batches]
     todo += [("c", plan.batch, plan.fast_steps, False), ("d", plan.batch, plan.steps, True)]
 
-    def build(key: str, n: int, free: bool) -> tuple[Any, dict]:
+    def build(key: str, n: int) -> tuple[Any, dict]:
         if key == "c":  # (a)'s engine: its guidance-free pair alone (the decode is compiled already)
             before = set(main.compile_s)
             main.compile(Programs.free | Programs.uint8)
@@ -169,40 +169,34 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
         engine.compile(guided)
         return engine, dict(engine.compile_s)
 
+    # the last ones out until the rest fit; their `skipped` entries are written at their turn, in order
     need = lambda items: compile_a_s * PARALLEL_COMPILE + sum((plan.rounds + 1) * call_s(*i[1:]) for i in items)  # noqa: E731
-    while todo and need(todo) > left():
-        needed = need(todo)
-        key, n, *_ = todo.pop()
-        results.add(
-            figure(
-                key[0],
-                NAMES.get(key, "ours/bf16/guided"),
-                batch=n,
-                skipped=f"{needed:.0f} s needed, {left():.0f} s left",
-            )
-        )
+    fitting, skips = list(todo), {}
+    while fitting and need(fitting) > left():
+        skips[fitting[-1][0]] = f"{need(fitting):.0f} s needed with those before it, {left():.0f} s left"
+        fitting.pop()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(len(todo), 1)) as pool:
-        futures = {key: pool.submit(build, key, n, not g) for key, n, _, g in todo}
+    with ThreadPoolExecutor(max(len(fitting), 1)) as pool:
+        futures = {key: pool.submit(build, key, n) for key, n, *_ in fitting}
     for key, future in futures.items():
         try:
             engines[key] = future.result()
         except Exception as exc:  # one failed compile (FP8 on a chip without it) skips its figure alone
-            results.add(figure(key[0], key, skipped=f"compile failed: {type(exc).__name__}: {exc}"))
-    results.header(stage_2_compile_s=time.perf_counter() - t0, stage_2=[k for k, *_ in todo])
+            skips[key] = f"compile failed: {type(exc).__name__}: {exc}"
+    results.header(stage_2_compile_s=time.perf_counter() - t0, stage_2=[key for key, *_ in fitting])
 
     for key, n, steps, g in todo:
         name = NAMES.get(key, "ours/bf16/guided")
-        if key not in engines:
-            continue
-        if (plan.rounds + 1) * call_s(n, steps, g) > left():
-            results.add(figure(key[0], name, batch=n, skipped=f"{left():.0f} s left"))
+        if key not in skips and (plan.rounds + 1) * call_s(n, steps, g) > left():
+            skips[key] = f"{left():.0f} s left"
+        if key in skips:
+            results.add(figure(key[0], name, batch=n, steps=steps, guided=g, skipped=skips[key]))
             continue
         engine, compiled = engines.pop(key)
         try:
             measure(key[0], name, engine, n, steps, g, compiled, against=a if key == "d" else None)
         except Exception as exc:
-            results.add(figure(key[0], name, batch=n, skipped=f"{type(exc).__name__}: {exc}"))
+            results.add(figure(key[0], name, batch=n, steps=steps, guided=g, skipped=f"{type(exc).__name__}: {exc}"))
         if engine is not main:
             del engine
             gc.collect()
