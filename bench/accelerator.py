@@ -27,8 +27,8 @@ SEED_MIN_S are left after that, and ends by the budget's end.
 FLOPs are never counted on the device: XLA's cost analysis of the compiled programs' lowering on the CPU
 (`count`: begin, one step of advance (a while loop's body is counted once), finish; batch 1), kept in
 bench/results/accelerator-flops-<preset>-<size>.json by `bench/accelerator.sh prepare`; per image = steps x
-advance + begin + finish. Where no file matches the run (the dry run's tiny size), the JAX process counts on its
-CPU backend before anything is timed.
+advance + begin + finish (the dry run's: bench/results/accelerator-flops-tiny-64.json). Where no file matches the
+run, the JAX process counts on its CPU backend before anything is timed.
 """
 
 from __future__ import annotations
@@ -342,11 +342,11 @@ def orchestrate(args: argparse.Namespace, plan: Plan) -> None:
     ends: dict[str, str] = {}
 
     def after(process: str, parts: str, end: str) -> None:
-        """A `skipped` entry for each of `parts` that the process did not report, right after it ends."""
+        """A `skipped` entry for each figure of `parts` that the process did not report, right after it ends."""
         ends[process] = end
-        done = {entry["part"] for entry in results.read()["figures"]}
+        done = [entry["part"] for entry in results.read()["figures"]]
         for part in parts:
-            if part not in done:
+            for _ in range(done.count(part), len(plan.other_batches) if part == "b" else 1):
                 results.add(figure(part, f"part {part}", skipped=f"{process} process: {end}"))
 
     jax_s = left_s(args.budget_s) - plan.torch_s

@@ -155,7 +155,7 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
 
     fp8 = dataclasses.replace(m, quantize=Quantize.fp8)
     engines: dict[str, Any] = {}
-    todo = [(f"b{n}", n, plan.steps, True) for n in plan.other_batches]
+    todo = [(f"b{i}", n, plan.steps, True) for i, n in enumerate(plan.other_batches)]  # keys: b0, b1, c, d
     todo += [("c", plan.batch, plan.fast_steps, False), ("d", plan.batch, plan.steps, True)]
 
     def build(key: str, n: int) -> tuple[Any, dict]:
