@@ -65,6 +65,8 @@ PATH_MARKS = [
     (r"^tests/worker/loop/test_engine_port\.py::test_the_real_engine", ("engine",)),  # builds a tiny Engine inline
     (r"^tests/worker/test_main\.py", ("engine", "stack")),  # `python -m worker`'s start in child processes
     (r"^tests/api/test_metrics\.py::test_several_api_processes", ("stack",)),  # uvicorn --workers 2
+    # bench/accelerator.sh --dry-run: child processes that compile the tiny model's programs and run PyTorch's
+    (r"^tests/bench/test_accelerator\.py::test_the_dry_run", ("engine", "stack")),
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
     (r"^tests/worker/test_redis_outage\.py", ("stack", "slow")),  # 10 s and 60 s outages
