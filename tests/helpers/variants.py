@@ -130,6 +130,7 @@ def folder_digest(folder: Path) -> str:
 
 
 CONTROLNET_EMBEDDING = (8, 16, 16, 32)  # the tiny ControlNet's conditioning embedding: 8x down, as the VAE
+CONTROLNET_EMBEDDING_GAIN = 1.8
 
 
 def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
@@ -148,6 +149,12 @@ def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
         path: tiny.random_leaf((f"controlnet-{seed}", *path), tuple(leaf.shape))
         for path, leaf in convert.flatten(shapes).items()
     }
+    # The control image's embedding made to carry the image (a trained ControlNet's does): drawn like the rest, each
+    # of its seven convolutions and SiLUs halves the image's part, and two control images would give nearly the
+    # same picture.
+    for path in params:
+        if path[0] == "controlnet_cond_embedding" and path[-1] == "kernel":
+            params[path] = params[path] * np.float32(CONTROLNET_EMBEDDING_GAIN)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_diffusers(), indent=2))
     save_file(convert.flax_to_pt(convert.unflatten(params)), folder / "diffusion_pytorch_model.safetensors")

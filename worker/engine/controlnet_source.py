@@ -48,7 +48,7 @@ def load(name: str, spec: str | Path, unet: UNetConfig, dtype: Any = jnp.float32
     elif path.is_file():
         files = [path]
         beside = path.with_name("config.json")
-        raw = json.loads(beside.read_text()) if beside.exists() else infer_config(read_state(files))
+        raw = json.loads(beside.read_text()) if beside.exists() else infer_config(read_state(files), unet)
     else:
         raise ModelError(f"ControlNet {name!r}: no such file or folder {path}")
     try:
@@ -65,18 +65,20 @@ def load(name: str, spec: str | Path, unet: UNetConfig, dtype: Any = jnp.float32
 
 def _check_fits(name: str, config: ControlNetConfig, unet: UNetConfig) -> None:
     c = config.unet
-    theirs = (c.cross_attention_dim, c.time_ids, c.pooled_width, c.block_out_channels)
-    ours = (unet.cross_attention_dim, unet.time_ids, unet.pooled_width, unet.block_out_channels)
+    # a ControlNet sees the sample alone (an inpainting UNet's extra channels are not its input)
+    theirs = (c.in_channels, c.cross_attention_dim, c.time_ids, c.pooled_width, c.block_out_channels)
+    ours = (unet.out_channels, unet.cross_attention_dim, unet.time_ids, unet.pooled_width, unet.block_out_channels)
     if theirs != ours:
         raise ModelError(
-            f"ControlNet {name!r} is for another model: (text width, time ids, pooled width, widths) {theirs}, the "
-            f"served UNet's {ours}"
+            f"ControlNet {name!r} is for another model: (latent channels, text width, time ids, pooled width, widths) "
+            f"{theirs}, the served UNet's {ours}"
         )
 
 
-def infer_config(state: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers-layout ControlNet's config.json from its tensors' names and shapes; heads are SDXL's 64-wide
-    ones (the tensors do not say). ModelError for another layout."""
+def infer_config(state: dict[str, Any], unet: UNetConfig) -> dict[str, Any]:
+    """A diffusers-layout ControlNet's config.json from its tensors' names and shapes. What the tensors do not say
+    (the heads, the time ids' embedding width) is the served UNet's, whose encoder a ControlNet copies; heads 64
+    wide (SDXL's) where the widths differ from it. ModelError for another layout."""
     if "controlnet_cond_embedding.conv_in.weight" not in state:
         raise ModelError(
             "a single-file ControlNet must be in diffusers' layout (controlnet_cond_embedding.*, down_blocks.*); "
@@ -98,6 +100,7 @@ def infer_config(state: dict[str, Any]) -> dict[str, Any]:
         if f"controlnet_cond_embedding.blocks.{j}.weight" in state
     ]
     text = next(shape(k)[1] for k in sorted(state) if k.endswith("attn2.to_k.weight"))
+    heads = [w // HEAD_WIDTH for w in widths]
     add_in = shape("add_embedding.linear_1.weight")[1]
     return {
         "in_channels": shape("conv_in.weight")[1],
@@ -106,12 +109,12 @@ def infer_config(state: dict[str, Any]) -> dict[str, Any]:
         "down_block_types": kinds,
         "block_out_channels": widths,
         "layers_per_block": layers,
-        "attention_head_dim": [w // HEAD_WIDTH for w in widths],
+        "attention_head_dim": list(unet.heads) if tuple(widths) == unet.block_out_channels else heads,
         "transformer_layers_per_block": depths,
         "cross_attention_dim": text,
         "use_linear_projection": len(shape(_first(state, "proj_in.weight"))) == 2,
         "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 256,
+        "addition_time_embed_dim": unet.addition_time_embed_dim,
         "projection_class_embeddings_input_dim": add_in,
     }
 

@@ -61,11 +61,22 @@ CASES = {
 
 
 def picture(seed: int, fx: int, fy: int) -> np.ndarray:
-    """A smooth picture with some noise (closer to a control map than noise alone)."""
+    """A smooth picture with some noise: the init image."""
     noise = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8).astype(np.float32)
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     smooth = np.stack([yy * fy, xx * fx, (xx + yy) * 2], -1)
     return ((noise * 0.3 + smooth * 0.7) % 256).astype(np.uint8)
+
+
+def edges(kind: str) -> np.ndarray:
+    """A control map as an edge detector draws one: white lines on black (a ring, or slanted stripes)."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    if kind == "ring":
+        radius = np.hypot(yy - HEIGHT / 2, xx - WIDTH / 3)
+        lines = np.abs(radius - HEIGHT / 4) < 1.5
+    else:
+        lines = (xx + 2 * yy) % 16 < 2
+    return np.repeat((lines * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def fixed(latents: np.ndarray):
@@ -121,7 +132,7 @@ def main(out: str) -> None:
     base = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
     latents = np.random.default_rng(SEED).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
-    controls = {"a": picture(31, 2, 3), "b": picture(32, 5, 1)}
+    controls = {"a": edges("ring"), "b": edges("stripes")}
     image = picture(33, 3, 2)
     mask = np.zeros((HEIGHT, WIDTH), np.uint8)
     mask[16:48, 8:40] = 255
