@@ -154,6 +154,7 @@ def _controlnets(settings: Settings, m) -> list:  # -> [ControlModel]
 
 
 def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True):  # -> Engine
+    import jax
     import numpy as np
 
     from worker.engine import cache, lora
@@ -188,6 +189,8 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
         controlnets=controlnets,
     )
     compile_s = engine.compile()
+    for c in controlnets:  # on the devices now: keep only the shapes the programs are traced with (SDXL's: 2.5 GB)
+        c.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), c.params)
     for served in (m, refiner):
         if served is not None:
             served.digest_weights()  # recorded with every image: which weights made it
