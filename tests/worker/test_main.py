@@ -102,5 +102,5 @@ def test_a_worker_reads_sdxl_controlnets_for_its_model_and_stops_on_one_that_doe
     (got,) = main._controlnets(Settings(controlnets=f"edges={folder}"), tiny)
     assert got.name == "edges" and got.source == str(folder)
     other = dataclasses.replace(tiny, configs=dataclasses.replace(tiny.configs, unet=tiny.unet.__class__()))  # SDXL's
-    with pytest.raises(SystemExit, match="SDXL_CONTROLNETS: ControlNet 'edges' .*not an SDXL ControlNet"):
+    with pytest.raises(SystemExit, match=r"SDXL_CONTROLNETS: ControlNet 'edges' .*not an SDXL ControlNet"):
         main._controlnets(Settings(controlnets=f"edges={folder}"), other)
