@@ -171,3 +171,65 @@ def test_a_single_file_in_diffusers_layout_reads_as_its_folder(loaded, tiny_cont
     assert got.config == loaded["a"].config
     for x, y in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(loaded["a"].params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_job_with_controlnets_runs_through_the_device_loop(
+    engine, controlnet_reference, redis_url, key_prefix, tmp_path
+):
+    """The worker's path for a job's ControlNets, in process on this module's engine: the control images read
+    back from storage (one preprocessed to canny edges), the rows made, the image recorded: the engine's own for
+    the same row."""
+    import io
+
+    import redis
+    from PIL import Image
+
+    from common import inputs
+    from common.batch_log import BatchLog
+    from common.job_store import JobStore
+    from common.jobs import JobRequest
+    from common.storage import LocalStorage
+    from common.worker_registry import WorkerRegistry
+    from worker.device_loop import DeviceLoop, LoopSettings
+    from worker.engine import canny
+
+    ref = controlnet_reference
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    keys = {}
+    for name, picture in (("photo", ref["image"]), ("map", ref["control/b"])):
+        digest, data = inputs.encode(Image.fromarray(picture))
+        keys[name] = inputs.key("t", digest)
+        storage.put(keys[name], data, "image/png")
+    client = redis.Redis.from_url(redis_url)
+    loop = DeviceLoop(
+        engine,
+        JobStore(client, key_prefix, ttl_s=60),
+        storage,
+        LoopSettings(0.2),
+        workers=WorkerRegistry(client, key_prefix),
+        batches=BatchLog(client, key_prefix),
+    )
+    controls = [
+        {"name": "a", "image": keys["photo"], "preprocess": "canny", "scale": 0.8, "end": 0.7},
+        {"name": "b", "image": keys["map"], "scale": 0.5},
+    ]
+    request = JobRequest(prompt="a castle", width=64, height=64, seed=3, steps=3, controlnets=controls)
+    job_id = loop.store.create(request)[0]
+    loop.start()
+    try:
+        assert loop.submit(job_id).result(timeout=120) == "succeeded"
+    finally:
+        loop.stop()
+    (record,) = loop.store.get(job_id).images
+    got = np.asarray(Image.open(io.BytesIO((storage.root / record.key).read_bytes())).convert("RGB"), dtype=int)
+    edges = canny.edges(ref["image"])
+    row = Row(
+        "a castle",
+        seed=3,
+        steps=3,
+        controlnets=(Control("a", edges, 0.8, 0.0, 0.7), Control("b", ref["control/b"], 0.5)),
+    )
+    want = engine.generate([row], 64, 64).images[0].astype(int)
+    assert np.abs(got - want).max() <= 1
+    plain = engine.generate([Row("a castle", seed=3, steps=3)], 64, 64).images[0].astype(int)
+    assert np.abs(got - plain).max() > 10  # the ControlNets did act
