@@ -119,6 +119,18 @@ def test_rows_with_other_controlnets_or_none_share_a_batch_and_nothing_compiles(
     assert counter.requests == before
 
 
+def test_the_guidance_free_step_runs_controlnets_as_the_guided_one_does(engine, controlnet_reference):
+    # guidance 1: the guided program takes the conditional row alone (as diffusers skips guidance), the guidance-free
+    # one runs that row alone; both with the ControlNets on it, so they give the same image
+    ref = controlnet_reference
+    controls = _controls(ref, [("a", "a", 0.8, 0.0, 1.0), ("b", "b", 0.5, 0.3, 1.0)])
+    rows = [_row(ref, controls, guidance_scale=1.0), _row(ref, [], guidance_scale=1.0, seed=2)]
+    free = engine.dispatch(rows, 64, 64).fetch().images
+    guided = engine.dispatch(rows, 64, 64, guided=True).fetch().images
+    assert np.abs(free.astype(int) - guided.astype(int)).max() <= 1
+    assert engine.compile_s.keys() >= {"4x64x64/advance-free-control", "4x64x64/advance-control"}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
