@@ -3,7 +3,7 @@ sample plus an embedding of a control image, and hands the UNet one residual per
 one for its mid block.
 
     residuals = ControlNet(config).apply(variables, sample NCHW, timesteps, context, text_embeds, time_ids, image)
-    embedded = embed(config, params, image)  # the image's part alone, made once and handed in as `embedded`
+    embedded = embed(config, params, image, dtype)  # the image alone: made once per chunk, handed in as `embedded`
 
 What it is: the UNet's time and text_time embeddings, conv_in and down blocks and mid block (unet.py's, the same
 parameter names); `controlnet_cond_embedding` (ControlNetConditioningEmbedding: a 3x3 conv, then per level a 3x3
