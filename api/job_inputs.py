@@ -1,6 +1,7 @@
 """A job's input images at submit: decoded and checked (common/inputs.py), the job's size taken from the init
 image when the request names none, then stored under the tenant's input prefix and named by key in the
-request. Checking comes first and storing last, so a refused job leaves nothing behind.
+request. Checking comes first and storing last, so a refused job leaves nothing behind. The images are the
+init image, the mask and each ControlNet's control image (named `controlnets[i].image`).
 """
 
 from __future__ import annotations
@@ -36,16 +37,19 @@ def _unavailable(exc: Exception) -> HTTPException:
     )
 
 
+def _given(body: JobRequest) -> list[tuple[str, str]]:
+    """(field, value) of each image the request carries: a mask without an init image is refused by check_limits,
+    unread."""
+    given = [(name, getattr(body, name)) for name in NAMES if body.init_image is not None]
+    given += [(f"controlnets[{i}].image", c.image) for i, c in enumerate(body.controlnets)]
+    return [(name, value) for name, value in given if value is not None]
+
+
 def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]]) -> tuple[JobRequest, Inputs]:
     """Read the request's images; with no width or height given, the init image's size (which must be
     served). Raises LimitError naming the field."""
     found = Inputs()
-    if body.init_image is None:
-        return body, found  # a mask or strength alone is refused by check_limits, unread
-    for name in NAMES:
-        value = getattr(body, name)
-        if value is None:
-            continue
+    for name, value in _given(body):
         if inputs.is_key(value):
             # a tenant reads only its own inputs: another's key would be another's picture
             if not value.startswith(inputs.prefix(tenant)) or ".." in value.split("/"):
@@ -63,7 +67,7 @@ def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[in
             found.images[name] = reader(data)  # type: ignore[arg-type]
         except inputs.InputError as exc:
             raise LimitError(name, f"the image {exc}") from None
-    if found.images and body.width is None and body.height is None:
+    if "init_image" in found.images and body.width is None and body.height is None:
         w, h = found.images["init_image"].size
         if (h, w) not in sizes:
             served = ", ".join(f"{sw}x{sh}" for sh, sw in sizes)
@@ -92,7 +96,11 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str) -> Job
             undo(found, storage)
             raise _unavailable(exc) from exc
         update[name] = key
-    return body.model_copy(update=update)
+    controls = [
+        c.model_copy(update={"image": update.pop(f"controlnets[{i}].image", c.image)})
+        for i, c in enumerate(body.controlnets)
+    ]
+    return body.model_copy(update=update | ({"controlnets": controls} if controls else {}))
 
 
 def undo(found: Inputs, storage: Storage) -> None:

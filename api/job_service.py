@@ -21,7 +21,17 @@ from api.deps import Caller, Services, owned_job
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
 from common import loras, webhook_target
 from common.job_store import IdempotencyConflict, QueueFull
-from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
+from common.jobs import (
+    MAX_SEED,
+    TERMINAL,
+    Job,
+    JobRequest,
+    JobStatus,
+    LimitError,
+    check_controlnets,
+    check_limits,
+    with_size,
+)
 from common.outage import REDIS_DOWN
 from common.queue import TASK_GENERATE, TASK_WEBHOOK
 
@@ -103,6 +113,9 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
     served.check_model(body, s, services.served)
     loras.check(body.loras, services.loras, s.max_loras_per_job, s.lora_max_rank)
+    check_controlnets(body, list(s.controlnet_specs))
+    if body.controlnets and body.model not in (None, s.model_entries[0].name):
+        raise LimitError("controlnets", "ControlNets are served with the default model only; leave `model` out")
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

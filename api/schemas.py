@@ -89,6 +89,7 @@ class ModelPublic(BaseModel):
     schedulers: list[str]
     timestep_spacings: list[str]
     refiner: str | None = None  # SDXL's refiner served beside the model (jobs may ask for it), or none
+    controlnets: list[str] = []  # the ControlNets a job may name (SDXL_CONTROLNETS), with the default model
     options: dict[str, str]  # what each sampling and image option does, and which model it needs
     output_formats: list[str]
     limits: dict[str, int | float]

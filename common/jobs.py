@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from common.vocabulary import (
     DEFAULT_INPAINT_STRENGTH,
@@ -81,6 +81,45 @@ class LoraRequest(BaseModel):
     )
 
 
+class ControlPreprocess(StrEnum):
+    """What the worker makes of a ControlNet's image before the ControlNet sees it."""
+
+    none = "none"  # the image is the control map already (edges, depth, pose, ...), prepared by the client
+    canny = "canny"  # the image is a picture: its canny edges (thresholds low_threshold, high_threshold) are the map
+
+
+class ControlNetRequest(BaseModel):
+    """A ControlNet for a job: its name in GET /v1/models `controlnets`, the control image, and how it applies."""
+
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=128, description="A ControlNet's name, as GET /v1/models lists it.")
+    image: str = Field(
+        min_length=1,
+        max_length=23_000_000,
+        description="The control image, like init_image: base64, a data: URL, or this tenant's `inputs/...` key; "
+        "resized to the job's size. A prepared map (edges, depth, pose) unless `preprocess` says otherwise.",
+    )
+    scale: float = Field(1.0, ge=0, le=4, allow_inf_nan=False, description="Its conditioning scale; 0: off.")
+    start: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="The share of the steps before it acts.")
+    end: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="The share of the steps after which it stops.")
+    preprocess: ControlPreprocess = Field(
+        ControlPreprocess.none, description="`canny`: take the image's canny edges as the map (no model involved)."
+    )
+    low_threshold: float = Field(100, ge=0, le=2040, allow_inf_nan=False, description="canny's lower threshold.")
+    high_threshold: float = Field(200, ge=0, le=2040, allow_inf_nan=False, description="canny's upper threshold.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetRequest:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed high_threshold")
+        return self
+
+
+MAX_CONTROLNETS_PER_JOB = 4  # each runs on every step of its rows; more is rarely useful and costs each one
+
+
 class JobRequest(BaseModel):
     """A text-to-image job. Limits that depend on the deployment (sizes, steps, images) are checked by
     `check_limits` against the settings."""
@@ -147,6 +186,13 @@ class JobRequest(BaseModel):
         description='LoRA adapters to apply, e.g. [{"name": "pixel-art", "scale": 0.8}] (GET /v1/loras); at most '
         "the deployment's max_loras_per_job. Rows with other adapters still share a batch: no compile, no wait.",
     )
+    controlnets: list[ControlNetRequest] = Field(
+        [],
+        max_length=MAX_CONTROLNETS_PER_JOB,
+        description='ControlNets, e.g. [{"name": "canny", "image": "<base64>", "scale": 0.7}] (GET /v1/models '
+        "`controlnets`), several at once, each by name once. With text-to-image, image-to-image and inpainting; not "
+        "with the refiner. Rows with other ControlNets, or none, still share a batch.",
+    )
     output_format: OutputFormat = OutputFormat.png
     webhook_url: str | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
@@ -202,10 +248,23 @@ def check_limits(
             raise LimitError("strength", f"{strength} of {request.steps} steps runs none; raise strength or steps")
     if request.refiner is not None and request.init_image is not None:
         raise LimitError("refiner", "the refiner is not served with init_image; leave one of them out")
+    if request.refiner is not None and request.controlnets:
+        raise LimitError("refiner", "the refiner is not served with controlnets; leave one of them out")
     if request.scheduler is Scheduler.lcm and request.steps > LCM_MAX_STEPS:
         raise LimitError("steps", f"the lcm scheduler runs at most {LCM_MAX_STEPS} steps, got {request.steps}")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
+
+
+def check_controlnets(request: JobRequest, served: list[str]) -> None:
+    """The request's ControlNets against the deployment's (SDXL_CONTROLNETS): each served, each once."""
+    names = [c.name for c in request.controlnets]
+    for name in names:
+        if name not in served:
+            known = ", ".join(served) or "none (no SDXL_CONTROLNETS)"
+            raise LimitError("controlnets", f"no ControlNet named {name!r}; served: {known}")
+    if len(set(names)) != len(names):
+        raise LimitError("controlnets", f"each ControlNet at most once per job, got {names}")
 
 
 class Progress(BaseModel):

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     # device memory for resident adapters (each slot: rank x the adapted layers' widths, SDXL at rank 64 in
     # bfloat16: ~0.33 GB); the least recently used is replaced when a new one is needed
     lora_cache_bytes: int = Field(4 * 1024**3, ge=1)
+    # ControlNets for the default model: NAME=SPEC entries, comma-separated, each SPEC a diffusers ControlNetModel
+    # folder or a single .safetensors file in diffusers' layout ('canny=/models/controlnet-canny-sdxl-1.0').
+    # Requests name them (`controlnets`); every one runs in the batches that use any (compiled at start). '': none
+    controlnets: str = ""
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -265,6 +269,12 @@ class Settings(BaseSettings):
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
         return self
 
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets(cls, value: str) -> str:
+        parse_controlnets(value)
+        return value
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: str) -> str:
@@ -287,6 +297,11 @@ class Settings(BaseSettings):
         if self.models.strip():
             return parse_models(self.models)
         return [ModelEntry(self.model, self.model, self.vae, self.unet)]
+
+    @property
+    def controlnet_specs(self) -> dict[str, str]:
+        """SDXL_CONTROLNETS as name -> spec, in its order."""
+        return parse_controlnets(self.controlnets)
 
     @property
     def worker_queues(self) -> list[str]:
@@ -330,3 +345,18 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def parse_controlnets(value: str) -> dict[str, str]:
+    """'canny=/models/cn-canny,depth=/models/cn-depth' -> {name: spec}; ValueError naming the bad entry."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, sep, spec = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not spec or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ValueError(f"SDXL_CONTROLNETS: {entry!r} is not NAME=SPEC (a name of letters, digits, . _ -)")
+        if name in out:
+            raise ValueError(f"SDXL_CONTROLNETS: {name!r} is named twice")
+        out[name] = spec
+    return out

@@ -131,14 +131,30 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
             refiner = model.load(settings.refiner, shared)
         # the refiner beside the default model only (its weights would be on the devices once per model)
-        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry)
+        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry, i == 0)
     if not engines:
         raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
     log.info("serving %d models: %s", len(engines), ", ".join(engines))
     return engines
 
 
-def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> Engine
+def _controlnets(settings: Settings, m) -> list:  # -> [ControlModel]
+    """SDXL_CONTROLNETS, read for model `m` (the default one) in its dtype; a ControlNet that is not for it stops
+    the start, naming it."""
+    from worker.engine import controlnet_source
+
+    loaded = []
+    for name, spec in settings.controlnet_specs.items():
+        try:
+            loaded.append(controlnet_source.load(name, spec, m.unet, m.dtype))
+        except controlnet_source.ModelError as exc:
+            raise SystemExit(f"SDXL_CONTROLNETS: {exc}") from None
+        log.info("ControlNet %r from %s", name, loaded[-1].source)
+    return loaded
+
+
+def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True):  # -> Engine
+    import jax
     import numpy as np
 
     from worker.engine import cache, lora
@@ -158,6 +174,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
                 settings.lora_max_rank,
             )
         adapters = Adapters(registry.path_of, settings.lora_max_rank, slots, settings.max_loras_per_job)
+    controlnets = _controlnets(settings, m) if default else []  # with the default model only, as the refiner
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m,
@@ -169,8 +186,11 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         progress_every_steps=settings.progress_every_steps,
         refiner=refiner,
         adapters=adapters,
+        controlnets=controlnets,
     )
     compile_s = engine.compile()
+    for c in controlnets:  # on the devices now: keep only the shapes the programs are traced with (SDXL's: 2.5 GB)
+        c.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), c.params)
     for served in (m, refiner):
         if served is not None:
             served.digest_weights()  # recorded with every image: which weights made it

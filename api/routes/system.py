@@ -45,6 +45,7 @@ def models(services: ServicesDep) -> ModelPublic:
         schedulers=[x.value for x in Scheduler],
         timestep_spacings=[x.value for x in Spacing],
         refiner=s.refiner or None,
+        controlnets=list(s.controlnet_specs),
         options={
             "guidance_free": "guidance_scale <= 1 runs a program with one UNet row per image (half the work): what "
             "SDXL-Turbo (4 steps, trailing, guidance 0) and SDXL-Lightning (trailing euler) want",
@@ -60,6 +61,9 @@ def models(services: ServicesDep) -> ModelPublic:
             "with other adapters share a batch)",
             "refiner": '{"switch_at": 0.8, "aesthetic_score": 6.0}: the last steps on the refiner (where one is '
             "served: `refiner` above), as diffusers' base + refiner ensemble",
+            "controlnets": '[{"name": "canny", "image": "<base64>", "scale": 0.7, "start": 0, "end": 1}]: ControlNets '
+            'from `controlnets` above, several at once; "preprocess": "canny" takes a picture\'s edges as the map '
+            "(rows with other ControlNets, or none, share a batch)",
         },
         output_formats=[x.value for x in OutputFormat],
         limits={

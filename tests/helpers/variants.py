@@ -7,6 +7,8 @@ the tests): each tensor moved by a fixed amount seeded by its name.
   with another scaling factor so that using the model's own config instead shows;
 - write_lora: a LoRA adapter in kohya's or diffusers/PEFT's layout (write_random_lora: for any model; the
   benchmarks use it too);
+- write_controlnet: a random ControlNet for the tiny model (a diffusers ControlNetModel folder), its zero
+  convolutions random too, so that it changes the image;
 - folder_digest: what a fixture records of such a folder (make_models_reference.py, test_model.py).
 """
 
@@ -125,3 +127,35 @@ def folder_digest(folder: Path) -> str:
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+CONTROLNET_EMBEDDING = (8, 16, 16, 32)  # the tiny ControlNet's conditioning embedding: 8x down, as the VAE
+CONTROLNET_EMBEDDING_GAIN = 1.8
+
+
+def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
+    """A random ControlNet for the tiny model, as a diffusers ControlNetModel folder (what
+    ControlNetModel.from_unet makes of the tiny UNet, smaller conditioning embedding), every weight drawn from
+    `seed` and its name, the zero convolutions included (zeros would make every ControlNet a no-op)."""
+    from worker.engine import attention, convert, tiny
+    from worker.engine.controlnet import ControlNet, ControlNetConfig
+
+    unet = json.loads((tiny_dir / "unet" / "config.json").read_text())
+    raw = unet | {"conditioning_embedding_out_channels": list(CONTROLNET_EMBEDDING)}
+    pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+    config = ControlNetConfig.from_diffusers(raw, pooled)
+    shapes = ControlNet(config, attention.einsum).shapes()
+    params = {
+        path: tiny.random_leaf((f"controlnet-{seed}", *path), tuple(leaf.shape))
+        for path, leaf in convert.flatten(shapes).items()
+    }
+    # The control image's embedding made to carry the image (a trained ControlNet's does): drawn like the rest, each
+    # of its seven convolutions and SiLUs halves the image's part, and two control images would give nearly the
+    # same picture.
+    for path in params:
+        if path[0] == "controlnet_cond_embedding" and path[-1] == "kernel":
+            params[path] = params[path] * np.float32(CONTROLNET_EMBEDDING_GAIN)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_diffusers(), indent=2))
+    save_file(convert.flax_to_pt(convert.unflatten(params)), folder / "diffusion_pytorch_model.safetensors")
+    return folder

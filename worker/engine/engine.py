@@ -33,7 +33,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,23 @@ from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
 from worker.engine import executables, lora, program, program_weights
-from worker.engine.arguments import AdapterInputs, AdvanceInputs, BeginInputs, EncodeInputs, SamplerState, Start
+from worker.engine.arguments import (
+    AdapterInputs,
+    AdvanceInputs,
+    BeginInputs,
+    ControlInputs,
+    EncodeInputs,
+    SamplerState,
+    Start,
+)
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
+from worker.engine.control_inputs import Control
+from worker.engine.controlnet_source import ControlModel
 from worker.engine.layers import Projections
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
-__all__ = ["Adapters", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
+__all__ = ["Adapters", "Control", "ControlModel", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
 ADVANCE = ProgramKind(Part.advance)  # the UNet's steps: most of a batch's time and memory (bench/accelerator.py)
 
 
@@ -130,6 +140,7 @@ class Engine:
         refiner: Model | None = None,
         adapters: Adapters | None = None,
         light_step: bool = True,
+        controlnets: Sequence[ControlModel] = (),
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -166,10 +177,14 @@ class Engine:
         # Serialized executables, each sealed with aot_key (cache.py): a warm start skips tracing and compiling.
         store = executables.store(aot_dir, aot_key)
         self.executables = executables.Executables(
-            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step
+            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step, controlnets
         )
-        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, adapters.per_row if adapters else None)
-        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images) and "lora"
+        # ControlNets (controlnet.py) on every device, in their order: a controlled advance runs each on every row
+        self.controlnets = [c.name for c in controlnets]
+        self.control_weights = [jax.device_put(c.params, self.replicated) for c in controlnets]
+        per_row = adapters.per_row if adapters else None
+        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, per_row, self.controlnets)
+        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control"
         self.dispatched: collections.Counter[str] = collections.Counter()
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
@@ -268,8 +283,14 @@ class Engine:
             self.dispatched["encode"] += 1
         if adapters is not None:
             self.dispatched["lora"] += 1
+        controls = None
+        if batch.controls is not None:
+            self.dispatched["control"] += 1
+            images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
+            controls = ControlInputs(self.control_weights, images, scales)
         marks: list[tuple[int, Any]] = []
-        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, (height, width), marks)
+        size = (height, width)
+        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, controls)
         steps, params, role = batch.base.steps, self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
@@ -288,15 +309,17 @@ class Engine:
         guided: bool,
         size: tuple[int, int],
         marks: list[tuple[int, Any]],
+        controls: ControlInputs | None = None,
     ) -> tuple[SamplerState, Any]:
         """begin, then advance once per chunk of progress_every_steps, on one model; a mark per chunk goes on
         `marks`, counting on from the steps already there. Returns (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
-        kind = lambda part: ProgramKind(part, guided, model=role, adapted=adapters is not None)  # noqa: E731
-        begin, advance = (self.executable(*size, kind(part)) for part in (Part.begin, Part.advance))
+        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
+        begin = self.executable(*size, kind)
+        advance = self.executable(*size, replace(kind, part=Part.advance, controlled=controls is not None))
         placed: ModelInputs = jax.device_put(inputs, self.rows_sharding)
         state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars))
-        rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables)
+        rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
         done = marks[-1][0] if marks else 0
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from common import inputs
 from common.job_store import JobStore
-from common.jobs import TERMINAL, Job
+from common.jobs import TERMINAL, ControlPreprocess, Job
 from common.loras import Registry
 from common.storage import Storage
+from worker.engine import canny
 from worker.loop.batch import Admitted, InputPixels
 from worker.loop.engine_port import Engines
 from worker.loop.outcome import JobOutcome
@@ -123,15 +124,22 @@ class Admission:
                 raise Gone(f"LoRA adapter {exc.args[0]!r} is no longer served") from None
 
     def _read_inputs(self, job: Job) -> InputPixels:
-        """The job's input images as pixels."""
+        """The job's input images as pixels; a ControlNet's image preprocessed as the request says (canny edges)."""
         read = {}
         for name in ("init_image", "mask_image"):
             key = getattr(job.request, name)
-            if key is None:
-                continue
-            try:
-                data = self.storage_retry(functools.partial(self.storage.get, key))
-            except KeyError as exc:  # deleted by hand, or another deployment's key
-                raise Gone(f"input image {exc.args[0]!r} is no longer in storage") from None
-            read[name] = inputs.pixels(data, mask=name == "mask_image")
-        return InputPixels(read.get("init_image"), read.get("mask_image"))
+            if key is not None:
+                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image")
+        controls = []
+        for c in job.request.controlnets:
+            image = inputs.pixels(self._read(c.image), mask=False)
+            if c.preprocess is ControlPreprocess.canny:
+                image = canny.edges(image, c.low_threshold, c.high_threshold)
+            controls.append(image)
+        return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls))
+
+    def _read(self, key: str) -> bytes:
+        try:
+            return self.storage_retry(functools.partial(self.storage.get, key))
+        except KeyError as exc:  # deleted by hand, or another deployment's key
+            raise Gone(f"input image {exc.args[0]!r} is no longer in storage") from None

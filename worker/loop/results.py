@@ -56,6 +56,8 @@ def parameters(job: Job, index: int, engine: EnginePort, adapters: Sequence[Adap
                 ("refiner_model", refiner.name if refiner else None),
                 ("refiner_hash", refiner.weights_hash if refiner else None),
                 ("loras", adapters_used(job, adapters) or None),
+                # each ControlNet: its name, control image key, scale, window and preprocessing
+                ("controlnets", [c.model_dump(mode="json") for c in r.controlnets] or None),
                 ("model_name", r.model),  # the name the job picked it by (SDXL_MODELS)
             )
             if value is not None

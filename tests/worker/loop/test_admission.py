@@ -134,3 +134,22 @@ def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
     future: Future = Future()
     assert admit(gone.id, None, future) is None and future.result() is JobOutcome.failed
     assert r.store.jobs[gone.id].error == "LoRA adapter 'removed' is no longer served"
+
+
+def test_control_images_are_read_and_preprocessed_as_the_job_asks(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    square = np.zeros((64, 64, 3), np.uint8)
+    square[16:48, 16:48] = 255
+    storage.put("inputs/t/s.png", png(square), "image/png")
+    controls = [
+        {"name": "canny", "image": "inputs/t/s.png", "preprocess": "canny"},
+        {"name": "depth", "image": "inputs/t/s.png"},
+    ]
+    job = make_job(controlnets=controls)
+    r = rig(tmp_path, job, storage=storage)
+    admitted = admission(r, storage, []).admit(job.id, None, Future())
+    assert admitted is not None
+    edges, given = admitted.pixels.controls
+    assert (given == square).all()  # a prepared map goes in as it is
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert not edges[24:40, 24:40].any() and edges[16:48, 14:18].any()  # the square's outline, not its inside

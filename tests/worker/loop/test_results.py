@@ -112,3 +112,12 @@ def test_discarded_images_leave_no_object_and_no_folder(tmp_path):
     written = [w.write(job, i, PIXELS, engine) for i in range(2)]
     w.delete(written)
     assert not (storage.root / written[0].key).parent.exists()
+
+
+def test_controlnets_appear_with_their_image_scale_and_window():
+    controls = [{"name": "canny", "image": "inputs/t/c.png", "scale": 0.7, "end": 0.8, "preprocess": "canny"}]
+    params = parameters(make_job(controlnets=controls), 0, StandInEngine([(64, 64)], 2, 0.0), [])
+    (got,) = params["controlnets"]
+    assert (got["name"], got["image"], got["scale"]) == ("canny", "inputs/t/c.png", 0.7)
+    assert (got["start"], got["end"]) == (0, 0.8)
+    assert (got["preprocess"], got["low_threshold"], got["high_threshold"]) == ("canny", 100, 200)
