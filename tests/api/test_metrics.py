@@ -4,6 +4,7 @@ runs here; tests/test_end_to_end.py reads a real worker's)."""
 from __future__ import annotations
 
 import redis
+from pydantic import SecretStr
 
 from common.keys import Keys
 from common.worker_registry import WorkerRegistry
@@ -160,3 +161,16 @@ def test_readyz_and_metrics_read_redis_in_a_few_commands_however_many_keys_it_ho
                 assert "scan" not in calls and sum(calls.values()) <= most, f"{path}: {calls}"
     finally:
         server.stop()
+
+
+def test_with_a_metrics_key_only_its_bearer_reads_metrics(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    key = "m" * 32
+    with TestClient(create_app(settings.model_copy(update={"metrics_key": SecretStr(key)}))) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong-key-wrong-key"}).status_code == 401
+        answer = client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200 and "sdxl_redis_up" in answer.text
