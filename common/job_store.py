@@ -132,8 +132,8 @@ return 1
 # meanwhile is answered with the new one, and nothing changes.
 _TAKE = """
 -- KEYS: 1 the ring of tenants with ready jobs, 2 the ready set of the tenant the caller read at the ring's head,
---       3 the worker's held set
--- ARGV: 1 the tenant KEYS[2] belongs to
+--       3 the worker's held set, 4 the set of workers that have held jobs
+-- ARGV: 1 the tenant KEYS[2] belongs to, 2 the worker
 -- Returns "JOB:<id>" (now in the worker's held set), "" when nothing is ready, or "HEAD:<tenant>" (nothing
 -- taken) when the ring's head is another tenant: call again with it.
 local head = redis.call('LINDEX', KEYS[1], 0)
@@ -147,6 +147,7 @@ if #taken == 0 then  -- cannot happen while the scripts keep the ring in step; n
   return 'HEAD:' .. next
 end
 redis.call('SADD', KEYS[3], taken[1])
+redis.call('SADD', KEYS[4], ARGV[2])
 redis.call('LPOP', KEYS[1])
 if redis.call('ZCARD', KEYS[2]) > 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
 return 'JOB:' .. taken[1]
@@ -290,7 +291,9 @@ class JobStore:
         head = self._r.lindex(k.ready_tenants, 0)
         while head is not None:
             tenant = head.decode() if isinstance(head, bytes) else head
-            answer = self._take(keys=[k.ready_tenants, k.ready(tenant), k.held(worker)], args=[tenant]).decode()
+            answer = self._take(
+                keys=[k.ready_tenants, k.ready(tenant), k.held(worker), k.holders], args=[tenant, worker]
+            ).decode()
             if answer.startswith("JOB:"):
                 return answer.removeprefix("JOB:")
             head = answer.removeprefix("HEAD:") if answer else None

@@ -33,6 +33,8 @@ Workers (common/worker_registry.py, common/batch_log.py):
                               written with the record: /readyz counts the live ones without a SCAN
     P:held:<name>             set of job ids a worker has taken off the queue and not yet answered: when its
                               heartbeat lapses, the sweep sends them again at once (worker/sweeper.py)
+    P:holders                 set of the workers that have held jobs (their held sets may be empty by now):
+                              the dead-worker sweep reads it instead of a SCAN for held sets
     P:sweep-lock              the worker that runs this heartbeat period's sweeps (expires after 5 s)
     P:image-sweep-lock        the worker that runs this interval's image sweep (expires after the interval)
     P:batches                 list: one JSON line per engine run, newest first, the last 1,000
@@ -165,6 +167,10 @@ class Keys:
     def held(self, worker: str) -> str:
         """The jobs a worker holds; `worker` may be a SCAN glob."""
         return self._join("held", worker)
+
+    @property
+    def holders(self) -> str:
+        return self._join("holders")
 
     def held_worker(self, key: bytes | str) -> str:
         """The worker a held-jobs key names."""

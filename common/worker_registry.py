@@ -8,7 +8,7 @@ workers) a call, never by a SCAN of the keyspace (a SCAN is O(keys in the databa
 cost 3,861 SCAN calls, and /readyz and /metrics are anonymous). Lapsed names are trimmed by each beat.
 A worker notes each job it takes off the queue in P:held:<name> and drops it once the job's message is
 answered; when its heartbeat lapses, the sweep sends its held jobs again at once (worker/sweeper.py). The held
-sets are found by a SCAN in that sweep only: one worker of the fleet, once a heartbeat period.
+sets are found through P:holders, the workers that have held any, written with each hold: no SCAN either.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import redis
 
 from common.keys import Keys
 from common.worker_status import WorkerStatus
-
-SCAN_COUNT = 100  # keys SCAN looks at per call
-
 
 # Both read Redis' clock, not the callers': a worker's and an API's clocks may disagree by more than a life.
 _BEAT = """
@@ -92,13 +89,17 @@ class WorkerRegistry:
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(self.keys.worker(name), self.keys.held(name))
         pipe.zrem(self.keys.workers, name)
+        pipe.srem(self.keys.holders, name)
         pipe.execute()
 
     # ------------------------------------------------------------------ held jobs
 
     def hold(self, worker: str, job_id: str) -> None:
         """The worker has taken this job's message off the queue."""
-        self._r.sadd(self.keys.held(worker), job_id)
+        pipe = self._r.pipeline(transaction=True)  # both or neither: a held set the sweep cannot find is lost
+        pipe.sadd(self.keys.held(worker), job_id)
+        pipe.sadd(self.keys.holders, worker)
+        pipe.execute()
 
     def release(self, worker: str, job_ids: Iterable[str]) -> None:
         """The worker has answered these jobs' messages (or given them back)."""
@@ -111,13 +112,20 @@ class WorkerRegistry:
         return sorted(i.decode() for i in self._r.smembers(self.keys.held(worker)))
 
     def holders(self) -> list[str]:
-        """The workers that hold jobs, live or not."""
-        found = self._r.scan_iter(match=self.keys.held("*"), count=SCAN_COUNT)
-        return sorted({self.keys.held_worker(k) for k in found})
+        """The workers that hold jobs, live or not: those of P:holders whose held set is not empty (one SMEMBERS
+        and one pipelined EXISTS per worker, never a SCAN)."""
+        names = sorted(_text(n) for n in self._r.smembers(self.keys.holders))
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self.keys.held(name))
+        return [name for name, held in zip(names, pipe.execute() if names else [], strict=True) if held]
 
     def drop_held(self, worker: str) -> None:
         """Forget what a dead worker held (its jobs have been sent again)."""
-        self._r.delete(self.keys.held(worker))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self.keys.held(worker))
+        pipe.srem(self.keys.holders, worker)
+        pipe.execute()
 
     # ------------------------------------------------------------------ fleet-wide chores
 

@@ -29,7 +29,7 @@ PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
 
 # The names of the layout's parts, as a key string would carry them between colons.
 PARTS = (
-    "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
+    "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
     "image-sweep-lock|batches|dataset|datasets|dataset-idem|apikey|apikeys|rate|active|inflight|done|rows|failed|"
     "canceled|retry|lock"
 )
@@ -133,6 +133,7 @@ def test_the_layout_on_the_wire():
         k.worker("w"),
         k.workers,
         k.held("w"),
+        k.holders,
         k.sweep_lock,
         k.image_sweep_lock,
         k.batches,
@@ -159,6 +160,7 @@ def test_the_layout_on_the_wire():
         "P:worker:w",
         "P:workers",
         "P:held:w",
+        "P:holders",
         "P:sweep-lock",
         "P:image-sweep-lock",
         "P:batches",
