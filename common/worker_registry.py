@@ -112,13 +112,9 @@ class WorkerRegistry:
         return sorted(i.decode() for i in self._r.smembers(self.keys.held(worker)))
 
     def holders(self) -> list[str]:
-        """The workers that hold jobs, live or not: those of P:holders whose held set is not empty (one SMEMBERS
-        and one pipelined EXISTS per worker, never a SCAN)."""
-        names = sorted(_text(n) for n in self._r.smembers(self.keys.holders))
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            pipe.exists(self.keys.held(name))
-        return [name for name, held in zip(names, pipe.execute() if names else [], strict=True) if held]
+        """The workers that have held jobs and were neither forgotten (a clean exit) nor dropped (the sweep, once
+        their heartbeat lapsed), live or not, sorted; their held sets may be empty. One SMEMBERS, never a SCAN."""
+        return sorted(_text(n) for n in self._r.smembers(self.keys.holders))
 
     def drop_held(self, worker: str) -> None:
         """Forget what a dead worker held (its jobs have been sent again)."""
