@@ -152,9 +152,10 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         metrics.SUBMITTED.labels(f"{body.width}x{body.height}").inc()
         # The record and its outbox entry were stored by one script: from here on the job runs whatever
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
-        # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.
+        # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way. The message names
+        # no job: it wakes a worker, which takes the next job in fair order (tenants in turn), not this one.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=s.queue_name)
+            services.celery.send_task(TASK_GENERATE, args=[], queue=s.queue_name)
             services.store.sent(job_id)
         except Exception:
             log.warning(

@@ -20,6 +20,7 @@ from api.deps import Services
 from api.job_events import JobEvents
 from api.limits import BodyLimit
 from api.routes import datasets, files, jobs, openai, playground, system
+from api.security import SecurityHeaders
 from api.served import ServedModels
 from common import logs
 from common.api_keys import ApiKeyStore
@@ -76,6 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Text-to-image jobs (submit, poll, fetch by signed URL) and whole data sets from JSONL.",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI and ReDoc from a CDN: served only when asked for (api/security.py)
+        docs_url="/docs" if settings.interactive_docs else None,
+        redoc_url="/redoc" if settings.interactive_docs else None,
     )
     errors.install(app)
 
@@ -87,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]  # the documented way to extend FastAPI's schema
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
+    app.add_middleware(SecurityHeaders)  # on every answer, the refusals of the middlewares inside it included
     app.add_middleware(metrics.RequestTimer)  # added last: outermost, so it times what the others refuse too
     for module in (jobs, datasets, openai, files, system, playground):
         _summaries(module.router)

@@ -26,6 +26,7 @@ from common.jobs import (
     LimitError,
     LoraRequest,
     OutputFormat,
+    RenderConditions,
     Scheduler,
     check_limits,
     with_size,
@@ -412,6 +413,7 @@ MANIFEST_COLUMNS = (
     "model",
     "model_hash",
     "adapters",
+    "conditions",
     "truncated",
     "attempts",
     "caption",
@@ -431,9 +433,11 @@ def manifest_row(
     truncated: bool = False,
     attempts: int = 1,
     adapters: list[dict[str, Any]] | None = None,
+    conditions: RenderConditions | None = None,
 ) -> dict[str, Any]:
-    """A generated image's manifest row: what made it (parameters, model and weights hash, adapters) and the
-    user's own fields. Nothing in it but `key` and `shard` names the run, so reruns compare row for row."""
+    """A generated image's manifest row: what made it (parameters, model and weights hash, adapters, and the
+    conditions that decide its bytes: common/jobs.py RenderConditions) and the user's own fields. Nothing in it
+    but `key` and `shard` names the run, so reruns compare row for row."""
     r = line.request
     return {
         "id": line.id,
@@ -451,6 +455,7 @@ def manifest_row(
         "model": model,
         "model_hash": model_hash,
         "adapters": adapters or [],  # LoRA adapters applied: name, scale, sha256
+        "conditions": conditions.model_dump() if conditions is not None else None,
         "truncated": truncated,
         "attempts": attempts,
         "caption": line.caption,

@@ -274,6 +274,24 @@ class Progress(BaseModel):
     steps: int
 
 
+class RenderConditions(BaseModel):
+    """What decides an image's bytes besides its request and its weights (ImageRecord.model_hash). The programs
+    are deterministic, so two runs of one request with the same weights and equal conditions give the same bytes;
+    a change in any of these may move pixels by a level (XLA fuses and orders reductions by batch shape, device
+    and version: a rerun with another SDXL_BATCH_ROWS changed 40 of 52 images of a data set by one level)."""
+
+    dtype: str  # the networks' compute dtype (SDXL_DTYPE)
+    vae_dtype: str  # the VAE's (SDXL_VAE_DTYPE)
+    quantize: str  # "none" or the weights' quantization (SDXL_QUANTIZE)
+    attention: str  # the attention implementation, resolved (SDXL_ATTENTION)
+    batch_rows: int  # rows every batch is padded to (SDXL_BATCH_ROWS)
+    devices: int  # devices a batch is spread over
+    platform: str  # JAX's platform: cpu, gpu, tpu (the stand-in engine: standin)
+    device_kind: str  # e.g. "NVIDIA H100 80GB HBM3", "TPU v5 lite"
+    jax: str  # versions
+    jaxlib: str
+
+
 class ImageRecord(BaseModel):
     """One produced image, as stored in the job record (the URL is signed at each read)."""
 
@@ -285,6 +303,7 @@ class ImageRecord(BaseModel):
     model: str = ""  # the model's name and weights hash: which weights made it
     model_hash: str = ""
     loras: list[dict] = []  # the adapters applied: name, scale, sha256
+    conditions: RenderConditions | None = None  # None: recorded before conditions were
 
 
 class Job(BaseModel):

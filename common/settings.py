@@ -195,6 +195,13 @@ class Settings(BaseSettings):
     # the longest a request may wait for its job to end (`Prefer: wait=N`, `?wait_s=N`); keep it under the
     # idle timeout of any proxy in front of the API (often 60 s)
     max_wait_s: float = Field(55, ge=0, le=600)
+    # GET /metrics then needs `Authorization: Bearer <this key>` (Prometheus' `authorization` credentials); unset:
+    # /metrics is open, for an API reached only from a private network (the GKE manifests set it)
+    metrics_key: SecretStr | None = Field(None, min_length=16)
+    # /docs (Swagger UI) and /redoc, whose pages load their scripts from a CDN (jsDelivr): off by default, so that
+    # no page of the API runs a third party's code; /openapi.json is always served (no Swagger UI assets ship
+    # in the service's packages to serve them locally)
+    interactive_docs: bool = False
     # --- webhooks
     webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
     webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)

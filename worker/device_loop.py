@@ -115,8 +115,9 @@ class DeviceLoop:
         # if the device thread dies, the process exits: never a silent worker
         self._thread = supervised(self.dispatcher.run, "device")
 
-    def submit(self, job_id: str, generation: int | None = None) -> Future[JobOutcome]:
+    def submit(self, job_id: str | None, generation: int | None = None) -> Future[JobOutcome]:
         """From a Celery thread: queue a job for the device; the future resolves to its outcome once recorded.
+        `job_id` None (an interactive job's message): the next interactive job in fair order, or `idle`.
         `generation` is the message's: a message older than the job's current one (re-sent after its worker
         died) is answered `stale` and never runs; None (a data set feeder's message) is taken as current."""
         future: Future[JobOutcome] = Future()

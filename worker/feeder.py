@@ -157,6 +157,7 @@ class Feeder:
                     job.truncated,
                     job.attempts,
                     image.loras,
+                    image.conditions,
                 )
                 self.datasets.reap(run.id, index, job_id, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:

@@ -249,9 +249,11 @@ def main() -> None:
     name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
     def send(job_id: str, lane: str = "", generation: int | None = None) -> None:
-        queue = settings.bulk_queue_name if lane == "bulk" else settings.queue_name
+        if lane != "bulk":  # queued again, so ready again (by the script that queued it): a wake-up names no job
+            tasks.app.send_task(TASK_GENERATE, args=[], queue=settings.queue_name)
+            return
         args = [job_id] if generation is None else [job_id, generation]
-        tasks.app.send_task(TASK_GENERATE, args=args, queue=queue)
+        tasks.app.send_task(TASK_GENERATE, args=args, queue=settings.bulk_queue_name)
 
     loop = DeviceLoop(
         engines,

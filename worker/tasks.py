@@ -24,8 +24,10 @@ def bind(loop: DeviceLoop) -> None:
 
 
 @app.task(name=TASK_GENERATE)
-def generate(job_id: str, generation: int | None = None) -> str:
-    """Run one job; returns its final status. `generation`: the message's (None: whatever the record's is);
+def generate(job_id: str | None = None, generation: int | None = None) -> str:
+    """Run one job; returns its final status. No `job_id` (an interactive job's message): a wake-up, and the
+    worker runs the next interactive job in fair order (tenants in turn, common/job_store.py take), or nothing.
+    A data set line's message names its job. `generation`: the message's (None: whatever the record's is);
     an older one than the record's was superseded and is dropped."""
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 
 from api import metrics
-from api.deps import ServicesDep
+from api.deps import ServicesDep, bearer
 from api.schemas import LoraPublic, LorasPublic, ModelPublic, ServedModelPublic
 from common.jobs import LCM_MAX_STEPS, OutputFormat, Scheduler, Spacing
 from common.outage import REDIS_DOWN
@@ -115,8 +119,17 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {metrics.CONTENT_TYPE: {}}}})
-async def prometheus_metrics(services: ServicesDep) -> Response:
-    """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
+async def prometheus_metrics(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Response:
+    """Queue, workers and devices in Prometheus' text format (with SDXL_METRICS_KEY set, only for that key)."""
+    key = services.settings.metrics_key
+    if key is not None:
+        given = credentials.credentials.strip().encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, key.get_secret_value().encode()):
+            raise HTTPException(
+                401, "send `Authorization: Bearer <SDXL_METRICS_KEY>`", headers={"WWW-Authenticate": "Bearer"}
+            )
     redis_up = True
     try:
         services.metrics_figures = await run_in_threadpool(

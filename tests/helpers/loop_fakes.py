@@ -98,6 +98,11 @@ class FakeStore:
         ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, error=error)
         return ok
 
+    def give_back(self, job: Job) -> bool:
+        """Ready again (the real store's ready set is tested in tests/common/test_job_store.py): noted only."""
+        self.calls.append(("give_back", job.id))
+        return self.jobs.get(job.id) is not None and self.jobs[job.id].status is JobStatus.queued
+
     def record_progress(self, steps_done: dict[str, Progress]) -> None:
         self.progress.append(steps_done)
 

@@ -196,6 +196,27 @@ class Engine:
         dtype, per_row = self.model.dtype, adapters.per_row
         return lora.Bank(found, read, adapters.rank, adapters.slots, per_row, dtype, self.replicated)
 
+    @property
+    def conditions(self) -> dict[str, str | int]:
+        """What decides a row's output bytes besides the row and the weights (model.weights_hash): the programs
+        are deterministic, but XLA picks fusions and reduction orders by shape (the batch's rows), device and
+        version, so an engine that differs in any of these may move pixels by a level."""
+        import jaxlib
+
+        device = self.mesh.devices.flat[0]
+        return {
+            "dtype": np.dtype(self.model.dtype).name,
+            "vae_dtype": np.dtype(self.model.dtype_of("vae")).name,
+            "quantize": str(self.model.quantize),
+            "attention": self.attention,
+            "batch_rows": self.batch_rows,
+            "devices": int(self.mesh.devices.size),
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+        }
+
     # ------------------------------------------------------------------ compiling
 
     @property

@@ -85,6 +85,22 @@ class StandInEngine:
         self._lock = threading.Lock()
         self.compile_s: dict[str, float] = {}
 
+    @property
+    def conditions(self) -> dict[str, str | int]:
+        """As the real engine's (worker/engine/engine.py): its pictures depend on nothing but the row's index."""
+        return {
+            "dtype": "uint8",
+            "vae_dtype": "uint8",
+            "quantize": "none",
+            "attention": "none",
+            "batch_rows": self.batch_rows,
+            "devices": 1,
+            "platform": "standin",
+            "device_kind": "standin",
+            "jax": "none",
+            "jaxlib": "none",
+        }
+
     def compile(self) -> dict[str, float]:
         return {}
 

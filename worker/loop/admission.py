@@ -83,9 +83,16 @@ class Admission:
         self.max_attempts = max_attempts
         self.loras = loras  # the adapter registry: a job's adapters are fetched (from storage) before it is batched
 
-    def admit(self, job_id: str, generation: int | None, future: Future[JobOutcome]) -> Admitted | None:
-        """The job, ready to wait for its batch; or None with its message answered."""
-        self.presence.hold(job_id)
+    def admit(self, job_id: str | None, generation: int | None, future: Future[JobOutcome]) -> Admitted | None:
+        """The job, ready to wait for its batch; or None with its message answered. `job_id` None: a wake-up
+        message (an interactive job's), answered by the next job in fair order (common/job_store.py take)."""
+        if job_id is None:
+            job_id = self.redis(self.store.take, self.presence.name)  # held by the script that takes it
+            if job_id is None:
+                future.set_result(JobOutcome.idle)  # its job was taken by an earlier wake-up, or canceled
+                return None
+        else:
+            self.presence.hold(job_id)
         job = self.redis(self.store.get, job_id)
         verdict = judge(job, generation, self.max_attempts, self.engines)
         if verdict.outcome is None:
@@ -97,6 +104,8 @@ class Admission:
         if verdict.outcome is JobOutcome.not_here and job is not None:
             model = job.request.model
             log.info("job for model %r, which this worker does not hold: handed back", model, extra={"job_id": job_id})
+            self.recorder.hand_back(job, future, verdict.outcome)
+            return None
         self.recorder.refuse(job_id, future, verdict.outcome)
         return None
 
@@ -110,7 +119,7 @@ class Admission:
             self.recorder.fail_unrun(job, future, str(gone))
         except Exception:
             log.warning("could not read what job %s needs from storage; requeued", job.id, exc_info=True)
-            self.recorder.refuse(job.id, future, JobOutcome.requeue)
+            self.recorder.hand_back(job, future, JobOutcome.requeue)
         return None
 
     def _fetch_adapters(self, job: Job) -> None:

@@ -76,6 +76,8 @@ class EnginePort(Protocol):
     @property
     def batch_rows(self) -> int: ...  # every batch is padded to this many rows
     @property
+    def conditions(self) -> Mapping[str, str | int]: ...  # what decides the bytes besides rows and weights
+    @property
     def mesh(self) -> DeviceSet: ...
 
     def dispatch(self, rows: Sequence[Row], height: int, width: int) -> PendingBatch: ...

@@ -21,6 +21,7 @@ class JobOutcome(StrEnum):
     stale = "stale"
     # a model this worker does not hold (a fleet whose workers hold different models): back to the queue
     not_here = "not-here"
+    idle = "idle"  # a wake-up message (it names no job) found no interactive job ready: nothing to do
 
     @classmethod
     def of(cls, status: JobStatus | None) -> JobOutcome:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from common.jobs import ImageRecord, Job
+from common.jobs import ImageRecord, Job, RenderConditions
 from common.storage import Storage
 from worker import images, metrics
 from worker.engine.program_kind import Role
@@ -97,6 +97,7 @@ class ImageWriter:
             model=params["model"],
             model_hash=params["model_hash"],
             loras=adapters_used(job, adapters),
+            conditions=RenderConditions(**engine.conditions),
         )
 
     def delete(self, written: list[ImageRecord]) -> None:

@@ -123,6 +123,7 @@ def test_storage_away_beyond_the_backoff_gives_the_job_back(tmp_path: Path):
     assert admission(r, storage, sleeps).admit(job.id, None, future) is None
     assert future.result() is JobOutcome.requeue and sleeps == [0.5]
     assert r.store.jobs[job.id].status is JobStatus.queued and r.registry.held["w1"] == set()
+    assert ("give_back", job.id) in r.store.calls  # ready again for any worker to take
 
 
 def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
