@@ -6,6 +6,7 @@ request. Checking comes first and storing last, so a refused job leaves nothing 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,37 @@ class Inputs:
     written: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How much decoding one API process does: at most max_pixels per image, `slots` images at once (the
+    decode, and later the resize and PNG encode); a request waits up to wait_s for a slot, then 503."""
+
+    max_pixels: int
+    slots: threading.BoundedSemaphore
+    wait_s: float = 30.0
+
+    @staticmethod
+    def of(max_pixels: int, concurrent: int) -> DecodeLimits:
+        return DecodeLimits(max_pixels, threading.BoundedSemaphore(concurrent))
+
+    def slot(self) -> _Slot:
+        return _Slot(self)
+
+
+class _Slot:
+    def __init__(self, limits: DecodeLimits):
+        self.limits = limits
+
+    def __enter__(self) -> None:
+        if not self.limits.slots.acquire(timeout=self.limits.wait_s):
+            raise HTTPException(
+                503, "every image decoder of this API process is busy; retry shortly", headers={"Retry-After": "2"}
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.limits.slots.release()
+
+
 def _unavailable(exc: Exception) -> HTTPException:
     return HTTPException(
         503,
@@ -36,7 +68,9 @@ def _unavailable(exc: Exception) -> HTTPException:
     )
 
 
-def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]]) -> tuple[JobRequest, Inputs]:
+def decode(
+    body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]], limits: DecodeLimits
+) -> tuple[JobRequest, Inputs]:
     """Read the request's images; with no width or height given, the init image's size (which must be
     served). Raises LimitError naming the field."""
     found = Inputs()
@@ -49,7 +83,9 @@ def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[in
         if inputs.is_key(value):
             # a tenant reads only its own inputs: another's key would be another's picture
             if not value.startswith(inputs.prefix(tenant)) or ".." in value.split("/"):
-                raise LimitError(name, f"{value!r} is not under this tenant's inputs ({inputs.prefix(tenant)!r})")
+                raise LimitError(name, f"{value[:200]!r} is not under this tenant's inputs ({inputs.prefix(tenant)!r})")
+            if not inputs.is_stored_key(value, tenant):
+                raise LimitError(name, f"{value[:200]!r} is not an input key (inputs/<tenant>/<sha256>.png)")
             try:
                 data = storage.get(value)
             except (KeyError, ValueError):
@@ -59,8 +95,11 @@ def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[in
             reader = inputs.read
         else:
             data, reader = value, inputs.decode
+        # the job's size when the request gives it: a JPEG is then decoded no larger than it needs
+        size = (body.width, body.height) if body.width is not None and body.height is not None else None
         try:
-            found.images[name] = reader(data)  # type: ignore[arg-type]
+            with limits.slot():
+                found.images[name] = reader(data, limits.max_pixels, size)  # type: ignore[arg-type]
         except inputs.InputError as exc:
             raise LimitError(name, f"the image {exc}") from None
     if found.images and body.width is None and body.height is None:
@@ -74,13 +113,15 @@ def decode(body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[in
     return body, found
 
 
-def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str) -> JobRequest:
+def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str, limits: DecodeLimits) -> JobRequest:
     """Bring each image to the job's size and store it (PNG, by content hash); the request names the keys."""
     assert body.width is not None and body.height is not None
     update: dict[str, Any] = {}
-    for name, image in found.images.items():
-        image = inputs.normalize(image, body.width, body.height, mask=name == "mask_image")
-        digest, data = inputs.encode(image)
+    for name in list(found.images):
+        with limits.slot():
+            image = inputs.normalize(found.images.pop(name), body.width, body.height, mask=name == "mask_image")
+            digest, data = inputs.encode(image)
+        del image  # the decoded pixels go now, not when the request ends
         key = inputs.key(tenant, digest)
         try:
             try:

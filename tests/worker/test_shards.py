@@ -77,3 +77,18 @@ def test_parquet_parts_and_their_concatenation():
 
 def test_jsonl_keeps_unicode():
     assert shards.jsonl(rows(1)).decode().count("✓") == 1
+
+
+def test_an_id_of_any_legal_length_names_its_members(tmp_path):
+    import webdataset as wds
+
+    from common.datasets import ID_PATTERN
+
+    longest = "x" * 128  # USTAR names stop at 100 bytes: `<id>.json` of a 96-128 character id did not fit
+    assert ID_PATTERN.match(longest)
+    data = [{**rows(1)[0], "id": longest}, {**rows(2)[1], "id": "y" * 97}]
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(shards.tar_shard(data, [b"a", b"b"], "webp"))
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [longest, "y" * 97]
+    assert [s["webp"] for s in samples] == [b"a", b"b"]
