@@ -202,3 +202,26 @@ def test_waits_are_capped_per_key(settings):
         refused = next(o for o in outcomes if o.status_code == 429)
         assert int(refused.headers["Retry-After"]) >= 1
         assert c.get(f"/v1/jobs/{job_id}", params={"wait_s": 0.1}).status_code == 200  # slots given back
+
+
+def test_an_upload_takes_a_tenant_slot_before_its_body_is_read(client):
+    uploads = client.app.state.services.uploads
+    give_back = [uploads.take("test") for _ in range(uploads.limit)]  # this tenant's uploads, all in progress
+    r = upload(client, [{"id": "a", "prompt": "x"}])
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+    assert "SDXL_MAX_UPLOADS_PER_TENANT" in r.json()["detail"]
+    for give in give_back:
+        give()
+    assert upload(client, [{"id": "a", "prompt": "x"}]).status_code == 202
+
+
+def test_decodes_wait_for_a_slot_and_give_up_with_503(client):
+    from api.job_inputs import DecodeLimits
+
+    services = client.app.state.services
+    services.decodes = DecodeLimits(services.decodes.max_pixels, threading.BoundedSemaphore(1), wait_s=0.2)
+    services.decodes.slots.acquire()  # the one decoder is busy
+    r = client.post("/v1/jobs", json={**GOOD, "init_image": webp(96, 64)})
+    assert r.status_code == 503 and r.headers["Retry-After"], r.text
+    services.decodes.slots.release()
+    assert client.post("/v1/jobs", json={**GOOD, "init_image": webp(96, 64)}).status_code == 202
