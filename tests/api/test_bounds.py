@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from tests.api.test_datasets import OPTIONS, upload
 from tests.helpers.servers import at_once, authorize
 
 GOOD = {"prompt": "a cat in a hat", "width": 96, "height": 64}
+OPTIONS = {"defaults": {"width": 96, "height": 64, "steps": 4}, "seed": 11, "shard_size": 2}
 SURROGATE = "\ud800"
 
 
@@ -26,6 +26,12 @@ def post_raw(client, path: str, body: object):
     """json.dumps escapes a lone surrogate as \\ud800, as a client in another language may send it (httpx's own
     encoder would refuse to write it)."""
     return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def upload(client, lines, options=OPTIONS):
+    text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
+    files = {"input": ("prompts.jsonl", text, "application/x-ndjson")}
+    return client.post("/v1/datasets", files=files, data={"options": json.dumps(options)})
 
 
 def field_of(r) -> str:
