@@ -113,7 +113,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             raise LimitError("webhook_url", str(exc)) from exc
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
-    body = job_inputs.store(body, found, services.storage, tenant, services.decodes)  # last: only a job that passed
+    body = job_inputs.store(body, found, services.storage, tenant)  # last: only a job that passed every check
     try:
         # a replay is answered whatever the limits; only new work counts against the queued cap
         job_id, created = services.store.create(

@@ -225,7 +225,8 @@ def test_decodes_wait_for_a_slot_and_give_up_with_503(client):
     from api.job_inputs import DecodeLimits
 
     services = client.app.state.services
-    services.decodes = DecodeLimits(services.decodes.max_pixels, threading.BoundedSemaphore(1), wait_s=0.2)
+    busy = DecodeLimits(services.decodes.max_pixels, threading.BoundedSemaphore(1), services.decodes.workers, 0.2)
+    services.decodes = busy
     services.decodes.slots.acquire()  # the one decoder is busy
     r = client.post("/v1/jobs", json={**GOOD, "init_image": webp(96, 64)})
     assert r.status_code == 503 and r.headers["Retry-After"], r.text
