@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events.start()  # connects in the background: an API started before Redis still starts
         yield
         await events.stop()
+        app.state.services.decodes.workers.shutdown(wait=False)  # idle by now: requests have ended
         client.close()
 
     app = FastAPI(
