@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -106,7 +106,8 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     """Check, store and queue a job. A replayed Idempotency-Key gives the earlier job's id."""
     s = services.settings
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
-    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes)  # a size from the init image
+    # a size from the init image
+    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes)
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.refiner is not None and not s.refiner:
@@ -175,7 +176,15 @@ async def submit_and_wait(
     """Submit, then read the job once (no wait) or once it has ended or `wait_s` has passed."""
     submitted = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
     try:
-        job = await until_ended(services, request, caller, submitted.job_id, wait_s or 0)
+        try:
+            job = await until_ended(services, request, caller, submitted.job_id, wait_s or 0)
+        except HTTPException as exc:
+            if exc.status_code != 429:
+                raise
+            # This key holds its cap of waits. The job is stored: a 429 would read as "not stored" and invite a
+            # duplicate, so the preference is ignored instead (RFC 7240 allows it): 202 now, no Preference-Applied.
+            wait_s = None
+            job = await until_ended(services, request, caller, submitted.job_id, 0)
     except REDIS_DOWN:
         if not submitted.created:
             raise
@@ -202,6 +211,16 @@ async def until_ended(services: Services, request: Request, caller: Caller, job_
 
     if not wait_s:
         return await services.events.until_ended(job_id, 0, read)
+    give_back = services.waits.take(caller.key_id)  # 429 when this key holds its cap of waits and streams
+    try:
+        return await _until_ended(services, request, job_id, wait_s, read)
+    finally:
+        give_back()
+
+
+async def _until_ended(
+    services: Services, request: Request, job_id: str, wait_s: float, read: Callable[[], Awaitable[Job]]
+) -> Job | None:
     waiting = asyncio.ensure_future(services.events.until_ended(job_id, wait_s, read))
     gone = asyncio.ensure_future(client_gone(request))
     try:

@@ -18,10 +18,12 @@ from redis.retry import Retry
 from api import errors, metrics
 from api.deps import Services
 from api.job_events import JobEvents
+from api.job_inputs import DecodeLimits
 from api.limits import BodyLimit
 from api.routes import datasets, files, jobs, openai, playground, system
 from api.security import SecurityHeaders
 from api.served import ServedModels
+from api.slots import Slots
 from common import logs
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
@@ -66,10 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
             served=ServedModels(workers),
+            decodes=DecodeLimits.of(settings.input_pixel_cap, settings.max_concurrent_decodes),
+            waits=Slots(settings.max_waits_per_key, "event streams and waits per API key", "SDXL_MAX_WAITS_PER_KEY"),
+            uploads=Slots(
+                settings.max_uploads_per_tenant, "data set uploads per tenant", "SDXL_MAX_UPLOADS_PER_TENANT", 10
+            ),
         )
         events.start()  # connects in the background: an API started before Redis still starts
         yield
         await events.stop()
+        app.state.services.decodes.workers.shutdown(wait=False)  # idle by now: requests have ended
         client.close()
 
     app = FastAPI(

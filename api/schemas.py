@@ -131,6 +131,7 @@ class DatasetPublic(BaseModel):
     # URLs of GET .../files; the files themselves stay in storage
     expires_at: float | None = None
     invalid_lines: list[LineErrorPublic] = []  # the first 100 lines left out (on_invalid=skip)
+    error: str | None = None  # status `failed`: why the run was given up on
 
 
 class DatasetsPublic(BaseModel):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from common.vocabulary import (
     DEFAULT_INPAINT_STRENGTH,
@@ -47,6 +48,23 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+def unicode_text(value: str) -> str:
+    """Refuse a lone surrogate (JSON's "\\ud800" decodes to one): it is no Unicode text, cannot be written as
+    UTF-8, and would fail later where the job is stored, encoded or written to a shard."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"has a lone surrogate ({value[exc.start]!r} at character {exc.start}): not Unicode text; "
+            "send each character whole (a surrogate pair, or the character itself in UTF-8)"
+        ) from None
+    return value
+
+
+# A string that must be valid Unicode: every text field of a request is one
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
 class RefinerRequest(BaseModel):
     """SDXL's ensemble of experts: the base model denoises down to `switch_at` of the noise, the refiner the rest."""
 
@@ -75,7 +93,7 @@ class LoraRequest(BaseModel):
     """A LoRA adapter for a job: its name in GET /v1/loras, and how strongly it applies."""
 
     model_config = {"extra": "forbid"}
-    name: str = Field(min_length=1, max_length=128, description="An adapter's name, as GET /v1/loras lists it.")
+    name: Text = Field(min_length=1, max_length=128, description="An adapter's name, as GET /v1/loras lists it.")
     scale: float = Field(
         1.0, ge=-4, le=4, allow_inf_nan=False, description="Its weight: 1 as trained, 0 off, negative to invert."
     )
@@ -126,8 +144,8 @@ class JobRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(min_length=1, description="What to draw.")
-    negative_prompt: str | None = Field(
+    prompt: Text = Field(min_length=1, description="What to draw.")
+    negative_prompt: Text | None = Field(
         None,
         description='What to avoid. Absent or null: none (zero embeddings on SDXL base, as diffusers does); "" is '
         "the empty string, encoded like any text.",
@@ -150,14 +168,14 @@ class JobRequest(BaseModel):
         description="Where the steps fall on the model's 1000 training timesteps. Absent: the model's scheduler "
         "config. `trailing` for SDXL-Turbo and SDXL-Lightning (with guidance_scale 0 and 1-8 steps).",
     )
-    init_image: str | None = Field(
+    init_image: Text | None = Field(
         None,
         max_length=23_000_000,
         description="Image-to-image: a PNG, JPEG or WebP image as base64 or a data: URL, or the `inputs/...` key "
         "a previous job of this tenant answered with. Stored, and replaced by its key. Resized to width x height "
         "when they are given; otherwise its own size must be served.",
     )
-    mask_image: str | None = Field(
+    mask_image: Text | None = Field(
         None,
         max_length=23_000_000,
         description="Inpainting (with init_image): white (>= 128) where to generate, black where the image is kept; "
@@ -176,7 +194,7 @@ class JobRequest(BaseModel):
         description="Finish with SDXL's refiner (where the deployment serves one, GET /v1/models): "
         '{"switch_at": 0.8} runs the last 20% of the steps on it. Not with init_image.',
     )
-    model: str | None = Field(
+    model: Text | None = Field(
         None,
         max_length=128,
         description="Which served model (GET /v1/models `models`). Absent: the deployment's default, the first.",
@@ -194,7 +212,7 @@ class JobRequest(BaseModel):
         "with the refiner. Rows with other ControlNets, or none, still share a batch.",
     )
     output_format: OutputFormat = OutputFormat.png
-    webhook_url: str | None = Field(
+    webhook_url: Text | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
     )
 

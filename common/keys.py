@@ -67,6 +67,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A job's or data set run's id as a client may send it back (the service makes 32 hex digits): checked before it
+# is put in a key, so that `<run>:rate` cannot name the run's rate list, nor a 300-character id a key at all.
+RECORD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
 
 @dataclass(frozen=True)
 class RunKeys:

@@ -153,7 +153,8 @@ class Registry:
         if known is None:
             try:
                 known = describe(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
-            except (OSError, AdapterFileError, KeyError, TypeError, ValueError, IndexError) as exc:
+            except Exception as exc:  # whatever a malformed header breaks (a rank of 1e400, JSON nested past
+                # the parser's recursion limit): that one file is unusable, never the listing or a job
                 known = exc if isinstance(exc, AdapterFileError) else AdapterFileError(f"unreadable: {exc}")
             with self._lock:
                 self._known[key] = known

@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     # --- data sets (bulk)
     dataset_feeder: bool = True  # this worker may feed data set runs (one feeder per run, by Redis lock)
     dataset_feed_depth: int = Field(256, ge=1)  # a run's lines on the queue or a device at once: Redis stays bounded
+    # a run whose feeder step fails this many times in a row (the same error each 0.5 s tick, not an outage) is
+    # given up on: status `failed`, with `error`; what it had written stays
+    dataset_step_attempts: int = Field(20, ge=1)
     # a tenant's runs being fed at once; more: 429. Each holds up to dataset_feed_depth lines in flight.
     max_active_datasets_per_tenant: int = Field(4, ge=1)
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # a data set upload's size limit (413 above it)
@@ -216,6 +219,26 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    # --- work per request (API): each bounds one request's memory or CPU, so one tenant cannot starve the rest
+    # an input image (init_image, mask_image) decoded to more pixels than this: 422 naming the field, refused from
+    # its header before any pixel is decoded (a JPEG is decoded at 1/2, 1/4 or 1/8 scale first, down to the
+    # job's size: Pillow's draft). 0: four times the largest served size (2048x2048 when 1024x1024 is served)
+    max_input_pixels: int = Field(0, ge=0)
+    # input images decoded, resized or encoded at once per API process; more wait their turn (each holds up to
+    # max_input_pixels x 4 bytes, a few times over while it is converted and resized)
+    max_concurrent_decodes: int = Field(4, ge=1)
+    # a data set line longer than this is refused by number (422, `lines`) unread: it is never held whole
+    max_dataset_line_bytes: int = Field(256 * 1024, ge=1024)
+    # images one data set run may ask for, counted after num_images (a line of num_images 64 is 64): more, 413
+    max_dataset_images: int = Field(10_000_000, ge=1)
+    # images not yet generated in a tenant's runs in progress, the new run's included: more, 429 + Retry-After
+    max_dataset_images_per_tenant: int = Field(10_000_000, ge=1)
+    # data set uploads whose body is being read at once, per tenant and API process: more, 429 + Retry-After,
+    # before the body is read
+    max_uploads_per_tenant: int = Field(2, ge=1)
+    # event streams (GET /v1/jobs/{id}/events) and waits (`?wait_s`, `Prefer: wait`) open at once per API key and
+    # API process: more, 429 + Retry-After. Each costs a read of the job per second while it lasts
+    max_waits_per_key: int = Field(32, ge=1)
     # --- logs
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with job_id / batch_id fields
     # --- storage
@@ -329,6 +352,11 @@ class Settings(BaseSettings):
     def served_sizes(self) -> list[Size]:
         """(height, width) pairs; the first is the default."""
         return parse_sizes(self.image_sizes)
+
+    @property
+    def input_pixel_cap(self) -> int:
+        """The most pixels an input image may be decoded to (SDXL_MAX_INPUT_PIXELS, or 4x the largest served)."""
+        return self.max_input_pixels or 4 * max(h * w for h, w in self.served_sizes)
 
     @property
     def bucket_sizes(self) -> list[Size]:

@@ -290,6 +290,7 @@ def main() -> None:
             lambda job_id: send(job_id, "bulk"),
             owner=name,
             depth=settings.dataset_feed_depth,
+            step_attempts=settings.dataset_step_attempts,
         )
         feeder.start()
 

@@ -23,7 +23,10 @@ from worker.images import EXTENSIONS
 def tar_shard(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], extension: str) -> bytes:
     """One tar: for each row, its image (`images`, in the rows' order) and its manifest row as JSON."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # PAX, not USTAR: USTAR's names stop at 100 bytes, and `<id>.json` of a 96-128 character id (ids may be 128)
+    # did not fit. A member whose name fits gets a plain USTAR header all the same; a longer one is preceded by
+    # a PAX header holding its name, which tar, Python's tarfile and webdataset read (POSIX.1-2001).
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for row, image in zip(rows, images, strict=True):
             _add(tar, f"{row['id']}.{extension}", image)
             _add(tar, f"{row['id']}.json", json.dumps(row, ensure_ascii=False).encode())

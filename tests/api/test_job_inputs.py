@@ -65,7 +65,8 @@ def test_a_given_size_resizes_the_image(client, settings):
         ({"init_image": "BMP"}, "init_image", "BMP"),  # replaced below by a real BMP
         ({"init_image": "SIZE"}, "init_image", "not served"),  # an image of a size nobody serves, no width/height
         ({"init_image": "inputs/someone-else/abc.png"}, "init_image", "not under this tenant"),
-        ({"init_image": "inputs/test/nothing.png"}, "init_image", "no stored input"),
+        ({"init_image": "inputs/test/nothing.png"}, "init_image", "not an input key"),  # no sha256: not asked for
+        ({"init_image": f"inputs/test/{'0' * 64}.png"}, "init_image", "no stored input"),
         ({"init_image": "IMG", "strength": 0.1, "steps": 4}, "strength", "runs none"),
         ({"init_image": "IMG", "strength": 1.5}, "strength", "less than or equal to 1"),
         ({"scheduler": "lcm", "steps": 60}, "steps", "at most 50"),

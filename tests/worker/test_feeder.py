@@ -309,3 +309,21 @@ def test_input_order_writes_each_window_in_order_once_all_its_lines_ended(rig):
     rig.run_until(run_id, {DatasetStatus.completed})
     assert rig.datasets.get(run_id).shards == 4 and shard_ids(3) == ["l005"]  # late lines: a last shard
     assert sorted(manifest_ids(rig, run_id)) == [f"l{i:03d}" for i in range(20)]
+
+
+def test_a_run_whose_step_fails_every_time_fails_instead_of_looping(rig, monkeypatch):
+    from worker import shards
+
+    def broken(*args, **kwargs):
+        raise ValueError("name is too long")  # what USTAR said of a 128-character id, at every tick
+
+    monkeypatch.setattr(shards, "tar_shard", broken)
+    rig.feeder = Feeder(
+        rig.datasets, rig.store, rig.storage, rig.loop.submit, owner="w1", depth=6, interval_s=0.02, step_attempts=3
+    )
+    run_id = rig.submit(lines(4), shard_size=2)
+    rig.run_until(run_id, {DatasetStatus.failed}, timeout_s=20)
+    run = rig.datasets.get(run_id)
+    assert "3 times in a row" in run.error and "name is too long" in run.error
+    assert run_id not in rig.datasets.active()  # no feeder picks it up again
+    assert rig.redis.ttl(rig.datasets.keys.run(run_id).record) > 0  # it expires like any finished run

@@ -121,3 +121,18 @@ def test_the_manifest_and_card_record_what_decided_each_images_bytes():
         "- name: conditions\n          struct:\n" in header
         and "- name: batch_rows\n              dtype: int64" in header
     )
+
+
+def test_an_id_of_any_legal_length_names_its_members(tmp_path):
+    import webdataset as wds
+
+    from common.datasets import ID_PATTERN
+
+    longest = "x" * 128  # USTAR names stop at 100 bytes: `<id>.json` of a 96-128 character id did not fit
+    assert ID_PATTERN.match(longest)
+    data = [{**rows(1)[0], "id": longest}, {**rows(2)[1], "id": "y" * 97}]
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(shards.tar_shard(data, [b"a", b"b"], "webp"))
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [longest, "y" * 97]
+    assert [s["webp"] for s in samples] == [b"a", b"b"]

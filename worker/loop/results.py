@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from common import inputs
 from common.jobs import ImageRecord, Job, RenderConditions
 from common.storage import Storage
 from worker import images, metrics
@@ -49,8 +50,10 @@ def parameters(job: Job, index: int, engine: EnginePort, adapters: Sequence[Adap
             name: value
             for name, value in (
                 ("timestep_spacing", r.timestep_spacing.value if r.timestep_spacing else None),
-                ("init_image", r.init_image),
-                ("mask_image", r.mask_image),
+                # the inputs' content hashes, not their keys: a key's folder names the tenant, and the PNG
+                # travels (a shared image, a published data set)
+                ("init_image_sha256", inputs.content_hash(r.init_image) if r.init_image else None),
+                ("mask_image_sha256", inputs.content_hash(r.mask_image) if r.mask_image else None),
                 ("strength", r.strength),
                 ("refiner", r.refiner.model_dump() if r.refiner else None),
                 ("refiner_model", refiner.name if refiner else None),
