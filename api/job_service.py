@@ -23,7 +23,7 @@ from common import loras, webhooks
 from common.job_store import IdempotencyConflict, QueueFull
 from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
 from common.outage import REDIS_DOWN
-from common.queue import TASK_GENERATE, TASK_WEBHOOK
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue
 
 log = logging.getLogger(__name__)
 EVENTS_POLL_S = 1.0  # an event stream reads its job at least this often (a queued job's position moves unannounced)
@@ -141,7 +141,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
         # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=s.queue_name)
+            services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=generate_queue(s, body.model))
             services.store.sent(job_id)
         except Exception:
             log.warning(

@@ -134,3 +134,23 @@ def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
     future: Future = Future()
     assert admit(gone.id, None, future) is None and future.result() is JobOutcome.failed
     assert r.store.jobs[gone.id].error == "LoRA adapter 'removed' is no longer served"
+
+
+def test_a_job_for_a_model_not_held_here_is_sent_on_to_its_models_queue_not_handed_back(tmp_path: Path):
+    job = make_job(model="turbo")  # a message from before model queues, on the lane's own queue
+    r = rig(tmp_path, job)
+    sent: list[str] = []
+    made = admission(r, r.storage, [])
+    made.reroute = lambda j: sent.append(j.request.model)
+    future: Future = Future()
+    assert made.admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.rerouted and sent == ["turbo"] and r.registry.held["w1"] == set()
+    assert not JobOutcome.rerouted.requeues  # its message is acknowledged: no hand-back loop
+
+    def broker_away(j):
+        raise ConnectionError("broker away")
+
+    made.reroute = broker_away  # it cannot be sent on: handed back, as before
+    future = Future()
+    made.admit(job.id, None, future)
+    assert future.result() is JobOutcome.not_here
