@@ -62,8 +62,8 @@ PATH_MARKS = [
     (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed)\.py)", ("engine",)),
     (r"^tests/worker/engine/test_devices\.py", ("stack",)),  # engines in child processes (device counts, caches)
     (r"^tests/worker/loop/test_engine_port\.py::test_the_real_engine", ("engine",)),  # builds a tiny Engine inline
-    (r"^tests/worker/test_main\.py", ("engine", "stack")),
-    (r"^tests/test_model_queues\.py::test_every_job", ("stack",)),  # two worker processes  # `python -m worker`'s start in child processes
+    (r"^tests/worker/test_main\.py", ("engine", "stack")),  # `python -m worker`'s start in child processes
+    (r"^tests/test_model_queues\.py::test_every_job", ("stack",)),  # two worker processes
     (r"^tests/api/test_metrics\.py::test_several_api_processes", ("stack",)),  # uvicorn --workers 2
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
