@@ -15,9 +15,9 @@ layouts, kohya's own `lora_unet_<module>` for kohya's):
   encoder module without `text_model.` gets it (transformers' newer flattened CLIPTextModel names).
 
 Alpha, per layer: kohya's `.alpha` scalar; for diffusers' layouts, the PEFT config diffusers writes into the
-header's `__metadata__["lora_adapter_metadata"]` (JSON, keys prefixed by part: `unet.r`, `unet.lora_alpha`,
-`unet.rank_pattern`, `unet.alpha_pattern`, `unet.use_rslora`), resolved as PEFT resolves it: a module's rank and
-alpha are the first pattern matching `(.*\\.)?(<pattern>)$` on its name, else `r` / `lora_alpha`, and its scale
+header's `__metadata__["lora_adapter_metadata"]` (JSON: the fields r, lora_alpha, rank_pattern, alpha_pattern and
+use_rslora, each prefixed by its part, as `unet.` + field), resolved as PEFT resolves it: a module's rank and alpha
+are the first pattern matching `(.*\\.)?(<pattern>)$` on its name, else `r` / `lora_alpha`, and its scale
 alpha/rank (alpha/sqrt(rank) with rsLoRA); without that metadata an `.alpha` scalar, and without either alpha is
 the rank (scale 1), diffusers' convention. The metadata's patterns are regular expressions from the file: adapter
 files are the operator's (SDXL_LORA_DIR), never a request's.
