@@ -146,14 +146,12 @@ class Finisher:
         jobs = [a.job for a in started.running]
         if not self._follow(started.pending, jobs):
             # every job was canceled while it ran: its remaining chunks were never enqueued, the device is free for
-            # the next batch, and each job's answer is its record's (canceled)
+            # the next batch, and each job's answer is its record's (canceled). It ran on the device: logged.
             log.info("batch canceled: every job was canceled while it ran; its remaining steps dropped")
+            self._log_batch(started, jobs)
             return
         out = started.pending.fetch()  # waits for the device; raises if the program failed there
-        done_s = time.monotonic()
-        device_s = done_s - max(started.dispatched_s, self._device_free_s)
-        self._device_free_s = done_s
-        self.presence.log_batch(started.batch.shape, jobs, device_s, started.batch_id)
+        self._log_batch(started, jobs)
         uploads = self._write(jobs, out)
         truncated = per_job(jobs, out.truncated)
         for job in jobs:
@@ -161,6 +159,13 @@ class Finisher:
                 outcome = self.recorder.uploaded(job, uploads[job.id], truncated[job.id])
                 if outcome is not None:
                     verdicts[job.id] = outcome
+
+    def _log_batch(self, started: Started, jobs: list[Job]) -> None:
+        """The batch in the batch log, with its time on the device (from its start, or the previous batch's end)."""
+        done_s = time.monotonic()
+        device_s = done_s - max(started.dispatched_s, self._device_free_s)
+        self._device_free_s = done_s
+        self.presence.log_batch(started.batch.shape, jobs, device_s, started.batch_id)
 
     def _write(self, jobs: list[Job], out: BatchOutput) -> dict[str, list[Future[ImageRecord]]]:
         """Each job's images on the upload pool; a job with a non-finite row fails instead."""
