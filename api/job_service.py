@@ -33,7 +33,7 @@ from common.jobs import (
     with_size,
 )
 from common.outage import REDIS_DOWN
-from common.queue import TASK_GENERATE, TASK_WEBHOOK
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue
 
 log = logging.getLogger(__name__)
 EVENTS_POLL_S = 1.0  # an event stream reads its job at least this often (a queued job's position moves unannounced)
@@ -156,7 +156,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way. The message names
         # no job: it wakes a worker, which takes the next job in fair order (tenants in turn), not this one.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[], queue=s.queue_name)
+            services.celery.send_task(TASK_GENERATE, args=[], queue=generate_queue(s, body.model))
             services.store.sent(job_id)
         except Exception:
             log.warning(

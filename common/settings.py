@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # a worker loads the models (in SDXL_MODELS' order) whose weights fit in this many bytes together, and says
     # which in its heartbeat; the API refuses a job for a model no live worker serves. 0: every model
     model_memory_bytes: int = Field(0, ge=0)
+    # the names of SDXL_MODELS this worker serves, comma-separated (a fleet whose workers hold different models);
+    # '': every one that fits. Each model has its own queue (common/queue.py): a worker consumes its models' only
+    worker_models: str = ""
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), or 'storage:<prefix>' for
@@ -332,6 +335,11 @@ class Settings(BaseSettings):
     def controlnet_specs(self) -> dict[str, str]:
         """SDXL_CONTROLNETS as name -> spec, in its order."""
         return parse_controlnets(self.controlnets)
+
+    @property
+    def worker_lanes_list(self) -> list[str]:
+        """The lanes a worker consumes, in priority order: "interactive", "bulk"."""
+        return {"both": ["interactive", "bulk"], "interactive": ["interactive"], "bulk": ["bulk"]}[self.worker_lanes]
 
     @property
     def worker_queues(self) -> list[str]:

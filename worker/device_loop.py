@@ -73,7 +73,8 @@ class DeviceLoop:
         batches: BatchLog,
         name: str | None = None,
         loras: Registry | None = None,
-        enqueue: Callable[[Job], None] | None = None,  # sends a job's message again (the sweep); None: no sweeps
+        # sends a job's message (again) to its model's queue (the sweep, admission); None: no sweeps
+        enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,  # queues the webhook of a job that has ended
     ):
         self.store, self.storage, self.workers, self.batches = store, storage, workers, batches
@@ -92,7 +93,7 @@ class DeviceLoop:
         writer = ImageWriter(storage, storage_retry)
         recorder = Recorder(store, redis, self.presence, writer, settings.max_attempts, notify)
         admission = Admission(
-            store, redis, self.presence, recorder, served, storage, storage_retry, settings.max_attempts, loras
+            store, redis, self.presence, recorder, served, storage, storage_retry, settings.max_attempts, loras, enqueue
         )
         self._finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")

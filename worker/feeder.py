@@ -54,7 +54,7 @@ class Feeder:
         datasets: DatasetStore,
         store: JobStore,
         storage: Storage,
-        send: Callable[[str], None],
+        send: Callable[[str, str | None], None],
         owner: str,
         depth: int = 256,
         interval_s: float = 0.5,
@@ -64,7 +64,7 @@ class Feeder:
         self.datasets = datasets
         self.store = store
         self.storage = storage
-        self.send = send  # puts a job id on the bulk queue
+        self.send = send  # puts a job id on its model's bulk queue
         self.owner = owner
         self.depth = depth
         self.interval_s = interval_s
@@ -208,7 +208,7 @@ class Feeder:
             created = self.store.create_bulk(job_id, line.request, run.tenant, key, dataset)
             # Not created: fed before a crash, maybe without its message; a second message is harmless.
             if created or self.store.status(job_id) == JobStatus.queued:
-                self.send(job_id)
+                self.send(job_id, line.request.model)
             if not self.datasets.mark_fed(run.id, index, job_id, source):
                 return  # another feeder moved on meanwhile (its lock had expired under us): stop this step
             if source == "cursor":

@@ -22,7 +22,7 @@ from common import logs
 from common.batch_log import BatchLog
 from common.job_store import JobStore
 from common.outage import die
-from common.queue import TASK_GENERATE, TASK_WEBHOOK
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue, worker_queues
 from common.settings import Settings, get_settings
 from common.storage import from_settings
 from common.worker_registry import WorkerRegistry
@@ -83,13 +83,17 @@ def lora_registry(settings: Settings):  # -> Registry | None
 def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name: Engine}; JAX imported here
     """An engine per served model (SDXL_MODELS, or SDXL_MODEL), in order, for those whose weights fit together
     in SDXL_MODEL_MEMORY_BYTES; each compiled, its weights hashed and on the devices."""
-    entries = settings.model_entries
+    mine = {name.strip() for name in settings.worker_models.split(",") if name.strip()}
+    entries = [e for e in settings.model_entries if not mine or e.name in mine]
+    if not entries:
+        raise SystemExit(f"SDXL_WORKER_MODELS={settings.worker_models!r} names none of SDXL_MODELS: nothing to serve")
     registry = registry or lora_registry(settings)
-    if settings.model == "standin" and not settings.models.strip():
+    if all(e.spec == "standin" for e in entries):
         from worker.engine.standin import StandInEngine
 
         log.warning("model=standin: a fixed-duration stand-in for queue benchmarks, not a model")
-        return {entries[0].name: StandInEngine(settings.served_sizes, settings.batch_rows, settings.standin_batch_s)}
+        sizes, rows, batch_s = settings.served_sizes, settings.batch_rows, settings.standin_batch_s
+        return {e.name: StandInEngine(sizes, rows, batch_s) for e in entries}
     from worker.engine import cache, model
 
     t0 = time.perf_counter()
@@ -248,12 +252,12 @@ def main() -> None:
     # workers on one host apart; the time, a pid reused by a restart in the same container)
     name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
-    def send(job_id: str, lane: str = "", generation: int | None = None) -> None:
+    def send(job_id: str, model: str | None, lane: str = "", generation: int | None = None) -> None:
         if lane != "bulk":  # queued again, so ready again (by the script that queued it): a wake-up names no job
-            tasks.app.send_task(TASK_GENERATE, args=[], queue=settings.queue_name)
+            tasks.app.send_task(TASK_GENERATE, args=[], queue=generate_queue(settings, model))
             return
         args = [job_id] if generation is None else [job_id, generation]
-        tasks.app.send_task(TASK_GENERATE, args=args, queue=settings.bulk_queue_name)
+        tasks.app.send_task(TASK_GENERATE, args=args, queue=generate_queue(settings, model, "bulk"))
 
     loop = DeviceLoop(
         engines,
@@ -262,7 +266,7 @@ def main() -> None:
         LoopSettings.of(settings),
         name=name,
         loras=registry,
-        enqueue=lambda job: send(job.id, job.lane, job.generation),
+        enqueue=lambda job: send(job.id, job.request.model, job.lane, job.generation),
         # the webhook queue: a job thread only queues a delivery; worker/webhook_sender.py makes it
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.webhook_queue),
         workers=workers,
@@ -287,7 +291,7 @@ def main() -> None:
             DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             store,
             loop.storage,
-            lambda job_id: send(job_id, "bulk"),
+            lambda job_id, model: send(job_id, model, "bulk"),
             owner=name,
             depth=settings.dataset_feed_depth,
             step_attempts=settings.dataset_step_attempts,
@@ -323,7 +327,7 @@ def main() -> None:
                 "worker",
                 "--pool=threads",
                 f"--concurrency={2 * max(engine.batch_rows for engine in engines.values())}",
-                f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
+                f"--queues={','.join(worker_queues(settings, engines))}",  # in priority order (common/queue.py)
                 f"--hostname=sdxl@{name}",
                 "--loglevel=INFO",
                 "--without-gossip",

@@ -34,8 +34,8 @@ def generate(job_id: str | None = None, generation: int | None = None) -> str:
     outcome = _loop.submit(job_id, generation).result()
     if outcome is JobOutcome.requeue:  # given back before its run ended (shutting down, storage away): another
         raise Reject("job given back", requeue=True)  # worker, or this one later, takes it
-    if outcome is JobOutcome.not_here:  # a model this worker does not hold: back, after a pause (not a hot loop
-        time.sleep(NOT_HERE_PAUSE_S)  # between workers that lack it; the API refuses models no live worker holds)
+    if outcome is JobOutcome.not_here:  # a model this worker does not hold, and its message could not be sent on
+        time.sleep(NOT_HERE_PAUSE_S)  # to the model's queue (common/queue.py): back after a pause, not a hot loop
         raise Reject("model not held by this worker", requeue=True)
     return outcome.value
 

@@ -62,6 +62,9 @@ class FakeStore:
         job = self.jobs.get(job_id)
         return job.status if job else None
 
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        return [self.jobs[i].status if i in self.jobs else None for i in job_ids]  # not in `calls`: a poll
+
     def transition(
         self,
         job_id: str,
@@ -176,6 +179,9 @@ class FixedPending:
 
     def progress(self) -> Iterator[int]:
         yield from self.marks
+
+    def cancel(self) -> bool:
+        return False  # it has already run
 
     def fetch(self) -> Output:
         if self.error is not None:

@@ -61,6 +61,8 @@ def write_lora(
     seed: int,
     parts: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
     alpha: float | None = None,
+    peft: dict[str, dict[str, Any]] | None = None,
+    strength: float = 0.6,
 ) -> Path:
     """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (write_random_lora)."""
     from types import SimpleNamespace
@@ -70,7 +72,7 @@ def write_lora(
     configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
     made = Configs.from_dicts(configs, str(tiny_dir))
     model = SimpleNamespace(configs=made, params=_shapes(json.dumps(configs, sort_keys=True)), unet=made.unet)
-    return write_random_lora(model, path, layout, rank, seed, parts, alpha)
+    return write_random_lora(model, path, layout, rank, seed, parts, alpha, peft, strength)
 
 
 def write_random_lora(
@@ -81,11 +83,18 @@ def write_random_lora(
     seed: int,
     parts: Sequence[str] = lora.PARTS,
     alpha: float | None = None,
+    peft: dict[str, dict[str, Any]] | None = None,
+    strength: float = 0.6,
 ) -> Path:
     """A random adapter for `model` (anything with .configs, .params and .unet), as trainers write them, for
     tests and benchmarks (bench/lora.py). layout "kohya": `lora_unet_*` in the original SDXL UNet's module names
     (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`, an `.alpha` per module when
-    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
+    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`; "diffusers-old": diffusers'
+    older names, the UNet's attentions as attention processors (`attn1.processor.to_q_lora.down.weight`), its
+    other layers `.lora.down.weight`, the text encoders `.lora_linear_layer.down.weight`.
+    peft: {part: PEFT LoraConfig as a dict} written into the header as diffusers' save_lora_weights writes it
+    (`__metadata__["lora_adapter_metadata"]`, keys prefixed by part). strength: the up factors' scale (an adapter
+    with a large alpha/rank needs a small one, or the tiny model's 4 steps amplify float32 rounding past parity)."""
     found = lora.targets(model)
     known = lora.names(model, list(found))
     rng = np.random.default_rng(seed)
@@ -99,15 +108,34 @@ def write_random_lora(
             kohya = [n for n in options if n.startswith("lora_")]
             (name,) = [n for n in kohya if target.part != "unet" or any(b in n for b in sgm)]
             down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+        elif layout == "diffusers-old":
+            (name,) = [n for n in options if not n.startswith("lora_")]
+            down_key, up_key = _old_diffusers_keys(name)
         else:
             (name,) = [n for n in options if not n.startswith("lora_")]
             down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
-        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        state[up_key] = (strength * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
         if alpha is not None:
             state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    save_file(state, path)
+    metadata = None
+    if peft is not None:  # diffusers' LoraBaseMixin.write_lora_layers, and _pack_dict_with_prefix per part
+        flat = {f"{part}.{k}": list(v) if isinstance(v, set) else v for part, c in peft.items() for k, v in c.items()}
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(flat, indent=2, sort_keys=True)}
+    save_file(state, path, metadata=metadata)
     return path
+
+
+def _old_diffusers_keys(name: str) -> tuple[str, str]:
+    """diffusers' older key names for a module `name` (`unet.<module>` / `text_encoder.<module>`)."""
+    if name.startswith("unet."):
+        head, _, last = name.rpartition(".")
+        if head.endswith((".attn1", ".attn2")) or (last == "0" and head.endswith(".to_out")):
+            if last == "0":  # to_out.0
+                head, last = head.rpartition(".")[0], "to_out"
+            return f"{head}.processor.{last}_lora.down.weight", f"{head}.processor.{last}_lora.up.weight"
+        return f"{name}.lora.down.weight", f"{name}.lora.up.weight"
+    return f"{name}.lora_linear_layer.down.weight", f"{name}.lora_linear_layer.up.weight"
 
 
 @functools.cache

@@ -51,7 +51,7 @@ class Rig:
         self.feeder = self.make_feeder(depth)
 
     def make_feeder(self, depth: int, owner: str = "w1") -> Feeder:
-        def send(job_id: str) -> None:  # stands in for the bulk queue: straight into the device loop
+        def send(job_id: str, model: str | None) -> None:  # stands in for the bulk queue: straight into the loop
             self.sent.append(job_id)
             self.loop.submit(job_id)
 
@@ -181,7 +181,7 @@ def test_cancel_stops_feeding_and_keeps_what_finished(redis_url, key_prefix, tmp
 def test_a_feeder_that_died_mid_feed_is_replaced_without_losing_or_doubling_lines(rig):
     run_id = rig.submit(lines(12), shard_size=5)
     dead = rig.make_feeder(depth=6, owner="dead")
-    dead.send = lambda job_id: None  # it created jobs, then died before their messages went out
+    dead.send = lambda job_id, model: None  # it created jobs, then died before their messages went out
     assert rig.datasets.lock(run_id, "dead", ttl_s=0.2)
     dead.step(run_id)
     created = list(rig.redis.scan_iter(match=rig.store.keys.job("*")))

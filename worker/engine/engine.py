@@ -8,7 +8,8 @@
 Three parts: batch_inputs.py makes a batch's inputs on the host (checks, padding, tokens, schedules, tables);
 executables.py compiles the program's parts (program.py) per shape and keeps them; the Engine here holds the
 weights and the adapter bank on the devices and dispatches a batch: [encode the init images] -> begin ->
-advance, once per chunk of steps -> [the refiner's begin and advance] -> finish, every call queued at once.
+advance, once per chunk of steps -> [the refiner's begin and advance] -> finish, fed to the devices in order with
+at most `chunks_ahead` chunks in flight (feed.py), so that a canceled batch (Pending.cancel) stops within them.
 
 What recompiles: only a new (batch_rows, height, width), a new model, dtype or device set. Prompts, seeds,
 guidance, steps, schedulers, spacings, image-to-image strengths, init images and masks and size conditioning
@@ -31,7 +32,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import executables, lora, program, program_weights
+from worker.engine import executables, feed, lora, program, program_weights
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
@@ -73,25 +74,36 @@ class Output:
 
 @dataclass
 class Pending:
-    """A dispatched batch: device arrays still being computed (JAX dispatch is asynchronous)."""
+    """A dispatched batch, fed to the devices chunk by chunk (feed.py): its device arrays still being computed."""
 
-    images: Any
-    finite: Any
+    ticket: feed.Ticket
     rows: int
     truncated: list[bool]
     steps: int = 0  # the batch's step count: its longest row's (the base's and the refiner's)
-    marks: list[tuple[int, Any]] = field(default_factory=list)  # (steps done, a scalar ready when they are)
     adapters: list[list[lora.Adapter]] = field(default_factory=list)
 
     def progress(self) -> Iterator[int]:
-        """Steps done, as each chunk of steps finishes on the device (blocks between them)."""
-        for done, mark in self.marks:
-            mark.block_until_ready()
+        """Steps done, as each chunk of steps finishes on the device (blocks between them); ends early when the
+        batch is canceled or fails (fetch says which)."""
+        index = 0
+        while (mark := self.ticket.mark(index)) is not None:
+            done, ready = mark
+            try:
+                ready.block_until_ready()
+            except Exception:  # the program failed on the device: fetch raises it
+                return
             yield done
+            index += 1
+
+    def cancel(self) -> bool:
+        """Drop the chunks not yet enqueued (every row's result is unwanted): True when some were, and the batch
+        has no images (fetch raises feed.Canceled); False when it had been fed whole."""
+        return self.ticket.cancel()
 
     def fetch(self) -> Output:
-        images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
-        finite = [bool(f) for f in np.asarray(self.finite)[: self.rows]]
+        images, finite = self.ticket.wait()  # raises feed.Canceled, or what enqueueing raised
+        images = np.asarray(images)[: self.rows]  # blocks until the device is done
+        finite = [bool(f) for f in np.asarray(finite)[: self.rows]]
         return Output(images, self.truncated, finite, self.adapters[: self.rows])
 
 
@@ -141,6 +153,7 @@ class Engine:
         adapters: Adapters | None = None,
         light_step: bool = True,
         controlnets: Sequence[ControlModel] = (),
+        chunks_ahead: int = 2,
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -184,8 +197,10 @@ class Engine:
         self.control_weights = [jax.device_put(c.params, self.replicated) for c in controlnets]
         per_row = adapters.per_row if adapters else None
         self.inputs = BatchInputs(self.models, self.sizes, batch_rows, per_row, self.controlnets)
-        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control"
+        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control";
+        # and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
         self.dispatched: collections.Counter[str] = collections.Counter()
+        self.feed = feed.Feed(chunks_ahead)
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
 
@@ -297,7 +312,6 @@ class Engine:
         seeds = jax.device_put(batch.seeds, self.rows_sharding)
         noise = self._noise(seeds, latents, len(rows), height, width)
         self._place()
-        # Every call below is queued on the devices at once and returns at once: the chunks run back to back.
         start = self._start(batch, noise, seeds, height, width)
         self.dispatched["advance" if guided else "advance-free"] += 1
         if batch.images is not None:
@@ -309,17 +323,32 @@ class Engine:
             self.dispatched["control"] += 1
             images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
             controls = ControlInputs(self.control_weights, images, scales)
-        marks: list[tuple[int, Any]] = []
-        size = (height, width)
-        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, controls)
-        steps, params, role = batch.base.steps, self.params, Role.base
+        steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
+        calls = self._calls(batch, adapters, start, guided, (height, width), output, controls)
+        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used)
+
+    def _calls(
+        self,
+        batch: HostBatch,
+        adapters: AdapterInputs | None,
+        start: Start,
+        guided: bool,
+        size: tuple[int, int],
+        output: str,
+        controls: ControlInputs | None,
+    ) -> feed.Calls:
+        """The batch's device calls, for the feed: begin, advance per chunk (yielding its mark) -> [the refiner's
+        begin and advance on the base's sample] -> finish. Returns (images, finite) on the devices."""
+        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, controls)
+        state, scalars = yield from base
+        params, role = self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
-            state, scalars = self._sample(Role.refiner, None, batch.refiner, start, guided, (height, width), marks)
-            steps, params, role = steps + batch.refiner.steps, self.refiner_params, Role.refiner
-        finish = self.executable(height, width, ProgramKind(Part.finish, output=Pixels(output), model=role))
-        images, finite = finish(params, state, scalars)
-        return Pending(images, finite, len(rows), batch.truncated, steps, marks, used)
+            refined = self._sample(Role.refiner, None, batch.refiner, start, guided, size, batch.base.steps)
+            state, scalars = yield from refined
+            params, role = self.refiner_params, Role.refiner
+        finish = self.executable(*size, ProgramKind(Part.finish, output=Pixels(output), model=role))
+        return finish(params, state, scalars)
 
     def _sample(
         self,
@@ -329,11 +358,11 @@ class Engine:
         start: Start,
         guided: bool,
         size: tuple[int, int],
-        marks: list[tuple[int, Any]],
+        done: int,
         controls: ControlInputs | None = None,
-    ) -> tuple[SamplerState, Any]:
-        """begin, then advance once per chunk of progress_every_steps, on one model; a mark per chunk goes on
-        `marks`, counting on from the steps already there. Returns (the last state, the rows' scalars)."""
+    ) -> Generator[feed.Mark, None, tuple[SamplerState, Any]]:
+        """begin, then advance once per chunk of progress_every_steps, on one model, yielding each chunk's mark
+        (steps done counting on from `done`). Returns (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
         kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
         begin = self.executable(*size, kind)
@@ -341,11 +370,11 @@ class Engine:
         placed: ModelInputs = jax.device_put(inputs, self.rows_sharding)
         state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars))
         rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
-        done = marks[-1][0] if marks else 0
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)
             state, mark = advance(params, adapters, state, rest, self._step(first), self._step(stop))
-            marks.append((done + stop, mark))
+            self.dispatched["chunk"] += 1
+            yield done + stop, mark
         return state, placed.scalars
 
     def _noise(self, seeds: Any, latents: np.ndarray | None, rows: int, height: int, width: int) -> Any:

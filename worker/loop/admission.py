@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -72,7 +73,9 @@ class Admission:
         storage_retry: StorageRetry,
         max_attempts: int,
         loras: Registry | None = None,
+        reroute: Callable[[Job], None] | None = None,
     ):
+        self.reroute = reroute  # sends a job's message to its model's queue
         self.store = store
         self.redis = redis
         self.presence = presence
@@ -102,12 +105,29 @@ class Admission:
             self.recorder.fail_unrun(job, future, verdict.error)
             return None
         if verdict.outcome is JobOutcome.not_here and job is not None:
-            model = job.request.model
-            log.info("job for model %r, which this worker does not hold: handed back", model, extra={"job_id": job_id})
-            self.recorder.hand_back(job, future, verdict.outcome)
+            if job.lane == "bulk":  # a data set line's message names its job: sent on to its model's queue
+                self.recorder.refuse(job_id, future, self._send_on(job))
+            else:  # an interactive job taken from the ready sets: ready again for a worker that holds its model
+                model = job.request.model
+                log.info("job for model %r, not held here: given back", model, extra={"job_id": job_id})
+                self.recorder.hand_back(job, future, verdict.outcome)
             return None
         self.recorder.refuse(job_id, future, verdict.outcome)
         return None
+
+    def _send_on(self, job: Job) -> JobOutcome:
+        """A job for a model this worker does not hold (a message from before model queues, on a lane's own
+        queue): sent to its model's queue, where only workers holding it look; handed back if it cannot be."""
+        model = job.request.model
+        if self.reroute is not None:
+            try:
+                self.reroute(job)
+                log.info("job for model %r, not held here: sent to its model's queue", model, extra={"job_id": job.id})
+                return JobOutcome.rerouted
+            except Exception:
+                log.warning("could not send job %s on to its model's queue", job.id, exc_info=True)
+        log.info("job for model %r, which this worker does not hold: handed back", model, extra={"job_id": job.id})
+        return JobOutcome.not_here
 
     def _fetch(self, job: Job, future: Future[JobOutcome]) -> Admitted | None:
         """What the job needs from storage, read now. An object that is missing fails the job; storage away

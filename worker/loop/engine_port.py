@@ -57,6 +57,8 @@ class PendingBatch(Protocol):
 
     def progress(self) -> Iterator[int]: ...  # steps done, as the device gets through them (blocks between)
 
+    def cancel(self) -> bool: ...  # drop its steps not yet enqueued (True: the batch stops, with no images)
+
     def fetch(self) -> BatchOutput: ...  # waits for the device; raises if the program failed there
 
 

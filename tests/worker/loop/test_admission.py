@@ -154,3 +154,23 @@ def test_control_images_are_read_and_preprocessed_as_the_job_asks(tmp_path: Path
     assert (given == square).all()  # a prepared map goes in as it is
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
     assert not edges[24:40, 24:40].any() and edges[16:48, 14:18].any()  # the square's outline, not its inside
+
+
+def test_a_data_set_job_for_a_model_not_held_here_is_sent_on_to_its_models_queue_not_handed_back(tmp_path: Path):
+    job = make_job(model="turbo", lane="bulk")  # a message from before model queues, on the lane's own queue
+    r = rig(tmp_path, job)
+    sent: list[str] = []
+    made = admission(r, r.storage, [])
+    made.reroute = lambda j: sent.append(j.request.model)
+    future: Future = Future()
+    assert made.admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.rerouted and sent == ["turbo"] and r.registry.held["w1"] == set()
+    assert not JobOutcome.rerouted.requeues  # its message is acknowledged: no hand-back loop
+
+    def broker_away(j):
+        raise ConnectionError("broker away")
+
+    made.reroute = broker_away  # it cannot be sent on: handed back, as before
+    future = Future()
+    made.admit(job.id, None, future)
+    assert future.result() is JobOutcome.not_here
