@@ -1,5 +1,5 @@
 """The accelerator run (issue 30, part 1), built around its time: one command, at most 420 s on one H200, every
-figure appended to $OUT/results.json the moment it is measured. bench/accelerator.sh installs the carried wheels
+figure added to $OUT/results.json the moment it is measured. bench/accelerator.sh installs the carried wheels
 and runs this; docs/benchmarks.md has the exact device command.
 
     python bench/accelerator.py --out $OUT/results.json --budget-s 395          # the run (SDXL, 1024x1024)
@@ -18,6 +18,14 @@ a-d run in one JAX process; this one (the orchestrator) never touches the device
 (random fp16 safetensors, as SDXL base's fp16 variant is downloaded), starts each process with its deadline,
 and writes a `skipped` entry, with the reason, for every figure that did not come.
 
+results.json is a bench/harness.py result file: the scenario is the plan and the budget, the environment is
+gathered here when the run starts (on the device, which has no .git, the commit and dirty flag come from
+.wheels/provenance.json, written by `bench/accelerator.sh prepare`; the JAX process fills in the devices), and
+`results` holds, in the order written, each figure as FIGURE_KEYS (after the harness' `figure` name) and the
+run's own records: `setup` (nvidia-smi, the model folder), `flops`, `jax`, `stage 2`, `jax process`, `torch`,
+`processes` (how each ended, the total). Each process reopens the file (ResultFile.resume) and adds to it; they
+run one after another, never at once.
+
 The budget (BUDGET_S, the worst case; the parts' deadlines are computed from the clock, so a part that starts late
 gets less and one that cannot fit is skipped, never run over): the wheels' install is cut at 20 s by the shell
 wrapper, this process is given what is left of the 420 s (less 5 s for the kill), and inside it the JAX process
@@ -25,8 +33,8 @@ ends by the time TORCH_S is left for PyTorch, which ends by its own deadline; th
 SEED_MIN_S are left after that, and ends by the budget's end.
 
 FLOPs are never counted on the device: XLA's cost analysis of the compiled programs' lowering on the CPU
-(`count`: begin, one step of advance (a while loop's body is counted once), finish; batch 1), kept in
-bench/results/accelerator-flops-<preset>-<size>.json by `bench/accelerator.sh prepare`; per image = steps x
+(`count`: begin, one step of advance (a while loop's body is counted once), finish; batch 1), kept as a result
+file, bench/results/accelerator-flops-<preset>-<size>.json, by `bench/accelerator.sh prepare`; per image = steps x
 advance + begin + finish (the dry run's: bench/results/accelerator-flops-tiny-64.json). Where no file matches the
 run, the JAX process counts on its CPU backend before anything is timed.
 """
@@ -40,7 +48,6 @@ T0 = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -52,13 +59,15 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
+
 TOTAL_S = 420  # the whole command, wheels included (the `run` tool's timeout_s leaves room above it)
 # The worst case, stage by stage; it sums to TOTAL_S (tests/bench/test_accelerator.py checks it).
 BUDGET_S = {
     "install the carried wheels (accelerator.sh: timeout 20)": 20,
     "the model folder, then the JAX process (a-d) until TORCH_S are left (more when the install was quicker)": 315,
     "the PyTorch process (e): TORCH_S - MARGIN_S; after it the seed's path (f), if SEED_MIN_S are left": 75,
-    "this process' last writes (skipped entries, header) after the last child's deadline: MARGIN_S": 5,
+    "this process' last writes (skipped entries, `processes`) after the last child's deadline: MARGIN_S": 5,
     "the kill's grace if this process overruns its own timeout (accelerator.sh: timeout -k 5)": 5,
 }
 TORCH_S = 80  # left for (e) and the last writes: imports, the fp16 folder loaded, 1 untimed + 2 timed calls at batch 8
@@ -137,54 +146,25 @@ def figure(part: str, name: str, **values: Any) -> dict[str, Any]:
     return {key: None for key in FIGURE_KEYS} | {"part": part, "name": name} | values
 
 
-class Results:
-    """$OUT/results.json: {"header": ..., "figures": [...]}, written whole through a temporary file and a rename
-    each time a figure is added, so a run cut short at any point leaves every figure measured before it. The
-    processes append one after another, never at once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def create(self, header: dict[str, Any]) -> None:
-        self._write({"header": header, "figures": []})
-
-    def read(self) -> dict[str, Any]:
-        return json.loads(self.path.read_text())
-
-    def add(self, entry: dict[str, Any]) -> None:
-        data = self.read()
-        data["figures"].append(entry)
-        self._write(data)
-        print("figure " + json.dumps(entry), flush=True)
-
-    def header(self, **fields: Any) -> None:
-        data = self.read()
-        data["header"].update(fields)
-        self._write(data)
-
-    def _write(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+def add(results: harness.ResultFile, entry: dict[str, Any]) -> None:
+    """A figure (FIGURE_KEYS) into the run's result file, named by its part, what ran and its batch."""
+    batch = f", batch {entry['batch']}" if entry["batch"] else ""
+    record(results, f"({entry['part']}) {entry['name']}{batch}", entry)
 
 
-def provenance() -> dict[str, Any]:
-    """The commit and whether the tree differed from it. The device machine gets the working tree without .git,
-    so `bench/accelerator.sh prepare` writes this beside the wheels (.wheels/provenance.json) and the run reads it
-    there; here git answers."""
-    git = shutil.which("git")
-    if git and (ROOT / ".git").exists():
-        run = lambda *a: subprocess.run([git, *a], cwd=ROOT, capture_output=True, text=True, check=False)  # noqa: E731
-        head = run("rev-parse", "HEAD").stdout.strip()
-        if head:
-            return {"commit": head, "dirty": bool(run("status", "--porcelain").stdout.strip()), "from": "git"}
-    saved = ROOT / ".wheels" / "provenance.json"
-    if saved.exists():
-        return {**json.loads(saved.read_text()), "from": str(saved.relative_to(ROOT))}
-    return {"commit": None, "dirty": None, "from": "unknown"}
+def record(results: harness.ResultFile, name: str, values: dict[str, Any]) -> None:
+    """A record the moment it is measured: the harness rewrites the whole file through a rename."""
+    results.add(name, values)
+    print(f"{name}: " + json.dumps(values, default=str), flush=True)
+
+
+def figures(results: harness.ResultFile) -> list[dict[str, Any]]:
+    """The records of parts a-f (the others are the run's own: the model folder, the FLOP count, the stages)."""
+    return [r for r in results.results if "part" in r]
+
+
+def run_record(results: harness.ResultFile, name: str) -> dict[str, Any] | None:
+    return next((r for r in results.results if r["figure"] == name), None)
 
 
 def flops_file(plan: Plan) -> Path:
@@ -234,29 +214,36 @@ def shapes_model(preset: str, dtype: Any) -> Any:
     return model.assemble(source, model.LoadOptions(dtype))
 
 
+COUNT_METHOD = "XLA cost_analysis()['flops'] of each program lowered for one CPU device; advance: one step"
+
+
 def count(plan: Plan, out: Path) -> None:
-    """`count`: the FLOP file a run reads (`--dry-run`: the dry run's)."""
-    import jax
+    """`count`: the FLOP file a run reads (`--dry-run`: the dry run's), one record, `count`."""
     import jax.numpy as jnp
 
+    scenario = {"command": "count", "preset": plan.preset, "size": plan.size_name, "dtype": plan.dtype, "batch": 1}
+    results = harness.ResultFile("accelerator", scenario, COUNT_METHOD, out)
     t0 = time.perf_counter()
     gflop = count_gflop(shapes_model(plan.preset, jnp.dtype(plan.dtype)), plan.size)
-    data = {
-        "preset": plan.preset,
-        "size": plan.size_name,
-        "dtype": plan.dtype,
-        "batch": 1,
-        "method": "XLA cost_analysis()['flops'] of each program lowered for one CPU device; advance: one step",
+    values = {
         "gflop": gflop,
         "tflop_per_image_guided_20_steps": tflop_per_image(gflop, 20, True),
         "tflop_per_image_free_4_steps": tflop_per_image(gflop, 4, False),
-        "jax": jax.__version__,
-        **{k: v for k, v in provenance().items() if k != "from"},
-        "date": time.strftime("%Y-%m-%d"),
         "count_s": time.perf_counter() - t0,
     }
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps(data, indent=2))
+    record(results, "count", values)
+
+
+def counted_gflop(plan: Plan) -> dict[str, float] | None:
+    """The kept count for the plan's size and dtype, if there is one."""
+    path = flops_file(plan)
+    if not path.exists():
+        return None
+    document = harness.load(path)
+    scenario = document["scenario"]
+    if (scenario["size"], scenario["dtype"]) != (plan.size_name, plan.dtype):
+        return None
+    return document["results"][0]["gflop"]
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -303,7 +290,7 @@ def child(args: argparse.Namespace, part: str, deadline_s: float, log: Path) -> 
         "--part",
         part,
         "--out",
-        str(args.out),
+        str(args.json),
         "--deadline-s",
         f"{deadline_s - CHILD_SLACK_S:.1f}",
     ]
@@ -321,66 +308,64 @@ def child(args: argparse.Namespace, part: str, deadline_s: float, log: Path) -> 
 
 
 def orchestrate(args: argparse.Namespace, plan: Plan) -> None:
-    results = Results(args.out)
-    results.create(
-        {
-            "script": "bench/accelerator.py",
-            **provenance(),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dry_run": args.dry_run,
-            "plan": {**plan.__dict__, "size": plan.size_name},
-            "budget_s": args.budget_s,
-            "worst_case_s": BUDGET_S,
-            "peak_tflops": PEAK_TFLOPS,
-            "machine": machine(),
-            "host": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        }
-    )
+    scenario = {
+        "command": "run",
+        "dry_run": args.dry_run,
+        "plan": {**plan.__dict__, "size": plan.size_name},
+        "budget_s": args.budget_s,
+        "worst_case_s": BUDGET_S,
+        "peak_tflops": PEAK_TFLOPS,
+    }
+    results = harness.ResultFile("accelerator", scenario, __doc__, args.json)  # commit, versions: gathered here
     folder, write_s = model_folder(plan)
-    results.header(model_dir=str(folder), model_folder_write_s=write_s)
-    logs = args.out.parent
+    # the first record, so the file exists for the processes to resume: they read the folder's path from it
+    record(results, "setup", {"nvidia_smi": machine(), "model_dir": str(folder), "model_folder_write_s": write_s})
+    logs = args.json.parent
     ends: dict[str, str] = {}
 
-    def after(process: str, parts: str, end: str) -> None:
+    def after(process: str, parts: str, end: str) -> harness.ResultFile:
         """A `skipped` entry for each figure of `parts` that the process did not report, right after it ends."""
         ends[process] = end
-        done = [entry["part"] for entry in results.read()["figures"]]
+        now = harness.ResultFile.resume(args.json)  # with what the process added
+        done = [entry["part"] for entry in figures(now)]
         for part in parts:
             for _ in range(done.count(part), len(plan.other_batches) if part == "b" else 1):
-                results.add(figure(part, f"part {part}", skipped=f"{process} process: {end}"))
+                add(now, figure(part, f"part {part}", skipped=f"{process} process: {end}"))
+        return now
 
     jax_s = left_s(args.budget_s) - plan.torch_s
     after("jax", "abcd", child(args, "jax", jax_s, logs / "jax.log"))
     after("torch", "e", child(args, "torch", min(plan.torch_s, left_s(args.budget_s)) - MARGIN_S, logs / "torch.log"))
     seed_s = left_s(args.budget_s) - MARGIN_S
-    after(
+    results = after(
         "seed",
         "f",
         child(args, "seed", seed_s, logs / "seed.log")
         if seed_s >= SEED_MIN_S
         else f"not started: {seed_s:.0f} s left of the {SEED_MIN_S} it needs",
     )
-    results.header(processes=ends, total_s=time.perf_counter() - T0)
+    record(results, "processes", {"ends": ends, "total_s": time.perf_counter() - T0})
     shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, output=("--out", "--json"))  # results.json (run) or the FLOP file (count)
     p.add_argument("command", nargs="?", default="run", choices=["run", "count"])
     p.add_argument("--dry-run", action="store_true", help="the same run on the CPU at the tiny size")
-    p.add_argument("--out", type=Path, required=True, help="results.json (run) or the FLOP file (count)")
     p.add_argument("--budget-s", type=float, default=TOTAL_S - 25, help="this process' share of TOTAL_S")
     p.add_argument("--part", choices=["jax", "torch", "seed"], help=argparse.SUPPRESS)  # a child process
     p.add_argument("--deadline-s", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.json is None:
+        p.error("--out is required")
     plan = DRY_PLAN if args.dry_run else DEVICE_PLAN
     if args.command == "count":
-        return count(plan, args.out)
+        return count(plan, args.json)
     if args.part:
         import accelerator_parts  # bench/ is on the path: this file's folder
 
-        return accelerator_parts.run(args.part, plan, Results(args.out), args.deadline_s)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = harness.ResultFile.resume(args.json)  # the orchestrator's, and the processes' before this one
+        return accelerator_parts.run(args.part, plan, results, args.deadline_s)
     orchestrate(args, plan)
 
 

@@ -1,6 +1,7 @@
 """The processes bench/accelerator.py starts, each ending by its deadline: `jax` (figures a-d), `torch` (e),
-`seed` (f). Each appends its figures to results.json as it measures them, and a `skipped` entry, with the
-reason, for a figure that cannot finish before its deadline.
+`seed` (f). Each reopens results.json (harness.ResultFile.resume), adds its figures to it as it measures them,
+and a `skipped` entry, with the reason, for a figure that cannot finish before its deadline; beside them the
+records of its own stages (`flops`, `jax`, `stage 2`, `jax process`, `torch`), named by what they hold.
 
 JAX (a-d), compiling only what each figure runs (Engine.compile(programs=...)) and never while timing:
  1. the model folder loaded as the worker loads it (weights converted on a thread while (a)'s programs compile);
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from accelerator import PEAK_TFLOPS, Plan, Results, count_gflop, figure, flops_file, tflop_per_image
+from accelerator import (
+    PEAK_TFLOPS,
+    Plan,
+    add,
+    count_gflop,
+    counted_gflop,
+    figure,
+    figures,
+    flops_file,
+    record,
+    run_record,
+    tflop_per_image,
+)
+
+from bench import harness
 
 T0 = time.perf_counter()
 PROMPTS = [f"a photo of thing number {i}" for i in range(64)]
@@ -33,7 +47,7 @@ HEADROOM = 0.10
 PARALLEL_COMPILE = 1.9  # compiles side by side take this times one alone (H200 run 1: four at 70-93 s, one 47-50 s)
 
 
-def run(part: str, plan: Plan, results: Results, deadline_s: float) -> None:
+def run(part: str, plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
     {"jax": run_jax, "torch": run_torch, "seed": run_seed}[part](plan, results, deadline_s)
 
 
@@ -51,7 +65,7 @@ def timed(call: Callable[[], Any], rounds: int) -> tuple[float, list[float], Any
 
 
 def timing(batch: int, first: float, times: list[float], tflop: float | None) -> dict[str, Any]:
-    batch_s = statistics.median(times)
+    batch_s = harness.Timing.of(times).median_s
     per_s = batch / batch_s
     fraction = tflop * per_s / PEAK_TFLOPS["bf16"] if tflop else None
     return {
@@ -69,7 +83,7 @@ def timing(batch: int, first: float, times: list[float], tflop: float | None) ->
 # ---------------------------------------------------------------------------------------------- JAX: a-d
 
 
-def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
+def run_jax(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # as worker/main.py: diffusers' imports
     import jax
     import numpy as np
@@ -79,29 +93,22 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
     from worker.engine.model_source import Quantize
 
     left = lambda: deadline_s - (time.perf_counter() - T0)  # noqa: E731
-    header = results.read()["header"]
     dev = jax.devices()[0]
     dtype = np.dtype(plan.dtype)  # bf16; float32 on the dry run's CPU (XLA:CPU emulates bf16)
     options = model.LoadOptions(dtype, variant="fp16", background=True)  # no weight cache: nothing to flush
-    m = model.load(header["model_dir"], options)
+    m = model.load(run_record(results, "setup")["model_dir"], options)
     hw = plan.size
 
     # FLOPs: the file `bench/accelerator.sh prepare` keeps, else counted here on the CPU backend (shapes only)
-    path = flops_file(plan)
-    count = None
-    if path.exists():
-        saved = __import__("json").loads(path.read_text())
-        if saved["size"] == plan.size_name and saved["dtype"] == plan.dtype:
-            count = {"from": str(path.name), "gflop": saved["gflop"]}
-    if count is None:
+    saved = counted_gflop(plan)
+    if saved is not None:
+        count = {"from": flops_file(plan).name, "gflop": saved, "count_s": None}
+    else:
         t0 = time.perf_counter()
         count = {"from": "counted on this host's CPU backend", "gflop": count_gflop(m, hw)}
         count["count_s"] = time.perf_counter() - t0
     gflop = count["gflop"]
-    results.header(
-        jax={"version": jax.__version__, "device": dev.device_kind, "platform": dev.platform, "dtype": plan.dtype},
-        flops=count,
-    )
+    record(results, "flops", count)
 
     def rows(n: int, steps: int, guided: bool) -> list[Row]:
         if guided:
@@ -134,7 +141,7 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
             values.update(
                 max_pixel_difference=float(np.abs(diff).max()), rms_pixel_difference=float(np.sqrt(np.mean(diff**2)))
             )
-        results.add(figure(part, name, **values, program_memory_gib=memory(engine, programs)))
+        add(results, figure(part, name, **values, program_memory_gib=memory(engine, programs)))
         return out
 
     # (a): compiled while the weights are converted on a thread, then timed
@@ -143,7 +150,9 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
     main = Engine(m, [hw], plan.batch, attention="auto")
     main.compile(guided)
     compile_a_s = time.perf_counter() - t0
-    results.header(attention=main.attention, load_and_compile_a_s=compile_a_s, weights_s=m.weights_s)
+    jax_record = {"version": jax.__version__, "device": dev.device_kind, "platform": dev.platform, "dtype": plan.dtype}
+    jax_record |= {"attention": main.attention, "load_and_compile_a_s": compile_a_s, "weights_s": m.weights_s}
+    record(results, "jax", jax_record)
     t0 = time.perf_counter()
     a = measure("a", "ours/bf16/guided", main, plan.batch, plan.steps, True, dict(main.compile_s))
     per_image_s = (time.perf_counter() - t0) / (plan.rounds + 1) / plan.batch  # (a)'s call, per image
@@ -183,33 +192,33 @@ def run_jax(plan: Plan, results: Results, deadline_s: float) -> None:
             engines[key] = future.result()
         except Exception as exc:  # one failed compile (FP8 on a chip without it) skips its figure alone
             skips[key] = f"compile failed: {type(exc).__name__}: {exc}"
-    results.header(stage_2_compile_s=time.perf_counter() - t0, stage_2=[key for key, *_ in fitting])
+    record(results, "stage 2", {"compile_s": time.perf_counter() - t0, "compiled": [key for key, *_ in fitting]})
 
     for key, n, steps, g in todo:
         name = NAMES.get(key, "ours/bf16/guided")
         if key not in skips and (plan.rounds + 1) * call_s(n, steps, g) > left():
             skips[key] = f"{left():.0f} s left"
         if key in skips:
-            results.add(figure(key[0], name, batch=n, steps=steps, guided=g, skipped=skips[key]))
+            add(results, figure(key[0], name, batch=n, steps=steps, guided=g, skipped=skips[key]))
             continue
         engine, compiled = engines.pop(key)
         try:
             measure(key[0], name, engine, n, steps, g, compiled, against=a if key == "d" else None)
         except Exception as exc:
-            results.add(figure(key[0], name, batch=n, steps=steps, guided=g, skipped=f"{type(exc).__name__}: {exc}"))
+            add(results, figure(key[0], name, batch=n, steps=steps, guided=g, skipped=f"{type(exc).__name__}: {exc}"))
         if engine is not main:
             del engine
             gc.collect()
-    results.header(largest_batch_estimate=largest_batch(results, dev))
-    results.header(jax_process_s=time.perf_counter() - T0)
+    estimate = largest_batch(results, dev)
+    record(results, "jax process", {"largest_batch_estimate": estimate, "process_s": time.perf_counter() - T0})
 
 
-def largest_batch(results: Results, dev: Any) -> dict[str, Any] | None:
+def largest_batch(results: harness.ResultFile, dev: Any) -> dict[str, Any] | None:
     """The largest batch whose programs fit the device, from XLA's memory analysis of the bf16 guided programs
     measured (a, b): a batch's need is its largest program's (begin, the steps or the VAE decode: they run one after
     another), fitted linearly in the batch, against the device's limit less HEADROOM. An estimate: not run."""
     points = {}
-    for entry in results.read()["figures"]:
+    for entry in figures(results):
         if entry["name"] == "ours/bf16/guided" and entry["program_memory_gib"]:
             points[entry["batch"]] = max(entry["program_memory_gib"].values())
     limit = (dev.memory_stats() or {}).get("bytes_limit", 0) / 2**30
@@ -233,27 +242,29 @@ def largest_batch(results: Results, dev: Any) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- PyTorch: e
 
 
-def run_torch(plan: Plan, results: Results, deadline_s: float) -> None:
+def run_torch(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
     """diffusers' StableDiffusionXLPipeline (eager, its default attention: PyTorch's SDPA) from the same folder."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, plan.dtype)
-    folder = Path(results.read()["header"]["model_dir"])
+    folder = Path(run_record(results, "setup")["model_dir"])
     t0 = time.perf_counter()
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, variant="fp16", torch_dtype=dtype)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
     import diffusers
 
-    results.header(
-        torch={
+    record(
+        results,
+        "torch",
+        {
             "version": torch.__version__,
             "diffusers": diffusers.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "load_s": time.perf_counter() - t0,
-        }
+        },
     )
     n = plan.batch
 
@@ -274,26 +285,26 @@ def run_torch(plan: Plan, results: Results, deadline_s: float) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     first, times, _ = timed(call, plan.torch_rounds)
-    gflop = results.read()["header"].get("flops", {}).get("gflop")
+    gflop = (run_record(results, "flops") or {}).get("gflop")
     values = timing(n, first, times, tflop_per_image(gflop, plan.steps, True) if gflop else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    results.add(figure("e", "torch/diffusers/eager", **values, steps=plan.steps, guided=True, peak_memory_gib=peak))
+    add(results, figure("e", "torch/diffusers/eager", **values, steps=plan.steps, guided=True, peak_memory_gib=peak))
 
 
 # ---------------------------------------------------------------------------------------------- seed: f
 
 
-def run_seed(plan: Plan, results: Results, deadline_s: float) -> None:
+def run_seed(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
     """The seed's path (bench/seed_path.py: diffusers 0.39's Flax pipeline, split_head_dim, pmap) on the folder."""
     try:
         import seed_path
         from diffusers import FlaxStableDiffusionXLPipeline  # noqa: F401  # transformers' Flax classes too
     except Exception as exc:
-        results.add(figure("f", "seed/flax-pipeline", skipped=f"not importable here: {type(exc).__name__}: {exc}"))
+        add(results, figure("f", "seed/flax-pipeline", skipped=f"not importable here: {type(exc).__name__}: {exc}"))
         return
-    header = results.read()["header"]
-    call = seed_path.build(Path(header["model_dir"]), *plan.size, plan.batch, plan.steps, plan.dtype)
+    folder = Path(run_record(results, "setup")["model_dir"])
+    call = seed_path.build(folder, *plan.size, plan.batch, plan.steps, plan.dtype)
     first, times, _ = timed(call, plan.rounds)  # the first call compiles (pmap)
-    gflop = header.get("flops", {}).get("gflop")
+    gflop = (run_record(results, "flops") or {}).get("gflop")
     values = timing(plan.batch, first, times, tflop_per_image(gflop, plan.steps, True) if gflop else None)
-    results.add(figure("f", "seed/flax-pipeline", **values, steps=plan.steps, guided=True))
+    add(results, figure("f", "seed/flax-pipeline", **values, steps=plan.steps, guided=True))

@@ -17,6 +17,11 @@ docs/benchmarks.md's tables are rendered from these files by bench/tables.py.
 Versions come from the installed packages' metadata, never by importing them: a JAX bench must not import
 torch to say which torch is installed (bench/imports.py measures what that costs). Devices are read only when
 the script has imported JAX itself.
+
+A machine whose copy of the tree has no .git (the device machine: bench/accelerator.sh) gets the commit and dirty
+flag from PROVENANCE, written beside the wheels by `bench/accelerator.sh prepare` (save_provenance), and says so in
+the environment's note. A run whose processes add figures one after another reopens the file with
+ResultFile.resume.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 KEYS = ("bench", "scenario", "environment", "method", "results")
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch", "diffusers", "transformers", "redis", "celery")
+PROVENANCE = ROOT / ".wheels" / "provenance.json"  # the commit a tree without .git was prepared from
+FROM_PROVENANCE = "commit and dirty flag from .wheels/provenance.json (`bench/accelerator.sh prepare`): no .git here"
 BEFORE_HARNESS = "recorded before bench/harness.py: the commit measured is unknown; what the script wrote is kept"
 BEFORE_HARNESS_WITH_COMMIT = (
     "recorded before bench/harness.py; the script then wrote the short commit kept in `recorded` (the dirty flag"
@@ -54,6 +61,25 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _git_provenance() -> dict[str, Any] | None:
+    """The commit and whether tracked files differ from it (results and other untracked files aside); None where
+    this tree is not a checkout itself (never a checkout that happens to enclose the copy)."""
+    if not (ROOT / ".git").exists():
+        return None
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if commit is None else {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def save_provenance(path: Path = PROVENANCE) -> dict[str, Any]:
+    """Keep git's answer beside a tree that travels without .git (what Environment.gather reads there)."""
+    found = _git_provenance()
+    if found is None:
+        raise SystemExit(f"{ROOT}: not a git checkout, no provenance to save")
+    write_atomically(path, found)
+    return found
 
 
 def _devices() -> list[str] | None:
@@ -82,16 +108,20 @@ class Environment:
         for name in PACKAGES:
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
                 packages[name] = importlib.metadata.version(name)
-        status = _git("status", "--porcelain", "--untracked-files=no")
+        found, note = _git_provenance(), None
+        if found is None and PROVENANCE.exists():
+            found, note = json.loads(PROVENANCE.read_text()), FROM_PROVENANCE
+        found = found or {}
         return cls(
-            commit=_git("rev-parse", "HEAD"),
-            dirty=None if status is None else bool(status),
+            commit=found.get("commit"),
+            dirty=found.get("dirty"),
             recorded_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             python=platform.python_version(),
             packages=packages,
             platform=platform.platform(),
             cpu_count=os.cpu_count(),
             devices=_devices(),
+            note=note,
         )
 
     @classmethod
@@ -176,12 +206,24 @@ class ResultFile:
     figure, the whole file rewritten atomically after each when a path was given. Nothing is written before
     the first figure, so a rerun that fails early leaves the previous result at that path as it was."""
 
-    def __init__(self, bench: str, scenario: Mapping[str, Any], method: str | None, path: Path | None):
+    def __init__(self, bench: str, scenario: Mapping[str, Any], method: str | None, path: Path | None) -> None:
         self.bench, self.path = bench, path
         self.scenario = _plain(dict(scenario))
         self.method = (method or "").strip() or None
         self.environment = Environment.gather()
         self.results: list[dict[str, Any]] = []
+
+    @classmethod
+    def resume(cls, path: Path) -> ResultFile:
+        """The file another process of the same run wrote, reopened to add to: its scenario, method and environment
+        as they are (devices filled in if this process has imported JAX and they were not), its figures kept."""
+        document = load(path)
+        result = cls.__new__(cls)
+        result.bench, result.path = document["bench"], Path(path)
+        result.scenario, result.method = document["scenario"], document["method"]
+        result.environment = Environment(**document["environment"])
+        result.results = document["results"]
+        return result
 
     def add(self, figure: str, record: Mapping[str, Any]) -> dict[str, Any]:
         entry = {"figure": figure, **_plain(dict(record))}

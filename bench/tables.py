@@ -401,6 +401,34 @@ def fp8() -> str:
     return markdown([*headers, "FP8 calibrated vs float32", "FP8 calibrated vs bf16"], rows)
 
 
+def accelerator_flops() -> str:
+    run = Run("accelerator-flops-sdxl-1024")
+    g, r = run["count"]["gflop"], run["count"]
+
+    def gflop(key: str) -> str:
+        return f"{Decimal(fixed(g[key], 2)):,}"
+
+    rows = [
+        [
+            "begin, guided (both text encoders on prompt and negative, the cross-attentions' keys and values once)",
+            gflop("begin"),
+        ],
+        [
+            "advance, guided, one step (2 UNet rows)",
+            f"{gflop('advance')} ({fixed(g['advance'] / 2 / 1000, 3)} TFLOP per UNet row and step)",
+        ],
+        ["begin, guidance-free", gflop("begin-free")],
+        ["advance, guidance-free, one step (1 row)", gflop("advance-free")],
+        ["finish: the VAE decode to uint8", gflop("finish-uint8")],
+        [
+            bold("one image, 20 guided steps (40 UNet rows)"),
+            bold(f"{fixed(r['tflop_per_image_guided_20_steps'], 2)} TFLOP"),
+        ],
+        ["one image, 4 guidance-free steps (4 rows)", f"{fixed(r['tflop_per_image_free_4_steps'], 2)} TFLOP"],
+    ]
+    return markdown(["program (one image)", "GFLOP"], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "engine-own-model": engine_own_model,
     "precision": precision,
@@ -417,6 +445,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "step-count": step_count,
     "step-time": step_time,
     "fp8": fp8,
+    "accelerator-flops": accelerator_flops,
 }
 
 

@@ -5,12 +5,13 @@ accelerator broken."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from bench import harness
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,12 +41,18 @@ def test_the_dry_run_measures_every_part_in_order(tmp_path: Path):
     )
     logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("*.log")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
-    results = json.loads((tmp_path / "results.json").read_text())
-    header, figures = results["header"], results["figures"]
-    assert header["dry_run"] is True and "commit" in header and "dirty" in header
-    assert header["flops"]["gflop"]["advance"] > 0
+    results = harness.load(tmp_path / "results.json")  # the harness' fixed keys
     acc = accelerator()
-    assert all(tuple(f) == acc.FIGURE_KEYS for f in figures)
+    figures = [r for r in results["results"] if "part" in r]
+    own = {r["figure"]: r for r in results["results"] if "part" not in r}
+    assert results["bench"] == "accelerator" and results["scenario"]["dry_run"] is True
+    env = results["environment"]
+    assert env["commit"] == subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    assert env["devices"] == ["cpu:cpu"]  # the JAX process' (the orchestrator never imports JAX)
+    assert own["flops"]["gflop"]["advance"] > 0 and own["flops"]["from"] == "accelerator-flops-tiny-64.json"
+    assert set(own) == {"setup", "flops", "jax", "stage 2", "jax process", "torch", "processes"}
+    assert own["processes"]["ends"]["jax"] == own["processes"]["ends"]["torch"] == "ended", logs
+    assert all(tuple(f)[1:] == acc.FIGURE_KEYS for f in figures)
     assert [f["part"] for f in figures] == ["a", "b", "b", "c", "d", "e", "f"], logs
     measured = {f["part"]: f for f in figures if f["skipped"] is None}
     assert set(measured) >= set("abcde"), [f["skipped"] for f in figures] + [logs]
@@ -61,6 +68,6 @@ def test_the_dry_run_with_no_time_left_writes_every_part_skipped_with_its_reason
         [str(ROOT / "bench" / "accelerator.sh"), "--dry-run"], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    figures = json.loads((tmp_path / "results.json").read_text())["figures"]
+    figures = [r for r in harness.load(tmp_path / "results.json")["results"] if "part" in r]
     assert [f["part"] for f in figures] == ["a", "b", "b", "c", "d", "e", "f"]  # (b) at two batch sizes
     assert all(f["skipped"].endswith("left") or "not started" in f["skipped"] for f in figures), figures

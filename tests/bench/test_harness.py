@@ -62,3 +62,32 @@ def test_a_bench_run_writes_its_result_through_the_harness(tmp_path):
     assert doc["bench"] == "images" and doc["scenario"] == {"rounds": 1, "size": 64}
     assert len(doc["results"]) == 6 and all(r["timing"]["samples_s"] for r in doc["results"])
     assert doc["environment"]["commit"] and doc["environment"]["packages"]["numpy"] == np.__version__
+
+
+def test_a_result_file_is_resumed_by_another_process_which_adds_after_the_first(tmp_path):
+    path = tmp_path / "results.json"
+    harness.ResultFile("x", {"rounds": 1}, "how", path).add("setup", {"folder": "f"})
+    before = harness.load(path)
+    code = "import sys; from bench import harness; harness.ResultFile.resume(sys.argv[1]).add('(a)', {'s': 1.5})"
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, check=True, timeout=60)
+    doc = harness.load(path)
+    assert [r["figure"] for r in doc["results"]] == ["setup", "(a)"]
+    assert {k: doc[k] for k in ("bench", "scenario", "method", "environment")} == {
+        k: before[k] for k in ("bench", "scenario", "method", "environment")
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_tree_without_git_takes_its_commit_from_the_saved_provenance(tmp_path):
+    """The device machine gets the tree without .git: `bench/accelerator.sh prepare` saved the commit beside it."""
+    saved = harness.save_provenance(tmp_path / "here" / "provenance.json")
+    assert saved["commit"] == subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    copy = tmp_path / "copy"  # outside any git checkout
+    (copy / "bench").mkdir(parents=True)
+    (copy / "bench" / "harness.py").write_text((ROOT / "bench" / "harness.py").read_text())
+    code = "from bench import harness; e = harness.Environment.gather(); print(e.commit, e.dirty, e.note is not None)"
+    gather = lambda: subprocess.check_output([sys.executable, "-c", code], cwd=copy, text=True).split()  # noqa: E731
+    assert gather() == ["None", "None", "False"]  # nothing invented
+    (copy / ".wheels").mkdir()
+    (copy / ".wheels" / "provenance.json").write_text((tmp_path / "here" / "provenance.json").read_text())
+    assert gather() == [saved["commit"], str(saved["dirty"]), "True"]
