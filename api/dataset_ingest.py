@@ -71,7 +71,7 @@ def ingest(
     invalid_lines: list[bytes] = []
     chunk: list[str] = []
     written = total = invalid = 0
-    for number, raw in lines_of(stream):
+    for number, raw in lines_of(stream, settings.max_dataset_line_bytes):
         if number > settings.max_dataset_lines:
             _discard(storage, layout, written)
             raise InputInvalid(f"more than {settings.max_dataset_lines} lines; split the file", errors, invalid, 413)
@@ -86,6 +86,15 @@ def ingest(
                 invalid_lines.append(_json_line(result, raw))
             continue
         total += len(result)
+        if total > settings.max_dataset_images:  # counted after num_images: a line asking for 64 is 64
+            _discard(storage, layout, written)
+            raise InputInvalid(
+                f"the file asks for at least {total} images by line {number} (num_images counted), more than "
+                f"{settings.max_dataset_images} per run (SDXL_MAX_DATASET_IMAGES); split it",
+                errors,
+                invalid,
+                413,
+            )
         if rejecting and invalid:
             continue  # the file is refused: keep checking (to report every bad line), store nothing more
         for line in result:
@@ -112,9 +121,16 @@ def ingest(
 
 
 def create_run(
-    datasets: DatasetStore, ingested: Ingested, options: DatasetOptions, tenant: str, source: str, max_active: int = 0
+    datasets: DatasetStore,
+    ingested: Ingested,
+    options: DatasetOptions,
+    tenant: str,
+    source: str,
+    max_active: int = 0,
+    max_images: int = 0,
 ) -> None:
-    """The run's record (raises TooManyRuns, storing nothing, when the tenant has max_active runs already)."""
+    """The run's record (raises TooManyRuns, storing nothing, when the tenant has max_active runs already;
+    TooManyImages when its runs' images not yet ended and this run's are more than max_images)."""
     datasets.create(
         ingested.run_id,
         tenant,
@@ -123,6 +139,7 @@ def create_run(
         ingested.total,
         ingested.invalid,
         max_active,
+        max_images,
         source=source,
         invalid=[e.as_dict() for e in ingested.errors],
     )

@@ -27,10 +27,11 @@ from api.schemas import (
     ResumePublic,
     RetryPublic,
 )
-from common.dataset_store import DatasetRun, TooManyRuns
+from common.dataset_store import DatasetRun, TooManyImages, TooManyRuns
 from common.datasets import FINISHED, DatasetOptions, DatasetStatus, Layout
 from common.jobs import JobStatus
 from common.outage import REDIS_DOWN
+from common.storage import key_problem
 
 STALL_MIN_S = 15.0  # at least three of the 5 s progress samples without a finished line
 
@@ -62,6 +63,9 @@ def create(
         prefix = f"{s.dataset_input_prefix}{tenant}/" if tenant else s.dataset_input_prefix
         if not key.startswith(prefix) or ".." in key.split("/"):
             raise ProblemError(422, f"input_key must be under {prefix!r} (this tenant's input folder)", "input_key")
+        problem = key_problem(key)
+        if problem is not None:
+            raise ProblemError(422, f"input_key {problem}", "input_key")
         try:
             data = services.storage.get(key)
         except (KeyError, ValueError) as exc:
@@ -97,7 +101,15 @@ def create(
         if run_id != ingested.run_id:  # a concurrent request with the same key won: answer with its run
             return _replay(services, tenant, key_hash, (run_id, seen), fingerprint, request)
     try:
-        create_run(services.datasets, ingested, options, tenant, source, s.max_active_datasets_per_tenant)
+        create_run(
+            services.datasets,
+            ingested,
+            options,
+            tenant,
+            source,
+            s.max_active_datasets_per_tenant,
+            s.max_dataset_images_per_tenant,
+        )
     except REDIS_DOWN:
         # 503 "nothing was stored": the run's record was not (one script), and its input goes too. Storage
         # away as well: the chunks stay under datasets/<run>/, named by no record (docs/reliability.md).
@@ -109,6 +121,17 @@ def create(
         if key_hash:
             services.datasets.release_idempotency(tenant, key_hash)
         raise _too_many_runs(exc.active, s.max_active_datasets_per_tenant) from exc
+    except TooManyImages as exc:
+        discard(services.storage, ingested)
+        if key_hash:
+            services.datasets.release_idempotency(tenant, key_hash)
+        cap = s.max_dataset_images_per_tenant
+        message = (
+            f"this tenant's data set runs in progress have {exc.pending} images still to generate; with this run's "
+            f"{ingested.total} that is more than {cap} (SDXL_MAX_DATASET_IMAGES_PER_TENANT, num_images counted); "
+            "retry when some have finished"
+        )
+        raise ProblemError(429, message, headers={"Retry-After": "60"}) from exc
     run = services.datasets.get(ingested.run_id)
     assert run is not None
     return Created(to_public(run, services, request), replayed=False)
@@ -161,8 +184,8 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
     return DatasetPublic(
         id=run.id,
         status=run.status,
-        status_url=str(request.url_for("get_dataset", run_id=run.id)),
-        files_url=str(request.url_for("dataset_files", run_id=run.id)),
+        status_url=services.settings.public_url(f"/v1/datasets/{run.id}"),  # not the Host header: a client may send any
+        files_url=services.settings.public_url(f"/v1/datasets/{run.id}/files"),
         seed=run.seed,
         options=run.options,
         counts=DatasetCounts(
@@ -184,6 +207,7 @@ def to_public(run: DatasetRun, services: Services, request: Request) -> DatasetP
         finished_at=run.finished_at,
         expires_at=run.finished_at + services.settings.job_ttl_s if run.finished_at is not None else None,
         invalid_lines=[LineErrorPublic(**e) for e in run.extra.get("invalid", [])],
+        error=run.error,
     )
 
 

@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.job_events import JobEvents
+from api.job_inputs import DecodeLimits
 from api.metrics import RedisFigures
 from api.served import ServedModels
+from api.slots import Slots
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetRun, DatasetStore
 from common.job_store import JobStore
 from common.jobs import Job
+from common.keys import RECORD_ID_PATTERN
 from common.loras import Registry
 from common.rate_limit import RateLimiter
 from common.settings import Settings
@@ -38,6 +41,9 @@ class Services:
     events: JobEvents  # wakes requests that wait for a job to end
     loras: Registry  # the LoRA adapters served (SDXL_LORA_DIR)
     served: ServedModels  # which models live workers hold
+    decodes: DecodeLimits  # input images: pixels per image, decodes at once (api/job_inputs.py)
+    waits: Slots  # event streams and waits open per API key (api/slots.py)
+    uploads: Slots  # data set uploads being read per tenant
     metrics_figures: RedisFigures | None = None  # the last /metrics read of Redis, served stale in an outage
 
 
@@ -96,7 +102,12 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 OffsetQuery = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
 
-def owned_job(job_id: str, services: ServicesDep, caller: CallerDep) -> Job:
+# A job's or run's id in a path, checked before it reaches Redis: 422 naming it when it cannot be an id.
+JobId = Annotated[str, Path(pattern=RECORD_ID_PATTERN, description="The job's id.")]
+RunId = Annotated[str, Path(pattern=RECORD_ID_PATTERN, description="The data set run's id.")]
+
+
+def owned_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> Job:
     """The caller's job; another tenant's job is as absent as an unknown one (404, never 403)."""
     job = services.store.get(job_id)
     if job is None or job.tenant != caller.tenant:
@@ -107,7 +118,7 @@ def owned_job(job_id: str, services: ServicesDep, caller: CallerDep) -> Job:
 OwnedJob = Annotated[Job, Depends(owned_job)]
 
 
-def owned_run(run_id: str, services: ServicesDep, caller: CallerDep) -> DatasetRun:
+def owned_run(run_id: RunId, services: ServicesDep, caller: CallerDep) -> DatasetRun:
     """The caller's data set run; another tenant's is as absent as an unknown one (404, never 403)."""
     run = services.datasets.get(run_id)
     if run is None or run.tenant != caller.tenant:

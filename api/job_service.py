@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -19,11 +19,21 @@ from starlette.concurrency import run_in_threadpool
 from api import job_inputs, metrics, served
 from api.deps import Caller, Services, owned_job
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
-from common import loras, webhooks
+from common import loras, webhook_target
 from common.job_store import IdempotencyConflict, QueueFull
-from common.jobs import MAX_SEED, TERMINAL, Job, JobRequest, JobStatus, LimitError, check_limits, with_size
+from common.jobs import (
+    MAX_SEED,
+    TERMINAL,
+    Job,
+    JobRequest,
+    JobStatus,
+    LimitError,
+    check_controlnets,
+    check_limits,
+    with_size,
+)
 from common.outage import REDIS_DOWN
-from common.queue import TASK_GENERATE, TASK_WEBHOOK
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue
 
 log = logging.getLogger(__name__)
 EVENTS_POLL_S = 1.0  # an event stream reads its job at least this often (a queued job's position moves unannounced)
@@ -67,7 +77,7 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
     return JobPublic(
         id=job.id,
         status=job.status,
-        status_url=str(request.url_for("get_job", job_id=job.id)),
+        status_url=s.public_url(f"/v1/jobs/{job.id}"),  # not the Host header: a client may send any
         request=job.request,
         queue_position=queue_position(job, services),
         created_at=job.created_at,
@@ -96,19 +106,23 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     """Check, store and queue a job. A replayed Idempotency-Key gives the earlier job's id."""
     s = services.settings
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
-    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes)  # a size from the init image
+    # a size from the init image
+    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes)
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.refiner is not None and not s.refiner:
         raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
     served.check_model(body, s, services.served)
     loras.check(body.loras, services.loras, s.max_loras_per_job, s.lora_max_rank)
+    check_controlnets(body, list(s.controlnet_specs))
+    if body.controlnets and body.model not in (None, s.model_entries[0].name):
+        raise LimitError("controlnets", "ControlNets are served with the default model only; leave `model` out")
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")
         try:
-            webhooks.check_url(body.webhook_url, s.webhook_allow_private)
-        except webhooks.WebhookError as exc:
+            webhook_target.check_url(body.webhook_url, s.webhook_allow_private)
+        except webhook_target.WebhookError as exc:
             raise LimitError("webhook_url", str(exc)) from exc
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
@@ -139,9 +153,10 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         metrics.SUBMITTED.labels(f"{body.width}x{body.height}").inc()
         # The record and its outbox entry were stored by one script: from here on the job runs whatever
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
-        # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way.
+        # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way. The message names
+        # no job: it wakes a worker, which takes the next job in fair order (tenants in turn), not this one.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[job_id, 0], queue=s.queue_name)
+            services.celery.send_task(TASK_GENERATE, args=[], queue=generate_queue(s, body.model))
             services.store.sent(job_id)
         except Exception:
             log.warning(
@@ -161,7 +176,15 @@ async def submit_and_wait(
     """Submit, then read the job once (no wait) or once it has ended or `wait_s` has passed."""
     submitted = await run_in_threadpool(submit, body, services, caller.tenant, idempotency_key)
     try:
-        job = await until_ended(services, request, caller, submitted.job_id, wait_s or 0)
+        try:
+            job = await until_ended(services, request, caller, submitted.job_id, wait_s or 0)
+        except HTTPException as exc:
+            if exc.status_code != 429:
+                raise
+            # This key holds its cap of waits. The job is stored: a 429 would read as "not stored" and invite a
+            # duplicate, so the preference is ignored instead (RFC 7240 allows it): 202 now, no Preference-Applied.
+            wait_s = None
+            job = await until_ended(services, request, caller, submitted.job_id, 0)
     except REDIS_DOWN:
         if not submitted.created:
             raise
@@ -188,6 +211,16 @@ async def until_ended(services: Services, request: Request, caller: Caller, job_
 
     if not wait_s:
         return await services.events.until_ended(job_id, 0, read)
+    give_back = services.waits.take(caller.key_id)  # 429 when this key holds its cap of waits and streams
+    try:
+        return await _until_ended(services, request, job_id, wait_s, read)
+    finally:
+        give_back()
+
+
+async def _until_ended(
+    services: Services, request: Request, job_id: str, wait_s: float, read: Callable[[], Awaitable[Job]]
+) -> Job | None:
     waiting = asyncio.ensure_future(services.events.until_ended(job_id, wait_s, read))
     gone = asyncio.ensure_future(client_gone(request))
     try:
@@ -220,7 +253,7 @@ def cancel(job: Job, services: Services) -> CancelPublic:
     outcome = "never_ran" if before == JobStatus.queued else "results_discarded"
     if before == JobStatus.queued and job.request.webhook_url:
         # no worker will see this job again: the API queues its webhook (a running job's worker does)
-        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.queue_name)
+        services.celery.send_task(TASK_WEBHOOK, args=[job.id], queue=services.settings.webhook_queue)
     return CancelPublic(id=job.id, status=JobStatus.canceled, outcome=outcome)
 
 

@@ -18,9 +18,12 @@ from redis.retry import Retry
 from api import errors, metrics
 from api.deps import Services
 from api.job_events import JobEvents
+from api.job_inputs import DecodeLimits
 from api.limits import BodyLimit
 from api.routes import datasets, files, jobs, openai, playground, system
+from api.security import SecurityHeaders
 from api.served import ServedModels
+from api.slots import Slots
 from common import logs
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
@@ -65,10 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
             served=ServedModels(workers),
+            decodes=DecodeLimits.of(settings.input_pixel_cap, settings.max_concurrent_decodes),
+            waits=Slots(settings.max_waits_per_key, "event streams and waits per API key", "SDXL_MAX_WAITS_PER_KEY"),
+            uploads=Slots(
+                settings.max_uploads_per_tenant, "data set uploads per tenant", "SDXL_MAX_UPLOADS_PER_TENANT", 10
+            ),
         )
         events.start()  # connects in the background: an API started before Redis still starts
         yield
         await events.stop()
+        app.state.services.decodes.workers.shutdown(wait=False)  # idle by now: requests have ended
         client.close()
 
     app = FastAPI(
@@ -76,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Text-to-image jobs (submit, poll, fetch by signed URL) and whole data sets from JSONL.",
         lifespan=lifespan,
+        # FastAPI's pages load Swagger UI and ReDoc from a CDN: served only when asked for (api/security.py)
+        docs_url="/docs" if settings.interactive_docs else None,
+        redoc_url="/redoc" if settings.interactive_docs else None,
     )
     errors.install(app)
 
@@ -87,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]  # the documented way to extend FastAPI's schema
     uploads = {"/v1/datasets": settings.max_dataset_bytes}  # JSONL uploads are far larger than a job
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, by_path=uploads)
+    app.add_middleware(SecurityHeaders)  # on every answer, the refusals of the middlewares inside it included
     app.add_middleware(metrics.RequestTimer)  # added last: outermost, so it times what the others refuse too
     for module in (jobs, datasets, openai, files, system, playground):
         _summaries(module.router)

@@ -89,6 +89,7 @@ class ModelPublic(BaseModel):
     schedulers: list[str]
     timestep_spacings: list[str]
     refiner: str | None = None  # SDXL's refiner served beside the model (jobs may ask for it), or none
+    controlnets: list[str] = []  # the ControlNets a job may name (SDXL_CONTROLNETS), with the default model
     options: dict[str, str]  # what each sampling and image option does, and which model it needs
     output_formats: list[str]
     limits: dict[str, int | float]
@@ -130,6 +131,7 @@ class DatasetPublic(BaseModel):
     # URLs of GET .../files; the files themselves stay in storage
     expires_at: float | None = None
     invalid_lines: list[LineErrorPublic] = []  # the first 100 lines left out (on_invalid=skip)
+    error: str | None = None  # status `failed`: why the run was given up on
 
 
 class DatasetsPublic(BaseModel):

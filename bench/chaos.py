@@ -26,7 +26,6 @@ Prints one JSON object; bench/results/chaos-cpu.json keeps the run docs/reliabil
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import random
@@ -44,6 +43,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from common.api_keys import ApiKeyStore  # noqa: E402
 from common.batch_log import BatchLog  # noqa: E402
 from common.keys import Keys  # noqa: E402
@@ -73,14 +73,14 @@ class Redis:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__, output=("--out", "--json"))
     parser.add_argument("--duration-s", type=float, default=1200)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--every-s", type=float, nargs=2, default=(30, 90))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--victims", nargs="+", default=["worker", "api", "redis"], choices=["worker", "api", "redis"])
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    result_file = harness.start("chaos", args, __doc__)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
     store = Redis(work / "valkey")
@@ -248,8 +248,7 @@ def main() -> None:
         ),
     }
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result_file.add("summary", result)
     for w in workers:
         w.stop(signal.SIGKILL)
     api.stop()

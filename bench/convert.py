@@ -11,10 +11,7 @@ bit for bit before anything is timed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from worker.engine.convert import contiguous  # noqa: E402
 
 # (name, PyTorch shape, axes to Flax's layout)
@@ -44,11 +42,10 @@ def ns_per_element(copy, view: np.ndarray, dtype) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__, output=("--out", "--json"))
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", type=Path)
     args = p.parse_args()
-    rows = []
+    result = harness.start("convert", args, __doc__)
     for cast, stored, served in CASTS:
         for name, shape, axes in SHAPES:
             view = np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(stored).transpose(axes)
@@ -58,7 +55,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 times["numpy"].append(ns_per_element(lambda v, d: np.ascontiguousarray(v, dtype=d), view, served))
                 times["tiled"].append(ns_per_element(contiguous, view, served))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = {k: harness.Timing.of(v).median_s for k, v in times.items()}
             row = {
                 "cast": cast,
                 "tensor": name,
@@ -66,12 +63,12 @@ def main() -> None:
                 "numpy_ns": round(med["numpy"], 2),
                 "tiled_ns": round(med["tiled"], 2),
                 "numpy_over_tiled": round(med["numpy"] / med["tiled"], 2),
+                # the spread, in ns per element (the samples are times per element, not seconds)
+                "numpy_ns_p10_p90": [round(harness.percentile(times["numpy"], q), 2) for q in (10, 90)],
+                "tiled_ns_p10_p90": [round(harness.percentile(times["tiled"], q), 2) for q in (10, 90)],
             }
             print(json.dumps(row), flush=True)
-            rows.append(row)
-    result = {"machine": f"{os.cpu_count()} cores", "rounds": args.rounds, "rows": rows}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+            result.add(f"{cast} {name}", row)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from common import redis_server  # noqa: E402
 from tests.helpers.servers import WorkerProcess  # noqa: E402
 
@@ -162,29 +163,27 @@ def feeder(n: int, work: Path, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__, output=("--out", "--json"))
     p.add_argument("--lines", type=int, default=100_000)
     p.add_argument("--small", type=int, default=10_000)
     p.add_argument("--naive-lines", type=int, default=None, help="default: --lines")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--batch-s", type=float, default=0.01)
     p.add_argument("--depth", type=int, default=256)
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    result = harness.start("datasets", args, __doc__)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory(prefix="bench-datasets-") as tmp:
         work = Path(tmp)
-        results = {
-            "machine": f"{os.cpu_count()} cores",
-            "stand-in batch": f"{args.batch} rows x {args.batch_s} s",
-            "feed depth": args.depth,
-        }
+        results = {}
         print("naive enqueue ...", flush=True)
         results["naive"] = naive(args.naive_lines or args.lines, work)
+        result.add("naive", results["naive"])
         print(results["naive"], flush=True)
         for n, name in ((args.small, "feeder_small"), (args.lines, "feeder_large")):
             print(f"feeder, {n} lines ...", flush=True)
             results[name] = feeder(n, work, args)
+            result.add(name, results[name])
             print(results[name], flush=True)
     large, small, nv = results["feeder_large"], results["feeder_small"], results["naive"]
     peak = "peak_above_baseline_bytes"
@@ -192,9 +191,8 @@ def main() -> None:
         "feeder_peak_large_over_small": round(large[peak] / small[peak], 2),
         "naive_peak_over_feeder_peak": round(nv[peak] / large[peak], 1),
     }
+    result.add("ratios", results["ratios"])
     print(json.dumps(results, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

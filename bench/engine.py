@@ -35,7 +35,6 @@ preset's shapes (no weights drawn, nothing compiled): `--preset sdxl --size 1024
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import statistics
@@ -48,6 +47,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
 
 
 def _dtype(name: str):
@@ -264,7 +265,7 @@ class SeedPath:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "mid", "sdxl"])
     parser.add_argument("--size", default="512x512", help="HEIGHTxWIDTH")
     parser.add_argument("--batch", type=int, default=4, help="images per call (rows)")
@@ -275,7 +276,6 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--attention", default="auto", help="our engine's attention (worker/engine/attention.py)")
     parser.add_argument("--no-start", action="store_true", help="skip the cold/warm start measurement")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--compare-step", action="store_true", help="the step before / after issue 30 part 2 only")
     parser.add_argument("--count-only", action="store_true", help="with --compare-step: XLA's counts, nothing run")
     parser.add_argument("--start-only", action="store_true", help=argparse.SUPPRESS)
@@ -292,20 +292,9 @@ def main() -> None:
     from worker.engine import model
     from worker.engine.engine import Engine, Row
 
-    result: dict[str, object] = {
-        "preset": args.preset,
-        "size": args.size,
-        "batch": args.batch,
-        "steps": args.steps,
-        "device": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
-        "jax": jax.__version__,
-        "flax": importlib.metadata.version("flax"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-        ).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    # commit, versions and devices: its environment; hw is size parsed, the other two the start child's
+    result_file = harness.start("engine", args, __doc__, omit=("hw", "start_only", "cache_dir"))
+    result: dict[str, object] = {}
     if not args.no_start and not args.compare_step:
         result.update(measure_start(args))
     dtype = _dtype(args.dtype)
@@ -313,7 +302,7 @@ def main() -> None:
     result["dtype"] = dtype_name
     if args.compare_step and args.count_only:  # shapes only: the full SDXL is counted in a minute on a CPU
         result.update(step_counts(args, from_preset(args.preset, dtype, shapes_only=True)))
-        return _report(result, args.json)
+        return _report(result, result_file)
     # Both paths read the same weights: the preset written once as a diffusers folder of safetensors.
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{args.preset}-"))
     from worker.engine import tiny
@@ -322,7 +311,7 @@ def main() -> None:
     m = model.load_folder(folder, model.LoadOptions(dtype))
     if args.compare_step:
         result.update(compare_step(args, m))
-        return _report(result, args.json)
+        return _report(result, result_file)
     engine = Engine(m, [args.hw], args.batch, attention=args.attention)
     result["attention"] = engine.attention
     t0 = time.perf_counter()
@@ -349,7 +338,9 @@ def main() -> None:
     if seed is not None:
         seed.close()
     for name, ts in times.items():
-        med = statistics.median(ts)
+        timing = harness.Timing.of(ts)
+        med = timing.median_s
+        result[f"{name}_timing"] = timing.to_json()
         result[f"{name}_batch_s"] = med
         result[f"{name}_s_per_image"] = med / args.batch
         result[f"{name}_images_per_s"] = args.batch / med
@@ -367,15 +358,14 @@ def main() -> None:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_device_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
-    _report(result, args.json)
+    _report(result, result_file)
 
 
-def _report(result: dict[str, object], path: Path | None) -> None:
+def _report(result: dict[str, object], result_file: harness.ResultFile) -> None:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if path:
-        path.write_text(json.dumps(result, indent=2))
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ against float32 and against bfloat16. Random weights: how much FP8 moves each ou
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
 
 EVAL = [("a photo of a cat", "blurry", 1), ("a red car at night", None, 2)]
 CALIBRATION = [("a portrait of an old man", None, 11), ("a bowl of fruit on a table", "dark", 12)]
@@ -57,11 +57,11 @@ def _merge(tree: dict[str, Any], amax: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="mid", choices=["tiny", "mid"])
     p.add_argument("--size", default="256x256", help="HEIGHTxWIDTH")
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result_file = harness.start("fp8", args, __doc__)
     h, w = (int(x) for x in args.size.split("x"))
 
     import jax
@@ -154,15 +154,7 @@ def main() -> None:
     params = dict(e.params) | {"unet": _merge(e.params["unet"], jax.device_put(amax, e.replicated))}
     pixels["fp8_calibrated"] = np.asarray(jax.jit(whole)(params, begin, base.time_ids, base.tables, batch.base.steps))
 
-    result: dict[str, Any] = {
-        "preset": args.preset,
-        "size": args.size,
-        "steps": STEPS,
-        "jax": jax.__version__,
-        "device": jax.devices()[0].device_kind,
-        "date": time.strftime("%Y-%m-%d"),
-        "calibrated_layers": len(jax.tree_util.tree_leaves(amax)),
-    }
+    result: dict[str, Any] = {"steps": STEPS, "calibrated_layers": len(jax.tree_util.tree_leaves(amax))}
     for output, got in (("unet_one_call", unet_out), ("whole_image_pixels", pixels)):
         for name in ("bfloat16", "fp8", "fp8_calibrated"):
             for reference in ("float32", "bfloat16"):
@@ -172,8 +164,7 @@ def main() -> None:
                 result[key] = _diff(got[name], got[reference])
                 print(f"{key:<50} max abs {result[key]['max_abs']:.3g}   relative RMS {result[key]['rel_rms']:.4f}")
     result["total_s"] = time.perf_counter() - t_start
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

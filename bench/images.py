@@ -12,10 +12,7 @@ pixels first. The encoders use this machine's cores as the worker does (ours: 4 
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import statistics
 import sys
 import time
 import zlib
@@ -26,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness
 from worker import images
 from worker.engine.standin import picture
 
@@ -44,11 +42,11 @@ ENCODERS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result = harness.start("images", args, __doc__)
     pictures = {"grain": picture(args.size, args.size, 0), "smooth": picture(args.size, args.size, 0, grain=0)}
     for name, encode in ENCODERS.items():  # correct before fast
         for kind, pixels in pictures.items():
@@ -63,18 +61,14 @@ def main() -> None:
                 data = encode(pixels)
                 times[(name, kind)].append(time.perf_counter() - t0)
                 sizes[(name, kind)] = len(data)
-    rows = []
     for kind in pictures:
-        now = statistics.median(times[("ours, ISA-L level 1 (now)", kind)])
+        now = harness.Timing.of(times[("ours, ISA-L level 1 (now)", kind)]).median_s
         for name in ENCODERS:
-            median_s = statistics.median(times[(name, kind)])
-            ms, ratio, size = median_s * 1000, median_s / now, sizes[(name, kind)]
-            rows.append(
-                {"image": kind, "encoder": name, "ms": round(ms, 2), "bytes": size, "times_isal": round(ratio, 2)}
-            )
+            timing = harness.Timing.of(times[(name, kind)])
+            ms, ratio, size = timing.median_s * 1000, timing.median_s / now, sizes[(name, kind)]
+            row = {"image": kind, "encoder": name, "ms": round(ms, 2), "bytes": size, "times_isal": round(ratio, 2)}
+            result.add(f"{kind} {name}", {**row, "timing": timing.to_json(5)})
             print(f"{kind:<7} {name:<28} {ms:7.1f} ms  {size:>9,} bytes  {ratio:5.2f}x ISA-L's time")
-    if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "rounds": args.rounds, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

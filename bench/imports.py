@@ -14,16 +14,17 @@ Without a torch in the environment the two arms are the same, and the script say
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
 
 CHILD = """
 import time
@@ -49,27 +50,24 @@ def run(arm: str) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if importlib.util.find_spec("torch") is None:
         sys.exit("no torch in this environment: both arms would be the same (pip install torch to measure)")
-    import torch  # noqa: F401  (its version, for the record; the children are fresh)
+    result_file = harness.start("imports", args, __doc__)  # torch's version from its metadata, not imported
 
     run(ARMS[0])  # untimed: the first start pays for reading everything off the disk
     samples: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     for i in range(args.rounds):
         for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
             samples[arm].append(run(arm))
-    result: dict[str, object] = {
-        "rounds": args.rounds,
-        "torch": sys.modules["torch"].__version__,
-        "python": sys.version.split()[0],
-    }
+    result: dict[str, object] = {}
     for arm in ARMS:
         for measure in ("import_s", "process_s"):
-            result[f"{arm}: {measure} median"] = round(statistics.median(s[measure] for s in samples[arm]), 3)
+            timing = harness.Timing.of([s[measure] for s in samples[arm]])
+            result[f"{arm}: {measure} median"] = round(timing.median_s, 3)
+            result[f"{arm}: {measure} p10, p90"] = [round(timing.p10_s, 3), round(timing.p90_s, 3)]
     for measure in ("import_s", "process_s"):
         saved = result[f"{ARMS[1]}: {measure} median"] - result[f"{ARMS[0]}: {measure} median"]  # type: ignore[operator]
         result[f"saved per start: {measure}"] = round(saved, 3)
@@ -77,8 +75,7 @@ def main() -> None:
     for k, v in result.items():
         if k != "samples":
             print(f"{k:55s} {v}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ writing one adapter into a bank slot; merging one adapter into the weights and p
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from tests.helpers.variants import write_random_lora  # noqa: E402  (the tests' random adapters)
 
 
@@ -55,7 +55,7 @@ def merge(params: dict[str, Any], chosen: Sequence[tuple[Any, float]]) -> dict[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="mid", choices=["tiny", "mid"])
     p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT")
     p.add_argument("--batch", type=int, default=4)
@@ -67,8 +67,8 @@ def main() -> None:
     p.add_argument("--merged", type=int, default=2, help="merged weight sets kept on the devices")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result_file = harness.start("lora", args, __doc__)
 
     import jax
     import numpy as np
@@ -162,20 +162,9 @@ def main() -> None:
     )
     median = result["median_s"]
     report = {
-        "preset": args.preset,
-        "size": args.size,
-        "batch": args.batch,
-        "jobs": args.jobs,
-        "adapters": args.adapters,
         "distinct_adapters_used": len(set(chosen)),
-        "rank": args.rank,
-        "slots": args.slots,
-        "per_row": args.per_row,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "jax": jax.__version__,
-        "platform": jax.devices()[0].platform,
         "median_s": median,
+        "timing": result["timing"],
         "images_per_s": {k: args.jobs / v for k, v in median.items()},
         "vs_none": {k: v / median["none"] for k, v in median.items()},
         "batches": {"in_order": -(-args.jobs // args.batch), "merged": counts["batches"] // (1 + args.rounds)},
@@ -185,10 +174,8 @@ def main() -> None:
         "bank_vs_merged_max_uint8_diff": diff,
         "batch_s": result["batch_s"],
     }
-    print(json.dumps({k: v for k, v in report.items() if k != "batch_s"}, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("batch_s", "timing")}, indent=2))
+    result_file.add("summary", report)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ figures show how much bfloat16 arithmetic moves each network, not a picture's qu
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,6 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
+
 
 def _diff(a, b) -> dict[str, float]:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -32,11 +32,11 @@ def _diff(a, b) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="tiny", choices=["tiny", "mid"])
     p.add_argument("--size", default="256x256", help="HEIGHTxWIDTH of the whole-program run")
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result = harness.start("precision", args, __doc__)
     h, w = (int(x) for x in args.size.split("x"))
 
     import jax
@@ -94,12 +94,10 @@ def main() -> None:
             "vae_decode": image,
             "whole_program_pixels": pixels,
         }
-    result = {"preset": args.preset, "size": args.size, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
     for key in ("text_encoder", "text_encoder_2", "pooled", "unet", "vae_decode", "whole_program_pixels"):
-        result[key] = _diff(outputs["float32"][key], outputs["bfloat16"][key])
-        print(f"{key:<22} max abs {result[key]['max_abs']:.3g}   relative RMS {result[key]['rel_rms']:.3g}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        diff = _diff(outputs["float32"][key], outputs["bfloat16"][key])
+        result.add(key, diff)
+        print(f"{key:<22} max abs {diff['max_abs']:.3g}   relative RMS {diff['rel_rms']:.3g}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ progress, and of the three-part program alone). The images of the three are chec
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,16 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
+
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="mid", choices=["tiny", "mid"])
     p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result_file = harness.start("progress", args, __doc__)
 
     import jax
     import numpy as np
@@ -92,25 +93,18 @@ def main() -> None:
     ran = alternate(variants, args.rounds)
     first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
-        "preset": args.preset,
-        "size": args.size,
-        "batch": args.batch,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "jax": jax.__version__,
-        "device": jax.devices()[0].device_kind,
         "dtype": "float32",
         "compile_and_first_run_s": first,
         "batch_s": times,
         "median_batch_s": med,
+        "timing": ran["timing"],
         "per_step_over_fused": med["per_step"] / med["fused"],
         "one_chunk_over_fused": med["one_chunk"] / med["fused"],
         "progress_cost_pct": 100 * (med["per_step"] / med["fused"] - 1),
         "images_equal": all(np.array_equal(images["fused"], images[n]) for n in variants),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ botocore hook) each method made. Every expired image must be gone and every live
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness
 from common import redis_server
 from common.job_store import JobStore
 from common.storage import LocalStorage, S3Storage, Storage
@@ -69,18 +68,17 @@ def fill(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result = harness.start("retention", args, __doc__)
     tmp = Path(tempfile.mkdtemp(prefix="bench-retention-"))
     valkey = redis_server.start_embedded(tmp / "valkey")
     s3 = SeaweedS3(tmp / "s3")
     s3.start()
     r = redis.Redis.from_url(f"redis://127.0.0.1:{valkey.port}/0")
     pool = ThreadPoolExecutor(16)
-    results = {}
     try:
         for backend in ("s3", "local"):
             rows: dict[str, dict[str, list[float]]] = {m: {"per_s": [], "redis": [], "s3": []} for m in METHODS}
@@ -114,8 +112,8 @@ def main() -> None:
                     rows[method]["s3"].append(sum(calls.values()) / len(keys))
                     line = f"{len(keys) / elapsed:,.0f} images/s ({elapsed:.2f} s), {redis_calls} Redis commands"
                     print(f"{backend} round {round_ + 1} {method}: {line}, S3 requests {dict(calls)}", flush=True)
-            med = {m: {k: statistics.median(v) for k, v in row.items()} for m, row in rows.items()}
-            results[backend] = {
+            med = {m: {k: harness.Timing.of(v).median_s for k, v in row.items()} for m, row in rows.items()}
+            figure = {
                 "images_per_round": args.images,
                 "live_share": LIVE_SHARE,
                 "rounds": args.rounds,
@@ -127,13 +125,12 @@ def main() -> None:
                 "ours_s3_requests_per_image": round(med["ours"]["s3"], 4) if backend == "s3" else None,
                 "one_by_one_s3_requests_per_image": round(med["one by one"]["s3"], 4) if backend == "s3" else None,
             }
-            print(json.dumps({backend: results[backend]}, indent=1), flush=True)
+            result.add(backend, figure)
+            print(json.dumps({backend: figure}, indent=1), flush=True)
     finally:
         pool.shutdown()
         s3.stop()
         valkey.stop()
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

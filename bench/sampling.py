@@ -20,7 +20,6 @@ noise, and the median batch time of each is reported with the ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,17 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
+
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__)
     p.add_argument("--preset", default="mid", choices=["tiny", "mid"])
     p.add_argument("--size", default="256x256", help="WIDTHxHEIGHT")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result_file = harness.start("sampling", args, __doc__)
 
-    import jax
     import numpy as np
 
     from bench.side_by_side import alternate, random_model
@@ -67,16 +67,11 @@ def main() -> None:
     ran = alternate(variants, args.rounds)
     first, images, times, med = ran["first_s"], ran["outputs"], ran["batch_s"], ran["median_s"]
     result = {
-        "preset": args.preset,
-        "size": args.size,
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "jax": jax.__version__,
-        "device": jax.devices()[0].device_kind,
         "dtype": "float32",
         "compile_and_first_run_s": first,
         "batch_s": times,
         "median_batch_s": med,
+        "timing": ran["timing"],
         "images_per_s": {name: args.batch / t for name, t in med.items()},
         "free_speedup_same_rows": med["guided_program"] / med["free_program"],
         "free_speedup_per_step": (med["guided_program_8"] - med["guided_program"])
@@ -89,9 +84,7 @@ def main() -> None:
         "dispatched": dict(engine.dispatched),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

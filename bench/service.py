@@ -32,7 +32,6 @@ Method (docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -50,6 +49,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from common import redis_server  # noqa: E402
 from common.api_keys import ApiKeyStore  # noqa: E402
 from common.batch_log import BatchLog  # noqa: E402
@@ -60,6 +60,7 @@ ENDED = ("succeeded", "failed", "canceled")
 
 
 def percentile(values: list[float], q: float) -> float:
+    # nearest rank, not harness.percentile's interpolation: the latencies reported since the first run used it
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
@@ -100,7 +101,7 @@ def engine_alone(args: argparse.Namespace, batches: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--engine", default="standin", help="standin, tiny, or a diffusers model folder")
     p.add_argument("--variant", default="", help="the folder's weight files' variant (fp16), as SDXL_MODEL_VARIANT")
     p.add_argument("--cache-dir", type=Path, default=None, help="a compile cache to start from (default: a new one)")
@@ -114,8 +115,8 @@ def main() -> None:
     p.add_argument("--low-load-jobs", type=int, default=8, help="per client kind (polling, waiting)")
     p.add_argument("--poll-s", type=float, default=1.0, help="the polling client's interval")
     p.add_argument("--storage", choices=["s3", "local"], default="s3", help="s3: a SeaweedFS server (default)")
-    p.add_argument("--json", type=Path)
     args = p.parse_args()
+    result_file = harness.start("service", args, __doc__)
     h, _, w = args.size.partition("x")
     args.hw = (int(h), int(w))
 
@@ -314,8 +315,7 @@ def main() -> None:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

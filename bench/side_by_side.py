@@ -4,12 +4,13 @@ and loaded once, and rounds that alternate the variants so that all of them see 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.harness import Timing
 
 
 def random_model(preset: str, purpose: str) -> Any:
@@ -26,7 +27,8 @@ def random_model(preset: str, purpose: str) -> Any:
 
 def alternate(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Any]:
     """Each variant compiled and run once (its output kept), then `rounds` rounds running every variant in
-    turn: {"first_s", "outputs", "batch_s" (every round's time), "median_s"} by variant name."""
+    turn: {"first_s", "outputs", "batch_s" (every round's time), "median_s", "timing" (median, p10, p90 and
+    samples)} by variant name."""
     first, outputs, times = {}, {}, {name: [] for name in variants}
     for name, run in variants.items():
         t0 = time.perf_counter()
@@ -37,5 +39,12 @@ def alternate(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, 
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    return {"first_s": first, "outputs": outputs, "batch_s": times, "median_s": median}
+    timing = {name: Timing.of(t) for name, t in times.items()}
+    median = {name: t.median_s for name, t in timing.items()}
+    return {
+        "first_s": first,
+        "outputs": outputs,
+        "batch_s": times,
+        "median_s": median,
+        "timing": {name: t.to_json() for name, t in timing.items()},
+    }

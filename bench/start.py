@@ -29,7 +29,6 @@ architecture, written once the way most users download it (the fp16 variant, `SD
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from common import redis_server  # noqa: E402
 from tests.helpers.servers import WorkerProcess  # noqa: E402
 
@@ -133,16 +133,16 @@ def wait_for_weight_cache(folder: Path, timeout_s: float = 600) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__, output=("--out", "--json"))
     p.add_argument("--model", default="tiny")
     p.add_argument("--size", default="512x512")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--rounds", type=int, default=1, help="each round: a cold start, then the three warm ones")
-    p.add_argument("--out", type=Path)
     p.add_argument("--starts", default="cold,warm,warm_disk,warm_converting", help="which of the four, in order")
     args = p.parse_args()
     wanted = args.starts.split(",")
+    result_file = harness.start("start", args, __doc__)
     spec, variant = model_spec(args.model)
     runs: dict[str, list[dict]] = {"cold": [], "warm": [], "warm_disk": [], "warm_converting": []}
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
@@ -208,8 +208,7 @@ def main() -> None:
         "starts": runs,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "starts"}, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result_file.add("summary", result)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,22 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+def _download_request(http: Any, url: str) -> httpx.Request:
+    """A GET of a signed image URL. The signature is the credential, and the URL may be on another host (S3, a
+    CDN): the API key (any Authorization header) goes to the API's own origin only, never to the storage's."""
+    request = http.build_request("GET", url)
+    if _origin(request.url) != _origin(httpx.URL(str(http.base_url))):
+        request.headers.pop("Authorization", None)
+    return request
+
+
 def _raise_for(response: Any) -> None:
     """ApiError for an error answer; also for answers of httpx-compatible clients of other packages
     (starlette's TestClient), whose own HTTPStatusError is another class."""
@@ -379,7 +395,7 @@ class Client:
         url = image if isinstance(image, str) else image.url
 
         def get() -> bytes:
-            response = self.http.get(url)
+            response = self.http.send(_download_request(self.http, url))
             _raise_for(response)
             return response.content
 
@@ -594,7 +610,7 @@ class AsyncClient:
         url = image if isinstance(image, str) else image.url
 
         async def get() -> bytes:
-            response = await self.http.get(url)
+            response = await self.http.send(_download_request(self.http, url))
             _raise_for(response)
             return response.content
 

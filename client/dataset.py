@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 
 from client.api import ApiError, Client, Unreachable
 
-FINISHED = ("completed", "canceled")
+FINISHED = ("completed", "canceled", "failed")
 FINAL_FILES = {
     "manifest_jsonl": "manifest.jsonl",
     "manifest_parquet": "manifest.parquet",

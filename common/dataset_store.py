@@ -114,19 +114,40 @@ local function active_runs(active, snapshot, first, tenant)
   end
   return n
 end
+
+-- The images not yet ended in the tenant's active runs (their hashes KEYS[first..], checked by active_runs).
+local function pending_images(first, tenant)
+  local n = 0
+  for i = first, #KEYS do
+    local run = redis.call('HMGET', KEYS[i], 'tenant', 'total', 'succeeded', 'failed', 'canceled')
+    if run[1] == tenant then
+      n = n + tonumber(run[2] or 0) - tonumber(run[3] or 0) - tonumber(run[4] or 0) - tonumber(run[5] or 0)
+    end
+  end
+  return n
+end
 """
 
 _CREATE = """
 -- KEYS: 1 run hash, 2 the tenant's recent set, 3 active list, 4.. the active runs' hashes (_ACTIVE_RUNS)
--- ARGV: 1 run id, 2 now, 3 tenant, 4 the tenant's cap of active runs (0: none), 5 the active runs' ids
---       (JSON), 6.. the run's fields as name, value pairs
+-- ARGV: 1 run id, 2 now, 3 tenant, 4 the tenant's cap of active runs (0: none), 5 the tenant's cap of images
+--       not yet ended in its active runs, this run's included (0: none), 6 the active runs' ids (JSON),
+--       7.. the run's fields as name, value pairs (`total` among them)
 -- Returns the tenant's active runs before the call, negated when the cap refused this one (nothing stored);
--- nil when the active list changed since the caller read it (nothing stored).
-local before = active_runs(3, ARGV[5], 4, ARGV[3])
+-- {'images', pending} when the image cap did (nothing stored); nil when the active list changed since the
+-- caller read it (nothing stored).
+local before = active_runs(3, ARGV[6], 4, ARGV[3])
 if not before then return nil end
 local cap = tonumber(ARGV[4])
 if cap > 0 and before >= cap then return -before end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local image_cap = tonumber(ARGV[5])
+if image_cap > 0 then
+  local pending = pending_images(4, ARGV[3])
+  local total = 0
+  for i = 7, #ARGV, 2 do if ARGV[i] == 'total' then total = tonumber(ARGV[i + 1]) end end
+  if pending + total > image_cap then return {'images', pending} end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
 return before
@@ -213,6 +234,19 @@ for i = 5, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
+# Give up on a run whatever is in flight: its lines' jobs end on their own, and nobody reaps them.
+_FAIL = """
+-- KEYS: 1 run hash, 2 active list, 3.. what the finished run keeps until it expires (RunKeys.kept)
+-- ARGV: 1 now, 2 run id, 3 ttl, 4 the error (JSON string)
+-- Returns 1 when failed, 0 when the run had already finished (or is gone).
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'canceling' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[4])
+redis.call('LREM', KEYS[2], 0, ARGV[2])
+for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
 # Take the lock, or extend it if already ours.
 _LOCK = """
 -- KEYS: 1 lock
@@ -230,6 +264,15 @@ class TooManyRuns(Exception):
     def __init__(self, active: int):
         super().__init__(active)
         self.active = active
+
+
+class TooManyImages(Exception):
+    """The tenant's active runs have `pending` images not yet ended: with this run's, over its cap; nothing was
+    stored."""
+
+    def __init__(self, pending: int):
+        super().__init__(pending)
+        self.pending = pending
 
 
 COUNTERS = ("total", "skipped", "cursor", "succeeded", "failed", "canceled", "shards", "sharded", "retries")
@@ -257,6 +300,7 @@ class DatasetRun:
     started_at: float | None = None
     finished_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # a failed run: why its feeder gave up
 
     @property
     def ended(self) -> int:
@@ -276,6 +320,7 @@ class DatasetStore:
         self._retry = client.register_script(_ACTIVE_RUNS + _RETRY)
         self._lock = client.register_script(_LOCK)
         self._finish = client.register_script(_FINISH)
+        self._fail = client.register_script(_FAIL)
         self._create = client.register_script(_ACTIVE_RUNS + _CREATE)
 
     def _capped(self, script: Script, keys: list[str], args: list[Any], snapshot_at: int) -> Any:
@@ -300,11 +345,13 @@ class DatasetStore:
         total: int,
         skipped: int,
         max_active: int = 0,
+        max_images: int = 0,
         **extra: Any,
     ) -> None:
         """Store a new running run. With `max_active` (> 0) and that many of the tenant's runs active already,
-        raises TooManyRuns and stores nothing: counted and stored in one script, so concurrent creates
-        cannot all pass."""
+        raises TooManyRuns and stores nothing; with `max_images` (> 0) and the images not yet ended in its active
+        runs plus this run's `total` over it, TooManyImages. Counted and stored in one script, so concurrent
+        creates cannot all pass."""
         now = time.time()
         fields = {
             "id": run_id,
@@ -326,7 +373,10 @@ class DatasetStore:
         }
         keys = [self.keys.run(run_id).record, self.keys.datasets_recent(tenant), self.keys.datasets_active]
         pairs = [str(v) for kv in fields.items() for v in kv]
-        before = int(self._capped(self._create, keys, [run_id, now, tenant, max_active, *pairs], snapshot_at=4))
+        answer = self._capped(self._create, keys, [run_id, now, tenant, max_active, max_images, *pairs], snapshot_at=5)
+        if isinstance(answer, list):
+            raise TooManyImages(int(answer[1]))
+        before = int(answer)
         if before < 0:
             raise TooManyRuns(-before)
 
@@ -421,6 +471,7 @@ class DatasetStore:
             started_at=opt("started_at"),
             finished_at=opt("finished_at"),
             extra=json.loads(d.get("extra", "{}")),
+            error=d.get("error"),
         )
 
     def inflight(self, run_id: str) -> dict[int, str]:
@@ -550,6 +601,13 @@ class DatasetStore:
         pipe.lpush(k, f"{now}:{succeeded}")
         pipe.ltrim(k, 0, RATE_SAMPLES - 1)
         pipe.execute()
+
+    def fail(self, run_id: str, error: str) -> bool:
+        """Give up on a running (or canceling) run: `failed`, off the active list, its record expiring after
+        ttl_s like any finished run's. False when it had finished already."""
+        k = self.keys.run(run_id)
+        keys = [k.record, self.keys.datasets_active, *k.kept]
+        return bool(self._fail(keys=keys, args=[time.time(), run_id, self.ttl_s, error]))
 
     def finish(self, run_id: str, expected: DatasetStatus, status: DatasetStatus) -> bool:
         """The run is done (if still `expected`, with nothing in flight or waiting to be retried): off the

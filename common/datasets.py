@@ -26,7 +26,9 @@ from common.jobs import (
     LimitError,
     LoraRequest,
     OutputFormat,
+    RenderConditions,
     Scheduler,
+    Text,
     check_limits,
     with_size,
 )
@@ -57,9 +59,12 @@ class DatasetStatus(StrEnum):
     canceling = "canceling"  # canceled: feeding stopped, lines already on a device finish and are kept
     completed = "completed"  # every line ended (succeeded or failed); manifest and shards are final
     canceled = "canceled"  # ended with lines canceled (POST .../resume feeds them); the rest is in the outputs
+    # its feeder failed at the same step dataset_step_attempts times in a row (`error` says how): given up on,
+    # rather than retried twice a second for ever; what was written before stays
+    failed = "failed"
 
 
-FINISHED = frozenset({DatasetStatus.completed, DatasetStatus.canceled})
+FINISHED = frozenset({DatasetStatus.completed, DatasetStatus.canceled, DatasetStatus.failed})
 
 
 class DatasetDefaults(BaseModel):
@@ -67,13 +72,13 @@ class DatasetDefaults(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    negative_prompt: str | None = None  # absent or null: none; "" is the empty string, encoded
+    negative_prompt: Text | None = None  # absent or null: none; "" is the empty string, encoded
     width: int | None = None  # absent (here and on the line): the deployment's first served size
     height: int | None = None
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(5.0, ge=0, le=50, allow_inf_nan=False)
     scheduler: Scheduler = Scheduler.euler
-    model: str | None = None  # absent: the deployment's default model (SDXL_MODELS' first)
+    model: Text | None = None  # absent: the deployment's default model (SDXL_MODELS' first)
     loras: list[LoraRequest] = []  # LoRA adapters for every line that names none
     output_format: OutputFormat = OutputFormat.png
 
@@ -96,7 +101,7 @@ class DatasetOptions(BaseModel):
         description="Keep each image as its own object beside the shards (manifest `key`); false: only in the "
         "shards, stored once instead of twice (each image is deleted once its shard is written; `key` is null).",
     )
-    input_key: str | None = Field(
+    input_key: Text | None = Field(
         None, max_length=1024, description="Object-store key of the JSONL (instead of an upload)."
     )
     caption_field: str = Field(
@@ -222,6 +227,8 @@ class Validator:
 
     def check(self, number: int, raw: bytes | str) -> list[Line] | LineError | None:
         """The line's images (one Line each), a LineError, or None for a blank line (allowed anywhere)."""
+        if isinstance(raw, LineTooLong):
+            return LineError(number, "line", f"longer than {len(raw)} bytes (SDXL_MAX_DATASET_LINE_BYTES); not read")
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError:
@@ -234,8 +241,13 @@ class Validator:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             return LineError(number, "line", f"not valid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:  # Python's parser gives up at its recursion limit (~1000 levels)
+            return LineError(number, "line", "nested too deeply to be a data set line")
         if not isinstance(data, dict):
             return LineError(number, "line", 'each line must be a JSON object, e.g. {"id": "a1", "prompt": "..."}')
+        broken = _not_unicode(data)
+        if broken is not None:
+            return LineError(number, broken, "has a lone surrogate (e.g. \\ud800): not Unicode text")
         unknown = sorted(set(data) - set(LINE_FIELDS))
         if unknown:
             return LineError(
@@ -332,11 +344,49 @@ class Validator:
         return chosen, metadata, count
 
 
-def lines_of(stream: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+def _not_unicode(data: dict[str, Any]) -> str | None:
+    """The first field (a key's name, or "line" for a key) holding a lone surrogate anywhere inside, or None:
+    such text cannot be written as UTF-8 (the job record, the manifest, the shards) and would stall the run."""
+    for key, value in data.items():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return "line"
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return key
+    return None
+
+
+class LineTooLong(bytes):
+    """What lines_of gives for a line over its byte cap: the line's first bytes only (the rest was skipped
+    unread), marked so that it is refused, not parsed."""
+
+
+def lines_of(stream: Iterable[bytes], max_bytes: int = 0) -> Iterator[tuple[int, bytes]]:
     """(1-based number, bytes) for each line of a binary stream; a UTF-8 byte order mark at the start is
-    dropped."""
-    for number, raw in enumerate(stream, start=1):
-        yield number, raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf") if number == 1 else raw.rstrip(b"\r\n")
+    dropped. With max_bytes (> 0) and a stream that has readline (a file), a longer line is never held whole: it
+    comes as a LineTooLong of its first max_bytes, and the rest of it is read past in pieces."""
+    readline = getattr(stream, "readline", None)
+    raws: Iterable[bytes] = stream if not max_bytes or readline is None else _capped_lines(readline, max_bytes)
+    for number, raw in enumerate(raws, start=1):
+        line = raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf") if number == 1 else raw.rstrip(b"\r\n")
+        yield number, LineTooLong(line) if isinstance(raw, LineTooLong) else line
+
+
+def _capped_lines(readline: Any, max_bytes: int) -> Iterator[bytes]:
+    while True:
+        raw = readline(max_bytes + 1)
+        if not raw:
+            return
+        if raw.endswith(b"\n") or len(raw) <= max_bytes:  # whole: a newline within max_bytes + 1, or the end
+            yield raw
+            continue
+        head = raw[:max_bytes]
+        while raw and not raw.endswith(b"\n"):  # the rest of the long line, a piece at a time, dropped
+            raw = readline(1 << 16)
+        yield LineTooLong(head)
 
 
 # ---------------------------------------------------------------------- where a run's files live
@@ -412,6 +462,7 @@ MANIFEST_COLUMNS = (
     "model",
     "model_hash",
     "adapters",
+    "conditions",
     "truncated",
     "attempts",
     "caption",
@@ -431,9 +482,11 @@ def manifest_row(
     truncated: bool = False,
     attempts: int = 1,
     adapters: list[dict[str, Any]] | None = None,
+    conditions: RenderConditions | None = None,
 ) -> dict[str, Any]:
-    """A generated image's manifest row: what made it (parameters, model and weights hash, adapters) and the
-    user's own fields. Nothing in it but `key` and `shard` names the run, so reruns compare row for row."""
+    """A generated image's manifest row: what made it (parameters, model and weights hash, adapters, and the
+    conditions that decide its bytes: common/jobs.py RenderConditions) and the user's own fields. Nothing in it
+    but `key` and `shard` names the run, so reruns compare row for row."""
     r = line.request
     return {
         "id": line.id,
@@ -451,6 +504,7 @@ def manifest_row(
         "model": model,
         "model_hash": model_hash,
         "adapters": adapters or [],  # LoRA adapters applied: name, scale, sha256
+        "conditions": conditions.model_dump() if conditions is not None else None,
         "truncated": truncated,
         "attempts": attempts,
         "caption": line.caption,

@@ -21,6 +21,7 @@ PREFIX = "inputs"
 MAX_BYTES = 16 * 2**20  # an encoded input image, before base64
 MAX_PIXELS = 4096 * 4096  # refuse larger images before decoding them (a decompression bomb)
 FORMATS = ("PNG", "JPEG", "WEBP")
+_STORED = re.compile(r"^[0-9a-f]{64}\.png$")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -37,8 +38,15 @@ def is_key(value: str) -> bool:
     return value.startswith(f"{PREFIX}/")
 
 
-def decode(value: str) -> Image.Image:
-    """base64 (or a data: URL) -> a loaded PIL image; InputError when it is not a PNG, JPEG or WebP image."""
+def is_stored_key(value: str, tenant: str) -> bool:
+    """Whether `value` is a key this service answered the tenant with: its prefix, a sha256, .png. Checked
+    before storage is asked (a key too long for S3 is refused with an error that reads as an outage)."""
+    return _STORED.match(value.removeprefix(prefix(tenant))) is not None and value.startswith(prefix(tenant))
+
+
+def decode(value: str, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | None = None) -> Image.Image:
+    """base64 (or a data: URL) -> a loaded PIL image; InputError when it is not a PNG, JPEG or WebP image, or
+    would decode to more than max_pixels (read()'s rules)."""
     text = _DATA_URL.sub("", value.strip(), count=1)
     try:
         data = base64.b64decode(text, validate=True)
@@ -46,16 +54,27 @@ def decode(value: str) -> Image.Image:
         raise InputError("is neither base64 image data, a data: URL, nor an inputs/ key") from None
     if len(data) > MAX_BYTES:
         raise InputError(f"is {len(data)} bytes; at most {MAX_BYTES}")
-    return read(data)
+    return read(data, max_pixels, size)
 
 
-def read(data: bytes) -> Image.Image:
+def read(data: bytes, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | None = None) -> Image.Image:
+    """Encoded bytes -> a loaded PIL image, its dimensions checked from the header before any pixel is decoded.
+    A JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still covers `size` (width, height: the
+    job's, when known; Pillow's draft), so a large photo costs what its reduced size does; any other image over
+    max_pixels is refused (a 40 KB WebP can hold 4096x4096 pixels: 64 MB decoded, more as it is converted)."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
         if image.format not in FORMATS:
             raise InputError(f"is {image.format}; send PNG, JPEG or WebP")
         if image.width * image.height > MAX_PIXELS:
             raise InputError(f"is {image.width}x{image.height}; at most {MAX_PIXELS} pixels")
+        if image.format == "JPEG" and size is not None:
+            image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", size)
+        if image.width * image.height > max_pixels:
+            raise InputError(
+                f"is {image.width}x{image.height} ({image.width * image.height} pixels); at most {max_pixels} "
+                "pixels are decoded here: scale it down to about the job's size before sending"
+            )
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InputError(f"could not be read as an image ({type(exc).__name__})") from None
@@ -67,7 +86,9 @@ def normalize(image: Image.Image, width: int, height: int, mask: bool) -> Image.
     VaeImageProcessor does)."""
     image = image.convert("L" if mask else "RGB")
     if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        # reducing_gap: a larger image is first shrunk by an integer factor (Image.reduce, a box filter) to within
+        # 2x of the size, then Lanczos: far less work and memory than Lanczos from the full size, same look
+        image = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return image
 
 
@@ -81,6 +102,12 @@ def encode(image: Image.Image) -> tuple[str, bytes]:
 
 def key(tenant: str, digest: str) -> str:
     return f"{prefix(tenant)}{digest}.png"
+
+
+def content_hash(stored_key: str) -> str:
+    """The sha256 of a stored input (its key's file name): what an image's metadata records of its inputs, never
+    the key, whose folder names the tenant."""
+    return stored_key.rsplit("/", 1)[-1].removesuffix(".png")
 
 
 def pixels(data: bytes, mask: bool) -> np.ndarray:

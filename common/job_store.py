@@ -1,8 +1,8 @@
 """Job records in Redis: one hash per job, status changes as atomic compare-and-set scripts.
 
-The keys (P:job:<id>, the queued, running, recent, tenant-queued and outbox sets, idempotency keys, the
-submit counter, the P:ended and P:progress channels) are listed and built in common/keys.py; every key a
-script touches is passed to it in KEYS.
+The keys (P:job:<id>, the queued, running, recent, tenant-queued, ready and outbox sets, the ring of tenants
+with ready jobs, idempotency keys, the submit counter, the P:ended and P:progress channels) are listed and built
+in common/keys.py; every key a script touches is passed to it in KEYS.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
 _TRANSITION = """
--- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set (the caller's guess of the tenant)
+-- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set, 5 the tenant's ready set, 6 the ring
+--       of tenants with ready jobs (4 and 5 are the caller's guess of the tenant)
 -- ARGV: 1 id, 2 new status, 3 now, 4 ttl, 5 fields JSON, 6 running deadline, 7 ended channel, 8 the tenant
---       KEYS[4] belongs to, 9.. the statuses the job may be in
+--       KEYS[4] and KEYS[5] belong to, 9.. the statuses the job may be in
+-- An interactive job that becomes queued (a requeue, a dead worker's job sent again, one given back) is ready
+-- for a worker to take again; one that leaves queued is no longer.
 -- Returns "OK:<previous status>"; the current status when the change is not allowed; "" when there is no such
 -- job; "TENANT:<tenant>" (nothing changed) when the job is another tenant's than ARGV[8] says: call again.
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -54,11 +57,18 @@ for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 local bulk = redis.call('HGET', KEYS[1], 'lane') == 'bulk'  -- in no queued set: its feeder tracks it
 if bulk then
 elseif new == 'queued' then
-  redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
-  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'seq'), ARGV[1])
+  local seq = redis.call('HGET', KEYS[1], 'seq')
+  redis.call('ZADD', KEYS[2], seq, ARGV[1])
+  redis.call('ZADD', KEYS[4], seq, ARGV[1])
+  if redis.call('ZADD', KEYS[5], seq, ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 1 then
+    redis.call('RPUSH', KEYS[6], ARGV[8])  -- the tenant had nothing ready: it joins the ring
+  end
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
+  if redis.call('ZREM', KEYS[5], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 0 then
+    redis.call('LREM', KEYS[6], 0, ARGV[8])  -- canceled while ready: the tenant leaves the ring if it was its last
+  end
 end
 if new == 'running' then
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -76,7 +86,7 @@ return 'OK:' .. current
 # caller, so that concurrent submits cannot all pass a count taken before any of them was stored.
 _CREATE = """
 -- KEYS: 1 idempotency key (or ""), 2 job hash, 3 queued set, 4 the tenant's recent set, 5 seq counter,
---       6 the tenant's queued set, 7 outbox
+--       6 the tenant's queued set, 7 outbox, 8 the tenant's ready set, 9 the ring of tenants with ready jobs
 -- ARGV: 1 id, 2 body hash, 3 ttl, 4 now, 5 request JSON, 6 tenant, 7 the tenant's queued cap (0: none)
 -- Returns {"new", id}, {"existing", id, body hash} or {"full", count}.
 local seen = KEYS[1] ~= '' and redis.call('HGET', KEYS[1], 'job')
@@ -98,6 +108,8 @@ redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
 redis.call('ZADD', KEYS[7], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[8], seq, ARGV[1])
+if redis.call('ZCARD', KEYS[8]) == 1 then redis.call('RPUSH', KEYS[9], ARGV[6]) end  -- the tenant joins the ring
 return {'new', ARGV[1]}
 """
 
@@ -113,6 +125,32 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[4
            'output_key', ARGV[6], 'dataset', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# Fair order: the ring's head tenant gives its oldest ready job and goes to the tail (or leaves the ring with its
+# last). The caller reads the head first, so that the tenant's ready set can be named in KEYS; a head that moved
+# meanwhile is answered with the new one, and nothing changes.
+_TAKE = """
+-- KEYS: 1 the ring of tenants with ready jobs, 2 the ready set of the tenant the caller read at the ring's head,
+--       3 the worker's held set, 4 the set of workers that have held jobs
+-- ARGV: 1 the tenant KEYS[2] belongs to, 2 the worker
+-- Returns "JOB:<id>" (now in the worker's held set), "" when nothing is ready, or "HEAD:<tenant>" (nothing
+-- taken) when the ring's head is another tenant: call again with it.
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then return '' end
+if head ~= ARGV[1] then return 'HEAD:' .. head end
+local taken = redis.call('ZPOPMIN', KEYS[2])
+if #taken == 0 then  -- cannot happen while the scripts keep the ring in step; never loop on it
+  redis.call('LPOP', KEYS[1])
+  local next = redis.call('LINDEX', KEYS[1], 0)
+  if not next then return '' end
+  return 'HEAD:' .. next
+end
+redis.call('SADD', KEYS[3], taken[1])
+redis.call('SADD', KEYS[4], ARGV[2])
+redis.call('LPOP', KEYS[1])
+if redis.call('ZCARD', KEYS[2]) > 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+return 'JOB:' .. taken[1]
 """
 
 # Only a running job's progress is written (an ended or expired job's is not: a late report must neither
@@ -156,6 +194,7 @@ class JobStore:
         self._create = client.register_script(_CREATE)
         self._create_bulk = client.register_script(_CREATE_BULK)
         self._progress = client.register_script(_PROGRESS)
+        self._take = client.register_script(_TAKE)
 
     # ------------------------------------------------------------------ writing
 
@@ -179,7 +218,17 @@ class JobStore:
             idem = self.keys.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
         k = self.keys
         answer = self._create(
-            keys=[idem, k.job(job_id), k.queued, k.recent(tenant), k.seq, k.tenant_queued(tenant), k.outbox],
+            keys=[
+                idem,
+                k.job(job_id),
+                k.queued,
+                k.recent(tenant),
+                k.seq,
+                k.tenant_queued(tenant),
+                k.outbox,
+                k.ready(tenant),
+                k.ready_tenants,
+            ],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
         )
         kind, found = answer[0].decode(), answer[1].decode()
@@ -234,6 +283,32 @@ class JobStore:
         )
         return job.model_copy(update={"generation": job.generation + 1}) if ok else None
 
+    def take(self, worker: str) -> str | None:
+        """The next interactive job in fair order (tenants in turn, each one's oldest first), moved into the
+        worker's held set by the same script; None when no job is ready. Its message names no job: it only
+        woke the worker (api/job_service.py), so whichever worker wakes takes whichever job is next."""
+        k = self.keys
+        head = self._r.lindex(k.ready_tenants, 0)
+        while head is not None:
+            tenant = head.decode() if isinstance(head, bytes) else head
+            answer = self._take(
+                keys=[k.ready_tenants, k.ready(tenant), k.held(worker), k.holders], args=[tenant, worker]
+            ).decode()
+            if answer.startswith("JOB:"):
+                return answer.removeprefix("JOB:")
+            head = answer.removeprefix("HEAD:") if answer else None
+        return None
+
+    def give_back(self, job: Job) -> bool:
+        """An interactive job taken and not run (its worker shuts down, storage is away) is ready again, in its
+        place (its seq); call before releasing it from the worker's held set. False: it is no longer queued."""
+        ok, _ = self.transition(job.id, JobStatus.queued, [JobStatus.queued], tenant=job.tenant)
+        return ok
+
+    def ready_count(self, tenant: str) -> int:
+        """A tenant's interactive jobs that no worker has taken yet."""
+        return self._r.zcard(self.keys.ready(tenant))
+
     def transition(
         self,
         job_id: str,
@@ -258,7 +333,7 @@ class JobStore:
             now = time.time()
             deadline = now + self.running_deadline_s
             answer = self._transition(
-                keys=[k.job(job_id), k.queued, k.running, k.tenant_queued(tenant)],
+                keys=[k.job(job_id), k.queued, k.running, k.tenant_queued(tenant), k.ready(tenant), k.ready_tenants],
                 args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, tenant, *allowed],
             ).decode()
             if not answer.startswith("TENANT:"):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from common.vocabulary import (
     DEFAULT_INPAINT_STRENGTH,
@@ -47,6 +48,23 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+def unicode_text(value: str) -> str:
+    """Refuse a lone surrogate (JSON's "\\ud800" decodes to one): it is no Unicode text, cannot be written as
+    UTF-8, and would fail later where the job is stored, encoded or written to a shard."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"has a lone surrogate ({value[exc.start]!r} at character {exc.start}): not Unicode text; "
+            "send each character whole (a surrogate pair, or the character itself in UTF-8)"
+        ) from None
+    return value
+
+
+# A string that must be valid Unicode: every text field of a request is one
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
 class RefinerRequest(BaseModel):
     """SDXL's ensemble of experts: the base model denoises down to `switch_at` of the noise, the refiner the rest."""
 
@@ -75,10 +93,49 @@ class LoraRequest(BaseModel):
     """A LoRA adapter for a job: its name in GET /v1/loras, and how strongly it applies."""
 
     model_config = {"extra": "forbid"}
-    name: str = Field(min_length=1, max_length=128, description="An adapter's name, as GET /v1/loras lists it.")
+    name: Text = Field(min_length=1, max_length=128, description="An adapter's name, as GET /v1/loras lists it.")
     scale: float = Field(
         1.0, ge=-4, le=4, allow_inf_nan=False, description="Its weight: 1 as trained, 0 off, negative to invert."
     )
+
+
+class ControlPreprocess(StrEnum):
+    """What the worker makes of a ControlNet's image before the ControlNet sees it."""
+
+    none = "none"  # the image is the control map already (edges, depth, pose, ...), prepared by the client
+    canny = "canny"  # the image is a picture: its canny edges (thresholds low_threshold, high_threshold) are the map
+
+
+class ControlNetRequest(BaseModel):
+    """A ControlNet for a job: its name in GET /v1/models `controlnets`, the control image, and how it applies."""
+
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=128, description="A ControlNet's name, as GET /v1/models lists it.")
+    image: str = Field(
+        min_length=1,
+        max_length=23_000_000,
+        description="The control image, like init_image: base64, a data: URL, or this tenant's `inputs/...` key; "
+        "resized to the job's size. A prepared map (edges, depth, pose) unless `preprocess` says otherwise.",
+    )
+    scale: float = Field(1.0, ge=0, le=4, allow_inf_nan=False, description="Its conditioning scale; 0: off.")
+    start: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="The share of the steps before it acts.")
+    end: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="The share of the steps after which it stops.")
+    preprocess: ControlPreprocess = Field(
+        ControlPreprocess.none, description="`canny`: take the image's canny edges as the map (no model involved)."
+    )
+    low_threshold: float = Field(100, ge=0, le=2040, allow_inf_nan=False, description="canny's lower threshold.")
+    high_threshold: float = Field(200, ge=0, le=2040, allow_inf_nan=False, description="canny's upper threshold.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetRequest:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed high_threshold")
+        return self
+
+
+MAX_CONTROLNETS_PER_JOB = 4  # each runs on every step of its rows; more is rarely useful and costs each one
 
 
 class JobRequest(BaseModel):
@@ -87,8 +144,8 @@ class JobRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(min_length=1, description="What to draw.")
-    negative_prompt: str | None = Field(
+    prompt: Text = Field(min_length=1, description="What to draw.")
+    negative_prompt: Text | None = Field(
         None,
         description='What to avoid. Absent or null: none (zero embeddings on SDXL base, as diffusers does); "" is '
         "the empty string, encoded like any text.",
@@ -111,14 +168,14 @@ class JobRequest(BaseModel):
         description="Where the steps fall on the model's 1000 training timesteps. Absent: the model's scheduler "
         "config. `trailing` for SDXL-Turbo and SDXL-Lightning (with guidance_scale 0 and 1-8 steps).",
     )
-    init_image: str | None = Field(
+    init_image: Text | None = Field(
         None,
         max_length=23_000_000,
         description="Image-to-image: a PNG, JPEG or WebP image as base64 or a data: URL, or the `inputs/...` key "
         "a previous job of this tenant answered with. Stored, and replaced by its key. Resized to width x height "
         "when they are given; otherwise its own size must be served.",
     )
-    mask_image: str | None = Field(
+    mask_image: Text | None = Field(
         None,
         max_length=23_000_000,
         description="Inpainting (with init_image): white (>= 128) where to generate, black where the image is kept; "
@@ -137,7 +194,7 @@ class JobRequest(BaseModel):
         description="Finish with SDXL's refiner (where the deployment serves one, GET /v1/models): "
         '{"switch_at": 0.8} runs the last 20% of the steps on it. Not with init_image.',
     )
-    model: str | None = Field(
+    model: Text | None = Field(
         None,
         max_length=128,
         description="Which served model (GET /v1/models `models`). Absent: the deployment's default, the first.",
@@ -147,8 +204,15 @@ class JobRequest(BaseModel):
         description='LoRA adapters to apply, e.g. [{"name": "pixel-art", "scale": 0.8}] (GET /v1/loras); at most '
         "the deployment's max_loras_per_job. Rows with other adapters still share a batch: no compile, no wait.",
     )
+    controlnets: list[ControlNetRequest] = Field(
+        [],
+        max_length=MAX_CONTROLNETS_PER_JOB,
+        description='ControlNets, e.g. [{"name": "canny", "image": "<base64>", "scale": 0.7}] (GET /v1/models '
+        "`controlnets`), several at once, each by name once. With text-to-image, image-to-image and inpainting; not "
+        "with the refiner. Rows with other ControlNets, or none, still share a batch.",
+    )
     output_format: OutputFormat = OutputFormat.png
-    webhook_url: str | None = Field(
+    webhook_url: Text | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
     )
 
@@ -202,10 +266,23 @@ def check_limits(
             raise LimitError("strength", f"{strength} of {request.steps} steps runs none; raise strength or steps")
     if request.refiner is not None and request.init_image is not None:
         raise LimitError("refiner", "the refiner is not served with init_image; leave one of them out")
+    if request.refiner is not None and request.controlnets:
+        raise LimitError("refiner", "the refiner is not served with controlnets; leave one of them out")
     if request.scheduler is Scheduler.lcm and request.steps > LCM_MAX_STEPS:
         raise LimitError("steps", f"the lcm scheduler runs at most {LCM_MAX_STEPS} steps, got {request.steps}")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
+
+
+def check_controlnets(request: JobRequest, served: list[str]) -> None:
+    """The request's ControlNets against the deployment's (SDXL_CONTROLNETS): each served, each once."""
+    names = [c.name for c in request.controlnets]
+    for name in names:
+        if name not in served:
+            known = ", ".join(served) or "none (no SDXL_CONTROLNETS)"
+            raise LimitError("controlnets", f"no ControlNet named {name!r}; served: {known}")
+    if len(set(names)) != len(names):
+        raise LimitError("controlnets", f"each ControlNet at most once per job, got {names}")
 
 
 class Progress(BaseModel):
@@ -213,6 +290,24 @@ class Progress(BaseModel):
 
     step: int
     steps: int
+
+
+class RenderConditions(BaseModel):
+    """What decides an image's bytes besides its request and its weights (ImageRecord.model_hash). The programs
+    are deterministic, so two runs of one request with the same weights and equal conditions give the same bytes;
+    a change in any of these may move pixels by a level (XLA fuses and orders reductions by batch shape, device
+    and version: a rerun with another SDXL_BATCH_ROWS changed 40 of 52 images of a data set by one level)."""
+
+    dtype: str  # the networks' compute dtype (SDXL_DTYPE)
+    vae_dtype: str  # the VAE's (SDXL_VAE_DTYPE)
+    quantize: str  # "none" or the weights' quantization (SDXL_QUANTIZE)
+    attention: str  # the attention implementation, resolved (SDXL_ATTENTION)
+    batch_rows: int  # rows every batch is padded to (SDXL_BATCH_ROWS)
+    devices: int  # devices a batch is spread over
+    platform: str  # JAX's platform: cpu, gpu, tpu (the stand-in engine: standin)
+    device_kind: str  # e.g. "NVIDIA H100 80GB HBM3", "TPU v5 lite"
+    jax: str  # versions
+    jaxlib: str
 
 
 class ImageRecord(BaseModel):
@@ -226,6 +321,7 @@ class ImageRecord(BaseModel):
     model: str = ""  # the model's name and weights hash: which weights made it
     model_hash: str = ""
     loras: list[dict] = []  # the adapters applied: name, scale, sha256
+    conditions: RenderConditions | None = None  # None: recorded before conditions were
 
 
 class Job(BaseModel):

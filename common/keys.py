@@ -12,6 +12,11 @@ Jobs (common/job_store.py):
     P:running                 sorted set of running job ids by deadline: the stuck-job sweep reads it
     P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
+    P:ready:<tenant>          sorted set of a tenant's interactive jobs waiting for a worker to take them, by
+                              submit order (seq): workers take from the tenants in turn (fair order, below)
+    P:ready-tenants           list: the ring of tenants whose ready set is not empty, each once; a worker takes
+                              the head tenant's oldest job and moves the tenant to the tail. The scripts that
+                              add to or take from a ready set keep the ring in step with it
     P:idem:<tenant>:<sha256>  the job id and body hash behind a tenant's Idempotency-Key
     P:outbox                  sorted set of created jobs whose Celery message the API has not confirmed sent,
                               by creation time: the record and this entry are written by one script, and a
@@ -23,9 +28,13 @@ A record expires `job_ttl_s` after its last change; the sets are trimmed of expi
 
 Workers (common/worker_registry.py, common/batch_log.py):
     P:worker:<name>           a worker's heartbeat record (common/worker_status.py), expiring 3 periods after
-                              its last beat: /readyz counts them, /metrics and GET /v1/models read them
+                              its last beat: /metrics and GET /v1/models read them
+    P:workers                 sorted set: each worker's name by when its heartbeat lapses (ms since the epoch),
+                              written with the record: /readyz counts the live ones without a SCAN
     P:held:<name>             set of job ids a worker has taken off the queue and not yet answered: when its
                               heartbeat lapses, the sweep sends them again at once (worker/sweeper.py)
+    P:holders                 set of the workers that have held jobs (their held sets may be empty by now):
+                              the dead-worker sweep reads it instead of a SCAN for held sets
     P:sweep-lock              the worker that runs this heartbeat period's sweeps (expires after 5 s)
     P:image-sweep-lock        the worker that runs this interval's image sweep (expires after the interval)
     P:batches                 list: one JSON line per engine run, newest first, the last 1,000
@@ -57,6 +66,10 @@ unacknowledged-message index) are Celery's business: common/queue.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# A job's or data set run's id as a client may send it back (the service makes 32 hex digits): checked before it
+# is put in a key, so that `<run>:rate` cannot name the run's rate list, nor a 300-character id a key at all.
+RECORD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,13 @@ class Keys:
     def tenant_queued(self, tenant: str) -> str:
         return self._join("tenant-queued", tenant)
 
+    def ready(self, tenant: str) -> str:
+        return self._join("ready", tenant)
+
+    @property
+    def ready_tenants(self) -> str:
+        return self._join("ready-tenants")
+
     def idempotency(self, tenant: str, key_sha256: str) -> str:
         return self._join("idem", tenant, key_sha256)
 
@@ -140,6 +160,10 @@ class Keys:
         """A worker's heartbeat record; `name` may be a SCAN glob (`*`, `host-*`)."""
         return self._join("worker", name)
 
+    @property
+    def workers(self) -> str:
+        return self._join("workers")
+
     def worker_name(self, key: bytes | str) -> str:
         """The worker a heartbeat key names."""
         return _text(key)[len(self.worker("")) :]
@@ -147,6 +171,10 @@ class Keys:
     def held(self, worker: str) -> str:
         """The jobs a worker holds; `worker` may be a SCAN glob."""
         return self._join("held", worker)
+
+    @property
+    def holders(self) -> str:
+        return self._join("holders")
 
     def held_worker(self, key: bytes | str) -> str:
         """The worker a held-jobs key names."""

@@ -5,39 +5,25 @@ engine, worker/engine/lora.py).
 
 A request names an adapter, never a path: a name is the file's stem, of letters, digits, '.', '_' and '-', and
 only a regular file directly in the folder (a link that leads out of it is not served) is an adapter. Reading
-an adapter here is its safetensors header alone (a few KB): what it touches, its layout and rank. Its sha256 is
+an adapter here is its safetensors header (and alpha scalars), read by the worker's own reader (common/lora_format.py):
+what it touches, its layout and rank, and whether the worker can apply it. Its sha256 is
 worked out once per file version (size and modification time) and kept.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import lora_format
 from common.jobs import LimitError, LoraRequest
+from common.lora_format import AdapterFileError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# the component each key prefix adapts, for both layouts (kohya's, diffusers/PEFT's)
-PARTS = {
-    "lora_unet_": "unet",
-    "lora_te1_": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-    "unet.": "unet",
-    "text_encoder.": "text_encoder",
-    "text_encoder_2.": "text_encoder_2",
-}
-DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
-MAX_HEADER_BYTES = 64 * 1024 * 1024
-
-
-class AdapterFileError(ValueError):
-    """A file in the folder that is not a readable LoRA adapter; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -54,33 +40,11 @@ class AdapterInfo:
         return asdict(self)
 
 
-def header(path: Path) -> dict[str, Any]:
-    """A safetensors file's header: {tensor name: {dtype, shape, data_offsets}} (and __metadata__)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise AdapterFileError("not a safetensors file (shorter than its header)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER_BYTES:
-            raise AdapterFileError(f"not a safetensors file (a {size}-byte header)")
-        try:
-            parsed = json.loads(f.read(size))
-        except ValueError:
-            raise AdapterFileError("not a safetensors file (its header is not JSON)") from None
-    if not isinstance(parsed, dict):
-        raise AdapterFileError("not a safetensors file (its header is not an object)")
-    return parsed
-
-
 def describe(name: str, path: Path, sha256: str) -> AdapterInfo:
-    tensors = {k: v for k, v in header(path).items() if k != "__metadata__"}
-    downs = {k: v for k, v in tensors.items() if k.endswith(DOWN)}
-    if not downs:
-        raise AdapterFileError("no LoRA factors (lora_down / lora_A weights) in it")
-    touches = sorted({part for k in downs for prefix, part in PARTS.items() if k.startswith(prefix)})
-    layout = "kohya" if all(k.startswith("lora_") for k in downs) else "diffusers"
-    rank = max(int(v["shape"][0]) for v in downs.values())
-    return AdapterInfo(name, path.stat().st_size, sha256, layout, touches, rank, len(downs))
+    """What the file adapts, read as the worker reads it (common/lora_format.py): AdapterFileError when the worker
+    could not apply it, so that a job naming it is refused at submission, not failed on a worker."""
+    layout = lora_format.read(path)
+    return AdapterInfo(name, path.stat().st_size, sha256, layout.layout, layout.parts, layout.rank, len(layout.layers))
 
 
 class RegistryUnavailable(Exception):
@@ -153,7 +117,8 @@ class Registry:
         if known is None:
             try:
                 known = describe(name, path, hashlib.sha256(path.read_bytes()).hexdigest())
-            except (OSError, AdapterFileError, KeyError, TypeError, ValueError, IndexError) as exc:
+            except Exception as exc:  # whatever a malformed header breaks (a rank of 1e400, JSON nested past
+                # the parser's recursion limit): that one file is unusable, never the listing or a job
                 known = exc if isinstance(exc, AdapterFileError) else AdapterFileError(f"unreadable: {exc}")
             with self._lock:
                 self._known[key] = known

@@ -5,8 +5,12 @@ Delivery settings, and why:
   mid-batch leaves its messages unacknowledged and they are delivered again.
 - prefetch multiplier 1: a worker reserves `concurrency` messages, no more: jobs wait in Redis where
   another worker can take them, not in a busy worker's buffer.
-- queue order "priority": interactive jobs (`queue_name`) are always taken before data set lines
-  (`bulk_queue_name`) when both wait.
+- a queue per model: a job's message goes to its model's queue in its lane (`generate_queue`: the lane's own,
+  `queue_name` / `bulk_queue_name`, for the default model; `{queue_name}.{model}`, `{bulk_queue_name}.{model}`
+  for the others), and a worker consumes the queues of the models it holds (`worker_queues`), so a job never
+  reaches a worker without its model (a message from before model queues that does is sent on to its model's).
+- queue order "priority": interactive jobs (`queue_name`'s) are always taken before data set lines
+  (`bulk_queue_name`'s) when both wait.
 - transport: kombu's Redis transport without its restore of unacknowledged messages at a channel's close,
   which stopped Celery for good at a busy worker's Redis outage (common/broker.py).
 - visibility_timeout: how long Redis waits before redelivering an unacknowledged message. It must exceed
@@ -15,6 +19,8 @@ Delivery settings, and why:
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from celery import Celery
 
@@ -54,3 +60,20 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+def generate_queue(settings: Settings, model: str | None, lane: str = "") -> str:
+    """The queue of a job's `sdxl.generate` message in its lane ("bulk": data set lines; else interactive): the
+    lane's own for the deployment's default model (the first of SDXL_MODELS; a job without `model`), so a one-model
+    deployment's queues keep their names (infra/k8s/keda.yaml scales on them); `{lane's}.{model}` for the others."""
+    base = settings.bulk_queue_name if lane == "bulk" else settings.queue_name
+    name = model or settings.model_entries[0].name
+    return base if name == settings.model_entries[0].name else f"{base}.{name}"
+
+
+def worker_queues(settings: Settings, models: Iterable[str]) -> list[str]:
+    """The queues a worker holding `models` consumes, in priority order: per lane (interactive first, as
+    SDXL_WORKER_LANES gives them), its models' queues. Webhooks travel on the lanes' own queue: the default model's
+    workers deliver them."""
+    held = list(models)
+    return [generate_queue(settings, model, lane) for lane in settings.worker_lanes_list for model in held]

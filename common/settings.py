@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # refused at start with a message naming the bytes and dtype (worker/engine/host_memory.py). 0: what the
     # kernel says is available now (MemAvailable, or less under a container's memory limit)
     host_available_bytes: int = Field(0, ge=0)
+    # the names of SDXL_MODELS this worker serves, comma-separated (a fleet whose workers hold different models);
+    # '': every one that fits. Each model has its own queue (common/queue.py): a worker consumes its models' only
+    worker_models: str = ""
     # '' reads model.safetensors; 'fp16' reads (and downloads only) model.fp16.safetensors: half of SDXL base
     model_variant: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
     # LoRA adapters: a folder of .safetensors files (kohya's or diffusers/PEFT's layout), or 'storage:<prefix>' for
@@ -127,6 +130,10 @@ class Settings(BaseSettings):
     # device memory for resident adapters (each slot: rank x the adapted layers' widths, SDXL at rank 64 in
     # bfloat16: ~0.33 GB); the least recently used is replaced when a new one is needed
     lora_cache_bytes: int = Field(4 * 1024**3, ge=1)
+    # ControlNets for the default model: NAME=SPEC entries, comma-separated, each SPEC a diffusers ControlNetModel
+    # folder or a single .safetensors file in diffusers' layout ('canny=/models/controlnet-canny-sdxl-1.0').
+    # Requests name them (`controlnets`); every one runs in the batches that use any (compiled at start). '': none
+    controlnets: str = ""
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -179,6 +186,9 @@ class Settings(BaseSettings):
     # --- data sets (bulk)
     dataset_feeder: bool = True  # this worker may feed data set runs (one feeder per run, by Redis lock)
     dataset_feed_depth: int = Field(256, ge=1)  # a run's lines on the queue or a device at once: Redis stays bounded
+    # a run whose feeder step fails this many times in a row (the same error each 0.5 s tick, not an outage) is
+    # given up on: status `failed`, with `error`; what it had written stays
+    dataset_step_attempts: int = Field(20, ge=1)
     # a tenant's runs being fed at once; more: 429. Each holds up to dataset_feed_depth lines in flight.
     max_active_datasets_per_tenant: int = Field(4, ge=1)
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)  # a data set upload's size limit (413 above it)
@@ -195,21 +205,54 @@ class Settings(BaseSettings):
     # the longest a request may wait for its job to end (`Prefer: wait=N`, `?wait_s=N`); keep it under the
     # idle timeout of any proxy in front of the API (often 60 s)
     max_wait_s: float = Field(55, ge=0, le=600)
+    # GET /metrics then needs `Authorization: Bearer <this key>` (Prometheus' `authorization` credentials); unset:
+    # /metrics is open, for an API reached only from a private network (the GKE manifests set it)
+    metrics_key: SecretStr | None = Field(None, min_length=16)
+    # /docs (Swagger UI) and /redoc, whose pages load their scripts from a CDN (jsDelivr): off by default, so that
+    # no page of the API runs a third party's code; /openapi.json is always served (no Swagger UI assets ship
+    # in the service's packages to serve them locally)
+    interactive_docs: bool = False
     # --- webhooks
     webhook_secret: SecretStr | None = None  # whsec_<base64>; unset: jobs with a webhook_url are refused
     webhook_allow_private: bool = False  # allow loopback/private targets (tests, trusted networks only)
     webhook_attempts: int = Field(6, ge=1)  # deliveries tried, backoff 2, 4, 8, 16, 32 s between them
+    # one delivery, from the address look-up to the last byte read, whatever the receiver does (not per read)
     webhook_timeout_s: float = Field(10, gt=0)
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=1)  # of a receiver's reply read; the rest is never read
+    # deliveries a worker makes at once, on threads of their own in a process of their own (worker/webhook_sender.py)
+    webhook_concurrency: int = Field(8, ge=1)
+    webhook_queue_name: str = ""  # deliveries wait here, apart from the jobs' queues; empty: "<queue_name>-webhooks"
     # --- request limits (API)
     max_steps: int = Field(150, ge=1, le=150)
     max_images_per_job: int = Field(4, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    # --- work per request (API): each bounds one request's memory or CPU, so one tenant cannot starve the rest
+    # an input image (init_image, mask_image) decoded to more pixels than this: 422 naming the field, refused from
+    # its header before any pixel is decoded (a JPEG is decoded at 1/2, 1/4 or 1/8 scale first, down to the
+    # job's size: Pillow's draft). 0: four times the largest served size (2048x2048 when 1024x1024 is served)
+    max_input_pixels: int = Field(0, ge=0)
+    # input images decoded, resized or encoded at once per API process; more wait their turn (each holds up to
+    # max_input_pixels x 4 bytes, a few times over while it is converted and resized)
+    max_concurrent_decodes: int = Field(4, ge=1)
+    # a data set line longer than this is refused by number (422, `lines`) unread: it is never held whole
+    max_dataset_line_bytes: int = Field(256 * 1024, ge=1024)
+    # images one data set run may ask for, counted after num_images (a line of num_images 64 is 64): more, 413
+    max_dataset_images: int = Field(10_000_000, ge=1)
+    # images not yet generated in a tenant's runs in progress, the new run's included: more, 429 + Retry-After
+    max_dataset_images_per_tenant: int = Field(10_000_000, ge=1)
+    # data set uploads whose body is being read at once, per tenant and API process: more, 429 + Retry-After,
+    # before the body is read
+    max_uploads_per_tenant: int = Field(2, ge=1)
+    # event streams (GET /v1/jobs/{id}/events) and waits (`?wait_s`, `Prefer: wait`) open at once per API key and
+    # API process: more, 429 + Retry-After. Each costs a read of the job per second while it lasts
+    max_waits_per_key: int = Field(32, ge=1)
     # --- logs
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with job_id / batch_id fields
     # --- storage
     storage: Literal["local", "s3"] = "local"
     local_storage_dir: str = "var/images"
-    public_base_url: str = "http://127.0.0.1:8000"  # where the API is reached: local-storage URLs point here
+    # where clients reach the API: status_url, webhooks' status_url and local-storage URLs are built on it
+    public_base_url: str = "http://127.0.0.1:8000"
     url_signing_secret: SecretStr | None = None  # HMAC key for local-storage URLs; required with storage=local
     url_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)  # S3 SigV4 allows 7 days at most
     s3_bucket: str = "sdxl-images"
@@ -263,6 +306,12 @@ class Settings(BaseSettings):
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
         return self
 
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets(cls, value: str) -> str:
+        parse_controlnets(value)
+        return value
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: str) -> str:
@@ -287,6 +336,16 @@ class Settings(BaseSettings):
         return [ModelEntry(self.model, self.model, self.vae, self.unet)]
 
     @property
+    def controlnet_specs(self) -> dict[str, str]:
+        """SDXL_CONTROLNETS as name -> spec, in its order."""
+        return parse_controlnets(self.controlnets)
+
+    @property
+    def worker_lanes_list(self) -> list[str]:
+        """The lanes a worker consumes, in priority order: "interactive", "bulk"."""
+        return {"both": ["interactive", "bulk"], "interactive": ["interactive"], "bulk": ["bulk"]}[self.worker_lanes]
+
+    @property
     def worker_queues(self) -> list[str]:
         """The queues a worker consumes, in priority order."""
         lanes = {
@@ -297,14 +356,29 @@ class Settings(BaseSettings):
         return lanes[self.worker_lanes]
 
     @property
+    def webhook_queue(self) -> str:
+        """The queue of webhook deliveries: consumed by each worker's sender process, never by its job threads."""
+        return self.webhook_queue_name or f"{self.queue_name}-webhooks"
+
+    @property
     def served_sizes(self) -> list[Size]:
         """(height, width) pairs; the first is the default."""
         return parse_sizes(self.image_sizes)
 
     @property
+    def input_pixel_cap(self) -> int:
+        """The most pixels an input image may be decoded to (SDXL_MAX_INPUT_PIXELS, or 4x the largest served)."""
+        return self.max_input_pixels or 4 * max(h * w for h, w in self.served_sizes)
+
+    @property
     def bucket_sizes(self) -> list[Size]:
         """The aspect-ratio buckets, (height, width) pairs."""
         return parse_sizes(self.aspect_buckets)
+
+    def public_url(self, path: str) -> str:
+        """An absolute URL of the API's for clients (status_url, webhooks): built on public_base_url, never on a
+        request's Host header, which any client may set."""
+        return self.public_base_url.rstrip("/") + path
 
     def signing_key(self) -> bytes:
         if self.url_signing_secret is None or len(self.url_signing_secret.get_secret_value()) < 16:
@@ -318,3 +392,18 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def parse_controlnets(value: str) -> dict[str, str]:
+    """'canny=/models/cn-canny,depth=/models/cn-depth' -> {name: spec}; ValueError naming the bad entry."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, sep, spec = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not spec or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ValueError(f"SDXL_CONTROLNETS: {entry!r} is not NAME=SPEC (a name of letters, digits, . _ -)")
+        if name in out:
+            raise ValueError(f"SDXL_CONTROLNETS: {name!r} is named twice")
+        out[name] = spec
+    return out

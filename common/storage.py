@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -38,11 +39,33 @@ class Storage(Protocol):
     def prune(self, prefix: str) -> None: ...  # drop the folder prefix, and its empty folders, if it holds nothing
 
 
+# S3 (and GCS, SeaweedFS) refuse a longer key with an error that looks like an outage; a local file system a
+# longer path component. Keys that come from a request are checked against both before any call is made.
+MAX_KEY_BYTES = 1024
+MAX_KEY_PART_BYTES = 255
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key from a request cannot name an object here (too long for S3 or a file system), or None."""
+    size = len(key.encode("utf-8", errors="replace"))
+    if size > MAX_KEY_BYTES:
+        return f"is {size} bytes long; object keys are at most {MAX_KEY_BYTES}"
+    if any(len(part.encode("utf-8", errors="replace")) > MAX_KEY_PART_BYTES for part in key.split("/")):
+        return f"has a part longer than {MAX_KEY_PART_BYTES} bytes (between two '/')"
+    return None
+
+
 def _safe_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"bad storage key {key!r}")
     return key
+
+
+def _temporary(path: Path) -> Path:
+    """A file beside `path` that no other writer uses: two requests of one process storing the same key at once
+    (one image sent twice) each rename their own, where a name from the pid alone was renamed away under one."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
 
 
 class LocalStorage:
@@ -57,14 +80,14 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = _temporary(path)
         tmp.write_bytes(data)
         os.replace(tmp, path)  # readers never see half a file; a rewrite of the same key is atomic
 
     def put_file(self, key: str, file: BinaryIO, content_type: str) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = _temporary(path)
         with tmp.open("wb") as out:
             shutil.copyfileobj(file, out, 1 << 20)
         os.replace(tmp, path)

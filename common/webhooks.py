@@ -1,11 +1,10 @@
-"""Webhooks: Standard Webhooks signing (https://www.standardwebhooks.com) and the address check.
+"""Webhooks: Standard Webhooks signing (https://www.standardwebhooks.com).
 
 Headers: `webhook-id` (unique per event), `webhook-timestamp` (unix seconds), `webhook-signature`
 (`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed by the secret after its `whsec_` prefix,
 base64-decoded). Receivers verify with any Standard Webhooks library, or `verify` below.
 
-Targets must be http(s) and must not resolve to loopback, private, link-local or reserved addresses
-(the worker would otherwise be a way into the operator's network), unless the deployment allows it.
+Where a webhook may go is common/webhook_target.py; how it is sent, worker/webhook_post.py.
 """
 
 from __future__ import annotations
@@ -13,14 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
-import socket
 import time
-from urllib.parse import urlparse
-
-
-class WebhookError(ValueError):
-    """A webhook URL that may not be called; the message says why."""
 
 
 def _key(secret: str) -> bytes:
@@ -49,20 +41,3 @@ def verify(secret: str, got: dict[str, str], body: bytes, tolerance_s: int = 300
         return False
     expected = sign(secret, got["webhook-id"], ts, body).split(",", 1)[1]
     return any(hmac.compare_digest(expected, s.split(",", 1)[1]) for s in got["webhook-signature"].split() if "," in s)
-
-
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise WebhookError unless `url` may be called. Resolves the host: every address must be public."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise WebhookError("must be an http or https URL with a host")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise WebhookError(f"host {parsed.hostname!r} does not resolve") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise WebhookError(f"host {parsed.hostname!r} resolves to a non-public address ({address})")

@@ -103,7 +103,7 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         ),
     }
-    print(f"api:    {base}  (docs at {base}/docs; log var/api.log)")
+    print(f"api:    {base}  (OpenAPI at {base}/openapi.json; log var/api.log)")
     print("worker: loading and compiling the model (log var/worker.log) ...")
     try:
         t0 = time.monotonic()

@@ -47,6 +47,7 @@ FIXTURE_MARKS = {
     "live_stack": "stack",
     "s3": "stack",  # SeaweedFS
     "stack": "stack",  # the stand-in stacks of test_shutdown, test_storage_outage, test_webhook_delivery
+    "slow_stack": "stack",  # test_webhook_delivery: receivers that never finish answering
     "tiny_stack": "stack",
     "standin_stack": "stack",
     "service": "stack",  # test_end_to_end.py
@@ -59,11 +60,14 @@ FIXTURE_MARKS = {
 # node id pattern (re.search) -> markers: tests that compile or start processes in their own body, and slow ones
 PATH_MARKS = [
     # every engine test module builds models or compiles, but those that only run numpy on names and shapes
-    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file)\.py)", ("engine",)),
+    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed)\.py)", ("engine",)),
     (r"^tests/worker/engine/test_devices\.py", ("stack",)),  # engines in child processes (device counts, caches)
     (r"^tests/worker/loop/test_engine_port\.py::test_the_real_engine", ("engine",)),  # builds a tiny Engine inline
     (r"^tests/worker/test_main\.py", ("engine", "stack")),  # `python -m worker`'s start in child processes
+    (r"^tests/test_model_queues\.py::test_every_job", ("stack",)),  # two worker processes
     (r"^tests/api/test_metrics\.py::test_several_api_processes", ("stack",)),  # uvicorn --workers 2
+    # bench/accelerator.sh --dry-run: child processes that compile the tiny model's programs and run PyTorch's
+    (r"^tests/bench/test_accelerator\.py::test_the_dry_run", ("engine", "stack")),
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
     (r"^tests/worker/test_redis_outage\.py", ("stack", "slow")),  # 10 s and 60 s outages

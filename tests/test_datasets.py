@@ -493,3 +493,6 @@ def test_cancel_keeps_the_finished_images(standin_stack):
     png = client.get(client.app.state.services.storage.url(manifest[0]["key"], 60)).content
     assert hashlib.sha256(png).hexdigest() == manifest[0]["sha256"]
     assert sum(1 for _ in files["shards"]) == -(-c["succeeded"] // 5)
+    # what decided the bytes, as the worker recorded it: in every row, and counted in the card
+    assert {(m["conditions"]["platform"], m["conditions"]["batch_rows"]) for m in manifest} == {("standin", 4)}
+    assert f"- {c['succeeded']} images: model_hash standin; dtype uint8" in client.get(files["card"]).text

@@ -73,7 +73,8 @@ class DeviceLoop:
         batches: BatchLog,
         name: str | None = None,
         loras: Registry | None = None,
-        enqueue: Callable[[Job], None] | None = None,  # sends a job's message again (the sweep); None: no sweeps
+        # sends a job's message (again) to its model's queue (the sweep, admission); None: no sweeps
+        enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,  # queues the webhook of a job that has ended
     ):
         self.store, self.storage, self.workers, self.batches = store, storage, workers, batches
@@ -92,7 +93,7 @@ class DeviceLoop:
         writer = ImageWriter(storage, storage_retry)
         recorder = Recorder(store, redis, self.presence, writer, settings.max_attempts, notify)
         admission = Admission(
-            store, redis, self.presence, recorder, served, storage, storage_retry, settings.max_attempts, loras
+            store, redis, self.presence, recorder, served, storage, storage_retry, settings.max_attempts, loras, enqueue
         )
         self._finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
@@ -115,8 +116,9 @@ class DeviceLoop:
         # if the device thread dies, the process exits: never a silent worker
         self._thread = supervised(self.dispatcher.run, "device")
 
-    def submit(self, job_id: str, generation: int | None = None) -> Future[JobOutcome]:
+    def submit(self, job_id: str | None, generation: int | None = None) -> Future[JobOutcome]:
         """From a Celery thread: queue a job for the device; the future resolves to its outcome once recorded.
+        `job_id` None (an interactive job's message): the next interactive job in fair order, or `idle`.
         `generation` is the message's: a message older than the job's current one (re-sent after its worker
         died) is answered `stale` and never runs; None (a data set feeder's message) is taken as current."""
         future: Future[JobOutcome] = Future()

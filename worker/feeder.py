@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common.dataset_store import DatasetRun, DatasetStore
-from common.datasets import CHUNK_LINES, DatasetStatus, Layout, Line, manifest_row
+from common.datasets import CHUNK_LINES, FINISHED, DatasetStatus, Layout, Line, manifest_row
 from common.job_store import JobStore
 from common.jobs import TERMINAL, JobStatus
 from common.outage import REDIS_DOWN, Outage, supervised
@@ -54,20 +54,24 @@ class Feeder:
         datasets: DatasetStore,
         store: JobStore,
         storage: Storage,
-        send: Callable[[str], None],
+        send: Callable[[str, str | None], None],
         owner: str,
         depth: int = 256,
         interval_s: float = 0.5,
         lock_ttl_s: float = 15.0,
+        step_attempts: int = 20,
     ):
         self.datasets = datasets
         self.store = store
         self.storage = storage
-        self.send = send  # puts a job id on the bulk queue
+        self.send = send  # puts a job id on its model's bulk queue
         self.owner = owner
         self.depth = depth
         self.interval_s = interval_s
         self.lock_ttl_s = lock_ttl_s  # a dead feeder's runs are taken over after this long
+        # a run whose step fails this many times in a row (not an outage: the same error each tick) is failed
+        self.step_attempts = step_attempts
+        self._failures: dict[str, int] = {}  # run -> its steps failed in a row, here
         self._chunks: dict[str, tuple[int, list[Line]]] = {}  # run -> (chunk index, its lines): one chunk each
         self._owned: set[str] = set()
         self._fetch = ThreadPoolExecutor(8, thread_name_prefix="shard-fetch")
@@ -108,19 +112,35 @@ class Feeder:
             self._owned.add(run_id)
             try:
                 self.step(run_id)
+                self._failures.pop(run_id, None)
             except REDIS_DOWN:
                 raise  # the whole tick waits out the outage (_run)
             except Exception as exc:
                 if self.redis.down or _storage_down(exc):  # storage away: as quiet as a Redis outage
                     self.redis.failed(exc)
                 else:
-                    log.exception("feeding data set %s failed; retrying next tick", run_id)
+                    self._step_failed(run_id, exc)
+
+    def _step_failed(self, run_id: str, exc: Exception) -> None:
+        """One more failed step of a run; at step_attempts in a row it is given up on (`failed`), not retried
+        twice a second for ever. The traceback is logged the first time and the last, not at every tick."""
+        failures = self._failures.get(run_id, 0) + 1
+        self._failures[run_id] = failures
+        if failures < self.step_attempts:
+            if failures == 1:
+                log.exception("feeding data set %s failed; retrying next tick", run_id)
+            return
+        self._failures.pop(run_id, None)
+        self._chunks.pop(run_id, None)
+        error = f"the data set's feeder failed {failures} times in a row: {type(exc).__name__}: {exc}"[:1000]
+        if self.datasets.fail(run_id, error):
+            log.error("data set %s failed: %s", run_id, error, exc_info=exc)
 
     # ------------------------------------------------------------------ one step of one run
 
     def step(self, run_id: str) -> None:
         run = self.datasets.get(run_id)
-        if run is None or run.status in (DatasetStatus.completed, DatasetStatus.canceled):
+        if run is None or run.status in FINISHED:
             self.datasets.deactivate(run_id)  # expired, or finished by another feeder
             self._chunks.pop(run_id, None)
             return
@@ -157,6 +177,7 @@ class Feeder:
                     job.truncated,
                     job.attempts,
                     image.loras,
+                    image.conditions,
                 )
                 self.datasets.reap(run.id, index, job_id, "succeeded", row, run.options.order)
             elif job.status == JobStatus.failed:
@@ -187,7 +208,7 @@ class Feeder:
             created = self.store.create_bulk(job_id, line.request, run.tenant, key, dataset)
             # Not created: fed before a crash, maybe without its message; a second message is harmless.
             if created or self.store.status(job_id) == JobStatus.queued:
-                self.send(job_id)
+                self.send(job_id, line.request.model)
             if not self.datasets.mark_fed(run.id, index, job_id, source):
                 return  # another feeder moved on meanwhile (its lock had expired under us): stop this step
             if source == "cursor":

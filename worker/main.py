@@ -22,7 +22,7 @@ from common import logs
 from common.batch_log import BatchLog
 from common.job_store import JobStore
 from common.outage import die
-from common.queue import TASK_GENERATE, TASK_WEBHOOK
+from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue, worker_queues
 from common.settings import Settings, get_settings
 from common.storage import from_settings
 from common.worker_registry import WorkerRegistry
@@ -83,13 +83,17 @@ def lora_registry(settings: Settings):  # -> Registry | None
 def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name: Engine}; JAX imported here
     """An engine per served model (SDXL_MODELS, or SDXL_MODEL), in order, for those whose weights fit together
     in SDXL_MODEL_MEMORY_BYTES; each compiled, its weights hashed and on the devices."""
-    entries = settings.model_entries
+    mine = {name.strip() for name in settings.worker_models.split(",") if name.strip()}
+    entries = [e for e in settings.model_entries if not mine or e.name in mine]
+    if not entries:
+        raise SystemExit(f"SDXL_WORKER_MODELS={settings.worker_models!r} names none of SDXL_MODELS: nothing to serve")
     registry = registry or lora_registry(settings)
-    if settings.model == "standin" and not settings.models.strip():
+    if all(e.spec == "standin" for e in entries):
         from worker.engine.standin import StandInEngine
 
         log.warning("model=standin: a fixed-duration stand-in for queue benchmarks, not a model")
-        return {entries[0].name: StandInEngine(settings.served_sizes, settings.batch_rows, settings.standin_batch_s)}
+        sizes, rows, batch_s = settings.served_sizes, settings.batch_rows, settings.standin_batch_s
+        return {e.name: StandInEngine(sizes, rows, batch_s) for e in entries}
     from worker.engine import cache, model
 
     t0 = time.perf_counter()
@@ -137,7 +141,7 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
             refiner = model.load(settings.refiner, shared)
         # the refiner beside the default model only (its weights would be on the devices once per model)
-        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry)
+        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry, i == 0)
     if not engines:
         raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
     log.info("serving %d models: %s", len(engines), ", ".join(engines))
@@ -158,7 +162,23 @@ def _available_bytes(settings: Settings):  # -> Callable[[], int]: the host memo
     return host_memory.available_bytes
 
 
-def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> Engine
+def _controlnets(settings: Settings, m) -> list:  # -> [ControlModel]
+    """SDXL_CONTROLNETS, read for model `m` (the default one) in its dtype; a ControlNet that is not for it stops
+    the start, naming it."""
+    from worker.engine import controlnet_source
+
+    loaded = []
+    for name, spec in settings.controlnet_specs.items():
+        try:
+            loaded.append(controlnet_source.load(name, spec, m.unet, m.dtype))
+        except controlnet_source.ModelError as exc:
+            raise SystemExit(f"SDXL_CONTROLNETS: {exc}") from None
+        log.info("ControlNet %r from %s", name, loaded[-1].source)
+    return loaded
+
+
+def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True):  # -> Engine
+    import jax
     import numpy as np
 
     from worker.engine import cache, lora
@@ -178,6 +198,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
                 settings.lora_max_rank,
             )
         adapters = Adapters(registry.path_of, settings.lora_max_rank, slots, settings.max_loras_per_job)
+    controlnets = _controlnets(settings, m) if default else []  # with the default model only, as the refiner
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m,
@@ -189,8 +210,11 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry):  # -> 
         progress_every_steps=settings.progress_every_steps,
         refiner=refiner,
         adapters=adapters,
+        controlnets=controlnets,
     )
     compile_s = engine.compile()
+    for c in controlnets:  # on the devices now: keep only the shapes the programs are traced with (SDXL's: 2.5 GB)
+        c.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), c.params)
     for served in (m, refiner):
         if served is not None:
             served.digest_weights()  # recorded with every image: which weights made it
@@ -248,10 +272,12 @@ def main() -> None:
     # workers on one host apart; the time, a pid reused by a restart in the same container)
     name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
-    def send(job_id: str, lane: str = "", generation: int | None = None) -> None:
-        queue = settings.bulk_queue_name if lane == "bulk" else settings.queue_name
+    def send(job_id: str, model: str | None, lane: str = "", generation: int | None = None) -> None:
+        if lane != "bulk":  # queued again, so ready again (by the script that queued it): a wake-up names no job
+            tasks.app.send_task(TASK_GENERATE, args=[], queue=generate_queue(settings, model))
+            return
         args = [job_id] if generation is None else [job_id, generation]
-        tasks.app.send_task(TASK_GENERATE, args=args, queue=queue)
+        tasks.app.send_task(TASK_GENERATE, args=args, queue=generate_queue(settings, model, "bulk"))
 
     loop = DeviceLoop(
         engines,
@@ -260,8 +286,9 @@ def main() -> None:
         LoopSettings.of(settings),
         name=name,
         loras=registry,
-        enqueue=lambda job: send(job.id, job.lane, job.generation),
-        notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.queue_name),
+        enqueue=lambda job: send(job.id, job.request.model, job.lane, job.generation),
+        # the webhook queue: a job thread only queues a delivery; worker/webhook_sender.py makes it
+        notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.webhook_queue),
         workers=workers,
         batches=BatchLog(client, settings.key_prefix),
     )
@@ -284,13 +311,21 @@ def main() -> None:
             DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
             store,
             loop.storage,
-            lambda job_id: send(job_id, "bulk"),
+            lambda job_id, model: send(job_id, model, "bulk"),
             owner=name,
             depth=settings.dataset_feed_depth,
+            step_attempts=settings.dataset_step_attempts,
         )
         feeder.start()
 
-    from celery.signals import worker_shutting_down
+    from celery.signals import worker_ready, worker_shutting_down
+
+    from worker.webhook_sender_process import SenderProcess
+
+    # Deliveries are made by a process of their own (worker/webhook_sender.py), started once Celery consumes
+    # jobs (its own "ready." line comes after the worker's) and stopped with the worker.
+    sender = SenderProcess(settings)
+    worker_ready.connect(lambda **_: sender.start(), weak=False)
 
     # Celery's warm shutdown (SIGTERM) stops consuming and waits for running tasks; buffered jobs are told
     # to go back to the queue so it does not wait for them, only for the batches already on the device.
@@ -301,6 +336,7 @@ def main() -> None:
         if feeder is not None:
             feeder.stop()  # hands its runs to another worker now, not after the lock expires
         loop.begin_shutdown()
+        sender.begin_stop()  # its tries under way end while the batches on the device do
 
     worker_shutting_down.connect(shutting_down, weak=False)
     tasks.app.conf.worker_hijack_root_logger = False  # our handler (text or JSON, with ids) stays, for Celery too
@@ -311,7 +347,7 @@ def main() -> None:
                 "worker",
                 "--pool=threads",
                 f"--concurrency={2 * max(engine.batch_rows for engine in engines.values())}",
-                f"--queues={','.join(settings.worker_queues)}",  # in priority order (common/queue.py)
+                f"--queues={','.join(worker_queues(settings, engines))}",  # in priority order (common/queue.py)
                 f"--hostname=sdxl@{name}",
                 "--loglevel=INFO",
                 "--without-gossip",
@@ -325,6 +361,7 @@ def main() -> None:
         # in a process that takes no work. Out at once, non-zero, so that the supervisor starts a new one.
         die(f"Celery's consumer (exit code {exit_code!r}, no shutdown was asked for)")
     loop.stop()
+    sender.stop()
     if image_sweeper is not None:
         image_sweeper.stop()
     sys.exit(exit_code)

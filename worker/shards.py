@@ -16,13 +16,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from common.datasets import MANIFEST_COLUMNS
+from common.jobs import RenderConditions
 from worker.images import EXTENSIONS
 
 
 def tar_shard(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], extension: str) -> bytes:
     """One tar: for each row, its image (`images`, in the rows' order) and its manifest row as JSON."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # PAX, not USTAR: USTAR's names stop at 100 bytes, and `<id>.json` of a 96-128 character id (ids may be 128)
+    # did not fit. A member whose name fits gets a plain USTAR header all the same; a longer one is preceded by
+    # a PAX header holding its name, which tar, Python's tarfile and webdataset read (POSIX.1-2001).
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for row, image in zip(rows, images, strict=True):
             _add(tar, f"{row['id']}.{extension}", image)
             _add(tar, f"{row['id']}.json", json.dumps(row, ensure_ascii=False).encode())
@@ -59,7 +63,7 @@ def _schema():
     return pa.schema([(name, types.get(name, pa.string())) for name in MANIFEST_COLUMNS])
 
 
-JSON_COLUMNS = ("metadata", "adapters")  # free-form: JSON text in Parquet (objects and lists in JSONL)
+JSON_COLUMNS = ("metadata", "adapters", "conditions")  # free-form: JSON text in Parquet (objects and lists in JSONL)
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,7 +105,23 @@ def stats(rows: Sequence[Mapping[str, Any]], images: Sequence[bytes], written_at
         "first_line": min(lines, default=None),
         "last_line": max(lines, default=None),
         "written_at": round(written_at, 3),
+        "made_under": made_under(rows),
     }
+
+
+def made_under(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct (model hash, conditions) the rows were made under, each with its count, most rows first: what
+    a rerun must match to give the same bytes (common/jobs.py RenderConditions)."""
+    return _tally(({"model_hash": r.get("model_hash", ""), "conditions": r.get("conditions")}, 1) for r in rows)
+
+
+def _tally(made: Iterable[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """(what images were made under, how many) summed by the first, most images first."""
+    counts: dict[str, int] = {}
+    for under, images in made:
+        key = json.dumps(under, sort_keys=True)
+        counts[key] = counts.get(key, 0) + images
+    return [{**json.loads(k), "images": n} for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def run_stats(run: Any, per_shard: list[dict[str, Any]], failures: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,11 +166,18 @@ _FEATURE_TYPES = {
 }
 
 
+_CONDITION_FIELDS = list(RenderConditions.model_fields.items())
+
+
 def _features(extension: str) -> str:
     """The WebDataset samples' features as the card's YAML: declared, not inferred, so a column whose first
     rows are null (a negative prompt, an aspect ratio) still loads when later rows have values."""
 
     def column(name: str, indent: str) -> str:
+        if name == "conditions":  # common/jobs.py RenderConditions
+            fields = [(n, "int64" if f.annotation is int else "string") for n, f in _CONDITION_FIELDS]
+            inner = "".join(f"{indent}    - name: {n}\n{indent}      dtype: {t}\n" for n, t in fields)
+            return f"{indent}- name: {name}\n{indent}  struct:\n{inner}"
         if name == "adapters":  # a list of {name, scale, sha256}
             fields = (("name", "string"), ("scale", "float64"), ("sha256", "string"))
             inner = "".join(f"{indent}  - name: {n}\n{indent}    dtype: {t}\n" for n, t in fields)
@@ -165,6 +192,23 @@ def _features(extension: str) -> str:
         "    - name: __key__\n      dtype: string\n"
         "    - name: __url__\n      dtype: string\n"
     )
+
+
+def _made_under_text(per_shard: list[dict[str, Any]]) -> str:
+    """The card's list of what the run's images were made under (from every shard's stats)."""
+    merged = _tally(
+        ({"model_hash": m["model_hash"], "conditions": m["conditions"]}, m["images"])
+        for shard in per_shard
+        for m in shard.get("made_under", [])
+    )
+    if not merged:
+        return "- (no image recorded its conditions)\n"
+    lines = []
+    for m in merged:
+        c = m["conditions"] or {}
+        said = ", ".join(f"{name} {c.get(name, '?')}" for name in RenderConditions.model_fields) if c else "unrecorded"
+        lines.append(f"- {m['images']} images: model_hash {m['model_hash'] or '?'}; {said}\n")
+    return "".join(lines)
 
 
 def card(run: Any, per_shard: list[dict[str, Any]]) -> str:
@@ -204,9 +248,18 @@ manifest row, with the line's own `metadata`) and `<id>.txt` (its caption).
   "seed/id")
 - defaults for lines that leave them out: {defaults.model_dump_json()}
 - order: {run.options.order}; images per shard: {run.options.shard_size}
-- model and weights hash: in each row (`model`, `model_hash`). The same input, run seed and model give
-  byte-identical images.
+- model and weights hash: in each row (`model`, `model_hash`), and the conditions that decide an image's bytes
+  (`conditions`: dtype, VAE dtype, quantization, attention, batch rows, devices, platform, device kind, jax and
+  jaxlib versions).
 
+## Reproducing it byte for byte
+
+The same input and run seed give byte-identical images when the model hash and every condition below are the
+same as well. A rerun that differs in any of them (another `SDXL_BATCH_ROWS`, GPU model, jax release, attention
+kernel ...) gives images that look the same but may differ by a level in some pixels, so their sha256 differ:
+compare such reruns by pixels, not by hash. This run's images were made under:
+
+{_made_under_text(per_shard)}
 ```python
 from datasets import load_dataset
 images = load_dataset("path/to/this/folder", split="train")   # {extension}, json, txt per sample

@@ -54,20 +54,24 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
 def reissue_dead_workers(store: JobStore, workers: WorkerRegistry, enqueue: Callable[[Job], None]) -> list[str]:
     """Send again the jobs held by workers whose heartbeat has lapsed; returns their ids. The caller makes
     sure it has seen Redis for a heartbeat's life (after an outage every heartbeat lapses at once)."""
-    live = workers.live_names()  # alive while the heartbeat key exists, readable or not
+    live = workers.live_names()  # alive while its heartbeat has not lapsed, readable or not
     again: list[str] = []
     for worker in workers.holders():
         if worker in live:
             continue
-        for job in store.get_many(workers.held(worker)):
+        held = workers.held(worker)  # may be empty: then it is only forgotten
+        sent: list[str] = []
+        for job in store.get_many(held):
             if job is None or job.status not in (JobStatus.queued, JobStatus.running):
                 continue
             reissued = store.reissue(job)
             if reissued is not None:
                 enqueue(reissued)
-                again.append(job.id)
+                sent.append(job.id)
         workers.drop_held(worker)
-        log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(again), again)
+        if held:
+            log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(sent), sent)
+        again += sent
     return again
 
 

@@ -1,4 +1,5 @@
-"""Delivering a job's webhook: one signed POST per try; the Celery task re-sends itself with backoff.
+"""Delivering a job's webhook: one signed POST per try; the sender's Celery task (worker/webhook_sender.py) queues
+the next try with backoff.
 
 Delivery is at least once: a receiver may see an event twice (dedupe on `webhook-id`, which is the same on
 every try of one event). Tries live in Redis as Celery messages, so a worker restart loses none.
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from datetime import UTC, datetime
 
-import httpx
+import httpcore
 
-from common import webhooks
+from common import webhook_target, webhooks
 from common.job_store import JobStore
 from common.jobs import TERMINAL
 from common.settings import Settings
+from worker import webhook_post
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +35,32 @@ def payload(settings: Settings, store: JobStore, job_id: str) -> tuple[str, byte
             "id": job.id,
             "status": job.status.value,
             "error": job.error,
-            "status_url": f"{settings.public_base_url.rstrip('/')}/v1/jobs/{job.id}",
+            "status_url": settings.public_url(f"/v1/jobs/{job.id}"),
         },
     }
     return f"{job.id}.{job.status.value}", json.dumps(event, separators=(",", ":")).encode()
 
 
-def deliver(settings: Settings, store: JobStore, job_id: str) -> bool:
-    """One try. True when delivered (2xx) or when there is nothing to deliver; False to try again."""
+def deliver(
+    settings: Settings, store: JobStore, job_id: str, resolve: webhook_target.Resolver = webhook_target.system_resolver
+) -> bool:
+    """One try. True when delivered (2xx) or when there is nothing to deliver; False to try again. At most
+    settings.webhook_timeout_s from the look-up to the last byte read, whatever the receiver does."""
     made = payload(settings, store, job_id)
     if made is None or settings.webhook_secret is None:
         return True
     msg_id, body = made
     url = store.get(job_id).request.webhook_url
     try:
-        webhooks.check_url(url, settings.webhook_allow_private)  # again: DNS may have changed since submit
-    except webhooks.WebhookError as exc:
+        # again: DNS may have changed since submit. The one answer checked here is the address connected to.
+        target = webhook_target.check_url(url, settings.webhook_allow_private, resolve)
+    except webhook_target.WebhookError as exc:
         log.warning("webhook for %s not sent: %s", job_id, exc)
         return True  # never retried: it would fail the same way
     signed = webhooks.headers(settings.webhook_secret.get_secret_value(), msg_id, body)
     try:
-        response = httpx.post(url, content=body, headers=signed, timeout=settings.webhook_timeout_s)
-    except httpx.HTTPError as exc:
-        log.info("webhook for %s failed: %s", job_id, exc)
+        reply = webhook_post.post(target, body, signed, settings.webhook_timeout_s, settings.webhook_max_response_bytes)
+    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, ssl.SSLError, OSError) as exc:
+        log.info("webhook for %s failed: %s", job_id, exc or type(exc).__name__)
         return False
-    return 200 <= response.status_code < 300
+    return 200 <= reply.status < 300

@@ -9,7 +9,7 @@ const DATASET_POLL_MS = 1000;
 const GALLERY_JOBS = 12;
 const DATASET_RUNS = 10;
 const ENDED = new Set(["succeeded", "failed", "canceled"]);
-const RUN_FINISHED = new Set(["completed", "canceled"]);
+const RUN_FINISHED = new Set(["completed", "canceled", "failed"]);
 
 const $ = (id) => document.getElementById(id);
 let served = null; // GET /v1/models

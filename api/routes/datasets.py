@@ -62,6 +62,14 @@ async def create_dataset(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> DatasetPublic | JSONResponse:
     """Validate a JSONL of prompts and start generating it; answers with the run once it is stored."""
+    # a slot before the body is read: a tenant's uploads spool (and are checked) a few at a time per process
+    with services.uploads.taken(caller.tenant):
+        return await _create_dataset(request, services, caller, response, idempotency_key)
+
+
+async def _create_dataset(
+    request: Request, services: ServicesDep, caller: CallerDep, response: Response, idempotency_key: str | None
+) -> DatasetPublic | JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload: UploadFile | None = None
     if content_type == "multipart/form-data":

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from api import job_service
-from api.deps import CallerDep, OffsetQuery, OwnedJob, ServicesDep
+from api.deps import CallerDep, JobId, OffsetQuery, OwnedJob, ServicesDep
 from api.schemas import CancelPublic, JobPublic, JobsPublic
 from common.jobs import TERMINAL, JobRequest, LimitError
 
@@ -82,7 +84,7 @@ def preferred_wait_s(prefer_headers: list[str], max_wait_s: float) -> float | No
     "the job has ended or `wait_s` has passed (a long poll: one request instead of many).",
 )
 async def get_job(
-    job_id: str,
+    job_id: JobId,
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
@@ -102,7 +104,7 @@ async def get_job(
 
 @router.get(
     "/{job_id}/events",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, 404: {}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, 404: {}, 429: {}},
     response_class=StreamingResponse,
     description="`queued` (data: `queue_position`) each time its position changes, `running` (data: `progress` "
     "{step, steps}) at each reported step, then one of `succeeded`, `failed` or `canceled` whose data is the whole "
@@ -111,10 +113,20 @@ async def get_job(
 )
 async def job_events(job: OwnedJob, services: ServicesDep, caller: CallerDep, request: Request) -> StreamingResponse:
     """The job's changes as Server-Sent Events, ending with the job."""
+    give_back = services.waits.take(caller.key_id)  # 429 when this key holds its cap of streams and waits
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for event in job_service.event_stream(job, services, caller, request):
+                yield event
+        finally:
+            give_back()
+
     return StreamingResponse(  # the job was read (a 404) before the stream starts
-        job_service.event_stream(job, services, caller, request),
+        stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering of the stream
+        background=BackgroundTask(give_back),  # also when the stream never started (gives back once either way)
     )
 
 

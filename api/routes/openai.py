@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import job_service
 from api.deps import CallerDep, ServicesDep
-from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputFormat, Scheduler, Spacing
+from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputFormat, Scheduler, Spacing, Text
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 STEPS_BY_QUALITY = {"low": 10, "medium": 20, "standard": 20, "auto": 20, "high": 40, "hd": 40}
@@ -39,17 +39,17 @@ class ImageGeneration(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
+    prompt: Text = Field(min_length=1)
+    model: Text | None = None
     n: int = Field(1, ge=1)
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the served sizes, or "auto"')
+    size: Text | None = Field(None, description='"WIDTHxHEIGHT", one of the served sizes, or "auto"')
     response_format: Literal["url", "b64_json"] = "url"
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
     output_format: OutputFormat = OutputFormat.png
-    user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
+    user: Text | None = Field(None, max_length=256, description="Accepted for compatibility; not used.")
     style: Literal["vivid", "natural"] | None = Field(None, description="Accepted for compatibility; not used.")
     # SDXL's own, outside OpenAI's API
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=150, description="Overrides quality.")
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 
 from api import metrics
-from api.deps import ServicesDep
+from api.deps import ServicesDep, bearer
 from api.schemas import LoraPublic, LorasPublic, ModelPublic, ServedModelPublic
 from common.jobs import LCM_MAX_STEPS, OutputFormat, Scheduler, Spacing
 from common.outage import REDIS_DOWN
@@ -45,6 +49,7 @@ def models(services: ServicesDep) -> ModelPublic:
         schedulers=[x.value for x in Scheduler],
         timestep_spacings=[x.value for x in Spacing],
         refiner=s.refiner or None,
+        controlnets=list(s.controlnet_specs),
         options={
             "guidance_free": "guidance_scale <= 1 runs a program with one UNet row per image (half the work): what "
             "SDXL-Turbo (4 steps, trailing, guidance 0) and SDXL-Lightning (trailing euler) want",
@@ -60,6 +65,9 @@ def models(services: ServicesDep) -> ModelPublic:
             "with other adapters share a batch)",
             "refiner": '{"switch_at": 0.8, "aesthetic_score": 6.0}: the last steps on the refiner (where one is '
             "served: `refiner` above), as diffusers' base + refiner ensemble",
+            "controlnets": '[{"name": "canny", "image": "<base64>", "scale": 0.7, "start": 0, "end": 1}]: ControlNets '
+            'from `controlnets` above, several at once; "preprocess": "canny" takes a picture\'s edges as the map '
+            "(rows with other ControlNets, or none, share a batch)",
         },
         output_formats=[x.value for x in OutputFormat],
         limits={
@@ -111,8 +119,17 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {metrics.CONTENT_TYPE: {}}}})
-async def prometheus_metrics(services: ServicesDep) -> Response:
-    """Queue, workers and devices in Prometheus' text format (no API key: keep it on the internal network)."""
+async def prometheus_metrics(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Response:
+    """Queue, workers and devices in Prometheus' text format (with SDXL_METRICS_KEY set, only for that key)."""
+    key = services.settings.metrics_key
+    if key is not None:
+        given = credentials.credentials.strip().encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, key.get_secret_value().encode()):
+            raise HTTPException(
+                401, "send `Authorization: Bearer <SDXL_METRICS_KEY>`", headers={"WWW-Authenticate": "Bearer"}
+            )
     redis_up = True
     try:
         services.metrics_figures = await run_in_threadpool(

@@ -65,7 +65,8 @@ def test_a_given_size_resizes_the_image(client, settings):
         ({"init_image": "BMP"}, "init_image", "BMP"),  # replaced below by a real BMP
         ({"init_image": "SIZE"}, "init_image", "not served"),  # an image of a size nobody serves, no width/height
         ({"init_image": "inputs/someone-else/abc.png"}, "init_image", "not under this tenant"),
-        ({"init_image": "inputs/test/nothing.png"}, "init_image", "no stored input"),
+        ({"init_image": "inputs/test/nothing.png"}, "init_image", "not an input key"),  # no sha256: not asked for
+        ({"init_image": f"inputs/test/{'0' * 64}.png"}, "init_image", "no stored input"),
         ({"init_image": "IMG", "strength": 0.1, "steps": 4}, "strength", "runs none"),
         ({"init_image": "IMG", "strength": 1.5}, "strength", "less than or equal to 1"),
         ({"scheduler": "lcm", "steps": 60}, "steps", "at most 50"),
@@ -82,4 +83,57 @@ def test_bad_inputs_are_422_naming_the_field_and_store_nothing(client, settings,
     assert r.status_code == 422, r.text
     problem = r.json()
     assert any(e["field"] == field and hint in e["message"] for e in problem["errors"]), problem
+    assert _stored(settings) == []
+
+
+@pytest.fixture
+def controlled(settings):
+    """The API of a deployment serving two ControlNets (their names: the API reads no weights)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.helpers.servers import authorize
+
+    settings = settings.model_copy(update={"controlnets": "canny=/models/cn-canny,depth=/models/cn-depth"})
+    with TestClient(create_app(settings)) as c:
+        authorize(c, settings)
+        yield c
+
+
+def test_control_images_are_stored_like_init_images_and_named_by_key(controlled, settings):
+    listed = controlled.get("/v1/models").json()
+    assert listed["controlnets"] == ["canny", "depth"]
+    controls = [
+        {"name": "canny", "image": _b64((120, 80), seed=1), "scale": 0.7, "preprocess": "canny"},
+        {"name": "depth", "image": "data:image/png;base64," + _b64((96, 64), seed=2), "end": 0.5},
+    ]
+    r = controlled.post("/v1/jobs", json={"prompt": "x", "width": 96, "height": 64, "controlnets": controls})
+    assert r.status_code == 202, r.text
+    got = r.json()["request"]["controlnets"]
+    assert [c["name"] for c in got] == ["canny", "depth"] and got[0]["preprocess"] == "canny"
+    assert all(c["image"].startswith("inputs/") for c in got) and got[0]["image"] != got[1]["image"]
+    stored = _stored(settings)
+    assert len(stored) == 2 and {Image.open(p).size for p in stored} == {(96, 64)}  # resized to the job's size
+    # a stored key again, beside an init image
+    again = {"prompt": "y", "init_image": _b64((96, 64)), "controlnets": [{"name": "depth", "image": got[1]["image"]}]}
+    r = controlled.post("/v1/jobs", json=again)
+    assert r.status_code == 202, r.text
+    assert r.json()["request"]["controlnets"][0]["image"] == got[1]["image"]
+
+
+@pytest.mark.parametrize(
+    ("control", "extra", "field", "hint"),
+    [
+        ({"name": "pose"}, {}, "controlnets", "no ControlNet named 'pose'"),
+        ({"name": "canny", "image": "not base64!"}, {}, "controlnets[0].image", "neither base64"),
+        ({"name": "canny", "start": 0.6, "end": 0.4}, {}, "controlnets", "must be below end"),
+        ({"name": "canny", "scale": 9}, {}, "controlnets", "less than or equal to 4"),
+        ({"name": "canny"}, {"refiner": {}}, "refiner", "not served with controlnets"),
+    ],
+)
+def test_bad_controlnets_are_422_naming_the_field_and_store_nothing(controlled, settings, control, extra, field, hint):
+    control = {"image": _b64((96, 64))} | control
+    r = controlled.post("/v1/jobs", json={"prompt": "x", "width": 96, "height": 64, "controlnets": [control]} | extra)
+    assert r.status_code == 422, r.text
+    assert hint in r.text and field in r.text, r.text
     assert _stored(settings) == []

@@ -22,13 +22,17 @@ def test_submit_answers_202_with_job_and_status_url(client):
     assert got["expires_at"] is None  # not known until it ends
 
 
-def test_the_job_is_on_the_celery_queue(client, settings):
+def test_the_job_is_ready_for_its_tenants_turn_and_a_worker_is_woken(client, settings):
+    """The message names no job (whichever worker wakes takes the next in fair order: common/job_store.py take)."""
     import json
+
+    from common.job_store import JobStore
 
     job = client.post("/v1/jobs", json=GOOD).json()
     r = redis.Redis.from_url(settings.redis_url)
     messages = [json.loads(m) for m in r.lrange(settings.queue_name, 0, -1)]
-    assert any(m["headers"]["task"] == "sdxl.generate" and job["id"] in m["headers"]["argsrepr"] for m in messages)
+    assert [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in messages] == [("sdxl.generate", "()")]
+    assert JobStore(r, settings.key_prefix).take("w") == job["id"]
 
 
 def test_queue_position_counts_jobs_ahead(client):
@@ -125,7 +129,11 @@ def test_models_and_health(client):
 
 
 def test_readyz_sees_a_worker_heartbeat(client, settings):
-    redis.Redis.from_url(settings.redis_url).set(Keys(settings.key_prefix).worker("w1"), "{}", ex=15)
+    from common.worker_registry import WorkerRegistry
+    from common.worker_status import WorkerStatus
+
+    workers = WorkerRegistry(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    workers.beat(WorkerStatus("w1", "tiny", [(64, 96)], 4, 1, started_at=1.0, at=2.0), ttl_s=15)
     assert client.get("/readyz").json() == {"ready": True, "workers": 1, "problems": []}
 
 
@@ -326,6 +334,27 @@ def test_webhook_url_is_checked_at_submit(client, settings):
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "webhook_url"
         assert "non-public address" in bad.json()["detail"]
         assert c.post("/v1/jobs", json={**GOOD, "webhook_url": "https://93.184.215.14/hook"}).status_code == 202
+
+
+@pytest.mark.parametrize("port", ["99999", "http", "-1"])
+def test_a_webhook_url_with_a_bad_port_is_a_422_naming_the_field(settings, port):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.helpers.servers import authorize
+
+    with TestClient(create_app(settings.model_copy(update={"webhook_secret": "whsec_" + "A" * 32}))) as c:
+        authorize(c, settings)
+        r = c.post("/v1/jobs", json={**GOOD, "webhook_url": f"https://93.184.215.14:{port}/hook"})
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == "webhook_url" and "port" in r.json()["detail"]
+
+
+def test_status_url_is_built_on_the_public_base_url_not_the_host_header(client):
+    job = client.post("/v1/jobs", json=GOOD, headers={"Host": "evil.example"}).json()
+    assert job["status_url"] == f"http://testserver/v1/jobs/{job['id']}"  # tests/api/conftest.py's public_base_url
+    got = client.get(f"/v1/jobs/{job['id']}", headers={"Host": "evil.example:666"}).json()
+    assert got["status_url"] == job["status_url"]
 
 
 def test_malformed_json_names_the_body_not_a_character_offset(client):

@@ -4,6 +4,7 @@ runs here; tests/test_end_to_end.py reads a real worker's)."""
 from __future__ import annotations
 
 import redis
+from pydantic import SecretStr
 
 from common.keys import Keys
 from common.worker_registry import WorkerRegistry
@@ -11,6 +12,7 @@ from common.worker_status import WorkerCounters, WorkerStatus
 from tests.helpers.metrics import samples
 
 GOOD = {"prompt": "a fox", "width": 96, "height": 64}
+HANDSHAKES = tuple(f"cmdstat_{c}" for c in ("hello", "client|", "subscribe", "script|", "config|", "info"))
 
 
 def test_metrics_show_the_queue_and_each_live_workers_counters(client, settings):
@@ -123,3 +125,52 @@ def test_several_api_processes_answer_one_sum(tmp_path, redis_url, key_prefix):
             assert got["sdxl_jobs_queued"] == 12
     finally:
         api.stop()
+
+
+def test_readyz_and_metrics_read_redis_in_a_few_commands_however_many_keys_it_holds(tmp_path, settings):
+    """Anonymous endpoints must not cost O(keys in the database): with 30,000 keys under the prefix (a SCAN of
+    the heartbeat keys took 300 SCAN calls a request here, 3,861 at 300k keys), /readyz and a /metrics scrape
+    each run a handful of commands and no SCAN. Counted by the server itself (INFO commandstats), on a Redis of
+    this test's own, so that nothing else's commands are counted."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from common import redis_server
+    from tests.helpers.servers import free_port
+
+    server = redis_server.start_embedded(tmp_path / "valkey", free_port())
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        r = redis.Redis.from_url(url)
+        keys = Keys(settings.key_prefix)
+        for start in range(0, 30_000, 5_000):
+            r.mset({keys.job(f"filler-{i}"): b"x" for i in range(start, start + 5_000)})
+        workers = WorkerRegistry(r, settings.key_prefix)
+        for name in ("host-a-1", "host-b-1"):
+            workers.beat(WorkerStatus(name, "tiny", [(64, 96)], 4, 1, started_at=1.0, at=2.0), ttl_s=60)
+        with TestClient(create_app(settings.model_copy(update={"redis_url": url}))) as client:
+            for path, most in (("/readyz", 6), ("/metrics", 20)):
+                r.config_resetstat()
+                answer = client.get(path)
+                assert answer.status_code == 200, answer.text
+                calls = {
+                    name.removeprefix("cmdstat_"): stat["calls"]
+                    for name, stat in r.info("commandstats").items()
+                    if not name.startswith(HANDSHAKES)  # a new connection's (and this test's own)
+                }
+                assert "scan" not in calls and sum(calls.values()) <= most, f"{path}: {calls}"
+    finally:
+        server.stop()
+
+
+def test_with_a_metrics_key_only_its_bearer_reads_metrics(settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    key = "m" * 32
+    with TestClient(create_app(settings.model_copy(update={"metrics_key": SecretStr(key)}))) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong-key-wrong-key"}).status_code == 401
+        answer = client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200 and "sdxl_redis_up" in answer.text

@@ -7,6 +7,7 @@ import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus
+from common.worker_registry import WorkerRegistry
 from tests.helpers.servers import at_once
 
 
@@ -138,3 +139,34 @@ def test_a_transition_moves_the_jobs_own_tenants_queued_set_whatever_the_caller_
     assert store.fail(job_id, "no", [JobStatus.queued], tenant="acme")
     assert store.queued_count("acme") == 0 and store.queued_count("zeta") == 1 and store.status(other).value == "queued"
     assert store.transition("nope", JobStatus.canceled, tenant="acme") == (False, None)
+
+
+def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, redis_url, key_prefix):
+    """Fair order: tenant a's backlog of five does not hold back b's and c's jobs (each tenant's oldest first),
+    and each job taken is in the worker's held set by the same script."""
+    a = [store.create(req(), tenant="a")[0] for _ in range(5)]
+    b = store.create(req(), tenant="b")[0]
+    c = [store.create(req(), tenant="c")[0] for _ in range(2)]
+    taken = [store.take("w1") for _ in range(9)]
+    assert taken == [a[0], b, c[0], a[1], c[1], a[2], a[3], a[4], None]
+    assert set(WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix).held("w1")) == set(taken[:-1])
+
+
+def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
+    first, second = (store.create(req(), tenant="a")[0] for _ in range(2))
+    job = store.get(store.take("w1"))
+    assert job.id == first and store.ready_count("a") == 1
+    assert store.give_back(job)  # e.g. its worker shut down before the job's batch
+    assert [store.take("w2"), store.take("w2"), store.take("w2")] == [first, second, None]
+    # a running job requeued (an upload failed, a dead worker's job sent again) is ready again too
+    store.transition(first, JobStatus.running)
+    store.transition(first, JobStatus.queued, [JobStatus.running])
+    assert store.take("w3") == first
+
+
+def test_a_job_canceled_while_ready_leaves_it_and_its_tenant_the_ring(store):
+    job_id = store.create(req(), tenant="a")[0]
+    other = store.create(req(), tenant="b")[0]
+    store.transition(job_id, JobStatus.canceled, tenant="a")
+    assert store.ready_count("a") == 0
+    assert [store.take("w"), store.take("w")] == [other, None]

@@ -29,7 +29,7 @@ PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
 
 # The names of the layout's parts, as a key string would carry them between colons.
 PARTS = (
-    "job|queued|running|recent|tenant-queued|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
+    "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
     "image-sweep-lock|batches|dataset|datasets|dataset-idem|apikey|apikeys|rate|active|inflight|done|rows|failed|"
     "canceled|retry|lock"
 )
@@ -123,13 +123,17 @@ def test_the_layout_on_the_wire():
         k.running,
         k.recent("T"),
         k.tenant_queued("T"),
+        k.ready("T"),
+        k.ready_tenants,
         k.idempotency("T", "h"),
         k.outbox,
         k.seq,
         k.ended,
         k.progress,
         k.worker("w"),
+        k.workers,
         k.held("w"),
+        k.holders,
         k.sweep_lock,
         k.image_sweep_lock,
         k.batches,
@@ -146,13 +150,17 @@ def test_the_layout_on_the_wire():
         "P:running",
         "P:recent:T",
         "P:tenant-queued:T",
+        "P:ready:T",
+        "P:ready-tenants",
         "P:idem:T:h",
         "P:outbox",
         "P:seq",
         "P:ended",
         "P:progress",
         "P:worker:w",
+        "P:workers",
         "P:held:w",
+        "P:holders",
         "P:sweep-lock",
         "P:image-sweep-lock",
         "P:batches",

@@ -81,3 +81,18 @@ def test_models_are_named_entries_with_their_own_overrides():
 def test_bad_model_entries_say_what_is_wrong(models, extra, message):
     with pytest.raises(ValueError, match=message):
         Settings(models=models, **extra)
+
+
+def test_controlnets_are_named_entries_in_order():
+    s = Settings(controlnets="canny=/models/cn-canny, depth=/models/depth.safetensors")
+    assert s.controlnet_specs == {"canny": "/models/cn-canny", "depth": "/models/depth.safetensors"}
+    assert Settings().controlnet_specs == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("canny", "not NAME=SPEC"), ("=/x", "not NAME=SPEC"), ("a b=/x", "not NAME=SPEC"), ("a=/x,a=/y", "named twice")],
+)
+def test_bad_controlnet_entries_say_what_is_wrong(value, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(controlnets=value)

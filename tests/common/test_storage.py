@@ -60,3 +60,22 @@ def test_get_and_streamed_put_on_both_backends(tmp_path, s3):
         store.delete("datasets/r/input/original.jsonl")
         with pytest.raises(KeyError):
             store.get("datasets/r/input/original.jsonl")
+
+
+def test_writers_of_one_key_at_once_all_succeed(tmp_path):
+    """Two submits of one image store one key at once: each write renames its own temporary file (one named by
+    the pid alone was renamed away under the other: FileNotFoundError, a 503)."""
+    import io
+
+    from tests.helpers.servers import at_once
+
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+
+    def write(i: int) -> None:
+        for _ in range(40):
+            storage.put("inputs/t/same.png", b"the same bytes", "image/png")
+            storage.put_file("inputs/t/same-file.png", io.BytesIO(b"the same bytes"), "image/png")
+
+    assert at_once(8, write) == [None] * 8
+    assert storage.get("inputs/t/same.png") == b"the same bytes"
+    assert not [p.name for p in (tmp_path / "inputs/t").iterdir() if p.name.endswith(".tmp")]

@@ -1,7 +1,5 @@
 import time
 
-import pytest
-
 from common import webhooks
 
 # The example in the Standard Webhooks specification.
@@ -23,26 +21,3 @@ def test_verify_round_trip_and_tampering():
     assert not webhooks.verify(SECRET, {**h, "webhook-id": "other"}, body)
     old = webhooks.headers(SECRET, "x", body, now=time.time() - 3600)
     assert not webhooks.verify(SECRET, old, body)  # replayed too late
-
-
-@pytest.mark.parametrize(
-    "url,reason",
-    [
-        ("http://127.0.0.1:9/hook", "non-public"),
-        ("http://localhost/hook", "non-public"),
-        ("http://10.1.2.3/hook", "non-public"),
-        ("http://192.168.0.10/hook", "non-public"),
-        ("http://169.254.169.254/latest/meta-data", "non-public"),  # cloud metadata
-        ("http://[::1]/hook", "non-public"),
-        ("ftp://example.com/x", "http or https"),
-        ("http://no-such-host.invalid/hook", "does not resolve"),
-    ],
-)
-def test_private_and_odd_targets_are_refused(url, reason):
-    with pytest.raises(webhooks.WebhookError, match=reason):
-        webhooks.check_url(url, allow_private=False)
-
-
-def test_public_addresses_pass_and_private_ones_when_allowed():
-    webhooks.check_url("https://93.184.215.14/hook", allow_private=False)
-    webhooks.check_url("http://127.0.0.1:9/hook", allow_private=True)

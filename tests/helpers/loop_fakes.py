@@ -62,6 +62,9 @@ class FakeStore:
         job = self.jobs.get(job_id)
         return job.status if job else None
 
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        return [self.jobs[i].status if i in self.jobs else None for i in job_ids]  # not in `calls`: a poll
+
     def transition(
         self,
         job_id: str,
@@ -97,6 +100,11 @@ class FakeStore:
     ) -> bool:
         ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, error=error)
         return ok
+
+    def give_back(self, job: Job) -> bool:
+        """Ready again (the real store's ready set is tested in tests/common/test_job_store.py): noted only."""
+        self.calls.append(("give_back", job.id))
+        return self.jobs.get(job.id) is not None and self.jobs[job.id].status is JobStatus.queued
 
     def record_progress(self, steps_done: dict[str, Progress]) -> None:
         self.progress.append(steps_done)
@@ -171,6 +179,9 @@ class FixedPending:
 
     def progress(self) -> Iterator[int]:
         yield from self.marks
+
+    def cancel(self) -> bool:
+        return False  # it has already run
 
     def fetch(self) -> Output:
         if self.error is not None:

@@ -7,6 +7,8 @@ the tests): each tensor moved by a fixed amount seeded by its name.
   with another scaling factor so that using the model's own config instead shows;
 - write_lora: a LoRA adapter in kohya's or diffusers/PEFT's layout (write_random_lora: for any model; the
   benchmarks use it too);
+- write_controlnet: a random ControlNet for the tiny model (a diffusers ControlNetModel folder), its zero
+  convolutions random too, so that it changes the image;
 - folder_digest: what a fixture records of such a folder (make_models_reference.py, test_model.py).
 """
 
@@ -59,6 +61,8 @@ def write_lora(
     seed: int,
     parts: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2"),
     alpha: float | None = None,
+    peft: dict[str, dict[str, Any]] | None = None,
+    strength: float = 0.6,
 ) -> Path:
     """A random LoRA adapter for the tiny model in kohya's or diffusers/PEFT's layout (write_random_lora)."""
     from types import SimpleNamespace
@@ -68,7 +72,7 @@ def write_lora(
     configs = {p: json.loads((tiny_dir / p / "config.json").read_text()) for p in (*lora.PARTS, "vae")}
     made = Configs.from_dicts(configs, str(tiny_dir))
     model = SimpleNamespace(configs=made, params=_shapes(json.dumps(configs, sort_keys=True)), unet=made.unet)
-    return write_random_lora(model, path, layout, rank, seed, parts, alpha)
+    return write_random_lora(model, path, layout, rank, seed, parts, alpha, peft, strength)
 
 
 def write_random_lora(
@@ -79,11 +83,18 @@ def write_random_lora(
     seed: int,
     parts: Sequence[str] = lora.PARTS,
     alpha: float | None = None,
+    peft: dict[str, dict[str, Any]] | None = None,
+    strength: float = 0.6,
 ) -> Path:
     """A random adapter for `model` (anything with .configs, .params and .unet), as trainers write them, for
     tests and benchmarks (bench/lora.py). layout "kohya": `lora_unet_*` in the original SDXL UNet's module names
     (input_blocks_4_1_...), `lora_te1_*`/`lora_te2_*`, `.lora_down/.lora_up`, an `.alpha` per module when
-    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`."""
+    `alpha` is given; "diffusers": PEFT's `unet.<module>.lora_A/lora_B.weight`; "diffusers-old": diffusers'
+    older names, the UNet's attentions as attention processors (`attn1.processor.to_q_lora.down.weight`), its
+    other layers `.lora.down.weight`, the text encoders `.lora_linear_layer.down.weight`.
+    peft: {part: PEFT LoraConfig as a dict} written into the header as diffusers' save_lora_weights writes it
+    (`__metadata__["lora_adapter_metadata"]`, keys prefixed by part). strength: the up factors' scale (an adapter
+    with a large alpha/rank needs a small one, or the tiny model's 4 steps amplify float32 rounding past parity)."""
     found = lora.targets(model)
     known = lora.names(model, list(found))
     rng = np.random.default_rng(seed)
@@ -97,15 +108,34 @@ def write_random_lora(
             kohya = [n for n in options if n.startswith("lora_")]
             (name,) = [n for n in kohya if target.part != "unet" or any(b in n for b in sgm)]
             down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+        elif layout == "diffusers-old":
+            (name,) = [n for n in options if not n.startswith("lora_")]
+            down_key, up_key = _old_diffusers_keys(name)
         else:
             (name,) = [n for n in options if not n.startswith("lora_")]
             down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         state[down_key] = (rng.standard_normal((rank, target.fan_in)) / np.sqrt(target.fan_in)).astype(np.float32)
-        state[up_key] = (0.6 * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        state[up_key] = (strength * rng.standard_normal((target.fan_out, rank)) / np.sqrt(rank)).astype(np.float32)
         if alpha is not None:
             state[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    save_file(state, path)
+    metadata = None
+    if peft is not None:  # diffusers' LoraBaseMixin.write_lora_layers, and _pack_dict_with_prefix per part
+        flat = {f"{part}.{k}": list(v) if isinstance(v, set) else v for part, c in peft.items() for k, v in c.items()}
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(flat, indent=2, sort_keys=True)}
+    save_file(state, path, metadata=metadata)
     return path
+
+
+def _old_diffusers_keys(name: str) -> tuple[str, str]:
+    """diffusers' older key names for a module `name` (`unet.<module>` / `text_encoder.<module>`)."""
+    if name.startswith("unet."):
+        head, _, last = name.rpartition(".")
+        if head.endswith((".attn1", ".attn2")) or (last == "0" and head.endswith(".to_out")):
+            if last == "0":  # to_out.0
+                head, last = head.rpartition(".")[0], "to_out"
+            return f"{head}.processor.{last}_lora.down.weight", f"{head}.processor.{last}_lora.up.weight"
+        return f"{name}.lora.down.weight", f"{name}.lora.up.weight"
+    return f"{name}.lora_linear_layer.down.weight", f"{name}.lora_linear_layer.up.weight"
 
 
 @functools.cache
@@ -125,3 +155,35 @@ def folder_digest(folder: Path) -> str:
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+CONTROLNET_EMBEDDING = (8, 16, 16, 32)  # the tiny ControlNet's conditioning embedding: 8x down, as the VAE
+CONTROLNET_EMBEDDING_GAIN = 1.8
+
+
+def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
+    """A random ControlNet for the tiny model, as a diffusers ControlNetModel folder (what
+    ControlNetModel.from_unet makes of the tiny UNet, smaller conditioning embedding), every weight drawn from
+    `seed` and its name, the zero convolutions included (zeros would make every ControlNet a no-op)."""
+    from worker.engine import attention, convert, tiny
+    from worker.engine.controlnet import ControlNet, ControlNetConfig
+
+    unet = json.loads((tiny_dir / "unet" / "config.json").read_text())
+    raw = unet | {"conditioning_embedding_out_channels": list(CONTROLNET_EMBEDDING)}
+    pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+    config = ControlNetConfig.from_diffusers(raw, pooled)
+    shapes = ControlNet(config, attention.einsum).shapes()
+    params = {
+        path: tiny.random_leaf((f"controlnet-{seed}", *path), tuple(leaf.shape))
+        for path, leaf in convert.flatten(shapes).items()
+    }
+    # The control image's embedding made to carry the image (a trained ControlNet's does): drawn like the rest, each
+    # of its seven convolutions and SiLUs halves the image's part, and two control images would give nearly the
+    # same picture.
+    for path in params:
+        if path[0] == "controlnet_cond_embedding" and path[-1] == "kernel":
+            params[path] = params[path] * np.float32(CONTROLNET_EMBEDDING_GAIN)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_diffusers(), indent=2))
+    save_file(convert.flax_to_pt(convert.unflatten(params)), folder / "diffusion_pytorch_model.safetensors")
+    return folder

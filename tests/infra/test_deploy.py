@@ -27,6 +27,7 @@ NO_REGISTRY = ROOT / "docker-compose.no-registry.yml"
 STANDINS = ROOT / "infra" / "docker" / "standins.Dockerfile"
 PROMETHEUS_CONFIGS = ("prometheus.yml", "prometheus-host-network.yml")  # the second: the no-registry file's
 KUBERNETES_VERSION = "1.31.0"
+KEDA_KINDS = {"ScaledObject": "scaledobject.schema.json", "TriggerAuthentication": "triggerauthentication.schema.json"}
 
 
 def _tool(name: str) -> str:
@@ -39,10 +40,9 @@ def _docs() -> list[tuple[Path, dict]]:
 
 @pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
 def test_manifests_validate(path):
-    schema = json.loads((Path(__file__).parent / "scaledobject.schema.json").read_text())
     for doc in yaml.safe_load_all(path.read_text()):
-        if doc["kind"] == "ScaledObject":  # a KEDA CRD: not in the Kubernetes schemas
-            jsonschema.validate(doc, schema)
+        if doc["kind"] in KEDA_KINDS:  # KEDA's CRDs: not in the Kubernetes schemas
+            jsonschema.validate(doc, json.loads((Path(__file__).parent / KEDA_KINDS[doc["kind"]]).read_text()))
         else:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -157,3 +157,83 @@ def test_autoscalers_point_at_real_deployments_and_queues():
         assert doc["spec"]["triggers"][0]["metadata"]["listName"] in consumed
         # a worker must be allowed to finish its batch on scale-in
         assert target["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 300
+
+
+def _secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    """A container's variables read from Secrets: name -> (secret, key)."""
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def _containers(kind: str) -> list[tuple[str, dict]]:
+    return [
+        (d["metadata"]["name"], c)
+        for _, d in _docs()
+        if d["kind"] == kind
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_redis_requires_a_password_from_a_secret_and_every_client_sends_it():
+    (_, redis_container), *others = _containers("StatefulSet")
+    assert not others
+    args = redis_container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert _secret_env(redis_container)["REDIS_PASSWORD"] == ("sdxl-redis", "password")
+    for _, doc in _docs():
+        assert doc["kind"] != "ConfigMap" or "SDXL_REDIS_URL" not in doc["data"]  # no URL without the password
+    deployments = _containers("Deployment")
+    assert {name for name, _ in deployments} >= {"api", "worker-v5e-4", "worker-v5e-8", "worker-v5e-4-bulk"}
+    for name, container in deployments:
+        env = [e["name"] for e in container["env"]]
+        url = next(e["value"] for e in container["env"] if e["name"] == "SDXL_REDIS_URL")
+        assert url.startswith("redis://:$(REDIS_PASSWORD)@redis."), (name, url)
+        # Kubernetes expands $(VAR) only from variables defined before it
+        assert env.index("REDIS_PASSWORD") < env.index("SDXL_REDIS_URL"), name
+        assert _secret_env(container)["REDIS_PASSWORD"] == ("sdxl-redis", "password"), name
+    auth = {d["metadata"]["name"]: d for _, d in _docs() if d["kind"] == "TriggerAuthentication"}
+    for _, doc in _docs():
+        if doc["kind"] == "ScaledObject":
+            ref = auth[doc["spec"]["triggers"][0]["authenticationRef"]["name"]]
+            assert {"parameter": "password", "name": "sdxl-redis", "key": "password"} in ref["spec"]["secretTargetRef"]
+
+
+def test_the_api_is_reached_only_through_a_tls_ingress_and_its_metrics_need_a_key():
+    ingresses = [d for _, d in _docs() if d["kind"] == "Ingress"]
+    assert len(ingresses) == 1
+    ingress = ingresses[0]
+    assert (
+        ingress["spec"]["tls"][0]["secretName"]
+        and ingress["metadata"]["annotations"]["kubernetes.io/ingress.allow-http"] == "false"
+    )
+    hosts = {h for t in ingress["spec"]["tls"] for h in t["hosts"]}
+    assert {r["host"] for r in ingress["spec"]["rules"]} <= hosts  # no rule served without its certificate
+    for _, doc in _docs():
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
+    (_, api), *_ = [(n, c) for n, c in _containers("Deployment") if n == "api"]
+    assert _secret_env(api)["SDXL_METRICS_KEY"] == ("sdxl-metrics", "key")
+
+
+def test_network_policies_deny_by_default_and_let_only_the_services_reach_redis():
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in _docs() if d["kind"] == "NetworkPolicy"}
+    deny = [p for p in policies.values() if p["podSelector"] == {} and not p.get("ingress")]
+    assert deny and "Ingress" in deny[0]["policyTypes"]
+    redis_policy = [p for p in policies.values() if p["podSelector"].get("matchLabels") == {"app": "redis"}]
+    assert len(redis_policy) == 1
+    (rule,) = redis_policy[0]["ingress"]
+    pods = [f["podSelector"]["matchLabels"]["app"] for f in rule["from"] if "podSelector" in f]
+    assert sorted(pods) == ["api", "worker"] and rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    labelled = {d["spec"]["template"]["metadata"]["labels"]["app"] for _, d in _docs() if d["kind"] == "Deployment"}
+    assert labelled == {"api", "worker"}  # the labels the policies select are the pods'
+
+
+def test_compose_publishes_its_consoles_on_the_loopback_only():
+    """Flower, Prometheus, Grafana and MinIO have no login worth the name here: reachable from this machine only."""
+    services = _compose(COMPOSE)["services"]
+    for name in ("flower", "prometheus", "grafana", "s3"):
+        for port in services[name]["ports"]:
+            assert str(port).startswith("127.0.0.1:"), (name, port)

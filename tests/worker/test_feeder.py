@@ -51,7 +51,7 @@ class Rig:
         self.feeder = self.make_feeder(depth)
 
     def make_feeder(self, depth: int, owner: str = "w1") -> Feeder:
-        def send(job_id: str) -> None:  # stands in for the bulk queue: straight into the device loop
+        def send(job_id: str, model: str | None) -> None:  # stands in for the bulk queue: straight into the loop
             self.sent.append(job_id)
             self.loop.submit(job_id)
 
@@ -181,7 +181,7 @@ def test_cancel_stops_feeding_and_keeps_what_finished(redis_url, key_prefix, tmp
 def test_a_feeder_that_died_mid_feed_is_replaced_without_losing_or_doubling_lines(rig):
     run_id = rig.submit(lines(12), shard_size=5)
     dead = rig.make_feeder(depth=6, owner="dead")
-    dead.send = lambda job_id: None  # it created jobs, then died before their messages went out
+    dead.send = lambda job_id, model: None  # it created jobs, then died before their messages went out
     assert rig.datasets.lock(run_id, "dead", ttl_s=0.2)
     dead.step(run_id)
     created = list(rig.redis.scan_iter(match=rig.store.keys.job("*")))
@@ -309,3 +309,21 @@ def test_input_order_writes_each_window_in_order_once_all_its_lines_ended(rig):
     rig.run_until(run_id, {DatasetStatus.completed})
     assert rig.datasets.get(run_id).shards == 4 and shard_ids(3) == ["l005"]  # late lines: a last shard
     assert sorted(manifest_ids(rig, run_id)) == [f"l{i:03d}" for i in range(20)]
+
+
+def test_a_run_whose_step_fails_every_time_fails_instead_of_looping(rig, monkeypatch):
+    from worker import shards
+
+    def broken(*args, **kwargs):
+        raise ValueError("name is too long")  # what USTAR said of a 128-character id, at every tick
+
+    monkeypatch.setattr(shards, "tar_shard", broken)
+    rig.feeder = Feeder(
+        rig.datasets, rig.store, rig.storage, rig.loop.submit, owner="w1", depth=6, interval_s=0.02, step_attempts=3
+    )
+    run_id = rig.submit(lines(4), shard_size=2)
+    rig.run_until(run_id, {DatasetStatus.failed}, timeout_s=20)
+    run = rig.datasets.get(run_id)
+    assert "3 times in a row" in run.error and "name is too long" in run.error
+    assert run_id not in rig.datasets.active()  # no feeder picks it up again
+    assert rig.redis.ttl(rig.datasets.keys.run(run_id).record) > 0  # it expires like any finished run

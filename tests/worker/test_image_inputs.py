@@ -81,10 +81,12 @@ def test_img2img_inpaint_and_turbo_jobs_give_the_engines_images(live_stack, engi
             assert np.abs(got - want).max() <= 1, name
             params = images.read_parameters(data)
             if name in ("img2img", "inpaint"):
-                assert params["init_image"] == job.request["init_image"] and params["init_image"].startswith(
-                    inputs.prefix("live")
-                )
-            assert ("mask_image" in params) == (name == "inpaint") and ("strength" in params) == (name == "img2img")
+                assert job.request["init_image"].startswith(inputs.prefix("live"))  # the job keeps the key
+                # the PNG records its content hash
+                assert params["init_image_sha256"] == inputs.content_hash(job.request["init_image"])
+                assert "init_image" not in params
+            assert ("mask_image_sha256" in params) == (name == "inpaint")
+            assert ("strength" in params) == (name == "img2img")
             assert params.get("timestep_spacing") == ("trailing" if name == "turbo" else None)
             if name == "refined":
                 assert params["refiner"]["switch_at"] == 0.7 and params["refiner_model"] == str(tiny_refiner_dir)

@@ -112,3 +112,22 @@ def test_a_set_batch_rows_is_kept_and_this_cpu_keeps_the_default():
 
     assert batch_rows(Settings(batch_rows=2)) == 2
     assert batch_rows(Settings()) == Settings().batch_rows
+
+
+def test_a_worker_reads_sdxl_controlnets_for_its_model_and_stops_on_one_that_does_not_fit(tiny_dir, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from tests.helpers import variants
+    from worker import main
+    from worker.engine import model
+
+    folder = variants.write_controlnet(tiny_dir, tmp_path / "edges", 21)
+    tiny = model.load_folder(tiny_dir, model.LoadOptions(np.float32), name="tiny")
+    (got,) = main._controlnets(Settings(controlnets=f"edges={folder}"), tiny)
+    assert got.name == "edges" and got.source == str(folder)
+    other = dataclasses.replace(tiny, configs=dataclasses.replace(tiny.configs, unet=tiny.unet.__class__()))  # SDXL's
+    with pytest.raises(SystemExit, match=r"SDXL_CONTROLNETS: ControlNet 'edges' .*not an SDXL ControlNet"):
+        main._controlnets(Settings(controlnets=f"edges={folder}"), other)

@@ -8,7 +8,9 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from common.datasets import MANIFEST_COLUMNS
+from common.dataset_store import DatasetRun
+from common.datasets import MANIFEST_COLUMNS, DatasetOptions, DatasetStatus
+from common.jobs import RenderConditions
 from worker import shards
 
 
@@ -33,6 +35,7 @@ def rows(n: int) -> list[dict]:
             "model": "tiny",
             "model_hash": "cd" * 32,
             "adapters": [],
+            "conditions": None,  # rows recorded before images carried their conditions
             "truncated": False,
             "attempts": 1,
             "caption": f"caption {i}",
@@ -77,3 +80,59 @@ def test_parquet_parts_and_their_concatenation():
 
 def test_jsonl_keeps_unicode():
     assert shards.jsonl(rows(1)).decode().count("✓") == 1
+
+
+def conditions(batch_rows: int) -> dict:
+    return RenderConditions(
+        dtype="bfloat16",
+        vae_dtype="float32",
+        quantize="none",
+        attention="cudnn",
+        batch_rows=batch_rows,
+        devices=1,
+        platform="gpu",
+        device_kind="NVIDIA H100 80GB HBM3",
+        jax="0.7.2",
+        jaxlib="0.7.2",
+    ).model_dump()
+
+
+def test_the_manifest_and_card_record_what_decided_each_images_bytes():
+    """Reruns are byte-identical only under the same weights and conditions (another SDXL_BATCH_ROWS moved 40 of
+    52 images by a level): each row carries them, and the card lists them with their counts and says so."""
+    made = rows(5)
+    for i, row in enumerate(made):
+        row["conditions"] = conditions(8 if i < 3 else 4)  # a run resumed on a worker with other batch rows
+    parquet_rows = pq.read_table(io.BytesIO(shards.parquet(made))).to_pylist()
+    assert [json.loads(r["conditions"])["batch_rows"] for r in parquet_rows] == [8, 8, 8, 4, 4]
+    assert json.loads(shards.jsonl(made).splitlines()[0])["conditions"]["jaxlib"] == "0.7.2"
+    per_shard = [shards.stats(made[:2], [b"x"] * 2, 1.0), shards.stats(made[2:], [b"x"] * 3, 2.0)]
+    run = DatasetRun("r", "t", DatasetStatus.completed, DatasetOptions(), 7, 5, 0, 5, 5, 0, 0, 2, 5, 0, created_at=0.0)
+    text = shards.card(run, per_shard)
+    want = [
+        f"model_hash {'cd' * 32}; dtype bfloat16, vae_dtype float32, quantize none, attention cudnn, batch_rows {n}"
+        for n in (8, 4)
+    ]
+    assert f"- 3 images: {want[0]}" in text and f"- 2 images: {want[1]}" in text
+    assert "device_kind NVIDIA H100 80GB HBM3, jax 0.7.2, jaxlib 0.7.2" in text
+    assert "byte-identical images when the model hash and every condition below are the\nsame" in text
+    header = text.split("---\n")[1]
+    assert (
+        "- name: conditions\n          struct:\n" in header
+        and "- name: batch_rows\n              dtype: int64" in header
+    )
+
+
+def test_an_id_of_any_legal_length_names_its_members(tmp_path):
+    import webdataset as wds
+
+    from common.datasets import ID_PATTERN
+
+    longest = "x" * 128  # USTAR names stop at 100 bytes: `<id>.json` of a 96-128 character id did not fit
+    assert ID_PATTERN.match(longest)
+    data = [{**rows(1)[0], "id": longest}, {**rows(2)[1], "id": "y" * 97}]
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(shards.tar_shard(data, [b"a", b"b"], "webp"))
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [longest, "y" * 97]
+    assert [s["webp"] for s in samples] == [b"a", b"b"]

@@ -69,6 +69,8 @@ def test_a_dead_workers_held_jobs_are_sent_again_with_the_next_generation(store,
     for job_id in (running, buffered, ended):
         workers.hold("dead-worker", job_id)
     workers.hold("live-worker", alive)
+    workers.hold("dead-idle-worker", alive)  # held, answered, then died holding nothing: only forgotten
+    workers.release("dead-idle-worker", [alive])
     workers.beat(WorkerStatus("live-worker", "tiny", [], 1, 1, started_at=0, at=0), ttl_s=15)
     sent = []
     assert sorted(reissue_dead_workers(store, workers, sent.append)) == sorted([running, buffered])

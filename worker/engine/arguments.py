@@ -39,6 +39,7 @@ class Dims:
     latent_width: int
     time_ids: int  # the UNet's conditioning ids per row: 6 (SDXL base: sizes), 5 (the refiner: an aesthetic score)
     per_row: int = 1  # adapters one row may combine (the bank's)
+    controlnets: int = 1  # the ControlNets the engine serves (a controlled advance runs each on every row)
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -58,8 +59,11 @@ def nested(cls: type) -> Any:
     return struct.field(metadata={"nested": cls})
 
 
-def given() -> Any:
-    """A field whose shapes `abstract` takes from its caller, by the field's name."""
+def given(optional: bool = False) -> Any:
+    """A field whose shapes `abstract` takes from its caller, by the field's name; optional: None by default
+    (and when the caller gives none)."""
+    if optional:
+        return struct.field(default=None, metadata={"given": True})
     return struct.field(metadata={"given": True})
 
 
@@ -74,6 +78,8 @@ def abstract(cls: type, dims: Dims, sharding: Any, **given_trees: Any) -> Any:
             values[f.name] = jax.ShapeDtypeStruct(shape, meta["dtype"], sharding=sharding)
         elif "nested" in meta:
             values[f.name] = abstract(meta["nested"], dims, sharding, **given_trees)
+        elif f.default is None:
+            values[f.name] = given_trees.get(f.name)
         else:
             values[f.name] = given_trees[f.name]
     return cls(**values)
@@ -146,12 +152,24 @@ class SamplerState:
 
 
 @struct.dataclass
+class ControlInputs:
+    """The rows' ControlNets (controlnet.py): every ControlNet the engine serves, in its order, with each row's
+    control image and its conditioning scale at each step (zero outside the row's window, and for a ControlNet
+    the row does not use), so rows with other ControlNets, or none, share a batch."""
+
+    weights: Any = given()  # a list of the ControlNets' parameters, replicated
+    images: Array = array("rows", "controlnets", 3, "height", "width", dtype=jnp.float32)  # [0, 1], channels first
+    scales: Array = array("rows", "controlnets", MAX_STEPS, dtype=jnp.float32)  # by the row's own step index
+
+
+@struct.dataclass
 class AdvanceInputs:
     text: TextEmbeddings = given()
     scalars: RowScalars = nested(RowScalars)
     # the unconditional and the conditional row's size conditioning (the refiner's differ by the aesthetic score)
     time_ids: Array = array("rows", 2, "time_ids", dtype=jnp.float32)
     tables: Array = array("rows", len(TABLES), MAX_STEPS, dtype=jnp.float32)  # schedule.TABLES, stacked in order
+    controls: ControlInputs | None = given(optional=True)  # a controlled advance's (ProgramKind.controlled)
 
 
 @struct.dataclass

@@ -28,8 +28,9 @@ from common.vocabulary import (
     Scheduler,
     Spacing,
 )
-from worker.engine import schedule
+from worker.engine import control_inputs, schedule
 from worker.engine.arguments import Prompts, RowScalars
+from worker.engine.control_inputs import Control
 from worker.engine.program_kind import Role
 from worker.engine.schedule import TABLES
 
@@ -72,6 +73,8 @@ class Row:
     negative_aesthetic_score: float = REFINER_NEGATIVE_AESTHETIC_SCORE
     # LoRA adapters, (name, scale) each: names the engine's Adapters resolve (never paths), applied per row.
     loras: tuple[tuple[str, float], ...] = ()
+    # ControlNets (control_inputs.Control: a served name, a control image, scale and step window), several at once
+    controlnets: tuple[Control, ...] = ()
 
     @property
     def guided(self) -> bool:
@@ -109,6 +112,9 @@ class HostBatch:
     guided: bool  # some row has guidance > 1
     truncated: list[bool]  # per requested row: its prompt or negative prompt was cut to MAX_TOKENS
     loras: list[tuple[tuple[str, float], ...]]  # per row
+    # (images (rows, ControlNets, 3, H, W), scales (rows, ControlNets, MAX_STEPS)): control_inputs.tables; None: no
+    # row names a ControlNet
+    controls: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class BatchInputs:
@@ -122,9 +128,11 @@ class BatchInputs:
         sizes: Sequence[tuple[int, int]],
         batch_rows: int,
         adapters_per_row: int | None = None,
+        controlnets: Sequence[str] = (),
     ):
         self.models, self.sizes, self.batch_rows = models, [tuple(s) for s in sizes], batch_rows
         self.adapters_per_row = adapters_per_row
+        self.controlnets = list(controlnets)  # the served ControlNets' names, in the programs' order
         self._schedules: dict[tuple[Any, ...], schedule.Schedule] = {}
         self._tokens = functools.lru_cache(maxsize=8192)(self._tokenize_one)
 
@@ -138,6 +146,12 @@ class BatchInputs:
         self._check_loras(row)
         self._check_refiner(row)
         _check_image(row, height, width)
+        try:
+            control_inputs.check(row.controlnets, self.controlnets, height, width)
+        except control_inputs.ControlError as e:
+            raise EngineInputError("controlnets", str(e)) from None
+        if row.controlnets and row.refiner_switch is not None:
+            raise EngineInputError("controlnets", "the refiner takes no ControlNet: leave refiner_switch out")
 
     def _check_loras(self, row: Row) -> None:
         if not row.loras:
@@ -186,7 +200,14 @@ class BatchInputs:
             guided=any(r.guided for r in padded),
             truncated=cut[: len(rows)],
             loras=[r.loras for r in padded],
+            controls=self._controls(padded, height, width),
         )
+
+    def _controls(self, padded: list[Row], height: int, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if not any(r.controlnets for r in padded):
+            return None
+        steps = [self._schedule(r, Role.base).steps for r in padded]
+        return control_inputs.tables([r.controlnets for r in padded], steps, self.controlnets, height, width)
 
     def _base(self, padded: list[Row], height: int, width: int) -> tuple[ModelInputs, list[bool]]:
         prompts, cut = self._prompts(padded, Role.base)

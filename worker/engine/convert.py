@@ -36,6 +36,8 @@ _MODULE_LISTS = (
     "to_out",
     "net",
     "layers",
+    "controlnet_down_blocks",  # a ControlNet's zero convolutions
+    "blocks",  # a ControlNet's conditioning embedding
 )
 _LEGACY_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 

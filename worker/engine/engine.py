@@ -8,7 +8,8 @@
 Three parts: batch_inputs.py makes a batch's inputs on the host (checks, padding, tokens, schedules, tables);
 executables.py compiles the program's parts (program.py) per shape and keeps them; the Engine here holds the
 weights and the adapter bank on the devices and dispatches a batch: [encode the init images] -> begin ->
-advance, once per chunk of steps -> [the refiner's begin and advance] -> finish, every call queued at once.
+advance, once per chunk of steps -> [the refiner's begin and advance] -> finish, fed to the devices in order with
+at most `chunks_ahead` chunks in flight (feed.py), so that a canceled batch (Pending.cancel) stops within them.
 
 What recompiles: only a new (batch_rows, height, width), a new model, dtype or device set. Prompts, seeds,
 guidance, steps, schedulers, spacings, image-to-image strengths, init images and masks and size conditioning
@@ -30,9 +31,9 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,23 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import convert, executables, lora, placement, program, program_weights
-from worker.engine.arguments import AdapterInputs, AdvanceInputs, BeginInputs, EncodeInputs, SamplerState, Start
+from worker.engine import convert, executables, feed, lora, placement, program, program_weights
+from worker.engine.arguments import (
+    AdapterInputs,
+    AdvanceInputs,
+    BeginInputs,
+    ControlInputs,
+    EncodeInputs,
+    SamplerState,
+    Start,
+)
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
+from worker.engine.control_inputs import Control
+from worker.engine.controlnet_source import ControlModel
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
-__all__ = ["Adapters", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
+__all__ = ["Adapters", "Control", "ControlModel", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
 ADVANCE = ProgramKind(Part.advance)  # the UNet's steps: most of a batch's time and memory (bench/accelerator.py)
 
 
@@ -61,25 +72,36 @@ class Output:
 
 @dataclass
 class Pending:
-    """A dispatched batch: device arrays still being computed (JAX dispatch is asynchronous)."""
+    """A dispatched batch, fed to the devices chunk by chunk (feed.py): its device arrays still being computed."""
 
-    images: Any
-    finite: Any
+    ticket: feed.Ticket
     rows: int
     truncated: list[bool]
     steps: int = 0  # the batch's step count: its longest row's (the base's and the refiner's)
-    marks: list[tuple[int, Any]] = field(default_factory=list)  # (steps done, a scalar ready when they are)
     adapters: list[list[lora.Adapter]] = field(default_factory=list)
 
     def progress(self) -> Iterator[int]:
-        """Steps done, as each chunk of steps finishes on the device (blocks between them)."""
-        for done, mark in self.marks:
-            mark.block_until_ready()
+        """Steps done, as each chunk of steps finishes on the device (blocks between them); ends early when the
+        batch is canceled or fails (fetch says which)."""
+        index = 0
+        while (mark := self.ticket.mark(index)) is not None:
+            done, ready = mark
+            try:
+                ready.block_until_ready()
+            except Exception:  # the program failed on the device: fetch raises it
+                return
             yield done
+            index += 1
+
+    def cancel(self) -> bool:
+        """Drop the chunks not yet enqueued (every row's result is unwanted): True when some were, and the batch
+        has no images (fetch raises feed.Canceled); False when it had been fed whole."""
+        return self.ticket.cancel()
 
     def fetch(self) -> Output:
-        images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
-        finite = [bool(f) for f in np.asarray(self.finite)[: self.rows]]
+        images, finite = self.ticket.wait()  # raises feed.Canceled, or what enqueueing raised
+        images = np.asarray(images)[: self.rows]  # blocks until the device is done
+        finite = [bool(f) for f in np.asarray(finite)[: self.rows]]
         return Output(images, self.truncated, finite, self.adapters[: self.rows])
 
 
@@ -128,6 +150,8 @@ class Engine:
         refiner: Model | None = None,
         adapters: Adapters | None = None,
         light_step: bool = True,
+        controlnets: Sequence[ControlModel] = (),
+        chunks_ahead: int = 2,
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -164,11 +188,17 @@ class Engine:
         # Serialized executables, each sealed with aot_key (cache.py): a warm start skips tracing and compiling.
         store = executables.store(aot_dir, aot_key)
         self.executables = executables.Executables(
-            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step
+            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step, controlnets
         )
-        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, adapters.per_row if adapters else None)
-        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images) and "lora"
+        # ControlNets (controlnet.py) on every device, in their order: a controlled advance runs each on every row
+        self.controlnets = [c.name for c in controlnets]
+        self.control_weights = [jax.device_put(c.params, self.replicated) for c in controlnets]
+        per_row = adapters.per_row if adapters else None
+        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, per_row, self.controlnets)
+        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control";
+        # and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
         self.dispatched: collections.Counter[str] = collections.Counter()
+        self.feed = feed.Feed(chunks_ahead)
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
         self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
 
@@ -178,6 +208,27 @@ class Engine:
         read = lambda name: self._read_adapter(name, found, known)  # noqa: E731
         dtype, per_row = self.model.dtype, adapters.per_row
         return lora.Bank(found, read, adapters.rank, adapters.slots, per_row, dtype, self.replicated)
+
+    @property
+    def conditions(self) -> dict[str, str | int]:
+        """What decides a row's output bytes besides the row and the weights (model.weights_hash): the programs
+        are deterministic, but XLA picks fusions and reduction orders by shape (the batch's rows), device and
+        version, so an engine that differs in any of these may move pixels by a level."""
+        import jaxlib
+
+        device = self.mesh.devices.flat[0]
+        return {
+            "dtype": np.dtype(self.model.dtype).name,
+            "vae_dtype": np.dtype(self.model.dtype_of("vae")).name,
+            "quantize": str(self.model.quantize),
+            "attention": self.attention,
+            "batch_rows": self.batch_rows,
+            "devices": int(self.mesh.devices.size),
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+        }
 
     # ------------------------------------------------------------------ compiling
 
@@ -255,23 +306,43 @@ class Engine:
         seeds = jax.device_put(batch.seeds, self.rows_sharding)
         noise = self._noise(seeds, latents, len(rows), height, width)
         self._place()
-        # Every call below is queued on the devices at once and returns at once: the chunks run back to back.
         start = self._start(batch, noise, seeds, height, width)
         self.dispatched["advance" if guided else "advance-free"] += 1
         if batch.images is not None:
             self.dispatched["encode"] += 1
         if adapters is not None:
             self.dispatched["lora"] += 1
-        marks: list[tuple[int, Any]] = []
-        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, (height, width), marks)
-        steps, params, role = batch.base.steps, self.params, Role.base
+        controls = None
+        if batch.controls is not None:
+            self.dispatched["control"] += 1
+            images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
+            controls = ControlInputs(self.control_weights, images, scales)
+        steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
+        calls = self._calls(batch, adapters, start, guided, (height, width), output, controls)
+        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used)
+
+    def _calls(
+        self,
+        batch: HostBatch,
+        adapters: AdapterInputs | None,
+        start: Start,
+        guided: bool,
+        size: tuple[int, int],
+        output: str,
+        controls: ControlInputs | None,
+    ) -> feed.Calls:
+        """The batch's device calls, for the feed: begin, advance per chunk (yielding its mark) -> [the refiner's
+        begin and advance on the base's sample] -> finish. Returns (images, finite) on the devices."""
+        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, controls)
+        state, scalars = yield from base
+        params, role = self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
-            state, scalars = self._sample(Role.refiner, None, batch.refiner, start, guided, (height, width), marks)
-            steps, params, role = steps + batch.refiner.steps, self.refiner_params, Role.refiner
-        finish = self.executable(height, width, ProgramKind(Part.finish, output=Pixels(output), model=role))
-        images, finite = finish(params, state, scalars)
-        return Pending(images, finite, len(rows), batch.truncated, steps, marks, used)
+            refined = self._sample(Role.refiner, None, batch.refiner, start, guided, size, batch.base.steps)
+            state, scalars = yield from refined
+            params, role = self.refiner_params, Role.refiner
+        finish = self.executable(*size, ProgramKind(Part.finish, output=Pixels(output), model=role))
+        return finish(params, state, scalars)
 
     def _sample(
         self,
@@ -281,21 +352,23 @@ class Engine:
         start: Start,
         guided: bool,
         size: tuple[int, int],
-        marks: list[tuple[int, Any]],
-    ) -> tuple[SamplerState, Any]:
-        """begin, then advance once per chunk of progress_every_steps, on one model; a mark per chunk goes on
-        `marks`, counting on from the steps already there. Returns (the last state, the rows' scalars)."""
+        done: int,
+        controls: ControlInputs | None = None,
+    ) -> Generator[feed.Mark, None, tuple[SamplerState, Any]]:
+        """begin, then advance once per chunk of progress_every_steps, on one model, yielding each chunk's mark
+        (steps done counting on from `done`). Returns (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
-        kind = lambda part: ProgramKind(part, guided, model=role, adapted=adapters is not None)  # noqa: E731
-        begin, advance = (self.executable(*size, kind(part)) for part in (Part.begin, Part.advance))
+        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
+        begin = self.executable(*size, kind)
+        advance = self.executable(*size, replace(kind, part=Part.advance, controlled=controls is not None))
         placed: ModelInputs = jax.device_put(inputs, self.rows_sharding)
         state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars))
-        rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables)
-        done = marks[-1][0] if marks else 0
+        rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)
             state, mark = advance(params, adapters, state, rest, self._step(first), self._step(stop))
-            marks.append((done + stop, mark))
+            self.dispatched["chunk"] += 1
+            yield done + stop, mark
         return state, placed.scalars
 
     def _noise(self, seeds: Any, latents: np.ndarray | None, rows: int, height: int, width: int) -> Any:

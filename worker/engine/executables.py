@@ -9,6 +9,7 @@ adapters are inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,11 +28,13 @@ from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
     BeginInputs,
+    ControlInputs,
     Dims,
     EncodeInputs,
     RowScalars,
     abstract,
 )
+from worker.engine.controlnet_source import ControlModel
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
@@ -41,7 +44,8 @@ log = logging.getLogger(__name__)
 class Executables:
     """The executables of one engine's models on one mesh, for `batch_rows` rows, compiled on first use (or read
     back from `store`). bank: the LoRA bank the adapted programs read (its shapes, never its contents).
-    light_step: program.Program's (the weights they take are program_weights.prepare's for it)."""
+    light_step: program.Program's (the weights they take are program_weights.prepare's for it). controls: the
+    ControlNets the controlled advances run (their configs and weights' shapes), in the engine's order."""
 
     def __init__(
         self,
@@ -53,14 +57,16 @@ class Executables:
         store: cache.SealedExecutables | None = None,
         bank: lora.Bank | None = None,
         light_step: bool = True,
+        controls: Sequence[ControlModel] = (),
     ):
         self.models, self.mesh, self.batch_rows = models, mesh, batch_rows
+        self.controls = list(controls)
         self.attention, self.attend, self.store, self.bank = attention, attend, store, bank
         self.light_step = light_step
         self.rows_sharding, self.replicated = program.shardings(mesh)
         self.compile_s: dict[str, float] = {}  # "{rows}x{height}x{width}/{kind}" -> seconds to compile or load
         self._compiled: dict[tuple[ProgramKind, int, int], Any] = {}
-        self._programs: dict[tuple[Role, Pixels, bool], program.Program] = {}
+        self._programs: dict[tuple[Role, Pixels, bool, bool], program.Program] = {}
 
     @property
     def loaded(self) -> int:
@@ -72,14 +78,25 @@ class Executables:
         f = m.vae_scale_factor
         per_row = self.bank.per_row if self.bank is not None else 1
         return Dims(
-            self.batch_rows, height, width, m.latent_channels, height // f, width // f, m.unet.time_ids, per_row
+            self.batch_rows,
+            height,
+            width,
+            m.latent_channels,
+            height // f,
+            width // f,
+            m.unet.time_ids,
+            per_row,
+            max(1, len(self.controls)),
         )
 
     def program(self, kind: ProgramKind) -> program.Program:
-        key = (kind.model, kind.output, kind.guided)
+        key = (kind.model, kind.output, kind.guided, kind.controlled)
         if key not in self._programs:
             model = self.models[kind.model]
-            self._programs[key] = program.Program(model, kind.output, self.attend, kind.guided, self.light_step)
+            controls = tuple(c.config for c in self.controls) if kind.controlled else ()
+            self._programs[key] = program.Program(
+                model, kind.output, self.attend, kind.guided, self.light_step, controls
+            )
         return self._programs[key]
 
     def arguments(self, kind: ProgramKind, height: int, width: int) -> tuple[Any, ...]:
@@ -105,7 +122,11 @@ class Executables:
         if kind.part is Part.finish:
             return params, state, abstract(RowScalars, dims, r)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
-        return params, adapters, state, abstract(AdvanceInputs, dims, r, text=text), step, step
+        controls = None
+        if kind.controlled:
+            weights = [jax.tree_util.tree_map(lambda x: spec(x, self.replicated), c.params) for c in self.controls]
+            controls = abstract(ControlInputs, dims, r, weights=weights)
+        return params, adapters, state, abstract(AdvanceInputs, dims, r, text=text, controls=controls), step, step
 
     def _function(self, kind: ProgramKind, height: int, width: int) -> Any:
         """The jitted function of a part, with its outputs' shardings."""
@@ -134,6 +155,7 @@ class Executables:
             self.attention,
             [str(d) for d in self.mesh.devices.flat],
             (self.bank.rank, self.bank.slots, self.bank.per_row) if kind.adapted and self.bank is not None else None,
+            [dataclasses.asdict(c.config) for c in self.controls] if kind.controlled else None,
         )
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         return f"{kind}-{self.batch_rows}x{height}x{width}-{digest[:20]}.bin"
@@ -142,6 +164,8 @@ class Executables:
         """The executable of `kind` for (batch_rows, height, width), compiled (or loaded) on first use."""
         if kind.adapted and self.bank is None:
             raise ValueError(f"{kind}: this engine has no adapter bank")
+        if kind.controlled and not self.controls:
+            raise ValueError(f"{kind}: this engine serves no ControlNets")
         key = (kind, height, width)
         if key not in self._compiled:
             t0, loaded_before = time.perf_counter(), self.loaded
@@ -171,7 +195,9 @@ class Executables:
 
     def compile(self, sizes: Sequence[tuple[int, int]], programs: Programs) -> None:
         """Every kind of `programs` for every size, in order (see Programs.kinds)."""
-        kinds = programs.kinds(refiner=Role.refiner in self.models, adapters=self.bank is not None)
+        kinds = programs.kinds(
+            refiner=Role.refiner in self.models, adapters=self.bank is not None, controls=bool(self.controls)
+        )
         for h, w in sizes:
             for kind in kinds:
                 self.get(kind, h, w)

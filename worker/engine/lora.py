@@ -5,12 +5,12 @@ layers: the ones kohya's trainer and diffusers' PEFT integration adapt in SDXL, 
 transformers (proj_in, the attentions' q/k/v/out, the feed-forward) and of the text encoders' blocks
 (q/k/v/out_proj, fc1, fc2). Convolution adapters (LoCon, LoHa) and DoRA are refused by name.
 
-Two file layouts, told apart by their key names:
-- kohya (sd-scripts, A1111, ComfyUI): `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`, the
-  UNet's module in the original SDXL naming (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`) or diffusers'
-  (`down_blocks_1_attentions_0_...`), the text encoders as `lora_te1_` / `lora_te2_`;
-- diffusers/PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (or the older `.lora.down.weight` /
-  `.lora.up.weight`), `text_encoder.` / `text_encoder_2.`; without an `.alpha`, alpha is the rank (scale 1).
+Reading a file is common/lora_format.py's, shared with the API's registry (so a file the worker cannot apply is
+refused when a job names it): kohya's layout (`lora_unet_<module>` in the original SDXL naming or diffusers',
+`lora_te1_` / `lora_te2_`, `.alpha` scalars) and diffusers'/PEFT's (`unet.` / `text_encoder.` / `text_encoder_2.`,
+`lora_A` / `lora_B` and the older `.lora.down`, `lora_linear_layer` and attention-processor names, alpha from the
+PEFT config diffusers writes into the header). Here each of its layers is mapped onto this model's targets and its
+factors read, alpha/rank folded into `up`.
 
 How adapters run without compiling (worker/engine/layers.py, Linear): the program takes a bank of `slots`
 adapters per layer, down (slots + 1, rank, in) and up (slots + 1, out, rank), slot 0 all zeros, each adapter
@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,20 +35,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from common import lora_format
 from worker.engine import convert, single_file, tensor_file
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-# key suffix -> the factor it holds
-SUFFIXES = {
-    ".lora_down.weight": "down",
-    ".lora_up.weight": "up",
-    ".alpha": "alpha",
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora.down.weight": "down",
-    ".lora.up.weight": "up",
-}
 Key = tuple[str, tuple[str, ...]]  # (component, module path in our naming)
 
 
@@ -133,52 +123,35 @@ def read(
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
+        layout = lora_format.read(Path(path))  # what the API's registry read too: names, ranks, alphas
         tensors = tensor_file.read(Path(path))
+    except lora_format.AdapterFileError as exc:
+        raise AdapterError(f"adapter {name!r}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise AdapterError(f"adapter {name!r}: not a readable safetensors file: {exc}") from None
     found = found if found is not None else targets(model)
     known = known if known is not None else names(model, list(found))
-    groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    unknown: list[str] = []
-    for key, value in tensors.items():
-        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            unknown.append(key)
-            continue
-        groups[key[: -len(suffix)]][SUFFIXES[suffix]] = np.asarray(value, np.float32)
+    unknown = sorted(stem for stem in layout.layers if stem not in known)
+    if unknown:
+        raise AdapterError(
+            f"adapter {name!r}: {len(unknown)} layers this model does not have (an adapter for another model?), "
+            f"e.g. {unknown[:3]}"
+        )
     factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    layouts, rank = set(), 0
-    for module, got in groups.items():
-        if module not in known:
-            unknown.append(module)
-            continue
-        if "down" not in got or "up" not in got:
-            raise AdapterError(f"adapter {name!r}: {module} has no {'up' if 'down' in got else 'down'} factor")
-        target = found[known[module]]
-        down, up = got["down"], got["up"]
+    for stem, layer in layout.layers.items():
+        target = found[known[stem]]
+        down = np.asarray(tensors[layer.down], np.float32)
+        up = np.asarray(tensors[layer.up], np.float32)
         if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
             down, up = down[:, :, 0, 0], up[:, :, 0, 0]  # a 1x1 conv's factors on a Linear (proj_in/out)
-        r = down.shape[0]
+        r = layer.rank
         if down.shape != (r, target.fan_in) or up.shape != (target.fan_out, r):
             raise AdapterError(
-                f"adapter {name!r}: {module} has factors {down.shape} and {up.shape}; this model's layer wants "
+                f"adapter {name!r}: {stem} has factors {down.shape} and {up.shape}; this model's layer wants "
                 f"(rank, {target.fan_in}) and ({target.fan_out}, rank): an adapter for another model?"
             )
-        alpha = float(got["alpha"]) if "alpha" in got else float(r)
-        factors[known[module]] = (down, up * (alpha / r))
-        layouts.add("kohya" if module.startswith("lora_") else "diffusers")
-        rank = max(rank, r)
-    if unknown:
-        conv = [k for k in unknown if re.search(r"(resnets|in_layers|out_layers|emb_layers|conv|skip|op)", k)]
-        what = "convolution adapters (LoCon/LoHa) are not supported" if conv else "not a layer adapters may touch"
-        raise AdapterError(
-            f"adapter {name!r}: {len(unknown)} keys it cannot apply ({what}), e.g. {sorted(unknown)[:3]}"
-        )
-    if not factors:
-        raise AdapterError(f"adapter {name!r}: no LoRA factors in the file")
-    if len(layouts) > 1:
-        raise AdapterError(f"adapter {name!r}: mixes kohya and diffusers key names")
-    return Adapter(name, digest, layouts.pop(), rank, factors)
+        factors[known[stem]] = (down, up * np.float32(layer.scale))
+    return Adapter(name, digest, layout.layout, layout.rank, factors)
 
 
 class Bank:

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from worker.engine import lora, program_weights
+from worker.engine import controlnet, lora, program_weights
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
     BeginInputs,
+    ControlInputs,
     EncodeInputs,
     RowScalars,
     SamplerState,
@@ -41,7 +42,7 @@ from worker.engine.arguments import (
 from worker.engine.layers import Attend
 from worker.engine.model import Model
 from worker.engine.schedule import TABLES
-from worker.engine.unet import text_keys_values
+from worker.engine.unet import Residuals, text_keys_values
 
 
 def step_noise(seed: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -94,10 +95,20 @@ class Program:
     (attention.make). guided: two UNet rows per image (unconditional and conditional, classifier-free guidance);
     False: one, for batches whose every row has guidance <= 1 (Turbo, Lightning, LCM), half the UNet work.
     light_step: see the module's docstring. The weights it takes are program_weights.prepare's, in the form
-    program_weights.form(model, light_step) (FP8 when the model is served so)."""
+    program_weights.form(model, light_step) (FP8 when the model is served so). controls: the configs of the
+    ControlNets a controlled advance runs (AdvanceInputs.controls), in the engine's order."""
 
-    def __init__(self, model: Model, output: str, attend: Attend, guided: bool = True, light_step: bool = True):
+    def __init__(
+        self,
+        model: Model,
+        output: str,
+        attend: Attend,
+        guided: bool = True,
+        light_step: bool = True,
+        controls: tuple[controlnet.ControlNetConfig, ...] = (),
+    ):
         self.model, self.output, self.guided, self.light_step = model, output, guided, light_step
+        self.controls = [controlnet.ControlNet(c, attend, model.dtype) for c in controls]
         self.form = program_weights.form(model, light_step)
         self.unet = model.configs.module("unet", model.dtype, attend, self.form)
         self.vae = model.configs.module("vae", model.dtype_of("vae"), attend)
@@ -188,16 +199,20 @@ class Program:
         variables = _variables(params, adapters, "unet", guided, fused=self.form.fused)
         if inputs.text.keys_values is not None:
             variables["text"] = inputs.text.keys_values
+        control = self._control(inputs.controls, rows, ids, inputs.text)
 
         def step(i, carry):
             x, d_prev = carry
             col = lambda name: t[name][:, i, None, None, None]  # noqa: E731  (B, 1, 1, 1)
             model_in = x * col("c_in")
+            residuals = control(model_in.astype(self.model.dtype), rows(t["timesteps"][:, i]), i)
             if self.inpainting:  # the extra channels go in unscaled, as in diffusers
                 model_in = jnp.concatenate([model_in, state.mask, state.masked], axis=1)
             model_in = model_in.astype(self.model.dtype)
             text = inputs.text
-            out = unet.apply(variables, rows(model_in), rows(t["timesteps"][:, i]), text.context, text.pooled, ids)
+            out = unet.apply(
+                variables, rows(model_in), rows(t["timesteps"][:, i]), text.context, text.pooled, ids, residuals
+            )
             out = out.astype(jnp.float32)
             if guided:
                 out = out.reshape(b, 2, *out.shape[1:])
@@ -214,6 +229,44 @@ class Program:
 
         x, d = jax.lax.fori_loop(start, stop, step, (state.x, state.d))
         return state.replace(x=x, d=d), stop
+
+    def _control(self, controls: ControlInputs | None, rows: Any, ids: jax.Array, text: TextEmbeddings) -> Any:
+        """control(model input (B, C, h, w), timesteps (UNet rows,), step) -> the ControlNets' residuals summed, each
+        at its rows' scale for the step (None without controls). A ControlNet whose scale is zero on every row at
+        this step (none of the rows uses it, or the step is outside their windows) is skipped, not computed."""
+        if controls is None:
+            return lambda sample, timesteps, i: None
+        dtype = self.model.dtype
+        # The control images' embeddings depend on the image alone: made once per chunk of steps, not per step.
+        embedded = [
+            rows(controlnet.embed(net.config, w, controls.images[:, c], dtype))
+            for c, (net, w) in enumerate(zip(self.controls, controls.weights, strict=True))
+        ]
+
+        def control(sample: jax.Array, timesteps: jax.Array, i: jax.Array) -> Residuals:
+            total = None
+            for c, (net, weights) in enumerate(zip(self.controls, controls.weights, strict=True)):
+                scale = controls.scales[:, c, i]  # (B,)
+                per_row = rows(scale).astype(dtype)[:, None, None, None]
+
+                def run(net=net, weights=weights, c=c, per_row=per_row) -> Residuals:
+                    got = net.apply(
+                        {"params": weights},
+                        rows(sample),
+                        timesteps,
+                        text.context,
+                        text.pooled,
+                        ids,
+                        embedded=embedded[c],
+                    )
+                    return jax.tree_util.tree_map(lambda r: r * per_row, got)
+
+                zeros = jax.tree_util.tree_map(lambda r: jnp.zeros(r.shape, r.dtype), jax.eval_shape(run))
+                got = jax.lax.cond(jnp.any(scale != 0), run, lambda zeros=zeros: zeros)
+                total = got if total is None else jax.tree_util.tree_map(jnp.add, total, got)
+            return total
+
+        return control
 
     def finish(self, params: dict[str, Any], state: SamplerState, scalars: RowScalars) -> tuple[jax.Array, jax.Array]:
         """The last sample -> (images (B, H, W, 3): uint8, or float32 in [0, 1]; finite (B,) bool)."""

@@ -34,13 +34,15 @@ class Role(StrEnum):
 @dataclass(frozen=True)
 class ProgramKind:
     """One compiled part for a shape. guided: begin/advance with two UNet rows per image (classifier-free
-    guidance), else one; output: finish's; adapted: begin/advance taking the LoRA bank (the base's only)."""
+    guidance), else one; output: finish's; adapted: begin/advance taking the LoRA bank (the base's only);
+    controlled: advance running the engine's ControlNets (the base's only)."""
 
     part: Part
     guided: bool = True
     output: Pixels = Pixels.uint8
     model: Role = Role.base
     adapted: bool = False
+    controlled: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("part", Part), ("output", Pixels), ("model", Role)):  # "float32" -> Pixels.float32
@@ -50,8 +52,10 @@ class ProgramKind:
             self.part is not Part.finish and self.output != "uint8"
         ):
             raise ValueError(f"{self!r}: guided and adapted are begin/advance's, output is finish's")
-        if self.model is Role.refiner and (self.part in (Part.noise, Part.encode) or self.adapted):
+        if self.model is Role.refiner and (self.part in (Part.noise, Part.encode) or self.adapted or self.controlled):
             raise ValueError(f"{self!r}: the refiner has its own begin, advance and finish only")
+        if self.controlled and self.part is not Part.advance:
+            raise ValueError(f"{self!r}: only advance runs ControlNets")
 
     def __str__(self) -> str:
         """Its name in logs, compile_s and cache files: begin, advance-free, finish-uint8, refiner-begin, ..."""
@@ -62,7 +66,7 @@ class ProgramKind:
             name += "-free"
         if self.model is Role.refiner:
             name = f"refiner-{name}"
-        return name + ("-lora" if self.adapted else "")
+        return name + ("-lora" if self.adapted else "") + ("-control" if self.controlled else "")
 
 
 class Programs(enum.Flag):
@@ -73,13 +77,15 @@ class Programs(enum.Flag):
     encode = enum.auto()  # the VAE encoder: image-to-image and inpainting
     adapters = enum.auto()  # the adapter-taking begin/advance beside the plain ones (an engine with a bank)
     refiner = enum.auto()  # the refiner's begin, advance and finish (an engine with one)
+    controls = enum.auto()  # the ControlNet-running advance beside the plain ones (an engine serving ControlNets)
     uint8 = enum.auto()  # the decode to bytes (serving)
     float32 = enum.auto()  # the decode to float32 (parity checks)
     NONE = 0
-    SERVED = guided | free | encode | adapters | refiner | uint8
+    SERVED = guided | free | encode | adapters | refiner | controls | uint8
 
-    def kinds(self, refiner: bool = False, adapters: bool = False) -> list[ProgramKind]:
-        """The kinds this selection compiles for one shape, for an engine with or without a refiner and a bank."""
+    def kinds(self, refiner: bool = False, adapters: bool = False, controls: bool = False) -> list[ProgramKind]:
+        """The kinds this selection compiles for one shape, for an engine with or without a refiner, a bank and
+        ControlNets."""
         pairs = [g for g, flag in ((True, Programs.guided), (False, Programs.free)) if flag in self]
         outputs = [
             o for o, flag in ((Pixels.uint8, Programs.uint8), (Pixels.float32, Programs.float32)) if flag in self
@@ -92,4 +98,7 @@ class Programs(enum.Flag):
             out += [ProgramKind(Part.finish, output=o, model=role) for o in outputs]
         if adapters and Programs.adapters in self:
             out += [ProgramKind(part, g, adapted=True) for g in pairs for part in (Part.begin, Part.advance)]
+        if controls and Programs.controls in self:
+            lora = [False, True] if adapters and Programs.adapters in self else [False]
+            out += [ProgramKind(Part.advance, g, adapted=a, controlled=True) for g in pairs for a in lora]
         return out

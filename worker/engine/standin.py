@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from worker.engine.engine import EngineInputError, Output, Row
+from worker.engine.feed import Canceled
 from worker.engine.program_kind import Role
 
 
@@ -60,14 +61,24 @@ class StandInPending:
     done_at: float
     steps: int = 20
     batch_s: float = 0.0
+    canceled: bool = False
 
     def progress(self) -> Iterator[int]:
         """Steps done, spread evenly over the simulated batch time (as the real engine's chunks finish)."""
         for done in range(1, self.steps + 1):
             time.sleep(max(0.0, self.done_at - self.batch_s * (1 - done / self.steps) - time.monotonic()))
+            if self.canceled:
+                return
             yield done
 
+    def cancel(self) -> bool:
+        """Its remaining steps dropped (the simulated device is not given the time back)."""
+        self.canceled = time.monotonic() < self.done_at
+        return self.canceled
+
     def fetch(self) -> Output:
+        if self.canceled:
+            raise Canceled("the batch was canceled")
         time.sleep(max(0.0, self.done_at - time.monotonic()))
         return Output(self.images[: self.rows].copy(), [False] * self.rows, [True] * self.rows)
 
@@ -84,6 +95,22 @@ class StandInEngine:
         self._free_at = 0.0
         self._lock = threading.Lock()
         self.compile_s: dict[str, float] = {}
+
+    @property
+    def conditions(self) -> dict[str, str | int]:
+        """As the real engine's (worker/engine/engine.py): its pictures depend on nothing but the row's index."""
+        return {
+            "dtype": "uint8",
+            "vae_dtype": "uint8",
+            "quantize": "none",
+            "attention": "none",
+            "batch_rows": self.batch_rows,
+            "devices": 1,
+            "platform": "standin",
+            "device_kind": "standin",
+            "jax": "none",
+            "jaxlib": "none",
+        }
 
     def compile(self) -> dict[str, float]:
         return {}

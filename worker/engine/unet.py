@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from worker.engine.layers import (
     Attend,
@@ -193,6 +194,57 @@ def _resnet(block: Any, width: int, name: str) -> ResnetBlock:
     return ResnetBlock(width, cfg.norm_num_groups, cfg.norm_eps, block.dtype, block.form.fp8, name=name)
 
 
+@struct.dataclass
+class Residuals:
+    """What ControlNets add to the UNet (NHWC, in the UNet's dtype): one per skip of the down path (conv_in's
+    output, then each down block's), and one for the mid block's output."""
+
+    down: list[jax.Array]
+    mid: jax.Array
+
+
+def embed_time(cfg: UNetConfig, timesteps: jax.Array, text_embeds: jax.Array, time_ids: jax.Array, dtype: Any) -> Any:
+    """The timestep embedding plus SDXL's text_time embedding (time_embedding, add_embedding), made inside the
+    calling module's compact method (the UNet's, a ControlNet's: the same parameter names)."""
+    width = cfg.block_out_channels[0]
+    temb = timestep_embedding(timesteps, width, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype)
+    temb = TimestepEmbedding(4 * width, dtype=dtype, name="time_embedding")(temb)
+    b = time_ids.shape[0]
+    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+    added = jnp.concatenate([text_embeds.astype(jnp.float32), ids.reshape(b, -1)], axis=-1).astype(dtype)
+    return temb + TimestepEmbedding(4 * width, dtype=dtype, name="add_embedding")(added)
+
+
+def down_path(
+    module: Any, cfg: UNetConfig, x: jax.Array, temb: jax.Array, context: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks and the mid block of `cfg`, made inside `module`'s compact method (it has attend, dtype
+    and form): x after conv_in -> (the mid block's output, the skips: x itself, then each down block's)."""
+    dtype = module.dtype
+    channels = cfg.block_out_channels
+    last = len(channels) - 1
+    skips = [x]
+    for i, kind in enumerate(cfg.down_block_types):
+        depth = cfg.transformer_layers_per_block[i] if kind == "CrossAttnDownBlock2D" else 0
+        block = DownBlock(
+            channels[i],
+            cfg.layers_per_block,
+            cfg.heads[i],
+            depth,
+            i < last,
+            cfg,
+            module.attend,
+            dtype,
+            module.form,
+            name=f"down_blocks_{i}",
+        )
+        x, more = block(x, temb, context)
+        skips += more
+    depth = cfg.transformer_layers_per_block[-1]
+    mid = MidBlock(cfg.heads[-1], depth, cfg, module.attend, dtype, module.form, name="mid_block")
+    return mid(x, temb, context), skips
+
+
 class UNet(nn.Module):
     """form: how the projections are computed (layers.Projections; the checkpoint's layout by default, the
     program's own from program_weights.py)."""
@@ -210,43 +262,22 @@ class UNet(nn.Module):
         context: jax.Array,
         text_embeds: jax.Array,
         time_ids: jax.Array,
+        residuals: Residuals | None = None,
     ) -> jax.Array:
         """sample (B, C, h, w); timesteps (B,); context (B, 77, cross_attention_dim); text_embeds (B, pooled);
-        time_ids (B, n ids). Returns the prediction (B, C, h, w) in `dtype`."""
+        time_ids (B, n ids); residuals: ControlNets' (controlnet.py), added to the down path's skips and the
+        mid block's output, as diffusers' down_block_additional_residuals and mid_block_additional_residual.
+        Returns the prediction (B, C, h, w) in `dtype`."""
         cfg, dtype = self.config, self.dtype
         channels = cfg.block_out_channels
         last = len(channels) - 1
         context = context.astype(dtype)
-
-        temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(dtype)
-        temb = TimestepEmbedding(4 * channels[0], dtype=dtype, name="time_embedding")(temb)
-        b = time_ids.shape[0]
-        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-        added = jnp.concatenate([text_embeds.astype(jnp.float32), ids.reshape(b, -1)], axis=-1).astype(dtype)
-        temb = temb + TimestepEmbedding(4 * channels[0], dtype=dtype, name="add_embedding")(added)
-
+        temb = embed_time(cfg, timesteps, text_embeds, time_ids, dtype)
         x = conv(channels[0], 3, "conv_in", dtype)(sample.transpose(0, 2, 3, 1).astype(dtype))
-        skips = [x]
-        for i, kind in enumerate(cfg.down_block_types):
-            depth = cfg.transformer_layers_per_block[i] if kind == "CrossAttnDownBlock2D" else 0
-            block = DownBlock(
-                channels[i],
-                cfg.layers_per_block,
-                cfg.heads[i],
-                depth,
-                i < last,
-                cfg,
-                self.attend,
-                dtype,
-                self.form,
-                name=f"down_blocks_{i}",
-            )
-            x, more = block(x, temb, context)
-            skips += more
-
-        depth = cfg.transformer_layers_per_block[-1]
-        mid = MidBlock(cfg.heads[-1], depth, cfg, self.attend, dtype, self.form, name="mid_block")
-        x = mid(x, temb, context)
+        x, skips = down_path(self, cfg, x, temb, context)
+        if residuals is not None:
+            skips = [s + r.astype(dtype) for s, r in zip(skips, residuals.down, strict=True)]
+            x = x + residuals.mid.astype(dtype)
 
         up_heads, up_depths = cfg.heads[::-1], cfg.transformer_layers_per_block[::-1]
         for i, kind in enumerate(cfg.up_block_types):

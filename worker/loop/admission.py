@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from common import inputs
 from common.job_store import JobStore
-from common.jobs import TERMINAL, Job
+from common.jobs import TERMINAL, ControlPreprocess, Job
 from common.loras import Registry
 from common.storage import Storage
+from worker.engine import canny
 from worker.loop.batch import Admitted, InputPixels
 from worker.loop.engine_port import Engines
 from worker.loop.outcome import JobOutcome
@@ -71,7 +73,9 @@ class Admission:
         storage_retry: StorageRetry,
         max_attempts: int,
         loras: Registry | None = None,
+        reroute: Callable[[Job], None] | None = None,
     ):
+        self.reroute = reroute  # sends a job's message to its model's queue
         self.store = store
         self.redis = redis
         self.presence = presence
@@ -82,9 +86,16 @@ class Admission:
         self.max_attempts = max_attempts
         self.loras = loras  # the adapter registry: a job's adapters are fetched (from storage) before it is batched
 
-    def admit(self, job_id: str, generation: int | None, future: Future[JobOutcome]) -> Admitted | None:
-        """The job, ready to wait for its batch; or None with its message answered."""
-        self.presence.hold(job_id)
+    def admit(self, job_id: str | None, generation: int | None, future: Future[JobOutcome]) -> Admitted | None:
+        """The job, ready to wait for its batch; or None with its message answered. `job_id` None: a wake-up
+        message (an interactive job's), answered by the next job in fair order (common/job_store.py take)."""
+        if job_id is None:
+            job_id = self.redis(self.store.take, self.presence.name)  # held by the script that takes it
+            if job_id is None:
+                future.set_result(JobOutcome.idle)  # its job was taken by an earlier wake-up, or canceled
+                return None
+        else:
+            self.presence.hold(job_id)
         job = self.redis(self.store.get, job_id)
         verdict = judge(job, generation, self.max_attempts, self.engines)
         if verdict.outcome is None:
@@ -94,10 +105,29 @@ class Admission:
             self.recorder.fail_unrun(job, future, verdict.error)
             return None
         if verdict.outcome is JobOutcome.not_here and job is not None:
-            model = job.request.model
-            log.info("job for model %r, which this worker does not hold: handed back", model, extra={"job_id": job_id})
+            if job.lane == "bulk":  # a data set line's message names its job: sent on to its model's queue
+                self.recorder.refuse(job_id, future, self._send_on(job))
+            else:  # an interactive job taken from the ready sets: ready again for a worker that holds its model
+                model = job.request.model
+                log.info("job for model %r, not held here: given back", model, extra={"job_id": job_id})
+                self.recorder.hand_back(job, future, verdict.outcome)
+            return None
         self.recorder.refuse(job_id, future, verdict.outcome)
         return None
+
+    def _send_on(self, job: Job) -> JobOutcome:
+        """A job for a model this worker does not hold (a message from before model queues, on a lane's own
+        queue): sent to its model's queue, where only workers holding it look; handed back if it cannot be."""
+        model = job.request.model
+        if self.reroute is not None:
+            try:
+                self.reroute(job)
+                log.info("job for model %r, not held here: sent to its model's queue", model, extra={"job_id": job.id})
+                return JobOutcome.rerouted
+            except Exception:
+                log.warning("could not send job %s on to its model's queue", job.id, exc_info=True)
+        log.info("job for model %r, which this worker does not hold: handed back", model, extra={"job_id": job.id})
+        return JobOutcome.not_here
 
     def _fetch(self, job: Job, future: Future[JobOutcome]) -> Admitted | None:
         """What the job needs from storage, read now. An object that is missing fails the job; storage away
@@ -109,7 +139,7 @@ class Admission:
             self.recorder.fail_unrun(job, future, str(gone))
         except Exception:
             log.warning("could not read what job %s needs from storage; requeued", job.id, exc_info=True)
-            self.recorder.refuse(job.id, future, JobOutcome.requeue)
+            self.recorder.hand_back(job, future, JobOutcome.requeue)
         return None
 
     def _fetch_adapters(self, job: Job) -> None:
@@ -123,15 +153,22 @@ class Admission:
                 raise Gone(f"LoRA adapter {exc.args[0]!r} is no longer served") from None
 
     def _read_inputs(self, job: Job) -> InputPixels:
-        """The job's input images as pixels."""
+        """The job's input images as pixels; a ControlNet's image preprocessed as the request says (canny edges)."""
         read = {}
         for name in ("init_image", "mask_image"):
             key = getattr(job.request, name)
-            if key is None:
-                continue
-            try:
-                data = self.storage_retry(functools.partial(self.storage.get, key))
-            except KeyError as exc:  # deleted by hand, or another deployment's key
-                raise Gone(f"input image {exc.args[0]!r} is no longer in storage") from None
-            read[name] = inputs.pixels(data, mask=name == "mask_image")
-        return InputPixels(read.get("init_image"), read.get("mask_image"))
+            if key is not None:
+                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image")
+        controls = []
+        for c in job.request.controlnets:
+            image = inputs.pixels(self._read(c.image), mask=False)
+            if c.preprocess is ControlPreprocess.canny:
+                image = canny.edges(image, c.low_threshold, c.high_threshold)
+            controls.append(image)
+        return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls))
+
+    def _read(self, key: str) -> bytes:
+        try:
+            return self.storage_retry(functools.partial(self.storage.get, key))
+        except KeyError as exc:  # deleted by hand, or another deployment's key
+            raise Gone(f"input image {exc.args[0]!r} is no longer in storage") from None

@@ -13,6 +13,7 @@ from common.jobs import Job
 from common.vocabulary import REFINER_AESTHETIC_SCORE, REFINER_NEGATIVE_AESTHETIC_SCORE
 from worker.batcher import Batch, Item
 from worker.engine.batch_inputs import Row
+from worker.engine.control_inputs import Control
 from worker.loop.outcome import JobOutcome
 
 
@@ -37,10 +38,12 @@ class BatchKey(NamedTuple):
 
 @dataclass(frozen=True)
 class InputPixels:
-    """A job's input images read back from storage: (H, W, 3) uint8, and (H, W) uint8 for the mask."""
+    """A job's input images read back from storage: (H, W, 3) uint8, and (H, W) uint8 for the mask; the control
+    maps, one per ControlNet of the request in its order (preprocessed: canny edges where it asks)."""
 
     image: np.ndarray | None = None
     mask: np.ndarray | None = None
+    controls: tuple[np.ndarray, ...] = ()
 
 
 @dataclass
@@ -92,6 +95,10 @@ def rows_for(job: Job, pixels: InputPixels | None = None) -> list[Row]:
             aesthetic_score=refiner.aesthetic_score if refiner else REFINER_AESTHETIC_SCORE,
             negative_aesthetic_score=refiner.negative_aesthetic_score if refiner else REFINER_NEGATIVE_AESTHETIC_SCORE,
             loras=tuple((a.name, a.scale) for a in r.loras),
+            controlnets=tuple(
+                Control(c.name, image, c.scale, c.start, c.end)
+                for c, image in zip(r.controlnets, pixels.controls, strict=True)
+            ),
         )
         for i in range(r.num_images)
     ]

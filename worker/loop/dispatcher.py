@@ -35,7 +35,7 @@ MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one q
 class Message(NamedTuple):
     """A job's message as a Celery thread hands it over."""
 
-    job_id: str
+    job_id: str | None  # None: an interactive job's wake-up, answered by the next job in fair order
     generation: int | None  # the message's (None: a data set feeder's, taken as current)
     future: Future[JobOutcome]  # answered once the job's outcome is recorded
 

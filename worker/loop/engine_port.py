@@ -57,6 +57,8 @@ class PendingBatch(Protocol):
 
     def progress(self) -> Iterator[int]: ...  # steps done, as the device gets through them (blocks between)
 
+    def cancel(self) -> bool: ...  # drop its steps not yet enqueued (True: the batch stops, with no images)
+
     def fetch(self) -> BatchOutput: ...  # waits for the device; raises if the program failed there
 
 
@@ -75,6 +77,8 @@ class EnginePort(Protocol):
     def sizes(self) -> list[tuple[int, int]]: ...  # (height, width) compiled at start
     @property
     def batch_rows(self) -> int: ...  # every batch is padded to this many rows
+    @property
+    def conditions(self) -> Mapping[str, str | int]: ...  # what decides the bytes besides rows and weights
     @property
     def mesh(self) -> DeviceSet: ...
 

@@ -1,5 +1,6 @@
 """The finisher: a dispatched batch followed to its end, on its own thread (one: batches are recorded in order).
-Progress as the device gets through the steps, the images fetched, written (results.py, on the upload pool) and
+Progress as the device gets through the steps (a batch whose every job was canceled meanwhile stopped there,
+its remaining chunks never enqueued), the images fetched, written (results.py, on the upload pool) and
 recorded (recorder.py). A batch that raises is run again job by job, so that a poison job fails alone."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from common.job_store import JobStore
-from common.jobs import ImageRecord, Job, Progress
+from common.jobs import ImageRecord, Job, JobStatus, Progress
 from common.logs import bound
 from common.outage import REDIS_DOWN, die
 from worker.batcher import Batch
@@ -143,12 +144,14 @@ class Finisher:
     def _complete(self, started: Started, verdicts: dict[str, JobOutcome]) -> None:
         """Follow the batch to its end, write each job's images and record them."""
         jobs = [a.job for a in started.running]
-        self._follow(started.pending, jobs)
+        if not self._follow(started.pending, jobs):
+            # every job was canceled while it ran: its remaining chunks were never enqueued, the device is free for
+            # the next batch, and each job's answer is its record's (canceled). It ran on the device: logged.
+            log.info("batch canceled: every job was canceled while it ran; its remaining steps dropped")
+            self._log_batch(started, jobs)
+            return
         out = started.pending.fetch()  # waits for the device; raises if the program failed there
-        done_s = time.monotonic()
-        device_s = done_s - max(started.dispatched_s, self._device_free_s)
-        self._device_free_s = done_s
-        self.presence.log_batch(started.batch.shape, jobs, device_s, started.batch_id)
+        self._log_batch(started, jobs)
         uploads = self._write(jobs, out)
         truncated = per_job(jobs, out.truncated)
         for job in jobs:
@@ -156,6 +159,13 @@ class Finisher:
                 outcome = self.recorder.uploaded(job, uploads[job.id], truncated[job.id])
                 if outcome is not None:
                     verdicts[job.id] = outcome
+
+    def _log_batch(self, started: Started, jobs: list[Job]) -> None:
+        """The batch in the batch log, with its time on the device (from its start, or the previous batch's end)."""
+        done_s = time.monotonic()
+        device_s = done_s - max(started.dispatched_s, self._device_free_s)
+        self._device_free_s = done_s
+        self.presence.log_batch(started.batch.shape, jobs, device_s, started.batch_id)
 
     def _write(self, jobs: list[Job], out: BatchOutput) -> dict[str, list[Future[ImageRecord]]]:
         """Each job's images on the upload pool; a job with a non-finite row fails instead."""
@@ -173,15 +183,27 @@ class Finisher:
             row += n
         return uploads
 
-    def _follow(self, pending: PendingBatch, jobs: list[Job]) -> None:
-        """Write the batch's interactive jobs' progress as the device gets through their steps. Best effort:
-        with Redis away a report is dropped (the next one, or the end, says more), never waited for."""
+    def _follow(self, pending: PendingBatch, jobs: list[Job]) -> bool:
+        """Write the batch's interactive jobs' progress as the device gets through their steps, and after each chunk
+        see whether every job was canceled meanwhile: then the batch's remaining chunks are dropped, and False.
+        Best effort: with Redis away a report is dropped (the next one, or the end, says more), never waited for."""
         interactive = [job for job in jobs if job.lane != "bulk"]
         throttle = ProgressThrottle(pending.steps)
         for done in pending.progress():
+            if done < pending.steps and self._all_canceled(jobs) and pending.cancel():
+                return False
             if not interactive or not throttle.due(time.monotonic(), done):
                 continue
             try:
                 self.store.record_progress(progress_report(interactive, done))
             except REDIS_DOWN as exc:
                 self.redis.outage.failed(exc)
+        return True
+
+    def _all_canceled(self, jobs: list[Job]) -> bool:
+        """Whether every job of a batch is canceled now (one round trip; False with Redis away)."""
+        try:
+            return all(status is JobStatus.canceled for status in self.store.statuses([job.id for job in jobs]))
+        except REDIS_DOWN as exc:
+            self.redis.outage.failed(exc)
+            return False

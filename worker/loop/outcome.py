@@ -19,8 +19,12 @@ class JobOutcome(StrEnum):
     # a message superseded by a newer one for the same job (its worker died and the sweep sent it again), or a
     # job another message has taken over while this one ran: never run (again) by this message
     stale = "stale"
-    # a model this worker does not hold (a fleet whose workers hold different models): back to the queue
+    # a model this worker does not hold (a message sent to a lane's own queue, from before there were model
+    # queues): sent on to its model's queue (common/queue.py), and this message acknowledged
+    rerouted = "rerouted"
+    # the same, where it could not be sent on (no way to send, or the broker away): back to the queue
     not_here = "not-here"
+    idle = "idle"  # a wake-up message (it names no job) found no interactive job ready: nothing to do
 
     @classmethod
     def of(cls, status: JobStatus | None) -> JobOutcome:

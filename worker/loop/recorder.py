@@ -52,9 +52,20 @@ class Recorder:
         self.presence.release([job_id])
         future.set_result(outcome)
 
+    def hand_back(self, job: Job, future: Future[JobOutcome], outcome: JobOutcome) -> None:
+        """A job given back unrun (storage away, a model this worker does not hold): as `refuse`, once an
+        interactive job is ready again for any worker to take (its message names no job, so putting the message
+        back would not bring the job back); a data set line's message carries it back."""
+        if job.lane != "bulk":
+            self.redis(self.store.give_back, job)  # before the release: in the held set or ready, never neither
+        self.refuse(job.id, future, outcome)
+
     def give_back(self, waiting: Iterable[Admitted]) -> None:
-        """Shutting down: jobs still waiting for a batch go back to the queue."""
+        """Shutting down: jobs still waiting for a batch go back to the queue (see hand_back)."""
         waiting = list(waiting)
+        for admitted in waiting:
+            if admitted.job.lane != "bulk":
+                self.redis(self.store.give_back, admitted.job)
         if waiting:
             self.presence.release([a.id for a in waiting])
         for admitted in waiting:

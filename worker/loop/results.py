@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from common.jobs import ImageRecord, Job
+from common import inputs
+from common.jobs import ImageRecord, Job, RenderConditions
 from common.storage import Storage
 from worker import images, metrics
 from worker.engine.program_kind import Role
@@ -49,13 +50,17 @@ def parameters(job: Job, index: int, engine: EnginePort, adapters: Sequence[Adap
             name: value
             for name, value in (
                 ("timestep_spacing", r.timestep_spacing.value if r.timestep_spacing else None),
-                ("init_image", r.init_image),
-                ("mask_image", r.mask_image),
+                # the inputs' content hashes, not their keys: a key's folder names the tenant, and the PNG
+                # travels (a shared image, a published data set)
+                ("init_image_sha256", inputs.content_hash(r.init_image) if r.init_image else None),
+                ("mask_image_sha256", inputs.content_hash(r.mask_image) if r.mask_image else None),
                 ("strength", r.strength),
                 ("refiner", r.refiner.model_dump() if r.refiner else None),
                 ("refiner_model", refiner.name if refiner else None),
                 ("refiner_hash", refiner.weights_hash if refiner else None),
                 ("loras", adapters_used(job, adapters) or None),
+                # each ControlNet: its name, control image key, scale, window and preprocessing
+                ("controlnets", [c.model_dump(mode="json") for c in r.controlnets] or None),
                 ("model_name", r.model),  # the name the job picked it by (SDXL_MODELS)
             )
             if value is not None
@@ -95,6 +100,7 @@ class ImageWriter:
             model=params["model"],
             model_hash=params["model_hash"],
             loras=adapters_used(job, adapters),
+            conditions=RenderConditions(**engine.conditions),
         )
 
     def delete(self, written: list[ImageRecord]) -> None:

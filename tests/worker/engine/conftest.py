@@ -72,3 +72,19 @@ def tiny32(tiny_dir: Path) -> model.Model:
 def engine32(tiny32: model.Model) -> Engine:
     """float32 weights, 4-row batches, the two test sizes."""
     return Engine(tiny32, SIZES, batch_rows=4)
+
+
+@pytest.fixture(scope="session")
+def controlnet_reference(tiny_dir: Path) -> dict[str, Any]:
+    """diffusers' ControlNet pipelines and one ControlNet's residuals (make_controlnet_reference.py, same weights)."""
+    return _fixture(tiny_dir, "controlnets.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_dir: Path, controlnet_reference: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
+    """The fixture's random ControlNets for the tiny model, as diffusers folders: name -> folder."""
+    from tests.helpers import variants
+
+    root = tmp_path_factory.mktemp("controlnets")
+    seeds = controlnet_reference["meta"]["controlnets"]
+    return {name: variants.write_controlnet(tiny_dir, root / name, seed) for name, seed in seeds.items()}

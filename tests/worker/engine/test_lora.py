@@ -1,8 +1,10 @@
 """LoRA adapters against PyTorch diffusers with PEFT (fixtures/loras.npz, made by make_lora_reference.py on the
 same tiny weights and latents, float32): kohya's layout with alphas and diffusers/PEFT's, at scales 1.0 and 0.5,
-and both at once. Each case also runs its neighbours (the adapter dropped, the other scale), which must miss.
-Then: rows with different adapters in one batch each get their image alone, and nothing compiles when
-adapters change or are loaded into the bank."""
+and both at once; PEFT adapters whose alpha (above and below their rank, with an alpha_pattern) is only in the
+header's `lora_adapter_metadata` as diffusers writes it, on the UNet and the text encoders, and diffusers' older key
+names. Each case also runs its neighbours (the adapter dropped, the other scale; for the metadata's adapters the
+same file without its metadata, i.e. alpha taken as the rank), which must miss. Then: rows with different adapters
+in one batch each get their image alone, and nothing compiles when adapters change or are loaded into the bank."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from worker.engine import compile_log, lora
 from worker.engine.engine import Adapters, Engine, EngineInputError, Programs, Row
 
 PARITY_TOL = 1e-4
+AS_RANK = "-alpha-as-rank"
+METADATA_CASES = ["peft-alpha-up/1.0", "peft-alpha-down/1.0", "peft-te/1.0", "old-keys/1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,8 @@ def adapter_dir(tiny_dir, lora_reference, tmp_path_factory) -> Path:
     for name, spec in lora_reference["meta"]["adapters"].items():
         spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
         variants.write_lora(tiny_dir, folder / f"{name}.safetensors", **spec)
+        if "peft" in spec:  # the same factors with no metadata: read with alpha = rank
+            variants.write_lora(tiny_dir, folder / f"{name}{AS_RANK}.safetensors", **(spec | {"peft": None}))
     for i in range(3):
         variants.write_lora(tiny_dir, folder / f"extra{i}.safetensors", "kohya", 2, 100 + i, alpha=1.0)
     variants.write_lora(tiny_dir, folder / "wide.safetensors", "diffusers", 16, 1)  # above the engine's rank
@@ -66,7 +72,7 @@ def _images(engine, ref, rows):
     return engine.generate(rows, 64, 64, latents=latents, output="float32").images
 
 
-@pytest.mark.parametrize("case", ["none", "kohya/1.0", "kohya/0.5", "peft/1.0", "peft/0.5", "both"])
+@pytest.mark.parametrize("case", ["none", "kohya/1.0", "kohya/0.5", "peft/1.0", "peft/0.5", "both", *METADATA_CASES])
 def test_parity_with_diffusers_load_lora_weights(engine, lora_reference, case):
     chosen = lora_reference["meta"]["cases"][case]
     want = lora_reference[f"{case}/image"][0]
@@ -75,10 +81,39 @@ def test_parity_with_diffusers_load_lora_weights(engine, lora_reference, case):
         # neighbours in the same batch: the adapter dropped, and (each) at another scale
         rows.append(_row(lora_reference, []))
         rows.append(_row(lora_reference, [(n, s * 0.8) for n, s in chosen]))
+    if case in METADATA_CASES:  # and the same factors with alpha taken as the rank (the file without metadata)
+        rows[1] = _row(lora_reference, [(n + AS_RANK, s) for n, s in chosen])
     got = _images(engine, lora_reference, rows)
     assert np.abs(got[0] - want).max() <= PARITY_TOL
     for neighbour in got[1:]:
         assert np.abs(neighbour - want).max() > 10 * PARITY_TOL
+
+
+def test_alpha_comes_from_the_metadata_diffusers_writes(engine, lora_reference):
+    up, down, te = engine.adapter("peft-alpha-up"), engine.adapter("peft-alpha-down"), engine.adapter("peft-te")
+    old = engine.adapter("old-keys")
+    assert (up.rank, up.parts) == (4, ["text_encoder", "unet"])
+    assert (down.rank, down.parts) == (8, ["text_encoder_2", "unet"])
+    assert (te.parts, old.parts, old.layout) == (["text_encoder"], ["text_encoder", "unet"], "diffusers")
+    assert len(old.factors) == len(up.factors)  # every layer, in the old names too
+    for name, adapter, key, scale in [
+        ("peft-alpha-up", up, ("unet", MID_TO_K), 8 / 4),
+        ("peft-alpha-down", down, ("unet", MID_TO_K), 16 / 8),  # alpha_pattern {"attn2.to_k": 16}
+        ("peft-alpha-down", down, ("unet", (*MID_TO_K[:-1], "to_q")), 4 / 8),
+        ("peft-alpha-down", down, ("text_encoder_2", TE_Q), 4 / 8),
+        ("peft-te", te, ("text_encoder", TE_Q), 1 / 4),
+        ("old-keys", old, ("unet", MID_TO_K), 2 / 4),
+        ("old-keys", old, ("text_encoder", TE_Q), 2 / 4),
+    ]:
+        as_rank = engine.adapter(name + AS_RANK)
+        _, got = adapter.factors[key]
+        _, plain = as_rank.factors[key]
+        np.testing.assert_allclose(got, plain * scale, rtol=1e-6)
+        assert scale != 1.0  # alpha taken as the rank would miss
+
+
+MID_TO_K = ("mid_block", "attentions_0", "transformer_blocks_0", "attn2", "to_k")
+TE_Q = ("text_model", "encoder", "layers_0", "self_attn", "q_proj")
 
 
 def test_the_adapters_touch_what_their_files_say(engine):

@@ -123,6 +123,7 @@ def test_storage_away_beyond_the_backoff_gives_the_job_back(tmp_path: Path):
     assert admission(r, storage, sleeps).admit(job.id, None, future) is None
     assert future.result() is JobOutcome.requeue and sleeps == [0.5]
     assert r.store.jobs[job.id].status is JobStatus.queued and r.registry.held["w1"] == set()
+    assert ("give_back", job.id) in r.store.calls  # ready again for any worker to take
 
 
 def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
@@ -134,3 +135,42 @@ def test_an_adapter_no_longer_served_fails_the_job(tmp_path: Path):
     future: Future = Future()
     assert admit(gone.id, None, future) is None and future.result() is JobOutcome.failed
     assert r.store.jobs[gone.id].error == "LoRA adapter 'removed' is no longer served"
+
+
+def test_control_images_are_read_and_preprocessed_as_the_job_asks(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    square = np.zeros((64, 64, 3), np.uint8)
+    square[16:48, 16:48] = 255
+    storage.put("inputs/t/s.png", png(square), "image/png")
+    controls = [
+        {"name": "canny", "image": "inputs/t/s.png", "preprocess": "canny"},
+        {"name": "depth", "image": "inputs/t/s.png"},
+    ]
+    job = make_job(controlnets=controls)
+    r = rig(tmp_path, job, storage=storage)
+    admitted = admission(r, storage, []).admit(job.id, None, Future())
+    assert admitted is not None
+    edges, given = admitted.pixels.controls
+    assert (given == square).all()  # a prepared map goes in as it is
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert not edges[24:40, 24:40].any() and edges[16:48, 14:18].any()  # the square's outline, not its inside
+
+
+def test_a_data_set_job_for_a_model_not_held_here_is_sent_on_to_its_models_queue_not_handed_back(tmp_path: Path):
+    job = make_job(model="turbo", lane="bulk")  # a message from before model queues, on the lane's own queue
+    r = rig(tmp_path, job)
+    sent: list[str] = []
+    made = admission(r, r.storage, [])
+    made.reroute = lambda j: sent.append(j.request.model)
+    future: Future = Future()
+    assert made.admit(job.id, None, future) is None
+    assert future.result() is JobOutcome.rerouted and sent == ["turbo"] and r.registry.held["w1"] == set()
+    assert not JobOutcome.rerouted.requeues  # its message is acknowledged: no hand-back loop
+
+    def broker_away(j):
+        raise ConnectionError("broker away")
+
+    made.reroute = broker_away  # it cannot be sent on: handed back, as before
+    future = Future()
+    made.admit(job.id, None, future)
+    assert future.result() is JobOutcome.not_here

@@ -45,3 +45,16 @@ def test_an_admitted_job_is_an_item_of_its_rows_key_and_lane():
     assert (item.job_id, item.rows, item.arrived_s, item.priority) == (admitted.id, 2, 3.0, 0)
     assert item.shape == BatchKey.of(admitted.job) and item.payload is admitted
     assert Admitted(make_job(lane="bulk"), future).item(0.0).priority == 1  # data set lines go after
+
+
+def test_a_jobs_controlnets_become_each_rows_controls_with_their_maps():
+    edges, depth = np.zeros((64, 64, 3), np.uint8), np.ones((64, 64, 3), np.uint8)
+    controls = [
+        {"name": "canny", "image": "inputs/t/a.png", "scale": 0.7, "start": 0.1},
+        {"name": "depth", "image": "inputs/t/b.png", "end": 0.5},
+    ]
+    rows = rows_for(make_job(n=2, controlnets=controls), InputPixels(controls=(edges, depth)))
+    for row in rows:
+        (a, b) = row.controlnets
+        assert (a.name, a.image is edges, a.scale, a.start, a.end) == ("canny", True, 0.7, 0.1, 1.0)
+        assert (b.name, b.image is depth, b.scale, b.start, b.end) == ("depth", True, 1.0, 0.0, 0.5)

@@ -19,11 +19,18 @@ def test_the_stand_in_and_its_pending_batch_satisfy_the_port():
 
 
 def test_the_real_engine_satisfies_the_port(tiny_dir):
+    import jax
+
+    from common.jobs import RenderConditions
     from worker.engine import model
     from worker.engine.engine import Engine
 
     engine = Engine(model.load_folder(tiny_dir, model.LoadOptions(np.float32)), [(64, 64)], batch_rows=1)
     assert isinstance(engine, EnginePort) and isinstance(engine.model, ModelInfo)
+    # what decides its images' bytes, as each image records it (data set manifests and cards carry it)
+    conditions = RenderConditions(**engine.conditions)
+    assert (conditions.dtype, conditions.batch_rows, conditions.platform) == ("float32", 1, "cpu")
+    assert conditions.jax == jax.__version__ and conditions.attention == engine.attention
 
 
 class NoDispatch:

@@ -111,3 +111,61 @@ def test_a_report_caps_each_job_at_its_own_steps_and_flags_go_per_job():
         "job-long": (4, 6),
     }
     assert per_job([make_job("a", n=2), make_job("b")], [False, True, False]) == {"job-a": True, "job-b": False}
+
+
+class CancelablePending(FixedPending):
+    """A batch on the device for 8 chunks; `during(done)` runs as each chunk ends (a client canceling)."""
+
+    def __init__(self, during, **kw):
+        super().__init__(output(2), steps=8, marks=list(range(1, 9)), **kw)
+        self.during, self.canceled_at, self.seen = during, None, []
+
+    def progress(self):
+        for done in self.marks:
+            if self.canceled_at is not None:
+                return
+            self.during(done)
+            self.seen.append(done)
+            yield done
+
+    def cancel(self) -> bool:
+        self.canceled_at = self.seen[-1]
+        return True
+
+    def fetch(self):
+        assert self.canceled_at is None, "a canceled batch's images are never fetched"
+        return super().fetch()
+
+
+def test_a_batch_whose_every_job_is_canceled_stops_at_the_next_chunk(tmp_path):
+    jobs = [make_job("a", JobStatus.running), make_job("b", JobStatus.running)]
+    r = rig(tmp_path, *jobs)
+    f, in_flight = finisher(r)
+
+    def cancel(job_id: str):
+        r.store.jobs[job_id] = r.store.jobs[job_id].model_copy(update={"status": JobStatus.canceled})
+
+    pending = CancelablePending(lambda done: done == 3 and [cancel(j.id) for j in jobs])
+    s = started(jobs, pending)
+    f.finish(s)
+    assert pending.canceled_at == 3  # dropped right after the chunk during which they were canceled
+    assert [a.future.result() for a in s.running] == ["canceled", "canceled"]
+    assert not list(r.storage.root.rglob("*.png"))
+    assert [line.jobs for line in r.batch_log.records] == [["job-a", "job-b"]]  # it did run on the device
+    assert in_flight.acquire(blocking=False)
+
+
+def test_a_batch_with_one_job_left_runs_to_its_end(tmp_path):
+    jobs = [make_job("a", JobStatus.running), make_job("b", JobStatus.running)]
+    r = rig(tmp_path, *jobs)
+    f, _ = finisher(r)
+
+    def cancel_a(done: int):
+        if done == 2:
+            r.store.jobs["job-a"] = r.store.jobs["job-a"].model_copy(update={"status": JobStatus.canceled})
+
+    pending = CancelablePending(cancel_a)
+    s = started(jobs, pending)
+    f.finish(s)
+    assert pending.canceled_at is None and pending.seen == list(range(1, 9))
+    assert [a.future.result() for a in s.running] == ["canceled", "succeeded"]

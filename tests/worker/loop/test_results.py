@@ -1,6 +1,7 @@
 """The image writer: PNG parameters, encoding, keys and uploads into a local folder (no Redis)."""
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,8 @@ def test_inputs_refiner_adapters_and_model_name_appear_where_the_job_asked():
         model="lightning",
     )
     params = parameters(job, 0, Refined(), [Adapter("ink", "f" * 64)])
-    assert params["init_image"] == "inputs/t/a.png" and params["strength"] == 0.5 and "mask_image" not in params
+    assert params["init_image_sha256"] == "a" and params["strength"] == 0.5 and "mask_image_sha256" not in params
+    assert "inputs/t/" not in json.dumps(params)  # the key names the tenant: only the content hash is written
     assert params["refiner"]["switch_at"] == 0.7 and params["refiner_model"] == "tiny-refiner"
     assert params["refiner_hash"] == "r" * 64
     assert params["loras"] == [{"name": "ink", "scale": 0.5, "sha256": "f" * 64}]
@@ -112,3 +114,12 @@ def test_discarded_images_leave_no_object_and_no_folder(tmp_path):
     written = [w.write(job, i, PIXELS, engine) for i in range(2)]
     w.delete(written)
     assert not (storage.root / written[0].key).parent.exists()
+
+
+def test_controlnets_appear_with_their_image_scale_and_window():
+    controls = [{"name": "canny", "image": "inputs/t/c.png", "scale": 0.7, "end": 0.8, "preprocess": "canny"}]
+    params = parameters(make_job(controlnets=controls), 0, StandInEngine([(64, 64)], 2, 0.0), [])
+    (got,) = params["controlnets"]
+    assert (got["name"], got["image"], got["scale"]) == ("canny", "inputs/t/c.png", 0.7)
+    assert (got["start"], got["end"]) == (0, 0.8)
+    assert (got["preprocess"], got["low_threshold"], got["high_threshold"]) == ("canny", 100, 200)
