@@ -10,8 +10,9 @@ from bench import tables
 
 BENCH = tables.ROOT / "bench"
 # harness.py itself; seed_path.py writes no result: it is the seed's pipeline, which bench/engine.py drives in a
-# child process and bench/accelerator_parts.py calls, and those two write the figures through the harness
-NOT_SCRIPTS = {"harness.py", "seed_path.py"}
+# child process and bench/accelerator_parts.py calls, and those two write the figures through the harness;
+# sdxl_file.py writes no result either: it makes the full-size random checkpoint that bench/start.py measures
+NOT_SCRIPTS = {"harness.py", "seed_path.py", "sdxl_file.py"}
 
 
 def test_every_table_on_the_page_is_the_rendering_of_the_results():
