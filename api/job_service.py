@@ -154,9 +154,12 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
         # The record and its outbox entry were stored by one script: from here on the job runs whatever
         # happens. A failed send (or a lost confirmation) leaves the entry, and a worker's sweep sends the
         # message within OUTBOX_GRACE_S (worker/sweeper.py); so the answer is 202 either way. The message names
-        # no job: it wakes a worker, which takes the next job in fair order (tenants in turn), not this one.
+        # no job: it wakes a worker holding the job's model (on the model's queue), which takes the next job for
+        # that model in fair order (tenants in turn), not necessarily this one.
         try:
-            services.celery.send_task(TASK_GENERATE, args=[], queue=generate_queue(s, body.model))
+            services.celery.send_task(
+                TASK_GENERATE, args=[], kwargs={"model": body.model}, queue=generate_queue(s, body.model)
+            )
             services.store.sent(job_id)
         except Exception:
             log.warning(
@@ -244,7 +247,7 @@ async def client_gone(request: Request) -> None:
 def cancel(job: Job, services: Services) -> CancelPublic:
     """queued or running -> canceled; a canceled queued job's webhook is queued here (no worker sees it)."""
     changed, before = services.store.transition(
-        job.id, JobStatus.canceled, [JobStatus.queued, JobStatus.running], tenant=job.tenant
+        job.id, JobStatus.canceled, [JobStatus.queued, JobStatus.running], tenant=job.tenant, model=job.request.model
     )
     if before is None:
         raise HTTPException(404, f"no job {job.id} (unknown, or its record expired)")

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2),
             retry_on_error=[redis.exceptions.ConnectionError],
         )
-        store = JobStore(client, settings.key_prefix, settings.job_ttl_s)
+        store = JobStore(client, settings.key_prefix, settings.job_ttl_s, default_model=settings.model_entries[0].name)
         workers = WorkerRegistry(client, settings.key_prefix)
         events = JobEvents(settings.redis_url, store.keys.ended, store.keys.progress)
         storage = from_settings(settings)  # fails here, at start, when the signing secret is missing

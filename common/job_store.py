@@ -23,22 +23,29 @@ T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
 _TRANSITION = """
--- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set, 5 the tenant's ready set, 6 the ring
---       of tenants with ready jobs (4 and 5 are the caller's guess of the tenant)
--- ARGV: 1 id, 2 new status, 3 now, 4 ttl, 5 fields JSON, 6 running deadline, 7 ended channel, 8 the tenant
---       KEYS[4] and KEYS[5] belong to, 9.. the statuses the job may be in
+-- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set, 5 the tenant's ready set for the
+--       job's model, 6 the ring of tenants with jobs ready for that model (4, 5 and 6 are the caller's guess
+--       of the tenant and the model)
+-- ARGV: 1 id, 2 new status, 3 now, 4 ttl, 5 fields JSON, 6 running deadline, 7 ended channel, 8 the tenant and
+--       9 the model KEYS[4..6] belong to, 10 the default model (a record from before per-model rings has no
+--       model), 11.. the statuses the job may be in
 -- An interactive job that becomes queued (a requeue, a dead worker's job sent again, one given back) is ready
--- for a worker to take again; one that leaves queued is no longer.
+-- for a worker holding its model to take again; one that leaves queued is no longer.
 -- Returns "OK:<previous status>"; the current status when the change is not allowed; "" when there is no such
--- job; "TENANT:<tenant>" (nothing changed) when the job is another tenant's than ARGV[8] says: call again.
-local current = redis.call('HGET', KEYS[1], 'status')
+-- job; "GUESS:" .. JSON [tenant, model] (nothing changed) when the job is another tenant's than ARGV[8] says,
+-- or, where its ready set is touched, another model's than ARGV[9]: call again with them.
+local found = redis.call('HMGET', KEYS[1], 'status', 'tenant', 'model', 'lane')
+local current = found[1]
 if not current then return '' end
-local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
-if tenant ~= ARGV[8] then return 'TENANT:' .. tenant end
-local allowed = false
-for i = 9, #ARGV do if ARGV[i] == current then allowed = true end end
-if not allowed then return current end
+local tenant = found[2] or ''
+local model = found[3] or ARGV[10]
 local new = ARGV[2]
+local bulk = found[4] == 'bulk'  -- in no queued or ready set: its feeder tracks it
+local ready = not bulk and (current == 'queued' or new == 'queued')  -- it may be in, or go to, a ready set
+if tenant ~= ARGV[8] or (ready and model ~= ARGV[9]) then return 'GUESS:' .. cjson.encode({tenant, model}) end
+local allowed = false
+for i = 11, #ARGV do if ARGV[i] == current then allowed = true end end
+if not allowed then return current end
 redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
 if new == 'running' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
@@ -54,19 +61,19 @@ else
 end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-local bulk = redis.call('HGET', KEYS[1], 'lane') == 'bulk'  -- in no queued set: its feeder tracks it
 if bulk then
 elseif new == 'queued' then
   local seq = redis.call('HGET', KEYS[1], 'seq')
+  redis.call('HSET', KEYS[1], 'model', model)
   redis.call('ZADD', KEYS[2], seq, ARGV[1])
   redis.call('ZADD', KEYS[4], seq, ARGV[1])
   if redis.call('ZADD', KEYS[5], seq, ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 1 then
-    redis.call('RPUSH', KEYS[6], ARGV[8])  -- the tenant had nothing ready: it joins the ring
+    redis.call('RPUSH', KEYS[6], ARGV[8])  -- the tenant had nothing ready for the model: it joins the ring
   end
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
-  if redis.call('ZREM', KEYS[5], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 0 then
+  if ready and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 0 then
     redis.call('LREM', KEYS[6], 0, ARGV[8])  -- canceled while ready: the tenant leaves the ring if it was its last
   end
 end
@@ -86,8 +93,10 @@ return 'OK:' .. current
 # caller, so that concurrent submits cannot all pass a count taken before any of them was stored.
 _CREATE = """
 -- KEYS: 1 idempotency key (or ""), 2 job hash, 3 queued set, 4 the tenant's recent set, 5 seq counter,
---       6 the tenant's queued set, 7 outbox, 8 the tenant's ready set, 9 the ring of tenants with ready jobs
--- ARGV: 1 id, 2 body hash, 3 ttl, 4 now, 5 request JSON, 6 tenant, 7 the tenant's queued cap (0: none)
+--       6 the tenant's queued set, 7 outbox, 8 the tenant's ready set for the job's model, 9 the ring of tenants
+--       with jobs ready for that model
+-- ARGV: 1 id, 2 body hash, 3 ttl, 4 now, 5 request JSON, 6 tenant, 7 the tenant's queued cap (0: none), 8 the
+--       job's model (resolved: the default's name for a job that names none)
 -- Returns {"new", id}, {"existing", id, body hash} or {"full", count}.
 local seen = KEYS[1] ~= '' and redis.call('HGET', KEYS[1], 'job')
 if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
@@ -102,7 +111,7 @@ if KEYS[1] ~= '' then
 end
 local seq = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
-           'updated_at', ARGV[4], 'attempts', 0, 'seq', seq, 'tenant', ARGV[6])
+           'updated_at', ARGV[4], 'attempts', 0, 'seq', seq, 'tenant', ARGV[6], 'model', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
@@ -127,12 +136,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# Fair order: the ring's head tenant gives its oldest ready job and goes to the tail (or leaves the ring with its
-# last). The caller reads the head first, so that the tenant's ready set can be named in KEYS; a head that moved
-# meanwhile is answered with the new one, and nothing changes.
+# Fair order, per model: the model's ring's head tenant gives its oldest job ready for the model and goes to the
+# tail (or leaves the ring with its last). The caller reads the head first, so that the tenant's ready set can be
+# named in KEYS; a head that moved meanwhile is answered with the new one, and nothing changes.
 _TAKE = """
--- KEYS: 1 the ring of tenants with ready jobs, 2 the ready set of the tenant the caller read at the ring's head,
---       3 the worker's held set, 4 the set of workers that have held jobs
+-- KEYS: 1 the ring of tenants with jobs ready for one model, 2 the tenant's ready set for that model (the tenant
+--       the caller read at the ring's head), 3 the worker's held set, 4 the set of workers that have held jobs
 -- ARGV: 1 the tenant KEYS[2] belongs to, 2 the worker
 -- Returns "JOB:<id>" (now in the worker's held set), "" when nothing is ready, or "HEAD:<tenant>" (nothing
 -- taken) when the ring's head is another tenant: call again with it.
@@ -184,10 +193,17 @@ class IdempotencyConflict(Exception):
 
 class JobStore:
     def __init__(
-        self, client: redis.Redis, prefix: str = "sdxl", ttl_s: int = 7 * 24 * 3600, running_deadline_s: float = 900
+        self,
+        client: redis.Redis,
+        prefix: str = "sdxl",
+        ttl_s: int = 7 * 24 * 3600,
+        running_deadline_s: float = 900,
+        default_model: str = "",
     ):
         self._r = client
         self.keys = Keys(prefix)
+        # the deployment's default model (the first of SDXL_MODELS): the ready sets of jobs that name no model
+        self.default_model = default_model
         self.ttl_s = ttl_s
         self.running_deadline_s = running_deadline_s
         self._transition = client.register_script(_TRANSITION)
@@ -216,7 +232,7 @@ class JobStore:
         idem = ""
         if idempotency_key:
             idem = self.keys.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
-        k = self.keys
+        k, model = self.keys, self.model_of(request.model)
         answer = self._create(
             keys=[
                 idem,
@@ -226,10 +242,10 @@ class JobStore:
                 k.seq,
                 k.tenant_queued(tenant),
                 k.outbox,
-                k.ready(tenant),
-                k.ready_tenants,
+                k.ready(model, tenant),
+                k.ready_tenants(model),
             ],
-            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued],
+            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model],
         )
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
@@ -279,20 +295,26 @@ class JobStore:
             JobStatus.queued,
             [JobStatus.queued, JobStatus.running],
             tenant=job.tenant,
+            model=job.request.model,
             generation=str(job.generation + 1),
         )
         return job.model_copy(update={"generation": job.generation + 1}) if ok else None
 
-    def take(self, worker: str) -> str | None:
-        """The next interactive job in fair order (tenants in turn, each one's oldest first), moved into the
-        worker's held set by the same script; None when no job is ready. Its message names no job: it only
-        woke the worker (api/job_service.py), so whichever worker wakes takes whichever job is next."""
-        k = self.keys
-        head = self._r.lindex(k.ready_tenants, 0)
+    def model_of(self, model: str | None) -> str:
+        """The model whose ready sets hold a job naming `model` (None or "": the default model's)."""
+        return model or self.default_model
+
+    def take(self, worker: str, model: str | None = None) -> str | None:
+        """The next interactive job for `model` (None: the default) in fair order (tenants in turn, each one's
+        oldest first), moved into the worker's held set by the same script; None when none is ready. Its message
+        names no job: it only woke a worker holding the model (api/job_service.py), so whichever such worker
+        wakes takes whichever job for the model is next. A job for another model is never taken."""
+        k, ring = self.keys, self.keys.ready_tenants(self.model_of(model))
+        head = self._r.lindex(ring, 0)
         while head is not None:
             tenant = head.decode() if isinstance(head, bytes) else head
             answer = self._take(
-                keys=[k.ready_tenants, k.ready(tenant), k.held(worker), k.holders], args=[tenant, worker]
+                keys=[ring, k.ready(self.model_of(model), tenant), k.held(worker), k.holders], args=[tenant, worker]
             ).decode()
             if answer.startswith("JOB:"):
                 return answer.removeprefix("JOB:")
@@ -302,12 +324,14 @@ class JobStore:
     def give_back(self, job: Job) -> bool:
         """An interactive job taken and not run (its worker shuts down, storage is away) is ready again, in its
         place (its seq); call before releasing it from the worker's held set. False: it is no longer queued."""
-        ok, _ = self.transition(job.id, JobStatus.queued, [JobStatus.queued], tenant=job.tenant)
+        ok, _ = self.transition(
+            job.id, JobStatus.queued, [JobStatus.queued], tenant=job.tenant, model=job.request.model
+        )
         return ok
 
-    def ready_count(self, tenant: str) -> int:
-        """A tenant's interactive jobs that no worker has taken yet."""
-        return self._r.zcard(self.keys.ready(tenant))
+    def ready_count(self, tenant: str, model: str | None = None) -> int:
+        """A tenant's interactive jobs for `model` (None: the default) that no worker has taken yet."""
+        return self._r.zcard(self.keys.ready(self.model_of(model), tenant))
 
     def transition(
         self,
@@ -315,32 +339,44 @@ class JobStore:
         to: JobStatus,
         allowed_from: Iterable[JobStatus] | None = None,
         tenant: str | None = None,
+        model: str | None = None,
         **fields: Any,
     ) -> tuple[bool, JobStatus | None]:
         """Atomically move a job to `to` if its status is one of `allowed_from` (default: every status that
         may legally precede `to`). Returns (changed, status before the call; None if no such job).
         `tenant`: the job's, when the caller knows it (the script is handed the tenant's queued set, so that
-        every key it touches is named in KEYS); unknown, it is read first, one round trip more."""
+        every key it touches is named in KEYS); unknown, it is read first, one round trip more. `model`: the
+        job's request's (None: the default; the script is handed its ready set): a wrong one costs a round trip
+        where the job is or becomes queued."""
         if allowed_from is None:
             allowed_from = [s for s, nexts in TRANSITIONS.items() if to in nexts]
         allowed = [s.value for s in allowed_from if to in TRANSITIONS[s]]  # never an illegal edge
         encoded = json.dumps({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        k, ring = self.keys, self.model_of(model)
         if tenant is None:
-            found = self._r.hget(self.keys.job(job_id), "tenant")
-            tenant = found.decode() if found is not None else ""
-        k = self.keys
-        for _ in range(3):  # a wrong guess of the tenant is answered with the right one, before any change
+            found_tenant, found_model = self._r.hmget(k.job(job_id), ["tenant", "model"])
+            tenant = found_tenant.decode() if found_tenant is not None else ""
+            ring = found_model.decode() if found_model is not None and model is None else ring
+        for _ in range(3):  # a wrong guess of the tenant or model is answered with the right ones, before any change
             now = time.time()
             deadline = now + self.running_deadline_s
+            ids = [tenant, ring, self.default_model]  # what KEYS[4..6] belong to, and the default model
             answer = self._transition(
-                keys=[k.job(job_id), k.queued, k.running, k.tenant_queued(tenant), k.ready(tenant), k.ready_tenants],
-                args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, tenant, *allowed],
+                keys=[
+                    k.job(job_id),
+                    k.queued,
+                    k.running,
+                    k.tenant_queued(tenant),
+                    k.ready(ring, tenant),
+                    k.ready_tenants(ring),
+                ],
+                args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, *ids, *allowed],
             ).decode()
-            if not answer.startswith("TENANT:"):
+            if not answer.startswith("GUESS:"):
                 break
-            tenant = answer.removeprefix("TENANT:")
+            tenant, ring = json.loads(answer.removeprefix("GUESS:"))
         else:
-            raise AssertionError(f"job {job_id}: its tenant kept changing")  # a job's tenant never changes
+            raise AssertionError(f"job {job_id}: its tenant or model kept changing")  # neither ever changes
         if answer == "":
             return False, None
         if answer.startswith("OK:"):
@@ -365,8 +401,9 @@ class JobStore:
         error: str,
         allowed_from: Iterable[JobStatus] = (JobStatus.running,),
         tenant: str | None = None,
+        model: str | None = None,
     ) -> bool:
-        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, tenant=tenant, error=error)
+        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, tenant=tenant, model=model, error=error)
         return ok
 
     # ------------------------------------------------------------------ reading

@@ -6,17 +6,20 @@ Prefix P = settings.key_prefix (tests give each test its own, so nothing is ever
 
 Jobs (common/job_store.py):
     P:job:<id>                hash: status, request (JSON), timestamps, error, images (JSON), attempts, tenant,
-                              seq, generation, worker, progress; data set lines also lane, output_key, dataset
+                              seq, generation, worker, progress; interactive jobs also model (the request's,
+                              resolved: the default model's name for a job that names none: whose ready set);
+                              data set lines also lane, output_key, dataset
     P:queued                  sorted set of queued interactive job ids by submit order: queue position = rank
                               (data set lines, lane "bulk", are in no queued set: their feeder tracks them)
     P:running                 sorted set of running job ids by deadline: the stuck-job sweep reads it
     P:recent:<tenant>         a tenant's job ids by creation time: GET /v1/jobs pages through it
     P:tenant-queued:<tenant>  a tenant's queued job ids: the per-tenant cap counts it
-    P:ready:<tenant>          sorted set of a tenant's interactive jobs waiting for a worker to take them, by
-                              submit order (seq): workers take from the tenants in turn (fair order, below)
-    P:ready-tenants           list: the ring of tenants whose ready set is not empty, each once; a worker takes
-                              the head tenant's oldest job and moves the tenant to the tail. The scripts that
-                              add to or take from a ready set keep the ring in step with it
+    P:ready:<model>:<tenant>  sorted set of a tenant's interactive jobs for one model (the job's model, resolved)
+                              waiting for a worker to take them, by submit order (seq): workers holding the
+                              model take from its tenants in turn (fair order, docs/reliability.md)
+    P:ready-tenants:<model>   list: the ring of tenants whose ready set for the model is not empty, each once; a
+                              worker takes the head tenant's oldest job and moves the tenant to the tail. The
+                              scripts that add to or take from a ready set keep its ring in step with it
     P:idem:<tenant>:<sha256>  the job id and body hash behind a tenant's Idempotency-Key
     P:outbox                  sorted set of created jobs whose Celery message the API has not confirmed sent,
                               by creation time: the record and this entry are written by one script, and a
@@ -126,12 +129,14 @@ class Keys:
     def tenant_queued(self, tenant: str) -> str:
         return self._join("tenant-queued", tenant)
 
-    def ready(self, tenant: str) -> str:
-        return self._join("ready", tenant)
+    def ready(self, model: str, tenant: str) -> str:
+        """A tenant's jobs ready for the workers holding `model` (a job's model, resolved: the default's name for a
+        job that names none)."""
+        return self._join("ready", model, tenant)
 
-    @property
-    def ready_tenants(self) -> str:
-        return self._join("ready-tenants")
+    def ready_tenants(self, model: str) -> str:
+        """The ring of tenants with jobs ready for `model`."""
+        return self._join("ready-tenants", model)
 
     def idempotency(self, tenant: str, key_sha256: str) -> str:
         return self._join("idem", tenant, key_sha256)

@@ -116,13 +116,14 @@ class DeviceLoop:
         # if the device thread dies, the process exits: never a silent worker
         self._thread = supervised(self.dispatcher.run, "device")
 
-    def submit(self, job_id: str | None, generation: int | None = None) -> Future[JobOutcome]:
+    def submit(self, job_id: str | None, generation: int | None = None, model: str | None = None) -> Future[JobOutcome]:
         """From a Celery thread: queue a job for the device; the future resolves to its outcome once recorded.
-        `job_id` None (an interactive job's message): the next interactive job in fair order, or `idle`.
+        `job_id` None (an interactive job's message): the next interactive job for `model` (None: the default
+        model) in fair order, or `idle`.
         `generation` is the message's: a message older than the job's current one (re-sent after its worker
         died) is answered `stale` and never runs; None (a data set feeder's message) is taken as current."""
         future: Future[JobOutcome] = Future()
-        self.dispatcher.inbox.put(Message(job_id, generation, future))
+        self.dispatcher.inbox.put(Message(job_id, generation, future, model))
         return future
 
     def start(self) -> None:

@@ -266,15 +266,22 @@ def main() -> None:
     engines = build_engines(settings, registry)
     metrics.serve(settings.worker_metrics_port)
     client = redis.Redis.from_url(settings.redis_url)
-    store = JobStore(client, settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s)
+    store = JobStore(
+        client,
+        settings.key_prefix,
+        settings.job_ttl_s,
+        settings.running_deadline_s,
+        default_model=settings.model_entries[0].name,
+    )
     workers = WorkerRegistry(client, settings.key_prefix)
     # unique per process: the heartbeat, the held-jobs set and the job records name it (the pid tells two
     # workers on one host apart; the time, a pid reused by a restart in the same container)
     name = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
     def send(job_id: str, model: str | None, lane: str = "", generation: int | None = None) -> None:
-        if lane != "bulk":  # queued again, so ready again (by the script that queued it): a wake-up names no job
-            tasks.app.send_task(TASK_GENERATE, args=[], queue=generate_queue(settings, model))
+        if lane != "bulk":  # queued again, so ready again (by the script that queued it): a wake-up names no job,
+            # only the model whose ready jobs it takes, on that model's queue
+            tasks.app.send_task(TASK_GENERATE, args=[], kwargs={"model": model}, queue=generate_queue(settings, model))
             return
         args = [job_id] if generation is None else [job_id, generation]
         tasks.app.send_task(TASK_GENERATE, args=args, queue=generate_queue(settings, model, "bulk"))

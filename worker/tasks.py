@@ -24,18 +24,19 @@ def bind(loop: DeviceLoop) -> None:
 
 
 @app.task(name=TASK_GENERATE)
-def generate(job_id: str | None = None, generation: int | None = None) -> str:
+def generate(job_id: str | None = None, generation: int | None = None, model: str | None = None) -> str:
     """Run one job; returns its final status. No `job_id` (an interactive job's message): a wake-up, and the
-    worker runs the next interactive job in fair order (tenants in turn, common/job_store.py take), or nothing.
+    worker runs the next interactive job for `model` in fair order (tenants in turn, common/job_store.py take),
+    or nothing; a wake-up without `model` (sent before rings were per model) is the default model's.
     A data set line's message names its job. `generation`: the message's (None: whatever the record's is);
     an older one than the record's was superseded and is dropped."""
     if _loop is None:
         raise RuntimeError("the device loop is not running in this process; start workers with `python -m worker`")
-    outcome = _loop.submit(job_id, generation).result()
+    outcome = _loop.submit(job_id, generation, model).result()
     if outcome is JobOutcome.requeue:  # given back before its run ended (shutting down, storage away): another
         raise Reject("job given back", requeue=True)  # worker, or this one later, takes it
-    if outcome is JobOutcome.not_here:  # a model this worker does not hold, and its message could not be sent on
-        time.sleep(NOT_HERE_PAUSE_S)  # to the model's queue (common/queue.py): back after a pause, not a hot loop
+    if outcome is JobOutcome.not_here:  # a model this worker does not hold, and its message could not be sent on,
+        time.sleep(NOT_HERE_PAUSE_S)  # or a wake-up for it: back after a pause, not a hot loop (common/queue.py)
         raise Reject("model not held by this worker", requeue=True)
     return outcome.value
 

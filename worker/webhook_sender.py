@@ -68,7 +68,13 @@ def main() -> None:
     settings = get_settings()
     logs.configure(settings.log_format)
     client = redis.Redis.from_url(settings.redis_url)
-    _store = JobStore(client, settings.key_prefix, settings.job_ttl_s, settings.running_deadline_s)
+    _store = JobStore(
+        client,
+        settings.key_prefix,
+        settings.job_ttl_s,
+        settings.running_deadline_s,
+        default_model=settings.model_entries[0].name,
+    )
     # the worker's pid as it gave it: had the worker died before this line, os.getppid() would name another process
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
     threading.Thread(target=_stop_with_parent, args=(parent,), name="parent-watch", daemon=True).start()

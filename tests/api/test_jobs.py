@@ -23,7 +23,8 @@ def test_submit_answers_202_with_job_and_status_url(client):
 
 
 def test_the_job_is_ready_for_its_tenants_turn_and_a_worker_is_woken(client, settings):
-    """The message names no job (whichever worker wakes takes the next in fair order: common/job_store.py take)."""
+    """The message names no job, only its model (whichever worker holding it wakes takes the model's next job in
+    fair order: common/job_store.py take)."""
     import json
 
     from common.job_store import JobStore
@@ -32,7 +33,9 @@ def test_the_job_is_ready_for_its_tenants_turn_and_a_worker_is_woken(client, set
     r = redis.Redis.from_url(settings.redis_url)
     messages = [json.loads(m) for m in r.lrange(settings.queue_name, 0, -1)]
     assert [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in messages] == [("sdxl.generate", "()")]
-    assert JobStore(r, settings.key_prefix).take("w") == job["id"]
+    assert messages[0]["headers"]["kwargsrepr"] == "{'model': None}"  # the default model's
+    store = JobStore(r, settings.key_prefix, default_model=settings.model_entries[0].name)
+    assert store.take("w", "another") is None and store.take("w") == job["id"]
 
 
 def test_queue_position_counts_jobs_ahead(client):

@@ -164,6 +164,23 @@ def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
     assert store.take("w3") == first
 
 
+def test_each_model_has_its_own_ring_and_a_take_for_one_never_takes_anothers_job(redis_url, key_prefix):
+    """A worker takes only jobs for the model it asks for (a job that names none is the default model's), in
+    fair order among that model's tenants; given back or requeued, a job returns to its own model's ring."""
+    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60, default_model="a")
+    b = [store.create(req(model="b"), tenant=t)[0] for t in ("x", "x", "y")]
+    a_default, a_named = store.create(req(), tenant="x")[0], store.create(req(model="a"), tenant="y")[0]
+    assert [store.take("wa", "a"), store.take("wa", "a"), store.take("wa", "a")] == [a_default, a_named, None]
+    assert store.ready_count("x", "b") == 2 and store.ready_count("x") == 0
+    job = store.get(store.take("wb", "b"))
+    assert job.id == b[0] and store.give_back(job)  # back in x's ready set for b, in its place
+    store.transition(a_default, JobStatus.running)
+    store.transition(a_default, JobStatus.queued, [JobStatus.running])  # tenant and model read from the record
+    assert store.take("wb", "b") == b[2] and store.take("wa") == a_default  # y's turn in b's ring
+    store.transition(b[1], JobStatus.canceled, tenant="x")  # canceled while ready; the model guessed wrong (a)
+    assert [store.take("wb", "b"), store.take("wb", "b"), store.take("wa", "a")] == [b[0], None, None]
+
+
 def test_a_job_canceled_while_ready_leaves_it_and_its_tenant_the_ring(store):
     job_id = store.create(req(), tenant="a")[0]
     other = store.create(req(), tenant="b")[0]

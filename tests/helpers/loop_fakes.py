@@ -71,6 +71,7 @@ class FakeStore:
         to: JobStatus,
         allowed_from: Iterable[JobStatus] | None = None,
         tenant: str | None = None,
+        model: str | None = None,
         **fields: Any,
     ) -> tuple[bool, JobStatus | None]:
         self.calls.append((f"transition:{to.value}", job_id))
@@ -97,9 +98,15 @@ class FakeStore:
         error: str,
         allowed_from: Iterable[JobStatus] = (JobStatus.running,),
         tenant: str | None = None,
+        model: str | None = None,
     ) -> bool:
         ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, error=error)
         return ok
+
+    def take(self, worker: str, model: str | None = None) -> str | None:
+        """Nothing ready (the real store's fair take is tested in tests/common/test_job_store.py): noted only."""
+        self.calls.append(("take", str(model)))
+        return None
 
     def give_back(self, job: Job) -> bool:
         """Ready again (the real store's ready set is tested in tests/common/test_job_store.py): noted only."""

@@ -86,11 +86,18 @@ class Admission:
         self.max_attempts = max_attempts
         self.loras = loras  # the adapter registry: a job's adapters are fetched (from storage) before it is batched
 
-    def admit(self, job_id: str | None, generation: int | None, future: Future[JobOutcome]) -> Admitted | None:
+    def admit(
+        self, job_id: str | None, generation: int | None, future: Future[JobOutcome], model: str | None = None
+    ) -> Admitted | None:
         """The job, ready to wait for its batch; or None with its message answered. `job_id` None: a wake-up
-        message (an interactive job's), answered by the next job in fair order (common/job_store.py take)."""
+        message (an interactive job's), answered by the next job for `model` (None: the default model) in fair
+        order (common/job_store.py take); a worker takes only from its own models' ready sets."""
         if job_id is None:
-            job_id = self.redis(self.store.take, self.presence.name)  # held by the script that takes it
+            if model is not None and not self.engines.holds(model):  # on a queue of a model it does not hold
+                log.warning("wake-up for model %r, which this worker does not hold: refused", model)
+                future.set_result(JobOutcome.not_here)  # back on its queue after a pause (worker/tasks.py)
+                return None
+            job_id = self.redis(self.store.take, self.presence.name, model)  # held by the script that takes it
             if job_id is None:
                 future.set_result(JobOutcome.idle)  # its job was taken by an earlier wake-up, or canceled
                 return None

@@ -38,6 +38,7 @@ class Message(NamedTuple):
     job_id: str | None  # None: an interactive job's wake-up, answered by the next job in fair order
     generation: int | None  # the message's (None: a data set feeder's, taken as current)
     future: Future[JobOutcome]  # answered once the job's outcome is recorded
+    model: str | None = None  # a wake-up's: whose ready jobs it takes (None: the default model's)
 
 
 class Dispatcher:
@@ -101,7 +102,7 @@ class Dispatcher:
         if self.draining.is_set():  # not held yet: nothing to release
             message.future.set_result(JobOutcome.requeue)
             return
-        admitted = self.admission.admit(message.job_id, message.generation, message.future)
+        admitted = self.admission.admit(message.job_id, message.generation, message.future, message.model)
         if admitted is not None:
             self.batcher.add(admitted.item(time.monotonic()))
 
@@ -143,6 +144,7 @@ class Dispatcher:
             JobStatus.running,
             [JobStatus.queued, JobStatus.running],
             tenant=job.tenant,
+            model=job.request.model,
             worker=self.presence.name,
         )
         if ok:

@@ -75,7 +75,12 @@ class Recorder:
         """A job that must never run (out of attempts, or what it needs is gone from storage): failed from queued
         or running, released, answered, its webhook queued."""
         self.redis(
-            self.store.fail, job.id, error, allowed_from=[JobStatus.queued, JobStatus.running], tenant=job.tenant
+            self.store.fail,
+            job.id,
+            error,
+            allowed_from=[JobStatus.queued, JobStatus.running],
+            tenant=job.tenant,
+            model=job.request.model,
         )
         self.refuse(job.id, future, JobOutcome.failed)
         self._notify(job, JobOutcome.failed)
@@ -101,7 +106,12 @@ class Recorder:
         attempts = (self.redis(self.store.get, job.id) or job).attempts
         if attempts < self.max_attempts:
             requeued, _ = self.redis(
-                self.store.transition, job.id, JobStatus.queued, [JobStatus.running], tenant=job.tenant
+                self.store.transition,
+                job.id,
+                JobStatus.queued,
+                [JobStatus.running],
+                tenant=job.tenant,
+                model=job.request.model,
             )
             if requeued:
                 # Back to the queue (the Celery message is rejected with requeue): it runs again later.

@@ -109,6 +109,16 @@ def test_an_input_image_gone_from_storage_fails_the_queued_job(tmp_path: Path):
     )
 
 
+def test_a_wake_up_takes_only_from_a_model_this_worker_holds(tmp_path: Path):
+    r = rig(tmp_path, engine=dict(ENGINES.items()))  # type: ignore[arg-type]
+    made = admission(r, r.storage, [])
+    held, other, old = Future(), Future(), Future()
+    assert made.admit(None, None, held, "lightning") is None and held.result() is JobOutcome.idle
+    assert made.admit(None, None, other, "nope") is None and other.result() is JobOutcome.not_here
+    assert made.admit(None, None, old) is None and old.result() is JobOutcome.idle  # no model: the default's
+    assert r.store.calls == [("take", "lightning"), ("take", "None")]  # none for the model not held
+
+
 class Away(LocalStorage):
     def get(self, key: str) -> bytes:
         raise ConnectionError("storage away")
