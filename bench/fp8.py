@@ -149,7 +149,7 @@ def main() -> None:
     seeds = jax.device_put(batch.seeds, e.rows_sharding)
     noise = e.executable(h, w, ProgramKind(Part.noise))(seeds)
     base = jax.device_put(batch.base, e.rows_sharding)
-    init, mask = e._placeholder("init", h, w), e._placeholder("mask", h, w)
+    init, mask = e.constants.placeholder("init", h, w), e.constants.placeholder("mask", h, w)
     begin = BeginInputs(base.prompts, Start(noise, init, mask, init, seeds), base.scalars)
     params = dict(e.params) | {"unet": _merge(e.params["unet"], jax.device_put(amax, e.replicated))}
     pixels["fp8_calibrated"] = np.asarray(jax.jit(whole)(params, begin, base.time_ids, base.tables, batch.base.steps))

@@ -74,7 +74,7 @@ def main() -> None:
         seeds = jax.device_put(batch.seeds, r)
         noise = e.executable(h, w, ProgramKind(Part.noise))(seeds)
         base = jax.device_put(batch.base, r)
-        init, mask = e._placeholder("init", h, w), e._placeholder("mask", h, w)
+        init, mask = e.constants.placeholder("init", h, w), e.constants.placeholder("mask", h, w)
         begin = BeginInputs(base.prompts, Start(noise, init, mask, init, seeds), base.scalars)
         stop = jax.device_put(np.int32(batch.base.steps), e.replicated)
         images, _ = fused_exe(e.params, begin, base.time_ids, base.tables, stop)

@@ -55,6 +55,7 @@ from worker.engine.arguments import (
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
 from worker.engine.control_inputs import Control
 from worker.engine.controlnet_source import ControlModel
+from worker.engine.device_constants import DeviceConstants
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
@@ -199,8 +200,7 @@ class Engine:
         # and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
         self.dispatched: collections.Counter[str] = collections.Counter()
         self.feed = feed.Feed(chunks_ahead)
-        self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
-        self._step_numbers: dict[int, Any] = {}  # step index -> a replicated int32 on the devices
+        self.constants = DeviceConstants(self.executables, batch_rows, self.rows_sharding, self.replicated)
 
     def _bank(self, adapters: Adapters) -> lora.Bank:
         found = lora.targets(self.model)
@@ -366,7 +366,7 @@ class Engine:
         rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)
-            state, mark = advance(params, adapters, state, rest, self._step(first), self._step(stop))
+            state, mark = advance(params, adapters, state, rest, self.constants.step(first), self.constants.step(stop))
             self.dispatched["chunk"] += 1
             yield done + stop, mark
         return state, placed.scalars
@@ -387,12 +387,12 @@ class Engine:
 
         def latents_of(images: np.ndarray | None) -> Any:
             if images is None:
-                return self._placeholder("init", height, width)
+                return self.constants.placeholder("init", height, width)
             encode = self.executable(height, width, ProgramKind(Part.encode))
             return encode(self.params, EncodeInputs(jax.device_put(images, self.rows_sharding)))
 
         init = latents_of(batch.images)
-        mask = self._placeholder("mask", height, width)
+        mask = self.constants.placeholder("mask", height, width)
         if batch.masks is not None:
             mask = jax.device_put(batch.masks, self.rows_sharding)
         return Start(noise=noise, init=init, mask=mask, masked=latents_of(batch.masked_images), seeds=seeds)
@@ -408,25 +408,6 @@ class Engine:
             raise EngineInputError("loras", str(e)) from None
         put = lambda x: jax.device_put(x, self.rows_sharding)  # noqa: E731
         return AdapterInputs(bank=tree, slots=put(slots), scales=put(scales)), used
-
-    def _placeholder(self, name: str, height: int, width: int) -> Any:
-        """Zero image latents or an all-ones mask on the devices, made once per shape."""
-        key = (name, height, width)
-        if key not in self._zeros:
-            dims = self.executables.dims(height, width)
-            value = (
-                np.zeros(dims.latents, np.float32)
-                if name == "init"
-                else np.ones((self.batch_rows, 1, dims.latent_height, dims.latent_width), np.float32)
-            )
-            self._zeros[key] = jax.device_put(value, self.rows_sharding)
-        return self._zeros[key]
-
-    def _step(self, index: int) -> Any:
-        """A step index on the devices (replicated), made once: not a host-to-device copy per chunk."""
-        if index not in self._step_numbers:
-            self._step_numbers[index] = jax.device_put(np.int32(index), self.replicated)
-        return self._step_numbers[index]
 
     def _read_adapter(self, name: str, found: dict[lora.Key, lora.Target], known: dict[str, lora.Key]) -> lora.Adapter:
         assert self.adapters is not None
