@@ -49,17 +49,32 @@ from worker.engine.arguments import (
     BeginInputs,
     ControlInputs,
     EncodeInputs,
+    ImageInputs,
     SamplerState,
     Start,
 )
 from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch, ModelInputs, Row
 from worker.engine.control_inputs import Control
 from worker.engine.controlnet_source import ControlModel
+from worker.engine.image_prompts import ImagePrompt
+from worker.engine.ip_adapter_source import IPAdapterModel
 from worker.engine.layers import Projections
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
-__all__ = ["Adapters", "Control", "ControlModel", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
+__all__ = [
+    "Adapters",
+    "Control",
+    "ControlModel",
+    "Engine",
+    "EngineInputError",
+    "IPAdapterModel",
+    "ImagePrompt",
+    "Output",
+    "Pending",
+    "Programs",
+    "Row",
+]
 ADVANCE = ProgramKind(Part.advance)  # the UNet's steps: most of a batch's time and memory (bench/accelerator.py)
 
 
@@ -141,6 +156,7 @@ class Engine:
         adapters: Adapters | None = None,
         light_step: bool = True,
         controlnets: Sequence[ControlModel] = (),
+        ip_adapters: Sequence[IPAdapterModel] = (),
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -177,13 +193,28 @@ class Engine:
         # Serialized executables, each sealed with aot_key (cache.py): a warm start skips tracing and compiling.
         store = executables.store(aot_dir, aot_key)
         self.executables = executables.Executables(
-            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step, controlnets
+            self.models,
+            self.mesh,
+            batch_rows,
+            attention,
+            attend,
+            store,
+            self.bank,
+            light_step,
+            controlnets,
+            ip_adapters,
         )
         # ControlNets (controlnet.py) on every device, in their order: a controlled advance runs each on every row
         self.controlnets = [c.name for c in controlnets]
         self.control_weights = [jax.device_put(c.params, self.replicated) for c in controlnets]
         per_row = adapters.per_row if adapters else None
-        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, per_row, self.controlnets)
+        # IP-Adapters (ip_adapter.py) likewise: an imaged begin makes each one's keys and values for every row
+        self.ip_adapters = [a.name for a in ip_adapters]
+        self.image_weights = [jax.device_put(a.params, self.replicated) for a in ip_adapters]
+        ip_size = self.executables.ip_size
+        self.inputs = BatchInputs(
+            self.models, self.sizes, batch_rows, per_row, self.controlnets, self.ip_adapters, ip_size
+        )
         # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control"
         self.dispatched: collections.Counter[str] = collections.Counter()
         self._zeros: dict[tuple[str, int, int], Any] = {}  # placeholder inputs (no image, no mask) per shape
@@ -288,9 +319,14 @@ class Engine:
             self.dispatched["control"] += 1
             images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
             controls = ControlInputs(self.control_weights, images, scales)
+        images = None
+        if batch.image_prompts is not None:
+            self.dispatched["ip_adapter"] += 1
+            pixels, scales = (jax.device_put(x, self.rows_sharding) for x in batch.image_prompts)
+            images = ImageInputs(self.image_weights, pixels, scales)
         marks: list[tuple[int, Any]] = []
         size = (height, width)
-        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, controls)
+        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, controls, images)
         steps, params, role = batch.base.steps, self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
@@ -310,15 +346,16 @@ class Engine:
         size: tuple[int, int],
         marks: list[tuple[int, Any]],
         controls: ControlInputs | None = None,
+        images: ImageInputs | None = None,
     ) -> tuple[SamplerState, Any]:
         """begin, then advance once per chunk of progress_every_steps, on one model; a mark per chunk goes on
         `marks`, counting on from the steps already there. Returns (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
-        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
+        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None, imaged=images is not None)
         begin = self.executable(*size, kind)
         advance = self.executable(*size, replace(kind, part=Part.advance, controlled=controls is not None))
         placed: ModelInputs = jax.device_put(inputs, self.rows_sharding)
-        state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars))
+        state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars, images))
         rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
         done = marks[-1][0] if marks else 0
         for first in range(0, inputs.steps, self.progress_every_steps):

@@ -4,11 +4,15 @@ adapter's attention, and the SDXL pipeline with `ip_adapter_image` at two scales
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import numpy as np
 import pytest
 
-from worker.engine import attention, clip_vision, ip_adapter, ip_adapter_source
+from worker.engine import attention, clip_vision, compile_log, ip_adapter, ip_adapter_source
+from worker.engine.engine import Engine, EngineInputError, ImagePrompt, Programs, Row
 from worker.engine.layers import Projections
 from worker.engine.model_source import ModelError
 from worker.engine.unet import text_keys_values
@@ -71,3 +75,84 @@ def test_plus_adapters_are_refused_by_name(tiny32, tiny_ip_adapter, tmp_path):
     save_file(state, path)
     with pytest.raises(ModelError, match="Resampler"):
         ip_adapter_source.load("plus", f"{path}:{tiny_ip_adapter.parent / 'image_encoder'}", tiny32.unet)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny32, loaded) -> Engine:
+    """The fixture's IP-Adapter, 4-row batches (a case and its three neighbours), 64x64."""
+    made = Engine(tiny32, [(64, 64)], batch_rows=4, ip_adapters=[loaded])
+    made.compile(Programs.guided | Programs.images | Programs.uint8 | Programs.float32)
+    return made
+
+
+def _row(ref, image_prompt: ImagePrompt | None, **change) -> Row:
+    meta = ref["meta"]
+    row = Row(
+        meta["prompt"],
+        meta["negative_prompt"],
+        guidance_scale=meta["guidance_scale"],
+        steps=meta["steps"],
+        scheduler="euler",
+        ip_adapter=image_prompt,
+    )
+    return dataclasses.replace(row, **change)
+
+
+@pytest.mark.parametrize("case", ["half", "full"])
+def test_parity_with_diffusers_load_ip_adapter(engine, ip_adapter_reference, case):
+    ref = ip_adapter_reference
+    image, scale = ref["meta"]["cases"][case]
+    prompt = ImagePrompt("style", ref[f"ip/{image}"], scale)
+    other = {"a": "b", "b": "a"}[image]
+    rows = [
+        _row(ref, prompt),
+        # neighbours in the same batch: the other case's scale, the adapter dropped, another image
+        _row(ref, dataclasses.replace(prompt, scale=1.5 - scale)),
+        _row(ref, None),
+        _row(ref, dataclasses.replace(prompt, image=ref[f"ip/{other}"])),
+    ]
+    latents = np.repeat(ref["latents"], len(rows), axis=0)
+    got = engine.generate(rows, 64, 64, latents=latents, output="float32").images
+    want = ref[f"{case}/image"][0]
+    error = np.abs(got[0] - want).max()
+    misses = [float(np.abs(n - want).max()) for n in got[1:]]
+    print(f"{case}: max abs error {error:.2e}, neighbours miss by {misses}")
+    assert error <= PARITY_TOL
+    assert min(misses) > 10 * PARITY_TOL
+
+
+def test_rows_with_an_image_prompt_or_none_share_a_batch_and_nothing_compiles(engine, ip_adapter_reference):
+    ref = ip_adapter_reference
+    a, b = ImagePrompt("style", ref["ip/a"], 0.8), ImagePrompt("style", ref["ip/b"], 0.4)
+    rows = [
+        _row(ref, a, seed=1),
+        _row(ref, None, seed=2),
+        _row(ref, b, seed=3, prompt="a boat"),
+        _row(ref, None, seed=4),
+    ]
+    alone = {i: engine.generate([r], 64, 64).images[0] for i, r in enumerate(rows)}
+    counter = compile_log.install()
+    before, imaged = counter.requests, engine.dispatched["ip_adapter"]
+    for batch in ([0, 1, 2, 3], [3, 2, 1]):
+        out = engine.generate([rows[i] for i in batch], 64, 64)
+        for i, got in zip(batch, out.images, strict=True):
+            assert np.abs(got.astype(int) - alone[i].astype(int)).max() <= 1, (batch, i)
+    assert engine.dispatched["ip_adapter"] == imaged + 2
+    engine.generate([rows[1], rows[3]], 64, 64)  # no image prompt: the plain programs
+    assert engine.dispatched["ip_adapter"] == imaged + 2
+    assert counter.requests == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "nope"}, "no IP-Adapter named 'nope'"),
+        ({"scale": float("nan")}, "scale must be a finite number"),
+        ({"image": np.zeros((32, 32), np.uint8)}, "the image must be (H, W, 3) uint8"),
+    ],
+)
+def test_bad_image_prompts_are_refused_by_field(engine, ip_adapter_reference, change, message):
+    prompt = dataclasses.replace(ImagePrompt("style", ip_adapter_reference["ip/a"], 1.0), **change)
+    with pytest.raises(EngineInputError, match=re.escape(message)) as info:
+        engine.validate(_row(ip_adapter_reference, prompt), 64, 64)
+    assert info.value.field == "ip_adapter"
