@@ -153,3 +153,14 @@ def test_control_images_are_read_and_preprocessed_as_the_job_asks(tmp_path: Path
     assert (given == square).all()  # a prepared map goes in as it is
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
     assert not edges[24:40, 24:40].any() and edges[16:48, 14:18].any()  # the square's outline, not its inside
+
+
+def test_an_image_prompt_is_read_with_the_job(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    picture = np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3)
+    storage.put("inputs/t/p.png", png(picture), "image/png")
+    job = make_job(ip_adapter={"name": "style", "image": "inputs/t/p.png", "scale": 0.5})
+    r = rig(tmp_path, job, storage=storage)
+    admitted = admission(r, storage, []).admit(job.id, None, Future())
+    assert admitted is not None
+    assert (admitted.pixels.ip_image == picture).all() and admitted.pixels.controls == ()
