@@ -156,3 +156,52 @@ def test_bad_image_prompts_are_refused_by_field(engine, ip_adapter_reference, ch
     with pytest.raises(EngineInputError, match=re.escape(message)) as info:
         engine.validate(_row(ip_adapter_reference, prompt), 64, 64)
     assert info.value.field == "ip_adapter"
+
+
+def test_a_job_with_an_ip_adapter_runs_through_the_device_loop(
+    engine, ip_adapter_reference, redis_url, key_prefix, tmp_path
+):
+    """The worker's path for a job's image prompt, in process on this module's engine: the image read back from
+    storage, the rows made, the image recorded: the engine's own for the same row."""
+    import io
+
+    import redis
+    from PIL import Image
+
+    from common import inputs
+    from common.batch_log import BatchLog
+    from common.job_store import JobStore
+    from common.jobs import JobRequest
+    from common.storage import LocalStorage
+    from common.worker_registry import WorkerRegistry
+    from worker.device_loop import DeviceLoop, LoopSettings
+
+    ref = ip_adapter_reference
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    digest, data = inputs.encode(Image.fromarray(ref["ip/b"]))
+    key = inputs.key("t", digest)
+    storage.put(key, data, "image/png")
+    client = redis.Redis.from_url(redis_url)
+    loop = DeviceLoop(
+        engine,
+        JobStore(client, key_prefix, ttl_s=60),
+        storage,
+        LoopSettings(0.2),
+        workers=WorkerRegistry(client, key_prefix),
+        batches=BatchLog(client, key_prefix),
+    )
+    prompt = {"name": "style", "image": key, "scale": 0.7}
+    request = JobRequest(prompt="a castle", width=64, height=64, seed=3, steps=3, ip_adapter=prompt)
+    job_id = loop.store.create(request)[0]
+    loop.start()
+    try:
+        assert loop.submit(job_id).result(timeout=120) == "succeeded"
+    finally:
+        loop.stop()
+    (record,) = loop.store.get(job_id).images
+    got = np.asarray(Image.open(io.BytesIO((storage.root / record.key).read_bytes())).convert("RGB"), dtype=int)
+    row = Row("a castle", seed=3, steps=3, ip_adapter=ImagePrompt("style", ref["ip/b"], 0.7))
+    want = engine.generate([row], 64, 64).images[0].astype(int)
+    assert np.abs(got - want).max() <= 1
+    plain = engine.generate([Row("a castle", seed=3, steps=3)], 64, 64).images[0].astype(int)
+    assert np.abs(got - plain).max() > 10  # the adapter did act
