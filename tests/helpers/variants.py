@@ -182,6 +182,8 @@ def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int) -> Path:
     """A random IP-Adapter for the tiny model as h94/IP-Adapter ships one: `folder/ip-adapter.safetensors` in
     diffusers' load_ip_adapter layout and `folder/image_encoder/` (a tiny CLIPVisionModelWithProjection), every
     weight drawn from `seed` and its name. Returns the weights file."""
+    import jax
+
     from worker.engine import convert, tiny
     from worker.engine.clip_vision import VisionConfig, VisionEncoder
     from worker.engine.ip_adapter import ImageProjection, IPAdapterConfig, cross_attentions
@@ -204,10 +206,10 @@ def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int) -> Path:
     save_file(state, folder / "image_encoder" / "model.safetensors")
 
     config = IPAdapterConfig(vision, unet.cross_attention_dim)
-    shapes = ImageProjection(config).init(__import__("jax").random.key(0), np.zeros((1, vision.projection_dim)))
+    shapes = ImageProjection(config).init(jax.random.key(0), np.zeros((1, vision.projection_dim)))
     proj = {p: draw("image_proj", *p, dims=tuple(v.shape)) for p, v in convert.flatten(shapes["params"]).items()}
     weights = {f"image_proj.{k}": v for k, v in convert.flax_to_pt(convert.unflatten(proj)).items()}
-    widths = {p: w for p, w in _attention_widths(unet)}
+    widths = dict(_attention_widths(unet))
     for i, path in enumerate(cross_attentions(unet)):
         for name in ("to_k_ip", "to_v_ip"):
             kernel = draw(*path, name, "kernel", dims=(unet.cross_attention_dim, widths[path[0]]))

@@ -80,8 +80,10 @@ class Embeddings(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """pixels (B, S, S, 3) NHWC -> (B, 1 + patches, hidden)."""
         cfg, p = self.cfg, self.cfg.patch_size
-        patch = nn.Conv(cfg.hidden_size, (p, p), (p, p), "VALID", use_bias=False, dtype=self.dtype)
-        x = patch.copy(name="patch_embedding")(pixels.astype(self.dtype))
+        patch = nn.Conv(
+            cfg.hidden_size, (p, p), (p, p), "VALID", use_bias=False, dtype=self.dtype, name="patch_embedding"
+        )
+        x = patch(pixels.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, cfg.hidden_size)  # row-major patches, as PyTorch's flatten(2)
         token = self.param("class_embedding", nn.initializers.normal(), (cfg.hidden_size,), jnp.float32)
         token = jnp.broadcast_to(token.astype(self.dtype), (x.shape[0], 1, cfg.hidden_size))
