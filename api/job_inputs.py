@@ -1,7 +1,8 @@
 """A job's input images at submit: decoded and checked (common/inputs.py), the job's size taken from the init
 image when the request names none, then stored under the tenant's input prefix and named by key in the
 request. Checking comes first and storing last, so a refused job leaves nothing behind. The images are the
-init image, the mask and each ControlNet's control image (named `controlnets[i].image`).
+init image, the mask, each ControlNet's control image (named `controlnets[i].image`) and the IP-Adapter's image
+prompt (`ip_adapter.image`, brought to the job's size like the others: its encoder resizes it again).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def _given(body: JobRequest) -> list[tuple[str, str]]:
     size is the job's): a mask without an init image is refused by check_limits, unread."""
     given = [(name, getattr(body, name)) for name in NAMES if body.init_image is not None]
     given += [(f"controlnets[{i}].image", c.image) for i, c in enumerate(body.controlnets)]
+    given += [("ip_adapter.image", body.ip_adapter.image)] if body.ip_adapter is not None else []
     return [(name, value) for name, value in given if value is not None]
 
 
@@ -160,6 +162,10 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str) -> Job
         c.model_copy(update={"image": update.pop(f"controlnets[{i}].image", c.image)})
         for i, c in enumerate(body.controlnets)
     ]
+    if body.ip_adapter is not None:
+        update["ip_adapter"] = body.ip_adapter.model_copy(
+            update={"image": update.pop("ip_adapter.image", body.ip_adapter.image)}
+        )
     return body.model_copy(update=update | ({"controlnets": controls} if controls else {}))
 
 

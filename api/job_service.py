@@ -29,6 +29,7 @@ from common.jobs import (
     JobStatus,
     LimitError,
     check_controlnets,
+    check_ip_adapter,
     check_limits,
     with_size,
 )
@@ -117,6 +118,9 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     check_controlnets(body, list(s.controlnet_specs))
     if body.controlnets and body.model not in (None, s.model_entries[0].name):
         raise LimitError("controlnets", "ControlNets are served with the default model only; leave `model` out")
+    check_ip_adapter(body, list(s.ip_adapter_specs))
+    if body.ip_adapter is not None and body.model not in (None, s.model_entries[0].name):
+        raise LimitError("ip_adapter", "IP-Adapters are served with the default model only; leave `model` out")
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

@@ -90,6 +90,7 @@ class ModelPublic(BaseModel):
     timestep_spacings: list[str]
     refiner: str | None = None  # SDXL's refiner served beside the model (jobs may ask for it), or none
     controlnets: list[str] = []  # the ControlNets a job may name (SDXL_CONTROLNETS), with the default model
+    ip_adapters: list[str] = []  # the IP-Adapters a job may name (SDXL_IP_ADAPTERS), with the default model
     options: dict[str, str]  # what each sampling and image option does, and which model it needs
     output_formats: list[str]
     limits: dict[str, int | float]

@@ -135,6 +135,21 @@ class ControlNetRequest(BaseModel):
         return self
 
 
+class IPAdapterRequest(BaseModel):
+    """An IP-Adapter for a job: its name in GET /v1/models `ip_adapters`, the image prompt, and its scale."""
+
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=128, description="An IP-Adapter's name, as GET /v1/models lists it.")
+    image: str = Field(
+        min_length=1,
+        max_length=23_000_000,
+        description="The image prompt, like init_image: base64, a data: URL, or this tenant's `inputs/...` key.",
+    )
+    scale: float = Field(
+        1.0, ge=0, le=4, allow_inf_nan=False, description="How strongly the image steers the picture; 0: off."
+    )
+
+
 MAX_CONTROLNETS_PER_JOB = 4  # each runs on every step of its rows; more is rarely useful and costs each one
 
 
@@ -211,6 +226,12 @@ class JobRequest(BaseModel):
         "`controlnets`), several at once, each by name once. With text-to-image, image-to-image and inpainting; not "
         "with the refiner. Rows with other ControlNets, or none, still share a batch.",
     )
+    ip_adapter: IPAdapterRequest | None = Field(
+        None,
+        description='An image prompt, e.g. {"name": "style", "image": "<base64>", "scale": 0.6} (GET /v1/models '
+        "`ip_adapters`). With text-to-image, image-to-image and inpainting; not with the refiner. Rows with another "
+        "IP-Adapter, or none, still share a batch.",
+    )
     output_format: OutputFormat = OutputFormat.png
     webhook_url: Text | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
@@ -268,6 +289,8 @@ def check_limits(
         raise LimitError("refiner", "the refiner is not served with init_image; leave one of them out")
     if request.refiner is not None and request.controlnets:
         raise LimitError("refiner", "the refiner is not served with controlnets; leave one of them out")
+    if request.refiner is not None and request.ip_adapter is not None:
+        raise LimitError("refiner", "the refiner is not served with ip_adapter; leave one of them out")
     if request.scheduler is Scheduler.lcm and request.steps > LCM_MAX_STEPS:
         raise LimitError("steps", f"the lcm scheduler runs at most {LCM_MAX_STEPS} steps, got {request.steps}")
     if request.seed is not None and request.seed + request.num_images - 1 > MAX_SEED:
@@ -283,6 +306,13 @@ def check_controlnets(request: JobRequest, served: list[str]) -> None:
             raise LimitError("controlnets", f"no ControlNet named {name!r}; served: {known}")
     if len(set(names)) != len(names):
         raise LimitError("controlnets", f"each ControlNet at most once per job, got {names}")
+
+
+def check_ip_adapter(request: JobRequest, served: list[str]) -> None:
+    """The request's IP-Adapter against the deployment's (SDXL_IP_ADAPTERS)."""
+    if request.ip_adapter is not None and request.ip_adapter.name not in served:
+        known = ", ".join(served) or "none (no SDXL_IP_ADAPTERS)"
+        raise LimitError("ip_adapter", f"no IP-Adapter named {request.ip_adapter.name!r}; served: {known}")
 
 
 class Progress(BaseModel):

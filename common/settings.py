@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     # folder or a single .safetensors file in diffusers' layout ('canny=/models/controlnet-canny-sdxl-1.0').
     # Requests name them (`controlnets`); every one runs in the batches that use any (compiled at start). '': none
     controlnets: str = ""
+    # IP-Adapters for the default model, as SDXL_CONTROLNETS: NAME=SPEC, each SPEC an adapter's .safetensors in
+    # diffusers' load_ip_adapter layout with its image encoder in `image_encoder/` beside it, or named after a colon
+    # ('style=/models/ip-adapter_sdxl_vit-h.safetensors:/models/image_encoder'). Requests name one (`ip_adapter`).
+    ip_adapters: str = ""
     standin_batch_s: float = Field(2.33, gt=0)  # with model=standin: simulated device time per batch
     # auto: bfloat16 on TPUs and GPUs; float32 on CPUs, where XLA emulates bfloat16 and runs it ~2x slower
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -312,6 +316,12 @@ class Settings(BaseSettings):
         parse_controlnets(value)
         return value
 
+    @field_validator("ip_adapters")
+    @classmethod
+    def _ip_adapters(cls, value: str) -> str:
+        parse_controlnets(value, "SDXL_IP_ADAPTERS")
+        return value
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: str) -> str:
@@ -344,6 +354,11 @@ class Settings(BaseSettings):
     def worker_lanes_list(self) -> list[str]:
         """The lanes a worker consumes, in priority order: "interactive", "bulk"."""
         return {"both": ["interactive", "bulk"], "interactive": ["interactive"], "bulk": ["bulk"]}[self.worker_lanes]
+
+    @property
+    def ip_adapter_specs(self) -> dict[str, str]:
+        """SDXL_IP_ADAPTERS as name -> spec, in its order."""
+        return parse_controlnets(self.ip_adapters, "SDXL_IP_ADAPTERS")
 
     @property
     def worker_queues(self) -> list[str]:
@@ -394,16 +409,17 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def parse_controlnets(value: str) -> dict[str, str]:
-    """'canny=/models/cn-canny,depth=/models/cn-depth' -> {name: spec}; ValueError naming the bad entry."""
+def parse_controlnets(value: str, setting: str = "SDXL_CONTROLNETS") -> dict[str, str]:
+    """'canny=/models/cn-canny,depth=/models/cn-depth' -> {name: spec}; ValueError naming the bad entry (and
+    `setting`: SDXL_IP_ADAPTERS is read by the same rule)."""
     out: dict[str, str] = {}
     for entry in (e.strip() for e in value.split(",")):
         if not entry:
             continue
         name, sep, spec = (part.strip() for part in entry.partition("="))
         if not sep or not name or not spec or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise ValueError(f"SDXL_CONTROLNETS: {entry!r} is not NAME=SPEC (a name of letters, digits, . _ -)")
+            raise ValueError(f"{setting}: {entry!r} is not NAME=SPEC (a name of letters, digits, . _ -)")
         if name in out:
-            raise ValueError(f"SDXL_CONTROLNETS: {name!r} is named twice")
+            raise ValueError(f"{setting}: {name!r} is named twice")
         out[name] = spec
     return out

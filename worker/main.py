@@ -177,6 +177,20 @@ def _controlnets(settings: Settings, m) -> list:  # -> [ControlModel]
     return loaded
 
 
+def _ip_adapters(settings: Settings, m) -> list:  # -> [IPAdapterModel]
+    """SDXL_IP_ADAPTERS, read for model `m` (the default one) in its dtype; one that does not fit stops the start."""
+    from worker.engine import ip_adapter_source
+
+    loaded = []
+    for name, spec in settings.ip_adapter_specs.items():
+        try:
+            loaded.append(ip_adapter_source.load(name, spec, m.unet, m.dtype))
+        except ip_adapter_source.ModelError as exc:
+            raise SystemExit(f"SDXL_IP_ADAPTERS: {exc}") from None
+        log.info("IP-Adapter %r from %s", name, loaded[-1].source)
+    return loaded
+
+
 def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True):  # -> Engine
     import jax
     import numpy as np
@@ -199,6 +213,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
             )
         adapters = Adapters(registry.path_of, settings.lora_max_rank, slots, settings.max_loras_per_job)
     controlnets = _controlnets(settings, m) if default else []  # with the default model only, as the refiner
+    ip_adapters = _ip_adapters(settings, m) if default else []
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
     engine = Engine(
         m,
@@ -211,9 +226,13 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
         refiner=refiner,
         adapters=adapters,
         controlnets=controlnets,
+        ip_adapters=ip_adapters,
     )
     compile_s = engine.compile()
-    for c in controlnets:  # on the devices now: keep only the shapes the programs are traced with (SDXL's: 2.5 GB)
+    for c in [
+        *controlnets,
+        *ip_adapters,
+    ]:  # on the devices now: keep only the shapes the programs are traced with (SDXL's: 2.5 GB)
         c.params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), c.params)
     for served in (m, refiner):
         if served is not None:

@@ -50,6 +50,7 @@ def models(services: ServicesDep) -> ModelPublic:
         timestep_spacings=[x.value for x in Spacing],
         refiner=s.refiner or None,
         controlnets=list(s.controlnet_specs),
+        ip_adapters=list(s.ip_adapter_specs),
         options={
             "guidance_free": "guidance_scale <= 1 runs a program with one UNet row per image (half the work): what "
             "SDXL-Turbo (4 steps, trailing, guidance 0) and SDXL-Lightning (trailing euler) want",

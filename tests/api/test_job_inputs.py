@@ -137,3 +137,44 @@ def test_bad_controlnets_are_422_naming_the_field_and_store_nothing(controlled, 
     assert r.status_code == 422, r.text
     assert hint in r.text and field in r.text, r.text
     assert _stored(settings) == []
+
+
+@pytest.fixture
+def imaged(settings):
+    """A client whose deployment serves two IP-Adapters (the API reads names only, never the weights)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.helpers.servers import authorize
+
+    settings = settings.model_copy(update={"ip_adapters": "style=/models/ip-adapter_sdxl.safetensors,face=/m/f"})
+    with TestClient(create_app(settings)) as c:
+        authorize(c, settings)
+        yield c
+
+
+def test_an_image_prompt_is_stored_like_init_images_and_named_by_key(imaged, settings):
+    assert imaged.get("/v1/models").json()["ip_adapters"] == ["style", "face"]
+    prompt = {"name": "style", "image": _b64((120, 80), seed=3), "scale": 0.6}
+    r = imaged.post("/v1/jobs", json={"prompt": "x", "width": 96, "height": 64, "ip_adapter": prompt})
+    assert r.status_code == 202, r.text
+    got = r.json()["request"]["ip_adapter"]
+    assert got["name"] == "style" and got["scale"] == 0.6 and got["image"].startswith("inputs/")
+    assert [Image.open(p).size for p in _stored(settings)] == [(96, 64)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "extra", "field", "hint"),
+    [
+        ({"name": "pose"}, {}, "ip_adapter", "no IP-Adapter named 'pose'"),
+        ({"name": "style", "image": "not base64!"}, {}, "ip_adapter.image", "neither base64"),
+        ({"name": "style", "scale": 9}, {}, "ip_adapter", "less than or equal to 4"),
+        ({"name": "style"}, {"refiner": {}}, "refiner", "not served with ip_adapter"),
+    ],
+)
+def test_bad_image_prompts_are_422_naming_the_field_and_store_nothing(imaged, settings, prompt, extra, field, hint):
+    prompt = {"image": _b64((96, 64))} | prompt
+    r = imaged.post("/v1/jobs", json={"prompt": "x", "width": 96, "height": 64, "ip_adapter": prompt} | extra)
+    assert r.status_code == 422, r.text
+    assert hint in r.text and field in r.text, r.text
+    assert _stored(settings) == []

@@ -96,3 +96,13 @@ def test_controlnets_are_named_entries_in_order():
 def test_bad_controlnet_entries_say_what_is_wrong(value, message):
     with pytest.raises(ValueError, match=message):
         Settings(controlnets=value)
+
+
+def test_ip_adapters_are_named_entries_with_the_encoder_after_a_colon():
+    s = Settings(ip_adapters="style=/m/ip-adapter_sdxl.safetensors, vith=/m/ip_vit-h.safetensors:/m/image_encoder")
+    assert s.ip_adapter_specs == {
+        "style": "/m/ip-adapter_sdxl.safetensors",
+        "vith": "/m/ip_vit-h.safetensors:/m/image_encoder",
+    }
+    with pytest.raises(ValueError, match="SDXL_IP_ADAPTERS: 'style' is named twice"):
+        Settings(ip_adapters="style=/a,style=/b")

@@ -187,3 +187,67 @@ def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
     (folder / "config.json").write_text(json.dumps(config.to_diffusers(), indent=2))
     save_file(convert.flax_to_pt(convert.unflatten(params)), folder / "diffusion_pytorch_model.safetensors")
     return folder
+
+
+IP_ENCODER = {  # the tiny IP-Adapter's image encoder: a CLIPVisionModelWithProjection config.json
+    "model_type": "clip_vision_model",
+    "architectures": ["CLIPVisionModelWithProjection"],
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 24,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+}
+IP_GAIN = 3.0  # the adapter's key/value projections drawn larger, so that its scale and image show in 3 steps
+
+
+def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int) -> Path:
+    """A random IP-Adapter for the tiny model as h94/IP-Adapter ships one: `folder/ip-adapter.safetensors` in
+    diffusers' load_ip_adapter layout and `folder/image_encoder/` (a tiny CLIPVisionModelWithProjection), every
+    weight drawn from `seed` and its name. Returns the weights file."""
+    import jax
+
+    from worker.engine import convert, tiny
+    from worker.engine.clip_vision import VisionConfig, VisionEncoder
+    from worker.engine.ip_adapter import ImageProjection, IPAdapterConfig, cross_attentions
+    from worker.engine.unet import UNetConfig
+
+    raw = json.loads((tiny_dir / "unet" / "config.json").read_text())
+    unet = UNetConfig.from_diffusers(
+        raw, raw["projection_class_embeddings_input_dim"] - 6 * raw["addition_time_embed_dim"]
+    )
+    vision = VisionConfig.from_transformers(IP_ENCODER)
+    draw = lambda *path, dims: tiny.random_leaf((f"ip-adapter-{seed}", *path), dims)  # noqa: E731
+
+    encoder = {
+        p: draw(*p, dims=tuple(leaf.shape)) for p, leaf in convert.flatten(VisionEncoder(vision).shapes()).items()
+    }
+    token = encoder.pop(("vision_model", "embeddings", "class_embedding"))
+    state = convert.flax_to_pt(convert.unflatten(encoder)) | {"vision_model.embeddings.class_embedding": token}
+    (folder / "image_encoder").mkdir(parents=True, exist_ok=True)
+    (folder / "image_encoder" / "config.json").write_text(json.dumps(IP_ENCODER, indent=2))
+    save_file(state, folder / "image_encoder" / "model.safetensors")
+
+    config = IPAdapterConfig(vision, unet.cross_attention_dim)
+    shapes = ImageProjection(config).init(jax.random.key(0), np.zeros((1, vision.projection_dim)))
+    proj = {p: draw("image_proj", *p, dims=tuple(v.shape)) for p, v in convert.flatten(shapes["params"]).items()}
+    weights = {f"image_proj.{k}": v for k, v in convert.flax_to_pt(convert.unflatten(proj)).items()}
+    widths = dict(_attention_widths(unet))
+    for i, path in enumerate(cross_attentions(unet)):
+        for name in ("to_k_ip", "to_v_ip"):
+            kernel = draw(*path, name, "kernel", dims=(unet.cross_attention_dim, widths[path[0]]))
+            weights[f"ip_adapter.{2 * i + 1}.{name}.weight"] = np.ascontiguousarray(kernel.T * np.float32(IP_GAIN))
+    save_file(weights, folder / "ip-adapter.safetensors")
+    return folder / "ip-adapter.safetensors"
+
+
+def _attention_widths(unet: Any) -> list[tuple[str, int]]:
+    """Each block's name with its width (a cross-attention's inner width in diffusers' SDXL UNet)."""
+    c = unet.block_out_channels
+    out = [(f"down_blocks_{i}", w) for i, w in enumerate(c)] + [(f"up_blocks_{i}", w) for i, w in enumerate(c[::-1])]
+    return [*out, ("mid_block", c[-1])]

@@ -131,3 +131,22 @@ def test_a_worker_reads_sdxl_controlnets_for_its_model_and_stops_on_one_that_doe
     other = dataclasses.replace(tiny, configs=dataclasses.replace(tiny.configs, unet=tiny.unet.__class__()))  # SDXL's
     with pytest.raises(SystemExit, match=r"SDXL_CONTROLNETS: ControlNet 'edges' .*not an SDXL ControlNet"):
         main._controlnets(Settings(controlnets=f"edges={folder}"), other)
+
+
+def test_a_worker_reads_sdxl_ip_adapters_for_its_model_and_stops_on_one_that_does_not_fit(tiny_dir, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from tests.helpers import variants
+    from worker import main
+    from worker.engine import model
+
+    weights = variants.write_ip_adapter(tiny_dir, tmp_path / "style", 31)
+    tiny = model.load_folder(tiny_dir, model.LoadOptions(np.float32), name="tiny")
+    (got,) = main._ip_adapters(Settings(ip_adapters=f"style={weights}"), tiny)
+    assert got.name == "style" and got.source == str(weights)
+    other = dataclasses.replace(tiny, configs=dataclasses.replace(tiny.configs, unet=tiny.unet.__class__()))  # SDXL's
+    with pytest.raises(SystemExit, match=r"SDXL_IP_ADAPTERS: IP-Adapter 'style' .*image_proj.proj"):
+        main._ip_adapters(Settings(ip_adapters=f"style={weights}"), other)

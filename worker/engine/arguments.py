@@ -40,6 +40,8 @@ class Dims:
     time_ids: int  # the UNet's conditioning ids per row: 6 (SDXL base: sizes), 5 (the refiner: an aesthetic score)
     per_row: int = 1  # adapters one row may combine (the bank's)
     controlnets: int = 1  # the ControlNets the engine serves (a controlled advance runs each on every row)
+    ip_adapters: int = 1  # the IP-Adapters the engine serves (an imaged begin runs each on every row)
+    ip_size: int = 224  # their image encoders' input size (the same for all: every CLIP ViT-H and bigG's)
 
     @property
     def latents(self) -> tuple[int, int, int, int]:
@@ -120,10 +122,22 @@ class Start:
 
 
 @struct.dataclass
+class ImageInputs:
+    """The rows' IP-Adapters (ip_adapter.py): every adapter the engine serves, in its order, with each row's
+    encoder pixels and scale (0 for an adapter the row does not use), so rows with another adapter, or none,
+    share a batch."""
+
+    weights: Any = given()  # a list of the adapters' parameters (ip_adapter_source.IPAdapterModel.params), replicated
+    pixels: Array = array("rows", "ip_adapters", 3, "ip_size", "ip_size", dtype=jnp.float32)  # clip_vision.preprocess
+    scales: Array = array("rows", "ip_adapters", dtype=jnp.float32)
+
+
+@struct.dataclass
 class BeginInputs:
     prompts: Prompts = nested(Prompts)
     start: Start = nested(Start)
     scalars: RowScalars = nested(RowScalars)
+    images: ImageInputs | None = given(optional=True)  # an imaged begin's (ProgramKind.imaged)
 
 
 @struct.dataclass

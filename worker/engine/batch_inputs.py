@@ -28,9 +28,10 @@ from common.vocabulary import (
     Scheduler,
     Spacing,
 )
-from worker.engine import control_inputs, schedule
+from worker.engine import control_inputs, image_prompts, schedule
 from worker.engine.arguments import Prompts, RowScalars
 from worker.engine.control_inputs import Control
+from worker.engine.image_prompts import ImagePrompt
 from worker.engine.program_kind import Role
 from worker.engine.schedule import TABLES
 
@@ -75,6 +76,8 @@ class Row:
     loras: tuple[tuple[str, float], ...] = ()
     # ControlNets (control_inputs.Control: a served name, a control image, scale and step window), several at once
     controlnets: tuple[Control, ...] = ()
+    # an IP-Adapter (image_prompts.ImagePrompt: a served name, an image, its scale); None: none (scale 0 in a batch)
+    ip_adapter: ImagePrompt | None = None
 
     @property
     def guided(self) -> bool:
@@ -115,6 +118,8 @@ class HostBatch:
     # (images (rows, ControlNets, 3, H, W), scales (rows, ControlNets, MAX_STEPS)): control_inputs.tables; None: no
     # row names a ControlNet
     controls: tuple[np.ndarray, np.ndarray] | None = None
+    # (pixels (rows, IP-Adapters, 3, S, S), scales (rows, IP-Adapters)): image_prompts.tables; None: no row has one
+    image_prompts: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class BatchInputs:
@@ -129,10 +134,13 @@ class BatchInputs:
         batch_rows: int,
         adapters_per_row: int | None = None,
         controlnets: Sequence[str] = (),
+        ip_adapters: Sequence[str] = (),
+        ip_size: int = 224,
     ):
         self.models, self.sizes, self.batch_rows = models, [tuple(s) for s in sizes], batch_rows
         self.adapters_per_row = adapters_per_row
         self.controlnets = list(controlnets)  # the served ControlNets' names, in the programs' order
+        self.ip_adapters, self.ip_size = list(ip_adapters), ip_size  # the served IP-Adapters' names, their input size
         self._schedules: dict[tuple[Any, ...], schedule.Schedule] = {}
         self._tokens = functools.lru_cache(maxsize=8192)(self._tokenize_one)
 
@@ -152,6 +160,12 @@ class BatchInputs:
             raise EngineInputError("controlnets", str(e)) from None
         if row.controlnets and row.refiner_switch is not None:
             raise EngineInputError("controlnets", "the refiner takes no ControlNet: leave refiner_switch out")
+        try:
+            image_prompts.check(row.ip_adapter, self.ip_adapters)
+        except image_prompts.ImagePromptError as e:
+            raise EngineInputError("ip_adapter", str(e)) from None
+        if row.ip_adapter is not None and row.refiner_switch is not None:
+            raise EngineInputError("ip_adapter", "the refiner takes no IP-Adapter: leave refiner_switch out")
 
     def _check_loras(self, row: Row) -> None:
         if not row.loras:
@@ -201,7 +215,13 @@ class BatchInputs:
             truncated=cut[: len(rows)],
             loras=[r.loras for r in padded],
             controls=self._controls(padded, height, width),
+            image_prompts=self._image_prompts(padded),
         )
+
+    def _image_prompts(self, padded: list[Row]) -> tuple[np.ndarray, np.ndarray] | None:
+        if not any(r.ip_adapter is not None for r in padded):
+            return None
+        return image_prompts.tables([r.ip_adapter for r in padded], self.ip_adapters, self.ip_size)
 
     def _controls(self, padded: list[Row], height: int, width: int) -> tuple[np.ndarray, np.ndarray] | None:
         if not any(r.controlnets for r in padded):

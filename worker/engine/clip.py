@@ -32,6 +32,7 @@ class CLIPConfig:
     projection_dim: int = 768
     eos_token_id: int = 2
     with_projection: bool = False  # CLIPTextModelWithProjection: text_projection and a pooled output
+    causal: bool = True  # the text's mask; CLIP's vision tower (clip_vision.py) attends to every patch
 
     @classmethod
     def from_transformers(cls, config: dict[str, Any]) -> CLIPConfig:
@@ -48,10 +49,11 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": ge
 
 
 class SelfAttention(nn.Module):
-    """q_proj, k_proj, v_proj, out_proj, all with bias; a causal mask."""
+    """q_proj, k_proj, v_proj, out_proj, all with bias; a causal mask unless `causal` is False."""
 
     heads: int
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,8 +61,9 @@ class SelfAttention(nn.Module):
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
         q, k, v = (split(Linear(d, dtype=self.dtype, name=n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.heads) ** -0.5
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1).astype(self.dtype)
+        if self.causal:
+            scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
         return Linear(d, dtype=self.dtype, name="out_proj")(out)
 
@@ -73,7 +76,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + SelfAttention(cfg.num_attention_heads, self.dtype, name="self_attn")(norm("layer_norm1")(x))
+        x = x + SelfAttention(cfg.num_attention_heads, self.dtype, cfg.causal, name="self_attn")(norm("layer_norm1")(x))
         h = norm("layer_norm2")(x)
         h = MLP(cfg, self.dtype, name="mlp")(h)
         return x + h

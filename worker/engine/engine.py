@@ -42,13 +42,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import convert, executables, feed, lora, placement, program, program_weights
+from worker.engine import convert, executables, feed, lora, placement, program, program_weights, render_conditions
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
     BeginInputs,
     ControlInputs,
     EncodeInputs,
+    ImageInputs,
     SamplerState,
     Start,
 )
@@ -56,10 +57,24 @@ from worker.engine.batch_inputs import BatchInputs, EngineInputError, HostBatch,
 from worker.engine.control_inputs import Control
 from worker.engine.controlnet_source import ControlModel
 from worker.engine.device_constants import DeviceConstants
+from worker.engine.image_prompts import ImagePrompt
+from worker.engine.ip_adapter_source import IPAdapterModel
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
-__all__ = ["Adapters", "Control", "ControlModel", "Engine", "EngineInputError", "Output", "Pending", "Programs", "Row"]
+__all__ = [
+    "Adapters",
+    "Control",
+    "ControlModel",
+    "Engine",
+    "EngineInputError",
+    "IPAdapterModel",
+    "ImagePrompt",
+    "Output",
+    "Pending",
+    "Programs",
+    "Row",
+]
 ADVANCE = ProgramKind(Part.advance)  # the UNet's steps: most of a batch's time and memory (bench/accelerator.py)
 
 
@@ -153,6 +168,7 @@ class Engine:
         light_step: bool = True,
         controlnets: Sequence[ControlModel] = (),
         chunks_ahead: int = 2,
+        ip_adapters: Sequence[IPAdapterModel] = (),
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -189,15 +205,30 @@ class Engine:
         # Serialized executables, each sealed with aot_key (cache.py): a warm start skips tracing and compiling.
         store = executables.store(aot_dir, aot_key)
         self.executables = executables.Executables(
-            self.models, self.mesh, batch_rows, attention, attend, store, self.bank, light_step, controlnets
+            self.models,
+            self.mesh,
+            batch_rows,
+            attention,
+            attend,
+            store,
+            self.bank,
+            light_step,
+            controlnets,
+            ip_adapters,
         )
         # ControlNets (controlnet.py) on every device, in their order: a controlled advance runs each on every row
         self.controlnets = [c.name for c in controlnets]
         self.control_weights = [jax.device_put(c.params, self.replicated) for c in controlnets]
         per_row = adapters.per_row if adapters else None
-        self.inputs = BatchInputs(self.models, self.sizes, batch_rows, per_row, self.controlnets)
-        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control";
-        # and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
+        # IP-Adapters (ip_adapter.py) likewise: an imaged begin makes each one's keys and values for every row
+        self.ip_adapters = [a.name for a in ip_adapters]
+        self.image_weights = [jax.device_put(a.params, self.replicated) for a in ip_adapters]
+        ip_size = self.executables.ip_size
+        self.inputs = BatchInputs(
+            self.models, self.sizes, batch_rows, per_row, self.controlnets, self.ip_adapters, ip_size
+        )
+        # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control",
+        # "ip_adapter"; and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
         self.dispatched: collections.Counter[str] = collections.Counter()
         self.feed = feed.Feed(chunks_ahead)
         self.constants = DeviceConstants(self.executables, batch_rows, self.rows_sharding, self.replicated)
@@ -211,24 +242,8 @@ class Engine:
 
     @property
     def conditions(self) -> dict[str, str | int]:
-        """What decides a row's output bytes besides the row and the weights (model.weights_hash): the programs
-        are deterministic, but XLA picks fusions and reduction orders by shape (the batch's rows), device and
-        version, so an engine that differs in any of these may move pixels by a level."""
-        import jaxlib
-
-        device = self.mesh.devices.flat[0]
-        return {
-            "dtype": np.dtype(self.model.dtype).name,
-            "vae_dtype": np.dtype(self.model.dtype_of("vae")).name,
-            "quantize": str(self.model.quantize),
-            "attention": self.attention,
-            "batch_rows": self.batch_rows,
-            "devices": int(self.mesh.devices.size),
-            "platform": device.platform,
-            "device_kind": device.device_kind,
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-        }
+        """What decides a row's output bytes besides the row and the weights (render_conditions.py)."""
+        return render_conditions.of(self.model, self.mesh, self.attention, self.batch_rows)
 
     # ------------------------------------------------------------------ compiling
 
@@ -317,8 +332,13 @@ class Engine:
             self.dispatched["control"] += 1
             images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
             controls = ControlInputs(self.control_weights, images, scales)
+        images = None
+        if batch.image_prompts is not None:
+            self.dispatched["ip_adapter"] += 1
+            pixels, scales = (jax.device_put(x, self.rows_sharding) for x in batch.image_prompts)
+            images = ImageInputs(self.image_weights, pixels, scales)
         steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
-        calls = self._calls(batch, adapters, start, guided, (height, width), output, controls)
+        calls = self._calls(batch, adapters, start, guided, (height, width), output, controls, images)
         return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used)
 
     def _calls(
@@ -330,10 +350,11 @@ class Engine:
         size: tuple[int, int],
         output: str,
         controls: ControlInputs | None,
+        images: ImageInputs | None,
     ) -> feed.Calls:
         """The batch's device calls, for the feed: begin, advance per chunk (yielding its mark) -> [the refiner's
         begin and advance on the base's sample] -> finish. Returns (images, finite) on the devices."""
-        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, controls)
+        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, controls, images)
         state, scalars = yield from base
         params, role = self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
@@ -354,15 +375,16 @@ class Engine:
         size: tuple[int, int],
         done: int,
         controls: ControlInputs | None = None,
+        images: ImageInputs | None = None,
     ) -> Generator[feed.Mark, None, tuple[SamplerState, Any]]:
         """begin, then advance once per chunk of progress_every_steps, on one model, yielding each chunk's mark
         (steps done counting on from `done`). Returns (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
-        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
+        kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None, imaged=images is not None)
         begin = self.executable(*size, kind)
         advance = self.executable(*size, replace(kind, part=Part.advance, controlled=controls is not None))
         placed: ModelInputs = jax.device_put(inputs, self.rows_sharding)
-        state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars))
+        state, text = begin(params, adapters, BeginInputs(placed.prompts, start, placed.scalars, images))
         rest = AdvanceInputs(text, placed.scalars, placed.time_ids, placed.tables, controls)
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)

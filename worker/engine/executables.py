@@ -31,10 +31,12 @@ from worker.engine.arguments import (
     ControlInputs,
     Dims,
     EncodeInputs,
+    ImageInputs,
     RowScalars,
     abstract,
 )
 from worker.engine.controlnet_source import ControlModel
+from worker.engine.ip_adapter_source import IPAdapterModel
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
 
@@ -58,9 +60,17 @@ class Executables:
         bank: lora.Bank | None = None,
         light_step: bool = True,
         controls: Sequence[ControlModel] = (),
+        images: Sequence[IPAdapterModel] = (),
     ):
         self.models, self.mesh, self.batch_rows = models, mesh, batch_rows
         self.controls = list(controls)
+        self.images = list(images)  # the IP-Adapters the imaged programs run, in the engine's order
+        sizes = {a.config.encoder.image_size for a in self.images}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"IP-Adapters whose image encoders take other sizes ({sorted(sizes)}) cannot be served together"
+            )
+        self.ip_size = sizes.pop() if sizes else 224
         self.attention, self.attend, self.store, self.bank = attention, attend, store, bank
         self.light_step = light_step
         self.rows_sharding, self.replicated = program.shardings(mesh)
@@ -87,15 +97,18 @@ class Executables:
             m.unet.time_ids,
             per_row,
             max(1, len(self.controls)),
+            max(1, len(self.images)),
+            self.ip_size,
         )
 
     def program(self, kind: ProgramKind) -> program.Program:
-        key = (kind.model, kind.output, kind.guided, kind.controlled)
+        key = (kind.model, kind.output, kind.guided, kind.controlled, kind.imaged)
         if key not in self._programs:
             model = self.models[kind.model]
             controls = tuple(c.config for c in self.controls) if kind.controlled else ()
+            images = tuple(a.config for a in self.images) if kind.imaged else ()
             self._programs[key] = program.Program(
-                model, kind.output, self.attend, kind.guided, self.light_step, controls
+                model, kind.output, self.attend, kind.guided, self.light_step, controls, images
             )
         return self._programs[key]
 
@@ -114,7 +127,11 @@ class Executables:
         if kind.adapted:
             assert self.bank is not None
             adapters = abstract(AdapterInputs, dims, r, bank=lora.spec(self.bank))
-        begin = abstract(BeginInputs, dims, r)
+        images = None
+        if kind.imaged:
+            weights = [jax.tree_util.tree_map(lambda x: spec(x, self.replicated), a.params) for a in self.images]
+            images = abstract(ImageInputs, dims, r, weights=weights)
+        begin = abstract(BeginInputs, dims, r, images=images)
         if kind.part is Part.begin:
             return params, adapters, begin
         state, text = jax.eval_shape(self.program(kind).begin, params, adapters, begin)
@@ -156,6 +173,7 @@ class Executables:
             [str(d) for d in self.mesh.devices.flat],
             (self.bank.rank, self.bank.slots, self.bank.per_row) if kind.adapted and self.bank is not None else None,
             [dataclasses.asdict(c.config) for c in self.controls] if kind.controlled else None,
+            [dataclasses.asdict(a.config) for a in self.images] if kind.imaged else None,
         )
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         return f"{kind}-{self.batch_rows}x{height}x{width}-{digest[:20]}.bin"
@@ -166,6 +184,8 @@ class Executables:
             raise ValueError(f"{kind}: this engine has no adapter bank")
         if kind.controlled and not self.controls:
             raise ValueError(f"{kind}: this engine serves no ControlNets")
+        if kind.imaged and not self.images:
+            raise ValueError(f"{kind}: this engine serves no IP-Adapters")
         key = (kind, height, width)
         if key not in self._compiled:
             t0, loaded_before = time.perf_counter(), self.loaded
@@ -196,7 +216,10 @@ class Executables:
     def compile(self, sizes: Sequence[tuple[int, int]], programs: Programs) -> None:
         """Every kind of `programs` for every size, in order (see Programs.kinds)."""
         kinds = programs.kinds(
-            refiner=Role.refiner in self.models, adapters=self.bank is not None, controls=bool(self.controls)
+            refiner=Role.refiner in self.models,
+            adapters=self.bank is not None,
+            controls=bool(self.controls),
+            images=bool(self.images),
         )
         for h, w in sizes:
             for kind in kinds:

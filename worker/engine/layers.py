@@ -199,7 +199,8 @@ class Attention(nn.Module):
     """diffusers' Attention: to_q, to_k, to_v (bias as the checkpoint has it), to_out.0. `context`: the
     sequence attended to (cross-attention); None attends to x itself. form: Projections (fused: to_qkv, or
     to_q and to_kv). A cross-attention whose keys and values are in the "text" collection (k, v: computed
-    once per batch, unet.text_keys_values) takes them from there and does not project the context."""
+    once per batch, unet.text_keys_values) takes them from there and does not project the context; IP-Adapters'
+    keys and values there too (`ip_k`, `ip_v`) add their attention to the text's."""
 
     heads: int
     attend: Attend
@@ -222,6 +223,12 @@ class Attention(nn.Module):
             else:
                 k, v = keys_values(linear, inner, form, context)
         out = self.attend(q, k, v, self.heads)
+        if context is not None and self.has_variable("text", "ip_k"):
+            # IP-Adapters' image tokens (ip_adapter.py): each served adapter's own attention, its values already
+            # times each row's scale (zero for a row without it)
+            ip_k, ip_v = self.get_variable("text", "ip_k"), self.get_variable("text", "ip_v")
+            for a in range(ip_k.shape[0]):
+                out = out + self.attend(q, ip_k[a].astype(self.dtype), ip_v[a].astype(self.dtype), self.heads)
         return Linear(inner, dtype=self.dtype, fp8=form.fp8, name="to_out_0")(out)
 
 

@@ -28,13 +28,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from worker.engine import controlnet, lora, program_weights
+from worker.engine import controlnet, ip_adapter, lora, program_weights
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
     BeginInputs,
     ControlInputs,
     EncodeInputs,
+    ImageInputs,
     RowScalars,
     SamplerState,
     TextEmbeddings,
@@ -106,9 +107,11 @@ class Program:
         guided: bool = True,
         light_step: bool = True,
         controls: tuple[controlnet.ControlNetConfig, ...] = (),
+        images: tuple[ip_adapter.IPAdapterConfig, ...] = (),
     ):
         self.model, self.output, self.guided, self.light_step = model, output, guided, light_step
         self.controls = [controlnet.ControlNet(c, attend, model.dtype) for c in controls]
+        self.images = images  # the IP-Adapters an imaged begin runs (BeginInputs.images), in the engine's order
         self.form = program_weights.form(model, light_step)
         self.unet = model.configs.module("unet", model.dtype, attend, self.form)
         self.vae = model.configs.module("vae", model.dtype_of("vae"), attend)
@@ -165,6 +168,10 @@ class Program:
         if self.light_step:  # the text's keys and values, once per batch instead of once per step
             variables = _variables(params, adapters, "unet", self.guided, fused=self.form.fused)
             keys_values = text_keys_values(variables, context, self.model.dtype, self.form)
+        if inputs.images is not None:
+            if keys_values is None:
+                raise ValueError("IP-Adapters need the light step (their keys and values are made in begin)")
+            keys_values = self._image_prompts(keys_values, inputs.images)
         per_row = lambda v: v[:, None, None, None]  # noqa: E731  (B,) -> (B, 1, 1, 1)
         x = start.init * per_row(inputs.scalars.init_weight) + start.noise * per_row(inputs.scalars.init_scale)
         state = SamplerState(
@@ -177,6 +184,22 @@ class Program:
             masked=start.masked if self.inpainting else None,
         )
         return state, TextEmbeddings(context, pooled, keys_values)
+
+    def _image_prompts(self, keys_values: Any, images: ImageInputs) -> Any:
+        """The text's keys and values with every served IP-Adapter's beside them (ip_adapter.merge): per image
+        row, the unconditional UNet row gets a zero embedding's tokens and the conditional one the image's (as
+        diffusers), both at the row's scale."""
+        dtype, adapters = self.model.dtype, []
+        for a, (config, weights) in enumerate(zip(self.images, images.weights, strict=True)):
+            cond, uncond = ip_adapter.image_tokens(config, weights, images.pixels[:, a], dtype)
+            scales = images.scales[:, a]
+            if self.guided:  # [uncond0, cond0, uncond1, ...], as the text's rows
+                tokens = jnp.stack([uncond, cond], axis=1).reshape(2 * cond.shape[0], *cond.shape[1:])
+                scales = jnp.repeat(scales, 2)
+            else:
+                tokens = cond
+            adapters.append(ip_adapter.keys_values(weights["layers"], tokens, scales, dtype))
+        return ip_adapter.merge(keys_values, adapters)
 
     def advance(
         self,

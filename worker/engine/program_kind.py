@@ -35,7 +35,8 @@ class Role(StrEnum):
 class ProgramKind:
     """One compiled part for a shape. guided: begin/advance with two UNet rows per image (classifier-free
     guidance), else one; output: finish's; adapted: begin/advance taking the LoRA bank (the base's only);
-    controlled: advance running the engine's ControlNets (the base's only)."""
+    controlled: advance running the engine's ControlNets (the base's only); imaged: begin/advance with the engine's
+    IP-Adapters' keys and values beside the text's (the base's only)."""
 
     part: Part
     guided: bool = True
@@ -43,6 +44,7 @@ class ProgramKind:
     model: Role = Role.base
     adapted: bool = False
     controlled: bool = False
+    imaged: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("part", Part), ("output", Pixels), ("model", Role)):  # "float32" -> Pixels.float32
@@ -56,6 +58,8 @@ class ProgramKind:
             raise ValueError(f"{self!r}: the refiner has its own begin, advance and finish only")
         if self.controlled and self.part is not Part.advance:
             raise ValueError(f"{self!r}: only advance runs ControlNets")
+        if self.imaged and (not pair or self.model is Role.refiner):
+            raise ValueError(f"{self!r}: only the base's begin and advance run IP-Adapters")
 
     def __str__(self) -> str:
         """Its name in logs, compile_s and cache files: begin, advance-free, finish-uint8, refiner-begin, ..."""
@@ -66,7 +70,8 @@ class ProgramKind:
             name += "-free"
         if self.model is Role.refiner:
             name = f"refiner-{name}"
-        return name + ("-lora" if self.adapted else "") + ("-control" if self.controlled else "")
+        name += ("-lora" if self.adapted else "") + ("-control" if self.controlled else "")
+        return name + ("-image" if self.imaged else "")
 
 
 class Programs(enum.Flag):
@@ -78,12 +83,15 @@ class Programs(enum.Flag):
     adapters = enum.auto()  # the adapter-taking begin/advance beside the plain ones (an engine with a bank)
     refiner = enum.auto()  # the refiner's begin, advance and finish (an engine with one)
     controls = enum.auto()  # the ControlNet-running advance beside the plain ones (an engine serving ControlNets)
+    images = enum.auto()  # the IP-Adapter begin and advance beside the plain ones (an engine serving IP-Adapters)
     uint8 = enum.auto()  # the decode to bytes (serving)
     float32 = enum.auto()  # the decode to float32 (parity checks)
     NONE = 0
-    SERVED = guided | free | encode | adapters | refiner | controls | uint8
+    SERVED = guided | free | encode | adapters | refiner | controls | images | uint8
 
-    def kinds(self, refiner: bool = False, adapters: bool = False, controls: bool = False) -> list[ProgramKind]:
+    def kinds(
+        self, refiner: bool = False, adapters: bool = False, controls: bool = False, images: bool = False
+    ) -> list[ProgramKind]:
         """The kinds this selection compiles for one shape, for an engine with or without a refiner, a bank and
         ControlNets."""
         pairs = [g for g, flag in ((True, Programs.guided), (False, Programs.free)) if flag in self]
@@ -101,4 +109,14 @@ class Programs(enum.Flag):
         if controls and Programs.controls in self:
             lora = [False, True] if adapters and Programs.adapters in self else [False]
             out += [ProgramKind(Part.advance, g, adapted=a, controlled=True) for g in pairs for a in lora]
+        if images and Programs.images in self:
+            lora = [False, True] if adapters and Programs.adapters in self else [False]
+            control = [False, True] if controls and Programs.controls in self else [False]
+            out += [ProgramKind(Part.begin, g, adapted=a, imaged=True) for g in pairs for a in lora]
+            out += [
+                ProgramKind(Part.advance, g, adapted=a, controlled=c, imaged=True)
+                for g in pairs
+                for a in lora
+                for c in control
+            ]
         return out

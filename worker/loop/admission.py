@@ -172,7 +172,9 @@ class Admission:
             if c.preprocess is ControlPreprocess.canny:
                 image = canny.edges(image, c.low_threshold, c.high_threshold)
             controls.append(image)
-        return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls))
+        ip = job.request.ip_adapter
+        ip_image = inputs.pixels(self._read(ip.image), mask=False) if ip is not None else None
+        return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls), ip_image)
 
     def _read(self, key: str) -> bytes:
         try:

@@ -14,6 +14,7 @@ from common.vocabulary import REFINER_AESTHETIC_SCORE, REFINER_NEGATIVE_AESTHETI
 from worker.batcher import Batch, Item
 from worker.engine.batch_inputs import Row
 from worker.engine.control_inputs import Control
+from worker.engine.image_prompts import ImagePrompt
 from worker.loop.outcome import JobOutcome
 
 
@@ -44,6 +45,7 @@ class InputPixels:
     image: np.ndarray | None = None
     mask: np.ndarray | None = None
     controls: tuple[np.ndarray, ...] = ()
+    ip_image: np.ndarray | None = None  # the IP-Adapter's image prompt
 
 
 @dataclass
@@ -98,6 +100,11 @@ def rows_for(job: Job, pixels: InputPixels | None = None) -> list[Row]:
             controlnets=tuple(
                 Control(c.name, image, c.scale, c.start, c.end)
                 for c, image in zip(r.controlnets, pixels.controls, strict=True)
+            ),
+            ip_adapter=(
+                ImagePrompt(r.ip_adapter.name, pixels.ip_image, r.ip_adapter.scale)
+                if r.ip_adapter is not None and pixels.ip_image is not None
+                else None
             ),
         )
         for i in range(r.num_images)

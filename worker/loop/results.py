@@ -61,6 +61,10 @@ def parameters(job: Job, index: int, engine: EnginePort, adapters: Sequence[Adap
                 ("loras", adapters_used(job, adapters) or None),
                 # each ControlNet: its name, control image key, scale, window and preprocessing
                 ("controlnets", [c.model_dump(mode="json") for c in r.controlnets] or None),
+                (
+                    "ip_adapter",
+                    r.ip_adapter.model_dump(mode="json") if r.ip_adapter else None,
+                ),  # name, image key, scale
                 ("model_name", r.model),  # the name the job picked it by (SDXL_MODELS)
             )
             if value is not None

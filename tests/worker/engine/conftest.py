@@ -88,3 +88,18 @@ def tiny_controlnets(tiny_dir: Path, controlnet_reference: dict[str, Any], tmp_p
     root = tmp_path_factory.mktemp("controlnets")
     seeds = controlnet_reference["meta"]["controlnets"]
     return {name: variants.write_controlnet(tiny_dir, root / name, seed) for name, seed in seeds.items()}
+
+
+@pytest.fixture(scope="session")
+def ip_adapter_reference(tiny_dir: Path) -> dict[str, Any]:
+    """diffusers' SDXL pipeline with an IP-Adapter loaded (make_ip_adapter_reference.py, same weights)."""
+    return _fixture(tiny_dir, "ip_adapters.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip_adapter(tiny_dir: Path, ip_adapter_reference: dict[str, Any], tmp_path_factory: pytest.TempPathFactory):
+    """The fixture's random IP-Adapter for the tiny model: its weights file (the image encoder beside it)."""
+    from tests.helpers import variants
+
+    folder = tmp_path_factory.mktemp("ip-adapter")
+    return variants.write_ip_adapter(tiny_dir, folder, ip_adapter_reference["meta"]["adapter_seed"])

@@ -70,3 +70,17 @@ def test_a_selection_compiles_only_what_it_names():
         "refiner-advance-free",
     ]
     assert Programs.NONE.kinds(refiner=True, adapters=True) == []
+
+
+def test_an_engine_serving_ip_adapters_compiles_an_imaged_begin_and_advance_beside_the_plain_ones():
+    kinds = [str(k) for k in (Programs.guided | Programs.images | Programs.uint8).kinds(images=True)]
+    assert kinds == ["noise", "begin", "advance", "finish-uint8", "begin-image", "advance-image"]
+    with_all = [str(k) for k in Programs.SERVED.kinds(adapters=True, controls=True, images=True)]
+    assert {"begin-lora-image", "advance-lora-control-image", "advance-free-control-image"} <= set(with_all)
+    assert [str(k) for k in Programs.SERVED.kinds()] == [str(k) for k in Programs.SERVED.kinds(images=False)]
+    for bad in (
+        {"part": Part.finish, "imaged": True},
+        {"part": Part.begin, "model": Role.refiner, "imaged": True},
+    ):
+        with pytest.raises(ValueError, match="IP-Adapters"):
+            ProgramKind(**bad)

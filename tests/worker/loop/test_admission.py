@@ -184,3 +184,14 @@ def test_a_data_set_job_for_a_model_not_held_here_is_sent_on_to_its_models_queue
     future = Future()
     made.admit(job.id, None, future)
     assert future.result() is JobOutcome.not_here
+
+
+def test_an_image_prompt_is_read_with_the_job(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    picture = np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3)
+    storage.put("inputs/t/p.png", png(picture), "image/png")
+    job = make_job(ip_adapter={"name": "style", "image": "inputs/t/p.png", "scale": 0.5})
+    r = rig(tmp_path, job, storage=storage)
+    admitted = admission(r, storage, []).admit(job.id, None, Future())
+    assert admitted is not None
+    assert (admitted.pixels.ip_image == picture).all() and admitted.pixels.controls == ()

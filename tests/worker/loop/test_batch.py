@@ -58,3 +58,11 @@ def test_a_jobs_controlnets_become_each_rows_controls_with_their_maps():
         (a, b) = row.controlnets
         assert (a.name, a.image is edges, a.scale, a.start, a.end) == ("canny", True, 0.7, 0.1, 1.0)
         assert (b.name, b.image is depth, b.scale, b.start, b.end) == ("depth", True, 1.0, 0.0, 0.5)
+
+
+def test_a_jobs_ip_adapter_becomes_each_rows_image_prompt():
+    picture = np.zeros((80, 120, 3), np.uint8)
+    job = make_job(n=2, ip_adapter={"name": "style", "image": "inputs/t/s.png", "scale": 0.6})
+    for row in rows_for(job, InputPixels(ip_image=picture)):
+        assert (row.ip_adapter.name, row.ip_adapter.image is picture, row.ip_adapter.scale) == ("style", True, 0.6)
+    assert all(row.ip_adapter is None for row in rows_for(make_job(n=1), InputPixels()))

@@ -123,3 +123,10 @@ def test_controlnets_appear_with_their_image_scale_and_window():
     assert (got["name"], got["image"], got["scale"]) == ("canny", "inputs/t/c.png", 0.7)
     assert (got["start"], got["end"]) == (0, 0.8)
     assert (got["preprocess"], got["low_threshold"], got["high_threshold"]) == ("canny", 100, 200)
+
+
+def test_an_ip_adapter_appears_with_its_image_and_scale():
+    prompt = {"name": "style", "image": "inputs/t/s.png", "scale": 0.6}
+    params = parameters(make_job(ip_adapter=prompt), 0, StandInEngine([(64, 64)], 2, 0.0), [])
+    assert params["ip_adapter"] == prompt
+    assert "ip_adapter" not in parameters(make_job(), 0, StandInEngine([(64, 64)], 2, 0.0), [])
