@@ -30,6 +30,7 @@ import itertools
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,8 +99,8 @@ def _order_for_workers(items: list[pytest.Item]) -> None:
     on one xdist worker, so a module's stack or engine (module-scoped) starts once, and modules go out in the
     order left here: the slow ones (which mostly wait: outages, kills) each beside one that compiles or starts
     stacks (CPU-bound), so that the two overlap; then the rest of those; then the fast ones, which fill the gaps
-    at the end. (pytest-xdist's `loadgroup` would also keep all of live_stack's modules on one worker, but its
-    groups do not take with pytest 9: it renames items through an attribute pytest no longer reads.)"""
+    at the end. Every module on `live_stack` is one work unit (pytest_xdist_make_scheduler below), so the stack
+    starts once in the run, not once per xdist worker."""
 
     def marked(item: pytest.Item, *names: str) -> bool:
         return any(item.get_closest_marker(name) for name in names)
@@ -116,6 +117,39 @@ def _order_for_workers(items: list[pytest.Item]) -> None:
     rest = [name for name in modules if name not in slow and name not in heavy]
     paired = [name for pair in itertools.zip_longest(slow, heavy) for name in pair if name is not None]
     items[:] = [item for name in (*paired, *rest) for item in modules[name]]
+
+
+LIVE_STACK_UNIT = "tests::live_stack"  # the xdist work unit of every module that runs on live_stack
+
+
+def _live_stack_modules() -> frozenset[str]:
+    """The test modules that use `live_stack`, from their source: the xdist controller schedules by node id and
+    collects nothing, so it cannot ask the fixtures (a module reaches live_stack only by naming it: no other
+    fixture depends on it)."""
+    root = Path(__file__).parent
+    return frozenset(
+        str(path.relative_to(root.parent)) for path in root.rglob("test_*.py") if "live_stack" in path.read_text()
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadscope` with every live_stack module in one unit: each xdist worker would otherwise start its
+    own stack (a worker process compiling every served program: minutes of both cores). pytest-xdist's
+    `loadgroup` would do it through marks, but its groups do not take with pytest 9 (it renames items through an
+    attribute pytest no longer reads)."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    modules = _live_stack_modules()
+
+    class LiveStackTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return LIVE_STACK_UNIT if scope.split("::")[0] in modules else scope
+
+    return LiveStackTogether(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
