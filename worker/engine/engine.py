@@ -23,7 +23,9 @@ batch and whose projections are fused (program_weights.py lays the weights out s
 `light_step=False` is the step as it was, for bench/engine.py's before/after. A model served in FP8
 (LoadOptions(quantize=Quantize.fp8)) has its UNet's linear layers quantized when they are placed.
 
-Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
+Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes, and
+`Pending.estimate(done)` copies the rows' denoised estimate after that chunk off the devices (previews: the
+finisher asks for it every few steps; a batch nobody asks costs nothing but keeping one latent per chunk).
 """
 
 from __future__ import annotations
@@ -82,12 +84,20 @@ class Pending:
     steps: int = 0  # the batch's step count: its longest row's (the base's and the refiner's)
     marks: list[tuple[int, Any]] = field(default_factory=list)  # (steps done, a scalar ready when they are)
     adapters: list[list[lora.Adapter]] = field(default_factory=list)
+    # steps done -> the rows' denoised estimate then, on the devices ((batch_rows, C, h, w): SamplerState.d)
+    estimates: dict[int, Any] = field(default_factory=dict)
 
     def progress(self) -> Iterator[int]:
         """Steps done, as each chunk of steps finishes on the device (blocks between them)."""
         for done, mark in self.marks:
             mark.block_until_ready()
             yield done
+
+    def estimate(self, done: int) -> np.ndarray | None:
+        """The rows' denoised estimate (rows, C, h, w) float32 once `done` steps ran (blocks until they have);
+        None when no chunk ended there. Latents are small (128x128x4 per 1024 px row): a cheap copy."""
+        found = self.estimates.get(done)
+        return None if found is None else np.asarray(found, np.float32)[: self.rows]
 
     def fetch(self) -> Output:
         images = np.asarray(self.images)[: self.rows]  # blocks until the device is done
@@ -289,16 +299,17 @@ class Engine:
             images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
             controls = ControlInputs(self.control_weights, images, scales)
         marks: list[tuple[int, Any]] = []
+        estimates: dict[int, Any] = {}
         size = (height, width)
-        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, controls)
+        state, scalars = self._sample(Role.base, adapters, batch.base, start, guided, size, marks, estimates, controls)
         steps, params, role = batch.base.steps, self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
-            state, scalars = self._sample(Role.refiner, None, batch.refiner, start, guided, (height, width), marks)
+            state, scalars = self._sample(Role.refiner, None, batch.refiner, start, guided, size, marks, estimates)
             steps, params, role = steps + batch.refiner.steps, self.refiner_params, Role.refiner
         finish = self.executable(height, width, ProgramKind(Part.finish, output=Pixels(output), model=role))
         images, finite = finish(params, state, scalars)
-        return Pending(images, finite, len(rows), batch.truncated, steps, marks, used)
+        return Pending(images, finite, len(rows), batch.truncated, steps, marks, used, estimates)
 
     def _sample(
         self,
@@ -309,10 +320,12 @@ class Engine:
         guided: bool,
         size: tuple[int, int],
         marks: list[tuple[int, Any]],
+        estimates: dict[int, Any],
         controls: ControlInputs | None = None,
     ) -> tuple[SamplerState, Any]:
         """begin, then advance once per chunk of progress_every_steps, on one model; a mark per chunk goes on
-        `marks`, counting on from the steps already there. Returns (the last state, the rows' scalars)."""
+        `marks`, counting on from the steps already there, and its denoised estimate in `estimates`. Returns
+        (the last state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
         kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None)
         begin = self.executable(*size, kind)
@@ -325,6 +338,7 @@ class Engine:
             stop = min(first + self.progress_every_steps, inputs.steps)
             state, mark = advance(params, adapters, state, rest, self._step(first), self._step(stop))
             marks.append((done + stop, mark))
+            estimates[done + stop] = state.d  # a reference, not a copy: nothing moves unless asked for
         return state, placed.scalars
 
     def _noise(self, seeds: Any, latents: np.ndarray | None, rows: int, height: int, width: int) -> Any:

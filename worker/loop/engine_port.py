@@ -57,6 +57,10 @@ class PendingBatch(Protocol):
 
     def progress(self) -> Iterator[int]: ...  # steps done, as the device gets through them (blocks between)
 
+    # the rows' denoised estimate (rows, 4, h, w) float32 latents after `done` steps (a value progress yielded);
+    # None where there is none. Previews (worker/loop/preview.py) draw it
+    def estimate(self, done: int) -> np.ndarray | None: ...
+
     def fetch(self) -> BatchOutput: ...  # waits for the device; raises if the program failed there
 
 
