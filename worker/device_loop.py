@@ -99,18 +99,8 @@ class DeviceLoop:
         self._finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
         in_flight = threading.Semaphore(MAX_IN_FLIGHT)
-        finisher = Finisher(
-            store,
-            redis,
-            served,
-            writer,
-            recorder,
-            self.presence,
-            self._uploads,
-            in_flight,
-            self._stop,
-            settings.preview_every_steps,
-        )
+        finisher = Finisher(store, redis, served, writer, recorder, self.presence, self._uploads, in_flight, self._stop)
+        finisher.preview_every_steps = settings.preview_every_steps
         self.dispatcher = Dispatcher(
             served,
             store,
