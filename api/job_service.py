@@ -28,6 +28,7 @@ from common.jobs import (
     JobRequest,
     JobStatus,
     LimitError,
+    Progress,
     check_controlnets,
     check_ip_adapter,
     check_limits,
@@ -89,8 +90,15 @@ def to_public(job: Job, services: Services, request: Request) -> JobPublic:
         images=images,
         truncated=job.truncated,
         attempts=job.attempts,
-        progress=job.progress if job.status != JobStatus.queued else None,
+        progress=_progress(job),
     )
+
+
+def _progress(job: Job) -> Progress | None:
+    """The worker's last report while running; as it ended once ended, without a preview (the image is there)."""
+    if job.status == JobStatus.queued or job.progress is None:
+        return None
+    return job.progress if job.status not in TERMINAL else job.progress.model_copy(update={"preview": None})
 
 
 def queue_position(job: Job, services: Services) -> int | None:
@@ -288,6 +296,7 @@ async def event_stream(first: Job, services: Services, caller: Caller, request: 
                     if job.status == JobStatus.queued:
                         data["queue_position"] = public.queue_position
                     else:
+                        # with `preview` on the reports that carry one (preview: true jobs, every few steps)
                         data["progress"] = public.progress.model_dump() if public.progress else None
                     yield _event(job.status.value, json.dumps(data))
                     sent, quiet_since = state, loop.time()

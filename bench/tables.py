@@ -300,6 +300,21 @@ def progress() -> str:
     return markdown(["variant", "median batch s", "vs fused"], rows)
 
 
+def preview() -> str:
+    r = Run("preview-cpu-mid-256").summary
+    med, work = r["median_batch_s"], r["median_preview_work_s"]
+    rows = [
+        ["progress (no preview)", f"{fixed(med['progress'], 2)}", "1.000", "-"],
+        [
+            f"preview every 5 steps ({r['previews_per_batch']} previews)",
+            f"{fixed(med['preview_every_5'], 2)}",
+            f"{fixed(r['preview_over_progress'], 3)}",
+            f"{fixed(1000 * work, 1)} ms ({fixed(r['preview_work_pct'], 3)}%)",
+        ],
+    ]
+    return markdown(["variant", "median batch s", "vs progress", "preview work per batch (share)"], rows)
+
+
 def sampling() -> str:
     r = Run("sampling-cpu-mid-256").summary
     what = {
@@ -440,6 +455,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "retention": retention,
     "datasets": datasets,
     "progress": progress,
+    "preview": preview,
     "sampling": sampling,
     "lora": lora,
     "step-count": step_count,

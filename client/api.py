@@ -8,6 +8,7 @@
     async with AsyncClient(url, api_key=key) as sdxl:
         job = await sdxl.submit("a red bicycle")
         async for event in sdxl.events(job.id):   # queued -> running (step by step) -> succeeded
+            # with submit(..., preview=True), event.preview: a small WebP data URL every few steps
             print(event.name, event.data)
 
 What every call does the same way:
@@ -88,7 +89,7 @@ class Job:
     request: dict[str, Any]
     images: list[Image]
     queue_position: int | None
-    progress: dict[str, int] | None  # {"step", "steps"} once running
+    progress: dict[str, Any] | None  # {"step", "steps"} once running (and "preview" on some, with preview)
     error: str | None
     raw: dict[str, Any] = field(repr=False)
 
@@ -147,6 +148,18 @@ class Event:
     @property
     def final(self) -> bool:
         return self.name in TERMINAL
+
+    @property
+    def preview(self) -> str | None:
+        """The job's current estimate as a `data:image/webp;base64,...` URL, on the running events that carry
+        one (a job submitted with preview=True, every few steps); else None."""
+        return (self.data.get("progress") or {}).get("preview") if self.name == "running" else None
+
+    @property
+    def preview_bytes(self) -> bytes | None:
+        """The preview's WebP file, decoded from its data URL."""
+        url = self.preview
+        return base64.b64decode(url.split(",", 1)[1]) if url else None
 
 
 # ---------------------------------------------------------------------- what both clients share

@@ -233,6 +233,12 @@ class JobRequest(BaseModel):
         "IP-Adapter, or none, still share a batch.",
     )
     output_format: OutputFormat = OutputFormat.png
+    preview: bool = Field(
+        False,
+        strict=True,  # true or false only: "yes" or 1 is a 422 naming the field, not a guess
+        description="Every few steps (the deployment's SDXL_PREVIEW_EVERY_STEPS) the job's progress carries a "
+        "small image of its current estimate: `progress.preview`, a WebP data URL at most 256 px on its long side.",
+    )
     webhook_url: Text | None = Field(
         None, max_length=2000, description="Called (signed, Standard Webhooks) when the job ends."
     )
@@ -316,10 +322,14 @@ def check_ip_adapter(request: JobRequest, served: list[str]) -> None:
 
 
 class Progress(BaseModel):
-    """How far a running job is: `step` of `steps` denoising steps done."""
+    """How far a running job is: `step` of `steps` denoising steps done; with `preview: true` on the request,
+    `preview` is the current estimate of its first image (a WebP data URL, at most 256 px; worker/loop/preview.py)
+    on the reports that carry one."""
 
     step: int
     steps: int
+    # left out of the JSON when absent: a report without one reads {"step", "steps"}, as before previews
+    preview: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class RenderConditions(BaseModel):

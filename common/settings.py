@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     # stream). Each chunk is one more dispatch of the steps' program: 0.9% of a 20-step batch on the CPU mid
     # model at 1, within that run's noise (bench/progress.py); a larger value reports less often, costs less
     progress_every_steps: int = Field(1, ge=1)
+    # a job with `preview: true` gets a small image of its current estimate in its progress about every this many
+    # steps (at the first report due after them; never at the last step): one latent copied off the device and
+    # a 128 px WebP made on the host, a few ms each (cost to a batch: docs/benchmarks.md, "Previews")
+    preview_every_steps: int = Field(5, ge=1)
     # the worker's own Prometheus metrics (queue wait, latency, device and upload histograms) on this port's
     # /metrics; 0: not served. Several workers on one host need one port each
     worker_metrics_port: int = Field(9101, ge=0, le=65535)

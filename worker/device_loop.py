@@ -31,7 +31,7 @@ from common.worker_registry import WorkerRegistry
 from worker.loop.admission import Admission
 from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.engine_port import EnginePort, Engines
-from worker.loop.finisher import Finisher
+from worker.loop.finisher import PREVIEW_EVERY_STEPS, Finisher
 from worker.loop.outcome import JobOutcome
 from worker.loop.presence import HEARTBEAT_S, Presence, fleet_sweep
 from worker.loop.recorder import Recorder
@@ -48,6 +48,7 @@ class LoopSettings:
     upload_backoff_max_s: float = 8.0
     max_attempts: int = 3  # runs of a job before it fails
     heartbeat_s: float = HEARTBEAT_S
+    preview_every_steps: int = PREVIEW_EVERY_STEPS  # a `preview: true` job's preview after this many steps
 
     @classmethod
     def of(cls, settings: Settings) -> LoopSettings:
@@ -58,6 +59,7 @@ class LoopSettings:
             upload_backoff_s=settings.upload_backoff_s,
             upload_backoff_max_s=settings.upload_backoff_max_s,
             max_attempts=settings.max_attempts,
+            preview_every_steps=settings.preview_every_steps,
         )
 
 
@@ -99,6 +101,7 @@ class DeviceLoop:
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
         in_flight = threading.Semaphore(MAX_IN_FLIGHT)
         finisher = Finisher(store, redis, served, writer, recorder, self.presence, self._uploads, in_flight, self._stop)
+        finisher.preview_every_steps = settings.preview_every_steps
         self.dispatcher = Dispatcher(
             served,
             store,

@@ -183,6 +183,7 @@ async function formRequest() {
     num_images: Number(f.num_images.value),
     scheduler: f.scheduler.value,
     output_format: f.output_format.value,
+    preview: f.preview.checked,
   };
   if (f.negative_prompt.value) request.negative_prompt = f.negative_prompt.value;
   if (f.seed.value !== "") request.seed = Number(f.seed.value);
@@ -250,6 +251,7 @@ function showJob(job) {
   $("job-images").replaceChildren();
   $("job-params").hidden = true;
   $("job-progress").hidden = true;
+  hidePreview();
   $("cancel").disabled = ENDED.has(job.status);
   onEvent(job.status, job);
 }
@@ -308,6 +310,22 @@ function parseEvent(block) {
   return data.length ? { name, data: JSON.parse(data.join("\n")) } : null;
 }
 
+// The job's current estimate, as the worker drew it (a small WebP data URL, every few steps): kept until
+// the next one, since events between previews carry none.
+function showPreview(url, step) {
+  const img = $("job-preview");
+  img.src = url;
+  img.dataset.step = String(step);
+  img.hidden = false;
+}
+
+function hidePreview() {
+  const img = $("job-preview");
+  img.hidden = true;
+  img.removeAttribute("src");
+  delete img.dataset.step;
+}
+
 function onEvent(name, data) {
   const state = $("job-state");
   const bar = $("job-progress");
@@ -321,11 +339,13 @@ function onEvent(name, data) {
       bar.max = p.steps;
       bar.value = p.step;
       state.textContent = `Running: step ${p.step} of ${p.steps}.`;
+      if (p.preview) showPreview(p.preview, p.step);
     } else {
       state.textContent = "Running: on a device.";
     }
   } else if (ENDED.has(name)) {
     $("cancel").disabled = true;
+    hidePreview(); // the image itself, or the reason there is none, replaces it
     if (name === "succeeded") {
       bar.value = bar.max;
       const took = data.finished_at && data.created_at ? ` in ${(data.finished_at - data.created_at).toFixed(1)} s` : "";
@@ -408,6 +428,7 @@ function useSettings(job) {
   f.num_images.value = r.num_images;
   f.scheduler.value = r.scheduler;
   f.output_format.value = r.output_format;
+  f.preview.checked = r.preview ?? true;
   f.timestep_spacing.value = r.timestep_spacing ?? "";
   reused = { init_image: r.init_image, mask_image: r.mask_image };
   f.init_image.value = "";

@@ -100,6 +100,9 @@ def test_list_is_paginated_newest_first(client):
         ({**GOOD, "prompt": "x" * 2001}, "prompt", "at most 2000 characters"),
         ({**GOOD, "colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({**GOOD, "steps": "many"}, "steps", "valid integer"),
+        ({**GOOD, "preview": "yes"}, "preview", "valid boolean"),
+        ({**GOOD, "preview": 1}, "preview", "valid boolean"),
+        ({**GOOD, "preview": None}, "preview", "valid boolean"),
     ],
 )
 def test_bad_requests_name_the_field(client, body, field, hint):

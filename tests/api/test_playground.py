@@ -24,6 +24,13 @@ RECORD_STATES = """() => {
   const node = document.getElementById("job-state");
   new MutationObserver(() => window.states.push(node.textContent)).observe(node, {childList: true, subtree: true});
 }"""
+# Records each preview the page draws (its step and decoded size), as it loads: the job may end a moment later.
+RECORD_PREVIEWS = """() => {
+  window.previews = [];
+  const img = document.getElementById("job-preview");
+  img.addEventListener("load", () => window.previews.push([Number(img.dataset.step), img.naturalWidth,
+    img.naturalHeight, !img.hidden && img.getBoundingClientRect().width > 0]));
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +98,8 @@ def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page,
     sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.value)")
     assert sizes == ["64x64", "96x64"]  # from GET /v1/models
     page.evaluate(RECORD_STATES)
+    page.evaluate(RECORD_PREVIEWS)
+    assert page.is_checked("#preview")  # live previews unless unticked
 
     page.fill("#prompt", "a red fox in the snow")
     page.select_option("#size", "96x64")
@@ -106,6 +115,10 @@ def test_submit_see_progress_the_image_its_parameters_and_use_its_settings(page,
     steps = [int(s.split("step ")[1].split(" ")[0]) for s in states if s.startswith("Running: step")]
     assert steps and steps == sorted(steps) and all(s.endswith(" of 120.") for s in states if "step" in s), states
     assert any(s.startswith("Queued") for s in states), states  # the job was seen queued before it ran
+    # previews drawn while it ran: the worker's WebP of the estimate, the latents' size (96x64 / 8), shown
+    previews = page.evaluate("window.previews")
+    assert previews and all(p[1:] == [12, 8, True] and 5 <= p[0] < 120 for p in previews), previews
+    assert page.is_hidden("#job-preview")  # the image replaced it
     # the <img> is in the page as the job ends; its bytes arrive a moment later (on a busy machine, later still)
     page.wait_for_function(
         "() => { const i = document.querySelector('#job-images img'); return i.complete && i.naturalWidth > 0; }",

@@ -52,6 +52,20 @@ def test_the_event_stream_goes_queued_running_step_by_step_succeeded(sdxl):
     assert names == ["queued"] * names.count("queued") + ["running"] * len(running) + ["succeeded"]
 
 
+def test_a_job_with_preview_streams_small_webp_previews_before_its_image(sdxl):
+    job = sdxl.submit("a slow boat", width=96, height=64, steps=150, seed=4, preview=True)
+    events = list(sdxl.events(job.id))
+    assert events[-1].name == "succeeded" and events[-1].data["progress"] == {"step": 150, "steps": 150}
+    previews = [(e.data["progress"]["step"], e.preview_bytes) for e in events if e.preview]
+    assert previews, [e.data for e in events]  # at least one, and all of them before the image
+    for step, webp in previews:
+        assert 5 <= step < 150
+        with Image.open(io.BytesIO(webp)) as im:
+            assert im.format == "WEBP" and im.size == (12, 8)  # the latents' size: 96x64 / 8
+    plain = sdxl.submit("a slow boat", width=64, height=64, steps=20, seed=4)
+    assert not any(e.preview for e in sdxl.events(plain.id))  # only for jobs that asked
+
+
 def test_a_canceled_job_ends_its_stream_canceled(sdxl):
     job = sdxl.submit("never mind", width=64, height=64, steps=150)
     assert sdxl.cancel(job.id)["status"] == "canceled"

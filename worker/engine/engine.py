@@ -24,7 +24,9 @@ batch and whose projections are fused (program_weights.py lays the weights out s
 `light_step=False` is the step as it was, for bench/engine.py's before/after. A model served in FP8
 (LoadOptions(quantize=Quantize.fp8)) has its UNet's linear layers quantized when they are placed.
 
-Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes.
+Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes, and
+`Pending.estimate(done)` copies the rows' denoised estimate after that chunk off the devices (previews: the
+finisher asks for it every few steps; a batch nobody asks costs nothing but keeping one latent per chunk).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Pending:
     truncated: list[bool]
     steps: int = 0  # the batch's step count: its longest row's (the base's and the refiner's)
     adapters: list[list[lora.Adapter]] = field(default_factory=list)
+    # steps done -> the rows' denoised estimate then, on the devices ((batch_rows, C, h, w): SamplerState.d)
+    estimates: dict[int, Any] = field(default_factory=dict)
 
     def progress(self) -> Iterator[int]:
         """Steps done, as each chunk of steps finishes on the device (blocks between them); ends early when the
@@ -113,6 +117,12 @@ class Pending:
         """Drop the chunks not yet enqueued (every row's result is unwanted): True when some were, and the batch
         has no images (fetch raises feed.Canceled); False when it had been fed whole."""
         return self.ticket.cancel()
+
+    def estimate(self, done: int) -> np.ndarray | None:
+        """The rows' denoised estimate (rows, C, h, w) float32 once `done` steps ran (blocks until they have);
+        None when no chunk ended there. Latents are small (128x128x4 per 1024 px row): a cheap copy."""
+        found = self.estimates.get(done)
+        return None if found is None else np.asarray(found, np.float32)[: self.rows]
 
     def fetch(self) -> Output:
         images, finite = self.ticket.wait()  # raises feed.Canceled, or what enqueueing raised
@@ -338,8 +348,9 @@ class Engine:
             pixels, scales = (jax.device_put(x, self.rows_sharding) for x in batch.image_prompts)
             images = ImageInputs(self.image_weights, pixels, scales)
         steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
-        calls = self._calls(batch, adapters, start, guided, (height, width), output, controls, images)
-        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used)
+        estimates: dict[int, Any] = {}  # steps done -> the rows' denoised estimate (previews), kept as they run
+        calls = self._calls(batch, adapters, start, guided, (height, width), output, (controls, images), estimates)
+        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used, estimates)
 
     def _calls(
         self,
@@ -349,17 +360,17 @@ class Engine:
         guided: bool,
         size: tuple[int, int],
         output: str,
-        controls: ControlInputs | None,
-        images: ImageInputs | None,
+        conditioning: tuple[ControlInputs | None, ImageInputs | None],
+        estimates: dict[int, Any],
     ) -> feed.Calls:
         """The batch's device calls, for the feed: begin, advance per chunk (yielding its mark) -> [the refiner's
         begin and advance on the base's sample] -> finish. Returns (images, finite) on the devices."""
-        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, controls, images)
+        base = self._sample(Role.base, adapters, batch.base, start, guided, size, 0, estimates, *conditioning)
         state, scalars = yield from base
         params, role = self.params, Role.base
         if batch.refiner is not None:  # the refiner's steps on the base's sample, queued behind the base's
             start = start.replace(init=state.x)
-            refined = self._sample(Role.refiner, None, batch.refiner, start, guided, size, batch.base.steps)
+            refined = self._sample(Role.refiner, None, batch.refiner, start, guided, size, batch.base.steps, estimates)
             state, scalars = yield from refined
             params, role = self.refiner_params, Role.refiner
         finish = self.executable(*size, ProgramKind(Part.finish, output=Pixels(output), model=role))
@@ -374,11 +385,13 @@ class Engine:
         guided: bool,
         size: tuple[int, int],
         done: int,
+        estimates: dict[int, Any],
         controls: ControlInputs | None = None,
         images: ImageInputs | None = None,
     ) -> Generator[feed.Mark, None, tuple[SamplerState, Any]]:
         """begin, then advance once per chunk of progress_every_steps, on one model, yielding each chunk's mark
-        (steps done counting on from `done`). Returns (the last state, the rows' scalars)."""
+        (steps done counting on from `done`) and keeping its denoised estimate in `estimates`. Returns (the last
+        state, the rows' scalars)."""
         params = self.params if role is Role.base else self.refiner_params
         kind = ProgramKind(Part.begin, guided, model=role, adapted=adapters is not None, imaged=images is not None)
         begin = self.executable(*size, kind)
@@ -390,6 +403,7 @@ class Engine:
             stop = min(first + self.progress_every_steps, inputs.steps)
             state, mark = advance(params, adapters, state, rest, self.constants.step(first), self.constants.step(stop))
             self.dispatched["chunk"] += 1
+            estimates[done + stop] = state.d  # a reference, not a copy: nothing moves unless asked for
             yield done + stop, mark
         return state, placed.scalars
 

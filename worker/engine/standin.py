@@ -76,6 +76,16 @@ class StandInPending:
         self.canceled = time.monotonic() < self.done_at
         return self.canceled
 
+    def estimate(self, done: int) -> np.ndarray | None:
+        """A latent-shaped estimate (rows, 4, h/8, w/8) after `done` steps: the pictures' colours, noisier the
+        earlier (no model: something a preview can draw)."""
+        if not 1 <= done <= self.steps:
+            return None
+        small = self.images[: self.rows, ::8, ::8, :].astype(np.float32) / 127.5 - 1.0  # (rows, h/8, w/8, 3)
+        latents = np.concatenate([small, np.zeros_like(small[..., :1])], axis=-1).transpose(0, 3, 1, 2)
+        noise = np.random.default_rng(done).normal(0, 1 - done / self.steps, latents.shape)
+        return (latents + noise).astype(np.float32)
+
     def fetch(self) -> Output:
         if self.canceled:
             raise Canceled("the batch was canceled")

@@ -59,6 +59,10 @@ class PendingBatch(Protocol):
 
     def cancel(self) -> bool: ...  # drop its steps not yet enqueued (True: the batch stops, with no images)
 
+    # the rows' denoised estimate (rows, 4, h, w) float32 latents after `done` steps (a value progress yielded);
+    # None where there is none. Previews (worker/loop/preview.py) draw it
+    def estimate(self, done: int) -> np.ndarray | None: ...
+
     def fetch(self) -> BatchOutput: ...  # waits for the device; raises if the program failed there
 
 

@@ -1,6 +1,7 @@
 """The finisher: a dispatched batch followed to its end, on its own thread (one: batches are recorded in order).
 Progress as the device gets through the steps (a batch whose every job was canceled meanwhile stopped there,
-its remaining chunks never enqueued), the images fetched, written (results.py, on the upload pool) and
+its remaining chunks never enqueued; a preview every few steps for jobs that asked: preview.py), the images
+fetched, written (results.py, on the upload pool) and
 recorded (recorder.py). A batch that raises is run again job by job, so that a poison job fails alone."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from common.jobs import ImageRecord, Job, JobStatus, Progress
 from common.logs import bound
 from common.outage import REDIS_DOWN, die
 from worker.batcher import Batch
+from worker.loop import preview
 from worker.loop.batch import Admitted, LoopBatch
 from worker.loop.engine_port import BatchOutput, Engines, PendingBatch
 from worker.loop.outcome import JobOutcome
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # A batch's progress is written at most this often (and at its last step): a small model's steps take
 # milliseconds, and Redis needs not hear of each.
 PROGRESS_INTERVAL_S = 0.2
+PREVIEW_EVERY_STEPS = 5  # SDXL_PREVIEW_EVERY_STEPS' default: 3 previews in a 20-step job
 
 
 @dataclass
@@ -48,6 +51,15 @@ def per_job(jobs: list[Job], per_row: list[bool]) -> dict[str, bool]:
         flags[job.id] = any(per_row[row : row + job.request.num_images])
         row += job.request.num_images
     return flags
+
+
+def first_rows(jobs: list[Job]) -> dict[str, int]:
+    """Each job's first row in the batch (jobs in row order, num_images rows each)."""
+    rows, row = {}, 0
+    for job in jobs:
+        rows[job.id] = row
+        row += job.request.num_images
+    return rows
 
 
 def progress_report(jobs: list[Job], done: int) -> dict[str, Progress]:
@@ -82,6 +94,7 @@ class Finisher:
         uploads: Executor,
         in_flight: threading.Semaphore,
         stop: threading.Event,
+        preview_every_steps: int = PREVIEW_EVERY_STEPS,
     ):
         self.store = store
         self.redis = redis  # its outage noted by a dropped progress report
@@ -92,6 +105,7 @@ class Finisher:
         self.uploads = uploads  # encodes and uploads images, several at once
         self.in_flight = in_flight  # a slot freed per batch ended (the dispatcher's limit)
         self.stop = stop
+        self.preview_every_steps = preview_every_steps
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
 
     def finish(self, started: Started) -> None:
@@ -188,14 +202,21 @@ class Finisher:
         see whether every job was canceled meanwhile: then the batch's remaining chunks are dropped, and False.
         Best effort: with Redis away a report is dropped (the next one, or the end, says more), never waited for."""
         interactive = [job for job in jobs if job.lane != "bulk"]
+        previewing = [job for job in interactive if job.request.preview]
+        rows = first_rows(jobs)
         throttle = ProgressThrottle(pending.steps)
+        last_preview = 0  # steps done at the last preview
         for done in pending.progress():
             if done < pending.steps and self._all_canceled(jobs) and pending.cancel():
                 return False
             if not interactive or not throttle.due(time.monotonic(), done):
                 continue
+            report = progress_report(interactive, done)
+            if previewing and preview.due(done, last_preview, pending.steps, self.preview_every_steps):
+                last_preview = done
+                self._add_previews(pending, done, report, previewing, rows)
             try:
-                self.store.record_progress(progress_report(interactive, done))
+                self.store.record_progress(report)
             except REDIS_DOWN as exc:
                 self.redis.outage.failed(exc)
         return True
@@ -207,3 +228,19 @@ class Finisher:
         except REDIS_DOWN as exc:
             self.redis.outage.failed(exc)
             return False
+
+    def _add_previews(
+        self, pending: PendingBatch, done: int, report: dict[str, Progress], jobs: list[Job], rows: dict[str, int]
+    ) -> None:
+        """Each job's first image's estimate after `done` steps, drawn into its report (not once its own steps
+        are done). A preview that fails is left out, with a log line: it never fails the batch."""
+        try:
+            estimate = pending.estimate(done)  # (rows, 4, h, w): one copy off the device for every job
+            if estimate is None:
+                return
+            for job in jobs:
+                if done < job.request.steps:
+                    url = preview.preview(estimate[rows[job.id]])
+                    report[job.id] = report[job.id].model_copy(update={"preview": url})
+        except Exception:
+            log.warning("a preview could not be made; the job's progress goes without it", exc_info=True)

@@ -162,6 +162,10 @@ def test_progress_reports_each_chunk_of_steps_and_the_chunks_change_nothing(engi
     chunked = Engine(tiny32, [(64, 64)], batch_rows=4, progress_every_steps=3)
     pending = chunked.dispatch(rows, 64, 64)
     assert list(pending.progress()) == [3, 6, 7]
+    # each chunk's denoised estimate, for previews: the rows' latents (not the padding's), none between chunks
+    early, late = pending.estimate(3), pending.estimate(6)
+    assert early.shape == (2, 4, 8, 8) and early.dtype == np.float32 and pending.estimate(4) is None
+    assert np.isfinite(late).all() and not np.array_equal(early, late)
     # the same steps, whatever the chunks: the same pixels (a chunk boundary that skipped or repeated a step,
     # or lost the sampler's previous estimate, would change them)
     np.testing.assert_array_equal(pending.fetch().images, by_step)

@@ -2,13 +2,19 @@
 raises run again job by job, progress reports; against an in-memory fake store (tests/helpers/loop_fakes.py, which
 records every call), the stand-in engine, a local-folder storage and an upload pool that runs each call at once."""
 
+import base64
+import io
 import threading
 from concurrent.futures import Future
+
+import numpy as np
+from PIL import Image
 
 from common.jobs import JobStatus
 from tests.helpers.loop_fakes import FixedPending, InlineExecutor, make_job, output, redis_retry, rig
 from worker.batcher import Batch
 from worker.engine.standin import StandInEngine
+from worker.loop import preview
 from worker.loop.batch import Admitted, BatchKey
 from worker.loop.finisher import Finisher, ProgressThrottle, Started, per_job, progress_report
 
@@ -169,3 +175,42 @@ def test_a_batch_with_one_job_left_runs_to_its_end(tmp_path):
     f.finish(s)
     assert pending.canceled_at is None and pending.seen == list(range(1, 9))
     assert [a.future.result() for a in s.running] == ["canceled", "succeeded"]
+
+
+class RowLatents(FixedPending):
+    """A batch whose estimate after any step is row i's latents all i / 2 (each row draws its own colour)."""
+
+    def estimate(self, done: int) -> np.ndarray | None:
+        rows = len(self.output.finite)
+        return np.broadcast_to(np.arange(rows, dtype=np.float32)[:, None, None, None] / 2, (rows, 4, 8, 8)).copy()
+
+
+def test_jobs_that_asked_get_a_preview_of_their_first_row_every_k_steps_and_never_at_their_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(ProgressThrottle, "due", lambda self, now_s, done: True)  # every step reported
+    jobs = [
+        make_job("a", JobStatus.running, n=2, steps=12, preview=True),  # rows 0, 1
+        make_job("b", JobStatus.running, steps=12),  # row 2: did not ask
+        make_job("c", JobStatus.running, steps=6, preview=True),  # row 3: done at its 6th step
+    ]
+    r = rig(tmp_path, *jobs)
+    f, _ = finisher(r)
+    f.preview_every_steps = 5
+    f.finish(started(jobs, RowLatents(output(4), steps=12, marks=list(range(1, 13)))))
+    shown = {j.id: [(p[j.id].step, p[j.id].preview) for p in r.store.progress if p[j.id].preview] for j in jobs}
+    assert [step for step, _ in shown["job-a"]] == [5, 10] and shown["job-b"] == []
+    assert [step for step, _ in shown["job-c"]] == [5]
+    assert len(r.store.progress) == 12 and r.store.progress[-1]["job-a"].preview is None  # the last: the image
+    colour = lambda url: np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))))[4, 4]  # noqa: E731
+    assert abs(int(colour(shown["job-a"][0][1])[0]) - 141) <= 4  # row 0: zero latents, the map's bias
+    assert abs(int(colour(shown["job-c"][0][1])[0]) - preview.latent_rgb(np.full((4, 1, 1), 1.5))[0, 0, 0]) <= 4
+
+
+def test_a_failing_preview_leaves_the_progress_report_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(ProgressThrottle, "due", lambda self, now_s, done: True)
+    monkeypatch.setattr(preview, "preview", lambda latents: 1 / 0)
+    job = make_job("a", JobStatus.running, steps=6, preview=True)
+    r = rig(tmp_path, job)
+    f, _ = finisher(r)
+    f.finish(started([job], FixedPending(output(1), steps=6, marks=list(range(1, 7)))))
+    assert [p["job-a"].step for p in r.store.progress] == [1, 2, 3, 4, 5, 6]
+    assert r.store.jobs["job-a"].status == JobStatus.succeeded
