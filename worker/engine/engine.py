@@ -332,21 +332,17 @@ class Engine:
         noise = self._noise(seeds, latents, len(rows), height, width)
         self._place()
         start = self._start(batch, noise, seeds, height, width)
+        used_parts = {
+            "encode": batch.images,
+            "lora": adapters,
+            "control": batch.controls,
+            "ip_adapter": batch.image_prompts,
+        }
+        self.dispatched.update([name for name, part in used_parts.items() if part is not None])
         self.dispatched["advance" if guided else "advance-free"] += 1
-        if batch.images is not None:
-            self.dispatched["encode"] += 1
-        if adapters is not None:
-            self.dispatched["lora"] += 1
-        controls = None
-        if batch.controls is not None:
-            self.dispatched["control"] += 1
-            images, scales = (jax.device_put(x, self.rows_sharding) for x in batch.controls)
-            controls = ControlInputs(self.control_weights, images, scales)
-        images = None
-        if batch.image_prompts is not None:
-            self.dispatched["ip_adapter"] += 1
-            pixels, scales = (jax.device_put(x, self.rows_sharding) for x in batch.image_prompts)
-            images = ImageInputs(self.image_weights, pixels, scales)
+        put = lambda pair: [jax.device_put(x, self.rows_sharding) for x in pair]  # noqa: E731
+        controls = None if batch.controls is None else ControlInputs(self.control_weights, *put(batch.controls))
+        images = None if batch.image_prompts is None else ImageInputs(self.image_weights, *put(batch.image_prompts))
         steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
         estimates: dict[int, Any] = {}  # steps done -> the rows' denoised estimate (previews), kept as they run
         calls = self._calls(batch, adapters, start, guided, (height, width), output, (controls, images), estimates)
