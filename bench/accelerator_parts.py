@@ -96,7 +96,10 @@ def run_jax(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
     dev = jax.devices()[0]
     dtype = np.dtype(plan.dtype)  # bf16; float32 on the dry run's CPU (XLA:CPU emulates bf16)
     options = model.LoadOptions(dtype, variant="fp16", background=True)  # no weight cache: nothing to flush
-    m = model.load(run_record(results, "setup")["model_dir"], options)
+    # An engine streams its model's weights onto the devices and the model keeps none on the host (a full-size
+    # start fits), so each engine gets its own load of the folder (cheap: read as the engine places it)
+    load = lambda: model.load(run_record(results, "setup")["model_dir"], options)  # noqa: E731
+    m = load()
     hw = plan.size
 
     # FLOPs: the file `bench/accelerator.sh prepare` keeps, else counted here on the CPU backend (shapes only)
@@ -162,7 +165,6 @@ def run_jax(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
         work = n * steps / plan.steps * (1.0 if guided else 0.5) * (1.5 if n < plan.batch else 1.0)
         return per_image_s * max(work, 1.0) + 1.0
 
-    fp8 = dataclasses.replace(m, quantize=Quantize.fp8)
     engines: dict[str, Any] = {}
     todo = [(f"b{i}", n, plan.steps, True) for i, n in enumerate(plan.other_batches)]  # keys: b0, b1, c, d
     todo += [("c", plan.batch, plan.fast_steps, False), ("d", plan.batch, plan.steps, True)]
@@ -174,7 +176,10 @@ def run_jax(plan: Plan, results: harness.ResultFile, deadline_s: float) -> None:
             return main, {k: v for k, v in main.compile_s.items() if k not in before}
         if n == plan.batch and key != "d":
             return main, {}
-        engine = Engine(fp8 if key == "d" else m, [hw], n, attention="auto")
+        loaded = load()
+        engine = Engine(
+            dataclasses.replace(loaded, quantize=Quantize.fp8) if key == "d" else loaded, [hw], n, attention="auto"
+        )
         engine.compile(guided)
         return engine, dict(engine.compile_s)
 

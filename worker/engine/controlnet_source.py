@@ -57,9 +57,9 @@ def load(name: str, spec: str | Path, unet: UNetConfig, dtype: Any = jnp.float32
         raise ModelError(f"ControlNet {name!r} ({path}): not an SDXL ControlNet: {exc}") from exc
     _check_fits(name, config, unet)
     shapes = ControlNet(config, attention.einsum).shapes()
-    params, _ = convert_component(
+    params = convert_component(
         "controlnet", lambda: read_state(files), files, shapes, dtype, None, f"ControlNet {name!r} ({path})"
-    )
+    ).tree()
     return ControlModel(name, config, params, str(path))
 
 

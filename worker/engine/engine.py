@@ -238,8 +238,9 @@ class Engine:
             self.models, self.sizes, batch_rows, per_row, self.controlnets, self.ip_adapters, ip_size
         )
         # batches run: "advance" (guided) or "advance-free", and of those, "encode" (init images), "lora", "control",
-        # "ip_adapter"; and "chunk": step chunks enqueued on the devices (a canceled batch's remaining ones are not)
+        # "ip_adapter"; chunks: step chunks enqueued on the devices (a canceled batch's remaining ones are not)
         self.dispatched: collections.Counter[str] = collections.Counter()
+        self.chunks = 0
         self.feed = feed.Feed(chunks_ahead)
         self.constants = DeviceConstants(self.executables, batch_rows, self.rows_sharding, self.replicated)
 
@@ -398,7 +399,7 @@ class Engine:
         for first in range(0, inputs.steps, self.progress_every_steps):
             stop = min(first + self.progress_every_steps, inputs.steps)
             state, mark = advance(params, adapters, state, rest, self.constants.step(first), self.constants.step(stop))
-            self.dispatched["chunk"] += 1
+            self.chunks += 1
             estimates[done + stop] = state.d  # a reference, not a copy: nothing moves unless asked for
             yield done + stop, mark
         return state, placed.scalars

@@ -83,7 +83,7 @@ def _encoder(folder: Path, vision: VisionConfig, dtype: Any, what: str) -> Any:
         raise ModelError(f"{what}: the image encoder has no {key}")
     cls = state.pop(key)
     state.pop("vision_model.embeddings.position_ids", None)
-    params, _ = convert_component("image_encoder", lambda: state, files, shapes, dtype, None, f"{what} encoder")
+    params = convert_component("image_encoder", lambda: state, files, shapes, dtype, None, f"{what} encoder").tree()
     if cls.shape != token.shape:
         raise ModelError(f"{what}: {key} is {cls.shape}, the config's {token.shape}")
     params["vision_model"]["embeddings"]["class_embedding"] = np.asarray(cls, dtype)

@@ -115,7 +115,7 @@ def test_a_batch_canceled_before_it_started_never_reaches_the_device():
 def test_the_engine_stops_a_canceled_batch_and_runs_the_next(engine32):
     """The real engine, one step a chunk: canceled after its first step, a 12-step batch enqueues at most the
     chunks in flight; the next batch's images are what it makes alone."""
-    before = engine32.dispatched["chunk"]
+    before = engine32.chunks
     long = engine32.dispatch([Row("a cat", seed=1, steps=12)], 64, 64)
     next_rows = [Row("a dog", seed=2, steps=2)]
     after = engine32.dispatch(next_rows, 64, 64)
@@ -126,6 +126,6 @@ def test_the_engine_stops_a_canceled_batch_and_runs_the_next(engine32):
     with pytest.raises(feed.Canceled):
         long.fetch()
     got = after.fetch().images
-    ran = engine32.dispatched["chunk"] - before - 2  # the second batch's two
+    ran = engine32.chunks - before - 2  # the second batch's two
     assert 1 <= ran <= 1 + engine32.feed.ahead < 12
     assert np.array_equal(got, engine32.generate(next_rows, 64, 64).images)
