@@ -110,6 +110,10 @@ def content_hash(stored_key: str) -> str:
     return stored_key.rsplit("/", 1)[-1].removesuffix(".png")
 
 
-def pixels(data: bytes, mask: bool) -> np.ndarray:
-    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L" if mask else "RGB"), dtype=np.uint8)
+def pixels(data: bytes, mask: bool, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask; at `size` (width, height) where given and
+    the stored image has another (a data set line names an image a job of another size stored: normalize's
+    Lanczos; a job's own inputs were stored at its size, and come back untouched)."""
+    with Image.open(io.BytesIO(data)) as image:
+        converted = normalize(image, *(size or image.size), mask=mask)
+    return np.asarray(converted, dtype=np.uint8)
