@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from common import inputs
 from common.jobs import (
@@ -78,6 +78,12 @@ MAX_CAPTION_CHARS = 4096
 MAX_IMAGES_PER_LINE = 64
 
 
+KEYS_ONLY = (
+    "a data set line names an image by this tenant's stored key (inputs/<tenant>/<sha256>.png: what a job answered "
+    "with in its `request`), not base64 or a data: URL"
+)
+
+
 class DatasetStatus(StrEnum):
     running = "running"  # lines are being fed and generated
     canceling = "canceling"  # canceled: feeding stopped, lines already on a device finish and are kept
@@ -113,6 +119,18 @@ class DatasetDefaults(BaseModel):
     controlnets: list[ControlNetRequest] = Field([], max_length=MAX_CONTROLNETS_PER_JOB)
     ip_adapter: IPAdapterRequest | None = None
     output_format: OutputFormat = OutputFormat.png
+
+    @field_validator("init_image", "mask_image", "controlnets", "ip_adapter")
+    @classmethod
+    def _by_key(cls, value: Any) -> Any:
+        """Images by key, as on a line (refused here, once, rather than on every line); whose key it is, and
+        whether it is stored, is checked with each line (api/job_inputs.py StoredImages)."""
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            image = v.image if isinstance(v, ControlNetRequest | IPAdapterRequest) else v
+            if image is not None and not inputs.is_key(image):
+                raise ValueError(KEYS_ONLY)
+        return value
 
     def public(self) -> dict[str, Any]:
         """As the data set card shows them: input images by content hash (`init_image_sha256`, a ControlNet's
@@ -390,12 +408,6 @@ class Validator:
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_IMAGES_PER_LINE:
             return LineError(number, "num_images", f"an integer from 1 to {MAX_IMAGES_PER_LINE}")
         return chosen, metadata, count
-
-
-KEYS_ONLY = (
-    "a data set line names an image by this tenant's stored key (inputs/<tenant>/<sha256>.png: what a job answered "
-    "with in its `request`), not base64 or a data: URL"
-)
 
 
 def _not_unicode(data: dict[str, Any]) -> str | None:
