@@ -600,16 +600,6 @@ def conditioning(request: JobRequest) -> dict[str, Any]:
         "init_image_sha256": inputs.content_hash(r.init_image) if r.init_image else None,
         "mask_image_sha256": inputs.content_hash(r.mask_image) if r.mask_image else None,
         "refiner": r.refiner.model_dump() if r.refiner else None,
-        "controlnets": [
-            {**c.model_dump(mode="json", exclude={"image"}), "image_sha256": inputs.content_hash(c.image)}
-            for c in r.controlnets
-        ],
-        "ip_adapter": (
-            {
-                **r.ip_adapter.model_dump(mode="json", exclude={"image"}),
-                "image_sha256": inputs.content_hash(r.ip_adapter.image),
-            }
-            if r.ip_adapter is not None
-            else None
-        ),
+        "controlnets": [inputs.by_hash(c) for c in r.controlnets],
+        "ip_adapter": inputs.by_hash(r.ip_adapter) if r.ip_adapter is not None else None,
     }

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import io
 import re
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -108,6 +109,12 @@ def content_hash(stored_key: str) -> str:
     """The sha256 of a stored input (its key's file name): what an image's metadata records of its inputs, never
     the key, whose folder names the tenant."""
     return stored_key.rsplit("/", 1)[-1].removesuffix(".png")
+
+
+def by_hash(part: Any) -> dict[str, Any]:
+    """A ControlNet's or IP-Adapter's request (a pydantic model with an `image` key) as an image's record keeps it
+    (PNG parameters, a data set's manifest): its image by content hash (`image_sha256`), never by key."""
+    return {**part.model_dump(mode="json", exclude={"image"}), "image_sha256": content_hash(part.image)}
 
 
 def pixels(data: bytes, mask: bool, size: tuple[int, int] | None = None) -> np.ndarray:
