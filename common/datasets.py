@@ -4,7 +4,9 @@ Shared by the API (validates and stores the input) and the worker's feeder (read
 Nothing here knows HTTP, Redis or JAX.
 
 A line is one image: {"id": "cat-001", "prompt": "a cat", ...}; fields a line leaves out come from the run's
-`defaults`. Every line is checked against the same limits as an interactive job before anything runs.
+`defaults`. A line takes every generation field of a job (NOT_LINE_FIELDS names the rest, and why), its images by
+the tenant's stored key only. Every line is checked by the job's own code before anything runs: check_limits here,
+and what the API passes in Limits (api/served.py check_request, api/job_inputs.py StoredImages).
 """
 
 from __future__ import annotations
