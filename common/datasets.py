@@ -4,7 +4,7 @@ Shared by the API (validates and stores the input) and the worker's feeder (read
 Nothing here knows HTTP, Redis or JAX.
 
 A line is one image: {"id": "cat-001", "prompt": "a cat", ...}; fields a line leaves out come from the run's
-`defaults`. A line takes every generation field of a job (NOT_LINE_FIELDS names the rest, and why), its images by
+`defaults`. A line takes every generation field of a job (OTHER_JOB_FIELDS names the rest, and why), its images by
 the tenant's stored key only. Every line is checked by the job's own code before anything runs: check_limits here,
 and what the API passes in Limits (api/served.py check_request, api/job_inputs.py StoredImages).
 """
@@ -62,9 +62,9 @@ GENERATION_FIELDS = (
     "controlnets",
     "ip_adapter",
 )
-# A job's fields that no line takes, and why: the rest of JobRequest is a line's (tests/common/test_datasets.py
-# holds the two lists to JobRequest, so a new job field is a line field or named here)
-NOT_LINE_FIELDS = {
+# A job's fields that are not generation fields of a line, and what a data set has instead: the rest of JobRequest
+# is (tests/common/test_datasets.py holds the two to JobRequest, so a new job field is a line field or named here)
+OTHER_JOB_FIELDS = {
     "num_images": "a line field of its own: each image its own id and manifest row",
     "output_format": "one per run: `defaults.output_format`",
     "preview": "a job's live progress; a data set's progress is its counts",
