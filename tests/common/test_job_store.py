@@ -3,7 +3,6 @@
 import time
 
 import pytest
-import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus
@@ -12,8 +11,8 @@ from tests.helpers.servers import at_once
 
 
 @pytest.fixture
-def store(redis_url, key_prefix) -> JobStore:
-    return JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+def store(store_redis, key_prefix) -> JobStore:
+    return JobStore(store_redis, key_prefix, ttl_s=60)
 
 
 def req(**kw) -> JobRequest:
@@ -92,9 +91,9 @@ def test_queue_position_follows_submit_order(store):
     assert [store.queue_position(i) for i in ids] == [1, 2, 3]
 
 
-def test_records_expire(store, redis_url):
+def test_records_expire(store, store_redis):
     job_id, _ = store.create(req())
-    assert 0 < redis.Redis.from_url(redis_url).ttl(store.keys.job(job_id)) <= 60
+    assert 0 < store_redis.ttl(store.keys.job(job_id)) <= 60
 
 
 def test_idempotency(store):
@@ -141,7 +140,7 @@ def test_a_transition_moves_the_jobs_own_tenants_queued_set_whatever_the_caller_
     assert store.transition("nope", JobStatus.canceled, tenant="acme") == (False, None)
 
 
-def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, redis_url, key_prefix):
+def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, store_redis, key_prefix):
     """Fair order: tenant a's backlog of five does not hold back b's and c's jobs (each tenant's oldest first),
     and each job taken is in the worker's held set by the same script."""
     a = [store.create(req(), tenant="a")[0] for _ in range(5)]
@@ -149,7 +148,7 @@ def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, redis_url
     c = [store.create(req(), tenant="c")[0] for _ in range(2)]
     taken = [store.take("w1") for _ in range(9)]
     assert taken == [a[0], b, c[0], a[1], c[1], a[2], a[3], a[4], None]
-    assert set(WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix).held("w1")) == set(taken[:-1])
+    assert set(WorkerRegistry(store_redis, key_prefix).held("w1")) == set(taken[:-1])
 
 
 def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
@@ -164,10 +163,10 @@ def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
     assert store.take("w3") == first
 
 
-def test_each_model_has_its_own_ring_and_a_take_for_one_never_takes_anothers_job(redis_url, key_prefix):
+def test_each_model_has_its_own_ring_and_a_take_for_one_never_takes_anothers_job(store_redis, key_prefix):
     """A worker takes only jobs for the model it asks for (a job that names none is the default model's), in
     fair order among that model's tenants; given back or requeued, a job returns to its own model's ring."""
-    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60, default_model="a")
+    store = JobStore(store_redis, key_prefix, ttl_s=60, default_model="a")
     b = [store.create(req(model="b"), tenant=t)[0] for t in ("x", "x", "y")]
     a_default, a_named = store.create(req(), tenant="x")[0], store.create(req(model="a"), tenant="y")[0]
     assert [store.take("wa", "a"), store.take("wa", "a"), store.take("wa", "a")] == [a_default, a_named, None]

@@ -145,38 +145,40 @@ def test_the_layout_on_the_wire():
         k.rate_window("read", "id", 7),
         k.everything,
     ] == [
-        "P:job:j",
-        "P:queued",
-        "P:running",
-        "P:recent:T",
-        "P:tenant-queued:T",
-        "P:ready:m:T",
-        "P:ready-tenants:m",
-        "P:idem:T:h",
-        "P:outbox",
-        "P:seq",
+        "{P}:job:j",
+        "{P}:queued",
+        "{P}:running",
+        "{P}:recent:T",
+        "{P}:tenant-queued:T",
+        "{P}:ready:m:T",
+        "{P}:ready-tenants:m",
+        "{P}:idem:T:h",
+        "{P}:outbox",
+        "{P}:seq",
         "P:ended",
         "P:progress",
-        "P:worker:w",
-        "P:workers",
-        "P:held:w",
-        "P:holders",
+        "{P}:worker:w",
+        "{P}:workers",
+        "{P}:held:w",
+        "{P}:holders",
         "P:sweep-lock",
         "P:image-sweep-lock",
         "P:batches",
-        "P:datasets:active",
-        "P:datasets:recent:T",
+        "{P}:datasets:active",
+        "{P}:datasets:recent:T",
         "P:dataset-idem:T:h",
-        "P:apikey:h",
-        "P:apikeys",
+        "{P}:apikey:h",
+        "{P}:apikeys",
         "P:rate:read:id:7",
-        "P:*",
+        ("{P}:*", "P:*"),
     ]
     parts = ("inflight", "done", "rows", "failed", "canceled", "retry", "rate", "lock")
-    assert run.record == "P:dataset:R" and [getattr(run, p) for p in parts] == [f"P:dataset:R:{p}" for p in parts]
+    assert run.record == "{P}:dataset:R" and [getattr(run, p) for p in parts] == [f"{{P}}:dataset:R:{p}" for p in parts]
     kept = ("", ":done", ":failed", ":rate", ":rows", ":canceled")  # what _FINISH used to expire by suffix
-    assert run.kept == tuple(f"P:dataset:R{suffix}" for suffix in kept)
-    assert k.worker_name(b"P:worker:host-1-2") == "host-1-2" and k.held_worker("P:held:host-1-2") == "host-1-2"
+    assert run.kept == tuple(f"{{P}}:dataset:R{suffix}" for suffix in kept)
+    assert k.worker_name(b"{P}:worker:host-1-2") == "host-1-2" and k.held_worker("{P}:held:host-1-2") == "host-1-2"
+    with pytest.raises(ValueError):
+        Keys("a}b")  # the prefix is the hash tag: a brace in it would end the tag early
 
 
 def test_no_key_string_is_built_outside_the_keys_module():
