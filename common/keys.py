@@ -86,6 +86,15 @@ from dataclasses import dataclass
 RECORD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+# The parts (a key's first name after the prefix) whose keys carry the tag; the rest are `P:<part>...`
+TAGGED_PARTS = frozenset(
+    {
+        *("job", "queued", "running", "recent", "tenant-queued", "ready", "ready-tenants", "idem", "outbox", "seq"),
+        *("worker", "workers", "held", "holders", "dataset", "datasets", "apikey", "apikeys"),
+    }
+)
+
+
 @dataclass(frozen=True)
 class RunKeys:
     """The keys of one data set run ({P}:dataset:R and its parts)."""
@@ -133,7 +142,22 @@ class Keys:
     @property
     def everything(self) -> tuple[str, ...]:
         """SCAN globs that, together, match every key under the prefix (braces are no glob characters)."""
-        return (self._tagged("*"), self._alone("*"))
+        return (self._tagged("*"), self.untagged)
+
+    @property
+    def untagged(self) -> str:
+        """A SCAN glob for the keys without the tag: those that spread over a cluster, and every key of the layout
+        before hash tags (`renamed`)."""
+        return self._alone("*")
+
+    def renamed(self, key: bytes | str) -> str | None:
+        """A key of the layout before hash tags (every key was `P:<part>...`): its name now, or None where that is
+        unchanged (common/key_migration.py renames a deployment's keys with it)."""
+        name = _text(key)
+        rest = name[len(self.prefix) + 1 :]
+        if not name.startswith(self._alone("")) or rest.split(":")[0] not in TAGGED_PARTS:
+            return None
+        return self._tagged(rest)
 
     # ------------------------------------------------------------------ jobs
 

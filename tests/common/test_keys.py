@@ -26,6 +26,7 @@ STORES = {
     "common/rate_limit.py",
 }
 PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
+MIGRATION = {"common/key_migration.py"}  # renames keys by their names: SCAN and RENAMENX
 
 # The names of the layout's parts, as a key string would carry them between colons.
 PARTS = (
@@ -181,12 +182,29 @@ def test_the_layout_on_the_wire():
         Keys("a}b")  # the prefix is the hash tag: a brace in it would end the tag early
 
 
+def test_each_tagged_key_is_renamed_from_its_name_before_the_tags_and_no_other():
+    """Before hash tags every key was P:<part>...: `renamed` maps each tagged key's old name to its name now, and
+    leaves those that kept theirs (and keys not of the layout, such as a queue named P:something) alone."""
+    k = Keys("P")
+    run = k.run("R")
+    tagged = [k.job("j"), k.queued, k.running, k.recent("T"), k.tenant_queued("T"), k.ready("m", "T")]
+    tagged += [k.ready_tenants("m"), k.idempotency("T", "h"), k.outbox, k.seq, k.worker("w"), k.workers]
+    tagged += [k.held("w"), k.holders, k.datasets_active, k.datasets_recent("T"), k.api_key("h"), k.api_key_ids]
+    tagged += [run.record, run.inflight, run.done, run.rows, run.failed, run.canceled, run.retry, run.rate, run.lock]
+    alone = [k.sweep_lock, k.image_sweep_lock, k.batches, k.dataset_idempotency("T", "h"), k.rate_window("r", "i", 7)]
+    assert all(key.startswith("{P}:") for key in tagged) and not any(key.startswith("{") for key in alone)
+    assert [k.renamed("P:" + key.removeprefix("{P}:")) for key in tagged] == tagged
+    assert [k.renamed(key) for key in alone] == [None] * len(alone)
+    others = ("P:queue-name", "Q:job:j", "PP:job:j", b"P:job:j")
+    assert [k.renamed(name) for name in others] == [None, None, None, "{P}:job:j"]
+
+
 def test_no_key_string_is_built_outside_the_keys_module():
     assert offences(ROOT, KEY_BUILDING, {KEYS_MODULE}, literals=True) == []
 
 
 def test_no_raw_redis_client_outside_the_stores():
-    assert offences(ROOT, RAW_CLIENT, STORES | PUB_SUB_AND_SERVER) == []
+    assert offences(ROOT, RAW_CLIENT, STORES | PUB_SUB_AND_SERVER | MIGRATION) == []
 
 
 def test_the_checks_see_what_they_look_for(tmp_path):
