@@ -5,7 +5,8 @@ import time
 import pytest
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
-from common.jobs import ImageRecord, JobRequest, JobStatus
+from common.jobs import ImageRecord, JobRequest, JobStatus, Progress
+from common.keys import Keys
 from common.worker_registry import WorkerRegistry
 from tests.helpers.servers import at_once
 
@@ -186,3 +187,40 @@ def test_a_job_canceled_while_ready_leaves_it_and_its_tenant_the_ring(store):
     store.transition(job_id, JobStatus.canceled, tenant="a")
     assert store.ready_count("a") == 0
     assert [store.take("w"), store.take("w")] == [other, None]
+
+
+def test_a_jobs_end_is_published_to_a_subscriber_on_another_node(store_redis, key_prefix):
+    """The script that ends a job publishes its id on P:ended (a channel, not a key): on a cluster a subscriber on
+    another master than the job's (the channel name's slot's, here chosen so) hears it too."""
+    prefix, node = key_prefix, getattr(store_redis, "get_node_from_key", None)
+    if node is not None:  # a cluster: a prefix whose records and channel are on two masters
+        prefixes = (f"{key_prefix}{i}" for i in range(100))
+        prefix = next(p for p in prefixes if node(Keys(p).ended).name != node(Keys(p).job("j")).name)
+    store = JobStore(store_redis, prefix, ttl_s=60)
+    job_id, _ = store.create(req())
+    with store_redis.pubsub() as events:
+        events.subscribe(store.keys.ended)
+        assert events.get_message(timeout=5)["type"] == "subscribe"
+        store.transition(job_id, JobStatus.canceled)
+        heard = events.get_message(timeout=5)
+    assert heard is not None and (heard["channel"], heard["data"]) == (store.keys.ended.encode(), job_id.encode())
+
+
+def test_progress_is_written_for_running_jobs_only_in_one_call(store, store_redis):
+    """One script over several jobs' hashes (a cluster pipeline carries no scripts): running jobs get their step and
+    their id on P:progress; a queued, an ended or an unknown job is left as it is."""
+    running = [store.create(req())[0] for _ in range(2)]
+    queued, ended = store.create(req())[0], store.create(req())[0]
+    for job_id in (*running, ended):
+        store.transition(job_id, JobStatus.running)
+    store.transition(ended, JobStatus.canceled)
+    with store_redis.pubsub() as events:
+        events.subscribe(store.keys.progress)
+        events.get_message(timeout=5)
+        reports = [*running, queued, ended, "nope"]
+        store.record_progress({i: Progress(step=n + 1, steps=9) for n, i in enumerate(reports)})
+        heard = [events.get_message(timeout=5) for _ in running]
+    assert [store.get(i).progress for i in running] == [Progress(step=1, steps=9), Progress(step=2, steps=9)]
+    assert store.get(queued).progress is None and store.get(ended).progress is None and store.get("nope") is None
+    assert [m["data"].decode() for m in heard] == running
+    store.record_progress({})  # nothing to report: no call
