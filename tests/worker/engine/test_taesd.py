@@ -1,0 +1,104 @@
+"""The preview decoder, TAESD, against PyTorch diffusers' AutoencoderTiny (fixtures/taesd.npz, made by
+make_taesd_reference.py from the same random weights, float32): TAESD-XL's config and a smaller one, each beside
+its neighbours (the fixed latent-to-RGB map, a block's weights swapped with the next one's, the latents not
+divided by the config's scaling factor), which must miss."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from worker.engine import convert, taesd
+from worker.engine.model_source import ModelError
+from worker.engine.taesd import TAESDConfig, TAESDDecoder
+from worker.loop import preview as loop_preview
+
+PARITY_TOL = 1e-4
+
+
+def _decode(decoder: taesd.PreviewDecoder, latents: np.ndarray, params=None) -> np.ndarray:
+    apply = jax.jit(TAESDDecoder(decoder.config).apply)
+    return np.asarray(apply({"params": params or decoder.params}, latents))
+
+
+def _swapped(params, a: str, b: str):
+    """The decoder's parameters with blocks `a` and `b` exchanged (same shapes: a plausible wrong wiring)."""
+    out = dict(params)
+    out[a], out[b] = params[b], params[a]
+    return out
+
+
+@pytest.mark.parametrize("case", ["xl", "small"])
+def test_the_decoder_matches_diffusers_autoencoder_tiny(taesd_reference, case):
+    ref = taesd_reference[case]
+    decoder = taesd.load(ref["folder"])
+    latents, want = ref["latents"], ref["decoded"]
+    got = _decode(decoder, latents)
+    assert got.shape == want.shape  # (B, 3, 8h, 8w) for TAESD-XL, (B, 3, 4h, 4w) for three stages
+    error = np.abs(got - want).max()
+    print(f"{case}: max abs error {error:.3g} (tolerance {PARITY_TOL})")
+    assert error <= PARITY_TOL
+    assert want.std() > 0.3  # a picture with contrast, not a constant a wrong network could also give
+    # neighbours: a block wired in the other's place, and the fixed map the previews use without TAESD
+    blocks = sorted((k for k in decoder.params if "conv_0" in decoder.params[k]), key=lambda k: int(k.split("_")[1]))
+    assert np.abs(_decode(decoder, latents, _swapped(decoder.params, *blocks[:2])) - want).max() > 100 * PARITY_TOL
+    mapped = np.stack([loop_preview.latent_rgb(row) for row in latents]).astype(np.float32) / 127.5 - 1
+    f = want.shape[-1] // latents.shape[-1]
+    mapped = mapped.repeat(f, axis=1).repeat(f, axis=2).transpose(0, 3, 1, 2)
+    assert np.abs(mapped - want).max() > 100 * PARITY_TOL
+
+
+@pytest.mark.parametrize("case", ["xl", "small"])
+def test_a_preview_is_what_sdxl_s_pipeline_decodes_with_it(taesd_reference, case):
+    """The UNet's latents divided by the config's scaling_factor (1.0 for TAESD-XL; 0.5 in "small", where
+    not dividing shows), decoded, in bytes: within one level of diffusers' (these are under 256 px: not shrunk)."""
+    ref = taesd_reference[case]
+    decoder = taesd.load(ref["folder"])
+    got = np.asarray(jax.jit(lambda p, x: taesd.preview(decoder.config, p, x))(decoder.params, ref["latents"]))
+    as_bytes = lambda image: np.round(np.clip(image / 2 + 0.5, 0, 1) * 255).transpose(0, 2, 3, 1)  # noqa: E731
+    assert got.dtype == np.uint8 and got.shape == as_bytes(ref["pipeline"]).shape
+    assert np.abs(got.astype(np.float32) - as_bytes(ref["pipeline"])).max() <= 1
+    if decoder.config.scaling_factor != 1.0:
+        assert np.abs(got.astype(np.float32) - as_bytes(ref["decoded"])).max() > 8
+
+
+def test_taesd_xl_s_config_is_the_default_and_its_weights_fill_it(taesd_reference):
+    ref = taesd_reference["xl"]
+    assert TAESDConfig.from_diffusers(ref["config"]) == TAESDConfig()
+    decoder = taesd.load(ref["folder"])
+    leaves = convert.flatten(decoder.params)
+    # conv_in, 10 blocks of 3 convs, 3 convs after the upsamplers (no bias), conv_out: 1.2M parameters, 64 wide
+    assert len([k for k in leaves if k[-1] == "kernel"]) == 1 + 10 * 3 + 3 + 1
+    assert decoder.config.scale_factor == 8
+    assert all(v.dtype == np.float32 for v in leaves.values())
+
+
+def test_a_large_image_s_preview_is_shrunk_on_the_device(taesd_reference):
+    ref = taesd_reference["small"]  # three stages: 4x
+    decoder = taesd.load(ref["folder"])
+    latents = np.random.default_rng(0).standard_normal((1, 4, 96, 80)).astype(np.float32)  # a 384x320 image
+    got = np.asarray(jax.jit(lambda p, x: taesd.preview(decoder.config, p, x))(decoder.params, latents))
+    assert got.shape == (1, 256, 213, 3) and got.dtype == np.uint8
+    full = np.clip(_decode(decoder, latents / decoder.config.scaling_factor) / 2 + 0.5, 0, 1) * 255
+    assert abs(float(got.mean()) - float(full.mean())) < 2  # the same picture, smaller
+
+
+def test_what_is_not_a_taesd_folder_is_refused(tmp_path, taesd_reference):
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        taesd.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ModelError, match="not a TAESD"):
+        taesd.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    with pytest.raises(ModelError, match="no weights"):
+        taesd.load(tmp_path)
+    small = taesd_reference["small"]
+    (tmp_path / "config.json").write_text(json.dumps(taesd_reference["xl"]["config"]))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(
+        (small["folder"] / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    with pytest.raises(ModelError, match="does not match"):
+        taesd.load(tmp_path)
