@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from worker.engine import convert, taesd
+from worker.engine import compile_log, convert, previews, taesd
+from worker.engine.engine import Engine, Programs, Row
 from worker.engine.model_source import ModelError
 from worker.engine.taesd import TAESDConfig, TAESDDecoder
-from worker.loop import preview as loop_preview
 
 PARITY_TOL = 1e-4
 
@@ -45,7 +45,7 @@ def test_the_decoder_matches_diffusers_autoencoder_tiny(taesd_reference, case):
     # neighbours: a block wired in the other's place, and the fixed map the previews use without TAESD
     blocks = sorted((k for k in decoder.params if "conv_0" in decoder.params[k]), key=lambda k: int(k.split("_")[1]))
     assert np.abs(_decode(decoder, latents, _swapped(decoder.params, *blocks[:2])) - want).max() > 100 * PARITY_TOL
-    mapped = np.stack([loop_preview.latent_rgb(row) for row in latents]).astype(np.float32) / 127.5 - 1
+    mapped = np.stack([previews.latent_rgb(row) for row in latents]).astype(np.float32) / 127.5 - 1
     f = want.shape[-1] // latents.shape[-1]
     mapped = mapped.repeat(f, axis=1).repeat(f, axis=2).transpose(0, 3, 1, 2)
     assert np.abs(mapped - want).max() > 100 * PARITY_TOL
@@ -102,3 +102,31 @@ def test_what_is_not_a_taesd_folder_is_refused(tmp_path, taesd_reference):
     )
     with pytest.raises(ModelError, match="does not match"):
         taesd.load(tmp_path)
+
+
+def test_an_engine_serving_taesd_compiles_its_preview_at_start_and_draws_a_row_with_it(
+    tiny32, engine32, taesd_reference
+):
+    decoder = taesd.load(taesd_reference["xl"]["folder"])
+    engine = Engine(tiny32, [(64, 96)], batch_rows=2, progress_every_steps=2, preview_decoder=decoder)
+    engine.compile(Programs.guided | Programs.uint8 | Programs.previews)
+    assert "2x64x96/preview" in engine.compile_s
+    rows = [Row("a lighthouse", seed=7, steps=4), Row("a boat", seed=8, steps=4)]
+    counter = compile_log.install()
+    before = counter.requests
+    pending = engine.dispatch(rows, 64, 96)
+    assert list(pending.progress()) == [2, 4]
+    drawn = [pending.preview(2, row) for row in range(2)]
+    assert counter.requests == before  # the preview program was compiled at start, never per request
+    assert pending.preview(3, 0) is None and pending.preview(2, 2) is None  # no chunk ended there; no such row
+    # TAESD's picture of each row's own estimate, at the image's size (under 256 px: not shrunk)
+    estimate = pending.estimate(2)
+    want = np.asarray(jax.jit(lambda p, x: taesd.preview(decoder.config, p, x))(decoder.params, estimate))
+    for row, got in enumerate(drawn):
+        assert got.shape == (64, 96, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(np.int16) - want[row]).max() <= 1
+    assert np.abs(drawn[0].astype(np.int16) - drawn[1]).max() > 8  # each row its own, not the first's
+    # an engine without a preview decoder draws the fixed map, at the latents' size
+    pending = engine32.dispatch(rows, 64, 96)
+    list(pending.progress())
+    np.testing.assert_array_equal(pending.preview(2, 1), previews.latent_rgb(pending.estimate(2)[1]))
