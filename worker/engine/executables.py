@@ -65,6 +65,8 @@ class Executables:
         preview: taesd.TAESDConfig | None = None,
     ):
         self.models, self.mesh, self.batch_rows, self.preview = models, mesh, batch_rows, preview
+        if preview is not None and preview.latent_channels != models[Role.base].latent_channels:
+            raise ValueError(f"the preview decoder takes {preview.latent_channels} latent channels, not the model's")
         self.controls = list(controls)
         self.images = list(images)  # the IP-Adapters the imaged programs run, in the engine's order
         sizes = {a.config.encoder.image_size for a in self.images}
