@@ -6,7 +6,8 @@ Two decoders:
   compiled at start with the served ones), which takes the batch's estimate where it is, on the devices, picks
   the row, decodes it and shrinks it to 256 px there: only the small picture's bytes leave the device. One row a
   call, so a batch pays for the jobs that asked, not for every row. TAESD-XL decodes a 1024 px row in about
-  0.5 TFLOP (its 64-wide convolutions at full size), some 10 ms on a recent GPU in float32.
+  0.56 TFLOP (its 64-wide convolutions at full size, counted from its shapes): seconds on a CPU
+  (docs/benchmarks.md, "Previews"), an accelerator's business.
 - Otherwise SDXL's fixed latent-to-RGB map, on the host in numpy: the batch's estimate copied off the device
   (small: 128x128x4 per 1024 px row), one matrix product per pixel, the latents' own size (128 px for 1024).
 
