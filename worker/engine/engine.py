@@ -139,8 +139,9 @@ class Pending:
         return None if found is None else np.asarray(found, np.float32)[: self.rows]
 
     def preview(self, done: int, row: int) -> np.ndarray | None:
-        """Row `row`'s estimate once `done` steps ran, drawn as RGB (H, W, 3) uint8 at most 256 px on its long
-        side (previews.py; blocks until the steps have run); None when no chunk ended there."""
+        """Row `row`'s estimate once `done` steps ran, drawn as RGB (H, W, 3) uint8 (previews.py: TAESD's at most
+        256 px on its long side, the fixed map's at the latents' size; blocks until the steps have run); None when
+        no chunk ended there."""
         found = self.estimates.get(done)
         return None if found is None or self.draw is None or not 0 <= row < self.rows else self.draw(found, row)
 
