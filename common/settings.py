@@ -186,6 +186,10 @@ class Settings(BaseSettings):
     # steps (at the first report due after them; never at the last step): one latent copied off the device and
     # a 128 px WebP made on the host, a few ms each (cost to a batch: docs/benchmarks.md, "Previews")
     preview_every_steps: int = Field(5, ge=1)
+    # previews decoded by TAESD (madebyollin/taesdxl: a diffusers AutoencoderTiny folder, config.json and
+    # diffusion_pytorch_model.safetensors; the decoder is read) on the devices, in a program compiled at start,
+    # instead of SDXL's fixed latent-to-RGB map on the host. '': the fixed map
+    preview_decoder: str = ""
     # the worker's own Prometheus metrics (queue wait, latency, device and upload histograms) on this port's
     # /metrics; 0: not served. Several workers on one host need one port each
     worker_metrics_port: int = Field(9101, ge=0, le=65535)

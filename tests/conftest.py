@@ -62,7 +62,7 @@ FIXTURE_MARKS = {
 # node id pattern (re.search) -> markers: tests that compile or start processes in their own body, and slow ones
 PATH_MARKS = [
     # every engine test module builds models or compiles, but those that only run numpy on names and shapes
-    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed)\.py)", ("engine",)),
+    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed|previews)\.py)", ("engine",)),
     (r"^tests/worker/engine/test_devices\.py", ("stack",)),  # engines in child processes (device counts, caches)
     (r"^tests/worker/loop/test_engine_port\.py::test_the_real_engine", ("engine",)),  # builds a tiny Engine inline
     (r"^tests/worker/test_main\.py", ("engine", "stack")),  # `python -m worker`'s start in child processes
