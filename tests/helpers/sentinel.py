@@ -46,11 +46,12 @@ class Process:
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1, **kwargs)
 
-    def wait_ready(self, timeout_s: float = 10) -> None:
+    def wait_ready(self, timeout_s: float = 10, **auth: str) -> None:
+        """Until it answers a PING (as the user of `auth`: username, password, when the default user is off)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if self.client().ping():
+                if self.client(**auth).ping():
                     return
             except redis.RedisError:
                 pass
