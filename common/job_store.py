@@ -342,6 +342,23 @@ class JobStore:
         )
         return ok
 
+    def ready_jobs(self, model: str | None = None, limit: int = 100) -> list[str]:
+        """Up to `limit` ids of the interactive jobs for `model` (None: the default) that no worker has taken, each
+        ready tenant's oldest first (for the sweep's stranded-job check, worker/sweeper.py wake_stranded)."""
+        name = self.model_of(model)
+        found: list[str] = []
+        for tenant in self._r.lrange(self.keys.ready_tenants(name), 0, limit - 1):
+            left = limit - len(found)
+            if left <= 0:
+                break
+            found += [i.decode() for i in self._r.zrange(self.keys.ready(name, tenant.decode()), 0, left - 1)]
+        return found
+
+    def messages_waiting(self, queue: str) -> int:
+        """The messages on a Celery queue that no worker has taken yet: kombu keeps a queue's messages (of the
+        default priority, the only one the service sends) in a list named as the queue."""
+        return int(self._r.llen(queue))
+
     def ready_count(self, tenant: str, model: str | None = None) -> int:
         """A tenant's interactive jobs for `model` (None: the default) that no worker has taken yet."""
         return self._r.zcard(self.keys.ready(self.model_of(model), tenant))

@@ -122,6 +122,34 @@ def _lost(api: httpx.Client, job_ids: list[str]) -> list[str]:
     return lost
 
 
+def _where(env: dict[str, str], jobs: dict[str, str]) -> dict[str, dict[str, object]]:
+    """What Redis holds of each job: its status and attempts, and which of the store's sets name it."""
+    from common.job_store import JobStore
+    from common.redis_connection import sync_client
+    from tests.helpers.servers import settings_from
+
+    settings = settings_from(env)
+    r = sync_client(settings)
+    keys = JobStore(r, settings.key_prefix).keys
+    held = {w.decode(): {m.decode() for m in r.smembers(keys.held(w.decode()))} for w in r.smembers(keys.holders)}
+    ready = {
+        m.decode()
+        for key in r.scan_iter(f"{settings.key_prefix}*ready*")
+        if r.type(key) == b"zset"
+        for m in r.zrange(key, 0, -1)
+    }
+    return {
+        i: {
+            "status": status,
+            "attempts": r.hget(keys.job(i), "attempts"),
+            "ready": i in ready,
+            "held_by": [w for w, ids in held.items() if i in ids],
+            "outbox": r.zscore(keys.outbox, i) is not None,
+        }
+        for i, status in jobs.items()
+    }
+
+
 def _new_primary_after(group: SentinelGroup, old_port: int, timeout_s: float = 30) -> float:
     """Seconds until the sentinels name a primary other than old_port."""
     t0 = time.monotonic()
@@ -173,10 +201,14 @@ def test_sigkill_of_the_primary_under_load_loses_no_accepted_job(tmp_path: Path)
         with httpx.Client(base_url=api.url, headers=headers, timeout=15) as client:
             lost = _lost(client, accepted)
 
-            def ended() -> bool:
-                return all(client.get(f"/v1/jobs/{i}").json()["status"] == "succeeded" for i in accepted)
+            def unfinished() -> dict[str, str]:
+                found = {i: client.get(f"/v1/jobs/{i}").json()["status"] for i in accepted}
+                return {i: status for i, status in found.items() if status != "succeeded"}
 
-            wait_for(ended, timeout_s=90, every_s=1)
+            deadline = time.monotonic() + 90
+            while (left := unfinished()) and time.monotonic() < deadline:
+                time.sleep(1)
+            assert not left, f"accepted jobs that never ended: {_where(env, left)}"
         unavailable_s = run.unavailable_s()
         print(
             f"failover: {len(accepted)} jobs accepted, {len(lost)} lost; answers {statuses}; "
