@@ -228,6 +228,9 @@ def test_sigkill_of_the_primary_under_load_loses_no_accepted_job(tmp_path: Path)
         assert set(statuses) <= {202, 503}, statuses  # an outage is a 503 (+ Retry-After), never a 500 or a hang
         assert unavailable_s < failover_s + 10, (unavailable_s, failover_s)
         assert worker.proc is not None and worker.proc.poll() is None, "the worker must ride out the failover"
+        # the asyncio client (the API's job-event subscription) and the worker's threads found the new primary too
+        assert "API job events: Redis is back" in (tmp_path / "api.log").read_text()
+        assert "device loop: Redis is back" in worker.log_tail(1_000_000)
     finally:
         if api is not None:
             api.stop()
