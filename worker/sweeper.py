@@ -1,6 +1,6 @@
 """The sweeps that make sure every stored job runs: one worker of the fleet runs them every heartbeat.
 
-- dead workers (`reissue_dead_workers`): a worker notes each job it takes off the queue in P:held:<worker>.
+- dead workers (`reissue_dead_workers`): a worker notes each job it takes off the queue in {P}:held:<worker>.
   When its heartbeat has lapsed (3 periods, 15 s), its held jobs go back to queued with the next
   generation and a new message, at once: Celery would redeliver them only after the visibility timeout
   (300 s). The dead worker's own messages, when Celery does redeliver them, are older than the record's

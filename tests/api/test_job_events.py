@@ -161,7 +161,9 @@ def test_an_end_while_the_subscription_is_down_is_not_missed(client, settings, m
     job ends before it has subscribed again: the resubscription wakes the waiter, which reads the end."""
     from api import job_events
 
-    monkeypatch.setattr(job_events, "FIRST_BACKOFF_S", 2.0)  # room to end the job while nobody listens
+    # room to end the job while nobody listens: the listener resubscribes only after this long. 2 s was too
+    # little on a loaded machine (the end was heard by the new subscription, and the check below failed)
+    monkeypatch.setattr(job_events, "FIRST_BACKOFF_S", 8.0)
     store = store_for(settings)
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
     wait_for(lambda: events(client).subscribed)
