@@ -133,12 +133,13 @@ class _Planted:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
-def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir, cold):
+def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir):
     import pickle
 
     from worker.engine import cache as aot_cache
 
-    cache = _copy(cold[2], tmp_path)  # as a first start left it
+    cache = tmp_path / "cache"
+    _run(tmp_path, tiny_dir, 1, "first", cache)
     marker = tmp_path / "pwned"
     planted = pickle.dumps(_Planted(str(marker)))
     files = list(cache.rglob("executables/*.bin"))
