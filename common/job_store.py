@@ -18,6 +18,7 @@ import redis
 
 from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus, Progress
 from common.keys import Keys
+from common.redis_connection import Durability
 
 T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
@@ -207,8 +208,11 @@ class JobStore:
         ttl_s: int = 7 * 24 * 3600,
         running_deadline_s: float = 900,
         default_model: str = "",
+        durability: Durability | None = None,
     ):
         self._r = client
+        # how many replicas must hold a new job before `create` returns (SDXL_REDIS_WAIT_REPLICAS)
+        self.durability = durability or Durability()
         self.keys = Keys(prefix)
         # the deployment's default model (the first of SDXL_MODELS): the ready sets of jobs that name no model
         self.default_model = default_model
@@ -242,6 +246,9 @@ class JobStore:
         has_key = bool(idempotency_key)
         if idempotency_key:
             idem = k.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
+        # WAIT counts the replicas holding what *its connection* wrote: the script and WAIT go down one connection
+        # together (a pipeline), so waiting for the replicas costs their acknowledgement, not another round trip
+        pipe = self._r.pipeline(transaction=False) if self.durability.replicas else None
         answer = self._create(
             keys=[
                 idem,
@@ -255,7 +262,13 @@ class JobStore:
                 k.ready_tenants(model),
             ],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model, int(has_key)],
+            client=pipe,
         )
+        if pipe is not None:
+            pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+            answer, confirmed = pipe.execute()
+            if answer[0].decode() != "full":  # a refusal wrote nothing worth waiting for
+                self.durability.check(confirmed)
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True
@@ -332,6 +345,23 @@ class JobStore:
             job.id, JobStatus.queued, [JobStatus.queued], tenant=job.tenant, model=job.request.model
         )
         return ok
+
+    def ready_jobs(self, model: str | None = None, limit: int = 100) -> list[str]:
+        """Up to `limit` ids of the interactive jobs for `model` (None: the default) that no worker has taken, each
+        ready tenant's oldest first (for the sweep's stranded-job check, worker/sweeper.py wake_stranded)."""
+        name = self.model_of(model)
+        found: list[str] = []
+        for tenant in self._r.lrange(self.keys.ready_tenants(name), 0, limit - 1):
+            left = limit - len(found)
+            if left <= 0:
+                break
+            found += [i.decode() for i in self._r.zrange(self.keys.ready(name, tenant.decode()), 0, left - 1)]
+        return found
+
+    def messages_waiting(self, queue: str) -> int:
+        """The messages on a Celery queue that no worker has taken yet: kombu keeps a queue's messages (of the
+        default priority, the only one the service sends) in a list named as the queue."""
+        return int(self._r.llen(queue))
 
     def ready_count(self, tenant: str, model: str | None = None) -> int:
         """A tenant's interactive jobs for `model` (None: the default) that no worker has taken yet."""

@@ -62,6 +62,7 @@ def _rename(client: redis.Redis, pairs: list[tuple[str, str]], dry_run: bool, do
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import redis_connection
     from common.settings import get_settings
 
     parser = argparse.ArgumentParser(
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="count, rename nothing")
     args = parser.parse_args(argv)
     settings = get_settings()
-    done = migrate(redis.Redis.from_url(settings.redis_url), settings.key_prefix, dry_run=args.dry_run)
+    done = migrate(redis_connection.sync_client(settings), settings.key_prefix, dry_run=args.dry_run)
     verb = "would rename" if args.dry_run else "renamed"
     print(f"{verb} {done.renamed} keys under {settings.key_prefix!r}")
     for old in done.clashes:

@@ -71,7 +71,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", env_file=".env", extra="ignore")
 
     # --- queue and job records
+    # redis://[user:password@]host:port/db, rediss://... (TLS; a private CA: ?ssl_ca_certs=/path/ca.pem) or
+    # unix:///path.sock. With SDXL_REDIS_SENTINELS its host is not used: the sentinels name the primary
+    # (common/redis_connection.py)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: the sentinels as host:port, comma-separated; '': SDXL_REDIS_URL's one server
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "sdxl"  # the name the sentinels monitor the primary under
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own (their requirepass); unset: none
+    # a submit is answered 202 only once this many replicas hold its job (Redis' WAIT); fewer within
+    # redis_wait_timeout_ms: 503 + Retry-After. 0: once the primary has it (a failover may lose it:
+    # docs/reliability.md, "Redis that fails over")
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(1000, ge=1)
     queue_name: str = "sdxl"  # interactive jobs
     bulk_queue_name: str = "sdxl-bulk"  # data set lines: consumed after the interactive queue is empty
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with it, or with it in braces (a hash tag)
@@ -186,6 +198,10 @@ class Settings(BaseSettings):
     # steps (at the first report due after them; never at the last step): one latent copied off the device and
     # a 128 px WebP made on the host, a few ms each (cost to a batch: docs/benchmarks.md, "Previews")
     preview_every_steps: int = Field(5, ge=1)
+    # previews decoded by TAESD (madebyollin/taesdxl: a diffusers AutoencoderTiny folder, config.json and
+    # diffusion_pytorch_model.safetensors; the decoder is read) on the devices, in a program compiled at start,
+    # instead of SDXL's fixed latent-to-RGB map on the host. '': the fixed map
+    preview_decoder: str = ""
     # the worker's own Prometheus metrics (queue wait, latency, device and upload histograms) on this port's
     # /metrics; 0: not served. Several workers on one host need one port each
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
@@ -312,6 +328,13 @@ class Settings(BaseSettings):
             )
         if self.running_deadline_s <= self.visibility_timeout_s:
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_reachable_as_said(self) -> Settings:
+        from common.redis_connection import Topology  # imports this module
+
+        Topology.of(self)  # RedisSettingError (a ValueError) naming the setting
         return self
 
     @field_validator("controlnets")

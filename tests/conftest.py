@@ -62,7 +62,7 @@ FIXTURE_MARKS = {
 # node id pattern (re.search) -> markers: tests that compile or start processes in their own body, and slow ones
 PATH_MARKS = [
     # every engine test module builds models or compiles, but those that only run numpy on names and shapes
-    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed)\.py)", ("engine",)),
+    (r"^tests/worker/engine/(?!test_(schedule|convert|tensor_file|feed|previews)\.py)", ("engine",)),
     (r"^tests/worker/engine/test_devices\.py", ("stack",)),  # engines in child processes (device counts, caches)
     (r"^tests/worker/loop/test_engine_port\.py::test_the_real_engine", ("engine",)),  # builds a tiny Engine inline
     (r"^tests/worker/test_main\.py", ("engine", "stack")),  # `python -m worker`'s start in child processes
@@ -72,6 +72,7 @@ PATH_MARKS = [
     (r"^tests/bench/test_accelerator\.py::test_the_dry_run", ("engine", "stack")),
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
+    (r"^tests/common/test_redis_failover\.py", ("stack", "slow")),  # Valkey + sentinels; the primary SIGKILLed
     (r"^tests/worker/test_redis_outage\.py", ("stack", "slow")),  # 10 s and 60 s outages
     (r"^tests/worker/test_storage_outage\.py", ("slow",)),  # up to a 60 s outage
     (r"^tests/worker/test_shutdown\.py", ("slow",)),  # workers killed mid-batch, redelivery after timeouts

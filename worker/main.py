@@ -115,6 +115,7 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         resident_on_host=jax_platform() == "cpu",
         available_bytes=_available_bytes(settings),
     )
+    decoder = _preview_decoder(settings)
     engines = {}
     for i, entry in enumerate(entries):
         options = dataclasses.replace(
@@ -141,7 +142,8 @@ def build_engines(settings: Settings, registry=None) -> dict:  # -> {model name:
         if i == 0 and settings.refiner:  # read while the model's weights are still coming in (background)
             refiner = model.load(settings.refiner, shared)
         # the refiner beside the default model only (its weights would be on the devices once per model)
-        engines[entry.name] = _engine(settings, m, folder, refiner if i == 0 else None, t0, registry, i == 0)
+        served_refiner = refiner if i == 0 else None
+        engines[entry.name] = _engine(settings, m, folder, served_refiner, t0, registry, i == 0, decoder)
     if not engines:
         raise SystemExit(f"no model fits in SDXL_MODEL_MEMORY_BYTES={settings.model_memory_bytes}: nothing to serve")
     log.info("serving %d models: %s", len(engines), ", ".join(engines))
@@ -191,7 +193,21 @@ def _ip_adapters(settings: Settings, m) -> list:  # -> [IPAdapterModel]
     return loaded
 
 
-def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True):  # -> Engine
+def _preview_decoder(settings: Settings):  # -> taesd.PreviewDecoder | None
+    """SDXL_PREVIEW_DECODER's TAESD, read once for every model's engine; one that cannot be read stops the start."""
+    if not settings.preview_decoder:
+        return None
+    from worker.engine import taesd
+
+    try:
+        decoder = taesd.load(settings.preview_decoder)
+    except taesd.ModelError as exc:
+        raise SystemExit(f"SDXL_PREVIEW_DECODER: {exc}") from None
+    log.info("previews decoded by TAESD from %s", decoder.source)
+    return decoder
+
+
+def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default: bool = True, decoder=None):
     import jax
     import numpy as np
 
@@ -215,6 +231,11 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
     controlnets = _controlnets(settings, m) if default else []  # with the default model only, as the refiner
     ip_adapters = _ip_adapters(settings, m) if default else []
     key = settings.cache_signing_key.get_secret_value() if settings.cache_signing_key else None
+    if decoder is not None and decoder.config.latent_channels != m.latent_channels:
+        raise SystemExit(
+            f"SDXL_PREVIEW_DECODER: its TAESD decodes {decoder.config.latent_channels} latent channels, model "
+            f"{m.name!r} has {m.latent_channels}"
+        )
     engine = Engine(
         m,
         settings.served_sizes,
@@ -227,6 +248,7 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
         adapters=adapters,
         controlnets=controlnets,
         ip_adapters=ip_adapters,
+        preview_decoder=decoder,
     )
     compile_s = engine.compile()
     for c in [
@@ -276,15 +298,15 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
 def main() -> None:
     settings = get_settings()
     logs.configure(settings.log_format)
-    import redis
-
+    from common import redis_connection
     from worker import metrics, tasks
     from worker.device_loop import DeviceLoop, LoopSettings
 
     registry = lora_registry(settings)
     engines = build_engines(settings, registry)
     metrics.serve(settings.worker_metrics_port)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_connection.sync_client(settings)
+    redis_connection.check_credentials(client)  # a wrong password stops the start, naming SDXL_REDIS_URL
     store = JobStore(
         client,
         settings.key_prefix,
@@ -317,6 +339,7 @@ def main() -> None:
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.webhook_queue),
         workers=workers,
         batches=BatchLog(client, settings.key_prefix),
+        waiting_messages=lambda model: store.messages_waiting(generate_queue(settings, model)),
     )
     loop.start()
     tasks.bind(loop)

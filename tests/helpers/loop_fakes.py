@@ -190,11 +190,11 @@ class FixedPending:
     def cancel(self) -> bool:
         return False  # it has already run
 
-    def estimate(self, done: int) -> np.ndarray | None:
-        """Zero latents (a mid-grey preview) at each mark, for each of the output's rows."""
-        if done not in self.marks or self.output is None:
+    def preview(self, done: int, row: int) -> np.ndarray | None:
+        """A mid-grey 8x8 preview at each mark, for each of the output's rows."""
+        if done not in self.marks or self.output is None or not 0 <= row < len(self.output.finite):
             return None
-        return np.zeros((len(self.output.finite), 4, 8, 8), np.float32)
+        return np.full((8, 8, 3), 128, np.uint8)
 
     def fetch(self) -> Output:
         if self.error is not None:

@@ -9,6 +9,8 @@ the tests): each tensor moved by a fixed amount seeded by its name.
   benchmarks use it too);
 - write_controlnet: a random ControlNet for the tiny model (a diffusers ControlNetModel folder), its zero
   convolutions random too, so that it changes the image;
+- write_taesd: a random TAESD (a diffusers AutoencoderTiny folder: config.json and the decoder's weights), for the
+  preview decoder's parity fixture (make_taesd_reference.py);
 - folder_digest: what a fixture records of such a folder (make_models_reference.py, test_model.py).
 """
 
@@ -251,3 +253,22 @@ def _attention_widths(unet: Any) -> list[tuple[str, int]]:
     c = unet.block_out_channels
     out = [(f"down_blocks_{i}", w) for i, w in enumerate(c)] + [(f"up_blocks_{i}", w) for i, w in enumerate(c[::-1])]
     return [*out, ("mid_block", c[-1])]
+
+
+def write_taesd(folder: Path, seed: int, config: dict[str, Any]) -> Path:
+    """A random TAESD as a diffusers AutoencoderTiny folder: `config` (an AutoencoderTiny config.json's values)
+    and the decoder's weights (`decoder.*`, every one drawn from `seed` and its name; the encoder's are not
+    written: nothing here reads them)."""
+    from worker.engine import convert, tiny
+    from worker.engine.taesd import TAESDConfig, TAESDDecoder
+
+    shapes = TAESDDecoder(TAESDConfig.from_diffusers(config)).shapes()
+    params = {
+        path: tiny.random_leaf((f"taesd-{seed}", *path), tuple(leaf.shape))
+        for path, leaf in convert.flatten(shapes).items()
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny", **config}, indent=2))
+    state = {f"decoder.{k}": v for k, v in convert.flax_to_pt(convert.unflatten(params)).items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    return folder

@@ -150,3 +150,17 @@ def test_a_worker_reads_sdxl_ip_adapters_for_its_model_and_stops_on_one_that_doe
     other = dataclasses.replace(tiny, configs=dataclasses.replace(tiny.configs, unet=tiny.unet.__class__()))  # SDXL's
     with pytest.raises(SystemExit, match=r"SDXL_IP_ADAPTERS: IP-Adapter 'style' .*image_proj.proj"):
         main._ip_adapters(Settings(ip_adapters=f"style={weights}"), other)
+
+
+def test_a_worker_reads_sdxl_preview_decoder_once_and_stops_on_a_folder_that_is_not_a_taesd(tmp_path):
+    import pytest
+
+    from tests.helpers import variants
+    from worker import main
+
+    assert main._preview_decoder(Settings()) is None  # unset: the fixed map
+    folder = variants.write_taesd(tmp_path / "taesdxl", 31, {})
+    got = main._preview_decoder(Settings(preview_decoder=str(folder)))
+    assert got.source == str(folder) and got.config.scale_factor == 8
+    with pytest.raises(SystemExit, match=r"SDXL_PREVIEW_DECODER: .*not a diffusers AutoencoderTiny folder"):
+        main._preview_decoder(Settings(preview_decoder=str(tmp_path)))

@@ -1,7 +1,8 @@
 """Previews through the stack's event path: a `preview: true` job's event stream carries WebP previews before
 its image. The worker runs the stand-in engine (this test is about the path: finisher -> job store -> P:progress
--> the API's event stream -> the Python client; the stand-in's estimate is latent-shaped colours, not a model's);
-the real engine's previews are seen by tests/client/test_api.py and tests/api/test_playground.py on live_stack."""
+-> the API's event stream -> the Python client; the stand-in draws its pictures, noisier the earlier, not a
+model's estimate); the real engine's previews are seen by tests/client/test_api.py and tests/api/test_playground.py
+on live_stack."""
 
 from __future__ import annotations
 

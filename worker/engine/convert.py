@@ -38,6 +38,7 @@ _MODULE_LISTS = (
     "layers",
     "controlnet_down_blocks",  # a ControlNet's zero convolutions
     "blocks",  # a ControlNet's conditioning embedding
+    "conv",  # TAESD's residual blocks (an nn.Sequential of convs and activations: taesd.py)
 )
 _LEGACY_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 

@@ -25,8 +25,10 @@ batch and whose projections are fused (program_weights.py lays the weights out s
 (LoadOptions(quantize=Quantize.fp8)) has its UNet's linear layers quantized when they are placed.
 
 Progress: `Pending.progress()` yields the steps done as each chunk of `progress_every_steps` finishes, and
-`Pending.estimate(done)` copies the rows' denoised estimate after that chunk off the devices (previews: the
-finisher asks for it every few steps; a batch nobody asks costs nothing but keeping one latent per chunk).
+`Pending.estimate(done)` copies the rows' denoised estimate after that chunk off the devices; `Pending.preview(done,
+row)` draws one row of it as RGB (previews.py: TAESD on the devices when the engine serves a preview decoder, else
+the fixed map on the host; the finisher asks every few steps, and a batch nobody asks costs nothing but keeping one
+latent per chunk).
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from worker.engine import attention as attention_impl
-from worker.engine import convert, executables, feed, lora, placement, program, program_weights, render_conditions
+from worker.engine import (
+    convert,
+    executables,
+    feed,
+    lora,
+    placement,
+    previews,
+    program,
+    program_weights,
+    render_conditions,
+)
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
@@ -63,6 +75,7 @@ from worker.engine.image_prompts import ImagePrompt
 from worker.engine.ip_adapter_source import IPAdapterModel
 from worker.engine.model import Model
 from worker.engine.program_kind import Part, Pixels, ProgramKind, Programs, Role
+from worker.engine.taesd import PreviewDecoder
 
 __all__ = [
     "Adapters",
@@ -99,6 +112,7 @@ class Pending:
     adapters: list[list[lora.Adapter]] = field(default_factory=list)
     # steps done -> the rows' denoised estimate then, on the devices ((batch_rows, C, h, w): SamplerState.d)
     estimates: dict[int, Any] = field(default_factory=dict)
+    draw: Callable[[Any, int], np.ndarray] | None = None  # (estimate, row) -> (H, W, 3) uint8: previews.Previews
 
     def progress(self) -> Iterator[int]:
         """Steps done, as each chunk of steps finishes on the device (blocks between them); ends early when the
@@ -123,6 +137,13 @@ class Pending:
         None when no chunk ended there. Latents are small (128x128x4 per 1024 px row): a cheap copy."""
         found = self.estimates.get(done)
         return None if found is None else np.asarray(found, np.float32)[: self.rows]
+
+    def preview(self, done: int, row: int) -> np.ndarray | None:
+        """Row `row`'s estimate once `done` steps ran, drawn as RGB (H, W, 3) uint8 (previews.py: TAESD's at most
+        256 px on its long side, the fixed map's at the latents' size; blocks until the steps have run); None when
+        no chunk ended there."""
+        found = self.estimates.get(done)
+        return None if found is None or self.draw is None or not 0 <= row < self.rows else self.draw(found, row)
 
     def fetch(self) -> Output:
         images, finite = self.ticket.wait()  # raises feed.Canceled, or what enqueueing raised
@@ -179,6 +200,7 @@ class Engine:
         controlnets: Sequence[ControlModel] = (),
         chunks_ahead: int = 2,
         ip_adapters: Sequence[IPAdapterModel] = (),
+        preview_decoder: PreviewDecoder | None = None,  # TAESD (taesd.load) for previews; None: the fixed map
     ):
         devices = list(devices or jax.local_devices())
         _check(model, refiner, sizes, batch_rows, len(devices))
@@ -225,6 +247,7 @@ class Engine:
             light_step,
             controlnets,
             ip_adapters,
+            preview_decoder.config if preview_decoder is not None else None,
         )
         # ControlNets (controlnet.py) on every device, in their order: a controlled advance runs each on every row
         self.controlnets = [c.name for c in controlnets]
@@ -243,6 +266,7 @@ class Engine:
         self.chunks = 0
         self.feed = feed.Feed(chunks_ahead)
         self.constants = DeviceConstants(self.executables, batch_rows, self.rows_sharding, self.replicated)
+        self.previews = previews.Previews(preview_decoder, self.executables, self.replicated)
 
     def _bank(self, adapters: Adapters) -> lora.Bank:
         found = lora.targets(self.model)
@@ -333,13 +357,8 @@ class Engine:
         noise = self._noise(seeds, latents, len(rows), height, width)
         self._place()
         start = self._start(batch, noise, seeds, height, width)
-        used_parts = {
-            "encode": batch.images,
-            "lora": adapters,
-            "control": batch.controls,
-            "ip_adapter": batch.image_prompts,
-        }
-        self.dispatched.update([name for name, part in used_parts.items() if part is not None])
+        parts = {"encode": batch.images, "lora": adapters, "control": batch.controls, "ip_adapter": batch.image_prompts}
+        self.dispatched.update([name for name, part in parts.items() if part is not None])
         self.dispatched["advance" if guided else "advance-free"] += 1
         put = lambda pair: [jax.device_put(x, self.rows_sharding) for x in pair]  # noqa: E731
         controls = None if batch.controls is None else ControlInputs(self.control_weights, *put(batch.controls))
@@ -347,7 +366,8 @@ class Engine:
         steps = batch.base.steps + (batch.refiner.steps if batch.refiner is not None else 0)
         estimates: dict[int, Any] = {}  # steps done -> the rows' denoised estimate (previews), kept as they run
         calls = self._calls(batch, adapters, start, guided, (height, width), output, (controls, images), estimates)
-        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used, estimates)
+        draw = lambda estimate, row: self.previews.draw(estimate, row, (height, width))  # noqa: E731
+        return Pending(self.feed.submit(calls), len(rows), batch.truncated, steps, used, estimates, draw)
 
     def _calls(
         self,

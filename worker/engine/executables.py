@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.engine import cache, code_identity, lora, program, program_weights
+from worker.engine import cache, code_identity, lora, program, program_weights, taesd
 from worker.engine.arguments import (
     AdapterInputs,
     AdvanceInputs,
@@ -47,7 +47,8 @@ class Executables:
     """The executables of one engine's models on one mesh, for `batch_rows` rows, compiled on first use (or read
     back from `store`). bank: the LoRA bank the adapted programs read (its shapes, never its contents).
     light_step: program.Program's (the weights they take are program_weights.prepare's for it). controls: the
-    ControlNets the controlled advances run (their configs and weights' shapes), in the engine's order."""
+    ControlNets the controlled advances run (their configs and weights' shapes), in the engine's order. preview:
+    the preview decoder's config (TAESD: the `preview` part), or None."""
 
     def __init__(
         self,
@@ -61,8 +62,11 @@ class Executables:
         light_step: bool = True,
         controls: Sequence[ControlModel] = (),
         images: Sequence[IPAdapterModel] = (),
+        preview: taesd.TAESDConfig | None = None,
     ):
-        self.models, self.mesh, self.batch_rows = models, mesh, batch_rows
+        self.models, self.mesh, self.batch_rows, self.preview = models, mesh, batch_rows, preview
+        if preview is not None and preview.latent_channels != models[Role.base].latent_channels:
+            raise ValueError(f"the preview decoder takes {preview.latent_channels} latent channels, not the model's")
         self.controls = list(controls)
         self.images = list(images)  # the IP-Adapters the imaged programs run, in the engine's order
         sizes = {a.config.encoder.image_size for a in self.images}
@@ -116,6 +120,13 @@ class Executables:
         """The part's arguments as shapes with their shardings, from the classes of arguments.py."""
         r, dims = self.rows_sharding, self.dims(height, width, kind.model)
         spec = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+        if kind.part is Part.preview:  # TAESD's weights, the batch's estimates (SamplerState.d), the row drawn
+            assert self.preview is not None
+            weights = jax.tree_util.tree_map(
+                lambda x: spec(x, self.replicated), taesd.TAESDDecoder(self.preview).shapes()
+            )
+            row = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+            return weights, jax.ShapeDtypeStruct(dims.latents, jnp.float32, sharding=r), row
         model = self.models[kind.model]
         weights = program_weights.shapes(model.params, program_weights.form(model, self.light_step))
         params = jax.tree_util.tree_map(lambda x: spec(x, self.replicated), weights)
@@ -152,6 +163,14 @@ class Executables:
             m = self.models[Role.base]
             f = m.vae_scale_factor
             return jax.jit(program.noise((m.latent_channels, height // f, width // f)), out_shardings=r)
+        if kind.part is Part.preview:
+            config = self.preview
+            assert config is not None
+
+            def draw(params: Any, estimates: jax.Array, row: jax.Array) -> jax.Array:  # -> (1, H', W', 3) uint8
+                return taesd.preview(config, params, jax.lax.dynamic_slice_in_dim(estimates, row, 1))
+
+            return jax.jit(draw, out_shardings=s)
         outs = {Part.begin: (r, r), Part.advance: (r, s), Part.finish: (r, r), Part.encode: r}[kind.part]
         return jax.jit(getattr(self.program(kind), kind.part.value), out_shardings=outs)
 
@@ -174,6 +193,7 @@ class Executables:
             (self.bank.rank, self.bank.slots, self.bank.per_row) if kind.adapted and self.bank is not None else None,
             [dataclasses.asdict(c.config) for c in self.controls] if kind.controlled else None,
             [dataclasses.asdict(a.config) for a in self.images] if kind.imaged else None,
+            dataclasses.asdict(self.preview) if kind.part is Part.preview and self.preview is not None else None,
         )
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         return f"{kind}-{self.batch_rows}x{height}x{width}-{digest[:20]}.bin"
@@ -186,6 +206,8 @@ class Executables:
             raise ValueError(f"{kind}: this engine serves no ControlNets")
         if kind.imaged and not self.images:
             raise ValueError(f"{kind}: this engine serves no IP-Adapters")
+        if kind.part is Part.preview and self.preview is None:
+            raise ValueError(f"{kind}: this engine serves no preview decoder")
         key = (kind, height, width)
         if key not in self._compiled:
             t0, loaded_before = time.perf_counter(), self.loaded
@@ -220,6 +242,7 @@ class Executables:
             adapters=self.bank is not None,
             controls=bool(self.controls),
             images=bool(self.images),
+            previews=self.preview is not None,
         )
         for h, w in sizes:
             for kind in kinds:

@@ -15,6 +15,7 @@ class Part(StrEnum):
     begin = "begin"  # text encoders and the starting sample
     advance = "advance"  # a chunk of denoising steps
     finish = "finish"  # the VAE decode
+    preview = "preview"  # one row's denoised estimate drawn small by the preview decoder (TAESD: previews.py)
 
 
 class Pixels(StrEnum):
@@ -54,7 +55,9 @@ class ProgramKind:
             self.part is not Part.finish and self.output != "uint8"
         ):
             raise ValueError(f"{self!r}: guided and adapted are begin/advance's, output is finish's")
-        if self.model is Role.refiner and (self.part in (Part.noise, Part.encode) or self.adapted or self.controlled):
+        if self.model is Role.refiner and (
+            self.part in (Part.noise, Part.encode, Part.preview) or self.adapted or self.controlled
+        ):
             raise ValueError(f"{self!r}: the refiner has its own begin, advance and finish only")
         if self.controlled and self.part is not Part.advance:
             raise ValueError(f"{self!r}: only advance runs ControlNets")
@@ -86,14 +89,20 @@ class Programs(enum.Flag):
     images = enum.auto()  # the IP-Adapter begin and advance beside the plain ones (an engine serving IP-Adapters)
     uint8 = enum.auto()  # the decode to bytes (serving)
     float32 = enum.auto()  # the decode to float32 (parity checks)
+    previews = enum.auto()  # the preview decoder's program (an engine serving TAESD; the base's and refiner's)
     NONE = 0
-    SERVED = guided | free | encode | adapters | refiner | controls | images | uint8
+    SERVED = guided | free | encode | adapters | refiner | controls | images | uint8 | previews
 
     def kinds(
-        self, refiner: bool = False, adapters: bool = False, controls: bool = False, images: bool = False
+        self,
+        refiner: bool = False,
+        adapters: bool = False,
+        controls: bool = False,
+        images: bool = False,
+        previews: bool = False,
     ) -> list[ProgramKind]:
-        """The kinds this selection compiles for one shape, for an engine with or without a refiner, a bank and
-        ControlNets."""
+        """The kinds this selection compiles for one shape, for an engine with or without a refiner, a bank,
+        ControlNets, IP-Adapters and a preview decoder."""
         pairs = [g for g, flag in ((True, Programs.guided), (False, Programs.free)) if flag in self]
         outputs = [
             o for o, flag in ((Pixels.uint8, Programs.uint8), (Pixels.float32, Programs.float32)) if flag in self
@@ -119,4 +128,4 @@ class Programs(enum.Flag):
                 for a in lora
                 for c in control
             ]
-        return out
+        return out + ([ProgramKind(Part.preview)] if previews and Programs.previews in self else [])

@@ -76,15 +76,14 @@ class StandInPending:
         self.canceled = time.monotonic() < self.done_at
         return self.canceled
 
-    def estimate(self, done: int) -> np.ndarray | None:
-        """A latent-shaped estimate (rows, 4, h/8, w/8) after `done` steps: the pictures' colours, noisier the
-        earlier (no model: something a preview can draw)."""
-        if not 1 <= done <= self.steps:
+    def preview(self, done: int, row: int) -> np.ndarray | None:
+        """Row `row`'s picture after `done` steps, at the latents' size (h/8, w/8, 3) as the fixed map draws it:
+        noisier the earlier (no model: something a preview can show)."""
+        if not 1 <= done <= self.steps or not 0 <= row < self.rows:
             return None
-        small = self.images[: self.rows, ::8, ::8, :].astype(np.float32) / 127.5 - 1.0  # (rows, h/8, w/8, 3)
-        latents = np.concatenate([small, np.zeros_like(small[..., :1])], axis=-1).transpose(0, 3, 1, 2)
-        noise = np.random.default_rng(done).normal(0, 1 - done / self.steps, latents.shape)
-        return (latents + noise).astype(np.float32)
+        small = self.images[row, ::8, ::8, :].astype(np.float32)  # (h/8, w/8, 3)
+        noise = np.random.default_rng(done).normal(0, 127.5 * (1 - done / self.steps), small.shape)
+        return np.clip(small + noise, 0, 255).astype(np.uint8)
 
     def fetch(self) -> Output:
         if self.canceled:

@@ -59,9 +59,10 @@ class PendingBatch(Protocol):
 
     def cancel(self) -> bool: ...  # drop its steps not yet enqueued (True: the batch stops, with no images)
 
-    # the rows' denoised estimate (rows, 4, h, w) float32 latents after `done` steps (a value progress yielded);
-    # None where there is none. Previews (worker/loop/preview.py) draw it
-    def estimate(self, done: int) -> np.ndarray | None: ...
+    # row `row`'s denoised estimate after `done` steps (a value progress yielded) drawn as RGB (H, W, 3) uint8, at
+    # most 256 px on its long side (the engine's preview decoder: worker/engine/previews.py); None where there is
+    # none. Previews (worker/loop/preview.py) encode it
+    def preview(self, done: int, row: int) -> np.ndarray | None: ...
 
     def fetch(self) -> BatchOutput: ...  # waits for the device; raises if the program failed there
 

@@ -235,12 +235,12 @@ class Finisher:
         """Each job's first image's estimate after `done` steps, drawn into its report (not once its own steps
         are done). A preview that fails is left out, with a log line: it never fails the batch."""
         try:
-            estimate = pending.estimate(done)  # (rows, 4, h, w): one copy off the device for every job
-            if estimate is None:
-                return
             for job in jobs:
                 if done < job.request.steps:
-                    url = preview.preview(estimate[rows[job.id]])
+                    rgb = pending.preview(done, rows[job.id])  # the engine's decoder: TAESD or the fixed map
+                    if rgb is None:
+                        return
+                    url = preview.webp_data_url(rgb)
                     report[job.id] = report[job.id].model_copy(update={"preview": url})
         except Exception:
             log.warning("a preview could not be made; the job's progress goes without it", exc_info=True)

@@ -103,3 +103,22 @@ def tiny_ip_adapter(tiny_dir: Path, ip_adapter_reference: dict[str, Any], tmp_pa
 
     folder = tmp_path_factory.mktemp("ip-adapter")
     return variants.write_ip_adapter(tiny_dir, folder, ip_adapter_reference["meta"]["adapter_seed"])
+
+
+@pytest.fixture(scope="session")
+def taesd_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """diffusers' AutoencoderTiny decodes (make_taesd_reference.py), with each case's random TAESD folder written
+    again here (variants.write_taesd: the same weights, which the recorded digest checks): case -> its arrays,
+    `config` and `folder`."""
+    from tests.helpers import variants
+
+    data = np.load(FIXTURES / "taesd.npz")
+    meta = json.loads(bytes(data["meta"]).decode())
+    root = tmp_path_factory.mktemp("taesd")
+    cases = {}
+    for name, case in meta["cases"].items():
+        folder = variants.write_taesd(root / name, case["seed"], case["config"])
+        assert variants.folder_digest(folder) == case["digest"], "taesd.npz was made from other weights: rerun it"
+        arrays = {key.split("/", 1)[1]: data[key] for key in data.files if key.startswith(f"{name}/")}
+        cases[name] = arrays | {"config": case["config"], "folder": folder}
+    return cases

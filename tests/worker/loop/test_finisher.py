@@ -177,12 +177,11 @@ def test_a_batch_with_one_job_left_runs_to_its_end(tmp_path):
     assert [a.future.result() for a in s.running] == ["canceled", "succeeded"]
 
 
-class RowLatents(FixedPending):
-    """A batch whose estimate after any step is row i's latents all i / 2 (each row draws its own colour)."""
+class RowColours(FixedPending):
+    """A batch whose preview after any step is row i drawn all in grey 40 i (each row its own colour)."""
 
-    def estimate(self, done: int) -> np.ndarray | None:
-        rows = len(self.output.finite)
-        return np.broadcast_to(np.arange(rows, dtype=np.float32)[:, None, None, None] / 2, (rows, 4, 8, 8)).copy()
+    def preview(self, done: int, row: int) -> np.ndarray | None:
+        return np.full((8, 8, 3), 40 * row, np.uint8)
 
 
 def test_jobs_that_asked_get_a_preview_of_their_first_row_every_k_steps_and_never_at_their_last(tmp_path, monkeypatch):
@@ -195,19 +194,19 @@ def test_jobs_that_asked_get_a_preview_of_their_first_row_every_k_steps_and_neve
     r = rig(tmp_path, *jobs)
     f, _ = finisher(r)
     f.preview_every_steps = 5
-    f.finish(started(jobs, RowLatents(output(4), steps=12, marks=list(range(1, 13)))))
+    f.finish(started(jobs, RowColours(output(4), steps=12, marks=list(range(1, 13)))))
     shown = {j.id: [(p[j.id].step, p[j.id].preview) for p in r.store.progress if p[j.id].preview] for j in jobs}
     assert [step for step, _ in shown["job-a"]] == [5, 10] and shown["job-b"] == []
     assert [step for step, _ in shown["job-c"]] == [5]
     assert len(r.store.progress) == 12 and r.store.progress[-1]["job-a"].preview is None  # the last: the image
     colour = lambda url: np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))))[4, 4]  # noqa: E731
-    assert abs(int(colour(shown["job-a"][0][1])[0]) - 141) <= 4  # row 0: zero latents, the map's bias
-    assert abs(int(colour(shown["job-c"][0][1])[0]) - preview.latent_rgb(np.full((4, 1, 1), 1.5))[0, 0, 0]) <= 4
+    assert abs(int(colour(shown["job-a"][0][1])[0]) - 0) <= 4  # job a: its first row's, row 0
+    assert abs(int(colour(shown["job-c"][0][1])[0]) - 120) <= 4  # job c: row 3's
 
 
 def test_a_failing_preview_leaves_the_progress_report_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(ProgressThrottle, "due", lambda self, now_s, done: True)
-    monkeypatch.setattr(preview, "preview", lambda latents: 1 / 0)
+    monkeypatch.setattr(preview, "webp_data_url", lambda rgb: 1 / 0)
     job = make_job("a", JobStatus.running, steps=6, preview=True)
     r = rig(tmp_path, job)
     f, _ = finisher(r)

@@ -1,11 +1,10 @@
-"""Previews (worker/loop/preview.py): SDXL's latents to RGB by the fixed map, a small WebP data URL, when one is
-due."""
+"""Previews (worker/loop/preview.py): the engine's drawing of a row as a small WebP data URL, when one is due (the
+drawing itself: tests/worker/engine/test_previews.py and test_taesd.py)."""
 
 import base64
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from worker.loop import preview
@@ -19,34 +18,13 @@ def decode(url: str) -> Image.Image:
     return image
 
 
-def test_zero_latents_draw_the_maps_bias_and_each_channel_moves_the_colour_its_row_says():
-    zero = preview.latent_rgb(np.zeros((4, 2, 3), np.float32))
-    assert zero.shape == (2, 3, 3) and zero.dtype == np.uint8
-    # bias (0.1084, -0.0175, -0.0011) in [-1, 1] -> (141, 125, 127)
-    assert zero[0, 0].tolist() == [141, 125, 127]
-    first = np.zeros((4, 1, 1), np.float32)
-    first[0] = 1.0  # the first latent channel brightens every colour by (0.3651, 0.4232, 0.4341)
-    assert preview.latent_rgb(first)[0, 0].tolist() == [187, 179, 182]
-
-
-def test_non_finite_latents_draw_without_raising():
-    latents = np.full((4, 2, 2), np.nan, np.float32)
-    latents[0, 0, 0] = np.inf
-    assert preview.latent_rgb(latents).dtype == np.uint8
-
-
-def test_other_latent_shapes_are_refused():
-    with pytest.raises(ValueError, match="4, h, w"):
-        preview.latent_rgb(np.zeros((16, 8, 8), np.float32))
-
-
 def test_a_preview_is_a_webp_data_url_at_most_256_px_on_its_long_side_never_enlarged():
     rng = np.random.default_rng(0)
-    big = decode(preview.preview(rng.normal(0, 1, (4, 96, 160)).astype(np.float32)))  # a 1280x768 image's latents
+    big = decode(preview.webp_data_url(rng.integers(0, 255, (96, 160, 3), np.uint8)))  # a 1280x768 image's map
     assert big.size == (160, 96)  # under 256 px: as it is
     wide = decode(preview.webp_data_url(rng.integers(0, 255, (300, 512, 3), np.uint8)))
     assert wide.size == (256, 150)
-    url = preview.preview(np.zeros((4, 128, 128), np.float32))  # 1024 px: 128 px of latents
+    url = preview.webp_data_url(np.full((128, 128, 3), 128, np.uint8))  # 1024 px by the fixed map: 128 px
     assert len(url) < 4096 and decode(url).size == (128, 128)
 
 
