@@ -118,7 +118,11 @@ def _order_for_workers(items: list[pytest.Item]) -> None:
     ]
     rest = [name for name in modules if name not in slow and name not in heavy]
     paired = [name for pair in itertools.zip_longest(slow, heavy) for name in pair if name is not None]
-    items[:] = [item for name in (*paired, *rest) for item in modules[name]]
+    # The live_stack unit first: it is the run's largest (the stack's start and every module on it, one after
+    # another on one xdist worker), and a large unit handed out last is what the run ends waiting for.
+    live = _live_stack_modules()
+    ordered = sorted((*paired, *rest), key=lambda name: name not in live)  # stable: the rest keep their order
+    items[:] = [item for name in ordered for item in modules[name]]
 
 
 LIVE_STACK_UNIT = "tests::live_stack"  # the xdist work unit of every module that runs on live_stack
