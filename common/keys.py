@@ -57,6 +57,14 @@ Data sets (common/dataset_store.py), for run R and tenant T:
     P:datasets:recent:T       a tenant's runs by creation time
     P:dataset-idem:T:<sha256> the run an Idempotency-Key made
 
+Input images (common/input_store.py), for tenant T and an input's content hash H (common/inputs.py):
+    P:input:T:H               hash: state (storing, stored, deleting), bytes (stored), claims (a counter each
+                              submit that names it bumps: a sweep that read it before a claim leaves it alone)
+    P:input-jobs:T:H          set of the job ids that name the input: it is kept while any of their records lives
+    P:input-bytes:T           the bytes of a tenant's stored inputs (SDXL_MAX_INPUT_BYTES_PER_TENANT bounds it)
+    P:inputs                  sorted set of every stored input ([T, H] as JSON) by when the sweep may next look
+                              at it (its last claim + SDXL_INPUT_GRACE_S)
+
 API keys and rate limits (common/api_keys.py, common/rate_limit.py):
     P:apikey:<sha256 of key>  hash: key_id, tenant, name, created_at, revoked
     P:apikeys                 hash: key id -> sha256 of the key (listing and revoking)
@@ -213,6 +221,21 @@ class Keys:
 
     def dataset_idempotency(self, tenant: str, key_sha256: str) -> str:
         return self._join("dataset-idem", tenant, key_sha256)
+
+    # ------------------------------------------------------------------ input images
+
+    def input(self, tenant: str, digest: str) -> str:
+        return self._join("input", tenant, digest)
+
+    def input_jobs(self, tenant: str, digest: str) -> str:
+        return self._join("input-jobs", tenant, digest)
+
+    def input_bytes(self, tenant: str) -> str:
+        return self._join("input-bytes", tenant)
+
+    @property
+    def inputs(self) -> str:
+        return self._join("inputs")
 
     # ------------------------------------------------------------------ API keys and rate limits
 

@@ -24,6 +24,7 @@ STORES = {
     "common/batch_log.py",
     "common/api_keys.py",
     "common/rate_limit.py",
+    "common/input_store.py",
 }
 PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
 
@@ -31,7 +32,7 @@ PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
 PARTS = (
     "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
     "image-sweep-lock|batches|dataset|datasets|dataset-idem|apikey|apikeys|rate|active|inflight|done|rows|failed|"
-    "canceled|retry|lock"
+    "canceled|retry|lock|input|input-jobs|input-bytes|inputs"
 )
 KEY_BUILDING = {
     "an f-string joining a prefix and ':'": re.compile(r"\{[^{}\n]*prefix[^{}\n]*\}:"),
@@ -140,6 +141,10 @@ def test_the_layout_on_the_wire():
         k.datasets_active,
         k.datasets_recent("T"),
         k.dataset_idempotency("T", "h"),
+        k.input("T", "h"),
+        k.input_jobs("T", "h"),
+        k.input_bytes("T"),
+        k.inputs,
         k.api_key("h"),
         k.api_key_ids,
         k.rate_window("read", "id", 7),
@@ -167,6 +172,10 @@ def test_the_layout_on_the_wire():
         "P:datasets:active",
         "P:datasets:recent:T",
         "P:dataset-idem:T:h",
+        "P:input:T:h",
+        "P:input-jobs:T:h",
+        "P:input-bytes:T",
+        "P:inputs",
         "P:apikey:h",
         "P:apikeys",
         "P:rate:read:id:7",

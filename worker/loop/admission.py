@@ -162,18 +162,23 @@ class Admission:
     def _read_inputs(self, job: Job) -> InputPixels:
         """The job's input images as pixels; a ControlNet's image preprocessed as the request says (canny edges)."""
         read = {}
+        # every input is stored at its job's size, in whichever encoding the API found smallest that decodes, by
+        # this call, to exactly the job's pixels (common/inputs.stored_form)
+        width, height = job.request.width, job.request.height
+        assert width is not None and height is not None  # filled in at submit
+        at = (width, height)
         for name in ("init_image", "mask_image"):
             key = getattr(job.request, name)
             if key is not None:
-                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image")
+                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image", size=at)
         controls = []
         for c in job.request.controlnets:
-            image = inputs.pixels(self._read(c.image), mask=False)
+            image = inputs.pixels(self._read(c.image), mask=False, size=at)
             if c.preprocess is ControlPreprocess.canny:
                 image = canny.edges(image, c.low_threshold, c.high_threshold)
             controls.append(image)
         ip = job.request.ip_adapter
-        ip_image = inputs.pixels(self._read(ip.image), mask=False) if ip is not None else None
+        ip_image = inputs.pixels(self._read(ip.image), mask=False, size=at) if ip is not None else None
         return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls), ip_image)
 
     def _read(self, key: str) -> bytes:

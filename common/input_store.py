@@ -1,0 +1,198 @@
+"""Which jobs name each stored input image, and what a tenant's inputs weigh: the records that let an input live
+as long as a job needs it and no longer (common/keys.py, "Input images", lists the keys).
+
+An input is stored once per tenant by its content hash (common/inputs.py). Each submit that names it first
+*claims* it for the job: the job's id joins the input's set, the claim counter goes up, and the sweep is told to
+look no sooner than the grace period from now. A new input is charged to the tenant's stored bytes in the same
+script, which refuses it over the tenant's quota. The sweep (worker/input_retention.py) drops the ids whose job
+record has expired; an input left with none is marked `deleting`, its object deleted, then its record forgotten
+and its bytes given back. A claim meeting `deleting` is answered busy (the object is going): the submit asks
+again once the sweep is through. Every key a script touches is in its KEYS.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+
+import redis
+
+from common.keys import Keys
+
+_CLAIM = """
+-- KEYS: 1 the input's hash, 2 its set of job ids, 3 the tenant's stored input bytes, 4 the index of inputs
+-- ARGV: 1 job id, 2 the bytes it will take if new, 3 the tenant's quota in bytes (0: none), 4 when the sweep may
+--       look at it next (the grace period from now), 5 its member in the index ([tenant, hash] as JSON)
+-- Returns "new" (the caller stores the object), "shared" (stored already, or being stored by another submit),
+-- "busy" (being deleted: ask again shortly) or "full:<bytes stored>" (new, and over the quota: nothing changed).
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'deleting' then return 'busy' end
+local answer = 'shared'
+if not state then
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local quota = tonumber(ARGV[3])
+  if quota > 0 and used + tonumber(ARGV[2]) > quota then return 'full:' .. used end
+  redis.call('HSET', KEYS[1], 'state', 'storing', 'bytes', ARGV[2])
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+  answer = 'new'
+end
+redis.call('HINCRBY', KEYS[1], 'claims', 1)
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+return answer
+"""
+
+# After a put: the object's size as stored (a second submit that found the object missing may have stored another
+# encoding of the same pixels), the tenant's count moved by the difference.
+_STORED = """
+-- KEYS: 1 the input's hash, 2 the tenant's stored input bytes
+-- ARGV: 1 the bytes stored
+-- Returns 1, or 0 when the input is not claimed (nothing changed).
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'deleting' then return 0 end
+local before = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+redis.call('HSET', KEYS[1], 'state', 'stored', 'bytes', ARGV[1])
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[1]) - before)
+return 1
+"""
+
+# A refused submit lets go of its claim; an input it made that nobody else claimed since goes at once.
+_RELEASE = """
+-- KEYS: 1 the input's hash, 2 its set of job ids
+-- ARGV: 1 job id, 2 "1" when this submit made the input (its claim answered "new")
+-- Returns 1 when the input is now `deleting` (the caller deletes the object, then forgets it), else 0.
+redis.call('SREM', KEYS[2], ARGV[1])
+if ARGV[2] ~= '1' or redis.call('SCARD', KEYS[2]) > 0 then return 0 end
+if not redis.call('HGET', KEYS[1], 'state') then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'deleting')
+return 1
+"""
+
+# The sweep read the input's claims counter and job ids, then asked which records are gone. A claim since then
+# (the counter moved) means a submit is naming it right now, perhaps for a job not yet stored: left alone.
+_RETIRE = """
+-- KEYS: 1 the input's hash, 2 its set of job ids, 3 the index of inputs
+-- ARGV: 1 the claims counter as the sweep read it, 2 when to look again if it stays, 3 its member in the index,
+--       4.. the job ids whose record is gone
+-- Returns "delete" (now `deleting`: the caller deletes the object, then forgets it), "kept" or "unknown" (no
+-- record: dropped from the index).
+local found = redis.call('HMGET', KEYS[1], 'state', 'claims')
+if not found[1] then
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  return 'unknown'
+end
+if found[1] == 'deleting' then return 'delete' end  -- a sweep or a release that stopped half way
+if (found[2] or '0') ~= ARGV[1] then return 'kept' end
+for i = 4, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+if redis.call('SCARD', KEYS[2]) > 0 then
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  return 'kept'
+end
+redis.call('HSET', KEYS[1], 'state', 'deleting')
+return 'delete'
+"""
+
+_FORGET = """
+-- KEYS: 1 the input's hash, 2 its set of job ids, 3 the tenant's stored input bytes, 4 the index of inputs
+-- ARGV: 1 its member in the index
+-- Returns the bytes given back to the tenant (0 when the input was not `deleting`: nothing changed).
+if redis.call('HGET', KEYS[1], 'state') ~= 'deleting' then return 0 end
+local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('DECRBY', KEYS[3], bytes) <= 0 then redis.call('DEL', KEYS[3]) end
+return bytes
+"""
+
+
+class Claim(enum.Enum):
+    new = "new"  # nobody had it: the caller stores the object (and it is charged to the tenant)
+    shared = "shared"  # stored (or being stored) for another job: the caller makes sure the object is there
+    busy = "busy"  # being deleted right now: ask again shortly
+
+
+class InputQuotaFull(Exception):
+    """A new input would take the tenant's stored input bytes over its quota; nothing was claimed."""
+
+    def __init__(self, used_bytes: int, quota_bytes: int):
+        super().__init__(used_bytes, quota_bytes)
+        self.used_bytes = used_bytes
+        self.quota_bytes = quota_bytes
+
+
+class InputStore:
+    def __init__(self, client: redis.Redis, prefix: str = "sdxl"):
+        self._r = client
+        self.keys = Keys(prefix)
+        self._claim = client.register_script(_CLAIM)
+        self._stored = client.register_script(_STORED)
+        self._release = client.register_script(_RELEASE)
+        self._retire = client.register_script(_RETIRE)
+        self._forget = client.register_script(_FORGET)
+
+    @staticmethod
+    def _member(tenant: str, digest: str) -> str:
+        return json.dumps([tenant, digest])
+
+    def used_bytes(self, tenant: str) -> int:
+        """The bytes of the tenant's stored inputs, new ones being stored included."""
+        return int(self._r.get(self.keys.input_bytes(tenant)) or 0)
+
+    def claim(self, tenant: str, digest: str, job_id: str, size_bytes: int, quota_bytes: int, look_at: float) -> Claim:
+        """Note that `job_id` names the input (before the job is stored: the sweep looks no sooner than
+        `look_at`). Raises InputQuotaFull when it is new and over `quota_bytes` (0: no quota)."""
+        k = self.keys
+        answer = self._claim(
+            keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.input_bytes(tenant), k.inputs],
+            args=[job_id, size_bytes, quota_bytes, look_at, self._member(tenant, digest)],
+        ).decode()
+        if answer.startswith("full:"):
+            raise InputQuotaFull(int(answer.removeprefix("full:")), quota_bytes)
+        return Claim(answer)
+
+    def stored(self, tenant: str, digest: str, size_bytes: int) -> bool:
+        """The object is in storage, `size_bytes` long; False when the input is no longer claimed."""
+        k = self.keys
+        return bool(self._stored(keys=[k.input(tenant, digest), k.input_bytes(tenant)], args=[size_bytes]))
+
+    def release(self, tenant: str, digest: str, job_id: str, made: bool) -> bool:
+        """A refused submit's claim goes; True when the input it `made` is now unclaimed and `deleting`."""
+        k = self.keys
+        answer = self._release(
+            keys=[k.input(tenant, digest), k.input_jobs(tenant, digest)], args=[job_id, "1" if made else "0"]
+        )
+        return bool(answer)
+
+    def due(self, now: float, limit: int = 1000) -> list[tuple[str, str]]:
+        """(tenant, hash) of the inputs the sweep may look at now, the longest due first."""
+        found = self._r.zrangebyscore(self.keys.inputs, "-inf", now, start=0, num=limit)
+        return [tuple(json.loads(member)) for member in found]  # type: ignore[misc]
+
+    def references(self, tenant: str, digest: str) -> tuple[str, list[str]]:
+        """The input's claims counter (as text) and the ids of the jobs that name it, read together."""
+        k = self.keys
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hget(k.input(tenant, digest), "claims")
+        pipe.smembers(k.input_jobs(tenant, digest))
+        claims, ids = pipe.execute()
+        return (claims or b"0").decode(), sorted(i.decode() for i in ids)
+
+    def retire(self, tenant: str, digest: str, claims: str, gone: list[str], look_again: float) -> str:
+        """Drop the `gone` job ids; "delete" when no job names the input any more (it is now `deleting`), "kept"
+        (looked at again at `look_again`), or "unknown". Nothing changes if it was claimed since `claims`."""
+        k = self.keys
+        member = self._member(tenant, digest)
+        return self._retire(
+            keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.inputs],
+            args=[claims, look_again, member, *gone],
+        ).decode()
+
+    def forget(self, tenant: str, digest: str) -> int:
+        """A `deleting` input whose object is gone: its record goes and its bytes are given back (returned)."""
+        k = self.keys
+        return int(
+            self._forget(
+                keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.input_bytes(tenant), k.inputs],
+                args=[self._member(tenant, digest)],
+            )
+        )
