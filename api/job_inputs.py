@@ -65,9 +65,9 @@ def _quota_full(used: int, quota: int) -> HTTPException:
 
 
 def check_quota(body: JobRequest, life: InputLife, tenant: str) -> None:
-    """Before any image is decoded: a tenant at its input quota sending images is refused (429). The claim
-    checks again, exactly, once the images' sizes are known."""
-    if life.quota_bytes and _given(body):
+    """Before any image is decoded: a tenant at its input quota sending a new image (not an inputs/ key) is
+    refused (429). The claim checks again, exactly, once the images' sizes are known."""
+    if life.quota_bytes and any(not inputs.is_key(value) for _, value in _given(body)):
         used = life.store.used_bytes(tenant)
         if used >= life.quota_bytes:
             raise _quota_full(used, life.quota_bytes)
