@@ -59,6 +59,7 @@ def test_the_sweep_retires_an_input_only_when_no_live_job_names_it_and_none_clai
     records.claim("t", H, "job1", 1000, 0, 10.0)
     records.claim("t", H, "job2", 1000, 0, 10.0)
     claims, ids = records.references("t", H)
+    assert ids == ["job1", "job2"]
     assert records.retire("t", H, claims, ["job1"], 50.0) == "kept"  # job2 lives: looked at again at 50
     assert records.due(49.0) == [] and records.references("t", H) == ("2", ["job2"])
     claims, _ = records.references("t", H)
