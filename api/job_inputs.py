@@ -123,14 +123,23 @@ def _given(body: JobRequest) -> list[tuple[str, str]]:
 
 
 def decode(
-    body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]], limits: DecodeLimits
+    body: JobRequest,
+    storage: Storage,
+    tenant: str,
+    sizes: list[tuple[int, int]],
+    limits: DecodeLimits,
+    records: InputStore,
 ) -> tuple[JobRequest, Inputs]:
     """Read the request's images and bring each to the job's size, in the form it will be stored, one decoder
     slot per image (decode, resize and encode together: the pixels never outlive the slot, so a process holds at most
     `limits.slots` decoded images). With no width or height given, the job takes the init image's size (which
-    must be served). Raises LimitError naming the field."""
+    must be served; a stored input's is the size its key's hash is of). Raises LimitError naming the field."""
     found = Inputs()
     for name, value in _given(body):
+        # the job's size, where the request gives it (or the first served size with the one it gives): a JPEG is
+        # then decoded no larger than it needs; with neither, the init image's own size, read from its header
+        own_size = name == "init_image" and body.width is None and body.height is None
+        size = None if own_size else _size(with_size(body, sizes))
         if inputs.is_key(value):
             # a tenant reads only its own inputs: another's key would be another's picture
             if not value.startswith(inputs.prefix(tenant)) or ".." in value.split("/"):
@@ -144,12 +153,10 @@ def decode(
             except Exception as exc:
                 raise _unavailable(exc) from exc
             sent: str | bytes = data
+            if own_size:  # kept as sent, it may be of another size than its pixels': the record says which
+                size = records.pixels(tenant, inputs.content_hash(value))
         else:
             sent = value  # base64 or a data: URL, unwrapped on the decoder thread
-        # the job's size, where the request gives it (or the first served size with the one it gives): a JPEG is
-        # then decoded no larger than it needs; with neither, the init image's own size, read from its header
-        own_size = name == "init_image" and body.width is None and body.height is None
-        size = None if own_size else _size(with_size(body, sizes))
 
         try:
             mask = name == "mask_image"
@@ -157,7 +164,7 @@ def decode(
             found.images[name], (w, h) = limits.run(convert)
         except inputs.InputError as exc:
             raise LimitError(name, f"the image {exc}") from None
-        if size is None:  # the job takes the init image's own size, which must be served
+        if own_size:  # the job takes the init image's own size, which must be served
             if (h, w) not in sizes:
                 served = ", ".join(f"{sw}x{sh}" for sh, sw in sizes)
                 raise LimitError(
@@ -190,7 +197,7 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str, job_id
     for name, image in found.images.items():
         key = inputs.key(tenant, image.digest)
         try:
-            claim = _claim(life, tenant, image, job_id)
+            claim = _claim(life, tenant, image, job_id)  # first: over the quota, nothing is written
             found.claims.append((image.digest, claim is Claim.new))
             if claim is Claim.shared:
                 try:
@@ -227,7 +234,7 @@ def _claim(life: InputLife, tenant: str, image: inputs.Stored, job_id: str) -> C
     call); 503 when it stays busy."""
     for _ in range(CLAIM_TRIES):
         look_at = time.time() + life.grace_s
-        claim = life.store.claim(tenant, image.digest, job_id, len(image.data), life.quota_bytes, look_at)
+        claim = life.store.claim(tenant, image.digest, job_id, len(image.data), life.quota_bytes, look_at, image.size)
         if claim is not Claim.busy:
             return claim
         time.sleep(CLAIM_WAIT_S)

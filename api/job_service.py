@@ -119,7 +119,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     life = job_inputs.InputLife(services.inputs, s.max_input_bytes_per_tenant, s.input_grace_s)
     job_inputs.check_quota(body, life, tenant)  # before any image is decoded
     # a size from the init image
-    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes)
+    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes, services.inputs)
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     if body.refiner is not None and not s.refiner:

@@ -22,7 +22,8 @@ from common.keys import Keys
 _CLAIM = """
 -- KEYS: 1 the input's hash, 2 its set of job ids, 3 the tenant's stored input bytes, 4 the index of inputs
 -- ARGV: 1 job id, 2 the bytes it will take if new, 3 the tenant's quota in bytes (0: none), 4 when the sweep may
---       look at it next (the grace period from now), 5 its member in the index ([tenant, hash] as JSON)
+--       look at it next (the grace period from now), 5 its member in the index ([tenant, hash] as JSON), 6 the
+--       size its pixels are at, "<width>x<height>"
 -- Returns "new" (the caller stores the object), "shared" (stored already, or being stored by another submit),
 -- "busy" (being deleted: ask again shortly) or "full:<bytes stored>" (new, and over the quota: nothing changed).
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -32,7 +33,7 @@ if not state then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   local quota = tonumber(ARGV[3])
   if quota > 0 and used + tonumber(ARGV[2]) > quota then return 'full:' .. used end
-  redis.call('HSET', KEYS[1], 'state', 'storing', 'bytes', ARGV[2])
+  redis.call('HSET', KEYS[1], 'state', 'storing', 'bytes', ARGV[2], 'size', ARGV[6])
   redis.call('INCRBY', KEYS[3], ARGV[2])
   answer = 'new'
 end
@@ -138,17 +139,37 @@ class InputStore:
         """The bytes of the tenant's stored inputs, new ones being stored included."""
         return int(self._r.get(self.keys.input_bytes(tenant)) or 0)
 
-    def claim(self, tenant: str, digest: str, job_id: str, size_bytes: int, quota_bytes: int, look_at: float) -> Claim:
+    def claim(
+        self,
+        tenant: str,
+        digest: str,
+        job_id: str,
+        size_bytes: int,
+        quota_bytes: int,
+        look_at: float,
+        pixels: tuple[int, int] = (0, 0),
+    ) -> Claim:
         """Note that `job_id` names the input (before the job is stored: the sweep looks no sooner than
-        `look_at`). Raises InputQuotaFull when it is new and over `quota_bytes` (0: no quota)."""
+        `look_at`); a new one records `pixels`, the size (width, height) its hash is of. Raises InputQuotaFull
+        when it is new and over `quota_bytes` (0: no quota)."""
         k = self.keys
         answer = self._claim(
             keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.input_bytes(tenant), k.inputs],
-            args=[job_id, size_bytes, quota_bytes, look_at, self._member(tenant, digest)],
+            args=[job_id, size_bytes, quota_bytes, look_at, self._member(tenant, digest), f"{pixels[0]}x{pixels[1]}"],
         ).decode()
         if answer.startswith("full:"):
             raise InputQuotaFull(int(answer.removeprefix("full:")), quota_bytes)
         return Claim(answer)
+
+    def pixels(self, tenant: str, digest: str) -> tuple[int, int] | None:
+        """The size (width, height) an input's hash is of: its object may hold an image of another size (sent so,
+        resized as it is read); None without a record (an input stored before records were kept: a PNG of its
+        job's size)."""
+        found = self._r.hget(self.keys.input(tenant, digest), "size")
+        if not found:
+            return None
+        width, height = (int(n) for n in found.decode().split("x"))
+        return (width, height) if width and height else None
 
     def stored(self, tenant: str, digest: str, size_bytes: int) -> bool:
         """The object is in storage, `size_bytes` long; False when the input is no longer claimed."""

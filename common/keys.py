@@ -58,8 +58,9 @@ Data sets (common/dataset_store.py), for run R and tenant T:
     P:dataset-idem:T:<sha256> the run an Idempotency-Key made
 
 Input images (common/input_store.py), for tenant T and an input's content hash H (common/inputs.py):
-    P:input:T:H               hash: state (storing, stored, deleting), bytes (stored), claims (a counter each
-                              submit that names it bumps: a sweep that read it before a claim leaves it alone)
+    P:input:T:H               hash: state (storing, stored, deleting), bytes (stored), size (<w>x<h>: the pixels
+                              hashed; the object may be the image as sent, of another size), claims (a counter
+                              each submit that names it bumps: a sweep that read it before a claim leaves it be)
     P:input-jobs:T:H          set of the job ids that name the input: it is kept while any of their records lives
     P:input-bytes:T           the bytes of a tenant's stored inputs (SDXL_MAX_INPUT_BYTES_PER_TENANT bounds it)
     P:inputs                  sorted set of every stored input ([T, H] as JSON) by when the sweep may next look

@@ -11,8 +11,8 @@ from PIL import Image
 from common import inputs
 from tests.helpers.pictures import encoded, photo
 
-# A JPEG sent at the job's size is kept as sent: k = 1, stored bytes are the upload's. Before, the PNG of its
-# pixels was stored: 6.3 times the upload for this picture (JPEG quality 90, 1024x1024).
+# A JPEG is kept as sent: k = 1, the stored bytes are the upload's. Before, the PNG of the job's pixels was
+# stored: 6.3 times the upload for this picture (JPEG quality 90, 1024x1024, at the job's size).
 K_SENT_AT_THE_JOBS_SIZE = 1.0
 
 
@@ -33,11 +33,21 @@ def test_a_photo_sent_as_a_jpeg_at_the_jobs_size_is_kept_as_sent_and_decodes_to_
     assert np.array_equal(inputs.pixels(kept.data, False, (1024, 1024)), np.asarray(pixels))
 
 
-def test_a_resized_input_is_kept_as_the_png_of_the_jobs_pixels():
-    sent = encoded(photo(300, 200))
+def test_a_jpeg_the_job_enlarges_is_kept_as_sent_and_the_worker_resizes_it_to_the_same_pixels():
+    # the usual case behind "~50x": a request body is at most 64 KiB, so a client sends a small JPEG for a
+    # 1024x1024 job. The PNG of the enlarged pixels was stored: 23.5 times the upload for this one
+    sent = encoded(photo(512, 512), quality=85)
+    pixels = _job_pixels(sent, (1024, 1024))
+    kept = inputs.stored_form(pixels, sent, mask=False)
+    assert kept.data == sent and kept.size == (1024, 1024) and len(inputs.encode(pixels)[1]) > 20 * len(sent)
+    assert np.array_equal(inputs.pixels(kept.data, False, (1024, 1024)), np.asarray(pixels))
+
+
+def test_an_input_larger_than_the_png_of_the_jobs_pixels_is_stored_as_that_png():
+    sent = encoded(photo(300, 200), "PNG")
     pixels = _job_pixels(sent, (96, 64))
     kept = inputs.stored_form(pixels, sent, mask=False)
-    assert kept.content_type == "image/png" and kept.data == inputs.encode(pixels)[1]
+    assert kept.content_type == "image/png" and kept.data == inputs.encode(pixels)[1] and len(kept.data) < len(sent)
     assert np.array_equal(inputs.pixels(kept.data, False, (96, 64)), np.asarray(pixels))
 
 
