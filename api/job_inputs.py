@@ -197,7 +197,7 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str, job_id
     for name, image in found.images.items():
         key = inputs.key(tenant, image.digest)
         try:
-            claim = _claim(life, tenant, image, job_id)  # first: over the quota, nothing is written
+            claim = _claim(life, storage, tenant, image, job_id)  # first: over the quota, nothing is written
             found.claims.append((image.digest, claim is Claim.new))
             if claim is Claim.shared:
                 try:
@@ -229,15 +229,19 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str, job_id
     return body.model_copy(update=update | ({"controlnets": controls} if controls else {}))
 
 
-def _claim(life: InputLife, tenant: str, image: inputs.Stored, job_id: str) -> Claim:
+def _claim(life: InputLife, storage: Storage, tenant: str, image: inputs.Stored, job_id: str) -> Claim:
     """The claim, asked again while the input is being deleted (its object goes, then its record: one storage
-    call); 503 when it stays busy."""
+    call); a deletion abandoned half way is finished here first. 503 when it stays busy."""
     for _ in range(CLAIM_TRIES):
         look_at = time.time() + life.grace_s
         claim = life.store.claim(tenant, image.digest, job_id, len(image.data), life.quota_bytes, look_at, image.size)
-        if claim is not Claim.busy:
+        if claim is Claim.stale:
+            storage.delete(inputs.key(tenant, image.digest))
+            life.store.forget(tenant, image.digest)
+        elif claim is not Claim.busy:
             return claim
-        time.sleep(CLAIM_WAIT_S)
+        else:
+            time.sleep(CLAIM_WAIT_S)
     raise HTTPException(
         503, "an input image of this job is being deleted right now; retry shortly", headers={"Retry-After": "2"}
     )

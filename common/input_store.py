@@ -7,27 +7,40 @@ look no sooner than the grace period from now. A new input is charged to the ten
 script, which refuses it over the tenant's quota. The sweep (worker/input_retention.py) drops the ids whose job
 record has expired; an input left with none is marked `deleting`, its object deleted, then its record forgotten
 and its bytes given back. A claim meeting `deleting` is answered busy (the object is going): the submit asks
-again once the sweep is through. Every key a script touches is in its KEYS.
+again once the sweep is through; one meeting a deletion abandoned half way (ABANDONED_AFTER_S) finishes it
+itself. Every key a script touches is in its KEYS.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import time
 
 import redis
 
 from common.keys import Keys
 
+# A `deleting` input older than this was abandoned by its deleter (a sweep or a refused submit that died between
+# deleting the object and forgetting the record): the next claim finishes the deletion and makes it anew. Far
+# longer than one storage delete takes, retries included: a deletion still under way never meets a new object.
+ABANDONED_AFTER_S = 300.0
+
 _CLAIM = """
 -- KEYS: 1 the input's hash, 2 its set of job ids, 3 the tenant's stored input bytes, 4 the index of inputs
 -- ARGV: 1 job id, 2 the bytes it will take if new, 3 the tenant's quota in bytes (0: none), 4 when the sweep may
 --       look at it next (the grace period from now), 5 its member in the index ([tenant, hash] as JSON), 6 the
---       size its pixels are at, "<width>x<height>"
+--       size its pixels are at, "<width>x<height>", 7 now, 8 how long a deletion may take before it counts as
+--       abandoned (its deleter died between the object and the record)
 -- Returns "new" (the caller stores the object), "shared" (stored already, or being stored by another submit),
--- "busy" (being deleted: ask again shortly) or "full:<bytes stored>" (new, and over the quota: nothing changed).
+-- "busy" (being deleted: ask again shortly), "stale" (a deletion abandoned: the caller finishes it, then asks
+-- again) or "full:<bytes stored>" (new, and over the quota: nothing changed).
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'deleting' then return 'busy' end
+if state == 'deleting' then
+  local since = tonumber(redis.call('HGET', KEYS[1], 'deleting_at') or '0')
+  if tonumber(ARGV[7]) - since >= tonumber(ARGV[8]) then return 'stale' end
+  return 'busy'
+end
 local answer = 'shared'
 if not state then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -60,12 +73,13 @@ return 1
 # A refused submit lets go of its claim; an input it made that nobody else claimed since goes at once.
 _RELEASE = """
 -- KEYS: 1 the input's hash, 2 its set of job ids
--- ARGV: 1 job id, 2 "1" when this submit made the input (its claim answered "new")
+-- ARGV: 1 job id, 2 "1" when this submit made the input (its claim answered "new"), 3 now
 -- Returns 1 when the input is now `deleting` (the caller deletes the object, then forgets it), else 0.
 redis.call('SREM', KEYS[2], ARGV[1])
 if ARGV[2] ~= '1' or redis.call('SCARD', KEYS[2]) > 0 then return 0 end
-if not redis.call('HGET', KEYS[1], 'state') then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'deleting')
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'deleting' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'deleting', 'deleting_at', ARGV[3])
 return 1
 """
 
@@ -74,7 +88,7 @@ return 1
 _RETIRE = """
 -- KEYS: 1 the input's hash, 2 its set of job ids, 3 the index of inputs
 -- ARGV: 1 the claims counter as the sweep read it, 2 when to look again if it stays, 3 its member in the index,
---       4.. the job ids whose record is gone
+--       4 now, 5.. the job ids whose record is gone
 -- Returns "delete" (now `deleting`: the caller deletes the object, then forgets it), "kept" or "unknown" (no
 -- record: dropped from the index).
 local found = redis.call('HMGET', KEYS[1], 'state', 'claims')
@@ -84,12 +98,12 @@ if not found[1] then
 end
 if found[1] == 'deleting' then return 'delete' end  -- a sweep or a release that stopped half way
 if (found[2] or '0') ~= ARGV[1] then return 'kept' end
-for i = 4, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+for i = 5, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
 if redis.call('SCARD', KEYS[2]) > 0 then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
   return 'kept'
 end
-redis.call('HSET', KEYS[1], 'state', 'deleting')
+redis.call('HSET', KEYS[1], 'state', 'deleting', 'deleting_at', ARGV[4])
 return 'delete'
 """
 
@@ -110,6 +124,7 @@ class Claim(enum.Enum):
     new = "new"  # nobody had it: the caller stores the object (and it is charged to the tenant)
     shared = "shared"  # stored (or being stored) for another job: the caller makes sure the object is there
     busy = "busy"  # being deleted right now: ask again shortly
+    stale = "stale"  # a deletion abandoned half way (its deleter died): finish it (object, then forget), ask again
 
 
 class InputQuotaFull(Exception):
@@ -148,6 +163,7 @@ class InputStore:
         quota_bytes: int,
         look_at: float,
         pixels: tuple[int, int] = (0, 0),
+        now: float | None = None,
     ) -> Claim:
         """Note that `job_id` names the input (before the job is stored: the sweep looks no sooner than
         `look_at`); a new one records `pixels`, the size (width, height) its hash is of. Raises InputQuotaFull
@@ -155,7 +171,16 @@ class InputStore:
         k = self.keys
         answer = self._claim(
             keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.input_bytes(tenant), k.inputs],
-            args=[job_id, size_bytes, quota_bytes, look_at, self._member(tenant, digest), f"{pixels[0]}x{pixels[1]}"],
+            args=[
+                job_id,
+                size_bytes,
+                quota_bytes,
+                look_at,
+                self._member(tenant, digest),
+                f"{pixels[0]}x{pixels[1]}",
+                time.time() if now is None else now,
+                ABANDONED_AFTER_S,
+            ],
         ).decode()
         if answer.startswith("full:"):
             raise InputQuotaFull(int(answer.removeprefix("full:")), quota_bytes)
@@ -176,11 +201,12 @@ class InputStore:
         k = self.keys
         return bool(self._stored(keys=[k.input(tenant, digest), k.input_bytes(tenant)], args=[size_bytes]))
 
-    def release(self, tenant: str, digest: str, job_id: str, made: bool) -> bool:
+    def release(self, tenant: str, digest: str, job_id: str, made: bool, now: float | None = None) -> bool:
         """A refused submit's claim goes; True when the input it `made` is now unclaimed and `deleting`."""
         k = self.keys
         answer = self._release(
-            keys=[k.input(tenant, digest), k.input_jobs(tenant, digest)], args=[job_id, "1" if made else "0"]
+            keys=[k.input(tenant, digest), k.input_jobs(tenant, digest)],
+            args=[job_id, "1" if made else "0", time.time() if now is None else now],
         )
         return bool(answer)
 
@@ -198,14 +224,16 @@ class InputStore:
         claims, ids = pipe.execute()
         return (claims or b"0").decode(), sorted(i.decode() for i in ids)
 
-    def retire(self, tenant: str, digest: str, claims: str, gone: list[str], look_again: float) -> str:
+    def retire(
+        self, tenant: str, digest: str, claims: str, gone: list[str], look_again: float, now: float | None = None
+    ) -> str:
         """Drop the `gone` job ids; "delete" when no job names the input any more (it is now `deleting`), "kept"
         (looked at again at `look_again`), or "unknown". Nothing changes if it was claimed since `claims`."""
         k = self.keys
         member = self._member(tenant, digest)
         return self._retire(
             keys=[k.input(tenant, digest), k.input_jobs(tenant, digest), k.inputs],
-            args=[claims, look_again, member, *gone],
+            args=[claims, look_again, member, time.time() if now is None else now, *gone],
         ).decode()
 
     def forget(self, tenant: str, digest: str) -> int:

@@ -38,7 +38,7 @@ def sweep(
         for tenant, digest in due:
             claims, ids = records.references(tenant, digest)
             gone = [job_id for job_id, alive in zip(ids, jobs.existing(ids), strict=True) if not alive]
-            verdict = records.retire(tenant, digest, claims, gone, now + grace_s)
+            verdict = records.retire(tenant, digest, claims, gone, now + grace_s, now)
             if verdict == "kept":
                 done["kept"] += 1
             elif verdict == "delete":

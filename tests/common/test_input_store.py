@@ -73,3 +73,14 @@ def test_the_sweep_retires_an_input_only_when_no_live_job_names_it_and_none_clai
     assert records.forget("t", H) == 1000 and records.used_bytes("t") == 0 and records.due(LATER) == []
     assert records.forget("t", H) == 0  # once
     assert records.retire("t", H, "0", [], 80.0) == "unknown"
+
+
+def test_a_deletion_abandoned_half_way_is_finished_by_the_next_claim_not_waited_on_for_ever(records):
+    from common.input_store import ABANDONED_AFTER_S
+
+    records.claim("t", H, "job1", 1000, 0, 10.0, now=100.0)
+    assert records.release("t", H, "job1", made=True, now=100.0)  # its deleter then died: the record says deleting
+    assert records.claim("t", H, "job2", 1000, 0, 10.0, now=100.0 + ABANDONED_AFTER_S - 1) is Claim.busy
+    assert records.claim("t", H, "job2", 1000, 0, 10.0, now=100.0 + ABANDONED_AFTER_S) is Claim.stale
+    assert records.forget("t", H) == 1000  # what the API does on stale (the object first), then claims again
+    assert records.claim("t", H, "job2", 1000, 0, 10.0) is Claim.new and records.used_bytes("t") == 1000
