@@ -24,6 +24,7 @@ from PIL import Image
 from common import inputs
 from common.input_store import Claim, InputQuotaFull, InputStore
 from common.jobs import JobRequest, LimitError, with_size
+from common.outage import REDIS_DOWN
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def store(body: JobRequest, found: Inputs, storage: Storage, tenant: str, job_id
         except InputQuotaFull as exc:
             undo(found, storage, tenant, job_id, life)
             raise _quota_full(exc.used_bytes, exc.quota_bytes) from None
-        except HTTPException:
+        except (HTTPException, *REDIS_DOWN):  # Redis away: the app's handler answers 503 naming it
             undo(found, storage, tenant, job_id, life)
             raise
         except Exception as exc:
