@@ -183,7 +183,9 @@ def _convert(
     data = inputs.unwrap(sent) if isinstance(sent, str) else sent
     image: Image.Image = inputs.read(data, max_pixels, size)
     target = size or image.size
-    return inputs.stored_form(inputs.normalize(image, *target, mask=mask), data, mask), target
+    pixels = inputs.normalize(image, *target, mask=mask)
+    del image  # freed before stored_form decodes the bytes again (its check): one decoded original a slot at most
+    return inputs.stored_form(pixels, data, mask), target
 
 
 def _size(request: JobRequest) -> tuple[int, int]:

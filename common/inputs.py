@@ -124,16 +124,19 @@ def encode(image: Image.Image) -> tuple[str, bytes]:
 
 def stored_form(image: Image.Image, sent: bytes | None, mask: bool) -> Stored:
     """What to keep of an input whose job's pixels are `image` (at the job's size): the bytes the client `sent`
-    where they are smaller than the pixels' PNG and decode, the way the worker decodes them (pixels(), at the job's
-    size: the same read and resize the API made), to exactly these pixels; else the PNG. A photo sent as a JPEG
-    is kept as sent: the PNG of its pixels is about 6 times larger at the size sent, about 20 times when the job
-    doubles its size (tests/common/test_inputs.py)."""
+    where they are smaller than the pixels' PNG, hold no more pixels than the job's (so that the worker, which
+    decodes and resizes them again, does no more work than a PNG of the job's size costs it) and decode the way the
+    worker decodes them (pixels(), at the job's size: the same read and resize the API made) to exactly these
+    pixels; else the PNG. A photo sent as a JPEG is kept as sent: the PNG of its pixels is about 6 times larger
+    at the size sent, about 20 times when the job doubles its size (tests/common/test_inputs.py)."""
     digest, png = encode(image)
     if sent is not None and len(sent) < len(png):
         try:
-            if np.array_equal(pixels(sent, mask, image.size), np.asarray(image, dtype=np.uint8)):
-                return Stored(digest, sent, _CONTENT_TYPES[Image.open(io.BytesIO(sent)).format], image.size)
-        except InputError:
+            header = Image.open(io.BytesIO(sent))
+            small = header.width * header.height <= image.width * image.height
+            if small and np.array_equal(pixels(sent, mask, image.size), np.asarray(image, dtype=np.uint8)):
+                return Stored(digest, sent, _CONTENT_TYPES[header.format], image.size)
+        except (InputError, OSError, UnidentifiedImageError):
             pass  # not kept as sent: the PNG is
     return Stored(digest, png, "image/png", image.size)
 

@@ -75,3 +75,11 @@ def test_a_small_lossless_upload_at_the_jobs_size_is_kept_as_sent():
     kept = inputs.stored_form(pixels, sent, mask=False)
     assert kept.data == sent and kept.content_type == "image/webp" and len(sent) < len(inputs.encode(pixels)[1])
     assert np.array_equal(inputs.pixels(kept.data, False, (96, 64)), np.asarray(picture))
+
+
+def test_an_input_the_job_shrinks_is_stored_as_the_png_even_when_smaller_as_sent():
+    # kept as sent, the worker would decode and shrink every pixel sent (a 40 KB WebP can hold 2048x2048)
+    sent = encoded(photo(192, 128), quality=30)
+    pixels = _job_pixels(sent, (96, 64))
+    kept = inputs.stored_form(pixels, sent, mask=False)
+    assert len(sent) < len(inputs.encode(pixels)[1]) and kept.content_type == "image/png"
