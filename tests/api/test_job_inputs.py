@@ -279,3 +279,14 @@ def test_an_input_stored_for_a_job_the_queue_cap_refuses_is_deleted_and_uncharge
     assert refused.status_code == 429 and "queued jobs" in refused.json()["detail"]
     assert [p.read_bytes() for p in _stored(settings)] == [first]
     assert services.inputs.used_bytes("test") == len(first) and len(services.inputs.due(float("inf"))) == 1
+
+
+def test_a_replay_lets_go_of_its_claim_and_the_first_job_keeps_the_input(life, settings):
+    client, services = life()
+    body = {"prompt": "x", "init_image": base64.b64encode(encoded(photo(96, 64))).decode()}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    replay = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202 and replay.json()["id"] == first.json()["id"]
+    digest = inputs.content_hash(first.json()["request"]["init_image"])
+    assert services.inputs.references("test", digest)[1] == [first.json()["id"]]  # the replay's id let go
+    assert len(_stored(settings)) == 1
