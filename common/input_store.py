@@ -97,10 +97,14 @@ if not found[1] then
   return 'unknown'
 end
 if found[1] == 'deleting' then return 'delete' end  -- a sweep or a release that stopped half way
-if (found[2] or '0') ~= ARGV[1] then return 'kept' end
+-- kept, it is not due again before ARGV[2] (GT: a later claim's time stands), so a pass never meets it twice
+if (found[2] or '0') ~= ARGV[1] then
+  redis.call('ZADD', KEYS[3], 'GT', ARGV[2], ARGV[3])
+  return 'kept'
+end
 for i = 5, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
 if redis.call('SCARD', KEYS[2]) > 0 then
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('ZADD', KEYS[3], 'GT', ARGV[2], ARGV[3])
   return 'kept'
 end
 redis.call('HSET', KEYS[1], 'state', 'deleting', 'deleting_at', ARGV[4])

@@ -65,6 +65,7 @@ def test_the_sweep_retires_an_input_only_when_no_live_job_names_it_and_none_clai
     claims, _ = records.references("t", H)
     records.claim("t", H, "job3", 1000, 0, 60.0)  # a submit names it while the sweep asks about job2
     assert records.retire("t", H, claims, ["job2"], 70.0) == "kept"  # read before that claim: left alone
+    assert records.due(69.0) == []  # and not due again in this pass, whatever the claim's clock said
     assert records.references("t", H) == ("3", ["job2", "job3"])  # job3, whose record may not exist yet, stays
     claims, _ = records.references("t", H)
     assert records.retire("t", H, claims, ["job2", "job3"], 80.0) == "delete"
