@@ -90,7 +90,14 @@ def create(
         raise _too_many_runs(active, s.max_active_datasets_per_tenant)
     try:
         ingested = ingest(
-            stream, options, s, services.storage, registry=services.loras, tenant=tenant, served_models=services.served
+            stream,
+            options,
+            s,
+            services.storage,
+            registry=services.loras,
+            tenant=tenant,
+            served_models=services.served,
+            input_records=services.inputs,
         )
     except InputInvalid as exc:
         lines = [e.as_dict() for e in exc.errors]
