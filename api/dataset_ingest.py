@@ -19,7 +19,6 @@ from fastapi import HTTPException
 from api import job_inputs, served
 from common.dataset_store import DatasetStore
 from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
-from common.input_store import InputStore
 from common.jobs import MAX_SEED
 from common.loras import Registry
 from common.settings import Settings
@@ -57,12 +56,12 @@ def ingest(
     registry: Registry | None = None,
     tenant: str = "",
     served_models: served.ServedModels | None = None,
-    input_records: InputStore | None = None,
+    input_life: job_inputs.InputLife | None = None,
 ) -> Ingested:
     """Each line is checked as a job is (api/served.py check_request, api/job_inputs.py StoredImages: the same
     fields and reasons), its images read from the `tenant`'s inputs. registry: the API's adapter registry (its
     hashes kept between uploads), None: one made for this run; served_models: which models live workers hold,
-    None: not read; input_records: the inputs' records, for the size an input's hash is of (None: its header's)."""
+    None: not read; input_life: where each input a line names is claimed for the run and sized (None: neither)."""
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
@@ -72,7 +71,7 @@ def ingest(
         settings.max_steps,
         settings.max_prompt_chars,
         settings.bucket_sizes,
-        check_images=job_inputs.StoredImages(storage, tenant, settings.served_sizes, input_records),
+        check_images=job_inputs.StoredImages(storage, tenant, settings.served_sizes, input_life, run_id),
         check_served=lambda request: served.check_request(request, settings, served_models, registry),
     )
     validator = Validator(options, seed, limits)

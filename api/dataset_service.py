@@ -13,6 +13,7 @@ from typing import BinaryIO
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from api import job_inputs
 from api.dataset_ingest import InputInvalid, create_run, discard, ingest
 from api.deps import Caller, Services
 from api.errors import ProblemError
@@ -97,7 +98,7 @@ def create(
             registry=services.loras,
             tenant=tenant,
             served_models=services.served,
-            input_records=services.inputs,
+            input_life=job_inputs.InputLife(services.inputs, 0, s.input_grace_s),  # no quota: no new image
         )
     except InputInvalid as exc:
         lines = [e.as_dict() for e in exc.errors]

@@ -23,7 +23,7 @@ from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
 from common import inputs
-from common.input_store import Claim, InputQuotaFull, InputStore
+from common.input_store import Claim, InputQuotaFull, InputStore, run_claim
 from common.jobs import JobRequest, LimitError, images_of, with_size
 from common.outage import REDIS_DOWN
 from common.storage import Storage
@@ -178,17 +178,24 @@ def own_size(body: JobRequest, width: int, height: int, sizes: list[tuple[int, i
 
 class StoredImages:
     """A data set line's images, which it names by this tenant's stored keys only (common/datasets.py KEYS_ONLY):
-    each key checked as a job's is (read_key: the tenant's, in the service's form, stored) and its size taken once
-    per key and file (a file may name one control image on every line): the size its record says its hash is of
-    (`records`; an input kept as sent may hold an image of another size), else the header's. As for a job, a
+    each key checked as a job's is (read_key: the tenant's, in the service's form, stored) once per file (a file
+    may name one control image on every line), and with `life`, claimed for the run (`run_id`: its claim,
+    common/input_store.run_claim, keeps the input while the run's record lives) and sized by its record: the size
+    its hash is of (an input kept as sent may hold an image of another size), else the header's. As for a job, a
     request with no width or height takes its init image's size. The worker reads every image at the line's size
-    (worker/loop/admission.py, as it reads a job's, which were stored for its size here). The line's run does not
-    claim the inputs it names: docs/reliability.md "Input images" says how long they live."""
+    (worker/loop/admission.py, as it reads a job's, which were stored for its size here)."""
 
     MAX_KEYS = 10_000  # sizes remembered per file: a file naming more distinct images reads some twice
 
-    def __init__(self, storage: Storage, tenant: str, sizes: list[tuple[int, int]], records: InputStore | None = None):
-        self.storage, self.tenant, self.sizes, self.records = storage, tenant, sizes, records
+    def __init__(
+        self,
+        storage: Storage,
+        tenant: str,
+        sizes: list[tuple[int, int]],
+        life: InputLife | None = None,
+        run_id: str = "",
+    ):
+        self.storage, self.tenant, self.sizes, self.life, self.run_id = storage, tenant, sizes, life, run_id
         self._size_of: dict[str, tuple[int, int]] = {}
 
     def __call__(self, body: JobRequest) -> JobRequest:
@@ -204,15 +211,29 @@ class StoredImages:
             data = read_key(name, key, self.storage, self.tenant)
             try:
                 with Image.open(io.BytesIO(data)) as image:  # the header only
-                    size = image.size
+                    size, content_type = image.size, Image.MIME.get(image.format or "", "image/png")
             except (UnidentifiedImageError, OSError):
                 raise LimitError(name, f"the stored input {key!r} could not be read as an image") from None
-            if self.records is not None:
-                size = self.records.pixels(self.tenant, inputs.content_hash(key)) or size
+            if self.life is not None:
+                digest = inputs.content_hash(key)
+                size = self.life.store.pixels(self.tenant, digest) or size
+                self._claim(inputs.Stored(digest, data, content_type, size))
             if len(self._size_of) >= self.MAX_KEYS:
                 self._size_of.clear()
             self._size_of[key] = size
         return size
+
+    def _claim(self, image: inputs.Stored) -> None:
+        """The run's claim. Made anew (an input stored before records were kept, or one deleted since it was read):
+        written back as read and charged, never refused (no quota: the tenant sends no new image)."""
+        assert self.life is not None
+        key = inputs.key(self.tenant, image.digest)
+        if _claim(self.life, self.storage, self.tenant, image, run_claim(self.run_id)) is Claim.new:
+            try:
+                self.storage.put(key, image.data, image.content_type)
+            except Exception as exc:
+                raise _unavailable(exc) from exc
+            self.life.store.stored(self.tenant, image.digest, len(image.data))
 
 
 def _convert(

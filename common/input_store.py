@@ -26,6 +26,15 @@ from common.keys import Keys
 # longer than one storage delete takes, retries included: a deletion still under way never meets a new object.
 ABANDONED_AFTER_S = 300.0
 
+# A data set run's claim on an input its lines name sits among the job ids as "run:<run id>" (a job id has no colon:
+# common/keys.py RECORD_ID_PATTERN); the sweep keeps it while the run's record lives (worker/input_retention.py).
+RUN_CLAIM = "run:"
+
+
+def run_claim(run_id: str) -> str:
+    return RUN_CLAIM + run_id
+
+
 _CLAIM = """
 -- KEYS: 1 the input's hash, 2 its set of job ids, 3 the tenant's stored input bytes, 4 the index of inputs
 -- ARGV: 1 job id, 2 the bytes it will take if new, 3 the tenant's quota in bytes (0: none), 4 when the sweep may

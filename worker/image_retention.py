@@ -21,6 +21,7 @@ import threading
 import time
 from itertools import groupby, islice
 
+from common.dataset_store import DatasetStore
 from common.input_store import InputStore
 from common.job_store import JobStore
 from common.jobs import Job
@@ -105,10 +106,12 @@ class ImageSweeper:
         check_s: float = 60.0,
         inputs: InputStore | None = None,
         input_grace_s: float = 3600.0,
+        runs: DatasetStore | None = None,
     ):
         self.storage = storage
         self.inputs = inputs
         self.input_grace_s = input_grace_s
+        self.runs = runs  # whose records keep the inputs their lines name
         self.store = store
         self.workers = workers  # holds the lock
         self.owner = owner
@@ -135,7 +138,7 @@ class ImageSweeper:
                 if self.turn():
                     sweep(self.storage, self.store)
                     if self.inputs is not None:
-                        input_retention.sweep(self.storage, self.inputs, self.store, self.input_grace_s)
+                        input_retention.sweep(self.storage, self.inputs, self.store, self.input_grace_s, runs=self.runs)
                 self.outage.ok()
             except Exception as exc:  # storage or Redis away: the next check tries again; one log line an outage
                 self.outage.failed(exc)

@@ -5,6 +5,7 @@ what a line asks for carried into its stored request, the engine's row and the m
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -15,8 +16,10 @@ from PIL import Image
 from api.main import create_app
 from common import inputs
 from common.datasets import KEYS_ONLY, Layout, Line, manifest_row
+from common.input_store import run_claim
 from common.jobs import Job, JobStatus
 from tests.helpers import variants
+from tests.helpers.pictures import encoded, photo
 from tests.helpers.servers import authorize
 from worker.loop.batch import InputPixels, rows_for
 
@@ -193,3 +196,20 @@ def test_a_line_cannot_name_another_tenants_image_or_send_one_inline(served, set
         assert own.status_code == 202, own.text  # the other tenant's own key is its to use
     inline = upload(served, [{"id": "a", "prompt": "x", "init_image": "data:image/png;base64,iVBORw0KGgo="}])
     assert inline.json()["lines"] == [{"line": 1, "field": "init_image", "message": KEYS_ONLY}]
+
+
+def test_a_line_claims_the_inputs_it_names_for_its_run_and_sizes_them_by_their_record(served):
+    # a small JPEG kept as sent for a larger job (common/inputs.stored_form): its header says 48x32, its hash is of
+    # the job's 96x64 pixels, which its record keeps
+    sent = encoded(photo(48, 32))
+    job = served.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(sent).decode(), **SIZE})
+    assert job.status_code == 202, job.text
+    key = job.json()["request"]["init_image"]
+    assert served.app.state.services.storage.get(key) == sent
+    r = upload(served, [{"id": "own-size", "prompt": "a cat", "init_image": key}], defaults={"steps": 4})
+    assert r.status_code == 202, r.text
+    (own,) = stored_lines(served, r.json()["id"])
+    assert (own.request.width, own.request.height) == (96, 64)  # as a job sent the key: the record's size
+    # the run keeps the input alive while its record lives (worker/input_retention.py), as the job does
+    claims = served.app.state.services.inputs.references("test", inputs.content_hash(key))[1]
+    assert claims == sorted([job.json()["id"], run_claim(r.json()["id"])])

@@ -1,5 +1,6 @@
 """The input sweep (worker/input_retention.py) against a real Redis and a local folder: an input goes once no
-job record names it and its grace has passed; a live job's input, or one inside its grace, stays."""
+job record names it and its grace has passed; a live job's input, or one inside its grace, stays; so does one a
+live data set run names."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import redis
 
 from common import inputs
-from common.input_store import InputStore
+from common.dataset_store import DatasetStore
+from common.input_store import InputStore, run_claim
 from common.job_store import JobStore
 from common.jobs import JobRequest
 from common.storage import LocalStorage
@@ -60,6 +62,23 @@ def test_an_input_goes_once_no_job_names_it_and_its_grace_has_passed(client, key
     with pytest.raises(KeyError):
         storage.get(named)
     assert records.used_bytes("t") == 0 and records.due(float("inf")) == []
+
+
+def test_a_data_set_runs_claim_keeps_an_input_while_the_runs_record_lives(client, key_prefix, tmp_path):
+    store, records = JobStore(client, key_prefix, ttl_s=60), InputStore(client, key_prefix)
+    runs = DatasetStore(client, key_prefix)
+    storage = LocalStorage(tmp_path, "http://api", b"k" * 32)
+    key = _input(records, storage, "d" * 64, "expired-job", run_claim("R"))  # a run's lines name it (the API)
+    client.hset(runs.keys.run("R").record, "status", "running")  # the run's record
+    assert sweep(storage, records, store, GRACE_S, now=T0 + GRACE_S, runs=runs)["kept"] == 1
+    assert storage.get(key) == b"12345" and records.references("t", "d" * 64)[1] == [run_claim("R")]
+    assert sweep(storage, records, store, GRACE_S, now=T0 + 2 * GRACE_S)["kept"] == 1  # no run store: kept
+
+    client.delete(runs.keys.run("R").record)  # the finished run's record expires
+    done = sweep(storage, records, store, GRACE_S, now=T0 + 3 * GRACE_S, runs=runs)
+    assert done == {"deleted": 1, "freed_bytes": 5, "kept": 0}
+    with pytest.raises(KeyError):
+        storage.get(key)
 
 
 def test_the_image_sweeper_sweeps_inputs_in_its_turn(client, key_prefix, tmp_path):
