@@ -21,6 +21,7 @@ from common.dataset_store import DatasetStore
 from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
 from common.jobs import MAX_SEED
 from common.loras import Registry
+from common.outage import REDIS_DOWN
 from common.settings import Settings
 from common.storage import Storage
 
@@ -113,7 +114,8 @@ def ingest(
                 if len(chunk) == CHUNK_LINES:
                     storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
                     written, chunk = written + 1, []
-    except HTTPException:  # storage away while a line's image was read (503): what was stored goes
+    except (HTTPException, *REDIS_DOWN):  # storage (503) or Redis away as a line's image was read or claimed
+        # what was stored goes; its claims, for a run that never existed, are dropped by the input sweep
         with suppress(Exception):
             _discard(storage, layout, written)
         raise
