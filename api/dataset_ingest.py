@@ -21,6 +21,7 @@ from common.dataset_store import DatasetStore
 from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
 from common.jobs import MAX_SEED
 from common.loras import Registry
+from common.outage import REDIS_DOWN
 from common.settings import Settings
 from common.storage import Storage
 
@@ -56,11 +57,12 @@ def ingest(
     registry: Registry | None = None,
     tenant: str = "",
     served_models: served.ServedModels | None = None,
+    input_life: job_inputs.InputLife | None = None,
 ) -> Ingested:
     """Each line is checked as a job is (api/served.py check_request, api/job_inputs.py StoredImages: the same
     fields and reasons), its images read from the `tenant`'s inputs. registry: the API's adapter registry (its
     hashes kept between uploads), None: one made for this run; served_models: which models live workers hold,
-    None: not read."""
+    None: not read; input_life: where each input a line names is claimed for the run and sized (None: neither)."""
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
@@ -70,7 +72,7 @@ def ingest(
         settings.max_steps,
         settings.max_prompt_chars,
         settings.bucket_sizes,
-        check_images=job_inputs.StoredImages(storage, tenant, settings.served_sizes),
+        check_images=job_inputs.StoredImages(storage, tenant, settings.served_sizes, input_life, run_id),
         check_served=lambda request: served.check_request(request, settings, served_models, registry),
     )
     validator = Validator(options, seed, limits)
@@ -112,7 +114,8 @@ def ingest(
                 if len(chunk) == CHUNK_LINES:
                     storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
                     written, chunk = written + 1, []
-    except HTTPException:  # storage away while a line's image was read (503): what was stored goes
+    except (HTTPException, *REDIS_DOWN):  # storage (503) or Redis away as a line's image was read or claimed
+        # what was stored goes; its claims, for a run that never existed, are dropped by the input sweep
         with suppress(Exception):
             _discard(storage, layout, written)
         raise

@@ -13,6 +13,7 @@ from typing import BinaryIO
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from api import job_inputs
 from api.dataset_ingest import InputInvalid, create_run, discard, ingest
 from api.deps import Caller, Services
 from api.errors import ProblemError
@@ -90,7 +91,14 @@ def create(
         raise _too_many_runs(active, s.max_active_datasets_per_tenant)
     try:
         ingested = ingest(
-            stream, options, s, services.storage, registry=services.loras, tenant=tenant, served_models=services.served
+            stream,
+            options,
+            s,
+            services.storage,
+            registry=services.loras,
+            tenant=tenant,
+            served_models=services.served,
+            input_life=job_inputs.InputLife(services.inputs, 0, s.input_grace_s),  # no quota: no new image
         )
     except InputInvalid as exc:
         lines = [e.as_dict() for e in exc.errors]

@@ -18,6 +18,7 @@ from api.served import ServedModels
 from api.slots import Slots
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetRun, DatasetStore
+from common.input_store import InputStore
 from common.job_store import JobStore
 from common.jobs import Job
 from common.keys import RECORD_ID_PATTERN
@@ -42,6 +43,7 @@ class Services:
     loras: Registry  # the LoRA adapters served (SDXL_LORA_DIR)
     served: ServedModels  # which models live workers hold
     decodes: DecodeLimits  # input images: pixels per image, decodes at once (api/job_inputs.py)
+    inputs: InputStore  # which jobs name each stored input image, and each tenant's input bytes
     waits: Slots  # event streams and waits open per API key (api/slots.py)
     uploads: Slots  # data set uploads being read per tenant
     metrics_figures: RedisFigures | None = None  # the last /metrics read of Redis, served stale in an outage

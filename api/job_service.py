@@ -9,6 +9,7 @@ import json
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -114,8 +115,10 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     """Check, store and queue a job. A replayed Idempotency-Key gives the earlier job's id."""
     s = services.settings
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # the client's body, before defaults
+    life = job_inputs.InputLife(services.inputs, s.max_input_bytes_per_tenant, s.input_grace_s)
+    job_inputs.check_quota(body, life, tenant)  # before any image is decoded
     # a size from the init image
-    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes)
+    body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes, services.inputs)
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
     served.check_request(body, s, services.served, services.loras)  # as for each data set line
@@ -128,15 +131,17 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             raise LimitError("webhook_url", str(exc)) from exc
     if body.seed is None:  # random, but always returned so the image can be made again
         body = body.model_copy(update={"seed": secrets.randbelow(MAX_SEED - body.num_images + 2)})
-    body = job_inputs.store(body, found, services.storage, tenant)  # last: only a job that passed every check
+    new_id = uuid.uuid4().hex  # its inputs are claimed for it before it is stored
+    # last: only a job that passed every check
+    body = job_inputs.store(body, found, services.storage, tenant, new_id, life)
     try:
         # a replay is answered whatever the limits; only new work counts against the queued cap
         job_id, created = services.store.create(
-            body, idempotency_key, fingerprint, tenant=tenant, max_queued=s.max_queued_per_tenant
+            body, idempotency_key, fingerprint, tenant=tenant, max_queued=s.max_queued_per_tenant, job_id=new_id
         )
     except BaseException as exc:
         if not isinstance(exc, NotReplicated):  # the primary holds that job: it may run, with its inputs
-            job_inputs.undo(found, services.storage)  # refused (or Redis away): nothing stored, its inputs neither
+            job_inputs.undo(found, services.storage, tenant, new_id, life)  # refused (or Redis away): nothing kept
         if isinstance(exc, IdempotencyConflict):
             raise HTTPException(
                 409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"
@@ -150,7 +155,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             ) from exc
         raise
     if not created:
-        job_inputs.undo(found, services.storage)  # a replay: the first submit's inputs are its job's
+        job_inputs.undo(found, services.storage, tenant, new_id, life)  # a replay: the first job names its inputs
     if created:
         log.info("job submitted", extra={"job_id": job_id})
         metrics.SUBMITTED.labels(f"{body.width}x{body.height}").inc()

@@ -27,6 +27,7 @@ from api.slots import Slots
 from common import logs, redis_connection
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
+from common.input_store import InputStore
 from common.job_store import JobStore
 from common.loras import Registry
 from common.queue import make_celery
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loras=Registry(settings.lora_dir or None, storage, settings.lora_cache_dir),
             served=ServedModels(workers),
             decodes=DecodeLimits.of(settings.input_pixel_cap, settings.max_concurrent_decodes),
+            inputs=InputStore(client, settings.key_prefix),
             waits=Slots(settings.max_waits_per_key, "event streams and waits per API key", "SDXL_MAX_WAITS_PER_KEY"),
             uploads=Slots(
                 settings.max_uploads_per_tenant, "data set uploads per tenant", "SDXL_MAX_UPLOADS_PER_TENANT", 10

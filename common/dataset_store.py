@@ -474,6 +474,13 @@ class DatasetStore:
             error=d.get("error"),
         )
 
+    def existing(self, run_ids: list[str]) -> list[bool]:
+        """Whether each run's record exists (not expired), in one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.exists(self.keys.run(run_id).record)
+        return [bool(n) for n in pipe.execute()] if run_ids else []
+
     def inflight(self, run_id: str) -> dict[int, str]:
         return {int(k): v.decode() for k, v in self._r.hgetall(self.keys.run(run_id).inflight).items()}
 

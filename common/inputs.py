@@ -3,7 +3,10 @@ checked, brought to the job's size, and kept in storage under the tenant's input
 Shared by the API (which stores them) and the worker (which reads them back as pixels). No HTTP, no JAX.
 
 A job's request then holds the key (`inputs/<tenant>/<sha256>.png`), so its record stays small, a retry reads
-the same bytes, and a client may send the key again instead of the image.
+the same bytes, and a client may send the key again instead of the image. The sha256 is that of the job's
+pixels encoded as PNG (the name says so); the object holds the smallest bytes that decode, at the job's size, to
+exactly those pixels: the bytes the client sent, or that PNG (stored_form). Its record (common/input_store.py)
+keeps that size, and says how long the object stays.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import binascii
 import hashlib
 import io
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,8 +26,20 @@ PREFIX = "inputs"
 MAX_BYTES = 16 * 2**20  # an encoded input image, before base64
 MAX_PIXELS = 4096 * 4096  # refuse larger images before decoding them (a decompression bomb)
 FORMATS = ("PNG", "JPEG", "WEBP")
+_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _STORED = re.compile(r"^[0-9a-f]{64}\.png$")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An input as kept in storage: the content hash of its pixels (its key's name), the bytes to store, and the
+    size (width, height) its job uses it at (the bytes may hold another: the worker resizes them the same way)."""
+
+    digest: str
+    data: bytes
+    content_type: str
+    size: tuple[int, int]
 
 
 class InputError(ValueError):
@@ -45,9 +61,8 @@ def is_stored_key(value: str, tenant: str) -> bool:
     return _STORED.match(value.removeprefix(prefix(tenant))) is not None and value.startswith(prefix(tenant))
 
 
-def decode(value: str, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | None = None) -> Image.Image:
-    """base64 (or a data: URL) -> a loaded PIL image; InputError when it is not a PNG, JPEG or WebP image, or
-    would decode to more than max_pixels (read()'s rules)."""
+def unwrap(value: str) -> bytes:
+    """base64 (or a data: URL) -> the encoded image's bytes; InputError when it is not base64 or too long."""
     text = _DATA_URL.sub("", value.strip(), count=1)
     try:
         data = base64.b64decode(text, validate=True)
@@ -55,7 +70,13 @@ def decode(value: str, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | Non
         raise InputError("is neither base64 image data, a data: URL, nor an inputs/ key") from None
     if len(data) > MAX_BYTES:
         raise InputError(f"is {len(data)} bytes; at most {MAX_BYTES}")
-    return read(data, max_pixels, size)
+    return data
+
+
+def decode(value: str, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | None = None) -> Image.Image:
+    """base64 (or a data: URL) -> a loaded PIL image; InputError when it is not a PNG, JPEG or WebP image, or
+    would decode to more than max_pixels (read()'s rules)."""
+    return read(unwrap(value), max_pixels, size)
 
 
 def read(data: bytes, max_pixels: int = MAX_PIXELS, size: tuple[int, int] | None = None) -> Image.Image:
@@ -94,11 +115,31 @@ def normalize(image: Image.Image, width: int, height: int, mask: bool) -> Image.
 
 
 def encode(image: Image.Image) -> tuple[str, bytes]:
-    """(the content hash, PNG bytes): lossless, so the worker sees exactly the pixels checked here."""
+    """(the content hash, PNG bytes): the hash of the job's pixels, of their PNG encoding (Pillow's defaults), so
+    that the same pixels have one hash however they were sent."""
     out = io.BytesIO()
     image.save(out, format="PNG")
     data = out.getvalue()
     return hashlib.sha256(data).hexdigest(), data
+
+
+def stored_form(image: Image.Image, sent: bytes | None, mask: bool) -> Stored:
+    """What to keep of an input whose job's pixels are `image` (at the job's size): the bytes the client `sent`
+    where they are smaller than the pixels' PNG, hold no more pixels than the job's (so that the worker, which
+    decodes and resizes them again, does no more work than a PNG of the job's size costs it) and decode the way the
+    worker decodes them (pixels(), at the job's size: the same read and resize the API made) to exactly these
+    pixels; else the PNG. A photo sent as a JPEG is kept as sent: the PNG of its pixels is about 6 times larger
+    at the size sent, about 20 times when the job doubles its size (tests/common/test_inputs.py)."""
+    digest, png = encode(image)
+    if sent is not None and len(sent) < len(png):
+        try:
+            header = Image.open(io.BytesIO(sent))
+            small = header.width * header.height <= image.width * image.height
+            if small and np.array_equal(pixels(sent, mask, image.size), np.asarray(image, dtype=np.uint8)):
+                return Stored(digest, sent, _CONTENT_TYPES[header.format], image.size)
+        except (InputError, OSError, UnidentifiedImageError):
+            pass  # not kept as sent: the PNG is
+    return Stored(digest, png, "image/png", image.size)
 
 
 def key(tenant: str, digest: str) -> str:
@@ -118,9 +159,9 @@ def by_hash(part: Any) -> dict[str, Any]:
 
 
 def pixels(data: bytes, mask: bool, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask; at `size` (width, height) where given and
-    the stored image has another (a data set line names an image a job of another size stored: normalize's
-    Lanczos; a job's own inputs were stored at its size, and come back untouched)."""
-    with Image.open(io.BytesIO(data)) as image:
-        converted = normalize(image, *(size or image.size), mask=mask)
-    return np.asarray(converted, dtype=np.uint8)
+    """Stored bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask, at `size` (width, height: the job's; None: the
+    image's own). The API checks with this very function that what it stores decodes to the job's pixels; a data
+    set line may name an image a job of another size stored, which comes at the line's size the same way (read,
+    then normalize's Lanczos)."""
+    image = read(data, MAX_PIXELS, size)
+    return np.asarray(normalize(image, *(size or image.size), mask=mask), dtype=np.uint8)

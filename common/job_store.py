@@ -233,14 +233,16 @@ class JobStore:
         fingerprint: str | None = None,
         tenant: str = "",
         max_queued: int = 0,
+        job_id: str | None = None,
     ) -> tuple[str, bool]:
         """Store a new queued job; returns (id, created). With an idempotency key seen before and the same
         fingerprint (the client's body, before defaults such as a random seed are filled in), returns the
         earlier job (created=False); with another fingerprint raises IdempotencyConflict. With `max_queued`
-        (> 0) and that many of the tenant's jobs queued already, raises QueueFull and stores nothing."""
+        (> 0) and that many of the tenant's jobs queued already, raises QueueFull and stores nothing. `job_id`: the
+        new job's, when the caller chose it (its inputs were claimed for it first: api/job_inputs.py)."""
         body = request.model_dump_json()
         body_hash = fingerprint or hashlib.sha256(body.encode()).hexdigest()
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         k, model = self.keys, self.model_of(request.model)
         idem = k.job(job_id)  # no key: a key of the script's slot stands in (an empty name would be slot 0's)
         has_key = bool(idempotency_key)

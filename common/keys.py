@@ -9,7 +9,8 @@ cluster only the part of a key between its first `{` and `}` is hashed. The keys
 transaction touches together with another start with `{P}` (the prefix as a hash tag), so they all share the
 slot of P: a job's hash is changed by one script with the global queued and running sets, its tenant's sets,
 its model's ring and, for a data set line, its run's hashes; a take moves a job from a ready set into a worker's
-held set; the active-run caps read other runs' hashes. Those links join every record of the service into one
+held set; the active-run caps read other runs' hashes; an input's claim changes its record and job set with its
+tenant's input bytes and the global index of inputs. Those links join every record of the service into one
 group, so on a cluster that group lives on the one master owning P's slot (docs/reliability.md "Redis Cluster").
 The keys no script or transaction shares with another key start with a bare `P:` and spread over the masters:
 the rate windows, the batch log, the sweep locks and data set idempotency keys. On a single Redis the braces
@@ -68,6 +69,15 @@ Data sets (common/dataset_store.py), for run R and tenant T:
     {P}:datasets:recent:T     a tenant's runs by creation time
     P:dataset-idem:T:<sha256> the run an Idempotency-Key made
 
+Input images (common/input_store.py), for tenant T and an input's content hash H (common/inputs.py):
+    {P}:input:T:H             hash: state (storing, stored, deleting), bytes (stored), size (<w>x<h>: the pixels
+                              hashed; the object may be the image as sent, of another size), claims (a counter
+                              each submit that names it bumps: a sweep that read it before a claim leaves it be)
+    {P}:input-jobs:T:H        set of the job ids that name the input: it is kept while any of their records lives
+    {P}:input-bytes:T         the bytes of a tenant's stored inputs (SDXL_MAX_INPUT_BYTES_PER_TENANT bounds it)
+    {P}:inputs                sorted set of every stored input ([T, H] as JSON) by when the sweep may next look
+                              at it (its last claim + SDXL_INPUT_GRACE_S)
+
 API keys and rate limits (common/api_keys.py, common/rate_limit.py):
     {P}:apikey:<sha256 of key>  hash: key_id, tenant, name, created_at, revoked
     {P}:apikeys               hash: key id -> sha256 of the key (listing and revoking)
@@ -91,6 +101,8 @@ TAGGED_PARTS = frozenset(
     {
         *("job", "queued", "running", "recent", "tenant-queued", "ready", "ready-tenants", "idem", "outbox", "seq"),
         *("worker", "workers", "held", "holders", "dataset", "datasets", "apikey", "apikeys"),
+        # the input records came after the tags (none is named the old way): listed because they carry the tag
+        *("input", "input-jobs", "input-bytes", "inputs"),
     }
 )
 
@@ -262,6 +274,21 @@ class Keys:
 
     def dataset_idempotency(self, tenant: str, key_sha256: str) -> str:
         return self._alone("dataset-idem", tenant, key_sha256)
+
+    # ------------------------------------------------------------------ input images
+
+    def input(self, tenant: str, digest: str) -> str:
+        return self._tagged("input", tenant, digest)
+
+    def input_jobs(self, tenant: str, digest: str) -> str:
+        return self._tagged("input-jobs", tenant, digest)
+
+    def input_bytes(self, tenant: str) -> str:
+        return self._tagged("input-bytes", tenant)
+
+    @property
+    def inputs(self) -> str:
+        return self._tagged("inputs")
 
     # ------------------------------------------------------------------ API keys and rate limits
 

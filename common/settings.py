@@ -258,6 +258,13 @@ class Settings(BaseSettings):
     # input images decoded, resized or encoded at once per API process; more wait their turn (each holds up to
     # max_input_pixels x 4 bytes, a few times over while it is converted and resized)
     max_concurrent_decodes: int = Field(4, ge=1)
+    # a tenant's stored input images (init, mask, control, IP-Adapter; each stored once by content hash), in bytes:
+    # a submit that would store more is 429 (one already at the limit sending images: before any is decoded).
+    # 0: no limit. Inputs are deleted once no job names them (SDXL_INPUT_GRACE_S), which frees the tenant's bytes
+    max_input_bytes_per_tenant: int = Field(1024**3, ge=0)
+    # an input is kept at least this long after a submit last named it, and then until no job record that names
+    # it is left (a record lives SDXL_JOB_TTL_S after its job ends); the worker's image sweep deletes it then
+    input_grace_s: int = Field(3600, ge=1)
     # a data set line longer than this is refused by number (422, `lines`) unread: it is never held whole
     max_dataset_line_bytes: int = Field(256 * 1024, ge=1024)
     # images one data set run may ask for, counted after num_images (a line of num_images 64 is 64): more, 413

@@ -21,12 +21,14 @@ import threading
 import time
 from itertools import groupby, islice
 
+from common.dataset_store import DatasetStore
+from common.input_store import InputStore
 from common.job_store import JobStore
 from common.jobs import Job
 from common.outage import Outage, supervised
 from common.storage import Storage
 from common.worker_registry import WorkerRegistry
-from worker import images
+from worker import images, input_retention
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,8 @@ def _expired(store: JobStore, keys: list[str]) -> set[str]:
 
 
 class ImageSweeper:
-    """Runs `sweep` on a thread: whichever worker takes the Redis lock sweeps, and the lock's expiry is the
-    interval, so a fleet sweeps once per interval whatever its size."""
+    """Runs `sweep` on a thread (and with `inputs`, the input sweep after it): whichever worker takes the Redis
+    lock sweeps, and the lock's expiry is the interval, so a fleet sweeps once per interval whatever its size."""
 
     def __init__(
         self,
@@ -102,8 +104,14 @@ class ImageSweeper:
         owner: str,
         interval_s: float,
         check_s: float = 60.0,
+        inputs: InputStore | None = None,
+        input_grace_s: float = 3600.0,
+        runs: DatasetStore | None = None,
     ):
         self.storage = storage
+        self.inputs = inputs
+        self.input_grace_s = input_grace_s
+        self.runs = runs  # whose records keep the inputs their lines name
         self.store = store
         self.workers = workers  # holds the lock
         self.owner = owner
@@ -129,6 +137,8 @@ class ImageSweeper:
             try:
                 if self.turn():
                     sweep(self.storage, self.store)
+                    if self.inputs is not None:
+                        input_retention.sweep(self.storage, self.inputs, self.store, self.input_grace_s, runs=self.runs)
                 self.outage.ok()
             except Exception as exc:  # storage or Redis away: the next check tries again; one log line an outage
                 self.outage.failed(exc)

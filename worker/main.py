@@ -345,10 +345,19 @@ def main() -> None:
     tasks.bind(loop)
     image_sweeper = None
     if settings.image_sweep_interval_s:
+        from common.dataset_store import DatasetStore
+        from common.input_store import InputStore
         from worker.image_retention import ImageSweeper
 
         image_sweeper = ImageSweeper(
-            loop.storage, store, workers, owner=name, interval_s=settings.image_sweep_interval_s
+            loop.storage,
+            store,
+            workers,
+            owner=name,
+            interval_s=settings.image_sweep_interval_s,
+            inputs=InputStore(client, settings.key_prefix),
+            input_grace_s=settings.input_grace_s,
+            runs=DatasetStore(client, settings.key_prefix, settings.job_ttl_s),
         )
         image_sweeper.start()
     feeder = None

@@ -5,18 +5,26 @@ what a line asks for carried into its stored request, the engine's row and the m
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from api import job_inputs
+from api.dataset_ingest import ingest
 from api.main import create_app
 from common import inputs
-from common.datasets import KEYS_ONLY, Layout, Line, manifest_row
+from common.datasets import CHUNK_LINES, KEYS_ONLY, DatasetOptions, Layout, Line, manifest_row
+from common.input_store import run_claim
 from common.jobs import Job, JobStatus
+from common.storage import LocalStorage
 from tests.helpers import variants
+from tests.helpers.pictures import encoded, photo
 from tests.helpers.servers import authorize
 from worker.loop.batch import InputPixels, rows_for
 
@@ -193,3 +201,36 @@ def test_a_line_cannot_name_another_tenants_image_or_send_one_inline(served, set
         assert own.status_code == 202, own.text  # the other tenant's own key is its to use
     inline = upload(served, [{"id": "a", "prompt": "x", "init_image": "data:image/png;base64,iVBORw0KGgo="}])
     assert inline.json()["lines"] == [{"line": 1, "field": "init_image", "message": KEYS_ONLY}]
+
+
+def test_a_line_claims_the_inputs_it_names_for_its_run_and_sizes_them_by_their_record(served):
+    # a small JPEG kept as sent for a larger job (common/inputs.stored_form): its header says 48x32, its hash is of
+    # the job's 96x64 pixels, which its record keeps
+    sent = encoded(photo(48, 32))
+    job = served.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(sent).decode(), **SIZE})
+    assert job.status_code == 202, job.text
+    key = job.json()["request"]["init_image"]
+    assert served.app.state.services.storage.get(key) == sent
+    r = upload(served, [{"id": "own-size", "prompt": "a cat", "init_image": key}], defaults={"steps": 4})
+    assert r.status_code == 202, r.text
+    (own,) = stored_lines(served, r.json()["id"])
+    assert (own.request.width, own.request.height) == (96, 64)  # as a job sent the key: the record's size
+    # the run keeps the input alive while its record lives (worker/input_retention.py), as the job does
+    claims = served.app.state.services.inputs.references("test", inputs.content_hash(key))[1]
+    assert claims == sorted([job.json()["id"], run_claim(r.json()["id"])])
+
+
+def test_redis_away_as_a_line_claims_its_input_leaves_no_chunk_behind(settings, tmp_path):
+    class Away:  # the input records' Redis, gone as the first image is claimed
+        def pixels(self, tenant, digest):
+            raise redis.ConnectionError("Redis went away")
+
+    storage = LocalStorage(tmp_path / "store", "http://api", b"k" * 32)
+    key = put(storage, "test", Image.fromarray(np.zeros((64, 96, 3), np.uint8)))
+    plain = [{"id": i, "prompt": f"p{i}"} for i in range(CHUNK_LINES)]  # a whole chunk stored before the image's line
+    text = "".join(json.dumps(line) + "\n" for line in [*plain, {"id": "x", "prompt": "x", "init_image": key}]).encode()
+    life = job_inputs.InputLife(Away(), 0, 60)  # type: ignore[arg-type]
+    opts = DatasetOptions(defaults={**SIZE, "steps": 4})
+    with pytest.raises(redis.ConnectionError):
+        ingest(io.BytesIO(text), opts, settings, storage, run_id="R", tenant="test", input_life=life)
+    assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == [key.rsplit("/", 1)[-1]]

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from common import inputs
+from tests.helpers.pictures import encoded, photo
 
 
 def _b64(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> str:
@@ -178,3 +182,111 @@ def test_bad_image_prompts_are_422_naming_the_field_and_store_nothing(imaged, se
     assert r.status_code == 422, r.text
     assert hint in r.text and field in r.text, r.text
     assert _stored(settings) == []
+
+
+# ---------------------------------------------------------------------------------------------- inputs' life
+
+
+@pytest.fixture
+def life(settings):
+    """A client with its own settings (given as changes), its tenant's input records and its job store."""
+    from api.main import create_app
+    from tests.helpers.servers import authorize
+
+    opened = []
+
+    def open_with(**changes):
+        s = settings.model_copy(update=changes)
+        c = TestClient(create_app(s)).__enter__()
+        opened.append(c)
+        authorize(c, s)
+        return c, c.app.state.services
+
+    yield open_with
+    for c in opened:
+        c.__exit__(None, None, None)
+
+
+def test_a_small_jpeg_for_a_larger_job_is_stored_as_sent_and_its_key_keeps_the_jobs_size(life, settings):
+    client, services = life()
+    sent = encoded(photo(512, 512), quality=85)  # a request body is at most 64 KiB: photos come small
+    body = {"prompt": "x", "init_image": base64.b64encode(sent).decode(), "width": 1024, "height": 1024}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    key = r.json()["request"]["init_image"]
+    (path,) = _stored(settings)
+    # k = 1: the upload itself (before: the PNG of the enlarged pixels, 1,018,802 bytes, 23.5 times the upload)
+    assert path.read_bytes() == sent and services.inputs.used_bytes("test") == len(sent)
+    again = client.post("/v1/jobs", json={"prompt": "y", "init_image": key})  # no size: its pixels' size
+    assert again.status_code == 202, again.text
+    assert (again.json()["request"]["width"], again.json()["request"]["height"]) == (1024, 1024)
+    assert again.json()["request"]["init_image"] == key and len(_stored(settings)) == 1  # one object, two jobs
+    assert services.inputs.used_bytes("test") == len(sent)  # charged once
+    assert services.inputs.references("test", inputs.content_hash(key))[1] == sorted(
+        [r.json()["id"], again.json()["id"]]
+    )
+
+
+def test_an_input_is_swept_once_its_job_has_ended_expired_and_its_grace_passed(life, settings):
+    from common.jobs import ImageRecord, JobStatus
+    from worker.input_retention import sweep
+
+    client, services = life(input_grace_s=600)
+    sent = encoded(photo(96, 64))
+    r = client.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(sent).decode()})
+    assert r.status_code == 202, r.text
+    job_id, key = r.json()["id"], r.json()["request"]["init_image"]
+    store, records, storage = services.store, services.inputs, services.storage
+    assert store.transition(job_id, JobStatus.running)[0]  # as a worker does
+    image = ImageRecord(key="images/x/0.png", seed=1, width=96, height=64, sha256="0" * 64)
+    assert store.succeed(job_id, [image], truncated=False)
+    after_grace = time.time() + 601
+    assert sweep(storage, records, store, 600, now=time.time())["deleted"] == 0  # within its grace: not looked at
+    assert sweep(storage, records, store, 600, now=after_grace) == {"deleted": 0, "freed_bytes": 0, "kept": 1}
+    assert storage.get(key) == sent  # the job's record lives (until SDXL_JOB_TTL_S after it ended)
+
+    redis.Redis.from_url(settings.redis_url).delete(store.keys.job(job_id))  # the record expires
+    done = sweep(storage, records, store, 600, now=after_grace + 600)
+    assert done == {"deleted": 1, "freed_bytes": len(sent), "kept": 0}
+    assert _stored(settings) == [] and records.used_bytes("test") == 0
+    gone = client.post("/v1/jobs", json={"prompt": "y", "init_image": key})
+    assert gone.status_code == 422 and "no stored input" in gone.text
+
+
+def test_the_tenants_input_quota_is_429_naming_it_and_stores_nothing_more(life, settings):
+    first, second = encoded(photo(96, 64, seed=1)), encoded(photo(96, 64, seed=2))
+    client, services = life(max_input_bytes_per_tenant=len(first) + len(second) - 1)
+    ok = client.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(first).decode()})
+    assert ok.status_code == 202, ok.text
+    over = client.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(second).decode()})
+    assert over.status_code == 429 and "SDXL_MAX_INPUT_BYTES_PER_TENANT" in over.json()["detail"]
+    assert over.headers["Retry-After"] and len(_stored(settings)) == 1
+    assert services.inputs.used_bytes("test") == len(first)
+    key = ok.json()["request"]["init_image"]
+    assert client.post("/v1/jobs", json={"prompt": "y", "init_image": key}).status_code == 202  # stored: free
+
+    client, services = life(max_input_bytes_per_tenant=len(first))  # now at its quota
+    early = client.post("/v1/jobs", json={"prompt": "x", "init_image": "not base64!"})
+    assert early.status_code == 429, early.text  # refused before any image is decoded (else a 422)
+    assert client.post("/v1/jobs", json={"prompt": "y", "init_image": key}).status_code == 202
+
+
+def test_an_input_stored_for_a_job_the_queue_cap_refuses_is_deleted_and_uncharged(life, settings):
+    client, services = life(max_queued_per_tenant=1)
+    first, second = encoded(photo(96, 64, seed=1)), encoded(photo(96, 64, seed=2))
+    assert client.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(first).decode()}).is_success
+    refused = client.post("/v1/jobs", json={"prompt": "x", "init_image": base64.b64encode(second).decode()})
+    assert refused.status_code == 429 and "queued jobs" in refused.json()["detail"]
+    assert [p.read_bytes() for p in _stored(settings)] == [first]
+    assert services.inputs.used_bytes("test") == len(first) and len(services.inputs.due(float("inf"))) == 1
+
+
+def test_a_replay_lets_go_of_its_claim_and_the_first_job_keeps_the_input(life, settings):
+    client, services = life()
+    body = {"prompt": "x", "init_image": base64.b64encode(encoded(photo(96, 64))).decode()}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    replay = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202 and replay.json()["id"] == first.json()["id"]
+    digest = inputs.content_hash(first.json()["request"]["init_image"])
+    assert services.inputs.references("test", digest)[1] == [first.json()["id"]]  # the replay's id let go
+    assert len(_stored(settings)) == 1

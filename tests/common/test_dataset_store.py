@@ -76,3 +76,11 @@ def test_a_finished_run_keeps_its_record_and_outputs_for_the_ttl(datasets, store
     ttls = {key: r.ttl(key) for key in keys.kept if r.exists(key)}
     assert set(ttls) == {keys.record, keys.done, keys.failed, keys.rate}
     assert all(0 < ttl <= 60 for ttl in ttls.values()) and "old" not in datasets.active()
+
+
+def test_which_runs_have_a_record(datasets, store_redis):
+    # the input sweep's question for a run's claim on an input (worker/input_retention.py)
+    create(datasets, "a")
+    create(datasets, "b")
+    store_redis.delete(datasets.keys.run("b").record)  # b's record expired
+    assert datasets.existing(["a", "b", "never"]) == [True, False, False] and datasets.existing([]) == []

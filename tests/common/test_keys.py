@@ -24,6 +24,7 @@ STORES = {
     "common/batch_log.py",
     "common/api_keys.py",
     "common/rate_limit.py",
+    "common/input_store.py",
 }
 PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
 MIGRATION = {"common/key_migration.py"}  # renames keys by their names: SCAN and RENAMENX
@@ -32,7 +33,7 @@ MIGRATION = {"common/key_migration.py"}  # renames keys by their names: SCAN and
 PARTS = (
     "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
     "image-sweep-lock|batches|dataset|datasets|dataset-idem|apikey|apikeys|rate|active|inflight|done|rows|failed|"
-    "canceled|retry|lock"
+    "canceled|retry|lock|input|input-jobs|input-bytes|inputs"
 )
 KEY_BUILDING = {
     "an f-string joining a prefix and ':'": re.compile(r"\{[^{}\n]*prefix[^{}\n]*\}:"),
@@ -141,6 +142,10 @@ def test_the_layout_on_the_wire():
         k.datasets_active,
         k.datasets_recent("T"),
         k.dataset_idempotency("T", "h"),
+        k.input("T", "h"),
+        k.input_jobs("T", "h"),
+        k.input_bytes("T"),
+        k.inputs,
         k.api_key("h"),
         k.api_key_ids,
         k.rate_window("read", "id", 7),
@@ -168,6 +173,10 @@ def test_the_layout_on_the_wire():
         "{P}:datasets:active",
         "{P}:datasets:recent:T",
         "P:dataset-idem:T:h",
+        "{P}:input:T:h",
+        "{P}:input-jobs:T:h",
+        "{P}:input-bytes:T",
+        "{P}:inputs",
         "{P}:apikey:h",
         "{P}:apikeys",
         "P:rate:read:id:7",
@@ -190,6 +199,7 @@ def test_each_tagged_key_is_renamed_from_its_name_before_the_tags_and_no_other()
     tagged = [k.job("j"), k.queued, k.running, k.recent("T"), k.tenant_queued("T"), k.ready("m", "T")]
     tagged += [k.ready_tenants("m"), k.idempotency("T", "h"), k.outbox, k.seq, k.worker("w"), k.workers]
     tagged += [k.held("w"), k.holders, k.datasets_active, k.datasets_recent("T"), k.api_key("h"), k.api_key_ids]
+    tagged += [k.input("T", "h"), k.input_jobs("T", "h"), k.input_bytes("T"), k.inputs]
     tagged += [run.record, run.inflight, run.done, run.rows, run.failed, run.canceled, run.retry, run.rate, run.lock]
     alone = [k.sweep_lock, k.image_sweep_lock, k.batches, k.dataset_idempotency("T", "h"), k.rate_window("r", "i", 7)]
     assert all(key.startswith("{P}:") for key in tagged) and not any(key.startswith("{") for key in alone)

@@ -163,21 +163,24 @@ class Admission:
         """The job's input images as pixels; a ControlNet's image preprocessed as the request says (canny edges)."""
         read = {}
         r = job.request
-        # at the job's size, which the engine takes (a data set line may name an image a job of another size stored)
-        size = (r.width, r.height) if r.width is not None and r.height is not None else None
+        # every input at the job's size, which the engine takes: a job's were stored for it, in whichever encoding
+        # the API found smallest that decodes, by this call, to exactly the job's pixels (common/inputs.stored_form);
+        # a data set line may name an image a job of another size stored, brought to the line's the same way. The
+        # IP-Adapter's image too (its encoder resizes it again): so its pixels are those its hash is of
+        assert r.width is not None and r.height is not None  # filled in at submit, and for each line at ingest
+        at = (r.width, r.height)
         for name in ("init_image", "mask_image"):
             key = getattr(r, name)
             if key is not None:
-                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image", size=size)
+                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image", size=at)
         controls = []
         for c in r.controlnets:
-            image = inputs.pixels(self._read(c.image), mask=False, size=size)
+            image = inputs.pixels(self._read(c.image), mask=False, size=at)
             if c.preprocess is ControlPreprocess.canny:
                 image = canny.edges(image, c.low_threshold, c.high_threshold)
             controls.append(image)
         ip = r.ip_adapter
-        # any size: the IP-Adapter's image encoder resizes and crops it (worker/engine/image_prompts.py)
-        ip_image = inputs.pixels(self._read(ip.image), mask=False) if ip is not None else None
+        ip_image = inputs.pixels(self._read(ip.image), mask=False, size=at) if ip is not None else None
         return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls), ip_image)
 
     def _read(self, key: str) -> bytes:

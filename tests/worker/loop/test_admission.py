@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import inputs
 from common.jobs import JobStatus
 from common.outage import Outage
 from common.storage import LocalStorage
 from tests.helpers.loop_fakes import make_job, redis_retry, rig
+from tests.helpers.pictures import encoded, photo
 from worker.engine.standin import StandInEngine
 from worker.loop.admission import ADMIT, Admission, Verdict, judge
 from worker.loop.engine_port import Engines
@@ -77,6 +79,19 @@ def test_an_admitted_job_is_held_and_carries_its_input_images_as_pixels(tmp_path
     assert (admitted.pixels.image == picture).all() and admitted.pixels.mask.shape == (64, 64)
     assert r.registry.held["w1"] == {job.id}
     assert r.store.calls == [("get", job.id)]  # no status change: that is the dispatcher's, when its batch starts
+
+
+def test_an_input_kept_as_sent_is_read_as_the_pixels_the_api_made_of_it(tmp_path: Path):
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    sent = encoded(photo(48, 32))  # a JPEG half the job's size, kept as sent (common/inputs.stored_form)
+    made = inputs.normalize(inputs.read(sent, inputs.MAX_PIXELS, (96, 64)), 96, 64, mask=False)  # at submit
+    mask_made = inputs.normalize(inputs.read(sent, inputs.MAX_PIXELS, (96, 64)), 96, 64, mask=True)
+    storage.put("inputs/t/j.png", sent, "image/jpeg")
+    job = make_job(init_image="inputs/t/j.png", mask_image="inputs/t/j.png", width=96, height=64)
+    admitted = admission(rig(tmp_path, job, storage=storage), storage, []).admit(job.id, None, Future())
+    assert admitted is not None and admitted.pixels.image is not None and admitted.pixels.mask is not None
+    assert np.array_equal(admitted.pixels.image, np.asarray(made))
+    assert np.array_equal(admitted.pixels.mask, np.asarray(mask_made))
 
 
 def test_a_refused_message_is_released_and_answered(tmp_path: Path):
@@ -190,7 +205,8 @@ def test_an_image_prompt_is_read_with_the_job(tmp_path: Path):
     storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
     picture = np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3)
     storage.put("inputs/t/p.png", png(picture), "image/png")
-    job = make_job(ip_adapter={"name": "style", "image": "inputs/t/p.png", "scale": 0.5})
+    # at the job's size, as the API stores it (the worker reads every input at its job's size)
+    job = make_job(ip_adapter={"name": "style", "image": "inputs/t/p.png", "scale": 0.5}, width=96, height=64)
     r = rig(tmp_path, job, storage=storage)
     admitted = admission(r, storage, []).admit(job.id, None, Future())
     assert admitted is not None
@@ -198,8 +214,8 @@ def test_an_image_prompt_is_read_with_the_job(tmp_path: Path):
 
 
 def test_a_stored_input_of_another_size_is_read_at_the_jobs(tmp_path: Path):
-    # a data set line may name an image a job of another size stored (api/job_inputs.py StoredImages): the init
-    # image, mask and control images come at the line's size, which the engine takes; the image prompt as it is
+    # a data set line may name an image a job of another size stored (api/job_inputs.py StoredImages): every image
+    # comes at the line's size, which the engine takes, the image prompt too (one read for all, as a job's)
     storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
     wide = np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3)
     storage.put("inputs/t/w.png", png(wide), "image/png")
@@ -216,4 +232,4 @@ def test_a_stored_input_of_another_size_is_read_at_the_jobs(tmp_path: Path):
     got = admitted.pixels
     assert got.image is not None and got.mask is not None and got.ip_image is not None
     assert (got.image.shape, got.mask.shape, got.controls[0].shape) == ((64, 64, 3), (64, 64), (64, 64, 3))
-    assert got.ip_image.shape == (64, 96, 3)
+    assert got.ip_image.shape == (64, 64, 3)
