@@ -265,3 +265,43 @@ def test_a_wait_stops_when_its_client_leaves(served):
     succeed(store_for(settings), job_id)
     thread.join(timeout=30)
     assert out["answer"].json()["status"] == "succeeded" and waiting() == 0
+
+
+def test_shutdown_does_not_wait_forever_on_a_listener_that_will_not_close(monkeypatch):
+    """The listener's close hangs (it swallows its cancellation, as a connection close stuck on a lock would):
+    stop() still returns after STOP_S. A stand-in connection, since no real client can be made to hang on demand:
+    this is about the shutdown's bound, not about Redis."""
+    import asyncio
+
+    from api import job_events
+
+    class Stuck:
+        def pubsub(self):
+            return self
+
+        async def subscribe(self, *channels):
+            await asyncio.sleep(3600)
+
+        stuck = True
+
+        async def aclose(self):
+            while True:  # ignores every cancellation while stuck (then the test's loop can end)
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if not Stuck.stuck:
+                        raise
+
+    monkeypatch.setattr(job_events, "STOP_S", 0.5)
+
+    async def run() -> float:
+        events = job_events.JobEvents(lambda name: Stuck(), "ended")
+        events.start()
+        await asyncio.sleep(0.1)  # the listener is in subscribe()
+        t0 = time.monotonic()
+        await events.stop()
+        stopped_s = time.monotonic() - t0
+        Stuck.stuck = False
+        return stopped_s
+
+    assert asyncio.run(run()) < 2
