@@ -228,6 +228,38 @@ def test_a_tenant_canceled_out_of_the_ring_loses_its_credit(store, store_redis, 
     assert [store.take("w"), store.take("w")] == [small[1], None]
 
 
+def test_a_take_overtaken_between_its_read_and_its_script_reads_again(store, store_redis, key_prefix):
+    """The script is named the oldest job the caller read (and priced): another worker's take in between is
+    answered with a retry, nothing changed, and the next read takes the next job."""
+    first, second = (store.create(req(num_images=2), tenant="a")[0] for _ in range(2))
+    other, named, script = JobStore(store_redis, key_prefix, ttl_s=60), [], store._take
+
+    def overtaken(**kw):
+        if not named:
+            assert other.take("w2") == first
+        named.append(kw["args"][2])
+        return script(**kw)
+
+    store._take = overtaken
+    assert store.take("w1") == second and named == [first, second]
+
+
+def test_racing_workers_take_each_job_once_in_row_turns(store, store_redis, key_prefix):
+    """8 workers draining tenants of 1-, 2- and 4-image jobs at once: every job taken exactly once, none left,
+    no credit left behind."""
+    ids = [store.create(req(num_images=n), tenant=f"t{n}")[0] for n in (1, 2, 4) for _ in range(20)]
+
+    def drain(i: int) -> list[str]:
+        taken = []
+        while (job_id := store.take(f"w{i}")) is not None:
+            taken.append(job_id)
+        return taken
+
+    outcomes = at_once(8, drain)
+    assert sorted(i for taken in outcomes for i in taken) == sorted(ids)
+    assert store.ready_count("t4") == 0 and store_redis.hlen(Keys(key_prefix).turn_credits("")) == 0
+
+
 def test_a_jobs_end_is_published_to_a_subscriber_on_another_node(store_redis, key_prefix):
     """The script that ends a job publishes its id on P:ended (a channel, not a key): on a cluster a subscriber on
     another master than the job's (the channel name's slot's, here chosen so) hears it too."""
