@@ -21,14 +21,15 @@ from common.keys import Keys
 from common.redis_connection import Durability
 
 T = TypeVar("T")
+TURN_QUANTUM_ROWS = 1  # the credit a tenant's turn in the ring gives (_TAKE): a row, the smallest job's cost
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
 _TRANSITION = """
 -- KEYS: 1 job hash, 2 queued set, 3 running set, 4 the tenant's queued set, 5 the tenant's ready set for the
---       job's model, 6 the ring of tenants with jobs ready for that model (4, 5 and 6 are the caller's guess
---       of the tenant and the model)
+--       job's model, 6 the ring of tenants with jobs ready for that model, 7 that model's turn credits (4 to 7
+--       are the caller's guess of the tenant and the model)
 -- ARGV: 1 id, 2 new status, 3 now, 4 ttl, 5 fields JSON, 6 running deadline, 7 ended channel, 8 the tenant and
---       9 the model KEYS[4..6] belong to, 10 the default model (a record from before per-model rings has no
+--       9 the model KEYS[4..7] belong to, 10 the default model (a record from before per-model rings has no
 --       model), 11.. the statuses the job may be in
 -- An interactive job that becomes queued (a requeue, a dead worker's job sent again, one given back) is ready
 -- for a worker holding its model to take again; one that leaves queued is no longer.
@@ -76,6 +77,7 @@ else
   redis.call('ZREM', KEYS[4], ARGV[1])
   if ready and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[5]) == 0 then
     redis.call('LREM', KEYS[6], 0, ARGV[8])  -- canceled while ready: the tenant leaves the ring if it was its last
+    redis.call('HDEL', KEYS[7], ARGV[8])  -- and its credit with it (_TAKE)
   end
 end
 if new == 'running' then
@@ -139,30 +141,54 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# Fair order, per model: the model's ring's head tenant gives its oldest job ready for the model and goes to the
-# tail (or leaves the ring with its last). The caller reads the head first, so that the tenant's ready set can be
-# named in KEYS; a head that moved meanwhile is answered with the new one, and nothing changes.
+# Fair order, per model, counted in rows (deficit round robin): tenants take turns, and a turn pays for a job's rows
+# (its images), so that a tenant of 4-image jobs gets the rows of a tenant of 1-image jobs, not 4 times as many. The
+# ring's head tenant gets a quantum of credit (a row) a turn; it takes its oldest job once its credit pays for the
+# job's rows (the rest of the credit stays for its next turn), else it keeps the credit and goes to the tail. A
+# tenant alone in the ring takes at once. The caller reads the head, its oldest job and that job's rows first, so
+# that the tenant's ready set can be named in KEYS and no job key is built here; a head or an oldest job that moved
+# meanwhile is answered with the head, and nothing changes.
 _TAKE = """
 -- KEYS: 1 the ring of tenants with jobs ready for one model, 2 the tenant's ready set for that model (the tenant
---       the caller read at the ring's head), 3 the worker's held set, 4 the set of workers that have held jobs
--- ARGV: 1 the tenant KEYS[2] belongs to, 2 the worker
+--       the caller read at the ring's head), 3 the worker's held set, 4 the set of workers that have held jobs,
+--       5 the model's turn credits (tenant -> rows of credit)
+-- ARGV: 1 the tenant KEYS[2] belongs to, 2 the worker, 3 the id of the tenant's oldest ready job as the caller
+--       read it, 4 that job's rows (its cost), 5 the quantum: the rows of credit a turn gives
 -- Returns "JOB:<id>" (now in the worker's held set), "" when nothing is ready, or "HEAD:<tenant>" (nothing
--- taken) when the ring's head is another tenant: call again with it.
+-- taken) when the ring's head is another tenant, or the head's oldest job is not ARGV[3], or the head could not
+-- pay for its job and went to the tail with its turn's credit: read that tenant's oldest job and call again.
 local head = redis.call('LINDEX', KEYS[1], 0)
 if not head then return '' end
 if head ~= ARGV[1] then return 'HEAD:' .. head end
-local taken = redis.call('ZPOPMIN', KEYS[2])
-if #taken == 0 then  -- cannot happen while the scripts keep the ring in step; never loop on it
+local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+if #oldest == 0 then  -- cannot happen while the scripts keep the ring in step; never loop on it
   redis.call('LPOP', KEYS[1])
+  redis.call('HDEL', KEYS[5], ARGV[1])
   local next = redis.call('LINDEX', KEYS[1], 0)
   if not next then return '' end
   return 'HEAD:' .. next
 end
-redis.call('SADD', KEYS[3], taken[1])
+if oldest[1] ~= ARGV[3] then return 'HEAD:' .. head end  -- taken or canceled since the caller read it
+local credit = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0') + tonumber(ARGV[5])
+local cost = tonumber(ARGV[4])
+if credit < cost and redis.call('LLEN', KEYS[1]) > 1 then
+  redis.call('HSET', KEYS[5], ARGV[1], credit)
+  redis.call('LPOP', KEYS[1])
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  return 'HEAD:' .. redis.call('LINDEX', KEYS[1], 0)
+end
+redis.call('ZREM', KEYS[2], oldest[1])
+redis.call('SADD', KEYS[3], oldest[1])
 redis.call('SADD', KEYS[4], ARGV[2])
 redis.call('LPOP', KEYS[1])
-if redis.call('ZCARD', KEYS[2]) > 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
-return 'JOB:' .. taken[1]
+local more = redis.call('ZCARD', KEYS[2]) > 0
+if more then redis.call('RPUSH', KEYS[1], ARGV[1]) end  -- else it leaves the ring with its last job
+if more and credit > cost then
+  redis.call('HSET', KEYS[5], ARGV[1], credit - cost)
+else
+  redis.call('HDEL', KEYS[5], ARGV[1])  -- no credit left (a tenant alone may have taken on none: floor 0), or gone
+end
+return 'JOB:' .. oldest[1]
 """
 
 # Only running jobs' progress is written (an ended or expired job's is not: a late report must neither resurrect
@@ -325,15 +351,33 @@ class JobStore:
 
     def take(self, worker: str, model: str | None = None) -> str | None:
         """The next interactive job for `model` (None: the default) in fair order (tenants in turn, each one's
-        oldest first), moved into the worker's held set by the same script; None when none is ready. Its message
-        names no job: it only woke a worker holding the model (api/job_service.py), so whichever such worker
-        wakes takes whichever job for the model is next. A job for another model is never taken."""
-        k, ring = self.keys, self.keys.ready_tenants(self.model_of(model))
-        head = self._r.lindex(ring, 0)
-        while head is not None:
-            tenant = head.decode() if isinstance(head, bytes) else head
+        oldest first, a turn paid in rows: _TAKE), moved into the worker's held set by the same script; None when
+        none is ready. Its message names no job: it only woke a worker holding the model (api/job_service.py), so
+        whichever such worker wakes takes whichever job for the model is next. A job for another model is never
+        taken."""
+        name = self.model_of(model)
+        k, ring = self.keys, self.keys.ready_tenants(name)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.lindex(ring, 0)
+        pipe.llen(ring)
+        head, tenants = pipe.execute()
+        rows: dict[str, int] = {}  # the cost of each job met, read once a call
+        calls = 0
+        # An answer without a job either gave a row of credit to a head that could not pay (a take follows within
+        # tenants x (largest cost - 1) + 1 calls) or saw another worker's take or a cancel: the bound covers both,
+        # with room for tenants that join meanwhile. Past it, None: the job stays ready, and the sweep wakes it
+        # should no message be left (worker/sweeper.py wake_stranded).
+        while head is not None and calls < (tenants + 2) * (max(rows.values(), default=1) + 1) + 16:
+            calls += 1
+            tenant = _text(head)
+            ready = k.ready(name, tenant)
+            oldest = self._r.zrange(ready, 0, 0)
+            job_id = _text(oldest[0]) if oldest else ""
+            if job_id and job_id not in rows:
+                rows[job_id] = _rows(self._r.hget(k.job(job_id), "request"))
             answer = self._take(
-                keys=[ring, k.ready(self.model_of(model), tenant), k.held(worker), k.holders], args=[tenant, worker]
+                keys=[ring, ready, k.held(worker), k.holders, k.turn_credits(name)],
+                args=[tenant, worker, job_id, rows.get(job_id, 1), TURN_QUANTUM_ROWS],
             ).decode()
             if answer.startswith("JOB:"):
                 return answer.removeprefix("JOB:")
@@ -405,6 +449,7 @@ class JobStore:
                     k.tenant_queued(tenant),
                     k.ready(ring, tenant),
                     k.ready_tenants(ring),
+                    k.turn_credits(ring),
                 ],
                 args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, *ids, *allowed],
             ).decode()
@@ -498,6 +543,16 @@ class JobStore:
     def forget_running(self, job_id: str) -> None:
         """Drop an id from the running set (its record has expired: the stuck-job sweep met it)."""
         self._r.zrem(self.keys.running, job_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _rows(request: bytes | None) -> int:
+    """A job's rows in a batch (its images: worker/loop/batch.py), from its record's request; 1 for a record gone
+    (expired while ready: whatever its cost, the take drops nothing)."""
+    return max(int(json.loads(request).get("num_images", 1)), 1) if request else 1
 
 
 def _parse(raw: dict[bytes, bytes]) -> Job | None:

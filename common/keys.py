@@ -32,6 +32,9 @@ Jobs (common/job_store.py):
     {P}:ready-tenants:<model> list: the ring of tenants whose ready set for the model is not empty, each once; a
                               worker takes the head tenant's oldest job and moves the tenant to the tail. The
                               scripts that add to or take from a ready set keep its ring in step with it
+    {P}:ready-credits:<model> hash: tenant -> rows of credit saved towards its oldest job: a turn gives a row,
+                              a take spends the job's rows (its images), so tenants take turns in rows, not jobs;
+                              a tenant's entry goes when it leaves the ring or has none left
     {P}:idem:<tenant>:<sha256>  the job id and body hash behind a tenant's Idempotency-Key
     {P}:outbox                sorted set of created jobs whose Celery message the API has not confirmed sent,
                               by creation time: the record and this entry are written by one script, and a
@@ -102,7 +105,7 @@ TAGGED_PARTS = frozenset(
         *("job", "queued", "running", "recent", "tenant-queued", "ready", "ready-tenants", "idem", "outbox", "seq"),
         *("worker", "workers", "held", "holders", "dataset", "datasets", "apikey", "apikeys"),
         # the input records came after the tags (none is named the old way): listed because they carry the tag
-        *("input", "input-jobs", "input-bytes", "inputs"),
+        *("input", "input-jobs", "input-bytes", "inputs", "ready-credits"),
     }
 )
 
@@ -198,6 +201,10 @@ class Keys:
     def ready_tenants(self, model: str) -> str:
         """The ring of tenants with jobs ready for `model`."""
         return self._tagged("ready-tenants", model)
+
+    def turn_credits(self, model: str) -> str:
+        """The rows of credit each tenant in `model`'s ring has saved towards its next job (fair order in rows)."""
+        return self._tagged("ready-credits", model)
 
     def idempotency(self, tenant: str, key_sha256: str) -> str:
         return self._tagged("idem", tenant, key_sha256)

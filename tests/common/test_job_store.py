@@ -189,6 +189,77 @@ def test_a_job_canceled_while_ready_leaves_it_and_its_tenant_the_ring(store):
     assert [store.take("w"), store.take("w")] == [other, None]
 
 
+def test_tenants_take_turns_in_rows_not_jobs(store, store_redis, key_prefix):
+    """A tenant of 4-image jobs gets about the rows of each tenant of 1-image jobs (deficit round robin), not a
+    4-row batch a turn against their one row (counted in jobs, a took 60 of the 105 rows below, 4 times the
+    others' 15; in rows, 16 of 72)."""
+    jobs = {store.create(req(num_images=4), tenant="a")[0]: "a" for _ in range(20)}
+    jobs |= {store.create(req(), tenant=t)[0]: t for _ in range(30) for t in ("b", "c", "d")}
+    rows = dict.fromkeys("abcd", 0)
+    for _ in range(60):
+        job = store.get(store.take("w"))
+        rows[jobs[job.id]] += job.request.num_images
+    fair = sum(rows.values()) / len(rows)
+    assert all(abs(n - fair) <= 4 for n in rows.values()), rows
+    while store.take("w") is not None:  # drained: each tenant left the ring, its credit with it
+        pass
+    assert store_redis.hlen(Keys(key_prefix).turn_credits("")) == 0
+
+
+def test_a_tenant_alone_takes_its_large_jobs_at_once(store, store_redis, key_prefix):
+    """Alone in the ring, a tenant needs no credit: each take is one script call, none spent rotating."""
+    ids = [store.create(req(num_images=4), tenant="a")[0] for _ in range(3)]
+    calls = []
+    script = store._take
+    store._take = lambda **kw: calls.append(kw["args"]) or script(**kw)
+    assert [store.take("w") for _ in range(4)] == [*ids, None]
+    assert len(calls) == 3 and store_redis.hlen(Keys(key_prefix).turn_credits("")) == 0
+
+
+def test_a_tenant_canceled_out_of_the_ring_loses_its_credit(store, store_redis, key_prefix):
+    """Credit saved towards a job is the ring's business: a tenant whose last ready job is canceled leaves the ring
+    and its credit with it, so it cannot come back later with rows saved."""
+    big = store.create(req(num_images=4), tenant="a")[0]
+    small = [store.create(req(), tenant="b")[0] for _ in range(2)]
+    credits = Keys(key_prefix).turn_credits("")
+    assert store.take("w") == small[0] and store_redis.hget(credits, "a") == b"1"  # a's turn: a row saved
+    store.transition(big, JobStatus.canceled, tenant="a")
+    assert store_redis.hget(credits, "a") is None
+    assert [store.take("w"), store.take("w")] == [small[1], None]
+
+
+def test_a_take_overtaken_between_its_read_and_its_script_reads_again(store, store_redis, key_prefix):
+    """The script is named the oldest job the caller read (and priced): another worker's take in between is
+    answered with a retry, nothing changed, and the next read takes the next job."""
+    first, second = (store.create(req(num_images=2), tenant="a")[0] for _ in range(2))
+    other, named, script = JobStore(store_redis, key_prefix, ttl_s=60), [], store._take
+
+    def overtaken(**kw):
+        if not named:
+            assert other.take("w2") == first
+        named.append(kw["args"][2])
+        return script(**kw)
+
+    store._take = overtaken
+    assert store.take("w1") == second and named == [first, second]
+
+
+def test_racing_workers_take_each_job_once_in_row_turns(store, store_redis, key_prefix):
+    """8 workers draining tenants of 1-, 2- and 4-image jobs at once: every job taken exactly once, none left,
+    no credit left behind."""
+    ids = [store.create(req(num_images=n), tenant=f"t{n}")[0] for n in (1, 2, 4) for _ in range(20)]
+
+    def drain(i: int) -> list[str]:
+        taken = []
+        while (job_id := store.take(f"w{i}")) is not None:
+            taken.append(job_id)
+        return taken
+
+    outcomes = at_once(8, drain)
+    assert sorted(i for taken in outcomes for i in taken) == sorted(ids)
+    assert store.ready_count("t4") == 0 and store_redis.hlen(Keys(key_prefix).turn_credits("")) == 0
+
+
 def test_a_jobs_end_is_published_to_a_subscriber_on_another_node(store_redis, key_prefix):
     """The script that ends a job publishes its id on P:ended (a channel, not a key): on a cluster a subscriber on
     another master than the job's (the channel name's slot's, here chosen so) hears it too."""

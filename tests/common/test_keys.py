@@ -31,7 +31,7 @@ MIGRATION = {"common/key_migration.py"}  # renames keys by their names: SCAN and
 
 # The names of the layout's parts, as a key string would carry them between colons.
 PARTS = (
-    "job|queued|running|recent|tenant-queued|ready|ready-tenants|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
+    "job|queued|running|recent|tenant-queued|ready|ready-tenants|ready-credits|workers|holders|idem|outbox|seq|ended|progress|worker|held|sweep-lock|"
     "image-sweep-lock|batches|dataset|datasets|dataset-idem|apikey|apikeys|rate|active|inflight|done|rows|failed|"
     "canceled|retry|lock|input|input-jobs|input-bytes|inputs"
 )
@@ -127,6 +127,7 @@ def test_the_layout_on_the_wire():
         k.tenant_queued("T"),
         k.ready("m", "T"),
         k.ready_tenants("m"),
+        k.turn_credits("m"),
         k.idempotency("T", "h"),
         k.outbox,
         k.seq,
@@ -158,6 +159,7 @@ def test_the_layout_on_the_wire():
         "{P}:tenant-queued:T",
         "{P}:ready:m:T",
         "{P}:ready-tenants:m",
+        "{P}:ready-credits:m",
         "{P}:idem:T:h",
         "{P}:outbox",
         "{P}:seq",
@@ -199,7 +201,7 @@ def test_each_tagged_key_is_renamed_from_its_name_before_the_tags_and_no_other()
     tagged = [k.job("j"), k.queued, k.running, k.recent("T"), k.tenant_queued("T"), k.ready("m", "T")]
     tagged += [k.ready_tenants("m"), k.idempotency("T", "h"), k.outbox, k.seq, k.worker("w"), k.workers]
     tagged += [k.held("w"), k.holders, k.datasets_active, k.datasets_recent("T"), k.api_key("h"), k.api_key_ids]
-    tagged += [k.input("T", "h"), k.input_jobs("T", "h"), k.input_bytes("T"), k.inputs]
+    tagged += [k.input("T", "h"), k.input_jobs("T", "h"), k.input_bytes("T"), k.inputs, k.turn_credits("m")]
     tagged += [run.record, run.inflight, run.done, run.rows, run.failed, run.canceled, run.retry, run.rate, run.lock]
     alone = [k.sweep_lock, k.image_sweep_lock, k.batches, k.dataset_idempotency("T", "h"), k.rate_window("r", "i", 7)]
     assert all(key.startswith("{P}:") for key in tagged) and not any(key.startswith("{") for key in alone)
