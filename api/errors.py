@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.jobs import LimitError
 from common.loras import RegistryUnavailable
 from common.outage import REDIS_DOWN
+from common.redis_connection import NotReplicated
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -162,6 +163,17 @@ def install(app: FastAPI) -> None:
 
     for outage in REDIS_DOWN:  # the Celery producer's broker outage too: the broker is the same Redis
         app.add_exception_handler(outage, redis_down)
+
+    @app.exception_handler(NotReplicated)
+    async def not_replicated(request: Request, exc: Exception) -> JSONResponse:
+        # The primary holds the job, so it may well run; but a failover now would lose it, so it is not
+        # acknowledged. A retry with the same Idempotency-Key answers with that job if it survived.
+        return problem(
+            503,
+            f"the job was not yet copied to enough Redis replicas ({exc}); retry with the same Idempotency-Key",
+            headers={"Retry-After": "2"},
+            request=request,
+        )
 
     @app.exception_handler(RegistryUnavailable)
     async def adapters_down(request: Request, exc: Exception) -> JSONResponse:

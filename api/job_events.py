@@ -35,8 +35,10 @@ MAX_BACKOFF_S = 5.0
 
 
 class JobEvents:
-    def __init__(self, redis_url: str, channel: str, progress_channel: str | None = None):
-        self.redis_url = redis_url
+    def __init__(
+        self, connect: Callable[[str], aioredis.Redis], channel: str, progress_channel: str | None = None
+    ) -> None:
+        self.connect = connect  # a new client named as given (common/redis_connection.py async_client)
         self.channel = channel
         self.progress_channel = progress_channel
         self._watchers: dict[str, set[asyncio.Event]] = {}  # woken by an end or by progress
@@ -100,7 +102,7 @@ class JobEvents:
         loop = asyncio.get_running_loop()
         backoff_s = FIRST_BACKOFF_S
         while True:
-            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2, client_name=self.client_name)
+            client = self.connect(self.client_name)
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(*(c for c in (self.channel, self.progress_channel) if c))

@@ -36,6 +36,7 @@ from common.jobs import (
 )
 from common.outage import REDIS_DOWN
 from common.queue import TASK_GENERATE, TASK_WEBHOOK, generate_queue
+from common.redis_connection import NotReplicated
 
 log = logging.getLogger(__name__)
 EVENTS_POLL_S = 1.0  # an event stream reads its job at least this often (a queued job's position moves unannounced)
@@ -145,7 +146,8 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
             body, idempotency_key, fingerprint, tenant=tenant, max_queued=s.max_queued_per_tenant
         )
     except BaseException as exc:
-        job_inputs.undo(found, services.storage)  # refused (or Redis away): nothing stored, its inputs neither
+        if not isinstance(exc, NotReplicated):  # the primary holds that job: it may run, with its inputs
+            job_inputs.undo(found, services.storage)  # refused (or Redis away): nothing stored, its inputs neither
         if isinstance(exc, IdempotencyConflict):
             raise HTTPException(
                 409, f"Idempotency-Key was already used for job {exc.job_id} with a different request body"

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import redis
-
+from common import redis_connection
 from common.api_keys import ApiKeyStore
 from common.settings import get_settings
 
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("key_id")
     args = parser.parse_args(argv)
     settings = get_settings()
-    store = ApiKeyStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    store = ApiKeyStore(redis_connection.sync_client(settings), settings.key_prefix)
     if args.command == "create":
         try:
             record, key = store.create(args.tenant, args.name)

@@ -24,7 +24,7 @@ from api.routes import datasets, files, jobs, openai, playground, system
 from api.security import SecurityHeaders
 from api.served import ServedModels
 from api.slots import Slots
-from common import logs
+from common import logs, redis_connection
 from common.api_keys import ApiKeyStore
 from common.dataset_store import DatasetStore
 from common.job_store import JobStore
@@ -45,16 +45,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A broken connection (Redis restarted since it was pooled) is tried again on a fresh one, twice, within
         # ~0.1 s: the first request after an outage must not be a 503. Timeouts are not retried: they would
         # hold a request 5 s more each.
-        client = redis.Redis.from_url(
-            settings.redis_url,
+        client = redis_connection.sync_client(
+            settings,
             socket_timeout=5,
             socket_connect_timeout=2,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 2),
             retry_on_error=[redis.exceptions.ConnectionError],
         )
-        store = JobStore(client, settings.key_prefix, settings.job_ttl_s, default_model=settings.model_entries[0].name)
+        redis_connection.check_credentials(client)  # a wrong password stops the start, naming SDXL_REDIS_URL
+        store = JobStore(
+            client,
+            settings.key_prefix,
+            settings.job_ttl_s,
+            default_model=settings.model_entries[0].name,
+            durability=redis_connection.Durability.of(settings),
+        )
         workers = WorkerRegistry(client, settings.key_prefix)
-        events = JobEvents(settings.redis_url, store.keys.ended, store.keys.progress)
+        events = JobEvents(
+            lambda name: redis_connection.async_client(settings, socket_connect_timeout=2, client_name=name),
+            store.keys.ended,
+            store.keys.progress,
+        )
         storage = from_settings(settings)  # fails here, at start, when the signing secret is missing
         app.state.services = Services(
             settings=settings,

@@ -20,12 +20,19 @@ the ack is right on any connection: a channel keeps the parameters it was opened
 from them once its connection has gone.
 
 Selected by name in `make_celery` (`broker_transport`), so the broker URL stays `redis://`.
+
+Under Sentinel (SDXL_REDIS_SENTINELS) the same channel sits on kombu's sentinel channel, which asks the sentinels
+for the primary at every (re)connection, so Celery follows a failover. kombu reads the sentinels from a
+`sentinel://a;sentinel://b` URL list, but on a connection error it moves to the next URL of that list and with it
+to the scheme's own transport, which is kombu's, without the two mends above; so the URL names one sentinel and
+the list travels in the transport option `sentinels` (common/redis_connection.py `broker`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 
@@ -44,3 +51,30 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "sentinels")
+    sentinels: list[list[Any]] | None = None  # [[host, port], ...]: every sentinel (see above)
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = redis.sentinel.Sentinel(
+            [(host, int(port)) for host, port in self.sentinels],
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:  # kept, as kombu keeps its own, so that closing the transport closes its connections
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        return manager.master_for(self.master_name, redis.Redis).connection_pool
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

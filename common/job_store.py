@@ -18,6 +18,7 @@ import redis
 
 from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus, Progress
 from common.keys import Keys
+from common.redis_connection import Durability
 
 T = TypeVar("T")
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
@@ -199,8 +200,11 @@ class JobStore:
         ttl_s: int = 7 * 24 * 3600,
         running_deadline_s: float = 900,
         default_model: str = "",
+        durability: Durability | None = None,
     ):
         self._r = client
+        # how many replicas must hold a new job before `create` returns (SDXL_REDIS_WAIT_REPLICAS)
+        self.durability = durability or Durability()
         self.keys = Keys(prefix)
         # the deployment's default model (the first of SDXL_MODELS): the ready sets of jobs that name no model
         self.default_model = default_model
@@ -233,6 +237,9 @@ class JobStore:
         if idempotency_key:
             idem = self.keys.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
         k, model = self.keys, self.model_of(request.model)
+        # WAIT counts the replicas holding what *its connection* wrote: the script and WAIT go down one connection
+        # together (a pipeline), so waiting for the replicas costs their acknowledgement, not another round trip
+        pipe = self._r.pipeline(transaction=False) if self.durability.replicas else None
         answer = self._create(
             keys=[
                 idem,
@@ -246,7 +253,13 @@ class JobStore:
                 k.ready_tenants(model),
             ],
             args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model],
+            client=pipe,
         )
+        if pipe is not None:
+            pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+            answer, confirmed = pipe.execute()
+            if answer[0].decode() != "full":  # a refusal wrote nothing worth waiting for
+                self.durability.check(confirmed)
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True

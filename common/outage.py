@@ -30,9 +30,13 @@ log = logging.getLogger(__name__)
 # Connection refused, reset, timed out, or the server still loading its append-only file after a restart
 # (BusyLoadingError is a ConnectionError): all mean "try again later". Celery's producer reports the same
 # outage of the broker (the same Redis) as kombu's OperationalError once its own retries are spent.
+# A failover (common/redis_connection.py) adds two: the sentinels naming no primary yet (MasterNotFoundError,
+# a ConnectionError), and a write reaching a primary demoted to replica (ReadOnlyError: a ResponseError, which
+# redis-py's sentinel pool turns into a ConnectionError, but a plain URL pointing at a moved primary does not).
 REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
     kombu.exceptions.OperationalError,
 )
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: an internal error; the supervisor restarts the process

@@ -13,6 +13,8 @@ Delivery settings, and why:
   (`bulk_queue_name`'s) when both wait.
 - transport: kombu's Redis transport without its restore of unacknowledged messages at a channel's close,
   which stopped Celery for good at a busy worker's Redis outage (common/broker.py).
+- broker: the same Redis as the job store, one server or the primary the sentinels name, over TLS with the URL's
+  user and password where SDXL_REDIS_URL says so (common/redis_connection.py `broker`).
 - visibility_timeout: how long Redis waits before redelivering an unacknowledged message. It must exceed
   the longest time a message can be held (buffering + one batch + upload), or a live worker's jobs are
   delivered twice; it also bounds how long a crashed worker's jobs wait (plus RESTORE_INTERVAL_S).
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from common import redis_connection
 from common.settings import Settings
 
 TASK_GENERATE = "sdxl.generate"
@@ -32,9 +35,12 @@ RESTORE_INTERVAL_S = 5
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("sdxl", broker=settings.redis_url)
+    url, sentinel_options, use_ssl = redis_connection.broker(settings)
+    app = Celery("sdxl", broker=url)
     app.conf.update(
-        broker_transport="common.broker:Transport",
+        # the Redis of SDXL_REDIS_URL, or the primary SDXL_REDIS_SENTINELS name (common/redis_connection.py)
+        broker_transport="common.broker:SentinelTransport" if sentinel_options else "common.broker:Transport",
+        broker_use_ssl=use_ssl,
         task_default_queue=settings.queue_name,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -52,6 +58,7 @@ def make_celery(settings: Settings) -> Celery:
             # A worker consuming several queues asks Redis for them in the order given (interactive, then
             # bulk) every time; kombu's default rotates the order, which would let bulk lines go first.
             "queue_order_strategy": "priority",
+            **sentinel_options,
         },
         worker_hijack_root_logger=False,
         # On a lost broker connection, tasks in progress keep waiting for their jobs (the device loop rides out

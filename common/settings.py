@@ -71,7 +71,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", env_file=".env", extra="ignore")
 
     # --- queue and job records
+    # redis://[user:password@]host:port/db, rediss://... (TLS; a private CA: ?ssl_ca_certs=/path/ca.pem) or
+    # unix:///path.sock. With SDXL_REDIS_SENTINELS its host is not used: the sentinels name the primary
+    # (common/redis_connection.py)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: the sentinels as host:port, comma-separated; '': SDXL_REDIS_URL's one server
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "sdxl"  # the name the sentinels monitor the primary under
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own (their requirepass); unset: none
+    # a submit is answered 202 only once this many replicas hold its job (Redis' WAIT); fewer within
+    # redis_wait_timeout_ms: 503 + Retry-After. 0: once the primary has it (a failover may lose it:
+    # docs/reliability.md, "Redis that fails over")
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(1000, ge=1)
     queue_name: str = "sdxl"  # interactive jobs
     bulk_queue_name: str = "sdxl-bulk"  # data set lines: consumed after the interactive queue is empty
     key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
@@ -312,6 +324,13 @@ class Settings(BaseSettings):
             )
         if self.running_deadline_s <= self.visibility_timeout_s:
             raise ValueError("SDXL_RUNNING_DEADLINE_S must exceed SDXL_VISIBILITY_TIMEOUT_S")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_reachable_as_said(self) -> Settings:
+        from common.redis_connection import Topology  # imports this module
+
+        Topology.of(self)  # RedisSettingError (a ValueError) naming the setting
         return self
 
     @field_validator("controlnets")

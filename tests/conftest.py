@@ -71,6 +71,7 @@ PATH_MARKS = [
     (r"^tests/bench/test_accelerator\.py::test_the_dry_run", ("engine", "stack")),
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
+    (r"^tests/common/test_redis_failover\.py", ("stack", "slow")),  # Valkey + sentinels; the primary SIGKILLed
     (r"^tests/worker/test_redis_outage\.py", ("stack", "slow")),  # 10 s and 60 s outages
     (r"^tests/worker/test_storage_outage\.py", ("slow",)),  # up to a 60 s outage
     (r"^tests/worker/test_shutdown\.py", ("slow",)),  # workers killed mid-batch, redelivery after timeouts

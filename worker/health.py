@@ -10,13 +10,14 @@ import sys
 
 import redis
 
+from common import redis_connection
 from common.settings import get_settings
 from common.worker_registry import WorkerRegistry
 
 
 def main() -> int:
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    client = redis_connection.sync_client(settings, socket_timeout=3, socket_connect_timeout=3)
     names = f"{socket.gethostname()}-*"  # worker names start with their host's (worker/main.py)
     try:
         alive = bool(WorkerRegistry(client, settings.key_prefix).live_names(names))

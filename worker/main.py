@@ -276,15 +276,15 @@ def _engine(settings: Settings, m, folder, refiner, t0: float, registry, default
 def main() -> None:
     settings = get_settings()
     logs.configure(settings.log_format)
-    import redis
-
+    from common import redis_connection
     from worker import metrics, tasks
     from worker.device_loop import DeviceLoop, LoopSettings
 
     registry = lora_registry(settings)
     engines = build_engines(settings, registry)
     metrics.serve(settings.worker_metrics_port)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_connection.sync_client(settings)
+    redis_connection.check_credentials(client)  # a wrong password stops the start, naming SDXL_REDIS_URL
     store = JobStore(
         client,
         settings.key_prefix,

@@ -24,9 +24,7 @@ import sys
 import threading
 import time
 
-import redis
-
-from common import logs
+from common import logs, redis_connection
 from common.job_store import JobStore
 from common.outage import Outage
 from common.queue import TASK_WEBHOOK, make_celery
@@ -67,7 +65,7 @@ def main() -> None:
     global _store
     settings = get_settings()
     logs.configure(settings.log_format)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_connection.sync_client(settings)
     _store = JobStore(
         client,
         settings.key_prefix,

@@ -237,3 +237,17 @@ def test_compose_publishes_its_consoles_on_the_loopback_only():
     for name in ("flower", "prometheus", "grafana", "s3"):
         for port in services[name]["ports"]:
             assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+@pytest.mark.parametrize("path", [COMPOSE, NO_REGISTRY], ids=lambda p: p.name)
+def test_compose_redis_asks_for_a_password_and_every_client_sends_it(path):
+    compose = _compose(path)
+    command = compose["services"]["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password == "${REDIS_PASSWORD:-sdxl-local-redis}"  # from the environment; the default for local use
+    urls = [compose.get("x-sdxl-env", {}).get("SDXL_REDIS_URL")]
+    urls += [(s.get("environment") or {}).get("SDXL_REDIS_URL") for s in compose["services"].values()]
+    urls += [a.removeprefix("--broker=") for a in compose["services"]["flower"]["command"] if a.startswith("--broker=")]
+    urls = [u for u in urls if u]
+    assert urls and all(u.startswith(f"redis://:{password}@redis:") for u in urls), urls
+    assert password in " ".join(compose["services"]["redis"]["healthcheck"]["test"])
