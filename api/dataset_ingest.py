@@ -11,9 +11,12 @@ import json
 import secrets
 import uuid
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 
-from common import loras
+from fastapi import HTTPException
+
+from api import job_inputs, served
 from common.dataset_store import DatasetStore
 from common.datasets import CHUNK_LINES, DatasetOptions, Layout, Limits, LineError, Validator, lines_of
 from common.jobs import MAX_SEED
@@ -51,8 +54,13 @@ def ingest(
     storage: Storage,
     run_id: str | None = None,
     registry: Registry | None = None,
+    tenant: str = "",
+    served_models: served.ServedModels | None = None,
 ) -> Ingested:
-    """registry: the API's adapter registry (its hashes kept between uploads); None: one made for this run."""
+    """Each line is checked as a job is (api/served.py check_request, api/job_inputs.py StoredImages: the same
+    fields and reasons), its images read from the `tenant`'s inputs. registry: the API's adapter registry (its
+    hashes kept between uploads), None: one made for this run; served_models: which models live workers hold,
+    None: not read."""
     run_id = run_id or uuid.uuid4().hex
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     layout = Layout(run_id)
@@ -62,8 +70,8 @@ def ingest(
         settings.max_steps,
         settings.max_prompt_chars,
         settings.bucket_sizes,
-        models=[e.name for e in settings.model_entries],
-        check_loras=lambda chosen: loras.check(chosen, registry, settings.max_loras_per_job, settings.lora_max_rank),
+        check_images=job_inputs.StoredImages(storage, tenant, settings.served_sizes),
+        check_served=lambda request: served.check_request(request, settings, served_models, registry),
     )
     validator = Validator(options, seed, limits)
     rejecting = options.on_invalid == "reject"
@@ -71,37 +79,43 @@ def ingest(
     invalid_lines: list[bytes] = []
     chunk: list[str] = []
     written = total = invalid = 0
-    for number, raw in lines_of(stream, settings.max_dataset_line_bytes):
-        if number > settings.max_dataset_lines:
+    try:
+        for number, raw in lines_of(stream, settings.max_dataset_line_bytes):
+            if number > settings.max_dataset_lines:
+                _discard(storage, layout, written)
+                too_many = f"more than {settings.max_dataset_lines} lines; split the file"
+                raise InputInvalid(too_many, errors, invalid, 413)
+            result = validator.check(number, raw)
+            if result is None:
+                continue
+            if isinstance(result, LineError):
+                invalid += 1
+                if len(errors) < REPORTED_ERRORS:
+                    errors.append(result)
+                if not rejecting:
+                    invalid_lines.append(_json_line(result, raw))
+                continue
+            total += len(result)
+            if total > settings.max_dataset_images:  # counted after num_images: a line asking for 64 is 64
+                _discard(storage, layout, written)
+                raise InputInvalid(
+                    f"the file asks for at least {total} images by line {number} (num_images counted), more than "
+                    f"{settings.max_dataset_images} per run (SDXL_MAX_DATASET_IMAGES); split it",
+                    errors,
+                    invalid,
+                    413,
+                )
+            if rejecting and invalid:
+                continue  # the file is refused: keep checking (to report every bad line), store nothing more
+            for line in result:
+                chunk.append(line.to_json())
+                if len(chunk) == CHUNK_LINES:
+                    storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
+                    written, chunk = written + 1, []
+    except HTTPException:  # storage away while a line's image was read (503): what was stored goes
+        with suppress(Exception):
             _discard(storage, layout, written)
-            raise InputInvalid(f"more than {settings.max_dataset_lines} lines; split the file", errors, invalid, 413)
-        result = validator.check(number, raw)
-        if result is None:
-            continue
-        if isinstance(result, LineError):
-            invalid += 1
-            if len(errors) < REPORTED_ERRORS:
-                errors.append(result)
-            if not rejecting:
-                invalid_lines.append(_json_line(result, raw))
-            continue
-        total += len(result)
-        if total > settings.max_dataset_images:  # counted after num_images: a line asking for 64 is 64
-            _discard(storage, layout, written)
-            raise InputInvalid(
-                f"the file asks for at least {total} images by line {number} (num_images counted), more than "
-                f"{settings.max_dataset_images} per run (SDXL_MAX_DATASET_IMAGES); split it",
-                errors,
-                invalid,
-                413,
-            )
-        if rejecting and invalid:
-            continue  # the file is refused: keep checking (to report every bad line), store nothing more
-        for line in result:
-            chunk.append(line.to_json())
-            if len(chunk) == CHUNK_LINES:
-                storage.put(layout.chunk(written), "\n".join(chunk).encode() + b"\n", "application/x-ndjson")
-                written, chunk = written + 1, []
+        raise
     if rejecting and invalid:
         _discard(storage, layout, written)
         raise InputInvalid(

@@ -89,7 +89,9 @@ def create(
     if active >= s.max_active_datasets_per_tenant:
         raise _too_many_runs(active, s.max_active_datasets_per_tenant)
     try:
-        ingested = ingest(stream, options, s, services.storage, registry=services.loras)
+        ingested = ingest(
+            stream, options, s, services.storage, registry=services.loras, tenant=tenant, served_models=services.served
+        )
     except InputInvalid as exc:
         lines = [e.as_dict() for e in exc.errors]
         raise ProblemError(exc.status, str(exc), "input", invalid_lines=exc.invalid, lines=lines) from exc

@@ -7,6 +7,7 @@ prompt (`ip_adapter.image`, brought to the job's size like the others: its encod
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -16,14 +17,13 @@ from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import HTTPException
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from common import inputs
-from common.jobs import JobRequest, LimitError, with_size
+from common.jobs import JobRequest, LimitError, images_of, with_size
 from common.storage import Storage
 
 log = logging.getLogger(__name__)
-NAMES = ("init_image", "mask_image")
 T = TypeVar("T")
 
 
@@ -76,15 +76,6 @@ def _unavailable(exc: Exception) -> HTTPException:
     )
 
 
-def _given(body: JobRequest) -> list[tuple[str, str]]:
-    """(field, value) of each image the request carries, the init image first (with no width or height given, its
-    size is the job's): a mask without an init image is refused by check_limits, unread."""
-    given = [(name, getattr(body, name)) for name in NAMES if body.init_image is not None]
-    given += [(f"controlnets[{i}].image", c.image) for i, c in enumerate(body.controlnets)]
-    given += [("ip_adapter.image", body.ip_adapter.image)] if body.ip_adapter is not None else []
-    return [(name, value) for name, value in given if value is not None]
-
-
 def decode(
     body: JobRequest, storage: Storage, tenant: str, sizes: list[tuple[int, int]], limits: DecodeLimits
 ) -> tuple[JobRequest, Inputs]:
@@ -93,26 +84,15 @@ def decode(
     `limits.slots` decoded images). With no width or height given, the job takes the init image's size (which
     must be served). Raises LimitError naming the field."""
     found = Inputs()
-    for name, value in _given(body):
+    for name, value in images_of(body):
         if inputs.is_key(value):
-            # a tenant reads only its own inputs: another's key would be another's picture
-            if not value.startswith(inputs.prefix(tenant)) or ".." in value.split("/"):
-                raise LimitError(name, f"{value[:200]!r} is not under this tenant's inputs ({inputs.prefix(tenant)!r})")
-            if not inputs.is_stored_key(value, tenant):
-                raise LimitError(name, f"{value[:200]!r} is not an input key (inputs/<tenant>/<sha256>.png)")
-            try:
-                data = storage.get(value)
-            except (KeyError, ValueError):
-                raise LimitError(name, f"no stored input {value!r}") from None
-            except Exception as exc:
-                raise _unavailable(exc) from exc
-            reader = inputs.read
+            data, reader = read_key(name, value, storage, tenant), inputs.read
         else:
             data, reader = value, inputs.decode
         # the job's size, where the request gives it (or the first served size with the one it gives): a JPEG is
         # then decoded no larger than it needs; with neither, the init image's own size, read from its header
-        own_size = name == "init_image" and body.width is None and body.height is None
-        size = None if own_size else _size(with_size(body, sizes))
+        its_size = name == "init_image" and body.width is None and body.height is None
+        size = None if its_size else _size(with_size(body, sizes))
 
         try:
             mask = name == "mask_image"
@@ -120,13 +100,70 @@ def decode(
         except inputs.InputError as exc:
             raise LimitError(name, f"the image {exc}") from None
         if size is None:  # the job takes the init image's own size, which must be served
-            if (h, w) not in sizes:
-                served = ", ".join(f"{sw}x{sh}" for sh, sw in sizes)
-                raise LimitError(
-                    "init_image", f"is {w}x{h}, which is not served ({served}); give width and height to resize it"
-                )
-            body = body.model_copy(update={"width": w, "height": h})
+            body = own_size(body, w, h, sizes)
     return body, found
+
+
+def read_key(name: str, key: str, storage: Storage, tenant: str) -> bytes:
+    """The stored input a request names by key (field `name`): the tenant's own, in the form this service answers
+    with, and stored; else a LimitError naming the field. Storage away: 503."""
+    # a tenant reads only its own inputs: another's key would be another's picture
+    if not key.startswith(inputs.prefix(tenant)) or ".." in key.split("/"):
+        raise LimitError(name, f"{key[:200]!r} is not under this tenant's inputs ({inputs.prefix(tenant)!r})")
+    if not inputs.is_stored_key(key, tenant):
+        raise LimitError(name, f"{key[:200]!r} is not an input key (inputs/<tenant>/<sha256>.png)")
+    try:
+        return storage.get(key)
+    except (KeyError, ValueError):
+        raise LimitError(name, f"no stored input {key!r}") from None
+    except Exception as exc:
+        raise _unavailable(exc) from exc
+
+
+def own_size(body: JobRequest, width: int, height: int, sizes: list[tuple[int, int]]) -> JobRequest:
+    """The request at its init image's size (it gave no width or height), which must be served."""
+    if (height, width) not in sizes:
+        served = ", ".join(f"{sw}x{sh}" for sh, sw in sizes)
+        raise LimitError(
+            "init_image", f"is {width}x{height}, which is not served ({served}); give width and height to resize it"
+        )
+    return body.model_copy(update={"width": width, "height": height})
+
+
+class StoredImages:
+    """A data set line's images, which it names by this tenant's stored keys only (common/datasets.py KEYS_ONLY):
+    each key checked as a job's is (read_key: the tenant's, in the service's form, stored) and its size read from
+    the PNG's header, once per key and file (a file may name one control image on every line). As for a job,
+    a request with no width or height takes its init image's size. The worker brings the init image, mask and
+    control images to the line's size (worker/loop/admission.py; a job's were brought to its size here, as they
+    were stored); the IP-Adapter's encoder resizes its image whatever its size."""
+
+    MAX_KEYS = 10_000  # sizes remembered per file: a file naming more distinct images reads some twice
+
+    def __init__(self, storage: Storage, tenant: str, sizes: list[tuple[int, int]]):
+        self.storage, self.tenant, self.sizes = storage, tenant, sizes
+        self._size_of: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, body: JobRequest) -> JobRequest:
+        for name, key in images_of(body):
+            width, height = self._size(name, key)
+            if name == "init_image" and body.width is None and body.height is None:
+                body = own_size(body, width, height, self.sizes)
+        return body
+
+    def _size(self, name: str, key: str) -> tuple[int, int]:
+        size = self._size_of.get(key)
+        if size is None:
+            data = read_key(name, key, self.storage, self.tenant)
+            try:
+                with Image.open(io.BytesIO(data)) as image:  # the header only
+                    size = image.size
+            except (UnidentifiedImageError, OSError):
+                raise LimitError(name, f"the stored input {key!r} could not be read as an image") from None
+            if len(self._size_of) >= self.MAX_KEYS:
+                self._size_of.clear()
+            self._size_of[key] = size
+        return size
 
 
 def _convert(

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from api import job_inputs, metrics, served
 from api.deps import Caller, Services, owned_job
 from api.schemas import CancelPublic, ImagePublic, JobPublic, JobsPublic
-from common import loras, webhook_target
+from common import webhook_target
 from common.job_store import IdempotencyConflict, QueueFull
 from common.jobs import (
     MAX_SEED,
@@ -29,8 +29,6 @@ from common.jobs import (
     JobStatus,
     LimitError,
     Progress,
-    check_controlnets,
-    check_ip_adapter,
     check_limits,
     with_size,
 )
@@ -120,16 +118,7 @@ def submit(body: JobRequest, services: Services, tenant: str, idempotency_key: s
     body, found = job_inputs.decode(body, services.storage, tenant, s.served_sizes, services.decodes)
     body = with_size(body, s.served_sizes)  # absent width/height: the deployment's first size
     check_limits(body, s.served_sizes, s.max_steps, min(s.max_images_per_job, s.batch_rows), s.max_prompt_chars)
-    if body.refiner is not None and not s.refiner:
-        raise LimitError("refiner", "this deployment serves no refiner (SDXL_REFINER); leave `refiner` out")
-    served.check_model(body, s, services.served)
-    loras.check(body.loras, services.loras, s.max_loras_per_job, s.lora_max_rank)
-    check_controlnets(body, list(s.controlnet_specs))
-    if body.controlnets and body.model not in (None, s.model_entries[0].name):
-        raise LimitError("controlnets", "ControlNets are served with the default model only; leave `model` out")
-    check_ip_adapter(body, list(s.ip_adapter_specs))
-    if body.ip_adapter is not None and body.model not in (None, s.model_entries[0].name):
-        raise LimitError("ip_adapter", "IP-Adapters are served with the default model only; leave `model` out")
+    served.check_request(body, s, services.served, services.loras)  # as for each data set line
     if body.webhook_url is not None:
         if s.webhook_secret is None:
             raise LimitError("webhook_url", "webhooks are not configured on this deployment (no SDXL_WEBHOOK_SECRET)")

@@ -262,6 +262,19 @@ def retention() -> str:
     return markdown(headers, rows)
 
 
+def redis_wait() -> str:
+    run = Run("redis-wait-cpu")
+    rows = []
+    for name in ("no WAIT", "WAIT 1", "WAIT 2"):
+        f = run[name]
+        ms = f"{fixed(f['create_median_ms'], 3)} ({fixed(f['create_p10_ms'], 3)}-{fixed(f['create_p90_ms'], 3)})"
+        added = "-" if not f["wait_replicas"] else f"+{fixed(f['added_ms'], 3)} ({fixed(f['latency_ratio'], 2)}x)"
+        per_s = f"{f['creates_per_s']:,} ({fixed(f['throughput_ratio'], 2)}x)"
+        rows.append([bold(name) if name == "WAIT 1" else name, ms, bold(added) if name == "WAIT 1" else added, per_s])
+    headers = ["setting", "create, ms: median (p10-p90)", "added per submit, ms", "creates/s on 8 threads"]
+    return markdown(headers, rows)
+
+
 def datasets() -> str:
     run = Run("datasets-cpu-100k")
     naive = run["naive"]
@@ -453,6 +466,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "service": service,
     "images": images,
     "retention": retention,
+    "redis-wait": redis_wait,
     "datasets": datasets,
     "progress": progress,
     "preview": preview,

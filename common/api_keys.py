@@ -39,7 +39,7 @@ class ApiKeyStore:
         key = f"sdxl_{key_id}_{secrets.token_urlsafe(32)}"
         digest = hashlib.sha256(key.encode()).hexdigest()
         record = ApiKey(key_id, tenant, name, time.time(), False)
-        pipe = self._r.pipeline()
+        pipe = self._r.pipeline(transaction=True)  # both or neither: a key the index lacks cannot be revoked
         pipe.hset(
             self.keys.api_key(digest),
             mapping={"key_id": key_id, "tenant": tenant, "name": name, "created_at": record.created_at, "revoked": 0},

@@ -40,7 +40,7 @@ class BatchLog:
         self.lines = lines
 
     def append(self, record: BatchRecord) -> None:
-        pipe = self._r.pipeline()  # MULTI: the push and the trim together
+        pipe = self._r.pipeline(transaction=True)  # MULTI: the push and the trim together
         pipe.lpush(self.keys.batches, json.dumps(asdict(record)))
         pipe.ltrim(self.keys.batches, 0, self.lines - 1)
         pipe.execute()

@@ -1,6 +1,6 @@
 """Data set runs in Redis: a run's counters and the few bounded structures its feeder works through.
 
-The keys (P:dataset:R and its parts, the active list, a tenant's recent runs, idempotency keys) are listed
+The keys ({P}:dataset:R and its parts, the active list, a tenant's recent runs, idempotency keys) are listed
 and built in common/keys.py; every key a script touches is passed to it in KEYS.
 Nothing grows with the size of the input: lines live in object storage and come in one chunk at a time.
 Every change the feeder makes is a compare-and-set script, so two feeders (a lock that expired under a
@@ -408,7 +408,7 @@ class DatasetStore:
     def cancel(self, run_id: str) -> DatasetStatus | None:
         """running -> canceling; returns the status before (None: no such run)."""
         record = self.keys.run(run_id).record
-        with self._r.pipeline() as pipe:
+        with self._r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(record)
@@ -577,7 +577,7 @@ class DatasetStore:
         """On cancel: lines never fed (and retries never re-fed) count as canceled, kept for a resume (the
         never-fed ones as the range from `resume_from`); returns how many."""
         k = self.keys.run(run_id)
-        with self._r.pipeline() as pipe:
+        with self._r.pipeline(transaction=True) as pipe:
             pipe.hset(k.record, "cursor", total)
             if cursor < total:
                 pipe.hset(k.record, "resume_from", cursor)
@@ -597,7 +597,7 @@ class DatasetStore:
         newest = self._r.lindex(k, 0)
         if newest is not None and now - float(newest.decode().split(":")[0]) < RATE_SAMPLE_S:
             return
-        pipe = self._r.pipeline()
+        pipe = self._r.pipeline(transaction=True)
         pipe.lpush(k, f"{now}:{succeeded}")
         pipe.ltrim(k, 0, RATE_SAMPLES - 1)
         pipe.execute()

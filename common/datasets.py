@@ -4,7 +4,9 @@ Shared by the API (validates and stores the input) and the worker's feeder (read
 Nothing here knows HTTP, Redis or JAX.
 
 A line is one image: {"id": "cat-001", "prompt": "a cat", ...}; fields a line leaves out come from the run's
-`defaults`. Every line is checked against the same limits as an interactive job before anything runs.
+`defaults`. A line takes every generation field of a job (OTHER_JOB_FIELDS names the rest, and why), its images by
+the tenant's stored key only. Every line is checked by the job's own code before anything runs: check_limits here,
+and what the API passes in Limits (api/served.py check_request, api/job_inputs.py StoredImages).
 """
 
 from __future__ import annotations
@@ -13,23 +15,30 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from common import inputs
 from common.jobs import (
+    MAX_CONTROLNETS_PER_JOB,
     MAX_SEED,
+    ControlNetRequest,
+    IPAdapterRequest,
     JobRequest,
     LimitError,
     LoraRequest,
     OutputFormat,
+    RefinerRequest,
     RenderConditions,
     Scheduler,
+    Spacing,
     Text,
     check_limits,
+    images_of,
     with_size,
 )
 
@@ -43,15 +52,38 @@ GENERATION_FIELDS = (
     "steps",
     "guidance_scale",
     "scheduler",
+    "timestep_spacing",
+    "init_image",
+    "mask_image",
+    "strength",
+    "refiner",
     "model",
     "loras",
+    "controlnets",
+    "ip_adapter",
 )
+# A job's fields that are not generation fields of a line, and what a data set has instead: the rest of JobRequest
+# is (tests/common/test_datasets.py holds the two to JobRequest, so a new job field is a line field or named here)
+OTHER_JOB_FIELDS = {
+    "num_images": "a line field of its own: each image its own id and manifest row",
+    "output_format": "one per run: `defaults.output_format`",
+    "preview": "a job's live progress; a data set's progress is its counts",
+    "webhook_url": "a job's end; a data set run is followed by its status (GET /v1/datasets/{id})",
+}
+# the image fields: a line names each by this tenant's stored key (inputs/<tenant>/<sha256>.png), never base64
+IMAGE_FIELDS = ("init_image", "mask_image", "controlnets[i].image", "ip_adapter.image")
 # besides the generation parameters: the user's own fields (copied, never interpreted) and how many images
 LINE_FIELDS = ("id", *GENERATION_FIELDS, "aspect_ratio", "num_images", "caption", "metadata")
 CHUNK_LINES = 1000  # normalized lines per stored input chunk: the feeder reads one chunk at a time
 MAX_METADATA_BYTES = 4096  # a line's `metadata` as compact JSON: it travels in Redis with each line in flight
 MAX_CAPTION_CHARS = 4096
 MAX_IMAGES_PER_LINE = 64
+
+
+KEYS_ONLY = (
+    "a data set line names an image by this tenant's stored key (inputs/<tenant>/<sha256>.png: what a job answered "
+    "with in its `request`), not base64 or a data: URL"
+)
 
 
 class DatasetStatus(StrEnum):
@@ -78,9 +110,37 @@ class DatasetDefaults(BaseModel):
     steps: int = Field(20, ge=1, le=150)
     guidance_scale: float = Field(5.0, ge=0, le=50, allow_inf_nan=False)
     scheduler: Scheduler = Scheduler.euler
+    timestep_spacing: Spacing | None = None  # absent: the model's scheduler config
+    # images by this tenant's stored key only (inputs/<tenant>/<sha256>.png), as a job answered with them
+    init_image: Text | None = Field(None, max_length=1024)
+    mask_image: Text | None = Field(None, max_length=1024)
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    refiner: RefinerRequest | None = None
     model: Text | None = None  # absent: the deployment's default model (SDXL_MODELS' first)
     loras: list[LoraRequest] = []  # LoRA adapters for every line that names none
+    controlnets: list[ControlNetRequest] = Field([], max_length=MAX_CONTROLNETS_PER_JOB)
+    ip_adapter: IPAdapterRequest | None = None
     output_format: OutputFormat = OutputFormat.png
+
+    @field_validator("init_image", "mask_image", "controlnets", "ip_adapter")
+    @classmethod
+    def _by_key(cls, value: Any) -> Any:
+        """Images by key, as on a line (refused here, once, rather than on every line); whose key it is, and
+        whether it is stored, is checked with each line (api/job_inputs.py StoredImages)."""
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            image = v.image if isinstance(v, ControlNetRequest | IPAdapterRequest) else v
+            if image is not None and not inputs.is_key(image):
+                raise ValueError(KEYS_ONLY)
+        return value
+
+    def public(self) -> dict[str, Any]:
+        """As the data set card shows them: input images by content hash (`init_image_sha256`, a ControlNet's
+        `image_sha256`), as the manifest records them; never the key, whose folder names the tenant."""
+        images = ("init_image", "mask_image", "controlnets", "ip_adapter")
+        shown = self.model_dump(mode="json", exclude=set(images))
+        hashed = conditioning(JobRequest(prompt="-", **{k: getattr(self, k) for k in images}))
+        return shown | {k: hashed[k] for k in ("init_image_sha256", "mask_image_sha256", "controlnets", "ip_adapter")}
 
 
 class DatasetOptions(BaseModel):
@@ -206,9 +266,12 @@ class Limits:
     max_steps: int
     max_prompt_chars: int
     buckets: list[tuple[int, int]] | None = None  # (height, width) pairs aspect_ratio maps to; None: the sizes
-    models: list[str] | None = None  # the deployment's model names (the default first); None: not checked
-    # a line's `loras` checked against the served adapters: (loras) -> None or a LimitError; None: not checked
-    check_loras: Any = None
+    # a line's images, before its size is filled in: (request) -> the request (with no width or height given,
+    # the init image's size, as a job takes it) or a LimitError naming the field; None: images not checked
+    check_images: Callable[[JobRequest], JobRequest] | None = None
+    # what the deployment serves (model, refiner, adapters, ControlNets, IP-Adapters), the job route's own check
+    # (api/served.py check_request): (request) -> None or a LimitError; None: not checked
+    check_served: Callable[[JobRequest], None] | None = None
 
     def served_buckets(self) -> list[tuple[int, int]]:
         return [b for b in (self.buckets or self.sizes) if b in self.sizes]
@@ -296,12 +359,17 @@ class Validator:
             else:
                 image["seed"] = image["seed"] + k
             try:
-                request = with_size(JobRequest(**image, output_format=self.output_format), self.limits.sizes)
+                # the job's own checks, in a job's order: its images, its size, its limits, what is served
+                request = JobRequest(**image, output_format=self.output_format)
+                for name, value in images_of(request):
+                    if not inputs.is_key(value):
+                        raise LimitError(name, KEYS_ONLY)
+                if self.limits.check_images is not None:
+                    request = self.limits.check_images(request)
+                request = with_size(request, self.limits.sizes)
                 check_limits(request, self.limits.sizes, self.limits.max_steps, 1, self.limits.max_prompt_chars)
-                if self.limits.models is not None and request.model not in (None, *self.limits.models):
-                    raise LimitError("model", f"no model named {request.model!r} here; served: {self.limits.models}")
-                if self.limits.check_loras is not None:
-                    self.limits.check_loras(request.loras)
+                if self.limits.check_served is not None:
+                    self.limits.check_served(request)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 return LineError(number, ".".join(str(p) for p in first["loc"]) or "line", first["msg"])
@@ -459,6 +527,13 @@ MANIFEST_COLUMNS = (
     "steps",
     "guidance_scale",
     "scheduler",
+    "timestep_spacing",
+    "strength",
+    "init_image_sha256",
+    "mask_image_sha256",
+    "refiner",
+    "controlnets",
+    "ip_adapter",
     "model",
     "model_hash",
     "adapters",
@@ -501,6 +576,7 @@ def manifest_row(
         "steps": r.steps,
         "guidance_scale": r.guidance_scale,
         "scheduler": r.scheduler.value,
+        **conditioning(r),
         "model": model,
         "model_hash": model_hash,
         "adapters": adapters or [],  # LoRA adapters applied: name, scale, sha256
@@ -511,4 +587,21 @@ def manifest_row(
         "metadata": line.metadata,
         "key": key,
         "sha256": sha256,
+    }
+
+
+def conditioning(request: JobRequest) -> dict[str, Any]:
+    """The manifest's record of what steers a line's pixels besides its prompt, sampler and LoRA adapters (the
+    `adapters` column): spacing, image-to-image and inpainting, the refiner, ControlNets, the IP-Adapter; null
+    (ControlNets: []) where the line had none. Input images by content hash, never by key: a key's folder names
+    the tenant, and a manifest travels (a published data set)."""
+    r = request
+    return {
+        "timestep_spacing": r.timestep_spacing.value if r.timestep_spacing else None,
+        "strength": r.strength,
+        "init_image_sha256": inputs.content_hash(r.init_image) if r.init_image else None,
+        "mask_image_sha256": inputs.content_hash(r.mask_image) if r.mask_image else None,
+        "refiner": r.refiner.model_dump() if r.refiner else None,
+        "controlnets": [inputs.by_hash(c) for c in r.controlnets],
+        "ip_adapter": inputs.by_hash(r.ip_adapter) if r.ip_adapter is not None else None,
     }

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import io
 import re
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -110,6 +111,16 @@ def content_hash(stored_key: str) -> str:
     return stored_key.rsplit("/", 1)[-1].removesuffix(".png")
 
 
-def pixels(data: bytes, mask: bool) -> np.ndarray:
-    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L" if mask else "RGB"), dtype=np.uint8)
+def by_hash(part: Any) -> dict[str, Any]:
+    """A ControlNet's or IP-Adapter's request (a pydantic model with an `image` key) as an image's record keeps it
+    (PNG parameters, a data set's manifest): its image by content hash (`image_sha256`), never by key."""
+    return {**part.model_dump(mode="json", exclude={"image"}), "image_sha256": content_hash(part.image)}
+
+
+def pixels(data: bytes, mask: bool, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Stored PNG bytes -> (H, W, 3) uint8, or (H, W) uint8 for a mask; at `size` (width, height) where given and
+    the stored image has another (a data set line names an image a job of another size stored: normalize's
+    Lanczos; a job's own inputs were stored at its size, and come back untouched)."""
+    with Image.open(io.BytesIO(data)) as image:
+        converted = normalize(image, *(size or image.size), mask=mask)
+    return np.asarray(converted, dtype=np.uint8)

@@ -1,6 +1,6 @@
 """Job records in Redis: one hash per job, status changes as atomic compare-and-set scripts.
 
-The keys (P:job:<id>, the queued, running, recent, tenant-queued, ready and outbox sets, the ring of tenants
+The keys ({P}:job:<id>, the queued, running, recent, tenant-queued, ready and outbox sets, the ring of tenants
 with ready jobs, idempotency keys, the submit counter, the P:ended and P:progress channels) are listed and built
 in common/keys.py; every key a script touches is passed to it in KEYS.
 """
@@ -93,20 +93,22 @@ return 'OK:' .. current
 # A replay is answered before the cap: only new work counts against it. The cap is checked here, not by the
 # caller, so that concurrent submits cannot all pass a count taken before any of them was stored.
 _CREATE = """
--- KEYS: 1 idempotency key (or ""), 2 job hash, 3 queued set, 4 the tenant's recent set, 5 seq counter,
---       6 the tenant's queued set, 7 outbox, 8 the tenant's ready set for the job's model, 9 the ring of tenants
---       with jobs ready for that model
+-- KEYS: 1 idempotency key (without one, the job's hash again: a key of the same slot, unread), 2 job hash,
+--       3 queued set, 4 the tenant's recent set, 5 seq counter, 6 the tenant's queued set, 7 outbox, 8 the
+--       tenant's ready set for the job's model, 9 the ring of tenants with jobs ready for that model
 -- ARGV: 1 id, 2 body hash, 3 ttl, 4 now, 5 request JSON, 6 tenant, 7 the tenant's queued cap (0: none), 8 the
---       job's model (resolved: the default's name for a job that names none)
+--       job's model (resolved: the default's name for a job that names none), 9 "1" when KEYS[1] is an
+--       idempotency key
 -- Returns {"new", id}, {"existing", id, body hash} or {"full", count}.
-local seen = KEYS[1] ~= '' and redis.call('HGET', KEYS[1], 'job')
+local idem = ARGV[9] == '1'
+local seen = idem and redis.call('HGET', KEYS[1], 'job')
 if seen then return {'existing', seen, redis.call('HGET', KEYS[1], 'body')} end
 local cap = tonumber(ARGV[7])
 if cap > 0 then
   local count = redis.call('ZCARD', KEYS[6])
   if count >= cap then return {'full', tostring(count)} end
 end
-if KEYS[1] ~= '' then
+if idem then
   redis.call('HSET', KEYS[1], 'job', ARGV[1], 'body', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
@@ -163,16 +165,22 @@ if redis.call('ZCARD', KEYS[2]) > 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) e
 return 'JOB:' .. taken[1]
 """
 
-# Only a running job's progress is written (an ended or expired job's is not: a late report must neither
-# resurrect a record nor contradict its end).
+# Only running jobs' progress is written (an ended or expired job's is not: a late report must neither resurrect
+# a record nor contradict its end). Several jobs a call, as their hashes share one slot: one round trip on a
+# cluster too, where a pipeline cannot carry scripts.
 _PROGRESS = """
--- KEYS: 1 job hash
--- ARGV: 1 id, 2 progress JSON, 3 progress channel
--- Returns 1 when written.
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[2])
-if redis.call('HGET', KEYS[1], 'lane') ~= 'bulk' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
-return 1
+-- KEYS: the jobs' hashes
+-- ARGV: 1 progress channel, then per job, in the order of KEYS, its id and its progress JSON
+-- Returns how many were written.
+local written = 0
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'status') == 'running' then
+    redis.call('HSET', KEYS[i], 'progress', ARGV[2 * i + 1])
+    if redis.call('HGET', KEYS[i], 'lane') ~= 'bulk' then redis.call('PUBLISH', ARGV[1], ARGV[2 * i]) end
+    written = written + 1
+  end
+end
+return written
 """
 
 
@@ -233,10 +241,11 @@ class JobStore:
         body = request.model_dump_json()
         body_hash = fingerprint or hashlib.sha256(body.encode()).hexdigest()
         job_id = uuid.uuid4().hex
-        idem = ""
-        if idempotency_key:
-            idem = self.keys.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
         k, model = self.keys, self.model_of(request.model)
+        idem = k.job(job_id)  # no key: a key of the script's slot stands in (an empty name would be slot 0's)
+        has_key = bool(idempotency_key)
+        if idempotency_key:
+            idem = k.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
         # WAIT counts the replicas holding what *its connection* wrote: the script and WAIT go down one connection
         # together (a pipeline), so waiting for the replicas costs their acknowledgement, not another round trip
         pipe = self._r.pipeline(transaction=False) if self.durability.replicas else None
@@ -252,7 +261,7 @@ class JobStore:
                 k.ready(model, tenant),
                 k.ready_tenants(model),
             ],
-            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model],
+            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model, int(has_key)],
             client=pipe,
         )
         if pipe is not None:
@@ -282,17 +291,12 @@ class JobStore:
 
     def record_progress(self, steps_done: dict[str, Progress]) -> None:
         """Several running jobs' progress in one round trip (ended jobs are left alone)."""
-        pipe = self._r.pipeline(transaction=False)
-        for job_id, progress in steps_done.items():
-            self._progress(
-                keys=[self.keys.job(job_id)],
-                args=[job_id, progress.model_dump_json(), self.keys.progress],
-                client=pipe,
-            )
-        pipe.execute()
+        if steps_done:
+            pairs = [v for job_id, progress in steps_done.items() for v in (job_id, progress.model_dump_json())]
+            self._progress(keys=[self.keys.job(i) for i in steps_done], args=[self.keys.progress, *pairs])
 
     def sent(self, job_id: str) -> None:
-        """The job's message is on the queue: its outbox entry goes (see P:outbox in common/keys.py)."""
+        """The job's message is on the queue: its outbox entry goes (see {P}:outbox in common/keys.py)."""
         self._r.zrem(self.keys.outbox, job_id)
 
     def unsent(self, older_than_s: float = OUTBOX_GRACE_S, limit: int = 100) -> list[str]:
@@ -341,6 +345,23 @@ class JobStore:
             job.id, JobStatus.queued, [JobStatus.queued], tenant=job.tenant, model=job.request.model
         )
         return ok
+
+    def ready_jobs(self, model: str | None = None, limit: int = 100) -> list[str]:
+        """Up to `limit` ids of the interactive jobs for `model` (None: the default) that no worker has taken, each
+        ready tenant's oldest first (for the sweep's stranded-job check, worker/sweeper.py wake_stranded)."""
+        name = self.model_of(model)
+        found: list[str] = []
+        for tenant in self._r.lrange(self.keys.ready_tenants(name), 0, limit - 1):
+            left = limit - len(found)
+            if left <= 0:
+                break
+            found += [i.decode() for i in self._r.zrange(self.keys.ready(name, tenant.decode()), 0, left - 1)]
+        return found
+
+    def messages_waiting(self, queue: str) -> int:
+        """The messages on a Celery queue that no worker has taken yet: kombu keeps a queue's messages (of the
+        default priority, the only one the service sends) in a list named as the queue."""
+        return int(self._r.llen(queue))
 
     def ready_count(self, tenant: str, model: str | None = None) -> int:
         """A tenant's interactive jobs for `model` (None: the default) that no worker has taken yet."""

@@ -303,6 +303,15 @@ def check_limits(
         raise LimitError("seed", f"seed + num_images - 1 must be at most {MAX_SEED}")
 
 
+def images_of(request: JobRequest) -> list[tuple[str, str]]:
+    """(field, value) of each image a request carries, the init image first, each field named as a job's 422 names
+    it (`controlnets[0].image`); a mask without an init image is left out (check_limits refuses it, unread)."""
+    given = [(name, getattr(request, name)) for name in ("init_image", "mask_image") if request.init_image is not None]
+    given += [(f"controlnets[{i}].image", c.image) for i, c in enumerate(request.controlnets)]
+    given += [("ip_adapter.image", request.ip_adapter.image)] if request.ip_adapter is not None else []
+    return [(name, value) for name, value in given if value is not None]
+
+
 def check_controlnets(request: JobRequest, served: list[str]) -> None:
     """The request's ControlNets against the deployment's (SDXL_CONTROLNETS): each served, each once."""
     names = [c.name for c in request.controlnets]

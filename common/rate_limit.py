@@ -21,7 +21,7 @@ class RateLimiter:
         now = time.time()
         window = int(now // window_s)
         counter = self.keys.rate_window(kind, key_id, window)
-        pipe = self._r.pipeline()
+        pipe = self._r.pipeline(transaction=True)
         pipe.incr(counter)
         pipe.expire(counter, window_s + 1)
         count, _ = pipe.execute()

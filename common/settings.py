@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     redis_wait_timeout_ms: int = Field(1000, ge=1)
     queue_name: str = "sdxl"  # interactive jobs
     bulk_queue_name: str = "sdxl-bulk"  # data set lines: consumed after the interactive queue is empty
-    key_prefix: str = "sdxl"  # every Redis key the service writes starts with this
+    key_prefix: str = "sdxl"  # every Redis key the service writes starts with it, or with it in braces (a hash tag)
     # how long a job's record (and idempotency key) lives after its last change; an ended job's images are
     # deleted when its record goes (worker/image_retention.py)
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)

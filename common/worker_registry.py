@@ -1,14 +1,14 @@
 """The fleet's workers in Redis: each one's heartbeat record, the jobs it holds, and the locks that pick the
 worker that runs a fleet-wide chore (rq keeps the same in worker_registration.py). Keys: common/keys.py.
 
-A worker rewrites its heartbeat (P:worker:<name>, a common/worker_status.py record) every period with a life
-of three, and in the same transaction its name in P:workers scored by when that life ends: a worker is live
+A worker rewrites its heartbeat ({P}:worker:<name>, a common/worker_status.py record) every period with a life
+of three, and in the same transaction its name in {P}:workers scored by when that life ends: a worker is live
 while its score is in the future, readable or not. Live workers are read from that sorted set, O(log n + live
 workers) a call, never by a SCAN of the keyspace (a SCAN is O(keys in the database): at 300k keys a /readyz
 cost 3,861 SCAN calls, and /readyz and /metrics are anonymous). Lapsed names are trimmed by each beat.
-A worker notes each job it takes off the queue in P:held:<name> and drops it once the job's message is
+A worker notes each job it takes off the queue in {P}:held:<name> and drops it once the job's message is
 answered; when its heartbeat lapses, the sweep sends its held jobs again at once (worker/sweeper.py). The held
-sets are found through P:holders, the workers that have held any, written with each hold: no SCAN either.
+sets are found through {P}:holders, the workers that have held any, written with each hold: no SCAN either.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a worker tells the rest of the service about itself: one record in Redis, P:worker:<name>, rewritten
+"""What a worker tells the rest of the service about itself: one record in Redis, {P}:worker:<name>, rewritten
 at every heartbeat and expiring soon after the worker stops (common/worker_registry.py writes and reads them).
 /readyz counts them; /metrics reads them.
 

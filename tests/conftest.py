@@ -9,8 +9,9 @@ the tiny model folder, Redis, SeaweedFS and `live_stack` (each started once per 
 - `slow`: takes long on purpose: outages, restarts, kills, chaos, load (tens of seconds to minutes each).
 
 `scripts/test.sh fast` runs the rest (`-m "not engine and not stack and not browser and not slow"`): the
-embedded Redis (started once per run in well under a second) and short child processes (a `python -c`, the
-linters of tests/infra) are allowed there; compiling and service processes are not.
+embedded Redis (started once per run in well under a second), the three-master Valkey cluster the stores' tests
+also run on (once per run, about two seconds) and short child processes (a `python -c`, the linters of
+tests/infra) are allowed there; compiling and service processes are not.
 
 The rule, in this order: a test gets the marks of the fixtures it uses (FIXTURE_MARKS, through every fixture it
 depends on, so a test using `client` on top of `live_stack` is `stack`), then those of the PATH_MARKS rules
@@ -270,6 +271,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     server = redis_server.start_embedded(tmp_path_factory.mktemp("valkey"), free_port())
     yield f"redis://127.0.0.1:{server.port}/0"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory):
+    """A Redis Cluster owned by this test run: three Valkey masters, no replicas (tests/helpers/servers.py). The
+    stores' tests run on it as well as on `redis_url` (tests/common/conftest.py `store_redis`)."""
+    from tests.helpers.servers import ValkeyCluster
+
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster"))
+    try:
+        cluster.start()
+        yield cluster.url
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

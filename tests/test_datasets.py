@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
+from common import inputs
 from common.api_keys import ApiKeyStore
 from common.batch_log import BatchLog
 from common.datasets import Layout, derive_seed
@@ -223,11 +224,21 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     """The same 300-line file and run seed, run twice at once into two folders (so batches mix both runs' lines
     differently): every image byte-identical, manifests equal but for the run ids; metadata and captions read
     back by webdataset and by Hugging Face `datasets` from the folder as it is (its card); aspect-ratio buckets
-    and several images per line end to end."""
+    and several images per line end to end; a line of image-to-image and inpainting (its images by the tenant's
+    stored keys, stored at other sizes than the line's) with a timestep spacing."""
     import webdataset as wds
     from datasets import load_dataset
 
-    api, key, _ = tiny_stack
+    api, key, env = tiny_stack
+    storage = S3Storage(settings_from(env))
+    keys = []
+    for image in (
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), np.uint8)),
+        Image.new("L", (128, 128), 255),
+    ):
+        digest, data = inputs.encode(image)
+        keys.append(inputs.key("data-team", digest))  # as a job of the tenant would have stored it
+        storage.put(keys[-1], data, "image/png")
     lines = []
     for i in range(300):
         line: dict = {"id": f"s{i:03d}", "prompt": f"a study of shapes, number {i}"}
@@ -239,6 +250,8 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     lines[10]["aspect_ratio"] = "3:2"  # -> 96x64
     lines[11]["aspect_ratio"] = 0.6  # -> 64x96
     lines[13]["num_images"] = 2  # -> s013_0, s013_1
+    edit = {"init_image": keys[0], "mask_image": keys[1], "strength": 0.5, "timestep_spacing": "trailing"}
+    lines[14] |= edit | {"width": 64, "height": 64}  # the worker resizes both images to the line's size
     source = tmp_path / "prompts.jsonl"
     source.write_bytes(jsonl(lines))
     options = ["--defaults", '{"steps": 2}', "--seed", "5", "--shard-size", "100", "--order", "input", "--no-progress"]
@@ -274,6 +287,13 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     assert (by_id["s011"]["width"], by_id["s011"]["height"]) == (64, 96)
     assert by_id["s013_1"]["source_id"] == "s013" and by_id["s013_1"]["seed"] == derive_seed(5, "s013_1")
     assert all(r["model"] == "tiny" and r["attempts"] == 1 and r["truncated"] is False for r in rows1)
+    hashes = [inputs.content_hash(k) for k in keys]
+    s014 = by_id["s014"]
+    assert (s014["init_image_sha256"], s014["mask_image_sha256"], s014["strength"]) == (*hashes, 0.5)
+    assert (s014["timestep_spacing"], s014["width"], s014["height"]) == ("trailing", 64, 64)
+    assert images.read_parameters(first["s014"])["init_image_sha256"] == hashes[0]
+    assert by_id["s000"]["init_image_sha256"] is None and by_id["s000"]["controlnets"] == []
+    assert "inputs/" not in (out1 / "manifest.jsonl").read_text()  # never a key: its folder names the tenant
 
     samples = {
         s["__key__"]: s
@@ -289,6 +309,7 @@ def test_two_runs_of_one_file_give_the_same_bytes_and_carry_the_users_fields(tin
     found = {r["__key__"]: r for r in hf}
     assert found["s003"]["json"]["metadata"] == lines[3]["metadata"] and found["s005"]["txt"] == "caption for 5"
     assert found["s001"]["json"]["metadata"] is None and found["s010"]["png"].size == (96, 64)
+    assert found["s014"]["json"]["init_image_sha256"] == hashes[0] and found["s001"]["json"]["refiner"] is None
     table = load_dataset("parquet", data_files=str(out1 / "manifest.parquet"), split="train")
     assert json.loads(table[3]["metadata"]) == lines[3]["metadata"]
 

@@ -78,6 +78,8 @@ class DeviceLoop:
         # sends a job's message (again) to its model's queue (the sweep, admission); None: no sweeps
         enqueue: Callable[[Job], None] | None = None,
         notify: Callable[[str], None] | None = None,  # queues the webhook of a job that has ended
+        # the messages waiting on a model's interactive queue (its length); None: no stranded-job sweep
+        waiting_messages: Callable[[str], int] | None = None,
     ):
         self.store, self.storage, self.workers, self.batches = store, storage, workers, batches
         self.name = name or f"{socket.gethostname()}-{id(self):x}"
@@ -90,7 +92,10 @@ class DeviceLoop:
             settings.upload_backoff_max_s,
             Outage("uploads: storage"),  # one warning an outage, not one a retry
         )
-        sweep = fleet_sweep(store, workers, settings.max_attempts, enqueue) if enqueue is not None else None
+        sweep = None
+        if enqueue is not None:
+            models = list(served.by_name)
+            sweep = fleet_sweep(store, workers, settings.max_attempts, enqueue, models, waiting_messages)
         self.presence = Presence(self.name, served, workers, batches, redis, settings.heartbeat_s, sweep)
         writer = ImageWriter(storage, storage_retry)
         recorder = Recorder(store, redis, self.presence, writer, settings.max_attempts, notify)

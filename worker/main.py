@@ -317,6 +317,7 @@ def main() -> None:
         notify=lambda job_id: tasks.app.send_task(TASK_WEBHOOK, args=[job_id], queue=settings.webhook_queue),
         workers=workers,
         batches=BatchLog(client, settings.key_prefix),
+        waiting_messages=lambda model: store.messages_waiting(generate_queue(settings, model)),
     )
     loop.start()
     tasks.bind(loop)

@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from common.datasets import MANIFEST_COLUMNS
-from common.jobs import RenderConditions
+from common.jobs import ControlNetRequest, IPAdapterRequest, RefinerRequest, RenderConditions
 from worker.images import EXTENSIONS
 
 
@@ -57,13 +59,21 @@ def _schema():
         "steps": pa.int32(),
         "guidance_scale": pa.float64(),
         "aspect_ratio": pa.float64(),
+        "strength": pa.float64(),
         "truncated": pa.bool_(),
         "attempts": pa.int32(),
     }
     return pa.schema([(name, types.get(name, pa.string())) for name in MANIFEST_COLUMNS])
 
 
-JSON_COLUMNS = ("metadata", "adapters", "conditions")  # free-form: JSON text in Parquet (objects and lists in JSONL)
+JSON_COLUMNS = (
+    "metadata",
+    "adapters",
+    "conditions",
+    "refiner",
+    "controlnets",
+    "ip_adapter",
+)  # free-form: JSON text in Parquet (objects and lists in JSONL)
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,13 +170,29 @@ _FEATURE_TYPES = {
     "steps": "int64",
     "guidance_scale": "float64",
     "aspect_ratio": "float64",
+    "strength": "float64",
     "truncated": "bool",
     "attempts": "int64",
     "metadata": "json",
 }
 
 
-_CONDITION_FIELDS = list(RenderConditions.model_fields.items())
+def _dtypes(model: type[BaseModel], *leave_out: str) -> list[tuple[str, str]]:
+    """A pydantic model's fields as `datasets` dtypes: int64, float64, string (enums and text)."""
+    kinds = {int: "int64", float: "float64"}
+    return [(n, kinds.get(f.annotation, "string")) for n, f in model.model_fields.items() if n not in leave_out]
+
+
+# the manifest's object columns (common/datasets.py manifest_row, conditioning), declared field by field
+_STRUCTS = {
+    "conditions": _dtypes(RenderConditions),
+    "refiner": _dtypes(RefinerRequest),
+    "ip_adapter": [*_dtypes(IPAdapterRequest, "image"), ("image_sha256", "string")],
+}
+_LISTS = {
+    "adapters": [("name", "string"), ("scale", "float64"), ("sha256", "string")],
+    "controlnets": [*_dtypes(ControlNetRequest, "image"), ("image_sha256", "string")],
+}
 
 
 def _features(extension: str) -> str:
@@ -174,13 +200,11 @@ def _features(extension: str) -> str:
     rows are null (a negative prompt, an aspect ratio) still loads when later rows have values."""
 
     def column(name: str, indent: str) -> str:
-        if name == "conditions":  # common/jobs.py RenderConditions
-            fields = [(n, "int64" if f.annotation is int else "string") for n, f in _CONDITION_FIELDS]
-            inner = "".join(f"{indent}    - name: {n}\n{indent}      dtype: {t}\n" for n, t in fields)
+        if name in _STRUCTS:  # an object, or null
+            inner = "".join(f"{indent}    - name: {n}\n{indent}      dtype: {t}\n" for n, t in _STRUCTS[name])
             return f"{indent}- name: {name}\n{indent}  struct:\n{inner}"
-        if name == "adapters":  # a list of {name, scale, sha256}
-            fields = (("name", "string"), ("scale", "float64"), ("sha256", "string"))
-            inner = "".join(f"{indent}  - name: {n}\n{indent}    dtype: {t}\n" for n, t in fields)
+        if name in _LISTS:  # a list of objects
+            inner = "".join(f"{indent}  - name: {n}\n{indent}    dtype: {t}\n" for n, t in _LISTS[name])
             return f"{indent}- name: {name}\n{indent}  list:\n{inner}"
         return f"{indent}- name: {name}\n{indent}  dtype: {_FEATURE_TYPES.get(name, 'string')}\n"
 
@@ -246,7 +270,7 @@ manifest row, with the line's own `metadata`) and `<id>.txt` (its caption).
 
 - run seed: {run.seed} (a line without a seed has `derive_seed(run seed, id)`: the first 4 bytes of sha256 of
   "seed/id")
-- defaults for lines that leave them out: {defaults.model_dump_json()}
+- defaults for lines that leave them out: {json.dumps(defaults.public(), separators=(",", ":"))}
 - order: {run.options.order}; images per shard: {run.options.shard_size}
 - model and weights hash: in each row (`model`, `model_hash`), and the conditions that decide an image's bytes
   (`conditions`: dtype, VAE dtype, quantization, attention, batch rows, devices, platform, device kind, jax and

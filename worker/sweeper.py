@@ -1,6 +1,6 @@
 """The sweeps that make sure every stored job runs: one worker of the fleet runs them every heartbeat.
 
-- dead workers (`reissue_dead_workers`): a worker notes each job it takes off the queue in P:held:<worker>.
+- dead workers (`reissue_dead_workers`): a worker notes each job it takes off the queue in {P}:held:<worker>.
   When its heartbeat has lapsed (3 periods, 15 s), its held jobs go back to queued with the next
   generation and a new message, at once: Celery would redeliver them only after the visibility timeout
   (300 s). The dead worker's own messages, when Celery does redeliver them, are older than the record's
@@ -10,6 +10,12 @@
   went away in between): the sweep sends the message. So a job the API stored always runs.
 - stuck jobs (`sweep`): a job whose record says running long after any worker could still be on it (its
   worker hung) is requeued with a fresh message while it has attempts left, else failed with the reason.
+- stranded ready jobs (`wake_stranded`): an interactive job waits in its ready set for a wake-up message, and each
+  message takes one job. A Redis failover can keep the one and lose the other: replication is asynchronous, so
+  the new primary may have the message's removal from the queue but not the take that followed it (or kombu's
+  note of the unacknowledged message), and the job is ready with no message left to take it. A model whose
+  queue is empty while a job of it has been ready longer than OUTBOX_GRACE_S gets a wake-up per such job
+  (tests/common/test_redis_failover.py met it: 1 job of 250, queued for ever, before this).
 Running any of them twice is harmless: status changes are compare-and-set, and a duplicate message finds
 the job already ended (or superseded).
 """
@@ -17,7 +23,8 @@ the job already ended (or superseded).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 from common.job_store import OUTBOX_GRACE_S, JobStore
 from common.jobs import Job, JobStatus
@@ -73,6 +80,32 @@ def reissue_dead_workers(store: JobStore, workers: WorkerRegistry, enqueue: Call
             log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(sent), sent)
         again += sent
     return again
+
+
+def wake_stranded(
+    store: JobStore,
+    models: Iterable[str],
+    waiting_messages: Callable[[str], int],
+    enqueue: Callable[[Job], None],
+    older_than_s: float = OUTBOX_GRACE_S,
+    now: float | None = None,
+) -> list[str]:
+    """A wake-up for each job of `models` ready longer than `older_than_s` while its model's queue holds no message
+    (`waiting_messages(model)`: its length); returns their ids. A wake-up too many (a message on its way to a
+    worker as the queue was read) finds nothing to take, or takes the next job: harmless."""
+    now = time.time() if now is None else now
+    woken: list[str] = []
+    for model in models:
+        ids = store.ready_jobs(model)
+        if not ids or waiting_messages(model) > 0:  # messages wait: each will take a ready job
+            continue
+        for job in store.get_many(ids):
+            if job is not None and job.status == JobStatus.queued and job.created_at < now - older_than_s:
+                enqueue(job)
+                woken.append(job.id)
+    if woken:
+        log.warning("woke %d ready jobs that no message would take (lost in a Redis failover?): %s", len(woken), woken)
+    return woken
 
 
 def relay_outbox(store: JobStore, enqueue: Callable[[Job], None], older_than_s: float = OUTBOX_GRACE_S) -> list[str]:

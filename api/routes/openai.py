@@ -11,8 +11,9 @@ GET /v1/jobs): it is submitted and the answer waits for its end, up to SDXL_MAX_
     response_format url (signed, as GET /v1/jobs gives) or b64_json; output_format png/jpeg/webp;
     model: absent, "sdxl", or a served model's name (SDXL_MODELS); user and style: accepted, not used.
 Extensions outside OpenAI's API (pass them with the SDK's `extra_body`): negative_prompt, seed, steps,
-guidance_scale, scheduler, timestep_spacing. Errors are the service's problem details with OpenAI's `error` object added
-(api/errors.py), which the SDK reads.
+guidance_scale, scheduler, timestep_spacing. The job's other fields are not mapped (NOT_MAPPED says why): an
+`extra_body` naming one is a 422 naming it; POST /v1/jobs (or a data set line) takes them all. Errors are the
+service's problem details with OpenAI's `error` object added (api/errors.py), which the SDK reads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ from common.jobs import MAX_SEED, JobRequest, JobStatus, LimitError, OutputForma
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 STEPS_BY_QUALITY = {"low": 10, "medium": 20, "standard": 20, "auto": 20, "high": 40, "hd": 40}
 FIELDS = {"num_images": "n", "width": "size", "height": "size"}  # our field -> OpenAI's, in error messages
+# a job's fields this route does not take, and why (tests/api/test_openai.py holds it to JobRequest's fields)
+NOT_MAPPED = {
+    "init_image": "OpenAI's images.edit (POST /v1/images/edits, multipart) is not served: use POST /v1/jobs",
+    "mask_image": "likewise: images.edit's mask",
+    "strength": "with init_image only",
+    "refiner": "no OpenAI parameter; POST /v1/jobs",
+    "loras": "no OpenAI parameter; POST /v1/jobs",
+    "controlnets": "no OpenAI parameter, and its images would be base64 in a JSON body; POST /v1/jobs",
+    "ip_adapter": "likewise",
+    "preview": "an answer that waits for the end has no progress to show; GET /v1/jobs/{id}/events does",
+    "webhook_url": "the answer waits for the end already",
+}
 
 
 class ImageGeneration(BaseModel):

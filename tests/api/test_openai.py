@@ -63,6 +63,25 @@ def test_refusals_are_openai_errors_naming_the_parameter(oai, kwargs, param, say
     assert refused.value.body["param"] == param and says in refused.value.message
 
 
+def test_every_job_field_is_mapped_or_said_not_to_be():
+    from api.routes.openai import NOT_MAPPED, ImageGeneration
+    from common.jobs import JobRequest
+
+    mapped = {"num_images", "width", "height"}  # from n and size
+    assert set(JobRequest.model_fields) - mapped - set(ImageGeneration.model_fields) == set(NOT_MAPPED)
+
+
+@pytest.mark.parametrize("field", ["init_image", "loras", "controlnets", "ip_adapter", "refiner"])
+def test_a_job_field_it_does_not_map_is_refused_by_name(field):
+    from pydantic import ValidationError
+
+    from api.routes.openai import ImageGeneration
+
+    with pytest.raises(ValidationError) as refused:
+        ImageGeneration.model_validate({"prompt": "x", field: []})
+    assert [e["loc"] for e in refused.value.errors()] == [(field,)]
+
+
 def test_a_bad_key_is_openais_authentication_error(live_stack):
     url, _, _ = live_stack
     stranger = openai.OpenAI(base_url=f"{url}/v1", api_key="sdxl_nope", max_retries=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
 
 from common.batch_log import BatchLog, BatchRecord
 from common.keys import Keys
@@ -16,8 +15,8 @@ def record(i: int) -> BatchRecord:
 
 
 @pytest.fixture
-def log(redis_url, key_prefix) -> BatchLog:
-    return BatchLog(redis.Redis.from_url(redis_url), key_prefix, lines=3)
+def log(store_redis, key_prefix) -> BatchLog:
+    return BatchLog(store_redis, key_prefix, lines=3)
 
 
 def test_records_read_back_newest_first_and_only_the_last_lines_are_kept(log):
@@ -27,9 +26,9 @@ def test_records_read_back_newest_first_and_only_the_last_lines_are_kept(log):
     assert log.recent(limit=1) == [record(4)]
 
 
-def test_a_line_is_the_json_object_readers_of_the_log_expect(log, redis_url, key_prefix):
+def test_a_line_is_the_json_object_readers_of_the_log_expect(log, store_redis, key_prefix):
     log.append(record(1))
-    (raw,) = redis.Redis.from_url(redis_url).lrange(Keys(key_prefix).batches, 0, -1)
+    (raw,) = store_redis.lrange(Keys(key_prefix).batches, 0, -1)
     assert json.loads(raw) == {
         "batch_id": "b1",
         "worker": "w1",

@@ -4,7 +4,6 @@ is in tests/worker/test_feeder.py)."""
 from __future__ import annotations
 
 import pytest
-import redis
 
 from common.dataset_store import DatasetStore, TooManyRuns
 from common.datasets import DatasetOptions, DatasetStatus
@@ -12,8 +11,8 @@ from tests.helpers.servers import at_once
 
 
 @pytest.fixture
-def datasets(redis_url, key_prefix) -> DatasetStore:
-    return DatasetStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+def datasets(store_redis, key_prefix) -> DatasetStore:
+    return DatasetStore(store_redis, key_prefix, ttl_s=60)
 
 
 def create(datasets: DatasetStore, run_id: str, tenant: str = "acme", max_active: int = 0, total: int = 1) -> None:
@@ -66,14 +65,14 @@ def test_a_capped_script_counts_the_active_list_as_it_is_not_as_it_was_read(data
     assert refused.value.active == 1 and len(reads) == 2 and datasets.get("b") is None
 
 
-def test_a_finished_run_keeps_its_record_and_outputs_for_the_ttl(datasets, redis_url):
+def test_a_finished_run_keeps_its_record_and_outputs_for_the_ttl(datasets, store_redis):
     create(datasets, "old", total=2)
     for index, outcome in enumerate(("succeeded", "failed")):
         assert datasets.mark_fed("old", index, f"j{index}", "cursor")
         assert datasets.reap("old", index, f"j{index}", outcome, {"line": index + 1, "id": f"l{index}"})
     datasets.sample_rate("old", 1)
     assert datasets.finish("old", DatasetStatus.running, DatasetStatus.completed)
-    r, keys = redis.Redis.from_url(redis_url), datasets.keys.run("old")
+    r, keys = store_redis, datasets.keys.run("old")
     ttls = {key: r.ttl(key) for key in keys.kept if r.exists(key)}
     assert set(ttls) == {keys.record, keys.done, keys.failed, keys.rate}
     assert all(0 < ttl <= 60 for ttl in ttls.values()) and "old" not in datasets.active()

@@ -8,6 +8,10 @@ import json
 import pytest
 
 from common.datasets import (
+    GENERATION_FIELDS,
+    KEYS_ONLY,
+    OTHER_JOB_FIELDS,
+    DatasetDefaults,
     DatasetOptions,
     Limits,
     Line,
@@ -18,6 +22,7 @@ from common.datasets import (
     nearest_bucket,
     parse_aspect_ratio,
 )
+from common.jobs import JobRequest
 from common.settings import SDXL_BUCKETS, parse_sizes
 
 LIMITS = Limits(sizes=[(1024, 1024), (64, 96)], max_steps=50, max_prompt_chars=100)
@@ -158,3 +163,37 @@ def test_a_byte_order_mark_is_accepted():
     v = validator()
     assert [one(v, n, raw).id for n, raw in lines] == ["a", "b"]
     assert one(validator(), 1, '\ufeff{"id": "a", "prompt": "p"}').id == "a"
+
+
+def test_every_field_of_a_job_is_a_line_field_or_left_out_for_a_reason():
+    # a field added to JobRequest fails this until it is a line field (and a default) or named in OTHER_JOB_FIELDS
+    assert set(JobRequest.model_fields) == set(GENERATION_FIELDS) | set(OTHER_JOB_FIELDS)
+    assert not set(GENERATION_FIELDS) & set(OTHER_JOB_FIELDS)
+    assert set(DatasetDefaults.model_fields) == set(GENERATION_FIELDS) - {"prompt", "seed"} | {"output_format"}
+
+
+KEY = "inputs/_/" + "a" * 64 + ".png"
+
+
+def test_a_lines_image_fields_from_the_line_or_the_defaults_are_kept_by_key():
+    v = validator(defaults={"ip_adapter": {"name": "style", "image": KEY}, "timestep_spacing": "trailing"})
+    line = one(
+        v, 1, json.dumps({"id": "a", "prompt": "p", "init_image": KEY, "strength": 0.5, "width": 96, "height": 64})
+    )
+    r = line.request
+    assert (r.init_image, r.strength, r.timestep_spacing, r.ip_adapter.image) == (KEY, 0.5, "trailing", KEY)
+
+
+@pytest.mark.parametrize(
+    ("images", "field"),
+    [
+        ({"init_image": "iVBORw0KGgo="}, "init_image"),
+        ({"init_image": KEY, "mask_image": "data:image/png;base64,iVBORw0KGgo="}, "mask_image"),
+        ({"controlnets": [{"name": "c", "image": "iVBORw0KGgo="}]}, "controlnets[0].image"),
+        ({"ip_adapter": {"name": "s", "image": "iVBORw0KGgo="}}, "ip_adapter.image"),
+    ],
+)
+def test_a_line_names_images_by_key_never_by_their_bytes(images, field):
+    # a JSONL of base64 images would be the file's size many times over, every line held in Redis while in flight
+    error = validator().check(1, json.dumps({"id": "a", "prompt": "p", **images}))
+    assert error == LineError(1, field, KEYS_ONLY)

@@ -3,17 +3,17 @@
 import time
 
 import pytest
-import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
-from common.jobs import ImageRecord, JobRequest, JobStatus
+from common.jobs import ImageRecord, JobRequest, JobStatus, Progress
+from common.keys import Keys
 from common.worker_registry import WorkerRegistry
 from tests.helpers.servers import at_once
 
 
 @pytest.fixture
-def store(redis_url, key_prefix) -> JobStore:
-    return JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60)
+def store(store_redis, key_prefix) -> JobStore:
+    return JobStore(store_redis, key_prefix, ttl_s=60)
 
 
 def req(**kw) -> JobRequest:
@@ -92,9 +92,9 @@ def test_queue_position_follows_submit_order(store):
     assert [store.queue_position(i) for i in ids] == [1, 2, 3]
 
 
-def test_records_expire(store, redis_url):
+def test_records_expire(store, store_redis):
     job_id, _ = store.create(req())
-    assert 0 < redis.Redis.from_url(redis_url).ttl(store.keys.job(job_id)) <= 60
+    assert 0 < store_redis.ttl(store.keys.job(job_id)) <= 60
 
 
 def test_idempotency(store):
@@ -141,7 +141,7 @@ def test_a_transition_moves_the_jobs_own_tenants_queued_set_whatever_the_caller_
     assert store.transition("nope", JobStatus.canceled, tenant="acme") == (False, None)
 
 
-def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, redis_url, key_prefix):
+def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, store_redis, key_prefix):
     """Fair order: tenant a's backlog of five does not hold back b's and c's jobs (each tenant's oldest first),
     and each job taken is in the worker's held set by the same script."""
     a = [store.create(req(), tenant="a")[0] for _ in range(5)]
@@ -149,7 +149,7 @@ def test_workers_take_interactive_jobs_from_the_tenants_in_turn(store, redis_url
     c = [store.create(req(), tenant="c")[0] for _ in range(2)]
     taken = [store.take("w1") for _ in range(9)]
     assert taken == [a[0], b, c[0], a[1], c[1], a[2], a[3], a[4], None]
-    assert set(WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix).held("w1")) == set(taken[:-1])
+    assert set(WorkerRegistry(store_redis, key_prefix).held("w1")) == set(taken[:-1])
 
 
 def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
@@ -164,10 +164,10 @@ def test_a_job_given_back_or_queued_again_is_ready_in_its_place(store):
     assert store.take("w3") == first
 
 
-def test_each_model_has_its_own_ring_and_a_take_for_one_never_takes_anothers_job(redis_url, key_prefix):
+def test_each_model_has_its_own_ring_and_a_take_for_one_never_takes_anothers_job(store_redis, key_prefix):
     """A worker takes only jobs for the model it asks for (a job that names none is the default model's), in
     fair order among that model's tenants; given back or requeued, a job returns to its own model's ring."""
-    store = JobStore(redis.Redis.from_url(redis_url), key_prefix, ttl_s=60, default_model="a")
+    store = JobStore(store_redis, key_prefix, ttl_s=60, default_model="a")
     b = [store.create(req(model="b"), tenant=t)[0] for t in ("x", "x", "y")]
     a_default, a_named = store.create(req(), tenant="x")[0], store.create(req(model="a"), tenant="y")[0]
     assert [store.take("wa", "a"), store.take("wa", "a"), store.take("wa", "a")] == [a_default, a_named, None]
@@ -187,3 +187,40 @@ def test_a_job_canceled_while_ready_leaves_it_and_its_tenant_the_ring(store):
     store.transition(job_id, JobStatus.canceled, tenant="a")
     assert store.ready_count("a") == 0
     assert [store.take("w"), store.take("w")] == [other, None]
+
+
+def test_a_jobs_end_is_published_to_a_subscriber_on_another_node(store_redis, key_prefix):
+    """The script that ends a job publishes its id on P:ended (a channel, not a key): on a cluster a subscriber on
+    another master than the job's (the channel name's slot's, here chosen so) hears it too."""
+    prefix, node = key_prefix, getattr(store_redis, "get_node_from_key", None)
+    if node is not None:  # a cluster: a prefix whose records and channel are on two masters
+        prefixes = (f"{key_prefix}{i}" for i in range(100))
+        prefix = next(p for p in prefixes if node(Keys(p).ended).name != node(Keys(p).job("j")).name)
+    store = JobStore(store_redis, prefix, ttl_s=60)
+    job_id, _ = store.create(req())
+    with store_redis.pubsub() as events:
+        events.subscribe(store.keys.ended)
+        assert events.get_message(timeout=5)["type"] == "subscribe"
+        store.transition(job_id, JobStatus.canceled)
+        heard = events.get_message(timeout=5)
+    assert heard is not None and (heard["channel"], heard["data"]) == (store.keys.ended.encode(), job_id.encode())
+
+
+def test_progress_is_written_for_running_jobs_only_in_one_call(store, store_redis):
+    """One script over several jobs' hashes (a cluster pipeline carries no scripts): running jobs get their step and
+    their id on P:progress; a queued, an ended or an unknown job is left as it is."""
+    running = [store.create(req())[0] for _ in range(2)]
+    queued, ended = store.create(req())[0], store.create(req())[0]
+    for job_id in (*running, ended):
+        store.transition(job_id, JobStatus.running)
+    store.transition(ended, JobStatus.canceled)
+    with store_redis.pubsub() as events:
+        events.subscribe(store.keys.progress)
+        events.get_message(timeout=5)
+        reports = [*running, queued, ended, "nope"]
+        store.record_progress({i: Progress(step=n + 1, steps=9) for n, i in enumerate(reports)})
+        heard = [events.get_message(timeout=5) for _ in running]
+    assert [store.get(i).progress for i in running] == [Progress(step=1, steps=9), Progress(step=2, steps=9)]
+    assert store.get(queued).progress is None and store.get(ended).progress is None and store.get("nope") is None
+    assert [m["data"].decode() for m in heard] == running
+    store.record_progress({})  # nothing to report: no call

@@ -26,6 +26,7 @@ STORES = {
     "common/rate_limit.py",
 }
 PUB_SUB_AND_SERVER = {"api/job_events.py", "common/redis_server.py"}
+MIGRATION = {"common/key_migration.py"}  # renames keys by their names: SCAN and RENAMENX
 
 # The names of the layout's parts, as a key string would carry them between colons.
 PARTS = (
@@ -145,38 +146,57 @@ def test_the_layout_on_the_wire():
         k.rate_window("read", "id", 7),
         k.everything,
     ] == [
-        "P:job:j",
-        "P:queued",
-        "P:running",
-        "P:recent:T",
-        "P:tenant-queued:T",
-        "P:ready:m:T",
-        "P:ready-tenants:m",
-        "P:idem:T:h",
-        "P:outbox",
-        "P:seq",
+        "{P}:job:j",
+        "{P}:queued",
+        "{P}:running",
+        "{P}:recent:T",
+        "{P}:tenant-queued:T",
+        "{P}:ready:m:T",
+        "{P}:ready-tenants:m",
+        "{P}:idem:T:h",
+        "{P}:outbox",
+        "{P}:seq",
         "P:ended",
         "P:progress",
-        "P:worker:w",
-        "P:workers",
-        "P:held:w",
-        "P:holders",
+        "{P}:worker:w",
+        "{P}:workers",
+        "{P}:held:w",
+        "{P}:holders",
         "P:sweep-lock",
         "P:image-sweep-lock",
         "P:batches",
-        "P:datasets:active",
-        "P:datasets:recent:T",
+        "{P}:datasets:active",
+        "{P}:datasets:recent:T",
         "P:dataset-idem:T:h",
-        "P:apikey:h",
-        "P:apikeys",
+        "{P}:apikey:h",
+        "{P}:apikeys",
         "P:rate:read:id:7",
-        "P:*",
+        ("{P}:*", "P:*"),
     ]
     parts = ("inflight", "done", "rows", "failed", "canceled", "retry", "rate", "lock")
-    assert run.record == "P:dataset:R" and [getattr(run, p) for p in parts] == [f"P:dataset:R:{p}" for p in parts]
+    assert run.record == "{P}:dataset:R" and [getattr(run, p) for p in parts] == [f"{{P}}:dataset:R:{p}" for p in parts]
     kept = ("", ":done", ":failed", ":rate", ":rows", ":canceled")  # what _FINISH used to expire by suffix
-    assert run.kept == tuple(f"P:dataset:R{suffix}" for suffix in kept)
-    assert k.worker_name(b"P:worker:host-1-2") == "host-1-2" and k.held_worker("P:held:host-1-2") == "host-1-2"
+    assert run.kept == tuple(f"{{P}}:dataset:R{suffix}" for suffix in kept)
+    assert k.worker_name(b"{P}:worker:host-1-2") == "host-1-2" and k.held_worker("{P}:held:host-1-2") == "host-1-2"
+    with pytest.raises(ValueError):
+        Keys("a}b")  # the prefix is the hash tag: a brace in it would end the tag early
+
+
+def test_each_tagged_key_is_renamed_from_its_name_before_the_tags_and_no_other():
+    """Before hash tags every key was P:<part>...: `renamed` maps each tagged key's old name to its name now, and
+    leaves those that kept theirs (and keys not of the layout, such as a queue named P:something) alone."""
+    k = Keys("P")
+    run = k.run("R")
+    tagged = [k.job("j"), k.queued, k.running, k.recent("T"), k.tenant_queued("T"), k.ready("m", "T")]
+    tagged += [k.ready_tenants("m"), k.idempotency("T", "h"), k.outbox, k.seq, k.worker("w"), k.workers]
+    tagged += [k.held("w"), k.holders, k.datasets_active, k.datasets_recent("T"), k.api_key("h"), k.api_key_ids]
+    tagged += [run.record, run.inflight, run.done, run.rows, run.failed, run.canceled, run.retry, run.rate, run.lock]
+    alone = [k.sweep_lock, k.image_sweep_lock, k.batches, k.dataset_idempotency("T", "h"), k.rate_window("r", "i", 7)]
+    assert all(key.startswith("{P}:") for key in tagged) and not any(key.startswith("{") for key in alone)
+    assert [k.renamed("P:" + key.removeprefix("{P}:")) for key in tagged] == tagged
+    assert [k.renamed(key) for key in alone] == [None] * len(alone)
+    others = ("P:queue-name", "Q:job:j", "PP:job:j", b"P:job:j")
+    assert [k.renamed(name) for name in others] == [None, None, None, "{P}:job:j"]
 
 
 def test_no_key_string_is_built_outside_the_keys_module():
@@ -184,7 +204,7 @@ def test_no_key_string_is_built_outside_the_keys_module():
 
 
 def test_no_raw_redis_client_outside_the_stores():
-    assert offences(ROOT, RAW_CLIENT, STORES | PUB_SUB_AND_SERVER) == []
+    assert offences(ROOT, RAW_CLIENT, STORES | PUB_SUB_AND_SERVER | MIGRATION) == []
 
 
 def test_the_checks_see_what_they_look_for(tmp_path):

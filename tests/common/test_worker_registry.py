@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from common.keys import Keys
 from common.worker_registry import WorkerRegistry
@@ -13,8 +12,8 @@ from common.worker_status import WorkerCounters, WorkerStatus
 
 
 @pytest.fixture
-def workers(redis_url, key_prefix) -> WorkerRegistry:
-    return WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix)
+def workers(store_redis, key_prefix) -> WorkerRegistry:
+    return WorkerRegistry(store_redis, key_prefix)
 
 
 def status(name: str) -> WorkerStatus:
@@ -22,17 +21,17 @@ def status(name: str) -> WorkerStatus:
     return WorkerStatus(name, "tiny", [(64, 96)], 4, 2, started_at=1.0, at=2.0, counters=counters)
 
 
-def test_live_workers_are_those_whose_heartbeat_has_not_lapsed(workers, redis_url, key_prefix):
+def test_live_workers_are_those_whose_heartbeat_has_not_lapsed(workers, store_redis, key_prefix):
     workers.beat(status("w1"), ttl_s=60)
     workers.beat(status("gone"), ttl_s=0.001)  # a worker that stopped
     # a record this version cannot read (another version's, or damaged): alive, but not listed
     workers.beat(status("broken"), ttl_s=60)
-    redis.Redis.from_url(redis_url).set(Keys(key_prefix).worker("broken"), b"{not json", ex=60)
+    store_redis.set(Keys(key_prefix).worker("broken"), b"{not json", ex=60)
     time.sleep(0.01)
     assert [w.name for w in workers.live()] == ["w1"] and workers.live()[0] == status("w1")
     assert workers.live_names() == {"w1", "broken"}
     assert workers.status("w1") == status("w1") and workers.status("gone") is None
-    assert WorkerRegistry(redis.Redis.from_url(redis_url), f"{key_prefix}-other").live() == []
+    assert WorkerRegistry(store_redis, f"{key_prefix}-other").live() == []
 
 
 def test_live_names_match_a_glob(workers):

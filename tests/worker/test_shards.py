@@ -27,6 +27,14 @@ def rows(n: int) -> list[dict]:
             "steps": 4,
             "guidance_scale": 5.0,
             "scheduler": "euler",
+            # what common/datasets.py conditioning records of a text-to-image line
+            "timestep_spacing": None,
+            "strength": None,
+            "init_image_sha256": None,
+            "mask_image_sha256": None,
+            "refiner": None,
+            "controlnets": [],
+            "ip_adapter": None,
             "key": f"datasets/r/images/img-{i}.png",
             "sha256": "ab" * 32,
             "shard": "datasets/r/shards/shard-000000.tar",
@@ -73,7 +81,10 @@ def test_parquet_parts_and_their_concatenation():
     whole = pq.read_table(io.BytesIO(shards.concat_parquet([shards.parquet(first), shards.parquet(second)])))
     assert whole.column_names == list(MANIFEST_COLUMNS)
     # the free-form columns are JSON text in Parquet (objects and lists in the JSONL manifest)
-    as_text = [{**r, "metadata": json.dumps(r["metadata"], sort_keys=True), "adapters": "[]"} for r in first + second]
+    as_text = [
+        {**r, "metadata": json.dumps(r["metadata"], sort_keys=True), "adapters": "[]", "controlnets": "[]"}
+        for r in first + second
+    ]
     assert whole.to_pylist() == as_text
     assert pq.read_table(io.BytesIO(shards.concat_parquet([]))).num_rows == 0
 

@@ -94,3 +94,23 @@ def test_unsent_submits_get_their_message_from_the_outbox(store):
     assert relay_outbox(store, sent.append, older_than_s=0) == [unsent] and [j.id for j in sent] == [unsent]
     assert store.unsent(older_than_s=0) == []
     assert relay_outbox(store, sent.append, older_than_s=0) == []
+
+
+def test_a_ready_job_no_message_will_take_is_woken_once_its_queue_is_empty(store):
+    """A failover can keep a job ready and lose the message that would take it (worker/sweeper.py)."""
+    from worker.sweeper import wake_stranded
+
+    stranded, _ = store.create(JobRequest(prompt="x", seed=1), tenant="a")
+    woken: list[str] = []
+    later = time.time() + 60
+
+    def wake(waiting: int, now: float) -> list[str]:
+        return wake_stranded(
+            store, [store.model_of(None)], lambda model: waiting, lambda job: woken.append(job.id), now=now
+        )
+
+    assert wake(waiting=1, now=later) == []  # a message waits on the queue: it will take the job
+    assert wake(waiting=0, now=time.time()) == []  # ready for less than the grace: its message may be on its way
+    assert wake(waiting=0, now=later) == [stranded] and woken == [stranded]
+    store.transition(stranded, JobStatus.canceled, [JobStatus.queued], tenant="a")
+    assert wake(waiting=0, now=later) == []  # no longer ready

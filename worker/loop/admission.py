@@ -162,17 +162,21 @@ class Admission:
     def _read_inputs(self, job: Job) -> InputPixels:
         """The job's input images as pixels; a ControlNet's image preprocessed as the request says (canny edges)."""
         read = {}
+        r = job.request
+        # at the job's size, which the engine takes (a data set line may name an image a job of another size stored)
+        size = (r.width, r.height) if r.width is not None and r.height is not None else None
         for name in ("init_image", "mask_image"):
-            key = getattr(job.request, name)
+            key = getattr(r, name)
             if key is not None:
-                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image")
+                read[name] = inputs.pixels(self._read(key), mask=name == "mask_image", size=size)
         controls = []
-        for c in job.request.controlnets:
-            image = inputs.pixels(self._read(c.image), mask=False)
+        for c in r.controlnets:
+            image = inputs.pixels(self._read(c.image), mask=False, size=size)
             if c.preprocess is ControlPreprocess.canny:
                 image = canny.edges(image, c.low_threshold, c.high_threshold)
             controls.append(image)
-        ip = job.request.ip_adapter
+        ip = r.ip_adapter
+        # any size: the IP-Adapter's image encoder resizes and crops it (worker/engine/image_prompts.py)
         ip_image = inputs.pixels(self._read(ip.image), mask=False) if ip is not None else None
         return InputPixels(read.get("init_image"), read.get("mask_image"), tuple(controls), ip_image)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from common.batch_log import BatchLog, BatchRecord
@@ -169,15 +169,23 @@ class Presence:
 
 
 def fleet_sweep(
-    store: JobStore, workers: WorkerRegistry, max_attempts: int, enqueue: Callable[[Job], None]
+    store: JobStore,
+    workers: WorkerRegistry,
+    max_attempts: int,
+    enqueue: Callable[[Job], None],
+    models: Sequence[str] = (),
+    waiting_messages: Callable[[str], int] | None = None,
 ) -> Callable[[bool], None]:
     """The sweep a worker runs when it holds the lock (worker/sweeper.py): overdue jobs, dead workers' jobs (when
-    this worker can tell them dead), the outbox."""
+    this worker can tell them dead), the outbox, and (given the length of a model's queue) the ready jobs of
+    `models` that no message would take."""
 
     def sweep(dead_workers_too: bool) -> None:
         sweeper.sweep(store, max_attempts, enqueue)
         if dead_workers_too:
             sweeper.reissue_dead_workers(store, workers, enqueue)
         sweeper.relay_outbox(store, enqueue)
+        if waiting_messages is not None:
+            sweeper.wake_stranded(store, models, waiting_messages, enqueue)
 
     return sweep

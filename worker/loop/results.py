@@ -59,12 +59,10 @@ def parameters(job: Job, index: int, engine: EnginePort, adapters: Sequence[Adap
                 ("refiner_model", refiner.name if refiner else None),
                 ("refiner_hash", refiner.weights_hash if refiner else None),
                 ("loras", adapters_used(job, adapters) or None),
-                # each ControlNet: its name, control image key, scale, window and preprocessing
-                ("controlnets", [c.model_dump(mode="json") for c in r.controlnets] or None),
-                (
-                    "ip_adapter",
-                    r.ip_adapter.model_dump(mode="json") if r.ip_adapter else None,
-                ),  # name, image key, scale
+                # each ControlNet: its name, control image's hash, scale, window and preprocessing; the
+                # IP-Adapter's name, image hash and scale (hashes, as for the init image: never a key)
+                ("controlnets", [inputs.by_hash(c) for c in r.controlnets] or None),
+                ("ip_adapter", inputs.by_hash(r.ip_adapter) if r.ip_adapter else None),
                 ("model_name", r.model),  # the name the job picked it by (SDXL_MODELS)
             )
             if value is not None

@@ -3,11 +3,13 @@ process (XLA_FLAGS and the cache directory are read once at start), so these run
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from worker.engine.program_kind import Programs
 
@@ -88,12 +90,27 @@ def test_four_devices_give_the_same_images_as_one(tmp_path, tiny_dir):
     assert np.abs(img1.astype(int) - img4.astype(int)).max() <= 1
 
 
-def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir):
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> tuple[dict, np.ndarray, Path]:
+    """One cold start into an empty cache, shared: (what it reported, its images, the cache it wrote). The tests
+    that need a filled cache copy it (a cold compile of the served programs is most of each test's time)."""
+    folder = tmp_path_factory.mktemp("devices-cold")
+    report, images = _run(folder, tiny_dir, 1, "cold", folder / "cache")
+    return report, images, folder / "cache"
+
+
+def _copy(cold_cache: Path, tmp_path: Path) -> Path:
     cache = tmp_path / "cache"
-    cold, img_cold = _run(tmp_path, tiny_dir, 1, "cold", cache)
+    shutil.copytree(cold_cache, cache)
+    return cache
+
+
+def test_warm_cache_skips_the_xla_compile(tmp_path, tiny_dir, cold):
+    cold, img_cold, cold_cache = cold
     assert cold["cache_hits"] == 0 and cold["compiles"] > 0
-    assert any(cache.rglob("*")), "nothing was written to the cache"
-    assert cold["aot_loaded"] == 0 and list((cache).rglob("executables/*.bin"))
+    assert any(cold_cache.rglob("*")), "nothing was written to the cache"
+    assert cold["aot_loaded"] == 0 and list((cold_cache).rglob("executables/*.bin"))
+    cache = _copy(cold_cache, tmp_path)
     warm, img_warm = _run(tmp_path, tiny_dir, 1, "warm", cache)
     # Both programs come back whole (no tracing, no compiling); anything small left hits JAX's cache. The
     # weights are mapped from the converted copy the cold start wrote, not converted again.
@@ -116,13 +133,12 @@ class _Planted:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
-def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir):
+def test_a_planted_or_foreign_executable_is_never_unpickled(tmp_path, tiny_dir, cold):
     import pickle
 
     from worker.engine import cache as aot_cache
 
-    cache = tmp_path / "cache"
-    _run(tmp_path, tiny_dir, 1, "first", cache)
+    cache = _copy(cold[2], tmp_path)  # as a first start left it
     marker = tmp_path / "pwned"
     planted = pickle.dumps(_Planted(str(marker)))
     files = list(cache.rglob("executables/*.bin"))
@@ -154,11 +170,11 @@ def test_seals_detect_any_change():
     assert unseal(b"payload", b"k" * 32) is None
 
 
-def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir):
+def test_the_worker_serves_from_the_devices_copy_alone(tmp_path, tiny_dir, cold):
     # Once placed, the worker drops its host copy of the weights (6.7 GB for SDXL on an accelerator host);
     # its images are still those of an engine that kept them, and the model cannot make a second engine.
-    cache = tmp_path / "cache"
-    _, kept = _run(tmp_path, tiny_dir, 1, "kept", cache)
+    _, kept, cold_cache = cold
+    cache = _copy(cold_cache, tmp_path)
     worker, dropped = _run(tmp_path, tiny_dir, 1, "dropped", cache, script=WORKER_SCRIPT)
     assert worker["leaves"] > 100 and worker["host_arrays"] == 0
     assert "host weights were dropped" in worker["refused"]

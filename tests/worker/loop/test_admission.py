@@ -195,3 +195,25 @@ def test_an_image_prompt_is_read_with_the_job(tmp_path: Path):
     admitted = admission(r, storage, []).admit(job.id, None, Future())
     assert admitted is not None
     assert (admitted.pixels.ip_image == picture).all() and admitted.pixels.controls == ()
+
+
+def test_a_stored_input_of_another_size_is_read_at_the_jobs(tmp_path: Path):
+    # a data set line may name an image a job of another size stored (api/job_inputs.py StoredImages): the init
+    # image, mask and control images come at the line's size, which the engine takes; the image prompt as it is
+    storage = LocalStorage(tmp_path, "http://x", b"k" * 32)
+    wide = np.arange(64 * 96 * 3, dtype=np.uint8).reshape(64, 96, 3)
+    storage.put("inputs/t/w.png", png(wide), "image/png")
+    storage.put("inputs/t/m.png", png(np.zeros((128, 128), np.uint8)), "image/png")
+    job = make_job(
+        init_image="inputs/t/w.png",
+        mask_image="inputs/t/m.png",
+        controlnets=[{"name": "canny", "image": "inputs/t/w.png"}],
+        ip_adapter={"name": "style", "image": "inputs/t/w.png"},
+    )
+    r = rig(tmp_path, job, storage=storage)
+    admitted = admission(r, storage, []).admit(job.id, None, Future())
+    assert admitted is not None
+    got = admitted.pixels
+    assert got.image is not None and got.mask is not None and got.ip_image is not None
+    assert (got.image.shape, got.mask.shape, got.controls[0].shape) == ((64, 64, 3), (64, 64), (64, 64, 3))
+    assert got.ip_image.shape == (64, 96, 3)

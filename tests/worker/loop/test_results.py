@@ -117,16 +117,18 @@ def test_discarded_images_leave_no_object_and_no_folder(tmp_path):
 
 
 def test_controlnets_appear_with_their_image_scale_and_window():
-    controls = [{"name": "canny", "image": "inputs/t/c.png", "scale": 0.7, "end": 0.8, "preprocess": "canny"}]
+    key = "inputs/t/" + "c" * 64 + ".png"
+    controls = [{"name": "canny", "image": key, "scale": 0.7, "end": 0.8, "preprocess": "canny"}]
     params = parameters(make_job(controlnets=controls), 0, StandInEngine([(64, 64)], 2, 0.0), [])
     (got,) = params["controlnets"]
-    assert (got["name"], got["image"], got["scale"]) == ("canny", "inputs/t/c.png", 0.7)
+    # the image by content hash, as the init image's: a key's folder names the tenant, and the PNG travels
+    assert (got["name"], got["image_sha256"], got["scale"]) == ("canny", "c" * 64, 0.7) and "image" not in got
     assert (got["start"], got["end"]) == (0, 0.8)
     assert (got["preprocess"], got["low_threshold"], got["high_threshold"]) == ("canny", 100, 200)
 
 
 def test_an_ip_adapter_appears_with_its_image_and_scale():
-    prompt = {"name": "style", "image": "inputs/t/s.png", "scale": 0.6}
+    prompt = {"name": "style", "image": "inputs/t/" + "5" * 64 + ".png", "scale": 0.6}
     params = parameters(make_job(ip_adapter=prompt), 0, StandInEngine([(64, 64)], 2, 0.0), [])
-    assert params["ip_adapter"] == prompt
+    assert params["ip_adapter"] == {"name": "style", "image_sha256": "5" * 64, "scale": 0.6}
     assert "ip_adapter" not in parameters(make_job(), 0, StandInEngine([(64, 64)], 2, 0.0), [])
