@@ -231,6 +231,15 @@ class ResultFile:
         self.write()
         return entry
 
+    def update(self, entry: dict[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+        """Rewrite a figure added before (`entry`, as add returned it) with `record`, and write the file: a run's
+        summary kept current while it goes, so that a run that dies leaves what it had seen."""
+        figure = entry["figure"]
+        entry.clear()
+        entry.update({"figure": figure, **_plain(dict(record))})
+        self.write()
+        return entry
+
     def document(self) -> dict[str, Any]:
         self.environment = self.environment.with_devices()
         return {

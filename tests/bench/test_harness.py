@@ -39,6 +39,18 @@ def test_a_result_file_has_the_fixed_keys_and_every_figure_so_far(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
 
 
+def test_a_figure_updated_in_place_is_rewritten_where_it_was(tmp_path):
+    path = tmp_path / "x.json"
+    result = harness.ResultFile("x", {}, "how", path)
+    summary = result.add("summary", {"finished": False, "events": 1})
+    result.add("event", {"at_s": 3})
+    result.update(summary, {"finished": True, "events": 2})
+    assert harness.load(path)["results"] == [
+        {"figure": "summary", "finished": True, "events": 2},
+        {"figure": "event", "at_s": 3},
+    ]
+
+
 def test_gathering_the_environment_imports_neither_torch_nor_jax():
     code = (
         "from bench import harness; e = harness.Environment.gather(); import sys;"

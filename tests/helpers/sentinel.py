@@ -72,6 +72,14 @@ class Process:
             self.proc.kill()
             self.proc.wait(timeout=5)
 
+    def restart(self) -> None:
+        """Start it again after a kill, on its port, config file and data (bench/chaos.py: a killed primary
+        comes back and the sentinels make it a replica of its successor)."""
+        sentinel = self.conf.name == "sentinel.conf"
+        args = [valkey_server(), str(self.conf), *(["--sentinel"] if sentinel else [])]
+        self.proc = subprocess.Popen(args, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
 
 class SentinelGroup:
     """A primary, `replicas` replicas of it and three sentinels (quorum 2) watching it as MASTER."""
