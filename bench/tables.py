@@ -363,6 +363,44 @@ def lora() -> str:
     return markdown(["way", "what runs", "workload s", "images/s", "time vs none"], rows)
 
 
+def control() -> str:
+    run = Run("control-cpu-mid-256")
+    r, n = run.summary, run.scenario["batch"]
+    what = {
+        "bare_plain": f"{n} plain rows on an engine serving nothing",
+        "plain": f"{n} plain rows on the engine serving two ControlNets and an IP-Adapter",
+        "controlnet_1": "every row with one ControlNet",
+        "controlnet_2": "every row with two ControlNets",
+        "ip_adapter": "every row with an image prompt (IP-Adapter)",
+        "mixed": f"**unrelated rows in one batch**: one with a ControlNet, one with an image prompt, {n - 2} plain",
+    }
+    rows = []
+    for k, w in what.items():
+        t = r["timing"][k]
+        rows.append(
+            [
+                k,
+                w,
+                f"{fixed(t['median_s'], 2)} ({fixed(t['p10_s'], 2)}-{fixed(t['p90_s'], 2)})",
+                f"{fixed(r['s_per_image'][k], 2)}",
+                bold(f"{fixed(r['vs_plain'][k], 2)}", k == "mixed"),
+                f"{fixed(r['flop_vs_plain'][k], 2)}",
+            ]
+        )
+    rows.append(
+        [
+            "grouped (derived)",
+            "the mixed batch's rows served one batch per kind: controlnet_1's, ip_adapter's and plain's medians added",
+            f"{fixed(r['grouped_s'], 2)}",
+            f"{fixed(r['grouped_s'] / n, 2)}",
+            f"{fixed(r['grouped_s'] / r['median_s']['plain'], 2)}",
+            "",
+        ]
+    )
+    headers = ["variant", "what runs", "batch s, median (p10-p90)", "s/image", "time vs plain", "FLOP vs plain"]
+    return markdown(headers, rows)
+
+
 def step_count() -> str:
     def flop(gflop: float, digits: int, unit: str) -> str:
         return f"{Decimal(fixed(gflop * 1000 if unit == 'MFLOP' else gflop, digits)):,} {unit}"
@@ -472,6 +510,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "preview": preview,
     "sampling": sampling,
     "lora": lora,
+    "control": control,
     "step-count": step_count,
     "step-time": step_time,
     "fp8": fp8,

@@ -70,6 +70,7 @@ PATH_MARKS = [
     (r"^tests/api/test_metrics\.py::test_several_api_processes", ("stack",)),  # uvicorn --workers 2
     # bench/accelerator.sh --dry-run: child processes that compile the tiny model's programs and run PyTorch's
     (r"^tests/bench/test_accelerator\.py::test_the_dry_run", ("engine", "stack")),
+    (r"^tests/bench/test_control\.py", ("engine", "stack")),  # bench/control.py at tiny: a child process compiles
     (r"^tests/worker/test_image_retention\.py::.*\[s3\]", ("stack",)),  # `storage` asks for s3 when it is s3
     (r"^tests/common/test_redis_restart\.py", ("stack", "slow")),  # a worker across Redis restarts
     (r"^tests/common/test_redis_failover\.py", ("stack", "slow")),  # Valkey + sentinels; the primary SIGKILLed

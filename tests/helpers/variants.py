@@ -163,15 +163,18 @@ CONTROLNET_EMBEDDING = (8, 16, 16, 32)  # the tiny ControlNet's conditioning emb
 CONTROLNET_EMBEDDING_GAIN = 1.8
 
 
-def write_controlnet(tiny_dir: Path, folder: Path, seed: int) -> Path:
-    """A random ControlNet for the tiny model, as a diffusers ControlNetModel folder (what
-    ControlNetModel.from_unet makes of the tiny UNet, smaller conditioning embedding), every weight drawn from
-    `seed` and its name, the zero convolutions included (zeros would make every ControlNet a no-op)."""
+def write_controlnet(
+    tiny_dir: Path, folder: Path, seed: int, embedding: tuple[int, ...] = CONTROLNET_EMBEDDING
+) -> Path:
+    """A random ControlNet for the model in `tiny_dir`, as a diffusers ControlNetModel folder (what
+    ControlNetModel.from_unet makes of its UNet, with the conditioning embedding's widths `embedding`: SDXL's
+    ControlNets have (16, 32, 96, 256)), every weight drawn from `seed` and its name, the zero convolutions included
+    (zeros would make every ControlNet a no-op)."""
     from worker.engine import attention, convert, tiny
     from worker.engine.controlnet import ControlNet, ControlNetConfig
 
     unet = json.loads((tiny_dir / "unet" / "config.json").read_text())
-    raw = unet | {"conditioning_embedding_out_channels": list(CONTROLNET_EMBEDDING)}
+    raw = unet | {"conditioning_embedding_out_channels": list(embedding)}
     pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
     config = ControlNetConfig.from_diffusers(raw, pooled)
     shapes = ControlNet(config, attention.einsum).shapes()
@@ -208,10 +211,11 @@ IP_ENCODER = {  # the tiny IP-Adapter's image encoder: a CLIPVisionModelWithProj
 IP_GAIN = 3.0  # the adapter's key/value projections drawn larger, so that its scale and image show in 3 steps
 
 
-def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int) -> Path:
-    """A random IP-Adapter for the tiny model as h94/IP-Adapter ships one: `folder/ip-adapter.safetensors` in
-    diffusers' load_ip_adapter layout and `folder/image_encoder/` (a tiny CLIPVisionModelWithProjection), every
-    weight drawn from `seed` and its name. Returns the weights file."""
+def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int, encoder: dict[str, Any] | None = None) -> Path:
+    """A random IP-Adapter for the model in `tiny_dir` as h94/IP-Adapter ships one: `folder/ip-adapter.safetensors`
+    in diffusers' load_ip_adapter layout and `folder/image_encoder/` (a CLIPVisionModelWithProjection of config
+    `encoder`, IP_ENCODER's tiny one by default), every weight drawn from `seed` and its name. Returns the weights
+    file."""
     import jax
 
     from worker.engine import convert, tiny
@@ -223,16 +227,15 @@ def write_ip_adapter(tiny_dir: Path, folder: Path, seed: int) -> Path:
     unet = UNetConfig.from_diffusers(
         raw, raw["projection_class_embeddings_input_dim"] - 6 * raw["addition_time_embed_dim"]
     )
-    vision = VisionConfig.from_transformers(IP_ENCODER)
+    encoder_config = IP_ENCODER if encoder is None else encoder
+    vision = VisionConfig.from_transformers(encoder_config)
     draw = lambda *path, dims: tiny.random_leaf((f"ip-adapter-{seed}", *path), dims)  # noqa: E731
 
-    encoder = {
-        p: draw(*p, dims=tuple(leaf.shape)) for p, leaf in convert.flatten(VisionEncoder(vision).shapes()).items()
-    }
-    token = encoder.pop(("vision_model", "embeddings", "class_embedding"))
-    state = convert.flax_to_pt(convert.unflatten(encoder)) | {"vision_model.embeddings.class_embedding": token}
+    drawn = {p: draw(*p, dims=tuple(leaf.shape)) for p, leaf in convert.flatten(VisionEncoder(vision).shapes()).items()}
+    token = drawn.pop(("vision_model", "embeddings", "class_embedding"))
+    state = convert.flax_to_pt(convert.unflatten(drawn)) | {"vision_model.embeddings.class_embedding": token}
     (folder / "image_encoder").mkdir(parents=True, exist_ok=True)
-    (folder / "image_encoder" / "config.json").write_text(json.dumps(IP_ENCODER, indent=2))
+    (folder / "image_encoder" / "config.json").write_text(json.dumps(encoder_config, indent=2))
     save_file(state, folder / "image_encoder" / "model.safetensors")
 
     config = IPAdapterConfig(vision, unet.cross_attention_dim)
