@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # (its stack or engine starts once), and the slow tests, which mostly wait, run beside the compiling ones
 # (tests/conftest.py, _order_for_workers). The fast tier runs in one process: workers' start-up costs more there
 # than they win (measured: 55 s alone, 74 s on 2 workers).
-workers="${SDXL_TEST_WORKERS:-2}"
+workers="${SDXL_TEST_WORKERS:-3}"
 tier=()
 parallel=()
 if [ "${1:-}" = fast ]; then

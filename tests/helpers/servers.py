@@ -140,6 +140,11 @@ class SeaweedS3:
             f"-s3.config={config}",
             f"-bucket={self.bucket}",
             "-admin.ui=false",
+            # its other front ends listen on fixed ports by default (Lance 9101, Iceberg 8181, WebDAV 7333): two
+            # of these at once (xdist workers) would collide there, and the second would die at start
+            "-s3.port.lance=0",
+            "-s3.port.iceberg=0",
+            "-webdav=false",
             *[f"-{k}={v}" for k, v in ports.items()],
         ]
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the process owns it

@@ -200,7 +200,9 @@ def test_a_job_with_an_ip_adapter_runs_through_the_device_loop(
         loop.stop()
     (record,) = loop.store.get(job_id).images
     got = np.asarray(Image.open(io.BytesIO((storage.root / record.key).read_bytes())).convert("RGB"), dtype=int)
-    row = Row("a castle", seed=3, steps=3, ip_adapter=ImagePrompt("style", ref["ip/b"], 0.7))
+    # the worker reads every input at the job's size, as the API stores a job's (its encoder resizes it again)
+    at_job_size = inputs.pixels(data, mask=False, size=(64, 64))
+    row = Row("a castle", seed=3, steps=3, ip_adapter=ImagePrompt("style", at_job_size, 0.7))
     want = engine.generate([row], 64, 64).images[0].astype(int)
     assert np.abs(got - want).max() <= 1
     plain = engine.generate([Row("a castle", seed=3, steps=3)], 64, 64).images[0].astype(int)
