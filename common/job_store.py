@@ -294,7 +294,10 @@ class JobStore:
         )
         if pipe is not None:
             pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
-            answer, confirmed = pipe.execute()
+            try:
+                answer, confirmed = pipe.execute()
+            except redis.ResponseError as exc:
+                raise self._moved(exc) from exc
             if answer[0].decode() != "full":  # a refusal wrote nothing worth waiting for
                 self.durability.check(confirmed)
         kind, found = answer[0].decode(), answer[1].decode()
@@ -305,6 +308,18 @@ class JobStore:
         if answer[2].decode() != body_hash:
             raise IdempotencyConflict(found)
         return found, False
+
+    def _moved(self, exc: redis.ResponseError) -> Exception:
+        """A pipeline's error where the server it reached is a replica now (a failover moved the primary): WAIT
+        refuses to run on a replica and the script cannot write there. redis-py's sentinel connections turn a
+        plain READONLY answer into a reconnect, but not an error inside a pipeline, which would otherwise be a
+        500 on every submit that meets that pooled connection: the pool is dropped (the next call asks the
+        sentinels again) and the caller gets a ReadOnlyError, which REDIS_DOWN answers with a 503."""
+        text = str(exc)
+        if "replica" not in text and "READONLY" not in text:
+            return exc
+        self._r.connection_pool.disconnect()
+        return redis.ReadOnlyError(f"the primary moved during a submit: {text}")
 
     def create_bulk(
         self, job_id: str, request: JobRequest, tenant: str, output_key: str, dataset: dict[str, Any]

@@ -98,7 +98,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _order_for_workers(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadscope --no-loadscope-reorder`) each module's tests run
+    """Under pytest-xdist (scripts/test.sh: `-n 3 --dist loadscope --no-loadscope-reorder`) each module's tests run
     on one xdist worker, so a module's stack or engine (module-scoped) starts once, and modules go out in the
     order left here: the slow ones (which mostly wait: outages, kills) each beside one that compiles or starts
     stacks (CPU-bound), so that the two overlap; then the rest of those; then the fast ones, which fill the gaps

