@@ -35,15 +35,17 @@ def _secret() -> str:
 
 
 def _api_key(redis_url: str) -> str:
-    """The demo tenant's API key: made once and kept in var/ (mode 0600), as a user would keep theirs."""
+    """The demo tenant's API key: made once and kept in var/ (mode 0600), as a user would keep theirs. Made again
+    when this Redis does not know the kept one (another SDXL_REDIS_URL, or its data wiped): the submit would be
+    a 401."""
+    import redis
+
+    from common.api_keys import ApiKeyStore
+
+    store = ApiKeyStore(redis.Redis.from_url(redis_url), os.environ.get("SDXL_KEY_PREFIX", "sdxl"))
     path = VAR / "demo-api-key"
-    if not path.exists():
-        import redis
-
-        from common.api_keys import ApiKeyStore
-
-        prefix = os.environ.get("SDXL_KEY_PREFIX", "sdxl")
-        _, key = ApiKeyStore(redis.Redis.from_url(redis_url), prefix).create("demo", "scripts/run.sh")
+    if not path.exists() or store.verify(path.read_text().strip()) is None:
+        _, key = store.create("demo", "scripts/run.sh")
         path.write_text(key)
         path.chmod(0o600)
     return path.read_text().strip()
