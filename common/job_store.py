@@ -313,12 +313,14 @@ class JobStore:
         """A pipeline's error where the server it reached is a replica now (a failover moved the primary): WAIT
         refuses to run on a replica and the script cannot write there. redis-py's sentinel connections turn a
         plain READONLY answer into a reconnect, but not an error inside a pipeline, which would otherwise be a
-        500 on every submit that meets that pooled connection: the pool is dropped (the next call asks the
-        sentinels again) and the caller gets a ReadOnlyError, which REDIS_DOWN answers with a 503."""
+        500 on every submit that meets that pooled connection. The pool's idle connections are dropped (the next
+        call asks the sentinels again; those in use by other requests are left to fail on their own, as closing
+        them under a call is an OSError, a 500) and the caller gets a ReadOnlyError, which REDIS_DOWN answers
+        with a 503."""
         text = str(exc)
         if "replica" not in text and "READONLY" not in text:
             return exc
-        self._r.connection_pool.disconnect()
+        self._r.connection_pool.disconnect(inuse_connections=False)  # idle ones: others in use are mid-call
         return redis.ReadOnlyError(f"the primary moved during a submit: {text}")
 
     def create_bulk(
