@@ -653,6 +653,26 @@ def main() -> None:
     for t in threads[:-1]:
         t.join(timeout=60)
 
+    def where(job_id: str) -> dict[str, Any]:
+        """A job not ended, as Redis has it: its record's state and every set that names it."""
+        fields = {k.decode(): v.decode() for k, v in r.hgetall(keys.job(job_id)).items()}
+        if not fields:
+            return {"status": "lost"}
+        tenant, model = fields.get("tenant", ""), fields.get("model", "")
+        seen = {
+            name: r.zscore(key, job_id) is not None
+            for name, key in (
+                ("queued", keys.queued),
+                ("running", keys.running),
+                ("outbox", keys.outbox),
+                ("ready", keys.ready(model, tenant)),
+            )
+        }
+        seen["in_ring"] = tenant.encode() in r.lrange(keys.ready_tenants(model), 0, -1)
+        seen["held_by"] = [keys.held_worker(k) for k in r.scan_iter(match=keys.held("*")) if r.sismember(k, job_id)]
+        kept = ("status", "attempts", "generation", "model", "lane", "created_at", "started_at", "canceled_at")
+        return {**{k: fields[k] for k in kept if k in fields}, **seen}
+
     def final(ids: list[str]) -> tuple[collections.Counter[str], list[int]]:
         finals = [r.hget(keys.job(i), "status") for i in ids]
         attempts = [int(r.hget(keys.job(i), "attempts") or 0) for i in ids]
@@ -664,7 +684,7 @@ def main() -> None:
     for i in [i for i in ids if not jobs[i].status] + hostile_jobs:
         status = r.hget(keys.job(i), "status")
         if status is None or status.decode() not in ENDED:
-            not_ended[i] = status.decode() if status else "lost"
+            not_ended[i] = where(i)
     hostile_statuses, hostile_attempts = final(hostile_jobs)
     run_count: collections.Counter[str] = collections.Counter(j for jobs in runs.values() for j in jobs)
     over = [i for i, a in zip(ids + hostile_jobs, attempts + hostile_attempts, strict=True) if run_count[i] > a]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -20,8 +21,10 @@ from common.jobs import TRANSITIONS, ImageRecord, Job, JobRequest, JobStatus, Pr
 from common.keys import Keys
 from common.redis_connection import Durability
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 TURN_QUANTUM_ROWS = 1  # the credit a tenant's turn in the ring gives (_TAKE): a row, the smallest job's cost
+UNREPLICATED_PAUSE_S = 2.0  # after a WAIT that ran out, replicated writes do not wait this long (_replicated)
 OUTBOX_GRACE_S = 15.0  # an outbox entry older than this lost its sender: a worker's sweep sends the message
 
 _TRANSITION = """
@@ -239,6 +242,8 @@ class JobStore:
         self._r = client
         # how many replicas must hold a new job before `create` returns (SDXL_REDIS_WAIT_REPLICAS)
         self.durability = durability or Durability()
+        self.unreplicated = 0  # replicated writes not confirmed: a WAIT ran out, or was skipped (see _replicated)
+        self._wait_again_at = 0.0  # monotonic: replicated writes wait for the replicas again from then on
         self.keys = Keys(prefix)
         # the deployment's default model (the first of SDXL_MODELS): the ready sets of jobs that name no model
         self.default_model = default_model
@@ -308,6 +313,35 @@ class JobStore:
         if answer[2].decode() != body_hash:
             raise IdempotencyConflict(found)
         return found, False
+
+    def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """A script's answer once the durability's replicas hold what it wrote, as `create` does it (the script and
+        WAIT down one connection). A WAIT that runs out is counted (`unreplicated`) and logged, not raised: the
+        write stands on the primary and is not undone by a retry; only a failover in that moment loses it. After
+        one runs out, the next UNREPLICATED_PAUSE_S of writes do not wait: just after a failover the new primary
+        has no replica for a second or two, and each of a batch's writes would wait out the timeout in turn."""
+        if time.monotonic() < self._wait_again_at:
+            self.unreplicated += 1
+            return script(keys=keys, args=args)
+        pipe = self._r.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+        try:
+            answer, confirmed = pipe.execute()
+        except redis.ResponseError as exc:
+            raise self._moved(exc) from exc
+        if confirmed < self.durability.replicas:
+            self.unreplicated += 1
+            self._wait_again_at = time.monotonic() + UNREPLICATED_PAUSE_S
+            log.warning(
+                "%d of %d replicas confirmed a job's change within %d ms (SDXL_REDIS_WAIT_REPLICAS); the next %.0f s of"
+                " changes do not wait",
+                confirmed,
+                self.durability.replicas,
+                self.durability.timeout_ms,
+                UNREPLICATED_PAUSE_S,
+            )
+        return answer
 
     def _moved(self, exc: redis.ResponseError) -> Exception:
         """A pipeline's error where the server it reached is a replica now (a failover moved the primary): WAIT
@@ -437,10 +471,13 @@ class JobStore:
         allowed_from: Iterable[JobStatus] | None = None,
         tenant: str | None = None,
         model: str | None = None,
+        replicated: bool = False,
         **fields: Any,
     ) -> tuple[bool, JobStatus | None]:
         """Atomically move a job to `to` if its status is one of `allowed_from` (default: every status that
         may legally precede `to`). Returns (changed, status before the call; None if no such job).
+        `replicated`: return once the replicas the durability asks for hold the change, or its WAIT ran out
+        (then counted and logged, not raised: the change stands on the primary, and the caller goes on).
         `tenant`: the job's, when the caller knows it (the script is handed the tenant's queued set, so that
         every key it touches is named in KEYS); unknown, it is read first, one round trip more. `model`: the
         job's request's (None: the default; the script is handed its ready set): a wrong one costs a round trip
@@ -458,18 +495,20 @@ class JobStore:
             now = time.time()
             deadline = now + self.running_deadline_s
             ids = [tenant, ring, self.default_model]  # what KEYS[4..6] belong to, and the default model
-            answer = self._transition(
-                keys=[
-                    k.job(job_id),
-                    k.queued,
-                    k.running,
-                    k.tenant_queued(tenant),
-                    k.ready(ring, tenant),
-                    k.ready_tenants(ring),
-                    k.turn_credits(ring),
-                ],
-                args=[job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, *ids, *allowed],
-            ).decode()
+            keys = [
+                k.job(job_id),
+                k.queued,
+                k.running,
+                k.tenant_queued(tenant),
+                k.ready(ring, tenant),
+                k.ready_tenants(ring),
+                k.turn_credits(ring),
+            ]
+            args = [job_id, to.value, now, self.ttl_s, encoded, deadline, k.ended, *ids, *allowed]
+            if replicated and self.durability.replicas:
+                answer = self._replicated(self._transition, keys, args).decode()
+            else:
+                answer = self._transition(keys=keys, args=args).decode()
             if not answer.startswith("GUESS:"):
                 break
             tenant, ring = json.loads(answer.removeprefix("GUESS:"))
@@ -482,12 +521,14 @@ class JobStore:
         return False, JobStatus(answer)
 
     def succeed(self, job_id: str, images: list[ImageRecord], truncated: bool, tenant: str | None = None) -> bool:
-        """running -> succeeded with the images; False when the job is no longer running (canceled)."""
+        """running -> succeeded with the images; False when the job is no longer running (canceled). Replicated
+        (the durability's replicas hold it before the worker acknowledges the job's message)."""
         ok, _ = self.transition(
             job_id,
             JobStatus.succeeded,
             [JobStatus.running],
             tenant=tenant,
+            replicated=True,
             images=[i.model_dump() for i in images],
             truncated=truncated,
         )
@@ -501,7 +542,10 @@ class JobStore:
         tenant: str | None = None,
         model: str | None = None,
     ) -> bool:
-        ok, _ = self.transition(job_id, JobStatus.failed, allowed_from, tenant=tenant, model=model, error=error)
+        """-> failed with the error, replicated as `succeed` is."""
+        ok, _ = self.transition(
+            job_id, JobStatus.failed, allowed_from, tenant=tenant, model=model, replicated=True, error=error
+        )
         return ok
 
     # ------------------------------------------------------------------ reading
@@ -556,6 +600,19 @@ class JobStore:
         """Running jobs past their deadline (started + running_deadline_s)."""
         found = self._r.zrangebyscore(self.keys.running, "-inf", now or time.time(), start=0, num=limit)
         return [i.decode() for i in found]
+
+    def running_on(self, limit: int = 1000) -> dict[str, str]:
+        """The running jobs (up to `limit`, the earliest deadline first) and the worker each last started on, as
+        its record says ("" when it names none)."""
+        ids = [i.decode() for i in self._r.zrange(self.keys.running, 0, limit - 1)]
+        return dict(zip(ids, self.workers_of(ids), strict=True))
+
+    def workers_of(self, job_ids: list[str]) -> list[str]:
+        """The worker each job last started on ("" when its record names none, or is gone): one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "worker")
+        return [v.decode() if v else "" for v in pipe.execute()] if job_ids else []
 
     def forget_running(self, job_id: str) -> None:
         """Drop an id from the running set (its record has expired: the stuck-job sweep met it)."""

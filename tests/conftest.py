@@ -76,6 +76,7 @@ PATH_MARKS = [
     (r"^tests/common/test_redis_failover\.py", ("stack", "slow")),  # Valkey + sentinels; the primary SIGKILLed
     (r"^tests/worker/test_redis_outage\.py", ("stack", "slow")),  # 10 s and 60 s outages
     (r"^tests/worker/test_storage_outage\.py", ("slow",)),  # up to a 60 s outage
+    (r"^tests/worker/test_webhook_sender\.py", ("stack",)),  # Valkey, a stand-in worker and the sender
     (r"^tests/worker/test_shutdown\.py", ("slow",)),  # workers killed mid-batch, redelivery after timeouts
     (r"^tests/test_chaos\.py", ("stack", "slow")),  # bench/chaos.py: Redis killed under load
     (r"^tests/test_load\.py", ("stack", "slow")),  # 5,000 jobs

@@ -3,7 +3,8 @@
 A job asking for n images takes n rows and is never split across batches. Jobs are grouped by a key (the
 device loop's: size, guidance, refiner and model, worker/loop/batch.py); within a group they are packed
 first-fit, interactive jobs before data set lines (priority 0 before 1), each in arrival order. A group's batch
-is flushed when it is full, or when the group's oldest job has waited `timeout_s`.
+is flushed when it is full, when the group's oldest job has waited `timeout_s`, or when the group holds a job the
+batch could not take (more than a batch of work: it runs padded rather than wait for a filler).
 """
 
 from __future__ import annotations
@@ -67,24 +68,41 @@ class Batcher(Generic[K, P]):
             raise ValueError(f"a job takes 1..{self.batch_rows} rows, got {item.rows}")
         self.groups.setdefault(item.shape, []).append(item)
 
-    def take_due(self, now_s: float) -> list[Batch[K, P]]:
-        """Every batch that should run now: full ones, then those whose oldest job timed out."""
+    def take_due(self, now_s: float, limit: int | None = None) -> list[Batch[K, P]]:
+        """The batches that should run now, at most `limit` (None: every one), the group waiting longest first. A
+        group's batch (first-fit) is due when it is full, when its oldest job timed out, or when a job of the group
+        waits that it could not take: then the group holds more than a batch of work, and holding this one open
+        for a filler would keep every later job of the group waiting behind it (and undo the fair order in which
+        they were taken). The batch then runs padded."""
         due: list[Batch[K, P]] = []
-        for shape in list(self.groups):
-            items = self.groups[shape]
-            while items:
-                taken, rest = pack(items, self.batch_rows)
-                full = sum(i.rows for i in taken) == self.batch_rows
-                timed_out = now_s - items[0].arrived_s >= self.timeout_s
-                if not (full or timed_out):
-                    break
-                due.append(Batch(shape, taken, self.batch_rows))
-                items = rest
-            if items:
-                self.groups[shape] = items
+        for shape in sorted(self.groups, key=lambda s: self.groups[s][0].arrived_s):
+            room = None if limit is None else limit - len(due)
+            batches, rest = self._split(self.groups[shape], now_s, room)
+            due += [Batch(shape, taken, self.batch_rows) for taken in batches]
+            if rest:
+                self.groups[shape] = rest
             else:
                 del self.groups[shape]
         return due
+
+    def ready_batches(self) -> int:
+        """How many batches are due before any timeout (take_due's count, were no job ever to time out)."""
+        return sum(len(self._split(items, float("-inf"), None)[0]) for items in self.groups.values())
+
+    def _split(
+        self, items: list[Item[K, P]], now_s: float, limit: int | None
+    ) -> tuple[list[list[Item[K, P]]], list[Item[K, P]]]:
+        """A group's due batches (at most `limit`) and what stays waiting."""
+        batches: list[list[Item[K, P]]] = []
+        while items and (limit is None or len(batches) < limit):
+            taken, rest = pack(items, self.batch_rows)
+            full = sum(i.rows for i in taken) == self.batch_rows
+            timed_out = now_s - items[0].arrived_s >= self.timeout_s
+            if not (full or timed_out or rest):
+                break
+            batches.append(taken)
+            items = rest
+        return batches, items
 
     def next_deadline_s(self) -> float | None:
         """When the oldest waiting job times out, or None when nothing waits."""

@@ -2,6 +2,7 @@
 start and its shutdown.
 
     Celery thread ── submit(job_id) ──> inbox ──> [device thread] admission -> batcher -> running -> dispatch
+                                          ^ a slot come free         (a job taken only when a slot could start it)
                                                         │ (JAX dispatch is asynchronous)
                                                         v
                                [finisher thread] progress, fetch -> image writer (upload pool) -> recorder -> futures
@@ -13,6 +14,8 @@ message is acknowledged) only after the job's result is recorded.
 
 from __future__ import annotations
 
+import functools
+import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -28,6 +31,7 @@ from common.outage import REDIS_DOWN, Outage, supervised
 from common.settings import Settings
 from common.storage import Storage
 from common.worker_registry import WorkerRegistry
+from worker import sweeper
 from worker.loop.admission import Admission
 from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.engine_port import EnginePort, Engines
@@ -37,6 +41,7 @@ from worker.loop.presence import HEARTBEAT_S, Presence, fleet_sweep
 from worker.loop.recorder import Recorder
 from worker.loop.results import ImageWriter
 from worker.loop.retry import RedisRetry, StorageRetry
+from worker.loop.slots import Slots
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,22 @@ class LoopSettings:
             max_attempts=settings.max_attempts,
             preview_every_steps=settings.preview_every_steps,
         )
+
+
+def _sweeps(
+    store: JobStore,
+    workers: WorkerRegistry,
+    max_attempts: int,
+    enqueue: Callable[[Job], None] | None,
+    models: list[str],
+    waiting_messages: Callable[[str], int] | None,
+) -> tuple[Callable[[bool], None] | None, Callable[[str, list[str]], object] | None]:
+    """The fleet's sweep, and what this worker does with the held jobs it does not know of (worker/sweeper.py);
+    neither without a way to send messages."""
+    if enqueue is None:
+        return None, None
+    sweep = fleet_sweep(store, workers, max_attempts, enqueue, models, waiting_messages)
+    return sweep, functools.partial(sweeper.reissue_orphans, store, workers, enqueue)
 
 
 class DeviceLoop:
@@ -92,11 +113,8 @@ class DeviceLoop:
             settings.upload_backoff_max_s,
             Outage("uploads: storage"),  # one warning an outage, not one a retry
         )
-        sweep = None
-        if enqueue is not None:
-            models = list(served.by_name)
-            sweep = fleet_sweep(store, workers, settings.max_attempts, enqueue, models, waiting_messages)
-        self.presence = Presence(self.name, served, workers, batches, redis, settings.heartbeat_s, sweep)
+        sweep, reissue = _sweeps(store, workers, settings.max_attempts, enqueue, list(served.by_name), waiting_messages)
+        self.presence = Presence(self.name, served, workers, batches, redis, settings.heartbeat_s, sweep, reissue)
         writer = ImageWriter(storage, storage_retry)
         recorder = Recorder(store, redis, self.presence, writer, settings.max_attempts, notify)
         admission = Admission(
@@ -104,7 +122,8 @@ class DeviceLoop:
         )
         self._finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")  # records batches in order
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
-        in_flight = threading.Semaphore(MAX_IN_FLIGHT)
+        inbox: queue.Queue[Message | None] = queue.Queue()
+        in_flight = Slots(MAX_IN_FLIGHT, wake=lambda: inbox.put(None))  # a slot come free: take jobs again
         finisher = Finisher(store, redis, served, writer, recorder, self.presence, self._uploads, in_flight, self._stop)
         finisher.preview_every_steps = settings.preview_every_steps
         self.dispatcher = Dispatcher(
@@ -120,6 +139,7 @@ class DeviceLoop:
             settings.batch_timeout_s,
             self._stop,
             self._draining,
+            inbox,
         )
         # if the device thread dies, the process exits: never a silent worker
         self._thread = supervised(self.dispatcher.run, "device")

@@ -313,6 +313,7 @@ def main() -> None:
         settings.job_ttl_s,
         settings.running_deadline_s,
         default_model=settings.model_entries[0].name,
+        durability=redis_connection.Durability.of(settings),  # a job's take and start (worker/loop/dispatcher.py)
     )
     workers = WorkerRegistry(client, settings.key_prefix)
     # unique per process: the heartbeat, the held-jobs set and the job records name it (the pid tells two

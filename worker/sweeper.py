@@ -10,6 +10,9 @@
   went away in between): the sweep sends the message. So a job the API stored always runs.
 - stuck jobs (`sweep`): a job whose record says running long after any worker could still be on it (its
   worker hung) is requeued with a fresh message while it has attempts left, else failed with the reason.
+- jobs left behind by a failover: a job recorded running on a live worker that does not hold it
+  (`reissue_unheld`, in the sweep), and a job a live worker holds without knowing it (`reissue_orphans`, called
+  by that worker: worker/loop/presence.py reconcile) are sent again with the next generation.
 - stranded ready jobs (`wake_stranded`): an interactive job waits in its ready set for a wake-up message, and each
   message takes one job. A Redis failover can keep the one and lose the other: replication is asynchronous, so
   the new primary may have the message's removal from the queue but not the take that followed it (or kombu's
@@ -58,6 +61,20 @@ def sweep(store: JobStore, max_attempts: int, enqueue: Callable[[Job], None], no
     return done
 
 
+def _send_again(store: JobStore, job_ids: list[str], enqueue: Callable[[Job], None]) -> list[str]:
+    """Those of the jobs still queued or running, back to queued with the next generation and a new message;
+    returns their ids (one that moved on meanwhile is left)."""
+    sent: list[str] = []
+    for job in store.get_many(job_ids):
+        if job is None or job.status not in (JobStatus.queued, JobStatus.running):
+            continue
+        reissued = store.reissue(job)
+        if reissued is not None:
+            enqueue(reissued)
+            sent.append(job.id)
+    return sent
+
+
 def reissue_dead_workers(store: JobStore, workers: WorkerRegistry, enqueue: Callable[[Job], None]) -> list[str]:
     """Send again the jobs held by workers whose heartbeat has lapsed; returns their ids. The caller makes
     sure it has seen Redis for a heartbeat's life (after an outage every heartbeat lapses at once)."""
@@ -67,19 +84,54 @@ def reissue_dead_workers(store: JobStore, workers: WorkerRegistry, enqueue: Call
         if worker in live:
             continue
         held = workers.held(worker)  # may be empty: then it is only forgotten
-        sent: list[str] = []
-        for job in store.get_many(held):
-            if job is None or job.status not in (JobStatus.queued, JobStatus.running):
-                continue
-            reissued = store.reissue(job)
-            if reissued is not None:
-                enqueue(reissued)
-                sent.append(job.id)
+        sent = _send_again(store, held, enqueue)
         workers.drop_held(worker)
         if held:
             log.warning("worker %s is gone (no heartbeat): sent its %d held jobs again: %s", worker, len(sent), sent)
         again += sent
     return again
+
+
+def reissue_orphans(
+    store: JobStore, workers: WorkerRegistry, enqueue: Callable[[Job], None], worker: str, job_ids: list[str]
+) -> list[str]:
+    """Send again the jobs a live worker holds in Redis without knowing it (worker/loop/presence.py reconcile), and
+    let them go; returns the ids sent. Those no longer queued or running (ended) are only let go."""
+    sent = _send_again(store, job_ids, enqueue)
+    workers.release(worker, job_ids)
+    log.warning(
+        "worker %s held %d jobs it did not know of (a failover undid its writes): sent again %s",
+        worker,
+        len(job_ids),
+        sent,
+    )
+    return sent
+
+
+def reissue_unheld(store: JobStore, workers: WorkerRegistry, enqueue: Callable[[Job], None]) -> list[str]:
+    """Send again the jobs recorded running on a live worker that does not hold them; returns their ids. A worker
+    holds a job before it starts it and lets go only after its end is written, so a running job on a live worker
+    is always in that worker's held set, unless a failover mixed the two: a chaos run left a job `running` and held
+    by nobody, its worker long past it, for the stuck-job deadline (15 minutes) to find. Read in this order, a
+    job that ends meanwhile is not taken for one: the held sets after the running ones, then the record again."""
+    running = store.running_on()
+    live = workers.live_names()
+    on_live = {job_id: w for job_id, w in running.items() if w in live}
+    held = {w: set(workers.held(w)) for w in set(on_live.values())}
+    suspects = [job_id for job_id, w in on_live.items() if job_id not in held[w]]
+    sent: list[str] = []
+    for job, worker in zip(store.get_many(suspects), store.workers_of(suspects), strict=True):
+        if job is None or job.status != JobStatus.running or worker != on_live[job.id]:
+            continue  # ended, or started again elsewhere, meanwhile
+        again = store.reissue(job)
+        if again is not None:
+            enqueue(again)
+            sent.append(job.id)
+    if sent:
+        log.warning(
+            "jobs running on live workers that do not hold them (a failover undid a write): sent again %s", sent
+        )
+    return sent
 
 
 def wake_stranded(

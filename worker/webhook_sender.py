@@ -33,6 +33,7 @@ from worker import webhook
 
 log = logging.getLogger("worker.webhooks")
 PARENT_CHECK_S = 1.0  # how often the sender looks for its worker (gone: it stops too)
+STOP_GRACE_S = 5.0  # beyond a try's own deadline (SDXL_WEBHOOK_TIMEOUT_S), before a sender without worker exits
 
 app = make_celery(get_settings())
 _store: JobStore | None = None
@@ -53,12 +54,18 @@ def deliver_webhook(job_id: str, attempt: int = 1) -> bool:
     return False
 
 
-def _stop_with_parent(parent_pid: int) -> None:
-    """The worker that started this process is gone (even SIGKILLed): stop too, as Celery's warm shutdown."""
+def _stop_with_parent(parent_pid: int, grace_s: float) -> None:
+    """The worker that started this process is gone (even SIGKILLed): stop too, as Celery's warm shutdown, and
+    for good after `grace_s`. The warm shutdown waits for the tries under way, and a try waits out a Redis outage
+    (so that its result is recorded): with Redis gone for good as well, a sender outlived its worker by minutes."""
     while os.getppid() == parent_pid:
         time.sleep(PARENT_CHECK_S)
     log.warning("webhook sender: its worker (pid %d) is gone; stopping", parent_pid)
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    log.warning("webhook sender: still stopping %.0f s after its worker went; exiting now", grace_s)
+    logging.shutdown()
+    os._exit(1)  # unacknowledged tries come back after the visibility timeout
 
 
 def main() -> None:
@@ -75,7 +82,8 @@ def main() -> None:
     )
     # the worker's pid as it gave it: had the worker died before this line, os.getppid() would name another process
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
-    threading.Thread(target=_stop_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    grace_s = settings.webhook_timeout_s + STOP_GRACE_S
+    threading.Thread(target=_stop_with_parent, args=(parent, grace_s), name="parent-watch", daemon=True).start()
     app.conf.worker_hijack_root_logger = False
     app.worker_main(
         [

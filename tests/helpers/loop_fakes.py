@@ -52,6 +52,7 @@ class FakeStore:
         self.jobs = {job.id: job for job in jobs}
         self.calls: list[tuple[str, str]] = []  # (method, job id), in order
         self.progress: list[dict[str, Progress]] = []
+        self.ready: list[str] = []  # job ids in the order take() answers them
 
     def get(self, job_id: str) -> Job | None:
         self.calls.append(("get", job_id))
@@ -72,6 +73,7 @@ class FakeStore:
         allowed_from: Iterable[JobStatus] | None = None,
         tenant: str | None = None,
         model: str | None = None,
+        replicated: bool = False,  # the real store's WAIT: tests/common/test_job_store.py
         **fields: Any,
     ) -> tuple[bool, JobStatus | None]:
         self.calls.append((f"transition:{to.value}", job_id))
@@ -104,9 +106,10 @@ class FakeStore:
         return ok
 
     def take(self, worker: str, model: str | None = None) -> str | None:
-        """Nothing ready (the real store's fair take is tested in tests/common/test_job_store.py): noted only."""
+        """The first of `ready`, the test's fair order (the real store's fair take is tested in
+        tests/common/test_job_store.py); None when it is empty. Noted."""
         self.calls.append(("take", str(model)))
-        return None
+        return self.ready.pop(0) if self.ready else None
 
     def give_back(self, job: Job) -> bool:
         """Ready again (the real store's ready set is tested in tests/common/test_job_store.py): noted only."""
@@ -122,7 +125,7 @@ class FakeStore:
 
 class FakeRegistry:
     def __init__(self) -> None:
-        self.held: dict[str, set[str]] = {}
+        self.held_sets: dict[str, set[str]] = {}  # worker -> the jobs it holds
         self.beats: list[tuple[WorkerStatus, float]] = []
         self.sweeps_taken: list[tuple[str, int]] = []
         self.sweep_free = True
@@ -130,12 +133,15 @@ class FakeRegistry:
         self.released: list[list[str]] = []
 
     def hold(self, worker: str, job_id: str) -> None:
-        self.held.setdefault(worker, set()).add(job_id)
+        self.held_sets.setdefault(worker, set()).add(job_id)
+
+    def held(self, worker: str) -> list[str]:
+        return sorted(self.held_sets.get(worker, set()))
 
     def release(self, worker: str, job_ids: Iterable[str]) -> None:
         job_ids = list(job_ids)
         self.released.append(job_ids)
-        self.held.get(worker, set()).difference_update(job_ids)
+        self.held_sets.get(worker, set()).difference_update(job_ids)
 
     def beat(self, status: WorkerStatus, ttl_s: float) -> None:
         if self.down:
@@ -147,7 +153,7 @@ class FakeRegistry:
         return self.sweep_free
 
     def forget(self, name: str) -> None:
-        self.held.pop(name, None)
+        self.held_sets.pop(name, None)
 
 
 @dataclass

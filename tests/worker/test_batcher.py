@@ -70,3 +70,32 @@ def test_interactive_jobs_are_packed_before_bulk_lines():
     assert [i.job_id for i in first.items] == ["urgent", "bulk0", "bulk1"]  # then bulk lines fill it, oldest first
     assert [i.job_id for i in second.items] == ["bulk2", "bulk3", "bulk4", "bulk5"]
     assert [i.job_id for i in b.drain()] == ["bulk6"]
+
+
+def test_a_batch_that_cannot_take_the_next_job_runs_padded_at_once():
+    """More than a batch of work waits: holding the first batch open for a filler would hold every job behind it."""
+    b = Batcher(batch_rows=4, timeout_s=10)
+    b.add(item("small", 1, t=0.0))
+    b.add(item("big", 4, t=0.1))
+    b.add(item("small2", 1, t=0.2))
+    assert b.ready_batches() == 2
+    first, second = b.take_due(now_s=0.3)
+    assert [i.job_id for i in first.items] == ["small", "small2"] and first.padding == 2
+    assert [i.job_id for i in second.items] == ["big"] and b.waiting_rows == 0
+
+
+def test_take_due_starts_at_most_its_limit_the_longest_waiting_group_first():
+    b = Batcher(batch_rows=4, timeout_s=10)
+    b.add(item("late", 4, t=1.0, shape=(64, 96)))
+    b.add(item("early", 4, t=0.0))
+    b.add(item("early2", 4, t=0.5))
+    assert b.ready_batches() == 3 and b.take_due(now_s=2.0, limit=0) == []
+    (batch,) = b.take_due(now_s=2.0, limit=1)
+    assert [i.job_id for i in batch.items] == ["early"]
+    assert [[i.job_id for i in x.items] for x in b.take_due(now_s=2.0, limit=2)] == [["early2"], ["late"]]
+
+
+def test_a_short_batch_alone_is_not_ready_before_its_timeout():
+    b = Batcher(batch_rows=4, timeout_s=10)
+    b.add(item("a", 3))
+    assert b.ready_batches() == 0 and b.take_due(now_s=1.0) == []

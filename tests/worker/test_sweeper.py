@@ -114,3 +114,40 @@ def test_a_ready_job_no_message_will_take_is_woken_once_its_queue_is_empty(store
     assert wake(waiting=0, now=later) == [stranded] and woken == [stranded]
     store.transition(stranded, JobStatus.canceled, [JobStatus.queued], tenant="a")
     assert wake(waiting=0, now=later) == []  # no longer ready
+
+
+def test_a_live_workers_orphans_are_sent_again_and_let_go(store, redis_url, key_prefix):
+    """worker/loop/presence.py reconcile finds them; here what is done with them, on a real Redis."""
+    from worker.sweeper import reissue_orphans
+
+    workers = WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix)
+    undone = started(store)  # back `running` after a failover lost its end
+    ended = started(store)
+    store.transition(ended, JobStatus.succeeded)
+    for job_id in (undone, ended):
+        workers.hold("w1", job_id)
+    sent = []
+    assert reissue_orphans(store, workers, sent.append, "w1", [undone, ended]) == [undone]
+    assert [j.id for j in sent] == [undone] and sent[0].generation == 1
+    assert store.status(undone) == JobStatus.queued and store.status(ended) == JobStatus.succeeded
+    assert workers.held("w1") == []
+
+
+def test_a_job_running_on_a_live_worker_that_does_not_hold_it_is_sent_again(store, redis_url, key_prefix):
+    """A failover that mixed a worker's writes left a job `running` on a live worker, held by nobody: sent again at
+    the next sweep, not 15 minutes later at its running deadline. A held one, and one on a dead worker (the
+    dead-worker sweep's), are left alone."""
+    from worker.sweeper import reissue_unheld
+
+    workers = WorkerRegistry(redis.Redis.from_url(redis_url), key_prefix)
+    workers.beat(WorkerStatus("live", "tiny", [], 1, 1, started_at=0, at=0), ttl_s=15)
+    held, unheld, on_dead = (store.create(JobRequest(prompt=p, seed=1))[0] for p in ("held", "unheld", "dead"))
+    for job_id, worker in ((held, "live"), (unheld, "live"), (on_dead, "dead")):
+        workers.hold(worker, job_id)
+        store.transition(job_id, JobStatus.running, worker=worker)
+    workers.release("live", [unheld])  # its end lost, its release kept
+    sent = []
+    assert reissue_unheld(store, workers, sent.append) == [unheld]
+    assert [(j.id, j.generation) for j in sent] == [(unheld, 1)] and store.status(unheld) == JobStatus.queued
+    assert store.status(held) == JobStatus.running and store.status(on_dead) == JobStatus.running
+    assert reissue_unheld(store, workers, sent.append) == []

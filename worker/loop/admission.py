@@ -101,6 +101,7 @@ class Admission:
             if job_id is None:
                 future.set_result(JobOutcome.idle)  # its job was taken by an earlier wake-up, or canceled
                 return None
+            self.presence.took(job_id)
         else:
             self.presence.hold(job_id)
         job = self.redis(self.store.get, job_id)

@@ -2,10 +2,18 @@
 batcher; each due batch's jobs move queued -> running, and the batch is dispatched on its model's engine (JAX
 dispatch is asynchronous) and handed to the finisher, with at most MAX_IN_FLIGHT batches dispatched and not yet
 recorded. The device thread also writes the heartbeat and runs the sweep (presence.py), between batches and
-while it waits for a free slot, so that a busy worker never looks dead."""
+while it waits for a free slot, so that a busy worker never looks dead.
+
+A job is taken from the fair queue (admitted) only when a free slot could start it: messages wait in `waiting`,
+unadmitted, while the batcher already holds a full batch for every free slot. A wake-up names no job, and the job
+it is answered with is picked at admission, in fair order; a job picked early waits in this worker behind batches
+already formed, where a tenant arriving later cannot pass it and another worker cannot take it. Taking every
+message as it came, a busy worker held three batches (one running, one queued, one formed waiting for a slot), and
+an honest tenant's next job waited behind all three under a flood from another tenant (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +35,7 @@ from worker.loop.outcome import JobOutcome
 from worker.loop.presence import Presence
 from worker.loop.recorder import Recorder
 from worker.loop.retry import RedisRetry
+from worker.loop.slots import Slots
 
 log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2  # batches dispatched but not yet recorded: one running, one queued behind it
@@ -52,10 +61,11 @@ class Dispatcher:
         presence: Presence,
         finisher: Finisher,
         hand_off: Callable[[Started], object],
-        in_flight: threading.Semaphore,
+        in_flight: Slots,
         batch_timeout_s: float,
         stop: threading.Event,
         draining: threading.Event,
+        inbox: queue.Queue[Message | None] | None = None,
     ):
         self.engines = engines
         self.store = store
@@ -69,7 +79,9 @@ class Dispatcher:
         self.stop = stop
         self.draining = draining  # SIGTERM: what has not reached the device goes back to the queue
         self.batcher = Batcher[BatchKey, Admitted](engines.default.batch_rows, batch_timeout_s)
-        self.inbox: queue.Queue[Message | None] = queue.Queue()  # None: wake up (to stop, or to drain)
+        # None: wake up (to stop, to drain, or a slot came free)
+        self.inbox: queue.Queue[Message | None] = queue.Queue() if inbox is None else inbox
+        self.waiting: collections.deque[Message] = collections.deque()  # arrived, not yet admitted
 
     def run(self) -> None:
         """The device thread, until the loop stops."""
@@ -77,7 +89,9 @@ class Dispatcher:
         next_beat = time.monotonic() + heartbeat_s
         while not self.stop.is_set():
             deadline = self.batcher.next_deadline_s()
-            wait_s = heartbeat_s if deadline is None else max(0.0, deadline - time.monotonic())
+            # no slot free: nothing can start before one comes free, which wakes this thread (a None in the inbox)
+            idle = deadline is None or self.in_flight.free == 0
+            wait_s = heartbeat_s if idle else max(0.0, deadline - time.monotonic())
             self.take_messages(min(wait_s, heartbeat_s))
             if self.draining.is_set():
                 self.recorder.give_back(item.payload for item in self.batcher.drain())
@@ -85,18 +99,28 @@ class Dispatcher:
             self.start_due(time.monotonic())
             if time.monotonic() >= next_beat:
                 if self.presence.beat():
+                    self.presence.reconcile()
                     self.presence.sweep()
                 next_beat = time.monotonic() + heartbeat_s
 
     def take_messages(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for a message, then take everything that has arrived, so a burst fills one batch."""
+        """Wait up to timeout_s for a message (or a wake-up), then take everything that has arrived, so a burst
+        fills one batch; admit as many as the free slots could start."""
         try:
             message = self.inbox.get(timeout=timeout_s)
-            while message is not None:
-                self._admit(message)
+            while True:
+                if message is not None:
+                    self.waiting.append(message)
                 message = self.inbox.get_nowait()
         except queue.Empty:
             pass
+        while self.waiting and self._room():
+            self._admit(self.waiting.popleft())
+
+    def _room(self) -> bool:
+        """Whether another job may be taken: fewer full batches wait than slots are free (draining: every message
+        is answered at once)."""
+        return self.draining.is_set() or self.batcher.ready_batches() < self.in_flight.free
 
     def _admit(self, message: Message) -> None:
         if self.draining.is_set():  # not held yet: nothing to release
@@ -107,7 +131,8 @@ class Dispatcher:
             self.batcher.add(admitted.item(time.monotonic()))
 
     def start_due(self, now_s: float) -> None:
-        for batch in self.batcher.take_due(now_s):
+        """Start the due batches a free slot can take; the others wait in the batcher, their jobs still queued."""
+        for batch in self.batcher.take_due(now_s, limit=self.in_flight.free):
             self.start(batch)
 
     def start(self, batch: LoopBatch) -> None:
@@ -136,7 +161,9 @@ class Dispatcher:
 
     def _to_running(self, admitted: Admitted) -> bool:
         """queued -> running; a redelivered job (running after a worker died) keeps running here. False: it
-        ended before it ran (canceled), and its message is answered: it never runs."""
+        ended before it ran (canceled), and its message is answered: it never runs. Replicated (with
+        SDXL_REDIS_WAIT_REPLICAS): a failover that lost this change, and the take before it, left the job ready
+        with its attempts uncounted, and another worker ran it again (20 of 10,077 jobs in a chaos run)."""
         job = admitted.job
         ok, before = self.redis(
             self.store.transition,
@@ -145,6 +172,7 @@ class Dispatcher:
             [JobStatus.queued, JobStatus.running],
             tenant=job.tenant,
             model=job.request.model,
+            replicated=True,
             worker=self.presence.name,
         )
         if ok:

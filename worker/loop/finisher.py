@@ -25,6 +25,7 @@ from worker.loop.presence import Presence
 from worker.loop.recorder import NON_FINITE, Recorder, engine_error
 from worker.loop.results import ImageWriter
 from worker.loop.retry import RedisRetry
+from worker.loop.slots import Slots
 
 log = logging.getLogger(__name__)
 # A batch's progress is written at most this often (and at its last step): a small model's steps take
@@ -92,7 +93,7 @@ class Finisher:
         recorder: Recorder,
         presence: Presence,
         uploads: Executor,
-        in_flight: threading.Semaphore,
+        in_flight: Slots,
         stop: threading.Event,
         preview_every_steps: int = PREVIEW_EVERY_STEPS,
     ):

@@ -78,6 +78,7 @@ class Presence:
         redis: RedisRetry,
         heartbeat_s: float = HEARTBEAT_S,
         sweep: Callable[[bool], None] | None = None,
+        reissue: Callable[[str, list[str]], object] | None = None,
     ):
         self.name = name
         self.engines = engines
@@ -87,6 +88,12 @@ class Presence:
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = DEAD_AFTER_PERIODS * heartbeat_s  # the heartbeat key's life
         self._sweep = sweep  # sweep(dead_workers_too); None: this worker never sweeps
+        self._reissue = reissue  # reissue(worker, job ids): orphans sent again (worker/sweeper.py); None: left
+        # The jobs this worker has taken and not yet answered, as it knows them: what its held set in Redis should
+        # be. Added before (hold) or as (took) Redis holds them, removed after Redis lets them go.
+        self._holding: set[str] = set()
+        self._holding_lock = threading.Lock()  # the device thread adds, the finisher's thread removes
+        self._suspects: set[str] = set()  # held in Redis but not here at the last look
         self.started_at = time.time()
         self.counters = WorkerCounters()  # sent with every heartbeat (common/worker_status.py, /metrics)
         self._counting = threading.Lock()  # the finisher and the device thread both add to them
@@ -98,11 +105,46 @@ class Presence:
 
     def hold(self, job_id: str) -> None:
         """Noted before the job is read: should this worker die now, the sweep finds it."""
+        self.took(job_id)
         self.redis(self.workers.hold, self.name, job_id)
+
+    def took(self, job_id: str) -> None:
+        """A job the store's take put in this worker's held set (or hold is about to)."""
+        with self._holding_lock:
+            self._holding.add(job_id)
 
     def release(self, job_ids: Iterable[str]) -> None:
         """Their messages are answered (or given back)."""
-        self.redis(self.workers.release, self.name, list(job_ids))
+        job_ids = list(job_ids)
+        self.redis(self.workers.release, self.name, job_ids)
+        with self._holding_lock:
+            self._holding.difference_update(job_ids)
+
+    def reconcile(self) -> list[str]:
+        """Jobs in this worker's held set that it does not know it holds, at two looks in a row (a heartbeat
+        apart: one look may read the set just before a release), are sent again; returns their ids. A failover
+        can undo a worker's last writes: a job recorded `succeeded` and released came back `running` and held,
+        or a job taken twice by a retried take came back held; the worker had moved on, and nothing but the
+        running deadline (15 minutes) would have moved the job (a chaos run found ten so)."""
+        if self._reissue is None:
+            return []
+        try:
+            in_redis = set(self.workers.held(self.name))
+        except REDIS_DOWN as exc:
+            self.redis.outage.failed(exc)
+            return []
+        with self._holding_lock:
+            unknown = in_redis - self._holding
+        orphans = sorted(unknown & self._suspects)
+        self._suspects = unknown - set(orphans)
+        if orphans:
+            try:
+                self._reissue(self.name, orphans)
+            except REDIS_DOWN as exc:
+                self.redis.outage.failed(exc)
+                self._suspects |= set(orphans)  # looked at again at the next beat
+                return []
+        return orphans
 
     def forget(self) -> None:
         """A clean exit: nothing is held, and /readyz need not wait for the heartbeat to lapse."""
@@ -184,6 +226,7 @@ def fleet_sweep(
         sweeper.sweep(store, max_attempts, enqueue)
         if dead_workers_too:
             sweeper.reissue_dead_workers(store, workers, enqueue)
+            sweeper.reissue_unheld(store, workers, enqueue)
         sweeper.relay_outbox(store, enqueue)
         if waiting_messages is not None:
             sweeper.wake_stranded(store, models, waiting_messages, enqueue)

@@ -77,7 +77,7 @@ def test_an_admitted_job_is_held_and_carries_its_input_images_as_pixels(tmp_path
     assert admitted is not None and admitted.job == job and admitted.future is future and not future.done()
     assert admitted.pixels.image is not None and admitted.pixels.mask is not None
     assert (admitted.pixels.image == picture).all() and admitted.pixels.mask.shape == (64, 64)
-    assert r.registry.held["w1"] == {job.id}
+    assert r.registry.held_sets["w1"] == {job.id}
     assert r.store.calls == [("get", job.id)]  # no status change: that is the dispatcher's, when its batch starts
 
 
@@ -99,7 +99,7 @@ def test_a_refused_message_is_released_and_answered(tmp_path: Path):
     r = rig(tmp_path, job)
     future: Future = Future()
     assert admission(r, r.storage, []).admit(job.id, None, future) is None
-    assert future.result() is JobOutcome.canceled and r.registry.held["w1"] == set()
+    assert future.result() is JobOutcome.canceled and r.registry.held_sets["w1"] == set()
 
 
 def test_out_of_attempts_the_job_fails_and_is_notified(tmp_path: Path):
@@ -147,7 +147,7 @@ def test_storage_away_beyond_the_backoff_gives_the_job_back(tmp_path: Path):
     future: Future = Future()
     assert admission(r, storage, sleeps).admit(job.id, None, future) is None
     assert future.result() is JobOutcome.requeue and sleeps == [0.5]
-    assert r.store.jobs[job.id].status is JobStatus.queued and r.registry.held["w1"] == set()
+    assert r.store.jobs[job.id].status is JobStatus.queued and r.registry.held_sets["w1"] == set()
     assert ("give_back", job.id) in r.store.calls  # ready again for any worker to take
 
 
@@ -189,7 +189,7 @@ def test_a_data_set_job_for_a_model_not_held_here_is_sent_on_to_its_models_queue
     made.reroute = lambda j: sent.append(j.request.model)
     future: Future = Future()
     assert made.admit(job.id, None, future) is None
-    assert future.result() is JobOutcome.rerouted and sent == ["turbo"] and r.registry.held["w1"] == set()
+    assert future.result() is JobOutcome.rerouted and sent == ["turbo"] and r.registry.held_sets["w1"] == set()
     assert not JobOutcome.rerouted.requeues  # its message is acknowledged: no hand-back loop
 
     def broker_away(j):

@@ -2,6 +2,7 @@
 to running and dispatched, jobs ended before their batch, a dispatch that raises, the drain at shutdown; against
 an in-memory fake store and registry (tests/helpers/loop_fakes.py, which record every call) and the stand-in."""
 
+import queue
 import threading
 from concurrent.futures import Future
 
@@ -13,6 +14,7 @@ from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.finisher import Finisher, Started
 from worker.loop.outcome import JobOutcome
 from worker.loop.retry import StorageRetry
+from worker.loop.slots import Slots
 
 TIMEOUT_S = 0.5
 
@@ -22,7 +24,8 @@ class Parts:
         self.r = r = rig(tmp_path, *jobs)
         retry = StorageRetry(1, 0.5, 8.0, Outage("test: storage"), lambda _: None)
         admission = Admission(r.store, redis_retry(), r.presence, r.recorder, r.engines, r.storage, retry, 3)
-        self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
+        inbox: queue.Queue = queue.Queue()
+        self.in_flight = Slots(MAX_IN_FLIGHT, wake=lambda: inbox.put(None))
         self.stop, self.draining = threading.Event(), threading.Event()
         finisher = Finisher(
             r.store,
@@ -49,15 +52,20 @@ class Parts:
             TIMEOUT_S,
             self.stop,
             self.draining,
+            inbox,
         )
 
-    def send(self, *job_ids: str) -> list[Future]:
+    def send(self, *job_ids: str | None) -> list[Future]:
+        """Messages naming these jobs (None: a wake-up, answered by the store's next ready job), then taken."""
         futures = []
         for job_id in job_ids:
             futures.append(Future())
             self.dispatcher.inbox.put(Message(job_id, None, futures[-1]))
         self.dispatcher.take_messages(0.0)
         return futures
+
+    def started(self) -> list[list[str]]:
+        return [[a.id for a in s.running] for s in self.handed]
 
 
 def test_a_due_batch_moves_its_jobs_to_running_and_goes_to_the_finisher(tmp_path):
@@ -114,7 +122,41 @@ def test_draining_answers_new_messages_and_gives_back_the_waiting(tmp_path):
     (waiting,) = parts.send("job-waiting")
     parts.draining.set()
     (late,) = parts.send("job-late")
-    assert late.result() is JobOutcome.requeue and "job-late" not in parts.r.registry.held.get("w1", set())
+    assert late.result() is JobOutcome.requeue and "job-late" not in parts.r.registry.held_sets.get("w1", set())
     parts.dispatcher.recorder.give_back(item.payload for item in parts.dispatcher.batcher.drain())
-    assert waiting.result() is JobOutcome.requeue and parts.r.registry.held["w1"] == set()
+    assert waiting.result() is JobOutcome.requeue and parts.r.registry.held_sets["w1"] == set()
     assert {j.status for j in parts.r.store.jobs.values()} == {JobStatus.queued}
+
+
+def test_no_job_is_taken_while_each_free_slot_has_a_batch_waiting(tmp_path):
+    parts = Parts(tmp_path, *(make_job(name, n=4) for name in "abc"))
+    assert parts.in_flight.acquire(blocking=False)  # a batch in flight: one slot free
+    parts.send("job-a", "job-b", "job-c")
+    assert parts.r.registry.held_sets["w1"] == {"job-a"} and len(parts.dispatcher.waiting) == 2  # b, c not even held
+    parts.dispatcher.start_due(0.0)
+    assert parts.started() == [["job-a"]] and parts.in_flight.free == 0
+    parts.dispatcher.take_messages(0.0)
+    assert parts.r.registry.held_sets["w1"] == {"job-a"}  # no slot free: nothing taken
+    parts.in_flight.release()  # a batch ended: the slot's wake-up is in the inbox
+    parts.dispatcher.take_messages(0.0)
+    assert parts.r.registry.held_sets["w1"] == {"job-a", "job-b"} and len(parts.dispatcher.waiting) == 1
+
+
+def test_a_tenant_ready_after_a_flood_was_taken_from_goes_into_the_next_batch(tmp_path):
+    """Wake-ups name no job: the job is picked when taken. The flood's jobs are taken only as slots come free, so
+    a job that becomes ready meanwhile, first in the fair order, runs in the next batch rather than after every
+    wake-up already delivered (the store's fair order itself: tests/common/test_job_store.py)."""
+    flood = [make_job(f"flood {i}", n=4) for i in range(4)]
+    parts = Parts(tmp_path, *flood, make_job("honest"))
+    parts.r.store.ready = [j.id for j in flood]
+    assert parts.in_flight.acquire(blocking=False)  # a batch in flight: one slot free
+    parts.send(None, None, None, None, None)
+    parts.dispatcher.start_due(0.0)
+    assert parts.started() == [["job-flood-0"]]
+    parts.r.store.ready.insert(0, "job-honest")  # its tenant's turn comes first
+    parts.in_flight.release()  # the batch in flight ended
+    parts.dispatcher.take_messages(0.0)
+    parts.dispatcher.start_due(0.0)  # not a timeout: a job waits that the honest one's batch cannot take
+    assert parts.started() == [["job-flood-0"], ["job-honest"]]
+    assert parts.r.store.jobs["job-flood-1"].status is JobStatus.queued  # taken, waiting for a slot
+    assert parts.r.store.ready == ["job-flood-2", "job-flood-3"]

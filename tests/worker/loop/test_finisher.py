@@ -17,12 +17,14 @@ from worker.engine.standin import StandInEngine
 from worker.loop import preview
 from worker.loop.batch import Admitted, BatchKey
 from worker.loop.finisher import Finisher, ProgressThrottle, Started, per_job, progress_report
+from worker.loop.slots import Slots
 
 KEY = BatchKey(64, 64, True, False, "")
 
 
-def finisher(r) -> tuple[Finisher, threading.Semaphore]:
-    in_flight = threading.Semaphore(0)  # the slot this batch holds, given back when it ends
+def finisher(r) -> tuple[Finisher, Slots]:
+    in_flight = Slots(1)
+    assert in_flight.acquire(blocking=False)  # the slot this batch holds, given back when it ends
     f = Finisher(
         r.store,
         redis_retry(),

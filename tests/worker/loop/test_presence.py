@@ -59,7 +59,7 @@ def test_held_jobs_are_noted_and_released():
     p.hold("j1")
     p.hold("j2")
     p.release(["j1"])
-    assert registry.held == {"w1": {"j2"}}
+    assert registry.held_sets == {"w1": {"j2"}}
 
 
 def test_a_worker_that_does_not_sweep_never_takes_the_lock():
@@ -84,3 +84,31 @@ def test_one_sweep_per_period_and_dead_workers_only_once_the_fleet_has_been_seen
     registry.down = False
     assert p.beat() and not p.redis.outage.down
     assert not p.sees_the_fleet(time.monotonic()) and p.sees_the_fleet(time.monotonic() + 0.6)
+
+
+def test_a_job_held_in_redis_that_the_worker_does_not_know_is_sent_again_at_the_second_look():
+    """A failover can undo a worker's last writes (a job's end and its release): the job is back `running` and held
+    by a live worker that has moved on. Held jobs the worker knows of are left alone; one it does not know of is
+    sent again once it is still unknown a heartbeat later (one look may read the set just before a release)."""
+    registry, sent = FakeRegistry(), []
+    p = Presence(
+        "w1", ENGINES, registry, FakeBatchLog(), redis_retry(), 5.0, None, lambda w, ids: sent.append((w, ids))
+    )  # type: ignore[arg-type]
+    p.hold("known")  # a named message's job
+    p.took("taken")  # a wake-up's job, held by the take's script
+    registry.hold("w1", "taken")
+    registry.hold("w1", "undone")  # its end and release were lost: the worker answered it long ago
+    assert p.reconcile() == [] and sent == []  # first look: a suspect only
+    p.release(["known"])
+    assert p.reconcile() == ["undone"] and sent == [("w1", ["undone"])]
+    registry.release("w1", ["undone"])  # what the reissue does
+    assert p.reconcile() == [] and registry.held("w1") == ["taken"]
+
+
+def test_a_job_released_between_two_looks_is_not_sent_again():
+    registry, sent = FakeRegistry(), []
+    p = Presence("w1", ENGINES, registry, FakeBatchLog(), redis_retry(), 5.0, None, lambda w, ids: sent.append(ids))  # type: ignore[arg-type]
+    registry.hold("w1", "racing")  # read by the first look while its release is under way
+    assert p.reconcile() == []
+    registry.release("w1", ["racing"])
+    assert p.reconcile() == [] and sent == []

@@ -80,7 +80,7 @@ def test_resolve_answers_every_future_from_the_verdicts_or_the_store_and_counts_
         r.registry.hold("w1", a.id)
     r.recorder.resolve(batch, {back.id: JobOutcome.requeue})
     assert [a.future.result() for a in batch] == ["succeeded", "failed", "requeue", "canceled"]
-    assert r.registry.held["w1"] == set()
+    assert r.registry.held_sets["w1"] == set()
     assert r.presence.counters.jobs == {"succeeded": 1, "failed": 1, "canceled": 0, "requeued": 1}
     assert r.notified == [ok.id, bad.id]  # ended jobs with a webhook, this run's
 
@@ -92,7 +92,7 @@ def test_a_job_that_must_never_run_fails_from_queued_and_is_answered_and_notifie
     r.registry.hold("w1", job.id)
     r.recorder.fail_unrun(job, future, "input image 'inputs/x.png' is no longer in storage")
     assert r.store.jobs[job.id].status is JobStatus.failed and future.result() is JobOutcome.failed
-    assert r.registry.held["w1"] == set() and r.notified == [job.id]
+    assert r.registry.held_sets["w1"] == set() and r.notified == [job.id]
 
 
 def test_refused_and_given_back_jobs_are_released_and_answered_without_a_store_write(tmp_path):
