@@ -1,5 +1,6 @@
-"""What SDXL_REDIS_WAIT_REPLICAS costs a submit: the job store's create (the submit's one Redis round trip) with
-no WAIT, with WAIT 1 and with WAIT 2, side by side, on Valkey with two replicas on this machine.
+"""What SDXL_REDIS_WAIT_REPLICAS costs a submit and a worker: the job store's create (the submit's one Redis round
+trip) and a job's start (the worker's queued -> running) with no WAIT, with WAIT 1 and with WAIT 2, side by side,
+on Valkey with two replicas on this machine.
 
     python bench/redis_wait.py --submits 2000 --rounds 3 --json bench/results/redis-wait-cpu.json
 
@@ -10,8 +11,10 @@ threads (the store's throughput), once per setting, in turn, each setting with a
 JobStore.create as the API calls it: the submit's Lua script, and with WAIT N the script and `WAIT N timeout` in
 one pipeline (one round trip; the answer waits for N replicas' acknowledgement). Reported: per setting, the median
 (p10, p90) latency of one create over every submit of every round, the throughput's median over rounds, and each
-WAIT setting's ratio to no WAIT. The replicas are on this host: a replica in another zone adds its network round
-trip (typically 0.5-2 ms) to every WAIT figure.
+WAIT setting's ratio to no WAIT. Then each job created on one thread is started, one after another, as the worker's
+dispatcher does it (`transition(..., replicated=True)`: the transition's script and WAIT in one pipeline; the job's
+end is the same call): the median added per start. The replicas are on this host: a replica in another zone adds
+its network round trip (typically 0.5-2 ms) to every WAIT figure.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
 from common.job_store import JobStore
-from common.jobs import JobRequest
+from common.jobs import JobRequest, JobStatus
 from common.redis_connection import Durability
 from tests.helpers.sentinel import SentinelGroup
 
@@ -46,6 +49,7 @@ def main() -> None:
     group = SentinelGroup(Path(tempfile.mkdtemp(prefix="bench-redis-wait-")), replicas=2)
     request = JobRequest(prompt="a lighthouse at dusk", width=1024, height=1024)
     latency: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    starts: dict[str, list[float]] = {name: [] for name in SETTINGS}
     throughput: dict[str, list[float]] = {name: [] for name in SETTINGS}
     try:
         group.wait_watching()
@@ -53,10 +57,17 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, replicas in SETTINGS.items():
                 store = JobStore(client, f"b{uuid.uuid4().hex[:8]}", 600, durability=Durability(replicas, TIMEOUT_MS))
+                ids = []
                 for _ in range(args.submits):
                     t0 = time.perf_counter()
-                    store.create(request, tenant="bench")  # NotReplicated, and the run stops, if a replica lags
+                    ids.append(store.create(request, tenant="bench")[0])  # NotReplicated stops the run: a lag
                     latency[name].append(time.perf_counter() - t0)
+                for job_id in ids:
+                    t0 = time.perf_counter()
+                    store.transition(job_id, JobStatus.running, tenant="bench", replicated=True, worker="bench")
+                    starts[name].append(time.perf_counter() - t0)
+                if store.unreplicated:
+                    raise SystemExit(f"{name}: {store.unreplicated} starts were not confirmed (a replica lagged)")
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(args.threads) as pool:
                     list(pool.map(lambda _, s=store: s.create(request, tenant="bench"), range(args.submits)))
@@ -68,9 +79,11 @@ def main() -> None:
                     flush=True,
                 )
         base = harness.Timing.of(latency["no WAIT"]).median_s
+        start_base = harness.Timing.of(starts["no WAIT"]).median_s
         base_per_s = harness.Timing.of(throughput["no WAIT"]).median_s
         for name in SETTINGS:
             timing = harness.Timing.of(latency[name])
+            start = harness.Timing.of(starts[name])
             per_s = harness.Timing.of(throughput[name]).median_s
             figure = {
                 "replicas": 2,
@@ -86,6 +99,8 @@ def main() -> None:
                 "creates_per_s": round(per_s),
                 "threads": args.threads,
                 "throughput_ratio": round(per_s / base_per_s, 3),
+                "start_median_ms": round(start.median_s * 1e3, 4),
+                "start_added_ms": round((start.median_s - start_base) * 1e3, 4),
             }
             result.add(name, figure)
             print(json.dumps({name: figure}, indent=1), flush=True)

@@ -33,6 +33,7 @@ from common.storage import Storage
 from common.worker_registry import WorkerRegistry
 from worker import sweeper
 from worker.loop.admission import Admission
+from worker.loop.device_clock import DeviceClock
 from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.engine_port import EnginePort, Engines
 from worker.loop.finisher import PREVIEW_EVERY_STEPS, Finisher
@@ -124,8 +125,9 @@ class DeviceLoop:
         self._uploads = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload")
         inbox: queue.Queue[Message | None] = queue.Queue()
         in_flight = Slots(MAX_IN_FLIGHT, wake=lambda: inbox.put(None))  # a slot come free: take jobs again
-        finisher = Finisher(store, redis, served, writer, recorder, self.presence, self._uploads, in_flight, self._stop)
-        finisher.preview_every_steps = settings.preview_every_steps
+        clock = DeviceClock()  # when the batches in flight leave the device: the dispatcher forms the next one then
+        finish = (self.presence, self._uploads, in_flight, self._stop, settings.preview_every_steps, clock)
+        finisher = Finisher(store, redis, served, writer, recorder, *finish)
         self.dispatcher = Dispatcher(
             served,
             store,
@@ -140,6 +142,7 @@ class DeviceLoop:
             self._stop,
             self._draining,
             inbox,
+            clock,
         )
         # if the device thread dies, the process exits: never a silent worker
         self._thread = supervised(self.dispatcher.run, "device")

@@ -4,12 +4,13 @@ dispatch is asynchronous) and handed to the finisher, with at most MAX_IN_FLIGHT
 recorded. The device thread also writes the heartbeat and runs the sweep (presence.py), between batches and
 while it waits for a free slot, so that a busy worker never looks dead.
 
-A job is taken from the fair queue (admitted) only when a free slot could start it: messages wait in `waiting`,
-unadmitted, while the batcher already holds a full batch for every free slot. A wake-up names no job, and the job
-it is answered with is picked at admission, in fair order; a job picked early waits in this worker behind batches
-already formed, where a tenant arriving later cannot pass it and another worker cannot take it. Taking every
-message as it came, a busy worker held three batches (one running, one queued, one formed waiting for a slot), and
-an honest tenant's next job waited behind all three under a flood from another tenant (docs/reliability.md)."""
+A job is taken from the fair queue (admitted) only when the batch it goes into can start soon: messages wait in
+`waiting`, unadmitted, while the batcher holds a batch ready to start, while no slot is free, and until the batches
+in flight are about to leave the device (device_clock.py). A wake-up names no job, and the job it is answered with
+is picked at admission, in fair order; a job picked early waits in this worker behind batches already formed,
+where a tenant arriving later cannot pass it and another worker cannot take it. Taking every message as it came,
+a busy worker held three batches (one running, one queued, one formed waiting for a slot), and an honest tenant's
+next job waited behind all three under a flood from another tenant (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from worker import metrics
 from worker.batcher import Batcher
 from worker.loop.admission import Admission
 from worker.loop.batch import Admitted, BatchKey, LoopBatch
+from worker.loop.device_clock import DeviceClock
 from worker.loop.engine_port import Engines
 from worker.loop.finisher import Finisher, Started
 from worker.loop.outcome import JobOutcome
@@ -66,6 +68,7 @@ class Dispatcher:
         stop: threading.Event,
         draining: threading.Event,
         inbox: queue.Queue[Message | None] | None = None,
+        clock: DeviceClock | None = None,
     ):
         self.engines = engines
         self.store = store
@@ -82,6 +85,7 @@ class Dispatcher:
         # None: wake up (to stop, to drain, or a slot came free)
         self.inbox: queue.Queue[Message | None] = queue.Queue() if inbox is None else inbox
         self.waiting: collections.deque[Message] = collections.deque()  # arrived, not yet admitted
+        self.clock = DeviceClock() if clock is None else clock  # the finisher's too: it sees batches leave
 
     def run(self) -> None:
         """The device thread, until the loop stops."""
@@ -92,6 +96,9 @@ class Dispatcher:
             # no slot free: nothing can start before one comes free, which wakes this thread (a None in the inbox)
             idle = deadline is None or self.in_flight.free == 0
             wait_s = heartbeat_s if idle else max(0.0, deadline - time.monotonic())
+            if self.waiting and self.in_flight.free > 0:  # messages wait for the batches ahead to near their end
+                formable_s = self.clock.formable_in_s(time.monotonic())
+                wait_s = min(wait_s, formable_s) if formable_s > 0 else wait_s
             self.take_messages(min(wait_s, heartbeat_s))
             if self.draining.is_set():
                 self.recorder.give_back(item.payload for item in self.batcher.drain())
@@ -118,9 +125,13 @@ class Dispatcher:
             self._admit(self.waiting.popleft())
 
     def _room(self) -> bool:
-        """Whether another job may be taken: fewer full batches wait than slots are free (draining: every message
-        is answered at once)."""
-        return self.draining.is_set() or self.batcher.ready_batches() < self.in_flight.free
+        """Whether another job may be taken: no batch is ready yet, a slot is free, and the batches in flight will
+        have left the device within the lead (device_clock.py); draining: every message is answered at once."""
+        if self.draining.is_set():
+            return True
+        if self.in_flight.free == 0 or self.batcher.ready_batches() > 0:
+            return False
+        return self.clock.formable_in_s(time.monotonic()) == 0
 
     def _admit(self, message: Message) -> None:
         if self.draining.is_set():  # not held yet: nothing to release
@@ -157,7 +168,9 @@ class Dispatcher:
             log.exception("dispatch failed")
             self.finisher.failed_dispatch(batch, running, exc)
             return
-        self.hand_off(Started(batch, running, pending, time.monotonic(), batch_id))
+        dispatched_s = time.monotonic()
+        self.clock.dispatched(batch_id, batch.shape, pending.steps, dispatched_s)
+        self.hand_off(Started(batch, running, pending, dispatched_s, batch_id))
 
     def _to_running(self, admitted: Admitted) -> bool:
         """queued -> running; a redelivered job (running after a worker died) keeps running here. False: it

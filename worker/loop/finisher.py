@@ -19,6 +19,7 @@ from common.outage import REDIS_DOWN, die
 from worker.batcher import Batch
 from worker.loop import preview
 from worker.loop.batch import Admitted, LoopBatch
+from worker.loop.device_clock import DeviceClock
 from worker.loop.engine_port import BatchOutput, Engines, PendingBatch
 from worker.loop.outcome import JobOutcome
 from worker.loop.presence import Presence
@@ -96,6 +97,7 @@ class Finisher:
         in_flight: Slots,
         stop: threading.Event,
         preview_every_steps: int = PREVIEW_EVERY_STEPS,
+        clock: DeviceClock | None = None,
     ):
         self.store = store
         self.redis = redis  # its outage noted by a dropped progress report
@@ -107,6 +109,7 @@ class Finisher:
         self.in_flight = in_flight  # a slot freed per batch ended (the dispatcher's limit)
         self.stop = stop
         self.preview_every_steps = preview_every_steps
+        self.clock = DeviceClock() if clock is None else clock  # the dispatcher's: when batches leave the device
         self._device_free_s = 0.0  # when the previous batch finished on the device (for busy time)
 
     def finish(self, started: Started) -> None:
@@ -120,6 +123,7 @@ class Finisher:
                     log.exception("a batch failed")
                     self._isolate(started.batch, started.running, exc, verdicts)
                 finally:
+                    self.clock.forget(started.batch_id)
                     self._resolve(started.batch, verdicts)
         except BaseException as exc:  # the finisher cannot go on (its Celery tasks would wait for ever)
             if not self.stop.is_set():
@@ -163,7 +167,7 @@ class Finisher:
             # every job was canceled while it ran: its remaining chunks were never enqueued, the device is free for
             # the next batch, and each job's answer is its record's (canceled). It ran on the device: logged.
             log.info("batch canceled: every job was canceled while it ran; its remaining steps dropped")
-            self._log_batch(started, jobs)
+            self._log_batch(started, jobs, complete=False)
             return
         out = started.pending.fetch()  # waits for the device; raises if the program failed there
         self._log_batch(started, jobs)
@@ -175,11 +179,13 @@ class Finisher:
                 if outcome is not None:
                     verdicts[job.id] = outcome
 
-    def _log_batch(self, started: Started, jobs: list[Job]) -> None:
-        """The batch in the batch log, with its time on the device (from its start, or the previous batch's end)."""
+    def _log_batch(self, started: Started, jobs: list[Job], complete: bool = True) -> None:
+        """The batch in the batch log, with its time on the device (from its start, or the previous batch's end);
+        the device clock told (a batch cut short is no measure of its kind)."""
         done_s = time.monotonic()
         device_s = done_s - max(started.dispatched_s, self._device_free_s)
         self._device_free_s = done_s
+        self.clock.left(started.batch_id, done_s, device_s if complete else None)
         self.presence.log_batch(started.batch.shape, jobs, device_s, started.batch_id)
 
     def _write(self, jobs: list[Job], out: BatchOutput) -> dict[str, list[Future[ImageRecord]]]:

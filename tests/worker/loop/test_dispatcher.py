@@ -4,12 +4,14 @@ an in-memory fake store and registry (tests/helpers/loop_fakes.py, which record 
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 from common.jobs import JobStatus
 from common.outage import Outage
 from tests.helpers.loop_fakes import InlineExecutor, make_job, redis_retry, rig
 from worker.loop.admission import Admission
+from worker.loop.batch import BatchKey
 from worker.loop.dispatcher import MAX_IN_FLIGHT, Dispatcher, Message
 from worker.loop.finisher import Finisher, Started
 from worker.loop.outcome import JobOutcome
@@ -102,8 +104,10 @@ def test_a_batch_whose_jobs_all_ended_takes_no_slot(tmp_path):
 
 def test_each_started_batch_holds_a_slot(tmp_path):
     parts = Parts(tmp_path, make_job("a", n=4), make_job("b", n=4))
-    parts.send("job-a", "job-b")
-    parts.dispatcher.start_due(0.0)  # both full: due at once
+    parts.send("job-a", "job-b")  # a's batch is full: b waits to be taken until it has started
+    parts.dispatcher.start_due(0.0)
+    parts.dispatcher.take_messages(0.0)  # the device clock knows no batch's time yet: b is taken at once
+    parts.dispatcher.start_due(0.0)
     assert len(parts.handed) == 2 and not parts.in_flight.acquire(blocking=False)
 
 
@@ -160,3 +164,23 @@ def test_a_tenant_ready_after_a_flood_was_taken_from_goes_into_the_next_batch(tm
     assert parts.started() == [["job-flood-0"], ["job-honest"]]
     assert parts.r.store.jobs["job-flood-1"].status is JobStatus.queued  # taken, waiting for a slot
     assert parts.r.store.ready == ["job-flood-2", "job-flood-3"]
+
+
+def test_jobs_are_taken_only_once_the_batches_in_flight_near_their_end(tmp_path):
+    """With a batch in flight that the device clock expects for about another second, a free slot does not take the
+    next job yet: it would wait on the device behind that batch (worker/loop/device_clock.py). Once the batch has
+    left, it is taken."""
+    a, b = make_job("a", n=4), make_job("b", n=4)
+    parts = Parts(tmp_path, a, b)
+    clock = parts.dispatcher.clock
+    clock.dispatched("earlier", BatchKey.of(a), steps=4, now_s=0.0)  # a batch of their kind: 0.25 s a step
+    clock.left("earlier", done_s=1.0, device_s=1.0)
+    parts.send("job-a")
+    parts.dispatcher.start_due(0.0)
+    (started,) = parts.handed  # 4 steps: on the device for about a second from now
+    parts.send("job-b")
+    assert [m.job_id for m in parts.dispatcher.waiting] == ["job-b"] and parts.in_flight.free == 1
+    assert parts.r.registry.held_sets["w1"] == {"job-a"}
+    clock.left(started.batch_id, done_s=time.monotonic(), device_s=None)
+    parts.dispatcher.take_messages(0.0)
+    assert not parts.dispatcher.waiting and parts.r.registry.held_sets["w1"] == {"job-a", "job-b"}
