@@ -6,7 +6,7 @@
 #   scripts/test.sh fast -k jobs  either, with more pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# SDXL_TEST_WORKERS pytest-xdist workers (default 3 on 2 cores; 0: all in this process; 15 min 34 s of pytest on a fresh clone there). A module's tests stay on one
+# SDXL_TEST_WORKERS pytest-xdist workers (default 3 on 2 cores; 0: all in this process; 16 min 59 s of pytest on a fresh clone there). A module's tests stay on one
 # worker (its stack or engine starts once), and the slow tests, which mostly wait, run beside the compiling ones
 # (tests/conftest.py, _order_for_workers): with a third worker the two cores stay busy while one waits. The fast tier runs in one process: workers' start-up costs more there
 # than they win (measured: 55 s alone, 74 s on 2 workers).
