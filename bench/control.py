@@ -107,22 +107,20 @@ def main() -> None:
     args = p.parse_args()
     result_file = harness.start("control", args, __doc__)
 
-    import os
     import time
 
     import numpy as np
 
-    from bench.side_by_side import alternate
+    from bench.side_by_side import alternate, random_model
     from tests.helpers.variants import CONTROLNET_EMBEDDING, write_controlnet, write_ip_adapter
-    from worker.engine import controlnet_source, ip_adapter_source, model, tiny
+    from worker.engine import controlnet_source, ip_adapter_source
     from worker.engine.engine import Control, Engine, ImagePrompt, Row
     from worker.engine.program_kind import Part, ProgramKind, Programs
 
     w, h = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix=f"control-{args.preset}-"))
-    tiny.write(root / "model", preset=args.preset, precision=np.float32, threads=os.cpu_count() or 1)
-    m = model.load_folder(root / "model", model.LoadOptions(np.float32), name=args.preset)
+    m = random_model(args.preset, "control", root / "model")  # the adapters are written against its folder
     mid = args.preset == "mid"
     embedding = SDXL_CONTROLNET_EMBEDDING if mid else CONTROLNET_EMBEDDING
     nets = [

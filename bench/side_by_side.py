@@ -13,14 +13,14 @@ from typing import Any
 from bench.harness import Timing
 
 
-def random_model(preset: str, purpose: str) -> Any:
-    """The preset's random weights (float32) written to a temporary folder and loaded: the same code path as
-    real weights."""
+def random_model(preset: str, purpose: str, folder: Path | None = None) -> Any:
+    """The preset's random weights (float32) written to `folder` (None: a temporary one) and loaded: the same code
+    path as real weights."""
     import numpy as np
 
     from worker.engine import model, tiny
 
-    folder = Path(tempfile.mkdtemp(prefix=f"{purpose}-{preset}-"))
+    folder = folder or Path(tempfile.mkdtemp(prefix=f"{purpose}-{preset}-"))
     tiny.write(folder, preset=preset, precision=np.float32, threads=os.cpu_count() or 1)
     return model.load_folder(folder, model.LoadOptions(np.float32), name=preset)
 

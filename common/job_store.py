@@ -279,32 +279,24 @@ class JobStore:
         has_key = bool(idempotency_key)
         if idempotency_key:
             idem = k.idempotency(tenant, hashlib.sha256(idempotency_key.encode()).hexdigest())
-        # WAIT counts the replicas holding what *its connection* wrote: the script and WAIT go down one connection
-        # together (a pipeline), so waiting for the replicas costs their acknowledgement, not another round trip
-        pipe = self._r.pipeline(transaction=False) if self.durability.replicas else None
-        answer = self._create(
-            keys=[
-                idem,
-                k.job(job_id),
-                k.queued,
-                k.recent(tenant),
-                k.seq,
-                k.tenant_queued(tenant),
-                k.outbox,
-                k.ready(model, tenant),
-                k.ready_tenants(model),
-            ],
-            args=[job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model, int(has_key)],
-            client=pipe,
-        )
-        if pipe is not None:
-            pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
-            try:
-                answer, confirmed = pipe.execute()
-            except redis.ResponseError as exc:
-                raise self._moved(exc) from exc
+        keys = [
+            idem,
+            k.job(job_id),
+            k.queued,
+            k.recent(tenant),
+            k.seq,
+            k.tenant_queued(tenant),
+            k.outbox,
+            k.ready(model, tenant),
+            k.ready_tenants(model),
+        ]
+        args = [job_id, body_hash, self.ttl_s, time.time(), body, tenant, max_queued, model, int(has_key)]
+        if self.durability.replicas:
+            answer, confirmed = self._waited(self._create, keys, args)
             if answer[0].decode() != "full":  # a refusal wrote nothing worth waiting for
                 self.durability.check(confirmed)
+        else:
+            answer = self._create(keys=keys, args=args)
         kind, found = answer[0].decode(), answer[1].decode()
         if kind == "new":
             return found, True
@@ -313,6 +305,19 @@ class JobStore:
         if answer[2].decode() != body_hash:
             raise IdempotencyConflict(found)
         return found, False
+
+    def _waited(self, script: Any, keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """(The script's answer, the replicas that hold what it wrote). WAIT counts the replicas holding what *its
+        connection* wrote: the script and WAIT go down one connection together (a pipeline), so waiting for the
+        replicas costs their acknowledgement, not another round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+        try:
+            answer, confirmed = pipe.execute()
+        except redis.ResponseError as exc:
+            raise self._moved(exc) from exc
+        return answer, int(confirmed)
 
     def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """A script's answer once the durability's replicas hold what it wrote, as `create` does it (the script and
@@ -323,13 +328,7 @@ class JobStore:
         if time.monotonic() < self._wait_again_at:
             self.unreplicated += 1
             return script(keys=keys, args=args)
-        pipe = self._r.pipeline(transaction=False)
-        script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
-        try:
-            answer, confirmed = pipe.execute()
-        except redis.ResponseError as exc:
-            raise self._moved(exc) from exc
+        answer, confirmed = self._waited(script, keys, args)
         if confirmed < self.durability.replicas:
             self.unreplicated += 1
             self._wait_again_at = time.monotonic() + UNREPLICATED_PAUSE_S
