@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.helpers.servers import free_port
 
@@ -142,6 +146,26 @@ class SentinelGroup:
                 return int(found[1])
         return None
 
+    def durable_primary(self) -> int | None:
+        """The port of the primary the sentinels name when it takes writes with a replica online beside it (what a
+        submit's `WAIT 1` needs), else None."""
+        port = self.primary_port()
+        server = next((s for s in self.servers if s.port == port), None)
+        if server is None or server.proc.poll() is not None:
+            return None
+        try:  # one try: redis-py's default retries a refused connection with backoff for seconds
+            info = server.client(retry=Retry(NoBackoff(), 0)).info("replication")
+        except redis.RedisError:
+            return None
+        replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        online = any(r.get("state") == "online" for r in replicas)
+        return port if info.get("role") == "master" and online else None
+
+    def events(self) -> list[str]:
+        """The first sentinel's log lines of a failover (a primary judged down, the switch, an abort)."""
+        marks = ("+sdown master", "+odown", "+switch-master", "-failover-abort", "+failover-end ", "+elected-leader")
+        return [line.strip() for line in self.sentinels[0].log().splitlines() if any(m in line for m in marks)]
+
     def kill_primary(self) -> Process:
         """SIGKILL the current primary (no goodbye to anyone); returns it."""
         port = self.primary_port()
@@ -153,3 +177,45 @@ class SentinelGroup:
     def stop(self) -> None:
         for process in [*self.sentinels, *self.servers]:
             process.stop()
+
+
+@dataclass
+class Look:
+    at_s: float  # monotonic
+    durable_port: int | None  # SentinelGroup.durable_primary at that moment
+
+
+class ReplicationWatch:
+    """Looks every 50 ms whether the group can take a write a replica confirms, from a thread of its own: what a
+    failover test needs to tell the time the sentinels and replicas took from the time its clients took after
+    them."""
+
+    def __init__(self, group: SentinelGroup, every_s: float = 0.05):
+        self.group, self.every_s = group, every_s
+        self.looks: list[Look] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.looks.append(Look(time.monotonic(), self.group.durable_primary()))
+            self._stop.wait(self.every_s)
+
+    def durable_since(self, after_s: float) -> float | None:
+        """When the last unbroken stretch of durable looks began, of those after `after_s` (None: the last look
+        was not durable)."""
+        looks = [look for look in self.looks if look.at_s > after_s]
+        if not looks or looks[-1].durable_port is None:
+            return None
+        start = len(looks) - 1
+        while start > 0 and looks[start - 1].durable_port == looks[-1].durable_port:
+            start -= 1
+        return looks[start].at_s
